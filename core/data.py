@@ -1,0 +1,415 @@
+"""HAM10000 on disk: metadata, image discovery, validation, lesion-grouped splits,
+oversampling and the torch ``Dataset`` with its transforms.
+
+Indexing never decodes an image: it reads the metadata and walks the folder
+tree, so all 10015 images index in well under a second.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from torchvision.transforms import v2
+
+from core.images import ImageError, fit_to_source, open_image
+from core.labels import CLASSES
+
+METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata")
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Magic bytes let the index flag empty and non-image files without decoding them.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+
+
+class DatasetError(Exception):
+    """A problem that stops the dataset from being used; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------
+# Metadata
+
+
+def read_metadata(path: str | Path) -> pd.DataFrame:
+    """Read HAM10000 metadata as published: the CSV (CRLF) or Dataverse's tab-separated export.
+
+    Ages may be written 80 or 80.0 or be missing; they become a nullable float
+    column. ``sex`` keeps "unknown" as its own value and fills missing ones with it.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"Cannot read the metadata file {path}: {exc.strerror}.") from None
+    text = raw.decode("utf-8-sig", errors="replace")
+    first_line = text.split("\n", 1)[0]
+    sep = "\t" if first_line.count("\t") > first_line.count(",") else ","
+    try:
+        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{path} is not a readable CSV/TSV metadata file ({exc}).") from None
+    # Dataverse's .tab export quotes strings; strip quotes and whitespace everywhere.
+    frame.columns = [c.strip().strip('"').strip().lower() for c in frame.columns]
+    missing = [c for c in ("image_id", "dx") if c not in frame.columns]
+    if missing:
+        raise DatasetError(
+            f"{path} has no {' or '.join(missing)} column. Expected the HAM10000 metadata with columns "
+            f"{', '.join(METADATA_COLUMNS)}."
+        )
+    for col in frame.columns:
+        frame[col] = frame[col].astype(str).str.strip().str.strip('"').str.strip()
+    for col in METADATA_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = ""
+    frame["dx"] = frame["dx"].str.lower()
+    frame["age"] = pd.to_numeric(frame["age"].replace({"": None, "NA": None, "nan": None}), errors="coerce")
+    frame["sex"] = frame["sex"].str.lower().replace({"": "unknown", "nan": "unknown", "na": "unknown"})
+    frame["localization"] = frame["localization"].replace({"": "unknown"})
+    # A lesion id is what keeps splits honest; an image without one is its own lesion.
+    no_lesion = frame["lesion_id"] == ""
+    frame.loc[no_lesion, "lesion_id"] = "image:" + frame.loc[no_lesion, "image_id"]
+    frame.insert(0, "row", np.arange(2, len(frame) + 2))  # the line number a user sees in an editor
+    return frame[["row", *METADATA_COLUMNS]]
+
+
+def find_metadata(root: Path) -> Path:
+    """The metadata file below ``root``: the published name first, then any CSV/TAB with image_id and dx."""
+    for name in METADATA_NAMES:
+        hits = sorted(root.rglob(name))
+        if hits:
+            return hits[0]
+    for candidate in sorted([*root.rglob("*.csv"), *root.rglob("*.tab")]):
+        with candidate.open("r", encoding="utf-8-sig", errors="replace") as fh:
+            header = fh.readline().lower()
+        if "image_id" in header and "dx" in header:
+            return candidate
+    raise DatasetError(
+        f"No HAM10000 metadata found below {root}. Put HAM10000_metadata.csv (or the Dataverse "
+        "HAM10000_metadata.tab) in that folder, or download the dataset with `python -m core.download`."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Discovery and validation
+
+
+@dataclass
+class ValidationReport:
+    """Everything that did not line up between metadata and files. Nothing is dropped silently:
+    each entry names the file or the metadata row it is about."""
+
+    metadata_path: str = ""
+    images_found: int = 0
+    rows_read: int = 0
+    images_without_metadata: list[str] = field(default_factory=list)
+    rows_without_images: list[str] = field(default_factory=list)
+    unknown_diagnoses: list[str] = field(default_factory=list)
+    duplicate_image_ids: list[str] = field(default_factory=list)
+    unreadable_files: list[str] = field(default_factory=list)
+
+    CATEGORIES = (
+        ("images_without_metadata", "Images without a metadata row (not used)"),
+        ("rows_without_images", "Metadata rows without an image (not used)"),
+        ("unknown_diagnoses", "Rows with an unknown diagnosis code (not used)"),
+        ("duplicate_image_ids", "Image ids found more than once (first file used)"),
+        ("unreadable_files", "Files that are not readable images (not used)"),
+    )
+
+    @property
+    def ok(self) -> bool:
+        return not any(getattr(self, key) for key, _ in self.CATEGORIES)
+
+    def problems(self) -> pd.DataFrame:
+        """One row per problem: category, and the file or row it names."""
+        rows = [(title, item) for key, title in self.CATEGORIES for item in getattr(self, key)]
+        return pd.DataFrame(rows, columns=["problem", "where"])
+
+    def summary(self) -> str:
+        lines = [f"{self.rows_read} metadata rows ({self.metadata_path}), {self.images_found} image files."]
+        for key, title in self.CATEGORIES:
+            items = getattr(self, key)
+            if items:
+                shown = "; ".join(items[:5]) + (f"; … {len(items) - 5} more" if len(items) > 5 else "")
+                lines.append(f"{title}: {len(items)} — {shown}")
+        if self.ok:
+            lines.append("No problems found.")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DatasetIndex:
+    """The usable images (``frame``: metadata columns + ``path`` + ``label``) and what was set aside."""
+
+    root: Path
+    frame: pd.DataFrame
+    report: ValidationReport
+
+    def class_counts(self) -> pd.Series:
+        return self.frame["dx"].value_counts().reindex(CLASSES, fill_value=0)
+
+
+def _walk_images(root: Path) -> Iterable[Path]:
+    # os.walk with suffix checks is several times faster than Path.rglob on 10k files.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                yield Path(dirpath, name)
+
+
+def _looks_like_image(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(sig) for sig in _SIGNATURES)
+
+
+def index_dataset(root: str | Path, *, metadata: str | Path | None = None) -> DatasetIndex:
+    """Pair metadata rows with image files found anywhere below ``root``.
+
+    Raises :class:`DatasetError` only when nothing usable remains; every other
+    mismatch goes into the returned report.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"Dataset folder {root} does not exist. Point the app or --data at the folder holding "
+            "HAM10000_metadata.csv and the images, or download it with `python -m core.download`."
+        )
+    meta_path = Path(metadata) if metadata else find_metadata(root)
+    meta = read_metadata(meta_path)
+    report = ValidationReport(metadata_path=str(meta_path), rows_read=len(meta))
+
+    files: dict[str, Path] = {}
+    for path in sorted(_walk_images(root)):
+        image_id = path.stem
+        if image_id in files:
+            report.duplicate_image_ids.append(f"{image_id}: {files[image_id]} and {path}")
+            continue
+        files[image_id] = path
+    report.images_found = len(files) + len(report.duplicate_image_ids)
+
+    dup_rows = meta["image_id"].duplicated(keep="first")
+    for _, r in meta[dup_rows].iterrows():
+        report.duplicate_image_ids.append(f"row {r.row}: image_id {r.image_id} already listed")
+    meta = meta[~dup_rows]
+
+    known = meta["dx"].isin(CLASSES)
+    set_aside = set(meta.loc[~known, "image_id"])  # listed, so their files are not "without metadata"
+    for _, r in meta[~known].iterrows():
+        report.unknown_diagnoses.append(f"row {r.row}: {r.image_id} has dx {r.dx!r}")
+    meta = meta[known]
+
+    has_file = meta["image_id"].isin(files.keys())
+    for _, r in meta[~has_file].iterrows():
+        report.rows_without_images.append(f"row {r.row}: {r.image_id}")
+    meta = meta[has_file].copy()
+
+    listed = set(meta["image_id"]) | set_aside
+    for image_id, path in files.items():
+        if image_id not in listed:
+            report.images_without_metadata.append(str(path))
+
+    meta["path"] = [str(files[i]) for i in meta["image_id"]]
+    readable = np.array([_looks_like_image(Path(p)) for p in meta["path"]], dtype=bool)
+    report.unreadable_files.extend(meta.loc[~readable, "path"].tolist())
+    meta = meta[readable]
+
+    if meta.empty:
+        raise DatasetError(
+            f"No usable images below {root}: {report.summary()}\n"
+            "Check that the image files are named by their image_id (e.g. ISIC_0024306.jpg) and "
+            "that the metadata's dx column uses the HAM10000 codes."
+        )
+    meta["label"] = meta["dx"].map(CLASSES.index).astype(int)
+    return DatasetIndex(root=root, frame=meta.reset_index(drop=True), report=report)
+
+
+def verify_images(index: DatasetIndex, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Decode every image once (slow: seconds per thousand) and report those that fail.
+
+    Indexing only checks file signatures; this catches truncated or corrupt data.
+    Failing rows are removed from ``index.frame`` and named in the report.
+    """
+    bad = []
+    paths = index.frame["path"].tolist()
+    for i, path in enumerate(paths):
+        try:
+            open_image(path)
+        except ImageError as exc:
+            bad.append(path)
+            index.report.unreadable_files.append(f"{path} ({exc})")
+        if progress:
+            progress(i + 1, len(paths))
+    index.frame = index.frame[~index.frame["path"].isin(bad)].reset_index(drop=True)
+    return bad
+
+
+# ---------------------------------------------------------------------------
+# Splits and imbalance
+
+
+def split_by_lesion(
+    frame: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> pd.Series:
+    """Assign each image to train/val/test so that all images of one lesion share a split.
+
+    HAM10000 has 10015 images of 7470 lesions; splitting images directly leaks
+    near-duplicate views of a lesion into the test set. Lesions are stratified
+    by diagnosis so every split keeps the class proportions.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    train_f, val_f, test_f = fractions
+    # A lesion's diagnosis is that of its images (HAM10000 never mixes them).
+    lesions = frame.groupby("lesion_id", sort=True)["dx"].first()
+    ids, dx = lesions.index.to_numpy(), lesions.to_numpy()
+
+    def cut(ids: np.ndarray, dx: np.ndarray, fraction: float, step: int):
+        if fraction <= 0:
+            return ids, ids[:0]
+        if fraction >= 1:
+            return ids[:0], ids
+        counts = pd.Series(dx).value_counts()
+        stratify = dx if counts.min() >= 2 and round(fraction * len(ids)) >= len(counts) else None
+        rest, part = train_test_split(ids, test_size=fraction, random_state=seed + step, stratify=stratify)
+        return rest, part
+
+    rest, test = cut(ids, dx, test_f, 0)
+    rest_dx = lesions.loc[rest].to_numpy()
+    train, val = cut(rest, rest_dx, val_f / (train_f + val_f) if train_f + val_f > 0 else 0.0, 1)
+    split_of = {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
+    return frame["lesion_id"].map(split_of).rename("split")
+
+
+def split_counts(frame: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
+    """Images per class (rows, in ``CLASSES`` order) and split (columns)."""
+    table = pd.crosstab(frame["dx"], split).reindex(index=list(CLASSES), columns=list(SPLITS), fill_value=0)
+    return table.rename_axis(index="dx", columns="split")
+
+
+def oversample(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Duplicate each class's images at random until every class has the majority's count.
+
+    The seed pipeline's strategy. Apply it to the training split only: oversampled
+    validation or test sets report inflated minority-class numbers.
+    """
+    rng = np.random.default_rng(seed)
+    target = frame["label"].value_counts().max()
+    parts = []
+    for _, group in frame.groupby("label", sort=True):
+        extra = rng.choice(len(group), size=target - len(group), replace=True)
+        parts.append(pd.concat([group, group.iloc[extra]]))
+    return pd.concat(parts).reset_index(drop=True)
+
+
+def class_weights(labels: Sequence[int], num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Inverse-frequency weights (sklearn's 'balanced'), 0 for absent classes."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing and the torch Dataset
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input. Saved in every checkpoint so that the
+    predictor reproduces training exactly.
+
+    ``input_size`` is (height, width). ``source_size`` is the (width, height) the
+    training images had on disk, when they were downscaled copies (200×150 here):
+    uploads are brought to that size first.
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    source_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        src = d.get("source_size")
+        return cls(
+            input_size=tuple(d["input_size"]),
+            source_size=tuple(src) if src else None,
+            mean=tuple(d.get("mean", IMAGENET_MEAN)),
+            std=tuple(d.get("std", IMAGENET_STD)),
+        )
+
+
+AUGMENTATIONS = ("none", "seed", "strong")
+
+
+def _to_tensor(prep: Preprocessing) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
+
+
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    return v2.Compose([v2.Resize(prep.input_size, antialias=True), *_to_tensor(prep)])
+
+
+def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compose:
+    """Training transform. "seed" is the course project's: flips, rotation(20°), mild colour jitter."""
+    if augmentation == "none":
+        return eval_transform(prep)
+    ops: list = [v2.Resize(prep.input_size, antialias=True), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if augmentation == "seed":
+        ops += [v2.RandomRotation(20), v2.ColorJitter(brightness=0.1, contrast=0.1)]
+    elif augmentation == "strong":
+        # Dermoscopy has no canonical orientation, so any rotation is a valid view.
+        ops += [
+            v2.RandomAffine(degrees=180, scale=(0.9, 1.2)),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
+        ]
+    else:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
+    return v2.Compose([*ops, *_to_tensor(prep)])
+
+
+def load_for_model(source, prep: Preprocessing):
+    """Decode an image and bring it to the training images' source size (when recorded)."""
+    draft = prep.source_size if prep.source_size else (prep.input_size[1], prep.input_size[0])
+    img = open_image(source, draft_size=draft)
+    return fit_to_source(img, prep.source_size) if prep.source_size else img
+
+
+class LesionDataset(torch.utils.data.Dataset):
+    """Images and integer labels (indices into ``CLASSES``)."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, prep: Preprocessing):
+        if len(paths) != len(labels):
+            raise ValueError("paths and labels differ in length")
+        self.paths = list(paths)
+        self.labels = [int(x) for x in labels]
+        self.transform = transform
+        self.prep = prep
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing) -> "LesionDataset":
+        return cls(frame["path"].tolist(), frame["label"].tolist(), transform, prep)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_for_model(self.paths[i], self.prep)), self.labels[i]

@@ -1,0 +1,156 @@
+"""Transfer-learning models built through torchvision's weights API.
+
+Every model is a :class:`LesionNet`: a torchvision ``backbone`` whose classifier
+is replaced by ``nn.Identity`` (so it returns pooled features) and a ``head``
+that maps those features to the 7 classes. Keeping the two apart is what lets
+head-only training cache the backbone's features.
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+
+from core.labels import NUM_CLASSES
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found or downloaded; the message says where to put the file."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    builder: Callable[..., nn.Module]
+    weights: WeightsEnum
+    classifier: str  # attribute replaced by the head
+    last_block: Callable[[nn.Module], nn.Module]  # unfrozen by the "last" fine-tuning policy
+    cam_layer: Callable[[nn.Module], nn.Module]  # the last convolutional block, for Grad-CAM
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet18": Architecture(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "fc",
+                             lambda m: m.layer4, lambda m: m.layer4[-1]),
+    "resnet50": Architecture(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "fc",
+                             lambda m: m.layer4, lambda m: m.layer4[-1]),
+    "mobilenet_v2": Architecture(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, "classifier",
+                                 lambda m: m.features[-4:], lambda m: m.features[-1]),
+    "efficientnet_b0": Architecture(models.efficientnet_b0, models.EfficientNet_B0_Weights.IMAGENET1K_V1,
+                                    "classifier", lambda m: m.features[-3:], lambda m: m.features[-1]),
+    "densenet121": Architecture(models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1, "classifier",
+                                lambda m: m.features.denseblock4, lambda m: m.features.norm5),
+}
+FINETUNE_POLICIES = ("head", "last", "full")
+HEADS = ("mlp", "linear")
+# How long a weights download may stall before we give up instead of hanging the app.
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class LesionNet(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, arch: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def cam_layer(self) -> nn.Module:
+        return ARCHITECTURES[self.arch].cam_layer(self.backbone)
+
+
+def make_head(in_features: int, kind: str = "mlp", num_classes: int = NUM_CLASSES) -> nn.Module:
+    """"mlp" is the seed's head, 512→256→ReLU→Dropout(0.5)→7 for ResNet-18; "linear" is dropout + one layer."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_features, 256), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                             nn.Linear(256, num_classes))
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, num_classes))
+    raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
+
+
+def weights_file(arch: str) -> Path:
+    """Where torchvision caches ``arch``'s ImageNet file (``$TORCH_HOME/hub/checkpoints``)."""
+    url = ARCHITECTURES[arch].weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    weights = ARCHITECTURES[arch].weights
+    target = weights_file(arch)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        # torchvision verifies the file's hash prefix and reuses the cached copy when present.
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, timeouts, hash mismatch, partial files: all mean "no usable file"
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {arch} are not available ({type(exc).__name__}: {exc}). "
+            f"Download {weights.url} on a machine with internet access and copy it to {target} "
+            "(or set TORCH_HOME), pass a local file with --weights PATH, or train from scratch with --weights none."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_model(arch: str = "resnet18", weights: str = "imagenet", finetune: str = "head", head: str = "mlp",
+                num_classes: int = NUM_CLASSES) -> LesionNet:
+    """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a torchvision state dict.
+
+    ``finetune`` is "head" (backbone frozen, the seed's policy), "last" (last block + head) or "full".
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    if finetune not in FINETUNE_POLICIES:
+        raise ValueError(f"unknown fine-tuning policy {finetune!r}; choose from {', '.join(FINETUNE_POLICIES)}")
+    spec = ARCHITECTURES[arch]
+    backbone = spec.builder(weights=None)
+    if weights == "imagenet":
+        backbone.load_state_dict(_imagenet_state_dict(arch))
+    elif weights not in ("none", "", None):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights file {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+
+    old = getattr(backbone, spec.classifier)
+    last_linear = [m for m in old.modules() if isinstance(m, nn.Linear)][-1] if not isinstance(old, nn.Linear) else old
+    setattr(backbone, spec.classifier, nn.Identity())
+    model = LesionNet(backbone, make_head(last_linear.in_features, head, num_classes), arch)
+    set_finetune(model, finetune)
+    return model
+
+
+def set_finetune(model: LesionNet, policy: str) -> None:
+    """Freeze the backbone entirely ("head"), all but its last block ("last"), or nothing ("full")."""
+    model.backbone.requires_grad_(policy == "full")
+    if policy == "last":
+        ARCHITECTURES[model.arch].last_block(model.backbone).requires_grad_(True)
+    model.head.requires_grad_(True)
+    model.finetune = policy
+
+
+def train_mode(model: LesionNet) -> None:
+    """``model.train()``, except that frozen BatchNorm layers keep their ImageNet statistics.
+
+    In train mode BatchNorm would update running statistics even with frozen
+    parameters, silently changing the "frozen" backbone (and invalidating cached features).
+    """
+    model.train()
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
+
+
+def feature_dim(model: LesionNet) -> int:
+    first = next(m for m in model.head.modules() if isinstance(m, nn.Linear))
+    return first.in_features

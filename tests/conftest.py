@@ -2,7 +2,6 @@
 and torchvision's real MobileNetV2 ImageNet file for tests that need pretrained features."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -81,7 +80,3 @@ def imagenet_weights(torch_home, monkeypatch) -> Path:
     """Point torchvision's cache at ``torch_home`` for one test."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     return torch_home
-
-
-def pytest_configure(config):
-    os.environ.setdefault("LESIONLAB_NUM_THREADS", "2")

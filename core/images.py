@@ -9,12 +9,12 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageSource = Union[str, Path, bytes, BinaryIO]
+ImageSource = str | Path | bytes | BinaryIO
 
 # A 200-megapixel photo is already far beyond any dermatoscope; beyond that it is
 # most likely a decompression bomb, which would exhaust memory when decoded.

@@ -1,0 +1,97 @@
+"""Backbone features computed once and cached on disk, for head-only training.
+
+With a frozen backbone the features of an image never change, so recomputing
+them every epoch wastes almost all of the training time. The cache is keyed by
+the image file (path, size, modification time), the backbone's weights and the
+preprocessing, so a changed file or model never reuses stale features.
+
+Augmentation in this mode: features are computed from the un-augmented
+(evaluation) transform, so cached head-only training sees no augmentation.
+Train with ``feature_cache=False`` to run the backbone on augmented images every
+epoch instead (the seed pipeline's original, much slower behaviour).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from core.checkpoints import atomic_save
+from core.data import LesionDataset, Preprocessing, eval_transform
+
+ProgressFn = Callable[[int, int], None]
+
+
+def backbone_key(arch: str, weights: str, prep: Preprocessing) -> str:
+    """Identify a backbone's weights and preprocessing; a weights file is identified by its content."""
+    ident = weights
+    if weights not in ("imagenet", "none"):
+        ident = hashlib.sha1(Path(weights).read_bytes()).hexdigest()
+    text = json.dumps({"arch": arch, "weights": ident, "prep": prep.to_dict()}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def image_key(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+@torch.inference_mode()
+def compute_features(backbone: nn.Module, paths: Sequence[str], prep: Preprocessing, *, device: torch.device,
+                     batch_size: int = 64, num_workers: int = 0, channels_last: bool = True,
+                     progress: ProgressFn | None = None) -> torch.Tensor:
+    """Run ``backbone`` (eval mode) over the images at ``paths``; returns float32 [N, D] on the CPU."""
+    backbone.eval().to(device)
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    out, done = [], 0
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = backbone(images)
+        out.append(feats.float().cpu())
+        done += len(images)
+        if progress:
+            progress(done, len(paths))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+class FeatureCache:
+    """One file per backbone key holding the features of every image seen so far."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir)
+
+    def features(self, backbone: nn.Module, key: str, paths: Sequence[str], prep: Preprocessing, *,
+                 device: torch.device, batch_size: int = 64, num_workers: int = 0,
+                 progress: ProgressFn | None = None) -> torch.Tensor:
+        """Features for ``paths`` in order, computing only those not cached yet."""
+        file = self.dir / f"{key}.pt"
+        stored: dict[str, torch.Tensor] = {}
+        if file.is_file():
+            try:
+                blob = torch.load(file, map_location="cpu", weights_only=True)
+                stored = dict(zip(blob["keys"], blob["features"], strict=True))
+            except Exception:
+                stored = {}  # a damaged cache only costs a recomputation
+        keys = [image_key(p) for p in paths]
+        missing = [i for i, k in enumerate(keys) if k not in stored]
+        if missing:
+            fresh = compute_features(backbone, [paths[i] for i in missing], prep, device=device,
+                                     batch_size=batch_size, num_workers=num_workers, progress=progress)
+            stored.update({keys[i]: f for i, f in zip(missing, fresh, strict=True)})
+            all_keys = list(stored)
+            atomic_save({"keys": all_keys, "features": torch.stack([stored[k] for k in all_keys])}, file)
+        elif progress:
+            progress(len(paths), len(paths))
+        return torch.stack([stored[k] for k in keys])

@@ -1,0 +1,55 @@
+"""Process-level settings that decide CPU throughput: device choice, threads and the allocator."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import torch
+
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from handing large activation buffers back to the kernel after every batch.
+
+    By default each tensor over the mmap threshold is mmap'd and munmap'd, so every
+    forward pass page-faults its activations in again: on 2 cores about half the
+    CPU time went to the kernel. Keeping freed memory in the heap removes that
+    (measured in bench/benchmarks.py). Returns whether the setting took effect.
+    """
+    global _tuned
+    if _tuned or not sys.platform.startswith("linux"):
+        return _tuned
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt"):  # musl has no mallopt
+        return False
+    one_gib = 1 << 30
+    _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, one_gib)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 4 * one_gib))
+    return _tuned
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" picks CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_workers(device: torch.device) -> int:
+    """Image-decoding workers: none on a small CPU box (they would steal the model's cores)."""
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, max(1, cores - 2))
+    return 0 if cores <= 4 else min(4, cores // 4)

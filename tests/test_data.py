@@ -1,0 +1,168 @@
+"""Labels, metadata parsing, discovery and validation, lesion-grouped splits, oversampling."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from core import labels
+from core.data import (
+    DatasetError,
+    LesionDataset,
+    Preprocessing,
+    class_weights,
+    eval_transform,
+    index_dataset,
+    oversample,
+    read_metadata,
+    split_by_lesion,
+    split_counts,
+    train_transform,
+)
+
+
+def test_class_list_is_the_ham10000_codes_in_order():
+    assert labels.CLASSES == ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    assert labels.MALIGNANT == {"akiec", "bcc", "mel"}
+    assert labels.DISPLAY_NAMES["mel"] == "Melanoma"
+    assert labels.class_index("MEL") == 4 and labels.class_index("vasc") == 6
+    with pytest.raises(KeyError, match="unknown diagnosis code 'scc'"):
+        labels.class_index("scc")
+
+
+def test_isic2018_onehot_columns_map_to_codes():
+    row = {"image": "ISIC_0034524", "MEL": "0.0", "NV": "1.0", "BCC": "0", "AKIEC": "0", "BKL": "0", "DF": "0",
+           "VASC": "0"}
+    assert labels.code_from_onehot(row) == "nv"
+    with pytest.raises(ValueError):
+        labels.code_from_onehot({**row, "MEL": "1.0"})
+    with pytest.raises(ValueError, match="differs"):
+        labels.check_class_order(["mel", *[c for c in labels.CLASSES if c != "mel"]])
+
+
+def test_metadata_csv_crlf_and_dataverse_tab_read_the_same(tmp_path):
+    rows = [("HAM_1", "ISIC_1", "mel", "histo", "80", "male", "back"),
+            ("HAM_1", "ISIC_2", "mel", "histo", "80.0", "unknown", "back"),
+            ("HAM_2", "ISIC_3", "NV", "follow_up", "", "", "face")]
+    header = "lesion_id,image_id,dx,dx_type,age,sex,localization"
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(("\r\n".join([header, *[",".join(r) for r in rows]]) + "\r\n").encode())
+    tab = tmp_path / "m.tab"
+    quoted = ['\t'.join(f'"{c}"' if not c.replace(".", "").isdigit() else c for c in r) for r in rows]
+    tab.write_text("\n".join([header.replace(",", "\t"), *quoted]) + "\n")
+    a, b = read_metadata(csv), read_metadata(tab)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["age"].tolist()[:2] == [80.0, 80.0] and np.isnan(a["age"].iloc[2])
+    assert a["sex"].tolist() == ["male", "unknown", "unknown"]
+    assert a["dx"].tolist() == ["mel", "mel", "nv"]
+    assert a["row"].tolist() == [2, 3, 4]
+
+
+def test_index_finds_nested_images_and_reports_every_mismatch(tiny_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    meta = (root / "HAM10000_metadata.csv").read_text()
+    first = sorted((root / "HAM10000_images_part_1").iterdir())[0]
+    # A file with an upper-case suffix deep in a new folder, one without metadata, a duplicate id,
+    # a row with an unknown dx, a row without an image and a file that is not an image.
+    deep = root / "extra" / "nested"
+    deep.mkdir(parents=True)
+    shutil.move(first, deep / (first.stem + ".JPG"))
+    shutil.copy(deep / (first.stem + ".JPG"), deep / "ISIC_7777777.jpeg")
+    shutil.copy(deep / (first.stem + ".JPG"), root / "HAM10000_images_part_2" / (first.stem + ".png"))
+    (root / "HAM10000_images_part_2" / "ISIC_8888888.jpg").write_text("not an image")
+    meta += "HAM_X,ISIC_6666666,bcc,histo,50,male,back\r\nHAM_Y,ISIC_5555555,scc,histo,50,male,back\r\n"
+    meta += "HAM_Z,ISIC_8888888,nv,histo,50,male,back\r\n"
+    (root / "HAM10000_metadata.csv").write_text(meta)
+
+    index = index_dataset(root)
+    report = index.report
+    assert first.stem in set(index.frame["image_id"])
+    assert any("ISIC_7777777" in p for p in report.images_without_metadata)
+    assert any(first.stem in d for d in report.duplicate_image_ids)
+    assert any("ISIC_6666666" in r for r in report.rows_without_images)
+    assert any("ISIC_5555555" in r and "'scc'" in r for r in report.unknown_diagnoses)
+    assert any("ISIC_8888888" in r for r in report.unreadable_files)
+    assert not report.ok
+    assert len(report.problems()) == 5
+    assert set(index.frame["image_id"]).isdisjoint({"ISIC_8888888", "ISIC_6666666", "ISIC_5555555"})
+    # Every usable image's label is its dx's index in the one class list.
+    assert (index.frame["label"] == index.frame["dx"].map(labels.CLASSES.index)).all()
+
+
+def test_index_errors_tell_the_user_what_to_do(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        index_dataset(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="core.download"):
+        index_dataset(tmp_path)
+    (tmp_path / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\nHAM_1,ISIC_1,mel\n")
+    with pytest.raises(DatasetError, match="No usable images"):
+        index_dataset(tmp_path)
+
+
+def test_real_ham10000_indexes_completely(ham_root):
+    index = index_dataset(ham_root)
+    assert len(index.frame) == 10015 and index.frame["lesion_id"].nunique() == 7470
+    assert index.report.ok
+    assert index.class_counts().to_dict() == {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113,
+                                              "nv": 6705, "vasc": 142}
+
+
+def _lesion_frame(seed=0):
+    rng = np.random.default_rng(seed)
+    # HAM10000-like imbalance, with every class present.
+    dx = rng.permutation(np.repeat(labels.CLASSES, [16, 20, 44, 8, 44, 252, 16]))
+    per = rng.integers(1, 4, size=len(dx))
+    rows = [(f"L{i}", f"I{i}_{k}", d) for i, (d, n) in enumerate(zip(dx, per, strict=True)) for k in range(n)]
+    return pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx"])
+
+
+def test_split_groups_lesions_stratifies_and_is_deterministic():
+    frame = _lesion_frame()
+    split = split_by_lesion(frame, (0.7, 0.15, 0.15), seed=3)
+    assert frame.assign(split=split).groupby("lesion_id")["split"].nunique().max() == 1
+    assert split_by_lesion(frame, seed=3).equals(split)
+    assert not split_by_lesion(frame, seed=4).equals(split)
+    lesion_share = frame.assign(split=split).drop_duplicates("lesion_id")["split"].value_counts(normalize=True)
+    assert lesion_share["train"] == pytest.approx(0.7, abs=0.02)
+    assert lesion_share["test"] == pytest.approx(0.15, abs=0.02)
+    counts = split_counts(frame, split)
+    assert list(counts.index) == list(labels.CLASSES) and list(counts.columns) == ["train", "val", "test"]
+    assert (counts > 0).all().all()  # every class present in every split
+    with pytest.raises(ValueError):
+        split_by_lesion(frame, (0.8, 0.3, 0.1))
+
+
+def test_real_split_has_no_lesion_in_two_splits(ham_root):
+    frame = index_dataset(ham_root).frame
+    split = split_by_lesion(frame, seed=0)
+    per_lesion = frame.assign(split=split).groupby("lesion_id")["split"].nunique()
+    assert per_lesion.max() == 1
+    test_share = (split == "test").mean()
+    assert 0.13 < test_share < 0.17
+
+
+def test_oversample_balances_to_majority_only_with_existing_images():
+    frame = pd.DataFrame({"path": [f"p{i}" for i in range(13)], "label": [0] * 10 + [1] * 2 + [3]})
+    out = oversample(frame, seed=1)
+    assert out["label"].value_counts().to_dict() == {0: 10, 1: 10, 3: 10}
+    assert set(out.loc[out["label"] == 1, "path"]) == {"p10", "p11"}
+    weights = class_weights(frame["label"])
+    assert weights[0] < weights[1] < weights[3] and weights[2] == 0
+
+
+def test_dataset_and_transforms_produce_normalised_tensors(tiny_root):
+    frame = index_dataset(tiny_root).frame
+    prep = Preprocessing(input_size=(48, 64), source_size=(40, 30))
+    ds = LesionDataset.from_frame(frame, eval_transform(prep), prep)
+    x, y = ds[0]
+    assert x.shape == (3, 48, 64) and x.dtype == torch.float32
+    assert y == frame["label"].iloc[0]
+    assert -3 < x.mean() < 3
+    torch.manual_seed(0)
+    aug = LesionDataset.from_frame(frame, train_transform(prep, "seed"), prep)
+    assert not torch.equal(aug[0][0], x)
+    assert Preprocessing.from_dict(prep.to_dict()) == prep

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if evaluation.is_file():
         test = json.loads(evaluation.read_text())["test"]
         print(f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
-              f"{test['balanced_accuracy']:.3f}, weighted F1 {test['f1_weighted']:.3f}")
+              f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}")
     else:
         print(f"run: {run_dir} (stopped before the first epoch finished)")
     return 0

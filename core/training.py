@@ -135,7 +135,7 @@ PRESETS: dict[str, TrainConfig] = {
     # The reference model: full fine-tuning at the images' native 150×200, class-weighted loss.
     "reference": TrainConfig(
         arch="mobilenet_v2", finetune="full", head="linear", imbalance="weighted_loss", epochs=12,
-        batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=1e-4, label_smoothing=0.1,
+        batch_size=32, optimizer="adamw", lr=5e-4, weight_decay=1e-4, label_smoothing=0.1,
         scheduler="cosine", warmup_epochs=1, input_size=(150, 200), source_size=(200, 150),
         augmentation="strong",
     ),
@@ -366,7 +366,7 @@ def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows
 
         def tensors(rows: pd.DataFrame):
             idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
-            return torch.utils.data.TensorDataset(feats[idx], torch.as_tensor(rows["label"].to_numpy()))
+            return torch.utils.data.TensorDataset(feats[idx], torch.tensor(rows["label"].to_numpy()))
 
         make = lambda ds, **kw: torch.utils.data.DataLoader(ds, **kw)  # noqa: E731
         train_ds = tensors(train_rows)

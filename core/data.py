@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -347,7 +347,7 @@ class Preprocessing:
         return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         src = d.get("source_size")
         return cls(
             input_size=tuple(d["input_size"]),
@@ -405,7 +405,7 @@ class LesionDataset(torch.utils.data.Dataset):
         self.prep = prep
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing) -> "LesionDataset":
+    def from_frame(cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing) -> LesionDataset:
         return cls(frame["path"].tolist(), frame["label"].tolist(), transform, prep)
 
     def __len__(self) -> int:

@@ -5,8 +5,8 @@ project is indexed by ``CLASSES``. Nothing else may hard-code the order.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)

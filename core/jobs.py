@@ -1,0 +1,684 @@
+"""Background training jobs for the app: start, watch, stop. Pure Python, no Streamlit.
+
+A job is one detached worker process (``python -m core.jobs worker JOB.json``, its
+own session so it outlives browser reloads, reruns and even the Streamlit server)
+that runs one or more training configs one after another, each as
+``python -m core.train --config CFG.json`` with stdout and stderr in the run
+folder's ``train.log``. A single training run is a job of one config; the
+imbalance experiment is a job of five.
+
+One job at a time: ``RUNS/.job.lock`` names the job and its worker's pid. A lock
+whose process is gone (crashed, killed, machine rebooted) is stale and released
+by the next caller. Stopping writes ``STOP`` into the current run folder, which
+the trainer honours at the next step, and tells the worker to start nothing more.
+
+The trainer writes into each run folder ``config.json``, ``metrics.jsonl``,
+``status.json``, checkpoints and evaluation files; :func:`read_run` turns them
+into a :class:`RunState` the pages can draw.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from core.settings import PROJECT_ROOT
+
+LOCK_NAME = ".job.lock"
+JOBS_DIR = ".jobs"
+EXPERIMENTS_DIR = ".experiments"
+IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
+STRATEGY_LABELS = {
+    "none": "none",
+    "oversample": "oversample",
+    "sampler": "weighted sampler",
+    "weighted_loss": "weighted loss",
+    "focal": "focal loss",
+}
+FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+LOG_TAIL_LINES = 30
+
+
+class JobError(RuntimeError):
+    """A job could not be started or controlled; the message is meant for the user."""
+
+
+class JobBusyError(JobError):
+    """Another job holds the lock."""
+
+    def __init__(self, job: "Job"):
+        self.job = job
+        what = "imbalance experiment" if job.kind == "experiment" else "training run"
+        current = job.current_run or (job.runs[0] if job.runs else "?")
+        super().__init__(
+            f"Another {what} is already running ({current}, started {_ago(job.started)}). "
+            "Only one training job runs at a time: wait for it to finish or stop it first."
+        )
+
+
+def _ago(t: float) -> str:
+    s = max(0, int(time.time() - t))
+    if s < 90:
+        return f"{s} s ago"
+    if s < 5400:
+        return f"{s // 60} min ago"
+    return f"{s / 3600:.1f} h ago"
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), which tells a reused pid from the original process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses; fields after the last ")" are fixed.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) and, when known, the same one that was recorded."""
+    if not pid or pid <= 0:
+        return False
+    try:  # reap it if it is our own finished child, so it does not linger as a zombie
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    if _proc_state(pid) in ("Z", "X"):
+        return False
+    if start_time is not None:
+        now = _proc_start_time(pid)
+        if now is not None and now != start_time:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Jobs and the lock
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str  # "train" or "experiment"
+    runs: list[str]
+    runs_dir: Path
+    pid: int | None = None
+    pid_start: str | None = None
+    started: float = field(default_factory=time.time)
+    experiment: str | None = None
+
+    @property
+    def file(self) -> Path:
+        return self.runs_dir / JOBS_DIR / self.id / "job.json"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.runs_dir / JOBS_DIR / self.id / "STOP"
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+    @property
+    def current_run(self) -> str | None:
+        """The run the worker is on: the last one whose folder exists."""
+        current = None
+        for name in self.runs:
+            if (self.runs_dir / name).exists():
+                current = name
+        return current
+
+    @property
+    def alive(self) -> bool:
+        return pid_alive(self.pid, self.pid_start)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "runs": self.runs, "pid": self.pid, "pid_start": self.pid_start,
+                "started": self.started, "experiment": self.experiment}
+
+    @classmethod
+    def from_dict(cls, d: dict, runs_dir: Path) -> "Job":
+        return cls(id=d["id"], kind=d.get("kind", "train"), runs=list(d.get("runs", [])), runs_dir=runs_dir,
+                   pid=d.get("pid"), pid_start=d.get("pid_start"), started=d.get("started", 0.0),
+                   experiment=d.get("experiment"))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _lock_path(runs_dir: Path) -> Path:
+    return Path(runs_dir) / LOCK_NAME
+
+
+def active_job(runs_dir: Path) -> Job | None:
+    """The job holding the lock, or None. A stale lock (its process is gone) is removed."""
+    runs_dir = Path(runs_dir)
+    lock = _lock_path(runs_dir)
+    data = _read_json(lock)
+    if data is None:
+        if lock.exists():
+            # Being written right now (it is created empty, then filled): treat as busy for a moment.
+            try:
+                if time.time() - lock.stat().st_mtime < 10:
+                    return Job(id="?", kind="train", runs=[], runs_dir=runs_dir, pid=os.getpid())
+                lock.unlink(missing_ok=True)
+            except OSError:
+                pass
+        return None
+    job = Job.from_dict(data, runs_dir)
+    if job.alive:
+        return job
+    _release(lock, job.id)
+    return None
+
+
+def _release(lock: Path, job_id: str) -> None:
+    data = _read_json(lock)
+    if data is not None and data.get("id") == job_id:
+        lock.unlink(missing_ok=True)
+
+
+def _acquire(runs_dir: Path, job: Job) -> None:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(runs_dir)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = active_job(runs_dir)  # releases a stale lock
+            if holder is not None:
+                raise JobBusyError(holder) from None
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(job.to_dict(), fh)
+        return
+    holder = active_job(runs_dir)
+    raise JobBusyError(holder or job)
+
+
+def _validate(config: dict) -> dict:
+    """Normalise a config through the trainer's own TrainConfig when it is available."""
+    try:
+        from core.training import TrainConfig
+    except ImportError:
+        return dict(config)
+    try:
+        cfg = TrainConfig.from_dict(dict(config))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise JobError(f"Invalid training settings: {exc}") from None
+    return cfg.to_dict()
+
+
+def _check_name(runs_dir: Path, name: str) -> None:
+    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
+        raise JobError(f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.'.")
+    if (runs_dir / name).exists():
+        raise JobError(f"A run named {name!r} already exists in {runs_dir}; choose another name.")
+
+
+def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | None = None) -> Job:
+    runs_dir = Path(runs_dir).resolve()
+    configs = [_validate({**c, "out": str(runs_dir)}) for c in configs]
+    names = [c["name"] for c in configs]
+    if len(set(names)) != len(names):
+        raise JobError("run names in one job must differ")
+    for name in names:
+        _check_name(runs_dir, name)
+    job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], kind=kind, runs=names,
+              runs_dir=runs_dir, pid=os.getpid(), pid_start=_proc_start_time(os.getpid()), experiment=experiment)
+    _acquire(runs_dir, job)
+    try:
+        job_dir = job.file.parent
+        for cfg in configs:
+            _write_json(job_dir / f"{cfg['name']}.json", cfg)
+        _write_json(job.file, {**job.to_dict(), "configs": [f"{c['name']}.json" for c in configs]})
+        log = open(job_dir / "worker.log", "ab")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "core.jobs", "worker", str(job.file)],
+                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True,
+            )
+        finally:
+            log.close()
+        job.pid, job.pid_start = proc.pid, _proc_start_time(proc.pid)
+        data = _read_json(_lock_path(runs_dir))
+        if data is not None and data.get("id") == job.id:
+            _write_json(_lock_path(runs_dir), job.to_dict())
+        _write_json(job.file, {**job.to_dict(), "configs": [f"{c['name']}.json" for c in configs]})
+    except BaseException:
+        _release(_lock_path(runs_dir), job.id)
+        raise
+    return job
+
+
+def start_training(config: dict, runs_dir: Path) -> Job:
+    """Start one training run in the background; raises :class:`JobBusyError` while another job runs."""
+    return _start(Path(runs_dir), "train", [dict(config)])
+
+
+def experiment_configs(base: dict, name: str, strategies: Sequence[str] = IMBALANCE_STRATEGIES) -> list[dict]:
+    """One config per imbalance strategy, all in cached head-only mode (frozen backbone, features computed once)."""
+    return [{**base, "name": f"{name}-{s}", "imbalance": s, "finetune": "head", "feature_cache": True}
+            for s in strategies]
+
+
+def start_experiment(base: dict, runs_dir: Path, name: str | None = None,
+                     strategies: Sequence[str] = IMBALANCE_STRATEGIES) -> Job:
+    """Queue one run per imbalance strategy; they run one after another in one worker."""
+    runs_dir = Path(runs_dir)
+    name = name or time.strftime("imbalance-%Y%m%d-%H%M%S")
+    configs = experiment_configs(base, name, strategies)
+    job = _start(runs_dir, "experiment", configs, experiment=name)
+    _write_json(runs_dir.resolve() / EXPERIMENTS_DIR / f"{name}.json",
+                {"name": name, "runs": job.runs, "strategies": list(strategies), "created": time.time(),
+                 "base": {k: v for k, v in base.items() if k != "name"}})
+    return job
+
+
+def list_experiments(runs_dir: Path) -> list[dict]:
+    """Experiment manifests, newest first."""
+    found = [_read_json(p) for p in (Path(runs_dir) / EXPERIMENTS_DIR).glob("*.json")]
+    found = [f for f in found if isinstance(f, dict) and f.get("runs")]
+    return sorted(found, key=lambda f: f.get("created", 0), reverse=True)
+
+
+def stop_job(runs_dir: Path) -> bool:
+    """Ask the running job to stop: the current run ends cleanly at its next step, queued runs never start."""
+    job = active_job(runs_dir)
+    if job is None or job.id == "?":
+        return False
+    job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+    job.stop_file.touch()
+    current = job.current_run
+    if current:
+        (job.runs_dir / current / "STOP").touch()
+    return True
+
+
+def kill_job(runs_dir: Path) -> bool:
+    """Terminate the job's whole process group (worker and trainer) when a clean stop takes too long."""
+    job = active_job(runs_dir)
+    if job is None or not job.pid or job.id == "?":
+        return False
+    try:
+        os.killpg(job.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
+    """Block until no job runs (for scripts and tests). Returns False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if active_job(runs_dir) is None:
+            return True
+        time.sleep(poll)
+    return False
+
+
+# ---------------------------------------------------------------------------
+# Reading runs
+
+
+@dataclass
+class RunState:
+    name: str
+    path: Path
+    state: str  # queued, starting, running, finished, stopped, failed, interrupted
+    config: dict = field(default_factory=dict)
+    start: dict | None = None
+    epochs: list[dict] = field(default_factory=list)
+    progress: dict | None = None
+    end: dict | None = None
+    error: str | None = None
+    modified: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def has_model(self) -> bool:
+        return (self.path / "best.pt").is_file()
+
+    @property
+    def has_evaluation(self) -> bool:
+        return (self.path / "test_predictions.csv").is_file()
+
+    @property
+    def total_epochs(self) -> int | None:
+        for src in (self.start or {}, self.config):
+            if src.get("epochs"):
+                return int(src["epochs"])
+        return None
+
+    def fraction_done(self) -> float:
+        """Progress through the whole run, 0..1, from epochs finished and the current step."""
+        if self.state == "finished":
+            return 1.0
+        total = self.total_epochs
+        if not total:
+            return 0.0
+        done = len(self.epochs)
+        p = self.progress
+        if p and p.get("steps") and int(p.get("epoch", 0)) > done:
+            done_in_epoch = min(1.0, float(p.get("step", 0)) / float(p["steps"]))
+            return min(1.0, (done + done_in_epoch) / total)
+        return min(1.0, done / total)
+
+    def eta_s(self) -> float | None:
+        """Seconds left for the whole run: the current epoch's remainder plus the remaining epochs at the
+        average epoch time so far (validation time included when two epochs are known)."""
+        total, p = self.total_epochs, self.progress
+        if self.done or not total or not p or p.get("phase") == "features":
+            return None
+        epoch = int(p.get("epoch", 0))
+        if epoch <= len(self.epochs):  # between epochs: validating / checkpointing
+            epoch = len(self.epochs) + 1
+            in_epoch = None
+        else:
+            in_epoch = float(p.get("eta_s") or 0.0)
+        per_epoch = [float(e["seconds"]) for e in self.epochs if e.get("seconds")]
+        if per_epoch:
+            avg = sum(per_epoch) / len(per_epoch)
+        elif p.get("step") and p.get("steps") and p.get("eta_s") is not None:
+            elapsed_per_step = float(p["eta_s"]) / max(1, int(p["steps"]) - int(p["step"])) if int(p["steps"]) > int(
+                p["step"]) else 0.0
+            avg = elapsed_per_step * int(p["steps"])
+        else:
+            return None
+        remaining_epochs = max(0, total - epoch)
+        return (in_epoch if in_epoch is not None else avg) + remaining_epochs * avg
+
+    def progress_text(self) -> str:
+        """One line for the progress bar: phase, epoch and step, images/s and ETA."""
+        p = self.progress or {}
+        if self.state == "queued":
+            return "queued"
+        if self.state == "starting" and not p:
+            return "starting: loading the dataset and the model…"
+        if p.get("phase") == "features":
+            return f"computing backbone features once: {p.get('step', 0)}/{p.get('steps', '?')} images"
+        if self.done:
+            return f"{self.state}: {len(self.epochs)}/{self.total_epochs or '?'} epochs"
+        parts = [f"epoch {p.get('epoch', len(self.epochs) + 1)}/{self.total_epochs or '?'}"]
+        if p.get("steps"):
+            parts.append(f"step {p.get('step', 0)}/{p['steps']}")
+        if p.get("images_per_s"):
+            parts.append(f"{float(p['images_per_s']):.0f} images/s")
+        eta = self.eta_s()
+        if eta is not None:
+            parts.append(f"ETA {_fmt_duration(eta)}")
+        return " · ".join(parts)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.path / "train.log", lines)
+
+
+def _fmt_duration(s: float) -> str:
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 20000))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def read_events(path: Path) -> list[dict]:
+    """The JSON lines of ``metrics.jsonl``; a line being written (incomplete) or garbled is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    events = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            events.append(obj)
+    return events
+
+
+def _error_from_log(run_dir: Path) -> str:
+    tail = log_tail(run_dir / "train.log", 12).strip()
+    return tail or "the training process ended without writing a status (killed or crashed before starting)"
+
+
+def read_run(run_dir: Path, job: Job | None = None) -> RunState:
+    """Everything the pages show about one run. ``job`` (the active job, if any) tells a run that is
+    still being worked on from one whose process died without reporting."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir / "metrics.jsonl")
+    config = _read_json(run_dir / "config.json") or {}
+    status = _read_json(run_dir / "status.json") or {}
+    in_job = job is not None and run_dir.name in job.runs and Path(job.runs_dir) == run_dir.parent
+    start = next((e for e in events if e.get("event") == "start"), None)
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
+    end = next((e for e in reversed(events) if e.get("event") == "end"), None)
+    if not config and in_job:
+        config = _read_json(job.file.parent / f"{run_dir.name}.json") or {}
+
+    state = status.get("state")
+    error = status.get("error")
+    if state is None and end is not None:
+        state, error = end.get("status", "finished"), end.get("error")
+    if state in (None, "running"):
+        if in_job and job.alive:
+            state = state or ("starting" if run_dir.exists() else "queued")
+        elif state == "running" or run_dir.exists():
+            state = "interrupted"
+            error = error or _error_from_log(run_dir)
+    if state == "failed" and not error:
+        error = _error_from_log(run_dir)
+    try:
+        modified = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
+    except OSError:
+        modified = 0.0
+    return RunState(name=run_dir.name, path=run_dir, state=state, config=config, start=start, epochs=epochs,
+                    progress=progress, end=end, error=error, modified=modified)
+
+
+def list_runs(runs_dir: Path, job: Job | None = None) -> list[RunState]:
+    """All run folders below ``runs_dir``, newest first."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    if job is None:
+        job = active_job(runs_dir)
+    marker = ("config.json", "status.json", "metrics.jsonl", "train.log", "best.pt")
+    runs = [read_run(d, job) for d in runs_dir.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and any((d / m).exists() for m in marker)]
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+def epochs_table(run: RunState):
+    """The per-epoch metrics as a pandas DataFrame (imported lazily; pandas is heavy)."""
+    import pandas as pd
+
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s",
+            "seconds"]
+    frame = pd.DataFrame(run.epochs)
+    for c in cols:
+        if c not in frame.columns:
+            frame[c] = pd.NA
+    return frame[cols + [c for c in frame.columns if c not in cols and c != "event"]]
+
+
+def read_predictions(run_dir: Path):
+    """A run's test predictions: (table, labels, calibrated probs, raw logits or None, evaluation dict).
+
+    Columns follow ``CLASSES`` (``prob_<code>``, ``logit_<code>``); raises ``ValueError`` with a readable
+    message when the files are missing or do not fit.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from core.labels import CLASSES
+
+    run_dir = Path(run_dir)
+    try:
+        table = pd.read_csv(run_dir / "test_predictions.csv")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"{run_dir.name} has no readable test_predictions.csv ({exc})") from None
+    prob_cols = [f"prob_{c}" for c in CLASSES]
+    missing = [c for c in ["label", *prob_cols] if c not in table.columns]
+    if missing or table.empty:
+        raise ValueError(f"{run_dir.name}/test_predictions.csv lacks {', '.join(missing) or 'rows'}")
+    logit_cols = [f"logit_{c}" for c in CLASSES]
+    logits = table[logit_cols].to_numpy(dtype=float) if all(c in table for c in logit_cols) else None
+    evaluation = _read_json(run_dir / "evaluation.json") or {}
+    return table, table["label"].to_numpy(dtype=int), table[prob_cols].to_numpy(dtype=float), logits, evaluation
+
+
+def default_run_name(config: dict, runs_dir: Path) -> str:
+    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}"
+    name, i = base, 2
+    while (Path(runs_dir) / name).exists():
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+# ---------------------------------------------------------------------------
+# The worker
+
+
+def _run_one(job: Job, cfg_path: Path) -> int:
+    cfg = json.loads(cfg_path.read_text())
+    run_dir = job.runs_dir / cfg["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "core.train", "--config", str(cfg_path)],
+                                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while (rc := proc.poll()) is None:
+                # The trainer deletes a stale STOP when it starts; repeat a stop asked for during start-up.
+                if job.stop_requested and (run_dir / "status.json").exists() and not (run_dir / "STOP").exists():
+                    (run_dir / "STOP").touch()
+                time.sleep(0.5)
+        except BaseException:  # SIGTERM of the worker: take the trainer down with us
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            _mark(run_dir, "stopped", "the job was terminated")
+            raise
+    status = _read_json(run_dir / "status.json") or {}
+    if status.get("state") in (None, "running"):
+        _mark(run_dir, "failed", f"the trainer exited with code {rc} without finishing:\n{_error_from_log(run_dir)}")
+    return rc
+
+
+def _mark(run_dir: Path, state: str, error: str | None) -> None:
+    status = _read_json(run_dir / "status.json") or {}
+    if status.get("state") in (None, "running"):
+        _write_json(run_dir / "status.json", {"state": state, "error": error})
+
+
+def worker(job_file: Path) -> int:
+    job_file = Path(job_file)
+    data = json.loads(job_file.read_text())
+    job = Job.from_dict(data, job_file.parent.parent.parent)
+
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for cfg_name in data["configs"]:
+            if job.stop_requested:
+                break
+            _run_one(job, job_file.parent / cfg_name)
+    finally:
+        _release(_lock_path(job.runs_dir), job.id)
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m core.jobs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("worker", help="run a job file's configs one after another (started by the app)")
+    w.add_argument("job_file", type=Path)
+    s = sub.add_parser("status", help="show the active job and the runs")
+    s.add_argument("--runs", type=Path, default=None)
+    sub.add_parser("stop", help="stop the active job").add_argument("--runs", type=Path, default=None)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.cmd == "worker":
+        return worker(args.job_file)
+    from core.settings import runs_dir as default_runs
+
+    runs = args.runs or default_runs()
+    if args.cmd == "stop":
+        print("stop requested" if stop_job(runs) else "no job is running")
+        return 0
+    job = active_job(runs)
+    print(f"active job: {job.id} ({job.kind}) runs {', '.join(job.runs)}" if job else "no job is running")
+    for run in list_runs(runs, job):
+        print(f"{run.name:40s} {run.state:12s} {len(run.epochs)}/{run.total_epochs or '?'} epochs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

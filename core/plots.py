@@ -1,0 +1,252 @@
+"""Plotly figure builders for the app. No Streamlit here, so every chart is testable on its own.
+
+Every builder takes plain data (pandas / numpy) and returns a ``plotly.graph_objects.Figure``.
+Class axes always follow ``CLASSES``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+
+# One colour per class everywhere in the app (Plotly's qualitative "Safe" palette, colour-blind friendly).
+CLASS_COLOURS: dict[str, str] = dict(zip(CLASSES, (
+    "#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99")))
+SPLIT_COLOURS = {"train": "#4C78A8", "val": "#F58518", "test": "#54A24B"}
+_LAYOUT = dict(margin=dict(l=10, r=10, t=50, b=10), template="plotly_white", font=dict(size=13))
+
+
+def class_label(code: str) -> str:
+    return f"{code} · {DISPLAY_NAMES[code]}"
+
+
+def _finish(fig: go.Figure, title: str, height: int = 380) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), height=height, **_LAYOUT)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Dataset
+
+
+def imbalance_ratio(counts: pd.Series) -> float:
+    """Largest class count over the smallest non-empty one (HAM10000: nv/df = 58)."""
+    nonzero = counts[counts > 0]
+    return float(nonzero.max() / nonzero.min()) if len(nonzero) else float("nan")
+
+
+def class_distribution(counts: pd.Series, log: bool = False) -> go.Figure:
+    counts = counts.reindex(CLASSES, fill_value=0)
+    total = max(int(counts.sum()), 1)
+    fig = go.Figure(go.Bar(
+        x=list(CLASSES), y=counts.values, marker_color=[CLASS_COLOURS[c] for c in CLASSES],
+        text=[f"{n}" for n in counts.values], textposition="outside",
+        customdata=[[DISPLAY_NAMES[c], 100 * n / total, "malignant" if c in MALIGNANT else "benign"]
+                    for c, n in counts.items()],
+        hovertemplate="<b>%{x}</b> · %{customdata[0]}<br>%{y} images (%{customdata[1]:.1f}%)<br>"
+                      "%{customdata[2]}<extra></extra>",
+    ))
+    fig.update_yaxes(type="log" if log else "linear", title="images" + (" (log scale)" if log else ""))
+    fig.update_xaxes(title="diagnosis")
+    return _finish(fig, f"Images per class — imbalance ratio {imbalance_ratio(counts):.1f} : 1")
+
+
+def age_by_class(frame: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for code in CLASSES:
+        ages = frame.loc[frame["dx"] == code, "age"].dropna()
+        if len(ages):
+            fig.add_trace(go.Box(y=ages, name=code, marker_color=CLASS_COLOURS[code], boxmean=True,
+                                 hovertemplate=f"{code}: %{{y}}<extra></extra>"))
+    missing = int(frame["age"].isna().sum())
+    fig.update_yaxes(title="age (years)")
+    fig.update_layout(showlegend=False)
+    return _finish(fig, "Age by class" + (f" ({missing} images without age)" if missing else ""))
+
+
+def category_by_class(frame: pd.DataFrame, column: str, title: str, top: int | None = None) -> go.Figure:
+    """Stacked bars: images per value of ``column`` (sex, localization, dx_type), split by class."""
+    table = pd.crosstab(frame[column].fillna("unknown"), frame["dx"]).reindex(columns=list(CLASSES), fill_value=0)
+    table = table.loc[table.sum(axis=1).sort_values(ascending=False).index]
+    if top is not None and len(table) > top:
+        rest = table.iloc[top:].sum().rename("other")
+        table = pd.concat([table.iloc[:top], rest.to_frame().T])
+    fig = go.Figure()
+    for code in CLASSES:
+        fig.add_trace(go.Bar(x=table.index.astype(str), y=table[code], name=code, marker_color=CLASS_COLOURS[code],
+                             hovertemplate=f"{code}<br>%{{x}}: %{{y}}<extra></extra>"))
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(title="images")
+    return _finish(fig, title, height=420)
+
+
+def split_counts_figure(table: pd.DataFrame) -> go.Figure:
+    """Grouped bars of images per class and split (``core.data.split_counts`` output)."""
+    fig = go.Figure()
+    for split in table.columns:
+        fig.add_trace(go.Bar(x=list(table.index), y=table[split], name=str(split),
+                             marker_color=SPLIT_COLOURS.get(str(split)),
+                             hovertemplate=f"{split}<br>%{{x}}: %{{y}}<extra></extra>"))
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.12, x=1, xanchor="right"))
+    fig.update_yaxes(title="images")
+    return _finish(fig, "Lesion-grouped split: images per class and split")
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def training_curves(epochs: pd.DataFrame) -> go.Figure:
+    """Loss (left) and accuracy (right) per epoch, train vs validation."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.1)
+    if epochs is not None and len(epochs):
+        x = epochs["epoch"]
+        series = [(1, "train_loss", "train", "#4C78A8", "solid"), (1, "val_loss", "validation", "#F58518", "solid"),
+                  (2, "train_acc", "train", "#4C78A8", "solid"), (2, "val_acc", "validation", "#F58518", "solid"),
+                  (2, "val_balanced_acc", "validation (balanced)", "#E45756", "dot")]
+        for col, key, name, colour, dash in series:
+            if key in epochs and epochs[key].notna().any():
+                fig.add_trace(go.Scatter(x=x, y=epochs[key], name=name, mode="lines+markers",
+                                         line=dict(color=colour, dash=dash), legendgroup=name,
+                                         showlegend=col == 2 or key == "train_loss",
+                                         hovertemplate=f"{name}<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>"),
+                              row=1, col=col)
+    fig.update_xaxes(title="epoch", dtick=1 if epochs is None or len(epochs) <= 20 else None)
+    fig.update_yaxes(range=[0, 1], row=1, col=2)
+    fig.update_layout(legend=dict(orientation="h", y=-0.2))
+    return _finish(fig, "", height=360)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+def confusion_figure(cm: np.ndarray, normalize: bool = False, title: str = "Confusion matrix",
+                     height: int = 480) -> go.Figure:
+    """Rows are the true class, columns the prediction; hover shows count and row share either way."""
+    cm = np.asarray(cm, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    z = share if normalize else cm
+    text = [[f"{v:.2f}" if normalize else f"{int(c)}" for v, c in zip(rs, rc)] for rs, rc in zip(share, cm)]
+    custom = np.dstack([cm, share * 100])
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(CLASSES), y=list(CLASSES), colorscale="Blues", text=text, texttemplate="%{text}",
+        customdata=custom, zmin=0, zmax=1 if normalize else None,
+        colorbar=dict(title="recall share" if normalize else "images"),
+        hovertemplate="true <b>%{y}</b>, predicted <b>%{x}</b><br>%{customdata[0]:.0f} images<br>"
+                      "%{customdata[1]:.1f}% of true %{y}<extra></extra>",
+    ))
+    fig.update_yaxes(title="true class", autorange="reversed")
+    fig.update_xaxes(title="predicted class", side="bottom")
+    return _finish(fig, title + (" (row-normalised)" if normalize else " (counts)"), height=height)
+
+
+def roc_figure(curves: Mapping[str, Mapping | None]) -> go.Figure:
+    """One-vs-rest ROC per class from ``core.evaluation.roc_curves``: ``{code: {"fpr", "tpr", "auc"} | None}``."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#bbb", dash="dash"),
+                             name="chance", hoverinfo="skip"))
+    for code in CLASSES:
+        if not curves.get(code):
+            continue
+        fpr, tpr, auc = curves[code]["fpr"], curves[code]["tpr"], curves[code]["auc"]
+        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{code} (AUC {auc:.3f})",
+                                 line=dict(color=CLASS_COLOURS[code], width=3 if code == "mel" else 2),
+                                 hovertemplate=f"{code}<br>FPR %{{x:.3f}}<br>TPR %{{y:.3f}}<extra></extra>"))
+    fig.update_xaxes(title="false positive rate (1 − specificity)", range=[0, 1])
+    fig.update_yaxes(title="true positive rate (sensitivity)", range=[0, 1.02])
+    return _finish(fig, "ROC curves, one class vs rest", height=460)
+
+
+def _ece(bins: pd.DataFrame) -> float:
+    used = bins[bins["count"] > 0]
+    if used.empty:
+        return float("nan")
+    return float((used["count"] * (used["accuracy"] - used["confidence"]).abs()).sum() / used["count"].sum())
+
+
+def reliability_figure(before: Sequence[Mapping], after: Sequence[Mapping], temperature: float) -> go.Figure:
+    """Reliability diagrams before and after temperature scaling.
+
+    ``before``/``after`` are ``core.evaluation.reliability_curve`` outputs: per confidence bin
+    ``lower``, ``upper``, ``count``, ``confidence`` and ``accuracy`` (None when empty).
+    """
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#bbb", dash="dash"),
+                             name="perfect calibration", hoverinfo="skip"))
+    for bins, name, colour in ((before, "before (T = 1)", "#E45756"),
+                               (after, f"after temperature scaling (T = {temperature:.2f})", "#4C78A8")):
+        frame = pd.DataFrame(list(bins))
+        used = frame[frame["count"] > 0]
+        fig.add_trace(go.Scatter(
+            x=used["confidence"], y=used["accuracy"], mode="lines+markers",
+            name=f"{name}, ECE {_ece(frame):.3f}", line=dict(color=colour),
+            marker=dict(size=np.clip(np.sqrt(used["count"].to_numpy(dtype=float)) * 2.5, 6, 22)),
+            customdata=used[["count", "lower", "upper"]].to_numpy(),
+            hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata[0]} images with confidence in "
+                          "(%{customdata[1]:.2f}, %{customdata[2]:.2f}]<extra></extra>"))
+    fig.update_xaxes(title="mean confidence (top class)", range=[0, 1])
+    fig.update_yaxes(title="accuracy", range=[0, 1.02])
+    fig.update_layout(legend=dict(orientation="h", y=-0.22))
+    return _finish(fig, "Reliability diagram (test split)", height=460)
+
+
+def threshold_curve(scores: np.ndarray, positive: np.ndarray, threshold: float) -> go.Figure:
+    """Sensitivity and specificity of "melanoma if P(mel) ≥ t" over t, with the chosen t marked."""
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    ts = np.linspace(0, 1, 101)
+    sens = [float((scores[positive] >= t).mean()) if positive.any() else np.nan for t in ts]
+    spec = [float((scores[~positive] < t).mean()) if (~positive).any() else np.nan for t in ts]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=ts, y=sens, name="sensitivity", line=dict(color="#E45756"),
+                             hovertemplate="t = %{x:.2f}<br>sensitivity %{y:.3f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=ts, y=spec, name="specificity", line=dict(color="#4C78A8"),
+                             hovertemplate="t = %{x:.2f}<br>specificity %{y:.3f}<extra></extra>"))
+    fig.add_vline(x=threshold, line=dict(color="#333", dash="dot"), annotation_text=f"t = {threshold:.2f}")
+    fig.update_xaxes(title="melanoma threshold on P(mel)", range=[0, 1])
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(legend=dict(orientation="h", y=-0.25))
+    return _finish(fig, "Melanoma: sensitivity vs specificity", height=360)
+
+
+# ---------------------------------------------------------------------------
+# Diagnose
+
+
+def probability_bars(probs: Sequence[float], highlight: str | None = None) -> go.Figure:
+    """Horizontal bars of the 7 class probabilities (largest on top), malignant classes marked."""
+    probs = np.asarray(probs, dtype=float)
+    order = np.argsort(probs)  # ascending: plotly draws the last bar on top
+    codes = [CLASSES[i] for i in order]
+    fig = go.Figure(go.Bar(
+        x=probs[order] * 100, y=[class_label(c) + (" ⚠" if c in MALIGNANT else "") for c in codes], orientation="h",
+        marker_color=[CLASS_COLOURS[c] for c in codes],
+        marker_line=dict(color=["#000" if c == highlight else "rgba(0,0,0,0)" for c in codes], width=2),
+        text=[f"{p * 100:.1f}%" for p in probs[order]], textposition="outside", cliponaxis=False,
+        hovertemplate="%{y}<br>%{x:.2f}%<extra></extra>",
+    ))
+    fig.update_xaxes(title="probability (%)", range=[0, 112])
+    return _finish(fig, "Calibrated class probabilities (⚠ = malignant class)", height=330)
+
+
+# ---------------------------------------------------------------------------
+# Compare
+
+
+def per_class_comparison(table: pd.DataFrame, metric: str) -> go.Figure:
+    """Grouped bars: ``table`` has columns run, class, and ``metric`` (recall, precision, f1)."""
+    fig = go.Figure()
+    for run, part in table.groupby("run", sort=False):
+        part = part.set_index("class").reindex(CLASSES)
+        fig.add_trace(go.Bar(x=list(CLASSES), y=part[metric], name=str(run),
+                             hovertemplate=f"{run}<br>%{{x}}: %{{y:.3f}}<extra></extra>"))
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.22))
+    fig.update_yaxes(title=metric, range=[0, 1.05])
+    return _finish(fig, f"Per-class {metric}", height=400)

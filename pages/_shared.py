@@ -1,0 +1,150 @@
+"""Streamlit helpers shared by the pages: settings, cached loading, and the common notices.
+
+Only glue lives here; the work is done in ``core``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core import jobs, settings
+from core.data import DatasetError, DatasetIndex, index_dataset
+
+NOTICE = ("**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
+          "Never use it to decide on care; see a dermatologist about any skin lesion that worries you.")
+DATASET_KEY = "dataset_folder"
+
+
+def research_notice() -> None:
+    st.warning(NOTICE, icon="⚕️")
+
+
+def dataset_choice() -> settings.DatasetChoice:
+    return settings.dataset_choice(st.session_state.get(DATASET_KEY))
+
+
+def _metadata_stamp(folder: Path) -> float:
+    """Changes when the folder or its metadata file changes, so the cached index refreshes."""
+    stamps = [folder.stat().st_mtime] if folder.is_dir() else [0.0]
+    for name in ("HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata"):
+        p = folder / name
+        if p.is_file():
+            stamps.append(p.stat().st_mtime)
+    return max(stamps)
+
+
+@st.cache_data(show_spinner="Indexing the dataset…", max_entries=4)
+def _index(folder: str, stamp: float) -> DatasetIndex:
+    return index_dataset(folder)
+
+
+def load_dataset(show_help: bool = True) -> DatasetIndex | None:
+    """The configured dataset's index, or None after telling the user what is missing and how to fix it."""
+    choice = dataset_choice()
+    if not choice.configured:
+        if show_help:
+            st.info(settings.HOW_TO_GET_DATA, icon="📂")
+        return None
+    try:
+        return _index(str(choice.folder), _metadata_stamp(choice.folder))
+    except DatasetError as exc:
+        if show_help:
+            st.error(f"The dataset folder {choice.describe()} cannot be used:\n\n{exc}", icon="🚫")
+            st.info(settings.HOW_TO_GET_DATA, icon="📂")
+        return None
+
+
+def runs_dir() -> Path:
+    return settings.runs_dir()
+
+
+def list_runs() -> list[jobs.RunState]:
+    return jobs.list_runs(runs_dir())
+
+
+def evaluated_runs() -> list[jobs.RunState]:
+    return [r for r in list_runs() if r.has_evaluation and (r.path / "evaluation.json").is_file()]
+
+
+def no_runs_message(what: str = "evaluate") -> None:
+    st.info(f"There is no finished run to {what} yet. Train one on the **Train** page (a few epochs of the "
+            "`seed` preset is enough to see everything), or from a terminal: "
+            "`python -m core.train --preset seed --data DATASET --epochs 3`.", icon="🧪")
+
+
+def run_label(run: jobs.RunState) -> str:
+    cfg = run.config
+    bits = [cfg.get("arch"), cfg.get("finetune"), cfg.get("imbalance")]
+    desc = ", ".join(str(b) for b in bits if b)
+    return f"{run.name} ({desc})" if desc else run.name
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def _predictor(path: str, stamp: float):
+    """One Predictor per checkpoint file version, shared by all sessions: loaded once, never on reruns."""
+    from core.checkpoints import CheckpointError
+    from core.predict import Predictor
+
+    try:
+        return Predictor(path), None
+    except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        return None, str(exc)
+
+
+def get_predictor(path: Path):
+    """(Predictor, None) or (None, message)."""
+    try:
+        stamp = Path(path).stat().st_mtime
+    except OSError as exc:
+        return None, f"{path} cannot be read ({exc.strerror})"
+    return _predictor(str(path), stamp)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _predictions(run_dir: str, stamp: float):
+    return jobs.read_predictions(Path(run_dir))
+
+
+def predictions(run_dir: Path):
+    """``jobs.read_predictions`` cached per file version; raises ValueError with a readable message."""
+    path = Path(run_dir) / "test_predictions.csv"
+    try:
+        stamp = path.stat().st_mtime
+    except OSError:
+        raise ValueError(f"{Path(run_dir).name} has no test predictions yet") from None
+    return _predictions(str(run_dir), stamp)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _cam_overlay(checkpoint: str, stamp: float, image_path: str, target: int, method: str, alpha: float):
+    from core.explain import overlay
+
+    predictor, _ = get_predictor(Path(checkpoint))
+    if predictor is None:
+        return None
+    try:
+        prediction = predictor.predict(image_path)
+        return overlay(prediction.image, predictor.explain(prediction, method, target), alpha)
+    except Exception:  # noqa: BLE001 — a missing or broken image shows without its overlay
+        return None
+
+
+def cam_overlay(checkpoint: str, image_path: str, target: int, method: str = "gradcam", alpha: float = 0.45):
+    """A Grad-CAM overlay of a dataset image for class ``target`` (cached), or None when it cannot be made."""
+    try:
+        stamp = Path(checkpoint).stat().st_mtime
+    except OSError:
+        return None
+    return _cam_overlay(checkpoint, stamp, image_path, target, method, alpha)

@@ -1,0 +1,53 @@
+"""Home: what Lesion Lab is, and what is ready to use right now."""
+import streamlit as st
+
+from core import jobs, settings
+from pages._shared import dataset_choice, list_runs, load_dataset, research_notice
+
+st.title("🔬 Lesion Lab")
+st.markdown("Decision-support dashboard for **pigmented skin lesions**, built on the HAM10000 dermoscopy dataset "
+            "(7 diagnoses). Explore the data, train and evaluate classifiers, and see what a model looks at.")
+research_notice()
+
+choice = dataset_choice()
+index = load_dataset(show_help=False)
+models = settings.model_files()
+runs = list_runs()
+job = jobs.active_job(settings.runs_dir())
+
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Dataset images", f"{len(index.frame):,}" if index is not None else "—",
+          help=choice.describe())
+c2.metric("Models for Diagnose", len(models))
+c3.metric("Training runs", len(runs))
+c4.metric("Training job", "running" if job else "idle")
+
+if index is None:
+    if choice.configured:
+        st.error(f"The dataset folder {choice.describe()} is not usable; the Dataset page says why.", icon="🚫")
+    else:
+        st.info(settings.HOW_TO_GET_DATA, icon="📂")
+if not models:
+    st.info("No model yet: Diagnose needs a checkpoint in `checkpoints/` (the repository ships "
+            "`checkpoints/reference.pt`) or a finished training run.", icon="🧠")
+
+st.subheader("Pages")
+cols = st.columns(3)
+links = [
+    ("pages/dataset.py", "Dataset", "🗂️", "Class balance, metadata, image gallery, validation report and the "
+                                          "lesion-grouped split."),
+    ("pages/train.py", "Train", "🏋️", "Train a model in the background with live loss and accuracy curves."),
+    ("pages/evaluate.py", "Evaluate", "📊", "Confusion matrix, ROC, calibration, melanoma threshold and the "
+                                            "misclassified images with Grad-CAM."),
+    ("pages/diagnose.py", "Diagnose", "🩺", "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and "
+                                            "feature maps. Works without a dataset."),
+    ("pages/compare.py", "Compare", "⚖️", "Runs side by side, and a one-click experiment over the five "
+                                          "class-imbalance strategies."),
+]
+for i, (path, title, icon, text) in enumerate(links):
+    with cols[i % 3].container(border=True):
+        st.page_link(path, label=f"**{title}**", icon=icon)
+        st.caption(text)
+
+st.caption("HAM10000: Tschandl P., Rosendahl C., Kittler H., *Sci. Data* 5, 180161 (2018), CC BY-NC-SA 4.0. "
+           "Models trained on the 200×150 downscaled copy see less detail than on the full-resolution release.")

@@ -1,0 +1,166 @@
+"""Train: configure a run, start it in the background, and watch it live."""
+import streamlit as st
+
+from core import jobs, plots
+from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
+from pages._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
+
+st.title("🏋️ Train")
+
+try:
+    from core.data import AUGMENTATIONS
+    from core.training import IMBALANCE_STRATEGIES, PRESETS, SCHEDULERS, config_with
+except ImportError as exc:  # a broken install must not take the page down
+    st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
+    st.stop()
+
+RUNS = runs_dir()
+IMBALANCE_HELP = {"none": "plain cross-entropy", "oversample": "duplicate minority images (the seed's choice)",
+                  "sampler": "class-balanced sampling", "weighted_loss": "inverse-frequency class weights",
+                  "focal": "focal loss (γ = 2)"}
+
+index = load_dataset()
+job = jobs.active_job(RUNS)
+
+
+def config_form() -> None:
+    preset = st.selectbox("Preset", sorted(PRESETS), index=sorted(PRESETS).index("seed"), key="train_preset",
+                          help="Fills the form with a known-good configuration; `seed` is the course project's "
+                               "pipeline (frozen ImageNet ResNet-18, MLP head, oversampling).")
+    base = PRESETS[preset]
+    k = f"_{preset}"  # widget keys per preset, so choosing a preset resets the form to its values
+    with st.form("train_form", border=True):
+        c1, c2, c3 = st.columns(3)
+        name = c1.text_input("Run name", value=jobs.default_run_name(base.to_dict(), RUNS), key="run_name" + k)
+        arch = c2.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(base.arch),
+                            key="arch" + k)
+        weights_opts = ["imagenet", "none"]
+        weights = c3.selectbox("Pretrained weights", weights_opts,
+                               index=weights_opts.index(base.weights) if base.weights in weights_opts else 0,
+                               format_func={"imagenet": "ImageNet", "none": "none (random init)"}.get,
+                               key="weights" + k)
+        c1, c2, c3 = st.columns(3)
+        finetune = c1.selectbox("Fine-tuning", FINETUNE_POLICIES, index=FINETUNE_POLICIES.index(base.finetune),
+                                format_func={"head": "head only (frozen backbone)", "last": "last block + head",
+                                             "full": "full network"}.get, key="finetune" + k)
+        imbalance = c2.selectbox("Imbalance strategy", IMBALANCE_STRATEGIES,
+                                 index=IMBALANCE_STRATEGIES.index(base.imbalance),
+                                 format_func=lambda s: f"{jobs.STRATEGY_LABELS.get(s, s)} — {IMBALANCE_HELP.get(s, '')}",
+                                 key="imbalance" + k)
+        augmentation = c3.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
+                                    key="augmentation" + k)
+        c1, c2, c3, c4 = st.columns(4)
+        epochs = c1.number_input("Epochs", 1, 200, base.epochs, key="epochs" + k)
+        batch_size = c2.number_input("Batch size", 1, 1024, base.batch_size, key="batch" + k)
+        lr = c3.number_input("Learning rate", 1e-6, 1.0, float(base.lr), format="%.0e", step=1e-4, key="lr" + k)
+        scheduler = c4.selectbox("LR scheduler", SCHEDULERS, index=SCHEDULERS.index(base.scheduler),
+                                 key="scheduler" + k)
+        c1, c2, c3, c4 = st.columns(4)
+        height = c1.number_input("Image height", 16, 1024, int(base.input_size[0]), key="h" + k)
+        width = c2.number_input("Image width", 16, 1024, int(base.input_size[1]), key="w" + k)
+        seed = c3.number_input("Seed", 0, 2**31 - 1, base.seed, key="seed" + k)
+        max_images = c4.number_input("Use at most N images (0 = all)", 0, 1_000_000, 0, key="max" + k,
+                                     help="A stratified subsample, for quick experiments.")
+        if finetune == "head" and augmentation != "none":
+            st.caption("Head-only runs train on cached backbone features computed without augmentation "
+                       "(much faster); augmentation applies to the other fine-tuning policies.")
+        busy = job is not None
+        submitted = st.form_submit_button("Start training", type="primary", disabled=busy or index is None,
+                                          icon="▶️")
+    if busy:
+        st.info("A training job is running (below). Only one job runs at a time: stop it or wait for it to "
+                "finish before starting another.", icon="⏳")
+    if not submitted:
+        return
+    if weights == "imagenet" and not weights_file(arch).is_file():
+        st.session_state["train_flash"] = (
+            f"The ImageNet weights for {arch} are not in the local cache ({weights_file(arch)}); the trainer "
+            "tries to download them, and the run fails if there is no internet access.")
+    try:
+        cfg = config_with(base, name=name.strip(), arch=arch, weights=weights, finetune=finetune,
+                          imbalance=imbalance, augmentation=augmentation, epochs=int(epochs),
+                          batch_size=int(batch_size), lr=float(lr), scheduler=scheduler,
+                          input_size=(int(height), int(width)), seed=int(seed),
+                          max_images=int(max_images) or None, data=str(dataset_choice().folder), out=str(RUNS))
+        started = jobs.start_training(cfg.to_dict(), RUNS)
+    except jobs.JobBusyError as exc:
+        st.error(str(exc), icon="⏳")
+    except (jobs.JobError, ValueError, OSError) as exc:
+        st.error(f"Training could not start: {exc}", icon="🚫")
+    else:
+        st.toast(f"Training {started.runs[0]} started", icon="🏋️")
+        st.rerun()
+
+
+def show_run(run: jobs.RunState, active: bool) -> None:
+    """Progress, curves and outcome of one run."""
+    icon = {"finished": "✅", "stopped": "⏹️", "failed": "❌", "interrupted": "❌"}.get(run.state, "⏳")
+    st.subheader(f"{icon} {run.name}")
+    cfg = run.config
+    if cfg:
+        st.caption(" · ".join(f"{k} {cfg[k]}" for k in ("arch", "weights", "finetune", "imbalance", "epochs",
+                                                         "batch_size", "lr") if k in cfg)
+                   + (f" · device {run.start['device']}" if run.start and run.start.get("device") else ""))
+    st.progress(run.fraction_done(), text=run.progress_text())
+    if run.epochs:
+        st.plotly_chart(plots.training_curves(jobs.epochs_table(run)), width="stretch", key=f"curves_{run.name}")
+        last = run.epochs[-1]
+        m = st.columns(4)
+        m[0].metric("Validation accuracy", f"{last.get('val_acc', float('nan')):.3f}")
+        m[1].metric("Validation balanced acc.", f"{last.get('val_balanced_acc', float('nan')):.3f}")
+        m[2].metric("Train loss", f"{last.get('train_loss', float('nan')):.4f}")
+        m[3].metric("Epoch time", fmt_seconds(last.get("seconds")))
+    elif active:
+        st.caption("The curves appear when the first epoch is done.")
+    if run.state == "finished":
+        st.success("Finished: the best checkpoint was calibrated and evaluated on the test split.", icon="✅")
+        st.page_link("pages/evaluate.py", label="Open it on Evaluate", icon="📊")
+    elif run.state == "stopped":
+        st.info("Stopped on request." + (" The best epoch so far was saved and evaluated." if run.has_model else ""))
+    elif run.state in ("failed", "interrupted"):
+        st.error(f"Training failed: {run.error or 'no error message'}", icon="❌")
+    if run.state in ("failed", "interrupted") or active:
+        with st.expander("Training log (last lines)"):
+            st.code(run.log_tail() or "(empty)", language=None)
+
+
+@st.fragment(run_every=1.5)
+def monitor() -> None:
+    current = jobs.active_job(RUNS)
+    if current is not None and current.id != "?":
+        name = current.current_run
+        if name is None:
+            st.info("Starting the training process…", icon="⏳")
+            return
+        run = jobs.read_run(RUNS / name, current)
+        show_run(run, active=True)
+        if current.stop_requested:
+            st.warning("Stopping: the run ends after its current step and still saves its best epoch.", icon="⏹️")
+            if st.button("Force stop now", help="Terminate the training process immediately (nothing more is "
+                                                "saved)."):
+                jobs.kill_job(RUNS)
+        elif st.button("Stop training", icon="⏹️", type="secondary"):
+            jobs.stop_job(RUNS)
+            st.rerun(scope="fragment")
+        if current.kind == "experiment":
+            st.caption(f"Part of the imbalance experiment {current.experiment}; see it on Compare.")
+        return
+    if job is not None:
+        st.rerun()  # the job that was running when the page loaded has ended: re-enable the form
+    runs = jobs.list_runs(RUNS)
+    if not runs:
+        st.caption("No runs yet. Runs are saved in " + f"`{RUNS}`.")
+        return
+    names = [r.name for r in runs]
+    chosen = st.selectbox("Show run", names, key="train_show_run")
+    show_run(runs[names.index(chosen)], active=False)
+
+
+if flash := st.session_state.pop("train_flash", None):
+    st.warning(flash, icon="🌐")
+if index is None and job is None:
+    st.caption("Training needs a dataset (above). Past runs are listed below.")
+st.markdown("#### New run")
+config_form()
+st.markdown("#### Progress")
+monitor()

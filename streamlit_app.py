@@ -1,0 +1,44 @@
+"""Lesion Lab — `streamlit run streamlit_app.py`.
+
+The entry point: page setup, the sidebar's dataset setting shared by all pages, and navigation.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from core import jobs, settings
+from pages._shared import DATASET_KEY, dataset_choice
+
+st.set_page_config(page_title="Lesion Lab", page_icon="🔬", layout="wide")
+
+PAGES = [
+    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
+    st.Page("pages/dataset.py", title="Dataset", icon="🗂️"),
+    st.Page("pages/train.py", title="Train", icon="🏋️"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon="📊"),
+    st.Page("pages/diagnose.py", title="Diagnose", icon="🩺"),
+    st.Page("pages/compare.py", title="Compare", icon="⚖️"),
+]
+page = st.navigation(PAGES)
+
+with st.sidebar:
+    st.markdown("### 🔬 Lesion Lab")
+    default = settings.dataset_choice(None)
+    st.text_input(
+        "Dataset folder", key=DATASET_KEY,
+        placeholder=str(default.folder) if default.folder else "path/to/ham10000",
+        help="The folder holding HAM10000_metadata.csv and the images (any layout below it). Leave empty to use "
+             f"${settings.DATA_ENV}, .streamlit/lesionlab.toml or the bundled sample, in that order.",
+    )
+    choice = dataset_choice()
+    if choice.configured:
+        st.caption(f"Using **{choice.folder.name}** — {choice.source}")
+    else:
+        st.caption("No dataset configured — Diagnose still works.")
+    job = jobs.active_job(settings.runs_dir())
+    if job is not None:
+        what = "Imbalance experiment" if job.kind == "experiment" else "Training"
+        st.info(f"{what} running: **{job.current_run or 'starting'}**", icon="⏳")
+    st.caption("Research and education only — **not a medical device**.")
+
+page.run()

@@ -1,0 +1,338 @@
+"""Importing image sets that are not laid out like HAM10000, mainly as external test sets.
+
+Three layouts besides HAM10000's own (``core.data.index_dataset``):
+
+* an ``isic-cli`` export (``isic image download``): images named ``<isic_id>.jpg``
+  and a ``metadata.csv`` with ``isic_id`` and the ISIC archive's diagnosis, either
+  the legacy ``diagnosis`` column or the ``diagnosis_1`` … ``diagnosis_5`` hierarchy;
+* one folder per class, named by class code (``mel``, ``MEL``, …) or diagnosis name;
+* the ISIC 2018 Task 3 ground-truth CSV (``image,MEL,NV,BCC,AKIEC,BKL,DF,VASC``, one-hot)
+  next to a folder of images.
+
+Each importer returns a :class:`core.data.DatasetIndex` with the same frame
+columns as ``index_dataset`` and a ``ValidationReport`` naming everything set
+aside. :func:`index_any` picks the importer from what a folder holds.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.data import (
+    METADATA_COLUMNS,
+    DatasetError,
+    DatasetIndex,
+    ValidationReport,
+    _looks_like_image,
+    _walk_images,
+    find_metadata,
+    index_dataset,
+)
+from core.labels import CLASSES, DISPLAY_NAMES, ISIC2018_COLUMNS, code_from_onehot
+
+HAM10000, ISIC2018, ISIC_CLI, CLASS_FOLDERS = "ham10000", "isic2018", "isic-cli", "class-folders"
+_TABLE_SUFFIXES = (".csv", ".tab", ".tsv")
+
+# ISIC archive diagnosis names, legacy and hierarchical, that fall in one of the seven HAM10000 classes.
+# Anything else (scar, verruca, invasive squamous cell carcinoma, …) is reported, never guessed at.
+_ARCHIVE_NAMES = {
+    "melanoma": "mel",
+    "melanoma, nos": "mel",
+    "melanoma invasive": "mel",
+    "melanoma in situ": "mel",
+    "melanoma metastasis": "mel",
+    "malignant melanocytic proliferations (melanoma)": "mel",
+    "nevus": "nv",
+    "benign melanocytic proliferations": "nv",
+    "basal cell carcinoma": "bcc",
+    "actinic keratosis": "akiec",
+    "solar or actinic keratosis": "akiec",
+    # akiec is "actinic keratoses and intraepithelial carcinoma (Bowen's disease)", i.e. SCC in situ.
+    # The archive files HAM10000's own akiec images partly under "Squamous cell carcinoma, NOS", and the
+    # legacy "squamous cell carcinoma" is just as unspecific; only an explicitly invasive SCC is excluded.
+    "squamous cell carcinoma in situ": "akiec",
+    "squamous cell carcinoma in situ, bowens disease": "akiec",
+    "bowen's disease": "akiec",
+    "bowens disease": "akiec",
+    "squamous cell carcinoma, nos": "akiec",
+    "squamous cell carcinoma": "akiec",
+    "pigmented benign keratosis": "bkl",
+    "seborrheic keratosis": "bkl",
+    "solar lentigo": "bkl",
+    "lentigo nos": "bkl",
+    "lichenoid keratosis": "bkl",
+    "lichen planus like keratosis": "bkl",
+    "dermatofibroma": "df",
+    "vascular lesion": "vasc",
+    "benign soft tissue proliferations - vascular": "vasc",
+    "angioma": "vasc",
+    "hemangioma": "vasc",
+    "angiokeratoma": "vasc",
+    "pyogenic granuloma": "vasc",
+    "hemorrhage": "vasc",
+}
+# Most specific first: the deepest level that names a class decides.
+_DIAGNOSIS_COLUMNS = ("diagnosis_5", "diagnosis_4", "diagnosis_3", "diagnosis_2", "diagnosis_1", "diagnosis")
+
+
+_NAMES = {**{code: code for code in CLASSES}, **{d.lower(): c for c, d in DISPLAY_NAMES.items()}, **_ARCHIVE_NAMES}
+
+
+def diagnosis_code(name: str) -> str | None:
+    """The class code for a class code, ISIC 2018 column, display name or ISIC archive diagnosis; else None."""
+    return _NAMES.get(" ".join(name.replace("_", " ").split()).lower())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a folder holds: ``kind`` is HAM10000, ISIC2018, ISIC_CLI or CLASS_FOLDERS; ``source`` is the
+    metadata or ground-truth file it was recognised by (the folder itself for class folders)."""
+
+    kind: str
+    source: Path
+
+
+def detect_layout(root: str | Path) -> Layout:
+    """Recognise the layout of ``root``, in the order HAM10000 metadata, ISIC 2018 ground truth,
+    isic-cli metadata, class folders. Raises :class:`DatasetError` saying what was expected."""
+    root = _existing_dir(root)
+    try:
+        return Layout(HAM10000, find_metadata(root))
+    except DatasetError:
+        pass
+    tables = [(path, _header(path)) for path in _tables(root)]
+    for path, header in tables:
+        if "image" in header and all(col.lower() in header for col in ISIC2018_COLUMNS):
+            return Layout(ISIC2018, path)
+    for path, header in tables:
+        if "isic_id" in header and any(col in header for col in _DIAGNOSIS_COLUMNS):
+            return Layout(ISIC_CLI, path)
+    if _class_folders(root):
+        return Layout(CLASS_FOLDERS, root)
+    subfolders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    raise DatasetError(
+        f"{root} holds no dataset layout this app recognises (tables: "
+        f"{', '.join(p.name for p, _ in tables) or 'none'}; subfolders: {', '.join(subfolders[:10]) or 'none'}). "
+        "Use one of: HAM10000 metadata (image_id and dx columns) with the images; the ISIC 2018 Task 3 "
+        "ground-truth CSV (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC) with the images; an isic-cli export "
+        f"(metadata.csv with isic_id and diagnosis columns); or one folder per class named {', '.join(CLASSES)}."
+    )
+
+
+def index_any(root: str | Path) -> DatasetIndex:
+    """Index ``root`` whatever its layout (see :func:`detect_layout`)."""
+    layout = detect_layout(root)
+    if layout.kind == HAM10000:
+        return index_dataset(root, metadata=layout.source)
+    if layout.kind == ISIC2018:
+        return import_isic2018_ground_truth(root, layout.source)
+    if layout.kind == ISIC_CLI:
+        return import_isic_cli(root, layout.source)
+    return import_class_folders(root)
+
+
+# ---------------------------------------------------------------------------
+# Importers
+
+
+def import_isic_cli(root: str | Path, metadata: str | Path | None = None) -> DatasetIndex:
+    """An ``isic image download`` folder: ``metadata.csv`` (``isic_id``, diagnosis columns) and ``<isic_id>.jpg``."""
+    root = _existing_dir(root)
+    path = Path(metadata) if metadata else _find_table(root, lambda h: "isic_id" in h, "an isic-cli metadata.csv")
+    table = _read_table(path)
+    if "isic_id" not in table.columns or not any(c in table.columns for c in _DIAGNOSIS_COLUMNS):
+        raise DatasetError(f"{path} has no isic_id and diagnosis columns; it is not an isic-cli metadata.csv.")
+    levels = [c for c in _DIAGNOSIS_COLUMNS if c in table.columns]
+    dx, most_specific = [], []
+    for _, r in table.iterrows():
+        # A deeper level may be finer than the classes ("Nevus, Spitz"); the deepest one that names a class decides.
+        names = [r[c] for c in levels if r[c]]
+        dx.append(next((code for code in map(diagnosis_code, names) if code), ""))
+        most_specific.append(names[0] if names else "no diagnosis")
+    frame = pd.DataFrame({
+        "row": table["row"],
+        "lesion_id": table.get("lesion_id", ""),
+        "image_id": table["isic_id"],
+        "dx": dx,
+        "dx_type": table.get("diagnosis_confirm_type", ""),
+        "age": table.get("age_approx", ""),
+        "sex": table.get("sex", ""),
+        "localization": table.get("anatom_site_general", table.get("anatom_site_general_challenge", "")),
+    })
+    report = ValidationReport(metadata_path=str(path), rows_read=len(frame))
+    for i in np.flatnonzero(frame["dx"] == ""):
+        report.unknown_diagnoses.append(
+            f"row {frame['row'].iat[i]}: {frame['image_id'].iat[i]} has diagnosis {most_specific[i]!r}"
+        )
+    return _pair(root, _tidy(frame), report, "isic-cli's metadata.csv")
+
+
+def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | None = None) -> DatasetIndex:
+    """The ISIC 2018 Task 3 one-hot ground-truth CSV and the images it names, anywhere below ``root``."""
+    root = _existing_dir(root)
+    columns = [c.lower() for c in ISIC2018_COLUMNS]
+    path = Path(ground_truth) if ground_truth else _find_table(
+        root, lambda h: "image" in h and all(c in h for c in columns), "an ISIC 2018 ground-truth CSV"
+    )
+    table = _read_table(path)
+    missing = [c.upper() for c in ["image", *columns] if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{path} lacks the column(s) {', '.join(missing)} of an ISIC 2018 Task 3 ground truth.")
+    report = ValidationReport(metadata_path=str(path), rows_read=len(table))
+    dx = []
+    for _, r in table.iterrows():
+        try:
+            dx.append(code_from_onehot({col: r[col.lower()] for col in ISIC2018_COLUMNS}))
+        except ValueError as exc:  # also raised for non-numeric cells
+            report.unknown_diagnoses.append(f"row {r['row']}: {r['image']} ({exc})")
+            dx.append("")
+    frame = pd.DataFrame({"row": table["row"], "lesion_id": "", "image_id": table["image"], "dx": dx})
+    return _pair(root, _tidy(frame), report, "the ISIC 2018 ground-truth CSV")
+
+
+def import_class_folders(root: str | Path) -> DatasetIndex:
+    """One subfolder of ``root`` per class; images may sit deeper inside it. Each image is its own lesion."""
+    root = _existing_dir(root)
+    report = ValidationReport(metadata_path=f"class folders in {root}")
+    records: list[dict] = []
+    seen: dict[str, Path] = {}
+    for path in sorted(_walk_images(root)):
+        report.images_found += 1
+        rel = path.relative_to(root)
+        if len(rel.parts) == 1:
+            report.images_without_metadata.append(f"{path} (not inside a class folder)")
+            continue
+        folder = rel.parts[0]
+        code = diagnosis_code(folder)
+        if code is None:
+            report.unknown_diagnoses.append(f"{path}: folder {folder!r} is not one of {', '.join(CLASSES)}")
+        elif path.stem in seen:
+            report.duplicate_image_ids.append(f"{path.stem}: {seen[path.stem]} and {path}")
+        else:
+            seen[path.stem] = path
+            records.append({"row": len(records) + 1, "image_id": path.stem, "dx": code, "path": str(path)})
+    report.rows_read = report.images_found
+    frame = _tidy(pd.DataFrame(records, columns=["row", "image_id", "dx", "path"]))
+    return _finish(root, frame, report, f"Put the images in folders named {', '.join(CLASSES)} directly in {root}.")
+
+
+# ---------------------------------------------------------------------------
+# Shared steps
+
+
+def _existing_dir(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"Folder {root} does not exist. Choose the folder that holds the images and their labels.")
+    return root
+
+
+def _tables(root: Path) -> list[Path]:
+    # Hidden folders hold partial downloads and tool state, not data.
+    return sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in _TABLE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="replace") as fh:
+            line = fh.readline()
+    except OSError:
+        return []
+    sep = "\t" if line.count("\t") > line.count(",") else ","
+    return [c.strip().strip('"').strip().lower() for c in next(csv.reader([line], delimiter=sep), [])]
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return [d for d in sorted(root.iterdir()) if d.is_dir() and diagnosis_code(d.name)]
+
+
+def _find_table(root: Path, matches: Callable[[list[str]], bool], what: str) -> Path:
+    for path in _tables(root):
+        if matches(_header(path)):
+            return path
+    raise DatasetError(f"No {what} found below {root}.")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A CSV or TSV as strings, lower-case column names, and a ``row`` column with the line number."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    except OSError as exc:
+        raise DatasetError(f"Cannot read {path}: {exc.strerror}.") from None
+    first_line = text.split("\n", 1)[0]
+    sep = "\t" if first_line.count("\t") > first_line.count(",") else ","
+    try:
+        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{path} is not a readable CSV/TSV file ({exc}).") from None
+    table.columns = [c.strip().strip('"').strip().lower() for c in table.columns]
+    for col in table.columns:
+        table[col] = table[col].str.strip().str.strip('"').str.strip()
+    table.insert(0, "row", np.arange(2, len(table) + 2))  # the line number a user sees in an editor
+    return table
+
+
+def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """The column conventions of ``core.data.read_metadata``: every column present, ages numeric,
+    "unknown" for missing sex and site, and an image without a lesion id as its own lesion."""
+    frame = frame.copy()
+    for col in METADATA_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = ""
+        elif col != "age":
+            frame[col] = frame[col].fillna("").astype(str)
+    frame["age"] = pd.to_numeric(frame["age"].replace({"": None}), errors="coerce")
+    frame["sex"] = frame["sex"].str.lower().replace({"": "unknown"})
+    frame["localization"] = frame["localization"].replace({"": "unknown"})
+    no_lesion = frame["lesion_id"] == ""
+    frame.loc[no_lesion, "lesion_id"] = "image:" + frame.loc[no_lesion, "image_id"]
+    return frame[["row", *METADATA_COLUMNS, *(["path"] if "path" in frame.columns else [])]]
+
+
+def _pair(root: Path, frame: pd.DataFrame, report: ValidationReport, source: str) -> DatasetIndex:
+    """Match table rows to image files named ``<image_id>.<ext>`` anywhere below ``root``.
+
+    Rows whose ``dx`` is empty were already reported as unknown diagnoses; their
+    images are set aside with them rather than reported again as unlisted.
+    """
+    files: dict[str, Path] = {}
+    for path in sorted(_walk_images(root)):
+        if path.stem in files:
+            report.duplicate_image_ids.append(f"{path.stem}: {files[path.stem]} and {path}")
+        else:
+            files[path.stem] = path
+    report.images_found = len(files) + len(report.duplicate_image_ids)
+
+    repeated = frame["image_id"].duplicated(keep="first")
+    for _, r in frame[repeated].iterrows():
+        report.duplicate_image_ids.append(f"row {r.row}: image_id {r.image_id} already listed")
+    frame = frame[~repeated]
+    listed = set(frame["image_id"])
+    frame = frame[frame["dx"] != ""]
+    has_file = frame["image_id"].isin(files.keys())
+    for _, r in frame[~has_file].iterrows():
+        report.rows_without_images.append(f"row {r.row}: {r.image_id}")
+    frame = frame[has_file].copy()
+    report.images_without_metadata.extend(str(p) for i, p in files.items() if i not in listed)
+    frame["path"] = [str(files[i]) for i in frame["image_id"]]
+    return _finish(root, frame, report, f"Check that the image files are named by the image ids in {source}.")
+
+
+def _finish(root: Path, frame: pd.DataFrame, report: ValidationReport, hint: str) -> DatasetIndex:
+    readable = np.array([_looks_like_image(Path(p)) for p in frame["path"]], dtype=bool)
+    report.unreadable_files.extend(frame.loc[~readable, "path"].tolist())
+    frame = frame[readable].copy()
+    if frame.empty:
+        raise DatasetError(f"No usable images below {root}: {report.summary()}\n{hint}")
+    frame["label"] = frame["dx"].map(CLASSES.index).astype(int)
+    return DatasetIndex(root=root, frame=frame.reset_index(drop=True), report=report)

@@ -24,8 +24,12 @@ page = st.navigation(PAGES)
 with st.sidebar:
     st.markdown("### 🔬 Lesion Lab")
     default = settings.dataset_choice(None)
+    # The widget writes through to a plain session key, which (unlike widget state) survives page switches.
+    st.session_state.setdefault(DATASET_KEY, "")
+    st.session_state["dataset_folder_input"] = st.session_state[DATASET_KEY]
     st.text_input(
-        "Dataset folder", key=DATASET_KEY,
+        "Dataset folder", key="dataset_folder_input",
+        on_change=lambda: st.session_state.update({DATASET_KEY: st.session_state["dataset_folder_input"]}),
         placeholder=str(default.folder) if default.folder else "path/to/ham10000",
         help="The folder holding HAM10000_metadata.csv and the images (any layout below it). Leave empty to use "
              f"${settings.DATA_ENV}, .streamlit/lesionlab.toml or the bundled sample, in that order.",

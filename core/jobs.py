@@ -25,9 +25,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from core.settings import PROJECT_ROOT
 
@@ -53,7 +54,7 @@ class JobError(RuntimeError):
 class JobBusyError(JobError):
     """Another job holds the lock."""
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: Job):
         self.job = job
         what = "imbalance experiment" if job.kind == "experiment" else "training run"
         current = job.current_run or (job.runs[0] if job.runs else "?")
@@ -165,7 +166,7 @@ class Job:
                 "started": self.started, "experiment": self.experiment}
 
     @classmethod
-    def from_dict(cls, d: dict, runs_dir: Path) -> "Job":
+    def from_dict(cls, d: dict, runs_dir: Path) -> Job:
         return cls(id=d["id"], kind=d.get("kind", "train"), runs=list(d.get("runs", [])), runs_dir=runs_dir,
                    pid=d.get("pid"), pid_start=d.get("pid_start"), started=d.get("started", 0.0),
                    experiment=d.get("experiment"))
@@ -570,7 +571,6 @@ def read_predictions(run_dir: Path):
     Columns follow ``CLASSES`` (``prob_<code>``, ``logit_<code>``); raises ``ValueError`` with a readable
     message when the files are missing or do not fit.
     """
-    import numpy as np
     import pandas as pd
 
     from core.labels import CLASSES

@@ -5,7 +5,7 @@ Class axes always follow ``CLASSES``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 
 # One colour per class everywhere in the app (Plotly's qualitative "Safe" palette, colour-blind friendly).
 CLASS_COLOURS: dict[str, str] = dict(zip(CLASSES, (
-    "#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99")))
+    "#88CCEE", "#CC6677", "#DDCC77", "#117733", "#332288", "#AA4499", "#44AA99"), strict=True))
 SPLIT_COLOURS = {"train": "#4C78A8", "val": "#F58518", "test": "#54A24B"}
 _LAYOUT = dict(margin=dict(l=10, r=10, t=50, b=10), template="plotly_white", font=dict(size=13))
 
@@ -133,7 +133,8 @@ def confusion_figure(cm: np.ndarray, normalize: bool = False, title: str = "Conf
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     z = share if normalize else cm
-    text = [[f"{v:.2f}" if normalize else f"{int(c)}" for v, c in zip(rs, rc)] for rs, rc in zip(share, cm)]
+    text = [[f"{v:.2f}" if normalize else f"{int(c)}" for v, c in zip(rs, rc, strict=True)]
+            for rs, rc in zip(share, cm, strict=True)]
     custom = np.dstack([cm, share * 100])
     fig = go.Figure(go.Heatmap(
         z=z, x=list(CLASSES), y=list(CLASSES), colorscale="Blues", text=text, texttemplate="%{text}",

@@ -102,7 +102,7 @@ def experiment_form() -> None:
 def experiment_status(manifest: dict) -> None:
     job = jobs.active_job(RUNS)
     rows, done = [], 0
-    for name, strategy in zip(manifest["runs"], manifest.get("strategies", [])):
+    for name, strategy in zip(manifest["runs"], manifest.get("strategies", []), strict=False):
         path = RUNS / name
         run = jobs.read_run(path, job) if path.exists() else None
         state = run.state if run else ("queued" if job and name in job.runs else "not run")

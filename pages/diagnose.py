@@ -101,7 +101,7 @@ with left:
     if cam[1] is not None:
         images.append(overlay(prediction.image, cam[1], alpha))
         captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")
-    for col, img, cap in zip(st.columns(len(images)), images, captions):
+    for col, img, cap in zip(st.columns(len(images)), images, captions, strict=False):
         col.image(img, caption=cap, width="stretch")
 
 with st.expander("Feature maps: what the network's layers respond to"):

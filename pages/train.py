@@ -23,6 +23,10 @@ index = load_dataset()
 job = jobs.active_job(RUNS)
 
 
+def strategy_label(s: str) -> str:
+    return f"{jobs.STRATEGY_LABELS.get(s, s)} — {IMBALANCE_HELP.get(s, '')}"
+
+
 def config_form() -> None:
     preset = st.selectbox("Preset", sorted(PRESETS), index=sorted(PRESETS).index("seed"), key="train_preset",
                           help="Fills the form with a known-good configuration; `seed` is the course project's "
@@ -45,7 +49,7 @@ def config_form() -> None:
                                              "full": "full network"}.get, key="finetune" + k)
         imbalance = c2.selectbox("Imbalance strategy", IMBALANCE_STRATEGIES,
                                  index=IMBALANCE_STRATEGIES.index(base.imbalance),
-                                 format_func=lambda s: f"{jobs.STRATEGY_LABELS.get(s, s)} — {IMBALANCE_HELP.get(s, '')}",
+                                 format_func=strategy_label,
                                  key="imbalance" + k)
         augmentation = c3.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
                                     key="augmentation" + k)

@@ -1,0 +1,145 @@
+"""Fixtures and helpers for the app tests (AppTest and the browser test).
+
+Import the fixtures into a test module with ``from tests.app_support import *  # noqa: F403``.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.settings import CHECKPOINTS_ENV, DATA_ENV, RUNS_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "streamlit_app.py"
+PAGES = ("home", "dataset", "train", "evaluate", "diagnose", "compare")
+
+
+@dataclass
+class AppEnv:
+    data: Path | None
+    runs: Path
+    checkpoints: Path
+
+    def environ(self) -> dict[str, str]:
+        return {DATA_ENV: str(self.data) if self.data else "", RUNS_ENV: str(self.runs),
+                CHECKPOINTS_ENV: str(self.checkpoints)}
+
+    def apply(self, monkeypatch) -> None:
+        for key, value in self.environ().items():
+            monkeypatch.setenv(key, value)
+
+
+def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)) -> Path:
+    """A randomly initialised but complete Lesion Lab checkpoint (no download needed)."""
+    import torch
+
+    from core.checkpoints import atomic_save, checkpoint_dict
+    from core.data import Preprocessing
+    from core.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, weights="none", finetune="head", head="linear").eval()
+    atomic_save(checkpoint_dict(model, Preprocessing(input_size=tuple(input_size)), head="linear", temperature=1.5,
+                                epoch=1), path)
+    return path
+
+
+def train_tiny_run(data: Path, runs: Path, name: str, cache: Path, **overrides) -> Path:
+    """A real (in-process) training run on the tiny dataset: seconds, every file the app reads."""
+    from core.training import TrainConfig, train
+
+    cfg = TrainConfig(**{"data": str(data), "out": str(runs), "name": name, "arch": "resnet18", "weights": "none",
+                         "finetune": "head", "epochs": 2, "batch_size": 16, "input_size": (32, 32),
+                         "cache_dir": str(cache), "imbalance": "none", "device": "cpu", **overrides})
+    return train(cfg)
+
+
+def tiny_config(data: Path, name: str, **overrides) -> dict:
+    """A TrainConfig dict for a background job that finishes in seconds on the tiny dataset."""
+    from core.training import config_with
+
+    return config_with("seed", data=str(data), name=name, arch="resnet18", weights="none", finetune="head",
+                       epochs=2, batch_size=16, input_size=(32, 32), imbalance="none", device="cpu",
+                       **overrides).to_dict()
+
+
+def jpeg_bytes(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def png_bytes(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def lesion_image(size=(200, 150), seed: int = 0) -> Image.Image:
+    """Skin-coloured background with a brown blob: passes the dermoscopy colour check."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = np.empty((h, w, 3), np.float32)
+    arr[...] = (214, 160, 140)
+    yy, xx = np.mgrid[:h, :w]
+    blob = ((yy - h / 2) ** 2 / (h / 3) ** 2 + (xx - w / 2) ** 2 / (w / 4) ** 2) < 1
+    arr[blob] = (120, 70, 50)
+    arr += rng.normal(0, 6, arr.shape)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def empty_env(tmp_path_factory) -> AppEnv:
+    base = tmp_path_factory.mktemp("app_empty")
+    return AppEnv(data=None, runs=base / "runs", checkpoints=base / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def full_env(tmp_path_factory, tiny_root) -> AppEnv:
+    """Tiny dataset, one reference checkpoint, and two finished runs (for Evaluate and Compare)."""
+    base = tmp_path_factory.mktemp("app_full")
+    env = AppEnv(data=tiny_root, runs=base / "runs", checkpoints=base / "checkpoints")
+    save_tiny_checkpoint(env.checkpoints / "reference.pt")
+    cache = base / "features"
+    train_tiny_run(tiny_root, env.runs, "tiny-none", cache)
+    train_tiny_run(tiny_root, env.runs, "tiny-weighted", cache, imbalance="weighted_loss")
+    return env
+
+
+def app_test(page: str | None = None, timeout: float = 60):
+    """An AppTest of the whole app, run once, then switched to ``page`` (e.g. "diagnose") and run again."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    if page and page != "home":
+        at.switch_page(f"pages/{page}.py")
+        at.run()
+    return at
+
+
+def texts(at) -> str:
+    """Everything a user reads on the page, as one string (markdown, alerts, captions, metrics, titles)."""
+    parts = []
+    for kind in ("title", "header", "subheader", "markdown", "caption", "info", "warning", "error", "success"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    parts += [f"{m.label}: {m.value}" for m in at.metric]
+    parts += [str(e.value) for e in at.sidebar.markdown] + [str(e.value) for e in at.sidebar.caption]
+    return "\n".join(parts)
+
+
+def no_exceptions(at) -> None:
+    assert not at.exception, "\n".join(str(e.value) + "\n" + "\n".join(e.stack_trace) for e in at.exception)
+
+
+def clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in (DATA_ENV, RUNS_ENV, CHECKPOINTS_ENV):
+        env.pop(key, None)
+    return env

@@ -1,0 +1,152 @@
+"""Every page renders, without a dataset/model/run and with them (streamlit.testing AppTest)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.app_support import *  # noqa: F403
+from tests.app_support import PAGES, app_test, no_exceptions, texts
+
+EMPTY_MESSAGES = {
+    "home": "No dataset is configured",
+    "dataset": "No dataset is configured",
+    "train": "No dataset is configured",
+    "evaluate": "no finished run to evaluate",
+    "diagnose": "No model is available",
+    "compare": "Comparing needs at least two finished runs",
+}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_without_anything(page, empty_env, monkeypatch):
+    empty_env.apply(monkeypatch)
+    at = app_test(page)
+    no_exceptions(at)
+    text = texts(at)
+    assert EMPTY_MESSAGES[page] in text
+    if page == "home":  # AppTest (1.67) drops the entry point's sidebar on later runs; the browser test checks it
+        assert "not a medical device" in text and "No dataset configured" in text
+
+
+def charts(at) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def test_home_with_data(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("home")
+    no_exceptions(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Dataset images"] == "84"
+    assert metrics["Models for Diagnose"] == "3"  # reference.pt + two runs' best.pt
+    assert metrics["Training runs"] == "2"
+    assert "Research and education only" in texts(at)
+
+
+def test_dataset_with_data(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("dataset")
+    no_exceptions(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images"] == "84" and metrics["Imbalance ratio"] == "1.0 : 1"
+    # distribution, 4 metadata charts, split preview
+    assert charts(at) == 6
+    assert any("No lesion appears in more than one split" in s.value for s in at.success)
+    assert any("No problems" in s.value for s in at.success)
+    assert len(at.get("image")) == 12  # the gallery shows the 12 images of the first class
+
+    at.radio(key="dist_scale").set_value("log").run()
+    no_exceptions(at)
+    at.selectbox(key="gallery_class").set_value("mel").run()
+    no_exceptions(at)
+    assert any("images of Melanoma match" in c.value for c in at.caption)
+    at.multiselect(key="gallery_sex").set_value(["female"]).run()
+    no_exceptions(at)
+    assert any("4 images of Melanoma match" in c.value for c in at.caption)
+
+
+def test_dataset_with_a_bad_folder(monkeypatch, tmp_path, empty_env):
+    empty_env.apply(monkeypatch)
+    monkeypatch.setenv("LESIONLAB_DATA", str(tmp_path / "nowhere"))
+    at = app_test("dataset")
+    no_exceptions(at)
+    assert "cannot be used" in texts(at) and "does not exist" in texts(at)
+
+
+def test_sidebar_folder_overrides_the_environment(full_env, empty_env, monkeypatch):
+    empty_env.apply(monkeypatch)
+    at = app_test("home")
+    assert "No dataset is configured" in texts(at)
+    at.sidebar.text_input(key="dataset_folder_input").set_value(str(full_env.data)).run()
+    no_exceptions(at)
+    assert {m.label: m.value for m in at.metric}["Dataset images"] == "84"
+    at.switch_page("pages/dataset.py").run()  # the setting holds on every page
+    no_exceptions(at)
+    assert {m.label: m.value for m in at.metric}["Images"] == "84"
+
+
+def test_train_with_data_shows_form_and_runs(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("train")
+    no_exceptions(at)
+    assert at.selectbox(key="train_preset").value == "seed"
+    assert at.selectbox(key="arch_seed").value == "resnet18"
+    assert at.number_input(key="epochs_seed").value == 10
+    start = [b for b in at.button if b.label == "Start training"]
+    assert start and not start[0].disabled
+    # No job: the latest run's outcome and its curves.
+    assert at.selectbox(key="train_show_run").value in ("tiny-none", "tiny-weighted")
+    assert any("Finished" in s.value for s in at.success)
+    assert charts(at) == 1
+
+
+def test_evaluate_with_a_run(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("evaluate")
+    no_exceptions(at)
+    labels = {m.label for m in at.metric}
+    assert {"Accuracy", "Balanced accuracy", "Macro F1", "Temperature", "Sensitivity", "Specificity"} <= labels
+    # confusion matrix, ROC, reliability, threshold curve
+    assert charts(at) == 4
+    assert len(at.dataframe) == 1  # per-class report
+    at.segmented_control(key="eval_cm_mode").set_value("row-normalised").run()
+    no_exceptions(at)
+    sens_before = next(m.value for m in at.metric if m.label == "Sensitivity")
+    at.slider(key="eval_mel_t").set_value(0.01).run()
+    no_exceptions(at)
+    assert next(m.value for m in at.metric if m.label == "Sensitivity") == "100.0%"
+    assert sens_before is not None
+    at.selectbox(key="eval_run").set_value("tiny-weighted").run()
+    no_exceptions(at)
+
+
+def test_evaluate_gallery_shows_gradcam(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("evaluate")
+    no_exceptions(at)
+    wrong = [c for c in at.caption if "misclassified images" in c.value]
+    assert wrong, "the gallery caption is missing"
+    assert len(at.get("image")) == 8  # one page of the gallery
+
+
+def test_diagnose_with_a_checkpoint_waits_for_an_upload(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("diagnose")
+    no_exceptions(at)
+    assert at.selectbox(key="diag_model").value.name == "reference.pt"
+    assert len(at.get("file_uploader")) == 1
+    assert "Upload a dermoscopic image" in texts(at)
+    assert "not a medical device" in texts(at)
+
+
+def test_compare_with_two_runs(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("compare")
+    no_exceptions(at)
+    assert sorted(at.multiselect(key="cmp_runs").value) == ["tiny-none", "tiny-weighted"]
+    assert len(at.dataframe) >= 1
+    assert charts(at) == 3  # per-class bars + two confusion matrices
+    at.segmented_control(key="cmp_metric").set_value("f1").run()
+    no_exceptions(at)
+    # The experiment tab's form is there (its button is enabled: data present, no job).
+    button = [b for b in at.button if b.label == "Run the imbalance experiment"]
+    assert button and not button[0].disabled

@@ -1,0 +1,210 @@
+"""Diagnose: uploads of every kind end in a prediction or a clear message, never a traceback,
+nothing is written to disk, and the model loads once."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.app_support import *  # noqa: F403
+from tests.app_support import app_test, jpeg_bytes, lesion_image, no_exceptions, png_bytes, texts
+
+
+@pytest.fixture
+def diagnose(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("diagnose")
+    no_exceptions(at)
+    return at
+
+
+def upload(at, name: str, data: bytes, mime: str = "image/jpeg"):
+    at.file_uploader(key="diag_upload").set_value((name, data, mime)).run()
+    no_exceptions(at)
+    return at
+
+
+def test_prediction_for_a_good_upload(diagnose):
+    at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
+    text = texts(at)
+    # Predicted class heading, benign/malignant split, probability chart, CAM overlay, notice.
+    heading = [m.value for m in at.markdown if m.value.startswith("### ")]
+    assert heading and any(f"({code})" in heading[0] for code in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"))
+    metrics = {m.label: m.value for m in at.metric}
+    malignant = float(metrics["Malignant (akiec + bcc + mel)"].rstrip("%"))
+    benign = float(metrics["Benign (bkl + df + nv + vasc)"].rstrip("%"))
+    assert abs(malignant + benign - 100) < 0.2
+    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("image")) >= 3  # upload, overlay, feature maps
+    assert "not a medical device" in text
+    assert not at.error
+
+
+def test_opacity_and_method_changes_reuse_the_prediction(diagnose):
+    at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
+    first = at.session_state["diag_result"][1]
+    at.slider(key="diag_alpha").set_value(0.9).run()
+    no_exceptions(at)
+    at.selectbox(key="diag_method").set_value("gradcampp").run()
+    no_exceptions(at)
+    at.selectbox(key="diag_method").set_value("eigencam").run()
+    no_exceptions(at)
+    assert at.session_state["diag_result"][1] is first
+    assert not at.error
+    at.select_slider(key="diag_layer").set_value("backbone.layer4").run()
+    no_exceptions(at)
+    assert not at.error
+
+
+def test_low_confidence_warning(diagnose):
+    # A randomly initialised model at T = 1.5 is never confident.
+    at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
+    assert "Low confidence" in texts(at)
+
+
+def test_non_dermoscopic_image_warns(diagnose):
+    doc = Image.new("RGB", (300, 200), "white")
+    at = upload(diagnose, "scan.png", png_bytes(doc), "image/png")
+    assert "does not look like a dermoscopic image" in texts(at)
+
+
+def _truncated() -> bytes:
+    data = jpeg_bytes(lesion_image((400, 300)))
+    return data[: len(data) // 3]
+
+
+def _animated() -> bytes:
+    frames = [lesion_image(seed=i) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    """A small PNG whose header claims 30000×30000 pixels (900 MP, over the 200 MP limit)."""
+    data = bytearray(png_bytes(Image.new("L", (8, 8))))
+    ihdr = bytearray(data[12:29])  # chunk type + 13 data bytes
+    ihdr[4:12] = struct.pack(">II", 30000, 30000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+BAD_UPLOADS = {
+    "not an image": ("notes.jpg", b"this is a text file, not a picture\n" * 20, "not an image PIL can read"),
+    "empty": ("empty.png", b"", "not an image PIL can read"),
+    "truncated": ("cut.jpg", _truncated(), "damaged or truncated"),
+    "animated": ("anim.png", _animated(), "is an animation"),
+    "huge": ("huge.png", _bomb(), "too large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_upload_gives_a_clear_message(diagnose, case):
+    name, data, expected = BAD_UPLOADS[case]
+    at = upload(diagnose, name, data)
+    errors = " ".join(e.value for e in at.error)
+    assert "cannot be used" in errors and expected in errors, errors
+    assert not [m for m in at.markdown if m.value.startswith("### ")]  # no prediction shown
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "L", "RGBA", "P"])
+def test_unusual_image_modes_are_predicted(diagnose, mode):
+    img = lesion_image()
+    if mode == "I;16":
+        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)
+        assert img.mode == "I;16"
+        data, name, mime = png_bytes(img), "deep.png", "image/png"
+    elif mode == "CMYK":
+        data, name, mime = jpeg_bytes(img.convert("CMYK")), "cmyk.jpg", "image/jpeg"
+    else:
+        data, name, mime = png_bytes(img.convert(mode)), f"{mode}.png", "image/png"
+    at = upload(diagnose, name, data, mime)
+    assert not at.error, [e.value for e in at.error]
+    assert [m for m in at.markdown if m.value.startswith("### ")]
+
+
+def test_oversized_upload_is_refused(diagnose):
+    # The browser enforces max_upload_size; the page checks again in case the limit is bypassed.
+    data = jpeg_bytes(lesion_image()) + b"\0" * (11 * 1024 * 1024)
+    at = upload(diagnose, "big.jpg", data)
+    assert any("the limit is 10 MB" in e.value for e in at.error)
+
+
+def test_uploads_are_never_written_to_disk(diagnose, tmp_path, monkeypatch):
+    """No file is created anywhere we can watch: the working tree, the temp dir, the runs and checkpoints."""
+    import tempfile
+
+    watched = [Path(os.getcwd()), Path(tempfile.gettempdir())]
+    before = {p: _snapshot(p) for p in watched}
+    at = upload(diagnose, "ISIC_private_upload.jpg", jpeg_bytes(lesion_image()))
+    assert [m for m in at.markdown if m.value.startswith("### ")]
+    for p in watched:
+        new = _snapshot(p) - before[p]
+        assert not [f for f in new if "private_upload" in f or f.endswith((".jpg", ".jpeg", ".png"))], new
+
+
+def _snapshot(root) -> set[str]:
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__", "node_modules") and
+                       not d.startswith("pytest-of")]
+        found.update(os.path.join(dirpath, f) for f in filenames)
+    return found
+
+
+def test_model_loads_once_across_reruns_and_sessions(full_env, monkeypatch):
+    import core.predict
+
+    full_env.apply(monkeypatch)
+    calls = []
+    original = core.predict.Predictor.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(args)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(core.predict.Predictor, "__init__", counting)
+    # A checkpoint file nobody loaded before in this process, so the cache starts cold.
+    ckpt = full_env.checkpoints / "reference.pt"
+    os.utime(ckpt)
+    data = jpeg_bytes(lesion_image())
+    for _ in range(2):  # two sessions
+        at = app_test("diagnose")
+        for alpha in (0.2, 0.6):
+            at.file_uploader(key="diag_upload").set_value(("a.jpg", data, "image/jpeg"))
+            at.slider(key="diag_alpha").set_value(alpha) if at.slider else None
+            at.run()
+            no_exceptions(at)
+    assert len(calls) == 1
+
+
+def test_memory_stays_flat_over_many_predictions(full_env, monkeypatch):
+    import gc
+    import resource
+
+    full_env.apply(monkeypatch)
+    at = app_test("diagnose")
+
+    def rss_mb() -> float:
+        gc.collect()
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+    samples = []
+    for i in range(24):
+        at.file_uploader(key="diag_upload").set_value((f"{i}.jpg", jpeg_bytes(lesion_image(seed=i)), "image/jpeg"))
+        at.run()
+        no_exceptions(at)
+        if i in (5, 23):
+            samples.append(rss_mb())
+    # After warm-up, 18 more predictions (with CAMs and feature maps) must not grow memory materially.
+    assert samples[1] - samples[0] < 60, samples
+

@@ -64,9 +64,10 @@ def tiny_config(data: Path, name: str, **overrides) -> dict:
     """A TrainConfig dict for a background job that finishes in seconds on the tiny dataset."""
     from core.training import config_with
 
-    return config_with("seed", data=str(data), name=name, arch="resnet18", weights="none", finetune="head",
-                       epochs=2, batch_size=16, input_size=(32, 32), imbalance="none", device="cpu",
-                       **overrides).to_dict()
+    fields = {"data": str(data), "name": name, "arch": "resnet18", "weights": "none", "finetune": "head",
+              "epochs": 2, "batch_size": 16, "input_size": (32, 32), "imbalance": "none", "device": "cpu",
+              **overrides}
+    return config_with("seed", **fields).to_dict()
 
 
 def jpeg_bytes(image: Image.Image, **kw) -> bytes:

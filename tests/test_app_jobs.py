@@ -1,0 +1,172 @@
+"""core.jobs with real background processes on the tiny dataset: start, one-at-a-time, stop, kill,
+failure, stale locks, and the imbalance experiment queue."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from core import jobs
+from tests.app_support import tiny_config
+
+
+def wait_for(predicate, timeout=60.0, poll=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+@pytest.fixture
+def runs(tmp_path):
+    d = tmp_path / "runs"
+    yield d
+    # Never leave a worker behind, whatever the test did.
+    job = jobs.active_job(d)
+    if job is not None:
+        jobs.kill_job(d)
+        jobs.wait_idle(d, timeout=20)
+
+
+def test_training_job_runs_in_the_background_and_finishes(tiny_root, runs, tmp_path):
+    cfg = tiny_config(tiny_root, "bg", cache_dir=str(tmp_path / "cache"))
+    job = jobs.start_training(cfg, runs)
+    assert job.pid and job.pid != os.getpid()
+    assert os.getpgid(job.pid) == job.pid  # its own session: survives the app's reruns and reloads
+    assert jobs.active_job(runs).id == job.id
+    assert jobs.wait_idle(runs, timeout=120), "the job did not finish"
+    run = jobs.read_run(runs / "bg")
+    assert run.state == "finished", (run.error, run.log_tail())
+    assert len(run.epochs) == 2 and run.fraction_done() == 1.0
+    assert run.has_model and run.has_evaluation
+    assert (runs / "bg" / "train.log").is_file()
+    assert not (runs / jobs.LOCK_NAME).exists()
+    table, labels, probs, logits, evaluation = jobs.read_predictions(runs / "bg")
+    assert probs.shape == (len(labels), 7) and logits is not None and "temperature" in evaluation
+    assert [r.name for r in jobs.list_runs(runs)] == ["bg"]
+
+
+def test_one_job_at_a_time_and_stop(tiny_root, runs, tmp_path):
+    cfg = tiny_config(tiny_root, "long", epochs=200, cache_dir=str(tmp_path / "cache"))
+    jobs.start_training(cfg, runs)
+    with pytest.raises(jobs.JobBusyError, match="Only one training job runs at a time"):
+        jobs.start_training(tiny_config(tiny_root, "second"), runs)
+    assert not (runs / "second").exists()
+    # Live progress: epochs appear while it runs.
+    wait_for(lambda: len(jobs.read_run(runs / "long", jobs.active_job(runs)).epochs) >= 1, timeout=90)
+    running = jobs.read_run(runs / "long", jobs.active_job(runs))
+    assert running.state == "running" and 0 < running.fraction_done() < 1
+    assert "epoch" in running.progress_text()
+    assert jobs.stop_job(runs)
+    assert jobs.wait_idle(runs, timeout=60)
+    run = jobs.read_run(runs / "long")
+    assert run.state == "stopped"
+    assert 1 <= len(run.epochs) < 200
+    assert run.has_evaluation  # the best epoch so far is still evaluated
+
+
+def test_kill_terminates_worker_and_trainer(tiny_root, runs, tmp_path):
+    cfg = tiny_config(tiny_root, "killed", epochs=200, cache_dir=str(tmp_path / "cache"))
+    job = jobs.start_training(cfg, runs)
+    wait_for(lambda: (runs / "killed" / "status.json").is_file(), timeout=60)
+    assert jobs.kill_job(runs)
+    assert jobs.wait_idle(runs, timeout=30)
+    assert not jobs.pid_alive(job.pid)
+    run = jobs.read_run(runs / "killed")
+    assert run.state in ("stopped", "failed", "interrupted") and run.done
+
+
+def test_failed_job_shows_its_error(runs, tmp_path):
+    cfg = tiny_config(tmp_path, "broken")
+    cfg["data"] = str(tmp_path / "no-such-folder")
+    jobs.start_training(cfg, runs)
+    assert jobs.wait_idle(runs, timeout=60)
+    run = jobs.read_run(runs / "broken")
+    assert run.state == "failed"
+    assert "does not exist" in run.error
+
+
+def test_invalid_settings_are_refused_before_starting(tiny_root, runs):
+    with pytest.raises(jobs.JobError, match="Invalid training settings"):
+        jobs.start_training({**tiny_config(tiny_root, "bad"), "arch": "vgg99"}, runs)
+    with pytest.raises(jobs.JobError, match="not a usable run name"):
+        jobs.start_training(tiny_config(tiny_root, "../escape"), runs)
+    assert jobs.active_job(runs) is None
+
+
+def test_stale_lock_is_released(tiny_root, runs):
+    runs.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (runs / jobs.LOCK_NAME).write_text(json.dumps({"id": "old", "kind": "train", "runs": ["x"], "pid": dead.pid}))
+    assert jobs.active_job(runs) is None
+    assert not (runs / jobs.LOCK_NAME).exists()
+    # A run left "running" by a dead process is reported as interrupted, not as running forever.
+    (runs / "x").mkdir()
+    (runs / "x" / "status.json").write_text(json.dumps({"state": "running", "error": None}))
+    assert jobs.read_run(runs / "x").state == "interrupted"
+
+
+def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):
+    runs.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (runs / jobs.LOCK_NAME).write_text(json.dumps({"id": "other", "kind": "experiment", "runs": ["y"],
+                                                       "pid": sleeper.pid, "started": time.time()}))
+        with pytest.raises(jobs.JobBusyError, match="imbalance experiment"):
+            jobs.start_training(tiny_config(tiny_root, "z"), runs)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert jobs.active_job(runs) is None
+
+
+def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, tmp_path):
+    base = tiny_config(tiny_root, "", epochs=1, cache_dir=str(tmp_path / "cache"))
+    job = jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
+    assert job.kind == "experiment" and job.runs == ["exp-none", "exp-focal"]
+    with pytest.raises(jobs.JobBusyError):
+        jobs.start_training(tiny_config(tiny_root, "meanwhile"), runs)
+    assert jobs.wait_idle(runs, timeout=180)
+    states = {r.name: r.state for r in jobs.list_runs(runs)}
+    assert states == {"exp-none": "finished", "exp-focal": "finished"}
+    cfgs = {n: jobs.read_run(runs / n).config for n in states}
+    assert cfgs["exp-focal"]["imbalance"] == "focal" and cfgs["exp-none"]["imbalance"] == "none"
+    assert all(c["finetune"] == "head" and c["feature_cache"] for c in cfgs.values())
+    [manifest] = jobs.list_experiments(runs)
+    assert manifest["name"] == "exp" and manifest["runs"] == job.runs
+
+
+def test_experiment_configs_cover_every_strategy():
+    cfgs = jobs.experiment_configs({"arch": "resnet18", "finetune": "full"}, "e")
+    assert [c["imbalance"] for c in cfgs] == list(jobs.IMBALANCE_STRATEGIES)
+    assert {c["finetune"] for c in cfgs} == {"head"} and all(c["feature_cache"] for c in cfgs)
+    from core.training import IMBALANCE_STRATEGIES
+
+    assert tuple(jobs.IMBALANCE_STRATEGIES) == tuple(IMBALANCE_STRATEGIES)
+
+
+def test_read_run_tolerates_a_half_written_line(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"event": "start", "epochs": 3, "steps_per_epoch": 10}) + "\n"
+        + json.dumps({"event": "epoch", "epoch": 1, "train_loss": 1.0, "seconds": 10.0}) + "\n"
+        + json.dumps({"event": "progress", "epoch": 2, "step": 5, "steps": 10, "eta_s": 5.0,
+                      "images_per_s": 42.0}) + "\n"
+        + '{"event": "epo')
+    (run / "status.json").write_text(json.dumps({"state": "running"}))
+    fake_job = jobs.Job(id="j", kind="train", runs=["r"], runs_dir=tmp_path, pid=os.getpid())
+    state = jobs.read_run(run, fake_job)
+    assert state.state == "running" and len(state.epochs) == 1
+    assert state.fraction_done() == pytest.approx(1.5 / 3)
+    assert state.eta_s() == pytest.approx(5.0 + 10.0)
+    text = state.progress_text()
+    assert "epoch 2/3" in text and "step 5/10" in text and "42 images/s" in text and "ETA 15 s" in text

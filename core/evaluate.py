@@ -1,0 +1,249 @@
+"""Evaluate a checkpoint on a dataset split: ``python -m core.evaluate --checkpoint CKPT --data DIR``.
+
+The split is recomputed exactly as the trainer made it (lesion-grouped, with the
+seed and fractions stored in the checkpoint's config), so "test" means the
+images this model never trained or selected on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from core.checkpoints import CheckpointError
+from core.data import SPLITS, DatasetError, LesionDataset, split_by_lesion
+from core.evaluation import compute_metrics, confidence_intervals, predict_probs
+from core.images import ImageError
+from core.imports import index_any
+from core.labels import CLASSES, DISPLAY_NAMES
+from core.predict import Predictor
+
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+DEFAULT_SEED = 0
+
+
+class EvaluationError(ValueError):
+    """The requested evaluation cannot be done as asked; the message says what to change."""
+
+
+def index_data(root: str | Path) -> pd.DataFrame:
+    """The usable images below ``root`` (metadata columns, ``path``, ``label``): HAM10000 as the trainer
+    indexes it, or an external set (isic-cli export, ISIC 2018 ground truth, class folders)."""
+    return index_any(root).frame
+
+
+def resolve_split(checkpoint: dict, split_seed: int | None = None,
+                  fractions: Sequence[float] | None = None) -> tuple[int, tuple[float, float, float], str]:
+    """The split seed and fractions to use, and where they came from: "checkpoint" (the trainer's
+    ``config``), "command line" (explicit values that differ from it) or "defaults"."""
+    config = checkpoint.get("config") or {}
+    stored_seed = config.get("split_seed")
+    stored = config.get("split_fractions")
+    stored_fracs = tuple(float(f) for f in stored) if stored is not None else None
+    seed = split_seed if split_seed is not None else stored_seed
+    fracs = tuple(float(f) for f in fractions) if fractions is not None else stored_fracs
+    if (seed, fracs) != (stored_seed, stored_fracs):
+        source = "command line"
+    elif stored_seed is not None or stored_fracs is not None:
+        source = "checkpoint"
+    else:
+        source = "defaults"
+    seed = DEFAULT_SEED if seed is None else int(seed)
+    fracs = DEFAULT_FRACTIONS if fracs is None else fracs
+    if len(fracs) != 3 or min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
+        raise EvaluationError(f"split fractions must be three non-negative numbers summing to 1, got {list(fracs)}")
+    return seed, fracs, source
+
+
+def select_split(frame: pd.DataFrame, split: str, seed: int, fractions: Sequence[float]) -> pd.DataFrame:
+    """The rows of ``frame`` in ``split`` ("train", "val", "test" or "all") under the lesion-grouped split."""
+    if split == "all":
+        return frame.reset_index(drop=True)
+    if split not in SPLITS:
+        raise EvaluationError(f"unknown split {split!r}; choose from {', '.join((*SPLITS, 'all'))}")
+    assigned = split_by_lesion(frame, fractions, seed)
+    rows = frame[assigned.to_numpy() == split].reset_index(drop=True)
+    if rows.empty:
+        raise EvaluationError(f"the {split} split is empty with fractions {list(fractions)}; use --split all")
+    return rows
+
+
+def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:
+    # Only on a terminal: a log file full of carriage returns helps nobody.
+    show = sys.stderr.isatty()
+    for i, batch in enumerate(batches):
+        if show:
+            print(f"\r  {min((i + 1) * batch_size, total)}/{total} images", end="", file=sys.stderr, flush=True)
+        yield batch
+    if show:
+        print(file=sys.stderr)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "test",
+                        split_seed: int | None = None, fractions: Sequence[float] | None = None,
+                        mel_threshold: float = 0.5, tta: bool = False, batch_size: int = 64,
+                        num_workers: int = 0, device: str = "cpu", bootstrap: int = 1000) -> dict:
+    """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything."""
+    predictor = Predictor(checkpoint, device=device)
+    config = predictor.checkpoint.get("config") or {}
+    seed, fracs, source = resolve_split(predictor.checkpoint, split_seed, fractions)
+    if split != "all" and config.get("max_images") and source == "checkpoint":
+        raise EvaluationError(
+            f"{checkpoint} was trained on a subsample (max_images={config['max_images']}), so its split cannot "
+            "be recomputed from the full dataset; pass --split all, or --split-seed/--fractions to choose a split."
+        )
+    frame = select_split(index_data(data), split, seed, fracs)
+    dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    probs, labels = predict_probs(predictor.model, _progress(loader, len(dataset), batch_size), predictor.device,
+                                  temperature=predictor.temperature, tta=tta)
+    metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
+    predictions = [
+        {"image_id": image_id, "path": path, "true": CLASSES[label], "predicted": CLASSES[int(p.argmax())],
+         "probabilities": {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)}}
+        for image_id, path, label, p in zip(frame["image_id"], frame["path"], labels, probs, strict=True)
+    ]
+    return {
+        "checkpoint": str(checkpoint),
+        "arch": predictor.arch,
+        "data": str(data),
+        "split": split,
+        "split_seed": seed if split != "all" else None,
+        "split_fractions": list(fracs) if split != "all" else None,
+        "split_source": source if split != "all" else None,
+        "split_note": ("this is not the split the checkpoint was trained with; its test images may have been "
+                       "training images" if split != "all" and source == "command line" and "split_seed" in config
+                       else None),
+        "n_images": len(frame),
+        "temperature": predictor.temperature,
+        "tta": tta,
+        "metrics": metrics,
+        "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
+        "predictions": predictions,
+    }
+
+
+# ---------------------------------------------------------------------------
+# The terminal report
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(result: dict, key: str) -> str:
+    intervals = result.get("confidence_intervals") or {}
+    if key not in intervals:
+        return ""
+    low, high = intervals[key]
+    return f"  (95% CI {low:.3f}–{high:.3f})"
+
+
+def format_report(result: dict) -> str:
+    """The per-class table, headline numbers and confusion matrix as aligned plain text."""
+    m = result["metrics"]
+    name_w = max(len(n) for n in DISPLAY_NAMES.values())
+    where = result["split"] if result["split"] == "all" else (
+        f"{result['split']} split, seed {result['split_seed']}, fractions "
+        f"{'/'.join(f'{f:g}' for f in result['split_fractions'])} from {result['split_source']}")
+    lines = [f"{result['arch']} checkpoint {result['checkpoint']}",
+             f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
+             f"{', TTA' if result['tta'] else ''}", ""]
+
+    header = f"{'code':<6} {'diagnosis':<{name_w}} {'precision':>9} {'recall':>7} {'f1':>6} {'AUC':>6} {'support':>7}"
+    lines += [header, "-" * len(header)]
+    for row in m["per_class"]:
+        lines.append(f"{row['code']:<6} {row['name']:<{name_w}} {row['precision']:>9.3f} {row['recall']:>7.3f} "
+                     f"{row['f1']:>6.3f} {_num(row['auc']):>6} {row['support']:>7}")
+    lines.append("-" * len(header))
+    for avg in ("macro", "weighted"):
+        a = m[avg]
+        auc = _num(m["roc_auc"]["macro"]) if avg == "macro" else ""
+        lines.append(f"{avg + ' avg':<{6 + 1 + name_w}} {a['precision']:>9.3f} {a['recall']:>7.3f} "
+                     f"{a['f1']:>6.3f} {auc:>6} {m['n']:>7}")
+
+    mel = m["melanoma"]
+    sens = f"{_num(mel['sensitivity'])} ({mel['tp']}/{mel['tp'] + mel['fn']})"
+    spec = f"{_num(mel['specificity'])} ({mel['tn']}/{mel['tn'] + mel['fp']})"
+    lines += [
+        "",
+        f"accuracy             {m['accuracy']:.3f}{_ci(result, 'accuracy')}",
+        f"balanced accuracy    {m['balanced_accuracy']:.3f}{_ci(result, 'balanced_accuracy')}",
+        f"macro F1             {m['macro']['f1']:.3f}{_ci(result, 'macro_f1')}",
+        f"macro AUC            {_num(m['roc_auc']['macro'])}",
+        f"ECE (15 bins)        {m['ece']:.3f}",
+        f"melanoma, P(mel) >= {mel['threshold']:g}: sensitivity {sens}, specificity {spec}",
+        "",
+        "Confusion matrix (rows: true diagnosis, columns: predicted)",
+    ]
+    cell = max(5, len(str(max(max(r) for r in m["confusion_matrix"]))) + 1)
+    lines.append(f"{'true/pred':<10}" + "".join(f"{code:>{cell}}" for code in CLASSES))
+    for code, row in zip(CLASSES, m["confusion_matrix"], strict=True):
+        lines.append(f"{code:<10}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.evaluate",
+        description="Evaluate a Lesion Lab checkpoint on a HAM10000-layout dataset: per-class precision, "
+                    "recall, F1 and AUC, balanced accuracy, calibration, melanoma sensitivity/specificity "
+                    "and the confusion matrix.",
+        epilog="The split is recomputed from the seed and fractions stored in the checkpoint unless "
+               "--split-seed/--fractions are given. Exit status 2 when the checkpoint or data cannot be used.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by the trainer")
+    parser.add_argument("--data", required=True,
+                        help="HAM10000 folder (metadata CSV and images), or an external set: isic-cli export, "
+                             "ISIC 2018 Task 3 ground truth with images, or one folder per class")
+    parser.add_argument("--split", default="test", choices=(*SPLITS, "all"),
+                        help="which images (default: test); use all for an external test set")
+    parser.add_argument("--split-seed", type=int, help="override the checkpoint's split seed")
+    parser.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                        help="override the checkpoint's split fractions")
+    parser.add_argument("--out", type=Path, help="write the full report (with per-image predictions) as JSON")
+    parser.add_argument("--mel-threshold", type=float, default=0.5,
+                        help="P(melanoma) at or above which an image counts as melanoma-positive")
+    parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes per image)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not 0.0 <= args.mel_threshold <= 1.0:
+        print(f"error: --mel-threshold must be within [0, 1], got {args.mel_threshold}", file=sys.stderr)
+        return 2
+    try:
+        result = evaluate_checkpoint(
+            args.checkpoint, args.data, split=args.split, split_seed=args.split_seed, fractions=args.fractions,
+            mel_threshold=args.mel_threshold, tta=args.tta, batch_size=args.batch_size, num_workers=args.workers,
+            device=args.device, bootstrap=args.bootstrap,
+        )
+        if result["split_note"]:
+            print(f"note: {result['split_note']}.", file=sys.stderr)
+        print(format_report(result))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(f"\nreport written to {args.out}")
+    except (CheckpointError, DatasetError, ImageError, EvaluationError, OSError) as exc:
+        message = str(exc)
+        if "Original Traceback" in message:
+            # Raised in a DataLoader worker: torch appends the worker's traceback; its last line is the error.
+            message = message.strip().splitlines()[-1]
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

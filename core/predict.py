@@ -1,0 +1,216 @@
+"""Predicting one uploaded image with a saved checkpoint, and the ``python -m core.predict`` CLI.
+
+The :class:`Predictor` decodes exactly as training did (EXIF rotation, mode
+conversion, the training images' source size, then the checkpoint's eval
+transform) and applies the checkpoint's fitted temperature.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.checkpoints import CheckpointError, load_model
+from core.data import Preprocessing, eval_transform, load_for_model
+from core.evaluation import class_probabilities
+from core.explain import CAM_METHODS, gradcam, overlay
+from core.images import ImageError, ImageSource
+from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
+
+DISCLAIMER = "For research and education only; not a medical diagnosis."
+
+
+@dataclass
+class Prediction:
+    """One image's result. ``probs`` and ``probabilities`` follow ``CLASSES``."""
+
+    probs: np.ndarray
+    probabilities: dict[str, float]
+    top_class: str
+    top_name: str
+    confidence: float
+    malignant_probability: float
+    input_tensor: torch.Tensor  # (1, 3, H, W), normalised: what the network received
+    # Upright RGB as handed to the eval transform: at the checkpoint's source size when it records one
+    # (large JPEGs otherwise decode at a reduced DCT scale), before the resize to the input size.
+    image: Image.Image
+    tta: bool
+
+    @property
+    def top_index(self) -> int:
+        return CLASSES.index(self.top_class)
+
+    def ranked(self) -> list[tuple[str, str, float]]:
+        """(code, display name, probability), most probable first."""
+        order = np.argsort(-self.probs, kind="stable")
+        return [(CLASSES[i], DISPLAY_NAMES[CLASSES[i]], float(self.probs[i])) for i in order]
+
+    def to_dict(self) -> dict:
+        return {
+            "top_class": self.top_class,
+            "top_name": self.top_name,
+            "confidence": self.confidence,
+            "malignant_probability": self.malignant_probability,
+            "probabilities": self.probabilities,
+            "tta": self.tta,
+        }
+
+
+def _load(checkpoint: str | Path):
+    try:
+        return load_model(checkpoint)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        # A file with our marker whose contents do not fit its own architecture (edited or truncated state).
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{checkpoint} does not rebuild into a model ({type(exc).__name__}: {detail})") from None
+
+
+class Predictor:
+    """A checkpoint loaded once, ready to classify and explain images.
+
+    Thread-safe: Streamlit sessions may share one instance; model passes are serialised
+    (they use every core anyway, and CAM hooks must not see other threads' passes).
+    """
+
+    def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
+        model, ckpt = _load(checkpoint)
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.checkpoint = ckpt
+        self.path = Path(checkpoint)
+        self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
+        self.temperature = float(ckpt.get("temperature", 1.0))
+        self.transform = eval_transform(self.prep)
+        self._lock = threading.Lock()
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
+
+    def preprocess(self, source: ImageSource) -> tuple[Image.Image, torch.Tensor]:
+        """The decoded RGB image and the (1, 3, H, W) model input; raises :class:`ImageError`."""
+        image = load_for_model(source, self.prep)
+        return image, self.transform(image).unsqueeze(0).to(self.device)
+
+    def predict(self, source: ImageSource, tta: bool = False) -> Prediction:
+        """Classify an image given as a path, bytes or a binary file object.
+
+        With ``tta`` the probabilities are the mean over the image and its horizontal,
+        vertical and double flips.
+        """
+        image, x = self.preprocess(source)
+        with self._lock, torch.inference_mode():
+            probs = class_probabilities(self.model, x, self.temperature, tta)[0].double().cpu().numpy()
+        top = int(probs.argmax())
+        return Prediction(
+            probs=probs,
+            probabilities={code: float(p) for code, p in zip(CLASSES, probs, strict=True)},
+            top_class=CLASSES[top],
+            top_name=DISPLAY_NAMES[CLASSES[top]],
+            confidence=float(probs[top]),
+            malignant_probability=float(sum(p for code, p in zip(CLASSES, probs, strict=True) if code in MALIGNANT)),
+            input_tensor=x,
+            image=image,
+            tta=tta,
+        )
+
+    def explain(self, prediction: Prediction, method: str = "gradcam", target: int | str | None = None
+                ) -> np.ndarray:
+        """A class activation map (input size, values in [0, 1]) for ``target`` (index or code;
+        default: the predicted class). Lay it over ``prediction.image`` with ``core.explain.overlay``."""
+        if target is None:
+            index = prediction.top_index
+        elif isinstance(target, str):
+            index = class_index(target)
+        else:
+            index = int(target)
+        with self._lock:
+            return gradcam(self.model, prediction.input_tensor, index, method)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def _bar(p: float, width: int = 20) -> str:
+    return "█" * int(round(p * width))
+
+
+def format_prediction(name: str, pred: Prediction) -> str:
+    lines = [f"{name}: {pred.top_name} ({pred.top_class}) {pred.confidence:.1%}"
+             f"{' [TTA]' if pred.tta else ''}"]
+    width = max(len(n) for n in DISPLAY_NAMES.values())
+    for code, display, p in pred.ranked():
+        lines.append(f"  {code:<6}{display:<{width}}  {p:7.1%}  {_bar(p)}")
+    malignant = "+".join(c for c in CLASSES if c in MALIGNANT)
+    lines.append(f"  malignant ({malignant}): {pred.malignant_probability:.1%}")
+    return "\n".join(lines)
+
+
+def _cam_path(out: Path, image: str, i: int, count: int) -> Path:
+    return out if count == 1 else out.with_name(f"{out.stem}-{i + 1}-{Path(image).stem}{out.suffix}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.predict",
+        description="Classify dermoscopy images with a Lesion Lab checkpoint: all seven class "
+                    "probabilities per image, optionally with a Grad-CAM overlay.",
+        epilog=f"Exit status 2 when a checkpoint or an image cannot be used. {DISCLAIMER}",
+    )
+    parser.add_argument("checkpoint", help="a .pt file written by the trainer")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
+    parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes)")
+    parser.add_argument("--gradcam", metavar="OUT.png", type=Path,
+                        help="write a class-activation overlay for the predicted class; with several images "
+                             "OUT-<n>-<image>.png each")
+    parser.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS), help="CAM method")
+    parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        predictor = Predictor(args.checkpoint, device=args.device)
+    except (CheckpointError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results, failed = [], False
+    for i, image in enumerate(args.images):
+        try:
+            pred = predictor.predict(image, tta=args.tta)
+            entry = {"image": image, **pred.to_dict()}
+            if args.gradcam:
+                out = _cam_path(args.gradcam, image, i, len(args.images))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                overlay(pred.image, predictor.explain(pred, args.method), args.alpha).save(out)
+                entry["gradcam"] = str(out)
+        except (ImageError, OSError) as exc:
+            failed = True
+            print(f"error: {exc}", file=sys.stderr)
+            results.append({"image": image, "error": str(exc)})
+            continue
+        results.append(entry)
+        if not args.json:
+            print(format_prediction(image, pred))
+            if "gradcam" in entry:
+                print(f"  {args.method} overlay: {entry['gradcam']}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

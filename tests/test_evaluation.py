@@ -1,0 +1,231 @@
+"""core.evaluation: metrics against hand-computed cases and scikit-learn, calibration, model passes."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, classification_report, f1_score, roc_auc_score
+
+from core import evaluation as ev
+from core.labels import CLASSES, DISPLAY_NAMES, NUM_CLASSES
+from core.models import build_model, train_mode
+
+MEL = CLASSES.index("mel")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's cores are shared; one thread per tiny model avoids OpenMP oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rows(*heads: tuple[float, ...]) -> np.ndarray:
+    """Probability rows whose first entries are given; the rest share what is left equally."""
+    out = []
+    for head in heads:
+        rest = (1.0 - sum(head)) / (NUM_CLASSES - len(head))
+        out.append([*head, *([rest] * (NUM_CLASSES - len(head)))])
+    return np.array(out)
+
+
+# Three images: akiec (right), bcc (right), bcc (called akiec).
+HAND_LABELS = np.array([0, 1, 1])
+HAND_PROBS = rows((0.45, 0.35), (0.1, 0.8), (0.5, 0.3))
+
+
+def test_hand_computed_three_sample_case():
+    m = ev.compute_metrics(HAND_LABELS, HAND_PROBS)
+    assert m["n"] == 3
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    akiec, bcc = m["per_class"][0], m["per_class"][1]
+    assert (akiec["code"], akiec["name"]) == ("akiec", DISPLAY_NAMES["akiec"])
+    assert (akiec["precision"], akiec["recall"], akiec["f1"], akiec["support"]) == pytest.approx((0.5, 1.0, 2 / 3, 1))
+    assert (bcc["precision"], bcc["recall"], bcc["f1"], bcc["support"]) == pytest.approx((1.0, 0.5, 2 / 3, 2))
+    assert [r["support"] for r in m["per_class"][2:]] == [0] * 5
+    # Macro over the classes that occur (akiec, bcc); weighted by support 1 and 2.
+    assert m["macro"] == pytest.approx({"precision": 0.75, "recall": 0.75, "f1": 2 / 3})
+    assert m["weighted"] == pytest.approx({"precision": 2.5 / 3, "recall": 2 / 3, "f1": 2 / 3})
+    cm = np.array(m["confusion_matrix"])
+    assert cm[0, 0] == 1 and cm[1, 1] == 1 and cm[1, 0] == 1 and cm.sum() == 3
+    assert m["confusion_matrix_normalized"][1][:2] == [0.5, 0.5]
+    assert m["confusion_matrix_normalized"][4] == [0.0] * NUM_CLASSES  # no melanoma: a row of zeros, not NaN
+    # akiec scores: positive 0.45 against negatives 0.1 and 0.5 -> one of two pairs ranked right.
+    assert m["roc_auc"]["per_class"]["akiec"] == pytest.approx(0.5)
+    assert m["roc_auc"]["per_class"]["bcc"] == pytest.approx(0.5)
+    assert m["roc_auc"]["per_class"]["mel"] is None
+    assert m["roc_auc"]["macro"] == pytest.approx(0.5)
+    assert m["melanoma"]["sensitivity"] is None and m["melanoma"]["specificity"] == 1.0
+    # One image per confidence bin: |1 - 0.45|, |1 - 0.8|, |0 - 0.5|.
+    assert m["ece"] == pytest.approx((0.55 + 0.2 + 0.5) / 3)
+    assert m["nll"] == pytest.approx(-(np.log(0.45) + np.log(0.8) + np.log(0.3)) / 3)
+    json.dumps(m, allow_nan=False)
+
+
+def test_per_class_rows_match_sklearn_on_random_data():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, NUM_CLASSES, 300)
+    probs = ev.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2 * np.eye(NUM_CLASSES)[labels])
+    preds = probs.argmax(1)
+    m = ev.compute_metrics(labels, probs)
+    report = classification_report(labels, preds, labels=list(range(NUM_CLASSES)), target_names=list(CLASSES),
+                                   output_dict=True, zero_division=0)
+    for row in m["per_class"]:
+        ref = report[row["code"]]
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
+            (ref["precision"], ref["recall"], ref["f1-score"], ref["support"]))
+        assert row["auc"] == pytest.approx(roc_auc_score(labels == CLASSES.index(row["code"]),
+                                                         probs[:, CLASSES.index(row["code"])]))
+    assert m["macro"]["f1"] == pytest.approx(report["macro avg"]["f1-score"])
+    assert m["weighted"]["recall"] == pytest.approx(report["weighted avg"]["recall"])
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, preds))
+
+
+def test_fast_bootstrap_metrics_agree_with_sklearn_even_with_absent_classes():
+    rng = np.random.default_rng(2)
+    for n_classes in (NUM_CLASSES, 3):
+        labels = rng.integers(0, n_classes, 50)
+        probs = ev.softmax(rng.normal(size=(50, NUM_CLASSES)))
+        preds = probs.argmax(1)
+        assert ev.accuracy(labels, probs) == pytest.approx(np.mean(labels == preds))
+        assert ev.macro_f1(labels, probs) == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn warns when a predicted class is absent from the labels
+            expected = balanced_accuracy_score(labels, preds)
+        assert ev.balanced_accuracy(labels, probs) == pytest.approx(expected)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, NUM_CLASSES, 200)
+    probs = ev.softmax(rng.normal(size=(200, NUM_CLASSES)) + 1.5 * np.eye(NUM_CLASSES)[labels])
+    low, high = ev.bootstrap_ci(labels, probs, ev.accuracy, n=300, seed=5)
+    assert low < ev.accuracy(labels, probs) < high
+    assert high - low < 0.2
+    assert (low, high) == ev.bootstrap_ci(labels, probs, ev.accuracy, n=300, seed=5)
+    perfect = np.eye(NUM_CLASSES)[labels]
+    assert ev.bootstrap_ci(labels, perfect, ev.balanced_accuracy, n=50) == (1.0, 1.0)
+    intervals = ev.confidence_intervals(labels, probs, n=100)
+    assert set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1"}
+    json.dumps(intervals)
+
+
+def test_temperature_is_one_for_calibrated_and_above_one_for_overconfident_logits():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(scale=2.0, size=(3000, NUM_CLASSES))
+    probs = ev.softmax(logits)
+    # Labels drawn from the model's own probabilities: calibrated by construction.
+    labels = np.array([rng.choice(NUM_CLASSES, p=p) for p in probs])
+    assert ev.fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.1)
+
+    overconfident = 3.0 * logits
+    t = ev.fit_temperature(overconfident, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert ev.nll(overconfident, labels, t) < ev.nll(overconfident, labels) - 0.1
+    assert ev.expected_calibration_error(ev.softmax(overconfident, t), labels) < ev.expected_calibration_error(
+        ev.softmax(overconfident), labels)
+    # Scaling never changes the predicted class.
+    assert (ev.softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
+
+
+def test_softmax_rows_sum_to_one_and_temperature_flattens():
+    logits = np.array([[2.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0]])
+    p1, p2 = ev.softmax(logits), ev.softmax(logits, 2.0)
+    assert p1.sum() == pytest.approx(1.0) and p2.sum() == pytest.approx(1.0)
+    assert p2.max() < p1.max()
+    assert ev.softmax(logits[0]).shape == (NUM_CLASSES,)
+
+
+def test_ece_is_zero_for_perfect_calibration():
+    # 80 images at confidence 0.8 of which 64 are right; 50 at 0.6 of which 30 are right.
+    labels = np.array([0] * 64 + [1] * 16 + [2] * 30 + [3] * 20)
+    probs = np.vstack([rows((0.8,))] * 80 + [rows((0.1, 0.1, 0.6))] * 50)
+    assert ev.expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-12)
+    curve = ev.reliability_curve(probs, labels, n_bins=10)
+    assert sum(b["count"] for b in curve) == 130
+    filled = [b for b in curve if b["count"]]
+    assert [b["confidence"] for b in filled] == pytest.approx([0.6, 0.8])
+    assert [b["accuracy"] for b in filled] == pytest.approx([0.6, 0.8])
+    assert all(b["confidence"] is None for b in curve if not b["count"])
+
+    rng = np.random.default_rng(6)
+    sampled = ev.softmax(rng.normal(scale=2.0, size=(20000, NUM_CLASSES)))
+    drawn = np.array([rng.choice(NUM_CLASSES, p=p) for p in sampled])
+    assert ev.expected_calibration_error(sampled, drawn) < 0.02
+
+
+def test_melanoma_operating_point_counts_threshold_as_positive():
+    labels = np.array([MEL, MEL, CLASSES.index("nv"), CLASSES.index("nv")])
+    probs = np.full((4, NUM_CLASSES), 0.0)
+    probs[:, MEL] = [0.6, 0.4, 0.5, 0.1]
+    probs[:, CLASSES.index("nv")] = 1.0 - probs[:, MEL]
+    op = ev.melanoma_operating_point(labels, probs, threshold=0.5)
+    assert (op["tp"], op["fn"], op["fp"], op["tn"]) == (1, 1, 1, 1)
+    assert op["sensitivity"] == 0.5 and op["specificity"] == 0.5
+    strict = ev.melanoma_operating_point(labels, probs, threshold=0.3)
+    assert strict["sensitivity"] == 1.0 and strict["specificity"] == 0.5
+    assert ev.compute_metrics(labels, probs, mel_threshold=0.3)["melanoma"] == strict
+
+
+def test_roc_curves_per_class():
+    rng = np.random.default_rng(7)
+    labels = rng.choice([0, 1, 5], 60)
+    probs = ev.softmax(rng.normal(size=(60, NUM_CLASSES)))
+    curves = ev.roc_curves(labels, probs)
+    assert list(curves) == list(CLASSES)
+    assert curves["mel"] is None
+    nv = curves["nv"]
+    assert nv["fpr"][0] == 0.0 and nv["fpr"][-1] == 1.0 and nv["tpr"][-1] == 1.0
+    assert nv["auc"] == pytest.approx(roc_auc_score(labels == 5, probs[:, 5]))
+    json.dumps(curves, allow_nan=False)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="shape"):
+        ev.compute_metrics(np.array([0]), np.ones((1, 3)) / 3)
+    with pytest.raises(ValueError, match="no samples"):
+        ev.compute_metrics(np.array([], dtype=int), np.zeros((0, NUM_CLASSES)))
+    with pytest.raises(ValueError, match="class indices"):
+        ev.compute_metrics(np.array([7]), np.ones((1, NUM_CLASSES)) / NUM_CLASSES)
+
+
+def test_predict_logits_and_probs_run_in_eval_mode_and_restore_modes():
+    torch.manual_seed(0)
+    model = build_model("resnet18", weights="none", finetune="head")
+    train_mode(model)  # frozen BatchNorm stays in eval mode while the head trains
+    modes = {name: m.training for name, m in model.named_modules()}
+    x = torch.randn(5, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 3, 4])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+
+    logits, labels = ev.predict_logits(model, loader, "cpu")
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert logits.shape == (5, NUM_CLASSES) and labels.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+    probs, _ = ev.predict_probs(model, loader, "cpu", temperature=2.0)
+    np.testing.assert_allclose(probs, ev.softmax(expected, 2.0), rtol=1e-4, atol=1e-6)
+
+    tta, _ = ev.predict_probs(model, loader, "cpu", tta=True)
+    with torch.no_grad():
+        views = [model(v).softmax(1) for v in (x, x.flip(-1), x.flip(-2), x.flip((-2, -1)))]
+    np.testing.assert_allclose(tta, torch.stack(views).mean(0).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_trainers_call_path_yields_json():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(40, NUM_CLASSES))
+    labels = rng.integers(0, NUM_CLASSES, 40)
+    t = ev.fit_temperature(logits, labels)
+    report = ev.compute_metrics(labels, ev.softmax(logits, t))
+    assert isinstance(t, float)
+    assert json.loads(json.dumps(report, allow_nan=False))["per_class"][4]["code"] == "mel"

@@ -1,0 +1,384 @@
+"""core.predict and core.evaluate with real checkpoints and real image files: label order end to end,
+decoding of awkward uploads, calibration, TTA, and both command lines."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core import evaluate
+from core.checkpoints import CheckpointError, atomic_save, checkpoint_dict
+from core.data import Preprocessing, eval_transform, index_dataset, load_for_model, split_by_lesion
+from core.evaluation import softmax
+from core.images import ImageError
+from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+from core.models import build_model
+from core.predict import Predictor, main
+from tests.conftest import make_image
+
+ROOT = Path(__file__).resolve().parents[1]
+PREP = Preprocessing(input_size=(48, 48))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's cores are shared; one thread per tiny model avoids OpenMP oversubscription stalls.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_checkpoint(path: Path, model=None, *, prep: Preprocessing = PREP, temperature: float = 1.0,
+                    **extra) -> Path:
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model("resnet18", weights="none", finetune="head", head="linear")
+    atomic_save(checkpoint_dict(model.eval(), prep, head="linear", temperature=temperature, **extra), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def predictor(ckpt) -> Predictor:
+    return Predictor(ckpt)
+
+
+def lesion(path: Path, label: int = 4, size=(40, 30), seed: int = 0) -> Path:
+    make_image(label, np.random.default_rng(seed), size=size).save(path)
+    return path
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+# ---------------------------------------------------------------------------
+# Label order, end to end
+
+
+HAM_HEADER = "lesion_id,image_id,dx,dx_type,age,sex,localization"
+
+
+@pytest.fixture(scope="module")
+def known_diagnoses(tmp_path_factory):
+    """Two images with known diagnoses and a model built to call the bkl one "mel" and the nv one "nv"."""
+    root = tmp_path_factory.mktemp("known")
+    cases = {"ISIC_0000001": ("bkl", "mel"), "ISIC_0000002": ("nv", "nv")}
+    lines = [HAM_HEADER]
+    for i, (image_id, (true, _)) in enumerate(cases.items()):
+        lesion(root / f"{image_id}.jpg", label=CLASSES.index(true), seed=i)
+        lines.append(f"HAM_{i},{image_id},{true},histo,50,male,back")
+    (root / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", weights="none", finetune="head", head="linear").eval()
+    with torch.no_grad():
+        x = torch.stack([eval_transform(PREP)(load_for_model(root / f"{i}.jpg", PREP)) for i in cases])
+        features = model.backbone(x).double()
+    # Solve the head's weights so each image's logits are 10 for the intended class, 0 elsewhere.
+    wanted = torch.zeros(len(cases), len(CLASSES), dtype=torch.float64)
+    for row, (_, predicted) in enumerate(cases.values()):
+        wanted[row, CLASSES.index(predicted)] = 10.0
+    linear = model.head[-1]
+    with torch.no_grad():
+        linear.weight.copy_((torch.linalg.pinv(features) @ wanted).T.float())
+        linear.bias.zero_()
+    # The trainer's config: every image in the test split.
+    path = save_checkpoint(root / "known.pt", model, config={"split_seed": 0, "split_fractions": [0.0, 0.0, 1.0]})
+    return root, path, cases
+
+
+def test_a_known_diagnosis_appears_under_its_own_name_everywhere(known_diagnoses, tmp_path):
+    root, path, cases = known_diagnoses
+    bkl, mel, nv = (CLASSES.index(c) for c in ("bkl", "mel", "nv"))
+
+    predictor = Predictor(path)
+    first = predictor.predict(root / "ISIC_0000001.jpg")
+    assert (first.top_class, first.top_name) == ("mel", "Melanoma") and first.probabilities["mel"] > 0.99
+    assert first.probs[mel] == first.probabilities["mel"]
+    assert predictor.predict(root / "ISIC_0000002.jpg").top_name == "Melanocytic nevus"
+
+    out = tmp_path / "report.json"
+    done = run_cli("core.evaluate", "--checkpoint", path, "--data", root, "--out", out, "--bootstrap", "50")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["metrics"]["per_class"]}
+    assert rows["Benign keratosis-like lesion"]["support"] == 1 and rows["Benign keratosis-like lesion"]["recall"] == 0
+    assert rows["Melanocytic nevus"]["support"] == 1 and rows["Melanocytic nevus"]["recall"] == 1
+    assert rows["Melanoma"]["support"] == 0 and rows["Melanoma"]["precision"] == 0
+    assert [row["code"] for row in report["metrics"]["per_class"]] == list(CLASSES)
+    cm = np.array(report["metrics"]["confusion_matrix"])
+    assert cm[bkl, mel] == 1 and cm[nv, nv] == 1 and cm.sum() == 2
+    by_id = {p["image_id"]: p for p in report["predictions"]}
+    assert (by_id["ISIC_0000001"]["true"], by_id["ISIC_0000001"]["predicted"]) == ("bkl", "mel")
+    assert report["split_source"] == "checkpoint" and report["n_images"] == 2
+
+    # The terminal table says the same thing by name.
+    table = done.stdout.splitlines()
+    bkl_line = next(line for line in table if line.startswith("bkl "))
+    assert "Benign keratosis-like lesion" in bkl_line and bkl_line.split()[-1] == "1"
+    matrix = table[table.index(next(line for line in table if line.startswith("true/pred"))):]
+    assert matrix[0].split()[1:] == list(CLASSES)
+    assert matrix[1 + bkl].split()[1:] == ["0", "0", "0", "0", "1", "0", "0"]
+
+
+# ---------------------------------------------------------------------------
+# Predictor
+
+
+def test_prediction_fields(predictor, tmp_path):
+    pred = predictor.predict(lesion(tmp_path / "a.jpg"))
+    assert pred.probs.shape == (len(CLASSES),) and pred.probs.sum() == pytest.approx(1.0)
+    assert list(pred.probabilities) == list(CLASSES)
+    assert pred.top_class == CLASSES[int(pred.probs.argmax())] and pred.top_name == DISPLAY_NAMES[pred.top_class]
+    assert pred.confidence == pred.probs.max()
+    assert pred.malignant_probability == pytest.approx(sum(pred.probabilities[c] for c in MALIGNANT))
+    assert tuple(pred.input_tensor.shape) == (1, 3, 48, 48)
+    assert pred.image.mode == "RGB" and pred.image.size == (40, 30)
+    assert [code for code, _, _ in pred.ranked()][0] == pred.top_class
+    assert json.loads(json.dumps(pred.to_dict()))["probabilities"] == pred.probabilities
+
+
+def test_path_bytes_and_file_objects_agree(predictor, tmp_path):
+    path = lesion(tmp_path / "a.png")
+    data = path.read_bytes()
+    expected = predictor.predict(path).probs
+    for source in (str(path), data, io.BytesIO(data)):
+        np.testing.assert_allclose(predictor.predict(source).probs, expected, rtol=1e-6)
+
+
+def test_temperature_comes_from_the_checkpoint(tmp_path):
+    hot = Predictor(save_checkpoint(tmp_path / "t.pt", temperature=2.5))
+    assert hot.temperature == 2.5
+    image, x = hot.preprocess(lesion(tmp_path / "a.png"))
+    with torch.no_grad():
+        logits = hot.model(x).numpy()[0]
+    np.testing.assert_allclose(hot.predict(tmp_path / "a.png").probs, softmax(logits, 2.5), rtol=1e-5)
+
+
+def test_tta_averages_the_four_flips(predictor, tmp_path):
+    path = lesion(tmp_path / "a.png")
+    plain, tta = predictor.predict(path), predictor.predict(path, tta=True)
+    assert tta.tta and not plain.tta
+    x = plain.input_tensor
+    with torch.no_grad():
+        views = [torch.softmax(predictor.model(v), 1) for v in (x, x.flip(-1), x.flip(-2), x.flip((-2, -1)))]
+    np.testing.assert_allclose(tta.probs, torch.stack(views).mean(0)[0].numpy(), rtol=1e-5)
+    Image.new("RGB", (40, 30), (150, 90, 60)).save(tmp_path / "flat.png")  # flip-invariant
+    np.testing.assert_allclose(predictor.predict(tmp_path / "flat.png", tta=True).probs,
+                               predictor.predict(tmp_path / "flat.png").probs, rtol=1e-5)
+
+
+def test_exif_rotation_is_applied_before_the_model(predictor, tmp_path):
+    rng = np.random.default_rng(1)
+    stored = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8), "RGB")  # 40 wide, 24 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write it
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "phone.jpg") as raw:  # decoded pixels, orientation not applied
+        raw.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+        raw.save(tmp_path / "sideways.png")
+
+    rotated = predictor.predict(tmp_path / "phone.jpg")
+    upright = predictor.predict(tmp_path / "upright.png")
+    assert rotated.image.size == (24, 40)
+    assert np.array_equal(np.asarray(rotated.image), np.asarray(upright.image))
+    np.testing.assert_allclose(rotated.probs, upright.probs, rtol=1e-6)
+    assert predictor.predict(tmp_path / "sideways.png").image.size == (40, 24)
+
+
+def test_awkward_image_modes_become_rgb(predictor, tmp_path):
+    base = make_image(2, np.random.default_rng(2), size=(40, 30))
+    rgba = base.convert("RGBA")
+    rgba.putpixel((0, 0), (10, 20, 30, 0))  # fully transparent
+    rgba.save(tmp_path / "rgba.png")
+    base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "palette.png")
+    base.convert("L").save(tmp_path / "grey.png")
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    deep = (np.linspace(1000, 60000, 40 * 30).reshape(30, 40)).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep16.png")
+    assert Image.open(tmp_path / "deep16.png").mode.startswith("I")
+
+    results = {name: predictor.predict(tmp_path / name)
+               for name in ("rgba.png", "palette.png", "grey.png", "cmyk.jpg", "deep16.png")}
+    for name, pred in results.items():
+        assert pred.image.mode == "RGB" and pred.image.size == (40, 30), name
+        assert pred.probs.sum() == pytest.approx(1.0) and np.isfinite(pred.probs).all(), name
+    assert results["rgba.png"].image.getpixel((0, 0)) == (255, 255, 255)
+    grey = np.asarray(results["grey.png"].image)
+    assert (grey[..., 0] == grey[..., 1]).all()
+    deep_rgb = np.asarray(results["deep16.png"].image)[..., 0]
+    assert deep_rgb.min() == 0 and deep_rgb.max() == 255  # the 16-bit range is rescaled, not clipped
+
+
+def write_huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of ``width`` × ``height``: hundreds of megapixels in a few kilobytes."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed pixels
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def test_unusable_files_raise_clear_image_errors(predictor, tmp_path):
+    (tmp_path / "notes.jpg").write_text("these are my notes, not a photo\n")
+    with pytest.raises(ImageError, match="not an image"):
+        predictor.predict(tmp_path / "notes.jpg")
+
+    noise = np.random.default_rng(3).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        predictor.predict(tmp_path / "cut.jpg")
+
+    bomb = write_huge_png(tmp_path / "bomb.png", 15000, 15000)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageError, match="too large"):
+        predictor.predict(bomb)
+    with pytest.raises(ImageError, match="too large"):
+        predictor.predict(bomb.read_bytes())
+
+    with pytest.raises(ImageError, match="does not exist"):
+        predictor.predict(tmp_path / "missing.jpg")
+
+
+def test_unusable_checkpoints_raise_checkpoint_errors(tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        Predictor(tmp_path / "notes.pt")
+    torch.manual_seed(0)
+    payload = checkpoint_dict(build_model("resnet18", weights="none", head="linear"), PREP, head="linear")
+    payload["arch"] = "mobilenet_v2"  # weights that do not fit the architecture named
+    atomic_save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="does not rebuild"):
+        Predictor(tmp_path / "mismatch.pt")
+
+
+def test_explain_maps_the_requested_class(predictor, tmp_path):
+    pred = predictor.predict(lesion(tmp_path / "a.png"))
+    heat = predictor.explain(pred)
+    assert heat.shape == (48, 48) and 0.0 <= heat.min() <= heat.max() <= 1.0
+    np.testing.assert_array_equal(heat, predictor.explain(pred, target=pred.top_index))
+    np.testing.assert_array_equal(predictor.explain(pred, target="mel"), predictor.explain(pred, target=4))
+    assert predictor.explain(pred, method="gradcampp").shape == (48, 48)
+
+
+def test_source_size_is_applied_to_uploads(tmp_path):
+    # Trained on 200×150 downscales: a large upload is brought to that size before the model sees it.
+    small = Predictor(save_checkpoint(tmp_path / "s.pt", prep=Preprocessing(input_size=(48, 64),
+                                                                            source_size=(64, 48))))
+    pred = small.predict(lesion(tmp_path / "big.jpg", size=(640, 400)))
+    assert pred.image.size == (64, 48) and tuple(pred.input_tensor.shape) == (1, 3, 48, 64)
+
+
+# ---------------------------------------------------------------------------
+# core.predict command line
+
+
+def test_predict_cli_help():
+    done = run_cli("core.predict", "--help")
+    assert done.returncode == 0 and "--tta" in done.stdout and "--gradcam" in done.stdout
+
+
+def test_predict_cli_json_with_gradcam(ckpt, tmp_path):
+    images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=1, size=(36, 36))]
+    done = run_cli("core.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert [r["image"] for r in results] == [str(p) for p in images]
+    for result, image in zip(results, images, strict=True):
+        assert list(result["probabilities"]) == list(CLASSES) and result["tta"] is True
+        assert Image.open(result["gradcam"]).size == Image.open(image).size
+
+
+def test_predict_cli_text_lists_all_seven_names(ckpt, tmp_path, capsys):
+    assert main([str(ckpt), str(lesion(tmp_path / "one.jpg"))]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in DISPLAY_NAMES.values())
+    assert "malignant" in out
+
+
+def test_predict_cli_bad_file_is_one_line_exit_2(ckpt, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    done = run_cli("core.predict", ckpt, tmp_path / "notes.txt")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("error:") and "notes.txt" in done.stderr and done.stdout == ""
+
+
+def test_predict_cli_keeps_going_after_a_bad_file_and_refuses_bad_checkpoints(ckpt, tmp_path, capsys):
+    (tmp_path / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
+    assert main([str(ckpt), str(tmp_path / "truncated.jpg"), str(lesion(tmp_path / "ok.jpg"))]) == 2
+    captured = capsys.readouterr()
+    assert "truncated.jpg" in captured.err and "Melanoma" in captured.out
+    assert main([str(tmp_path / "absent.pt"), str(tmp_path / "ok.jpg")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: checkpoint {tmp_path / 'absent.pt'} does not exist"
+
+
+# ---------------------------------------------------------------------------
+# core.evaluate
+
+
+def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
+    config = {"split_seed": 3, "split_fractions": [0.5, 0.25, 0.25]}
+    path = save_checkpoint(tmp_path / "m.pt", config=config)
+    result = evaluate.evaluate_checkpoint(path, tiny_root, bootstrap=20)
+    frame = index_dataset(tiny_root).frame
+    expected = frame[split_by_lesion(frame, (0.5, 0.25, 0.25), 3) == "test"]
+    assert sorted(p["image_id"] for p in result["predictions"]) == sorted(expected["image_id"])
+    assert (result["split_seed"], result["split_source"], result["split_note"]) == (3, "checkpoint", None)
+    assert result["metrics"]["n"] == len(expected)
+    # The same images with the true labels the dataset gives them.
+    truth = dict(zip(expected["image_id"], expected["dx"], strict=True))
+    assert all(p["true"] == truth[p["image_id"]] for p in result["predictions"])
+
+    override = evaluate.evaluate_checkpoint(path, tiny_root, split="val", split_seed=4, bootstrap=0)
+    assert override["split_source"] == "command line" and "not the split" in override["split_note"]
+    assert override["confidence_intervals"] is None
+    assert evaluate.evaluate_checkpoint(path, tiny_root, split="all", bootstrap=0)["n_images"] == len(frame)
+
+
+def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, capsys):
+    sub = save_checkpoint(tmp_path / "sub.pt", config={"split_seed": 0, "split_fractions": [0.7, 0.15, 0.15],
+                                                        "max_images": 40})
+    with pytest.raises(evaluate.EvaluationError, match="subsample"):
+        evaluate.evaluate_checkpoint(sub, tiny_root)
+    with pytest.raises(evaluate.EvaluationError, match="summing to 1"):
+        evaluate.evaluate_checkpoint(sub, tiny_root, fractions=(0.5, 0.5, 0.5))
+    assert evaluate.main(["--checkpoint", str(sub), "--data", str(tmp_path / "nowhere"), "--split", "all"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere does not exist" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--help"])
+    assert exit_info.value.code == 0 and "--split-seed" in capsys.readouterr().out
+
+
+def test_evaluate_reads_external_class_folder_sets(ckpt, tmp_path):
+    for i, code in enumerate(("mel", "NV", "Basal cell carcinoma")):
+        (tmp_path / "ext" / code).mkdir(parents=True)
+        lesion(tmp_path / "ext" / code / f"img{i}.jpg", seed=i)
+    result = evaluate.evaluate_checkpoint(ckpt, tmp_path / "ext", split="all", bootstrap=0)
+    assert sorted(p["true"] for p in result["predictions"]) == ["bcc", "mel", "nv"]
+    assert [row["support"] for row in result["metrics"]["per_class"]] == [0, 1, 0, 0, 1, 1, 0]

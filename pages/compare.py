@@ -114,8 +114,10 @@ def experiment_status(manifest: dict) -> None:
                  column_config={"progress": st.column_config.ProgressColumn(min_value=0, max_value=1)})
     running = job is not None and job.experiment == manifest["name"]
     if running:
-        if st.button("Stop the experiment", icon="⏹️", key="exp_stop"):
-            jobs.stop_job(RUNS)
+        if job.stop_requested:
+            st.warning("Stopping: the current run ends after its step; the queued ones will not start.", icon="⏹️")
+        else:
+            st.button("Stop the experiment", icon="⏹️", key="exp_stop", on_click=jobs.stop_job, args=(RUNS,))
     # Refill the comparison (a full rerun) whenever another run of the experiment has finished.
     seen_key = f"exp_done_{manifest['name']}"
     if st.session_state.get(seen_key, done) != done:

@@ -140,12 +140,11 @@ def monitor() -> None:
         show_run(run, active=True)
         if current.stop_requested:
             st.warning("Stopping: the run ends after its current step and still saves its best epoch.", icon="⏹️")
-            if st.button("Force stop now", help="Terminate the training process immediately (nothing more is "
-                                                "saved)."):
-                jobs.kill_job(RUNS)
-        elif st.button("Stop training", icon="⏹️", type="secondary"):
-            jobs.stop_job(RUNS)
-            st.rerun(scope="fragment")
+            st.button("Force stop now", on_click=jobs.kill_job, args=(RUNS,),
+                      help="Terminate the training process immediately (nothing more is saved).")
+        else:
+            # A callback runs before the rerun it triggers, so the page shows "Stopping" at once.
+            st.button("Stop training", icon="⏹️", on_click=jobs.stop_job, args=(RUNS,))
         if current.kind == "experiment":
             st.caption(f"Part of the imbalance experiment {current.experiment}; see it on Compare.")
         return

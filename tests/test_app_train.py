@@ -1,0 +1,112 @@
+"""Train and Compare pages driving real background jobs through their forms (AppTest)."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from core import jobs
+from tests.app_support import *  # noqa: F403
+from tests.app_support import AppEnv, app_test, no_exceptions, texts
+
+
+@pytest.fixture
+def train_env(tmp_path, tiny_root, monkeypatch) -> AppEnv:
+    env = AppEnv(data=tiny_root, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+    env.apply(monkeypatch)
+    yield env
+    if jobs.active_job(env.runs) is not None:
+        jobs.kill_job(env.runs)
+        jobs.wait_idle(env.runs, timeout=20)
+
+
+def fill_tiny(at, name: str, epochs: int) -> None:
+    at.text_input(key="run_name_seed").set_value(name)
+    at.selectbox(key="weights_seed").set_value("none")
+    at.selectbox(key="imbalance_seed").set_value("none")
+    at.number_input(key="epochs_seed").set_value(epochs)
+    at.number_input(key="h_seed").set_value(32)
+    at.number_input(key="w_seed").set_value(32)
+
+
+def start_button(at):
+    return next(b for b in at.button if b.label == "Start training")
+
+
+def test_start_watch_and_stop_a_run_from_the_page(train_env):
+    at = app_test("train")
+    no_exceptions(at)
+    fill_tiny(at, "ui-run", epochs=300)
+    start_button(at).click().run()
+    no_exceptions(at)
+    job = jobs.active_job(train_env.runs)
+    assert job is not None and job.runs == ["ui-run"]
+
+    # While it runs: the form is locked, the monitor shows the run and a Stop button.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        at.run()
+        no_exceptions(at)
+        if at.get("plotly_chart"):
+            break
+        time.sleep(1)
+    assert at.get("plotly_chart"), "the training curves never appeared"
+    assert start_button(at).disabled
+    assert "Only one job runs at a time" in texts(at)
+    assert any("ui-run" in s.value for s in at.subheader)
+    progress = at.get("progress")
+    assert progress and "epoch" in progress[0].proto.text
+    stop = next(b for b in at.button if b.label == "Stop training")
+    stop.click().run()
+    no_exceptions(at)
+    assert jobs.wait_idle(train_env.runs, timeout=60)
+    at.run()
+    no_exceptions(at)
+    assert not start_button(at).disabled
+    assert "Stopped on request" in texts(at)
+    assert jobs.read_run(train_env.runs / "ui-run").state == "stopped"
+
+
+def test_a_failed_run_shows_its_error(train_env, tmp_path):
+    at = app_test("train")
+    fill_tiny(at, "will-fail", epochs=1)
+    at.selectbox(key="arch_seed").set_value("mobilenet_v2")
+    # Point the run at a copy of the dataset that vanishes before the trainer (still importing) reads it.
+    gone = tmp_path / "gone"
+    shutil.copytree(train_env.data, gone)
+    at.session_state["dataset_folder"] = str(gone)
+    at.run()
+    start_button(at).click().run()
+    no_exceptions(at)
+    shutil.rmtree(gone)
+    assert jobs.wait_idle(train_env.runs, timeout=60)
+    at.run()
+    no_exceptions(at)
+    errors = " ".join(e.value for e in at.error)
+    assert "Training failed" in errors and "does not exist" in errors
+
+
+def test_compare_starts_the_imbalance_experiment(train_env):
+    at = app_test("compare")
+    no_exceptions(at)
+    at.selectbox(key="exp_weights").set_value("none")
+    at.number_input(key="exp_epochs").set_value(1)
+    at.number_input(key="exp_size").set_value(32)
+    next(b for b in at.button if b.label == "Run the imbalance experiment").click().run()
+    no_exceptions(at)
+    job = jobs.active_job(train_env.runs)
+    assert job is not None and job.kind == "experiment" and len(job.runs) == 5
+    # The status table lists the five strategies while they run; stop after the first to keep this quick.
+    assert at.session_state["cmp_experiment"] == job.experiment
+    table = at.dataframe[0].value
+    assert list(table["strategy"]) == ["none", "oversample", "weighted sampler", "weighted loss", "focal loss"]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (train_env.runs / job.runs[0] / "status.json").is_file():
+        time.sleep(0.5)
+    jobs.stop_job(train_env.runs)
+    assert jobs.wait_idle(train_env.runs, timeout=60)
+    at.run()
+    no_exceptions(at)
+    states = list(at.dataframe[0].value["state"])
+    assert states[0] in ("finished", "stopped") and states[1:] == ["not run"] * 4

@@ -39,46 +39,61 @@ class DatasetError(Exception):
 # Metadata
 
 
-def read_metadata(path: str | Path) -> pd.DataFrame:
-    """Read HAM10000 metadata as published: the CSV (CRLF) or Dataverse's tab-separated export.
-
-    Ages may be written 80 or 80.0 or be missing; they become a nullable float
-    column. ``sex`` keeps "unknown" as its own value and fills missing ones with it.
-    """
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV or TSV (sniffed from the header) as stripped strings, with lower-case column names and a
+    ``row`` column holding the line number a user sees in an editor. Handles CRLF and Dataverse's quoting."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        text = path.read_bytes().decode("utf-8-sig", errors="replace")
     except OSError as exc:
-        raise DatasetError(f"Cannot read the metadata file {path}: {exc.strerror}.") from None
-    text = raw.decode("utf-8-sig", errors="replace")
+        raise DatasetError(f"Cannot read {path}: {exc.strerror}.") from None
     first_line = text.split("\n", 1)[0]
     sep = "\t" if first_line.count("\t") > first_line.count(",") else ","
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DatasetError(f"{path} is not a readable CSV/TSV metadata file ({exc}).") from None
-    # Dataverse's .tab export quotes strings; strip quotes and whitespace everywhere.
-    frame.columns = [c.strip().strip('"').strip().lower() for c in frame.columns]
-    missing = [c for c in ("image_id", "dx") if c not in frame.columns]
-    if missing:
-        raise DatasetError(
-            f"{path} has no {' or '.join(missing)} column. Expected the HAM10000 metadata with columns "
-            f"{', '.join(METADATA_COLUMNS)}."
-        )
-    for col in frame.columns:
-        frame[col] = frame[col].astype(str).str.strip().str.strip('"').str.strip()
+        raise DatasetError(f"{path} is not a readable CSV/TSV file ({exc}).") from None
+    table.columns = [c.strip().strip('"').strip().lower() for c in table.columns]
+    for col in table.columns:
+        table[col] = table[col].astype(str).str.strip().str.strip('"').str.strip()
+    table.insert(0, "row", np.arange(2, len(table) + 2))
+    return table
+
+
+def tidy_metadata(frame: pd.DataFrame) -> pd.DataFrame:
+    """Bring a table to the metadata conventions: every column present, dx lower-case, ages numeric
+    (80, 80.0 or missing), "unknown" for missing sex and site, and an image without a lesion id as its own lesion."""
+    frame = frame.copy()
     for col in METADATA_COLUMNS:
         if col not in frame.columns:
             frame[col] = ""
+        elif col != "age":
+            frame[col] = frame[col].fillna("").astype(str)
     frame["dx"] = frame["dx"].str.lower()
-    frame["age"] = pd.to_numeric(frame["age"].replace({"": None, "NA": None, "nan": None}), errors="coerce")
+    frame["age"] = pd.to_numeric(frame["age"].astype(str).replace({"": None, "NA": None, "nan": None}),
+                                 errors="coerce")
     frame["sex"] = frame["sex"].str.lower().replace({"": "unknown", "nan": "unknown", "na": "unknown"})
     frame["localization"] = frame["localization"].replace({"": "unknown"})
     # A lesion id is what keeps splits honest; an image without one is its own lesion.
     no_lesion = frame["lesion_id"] == ""
     frame.loc[no_lesion, "lesion_id"] = "image:" + frame.loc[no_lesion, "image_id"]
-    frame.insert(0, "row", np.arange(2, len(frame) + 2))  # the line number a user sees in an editor
-    return frame[["row", *METADATA_COLUMNS]]
+    return frame[["row", *METADATA_COLUMNS, *(["path"] if "path" in frame.columns else [])]]
+
+
+def read_metadata(path: str | Path) -> pd.DataFrame:
+    """Read HAM10000 metadata as published: the CSV (CRLF) or Dataverse's tab-separated export.
+
+    Ages may be written 80 or 80.0 or be missing; they become a float column with NaN.
+    ``sex`` keeps "unknown" as its own value and fills missing ones with it.
+    """
+    table = read_table(path)
+    missing = [c for c in ("image_id", "dx") if c not in table.columns]
+    if missing:
+        raise DatasetError(
+            f"{path} has no {' or '.join(missing)} column. Expected the HAM10000 metadata with columns "
+            f"{', '.join(METADATA_COLUMNS)}."
+        )
+    return tidy_metadata(table)
 
 
 def find_metadata(root: Path) -> Path:
@@ -160,7 +175,7 @@ class DatasetIndex:
         return self.frame["dx"].value_counts().reindex(CLASSES, fill_value=0)
 
 
-def _walk_images(root: Path) -> Iterable[Path]:
+def walk_images(root: Path) -> Iterable[Path]:
     # os.walk with suffix checks is several times faster than Path.rglob on 10k files.
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -169,7 +184,7 @@ def _walk_images(root: Path) -> Iterable[Path]:
                 yield Path(dirpath, name)
 
 
-def _looks_like_image(path: Path) -> bool:
+def looks_like_image(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -193,9 +208,19 @@ def index_dataset(root: str | Path, *, metadata: str | Path | None = None) -> Da
     meta_path = Path(metadata) if metadata else find_metadata(root)
     meta = read_metadata(meta_path)
     report = ValidationReport(metadata_path=str(meta_path), rows_read=len(meta))
+    return pair_with_images(root, meta, report, "Check that the image files are named by their image_id "
+                            "(e.g. ISIC_0024306.jpg) and that the metadata's dx column uses the HAM10000 codes.")
 
+
+def pair_with_images(root: Path, meta: pd.DataFrame, report: ValidationReport, hint: str) -> DatasetIndex:
+    """Match metadata rows to image files named ``<image_id>.<ext>`` anywhere below ``root``.
+
+    Every mismatch goes into ``report``. Rows whose ``dx`` is not a class code are
+    reported as unknown diagnoses, except an empty ``dx``, which marks a row its
+    importer already reported; the images of both are set aside with their rows.
+    """
     files: dict[str, Path] = {}
-    for path in sorted(_walk_images(root)):
+    for path in sorted(walk_images(root)):
         image_id = path.stem
         if image_id in files:
             report.duplicate_image_ids.append(f"{image_id}: {files[image_id]} and {path}")
@@ -207,10 +232,10 @@ def index_dataset(root: str | Path, *, metadata: str | Path | None = None) -> Da
     for _, r in meta[dup_rows].iterrows():
         report.duplicate_image_ids.append(f"row {r.row}: image_id {r.image_id} already listed")
     meta = meta[~dup_rows]
+    listed = set(meta["image_id"])  # set-aside rows' files are not "without metadata"
 
     known = meta["dx"].isin(CLASSES)
-    set_aside = set(meta.loc[~known, "image_id"])  # listed, so their files are not "without metadata"
-    for _, r in meta[~known].iterrows():
+    for _, r in meta[~known & (meta["dx"] != "")].iterrows():
         report.unknown_diagnoses.append(f"row {r.row}: {r.image_id} has dx {r.dx!r}")
     meta = meta[known]
 
@@ -218,25 +243,20 @@ def index_dataset(root: str | Path, *, metadata: str | Path | None = None) -> Da
     for _, r in meta[~has_file].iterrows():
         report.rows_without_images.append(f"row {r.row}: {r.image_id}")
     meta = meta[has_file].copy()
-
-    listed = set(meta["image_id"]) | set_aside
-    for image_id, path in files.items():
-        if image_id not in listed:
-            report.images_without_metadata.append(str(path))
-
+    report.images_without_metadata.extend(str(p) for i, p in files.items() if i not in listed)
     meta["path"] = [str(files[i]) for i in meta["image_id"]]
-    readable = np.array([_looks_like_image(Path(p)) for p in meta["path"]], dtype=bool)
-    report.unreadable_files.extend(meta.loc[~readable, "path"].tolist())
-    meta = meta[readable]
+    return finish_index(root, meta, report, hint)
 
-    if meta.empty:
-        raise DatasetError(
-            f"No usable images below {root}: {report.summary()}\n"
-            "Check that the image files are named by their image_id (e.g. ISIC_0024306.jpg) and "
-            "that the metadata's dx column uses the HAM10000 codes."
-        )
-    meta["label"] = meta["dx"].map(CLASSES.index).astype(int)
-    return DatasetIndex(root=root, frame=meta.reset_index(drop=True), report=report)
+
+def finish_index(root: Path, frame: pd.DataFrame, report: ValidationReport, hint: str) -> DatasetIndex:
+    """Set aside files that are not JPEG/PNG (by signature, without decoding) and add the integer label."""
+    readable = np.array([looks_like_image(Path(p)) for p in frame["path"]], dtype=bool)
+    report.unreadable_files.extend(frame.loc[~readable, "path"].tolist())
+    frame = frame[readable].copy()
+    if frame.empty:
+        raise DatasetError(f"No usable images below {root}: {report.summary()}\n{hint}")
+    frame["label"] = frame["dx"].map(CLASSES.index).astype(int)
+    return DatasetIndex(root=root, frame=frame.reset_index(drop=True), report=report)
 
 
 def verify_images(index: DatasetIndex, progress: Callable[[int, int], None] | None = None) -> list[str]:

@@ -16,7 +16,6 @@ aside. :func:`index_any` picks the importer from what a folder holds.
 from __future__ import annotations
 
 import csv
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,16 @@ import numpy as np
 import pandas as pd
 
 from core.data import (
-    METADATA_COLUMNS,
     DatasetError,
     DatasetIndex,
     ValidationReport,
-    _looks_like_image,
-    _walk_images,
     find_metadata,
+    finish_index,
     index_dataset,
+    pair_with_images,
+    read_table,
+    tidy_metadata,
+    walk_images,
 )
 from core.labels import CLASSES, DISPLAY_NAMES, ISIC2018_COLUMNS, code_from_onehot
 
@@ -145,7 +146,7 @@ def import_isic_cli(root: str | Path, metadata: str | Path | None = None) -> Dat
     """An ``isic image download`` folder: ``metadata.csv`` (``isic_id``, diagnosis columns) and ``<isic_id>.jpg``."""
     root = _existing_dir(root)
     path = Path(metadata) if metadata else _find_table(root, lambda h: "isic_id" in h, "an isic-cli metadata.csv")
-    table = _read_table(path)
+    table = read_table(path)
     if "isic_id" not in table.columns or not any(c in table.columns for c in _DIAGNOSIS_COLUMNS):
         raise DatasetError(f"{path} has no isic_id and diagnosis columns; it is not an isic-cli metadata.csv.")
     levels = [c for c in _DIAGNOSIS_COLUMNS if c in table.columns]
@@ -170,7 +171,8 @@ def import_isic_cli(root: str | Path, metadata: str | Path | None = None) -> Dat
         report.unknown_diagnoses.append(
             f"row {frame['row'].iat[i]}: {frame['image_id'].iat[i]} has diagnosis {most_specific[i]!r}"
         )
-    return _pair(root, _tidy(frame), report, "isic-cli's metadata.csv")
+    return pair_with_images(root, tidy_metadata(frame), report,
+                            "Check that the image files are named by the image ids in isic-cli's metadata.csv.")
 
 
 def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | None = None) -> DatasetIndex:
@@ -180,7 +182,7 @@ def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | No
     path = Path(ground_truth) if ground_truth else _find_table(
         root, lambda h: "image" in h and all(c in h for c in columns), "an ISIC 2018 ground-truth CSV"
     )
-    table = _read_table(path)
+    table = read_table(path)
     missing = [c.upper() for c in ["image", *columns] if c not in table.columns]
     if missing:
         raise DatasetError(f"{path} lacks the column(s) {', '.join(missing)} of an ISIC 2018 Task 3 ground truth.")
@@ -193,7 +195,8 @@ def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | No
             report.unknown_diagnoses.append(f"row {r['row']}: {r['image']} ({exc})")
             dx.append("")
     frame = pd.DataFrame({"row": table["row"], "lesion_id": "", "image_id": table["image"], "dx": dx})
-    return _pair(root, _tidy(frame), report, "the ISIC 2018 ground-truth CSV")
+    return pair_with_images(root, tidy_metadata(frame), report,
+                            "Check that the image files are named by the image ids in the ISIC 2018 ground-truth CSV.")
 
 
 def import_class_folders(root: str | Path) -> DatasetIndex:
@@ -202,7 +205,7 @@ def import_class_folders(root: str | Path) -> DatasetIndex:
     report = ValidationReport(metadata_path=f"class folders in {root}")
     records: list[dict] = []
     seen: dict[str, Path] = {}
-    for path in sorted(_walk_images(root)):
+    for path in sorted(walk_images(root)):
         report.images_found += 1
         rel = path.relative_to(root)
         if len(rel.parts) == 1:
@@ -218,8 +221,9 @@ def import_class_folders(root: str | Path) -> DatasetIndex:
             seen[path.stem] = path
             records.append({"row": len(records) + 1, "image_id": path.stem, "dx": code, "path": str(path)})
     report.rows_read = report.images_found
-    frame = _tidy(pd.DataFrame(records, columns=["row", "image_id", "dx", "path"]))
-    return _finish(root, frame, report, f"Put the images in folders named {', '.join(CLASSES)} directly in {root}.")
+    frame = tidy_metadata(pd.DataFrame(records, columns=["row", "image_id", "dx", "path"]))
+    hint = f"Put the images in folders named {', '.join(CLASSES)} directly in {root}."
+    return finish_index(root, frame, report, hint)
 
 
 # ---------------------------------------------------------------------------
@@ -261,78 +265,3 @@ def _find_table(root: Path, matches: Callable[[list[str]], bool], what: str) -> 
         if matches(_header(path)):
             return path
     raise DatasetError(f"No {what} found below {root}.")
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    """A CSV or TSV as strings, lower-case column names, and a ``row`` column with the line number."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    except OSError as exc:
-        raise DatasetError(f"Cannot read {path}: {exc.strerror}.") from None
-    first_line = text.split("\n", 1)[0]
-    sep = "\t" if first_line.count("\t") > first_line.count(",") else ","
-    try:
-        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DatasetError(f"{path} is not a readable CSV/TSV file ({exc}).") from None
-    table.columns = [c.strip().strip('"').strip().lower() for c in table.columns]
-    for col in table.columns:
-        table[col] = table[col].str.strip().str.strip('"').str.strip()
-    table.insert(0, "row", np.arange(2, len(table) + 2))  # the line number a user sees in an editor
-    return table
-
-
-def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """The column conventions of ``core.data.read_metadata``: every column present, ages numeric,
-    "unknown" for missing sex and site, and an image without a lesion id as its own lesion."""
-    frame = frame.copy()
-    for col in METADATA_COLUMNS:
-        if col not in frame.columns:
-            frame[col] = ""
-        elif col != "age":
-            frame[col] = frame[col].fillna("").astype(str)
-    frame["age"] = pd.to_numeric(frame["age"].replace({"": None}), errors="coerce")
-    frame["sex"] = frame["sex"].str.lower().replace({"": "unknown"})
-    frame["localization"] = frame["localization"].replace({"": "unknown"})
-    no_lesion = frame["lesion_id"] == ""
-    frame.loc[no_lesion, "lesion_id"] = "image:" + frame.loc[no_lesion, "image_id"]
-    return frame[["row", *METADATA_COLUMNS, *(["path"] if "path" in frame.columns else [])]]
-
-
-def _pair(root: Path, frame: pd.DataFrame, report: ValidationReport, source: str) -> DatasetIndex:
-    """Match table rows to image files named ``<image_id>.<ext>`` anywhere below ``root``.
-
-    Rows whose ``dx`` is empty were already reported as unknown diagnoses; their
-    images are set aside with them rather than reported again as unlisted.
-    """
-    files: dict[str, Path] = {}
-    for path in sorted(_walk_images(root)):
-        if path.stem in files:
-            report.duplicate_image_ids.append(f"{path.stem}: {files[path.stem]} and {path}")
-        else:
-            files[path.stem] = path
-    report.images_found = len(files) + len(report.duplicate_image_ids)
-
-    repeated = frame["image_id"].duplicated(keep="first")
-    for _, r in frame[repeated].iterrows():
-        report.duplicate_image_ids.append(f"row {r.row}: image_id {r.image_id} already listed")
-    frame = frame[~repeated]
-    listed = set(frame["image_id"])
-    frame = frame[frame["dx"] != ""]
-    has_file = frame["image_id"].isin(files.keys())
-    for _, r in frame[~has_file].iterrows():
-        report.rows_without_images.append(f"row {r.row}: {r.image_id}")
-    frame = frame[has_file].copy()
-    report.images_without_metadata.extend(str(p) for i, p in files.items() if i not in listed)
-    frame["path"] = [str(files[i]) for i in frame["image_id"]]
-    return _finish(root, frame, report, f"Check that the image files are named by the image ids in {source}.")
-
-
-def _finish(root: Path, frame: pd.DataFrame, report: ValidationReport, hint: str) -> DatasetIndex:
-    readable = np.array([_looks_like_image(Path(p)) for p in frame["path"]], dtype=bool)
-    report.unreadable_files.extend(frame.loc[~readable, "path"].tolist())
-    frame = frame[readable].copy()
-    if frame.empty:
-        raise DatasetError(f"No usable images below {root}: {report.summary()}\n{hint}")
-    frame["label"] = frame["dx"].map(CLASSES.index).astype(int)
-    return DatasetIndex(root=root, frame=frame.reset_index(drop=True), report=report)

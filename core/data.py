@@ -337,10 +337,14 @@ def oversample(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.concat(parts).reset_index(drop=True)
 
 
-def class_weights(labels: Sequence[int], num_classes: int = len(CLASSES)) -> torch.Tensor:
-    """Inverse-frequency weights (sklearn's 'balanced'), 0 for absent classes."""
+def class_weights(labels: Sequence[int], num_classes: int = len(CLASSES), power: float = 1.0) -> torch.Tensor:
+    """Inverse-frequency weights (sklearn's 'balanced') raised to ``power``, 0 for absent classes.
+
+    ``power`` 1 weighs every class equally in total; 0.5 (square-root weighting) is a
+    compromise that lifts rare classes without giving up most of the majority class's accuracy.
+    """
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
-    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0) ** power
     return torch.tensor(weights, dtype=torch.float32)
 
 

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS)
     p.add_argument("--imbalance", choices=IMBALANCE_STRATEGIES)
     p.add_argument("--focal-gamma", type=float)
+    p.add_argument("--class-weight-power", type=float, help="weighted_loss: inverse frequency to this power")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--optimizer", choices=OPTIMIZERS)

@@ -1,0 +1,204 @@
+"""Train the comparison runs (if missing) and write MODEL_CARD.md from run folders.
+
+    python bench/model_card.py --data ../shared/data/ham10000-200x150 --reference runs/reference-mnv2 [--train]
+
+Every number in the card is computed here from the runs' ``test_predictions.csv`` (the
+lesion-grouped test split of ``split_by_lesion(seed=0)``, calibrated by temperature
+scaling fitted on the validation split), so the card can be regenerated at any time.
+With ``--train``, the seed pipeline and one run per imbalance strategy are trained
+first (head-only on cached features; skipped when their run folder is complete).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
+from core.labels import CLASSES, DISPLAY_NAMES  # noqa: E402
+from core.training import IMBALANCE_STRATEGIES, config_with, read_run, train  # noqa: E402
+
+# ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
+COMPARISON_ARCH = "mobilenet_v2"
+
+
+def comparison_runs(data: str, out: Path) -> dict[str, Path]:
+    """The seed pipeline with each imbalance strategy (``oversample`` is the seed itself)."""
+    return {s: out / f"compare-{COMPARISON_ARCH}-{s}" for s in IMBALANCE_STRATEGIES}
+
+
+def train_comparisons(data: str, out: Path) -> None:
+    for strategy, run_dir in comparison_runs(data, out).items():
+        if (run_dir / "evaluation.json").is_file():
+            continue
+        cfg = config_with("seed", data=data, arch=COMPARISON_ARCH, imbalance=strategy, out=str(out),
+                          name=run_dir.name)
+        print(f"training {run_dir.name}", flush=True)
+        train(cfg, run_dir=run_dir, resume=(run_dir / "last.pt").is_file())
+
+
+def load_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Test labels, calibrated and uncalibrated probabilities, and the fitted temperature."""
+    table = pd.read_csv(run_dir / "test_predictions.csv")
+    labels = table["label"].to_numpy()
+    logits = table[[f"logit_{c}" for c in CLASSES]].to_numpy()
+    temperature = json.loads((run_dir / "evaluation.json").read_text())["temperature"]
+    return labels, softmax(logits, temperature), softmax(logits), temperature
+
+
+def wall_time(run_dir: Path) -> str:
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stamps = [datetime.fromisoformat(e["time"]) for e in events if e["event"] in ("start", "end")]
+    minutes = (max(stamps) - min(stamps)).total_seconds() / 60
+    return f"{minutes:.0f} min"
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
+    labels, probs, raw, temperature = load_predictions(reference)
+    m = compute_metrics(labels, probs)
+    m_raw = compute_metrics(labels, raw)
+    ci = confidence_intervals(labels, probs, n=2000)
+    cfg = read_run(reference)["config"]
+    mel = m["melanoma"]
+    split = pd.read_csv(reference / "split.csv")
+    sizes = split["split"].value_counts()
+    lines = [
+        "# Model card: Lesion Lab reference model",
+        "",
+        "> **Research and education only — not a medical device.** Not for diagnosis, treatment or triage.",
+        "",
+        "## Model",
+        f"- File: `checkpoints/reference.pt` ({cfg['arch']}, ImageNet-pretrained, fine-tuning policy "
+        f"`{cfg['finetune']}`, `{cfg['head']}` head), 7 outputs in the order {', '.join(CLASSES)}.",
+        f"- Input: the whole 200×150 image at its native size (`input_size` {cfg['input_size']} as H×W), ImageNet "
+        "normalisation. The checkpoint records `source_size` 200×150: the predictor first brings any upload to "
+        "200×150 (centre-cropped to 4:3, Lanczos), as the training images were.",
+        f"- Calibration: temperature scaling fitted on the validation split, T = {temperature:.3f}, stored in the "
+        "checkpoint and applied by the predictor.",
+        "",
+        "## Data and split",
+        "- HAM10000 (Tschandl et al. 2018, CC BY-NC-SA 4.0): 10015 dermatoscopic images of 7470 lesions, "
+        "**downscaled from 600×450 to 200×150** — the model sees less detail than models trained on the "
+        "full-resolution release.",
+        f"- Lesion-grouped split stratified by diagnosis (`split_by_lesion`, seed {cfg['split_seed']}, fractions "
+        f"{cfg['split_fractions']}): {sizes.get('train', 0)} training, {sizes.get('val', 0)} validation and "
+        f"{sizes.get('test', 0)} test images; no lesion appears in two splits.",
+        "- The 140 images in `sample_data/` are from the validation and test splits, never trained on.",
+        "",
+        "## Training",
+        f"- Command: `{command}`",
+        f"- Wall time: {wall_time(reference)} on the project's 2-core CPU machine (no GPU), shared with other work.",
+        f"- Recipe: {cfg['epochs']} epochs, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']} "
+        f"(weight decay {cfg['weight_decay']}), {cfg['scheduler']} schedule with {cfg['warmup_epochs']} warm-up "
+        f"epoch(s), label smoothing {cfg['label_smoothing']}, imbalance `{cfg['imbalance']}` "
+        f"(class-weight power {cfg.get('class_weight_power', 1.0)}), augmentation `{cfg['augmentation']}` "
+        "(flips, any rotation, scale 0.9–1.2, colour jitter); best epoch chosen by validation balanced accuracy.",
+        "",
+        "## Results on the held-out test split",
+        f"All numbers on the {m['n']} test images, calibrated probabilities, arg-max decision. 95% intervals: "
+        "bootstrap over test images (2000 resamples; images of one lesion are resampled independently, so the "
+        "intervals are somewhat optimistic).",
+        "",
+        "| metric | value | 95% interval | target |",
+        "| --- | --- | --- | --- |",
+        f"| accuracy | {fmt(m['accuracy'])} | {fmt(ci['accuracy'][0])}–{fmt(ci['accuracy'][1])} | ≥ 0.85 |",
+        f"| balanced accuracy (ISIC 2018 metric) | {fmt(m['balanced_accuracy'])} | "
+        f"{fmt(ci['balanced_accuracy'][0])}–{fmt(ci['balanced_accuracy'][1])} | ≥ 0.75 |",
+        f"| macro F1 | {fmt(m['macro']['f1'])} | {fmt(ci['macro_f1'][0])}–{fmt(ci['macro_f1'][1])} | |",
+        f"| weighted F1 | {fmt(m['weighted']['f1'])} | | |",
+        f"| melanoma ROC AUC (one-vs-rest) | {fmt(m['roc_auc']['per_class']['mel'])} | | ≥ 0.90 |",
+        f"| melanoma sensitivity / specificity at p(mel) ≥ 0.5 | {fmt(mel['sensitivity'])} / "
+        f"{fmt(mel['specificity'])} | | |",
+        f"| macro ROC AUC | {fmt(m['roc_auc']['macro'])} | | |",
+        f"| expected calibration error (15 bins), before → after temperature scaling | "
+        f"{fmt(m_raw['ece'])} → {fmt(m['ece'])} | | |",
+        "",
+        "### Per class",
+        "",
+        "| class | name | precision | recall | F1 | ROC AUC | support |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['code']} | {r['name']} | {fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | "
+              f"{fmt(r['auc'])} | {r['support']} |" for r in m["per_class"]]
+    lines += ["", "### Confusion matrix (rows: true class, columns: predicted)", "",
+              "| true \\ predicted | " + " | ".join(CLASSES) + " |", "| --- |" + " --- |" * len(CLASSES)]
+    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
+              for c, row in zip(CLASSES, m["confusion_matrix"], strict=True)]
+    lines += [
+        "",
+        "## Comparison on the same test split",
+        "",
+        f"The seed pipeline (frozen ImageNet backbone + 512→256→7 MLP head, batch 16, Adam 1e-3, StepLR(7, 0.1), "
+        f"10 epochs, 224×224) with each imbalance strategy. ResNet-18's ImageNet weights cannot be downloaded "
+        f"on the project's machines, so these runs use {COMPARISON_ARCH} as the frozen backbone; they train on "
+        "cached features (no augmentation, see README). The course project reported accuracy 0.661, weighted "
+        "F1 0.692 and melanoma precision 0.149 on an image-level split that leaks lesions.",
+        "",
+        "| run | accuracy | balanced acc. | macro F1 | weighted F1 | mel precision | mel recall | mel AUC |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = [(f"seed pipeline, imbalance `{s}`" + (" (the seed's own)" if s == "oversample" else ""), d)
+            for s, d in comparisons.items() if (d / "test_predictions.csv").is_file()]
+    rows.append(("**reference model**", reference))
+    for title, run_dir in rows:
+        r_labels, r_probs, _, _ = load_predictions(run_dir)
+        r = compute_metrics(r_labels, r_probs)
+        mel_row = r["per_class"][CLASSES.index("mel")]
+        lines.append(f"| {title} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | {fmt(r['macro']['f1'])} | "
+                     f"{fmt(r['weighted']['f1'])} | {fmt(mel_row['precision'])} | {fmt(mel_row['recall'])} | "
+                     f"{fmt(r['roc_auc']['per_class']['mel'])} |")
+    lines += [
+        "",
+        "## Intended use",
+        "- Teaching and research: showing how transfer learning, class imbalance, calibration and explanations "
+        "behave on a public dermoscopy dataset; a baseline for experiments.",
+        "- Not intended for clinical decisions, for screening, for self-examination by patients, or for images "
+        "that are not dermoscopic (phone snapshots, histology, clinical overview photos).",
+        "",
+        "## Limitations",
+        "- Trained and tested on one dataset, HAM10000, downscaled to 200×150; **no external validation yet** "
+        "(the ISIC 2018 test set can be evaluated with `python -m core.evaluate --data ... --split all`).",
+        "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair-skinned patients; performance on "
+        "darker skin types, other devices and other populations is unknown.",
+        "- Seven classes only: lesions outside them (e.g. invasive SCC, acral or mucosal lesions) are forced into "
+        "one of the seven.",
+        "- Labels: over half are confirmed by histopathology, the rest by follow-up, expert consensus or confocal "
+        "microscopy; nv is heavily over-represented (67%).",
+        "- Test-split metrics have the uncertainty shown above; rare classes (df, vasc) have only ~20 test images.",
+        "",
+        f"Regenerate: `python bench/model_card.py --data DATA --reference {reference.relative_to(ROOT)}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000-200x150"))
+    p.add_argument("--reference", type=Path, required=True, help="the reference model's run folder")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where comparison runs live")
+    p.add_argument("--train", action="store_true", help="train missing comparison runs first")
+    p.add_argument("--command", default="python -m core.train --preset reference --data "
+                   "../shared/data/ham10000-200x150 --out runs --name reference-mnv2")
+    p.add_argument("--out", type=Path, default=ROOT / "MODEL_CARD.md")
+    args = p.parse_args()
+    if args.train:
+        train_comparisons(args.data, args.runs)
+    args.out.write_text(card(args.reference.resolve(), comparison_runs(args.data, args.runs), args.command))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -42,7 +42,7 @@ from core.data import (
     split_by_lesion,
     train_transform,
 )
-from core.evaluation import compute_metrics, fit_temperature, softmax
+from core.evaluation import compute_metrics, fit_temperature, predict_logits, softmax
 from core.features import FeatureCache, backbone_key
 from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
@@ -320,18 +320,10 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
             "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
 
 
-@torch.inference_mode()
 def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    model.eval()
-    outs, labels = [], []
-    for inputs, targets in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        if cfg.channels_last and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            outs.append(model(inputs).float().cpu())
-        labels.append(torch.as_tensor(targets))
-    return torch.cat(outs).numpy(), torch.cat(labels).numpy()
+    """:func:`core.evaluation.predict_logits` under the run's autocast setting."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        return predict_logits(model, loader, device)
 
 
 def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:

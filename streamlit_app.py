@@ -9,20 +9,20 @@ import streamlit as st
 from core import jobs, settings
 from pages._shared import DATASET_KEY, dataset_choice
 
-st.set_page_config(page_title="Lesion Lab", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="Lesion Lab", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [
-    st.Page("pages/home.py", title="Home", icon="🏠", default=True),
-    st.Page("pages/dataset.py", title="Dataset", icon="🗂️"),
-    st.Page("pages/train.py", title="Train", icon="🏋️"),
-    st.Page("pages/evaluate.py", title="Evaluate", icon="📊"),
-    st.Page("pages/diagnose.py", title="Diagnose", icon="🩺"),
-    st.Page("pages/compare.py", title="Compare", icon="⚖️"),
+    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/dataset.py", title="Dataset", icon=":material/dataset:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/analytics:"),
+    st.Page("pages/diagnose.py", title="Diagnose", icon=":material/stethoscope:"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
 ]
 page = st.navigation(PAGES)
 
 with st.sidebar:
-    st.markdown("### 🔬 Lesion Lab")
+    st.markdown("### :material/biotech: Lesion Lab")
     default = settings.dataset_choice(None)
     # The widget writes through to a plain session key, which (unlike widget state) survives page switches.
     st.session_state.setdefault(DATASET_KEY, "")
@@ -36,13 +36,13 @@ with st.sidebar:
     )
     choice = dataset_choice()
     if choice.configured:
-        st.caption(f"Using **{choice.folder.name}** — {choice.source}")
+        st.caption(f"Using **{choice.folder.name}** (set by the {choice.source})")
     else:
         st.caption("No dataset configured — Diagnose still works.")
     job = jobs.active_job(settings.runs_dir())
     if job is not None:
         what = "Imbalance experiment" if job.kind == "experiment" else "Training"
-        st.info(f"{what} running: **{job.current_run or 'starting'}**", icon="⏳")
+        st.info(f"{what} running: **{job.current_run or 'starting'}**", icon=":material/hourglass_top:")
     st.caption("Research and education only — **not a medical device**.")
 
 page.run()

@@ -113,7 +113,7 @@ def training_curves(epochs: pd.DataFrame) -> go.Figure:
             if key in epochs and epochs[key].notna().any():
                 fig.add_trace(go.Scatter(x=x, y=epochs[key], name=name, mode="lines+markers",
                                          line=dict(color=colour, dash=dash), legendgroup=name,
-                                         showlegend=col == 2 or key == "train_loss",
+                                         showlegend=col == 2,
                                          hovertemplate=f"{name}<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>"),
                               row=1, col=col)
     fig.update_xaxes(title="epoch", dtick=1 if epochs is None or len(epochs) <= 20 else None)

@@ -17,7 +17,7 @@ DATASET_KEY = "dataset_folder"
 
 
 def research_notice() -> None:
-    st.warning(NOTICE, icon="⚕️")
+    st.warning(NOTICE, icon=":material/medical_information:")
 
 
 def dataset_choice() -> settings.DatasetChoice:
@@ -44,14 +44,14 @@ def load_dataset(show_help: bool = True) -> DatasetIndex | None:
     choice = dataset_choice()
     if not choice.configured:
         if show_help:
-            st.info(settings.HOW_TO_GET_DATA, icon="📂")
+            st.info(settings.HOW_TO_GET_DATA, icon=":material/folder_open:")
         return None
     try:
         return _index(str(choice.folder), _metadata_stamp(choice.folder))
     except DatasetError as exc:
         if show_help:
-            st.error(f"The dataset folder {choice.describe()} cannot be used:\n\n{exc}", icon="🚫")
-            st.info(settings.HOW_TO_GET_DATA, icon="📂")
+            st.error(f"The dataset folder {choice.describe()} cannot be used:\n\n{exc}", icon=":material/block:")
+            st.info(settings.HOW_TO_GET_DATA, icon=":material/folder_open:")
         return None
 
 
@@ -70,7 +70,7 @@ def evaluated_runs() -> list[jobs.RunState]:
 def no_runs_message(what: str = "evaluate") -> None:
     st.info(f"There is no finished run to {what} yet. Train one on the **Train** page (a few epochs of the "
             "`seed` preset is enough to see everything), or from a terminal: "
-            "`python -m core.train --preset seed --data DATASET --epochs 3`.", icon="🧪")
+            "`python -m core.train --preset seed --data DATASET --epochs 3`.", icon=":material/science:")
 
 
 def run_label(run: jobs.RunState) -> str:

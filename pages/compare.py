@@ -7,7 +7,7 @@ from core import jobs, plots
 from core.models import ARCHITECTURES
 from pages._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
 
-st.title("⚖️ Compare")
+st.title("Compare")
 RUNS = runs_dir()
 
 
@@ -33,11 +33,10 @@ def predictions_or_none(run: jobs.RunState):
 
 def comparison(chosen: list[jobs.RunState]) -> None:
     table = pd.DataFrame([headline(r) for r in chosen]).set_index("run")
-    numeric = ["accuracy", "balanced accuracy", "macro F1", "macro AUC", "melanoma sensitivity",
-               "melanoma specificity", "ECE"]
+    shown = table.map(lambda v: "—" if v is None or (isinstance(v, float) and np.isnan(v))
+                      else f"{v:.3f}" if isinstance(v, float) else str(v)).T  # one column per run
     st.markdown("**Headline metrics** (test split, calibrated; melanoma at P(mel) ≥ 0.5)")
-    st.dataframe(table, width="stretch",
-                 column_config={c: st.column_config.NumberColumn(format="%.3f") for c in numeric})
+    st.dataframe(shown, width="stretch", height=36 * (len(shown) + 1) + 4)
     rows = []
     for r in chosen:
         for pc in predictions_or_none(r)[4].get("test", {}).get("per_class", []):
@@ -75,12 +74,13 @@ def experiment_form() -> None:
         epochs = c[2].number_input("Epochs", 1, 100, 5, key="exp_epochs")
         size = c[3].number_input("Image size", 32, 512, 224, step=16, key="exp_size")
         max_images = c[4].number_input("At most N images (0 = all)", 0, 1_000_000, 0, key="exp_max")
-        go = st.form_submit_button("Run the imbalance experiment", type="primary", icon="🧪",
+        go = st.form_submit_button("Run the imbalance experiment", type="primary", icon=":material/science:",
                                    disabled=job is not None or index is None)
     if index is None:
         st.caption("The experiment needs a dataset (see the Dataset page).")
     if job is not None:
-        st.info("A training job is running; the experiment can start when it has finished.", icon="⏳")
+        st.info("A training job is running; the experiment can start when it has finished.",
+                icon=":material/hourglass_top:")
     if go:
         base = {"data": str(dataset_choice().folder), "arch": arch, "weights": weights, "epochs": int(epochs),
                 "input_size": [int(size), int(size)], "max_images": int(max_images) or None}
@@ -90,9 +90,9 @@ def experiment_form() -> None:
             base = {**config_with("seed", **base).to_dict(), "name": ""}
             started = jobs.start_experiment(base, RUNS)
         except jobs.JobBusyError as exc:
-            st.error(str(exc), icon="⏳")
+            st.error(str(exc), icon=":material/hourglass_top:")
         except (jobs.JobError, ValueError, OSError, ImportError) as exc:
-            st.error(f"The experiment could not start: {exc}", icon="🚫")
+            st.error(f"The experiment could not start: {exc}", icon=":material/block:")
         else:
             st.session_state["cmp_experiment"] = started.experiment
             st.rerun()
@@ -115,9 +115,11 @@ def experiment_status(manifest: dict) -> None:
     running = job is not None and job.experiment == manifest["name"]
     if running:
         if job.stop_requested:
-            st.warning("Stopping: the current run ends after its step; the queued ones will not start.", icon="⏹️")
+            st.warning("Stopping: the current run ends after its step; the queued ones will not start.",
+                       icon=":material/stop_circle:")
         else:
-            st.button("Stop the experiment", icon="⏹️", key="exp_stop", on_click=jobs.stop_job, args=(RUNS,))
+            st.button("Stop the experiment", icon=":material/stop_circle:", key="exp_stop", on_click=jobs.stop_job,
+                      args=(RUNS,))
     # Refill the comparison (a full rerun) whenever another run of the experiment has finished.
     seen_key = f"exp_done_{manifest['name']}"
     if st.session_state.get(seen_key, done) != done:
@@ -142,7 +144,7 @@ with tab_exp:
 with tab_cmp:
     if len(runs) < 2 and not list_runs():
         st.info("Comparing needs at least two finished runs. Train them on the Train page, or start the imbalance "
-                "experiment (next tab), which trains five runs for you.", icon="🧪")
+                "experiment (next tab), which trains five runs for you.", icon=":material/science:")
     names = [r.name for r in runs]
     default = []
     if experiments:

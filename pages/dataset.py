@@ -7,7 +7,7 @@ from core.data import split_by_lesion, split_counts
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from pages._shared import dataset_choice, load_dataset
 
-st.title("🗂️ Dataset")
+st.title("Dataset")
 index = load_dataset()
 if index is None:
     st.stop()
@@ -75,9 +75,9 @@ with tab_report:
     report = index.report
     if report.ok:
         st.success(f"No problems: {report.rows_read} metadata rows, {report.images_found} image files, "
-                   f"all paired.", icon="✅")
+                   f"all paired.", icon=":material/check_circle:")
     else:
-        st.warning("Some files or rows were set aside (nothing is dropped silently):", icon="⚠️")
+        st.warning("Some files or rows were set aside (nothing is dropped silently):", icon=":material/warning:")
         st.text(report.summary())
         st.dataframe(report.problems(), width="stretch", hide_index=True)
     st.caption(f"Metadata: `{report.metadata_path}`. Indexing checks file signatures only; the trainer reports "
@@ -103,4 +103,4 @@ with tab_split:
         if leaks:
             st.error(f"{leaks} lesions appear in more than one split.")
         else:
-            st.success("No lesion appears in more than one split.", icon="✅")
+            st.success("No lesion appears in more than one split.", icon=":material/check_circle:")

@@ -9,14 +9,14 @@ from pages._shared import get_predictor, research_notice
 
 MAX_UPLOAD_MB = 10
 
-st.title("🩺 Diagnose")
+st.title("Diagnose")
 research_notice()
 
 models = settings.model_files()
 if not models:
     st.info("No model is available. Diagnose uses `checkpoints/*.pt` (the repository ships "
             "`checkpoints/reference.pt`) and the `best.pt` of every finished training run: train one on the "
-            "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.", icon="🧠")
+            "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.", icon=":material/neurology:")
     st.stop()
 
 c_model, c_tta = st.columns([3, 1])
@@ -25,7 +25,7 @@ tta = c_tta.toggle("Flip averaging (TTA)", key="diag_tta",
                    help="Average the prediction over the image and its three flips (4 passes).")
 predictor, error = get_predictor(model_path)
 if predictor is None:
-    st.error(f"This model cannot be used: {error}", icon="🚫")
+    st.error(f"This model cannot be used: {error}", icon=":material/block:")
     st.stop()
 ckpt = predictor.checkpoint
 st.caption(f"{predictor.arch}, input {tuple(predictor.prep.input_size)}, temperature "
@@ -35,10 +35,11 @@ upload = st.file_uploader(f"Dermoscopy image (JPEG or PNG, at most {MAX_UPLOAD_M
                           type=["jpg", "jpeg", "png"], max_upload_size=MAX_UPLOAD_MB, key="diag_upload")
 if upload is None:
     st.info("Upload a dermoscopic image of a pigmented lesion to see the model's prediction, its calibrated "
-            "probabilities for all seven classes and where it looked.", icon="⬆️")
+            "probabilities for all seven classes and where it looked.", icon=":material/upload:")
     st.stop()
 if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
-    st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.", icon="🚫")
+    st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.",
+             icon=":material/block:")
     st.stop()
 
 # One prediction per (file, model, TTA), kept in the session only: reruns from the sliders reuse it.
@@ -48,11 +49,11 @@ if cached is None or cached[0] != key:
     try:
         prediction = predictor.predict(upload.getvalue(), tta=tta)
     except ImageError as exc:
-        st.error(f"This file cannot be used: {exc}", icon="🚫")
+        st.error(f"This file cannot be used: {exc}", icon=":material/block:")
         st.stop()
     except Exception as exc:  # noqa: BLE001 — any decoder surprise must end in a message, not a traceback
         st.error(f"{upload.name} could not be read as an image ({type(exc).__name__}). Upload a JPEG or PNG "
-                 "photo.", icon="🚫")
+                 "photo.", icon=":material/block:")
         st.stop()
     st.session_state["diag_result"] = cached = (key, prediction)
     st.session_state.pop("diag_cam", None)
@@ -61,12 +62,13 @@ prediction = cached[1]
 check = dermoscopy_check(prediction.image)
 if not check.looks_dermoscopic:
     st.warning("This does not look like a dermoscopic image: " + "; ".join(check.reasons) + ". The model "
-               "only knows dermoscopy of pigmented lesions, so its output here means little.", icon="🔍")
+               "only knows dermoscopy of pigmented lesions, so its output here means little.",
+               icon=":material/image_search:")
 if prediction.confidence < LOW_CONFIDENCE:
     st.warning(f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this "
-               "result as undecided.", icon="❓")
+               "result as undecided.", icon=":material/help:")
 
-left, right = st.columns([1, 1], gap="large")
+right, left = st.columns([6, 5], gap="large")  # prediction first, explanation beside it
 with right:
     kind = "malignant" if prediction.top_class in MALIGNANT else "benign"
     st.markdown(f"### {prediction.top_name} ({prediction.top_class})")

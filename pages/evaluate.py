@@ -11,7 +11,7 @@ from core.evaluation import melanoma_operating_point, reliability_curve, roc_cur
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 from pages._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 
-st.title("📊 Evaluate")
+st.title("Evaluate")
 runs = evaluated_runs()
 if not runs:
     no_runs_message("evaluate")
@@ -23,7 +23,7 @@ run = runs[names.index(chosen)]
 try:
     table, labels, probs, logits, evaluation = predictions(run.path)
 except ValueError as exc:
-    st.error(str(exc), icon="🚫")
+    st.error(str(exc), icon=":material/block:")
     st.stop()
 
 metrics = evaluation.get("test") or {}
@@ -45,7 +45,7 @@ m[3].metric("Macro ROC AUC", "—" if auc is None else f"{auc:.3f}")
 m[4].metric("ECE (calibrated)", f"{metrics.get('ece', float('nan')):.3f}", help="Expected calibration error.")
 m[5].metric("Temperature", f"{temperature:.2f}")
 if len(labels) < 100:
-    st.info(f"Only {len(labels)} test images: these numbers are very noisy.", icon="ℹ️")
+    st.info(f"Only {len(labels)} test images: these numbers are very noisy.", icon=":material/info:")
 
 tab_cm, tab_roc, tab_cal, tab_mel, tab_err = st.tabs(
     ["Confusion matrix & report", "ROC curves", "Calibration", "Melanoma threshold", "Misclassified images"])
@@ -53,11 +53,10 @@ tab_cm, tab_roc, tab_cal, tab_mel, tab_err = st.tabs(
 with tab_cm:
     mode = st.segmented_control("Show", ["counts", "row-normalised"], default="counts", key="eval_cm_mode",
                                 required=True)
-    left, right = st.columns([3, 2])
+    left, right = st.columns([5, 4])
     left.plotly_chart(plots.confusion_figure(np.array(metrics["confusion_matrix"]), normalize=mode != "counts"),
                       width="stretch")
-    report = pd.DataFrame(metrics["per_class"]).set_index("code")[["name", "precision", "recall", "f1", "support",
-                                                                   "auc"]]
+    report = pd.DataFrame(metrics["per_class"]).set_index("code")[["precision", "recall", "f1", "auc", "support"]]
     right.markdown("**Per-class report**")
     right.dataframe(report, width="stretch", column_config={
         c: st.column_config.NumberColumn(format="%.3f") for c in ("precision", "recall", "f1", "auc")})
@@ -94,7 +93,7 @@ with tab_mel:
 with tab_err:
     wrong = table.assign(pred=preds, confidence=probs.max(axis=1))[preds != labels]
     if wrong.empty:
-        st.success("No test image is misclassified.", icon="🎯")
+        st.success("No test image is misclassified.", icon=":material/verified:")
     else:
         f1, f2, f3 = st.columns(3)
         true_filter = f1.multiselect("True class", CLASSES, key="eval_err_true")

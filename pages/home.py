@@ -4,7 +4,7 @@ import streamlit as st
 from core import jobs, settings
 from pages._shared import dataset_choice, list_runs, load_dataset, research_notice
 
-st.title("🔬 Lesion Lab")
+st.title("Lesion Lab")
 st.markdown("Decision-support dashboard for **pigmented skin lesions**, built on the HAM10000 dermoscopy dataset "
             "(7 diagnoses). Explore the data, train and evaluate classifiers, and see what a model looks at.")
 research_notice()
@@ -24,25 +24,27 @@ c4.metric("Training job", "running" if job else "idle")
 
 if index is None:
     if choice.configured:
-        st.error(f"The dataset folder {choice.describe()} is not usable; the Dataset page says why.", icon="🚫")
+        st.error(f"The dataset folder {choice.describe()} is not usable; the Dataset page says why.",
+                 icon=":material/block:")
     else:
-        st.info(settings.HOW_TO_GET_DATA, icon="📂")
+        st.info(settings.HOW_TO_GET_DATA, icon=":material/folder_open:")
 if not models:
     st.info("No model yet: Diagnose needs a checkpoint in `checkpoints/` (the repository ships "
-            "`checkpoints/reference.pt`) or a finished training run.", icon="🧠")
+            "`checkpoints/reference.pt`) or a finished training run.", icon=":material/neurology:")
 
 st.subheader("Pages")
 cols = st.columns(3)
 links = [
-    ("pages/dataset.py", "Dataset", "🗂️", "Class balance, metadata, image gallery, validation report and the "
-                                          "lesion-grouped split."),
-    ("pages/train.py", "Train", "🏋️", "Train a model in the background with live loss and accuracy curves."),
-    ("pages/evaluate.py", "Evaluate", "📊", "Confusion matrix, ROC, calibration, melanoma threshold and the "
-                                            "misclassified images with Grad-CAM."),
-    ("pages/diagnose.py", "Diagnose", "🩺", "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and "
-                                            "feature maps. Works without a dataset."),
-    ("pages/compare.py", "Compare", "⚖️", "Runs side by side, and a one-click experiment over the five "
-                                          "class-imbalance strategies."),
+    ("pages/dataset.py", "Dataset", ":material/dataset:",
+     "Class balance, metadata, image gallery, validation report and the lesion-grouped split."),
+    ("pages/train.py", "Train", ":material/model_training:",
+     "Train a model in the background with live loss and accuracy curves."),
+    ("pages/evaluate.py", "Evaluate", ":material/analytics:",
+     "Confusion matrix, ROC, calibration, melanoma threshold and the misclassified images with Grad-CAM."),
+    ("pages/diagnose.py", "Diagnose", ":material/stethoscope:",
+     "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and feature maps. Works without a dataset."),
+    ("pages/compare.py", "Compare", ":material/compare:",
+     "Runs side by side, and a one-click experiment over the five class-imbalance strategies."),
 ]
 for i, (path, title, icon, text) in enumerate(links):
     with cols[i % 3].container(border=True):

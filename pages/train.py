@@ -5,7 +5,7 @@ from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
 from pages._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
 
-st.title("🏋️ Train")
+st.title("Train")
 
 try:
     from core.data import AUGMENTATIONS
@@ -70,10 +70,10 @@ def config_form() -> None:
                        "(much faster); augmentation applies to the other fine-tuning policies.")
         busy = job is not None
         submitted = st.form_submit_button("Start training", type="primary", disabled=busy or index is None,
-                                          icon="▶️")
+                                          icon=":material/play_arrow:")
     if busy:
         st.info("A training job is running (below). Only one job runs at a time: stop it or wait for it to "
-                "finish before starting another.", icon="⏳")
+                "finish before starting another.", icon=":material/hourglass_top:")
     if not submitted:
         return
     if weights == "imagenet" and not weights_file(arch).is_file():
@@ -88,17 +88,18 @@ def config_form() -> None:
                           max_images=int(max_images) or None, data=str(dataset_choice().folder), out=str(RUNS))
         started = jobs.start_training(cfg.to_dict(), RUNS)
     except jobs.JobBusyError as exc:
-        st.error(str(exc), icon="⏳")
+        st.error(str(exc), icon=":material/hourglass_top:")
     except (jobs.JobError, ValueError, OSError) as exc:
-        st.error(f"Training could not start: {exc}", icon="🚫")
+        st.error(f"Training could not start: {exc}", icon=":material/block:")
     else:
-        st.toast(f"Training {started.runs[0]} started", icon="🏋️")
+        st.toast(f"Training {started.runs[0]} started", icon=":material/model_training:")
         st.rerun()
 
 
-def show_run(run: jobs.RunState, active: bool) -> None:
-    """Progress, curves and outcome of one run."""
-    icon = {"finished": "✅", "stopped": "⏹️", "failed": "❌", "interrupted": "❌"}.get(run.state, "⏳")
+def show_run(run: jobs.RunState, active: bool, controls=None) -> None:
+    """Progress, curves and outcome of one run; ``controls`` draws buttons under the progress bar."""
+    icon = {"finished": ":material/check_circle:", "stopped": ":material/stop_circle:", "failed": ":material/error:",
+            "interrupted": ":material/error:"}.get(run.state, ":material/hourglass_top:")
     st.subheader(f"{icon} {run.name}")
     cfg = run.config
     if cfg:
@@ -106,6 +107,8 @@ def show_run(run: jobs.RunState, active: bool) -> None:
                                                          "batch_size", "lr") if k in cfg)
                    + (f" · device {run.start['device']}" if run.start and run.start.get("device") else ""))
     st.progress(run.fraction_done(), text=run.progress_text())
+    if controls is not None:
+        controls()
     if run.epochs:
         st.plotly_chart(plots.training_curves(jobs.epochs_table(run)), width="stretch", key=f"curves_{run.name}")
         last = run.epochs[-1]
@@ -117,12 +120,13 @@ def show_run(run: jobs.RunState, active: bool) -> None:
     elif active:
         st.caption("The curves appear when the first epoch is done.")
     if run.state == "finished":
-        st.success("Finished: the best checkpoint was calibrated and evaluated on the test split.", icon="✅")
-        st.page_link("pages/evaluate.py", label="Open it on Evaluate", icon="📊")
+        st.success("Finished: the best checkpoint was calibrated and evaluated on the test split.",
+                   icon=":material/check_circle:")
+        st.page_link("pages/evaluate.py", label="Open it on Evaluate", icon=":material/analytics:")
     elif run.state == "stopped":
         st.info("Stopped on request." + (" The best epoch so far was saved and evaluated." if run.has_model else ""))
     elif run.state in ("failed", "interrupted"):
-        st.error(f"Training failed: {run.error or 'no error message'}", icon="❌")
+        st.error(f"Training failed: {run.error or 'no error message'}", icon=":material/error:")
     if run.state in ("failed", "interrupted") or active:
         with st.expander("Training log (last lines)"):
             st.code(run.log_tail() or "(empty)", language=None)
@@ -134,17 +138,21 @@ def monitor() -> None:
     if current is not None and current.id != "?":
         name = current.current_run
         if name is None:
-            st.info("Starting the training process…", icon="⏳")
+            st.info("Starting the training process…", icon=":material/hourglass_top:")
             return
         run = jobs.read_run(RUNS / name, current)
-        show_run(run, active=True)
-        if current.stop_requested:
-            st.warning("Stopping: the run ends after its current step and still saves its best epoch.", icon="⏹️")
-            st.button("Force stop now", on_click=jobs.kill_job, args=(RUNS,),
-                      help="Terminate the training process immediately (nothing more is saved).")
-        else:
-            # A callback runs before the rerun it triggers, so the page shows "Stopping" at once.
-            st.button("Stop training", icon="⏹️", on_click=jobs.stop_job, args=(RUNS,))
+
+        def controls() -> None:
+            if current.stop_requested:
+                st.warning("Stopping: the run ends after its current step and still saves its best epoch.",
+                           icon=":material/stop_circle:")
+                st.button("Force stop now", on_click=jobs.kill_job, args=(RUNS,),
+                          help="Terminate the training process immediately (nothing more is saved).")
+            else:
+                # A callback runs before the rerun it triggers, so the page shows "Stopping" at once.
+                st.button("Stop training", icon=":material/stop_circle:", on_click=jobs.stop_job, args=(RUNS,))
+
+        show_run(run, active=True, controls=controls)
         if current.kind == "experiment":
             st.caption(f"Part of the imbalance experiment {current.experiment}; see it on Compare.")
         return
@@ -160,7 +168,7 @@ def monitor() -> None:
 
 
 if flash := st.session_state.pop("train_flash", None):
-    st.warning(flash, icon="🌐")
+    st.warning(flash, icon=":material/cloud_off:")
 if index is None and job is None:
     st.caption("Training needs a dataset (above). Past runs are listed below.")
 st.markdown("#### New run")

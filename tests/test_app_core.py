@@ -14,7 +14,6 @@ from core.labels import CLASSES
 from core.visuals import dermoscopy_check, feature_map_grid, top_channels
 from tests.app_support import lesion_image
 
-
 # ---------------------------------------------------------------------------
 # Settings
 

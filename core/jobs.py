@@ -33,6 +33,7 @@ from typing import Any
 from core.settings import PROJECT_ROOT
 
 LOCK_NAME = ".job.lock"
+DOWNLOAD_LOCK = ".download.lock"  # downloads have their own lock: they may run beside a training job
 JOBS_DIR = ".jobs"
 EXPERIMENTS_DIR = ".experiments"
 IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
@@ -56,6 +57,10 @@ class JobBusyError(JobError):
 
     def __init__(self, job: Job):
         self.job = job
+        if job.kind == "download":
+            super().__init__(f"A dataset download is already running (started {_ago(job.started)}); "
+                             "wait for it to finish or cancel it first.")
+            return
         what = "imbalance experiment" if job.kind == "experiment" else "training run"
         current = job.current_run or (job.runs[0] if job.runs else "?")
         super().__init__(
@@ -187,14 +192,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _lock_path(runs_dir: Path) -> Path:
-    return Path(runs_dir) / LOCK_NAME
+def _lock_path(runs_dir: Path, name: str = LOCK_NAME) -> Path:
+    return Path(runs_dir) / name
 
 
-def active_job(runs_dir: Path) -> Job | None:
+def active_job(runs_dir: Path, lock_name: str = LOCK_NAME) -> Job | None:
     """The job holding the lock, or None. A stale lock (its process is gone) is removed."""
     runs_dir = Path(runs_dir)
-    lock = _lock_path(runs_dir)
+    lock = _lock_path(runs_dir, lock_name)
     data = _read_json(lock)
     if data is None:
         if lock.exists():
@@ -219,21 +224,21 @@ def _release(lock: Path, job_id: str) -> None:
         lock.unlink(missing_ok=True)
 
 
-def _acquire(runs_dir: Path, job: Job) -> None:
+def _acquire(runs_dir: Path, job: Job, lock_name: str = LOCK_NAME) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_path(runs_dir)
+    lock = _lock_path(runs_dir, lock_name)
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = active_job(runs_dir)  # releases a stale lock
+            holder = active_job(runs_dir, lock_name)  # releases a stale lock
             if holder is not None:
                 raise JobBusyError(holder) from None
             continue
         with os.fdopen(fd, "w") as fh:
             json.dump(job.to_dict(), fh)
         return
-    holder = active_job(runs_dir)
+    holder = active_job(runs_dir, lock_name)
     raise JobBusyError(holder or job)
 
 
@@ -265,14 +270,26 @@ def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | Non
         raise JobError("run names in one job must differ")
     for name in names:
         _check_name(runs_dir, name)
-    job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6], kind=kind, runs=names,
-              runs_dir=runs_dir, pid=os.getpid(), pid_start=_proc_start_time(os.getpid()), experiment=experiment)
-    _acquire(runs_dir, job)
+    job = Job(id=_new_id(), kind=kind, runs=names, runs_dir=runs_dir, pid=os.getpid(),
+              pid_start=_proc_start_time(os.getpid()), experiment=experiment)
+    extra = {"configs": [f"{c['name']}.json" for c in configs]}
+    return _spawn(job, LOCK_NAME, extra, {f"{c['name']}.json": c for c in configs})
+
+
+def _new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
+    """Take the lock, write the job's files and start its detached worker (``python -m core.jobs worker``)."""
+    runs_dir = job.runs_dir
+    _acquire(runs_dir, job, lock_name)
+    lock = _lock_path(runs_dir, lock_name)
     try:
         job_dir = job.file.parent
-        for cfg in configs:
-            _write_json(job_dir / f"{cfg['name']}.json", cfg)
-        _write_json(job.file, {**job.to_dict(), "configs": [f"{c['name']}.json" for c in configs]})
+        for name, content in files.items():
+            _write_json(job_dir / name, content)
+        _write_json(job.file, {**job.to_dict(), **extra, "lock": lock_name})
         log = open(job_dir / "worker.log", "ab")
         try:
             proc = subprocess.Popen(
@@ -283,12 +300,12 @@ def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | Non
         finally:
             log.close()
         job.pid, job.pid_start = proc.pid, _proc_start_time(proc.pid)
-        data = _read_json(_lock_path(runs_dir))
+        data = _read_json(lock)
         if data is not None and data.get("id") == job.id:
-            _write_json(_lock_path(runs_dir), job.to_dict())
-        _write_json(job.file, {**job.to_dict(), "configs": [f"{c['name']}.json" for c in configs]})
+            _write_json(lock, job.to_dict())
+        _write_json(job.file, {**job.to_dict(), **extra, "lock": lock_name})
     except BaseException:
-        _release(_lock_path(runs_dir), job.id)
+        _release(lock, job.id)
         raise
     return job
 
@@ -645,13 +662,94 @@ def worker(job_file: Path) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        for cfg_name in data["configs"]:
-            if job.stop_requested:
-                break
-            _run_one(job, job_file.parent / cfg_name)
+        if job.kind == "download":
+            _download(job, data)
+        else:
+            for cfg_name in data["configs"]:
+                if job.stop_requested:
+                    break
+                _run_one(job, job_file.parent / cfg_name)
     finally:
-        _release(_lock_path(job.runs_dir), job.id)
+        _release(_lock_path(job.runs_dir, data.get("lock", LOCK_NAME)), job.id)
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Dataset download (the Dataset page's "Get HAM10000")
+
+
+def start_download(dest: Path, runs_dir: Path, *, include_external: bool = False, server: str | None = None) -> Job:
+    """Download HAM10000 into ``dest`` in the background (resumable; see ``core.download``)."""
+    runs_dir = Path(runs_dir).resolve()
+    dest = Path(dest).expanduser().resolve()
+    job = Job(id=_new_id(), kind="download", runs=[], runs_dir=runs_dir, pid=os.getpid(),
+              pid_start=_proc_start_time(os.getpid()))
+    extra = {"dest": str(dest), "include_external": include_external, "server": server}
+    job = _spawn(job, DOWNLOAD_LOCK, extra, {})
+    _write_json(runs_dir / JOBS_DIR / "last_download.json", {"id": job.id})
+    return job
+
+
+def active_download(runs_dir: Path) -> Job | None:
+    return active_job(runs_dir, DOWNLOAD_LOCK)
+
+
+def download_status(runs_dir: Path) -> dict | None:
+    """The latest download's state: ``state`` (running, finished, failed), ``dest``, and while running
+    ``stage``, ``file``, ``done``, ``total``; ``summary`` or ``error`` when it has ended."""
+    runs_dir = Path(runs_dir)
+    last = _read_json(runs_dir / JOBS_DIR / "last_download.json")
+    if not last:
+        return None
+    job_dir = runs_dir / JOBS_DIR / last["id"]
+    info = _read_json(job_dir / "job.json") or {}
+    status = {"state": "running", "dest": info.get("dest"), **(_read_json(job_dir / "progress.json") or {}),
+              **(_read_json(job_dir / "status.json") or {})}
+    if status["state"] == "running":
+        job = active_download(runs_dir)
+        if job is None or job.id != last["id"]:
+            status["state"] = "failed"
+            status["error"] = status.get("error") or ("the download process ended unexpectedly:\n"
+                                                      + log_tail(job_dir / "worker.log", 10))
+    return status
+
+
+def cancel_download(runs_dir: Path) -> bool:
+    """Stop the running download; what was verified stays, a partial file resumes next time."""
+    job = active_download(runs_dir)
+    if job is None or not job.pid or job.id == "?":
+        return False
+    _write_json(job.file.parent / "status.json", {"state": "failed", "error": "cancelled; start it again to resume"})
+    try:
+        os.killpg(job.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _download(job: Job, data: dict) -> None:
+    from core.data import DatasetError
+    from core.dataverse import DEFAULT_SERVER, DownloadError
+    from core.download import download_dataset
+
+    job_dir = job.file.parent
+    last = [0.0]
+
+    def progress(p) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5 or (p.total is not None and p.done >= p.total):
+            last[0] = now
+            _write_json(job_dir / "progress.json",
+                        {"stage": p.stage, "file": p.file, "done": p.done, "total": p.total})
+
+    try:
+        summary = download_dataset(data["dest"], server=data.get("server") or DEFAULT_SERVER,
+                                   include_external=bool(data.get("include_external")), progress=progress)
+    except (DownloadError, DatasetError, OSError) as exc:
+        _write_json(job_dir / "status.json", {"state": "failed", "error": str(exc)})
+        return
+    _write_json(job_dir / "status.json", {"state": "finished", "summary": summary.text(),
+                                          "ok": summary.report is not None and summary.report.ok})
 
 
 def main(argv: Iterable[str] | None = None) -> int:

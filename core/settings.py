@@ -25,11 +25,14 @@ SETTINGS_FILE = PROJECT_ROOT / ".streamlit" / "lesionlab.toml"
 DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"
 CHECKPOINTS_ENV = "LESIONLAB_CHECKPOINTS"
+DATAVERSE_ENV = "LESIONLAB_DATAVERSE"  # another Dataverse server (a mirror; the tests' fake one)
+DEFAULT_DOWNLOAD = PROJECT_ROOT / "data" / "ham10000"
 
 HOW_TO_GET_DATA = (
     "**No dataset is configured.** To get one:\n"
-    "- download HAM10000 with `python -m core.download` (it asks where to put it), or copy a folder holding "
-    "`HAM10000_metadata.csv` and the images;\n"
+    "- download HAM10000 (about 2.8 GB) with **Get HAM10000** on the Dataset page or "
+    "`python -m core.download --dest data/ham10000`, or copy a folder holding `HAM10000_metadata.csv` and "
+    "the images;\n"
     "- then enter that folder in the sidebar under **Dataset folder**, set the environment variable "
     f"`{DATA_ENV}=/path/to/folder` before `streamlit run`, or write `[data]` / `folder = \"/path\"` in "
     "`.streamlit/lesionlab.toml`.\n\n"
@@ -107,3 +110,8 @@ def model_label(path: Path, env: dict | None = None) -> str:
     if path.name == "best.pt" and path.parent.parent == runs_dir(env):
         return f"run: {path.parent.name}"
     return f"checkpoint: {path.stem}"
+
+
+def dataverse_server(env: dict | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get(DATAVERSE_ENV) or None

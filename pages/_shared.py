@@ -148,3 +148,80 @@ def cam_overlay(checkpoint: str, image_path: str, target: int, method: str = "gr
     except OSError:
         return None
     return _cam_overlay(checkpoint, stamp, image_path, target, method, alpha)
+
+
+# ---------------------------------------------------------------------------
+# Get HAM10000 (a background download job; see core.jobs.start_download)
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _use_folder(folder: str) -> None:
+    st.session_state[DATASET_KEY] = folder
+
+
+def _download_body(active: jobs.Job | None) -> None:
+    runs = runs_dir()
+    status = jobs.download_status(runs)
+    if active is not None:
+        stage = {"download": "Downloading", "verify": "Verifying", "extract": "Extracting"}.get(
+            (status or {}).get("stage"), "Starting")
+        done, total = (status or {}).get("done", 0), (status or {}).get("total")
+        text = f"{stage} {(status or {}).get('file', '')}: {_size(done)}" + (f" of {_size(total)}" if total else "")
+        st.progress(min(1.0, done / total) if total else 0.0, text=text)
+        st.button("Cancel download", icon=":material/cancel:", on_click=jobs.cancel_download, args=(runs,),
+                  help="Verified files stay; a partial file resumes when you start again.")
+        return
+    if status is not None and status["state"] == "finished":
+        st.success(f"HAM10000 is ready in `{status['dest']}`.", icon=":material/check_circle:")
+        with st.expander("Download report"):
+            st.code(status.get("summary", ""), language=None)
+        st.button("Use this folder", type="primary", on_click=_use_folder, args=(status["dest"],))
+    elif status is not None and status["state"] == "failed":
+        st.error(f"The download did not finish: {status.get('error')}\n\nStart it again to resume.",
+                 icon=":material/cloud_off:")
+    with st.form("download_form", border=False):
+        dest = st.text_input("Download into", value=str(settings.DEFAULT_DOWNLOAD), key="download_dest")
+        external = st.checkbox("Also the ISIC 2018 Task 3 test set (an external test set, into its own folder)",
+                               key="download_external")
+        go = st.form_submit_button("Download HAM10000", icon=":material/download:")
+    st.caption("From the Harvard Dataverse (doi:10.7910/DVN/DBW86T, CC BY-NC-SA 4.0): about 2.8 GB, resumable, "
+               "every file checked against its published checksum, then validated. "
+               "Same as `python -m core.download --dest FOLDER`.")
+    if go:
+        try:
+            jobs.start_download(Path(dest).expanduser() if Path(dest).expanduser().is_absolute()
+                                else settings.PROJECT_ROOT / dest, runs, include_external=external,
+                                server=settings.dataverse_server())
+        except jobs.JobError as exc:
+            st.error(str(exc))
+        except OSError as exc:
+            st.error(f"The download could not start: {exc}")
+        else:
+            st.rerun()
+
+
+@st.fragment(run_every=1)
+def _download_live(started_id: str) -> None:
+    active = jobs.active_download(runs_dir())
+    if active is None or active.id != started_id:
+        st.rerun()  # finished: redraw the whole page with the result (and the new dataset)
+    _download_body(active)
+
+
+def download_panel(expanded: bool = False) -> None:
+    """The Dataset page's "Get HAM10000": start, follow and use a background download."""
+    active = jobs.active_download(runs_dir())
+    with st.expander("Get HAM10000", expanded=expanded or active is not None, icon=":material/download:"):
+        if active is not None:
+            _download_live(active.id)
+        else:
+            _download_body(None)

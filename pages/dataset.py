@@ -5,11 +5,12 @@ import streamlit as st
 from core import plots
 from core.data import split_by_lesion, split_counts
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
-from pages._shared import dataset_choice, load_dataset
+from pages._shared import dataset_choice, download_panel, load_dataset
 
 st.title("Dataset")
 index = load_dataset()
 if index is None:
+    download_panel(expanded=True)
     st.stop()
 
 frame = index.frame
@@ -104,3 +105,5 @@ with tab_split:
             st.error(f"{leaks} lesions appear in more than one split.")
         else:
             st.success("No lesion appears in more than one split.", icon=":material/check_circle:")
+
+download_panel()

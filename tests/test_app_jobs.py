@@ -12,6 +12,7 @@ import pytest
 
 from core import jobs
 from tests.app_support import tiny_config
+from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
 
 
 def wait_for(predicate, timeout=60.0, poll=0.2):
@@ -170,3 +171,29 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
     assert state.eta_s() == pytest.approx(5.0 + 10.0)
     text = state.progress_text()
     assert "epoch 2/3" in text and "step 5/10" in text and "42 images/s" in text and "ETA 15 s" in text
+
+
+def test_dataset_download_runs_in_the_background(tmp_path, runs, server):  # noqa: F811
+    """``server`` is test_download's fake Dataverse on loopback (a real HTTP server)."""
+    dest = tmp_path / "ham"
+    job = jobs.start_download(dest, runs, server=server.url)
+    assert job.kind == "download"
+    # A training job may run beside a download; a second download may not.
+    assert jobs.active_job(runs) is None
+    with pytest.raises(jobs.JobBusyError, match="download is already running"):
+        jobs.start_download(dest, runs, server=server.url)
+    wait_for(lambda: jobs.active_download(runs) is None, timeout=60)
+    status = jobs.download_status(runs)
+    assert status["state"] == "finished", status
+    assert "No problems found" in status["summary"] and status["dest"] == str(dest.resolve())
+    assert status["stage"] in ("download", "verify", "extract")
+    from core.data import index_dataset
+
+    assert len(index_dataset(dest).frame) == 14
+
+
+def test_failed_download_reports_why(tmp_path, runs):
+    jobs.start_download(tmp_path / "ham", runs, server="http://127.0.0.1:9")  # nothing listens on port 9
+    wait_for(lambda: jobs.active_download(runs) is None, timeout=90)
+    status = jobs.download_status(runs)
+    assert status["state"] == "failed" and status["error"]

@@ -9,6 +9,7 @@ import pytest
 from core import jobs
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
+from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
 
 
 @pytest.fixture
@@ -110,3 +111,40 @@ def test_compare_starts_the_imbalance_experiment(train_env):
     no_exceptions(at)
     states = list(at.dataframe[0].value["state"])
     assert states[0] in ("finished", "stopped") and states[1:] == ["not run"] * 4
+
+
+def test_dataset_page_downloads_ham10000_and_uses_it(tmp_path, monkeypatch, server):  # noqa: F811
+    """'Get HAM10000' against test_download's fake Dataverse on loopback, then 'Use this folder'."""
+    env = AppEnv(data=None, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+    env.apply(monkeypatch)
+    monkeypatch.setenv("LESIONLAB_DATAVERSE", server.url)
+    at = app_test("dataset")
+    no_exceptions(at)
+    assert "No dataset is configured" in texts(at)
+    at.text_input(key="download_dest").set_value(str(tmp_path / "ham"))
+    next(b for b in at.button if b.label == "Download HAM10000").click().run()
+    no_exceptions(at)
+    deadline = time.monotonic() + 60
+    while jobs.active_download(env.runs) is not None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    at.run()
+    no_exceptions(at)
+    assert any("HAM10000 is ready" in s.value for s in at.success), texts(at)
+    next(b for b in at.button if b.label == "Use this folder").click().run()
+    no_exceptions(at)
+    assert {m.label: m.value for m in at.metric}["Images"] == "14"
+
+
+def test_a_failed_download_is_explained(tmp_path, monkeypatch):
+    env = AppEnv(data=None, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+    env.apply(monkeypatch)
+    monkeypatch.setenv("LESIONLAB_DATAVERSE", "http://127.0.0.1:9")
+    at = app_test("dataset")
+    at.text_input(key="download_dest").set_value(str(tmp_path / "ham"))
+    next(b for b in at.button if b.label == "Download HAM10000").click().run()
+    deadline = time.monotonic() + 90
+    while jobs.active_download(env.runs) is not None and time.monotonic() < deadline:
+        time.sleep(0.3)
+    at.run()
+    no_exceptions(at)
+    assert any("The download did not finish" in e.value for e in at.error)

@@ -521,6 +521,19 @@ def _error_from_log(run_dir: Path) -> str:
     return tail or "the training process ended without writing a status (killed or crashed before starting)"
 
 
+EXTERNAL_RUN_SILENCE_S = 600
+
+
+def _recently_written(run_dir: Path) -> bool:
+    """Whether a run nobody in the app started wrote its metrics lately. The trainer logs progress every
+    second while training; a run silent for 10 minutes has died without saying so."""
+    try:
+        newest = max(p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "status.json") if p.exists())
+    except ValueError:
+        return False
+    return time.time() - newest < EXTERNAL_RUN_SILENCE_S
+
+
 def read_run(run_dir: Path, job: Job | None = None) -> RunState:
     """Everything the pages show about one run. ``job`` (the active job, if any) tells a run that is
     still being worked on from one whose process died without reporting."""
@@ -543,6 +556,8 @@ def read_run(run_dir: Path, job: Job | None = None) -> RunState:
     if state in (None, "running"):
         if in_job and job.alive:
             state = state or ("starting" if run_dir.exists() else "queued")
+        elif state == "running" and _recently_written(run_dir):
+            pass  # trained from a terminal (python -m core.train), still writing its files
         elif state == "running" or run_dir.exists():
             state = "interrupted"
             error = error or _error_from_log(run_dir)

@@ -1,4 +1,6 @@
 """Train: configure a run, start it in the background, and watch it live."""
+from pathlib import Path
+
 import streamlit as st
 
 from core import jobs, plots
@@ -34,7 +36,7 @@ def config_form() -> None:
     base = PRESETS[preset]
     k = f"_{preset}"  # widget keys per preset, so choosing a preset resets the form to its values
     with st.form("train_form", border=True):
-        c1, c2, c3 = st.columns(3)
+        c1, c2, c3, c4 = st.columns(4)
         name = c1.text_input("Run name", value=jobs.default_run_name(base.to_dict(), RUNS), key="run_name" + k)
         arch = c2.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(base.arch),
                             key="arch" + k)
@@ -43,6 +45,10 @@ def config_form() -> None:
                                index=weights_opts.index(base.weights) if base.weights in weights_opts else 0,
                                format_func={"imagenet": "ImageNet", "none": "none (random init)"}.get,
                                key="weights" + k)
+        weights_file_path = c4.text_input("…or a weights file", key="weights_path" + k,
+                                          placeholder="path/to/torchvision_state_dict.pth",
+                                          help="A torchvision state dict for the chosen architecture; "
+                                               "overrides the choice on the left.")
         c1, c2, c3 = st.columns(3)
         finetune = c1.selectbox("Fine-tuning", FINETUNE_POLICIES, index=FINETUNE_POLICIES.index(base.finetune),
                                 format_func={"head": "head only (frozen backbone)", "last": "last block + head",
@@ -76,7 +82,12 @@ def config_form() -> None:
                 "finish before starting another.", icon=":material/hourglass_top:")
     if not submitted:
         return
-    if weights == "imagenet" and not weights_file(arch).is_file():
+    if weights_file_path.strip():
+        weights = weights_file_path.strip()
+        if not Path(weights).expanduser().is_file():
+            st.error(f"The weights file {weights} does not exist.", icon=":material/block:")
+            return
+    elif weights == "imagenet" and not weights_file(arch).is_file():
         st.session_state["train_flash"] = (
             f"The ImageNet weights for {arch} are not in the local cache ({weights_file(arch)}); the trainer "
             "tries to download them, and the run fails if there is no internet access.")

@@ -112,6 +112,10 @@ def test_stale_lock_is_released(tiny_root, runs):
     # A run left "running" by a dead process is reported as interrupted, not as running forever.
     (runs / "x").mkdir()
     (runs / "x" / "status.json").write_text(json.dumps({"state": "running", "error": None}))
+    # ... unless it was written lately: then a trainer started from a terminal is still at it.
+    assert jobs.read_run(runs / "x").state == "running"
+    old = time.time() - jobs.EXTERNAL_RUN_SILENCE_S - 5
+    os.utime(runs / "x" / "status.json", (old, old))
     assert jobs.read_run(runs / "x").state == "interrupted"
 
 

@@ -148,3 +148,13 @@ def test_a_failed_download_is_explained(tmp_path, monkeypatch):
     at.run()
     no_exceptions(at)
     assert any("The download did not finish" in e.value for e in at.error)
+
+
+def test_missing_weights_file_is_refused(train_env):
+    at = app_test("train")
+    fill_tiny(at, "no-weights", epochs=1)
+    at.text_input(key="weights_path_seed").set_value("/nowhere/resnet18.pth")
+    start_button(at).click().run()
+    no_exceptions(at)
+    assert any("/nowhere/resnet18.pth does not exist" in e.value for e in at.error)
+    assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()

@@ -161,6 +161,11 @@ def visit(pg, server, path: str, title: str) -> None:
 
 
 def test_pages_render_and_are_photographed(page, server, tmp_path):
+    # A deep link as the server's very first request still goes through the entry point (sidebar, settings).
+    visit(page, server, "dataset", "Dataset")
+    sidebar = page.inner_text("[data-testid=stSidebar]")
+    assert "Dataset folder" in sidebar and "Diagnose" in sidebar and "_shared" not in sidebar
+
     visit(page, server, "", "Lesion Lab")
     assert "not a medical device" in page.inner_text("[data-testid=stSidebar]")
     shot(page, "home", tmp_path)

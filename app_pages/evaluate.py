@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from app_pages._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 from core import plots
 from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
-from pages._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 
 st.title("Evaluate")
 runs = evaluated_runs()

@@ -208,3 +208,13 @@ def test_memory_stays_flat_over_many_predictions(full_env, monkeypatch):
     # After warm-up, 18 more predictions (with CAMs and feature maps) must not grow memory materially.
     assert samples[1] - samples[0] < 60, samples
 
+
+
+def test_diagnose_works_without_a_dataset(full_env, empty_env, monkeypatch):
+    empty_env.apply(monkeypatch)
+    monkeypatch.setenv("LESIONLAB_CHECKPOINTS", str(full_env.checkpoints))
+    at = app_test("diagnose")
+    no_exceptions(at)
+    at = upload(at, "lesion.jpg", jpeg_bytes(lesion_image()))
+    assert [m for m in at.markdown if m.value.startswith("### ")]
+    assert not at.error

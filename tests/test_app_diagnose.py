@@ -34,7 +34,7 @@ def test_prediction_for_a_good_upload(diagnose):
     at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
     text = texts(at)
     # Predicted class heading, benign/malignant split, probability chart, CAM overlay, notice.
-    heading = [m.value for m in at.markdown if m.value.startswith("### ")]
+    heading = [m.value for m in at.main.markdown if m.value.startswith("### ")]
     assert heading and any(f"({code})" in heading[0] for code in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"))
     metrics = {m.label: m.value for m in at.metric}
     malignant = float(metrics["Malignant (akiec + bcc + mel)"].rstrip("%"))
@@ -111,7 +111,7 @@ def test_bad_upload_gives_a_clear_message(diagnose, case):
     at = upload(diagnose, name, data)
     errors = " ".join(e.value for e in at.error)
     assert "cannot be used" in errors and expected in errors, errors
-    assert not [m for m in at.markdown if m.value.startswith("### ")]  # no prediction shown
+    assert not [m for m in at.main.markdown if m.value.startswith("### ")]  # no prediction shown
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "I;16", "L", "RGBA", "P"])
@@ -128,7 +128,7 @@ def test_unusual_image_modes_are_predicted(diagnose, mode):
         data, name, mime = png_bytes(img.convert(mode)), f"{mode}.png", "image/png"
     at = upload(diagnose, name, data, mime)
     assert not at.error, [e.value for e in at.error]
-    assert [m for m in at.markdown if m.value.startswith("### ")]
+    assert [m for m in at.main.markdown if m.value.startswith("### ")]
 
 
 def test_oversized_upload_is_refused(diagnose):
@@ -145,7 +145,7 @@ def test_uploads_are_never_written_to_disk(diagnose, tmp_path, monkeypatch):
     watched = [Path(os.getcwd()), Path(tempfile.gettempdir())]
     before = {p: _snapshot(p) for p in watched}
     at = upload(diagnose, "ISIC_private_upload.jpg", jpeg_bytes(lesion_image()))
-    assert [m for m in at.markdown if m.value.startswith("### ")]
+    assert [m for m in at.main.markdown if m.value.startswith("### ")]
     for p in watched:
         new = _snapshot(p) - before[p]
         assert not [f for f in new if "private_upload" in f or f.endswith((".jpg", ".jpeg", ".png"))], new
@@ -216,5 +216,5 @@ def test_diagnose_works_without_a_dataset(full_env, empty_env, monkeypatch):
     at = app_test("diagnose")
     no_exceptions(at)
     at = upload(at, "lesion.jpg", jpeg_bytes(lesion_image()))
-    assert [m for m in at.markdown if m.value.startswith("### ")]
+    assert [m for m in at.main.markdown if m.value.startswith("### ")]
     assert not at.error

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,8 +213,7 @@ def main() -> None:
         return
     if not (args.data / "HAM10000_metadata.csv").is_file():
         sys.exit(f"error: no HAM10000 at {args.data}; pass --data DIR")
-    repeats = 3 if args.quick else 5
-    results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
+    results = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     results["index"] = bench_index(args.data, 3 if args.quick else 9)
     print("index", results["index"], flush=True)
     n = 192 if args.quick else 512

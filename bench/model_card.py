@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
-from core.labels import CLASSES, DISPLAY_NAMES  # noqa: E402
-from core.training import IMBALANCE_STRATEGIES, config_with, read_run, train  # noqa: E402
+from core.labels import CLASSES  # noqa: E402
+from core.training import IMBALANCE_STRATEGIES, config_with, train  # noqa: E402
 
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
 COMPARISON_ARCH = "mobilenet_v2"
@@ -70,7 +70,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
     m = compute_metrics(labels, probs)
     m_raw = compute_metrics(labels, raw)
     ci = confidence_intervals(labels, probs, n=2000)
-    cfg = read_run(reference)["config"]
+    cfg = json.loads((reference / "config.json").read_text())
     mel = m["melanoma"]
     split = pd.read_csv(reference / "split.csv")
     sizes = split["split"].value_counts()

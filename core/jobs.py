@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.runs import read_events
 from core.settings import PROJECT_ROOT
 
 LOCK_NAME = ".job.lock"
@@ -494,26 +495,6 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def read_events(path: Path) -> list[dict]:
-    """The JSON lines of ``metrics.jsonl``; a line being written (incomplete) or garbled is skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    events = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            events.append(obj)
-    return events
 
 
 def _error_from_log(run_dir: Path) -> str:

@@ -1,17 +1,6 @@
 """The trainer: a config dataclass, explicit loops, and a run folder that survives crashes.
 
-Layout of a run folder (``<out>/<name>/``):
-
-- ``config.json``        the :class:`TrainConfig` used
-- ``metrics.jsonl``      one JSON object per line: ``start``, ``progress`` (within an epoch),
-                         ``epoch`` (losses, accuracy, balanced accuracy, lr, images/s) and ``end``
-- ``status.json``        ``{"state": "running" | "finished" | "stopped" | "failed", "error": ...}``
-- ``last.pt``/``best.pt`` checkpoints, written atomically; ``last.pt`` also carries the
-                         optimiser and scheduler so a run resumes where it stopped
-- ``split.csv``          which split every image went to
-- ``test_predictions.csv`` and ``evaluation.json``: the best model on the test split,
-                         after temperature scaling fitted on the validation split
-- ``STOP``               created by anyone who wants the run to end cleanly
+What a run folder holds is described in :mod:`core.runs`.
 """
 from __future__ import annotations
 
@@ -20,7 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +35,12 @@ from core.evaluation import compute_metrics, fit_temperature, predict_logits, so
 from core.features import FeatureCache, backbone_key
 from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
+from core.runs import RunLog
 from core.runtime import default_workers, pick_device, tune_allocator
 
 IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
 SCHEDULERS = ("step", "cosine", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-PROGRESS_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -202,54 +191,6 @@ def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generato
 
 # ---------------------------------------------------------------------------
 # Run folder
-
-
-class RunLog:
-    """Appends JSON lines to metrics.jsonl and keeps status.json current."""
-
-    def __init__(self, run_dir: Path):
-        self.dir = run_dir
-        self._last_progress = 0.0
-
-    def event(self, event: str, **data) -> None:
-        line = {"event": event, "time": datetime.now(UTC).isoformat(timespec="seconds"), **data}
-        with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
-
-    def progress(self, force: bool = False, **data) -> None:
-        now = time.monotonic()
-        if force or now - self._last_progress >= PROGRESS_INTERVAL_S:
-            self._last_progress = now
-            self.event("progress", **data)
-
-    def status(self, state: str, error: str | None = None) -> None:
-        tmp = self.dir / "status.json.tmp"
-        tmp.write_text(json.dumps({"state": state, "error": error,
-                                   "updated": datetime.now(UTC).isoformat(timespec="seconds")}))
-        tmp.replace(self.dir / "status.json")
-
-
-def read_run(run_dir: str | Path) -> dict:
-    """What a dashboard needs from a run folder: config, per-epoch table, latest progress, status."""
-    run_dir = Path(run_dir)
-    events = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written right now
-    epochs = pd.DataFrame([e for e in events if e.get("event") == "epoch"])
-    progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
-    start = next((e for e in reversed(events) if e.get("event") == "start"), None)
-
-    def load(name: str):
-        path = run_dir / name
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    return {"dir": run_dir, "config": load("config.json"), "status": load("status.json"), "start": start,
-            "epochs": epochs, "progress": progress, "evaluation": load("evaluation.json")}
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:

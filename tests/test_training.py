@@ -15,9 +15,10 @@ from torch import nn
 from core.checkpoints import read_checkpoint
 from core.data import Preprocessing
 from core.features import FeatureCache, backbone_key
+from core.jobs import read_run
 from core.labels import CLASSES
 from core.models import build_model
-from core.training import IMBALANCE_STRATEGIES, PRESETS, FocalLoss, TrainConfig, config_with, read_run, train
+from core.training import IMBALANCE_STRATEGIES, PRESETS, FocalLoss, TrainConfig, config_with, train
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -53,8 +54,8 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     for key in ("train_loss", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s"):
         assert all(isinstance(e[key], float) for e in epochs), key
     run = read_run(run_dir)
-    assert run["status"]["state"] == "finished" and run["start"]["cached_features"] is True
-    assert run["progress"]["step"] == run["progress"]["steps"]
+    assert run.state == "finished" and run.start["cached_features"] is True
+    assert run.progress["step"] == run.progress["steps"]
     best = read_checkpoint(run_dir / "best.pt")
     assert best["classes"] == list(CLASSES) and best["temperature"] > 0
     assert Preprocessing.from_dict(best["preprocessing"]).input_size == (32, 32)
@@ -65,7 +66,8 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     split = pd.read_csv(run_dir / "split.csv")
     assert split.groupby("lesion_id")["split"].nunique().max() == 1
     assert set(preds["image_id"]) == set(split.loc[split["split"] == "test", "image_id"])
-    assert run["evaluation"]["test"]["accuracy"] >= 0
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert 0 <= evaluation["test"]["accuracy"] <= 1 and evaluation["temperature"] == best["temperature"]
 
 
 def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_path):
@@ -83,13 +85,13 @@ def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_
         return calls["n"] > 8 + 3  # 8 steps in epoch 1 (64 images / 8), then 3 into epoch 2
 
     c_dir = train(config_with(cfg, name="c"), should_stop=stop_in_epoch_two)
-    assert read_run(c_dir)["status"]["state"] == "stopped"
+    assert read_run(c_dir).state == "stopped"
     assert read_checkpoint(c_dir / "last.pt")["epoch"] == 1
     train(cfg, run_dir=c_dir, resume=True)
     c = epoch_lines(c_dir)
     assert [e["epoch"] for e in c] == [1, 2, 3]
     assert [round(e["train_loss"], 5) for e in c] == [round(e["train_loss"], 5) for e in a]
-    assert read_run(c_dir)["status"]["state"] == "finished"
+    assert read_run(c_dir).state == "finished"
 
 
 def test_stop_file_ends_the_run_cleanly(tiny_root, tmp_path):
@@ -103,7 +105,7 @@ def test_stop_file_ends_the_run_cleanly(tiny_root, tmp_path):
         return False
 
     train(cfg, run_dir=run_dir, should_stop=after_first_epoch)
-    assert read_run(run_dir)["status"]["state"] == "stopped"
+    assert read_run(run_dir).state == "stopped"
     assert 1 <= len(epoch_lines(run_dir)) < 50
     assert (run_dir / "evaluation.json").is_file()  # the best model so far is still evaluated
 
@@ -111,7 +113,7 @@ def test_stop_file_ends_the_run_cleanly(tiny_root, tmp_path):
 @pytest.mark.parametrize("strategy", IMBALANCE_STRATEGIES)
 def test_every_imbalance_strategy_trains(tiny_root, tmp_path, strategy):
     run_dir = train(tiny_config(tiny_root, tmp_path, name=strategy, imbalance=strategy, epochs=1))
-    start = read_run(run_dir)["start"]
+    start = read_run(run_dir).start
     n_train = start["split_sizes"]["train"]
     # Only oversampling changes how many images an epoch sees.
     assert (start["train_images"] > n_train) == (strategy == "oversample")
@@ -185,6 +187,6 @@ def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
 def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tmp_path):
     cfg = config_with("seed", data=str(ham_root), arch="mobilenet_v2", max_images=700, epochs=4, name="real",
                       out=str(tmp_path), cache_dir=str(tmp_path / "cache"))
-    evaluation = read_run(train(cfg))["evaluation"]
+    evaluation = json.loads((train(cfg) / "evaluation.json").read_text())
     # 7 classes: chance balanced accuracy is 0.14. Real ImageNet features must do far better.
     assert evaluation["test"]["balanced_accuracy"] > 0.3

@@ -1,5 +1,9 @@
 """Evaluate: one run's test-split results — confusion matrix, per-class report, ROC, calibration,
-the melanoma threshold and the misclassified images with Grad-CAM."""
+the melanoma threshold and the misclassified images with Grad-CAM — and any model on an external test set."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -7,94 +11,158 @@ import pandas as pd
 import streamlit as st
 
 from app_pages._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
-from core import plots
+from core import plots, settings
+from core.checkpoints import CheckpointError
+from core.data import DatasetError
 from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax
+from core.images import ImageError
+from core.imports import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 
-st.title("Evaluate")
-runs = evaluated_runs()
-if not runs:
-    no_runs_message("evaluate")
-    st.stop()
+EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
+EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder) of the last evaluation asked for; survives reruns
+LAYOUTS = {
+    HAM10000: "HAM10000 layout (metadata with image_id and dx)",
+    ISIC2018: "ISIC 2018 Task 3 ground truth (one-hot CSV)",
+    ISIC_CLI: "isic-cli export (metadata.csv with isic_id and diagnosis)",
+    CLASS_FOLDERS: "one folder per class",
+}
 
-names = [r.name for r in runs]
-chosen = st.selectbox("Run", names, format_func=lambda n: run_label(runs[names.index(n)]), key="eval_run")
-run = runs[names.index(chosen)]
-try:
-    table, labels, probs, logits, evaluation = predictions(run.path)
-except ValueError as exc:
-    st.error(str(exc), icon=":material/block:")
-    st.stop()
 
-metrics = evaluation.get("test") or {}
-if not metrics:
-    from core.evaluation import compute_metrics
+# ---------------------------------------------------------------------------
+# What both sections show
 
-    metrics = compute_metrics(labels, probs)
-temperature = float(evaluation.get("temperature", 1.0))
-preds = probs.argmax(axis=1)
 
-st.caption(f"Test split of `{run.name}`: {len(labels)} images; best epoch {evaluation.get('epoch', '?')}; "
-           "probabilities calibrated by temperature scaling fitted on the validation split.")
-m = st.columns(6)
-m[0].metric("Accuracy", f"{metrics['accuracy']:.3f}")
-m[1].metric("Balanced accuracy", f"{metrics['balanced_accuracy']:.3f}", help="Mean recall over the classes.")
-m[2].metric("Macro F1", f"{metrics['macro']['f1']:.3f}")
-auc = metrics.get("roc_auc", {}).get("macro")
-m[3].metric("Macro ROC AUC", "—" if auc is None else f"{auc:.3f}")
-m[4].metric("ECE (calibrated)", f"{metrics.get('ece', float('nan')):.3f}", help="Expected calibration error.")
-m[5].metric("Temperature", f"{temperature:.2f}")
-if len(labels) < 100:
-    st.info(f"Only {len(labels)} test images: these numbers are very noisy.", icon=":material/info:")
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, fmt)
 
-tab_cm, tab_roc, tab_cal, tab_mel, tab_err = st.tabs(
-    ["Confusion matrix & report", "ROC curves", "Calibration", "Melanoma threshold", "Misclassified images"])
 
-with tab_cm:
-    mode = st.segmented_control("Show", ["counts", "row-normalised"], default="counts", key="eval_cm_mode",
+def headline_metrics(metrics: dict, intervals: dict | None = None,
+                     extra: Sequence[tuple[str, str, str | None]] = ()) -> None:
+    """Accuracy, balanced accuracy, macro F1 (with their bootstrap intervals when given), macro AUC and ECE,
+    then the ``extra`` (label, value, help) metrics; at most six to a row."""
+    intervals = intervals or {}
+
+    def ci(key: str, what: str) -> str:
+        if key not in intervals:
+            return what
+        low, high = intervals[key]
+        return f"{what} 95% bootstrap interval: {low:.3f}–{high:.3f}."
+
+    items = [
+        ("Accuracy", _num(metrics["accuracy"]), ci("accuracy", "Share of images classified correctly.")),
+        ("Balanced accuracy", _num(metrics["balanced_accuracy"]),
+         ci("balanced_accuracy", "Mean recall over the classes.")),
+        ("Macro F1", _num(metrics["macro"]["f1"]), ci("macro_f1", "Mean F1 over the classes.")),
+        ("Macro ROC AUC", _num(metrics.get("roc_auc", {}).get("macro")),
+         "Mean one-vs-rest AUC over the classes present."),
+        ("ECE (calibrated)", _num(metrics.get("ece")), "Expected calibration error."),
+        *extra,
+    ]
+    rows = -(-len(items) // 6)
+    per_row = -(-len(items) // rows)
+    for start in range(0, len(items), per_row):
+        for col, (label, value, help_) in zip(st.columns(per_row), items[start:start + per_row], strict=False):
+            col.metric(label, value, help=help_)
+    names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
+    shown = [f"{names[k]} {intervals[k][0]:.3f}–{intervals[k][1]:.3f}" for k in names if k in intervals]
+    if shown:
+        st.caption("95% bootstrap intervals: " + "; ".join(shown) + ".")
+
+
+def per_class_report(metrics: dict) -> pd.DataFrame:
+    """One row per class in ``CLASSES`` order: diagnosis name, precision, recall, F1, AUC and support."""
+    report = pd.DataFrame(metrics["per_class"]).set_index("code").reindex(list(CLASSES))
+    report.insert(0, "diagnosis", [DISPLAY_NAMES[c] for c in report.index])
+    return report[["diagnosis", "precision", "recall", "f1", "auc", "support"]]
+
+
+def confusion_and_report(metrics: dict, key: str) -> None:
+    """The interactive confusion matrix (counts or row-normalised) beside the per-class report."""
+    mode = st.segmented_control("Show", ["counts", "row-normalised"], default="counts", key=f"{key}_cm_mode",
                                 required=True)
     left, right = st.columns([5, 4])
     left.plotly_chart(plots.confusion_figure(np.array(metrics["confusion_matrix"]), normalize=mode != "counts"),
-                      width="stretch")
-    report = pd.DataFrame(metrics["per_class"]).set_index("code")[["precision", "recall", "f1", "auc", "support"]]
+                      width="stretch", key=f"{key}_cm")
     right.markdown("**Per-class report**")
-    right.dataframe(report, width="stretch", column_config={
+    right.dataframe(per_class_report(metrics), width="stretch", key=f"{key}_report", column_config={
         c: st.column_config.NumberColumn(format="%.3f") for c in ("precision", "recall", "f1", "auc")})
     right.caption("Recall is the sensitivity for that class; AUC is one class vs the rest.")
 
-with tab_roc:
-    st.plotly_chart(plots.roc_figure(roc_curves(labels, probs)), width="stretch")
 
-with tab_cal:
-    if logits is None:
-        st.info("This run's predictions carry no raw logits, so the uncalibrated curve is not available.")
-    else:
-        before = reliability_curve(softmax(logits), labels)
-        after = reliability_curve(probs, labels)
-        st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
-        st.caption("A point below the diagonal means the model is over-confident at that confidence. Temperature "
-                   "scaling divides the logits by T (fitted on the validation split); it never changes the "
-                   "predicted class, only how sure the model claims to be.")
+# ---------------------------------------------------------------------------
+# A run's own test split
 
-with tab_mel:
-    t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, 0.5, 0.01, key="eval_mel_t")
-    op = melanoma_operating_point(labels, probs, t)
-    fmt = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
-    c = st.columns(4)
-    c[0].metric("Sensitivity", fmt(op["sensitivity"]), help="Share of melanomas flagged.")
-    c[1].metric("Specificity", fmt(op["specificity"]), help="Share of non-melanomas not flagged.")
-    c[2].metric("PPV", fmt(op["ppv"]), help="Share of flagged images that are melanoma.")
-    c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not melanoma.")
-    st.caption(f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} correctly "
-               "not flagged. Lowering the threshold trades specificity for sensitivity.")
-    mel = CLASSES.index(MELANOMA)
-    st.plotly_chart(plots.threshold_curve(probs[:, mel], labels == mel, t), width="stretch")
 
-with tab_err:
-    wrong = table.assign(pred=preds, confidence=probs.max(axis=1))[preds != labels]
-    if wrong.empty:
-        st.success("No test image is misclassified.", icon=":material/verified:")
-    else:
+def internal_section() -> None:
+    runs = evaluated_runs()
+    if not runs:
+        no_runs_message("evaluate")
+        return
+
+    names = [r.name for r in runs]
+    chosen = st.selectbox("Run", names, format_func=lambda n: run_label(runs[names.index(n)]), key="eval_run")
+    run = runs[names.index(chosen)]
+    try:
+        table, labels, probs, logits, evaluation = predictions(run.path)
+    except ValueError as exc:
+        st.error(str(exc), icon=":material/block:")
+        return
+
+    metrics = evaluation.get("test") or {}
+    if not metrics:
+        from core.evaluation import compute_metrics
+
+        metrics = compute_metrics(labels, probs)
+    temperature = float(evaluation.get("temperature", 1.0))
+    preds = probs.argmax(axis=1)
+
+    st.caption(f"Test split of `{run.name}`: {len(labels)} images; best epoch {evaluation.get('epoch', '?')}; "
+               "probabilities calibrated by temperature scaling fitted on the validation split.")
+    headline_metrics(metrics, evaluation.get("confidence_intervals"),
+                     extra=[("Temperature", f"{temperature:.2f}", None)])
+    if len(labels) < 100:
+        st.info(f"Only {len(labels)} test images: these numbers are very noisy.", icon=":material/info:")
+
+    tab_cm, tab_roc, tab_cal, tab_mel, tab_err = st.tabs(
+        ["Confusion matrix & report", "ROC curves", "Calibration", "Melanoma threshold", "Misclassified images"])
+
+    with tab_cm:
+        confusion_and_report(metrics, "eval")
+
+    with tab_roc:
+        st.plotly_chart(plots.roc_figure(roc_curves(labels, probs)), width="stretch")
+
+    with tab_cal:
+        if logits is None:
+            st.info("This run's predictions carry no raw logits, so the uncalibrated curve is not available.")
+        else:
+            before = reliability_curve(softmax(logits), labels)
+            after = reliability_curve(probs, labels)
+            st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
+            st.caption("A point below the diagonal means the model is over-confident at that confidence. "
+                       "Temperature scaling divides the logits by T (fitted on the validation split); it never "
+                       "changes the predicted class, only how sure the model claims to be.")
+
+    with tab_mel:
+        t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, 0.5, 0.01, key="eval_mel_t")
+        op = melanoma_operating_point(labels, probs, t)
+        fmt = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
+        c = st.columns(4)
+        c[0].metric("Sensitivity", fmt(op["sensitivity"]), help="Share of melanomas flagged.")
+        c[1].metric("Specificity", fmt(op["specificity"]), help="Share of non-melanomas not flagged.")
+        c[2].metric("PPV", fmt(op["ppv"]), help="Share of flagged images that are melanoma.")
+        c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not melanoma.")
+        st.caption(f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
+                   "correctly not flagged. Lowering the threshold trades specificity for sensitivity.")
+        mel = CLASSES.index(MELANOMA)
+        st.plotly_chart(plots.threshold_curve(probs[:, mel], labels == mel, t), width="stretch")
+
+    with tab_err:
+        wrong = table.assign(pred=preds, confidence=probs.max(axis=1))[preds != labels]
+        if wrong.empty:
+            st.success("No test image is misclassified.", icon=":material/verified:")
+            return
         f1, f2, f3 = st.columns(3)
         true_filter = f1.multiselect("True class", CLASSES, key="eval_err_true")
         pred_filter = f2.multiselect("Predicted class", CLASSES, key="eval_err_pred")
@@ -121,3 +189,104 @@ with tab_err:
             cell.image(image if image is not None else row.path, caption=caption, width="stretch")
         st.caption(f"{DISPLAY_NAMES[MELANOMA]} missed as a benign class is the costliest mistake; filter with "
                    "True class = mel.")
+
+
+# ---------------------------------------------------------------------------
+# Any model on an external test set (the page's side of ``python -m core.evaluate --split all``)
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stamp: float) -> dict:
+    """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside.
+    Keyed by the checkpoint's path and mtime and the folder (and its mtime); errors are not cached."""
+    from core.evaluate import evaluate_checkpoint
+    from core.imports import detect_layout, index_any
+    from core.runtime import pick_device
+
+    layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
+    index = index_any(folder)
+    result = evaluate_checkpoint(checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP,
+                                 device=str(pick_device()))
+    return {"layout": layout.kind, "layout_source": str(layout.source), "report_ok": index.report.ok,
+            "report": index.report.summary(), "problems": index.report.problems(), "result": result}
+
+
+def _resolve_folder(text: str) -> Path:
+    path = Path(text.strip()).expanduser()
+    return path if path.is_absolute() else settings.PROJECT_ROOT / path
+
+
+def external_section() -> None:
+    st.caption("Evaluate a model on images from elsewhere — all of them, no split — with the same metrics as "
+               "a run's test split. The folder may hold an isic-cli export, one folder per class "
+               f"({', '.join(CLASSES)}), the ISIC 2018 Task 3 ground truth with its images, or HAM10000-style "
+               "metadata. Same as `python -m core.evaluate --checkpoint CKPT --data FOLDER --split all`.")
+    models = settings.model_files()
+    if not models:
+        st.info("No model is available: train one on the **Train** page, or copy a Lesion Lab checkpoint "
+                "into `checkpoints/`.", icon=":material/neurology:")
+        return
+    with st.form("ext_form", border=False):
+        c_model, c_folder = st.columns([2, 3])
+        model = c_model.selectbox("Model", models, format_func=settings.model_label, key="ext_model")
+        folder = c_folder.text_input("External test set folder", key="ext_folder",
+                                     placeholder="data/ham10000-isic2018-test",
+                                     help="Relative paths are taken from the project folder.")
+        go = st.form_submit_button("Evaluate on this folder", icon=":material/analytics:")
+    if go:
+        if not folder.strip():
+            st.session_state.pop(EXTERNAL_REQUEST, None)
+            st.error("Enter the folder that holds the external test set.", icon=":material/block:")
+            return
+        st.session_state[EXTERNAL_REQUEST] = (str(model), str(_resolve_folder(folder)))
+    request = st.session_state.get(EXTERNAL_REQUEST)
+    if request is None:
+        return
+    checkpoint, folder = request
+    label = settings.model_label(Path(checkpoint))
+    try:
+        stamp = Path(checkpoint).stat().st_mtime
+        folder_stamp = Path(folder).stat().st_mtime if Path(folder).is_dir() else 0.0
+        with st.spinner(f"Evaluating {label} on every image in {folder}…", show_time=True):
+            out = _external_evaluation(checkpoint, stamp, folder, folder_stamp)
+    except (DatasetError, CheckpointError, ImageError, ValueError, OSError) as exc:
+        st.error(f"{label} cannot be evaluated on `{folder}`:\n\n{exc}", icon=":material/block:")
+        return
+
+    result = out["result"]
+    metrics = result["metrics"]
+    st.markdown(f"**{label}** ({result['arch']}, temperature {result['temperature']:.2f}) on `{folder}`: "
+                f"{result['n_images']} images.")
+    st.caption(f"Layout: {LAYOUTS.get(out['layout'], out['layout'])}, recognised by `{out['layout_source']}`.")
+    if out["report_ok"]:
+        st.success(f"Nothing was set aside. {out['report'].splitlines()[0]}", icon=":material/check_circle:")
+    else:
+        st.warning(f"Some files or rows were set aside and are not part of these numbers (below). "
+                   f"{out['report'].splitlines()[0]}", icon=":material/warning:")
+        with st.expander("What was set aside"):
+            st.code(out["report"], language=None)
+            st.dataframe(out["problems"], width="stretch", hide_index=True, key="ext_problems")
+
+    mel = metrics["melanoma"]
+    pct = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
+    headline_metrics(metrics, result.get("confidence_intervals"), extra=[
+        ("Melanoma sensitivity", pct(mel["sensitivity"]),
+         f"Share of melanomas with P(mel) ≥ {mel['threshold']:g}: {mel['tp']} of {mel['tp'] + mel['fn']}."),
+        ("Melanoma specificity", pct(mel["specificity"]),
+         f"Share of non-melanomas with P(mel) < {mel['threshold']:g}: {mel['tn']} of {mel['tn'] + mel['fp']}."),
+        ("Temperature", f"{result['temperature']:.2f}", "From the checkpoint: fitted on its own validation split."),
+    ])
+    if result["n_images"] < 100:
+        st.info(f"Only {result['n_images']} images: these numbers are very noisy.", icon=":material/info:")
+    confusion_and_report(metrics, "ext")
+    st.download_button("Download the report (JSON, with per-image predictions)", json.dumps(result, indent=2),
+                       file_name=f"external-{Path(folder).name}-{Path(checkpoint).stem}.json",
+                       mime="application/json", icon=":material/download:", key="ext_download")
+
+
+st.title("Evaluate")
+tab_internal, tab_external = st.tabs(["Test split of a run", "External test set"])
+with tab_internal:
+    internal_section()
+with tab_external:
+    external_section()

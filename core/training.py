@@ -185,7 +185,7 @@ def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generato
     """Class-balanced sampling with replacement: each class is drawn equally often in expectation."""
     if cfg.imbalance != "sampler":
         return None
-    per_sample = class_weights(labels)[torch.as_tensor(labels)]
+    per_sample = class_weights(labels)[torch.tensor(labels)]
     return torch.utils.data.WeightedRandomSampler(per_sample.double(), len(labels), generator=generator)
 
 

@@ -193,7 +193,7 @@ def write_report(results: dict, path: Path, command: str) -> None:
         "",
         "Allocator: `core.runtime.tune_allocator()` raises glibc's mmap and trim thresholds (via `mallopt`) so",
         "that large activation buffers stay in the heap between batches instead of being unmapped and page-faulted",
-        "back in on every forward pass. The trainer, feature extraction and the predictor's callers use it.",
+        "back in on every forward pass. The trainer, feature extraction and the predictor call it.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

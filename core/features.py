@@ -23,6 +23,7 @@ from torch import nn
 
 from core.checkpoints import atomic_save
 from core.data import LesionDataset, Preprocessing, eval_transform
+from core.runtime import tune_allocator
 
 ProgressFn = Callable[[int, int], None]
 
@@ -46,6 +47,7 @@ def compute_features(backbone: nn.Module, paths: Sequence[str], prep: Preprocess
                      batch_size: int = 64, num_workers: int = 0, channels_last: bool = True,
                      progress: ProgressFn | None = None) -> torch.Tensor:
     """Run ``backbone`` (eval mode) over the images at ``paths``; returns float32 [N, D] on the CPU."""
+    tune_allocator()
     backbone.eval().to(device)
     if channels_last:
         backbone.to(memory_format=torch.channels_last)

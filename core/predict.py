@@ -23,6 +23,7 @@ from core.evaluation import class_probabilities
 from core.explain import CAM_METHODS, gradcam, overlay
 from core.images import ImageError, ImageSource
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
+from core.runtime import tune_allocator
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
 
@@ -82,6 +83,7 @@ class Predictor:
     """
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
+        tune_allocator()
         model, ckpt = _load(checkpoint)
         self.device = torch.device(device)
         self.model = model.to(self.device)

@@ -210,11 +210,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The indexed images (optionally subsampled) with their split, and the training rows after oversampling."""
     frame = index_dataset(cfg.data).frame
     if cfg.max_images and cfg.max_images < len(frame):
-        # Stratified subsample: keeps rare classes present in small experiments.
-        frame = (frame.groupby("dx", group_keys=False)
-                 .apply(lambda g: g.sample(max(2, round(len(g) * cfg.max_images / len(frame))),
-                                           random_state=cfg.seed, replace=False) if len(g) > 2 else g)
-                 .reset_index(drop=True))
+        # Stratified subsample: keeps rare classes present (at least two images each) in small experiments.
+        fraction = cfg.max_images / len(frame)
+        parts = [group.sample(max(2, round(len(group) * fraction)), random_state=cfg.seed) if len(group) > 2
+                 else group for _, group in frame.groupby("dx", sort=True)]
+        frame = pd.concat(parts).reset_index(drop=True)
     frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
     train = frame[frame["split"] == "train"]
     if cfg.imbalance == "oversample":

@@ -190,3 +190,14 @@ def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tm
     evaluation = json.loads((train(cfg) / "evaluation.json").read_text())
     # 7 classes: chance balanced accuracy is 0.14. Real ImageNet features must do far better.
     assert evaluation["test"]["balanced_accuracy"] > 0.3
+
+
+def test_max_images_subsamples_every_class_and_keeps_lesions_whole(tiny_root, tmp_path):
+    from core.training import prepare_data
+
+    full, _ = prepare_data(tiny_config(tiny_root, tmp_path))
+    frame, train_rows = prepare_data(tiny_config(tiny_root, tmp_path, max_images=30))
+    assert 28 <= len(frame) <= 35 < len(full)
+    assert set(frame["dx"]) == set(CLASSES)  # rare classes survive the subsample
+    assert frame.groupby("lesion_id")["split"].nunique().max() == 1
+    assert train_rows["label"].value_counts().nunique() == 1  # seed preset: oversampled to balance

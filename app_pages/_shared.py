@@ -64,7 +64,19 @@ def list_runs() -> list[jobs.RunState]:
 
 
 def evaluated_runs() -> list[jobs.RunState]:
-    return [r for r in list_runs() if r.has_evaluation and (r.path / "evaluation.json").is_file()]
+    """Finished runs with a test evaluation: this machine's, then the published ones of the same name not
+    trained here (a local run of the same name wins)."""
+    local = list_runs()
+    published_dir = settings.published_runs_dir()
+    published = jobs.list_runs(published_dir) if published_dir else []
+    names = {r.name for r in local}
+    runs = local + [r for r in published if r.name not in names]
+    return [r for r in runs if r.has_evaluation and (r.path / "evaluation.json").is_file()]
+
+
+def is_published(run: jobs.RunState) -> bool:
+    published_dir = settings.published_runs_dir()
+    return published_dir is not None and run.path.parent == published_dir
 
 
 def no_runs_message(what: str = "evaluate") -> None:
@@ -77,7 +89,8 @@ def run_label(run: jobs.RunState) -> str:
     cfg = run.config
     bits = [cfg.get("arch"), cfg.get("finetune"), cfg.get("imbalance")]
     desc = ", ".join(str(b) for b in bits if b)
-    return f"{run.name} ({desc})" if desc else run.name
+    label = f"{run.name} ({desc})" if desc else run.name
+    return f"{label} — published with the model card" if is_published(run) else label
 
 
 def fmt_seconds(s: float | None) -> str:

@@ -25,6 +25,7 @@ SETTINGS_FILE = PROJECT_ROOT / ".streamlit" / "lesionlab.toml"
 DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"
 CHECKPOINTS_ENV = "LESIONLAB_CHECKPOINTS"
+PUBLISHED_RUNS_ENV = "LESIONLAB_PUBLISHED_RUNS"
 DATAVERSE_ENV = "LESIONLAB_DATAVERSE"  # another Dataverse server (a mirror; the tests' fake one)
 DEFAULT_DOWNLOAD = PROJECT_ROOT / "data" / "ham10000"
 
@@ -90,6 +91,17 @@ def dataset_choice(override: str | None = None, *, env: dict | None = None,
 def runs_dir(env: dict | None = None) -> Path:
     env = os.environ if env is None else env
     return _resolve(env.get(RUNS_ENV) or "runs")
+
+
+def published_runs_dir(env: dict | None = None) -> Path | None:
+    """Read-only records of the runs behind MODEL_CARD.md (``docs/runs``), shown on Evaluate and Compare so
+    a fresh clone has the reference model's evaluation and the imbalance comparison to look at.
+    ``LESIONLAB_PUBLISHED_RUNS`` set but empty hides them."""
+    env = os.environ if env is None else env
+    value = env.get(PUBLISHED_RUNS_ENV)
+    if value == "":
+        return None
+    return _resolve(value or "docs/runs")
 
 
 def checkpoints_dir(env: dict | None = None) -> Path:

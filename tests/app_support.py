@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.settings import CHECKPOINTS_ENV, DATA_ENV, RUNS_ENV
+from core.settings import CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit_app.py"
@@ -27,8 +27,9 @@ class AppEnv:
     checkpoints: Path
 
     def environ(self) -> dict[str, str]:
+        # The published run records in docs/runs stay hidden unless a test asks for them.
         return {DATA_ENV: str(self.data) if self.data else "", RUNS_ENV: str(self.runs),
-                CHECKPOINTS_ENV: str(self.checkpoints)}
+                CHECKPOINTS_ENV: str(self.checkpoints), PUBLISHED_RUNS_ENV: ""}
 
     def apply(self, monkeypatch) -> None:
         for key, value in self.environ().items():
@@ -141,6 +142,6 @@ def no_exceptions(at) -> None:
 
 def clean_env() -> dict[str, str]:
     env = dict(os.environ)
-    for key in (DATA_ENV, RUNS_ENV, CHECKPOINTS_ENV):
+    for key in (DATA_ENV, RUNS_ENV, CHECKPOINTS_ENV, PUBLISHED_RUNS_ENV):
         env.pop(key, None)
     return env

@@ -1,10 +1,13 @@
 """Every page renders, without a dataset/model/run and with them (streamlit.testing AppTest)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from core.settings import PUBLISHED_RUNS_ENV
 from tests.app_support import *  # noqa: F403
-from tests.app_support import PAGES, app_test, no_exceptions, texts
+from tests.app_support import PAGES, ROOT, app_test, no_exceptions, texts
 
 EMPTY_MESSAGES = {
     "home": "No dataset is configured",
@@ -152,3 +155,21 @@ def test_compare_with_two_runs(full_env, monkeypatch):
     # The experiment tab's form is there (its button is enabled: data present, no job).
     button = [b for b in at.button if b.label == "Run the imbalance experiment"]
     assert button and not button[0].disabled
+
+
+def test_published_runs_show_on_a_fresh_clone(empty_env, monkeypatch):
+    """With no local runs, Evaluate and Compare show the run records published with the model card."""
+    empty_env.apply(monkeypatch)
+    published = ROOT / "docs" / "runs"
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(published))
+    at = app_test("evaluate")
+    no_exceptions(at)
+    at.selectbox(key="eval_run").set_value("reference-mnv2").run()
+    no_exceptions(at)
+    accuracy = json.loads((published / "reference-mnv2" / "evaluation.json").read_text())["test"]["accuracy"]
+    assert f"{accuracy:.3f}" in texts(at)
+    assert "published with the model card" in at.selectbox(key="eval_run").format_func("reference-mnv2")
+
+    at = app_test("compare")
+    no_exceptions(at)
+    assert len(at.multiselect(key="cmp_runs").options) == len(list(published.iterdir()))

@@ -24,6 +24,7 @@ from tests.conftest import HAM_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
+REFERENCE = ROOT / "checkpoints" / "reference.pt"
 SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
@@ -42,8 +43,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def browser_env(tmp_path_factory, tiny_root):
-    """The bundled real sample when present (nicer screenshots), two finished runs and no reference checkpoint
-    (Diagnose then offers the runs' best.pt)."""
+    """The bundled real sample when present (nicer screenshots), two finished runs and the shipped reference
+    checkpoint (Diagnose offers it first, then the runs' best.pt)."""
     base = tmp_path_factory.mktemp("browser")
     data = SAMPLE if (SAMPLE / "HAM10000_metadata.csv").is_file() else tiny_root
     runs, ckpts, cache = base / "runs", base / "checkpoints", base / "cache"
@@ -65,6 +66,8 @@ def browser_env(tmp_path_factory, tiny_root):
     finally:
         os.environ.pop("TORCH_HOME", None)
     ckpts.mkdir()
+    if REFERENCE.is_file():
+        shutil.copy(REFERENCE, ckpts / REFERENCE.name)
     return {"data": data, "runs": runs, "checkpoints": ckpts, "torch_home": base / "torch_home"}
 
 

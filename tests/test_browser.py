@@ -180,6 +180,11 @@ def test_pages_render_and_are_photographed(page, server, tmp_path):
     visit(page, server, "evaluate", "Evaluate")
     page.locator(".js-plotly-plot").first.wait_for()
     assert "Balanced accuracy" in page.inner_text("body")
+    # The reference model's record, published with the model card, is on offer on a fresh clone too.
+    page.locator("[data-testid=stSelectbox]").first.click()
+    page.get_by_role("option").filter(has_text="reference-mnv2").first.click()
+    settle(page, "Evaluate")
+    page.get_by_text("1498 images").first.wait_for()
     shot(page, "evaluate", tmp_path)
 
     visit(page, server, "compare", "Compare")

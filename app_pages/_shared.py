@@ -94,14 +94,7 @@ def run_label(run: jobs.RunState) -> str:
 
 
 def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "—"
-    s = int(round(s))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+    return "—" if s is None else jobs.format_duration(s)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")

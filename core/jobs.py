@@ -469,14 +469,15 @@ class RunState:
             parts.append(f"{float(p['images_per_s']):.0f} images/s")
         eta = self.eta_s()
         if eta is not None:
-            parts.append(f"ETA {_fmt_duration(eta)}")
+            parts.append(f"ETA {format_duration(eta)}")
         return " · ".join(parts)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return log_tail(self.path / "train.log", lines)
 
 
-def _fmt_duration(s: float) -> str:
+def format_duration(s: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
     s = int(round(s))
     if s < 60:
         return f"{s} s"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.labels import CLASSES
@@ -80,3 +81,12 @@ def imagenet_weights(torch_home, monkeypatch) -> Path:
     """Point torchvision's cache at ``torch_home`` for one test."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     return torch_home
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on shared cores OpenMP oversubscription stalls them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

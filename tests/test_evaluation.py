@@ -16,13 +16,7 @@ from core.models import build_model, train_mode
 MEL = CLASSES.index("mel")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread per tiny model avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(*heads: tuple[float, ...]) -> np.ndarray:

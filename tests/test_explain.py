@@ -15,14 +15,7 @@ from core.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, l
 from core.models import ARCHITECTURES, build_model, set_finetune, train_mode
 from tests.conftest import make_image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread per tiny model avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

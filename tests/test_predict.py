@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PREP = Preprocessing(input_size=(48, 48))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's cores are shared; one thread per tiny model avoids OpenMP oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_checkpoint(path: Path, model=None, *, prep: Preprocessing = PREP, temperature: float = 1.0,

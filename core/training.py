@@ -302,21 +302,22 @@ def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows
             idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
             return torch.utils.data.TensorDataset(feats[idx], torch.tensor(rows["label"].to_numpy()))
 
-        make = lambda ds, **kw: torch.utils.data.DataLoader(ds, **kw)  # noqa: E731
         train_ds = tensors(train_rows)
         eval_ds = {s: tensors(frame[frame["split"] == s]) for s in ("val", "test")}
         step_module = model.head
+        loader_options: dict = {}  # features are already in memory: no worker processes
     else:
-        def make(ds, **kw):
-            return torch.utils.data.DataLoader(ds, num_workers=workers, pin_memory=device.type == "cuda",
-                                               persistent_workers=workers > 0, **kw)
         train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep)
         eval_ds = {s: LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep)
                    for s in ("val", "test")}
         step_module = model
-    train_loader = make(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=generator, drop_last=len(train_ds) > cfg.batch_size)
-    eval_loaders = {s: make(ds, batch_size=eval_bs) for s, ds in eval_ds.items()}
+        loader_options = {"num_workers": workers, "pin_memory": device.type == "cuda",
+                          "persistent_workers": workers > 0}
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+        drop_last=len(train_ds) > cfg.batch_size, **loader_options)
+    eval_loaders = {s: torch.utils.data.DataLoader(ds, batch_size=eval_bs, **loader_options)
+                    for s, ds in eval_ds.items()}
     return step_module, train_loader, eval_loaders
 
 

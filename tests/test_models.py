@@ -1,0 +1,73 @@
+"""Models through torchvision's weights API: pretrained weights, local files, fine-tuning policies."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from core.labels import NUM_CLASSES
+from core.models import ARCHITECTURES, WeightsUnavailableError, build_model, train_mode, weights_file
+
+
+def trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_gives_seven_logits_and_a_cam_layer(arch):
+    model = build_model(arch, weights="none").eval()
+    with torch.inference_mode():
+        out = model(torch.randn(1, 3, 64, 80))  # any input size, including non-square
+    assert out.shape == (1, NUM_CLASSES)
+    assert isinstance(model.cam_layer(), nn.Module)
+
+
+def test_finetune_policies_unfreeze_what_they_say():
+    head = build_model("resnet18", "none", "head")
+    last = build_model("resnet18", "none", "last")
+    full = build_model("resnet18", "none", "full")
+    assert trainable(head.backbone) == 0 and trainable(head.head) > 0
+    assert trainable(last.backbone) == trainable(last.backbone.layer4) > 0
+    assert trainable(full.backbone) == sum(p.numel() for p in full.backbone.parameters())
+    with pytest.raises(ValueError, match="fine-tuning policy"):
+        build_model("resnet18", "none", "some")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("vgg11", "none")
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_train_mode():
+    model = build_model("resnet18", "none", "head")
+    train_mode(model)
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert not model.backbone.bn1.training and torch.equal(before, model.backbone.bn1.running_mean)
+    assert model.head.training
+
+
+def test_imagenet_and_local_weights_are_loaded(imagenet_weights, tmp_path):
+    pretrained = build_model("mobilenet_v2", "imagenet")
+    random = build_model("mobilenet_v2", "none")
+    reference = torch.load(weights_file("mobilenet_v2"), weights_only=True)
+    first = "features.0.0.weight"
+    assert torch.equal(pretrained.backbone.state_dict()[first], reference[first])
+    assert not torch.equal(random.backbone.state_dict()[first], reference[first])
+    local = tmp_path / "mine.pth"
+    torch.save(reference, local)
+    assert torch.equal(build_model("mobilenet_v2", str(local)).backbone.state_dict()[first], reference[first])
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_model("mobilenet_v2", str(tmp_path / "missing.pth"))
+
+
+def test_unusable_imagenet_file_is_a_clear_error_naming_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    target = weights_file("resnet18")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"half a download")  # what an interrupted copy leaves behind
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as err:
+        build_model("resnet18", "imagenet")
+    assert time.monotonic() - start < 30  # never a hang
+    message = str(err.value)
+    assert str(target) in message and "--weights none" in message and "resnet18" in message

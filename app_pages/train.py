@@ -120,8 +120,10 @@ def show_run(run: jobs.RunState, active: bool, controls=None) -> None:
     st.progress(run.fraction_done(), text=run.progress_text())
     if controls is not None:
         controls()
+    if run.epochs or run.steps:
+        st.plotly_chart(plots.training_curves(jobs.epochs_table(run), jobs.running_loss_table(run)),
+                        width="stretch", key=f"curves_{run.name}")
     if run.epochs:
-        st.plotly_chart(plots.training_curves(jobs.epochs_table(run)), width="stretch", key=f"curves_{run.name}")
         last = run.epochs[-1]
         m = st.columns(4)
         m[0].metric("Validation accuracy", f"{last.get('val_acc', float('nan')):.3f}")
@@ -129,7 +131,7 @@ def show_run(run: jobs.RunState, active: bool, controls=None) -> None:
         m[2].metric("Train loss", f"{last.get('train_loss', float('nan')):.4f}")
         m[3].metric("Epoch time", fmt_seconds(last.get("seconds")))
     elif active:
-        st.caption("The curves appear when the first epoch is done.")
+        st.caption("Validation curves appear when the first epoch is done; the running training loss is live.")
     if run.state == "finished":
         st.success("Finished: the best checkpoint was calibrated and evaluated on the test split.",
                    icon=":material/check_circle:")

@@ -390,6 +390,7 @@ class RunState:
     start: dict | None = None
     epochs: list[dict] = field(default_factory=list)
     progress: dict | None = None
+    steps: list[dict] = field(default_factory=list)  # training progress events, for the live curve
     end: dict | None = None
     error: str | None = None
     modified: float = 0.0
@@ -527,6 +528,7 @@ def read_run(run_dir: Path, job: Job | None = None) -> RunState:
     start = next((e for e in events if e.get("event") == "start"), None)
     epochs = [e for e in events if e.get("event") == "epoch"]
     progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
+    steps = [e for e in events if e.get("event") == "progress" and "phase" not in e and e.get("steps")]
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
     if not config and in_job:
         config = _read_json(job.file.parent / f"{run_dir.name}.json") or {}
@@ -550,7 +552,7 @@ def read_run(run_dir: Path, job: Job | None = None) -> RunState:
     except OSError:
         modified = 0.0
     return RunState(name=run_dir.name, path=run_dir, state=state, config=config, start=start, epochs=epochs,
-                    progress=progress, end=end, error=error, modified=modified)
+                    progress=progress, steps=steps, end=end, error=error, modified=modified)
 
 
 def list_runs(runs_dir: Path, job: Job | None = None) -> list[RunState]:
@@ -577,6 +579,15 @@ def epochs_table(run: RunState):
         if c not in frame.columns:
             frame[c] = pd.NA
     return frame[cols + [c for c in frame.columns if c not in cols and c != "event"]]
+
+
+def running_loss_table(run: RunState):
+    """The running training loss reported within epochs, at fractional epochs (epoch 2, half done: 1.5)."""
+    import pandas as pd
+
+    rows = [(int(e["epoch"]) - 1 + float(e["step"]) / float(e["steps"]), float(e["loss"]))
+            for e in run.steps if e.get("loss") is not None]
+    return pd.DataFrame(rows, columns=["epoch", "loss"])
 
 
 def read_predictions(run_dir: Path):

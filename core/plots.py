@@ -101,8 +101,12 @@ def split_counts_figure(table: pd.DataFrame) -> go.Figure:
 # Training
 
 
-def training_curves(epochs: pd.DataFrame) -> go.Figure:
-    """Loss (left) and accuracy (right) per epoch, train vs validation."""
+def training_curves(epochs: pd.DataFrame, running: pd.DataFrame | None = None) -> go.Figure:
+    """Loss (left) and accuracy (right) per epoch, train vs validation.
+
+    ``running`` (columns epoch, loss) is the running training loss reported every second within
+    epochs, so a slow epoch on a CPU still shows the curve moving before it ends.
+    """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Accuracy"), horizontal_spacing=0.1)
     if epochs is not None and len(epochs):
         x = epochs["epoch"]
@@ -116,7 +120,12 @@ def training_curves(epochs: pd.DataFrame) -> go.Figure:
                                          showlegend=col == 2,
                                          hovertemplate=f"{name}<br>epoch %{{x}}: %{{y:.4f}}<extra></extra>"),
                               row=1, col=col)
-    fig.update_xaxes(title="epoch", dtick=1 if epochs is None or len(epochs) <= 20 else None)
+    if running is not None and len(running):
+        fig.add_trace(go.Scatter(x=running["epoch"], y=running["loss"], name="train (running, within epoch)",
+                                 mode="lines", line=dict(color="#9ECAE9", width=1),
+                                 hovertemplate="running train loss<br>epoch %{x:.2f}: %{y:.4f}<extra></extra>"),
+                      row=1, col=1)
+    fig.update_xaxes(title="epoch", dtick=1 if epochs is None or len(epochs) <= 20 else None, rangemode="tozero")
     fig.update_yaxes(range=[0, 1], row=1, col=2)
     fig.update_layout(legend=dict(orientation="h", y=-0.2))
     return _finish(fig, "", height=360)

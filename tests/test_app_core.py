@@ -94,6 +94,9 @@ def test_training_curves_handle_empty_and_partial_tables():
                            "val_acc": [.4, .5], "val_balanced_acc": [.3, .4]})
     fig = plots.training_curves(epochs)
     assert len(fig.data) == 5
+    running = pd.DataFrame({"epoch": [0.25, 0.5, 1.25], "loss": [2.0, 1.5, 1.0]})
+    fig = plots.training_curves(epochs, running)
+    assert len(fig.data) == 6 and list(fig.data[-1].x) == [0.25, 0.5, 1.25]
 
 
 def test_evaluation_figures():

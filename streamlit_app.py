@@ -1,26 +1,26 @@
 """Lesion Lab — `streamlit run streamlit_app.py`.
 
 The entry point: page setup, the sidebar's dataset setting shared by all pages, and navigation.
-The pages live in ``app_pages/``, not ``pages/``: Streamlit treats a ``pages/`` folder as a legacy
+The page scripts live one level down, in ``pages/views/``: Streamlit runs any ``pages/*.py`` as a legacy
 multipage app until ``st.navigation`` first runs, so a bookmarked deep link opened first after a server
-start would bypass this entry point (no sidebar, no shared settings).
+start would bypass this entry point (no sidebar, no shared settings). It ignores subfolders of ``pages/``.
 """
 from __future__ import annotations
 
 import streamlit as st
 
-from app_pages._shared import DATASET_KEY, dataset_choice
 from core import jobs, settings
+from pages.views._shared import DATASET_KEY, dataset_choice
 
 st.set_page_config(page_title="Lesion Lab", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [
-    st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("app_pages/dataset.py", title="Dataset", icon=":material/dataset:"),
-    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("app_pages/evaluate.py", title="Evaluate", icon=":material/analytics:"),
-    st.Page("app_pages/diagnose.py", title="Diagnose", icon=":material/stethoscope:"),
-    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("pages/views/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/views/dataset.py", title="Dataset", icon=":material/dataset:"),
+    st.Page("pages/views/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/views/evaluate.py", title="Evaluate", icon=":material/analytics:"),
+    st.Page("pages/views/diagnose.py", title="Diagnose", icon=":material/stethoscope:"),
+    st.Page("pages/views/compare.py", title="Compare", icon=":material/compare:"),
 ]
 page = st.navigation(PAGES)
 

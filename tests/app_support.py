@@ -121,7 +121,7 @@ def app_test(page: str | None = None, timeout: float = 60):
     at = AppTest.from_file(str(APP), default_timeout=timeout)
     at.run()
     if page and page != "home":
-        at.switch_page(f"app_pages/{page}.py")
+        at.switch_page(f"pages/views/{page}.py")
         at.run()
     return at
 

@@ -84,7 +84,7 @@ def test_sidebar_folder_overrides_the_environment(full_env, empty_env, monkeypat
     at.sidebar.text_input(key="dataset_folder_input").set_value(str(full_env.data)).run()
     no_exceptions(at)
     assert {m.label: m.value for m in at.metric}["Dataset images"] == "84"
-    at.switch_page("app_pages/dataset.py").run()  # the setting holds on every page
+    at.switch_page("pages/views/dataset.py").run()  # the setting holds on every page
     no_exceptions(at)
     assert {m.label: m.value for m in at.metric}["Images"] == "84"
 

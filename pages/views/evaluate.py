@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 from core import plots, settings
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
@@ -18,6 +17,7 @@ from core.evaluation import melanoma_operating_point, reliability_curve, roc_cur
 from core.images import ImageError
 from core.imports import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
+from pages.views._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
 EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder) of the last evaluation asked for; survives reruns

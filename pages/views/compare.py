@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
 from core import jobs, plots
 from core.models import ARCHITECTURES
+from pages.views._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
 
 st.title("Compare")
 RUNS = runs_dir()
@@ -23,7 +23,7 @@ def headline(run: jobs.RunState) -> dict:
 
 
 def predictions_or_none(run: jobs.RunState):
-    from app_pages._shared import predictions
+    from pages.views._shared import predictions
 
     try:
         return predictions(run.path)

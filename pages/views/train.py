@@ -3,9 +3,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from app_pages._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
 from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
+from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
 
 st.title("Train")
 
@@ -135,7 +135,7 @@ def show_run(run: jobs.RunState, active: bool, controls=None) -> None:
     if run.state == "finished":
         st.success("Finished: the best checkpoint was calibrated and evaluated on the test split.",
                    icon=":material/check_circle:")
-        st.page_link("app_pages/evaluate.py", label="Open it on Evaluate", icon=":material/analytics:")
+        st.page_link("pages/views/evaluate.py", label="Open it on Evaluate", icon=":material/analytics:")
     elif run.state == "stopped":
         st.info("Stopped on request." + (" The best epoch so far was saved and evaluated." if run.has_model else ""))
     elif run.state in ("failed", "interrupted"):

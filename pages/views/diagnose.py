@@ -1,11 +1,11 @@
 """Diagnose: one uploaded image through one model. Uploads stay in memory; nothing is written to disk."""
 import streamlit as st
 
-from app_pages._shared import get_predictor, research_notice
 from core import plots, settings
 from core.images import ImageError
 from core.labels import CLASSES, MALIGNANT
 from core.visuals import LOW_CONFIDENCE, dermoscopy_check, feature_map_grid
+from pages.views._shared import get_predictor, research_notice
 
 MAX_UPLOAD_MB = 10
 

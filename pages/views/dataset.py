@@ -2,10 +2,10 @@
 import pandas as pd
 import streamlit as st
 
-from app_pages._shared import dataset_choice, download_panel, load_dataset
 from core import plots
 from core.data import split_by_lesion, split_counts
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+from pages.views._shared import dataset_choice, download_panel, load_dataset
 
 st.title("Dataset")
 index = load_dataset()

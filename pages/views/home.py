@@ -1,8 +1,8 @@
 """Home: what Lesion Lab is, and what is ready to use right now."""
 import streamlit as st
 
-from app_pages._shared import dataset_choice, list_runs, load_dataset, research_notice
 from core import jobs, settings
+from pages.views._shared import dataset_choice, list_runs, load_dataset, research_notice
 
 st.title("Lesion Lab")
 st.markdown("Decision-support dashboard for **pigmented skin lesions**, built on the HAM10000 dermoscopy dataset "
@@ -35,15 +35,15 @@ if not models:
 st.subheader("Pages")
 cols = st.columns(3)
 links = [
-    ("app_pages/dataset.py", "Dataset", ":material/dataset:",
+    ("pages/views/dataset.py", "Dataset", ":material/dataset:",
      "Class balance, metadata, image gallery, validation report and the lesion-grouped split."),
-    ("app_pages/train.py", "Train", ":material/model_training:",
+    ("pages/views/train.py", "Train", ":material/model_training:",
      "Train a model in the background with live loss and accuracy curves."),
-    ("app_pages/evaluate.py", "Evaluate", ":material/analytics:",
+    ("pages/views/evaluate.py", "Evaluate", ":material/analytics:",
      "Confusion matrix, ROC, calibration, melanoma threshold and the misclassified images with Grad-CAM."),
-    ("app_pages/diagnose.py", "Diagnose", ":material/stethoscope:",
+    ("pages/views/diagnose.py", "Diagnose", ":material/stethoscope:",
      "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and feature maps. Works without a dataset."),
-    ("app_pages/compare.py", "Compare", ":material/compare:",
+    ("pages/views/compare.py", "Compare", ":material/compare:",
      "Runs side by side, and a one-click experiment over the five class-imbalance strategies."),
 ]
 for i, (path, title, icon, text) in enumerate(links):

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from core.checkpoints import CheckpointError
-from core.data import SPLITS, DatasetError, LesionDataset, split_by_lesion
+from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
 from core.evaluation import compute_metrics, confidence_intervals, predict_probs
 from core.images import ImageError
 from core.imports import index_any
@@ -31,10 +31,10 @@ class EvaluationError(ValueError):
     """The requested evaluation cannot be done as asked; the message says what to change."""
 
 
-def index_data(root: str | Path) -> pd.DataFrame:
-    """The usable images below ``root`` (metadata columns, ``path``, ``label``): HAM10000 as the trainer
-    indexes it, or an external set (isic-cli export, ISIC 2018 ground truth, class folders)."""
-    return index_any(root).frame
+def index_data(root: str | Path) -> DatasetIndex:
+    """The usable images below ``root`` and what was set aside: HAM10000 as the trainer indexes it, or an
+    external set (isic-cli export, ISIC 2018 ground truth, class folders)."""
+    return index_any(root)
 
 
 def resolve_split(checkpoint: dict, split_seed: int | None = None,
@@ -97,7 +97,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
             f"{checkpoint} was trained on a subsample (max_images={config['max_images']}), so its split cannot "
             "be recomputed from the full dataset; pass --split all, or --split-seed/--fractions to choose a split."
         )
-    frame = select_split(index_data(data), split, seed, fracs)
+    index = index_data(data)
+    frame = select_split(index.frame, split, seed, fracs)
     dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, labels = predict_probs(predictor.model, _progress(loader, len(dataset), batch_size), predictor.device,
@@ -120,6 +121,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
                        "training images" if split != "all" and source == "command line" and "split_seed" in config
                        else None),
         "n_images": len(frame),
+        "validation": {"ok": index.report.ok, "summary": index.report.summary(),
+                       "problems": index.report.problems().values.tolist()},
         "temperature": predictor.temperature,
         "tta": tta,
         "metrics": metrics,
@@ -154,6 +157,8 @@ def format_report(result: dict) -> str:
     lines = [f"{result['arch']} checkpoint {result['checkpoint']}",
              f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
              f"{', TTA' if result['tta'] else ''}", ""]
+    if not result["validation"]["ok"]:  # what indexing set aside, so nobody mistakes the image count
+        lines += result["validation"]["summary"].splitlines()[1:] + [""]
 
     header = f"{'code':<6} {'diagnosis':<{name_w}} {'precision':>9} {'recall':>7} {'f1':>6} {'AUC':>6} {'support':>7}"
     lines += [header, "-" * len(header)]

@@ -373,6 +373,12 @@ def test_evaluate_reads_external_class_folder_sets(ckpt, tmp_path):
     for i, code in enumerate(("mel", "NV", "Basal cell carcinoma")):
         (tmp_path / "ext" / code).mkdir(parents=True)
         lesion(tmp_path / "ext" / code / f"img{i}.jpg", seed=i)
+    (tmp_path / "ext" / "scar").mkdir()
+    lesion(tmp_path / "ext" / "scar" / "odd.jpg", seed=9)
     result = evaluate.evaluate_checkpoint(ckpt, tmp_path / "ext", split="all", bootstrap=0)
     assert sorted(p["true"] for p in result["predictions"]) == ["bcc", "mel", "nv"]
     assert [row["support"] for row in result["metrics"]["per_class"]] == [0, 1, 0, 0, 1, 1, 0]
+    # The image in a folder that is no class is set aside, named in the result and in the printed report.
+    assert not result["validation"]["ok"]
+    assert [where for _, where in result["validation"]["problems"]][0].startswith(str(tmp_path / "ext" / "scar"))
+    assert "odd.jpg" in evaluate.format_report(result)

@@ -200,15 +200,16 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside.
     Keyed by the checkpoint's path and mtime and the folder (and its mtime); errors are not cached."""
     from core.evaluate import evaluate_checkpoint
-    from core.imports import detect_layout, index_any
+    from core.imports import detect_layout
     from core.runtime import pick_device
 
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
-    index = index_any(folder)
     result = evaluate_checkpoint(checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP,
                                  device=str(pick_device()))
-    return {"layout": layout.kind, "layout_source": str(layout.source), "report_ok": index.report.ok,
-            "report": index.report.summary(), "problems": index.report.problems(), "result": result}
+    validation = result["validation"]
+    return {"layout": layout.kind, "layout_source": str(layout.source), "report_ok": validation["ok"],
+            "report": validation["summary"],
+            "problems": pd.DataFrame(validation["problems"], columns=["problem", "where"]), "result": result}
 
 
 def _resolve_folder(text: str) -> Path:

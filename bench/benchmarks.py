@@ -26,10 +26,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from core.checkpoints import atomic_save, checkpoint_dict  # noqa: E402
-from core.data import Preprocessing, index_dataset, oversample, split_by_lesion  # noqa: E402
+from core.data import (  # noqa: E402
+    LesionDataset,
+    Preprocessing,
+    index_dataset,
+    oversample,
+    split_by_lesion,
+    train_transform,
+)
 from core.features import compute_features  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.runtime import tune_allocator  # noqa: E402
+from core.training import PRESETS, make_optimizer, make_scheduler  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 
@@ -91,16 +99,11 @@ def bench_epochs(data: Path, steps: int, repeats: int) -> dict:
     Uncached: the backbone runs on augmented images every step; we time ``steps`` steps and
     scale to the epoch's step count. Cached: the real full epoch of the head on cached features.
     """
-    from core.training import make_optimizer, make_scheduler
-
     tune_allocator()
     frame = index_dataset(data).frame
     frame = frame.assign(split=split_by_lesion(frame).to_numpy())
     train_rows = oversample(frame[frame["split"] == "train"])
     epoch_steps = len(train_rows) // 16
-    from core.data import LesionDataset, train_transform
-    from core.training import PRESETS
-
     cfg = PRESETS["seed"]
     prep = cfg.preprocessing
     model = build_model("resnet18", "none", "head", "mlp").to(memory_format=torch.channels_last)

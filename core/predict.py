@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from core.checkpoints import CheckpointError, load_model
-from core.data import Preprocessing, eval_transform, load_for_model
-from core.evaluation import class_probabilities
 from core.explain import CAM_METHODS, gradcam, overlay
 from core.images import ImageError, ImageSource
+from core.inference import class_probabilities
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
+from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."

@@ -10,9 +10,9 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from core.data import Preprocessing, eval_transform, load_for_model
 from core.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, layer_names, overlay
 from core.models import ARCHITECTURES, build_model, set_finetune, train_mode
+from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")

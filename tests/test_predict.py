@@ -18,12 +18,13 @@ from PIL import Image
 
 from core import evaluate
 from core.checkpoints import CheckpointError, atomic_save, checkpoint_dict
-from core.data import Preprocessing, eval_transform, index_dataset, load_for_model, split_by_lesion
+from core.data import index_dataset, split_by_lesion
 from core.evaluation import softmax
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.models import build_model
 from core.predict import Predictor, main
+from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,10 @@ import torch
 
 from core.checkpoints import CheckpointError
 from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
-from core.evaluation import compute_metrics, confidence_intervals, predict_probs
+from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
 from core.imports import index_any
+from core.inference import predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.predict import Predictor
 

@@ -16,12 +16,16 @@ def trainable(module: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_architecture_gives_seven_logits_and_a_cam_layer(arch):
+def test_every_architecture_gives_seven_logits_a_cam_layer_and_feature_layers(arch):
     model = build_model(arch, weights="none").eval()
     with torch.inference_mode():
         out = model(torch.randn(1, 3, 64, 80))  # any input size, including non-square
     assert out.shape == (1, NUM_CLASSES)
     assert isinstance(model.cam_layer(), nn.Module)
+    order = [name for name, _ in model.named_modules()]
+    names = model.feature_layers()
+    assert len(names) >= 4 and set(names) <= set(order)
+    assert [order.index(n) for n in names] == sorted(order.index(n) for n in names)  # shallow to deep
 
 
 def test_finetune_policies_unfreeze_what_they_say():

@@ -204,8 +204,7 @@ def _download_body(active: jobs.Job | None) -> None:
                "Same as `python -m core.download --dest FOLDER`.")
     if go:
         try:
-            jobs.start_download(Path(dest).expanduser() if Path(dest).expanduser().is_absolute()
-                                else settings.PROJECT_ROOT / dest, runs, include_external=external,
+            jobs.start_download(settings.resolve_path(dest), runs, include_external=external,
                                 server=settings.dataverse_server())
         except jobs.JobError as exc:
             st.error(str(exc))

@@ -142,9 +142,14 @@ def read_config(run_dir: Path) -> dict:
 
 def read_split(run_dir: Path) -> pd.DataFrame:
     """image_id, lesion_id, dx and split of every image the run used."""
-    import pandas as pd  # lazily: the job worker reads runs without needing pandas
+    import pandas as pd  # lazily: pandas is heavy, and the job worker reads runs without it
 
     return pd.read_csv(Path(run_dir) / "split.csv")
+
+
+def read_evaluation(run_dir: Path) -> dict:
+    """The test evaluation of the run's best model; empty before the run has one."""
+    return read_json(Path(run_dir) / "evaluation.json") or {}
 
 
 def has_evaluation(run_dir: Path) -> bool:
@@ -170,8 +175,8 @@ def read_predictions(run_dir: Path):
         raise ValueError(f"{run_dir.name}/test_predictions.csv lacks {', '.join(missing) or 'rows'}")
     logit_cols = [f"logit_{c}" for c in CLASSES]
     logits = table[logit_cols].to_numpy(dtype=float) if all(c in table for c in logit_cols) else None
-    evaluation = read_json(run_dir / "evaluation.json") or {}
-    return table, table["label"].to_numpy(dtype=int), table[prob_cols].to_numpy(dtype=float), logits, evaluation
+    return (table, table["label"].to_numpy(dtype=int), table[prob_cols].to_numpy(dtype=float), logits,
+            read_evaluation(run_dir))
 
 
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -19,7 +19,6 @@ import argparse
 import errno
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from core.dataverse import (
     list_files,
     open_file,
 )
+from core.files import read_json, write_json
 from core.imports import index_any
 
 __all__ = [
@@ -216,10 +216,7 @@ def _metadata_first(remotes: Iterable[RemoteFile]) -> list[RemoteFile]:
 
 
 def _manifest(root: Path) -> dict:
-    try:
-        return json.loads((root / STATE_DIR / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json(root / STATE_DIR / _MANIFEST) or {}
 
 
 def _fingerprint(remote: RemoteFile) -> str:
@@ -239,10 +236,8 @@ def _record(root: Path, remote: RemoteFile, files: list[str]) -> None:
     manifest = _manifest(root)
     manifest[str(remote.id)] = {"name": remote.name, "fingerprint": _fingerprint(remote), "files": files}
     path = root / STATE_DIR / _MANIFEST
-    tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.replace(tmp, path)  # an interrupted write must not lose the record of earlier files
+        write_json(path, manifest)  # atomic: an interrupted write must not lose the record of earlier files
     except OSError as exc:
         raise _disk_error(exc, path, "") from None
 

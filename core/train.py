@@ -14,6 +14,7 @@ from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, WeightsUnavailableError
 from core.preprocessing import AUGMENTATIONS
+from core.runs import read_evaluation
 from core.training import IMBALANCE_STRATEGIES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfig, config_with, train
 
 
@@ -97,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
-    evaluation = run_dir / "evaluation.json"
-    if evaluation.is_file():
-        test = json.loads(evaluation.read_text())["test"]
+    test = read_evaluation(run_dir).get("test")
+    if test:
         print(f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
               f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}")
     else:

@@ -4,7 +4,6 @@ What a run folder holds is described in :mod:`core.runs`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -30,10 +29,9 @@ from core.data import (
 from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureCache, backbone_key
 from core.inference import predict_logits
-from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
 from core.preprocessing import AUGMENTATIONS, Preprocessing, eval_transform, train_transform
-from core.runs import RunLog
+from core.runs import STOP_FILE, RunLog, write_config, write_evaluation, write_split
 from core.runtime import default_workers, pick_device, tune_allocator
 
 IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
@@ -330,7 +328,7 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
     tune_allocator()
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "STOP").unlink(missing_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     log = RunLog(run_dir)
     log.status("running")
     try:
@@ -347,12 +345,12 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
 
 def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool]) -> str:
     device = pick_device(cfg.device)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    stop_file = run_dir / "STOP"
+    write_config(run_dir, cfg.to_dict())
+    stop_file = run_dir / STOP_FILE
     stop = lambda: should_stop() or stop_file.exists()  # noqa: E731
 
     frame, train_rows = prepare_data(cfg)
-    frame[["image_id", "lesion_id", "dx", "split"]].to_csv(run_dir / "split.csv", index=False)
+    write_split(run_dir, frame)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head).to(device)
@@ -423,14 +421,7 @@ def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: Lesion
         "test_uncalibrated": compute_metrics(test_labels, softmax(test_logits)),
         "val": compute_metrics(val_labels, softmax(val_logits, temperature)),
     }
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    test_rows = frame[frame["split"] == "test"]
-    table = test_rows[["image_id", "path", "label", "dx"]].reset_index(drop=True)
-    for i, code in enumerate(CLASSES):
-        table[f"prob_{code}"] = probs[:, i]
-    for i, code in enumerate(CLASSES):
-        table[f"logit_{code}"] = test_logits[:, i]
-    table.to_csv(run_dir / "test_predictions.csv", index=False)
+    write_evaluation(run_dir, evaluation, frame[frame["split"] == "test"], probs, test_logits)
     best["temperature"] = temperature
     atomic_save(best, run_dir / "best.pt")
     return evaluation

@@ -1,6 +1,8 @@
 """The app's pure-Python helpers: dataset-folder settings, plot builders and the image checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -34,6 +36,12 @@ def test_dataset_choice_order(tmp_path):
     assert not none.configured and none.describe() == "no dataset configured"
     # Relative paths are relative to the project root, not the working directory.
     assert settings.dataset_choice("data/x", env={}, **kw).folder == settings.PROJECT_ROOT / "data" / "x"
+
+
+def test_resolve_path_takes_relative_paths_from_the_project_root():
+    assert settings.resolve_path("data/x") == settings.PROJECT_ROOT / "data" / "x"
+    assert settings.resolve_path("/abs/x") == Path("/abs/x")
+    assert settings.resolve_path("~/x") == Path.home() / "x"
 
 
 def test_broken_settings_file_is_ignored(tmp_path):

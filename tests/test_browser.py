@@ -19,6 +19,7 @@ import pytest
 
 from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
+from core.runs import read_run
 from tests.app_support import ROOT, clean_env, train_tiny_run
 from tests.conftest import HAM_DIR
 
@@ -291,4 +292,4 @@ def test_train_a_run_and_watch_the_curve_grow(page, server, browser_env, tmp_pat
 
     page.get_by_role("button", name="Stop training").click()
     page.get_by_text("Stopped on request").wait_for(timeout=90_000)
-    assert jobs.read_run(browser_env["runs"] / "browser-run").state == "stopped"
+    assert read_run(browser_env["runs"] / "browser-run").state == "stopped"

@@ -212,11 +212,6 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
             "problems": pd.DataFrame(validation["problems"], columns=["problem", "where"]), "result": result}
 
 
-def _resolve_folder(text: str) -> Path:
-    path = Path(text.strip()).expanduser()
-    return path if path.is_absolute() else settings.PROJECT_ROOT / path
-
-
 def external_section() -> None:
     st.caption("Evaluate a model on images from elsewhere — all of them, no split — with the same metrics as "
                "a run's test split. The folder may hold an isic-cli export, one folder per class "
@@ -239,7 +234,7 @@ def external_section() -> None:
             st.session_state.pop(EXTERNAL_REQUEST, None)
             st.error("Enter the folder that holds the external test set.", icon=":material/block:")
             return
-        st.session_state[EXTERNAL_REQUEST] = (str(model), str(_resolve_folder(folder)))
+        st.session_state[EXTERNAL_REQUEST] = (str(model), str(settings.resolve_path(folder.strip())))
     request = st.session_state.get(EXTERNAL_REQUEST)
     if request is None:
         return

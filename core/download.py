@@ -39,7 +39,7 @@ from core.dataverse import (
     list_files,
     open_file,
 )
-from core.imports import index_any
+from core.layouts import index_any
 
 __all__ = [
     "DownloadError",

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from core.settings import PUBLISHED_RUNS_ENV
+from pages.views import _pages
 from tests.app_support import *  # noqa: F403
 from tests.app_support import PAGES, ROOT, app_test, no_exceptions, texts
 
@@ -30,6 +32,23 @@ def test_page_renders_without_anything(page, empty_env, monkeypatch):
     assert "not a medical device" in text and "No dataset configured" in text
     at.run()  # and stays there on reruns
     assert "not a medical device" in texts(at)
+
+
+def test_the_page_list_covers_every_page_script():
+    scripts = sorted(Path(p.script) for p in _pages.PAGES)
+    assert scripts == sorted(p.relative_to(ROOT) for p in (ROOT / "pages" / "views").glob("[!_]*.py"))
+    assert [p.title for p in _pages.PAGES if p.default] == ["Home"]
+
+
+def test_home_links_every_other_page_from_the_page_list(empty_env, monkeypatch):
+    empty_env.apply(monkeypatch)
+    at = app_test("home")
+    no_exceptions(at)
+    others = [p for p in _pages.PAGES if not p.default]
+    links = sorted((link.proto.page, link.proto.label, link.proto.icon) for link in at.get("page_link"))
+    assert links == sorted((Path(p.script).stem, f"**{p.title}**", p.icon) for p in others)
+    captions = [c.value for c in at.caption]
+    assert all(p.description in captions for p in others)
 
 
 def charts(at) -> int:

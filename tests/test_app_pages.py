@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from core.labels import CLASSES, MELANOMA
 from core.settings import PUBLISHED_RUNS_ENV
 from pages.views import _pages
 from tests.app_support import *  # noqa: F403
@@ -134,11 +136,27 @@ def test_evaluate_with_a_run(full_env, monkeypatch):
     assert len(at.dataframe) == 1  # per-class report
     at.segmented_control(key="eval_cm_mode").set_value("row-normalised").run()
     no_exceptions(at)
-    sens_before = next(m.value for m in at.metric if m.label == "Sensitivity")
-    at.slider(key="eval_mel_t").set_value(0.01).run()
-    no_exceptions(at)
-    assert next(m.value for m in at.metric if m.label == "Sensitivity") == "100.0%"
-    assert sens_before is not None
+
+    # The threshold tab's rates, recomputed from the run's prediction file at each slider position.
+    table = pd.read_csv(full_env.runs / at.selectbox(key="eval_run").value / "test_predictions.csv")
+    mel = table["label"] == CLASSES.index(MELANOMA)
+
+    def rates(t: float) -> tuple[float, float]:
+        flagged = table["prob_mel"] >= t
+        return flagged[mel].mean(), (~flagged[~mel]).mean()
+
+    def shown() -> tuple[str, str]:
+        values = {m.label: m.value for m in at.metric}
+        return values["Sensitivity"], values["Specificity"]
+
+    assert shown() == tuple(f"{r:.1%}" for r in rates(0.5))  # the slider's default
+    for t in (0.01, 0.99):
+        at.slider(key="eval_mel_t").set_value(t).run()
+        no_exceptions(at)
+        assert shown() == tuple(f"{r:.1%}" for r in rates(t)), t
+    # Lowering the threshold flags more images: more melanomas found, fewer non-melanomas cleared.
+    (sens_low, spec_low), (sens_high, spec_high) = rates(0.01), rates(0.99)
+    assert sens_low > sens_high and spec_low < spec_high
     at.selectbox(key="eval_run").set_value("tiny-weighted").run()
     no_exceptions(at)
 

@@ -185,10 +185,14 @@ def test_compare_with_two_runs(full_env, monkeypatch):
     at = app_test("compare")
     no_exceptions(at)
     assert sorted(at.multiselect(key="cmp_runs").value) == ["tiny-none", "tiny-weighted"]
-    assert len(at.dataframe) >= 1
+    assert sorted(at.dataframe[0].value.columns) == ["tiny-none", "tiny-weighted"]  # headline: a column per run
     assert charts(at) == 3  # per-class bars + two confusion matrices
     at.segmented_control(key="cmp_metric").set_value("f1").run()
     no_exceptions(at)
+    per_class = at.dataframe[1].value  # the per-class table shows the chosen metric, from each run's evaluation
+    for run in ("tiny-none", "tiny-weighted"):
+        evaluation = json.loads((full_env.runs / run / "evaluation.json").read_text())
+        assert list(per_class[run]) == pytest.approx([row["f1"] for row in evaluation["test"]["per_class"]])
     # The experiment tab's form is there (its button is enabled: data present, no job).
     button = [b for b in at.button if b.label == "Run the imbalance experiment"]
     assert button and not button[0].disabled

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from core.data import Preprocessing
 from core.labels import CLASSES, check_class_order
 from core.models import LesionNet, build_model
+from core.preprocessing import Preprocessing
 
 FORMAT = "lesionlab-checkpoint/1"
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from core.checkpoints import CheckpointError
-from core.data import AUGMENTATIONS, DatasetError
+from core.data import DatasetError
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, WeightsUnavailableError
+from core.preprocessing import AUGMENTATIONS
 from core.training import IMBALANCE_STRATEGIES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfig, config_with, train
 
 

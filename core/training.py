@@ -21,20 +21,18 @@ from torch import nn
 
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
-    AUGMENTATIONS,
     LesionDataset,
-    Preprocessing,
     class_weights,
-    eval_transform,
     index_dataset,
     oversample,
     split_by_lesion,
-    train_transform,
 )
-from core.evaluation import compute_metrics, fit_temperature, predict_logits, softmax
+from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureCache, backbone_key
+from core.inference import predict_logits
 from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
+from core.preprocessing import AUGMENTATIONS, Preprocessing, eval_transform, train_transform
 from core.runs import RunLog
 from core.runtime import default_workers, pick_device, tune_allocator
 
@@ -262,7 +260,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
 
 
 def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`core.evaluation.predict_logits` under the run's autocast setting."""
+    """:func:`core.inference.predict_logits` under the run's autocast setting."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         return predict_logits(model, loader, device)
 
@@ -414,7 +412,8 @@ def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: Lesion
     best = read_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model_state"])
     logits = {split: collect_logits(step_module, eval_loaders[split], device, cfg) for split in ("val", "test")}
-    temperature = fit_temperature(*logits["val"]) if len(logits["val"][1]) else 1.0
+    val_logits, val_labels = logits["val"]
+    temperature = fit_temperature(val_labels, val_logits) if len(val_labels) else 1.0
     test_logits, test_labels = logits["test"]
     probs = softmax(test_logits, temperature)
     evaluation = {
@@ -422,7 +421,7 @@ def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: Lesion
         "epoch": best["epoch"],
         "test": compute_metrics(test_labels, probs),
         "test_uncalibrated": compute_metrics(test_labels, softmax(test_logits)),
-        "val": compute_metrics(logits["val"][1], softmax(logits["val"][0], temperature)),
+        "val": compute_metrics(val_labels, softmax(val_logits, temperature)),
     }
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     test_rows = frame[frame["split"] == "test"]

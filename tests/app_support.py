@@ -42,8 +42,8 @@ def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)
     import torch
 
     from core.checkpoints import atomic_save, checkpoint_dict
-    from core.data import Preprocessing
     from core.models import build_model
+    from core.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     model = build_model(arch, weights="none", finetune="head", head="linear").eval()

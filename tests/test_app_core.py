@@ -113,7 +113,7 @@ def test_evaluation_figures():
     assert "row-normalised" in normed.layout.title.text
     roc = plots.roc_figure(roc_curves(labels, probs))
     assert len(roc.data) == 8  # chance line + 7 classes
-    rel = plots.reliability_figure(reliability_curve(softmax(logits), labels), reliability_curve(probs, labels), 2.0)
+    rel = plots.reliability_figure(reliability_curve(labels, softmax(logits)), reliability_curve(labels, probs), 2.0)
     assert len(rel.data) == 3 and "ECE" in rel.data[1].name
     thr = plots.threshold_curve(probs[:, 4], labels == 4, 0.3)
     assert len(thr.data) == 2

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from core.checkpoints import read_checkpoint
-from core.data import Preprocessing
 from core.features import FeatureCache, backbone_key
 from core.jobs import read_run
 from core.labels import CLASSES
 from core.models import build_model
+from core.preprocessing import Preprocessing
 from core.training import IMBALANCE_STRATEGIES, PRESETS, FocalLoss, TrainConfig, config_with, train
 
 ROOT = os.path.dirname(os.path.dirname(__file__))

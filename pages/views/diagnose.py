@@ -82,7 +82,7 @@ with right:
     st.plotly_chart(plots.probability_bars(prediction.probs, highlight=prediction.top_class), width="stretch")
 
 with left:
-    from core.explain import CAM_METHOD_NAMES, feature_maps, layer_names, overlay
+    from core.explain import CAM_METHOD_NAMES, overlay
 
     c1, c2 = st.columns(2)
     method = c1.selectbox("Explanation method", list(CAM_METHOD_NAMES), format_func=CAM_METHOD_NAMES.get,
@@ -110,10 +110,10 @@ with left:
         col.image(img, caption=cap, width="stretch")
 
 with st.expander("Feature maps: what the network's layers respond to"):
-    layers = layer_names(predictor.model)
+    layers = predictor.layer_names()
     layer = st.select_slider("Layer (shallow → deep)", layers, value=layers[len(layers) // 2], key="diag_layer")
     try:
-        maps = feature_maps(predictor.model, prediction.input_tensor, layer)
+        maps = predictor.feature_maps(prediction, layer)
         st.image(feature_map_grid(maps, n=16), caption=f"the 16 most active of {len(maps)} channels of {layer} "
                                                        f"({maps.shape[1]}×{maps.shape[2]})")
     except ValueError as exc:

@@ -137,8 +137,8 @@ def internal_section() -> None:
         if logits is None:
             st.info("This run's predictions carry no raw logits, so the uncalibrated curve is not available.")
         else:
-            before = reliability_curve(softmax(logits), labels)
-            after = reliability_curve(probs, labels)
+            before = reliability_curve(labels, softmax(logits))
+            after = reliability_curve(labels, probs)
             st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
             st.caption("A point below the diagonal means the model is over-confident at that confidence. "
                        "Temperature scaling divides the logits by T (fitted on the validation split); it never "

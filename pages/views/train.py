@@ -10,7 +10,7 @@ from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_
 st.title("Train")
 
 try:
-    from core.data import AUGMENTATIONS
+    from core.preprocessing import AUGMENTATIONS
     from core.training import IMBALANCE_STRATEGIES, PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")

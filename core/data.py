@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
-from core.images import ImageError, open_image
 from core.labels import CLASSES
 from core.preprocessing import Preprocessing, load_for_model
 
@@ -255,26 +254,6 @@ def finish_index(root: Path, frame: pd.DataFrame, report: ValidationReport, hint
         raise DatasetError(f"No usable images below {root}: {report.summary()}\n{hint}")
     frame["label"] = frame["dx"].map(CLASSES.index).astype(int)
     return DatasetIndex(root=root, frame=frame.reset_index(drop=True), report=report)
-
-
-def verify_images(index: DatasetIndex, progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Decode every image once (slow: seconds per thousand) and report those that fail.
-
-    Indexing only checks file signatures; this catches truncated or corrupt data.
-    Failing rows are removed from ``index.frame`` and named in the report.
-    """
-    bad = []
-    paths = index.frame["path"].tolist()
-    for i, path in enumerate(paths):
-        try:
-            open_image(path)
-        except ImageError as exc:
-            bad.append(path)
-            index.report.unreadable_files.append(f"{path} ({exc})")
-        if progress:
-            progress(i + 1, len(paths))
-    index.frame = index.frame[~index.frame["path"].isin(bad)].reset_index(drop=True)
-    return bad
 
 
 # ---------------------------------------------------------------------------

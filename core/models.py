@@ -170,7 +170,3 @@ def train_mode(model: LesionNet) -> None:
         ):
             module.eval()
 
-
-def feature_dim(model: LesionNet) -> int:
-    first = next(m for m in model.head.modules() if isinstance(m, nn.Linear))
-    return first.in_features

@@ -20,7 +20,6 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = PROJECT_ROOT / "sample_data" / "ham10000-sample"
-FULL_DATASET_HINT = PROJECT_ROOT.parent / "shared" / "data" / "ham10000-200x150"
 SETTINGS_FILE = PROJECT_ROOT / ".streamlit" / "lesionlab.toml"
 DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"

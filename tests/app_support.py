@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from core.settings import CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
+from pages.views import _pages
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit_app.py"
-PAGES = ("home", "dataset", "train", "evaluate", "diagnose", "compare")
+PAGES = tuple(Path(p.script).stem for p in _pages.PAGES)  # "home", "dataset", …
 
 
 @dataclass

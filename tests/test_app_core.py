@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
@@ -52,11 +51,11 @@ def test_broken_settings_file_is_ignored(tmp_path):
 
 
 def test_repository_default_is_the_bundled_sample():
-    if not settings.DEFAULT_DATASET.is_dir():
-        pytest.skip("sample_data not present")
     choice = settings.dataset_choice(env={}, settings_file=settings.PROJECT_ROOT / "no-such.toml")
     assert choice.folder == settings.DEFAULT_DATASET
-    assert len(index_dataset(choice.folder).frame) > 0
+    index = index_dataset(choice.folder)
+    assert index.report.ok
+    assert index.frame["dx"].value_counts().to_dict() == dict.fromkeys(CLASSES, 20)  # 140 images, 20 per class
 
 
 def test_model_files_lists_checkpoints_then_runs(tmp_path):
@@ -97,7 +96,8 @@ def test_dataset_figures(tiny_frame):
 
 
 def test_training_curves_handle_empty_and_partial_tables():
-    assert isinstance(plots.training_curves(pd.DataFrame()), go.Figure)
+    empty = plots.training_curves(pd.DataFrame())
+    assert empty.data == () and [a.text for a in empty.layout.annotations] == ["Loss", "Accuracy"]
     epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9], "train_acc": [.5, .6],
                            "val_acc": [.4, .5], "val_balanced_acc": [.3, .4]})
     fig = plots.training_curves(epochs)

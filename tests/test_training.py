@@ -183,7 +183,6 @@ def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
     assert (cfg["arch"], cfg["batch_size"], cfg["imbalance"]) == ("resnet18", 16, "oversample")
 
 
-@pytest.mark.integration
 def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tmp_path):
     cfg = config_with("seed", data=str(ham_root), arch="mobilenet_v2", max_images=700, epochs=4, name="real",
                       out=str(tmp_path), cache_dir=str(tmp_path / "cache"))

@@ -10,6 +10,7 @@ import streamlit as st
 
 from core import jobs, runs, settings
 from core.data import DatasetError, DatasetIndex, index_dataset
+from core.formatting import format_bytes
 
 NOTICE = ("**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
           "Never use it to decide on care; see a dermatologist about any skin lesion that worries you.")
@@ -161,16 +162,6 @@ def cam_overlay(checkpoint: str, image_path: str, target: int, method: str = "gr
 # Get HAM10000 (a background download job; see core.jobs.start_download)
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def _use_folder(folder: str) -> None:
     st.session_state[DATASET_KEY] = folder
 
@@ -182,7 +173,8 @@ def _download_body(active: jobs.Job | None) -> None:
         stage = {"download": "Downloading", "verify": "Verifying", "extract": "Extracting"}.get(
             (status or {}).get("stage"), "Starting")
         done, total = (status or {}).get("done", 0), (status or {}).get("total")
-        text = f"{stage} {(status or {}).get('file', '')}: {_size(done)}" + (f" of {_size(total)}" if total else "")
+        of = f" of {format_bytes(total)}" if total else ""
+        text = f"{stage} {(status or {}).get('file', '')}: {format_bytes(done)}{of}"
         st.progress(min(1.0, done / total) if total else 0.0, text=text)
         st.button("Cancel download", icon=":material/cancel:", on_click=jobs.cancel_download, args=(folder,),
                   help="Verified files stay; a partial file resumes when you start again.")

@@ -2,12 +2,15 @@
 import streamlit as st
 
 from core import plots, settings
+from core.formatting import format_bytes
 from core.images import ImageError
 from core.labels import CLASSES, MALIGNANT
 from core.visuals import LOW_CONFIDENCE, dermoscopy_check, feature_map_grid
 from pages.views._shared import get_predictor, research_notice
 
-MAX_UPLOAD_MB = 10
+# Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
+MAX_UPLOAD_MIB = 10
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MIB * 2**20
 
 st.title("Diagnose")
 research_notice()
@@ -31,14 +34,14 @@ ckpt = predictor.checkpoint
 st.caption(f"{predictor.arch}, input {tuple(predictor.prep.input_size)}, temperature "
            f"{predictor.temperature:.2f}" + (f", trained for {ckpt['epoch']} epochs" if ckpt.get("epoch") else ""))
 
-upload = st.file_uploader(f"Dermoscopy image (JPEG or PNG, at most {MAX_UPLOAD_MB} MB)",
-                          type=["jpg", "jpeg", "png"], max_upload_size=MAX_UPLOAD_MB, key="diag_upload")
+upload = st.file_uploader(f"Dermoscopy image (JPEG or PNG, at most {format_bytes(MAX_UPLOAD_BYTES)})",
+                          type=["jpg", "jpeg", "png"], max_upload_size=MAX_UPLOAD_MIB, key="diag_upload")
 if upload is None:
     st.info("Upload a dermoscopic image of a pigmented lesion to see the model's prediction, its calibrated "
             "probabilities for all seven classes and where it looked.", icon=":material/upload:")
     st.stop()
-if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
-    st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.",
+if upload.size > MAX_UPLOAD_BYTES:
+    st.error(f"{upload.name} is {format_bytes(upload.size)}; the limit is {format_bytes(MAX_UPLOAD_BYTES)}.",
              icon=":material/block:")
     st.stop()
 

@@ -15,8 +15,8 @@ from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax
 from core.images import ImageError
-from core.imports import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
+from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from pages.views._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
@@ -200,7 +200,7 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside.
     Keyed by the checkpoint's path and mtime and the folder (and its mtime); errors are not cached."""
     from core.evaluate import evaluate_checkpoint
-    from core.imports import detect_layout
+    from core.layouts import detect_layout
     from core.runtime import pick_device
 
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -19,13 +20,20 @@ from core.checkpoints import CheckpointError
 from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
 from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
-from core.inference import predict_probs
+from core.inference import PredictionError, check_probabilities, predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.layouts import index_any
 from core.predict import Predictor
+from core.runs import read_split
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 DEFAULT_SEED = 0
+# A batch holds at most as many pixels as 64 images of 224×224, whatever input size the checkpoint asks
+# for: a 1024×1024 image takes about 260 MB of activations in ResNet-50, so 64 of them would take 16 GB.
+MAX_BATCH_PIXELS = 64 * 224 * 224
+# Below this share of the recomputed split's images in the run's own split.csv, the "test" split
+# evaluated is not the one the run held out, and the result says so.
+SPLIT_OVERLAP_MIN = 0.9
 
 
 class EvaluationError(ValueError):
@@ -74,6 +82,48 @@ def select_split(frame: pd.DataFrame, split: str, seed: int, fractions: Sequence
     return rows
 
 
+def bounded_batch_size(requested: int, input_size: Sequence[int]) -> int:
+    """``requested``, lowered so that a batch of ``input_size`` (height, width) images stays within
+    ``MAX_BATCH_PIXELS``; at least 1."""
+    return max(1, min(requested, MAX_BATCH_PIXELS // (input_size[0] * input_size[1])))
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
+def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split: str,
+                  frame: pd.DataFrame) -> str | None:
+    """Why the ``split`` recomputed on ``data`` (its rows are ``frame``) may not be the images the
+    checkpoint's run held out as ``split``, or None. Compares with the run's ``split.csv`` when the
+    checkpoint sits in its run folder, and ``data`` with the folder the run trained on."""
+    if split == "all":
+        return None
+    reasons = []
+    trained_on = config.get("data")
+    if trained_on and Path(trained_on).expanduser().is_dir() and not _same_folder(trained_on, data):
+        reasons.append(f"{data} is not the folder this model was trained on ({trained_on})")
+    run_dir = Path(checkpoint).parent
+    if (run_dir / "split.csv").is_file():
+        try:
+            own = read_split(run_dir)
+            own_ids = set(own.loc[own["split"] == split, "image_id"].astype(str))
+        except (OSError, ValueError, KeyError):  # an unreadable split.csv proves nothing either way
+            own_ids = None
+        if own_ids is not None:
+            hits = int(frame["image_id"].astype(str).isin(own_ids).sum())
+            if hits < SPLIT_OVERLAP_MIN * len(frame):
+                reasons.append(f"only {hits} of these {len(frame)} {split} images ({hits / len(frame):.0%}) are in "
+                               f"the {split} split of run {run_dir.name}")
+    if not reasons:
+        return None
+    return (f"{'; '.join(reasons)}. The {split} split recomputed here is not the one the run held out, so these "
+            f"numbers are not its {split} results; pass --split all to evaluate on every image of {data}")
+
+
 def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:
     # Only on a terminal: a log file full of carriage returns helps nobody.
     show = sys.stderr.isatty()
@@ -101,9 +151,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     index = index_data(data)
     frame = select_split(index.frame, split, seed, fracs)
     dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
+    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, labels = predict_probs(predictor.model, _progress(loader, len(dataset), batch_size), predictor.device,
                                   temperature=predictor.temperature, tta=tta)
+    check_probabilities(probs)
     metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
     predictions = [
         {"image_id": image_id, "path": path, "true": CLASSES[label], "predicted": CLASSES[int(p.argmax())],
@@ -121,6 +173,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
         "split_note": ("this is not the split the checkpoint was trained with; its test images may have been "
                        "training images" if split != "all" and source == "command line" and "split_seed" in config
                        else None),
+        "split_warning": split_warning(checkpoint, data, config, split, frame),
         "n_images": len(frame),
         "validation": {"ok": index.report.ok, "summary": index.report.summary(),
                        "problems": index.report.problems().values.tolist()},
@@ -236,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)
+        if result["split_warning"]:
+            print(f"warning: {result['split_warning']}.", file=sys.stderr)
         print(format_report(result))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
             print(f"\nreport written to {args.out}")
-    except (CheckpointError, DatasetError, ImageError, EvaluationError, OSError) as exc:
+    except (CheckpointError, DatasetError, ImageError, EvaluationError, PredictionError, OSError) as exc:
         message = str(exc)
         if "Original Traceback" in message:
             # Raised in a DataLoader worker: torch appends the worker's traceback; its last line is the error.

@@ -20,7 +20,7 @@ from PIL import Image
 from core.checkpoints import CheckpointError, load_model
 from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
-from core.inference import class_probabilities
+from core.inference import PredictionError, check_probabilities, class_probabilities
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
@@ -64,17 +64,6 @@ class Prediction:
         }
 
 
-def _load(checkpoint: str | Path):
-    try:
-        return load_model(checkpoint)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        # A file with our marker whose contents do not fit its own architecture (edited or truncated state).
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{checkpoint} does not rebuild into a model ({type(exc).__name__}: {detail})") from None
-
-
 class Predictor:
     """A checkpoint loaded once, ready to classify and explain images.
 
@@ -85,13 +74,13 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
         tune_allocator()
-        model, ckpt = _load(checkpoint)
+        model, ckpt = load_model(checkpoint)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.checkpoint = ckpt
         self.path = Path(checkpoint)
         self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
-        self.temperature = float(ckpt.get("temperature", 1.0))
+        self.temperature = float(ckpt["temperature"])
         self.transform = eval_transform(self.prep)
         self._lock = threading.Lock()
 
@@ -108,11 +97,13 @@ class Predictor:
         """Classify an image given as a path, bytes or a binary file object.
 
         With ``tta`` the probabilities are the mean over the image and its horizontal,
-        vertical and double flips.
+        vertical and double flips. Raises :class:`ImageError` for an unusable image and
+        :class:`PredictionError` when the model's output is not a probability distribution.
         """
         image, x = self.preprocess(source)
         with self._lock, torch.inference_mode():
             probs = class_probabilities(self.model, x, self.temperature, tta)[0].double().cpu().numpy()
+        check_probabilities(probs[None])
         top = int(probs.argmax())
         return Prediction(
             probs=probs,
@@ -211,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 overlay(pred.image, predictor.explain(pred, args.method), args.alpha).save(out)
                 entry["gradcam"] = str(out)
-        except (ImageError, OSError) as exc:
+        except (ImageError, PredictionError, OSError) as exc:
             failed = True
             print(f"error: {exc}", file=sys.stderr)
             results.append({"image": image, "error": str(exc)})

@@ -30,7 +30,7 @@ from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
-from core.preprocessing import AUGMENTATIONS, Preprocessing, eval_transform, train_transform
+from core.preprocessing import AUGMENTATIONS, Preprocessing, check_size, eval_transform, train_transform
 from core.runs import STOP_FILE, RunLog, write_config, write_evaluation, write_split
 from core.runtime import default_workers, pick_device, tune_allocator
 
@@ -94,6 +94,10 @@ class TrainConfig:
                 raise ValueError(f"{label} must be one of {', '.join(allowed)}; got {value!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
+        # The bounds every checkpoint is held to: a run must not write one that cannot be loaded.
+        check_size("input_size", self.input_size)
+        if self.source_size is not None:
+            check_size("source_size", self.source_size)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

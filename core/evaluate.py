@@ -95,6 +95,17 @@ def _same_folder(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def _share_in_run_split(run_dir: Path, split: str, frame: pd.DataFrame) -> float | None:
+    """The share of ``frame``'s images that the run in ``run_dir`` put in ``split``; None without a readable
+    ``split.csv``."""
+    try:
+        own = read_split(run_dir)
+        own_ids = set(own.loc[own["split"] == split, "image_id"].astype(str))
+    except (OSError, ValueError, KeyError):  # no split.csv, or one that proves nothing either way
+        return None
+    return float(frame["image_id"].astype(str).isin(own_ids).mean()) if len(frame) else None
+
+
 def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split: str,
                   frame: pd.DataFrame) -> str | None:
     """Why the ``split`` recomputed on ``data`` (its rows are ``frame``) may not be the images the
@@ -104,24 +115,25 @@ def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split:
         return None
     reasons = []
     trained_on = config.get("data")
-    if trained_on and Path(trained_on).expanduser().is_dir() and not _same_folder(trained_on, data):
+    same_folder = bool(trained_on) and _same_folder(trained_on, data)
+    if trained_on and Path(trained_on).expanduser().is_dir() and not same_folder:
         reasons.append(f"{data} is not the folder this model was trained on ({trained_on})")
     run_dir = Path(checkpoint).parent
-    if (run_dir / "split.csv").is_file():
-        try:
-            own = read_split(run_dir)
-            own_ids = set(own.loc[own["split"] == split, "image_id"].astype(str))
-        except (OSError, ValueError, KeyError):  # an unreadable split.csv proves nothing either way
-            own_ids = None
-        if own_ids is not None:
-            hits = int(frame["image_id"].astype(str).isin(own_ids).sum())
-            if hits < SPLIT_OVERLAP_MIN * len(frame):
-                reasons.append(f"only {hits} of these {len(frame)} {split} images ({hits / len(frame):.0%}) are in "
-                               f"the {split} split of run {run_dir.name}")
+    share = _share_in_run_split(run_dir, split, frame)
+    if share is not None and share < SPLIT_OVERLAP_MIN:
+        reasons.append(f"only {share:.0%} of these {len(frame)} {split} images are in the {split} split of run "
+                       f"{run_dir.name}")
     if not reasons:
         return None
-    return (f"{'; '.join(reasons)}. The {split} split recomputed here is not the one the run held out, so these "
-            f"numbers are not its {split} results; pass --split all to evaluate on every image of {data}")
+    # "all" is the honest choice on other images; on the training images it would include training images.
+    if same_folder:
+        advice = "some of these images may have been training images"
+    elif share is not None and share >= SPLIT_OVERLAP_MIN:  # the run's image names: a copy, or other images
+        advice = f"unless {data} is a copy of the training images, pass --split all to evaluate on every image"
+    else:
+        advice = f"pass --split all to evaluate on every image of {data}"
+    return (f"{'; '.join(reasons)}. The {split} split recomputed here may not be the one the run held out, so "
+            f"these numbers may not be its {split} results; {advice}")
 
 
 def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -413,6 +415,47 @@ def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--help"])
     assert exit_info.value.code == 0 and "--split-seed" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_root, tmp_path_factory) -> Path:
+    """A real training run on the tiny dataset: best.pt beside the split.csv it was trained with."""
+    from tests.app_support import train_tiny_run
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    return train_tiny_run(tiny_root, base / "runs", "tiny", base / "features")
+
+
+def test_a_test_split_recomputed_on_other_images_is_flagged(tiny_run, tiny_root, tmp_path, capsys):
+    best = tiny_run / "best.pt"
+    own = evaluate.evaluate_checkpoint(best, tiny_root, bootstrap=0)
+    run_test = set(pd.read_csv(tiny_run / "split.csv").query("split == 'test'")["image_id"])
+    assert {p["image_id"] for p in own["predictions"]} == run_test and own["split_warning"] is None
+
+    # Another dataset: its "test" split is 15% of images the run never split at all.
+    for i, code in enumerate(CLASSES * 6):
+        (tmp_path / "other" / code).mkdir(parents=True, exist_ok=True)
+        lesion(tmp_path / "other" / code / f"other_{i:02d}.jpg", label=CLASSES.index(code), seed=i)
+    assert evaluate.main(["--checkpoint", str(best), "--data", str(tmp_path / "other"), "--bootstrap", "0",
+                          "--out", str(tmp_path / "other.json")]) == 0
+    warning = json.loads((tmp_path / "other.json").read_text())["split_warning"]
+    assert "is not the folder this model was trained on" in warning
+    assert "only 0% of these" in warning and "in the test split of run tiny" in warning
+    assert "--split all" in warning
+    assert capsys.readouterr().err == f"warning: {warning}.\n"
+    assert evaluate.evaluate_checkpoint(best, tmp_path / "other", split="all", bootstrap=0)["split_warning"] is None
+
+    # The same images under another seed: the folder is right, the split is not the run's.
+    reseeded = evaluate.evaluate_checkpoint(best, tiny_root, split_seed=7, bootstrap=0)
+    assert "in the test split of run tiny" in reseeded["split_warning"]
+    assert "training images" in reseeded["split_warning"]
+    assert "not the folder" not in reseeded["split_warning"] and "--split all" not in reseeded["split_warning"]
+
+    # A copy of the training images elsewhere: the split matches, but the folder is not the one trained on.
+    shutil.copytree(tiny_root, tmp_path / "copy")
+    copied = evaluate.evaluate_checkpoint(best, tmp_path / "copy", bootstrap=0)
+    assert "is not the folder this model was trained on" in copied["split_warning"]
+    assert "only" not in copied["split_warning"] and "unless" in copied["split_warning"]
 
 
 def test_evaluate_reads_external_class_folder_sets(ckpt, tmp_path):

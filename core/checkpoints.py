@@ -123,8 +123,8 @@ def _check_config(config: dict) -> None:
                                   or not all(is_finite_number(f) and f >= 0 for f in fractions)):
         raise ValueError(f"config.split_fractions must be three numbers from 0 (train, val, test); got {fractions!r}")
     limit = config.get("max_images")
-    if limit is not None and not _is_whole(limit, 1):
-        raise ValueError(f"config.max_images must be empty or a whole number from 1; got {limit!r}")
+    if limit is not None and not _is_whole(limit, 0):  # 0, like None, means every image
+        raise ValueError(f"config.max_images must be empty or a whole number from 0; got {limit!r}")
     if not isinstance(config.get("data", ""), str):
         raise ValueError(f"config.data must be a folder name; got {config['data']!r}")
 

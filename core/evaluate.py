@@ -2,7 +2,9 @@
 
 The split is recomputed exactly as the trainer made it (lesion-grouped, with the
 seed and fractions stored in the checkpoint's config), so "test" means the
-images this model never trained or selected on.
+images this model never trained or selected on, provided the folder is the one it
+trained on: :func:`split_warning` says when it is not, or when the run's own
+``split.csv`` disagrees.
 """
 from __future__ import annotations
 

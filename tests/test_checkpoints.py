@@ -3,6 +3,7 @@ names the field and what is allowed, both command lines answer with one ``error:
 a pickle that would run code is not run, and broken weights never become a prediction."""
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -49,10 +50,20 @@ class RunsACommand:
         return os.system, (self.command,)
 
 
-def valid_fields() -> dict:
-    """Every field a checkpoint carries, all within bounds; the weights are a stand-in (field checks come first)."""
-    return {"format": FORMAT, "arch": "resnet18", "head": "linear", "finetune": "head", "classes": list(CLASSES),
-            "preprocessing": PREP.to_dict(), "temperature": 1.5, "model_state": {"head.1.bias": torch.zeros(7)},
+@functools.cache
+def real_weights() -> dict:
+    """A complete MobileNetV2 state (9 MB), for files whose other fields must all work, like those that
+    crashed the command lines or gave wrong numbers before the fields were checked."""
+    torch.manual_seed(0)
+    return build_model("mobilenet_v2", weights="none", finetune="head", head="linear").state_dict()
+
+
+def valid_fields(weights: bool = False) -> dict:
+    """Every field a checkpoint carries, all within bounds; unless ``weights``, the weights are a small
+    stand-in (the field checks come before any model is built)."""
+    state = real_weights() if weights else {"head.1.bias": torch.zeros(7)}
+    return {"format": FORMAT, "arch": "mobilenet_v2", "head": "linear", "finetune": "head", "classes": list(CLASSES),
+            "preprocessing": PREP.to_dict(), "temperature": 1.5, "model_state": state,
             "config": {"data": "somewhere", "split_seed": 0, "split_fractions": [0.7, 0.15, 0.15], "max_images": None},
             "epoch": 3, "metrics": {"val_acc": 0.5}}
 
@@ -60,10 +71,10 @@ def valid_fields() -> dict:
 DROP = object()  # a field ``changed`` removes
 
 
-def changed(**fields) -> Callable[[Path], None]:
+def changed(*, weights: bool = False, **fields) -> Callable[[Path], None]:
     """A writer of the valid fields with ``fields`` replaced; ``a__b`` names key ``b`` inside ``a``."""
     def write(path: Path) -> None:
-        ckpt = valid_fields()
+        ckpt = valid_fields(weights)
         for key, value in fields.items():
             *parents, last = key.split("__")
             target = ckpt
@@ -98,15 +109,20 @@ def hostile(path: Path) -> None:
 
 # name: (how to write it, what the refusal must say)
 CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
-    "no preprocessing": (changed(preprocessing=DROP), "preprocessing is missing"),
+    "no preprocessing": (changed(weights=True, preprocessing=DROP), "preprocessing is missing"),
     "no temperature or weights": (changed(temperature=DROP, model_state=DROP), "temperature, model_state are missing"),
-    "string temperature": (changed(temperature="1.0"), "temperature must be a finite number above 0; got '1.0'"),
+    "string temperature": (changed(weights=True, temperature="warm"),
+                           "temperature must be a finite number above 0; got 'warm'"),
+    "numeric string temperature": (changed(temperature="1.0"), "temperature must be a finite number above 0"),
     "bool temperature": (changed(temperature=True), "temperature must be a finite number above 0; got True"),
-    "NaN temperature": (changed(temperature=math.nan), "temperature must be a finite number above 0; got nan"),
+    "NaN temperature": (changed(weights=True, temperature=math.nan),
+                        "temperature must be a finite number above 0; got nan"),
     "infinite temperature": (changed(temperature=math.inf), "temperature must be a finite number above 0; got inf"),
-    "zero temperature": (changed(temperature=0.0), "temperature must be a finite number above 0; got 0.0"),
-    "negative temperature": (changed(temperature=-1.0), "temperature must be a finite number above 0; got -1.0"),
-    "huge input size": (changed(preprocessing__input_size=[12000, 12000]),
+    "zero temperature": (changed(weights=True, temperature=0.0),
+                         "temperature must be a finite number above 0; got 0.0"),
+    "negative temperature": (changed(weights=True, temperature=-1.0),
+                             "temperature must be a finite number above 0; got -1.0"),
+    "huge input size": (changed(weights=True, preprocessing__input_size=[12000, 12000]),
                         f"preprocessing.input_size must be two whole numbers of pixels, each from {MIN_SIDE} to "
                         f"{MAX_SIDE}; got (12000, 12000)"),
     "tiny input size": (changed(preprocessing__input_size=[8, 8]), "preprocessing.input_size must be two whole"),
@@ -132,12 +148,13 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "config as a list": (changed(config=[1, 2]), "config must be a dict"),
     "fractions as text": (changed(config__split_fractions=["a", "b", "c"]), "config.split_fractions must be three"),
     "seed past scikit-learn": (changed(config__split_seed=2**40), "config.split_seed must be a whole number from 0"),
-    "zero max_images": (changed(config__max_images=0), "config.max_images must be empty or a whole number from 1"),
+    "negative max_images": (changed(config__max_images=-5), "config.max_images must be empty or a whole number "
+                                                            "from 0"),
     "no marker": (changed(format="something/2"), f"no {FORMAT!r} marker"),
     "truncated file": (truncated, "is not a readable checkpoint"),
     "zip that is not a checkpoint": (foreign_zip, "is not a readable checkpoint"),
     "empty file": (lambda path: path.write_bytes(b""), "is not a readable checkpoint"),
-    "weights of another shape": (mismatched_weights, "does not rebuild into a resnet18 model"),
+    "weights of another shape": (mismatched_weights, "does not rebuild into a mobilenet_v2 model"),
     "pickle that runs a command": (hostile, "may be malicious"),
 }
 # The classes of malformed file the command lines are run on for real, one process each.
@@ -162,10 +179,13 @@ def image(tmp_path_factory) -> Path:
     return path
 
 
-def test_the_stand_in_fields_themselves_pass(tmp_path):
+def test_the_valid_fields_themselves_pass(tmp_path):
     # So each refusal below is the doing of the one field it changes.
-    changed()(tmp_path / "ok.pt")
-    assert read_checkpoint(tmp_path / "ok.pt")["temperature"] == 1.5
+    changed()(tmp_path / "stand-in.pt")
+    assert read_checkpoint(tmp_path / "stand-in.pt")["temperature"] == 1.5
+    changed(weights=True)(tmp_path / "complete.pt")
+    model, _ = load_model(tmp_path / "complete.pt")
+    assert model.arch == "mobilenet_v2"
 
 
 @pytest.mark.parametrize("case", CORPUS)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from core.checkpoints import CheckpointError
 from core.data import AUGMENTATIONS, DatasetError
+from core.imbalance import STRATEGIES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, WeightsUnavailableError
-from core.training import IMBALANCE_STRATEGIES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfig, config_with, train
+from core.training import OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfig, config_with, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="imagenet, none, or a path to a torchvision state dict")
     p.add_argument("--finetune", choices=FINETUNE_POLICIES)
     p.add_argument("--head", choices=HEADS)
-    p.add_argument("--imbalance", choices=IMBALANCE_STRATEGIES)
+    p.add_argument("--imbalance", choices=tuple(STRATEGIES))
     p.add_argument("--focal-gamma", type=float)
     p.add_argument("--class-weight-power", type=float, help="weighted_loss: inverse frequency to this power")
     p.add_argument("--epochs", type=int)

@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from core import imbalance
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
     AUGMENTATIONS,
     LesionDataset,
     Preprocessing,
-    class_weights,
     eval_transform,
     index_dataset,
-    oversample,
     split_by_lesion,
     train_transform,
 )
@@ -38,7 +37,6 @@ from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, buil
 from core.runs import RunLog
 from core.runtime import default_workers, pick_device, tune_allocator
 
-IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
 SCHEDULERS = ("step", "cosine", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -89,7 +87,7 @@ class TrainConfig:
             self.source_size = tuple(self.source_size)
         checks = [
             (self.arch, ARCHITECTURES, "arch"), (self.finetune, FINETUNE_POLICIES, "finetune"),
-            (self.head, HEADS, "head"), (self.imbalance, IMBALANCE_STRATEGIES, "imbalance"),
+            (self.head, HEADS, "head"), (self.imbalance, imbalance.STRATEGIES, "imbalance"),
             (self.scheduler, SCHEDULERS, "scheduler"), (self.optimizer, OPTIMIZERS, "optimizer"),
             (self.augmentation, AUGMENTATIONS, "augmentation"),
         ]
@@ -132,27 +130,8 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-class FocalLoss(nn.Module):
-    """Multi-class focal loss (Lin et al. 2017): down-weights easy, mostly majority-class examples."""
-
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None):
-        super().__init__()
-        self.gamma = gamma
-        self.register_buffer("weight", weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - log_p.exp()) ** self.gamma) * log_p
-        if self.weight is not None:
-            loss = loss * self.weight[target]
-        return loss.mean()
-
-
 def make_criterion(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
-    weights = class_weights(train_labels, power=cfg.class_weight_power) if cfg.imbalance == "weighted_loss" else None
-    if cfg.imbalance == "focal":
-        return FocalLoss(cfg.focal_gamma)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    return imbalance.get(cfg.imbalance).loss(train_labels, cfg)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -181,12 +160,8 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generator):
-    """Class-balanced sampling with replacement: each class is drawn equally often in expectation."""
-    if cfg.imbalance != "sampler":
-        return None
-    per_sample = class_weights(labels)[torch.tensor(labels)]
-    return torch.utils.data.WeightedRandomSampler(per_sample.double(), len(labels), generator=generator)
+def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generator) -> torch.utils.data.Sampler | None:
+    return imbalance.get(cfg.imbalance).sampler(labels, generator)
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +182,8 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The indexed images (optionally subsampled) with their split, and the training rows after oversampling."""
+    """The indexed images (optionally subsampled) with their split, and the training rows after the
+    imbalance strategy's resampling (oversampling duplicates rows)."""
     frame = index_dataset(cfg.data).frame
     if cfg.max_images and cfg.max_images < len(frame):
         # Stratified subsample: keeps rare classes present (at least two images each) in small experiments.
@@ -216,9 +192,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                  else group for _, group in frame.groupby("dx", sort=True)]
         frame = pd.concat(parts).reset_index(drop=True)
     frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
-    train = frame[frame["split"] == "train"]
-    if cfg.imbalance == "oversample":
-        train = oversample(train, cfg.seed)
+    train = imbalance.get(cfg.imbalance).resample_rows(frame[frame["split"] == "train"], cfg.seed)
     return frame, train
 
 

@@ -15,10 +15,11 @@ from torch import nn
 from core.checkpoints import read_checkpoint
 from core.data import Preprocessing
 from core.features import FeatureCache, backbone_key
+from core.imbalance import STRATEGIES
 from core.jobs import read_run
 from core.labels import CLASSES
 from core.models import build_model
-from core.training import IMBALANCE_STRATEGIES, PRESETS, FocalLoss, TrainConfig, config_with, train
+from core.training import PRESETS, TrainConfig, config_with, train
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -110,23 +111,13 @@ def test_stop_file_ends_the_run_cleanly(tiny_root, tmp_path):
     assert (run_dir / "evaluation.json").is_file()  # the best model so far is still evaluated
 
 
-@pytest.mark.parametrize("strategy", IMBALANCE_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_imbalance_strategy_trains(tiny_root, tmp_path, strategy):
     run_dir = train(tiny_config(tiny_root, tmp_path, name=strategy, imbalance=strategy, epochs=1))
     start = read_run(run_dir).start
     n_train = start["split_sizes"]["train"]
     # Only oversampling changes how many images an epoch sees.
     assert (start["train_images"] > n_train) == (strategy == "oversample")
-
-
-def test_focal_loss_is_cross_entropy_at_gamma_zero_and_discounts_easy_examples():
-    logits = torch.tensor([[4.0, 0.0, 0.0], [0.2, 0.1, 0.0]])
-    target = torch.tensor([0, 2])
-    ce = nn.functional.cross_entropy(logits, target)
-    assert FocalLoss(0.0)(logits, target).item() == pytest.approx(ce.item())
-    per_easy = FocalLoss(2.0)(logits[:1], target[:1]) / nn.functional.cross_entropy(logits[:1], target[:1])
-    per_hard = FocalLoss(2.0)(logits[1:], target[1:]) / nn.functional.cross_entropy(logits[1:], target[1:])
-    assert per_easy < 0.01 < 0.3 < per_hard
 
 
 def test_step_scheduler_divides_lr_by_ten_every_seven_epochs(tiny_root, tmp_path):

@@ -44,7 +44,7 @@ links = [
     ("pages/views/diagnose.py", "Diagnose", ":material/stethoscope:",
      "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and feature maps. Works without a dataset."),
     ("pages/views/compare.py", "Compare", ":material/compare:",
-     "Runs side by side, and a one-click experiment over the five class-imbalance strategies."),
+     "Runs side by side, and a one-click experiment over the class-imbalance strategies."),
 ]
 for i, (path, title, icon, text) in enumerate(links):
     with cols[i % 3].container(border=True):

@@ -119,7 +119,7 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              sampler=_balanced_sampler),
     Strategy("weighted_loss", "weighted loss", "cross-entropy weighted by inverse class frequency",
              loss=_weighted_cross_entropy),
-    Strategy("focal", "focal loss", "focal loss: easy, mostly majority-class examples count less",
+    Strategy("focal", "focal loss", "easy, mostly majority-class examples count less",
              loss=_focal_loss),
 )}
 

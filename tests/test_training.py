@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import pandas as pd
 import pytest
@@ -19,6 +20,7 @@ from core.imbalance import STRATEGIES
 from core.jobs import read_run
 from core.labels import CLASSES
 from core.models import build_model
+from core.train import build_parser, config_from_args
 from core.training import PRESETS, TrainConfig, config_with, train
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -160,6 +162,44 @@ def test_cli_help_and_clear_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tmp_path / "nowhere"), "--weights",
                           "none", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_reaches_every_config_field():
+    argv = ("--data d --out o --name n --arch densenet121 --weights none --finetune last --head linear "
+            "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
+            "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
+            "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
+            "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
+            "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc")
+    expected = TrainConfig(
+        data="d", out="o", name="n", arch="densenet121", weights="none", finetune="last", head="linear",
+        imbalance="focal", focal_gamma=1.5, class_weight_power=0.5, epochs=3, batch_size=32, optimizer="sgd",
+        lr=0.01, weight_decay=1e-4, label_smoothing=0.1, scheduler="cosine", step_size=5, gamma=0.5,
+        warmup_epochs=1, input_size=(150, 200), source_size=(200, 150), augmentation="strong",
+        split_fractions=(0.6, 0.2, 0.2), split_seed=4, seed=5, feature_cache=False, cache_dir="c", max_images=500,
+        device="cpu", num_workers=3, amp=False, channels_last=False, select_metric="val_acc")
+    unchanged = [f.name for f in fields(TrainConfig) if getattr(expected, f.name) == getattr(PRESETS["seed"], f.name)]
+    assert unchanged == []  # so every field is set by a flag above
+    assert config_from_args(build_parser().parse_args(argv.split())) == expected
+    # A boolean can be switched back on over a preset or config file that turned it off.
+    args = build_parser().parse_args(["--preset", "reference", "--no-amp", "--amp"])
+    assert config_from_args(args).amp is True and config_from_args(args).arch == "mobilenet_v2"
+
+
+def test_cli_help_mentions_every_field_and_rejects_unknown_choices(capsys):
+    with pytest.raises(SystemExit) as help_exit:
+        build_parser().parse_args(["--help"])
+    helped = capsys.readouterr().out
+    assert help_exit.value.code == 0
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in helped, f.name
+    assert "--no-feature-cache" in helped and "--input-size H W" in helped
+    assert all(f"{s.name} = " in " ".join(helped.split()) for s in STRATEGIES.values())
+    for f in fields(TrainConfig):
+        if "choices" in f.metadata:
+            with pytest.raises(SystemExit) as bad:
+                build_parser().parse_args(["--" + f.name.replace("_", "-"), "nonsense"])
+            assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err, f.name
 
 
 def test_cli_runs_the_seed_preset(tiny_root, tmp_path):

@@ -10,19 +10,12 @@ from __future__ import annotations
 import streamlit as st
 
 from core import jobs, settings
+from pages.views._pages import PAGES
 from pages.views._shared import DATASET_KEY, dataset_choice
 
 st.set_page_config(page_title="Lesion Lab", page_icon=":material/biotech:", layout="wide")
 
-PAGES = [
-    st.Page("pages/views/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/views/dataset.py", title="Dataset", icon=":material/dataset:"),
-    st.Page("pages/views/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/views/evaluate.py", title="Evaluate", icon=":material/analytics:"),
-    st.Page("pages/views/diagnose.py", title="Diagnose", icon=":material/stethoscope:"),
-    st.Page("pages/views/compare.py", title="Compare", icon=":material/compare:"),
-]
-page = st.navigation(PAGES)
+page = st.navigation([st.Page(p.script, title=p.title, icon=p.icon, default=p.default) for p in PAGES])
 
 with st.sidebar:
     st.markdown("### :material/biotech: Lesion Lab")

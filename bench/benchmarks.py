@@ -28,14 +28,13 @@ import torch  # noqa: E402
 from core.checkpoints import atomic_save, checkpoint_dict  # noqa: E402
 from core.data import (  # noqa: E402
     LesionDataset,
-    Preprocessing,
     index_dataset,
     split_by_lesion,
-    train_transform,
 )
 from core.features import compute_features  # noqa: E402
 from core.imbalance import oversample  # noqa: E402
 from core.models import build_model  # noqa: E402
+from core.preprocessing import Preprocessing, train_transform  # noqa: E402
 from core.runtime import tune_allocator  # noqa: E402
 from core.training import PRESETS, make_optimizer, make_scheduler  # noqa: E402
 

@@ -13,13 +13,10 @@ first (head-only on cached features; skipped when their run folder is complete).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
 from core.imbalance import STRATEGIES  # noqa: E402
 from core.labels import CLASSES  # noqa: E402
+from core.runs import has_evaluation, read_config, read_predictions, read_run, read_split  # noqa: E402
 from core.training import config_with, train  # noqa: E402
 
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
@@ -40,7 +38,7 @@ def comparison_runs(data: str, out: Path) -> dict[str, Path]:
 
 def train_comparisons(data: str, out: Path) -> None:
     for strategy, run_dir in comparison_runs(data, out).items():
-        if (run_dir / "evaluation.json").is_file():
+        if has_evaluation(run_dir):
             continue
         cfg = config_with("seed", data=data, arch=COMPARISON_ARCH, imbalance=strategy, out=str(out),
                           name=run_dir.name)
@@ -49,19 +47,10 @@ def train_comparisons(data: str, out: Path) -> None:
 
 
 def load_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Test labels, calibrated and uncalibrated probabilities, and the fitted temperature."""
-    table = pd.read_csv(run_dir / "test_predictions.csv")
-    labels = table["label"].to_numpy()
-    logits = table[[f"logit_{c}" for c in CLASSES]].to_numpy()
-    temperature = json.loads((run_dir / "evaluation.json").read_text())["temperature"]
+    """Test labels, calibrated and uncalibrated probabilities (from the logits), and the fitted temperature."""
+    _, labels, _, logits, evaluation = read_predictions(run_dir)
+    temperature = evaluation["temperature"]
     return labels, softmax(logits, temperature), softmax(logits), temperature
-
-
-def wall_time(run_dir: Path) -> str:
-    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    stamps = [datetime.fromisoformat(e["time"]) for e in events if e["event"] in ("start", "end")]
-    minutes = (max(stamps) - min(stamps)).total_seconds() / 60
-    return f"{minutes:.0f} min"
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -73,10 +62,10 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
     m = compute_metrics(labels, probs)
     m_raw = compute_metrics(labels, raw)
     ci = confidence_intervals(labels, probs, n=2000)
-    cfg = json.loads((reference / "config.json").read_text())
+    cfg = read_config(reference)
     mel = m["melanoma"]
-    split = pd.read_csv(reference / "split.csv")
-    sizes = split["split"].value_counts()
+    sizes = read_split(reference)["split"].value_counts()
+    wall_minutes = read_run(reference).wall_time_s / 60
     lines = [
         "# Model card: Lesion Lab reference model",
         "",
@@ -102,7 +91,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "",
         "## Training",
         f"- Command: `{command}`",
-        f"- Wall time: {wall_time(reference)} on the project's 2-core CPU machine (no GPU), shared with other work.",
+        f"- Wall time: {wall_minutes:.0f} min on the project's 2-core CPU machine (no GPU), shared with other work.",
         f"- Recipe: {cfg['epochs']} epochs, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']} "
         f"(weight decay {cfg['weight_decay']}), {cfg['scheduler']} schedule with {cfg['warmup_epochs']} warm-up "
         f"epoch(s), label smoothing {cfg['label_smoothing']}, imbalance `{cfg['imbalance']}` "
@@ -173,7 +162,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows = [(f"seed pipeline, imbalance `{s}`" + (" (the seed's own)" if s == "oversample" else ""), d)
-            for s, d in comparisons.items() if (d / "test_predictions.csv").is_file()]
+            for s, d in comparisons.items() if has_evaluation(d)]
     rows.append(("**reference model**", reference))
     for title, run_dir in rows:
         r_labels, r_probs, _, _ = load_predictions(run_dir)

@@ -6,16 +6,15 @@ someone sent you.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from core.data import Preprocessing
+from core.files import atomic_write
 from core.labels import CLASSES, check_class_order
 from core.models import LesionNet, build_model
+from core.preprocessing import Preprocessing
 
 FORMAT = "lesionlab-checkpoint/1"
 
@@ -25,20 +24,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide shared checkpoints from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save ``obj`` so that a crash never leaves a half-written checkpoint."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def checkpoint_dict(model: LesionNet, prep: Preprocessing, *, head: str, temperature: float = 1.0,

@@ -16,17 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
-from torchvision.transforms import v2
 
-from core.images import ImageError, fit_to_source, open_image
 from core.labels import CLASSES
+from core.preprocessing import Preprocessing, load_for_model
 
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata")
 SPLITS = ("train", "val", "test")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Magic bytes let the index flag empty and non-image files without decoding them.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 
@@ -259,26 +256,6 @@ def finish_index(root: Path, frame: pd.DataFrame, report: ValidationReport, hint
     return DatasetIndex(root=root, frame=frame.reset_index(drop=True), report=report)
 
 
-def verify_images(index: DatasetIndex, progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Decode every image once (slow: seconds per thousand) and report those that fail.
-
-    Indexing only checks file signatures; this catches truncated or corrupt data.
-    Failing rows are removed from ``index.frame`` and named in the report.
-    """
-    bad = []
-    paths = index.frame["path"].tolist()
-    for i, path in enumerate(paths):
-        try:
-            open_image(path)
-        except ImageError as exc:
-            bad.append(path)
-            index.report.unreadable_files.append(f"{path} ({exc})")
-        if progress:
-            progress(i + 1, len(paths))
-    index.frame = index.frame[~index.frame["path"].isin(bad)].reset_index(drop=True)
-    return bad
-
-
 # ---------------------------------------------------------------------------
 # Splits
 
@@ -323,72 +300,7 @@ def split_counts(frame: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------
-# Preprocessing and the torch Dataset
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes a model input. Saved in every checkpoint so that the
-    predictor reproduces training exactly.
-
-    ``input_size`` is (height, width). ``source_size`` is the (width, height) the
-    training images had on disk, when they were downscaled copies (200×150 here):
-    uploads are brought to that size first.
-    """
-
-    input_size: tuple[int, int] = (224, 224)
-    source_size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        src = d.get("source_size")
-        return cls(
-            input_size=tuple(d["input_size"]),
-            source_size=tuple(src) if src else None,
-            mean=tuple(d.get("mean", IMAGENET_MEAN)),
-            std=tuple(d.get("std", IMAGENET_STD)),
-        )
-
-
-AUGMENTATIONS = ("none", "seed", "strong")
-
-
-def _to_tensor(prep: Preprocessing) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
-
-
-def eval_transform(prep: Preprocessing) -> v2.Compose:
-    return v2.Compose([v2.Resize(prep.input_size, antialias=True), *_to_tensor(prep)])
-
-
-def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compose:
-    """Training transform. "seed" is the course project's: flips, rotation(20°), mild colour jitter."""
-    if augmentation == "none":
-        return eval_transform(prep)
-    ops: list = [v2.Resize(prep.input_size, antialias=True), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-    if augmentation == "seed":
-        ops += [v2.RandomRotation(20), v2.ColorJitter(brightness=0.1, contrast=0.1)]
-    elif augmentation == "strong":
-        # Dermoscopy has no canonical orientation, so any rotation is a valid view.
-        ops += [
-            v2.RandomAffine(degrees=180, scale=(0.9, 1.2)),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
-        ]
-    else:
-        raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
-    return v2.Compose([*ops, *_to_tensor(prep)])
-
-
-def load_for_model(source, prep: Preprocessing):
-    """Decode an image and bring it to the training images' source size (when recorded)."""
-    draft = prep.source_size if prep.source_size else (prep.input_size[1], prep.input_size[0])
-    img = open_image(source, draft_size=draft)
-    return fit_to_source(img, prep.source_size) if prep.source_size else img
+# The torch Dataset
 
 
 class LesionDataset(torch.utils.data.Dataset):

@@ -19,7 +19,6 @@ import argparse
 import errno
 import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -39,7 +38,9 @@ from core.dataverse import (
     list_files,
     open_file,
 )
-from core.imports import index_any
+from core.files import read_json, write_json
+from core.formatting import format_bytes
+from core.layouts import index_any
 
 __all__ = [
     "DownloadError",
@@ -216,10 +217,7 @@ def _metadata_first(remotes: Iterable[RemoteFile]) -> list[RemoteFile]:
 
 
 def _manifest(root: Path) -> dict:
-    try:
-        return json.loads((root / STATE_DIR / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return read_json(root / STATE_DIR / _MANIFEST) or {}
 
 
 def _fingerprint(remote: RemoteFile) -> str:
@@ -239,10 +237,8 @@ def _record(root: Path, remote: RemoteFile, files: list[str]) -> None:
     manifest = _manifest(root)
     manifest[str(remote.id)] = {"name": remote.name, "fingerprint": _fingerprint(remote), "files": files}
     path = root / STATE_DIR / _MANIFEST
-    tmp = path.with_suffix(".tmp")
     try:
-        tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.replace(tmp, path)  # an interrupted write must not lose the record of earlier files
+        write_json(path, manifest)  # atomic: an interrupted write must not lose the record of earlier files
     except OSError as exc:
         raise _disk_error(exc, path, "") from None
 
@@ -279,9 +275,9 @@ def _check_space(pending: Sequence[tuple[RemoteFile, Path]], keep_archives: bool
         free = shutil.disk_usage(anchor).free
         if peak > free:
             raise DownloadError(
-                f"Not enough free disk space: this download needs about {_size(peak)} on the disk holding {anchor}, "
-                f"and {_size(free)} is free. Free up space or choose another destination folder; nothing was "
-                "downloaded."
+                f"Not enough free disk space: this download needs about {format_bytes(peak)} on the disk holding "
+                f"{anchor}, and {format_bytes(free)} is free. Free up space or choose another destination folder; "
+                "nothing was downloaded."
             )
 
 
@@ -313,7 +309,7 @@ def _fetch(server: str, remote: RemoteFile, part: Path, progress: ProgressFn | N
                 if progress:
                     progress(Progress("download", remote.name, done, total))
     except OSError as exc:
-        raise _disk_error(exc, part, f"The {_size(done)} received so far are kept in {part}; ") from None
+        raise _disk_error(exc, part, f"The {format_bytes(done)} received so far are kept in {part}; ") from None
     if total is not None and done < total:
         raise _interrupted(remote, part, done, total, "the connection closed early")
 
@@ -324,9 +320,9 @@ def _announced_total(response: http.client.HTTPResponse, offset: int) -> int | N
 
 
 def _interrupted(remote: RemoteFile, part: Path, done: int, total: int | None, why: str) -> DownloadError:
-    of = f" of {_size(total)}" if total is not None else ""
+    of = f" of {format_bytes(total)}" if total is not None else ""
     return DownloadError(
-        f"The transfer of {remote.name} stopped after {_size(done)}{of} ({why}). The part received is kept in "
+        f"The transfer of {remote.name} stopped after {format_bytes(done)}{of} ({why}). The part received is kept in "
         f"{part} and is not used until it is complete and verified: run the download again to resume it."
     )
 
@@ -451,15 +447,6 @@ def _disk_error(exc: OSError, path: Path, kept: str) -> DownloadError:
     )
 
 
-def _size(n: float) -> str:
-    units = ("bytes", "KB", "MB", "GB", "TB")
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n /= 1000
-        i += 1
-    return f"{int(n)} bytes" if i == 0 else f"{n:.1f} {units[i]}"
-
-
 # ---------------------------------------------------------------------------
 # Command line
 
@@ -477,7 +464,7 @@ class _ProgressLine:
             return
         self._last = key
         bar = "#" * (percent // 4) if percent >= 0 else ""
-        amount = f"{percent:3d}%" if percent >= 0 else _size(p.done)
+        amount = f"{percent:3d}%" if percent >= 0 else format_bytes(p.done)
         sys.stderr.write(f"\r{p.stage:8} {p.file[:40]:40} [{bar:25}] {amount}")
         if p.total is not None and p.done >= p.total:
             sys.stderr.write("\n")
@@ -512,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.list:
             for remote, role in list_dataset_files(args.server, args.doi, timeout=args.timeout):
-                size = _size(remote.size) if remote.size is not None else "size unknown"
+                size = format_bytes(remote.size) if remote.size is not None else "size unknown"
                 checksum = remote.checksum_type or "no checksum"
                 saved_as = f" (saved as {remote.name})" if remote.name != remote.label else ""
                 print(f"{remote.label:45} {size:>10}  {checksum:8} {role or 'not used'}{saved_as}")

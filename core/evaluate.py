@@ -17,10 +17,11 @@ import torch
 
 from core.checkpoints import CheckpointError
 from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
-from core.evaluation import compute_metrics, confidence_intervals, predict_probs
+from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
-from core.imports import index_any
+from core.inference import predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES
+from core.layouts import index_any
 from core.predict import Predictor
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)

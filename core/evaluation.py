@@ -1,17 +1,17 @@
-"""Metrics, calibration and the model-output collection the trainer, the evaluator and the app share.
+"""Metrics and calibration: the numbers the trainer, the evaluator and the app report.
 
 Everything here works on numpy arrays indexed by ``CLASSES``: ``labels`` are
-integer class indices, ``probs`` an (n, 7) array of probabilities. Metric
+integer class indices, ``probs`` an (n, 7) array of probabilities, ``logits`` the
+raw (n, 7) scores; as in scikit-learn, ``labels`` always come first. Metric
 outputs are plain dicts of floats, ints, lists and ``None`` so they go straight
-into JSON.
+into JSON. :mod:`core.inference` runs a model to get these arrays.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
-import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as _softmax
@@ -56,13 +56,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return _softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+def nll(labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
     logp = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
     return float(-logp[np.arange(len(logp)), np.asarray(labels, dtype=int)].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     """The temperature T minimising validation NLL of ``softmax(logits / T)`` (Guo et al., 2017).
 
     T > 1 softens an over-confident model; argmax predictions never change. The
@@ -71,13 +71,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=int)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
-        raise ValueError(f"need (n, classes) logits and n labels, got {logits.shape} and {labels.shape}")
-    result = minimize_scalar(lambda log_t: nll(logits, labels, np.exp(log_t)), bounds=_LOG_T_BOUNDS,
+        raise ValueError(f"need n labels and (n, classes) logits, got {labels.shape} and {logits.shape}")
+    result = minimize_scalar(lambda log_t: nll(labels, logits, np.exp(log_t)), bounds=_LOG_T_BOUNDS,
                              method="bounded", options={"xatol": 1e-4})
     return float(np.exp(result.x))
 
 
-def reliability_curve(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> list[dict]:
+def reliability_curve(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> list[dict]:
     """Top-label reliability diagram: per equal-width confidence bin, the mean confidence,
     the accuracy and the count. Empty bins have ``None`` confidence and accuracy."""
     labels, probs = _check(labels, probs)
@@ -99,9 +99,9 @@ def reliability_curve(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -
     return curve
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
     """ECE: the count-weighted mean gap between accuracy and confidence over the reliability bins."""
-    curve = reliability_curve(probs, labels, n_bins)
+    curve = reliability_curve(labels, probs, n_bins)
     total = sum(b["count"] for b in curve)
     return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in curve if b["count"]) / total)
 
@@ -263,59 +263,6 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, *, mel_threshold: flo
         "confusion_matrix_normalized": cm_norm.tolist(),
         "roc_auc": {"per_class": aucs, "macro": float(np.mean(defined)) if defined else None},
         "melanoma": melanoma_operating_point(labels, probs, mel_threshold),
-        "ece": expected_calibration_error(probs, labels),
+        "ece": expected_calibration_error(labels, probs),
         "nll": float(-np.log(p_true).mean()),
     }
-
-
-# ---------------------------------------------------------------------------
-# Running a model
-
-
-def flip_views(x: torch.Tensor) -> torch.Tensor:
-    """The batch, then its horizontal, vertical and double flips, stacked along the batch axis.
-
-    Dermoscopy has no canonical orientation, so all four are equally valid views.
-    """
-    return torch.cat([x, x.flip(-1), x.flip(-2), x.flip((-2, -1))])
-
-
-def class_probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0,
-                        tta: bool = False) -> torch.Tensor:
-    """Softmax(logits / T) for a batch; with ``tta`` the mean over the four flips (one forward pass)."""
-    if not tta:
-        return torch.softmax(model(x).float() / temperature, dim=1)
-    probs = torch.softmax(model(flip_views(x)).float() / temperature, dim=1)
-    return probs.view(4, len(x), -1).mean(dim=0)
-
-
-def _eval_pass(model: torch.nn.Module, loader: Iterable, device: torch.device | str,
-               step: Callable[[torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    # Restore each module's own mode afterwards: the trainer keeps frozen BatchNorm
-    # layers in eval mode during training, which a blanket model.train() would undo.
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    outputs, targets = [], []
-    try:
-        with torch.inference_mode():
-            for inputs, labels in loader:
-                outputs.append(step(inputs.to(device)).float().cpu())
-                targets.append(torch.as_tensor(labels))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-    if not outputs:
-        return np.zeros((0, NUM_CLASSES), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return torch.cat(outputs).numpy(), torch.cat(targets).numpy().astype(np.int64)
-
-
-def predict_logits(model: torch.nn.Module, loader: Iterable, device: torch.device | str
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (n, 7) and labels (n,) for every batch of ``loader``, with the model in eval mode."""
-    return _eval_pass(model, loader, device, model)
-
-
-def predict_probs(model: torch.nn.Module, loader: Iterable, device: torch.device | str, *,
-                  temperature: float = 1.0, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips."""
-    return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta))

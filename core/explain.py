@@ -112,25 +112,19 @@ def overlay(rgb_image: Image.Image | np.ndarray, heatmap: np.ndarray, alpha: flo
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
 
 
-def layer_names(model: LesionNet) -> list[str]:
-    """Intermediate layers worth looking at, shallow to deep, as ``named_modules`` names."""
-    if model.arch.startswith("resnet"):
-        return [f"backbone.layer{i}" for i in range(1, 5)]
-    if model.arch.startswith("densenet"):
-        return [f"backbone.features.denseblock{i}" for i in range(1, 5)]
-    # MobileNet and EfficientNet: every stage of the ``features`` sequence.
-    return [f"backbone.features.{i}" for i in range(len(model.backbone.features))]
-
-
 class _Captured(Exception):
     """Raised from the hook to skip the layers after the one asked for."""
 
 
 def feature_maps(model: LesionNet, input_tensor: torch.Tensor, layer: str) -> np.ndarray:
-    """The activations (C, h, w) of the module called ``layer`` for one preprocessed image."""
+    """The activations (C, h, w) of the module called ``layer`` for one preprocessed image.
+
+    Not thread-safe for one model: while it runs, the capture hook ends every pass through
+    ``layer``, whichever thread makes it (:class:`core.predict.Predictor` serialises them).
+    """
     modules = dict(model.named_modules())
     if layer not in modules:
-        raise ValueError(f"model has no layer {layer!r}; try one of {', '.join(layer_names(model))}")
+        raise ValueError(f"model has no layer {layer!r}; try one of {', '.join(model.feature_layers())}")
     x = input_tensor.unsqueeze(0) if input_tensor.ndim == 3 else input_tensor
     captured: list[torch.Tensor] = []
 

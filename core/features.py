@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from core.checkpoints import atomic_save
-from core.data import LesionDataset, Preprocessing, eval_transform
+from core.data import LesionDataset
+from core.preprocessing import Preprocessing, eval_transform
 from core.runtime import tune_allocator
 
 ProgressFn = Callable[[int, int], None]

@@ -12,9 +12,7 @@ whose process is gone (crashed, killed, machine rebooted) is stale and released
 by the next caller. Stopping writes ``STOP`` into the current run folder, which
 the trainer honours at the next step, and tells the worker to start nothing more.
 
-The trainer writes into each run folder ``config.json``, ``metrics.jsonl``,
-``status.json``, checkpoints and evaluation files; :func:`read_run` turns them
-into a :class:`RunState` the pages can draw.
+What a run folder holds, and how to read one, is in :mod:`core.runs`.
 """
 from __future__ import annotations
 
@@ -30,15 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.runs import read_events
+from core.files import read_json, read_tail, write_json
+from core.runs import error_from_log, list_runs, mark_unfinished, read_status, request_stop
 from core.settings import PROJECT_ROOT
 
 LOCK_NAME = ".job.lock"
 DOWNLOAD_LOCK = ".download.lock"  # downloads have their own lock: they may run beside a training job
 JOBS_DIR = ".jobs"
 EXPERIMENTS_DIR = ".experiments"
-FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
-LOG_TAIL_LINES = 30
 
 
 class JobError(RuntimeError):
@@ -159,6 +156,10 @@ class Job:
     def alive(self) -> bool:
         return pid_alive(self.pid, self.pid_start)
 
+    def config_path(self, run: str) -> Path:
+        """The config a queued run will train with (the run folder has none until it starts)."""
+        return self.file.parent / f"{run}.json"
+
     def to_dict(self) -> dict:
         return {"id": self.id, "kind": self.kind, "runs": self.runs, "pid": self.pid, "pid_start": self.pid_start,
                 "started": self.started, "experiment": self.experiment}
@@ -170,21 +171,6 @@ class Job:
                    experiment=d.get("experiment"))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _lock_path(runs_dir: Path, name: str = LOCK_NAME) -> Path:
     return Path(runs_dir) / name
 
@@ -193,7 +179,7 @@ def active_job(runs_dir: Path, lock_name: str = LOCK_NAME) -> Job | None:
     """The job holding the lock, or None. A stale lock (its process is gone) is removed."""
     runs_dir = Path(runs_dir)
     lock = _lock_path(runs_dir, lock_name)
-    data = _read_json(lock)
+    data = read_json(lock)
     if data is None:
         if lock.exists():
             # Being written right now (it is created empty, then filled): treat as busy for a moment.
@@ -212,7 +198,7 @@ def active_job(runs_dir: Path, lock_name: str = LOCK_NAME) -> Job | None:
 
 
 def _release(lock: Path, job_id: str) -> None:
-    data = _read_json(lock)
+    data = read_json(lock)
     if data is not None and data.get("id") == job_id:
         lock.unlink(missing_ok=True)
 
@@ -281,8 +267,8 @@ def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
     try:
         job_dir = job.file.parent
         for name, content in files.items():
-            _write_json(job_dir / name, content)
-        _write_json(job.file, {**job.to_dict(), **extra, "lock": lock_name})
+            write_json(job_dir / name, content)
+        write_json(job.file, {**job.to_dict(), **extra, "lock": lock_name})
         log = open(job_dir / "worker.log", "ab")
         try:
             proc = subprocess.Popen(
@@ -293,10 +279,10 @@ def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
         finally:
             log.close()
         job.pid, job.pid_start = proc.pid, _proc_start_time(proc.pid)
-        data = _read_json(lock)
+        data = read_json(lock)
         if data is not None and data.get("id") == job.id:
-            _write_json(lock, job.to_dict())
-        _write_json(job.file, {**job.to_dict(), **extra, "lock": lock_name})
+            write_json(lock, job.to_dict())
+        write_json(job.file, {**job.to_dict(), **extra, "lock": lock_name})
     except BaseException:
         _release(lock, job.id)
         raise
@@ -326,15 +312,15 @@ def start_experiment(base: dict, runs_dir: Path, name: str | None = None,
     name = name or time.strftime("imbalance-%Y%m%d-%H%M%S")
     configs = experiment_configs(base, name, strategies)
     job = _start(runs_dir, "experiment", configs, experiment=name)
-    _write_json(runs_dir.resolve() / EXPERIMENTS_DIR / f"{name}.json",
-                {"name": name, "runs": job.runs, "strategies": [c["imbalance"] for c in configs],
-                 "created": time.time(), "base": {k: v for k, v in base.items() if k != "name"}})
+    write_json(runs_dir.resolve() / EXPERIMENTS_DIR / f"{name}.json",
+               {"name": name, "runs": job.runs, "strategies": [c["imbalance"] for c in configs],
+                "created": time.time(), "base": {k: v for k, v in base.items() if k != "name"}})
     return job
 
 
 def list_experiments(runs_dir: Path) -> list[dict]:
     """Experiment manifests, newest first."""
-    found = [_read_json(p) for p in (Path(runs_dir) / EXPERIMENTS_DIR).glob("*.json")]
+    found = [read_json(p) for p in (Path(runs_dir) / EXPERIMENTS_DIR).glob("*.json")]
     found = [f for f in found if isinstance(f, dict) and f.get("runs")]
     return sorted(found, key=lambda f: f.get("created", 0), reverse=True)
 
@@ -348,7 +334,7 @@ def stop_job(runs_dir: Path) -> bool:
     job.stop_file.touch()
     current = job.current_run
     if current:
-        (job.runs_dir / current / "STOP").touch()
+        request_stop(job.runs_dir / current)
     return True
 
 
@@ -375,252 +361,6 @@ def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Reading runs
-
-
-@dataclass
-class RunState:
-    name: str
-    path: Path
-    state: str  # queued, starting, running, finished, stopped, failed, interrupted
-    config: dict = field(default_factory=dict)
-    start: dict | None = None
-    epochs: list[dict] = field(default_factory=list)
-    progress: dict | None = None
-    steps: list[dict] = field(default_factory=list)  # training progress events, for the live curve
-    end: dict | None = None
-    error: str | None = None
-    modified: float = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def has_model(self) -> bool:
-        return (self.path / "best.pt").is_file()
-
-    @property
-    def has_evaluation(self) -> bool:
-        return (self.path / "test_predictions.csv").is_file()
-
-    @property
-    def total_epochs(self) -> int | None:
-        for src in (self.start or {}, self.config):
-            if src.get("epochs"):
-                return int(src["epochs"])
-        return None
-
-    def fraction_done(self) -> float:
-        """Progress through the whole run, 0..1, from epochs finished and the current step."""
-        if self.state == "finished":
-            return 1.0
-        total = self.total_epochs
-        if not total:
-            return 0.0
-        done = len(self.epochs)
-        p = self.progress
-        if p and p.get("steps") and int(p.get("epoch", 0)) > done:
-            done_in_epoch = min(1.0, float(p.get("step", 0)) / float(p["steps"]))
-            return min(1.0, (done + done_in_epoch) / total)
-        return min(1.0, done / total)
-
-    def eta_s(self) -> float | None:
-        """Seconds left for the whole run: the current epoch's remainder plus the remaining epochs at the
-        average epoch time so far (validation time included when two epochs are known)."""
-        total, p = self.total_epochs, self.progress
-        if self.done or not total or not p or p.get("phase") == "features":
-            return None
-        epoch = int(p.get("epoch", 0))
-        if epoch <= len(self.epochs):  # between epochs: validating / checkpointing
-            epoch = len(self.epochs) + 1
-            in_epoch = None
-        else:
-            in_epoch = float(p.get("eta_s") or 0.0)
-        per_epoch = [float(e["seconds"]) for e in self.epochs if e.get("seconds")]
-        if per_epoch:
-            avg = sum(per_epoch) / len(per_epoch)
-        elif p.get("step") and p.get("steps") and p.get("eta_s") is not None:
-            elapsed_per_step = float(p["eta_s"]) / max(1, int(p["steps"]) - int(p["step"])) if int(p["steps"]) > int(
-                p["step"]) else 0.0
-            avg = elapsed_per_step * int(p["steps"])
-        else:
-            return None
-        remaining_epochs = max(0, total - epoch)
-        return (in_epoch if in_epoch is not None else avg) + remaining_epochs * avg
-
-    def progress_text(self) -> str:
-        """One line for the progress bar: phase, epoch and step, images/s and ETA."""
-        p = self.progress or {}
-        if self.state == "queued":
-            return "queued"
-        if self.state == "starting" and not p:
-            return "starting: loading the dataset and the model…"
-        if p.get("phase") == "features":
-            return f"computing backbone features once: {p.get('step', 0)}/{p.get('steps', '?')} images"
-        if self.done:
-            return f"{self.state}: {len(self.epochs)}/{self.total_epochs or '?'} epochs"
-        parts = [f"epoch {p.get('epoch', len(self.epochs) + 1)}/{self.total_epochs or '?'}"]
-        if p.get("steps"):
-            parts.append(f"step {p.get('step', 0)}/{p['steps']}")
-        if p.get("images_per_s"):
-            parts.append(f"{float(p['images_per_s']):.0f} images/s")
-        eta = self.eta_s()
-        if eta is not None:
-            parts.append(f"ETA {format_duration(eta)}")
-        return " · ".join(parts)
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return log_tail(self.path / "train.log", lines)
-
-
-def format_duration(s: float) -> str:
-    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
-    s = int(round(s))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 20000))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _error_from_log(run_dir: Path) -> str:
-    tail = log_tail(run_dir / "train.log", 12).strip()
-    return tail or "the training process ended without writing a status (killed or crashed before starting)"
-
-
-EXTERNAL_RUN_SILENCE_S = 600
-
-
-def _recently_written(run_dir: Path) -> bool:
-    """Whether a run nobody in the app started wrote its metrics lately. The trainer logs progress every
-    second while training; a run silent for 10 minutes has died without saying so."""
-    try:
-        newest = max(p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "status.json") if p.exists())
-    except ValueError:
-        return False
-    return time.time() - newest < EXTERNAL_RUN_SILENCE_S
-
-
-def read_run(run_dir: Path, job: Job | None = None) -> RunState:
-    """Everything the pages show about one run. ``job`` (the active job, if any) tells a run that is
-    still being worked on from one whose process died without reporting."""
-    run_dir = Path(run_dir)
-    events = read_events(run_dir / "metrics.jsonl")
-    config = _read_json(run_dir / "config.json") or {}
-    status = _read_json(run_dir / "status.json") or {}
-    in_job = job is not None and run_dir.name in job.runs and Path(job.runs_dir) == run_dir.parent
-    start = next((e for e in events if e.get("event") == "start"), None)
-    epochs = [e for e in events if e.get("event") == "epoch"]
-    progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
-    steps = [e for e in events if e.get("event") == "progress" and "phase" not in e and e.get("steps")]
-    end = next((e for e in reversed(events) if e.get("event") == "end"), None)
-    if not config and in_job:
-        config = _read_json(job.file.parent / f"{run_dir.name}.json") or {}
-
-    state = status.get("state")
-    error = status.get("error")
-    if state is None and end is not None:
-        state, error = end.get("status", "finished"), end.get("error")
-    if state in (None, "running"):
-        if in_job and job.alive:
-            state = state or ("starting" if run_dir.exists() else "queued")
-        elif state == "running" and _recently_written(run_dir):
-            pass  # trained from a terminal (python -m core.train), still writing its files
-        elif state == "running" or run_dir.exists():
-            state = "interrupted"
-            error = error or _error_from_log(run_dir)
-    if state == "failed" and not error:
-        error = _error_from_log(run_dir)
-    try:
-        modified = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
-    except OSError:
-        modified = 0.0
-    return RunState(name=run_dir.name, path=run_dir, state=state, config=config, start=start, epochs=epochs,
-                    progress=progress, steps=steps, end=end, error=error, modified=modified)
-
-
-def list_runs(runs_dir: Path, job: Job | None = None) -> list[RunState]:
-    """All run folders below ``runs_dir``, newest first."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    if job is None:
-        job = active_job(runs_dir)
-    marker = ("config.json", "status.json", "metrics.jsonl", "train.log", "best.pt")
-    runs = [read_run(d, job) for d in runs_dir.iterdir()
-            if d.is_dir() and not d.name.startswith(".") and any((d / m).exists() for m in marker)]
-    return sorted(runs, key=lambda r: r.modified, reverse=True)
-
-
-def epochs_table(run: RunState):
-    """The per-epoch metrics as a pandas DataFrame (imported lazily; pandas is heavy)."""
-    import pandas as pd
-
-    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s",
-            "seconds"]
-    frame = pd.DataFrame(run.epochs)
-    for c in cols:
-        if c not in frame.columns:
-            frame[c] = pd.NA
-    return frame[cols + [c for c in frame.columns if c not in cols and c != "event"]]
-
-
-def running_loss_table(run: RunState):
-    """The running training loss reported within epochs, at fractional epochs (epoch 2, half done: 1.5)."""
-    import pandas as pd
-
-    rows = [(int(e["epoch"]) - 1 + float(e["step"]) / float(e["steps"]), float(e["loss"]))
-            for e in run.steps if e.get("loss") is not None]
-    return pd.DataFrame(rows, columns=["epoch", "loss"])
-
-
-def read_predictions(run_dir: Path):
-    """A run's test predictions: (table, labels, calibrated probs, raw logits or None, evaluation dict).
-
-    Columns follow ``CLASSES`` (``prob_<code>``, ``logit_<code>``); raises ``ValueError`` with a readable
-    message when the files are missing or do not fit.
-    """
-    import pandas as pd
-
-    from core.labels import CLASSES
-
-    run_dir = Path(run_dir)
-    try:
-        table = pd.read_csv(run_dir / "test_predictions.csv")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"{run_dir.name} has no readable test_predictions.csv ({exc})") from None
-    prob_cols = [f"prob_{c}" for c in CLASSES]
-    missing = [c for c in ["label", *prob_cols] if c not in table.columns]
-    if missing or table.empty:
-        raise ValueError(f"{run_dir.name}/test_predictions.csv lacks {', '.join(missing) or 'rows'}")
-    logit_cols = [f"logit_{c}" for c in CLASSES]
-    logits = table[logit_cols].to_numpy(dtype=float) if all(c in table for c in logit_cols) else None
-    evaluation = _read_json(run_dir / "evaluation.json") or {}
-    return table, table["label"].to_numpy(dtype=int), table[prob_cols].to_numpy(dtype=float), logits, evaluation
-
-
-def default_run_name(config: dict, runs_dir: Path) -> str:
-    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}"
-    name, i = base, 2
-    while (Path(runs_dir) / name).exists():
-        name, i = f"{base}-{i}", i + 1
-    return name
-
-
-# ---------------------------------------------------------------------------
 # The worker
 
 
@@ -634,8 +374,8 @@ def _run_one(job: Job, cfg_path: Path) -> int:
         try:
             while (rc := proc.poll()) is None:
                 # The trainer deletes a stale STOP when it starts; repeat a stop asked for during start-up.
-                if job.stop_requested and (run_dir / "status.json").exists() and not (run_dir / "STOP").exists():
-                    (run_dir / "STOP").touch()
+                if job.stop_requested and read_status(run_dir):
+                    request_stop(run_dir)
                 time.sleep(0.5)
         except BaseException:  # SIGTERM of the worker: take the trainer down with us
             proc.terminate()
@@ -643,18 +383,11 @@ def _run_one(job: Job, cfg_path: Path) -> int:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            _mark(run_dir, "stopped", "the job was terminated")
+            mark_unfinished(run_dir, "stopped", "the job was terminated")
             raise
-    status = _read_json(run_dir / "status.json") or {}
-    if status.get("state") in (None, "running"):
-        _mark(run_dir, "failed", f"the trainer exited with code {rc} without finishing:\n{_error_from_log(run_dir)}")
+    mark_unfinished(run_dir, "failed",
+                    f"the trainer exited with code {rc} without finishing:\n{error_from_log(run_dir)}")
     return rc
-
-
-def _mark(run_dir: Path, state: str, error: str | None) -> None:
-    status = _read_json(run_dir / "status.json") or {}
-    if status.get("state") in (None, "running"):
-        _write_json(run_dir / "status.json", {"state": state, "error": error})
 
 
 def worker(job_file: Path) -> int:
@@ -691,7 +424,7 @@ def start_download(dest: Path, runs_dir: Path, *, include_external: bool = False
               pid_start=_proc_start_time(os.getpid()))
     extra = {"dest": str(dest), "include_external": include_external, "server": server}
     job = _spawn(job, DOWNLOAD_LOCK, extra, {})
-    _write_json(runs_dir / JOBS_DIR / "last_download.json", {"id": job.id})
+    write_json(runs_dir / JOBS_DIR / "last_download.json", {"id": job.id})
     return job
 
 
@@ -703,19 +436,19 @@ def download_status(runs_dir: Path) -> dict | None:
     """The latest download's state: ``state`` (running, finished, failed), ``dest``, and while running
     ``stage``, ``file``, ``done``, ``total``; ``summary`` or ``error`` when it has ended."""
     runs_dir = Path(runs_dir)
-    last = _read_json(runs_dir / JOBS_DIR / "last_download.json")
+    last = read_json(runs_dir / JOBS_DIR / "last_download.json")
     if not last:
         return None
     job_dir = runs_dir / JOBS_DIR / last["id"]
-    info = _read_json(job_dir / "job.json") or {}
-    status = {"state": "running", "dest": info.get("dest"), **(_read_json(job_dir / "progress.json") or {}),
-              **(_read_json(job_dir / "status.json") or {})}
+    info = read_json(job_dir / "job.json") or {}
+    status = {"state": "running", "dest": info.get("dest"), **(read_json(job_dir / "progress.json") or {}),
+              **(read_json(job_dir / "status.json") or {})}
     if status["state"] == "running":
         job = active_download(runs_dir)
         if job is None or job.id != last["id"]:
             status["state"] = "failed"
             status["error"] = status.get("error") or ("the download process ended unexpectedly:\n"
-                                                      + log_tail(job_dir / "worker.log", 10))
+                                                      + read_tail(job_dir / "worker.log", 10))
     return status
 
 
@@ -724,7 +457,7 @@ def cancel_download(runs_dir: Path) -> bool:
     job = active_download(runs_dir)
     if job is None or not job.pid or job.id == "?":
         return False
-    _write_json(job.file.parent / "status.json", {"state": "failed", "error": "cancelled; start it again to resume"})
+    write_json(job.file.parent / "status.json", {"state": "failed", "error": "cancelled; start it again to resume"})
     try:
         os.killpg(job.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
@@ -744,16 +477,16 @@ def _download(job: Job, data: dict) -> None:
         now = time.monotonic()
         if now - last[0] >= 0.5 or (p.total is not None and p.done >= p.total):
             last[0] = now
-            _write_json(job_dir / "progress.json",
+            write_json(job_dir / "progress.json",
                         {"stage": p.stage, "file": p.file, "done": p.done, "total": p.total})
 
     try:
         summary = download_dataset(data["dest"], server=data.get("server") or DEFAULT_SERVER,
                                    include_external=bool(data.get("include_external")), progress=progress)
     except (DownloadError, DatasetError, OSError) as exc:
-        _write_json(job_dir / "status.json", {"state": "failed", "error": str(exc)})
+        write_json(job_dir / "status.json", {"state": "failed", "error": str(exc)})
         return
-    _write_json(job_dir / "status.json", {"state": "finished", "summary": summary.text(),
+    write_json(job_dir / "status.json", {"state": "finished", "summary": summary.text(),
                                           "ok": summary.report is not None and summary.report.ok})
 
 

@@ -31,19 +31,35 @@ class Architecture:
     classifier: str  # attribute replaced by the head
     last_block: Callable[[nn.Module], nn.Module]  # unfrozen by the "last" fine-tuning policy
     cam_layer: Callable[[nn.Module], nn.Module]  # the last convolutional block, for Grad-CAM
+    # Stages whose feature maps are worth showing, shallow to deep, as names within the backbone.
+    feature_layers: Callable[[nn.Module], list[str]]
+
+
+def _resnet_stages(m: nn.Module) -> list[str]:
+    return [f"layer{i}" for i in range(1, 5)]
+
+
+def _features_stages(m: nn.Module) -> list[str]:
+    # MobileNet and EfficientNet: every block of the ``features`` sequence, from the stem on.
+    return [f"features.{i}" for i in range(len(m.features))]
+
+
+def _dense_blocks(m: nn.Module) -> list[str]:
+    return [f"features.denseblock{i}" for i in range(1, 5)]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "resnet18": Architecture(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "fc",
-                             lambda m: m.layer4, lambda m: m.layer4[-1]),
+                             lambda m: m.layer4, lambda m: m.layer4[-1], _resnet_stages),
     "resnet50": Architecture(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "fc",
-                             lambda m: m.layer4, lambda m: m.layer4[-1]),
+                             lambda m: m.layer4, lambda m: m.layer4[-1], _resnet_stages),
     "mobilenet_v2": Architecture(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, "classifier",
-                                 lambda m: m.features[-4:], lambda m: m.features[-1]),
+                                 lambda m: m.features[-4:], lambda m: m.features[-1], _features_stages),
     "efficientnet_b0": Architecture(models.efficientnet_b0, models.EfficientNet_B0_Weights.IMAGENET1K_V1,
-                                    "classifier", lambda m: m.features[-3:], lambda m: m.features[-1]),
+                                    "classifier", lambda m: m.features[-3:], lambda m: m.features[-1],
+                                    _features_stages),
     "densenet121": Architecture(models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1, "classifier",
-                                lambda m: m.features.denseblock4, lambda m: m.features.norm5),
+                                lambda m: m.features.denseblock4, lambda m: m.features.norm5, _dense_blocks),
 }
 FINETUNE_POLICIES = ("head", "last", "full")
 HEADS = ("mlp", "linear")
@@ -63,6 +79,10 @@ class LesionNet(nn.Module):
 
     def cam_layer(self) -> nn.Module:
         return ARCHITECTURES[self.arch].cam_layer(self.backbone)
+
+    def feature_layers(self) -> list[str]:
+        """Intermediate layers worth looking at, shallow to deep, as ``named_modules`` names."""
+        return [f"backbone.{name}" for name in ARCHITECTURES[self.arch].feature_layers(self.backbone)]
 
 
 def make_head(in_features: int, kind: str = "mlp", num_classes: int = NUM_CLASSES) -> nn.Module:
@@ -150,7 +170,3 @@ def train_mode(model: LesionNet) -> None:
         ):
             module.eval()
 
-
-def feature_dim(model: LesionNet) -> int:
-    first = next(m for m in model.head.modules() if isinstance(m, nn.Linear))
-    return first.in_features

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from core.checkpoints import CheckpointError, load_model
-from core.data import Preprocessing, eval_transform, load_for_model
-from core.evaluation import class_probabilities
-from core.explain import CAM_METHODS, gradcam, overlay
+from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
+from core.inference import class_probabilities
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
+from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
@@ -78,8 +78,9 @@ def _load(checkpoint: str | Path):
 class Predictor:
     """A checkpoint loaded once, ready to classify and explain images.
 
-    Thread-safe: Streamlit sessions may share one instance; model passes are serialised
-    (they use every core anyway, and CAM hooks must not see other threads' passes).
+    Thread-safe: Streamlit sessions share one instance, so the model is only touched under
+    ``_lock`` and callers reach it only through these methods. Model passes are serialised
+    (they use every core anyway, and CAM and feature-map hooks must not see other threads' passes).
     """
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
@@ -137,6 +138,17 @@ class Predictor:
             index = int(target)
         with self._lock:
             return gradcam(self.model, prediction.input_tensor, index, method)
+
+    def layer_names(self) -> list[str]:
+        """The layers :meth:`feature_maps` shows, shallow to deep."""
+        with self._lock:
+            return self.model.feature_layers()
+
+    def feature_maps(self, prediction: Prediction, layer: str) -> np.ndarray:
+        """The activations (C, h, w) of ``layer`` (one of :meth:`layer_names`) for the predicted image;
+        raises ValueError for a layer the model does not have."""
+        with self._lock:
+            return feature_maps(self.model, prediction.input_tensor, layer)
 
 
 # ---------------------------------------------------------------------------

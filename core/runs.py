@@ -11,19 +11,38 @@ Layout of a run folder (``<out>/<name>/``):
 - ``split.csv``          which split every image went to
 - ``test_predictions.csv`` and ``evaluation.json``: the best model on the test split,
                          after temperature scaling fitted on the validation split
+- ``train.log``          the trainer's output, when a job started it
 - ``STOP``               created by anyone who wants the run to end cleanly
 
-The trainer appends to ``metrics.jsonl`` and rewrites ``status.json`` atomically, so a
-dashboard can tail them at any moment; this module holds the only writer and the only parser.
+The trainer appends to ``metrics.jsonl`` and rewrites the other files atomically, so a
+dashboard can read them at any moment; this module holds the only writer and the only parser.
+:func:`read_run` turns a folder into a :class:`RunState` the pages can draw.
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from core.files import atomic_write, read_json, read_tail, write_json
+from core.labels import CLASSES
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 PROGRESS_INTERVAL_S = 1.0
+FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+LOG_TAIL_LINES = 30
+EXTERNAL_RUN_SILENCE_S = 600
+STOP_FILE = "STOP"
+
+
+# ---------------------------------------------------------------------------
+# Writing
 
 
 class RunLog:
@@ -45,10 +64,51 @@ class RunLog:
             self.event("progress", **data)
 
     def status(self, state: str, error: str | None = None) -> None:
-        tmp = self.dir / "status.json.tmp"
-        tmp.write_text(json.dumps({"state": state, "error": error,
-                                   "updated": datetime.now(UTC).isoformat(timespec="seconds")}))
-        tmp.replace(self.dir / "status.json")
+        write_status(self.dir, state, error)
+
+
+def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
+    write_json(Path(run_dir) / "status.json",
+               {"state": state, "error": error, "updated": datetime.now(UTC).isoformat(timespec="seconds")})
+
+
+def mark_unfinished(run_dir: Path, state: str, error: str) -> None:
+    """Record how a run ended when its trainer could not say so (killed, crashed); a final state the
+    trainer wrote itself is kept."""
+    if read_status(run_dir).get("state") in (None, "running"):
+        write_status(run_dir, state, error)
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask the trainer to end the run cleanly after its current step."""
+    (Path(run_dir) / STOP_FILE).touch()
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    write_json(Path(run_dir) / "config.json", config)
+
+
+def write_split(run_dir: Path, frame: pd.DataFrame) -> None:
+    """Which split every image of ``frame`` (an indexed dataset with a ``split`` column) went to."""
+    table = frame[["image_id", "lesion_id", "dx", "split"]]
+    atomic_write(Path(run_dir) / "split.csv", lambda fh: table.to_csv(fh, index=False))
+
+
+def write_evaluation(run_dir: Path, evaluation: dict, images: pd.DataFrame, probs: np.ndarray,
+                     logits: np.ndarray) -> None:
+    """``evaluation.json`` and ``test_predictions.csv``: one row per test image (``images`` holds its
+    image_id, path, label and dx) with its calibrated probabilities and raw logits, in ``CLASSES`` order."""
+    table = images[["image_id", "path", "label", "dx"]].reset_index(drop=True).assign(
+        **{f"prob_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+        **{f"logit_{c}": logits[:, i] for i, c in enumerate(CLASSES)},
+    )
+    write_json(Path(run_dir) / "evaluation.json", evaluation)
+    # Written last: its presence tells readers the evaluation is complete.
+    atomic_write(Path(run_dir) / "test_predictions.csv", lambda fh: table.to_csv(fh, index=False))
+
+
+# ---------------------------------------------------------------------------
+# Reading
 
 
 def read_events(path: Path) -> list[dict]:
@@ -69,3 +129,278 @@ def read_events(path: Path) -> list[dict]:
         if isinstance(obj, dict):
             events.append(obj)
     return events
+
+
+def read_status(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "status.json") or {}
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's :class:`TrainConfig` as a dict; empty before the trainer has written it."""
+    return read_json(Path(run_dir) / "config.json") or {}
+
+
+def read_split(run_dir: Path) -> pd.DataFrame:
+    """image_id, lesion_id, dx and split of every image the run used."""
+    import pandas as pd  # lazily: pandas is heavy, and the job worker reads runs without it
+
+    return pd.read_csv(Path(run_dir) / "split.csv")
+
+
+def read_evaluation(run_dir: Path) -> dict:
+    """The test evaluation of the run's best model; empty before the run has one."""
+    return read_json(Path(run_dir) / "evaluation.json") or {}
+
+
+def has_evaluation(run_dir: Path) -> bool:
+    return all((Path(run_dir) / name).is_file() for name in ("evaluation.json", "test_predictions.csv"))
+
+
+def read_predictions(run_dir: Path):
+    """A run's test predictions: (table, labels, calibrated probs, raw logits or None, evaluation dict).
+
+    Columns follow ``CLASSES`` (``prob_<code>``, ``logit_<code>``); raises ``ValueError`` with a readable
+    message when the files are missing or do not fit.
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    try:
+        table = pd.read_csv(run_dir / "test_predictions.csv")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"{run_dir.name} has no readable test_predictions.csv ({exc})") from None
+    prob_cols = [f"prob_{c}" for c in CLASSES]
+    missing = [c for c in ["label", *prob_cols] if c not in table.columns]
+    if missing or table.empty:
+        raise ValueError(f"{run_dir.name}/test_predictions.csv lacks {', '.join(missing) or 'rows'}")
+    logit_cols = [f"logit_{c}" for c in CLASSES]
+    logits = table[logit_cols].to_numpy(dtype=float) if all(c in table for c in logit_cols) else None
+    return (table, table["label"].to_numpy(dtype=int), table[prob_cols].to_numpy(dtype=float), logits,
+            read_evaluation(run_dir))
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    return read_tail(Path(run_dir) / "train.log", lines)
+
+
+def error_from_log(run_dir: Path) -> str:
+    """What a run that died without saying why printed last."""
+    tail = log_tail(run_dir, 12).strip()
+    return tail or "the training process ended without writing a status (killed or crashed before starting)"
+
+
+class LiveJob(Protocol):
+    """The job running now, as far as reading its runs needs it (``core.jobs.Job`` is one)."""
+
+    runs_dir: Path
+    runs: list[str]
+
+    @property
+    def alive(self) -> bool: ...
+
+    def config_path(self, run: str) -> Path: ...
+
+
+@dataclass
+class RunState:
+    name: str
+    path: Path
+    state: str  # queued, starting, running, finished, stopped, failed, interrupted
+    config: dict = field(default_factory=dict)
+    start: dict | None = None
+    epochs: list[dict] = field(default_factory=list)
+    progress: dict | None = None
+    steps: list[dict] = field(default_factory=list)  # training progress events, for the live curve
+    end: dict | None = None
+    error: str | None = None
+    modified: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def has_model(self) -> bool:
+        return (self.path / "best.pt").is_file()
+
+    @property
+    def has_evaluation(self) -> bool:
+        return has_evaluation(self.path)
+
+    @property
+    def total_epochs(self) -> int | None:
+        for src in (self.start or {}, self.config):
+            if src.get("epochs"):
+                return int(src["epochs"])
+        return None
+
+    @property
+    def wall_time_s(self) -> float | None:
+        """Seconds from the first start to the last end, resumptions and the pauses between them included;
+        None until the run has ended."""
+        if self.start is None or self.end is None:
+            return None
+        started, ended = (datetime.fromisoformat(e["time"]) for e in (self.start, self.end))
+        return (ended - started).total_seconds()
+
+    def fraction_done(self) -> float:
+        """Progress through the whole run, 0..1, from epochs finished and the current step."""
+        if self.state == "finished":
+            return 1.0
+        total = self.total_epochs
+        if not total:
+            return 0.0
+        done = len(self.epochs)
+        p = self.progress
+        if p and p.get("steps") and int(p.get("epoch", 0)) > done:
+            done_in_epoch = min(1.0, float(p.get("step", 0)) / float(p["steps"]))
+            return min(1.0, (done + done_in_epoch) / total)
+        return min(1.0, done / total)
+
+    def eta_s(self) -> float | None:
+        """Seconds left for the whole run: the current epoch's remainder plus the remaining epochs at the
+        average epoch time so far (validation time included when two epochs are known)."""
+        total, p = self.total_epochs, self.progress
+        if self.done or not total or not p or p.get("phase") == "features":
+            return None
+        epoch = int(p.get("epoch", 0))
+        if epoch <= len(self.epochs):  # between epochs: validating / checkpointing
+            epoch = len(self.epochs) + 1
+            in_epoch = None
+        else:
+            in_epoch = float(p.get("eta_s") or 0.0)
+        per_epoch = [float(e["seconds"]) for e in self.epochs if e.get("seconds")]
+        if per_epoch:
+            avg = sum(per_epoch) / len(per_epoch)
+        elif p.get("step") and p.get("steps") and p.get("eta_s") is not None:
+            elapsed_per_step = float(p["eta_s"]) / max(1, int(p["steps"]) - int(p["step"])) if int(p["steps"]) > int(
+                p["step"]) else 0.0
+            avg = elapsed_per_step * int(p["steps"])
+        else:
+            return None
+        remaining_epochs = max(0, total - epoch)
+        return (in_epoch if in_epoch is not None else avg) + remaining_epochs * avg
+
+    def progress_text(self) -> str:
+        """One line for the progress bar: phase, epoch and step, images/s and ETA."""
+        p = self.progress or {}
+        if self.state == "queued":
+            return "queued"
+        if self.state == "starting" and not p:
+            return "starting: loading the dataset and the model…"
+        if p.get("phase") == "features":
+            return f"computing backbone features once: {p.get('step', 0)}/{p.get('steps', '?')} images"
+        if self.done:
+            return f"{self.state}: {len(self.epochs)}/{self.total_epochs or '?'} epochs"
+        parts = [f"epoch {p.get('epoch', len(self.epochs) + 1)}/{self.total_epochs or '?'}"]
+        if p.get("steps"):
+            parts.append(f"step {p.get('step', 0)}/{p['steps']}")
+        if p.get("images_per_s"):
+            parts.append(f"{float(p['images_per_s']):.0f} images/s")
+        eta = self.eta_s()
+        if eta is not None:
+            parts.append(f"ETA {format_duration(eta)}")
+        return " · ".join(parts)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.path, lines)
+
+
+def format_duration(s: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def _recently_written(run_dir: Path) -> bool:
+    """Whether a run nobody in the app started wrote its metrics lately. The trainer logs progress every
+    second while training; a run silent for 10 minutes has died without saying so."""
+    try:
+        newest = max(p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "status.json") if p.exists())
+    except ValueError:
+        return False
+    return time.time() - newest < EXTERNAL_RUN_SILENCE_S
+
+
+def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
+    """Everything the pages show about one run. ``job`` (the active job, if any) tells a run that is
+    still being worked on from one whose process died without reporting."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir / "metrics.jsonl")
+    config = read_config(run_dir)
+    status = read_status(run_dir)
+    in_job = job is not None and run_dir.name in job.runs and Path(job.runs_dir) == run_dir.parent
+    start = next((e for e in events if e.get("event") == "start"), None)
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
+    steps = [e for e in events if e.get("event") == "progress" and "phase" not in e and e.get("steps")]
+    end = next((e for e in reversed(events) if e.get("event") == "end"), None)
+    if not config and in_job:
+        config = read_json(job.config_path(run_dir.name)) or {}
+
+    state = status.get("state")
+    error = status.get("error")
+    if state is None and end is not None:
+        state, error = end.get("status", "finished"), end.get("error")
+    if state in (None, "running"):
+        if in_job and job.alive:
+            state = state or ("starting" if run_dir.exists() else "queued")
+        elif state == "running" and _recently_written(run_dir):
+            pass  # trained from a terminal (python -m core.train), still writing its files
+        elif state == "running" or run_dir.exists():
+            state = "interrupted"
+            error = error or error_from_log(run_dir)
+    if state == "failed" and not error:
+        error = error_from_log(run_dir)
+    try:
+        modified = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
+    except OSError:
+        modified = 0.0
+    return RunState(name=run_dir.name, path=run_dir, state=state, config=config, start=start, epochs=epochs,
+                    progress=progress, steps=steps, end=end, error=error, modified=modified)
+
+
+def list_runs(runs_dir: Path, job: LiveJob | None = None) -> list[RunState]:
+    """All run folders below ``runs_dir``, newest first; ``job`` as for :func:`read_run`."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    marker = ("config.json", "status.json", "metrics.jsonl", "train.log", "best.pt")
+    runs = [read_run(d, job) for d in runs_dir.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and any((d / m).exists() for m in marker)]
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+def epochs_table(run: RunState) -> pd.DataFrame:
+    """The per-epoch metrics as a pandas DataFrame (imported lazily; pandas is heavy)."""
+    import pandas as pd
+
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s",
+            "seconds"]
+    frame = pd.DataFrame(run.epochs)
+    for c in cols:
+        if c not in frame.columns:
+            frame[c] = pd.NA
+    return frame[cols + [c for c in frame.columns if c not in cols and c != "event"]]
+
+
+def running_loss_table(run: RunState) -> pd.DataFrame:
+    """The running training loss reported within epochs, at fractional epochs (epoch 2, half done: 1.5)."""
+    import pandas as pd
+
+    rows = [(int(e["epoch"]) - 1 + float(e["step"]) / float(e["steps"]), float(e["loss"]))
+            for e in run.steps if e.get("loss") is not None]
+    return pd.DataFrame(rows, columns=["epoch", "loss"])
+
+
+def default_run_name(config: dict, runs_dir: Path) -> str:
+    """A name for a new run that no folder in ``runs_dir`` has yet: date, time and architecture."""
+    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}"
+    name, i = base, 2
+    while (Path(runs_dir) / name).exists():
+        name, i = f"{base}-{i}", i + 1
+    return name

@@ -20,7 +20,6 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = PROJECT_ROOT / "sample_data" / "ham10000-sample"
-FULL_DATASET_HINT = PROJECT_ROOT.parent / "shared" / "data" / "ham10000-200x150"
 SETTINGS_FILE = PROJECT_ROOT / ".streamlit" / "lesionlab.toml"
 DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"
@@ -59,7 +58,8 @@ class DatasetChoice:
         return f"{self.folder} (from the {self.source})"
 
 
-def _resolve(path: str | os.PathLike) -> Path:
+def resolve_path(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` expanded; a relative one is taken from the project root, not the working folder."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (PROJECT_ROOT / p)
 
@@ -76,13 +76,13 @@ def dataset_choice(override: str | None = None, *, env: dict | None = None,
                    settings_file: Path = SETTINGS_FILE, default: Path = DEFAULT_DATASET) -> DatasetChoice:
     env = os.environ if env is None else env
     if override is not None and str(override).strip():
-        return DatasetChoice(_resolve(str(override).strip()), "sidebar")
+        return DatasetChoice(resolve_path(str(override).strip()), "sidebar")
     if DATA_ENV in env:
         value = env[DATA_ENV].strip()
-        return DatasetChoice(_resolve(value), "environment") if value else DatasetChoice(None, "none")
+        return DatasetChoice(resolve_path(value), "environment") if value else DatasetChoice(None, "none")
     folder = read_settings_file(settings_file).get("data", {}).get("folder")
     if isinstance(folder, str) and folder.strip():
-        return DatasetChoice(_resolve(folder.strip()), "settings file")
+        return DatasetChoice(resolve_path(folder.strip()), "settings file")
     if default.is_dir():
         return DatasetChoice(default, "default sample")
     return DatasetChoice(None, "none")
@@ -90,7 +90,7 @@ def dataset_choice(override: str | None = None, *, env: dict | None = None,
 
 def runs_dir(env: dict | None = None) -> Path:
     env = os.environ if env is None else env
-    return _resolve(env.get(RUNS_ENV) or "runs")
+    return resolve_path(env.get(RUNS_ENV) or "runs")
 
 
 def published_runs_dir(env: dict | None = None) -> Path | None:
@@ -101,12 +101,12 @@ def published_runs_dir(env: dict | None = None) -> Path | None:
     value = env.get(PUBLISHED_RUNS_ENV)
     if value == "":
         return None
-    return _resolve(value or "docs/runs")
+    return resolve_path(value or "docs/runs")
 
 
 def checkpoints_dir(env: dict | None = None) -> Path:
     env = os.environ if env is None else env
-    return _resolve(env.get(CHECKPOINTS_ENV) or "checkpoints")
+    return resolve_path(env.get(CHECKPOINTS_ENV) or "checkpoints")
 
 
 def model_files(env: dict | None = None) -> list[Path]:

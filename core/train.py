@@ -17,6 +17,7 @@ from pathlib import Path
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import WeightsUnavailableError
+from core.runs import read_evaluation
 from core.training import PRESETS, TrainConfig, config_with, train
 
 
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
-    evaluation = run_dir / "evaluation.json"
-    if evaluation.is_file():
-        test = json.loads(evaluation.read_text())["test"]
+    test = read_evaluation(run_dir).get("test")
+    if test:
         print(f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
               f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}")
     else:

@@ -4,7 +4,6 @@ What a run folder holds is described in :mod:`core.runs`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,19 +22,16 @@ from torch import nn
 from core import imbalance
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
-    AUGMENTATIONS,
     LesionDataset,
-    Preprocessing,
-    eval_transform,
     index_dataset,
     split_by_lesion,
-    train_transform,
 )
-from core.evaluation import compute_metrics, fit_temperature, predict_logits, softmax
+from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureCache, backbone_key
-from core.labels import CLASSES
+from core.inference import predict_logits
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
-from core.runs import RunLog
+from core.preprocessing import AUGMENTATIONS, Preprocessing, eval_transform, train_transform
+from core.runs import STOP_FILE, RunLog, write_config, write_evaluation, write_split
 from core.runtime import default_workers, pick_device, tune_allocator
 
 SCHEDULERS = ("step", "cosine", "none")
@@ -252,7 +248,7 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
 
 
 def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`core.evaluation.predict_logits` under the run's autocast setting."""
+    """:func:`core.inference.predict_logits` under the run's autocast setting."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         return predict_logits(model, loader, device)
 
@@ -322,7 +318,7 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
     tune_allocator()
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "STOP").unlink(missing_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     log = RunLog(run_dir)
     log.status("running")
     try:
@@ -339,12 +335,12 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
 
 def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool]) -> str:
     device = pick_device(cfg.device)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    stop_file = run_dir / "STOP"
+    write_config(run_dir, cfg.to_dict())
+    stop_file = run_dir / STOP_FILE
     stop = lambda: should_stop() or stop_file.exists()  # noqa: E731
 
     frame, train_rows = prepare_data(cfg)
-    frame[["image_id", "lesion_id", "dx", "split"]].to_csv(run_dir / "split.csv", index=False)
+    write_split(run_dir, frame)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head).to(device)
@@ -404,7 +400,8 @@ def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: Lesion
     best = read_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model_state"])
     logits = {split: collect_logits(step_module, eval_loaders[split], device, cfg) for split in ("val", "test")}
-    temperature = fit_temperature(*logits["val"]) if len(logits["val"][1]) else 1.0
+    val_logits, val_labels = logits["val"]
+    temperature = fit_temperature(val_labels, val_logits) if len(val_labels) else 1.0
     test_logits, test_labels = logits["test"]
     probs = softmax(test_logits, temperature)
     evaluation = {
@@ -412,16 +409,9 @@ def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: Lesion
         "epoch": best["epoch"],
         "test": compute_metrics(test_labels, probs),
         "test_uncalibrated": compute_metrics(test_labels, softmax(test_logits)),
-        "val": compute_metrics(logits["val"][1], softmax(logits["val"][0], temperature)),
+        "val": compute_metrics(val_labels, softmax(val_logits, temperature)),
     }
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    test_rows = frame[frame["split"] == "test"]
-    table = test_rows[["image_id", "path", "label", "dx"]].reset_index(drop=True)
-    for i, code in enumerate(CLASSES):
-        table[f"prob_{code}"] = probs[:, i]
-    for i, code in enumerate(CLASSES):
-        table[f"logit_{code}"] = test_logits[:, i]
-    table.to_csv(run_dir / "test_predictions.csv", index=False)
+    write_evaluation(run_dir, evaluation, frame[frame["split"] == "test"], probs, test_logits)
     best["temperature"] = temperature
     atomic_save(best, run_dir / "best.pt")
     return evaluation

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from core.settings import CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
+from pages.views import _pages
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "streamlit_app.py"
-PAGES = ("home", "dataset", "train", "evaluate", "diagnose", "compare")
+PAGES = tuple(Path(p.script).stem for p in _pages.PAGES)  # "home", "dataset", …
 
 
 @dataclass
@@ -41,8 +42,8 @@ def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)
     import torch
 
     from core.checkpoints import atomic_save, checkpoint_dict
-    from core.data import Preprocessing
     from core.models import build_model
+    from core.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     model = build_model(arch, weights="none", finetune="head", head="linear").eval()

@@ -58,6 +58,14 @@ def tiny_root(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ham"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Marked here rather than by hand, so that no test on the full dataset slips into the fast
+    # `-m "not integration"` loop for want of a decorator.
+    for item in items:
+        if "ham_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def ham_root() -> Path:
     if not (HAM_DIR / "HAM10000_metadata.csv").is_file():

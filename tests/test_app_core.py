@@ -1,9 +1,10 @@
 """The app's pure-Python helpers: dataset-folder settings, plot builders and the image checks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import pytest
 from PIL import Image
 
@@ -36,6 +37,12 @@ def test_dataset_choice_order(tmp_path):
     assert settings.dataset_choice("data/x", env={}, **kw).folder == settings.PROJECT_ROOT / "data" / "x"
 
 
+def test_resolve_path_takes_relative_paths_from_the_project_root():
+    assert settings.resolve_path("data/x") == settings.PROJECT_ROOT / "data" / "x"
+    assert settings.resolve_path("/abs/x") == Path("/abs/x")
+    assert settings.resolve_path("~/x") == Path.home() / "x"
+
+
 def test_broken_settings_file_is_ignored(tmp_path):
     toml = tmp_path / "lesionlab.toml"
     toml.write_text("[data\nfolder = ")
@@ -44,11 +51,11 @@ def test_broken_settings_file_is_ignored(tmp_path):
 
 
 def test_repository_default_is_the_bundled_sample():
-    if not settings.DEFAULT_DATASET.is_dir():
-        pytest.skip("sample_data not present")
     choice = settings.dataset_choice(env={}, settings_file=settings.PROJECT_ROOT / "no-such.toml")
     assert choice.folder == settings.DEFAULT_DATASET
-    assert len(index_dataset(choice.folder).frame) > 0
+    index = index_dataset(choice.folder)
+    assert index.report.ok
+    assert index.frame["dx"].value_counts().to_dict() == dict.fromkeys(CLASSES, 20)  # 140 images, 20 per class
 
 
 def test_model_files_lists_checkpoints_then_runs(tmp_path):
@@ -89,7 +96,8 @@ def test_dataset_figures(tiny_frame):
 
 
 def test_training_curves_handle_empty_and_partial_tables():
-    assert isinstance(plots.training_curves(pd.DataFrame()), go.Figure)
+    empty = plots.training_curves(pd.DataFrame())
+    assert empty.data == () and [a.text for a in empty.layout.annotations] == ["Loss", "Accuracy"]
     epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9], "train_acc": [.5, .6],
                            "val_acc": [.4, .5], "val_balanced_acc": [.3, .4]})
     fig = plots.training_curves(epochs)
@@ -113,7 +121,7 @@ def test_evaluation_figures():
     assert "row-normalised" in normed.layout.title.text
     roc = plots.roc_figure(roc_curves(labels, probs))
     assert len(roc.data) == 8  # chance line + 7 classes
-    rel = plots.reliability_figure(reliability_curve(softmax(logits), labels), reliability_curve(probs, labels), 2.0)
+    rel = plots.reliability_figure(reliability_curve(labels, softmax(logits)), reliability_curve(labels, probs), 2.0)
     assert len(rel.data) == 3 and "ECE" in rel.data[1].name
     thr = plots.threshold_curve(probs[:, 4], labels == 4, 0.3)
     assert len(thr.data) == 2

@@ -46,11 +46,23 @@ def test_prediction_for_a_good_upload(diagnose):
     assert not at.error
 
 
+def shown_images(at) -> dict[str, str]:
+    """Caption -> media URL of every image on the page (Streamlit names media files by their content)."""
+    return {caption: url for img in at.get("image") for caption, url in zip(img.captions, img.value, strict=True)}
+
+
 def test_opacity_and_method_changes_reuse_the_prediction(diagnose):
     at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
     first = at.session_state["diag_result"][1]
-    at.slider(key="diag_alpha").set_value(0.9).run()
-    no_exceptions(at)
+    cam_caption = f"Grad-CAM for {first.top_class}"
+    overlays = []
+    for alpha in (0.0, 0.9):
+        at.slider(key="diag_alpha").set_value(alpha).run()
+        no_exceptions(at)
+        overlays.append(shown_images(at)[cam_caption])
+    # At opacity 0 the overlay is the uploaded image itself; at 0.9 it is mostly heatmap.
+    assert overlays[0] == shown_images(at)["uploaded image (as the model sees it, before resizing)"]
+    assert overlays[1] != overlays[0]
     at.selectbox(key="diag_method").set_value("gradcampp").run()
     no_exceptions(at)
     at.selectbox(key="diag_method").set_value("eigencam").run()
@@ -135,7 +147,7 @@ def test_oversized_upload_is_refused(diagnose):
     # The browser enforces max_upload_size; the page checks again in case the limit is bypassed.
     data = jpeg_bytes(lesion_image()) + b"\0" * (11 * 1024 * 1024)
     at = upload(diagnose, "big.jpg", data)
-    assert any("the limit is 10 MB" in e.value for e in at.error)
+    assert [e.value for e in at.error] == ["big.jpg is 11.0 MiB; the limit is 10.0 MiB."]
 
 
 def test_uploads_are_never_written_to_disk(diagnose, tmp_path, monkeypatch):
@@ -177,11 +189,9 @@ def test_model_loads_once_across_reruns_and_sessions(full_env, monkeypatch):
     os.utime(ckpt)
     data = jpeg_bytes(lesion_image())
     for _ in range(2):  # two sessions
-        at = app_test("diagnose")
-        for alpha in (0.2, 0.6):
-            at.file_uploader(key="diag_upload").set_value(("a.jpg", data, "image/jpeg"))
-            at.slider(key="diag_alpha").set_value(alpha) if at.slider else None
-            at.run()
+        at = upload(app_test("diagnose"), "a.jpg", data)
+        for alpha in (0.2, 0.6):  # and reruns within each
+            at.slider(key="diag_alpha").set_value(alpha).run()
             no_exceptions(at)
     assert len(calls) == 1
 

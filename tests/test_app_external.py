@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.imports import diagnosis_code
 from core.labels import CLASSES, DISPLAY_NAMES
+from core.layouts import diagnosis_code
 from tests.app_support import AppEnv, app_test, no_exceptions, save_tiny_checkpoint, texts
 from tests.conftest import make_image
 

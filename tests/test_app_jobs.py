@@ -12,6 +12,7 @@ import pytest
 
 from core import jobs
 from core.imbalance import STRATEGIES
+from core.runs import EXTERNAL_RUN_SILENCE_S, list_runs, read_predictions, read_run
 from tests.app_support import tiny_config
 from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
 
@@ -44,15 +45,15 @@ def test_training_job_runs_in_the_background_and_finishes(tiny_root, runs, tmp_p
     assert os.getpgid(job.pid) == job.pid  # its own session: survives the app's reruns and reloads
     assert jobs.active_job(runs).id == job.id
     assert jobs.wait_idle(runs, timeout=120), "the job did not finish"
-    run = jobs.read_run(runs / "bg")
+    run = read_run(runs / "bg")
     assert run.state == "finished", (run.error, run.log_tail())
     assert len(run.epochs) == 2 and run.fraction_done() == 1.0
     assert run.has_model and run.has_evaluation
     assert (runs / "bg" / "train.log").is_file()
     assert not (runs / jobs.LOCK_NAME).exists()
-    table, labels, probs, logits, evaluation = jobs.read_predictions(runs / "bg")
+    table, labels, probs, logits, evaluation = read_predictions(runs / "bg")
     assert probs.shape == (len(labels), 7) and logits is not None and "temperature" in evaluation
-    assert [r.name for r in jobs.list_runs(runs)] == ["bg"]
+    assert [r.name for r in list_runs(runs)] == ["bg"]
 
 
 def test_one_job_at_a_time_and_stop(tiny_root, runs, tmp_path):
@@ -62,13 +63,13 @@ def test_one_job_at_a_time_and_stop(tiny_root, runs, tmp_path):
         jobs.start_training(tiny_config(tiny_root, "second"), runs)
     assert not (runs / "second").exists()
     # Live progress: epochs appear while it runs.
-    wait_for(lambda: len(jobs.read_run(runs / "long", jobs.active_job(runs)).epochs) >= 1, timeout=90)
-    running = jobs.read_run(runs / "long", jobs.active_job(runs))
+    wait_for(lambda: len(read_run(runs / "long", jobs.active_job(runs)).epochs) >= 1, timeout=90)
+    running = read_run(runs / "long", jobs.active_job(runs))
     assert running.state == "running" and 0 < running.fraction_done() < 1
     assert "epoch" in running.progress_text()
     assert jobs.stop_job(runs)
     assert jobs.wait_idle(runs, timeout=60)
-    run = jobs.read_run(runs / "long")
+    run = read_run(runs / "long")
     assert run.state == "stopped"
     assert 1 <= len(run.epochs) < 200
     assert run.has_evaluation  # the best epoch so far is still evaluated
@@ -81,7 +82,7 @@ def test_kill_terminates_worker_and_trainer(tiny_root, runs, tmp_path):
     assert jobs.kill_job(runs)
     assert jobs.wait_idle(runs, timeout=30)
     assert not jobs.pid_alive(job.pid)
-    run = jobs.read_run(runs / "killed")
+    run = read_run(runs / "killed")
     assert run.state in ("stopped", "failed", "interrupted") and run.done
 
 
@@ -90,7 +91,7 @@ def test_failed_job_shows_its_error(runs, tmp_path):
     cfg["data"] = str(tmp_path / "no-such-folder")
     jobs.start_training(cfg, runs)
     assert jobs.wait_idle(runs, timeout=60)
-    run = jobs.read_run(runs / "broken")
+    run = read_run(runs / "broken")
     assert run.state == "failed"
     assert "does not exist" in run.error
 
@@ -114,10 +115,10 @@ def test_stale_lock_is_released(tiny_root, runs):
     (runs / "x").mkdir()
     (runs / "x" / "status.json").write_text(json.dumps({"state": "running", "error": None}))
     # ... unless it was written lately: then a trainer started from a terminal is still at it.
-    assert jobs.read_run(runs / "x").state == "running"
-    old = time.time() - jobs.EXTERNAL_RUN_SILENCE_S - 5
+    assert read_run(runs / "x").state == "running"
+    old = time.time() - EXTERNAL_RUN_SILENCE_S - 5
     os.utime(runs / "x" / "status.json", (old, old))
-    assert jobs.read_run(runs / "x").state == "interrupted"
+    assert read_run(runs / "x").state == "interrupted"
 
 
 def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):
@@ -141,9 +142,9 @@ def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, 
     with pytest.raises(jobs.JobBusyError):
         jobs.start_training(tiny_config(tiny_root, "meanwhile"), runs)
     assert jobs.wait_idle(runs, timeout=180)
-    states = {r.name: r.state for r in jobs.list_runs(runs)}
+    states = {r.name: r.state for r in list_runs(runs)}
     assert states == {"exp-none": "finished", "exp-focal": "finished"}
-    cfgs = {n: jobs.read_run(runs / n).config for n in states}
+    cfgs = {n: read_run(runs / n).config for n in states}
     assert cfgs["exp-focal"]["imbalance"] == "focal" and cfgs["exp-none"]["imbalance"] == "none"
     assert all(c["finetune"] == "head" and c["feature_cache"] for c in cfgs.values())
     [manifest] = jobs.list_experiments(runs)
@@ -168,7 +169,7 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
         + '{"event": "epo')
     (run / "status.json").write_text(json.dumps({"state": "running"}))
     fake_job = jobs.Job(id="j", kind="train", runs=["r"], runs_dir=tmp_path, pid=os.getpid())
-    state = jobs.read_run(run, fake_job)
+    state = read_run(run, fake_job)
     assert state.state == "running" and len(state.epochs) == 1
     assert state.fraction_done() == pytest.approx(1.5 / 3)
     assert state.eta_s() == pytest.approx(5.0 + 10.0)

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from core.labels import CLASSES, MELANOMA
 from core.settings import PUBLISHED_RUNS_ENV
+from pages.views import _pages
 from tests.app_support import *  # noqa: F403
 from tests.app_support import PAGES, ROOT, app_test, no_exceptions, texts
 
@@ -30,6 +34,23 @@ def test_page_renders_without_anything(page, empty_env, monkeypatch):
     assert "not a medical device" in text and "No dataset configured" in text
     at.run()  # and stays there on reruns
     assert "not a medical device" in texts(at)
+
+
+def test_the_page_list_covers_every_page_script():
+    scripts = sorted(Path(p.script) for p in _pages.PAGES)
+    assert scripts == sorted(p.relative_to(ROOT) for p in (ROOT / "pages" / "views").glob("[!_]*.py"))
+    assert [p.title for p in _pages.PAGES if p.default] == ["Home"]
+
+
+def test_home_links_every_other_page_from_the_page_list(empty_env, monkeypatch):
+    empty_env.apply(monkeypatch)
+    at = app_test("home")
+    no_exceptions(at)
+    others = [p for p in _pages.PAGES if not p.default]
+    links = sorted((link.proto.page, link.proto.label, link.proto.icon) for link in at.get("page_link"))
+    assert links == sorted((Path(p.script).stem, f"**{p.title}**", p.icon) for p in others)
+    captions = [c.value for c in at.caption]
+    assert all(p.description in captions for p in others)
 
 
 def charts(at) -> int:
@@ -115,11 +136,27 @@ def test_evaluate_with_a_run(full_env, monkeypatch):
     assert len(at.dataframe) == 1  # per-class report
     at.segmented_control(key="eval_cm_mode").set_value("row-normalised").run()
     no_exceptions(at)
-    sens_before = next(m.value for m in at.metric if m.label == "Sensitivity")
-    at.slider(key="eval_mel_t").set_value(0.01).run()
-    no_exceptions(at)
-    assert next(m.value for m in at.metric if m.label == "Sensitivity") == "100.0%"
-    assert sens_before is not None
+
+    # The threshold tab's rates, recomputed from the run's prediction file at each slider position.
+    table = pd.read_csv(full_env.runs / at.selectbox(key="eval_run").value / "test_predictions.csv")
+    mel = table["label"] == CLASSES.index(MELANOMA)
+
+    def rates(t: float) -> tuple[float, float]:
+        flagged = table["prob_mel"] >= t
+        return flagged[mel].mean(), (~flagged[~mel]).mean()
+
+    def shown() -> tuple[str, str]:
+        values = {m.label: m.value for m in at.metric}
+        return values["Sensitivity"], values["Specificity"]
+
+    assert shown() == tuple(f"{r:.1%}" for r in rates(0.5))  # the slider's default
+    for t in (0.01, 0.99):
+        at.slider(key="eval_mel_t").set_value(t).run()
+        no_exceptions(at)
+        assert shown() == tuple(f"{r:.1%}" for r in rates(t)), t
+    # Lowering the threshold flags more images: more melanomas found, fewer non-melanomas cleared.
+    (sens_low, spec_low), (sens_high, spec_high) = rates(0.01), rates(0.99)
+    assert sens_low > sens_high and spec_low < spec_high
     at.selectbox(key="eval_run").set_value("tiny-weighted").run()
     no_exceptions(at)
 
@@ -148,10 +185,14 @@ def test_compare_with_two_runs(full_env, monkeypatch):
     at = app_test("compare")
     no_exceptions(at)
     assert sorted(at.multiselect(key="cmp_runs").value) == ["tiny-none", "tiny-weighted"]
-    assert len(at.dataframe) >= 1
+    assert sorted(at.dataframe[0].value.columns) == ["tiny-none", "tiny-weighted"]  # headline: a column per run
     assert charts(at) == 3  # per-class bars + two confusion matrices
     at.segmented_control(key="cmp_metric").set_value("f1").run()
     no_exceptions(at)
+    per_class = at.dataframe[1].value  # the per-class table shows the chosen metric, from each run's evaluation
+    for run in ("tiny-none", "tiny-weighted"):
+        evaluation = json.loads((full_env.runs / run / "evaluation.json").read_text())
+        assert list(per_class[run]) == pytest.approx([row["f1"] for row in evaluation["test"]["per_class"]])
     # The experiment tab's form is there (its button is enabled: data present, no job).
     button = [b for b in at.button if b.label == "Run the imbalance experiment"]
     assert button and not button[0].disabled

@@ -8,6 +8,7 @@ import pytest
 
 from core import jobs
 from core.imbalance import STRATEGIES
+from core.runs import read_run
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
 from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
@@ -69,7 +70,7 @@ def test_start_watch_and_stop_a_run_from_the_page(train_env):
     no_exceptions(at)
     assert not start_button(at).disabled
     assert "Stopped on request" in texts(at)
-    assert jobs.read_run(train_env.runs / "ui-run").state == "stopped"
+    assert read_run(train_env.runs / "ui-run").state == "stopped"
 
 
 def test_a_failed_run_shows_its_error(train_env, tmp_path):

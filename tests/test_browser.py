@@ -19,8 +19,8 @@ import pytest
 
 from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
+from core.runs import read_run
 from tests.app_support import ROOT, clean_env, train_tiny_run
-from tests.conftest import HAM_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -66,8 +66,7 @@ def browser_env(tmp_path_factory, tiny_root):
     finally:
         os.environ.pop("TORCH_HOME", None)
     ckpts.mkdir()
-    if REFERENCE.is_file():
-        shutil.copy(REFERENCE, ckpts / REFERENCE.name)
+    shutil.copy(REFERENCE, ckpts / REFERENCE.name)
     return {"data": data, "runs": runs, "checkpoints": ckpts, "torch_home": base / "torch_home"}
 
 
@@ -194,20 +193,18 @@ def test_pages_render_and_are_photographed(page, server, tmp_path):
     assert "not a medical device" in page.inner_text("[data-testid=stSidebar]")
 
 
-def test_sidebar_dataset_folder_on_the_full_dataset(browser, server, tmp_path):
+def test_sidebar_dataset_folder_on_the_full_dataset(browser, server, tmp_path, ham_root):
     """Typing a folder in the sidebar switches every page to it (photographed on the full HAM10000)."""
-    if not (HAM_DIR / "HAM10000_metadata.csv").is_file():
-        pytest.skip(f"HAM10000 not present at {HAM_DIR}")
     pg = new_page(browser)
     try:
         visit(pg, server, "dataset", "Dataset")
         box = pg.get_by_label("Dataset folder", exact=True)
-        box.fill(str(HAM_DIR))
+        box.fill(str(ham_root))
         box.press("Enter")
         pg.get_by_text("10,015").first.wait_for()
         settle(pg, "Dataset")
         pg.locator(".js-plotly-plot").first.wait_for()
-        assert "ham10000-200x150" in pg.inner_text("[data-testid=stSidebar]")
+        assert ham_root.name in pg.inner_text("[data-testid=stSidebar]")
         shot(pg, "dataset", tmp_path)
         pg.get_by_role("tab", name="Metadata").click()
         pg.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5")
@@ -291,4 +288,4 @@ def test_train_a_run_and_watch_the_curve_grow(page, server, browser_env, tmp_pat
 
     page.get_by_role("button", name="Stop training").click()
     page.get_by_text("Stopped on request").wait_for(timeout=90_000)
-    assert jobs.read_run(browser_env["runs"] / "browser-run").state == "stopped"
+    assert read_run(browser_env["runs"] / "browser-run").state == "stopped"

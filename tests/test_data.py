@@ -12,14 +12,12 @@ from core import labels
 from core.data import (
     DatasetError,
     LesionDataset,
-    Preprocessing,
-    eval_transform,
     index_dataset,
     read_metadata,
     split_by_lesion,
     split_counts,
-    train_transform,
 )
+from core.preprocessing import Preprocessing, eval_transform, train_transform
 
 
 def test_class_list_is_the_ham10000_codes_in_order():

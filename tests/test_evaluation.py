@@ -1,6 +1,7 @@
-"""core.evaluation: metrics against hand-computed cases and scikit-learn, calibration, model passes."""
+"""core.evaluation: metrics against hand-computed cases and scikit-learn, calibration; core.inference: model passes."""
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 
@@ -10,6 +11,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, classification_report, f1_score, roc_auc_score
 
 from core import evaluation as ev
+from core.inference import predict_logits, predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES, NUM_CLASSES
 from core.models import build_model, train_mode
 
@@ -116,14 +118,14 @@ def test_temperature_is_one_for_calibrated_and_above_one_for_overconfident_logit
     probs = ev.softmax(logits)
     # Labels drawn from the model's own probabilities: calibrated by construction.
     labels = np.array([rng.choice(NUM_CLASSES, p=p) for p in probs])
-    assert ev.fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.1)
+    assert ev.fit_temperature(labels, logits) == pytest.approx(1.0, abs=0.1)
 
     overconfident = 3.0 * logits
-    t = ev.fit_temperature(overconfident, labels)
+    t = ev.fit_temperature(labels, overconfident)
     assert t == pytest.approx(3.0, rel=0.1)
-    assert ev.nll(overconfident, labels, t) < ev.nll(overconfident, labels) - 0.1
-    assert ev.expected_calibration_error(ev.softmax(overconfident, t), labels) < ev.expected_calibration_error(
-        ev.softmax(overconfident), labels)
+    assert ev.nll(labels, overconfident, t) < ev.nll(labels, overconfident) - 0.1
+    assert ev.expected_calibration_error(labels, ev.softmax(overconfident, t)) < ev.expected_calibration_error(
+        labels, ev.softmax(overconfident))
     # Scaling never changes the predicted class.
     assert (ev.softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
 
@@ -140,8 +142,8 @@ def test_ece_is_zero_for_perfect_calibration():
     # 80 images at confidence 0.8 of which 64 are right; 50 at 0.6 of which 30 are right.
     labels = np.array([0] * 64 + [1] * 16 + [2] * 30 + [3] * 20)
     probs = np.vstack([rows((0.8,))] * 80 + [rows((0.1, 0.1, 0.6))] * 50)
-    assert ev.expected_calibration_error(probs, labels) == pytest.approx(0.0, abs=1e-12)
-    curve = ev.reliability_curve(probs, labels, n_bins=10)
+    assert ev.expected_calibration_error(labels, probs) == pytest.approx(0.0, abs=1e-12)
+    curve = ev.reliability_curve(labels, probs, n_bins=10)
     assert sum(b["count"] for b in curve) == 130
     filled = [b for b in curve if b["count"]]
     assert [b["confidence"] for b in filled] == pytest.approx([0.6, 0.8])
@@ -151,7 +153,7 @@ def test_ece_is_zero_for_perfect_calibration():
     rng = np.random.default_rng(6)
     sampled = ev.softmax(rng.normal(scale=2.0, size=(20000, NUM_CLASSES)))
     drawn = np.array([rng.choice(NUM_CLASSES, p=p) for p in sampled])
-    assert ev.expected_calibration_error(sampled, drawn) < 0.02
+    assert ev.expected_calibration_error(drawn, sampled) < 0.02
 
 
 def test_melanoma_operating_point_counts_threshold_as_positive():
@@ -198,7 +200,7 @@ def test_predict_logits_and_probs_run_in_eval_mode_and_restore_modes():
     y = torch.tensor([0, 1, 2, 3, 4])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
 
-    logits, labels = ev.predict_logits(model, loader, "cpu")
+    logits, labels = predict_logits(model, loader, "cpu")
     assert {name: m.training for name, m in model.named_modules()} == modes
     model.eval()
     with torch.no_grad():
@@ -206,10 +208,10 @@ def test_predict_logits_and_probs_run_in_eval_mode_and_restore_modes():
     assert logits.shape == (5, NUM_CLASSES) and labels.tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
-    probs, _ = ev.predict_probs(model, loader, "cpu", temperature=2.0)
+    probs, _ = predict_probs(model, loader, "cpu", temperature=2.0)
     np.testing.assert_allclose(probs, ev.softmax(expected, 2.0), rtol=1e-4, atol=1e-6)
 
-    tta, _ = ev.predict_probs(model, loader, "cpu", tta=True)
+    tta, _ = predict_probs(model, loader, "cpu", tta=True)
     with torch.no_grad():
         views = [model(v).softmax(1) for v in (x, x.flip(-1), x.flip(-2), x.flip((-2, -1)))]
     np.testing.assert_allclose(tta, torch.stack(views).mean(0).numpy(), rtol=1e-4, atol=1e-6)
@@ -219,7 +221,19 @@ def test_the_trainers_call_path_yields_json():
     rng = np.random.default_rng(8)
     logits = rng.normal(size=(40, NUM_CLASSES))
     labels = rng.integers(0, NUM_CLASSES, 40)
-    t = ev.fit_temperature(logits, labels)
+    t = ev.fit_temperature(labels, logits)
     report = ev.compute_metrics(labels, ev.softmax(logits, t))
     assert isinstance(t, float)
     assert json.loads(json.dumps(report, allow_nan=False))["per_class"][4]["code"] == "mel"
+
+
+def test_every_public_function_taking_labels_takes_them_first():
+    # scikit-learn's order, (y_true, y_pred): one order for all metrics, so no call can quietly swap them.
+    first_parameter = {
+        name: next(iter(inspect.signature(fn).parameters))
+        for name, fn in inspect.getmembers(ev, inspect.isfunction)
+        if fn.__module__ == ev.__name__ and not name.startswith("_") and "labels" in inspect.signature(fn).parameters
+    }
+    assert {"nll", "fit_temperature", "reliability_curve", "expected_calibration_error", "compute_metrics",
+            "melanoma_operating_point", "bootstrap_ci", "accuracy"} <= set(first_parameter)
+    assert first_parameter == dict.fromkeys(first_parameter, "labels")

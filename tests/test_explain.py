@@ -10,9 +10,9 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from core.data import Preprocessing, eval_transform, load_for_model
-from core.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, layer_names, overlay
-from core.models import ARCHITECTURES, build_model, set_finetune, train_mode
+from core.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, overlay
+from core.models import build_model, set_finetune, train_mode
+from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,7 +115,7 @@ def test_overlay_blends_heatmap_at_image_size():
 
 def test_feature_maps_match_a_manual_forward(resnet):
     x = torch.randn(1, 3, 64, 64)
-    names = layer_names(resnet)
+    names = resnet.feature_layers()
     assert names == ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
     b = resnet.backbone
     with torch.no_grad():
@@ -127,11 +127,3 @@ def test_feature_maps_match_a_manual_forward(resnet):
     assert all(not m._forward_hooks for m in resnet.modules())
     with pytest.raises(ValueError, match="backbone.layer1"):
         feature_maps(resnet, x, "backbone.nope")
-
-
-@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - {"resnet18"}))
-def test_layer_names_exist_for_every_architecture(arch):
-    model = build_model(arch, weights="none", finetune="head")
-    modules = dict(model.named_modules())
-    names = layer_names(model)
-    assert len(names) >= 4 and all(n in modules for n in names)

@@ -16,12 +16,21 @@ def trainable(module: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_architecture_gives_seven_logits_and_a_cam_layer(arch):
+def test_every_architecture_gives_seven_logits_a_cam_layer_and_feature_layers(arch):
     model = build_model(arch, weights="none").eval()
+    maps = []
+    hook = model.cam_layer().register_forward_hook(lambda module, args, output: maps.append(output))
     with torch.inference_mode():
         out = model(torch.randn(1, 3, 64, 80))  # any input size, including non-square
+    hook.remove()
     assert out.shape == (1, NUM_CLASSES)
-    assert isinstance(model.cam_layer(), nn.Module)
+    # Grad-CAM weighs the CAM layer's channels over its spatial grid: the layer must run in the forward pass
+    # and give (N, C, H, W) maps.
+    assert len(maps) == 1 and maps[0].ndim == 4
+    order = [name for name, _ in model.named_modules()]
+    names = model.feature_layers()
+    assert len(names) >= 4 and set(names) <= set(order)
+    assert [order.index(n) for n in names] == sorted(order.index(n) for n in names)  # shallow to deep
 
 
 def test_finetune_policies_unfreeze_what_they_say():

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from PIL import Image
 
 from core import evaluate
 from core.checkpoints import CheckpointError, atomic_save, checkpoint_dict
-from core.data import Preprocessing, eval_transform, index_dataset, load_for_model, split_by_lesion
+from core.data import index_dataset, split_by_lesion
 from core.evaluation import softmax
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.models import build_model
 from core.predict import Predictor, main
+from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +279,50 @@ def test_explain_maps_the_requested_class(predictor, tmp_path):
     np.testing.assert_array_equal(heat, predictor.explain(pred, target=pred.top_index))
     np.testing.assert_array_equal(predictor.explain(pred, target="mel"), predictor.explain(pred, target=4))
     assert predictor.explain(pred, method="gradcampp").shape == (48, 48)
+
+
+def test_feature_maps_of_every_layer(predictor, tmp_path):
+    pred = predictor.predict(lesion(tmp_path / "a.png"))
+    layers = predictor.layer_names()
+    assert layers == ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    shapes = [predictor.feature_maps(pred, layer).shape for layer in layers]
+    assert shapes == [(64, 12, 12), (128, 6, 6), (256, 3, 3), (512, 2, 2)]  # a 48×48 input
+    with pytest.raises(ValueError, match="backbone.layer1"):
+        predictor.feature_maps(pred, "backbone.nope")
+
+
+def test_one_predictor_serves_concurrent_sessions(predictor, tmp_path):
+    # Streamlit's cache_resource hands one Predictor to every browser session, each on its own thread.
+    images = [lesion(tmp_path / f"{i}.png", label=i, seed=i) for i in range(3)]
+    layers = predictor.layer_names()
+
+    def run(i: int, layer: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pred = predictor.predict(images[i])
+        return pred.probs, predictor.explain(pred), predictor.feature_maps(pred, layer)
+
+    expected = {(i, layer): run(i, layer) for i in range(len(images)) for layer in layers}
+    results, errors = [], []
+    start = threading.Barrier(3)
+
+    def session(k: int) -> None:
+        try:
+            start.wait()
+            for j in range(15):
+                i, layer = (k + j) % len(images), layers[j % len(layers)]
+                results.append(((i, layer), run(i, layer)))
+        except Exception as exc:  # collected: an exception in a thread would otherwise pass unnoticed
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 3 * 15
+    for key, outputs in results:
+        for got, want in zip(outputs, expected[key], strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_source_size_is_applied_to_uploads(tmp_path):

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from core.checkpoints import read_checkpoint
-from core.data import Preprocessing
 from core.features import FeatureCache, backbone_key
 from core.imbalance import STRATEGIES
-from core.jobs import read_run
 from core.labels import CLASSES
 from core.models import build_model
+from core.preprocessing import Preprocessing
+from core.runs import read_run
 from core.train import build_parser, config_from_args
 from core.training import PRESETS, TrainConfig, config_with, train
 
@@ -214,7 +214,6 @@ def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
     assert (cfg["arch"], cfg["batch_size"], cfg["imbalance"]) == ("resnet18", 16, "oversample")
 
 
-@pytest.mark.integration
 def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tmp_path):
     cfg = config_with("seed", data=str(ham_root), arch="mobilenet_v2", max_images=700, epochs=4, name="real",
                       out=str(tmp_path), cache_dir=str(tmp_path / "cache"))

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from core import jobs, settings
+from core import jobs, runs, settings
 from core.data import DatasetError, DatasetIndex, index_dataset
+from core.formatting import format_bytes
 
 NOTICE = ("**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
           "Never use it to decide on care; see a dermatologist about any skin lesion that worries you.")
@@ -59,22 +60,23 @@ def runs_dir() -> Path:
     return settings.runs_dir()
 
 
-def list_runs() -> list[jobs.RunState]:
-    return jobs.list_runs(runs_dir())
+def list_runs() -> list[runs.RunState]:
+    folder = runs_dir()
+    return runs.list_runs(folder, jobs.active_job(folder))
 
 
-def evaluated_runs() -> list[jobs.RunState]:
+def evaluated_runs() -> list[runs.RunState]:
     """Finished runs with a test evaluation: this machine's, then the published ones of the same name not
     trained here (a local run of the same name wins)."""
     local = list_runs()
     published_dir = settings.published_runs_dir()
-    published = jobs.list_runs(published_dir) if published_dir else []
+    published = runs.list_runs(published_dir) if published_dir else []
     names = {r.name for r in local}
-    runs = local + [r for r in published if r.name not in names]
-    return [r for r in runs if r.has_evaluation and (r.path / "evaluation.json").is_file()]
+    found = local + [r for r in published if r.name not in names]
+    return [r for r in found if r.has_evaluation]
 
 
-def is_published(run: jobs.RunState) -> bool:
+def is_published(run: runs.RunState) -> bool:
     published_dir = settings.published_runs_dir()
     return published_dir is not None and run.path.parent == published_dir
 
@@ -85,7 +87,7 @@ def no_runs_message(what: str = "evaluate") -> None:
             "`python -m core.train --preset seed --data DATASET --epochs 3`.", icon=":material/science:")
 
 
-def run_label(run: jobs.RunState) -> str:
+def run_label(run: runs.RunState) -> str:
     cfg = run.config
     bits = [cfg.get("arch"), cfg.get("finetune"), cfg.get("imbalance")]
     desc = ", ".join(str(b) for b in bits if b)
@@ -94,7 +96,7 @@ def run_label(run: jobs.RunState) -> str:
 
 
 def fmt_seconds(s: float | None) -> str:
-    return "—" if s is None else jobs.format_duration(s)
+    return "—" if s is None else runs.format_duration(s)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -120,11 +122,11 @@ def get_predictor(path: Path):
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _predictions(run_dir: str, stamp: float):
-    return jobs.read_predictions(Path(run_dir))
+    return runs.read_predictions(Path(run_dir))
 
 
 def predictions(run_dir: Path):
-    """``jobs.read_predictions`` cached per file version; raises ValueError with a readable message."""
+    """``runs.read_predictions`` cached per file version; raises ValueError with a readable message."""
     path = Path(run_dir) / "test_predictions.csv"
     try:
         stamp = path.stat().st_mtime
@@ -160,30 +162,21 @@ def cam_overlay(checkpoint: str, image_path: str, target: int, method: str = "gr
 # Get HAM10000 (a background download job; see core.jobs.start_download)
 
 
-def _size(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def _use_folder(folder: str) -> None:
     st.session_state[DATASET_KEY] = folder
 
 
 def _download_body(active: jobs.Job | None) -> None:
-    runs = runs_dir()
-    status = jobs.download_status(runs)
+    folder = runs_dir()
+    status = jobs.download_status(folder)
     if active is not None:
         stage = {"download": "Downloading", "verify": "Verifying", "extract": "Extracting"}.get(
             (status or {}).get("stage"), "Starting")
         done, total = (status or {}).get("done", 0), (status or {}).get("total")
-        text = f"{stage} {(status or {}).get('file', '')}: {_size(done)}" + (f" of {_size(total)}" if total else "")
+        of = f" of {format_bytes(total)}" if total else ""
+        text = f"{stage} {(status or {}).get('file', '')}: {format_bytes(done)}{of}"
         st.progress(min(1.0, done / total) if total else 0.0, text=text)
-        st.button("Cancel download", icon=":material/cancel:", on_click=jobs.cancel_download, args=(runs,),
+        st.button("Cancel download", icon=":material/cancel:", on_click=jobs.cancel_download, args=(folder,),
                   help="Verified files stay; a partial file resumes when you start again.")
         return
     if status is not None and status["state"] == "finished":
@@ -204,8 +197,7 @@ def _download_body(active: jobs.Job | None) -> None:
                "Same as `python -m core.download --dest FOLDER`.")
     if go:
         try:
-            jobs.start_download(Path(dest).expanduser() if Path(dest).expanduser().is_absolute()
-                                else settings.PROJECT_ROOT / dest, runs, include_external=external,
+            jobs.start_download(settings.resolve_path(dest), folder, include_external=external,
                                 server=settings.dataverse_server())
         except jobs.JobError as exc:
             st.error(str(exc))

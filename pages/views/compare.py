@@ -5,13 +5,14 @@ import streamlit as st
 
 from core import imbalance, jobs, plots
 from core.models import ARCHITECTURES
+from core.runs import FINAL_STATES, RunState, read_run
 from pages.views._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
 
 st.title("Compare")
 RUNS = runs_dir()
 
 
-def headline(run: jobs.RunState) -> dict:
+def headline(run: RunState) -> dict:
     _, _, _, _, evaluation = predictions_or_none(run)
     t = evaluation.get("test", {})
     mel = t.get("melanoma", {})
@@ -22,7 +23,7 @@ def headline(run: jobs.RunState) -> dict:
             "melanoma specificity": mel.get("specificity"), "ECE": t.get("ece"), "test images": t.get("n")}
 
 
-def predictions_or_none(run: jobs.RunState):
+def predictions_or_none(run: RunState):
     from pages.views._shared import predictions
 
     try:
@@ -31,7 +32,7 @@ def predictions_or_none(run: jobs.RunState):
         return None, None, None, None, {}
 
 
-def comparison(chosen: list[jobs.RunState]) -> None:
+def comparison(chosen: list[RunState]) -> None:
     table = pd.DataFrame([headline(r) for r in chosen]).set_index("run")
     shown = table.map(lambda v: "—" if v is None or (isinstance(v, float) and np.isnan(v))
                       else f"{v:.3f}" if isinstance(v, float) else str(v)).T  # one column per run
@@ -104,9 +105,9 @@ def experiment_status(manifest: dict) -> None:
     rows, done = [], 0
     for name, strategy in zip(manifest["runs"], manifest.get("strategies", []), strict=False):
         path = RUNS / name
-        run = jobs.read_run(path, job) if path.exists() else None
+        run = read_run(path, job) if path.exists() else None
         state = run.state if run else ("queued" if job and name in job.runs else "not run")
-        done += state in jobs.FINAL_STATES
+        done += state in FINAL_STATES
         rows.append({"strategy": imbalance.label(strategy), "run": name, "state": state,
                      "progress": run.fraction_done() if run else 0.0,
                      "detail": run.progress_text() if run and not run.done else (run.error or "" if run else "")})

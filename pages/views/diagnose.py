@@ -2,12 +2,15 @@
 import streamlit as st
 
 from core import plots, settings
+from core.formatting import format_bytes
 from core.images import ImageError
 from core.labels import CLASSES, MALIGNANT
 from core.visuals import LOW_CONFIDENCE, dermoscopy_check, feature_map_grid
 from pages.views._shared import get_predictor, research_notice
 
-MAX_UPLOAD_MB = 10
+# Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
+MAX_UPLOAD_MIB = 10
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MIB * 2**20
 
 st.title("Diagnose")
 research_notice()
@@ -31,14 +34,14 @@ ckpt = predictor.checkpoint
 st.caption(f"{predictor.arch}, input {tuple(predictor.prep.input_size)}, temperature "
            f"{predictor.temperature:.2f}" + (f", trained for {ckpt['epoch']} epochs" if ckpt.get("epoch") else ""))
 
-upload = st.file_uploader(f"Dermoscopy image (JPEG or PNG, at most {MAX_UPLOAD_MB} MB)",
-                          type=["jpg", "jpeg", "png"], max_upload_size=MAX_UPLOAD_MB, key="diag_upload")
+upload = st.file_uploader(f"Dermoscopy image (JPEG or PNG, at most {format_bytes(MAX_UPLOAD_BYTES)})",
+                          type=["jpg", "jpeg", "png"], max_upload_size=MAX_UPLOAD_MIB, key="diag_upload")
 if upload is None:
     st.info("Upload a dermoscopic image of a pigmented lesion to see the model's prediction, its calibrated "
             "probabilities for all seven classes and where it looked.", icon=":material/upload:")
     st.stop()
-if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
-    st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.",
+if upload.size > MAX_UPLOAD_BYTES:
+    st.error(f"{upload.name} is {format_bytes(upload.size)}; the limit is {format_bytes(MAX_UPLOAD_BYTES)}.",
              icon=":material/block:")
     st.stop()
 
@@ -79,7 +82,7 @@ with right:
     st.plotly_chart(plots.probability_bars(prediction.probs, highlight=prediction.top_class), width="stretch")
 
 with left:
-    from core.explain import CAM_METHOD_NAMES, feature_maps, layer_names, overlay
+    from core.explain import CAM_METHOD_NAMES, overlay
 
     c1, c2 = st.columns(2)
     method = c1.selectbox("Explanation method", list(CAM_METHOD_NAMES), format_func=CAM_METHOD_NAMES.get,
@@ -107,10 +110,10 @@ with left:
         col.image(img, caption=cap, width="stretch")
 
 with st.expander("Feature maps: what the network's layers respond to"):
-    layers = layer_names(predictor.model)
+    layers = predictor.layer_names()
     layer = st.select_slider("Layer (shallow → deep)", layers, value=layers[len(layers) // 2], key="diag_layer")
     try:
-        maps = feature_maps(predictor.model, prediction.input_tensor, layer)
+        maps = predictor.feature_maps(prediction, layer)
         st.image(feature_map_grid(maps, n=16), caption=f"the 16 most active of {len(maps)} channels of {layer} "
                                                        f"({maps.shape[1]}×{maps.shape[2]})")
     except ValueError as exc:

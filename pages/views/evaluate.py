@@ -15,8 +15,8 @@ from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax
 from core.images import ImageError
-from core.imports import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
+from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from pages.views._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
 
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
@@ -137,8 +137,8 @@ def internal_section() -> None:
         if logits is None:
             st.info("This run's predictions carry no raw logits, so the uncalibrated curve is not available.")
         else:
-            before = reliability_curve(softmax(logits), labels)
-            after = reliability_curve(probs, labels)
+            before = reliability_curve(labels, softmax(logits))
+            after = reliability_curve(labels, probs)
             st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
             st.caption("A point below the diagonal means the model is over-confident at that confidence. "
                        "Temperature scaling divides the logits by T (fitted on the validation split); it never "
@@ -200,7 +200,7 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside.
     Keyed by the checkpoint's path and mtime and the folder (and its mtime); errors are not cached."""
     from core.evaluate import evaluate_checkpoint
-    from core.imports import detect_layout
+    from core.layouts import detect_layout
     from core.runtime import pick_device
 
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
@@ -210,11 +210,6 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     return {"layout": layout.kind, "layout_source": str(layout.source), "report_ok": validation["ok"],
             "report": validation["summary"],
             "problems": pd.DataFrame(validation["problems"], columns=["problem", "where"]), "result": result}
-
-
-def _resolve_folder(text: str) -> Path:
-    path = Path(text.strip()).expanduser()
-    return path if path.is_absolute() else settings.PROJECT_ROOT / path
 
 
 def external_section() -> None:
@@ -239,7 +234,7 @@ def external_section() -> None:
             st.session_state.pop(EXTERNAL_REQUEST, None)
             st.error("Enter the folder that holds the external test set.", icon=":material/block:")
             return
-        st.session_state[EXTERNAL_REQUEST] = (str(model), str(_resolve_folder(folder)))
+        st.session_state[EXTERNAL_REQUEST] = (str(model), str(settings.resolve_path(folder.strip())))
     request = st.session_state.get(EXTERNAL_REQUEST)
     if request is None:
         return

@@ -2,6 +2,7 @@
 import streamlit as st
 
 from core import jobs, settings
+from pages.views._pages import PAGES
 from pages.views._shared import dataset_choice, list_runs, load_dataset, research_notice
 
 st.title("Lesion Lab")
@@ -34,22 +35,10 @@ if not models:
 
 st.subheader("Pages")
 cols = st.columns(3)
-links = [
-    ("pages/views/dataset.py", "Dataset", ":material/dataset:",
-     "Class balance, metadata, image gallery, validation report and the lesion-grouped split."),
-    ("pages/views/train.py", "Train", ":material/model_training:",
-     "Train a model in the background with live loss and accuracy curves."),
-    ("pages/views/evaluate.py", "Evaluate", ":material/analytics:",
-     "Confusion matrix, ROC, calibration, melanoma threshold and the misclassified images with Grad-CAM."),
-    ("pages/views/diagnose.py", "Diagnose", ":material/stethoscope:",
-     "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and feature maps. Works without a dataset."),
-    ("pages/views/compare.py", "Compare", ":material/compare:",
-     "Runs side by side, and a one-click experiment over the class-imbalance strategies."),
-]
-for i, (path, title, icon, text) in enumerate(links):
+for i, info in enumerate(p for p in PAGES if not p.default):  # the default page is this one
     with cols[i % 3].container(border=True):
-        st.page_link(path, label=f"**{title}**", icon=icon)
-        st.caption(text)
+        st.page_link(info.script, label=f"**{info.title}**", icon=info.icon)
+        st.caption(info.description)
 
 st.caption("HAM10000: Tschandl P., Rosendahl C., Kittler H., *Sci. Data* 5, 180161 (2018), CC BY-NC-SA 4.0. "
            "Models trained on the 200×150 downscaled copy see less detail than on the full-resolution release.")

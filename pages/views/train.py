@@ -5,13 +5,14 @@ import streamlit as st
 
 from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
+from core.runs import RunState, default_run_name, epochs_table, list_runs, read_run, running_loss_table
 from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
 
 st.title("Train")
 
 try:
     from core import imbalance
-    from core.data import AUGMENTATIONS
+    from core.preprocessing import AUGMENTATIONS
     from core.training import PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
@@ -31,7 +32,7 @@ def config_form() -> None:
     k = f"_{preset}"  # widget keys per preset, so choosing a preset resets the form to its values
     with st.form("train_form", border=True):
         c1, c2, c3, c4 = st.columns(4)
-        name = c1.text_input("Run name", value=jobs.default_run_name(base.to_dict(), RUNS), key="run_name" + k)
+        name = c1.text_input("Run name", value=default_run_name(base.to_dict(), RUNS), key="run_name" + k)
         arch = c2.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(base.arch),
                             key="arch" + k)
         weights_opts = ["imagenet", "none"]
@@ -101,7 +102,7 @@ def config_form() -> None:
         st.rerun()
 
 
-def show_run(run: jobs.RunState, active: bool, controls=None) -> None:
+def show_run(run: RunState, active: bool, controls=None) -> None:
     """Progress, curves and outcome of one run; ``controls`` draws buttons under the progress bar."""
     icon = {"finished": ":material/check_circle:", "stopped": ":material/stop_circle:", "failed": ":material/error:",
             "interrupted": ":material/error:"}.get(run.state, ":material/hourglass_top:")
@@ -115,7 +116,7 @@ def show_run(run: jobs.RunState, active: bool, controls=None) -> None:
     if controls is not None:
         controls()
     if run.epochs or run.steps:
-        st.plotly_chart(plots.training_curves(jobs.epochs_table(run), jobs.running_loss_table(run)),
+        st.plotly_chart(plots.training_curves(epochs_table(run), running_loss_table(run)),
                         width="stretch", key=f"curves_{run.name}")
     if run.epochs:
         last = run.epochs[-1]
@@ -147,7 +148,7 @@ def monitor() -> None:
         if name is None:
             st.info("Starting the training process…", icon=":material/hourglass_top:")
             return
-        run = jobs.read_run(RUNS / name, current)
+        run = read_run(RUNS / name, current)
 
         def controls() -> None:
             if current.stop_requested:
@@ -165,7 +166,7 @@ def monitor() -> None:
         return
     if job is not None:
         st.rerun()  # the job that was running when the page loaded has ended: re-enable the form
-    runs = jobs.list_runs(RUNS)
+    runs = list_runs(RUNS, current)
     if not runs:
         st.caption("No runs yet. Runs are saved in " + f"`{RUNS}`.")
         return

@@ -1,4 +1,4 @@
-"""Importing external image sets: isic-cli exports, class folders, ISIC 2018 ground truth, and detection."""
+"""External dataset layouts: isic-cli exports, class folders, ISIC 2018 ground truth, and detection."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from core.data import DatasetError, index_dataset
-from core.imports import (
+from core.labels import CLASSES
+from core.layouts import (
     CLASS_FOLDERS,
     HAM10000,
     ISIC2018,
@@ -19,7 +20,6 @@ from core.imports import (
     import_isic_cli,
     index_any,
 )
-from core.labels import CLASSES
 from tests.conftest import make_image
 
 

@@ -1,4 +1,4 @@
-"""Importing image sets that are not laid out like HAM10000, mainly as external test sets.
+"""External dataset layouts: image sets not laid out like HAM10000, read mainly as external test sets.
 
 Three layouts besides HAM10000's own (``core.data.index_dataset``):
 

@@ -1,0 +1,62 @@
+"""Running a model over batches: logits or calibrated probabilities, optionally averaged over flips.
+
+The trainer, the evaluator and the predictor collect model outputs here; what is
+computed from those outputs lives in :mod:`core.evaluation`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from core.labels import NUM_CLASSES
+
+
+def flip_views(x: torch.Tensor) -> torch.Tensor:
+    """The batch, then its horizontal, vertical and double flips, stacked along the batch axis.
+
+    Dermoscopy has no canonical orientation, so all four are equally valid views.
+    """
+    return torch.cat([x, x.flip(-1), x.flip(-2), x.flip((-2, -1))])
+
+
+def class_probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0,
+                        tta: bool = False) -> torch.Tensor:
+    """Softmax(logits / T) for a batch; with ``tta`` the mean over the four flips (one forward pass)."""
+    if not tta:
+        return torch.softmax(model(x).float() / temperature, dim=1)
+    probs = torch.softmax(model(flip_views(x)).float() / temperature, dim=1)
+    return probs.view(4, len(x), -1).mean(dim=0)
+
+
+def _eval_pass(model: torch.nn.Module, loader: Iterable, device: torch.device | str,
+               step: Callable[[torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    # Restore each module's own mode afterwards: the trainer keeps frozen BatchNorm
+    # layers in eval mode during training, which a blanket model.train() would undo.
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    outputs, targets = [], []
+    try:
+        with torch.inference_mode():
+            for inputs, labels in loader:
+                outputs.append(step(inputs.to(device)).float().cpu())
+                targets.append(torch.as_tensor(labels))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if not outputs:
+        return np.zeros((0, NUM_CLASSES), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(outputs).numpy(), torch.cat(targets).numpy().astype(np.int64)
+
+
+def predict_logits(model: torch.nn.Module, loader: Iterable, device: torch.device | str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (n, 7) and labels (n,) for every batch of ``loader``, with the model in eval mode."""
+    return _eval_pass(model, loader, device, model)
+
+
+def predict_probs(model: torch.nn.Module, loader: Iterable, device: torch.device | str, *,
+                  temperature: float = 1.0, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips."""
+    return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta))

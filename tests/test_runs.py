@@ -1,0 +1,109 @@
+"""core.runs: the run folder's writers and readers agree, without a trainer or a job in between."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.evaluation import softmax
+from core.jobs import Job
+from core.labels import CLASSES
+from core.runs import (
+    RunLog,
+    has_evaluation,
+    mark_unfinished,
+    read_config,
+    read_predictions,
+    read_run,
+    read_split,
+    read_status,
+    write_config,
+    write_evaluation,
+    write_split,
+)
+
+
+def test_finalize_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 9
+    labels = rng.integers(0, len(CLASSES), n)
+    images = pd.DataFrame({"image_id": [f"ISIC_{i}" for i in range(n)], "lesion_id": [f"L{i}" for i in range(n)],
+                           "path": [f"/data/ISIC_{i}.jpg" for i in range(n)], "label": labels,
+                           "dx": [CLASSES[i] for i in labels], "split": "test"},
+                          index=range(100, 100 + n))  # a slice of a larger frame keeps its index
+    logits = rng.normal(size=(n, len(CLASSES)))
+    probs = softmax(logits, 1.7)
+    evaluation = {"temperature": 1.7, "epoch": 3, "test": {"accuracy": 0.5}}
+    assert not has_evaluation(tmp_path)
+
+    write_evaluation(tmp_path, evaluation, images, probs, logits)
+
+    assert has_evaluation(tmp_path)
+    table, read_labels, read_probs, read_logits, read_eval = read_predictions(tmp_path)
+    np.testing.assert_array_equal(read_labels, labels)
+    np.testing.assert_allclose(read_probs, probs, rtol=1e-12)
+    np.testing.assert_allclose(read_logits, logits, rtol=1e-12)
+    assert read_eval == evaluation
+    assert list(table.columns) == (["image_id", "path", "label", "dx"] + [f"prob_{c}" for c in CLASSES]
+                                   + [f"logit_{c}" for c in CLASSES])
+    assert table["image_id"].tolist() == images["image_id"].tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json", "test_predictions.csv"]
+
+
+def test_predictions_without_their_columns_are_refused(tmp_path):
+    pd.DataFrame({"label": [0, 1]}).to_csv(tmp_path / "test_predictions.csv", index=False)
+    with pytest.raises(ValueError, match="lacks prob_akiec"):
+        read_predictions(tmp_path)
+    with pytest.raises(ValueError, match="no readable test_predictions.csv"):
+        read_predictions(tmp_path / "missing")
+
+
+def test_config_and_split_round_trip(tmp_path):
+    config = {"arch": "resnet18", "input_size": [224, 224], "max_images": None}
+    assert read_config(tmp_path) == {}
+    write_config(tmp_path, config)
+    assert read_config(tmp_path) == config
+    frame = pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["l1", "l1", "l2"], "dx": ["nv", "nv", "mel"],
+                          "split": ["train", "train", "test"], "path": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]})
+    write_split(tmp_path, frame)
+    pd.testing.assert_frame_equal(read_split(tmp_path), frame[["image_id", "lesion_id", "dx", "split"]])
+
+
+def test_mark_unfinished_keeps_what_the_trainer_said(tmp_path):
+    mark_unfinished(tmp_path, "failed", "no status at all")
+    assert read_status(tmp_path)["state"] == "failed"
+    RunLog(tmp_path).status("running")
+    mark_unfinished(tmp_path, "stopped", "the job was terminated")
+    status = read_status(tmp_path)
+    assert (status["state"], status["error"]) == ("stopped", "the job was terminated")
+    RunLog(tmp_path).status("finished")
+    mark_unfinished(tmp_path, "failed", "too late")
+    status = read_status(tmp_path)
+    assert (status["state"], status["error"]) == ("finished", None)
+
+
+def test_wall_time_spans_first_start_to_last_end(tmp_path):
+    events = [{"event": "start", "time": "2025-01-01T10:00:00+00:00"},
+              {"event": "end", "status": "stopped", "time": "2025-01-01T10:20:00+00:00"},
+              {"event": "start", "time": "2025-01-01T11:00:00+00:00"},
+              {"event": "end", "status": "finished", "time": "2025-01-01T11:30:30+00:00"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert read_run(tmp_path).wall_time_s == 90 * 60 + 30
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(events[0]) + "\n")
+    assert read_run(tmp_path).wall_time_s is None
+
+
+def test_a_queued_run_of_the_live_job_shows_the_config_it_will_use(tmp_path):
+    job = Job(id="j", kind="experiment", runs=["first", "queued"], runs_dir=tmp_path, pid=os.getpid())
+    job.config_path("queued").parent.mkdir(parents=True)
+    job.config_path("queued").write_text(json.dumps({"arch": "mobilenet_v2", "epochs": 4}))
+    run = read_run(tmp_path / "queued", job)
+    assert run.state == "queued" and run.config["arch"] == "mobilenet_v2" and run.total_epochs == 4
+    # The same folder, once the job's process is gone: nothing was ever written, so nothing is reported running.
+    (tmp_path / "queued").mkdir()
+    dead = Job(id="j", kind="experiment", runs=["first", "queued"], runs_dir=tmp_path, pid=None)
+    assert read_run(tmp_path / "queued", dead).state == "interrupted"
+    assert read_run(tmp_path / "queued", job).state == "starting"

@@ -25,6 +25,10 @@ from torch.utils.data import Sampler, WeightedRandomSampler
 
 from core.labels import CLASSES
 
+# class_balanced: no class counts for more than 1 / (1 - beta) = 1000 images, so HAM10000's ~4700 training
+# naevi saturate while the rare classes (about 100 images) still count nearly in full.
+CLASS_BALANCED_BETA = 0.999
+
 
 class LossSettings(Protocol):
     """The run settings a loss may read; a :class:`core.training.TrainConfig` has them all."""
@@ -58,6 +62,21 @@ def class_weights(labels: Sequence[int], num_classes: int = len(CLASSES), power:
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
     weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0) ** power
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def effective_number_weights(labels: Sequence[int], beta: float, num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Class-balanced weights (Cui et al., CVPR 2019): the inverse of each class's effective number of samples
+    (1 - beta^n) / (1 - beta), normalised to sum to the number of classes present; 0 for absent classes.
+
+    More images of a class add less and less information, so its effective number never exceeds
+    1 / (1 - beta): rare classes gain less than under inverse frequency, and the weights do not depend
+    on how big the majority class happens to be.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = (1 - beta) / (1 - beta ** counts[present])
+    return torch.tensor(weights * present.sum() / weights.sum(), dtype=torch.float32)
 
 
 class FocalLoss(nn.Module):
@@ -95,6 +114,11 @@ def _weighted_cross_entropy(train_labels: np.ndarray, settings: LossSettings) ->
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=settings.label_smoothing)
 
 
+def _class_balanced_cross_entropy(train_labels: np.ndarray, settings: LossSettings) -> nn.Module:
+    weights = effective_number_weights(train_labels, CLASS_BALANCED_BETA)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=settings.label_smoothing)
+
+
 def _focal_loss(train_labels: np.ndarray, settings: LossSettings) -> nn.Module:
     return FocalLoss(settings.focal_gamma)
 
@@ -121,6 +145,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              loss=_weighted_cross_entropy),
     Strategy("focal", "focal loss", "easy, mostly majority-class examples count less",
              loss=_focal_loss),
+    Strategy("class_balanced", "class-balanced loss",
+             "cross-entropy weighted by each class's effective number of samples (Cui et al. 2019)",
+             loss=_class_balanced_cross_entropy),
 )}
 
 

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from core import imbalance
-from core.imbalance import STRATEGIES, FocalLoss, class_weights, oversample
+from core.imbalance import (
+    CLASS_BALANCED_BETA,
+    STRATEGIES,
+    FocalLoss,
+    class_weights,
+    effective_number_weights,
+    oversample,
+)
 from core.training import config_with, make_criterion, make_sampler, prepare_data
 
 # HAM10000-like training labels (two-thirds naevi, class 5) and a fixed batch holding every class.
@@ -35,6 +42,10 @@ def inverse_frequency(counts: torch.Tensor, power: float) -> torch.Tensor:
     return (counts.sum() / (len(counts) * counts)) ** power
 
 
+def inverse_effective_number(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    return (1 - beta) / (1 - beta**counts)
+
+
 # The loss each strategy must give on the fixed batch: (-log p_y, y, class counts, config) -> value.
 EXPECTED_LOSS = {
     "none": lambda loss, y, n, cfg: loss.mean(),
@@ -42,11 +53,12 @@ EXPECTED_LOSS = {
     "sampler": lambda loss, y, n, cfg: loss.mean(),
     "weighted_loss": lambda loss, y, n, cfg: weighted_mean(loss, inverse_frequency(n, cfg.class_weight_power)[y]),
     "focal": lambda loss, y, n, cfg: ((1 - (-loss).exp()) ** cfg.focal_gamma * loss).mean(),
+    "class_balanced": lambda loss, y, n, cfg: weighted_mean(loss, inverse_effective_number(n, 0.999)[y]),
 }
 
 
 def test_registry_declares_each_strategy_once_in_display_order():
-    assert list(STRATEGIES) == ["none", "oversample", "sampler", "weighted_loss", "focal"]
+    assert list(STRATEGIES) == ["none", "oversample", "sampler", "weighted_loss", "focal", "class_balanced"]
     for name, strategy in STRATEGIES.items():
         assert strategy.name == name and strategy.label and strategy.explanation
         assert "\n" not in strategy.explanation
@@ -91,6 +103,19 @@ def test_class_weights_are_inverse_frequency_and_zero_for_absent_classes():
     weights = class_weights(labels)
     assert weights.tolist() == pytest.approx([13 / 70, 13 / 14, 0, 13 / 7, 0, 0, 0])
     assert class_weights(labels, power=0.5).tolist() == pytest.approx(np.sqrt(weights.numpy()).tolist())
+
+
+def test_class_balanced_weights_follow_the_effective_number_and_sum_to_the_classes_present():
+    assert CLASS_BALANCED_BETA == 0.999
+    weights = effective_number_weights([0] * 1000 + [1] * 10 + [3] * 100, beta=0.999)
+    raw = {c: 0.001 / (1 - 0.999**n) for c, n in ((0, 1000), (1, 10), (3, 100))}
+    expected = [3 * raw[c] / sum(raw.values()) if c in raw else 0 for c in range(7)]
+    assert weights.tolist() == pytest.approx(expected, rel=1e-6)
+    assert weights.sum().item() == pytest.approx(3)
+    # Milder than inverse frequency: the rare class gets about 64 times the majority's weight, not 100.
+    assert weights[1] / weights[0] == pytest.approx(63.5, abs=0.1)
+    criterion = make_criterion(config_with("seed", imbalance="class_balanced"), TRAIN_LABELS)
+    assert criterion.weight.sum().item() == pytest.approx(7)
 
 
 def test_sampler_draws_every_class_about_equally_often():

@@ -249,7 +249,8 @@ def summary_sentences(result: dict, mix: str) -> list[str]:
     if mix == "natural":
         lead = f"Under natural prevalence (the most common class, {common}, is {present[common]} of the {n} images)"
     else:
-        lead = f"With a balanced mix ({min(present.values())}–{max(present.values())} images per class)"
+        low, high = min(present.values()), max(present.values())
+        lead = f"With a balanced mix ({_images(low) if low == high else f'{low}–{high} images'} per class)"
     verdicts = {"student": _verdict(student), "model": _verdict(model)}
     if verdicts["student"] == verdicts["model"] == "matches":
         mix_sentence = (f"{lead} accuracy and balanced accuracy agree for both: the model's accuracy "

@@ -116,3 +116,17 @@ def test_a_pool_smaller_than_asked_is_said_and_used(quiz_page):
     assert "has only 14 val images in this dataset, so the quiz has 14 instead of 30" in texts(at)
     at.button(key="quiz_quit").click().run()
     assert "quiz" not in at.session_state
+
+
+def test_the_split_comes_from_the_run_or_is_recomputed_with_a_warning(full_env, monkeypatch):
+    full_env.apply(monkeypatch)
+    at = app_test("quiz")
+    no_exceptions(at)
+    # The tiny reference checkpoint records no run: its split is recomputed, and the page says what that means.
+    assert "Split recomputed over this dataset from split seed 0" in texts(at)
+    assert any("No split record was found for this model" in w.value for w in at.warning)
+    run = full_env.runs / "tiny-none" / "best.pt"
+    at.selectbox(key="quiz_model").set_value(run).run()
+    no_exceptions(at)
+    assert f"Split recorded in {run.parent / 'split.csv'}." in texts(at)
+    assert not any("No split record" in w.value for w in at.warning)

@@ -101,8 +101,9 @@ def setup() -> None:
         split = c2.radio("From the split", quiz.QUIZ_SPLITS, key="quiz_split",
                          help="Test by default; validation images were used to pick the model's best epoch.")
         mix = c3.radio("Class mix", list(quiz.MIXES), format_func=quiz.MIXES.get, key="quiz_mix",
-                       help="Natural prevalence: as common as in the pool (in HAM10000 mostly nevi). Balanced: "
-                            "the same number per class, as far as the pool allows.")
+                       help="Natural prevalence: each class as common as in the pool (in HAM10000 mostly nevi; the "
+                            "bundled sample has about 20 per class). Balanced: the same number per class, as far as "
+                            "the pool allows.")
         seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="quiz_seed",
                                help="Same seed, settings, dataset and model: the same images in the same order, "
                                     "so a whole class can take the same quiz.")

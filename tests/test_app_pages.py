@@ -20,6 +20,7 @@ EMPTY_MESSAGES = {
     "evaluate": "no finished run to evaluate",
     "diagnose": "No model is available",
     "compare": "Comparing needs at least two finished runs",
+    "quiz": "No dataset is configured",
 }
 
 

@@ -147,8 +147,11 @@ def test_the_walk_stops_at_its_entry_and_time_bounds(tmp_path):
 def test_a_special_file_named_like_an_image_is_not_opened(tiny_root, tmp_path):
     root = tmp_path / "ds"
     shutil.copytree(tiny_root, root)
-    os.mkfifo(root / "HAM10000_images_part_1" / "ISIC_7777777.jpg")
-    assert len(index_dataset(root).frame) == 84
+    image = sorted((root / "HAM10000_images_part_1").iterdir())[0]
+    image.unlink()
+    os.mkfifo(image)  # listed in the metadata: checking its signature would wait for a writer for ever
+    index = index_dataset(root)
+    assert len(index.frame) == 83 and [r for r in index.report.rows_without_images if image.stem in r]
 
 
 def _junk_metadata(path: Path, rows: int, header: str = "lesion_id,image_id,dx,dx_type,age,sex,localization") -> None:

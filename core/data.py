@@ -259,7 +259,7 @@ def walk_files(root: Path, keep: Callable[[str], bool], *, max_depth: int = MAX_
                     f"{root} holds more than {max_entries:,} files and folders; a dataset folder has far "
                     "fewer (HAM10000: about 10,000). Choose the folder that holds the dataset itself."
                 )
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise DatasetError(
                     f"Looking through {root} took more than {max_seconds:g} s ({seen:,} files and folders "
                     "so far). Choose the folder that holds the dataset itself, on a local disk."

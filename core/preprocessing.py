@@ -74,8 +74,9 @@ def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compo
     return v2.Compose([*ops, *_to_tensor(prep)])
 
 
-def load_for_model(source: ImageSource, prep: Preprocessing) -> Image.Image:
-    """Decode an image and bring it to the training images' source size (when recorded)."""
+def load_for_model(source: ImageSource, prep: Preprocessing, *, upload: bool = False) -> Image.Image:
+    """Decode an image and bring it to the training images' source size (when recorded). ``upload`` holds it
+    to the limits for an image someone asks about (see :func:`core.images.open_image`)."""
     draft = prep.source_size if prep.source_size else (prep.input_size[1], prep.input_size[0])
-    img = open_image(source, draft_size=draft)
+    img = open_image(source, draft_size=draft, upload=upload)
     return fit_to_source(img, prep.source_size) if prep.source_size else img

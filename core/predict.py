@@ -88,19 +88,21 @@ class Predictor:
     def arch(self) -> str:
         return self.model.arch
 
-    def preprocess(self, source: ImageSource) -> tuple[Image.Image, torch.Tensor]:
+    def preprocess(self, source: ImageSource, *, upload: bool = True) -> tuple[Image.Image, torch.Tensor]:
         """The decoded RGB image and the (1, 3, H, W) model input; raises :class:`ImageError`."""
-        image = load_for_model(source, self.prep)
+        image = load_for_model(source, self.prep, upload=upload)
         return image, self.transform(image).unsqueeze(0).to(self.device)
 
-    def predict(self, source: ImageSource, tta: bool = False) -> Prediction:
+    def predict(self, source: ImageSource, tta: bool = False, *, upload: bool = True) -> Prediction:
         """Classify an image given as a path, bytes or a binary file object.
 
         With ``tta`` the probabilities are the mean over the image and its horizontal,
-        vertical and double flips. Raises :class:`ImageError` for an unusable image and
-        :class:`PredictionError` when the model's output is not a probability distribution.
+        vertical and double flips. An image is refused (:class:`ImageError`) when it is too small or too
+        elongated to diagnose (``core.images.MIN_SIDE``, ``MAX_ASPECT``); ``upload=False`` lifts that for
+        a dataset image, which its evaluation already took as it is. Raises :class:`PredictionError` when
+        the model's output is not a probability distribution.
         """
-        image, x = self.preprocess(source)
+        image, x = self.preprocess(source, upload=upload)
         with self._lock, torch.inference_mode():
             probs = class_probabilities(self.model, x, self.temperature, tta)[0].double().cpu().numpy()
         check_probabilities(probs[None])

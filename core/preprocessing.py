@@ -18,11 +18,12 @@ from core.images import ImageSource, fit_to_source, open_image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("none", "seed", "strong")
-# Bounds on each side of ``input_size`` and ``source_size``, in pixels. Below 16 px the backbones' 32×
-# downsampling leaves nothing to classify. Above 1024 px one image costs gigabytes: a checkpoint asking
-# for 12000×12000 made prediction take 16 GB and evaluation die at 21 GB. HAM10000 is 600×450 at most.
-MIN_SIDE = 16
-MAX_SIDE = 1024
+# Bounds on each side of a checkpoint's ``input_size`` and ``source_size``, in pixels (uploads have their
+# own, in core.images). Below 16 px the backbones' 32× downsampling leaves nothing to classify. Memory grows
+# with the square of the side: about 260 MB per image at 1024×1024 through ResNet-50, while a checkpoint
+# asking for 12000×12000 made prediction take 16 GB and evaluation die at 21 GB. HAM10000 is 600×450.
+MIN_INPUT_SIDE = 16
+MAX_INPUT_SIDE = 1024
 
 
 def is_finite_number(value: object) -> bool:
@@ -36,13 +37,13 @@ def is_finite_number(value: object) -> bool:
 
 
 def check_size(name: str, size: object) -> None:
-    """Refuse anything but two whole numbers of pixels, each from ``MIN_SIDE`` to ``MAX_SIDE``; the
-    ValueError's message starts with ``name``."""
+    """Refuse anything but two whole numbers of pixels, each from ``MIN_INPUT_SIDE`` to ``MAX_INPUT_SIDE``;
+    the ValueError's message starts with ``name``."""
     sides = size if isinstance(size, list | tuple) else ()
-    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and MIN_SIDE <= v <= MAX_SIDE
-                                  for v in sides):
-        raise ValueError(f"{name} must be two whole numbers of pixels, each from {MIN_SIDE} to {MAX_SIDE}; "
-                         f"got {size!r}")
+    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                  and MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in sides):
+        raise ValueError(f"{name} must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to "
+                         f"{MAX_INPUT_SIDE}; got {size!r}")
 
 
 def _check_triple(name: str, values: object, *, positive: bool = False) -> None:
@@ -118,8 +119,9 @@ def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compo
     return v2.Compose([*ops, *_to_tensor(prep)])
 
 
-def load_for_model(source: ImageSource, prep: Preprocessing) -> Image.Image:
-    """Decode an image and bring it to the training images' source size (when recorded)."""
+def load_for_model(source: ImageSource, prep: Preprocessing, *, upload: bool = False) -> Image.Image:
+    """Decode an image and bring it to the training images' source size (when recorded). ``upload`` holds it
+    to the limits for an image someone asks about (see :func:`core.images.open_image`)."""
     draft = prep.source_size if prep.source_size else (prep.input_size[1], prep.input_size[0])
-    img = open_image(source, draft_size=draft)
+    img = open_image(source, draft_size=draft, upload=upload)
     return fit_to_source(img, prep.source_size) if prep.source_size else img

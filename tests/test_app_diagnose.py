@@ -114,6 +114,9 @@ BAD_UPLOADS = {
     "truncated": ("cut.jpg", _truncated(), "damaged or truncated"),
     "animated": ("anim.png", _animated(), "is an animation"),
     "huge": ("huge.png", _bomb(), "too large"),
+    # Before the size limits an 8×8 upload was diagnosed "Vascular lesion 0.71".
+    "tiny": ("tiny.png", png_bytes(lesion_image((8, 8))), "only 8×8 pixels, too small to show a lesion"),
+    "elongated": ("strip.png", png_bytes(lesion_image((400, 80))), "never more elongated than 4:1"),
 }
 
 

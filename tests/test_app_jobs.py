@@ -11,6 +11,7 @@ import time
 import pytest
 
 from core import jobs
+from core.imbalance import STRATEGIES
 from core.runs import EXTERNAL_RUN_SILENCE_S, list_runs, read_predictions, read_run
 from tests.app_support import tiny_config
 from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
@@ -152,11 +153,9 @@ def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, 
 
 def test_experiment_configs_cover_every_strategy():
     cfgs = jobs.experiment_configs({"arch": "resnet18", "finetune": "full"}, "e")
-    assert [c["imbalance"] for c in cfgs] == list(jobs.IMBALANCE_STRATEGIES)
+    assert [c["imbalance"] for c in cfgs] == list(STRATEGIES)
+    assert [c["name"] for c in cfgs] == [f"e-{s}" for s in STRATEGIES]
     assert {c["finetune"] for c in cfgs} == {"head"} and all(c["feature_cache"] for c in cfgs)
-    from core.training import IMBALANCE_STRATEGIES
-
-    assert tuple(jobs.IMBALANCE_STRATEGIES) == tuple(IMBALANCE_STRATEGIES)
 
 
 def test_read_run_tolerates_a_half_written_line(tmp_path):

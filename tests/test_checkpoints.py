@@ -30,7 +30,7 @@ from core.checkpoints import (
 from core.inference import PredictionError
 from core.labels import CLASSES
 from core.models import build_model
-from core.preprocessing import MAX_SIDE, MIN_SIDE, Preprocessing
+from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, Preprocessing
 from core.training import TrainConfig
 from tests.conftest import make_image
 
@@ -123,15 +123,15 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "negative temperature": (changed(weights=True, temperature=-1.0),
                              "temperature must be a finite number above 0; got -1.0"),
     "huge input size": (changed(weights=True, preprocessing__input_size=[12000, 12000]),
-                        f"preprocessing.input_size must be two whole numbers of pixels, each from {MIN_SIDE} to "
-                        f"{MAX_SIDE}; got (12000, 12000)"),
+                        f"preprocessing.input_size must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to "
+                        f"{MAX_INPUT_SIDE}; got (12000, 12000)"),
     "tiny input size": (changed(preprocessing__input_size=[8, 8]), "preprocessing.input_size must be two whole"),
     "input size as text": (changed(preprocessing__input_size="224"), "preprocessing.input_size must be two whole"),
     "three-sided input": (changed(preprocessing__input_size=[48, 48, 48]), "preprocessing.input_size must be two"),
     "no input size": (changed(preprocessing__input_size=DROP), "preprocessing.input_size is missing"),
     "huge source size": (changed(preprocessing__source_size=[200, 50000]),
-                         f"preprocessing.source_size must be two whole numbers of pixels, each from {MIN_SIDE} to "
-                         f"{MAX_SIDE}"),
+                         "preprocessing.source_size must be two whole numbers of pixels, each from "
+                         f"{MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}"),
     "two means": (changed(preprocessing__mean=[0.5, 0.5]), "preprocessing.mean must be three finite numbers"),
     "NaN mean": (changed(preprocessing__mean=[0.5, math.nan, 0.5]), "preprocessing.mean must be three finite"),
     "zero std": (changed(preprocessing__std=[0.2, 0.0, 0.2]), "preprocessing.std must be three finite numbers above 0"),
@@ -245,23 +245,23 @@ def test_a_file_too_large_to_be_a_checkpoint_is_refused_unread(tmp_path):
 
 
 def test_sizes_out_of_bounds_are_refused_wherever_a_preprocessing_is_made(tiny_root):
-    for bad in ((MAX_SIDE + 1, 224), (224, MIN_SIDE - 1), (224.0, 224.0), (True, 224)):
+    for bad in ((MAX_INPUT_SIDE + 1, 224), (224, MIN_INPUT_SIDE - 1), (224.0, 224.0), (True, 224)):
         with pytest.raises(ValueError, match="input_size must be two whole numbers"):
             Preprocessing(input_size=bad)
         # The trainer refuses to start a run whose checkpoints could not be loaded.
         with pytest.raises(ValueError, match="input_size must be two whole numbers"):
             TrainConfig(data=str(tiny_root), input_size=bad)
     with pytest.raises(ValueError, match="source_size"):
-        TrainConfig(data=str(tiny_root), source_size=(200, MAX_SIDE * 2))
-    assert Preprocessing(input_size=(MIN_SIDE, MAX_SIDE)).input_size == (MIN_SIDE, MAX_SIDE)
+        TrainConfig(data=str(tiny_root), source_size=(200, MAX_INPUT_SIDE * 2))
+    assert Preprocessing(input_size=(MIN_INPUT_SIDE, MAX_INPUT_SIDE)).input_size == (MIN_INPUT_SIDE, MAX_INPUT_SIDE)
 
 
 def test_evaluation_batches_hold_a_bounded_number_of_pixels():
     assert evaluate.bounded_batch_size(64, (224, 224)) == 64
     assert evaluate.bounded_batch_size(64, (150, 200)) == 64
-    assert evaluate.bounded_batch_size(64, (MAX_SIDE, MAX_SIDE)) == 3
+    assert evaluate.bounded_batch_size(64, (MAX_INPUT_SIDE, MAX_INPUT_SIDE)) == 3
     assert evaluate.bounded_batch_size(8, (32, 32)) == 8
-    for size in ((MAX_SIDE, MAX_SIDE), (448, 448), (MIN_SIDE, MIN_SIDE)):
+    for size in ((MAX_INPUT_SIDE, MAX_INPUT_SIDE), (448, 448), (MIN_INPUT_SIDE, MIN_INPUT_SIDE)):
         assert evaluate.bounded_batch_size(10_000, size) * size[0] * size[1] <= evaluate.MAX_BATCH_PIXELS
 
 

@@ -5,30 +5,24 @@ import streamlit as st
 
 from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
-from core.preprocessing import MAX_SIDE, MIN_SIDE
+from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from core.runs import RunState, default_run_name, epochs_table, list_runs, read_run, running_loss_table
 from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
 
 st.title("Train")
 
 try:
+    from core import imbalance
     from core.preprocessing import AUGMENTATIONS
-    from core.training import IMBALANCE_STRATEGIES, PRESETS, SCHEDULERS, config_with
+    from core.training import PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
     st.stop()
 
 RUNS = runs_dir()
-IMBALANCE_HELP = {"none": "plain cross-entropy", "oversample": "duplicate minority images (the seed's choice)",
-                  "sampler": "class-balanced sampling", "weighted_loss": "inverse-frequency class weights",
-                  "focal": "focal loss (γ = 2)"}
 
 index = load_dataset()
 job = jobs.active_job(RUNS)
-
-
-def strategy_label(s: str) -> str:
-    return f"{jobs.STRATEGY_LABELS.get(s, s)} — {IMBALANCE_HELP.get(s, '')}"
 
 
 def config_form() -> None:
@@ -55,10 +49,10 @@ def config_form() -> None:
         finetune = c1.selectbox("Fine-tuning", FINETUNE_POLICIES, index=FINETUNE_POLICIES.index(base.finetune),
                                 format_func={"head": "head only (frozen backbone)", "last": "last block + head",
                                              "full": "full network"}.get, key="finetune" + k)
-        imbalance = c2.selectbox("Imbalance strategy", IMBALANCE_STRATEGIES,
-                                 index=IMBALANCE_STRATEGIES.index(base.imbalance),
-                                 format_func=strategy_label,
-                                 key="imbalance" + k)
+        strategies = list(imbalance.STRATEGIES)
+        strategy = c2.selectbox("Imbalance strategy", strategies, index=strategies.index(base.imbalance),
+                                format_func=lambda s: f"{imbalance.get(s).label} — {imbalance.get(s).explanation}",
+                                key="imbalance" + k)
         augmentation = c3.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
                                     key="augmentation" + k)
         c1, c2, c3, c4 = st.columns(4)
@@ -68,8 +62,8 @@ def config_form() -> None:
         scheduler = c4.selectbox("LR scheduler", SCHEDULERS, index=SCHEDULERS.index(base.scheduler),
                                  key="scheduler" + k)
         c1, c2, c3, c4 = st.columns(4)
-        height = c1.number_input("Image height", MIN_SIDE, MAX_SIDE, int(base.input_size[0]), key="h" + k)
-        width = c2.number_input("Image width", MIN_SIDE, MAX_SIDE, int(base.input_size[1]), key="w" + k)
+        height = c1.number_input("Image height", MIN_INPUT_SIDE, MAX_INPUT_SIDE, int(base.input_size[0]), key="h" + k)
+        width = c2.number_input("Image width", MIN_INPUT_SIDE, MAX_INPUT_SIDE, int(base.input_size[1]), key="w" + k)
         seed = c3.number_input("Seed", 0, 2**31 - 1, base.seed, key="seed" + k)
         max_images = c4.number_input("Use at most N images (0 = all)", 0, 1_000_000, 0, key="max" + k,
                                      help="A stratified subsample, for quick experiments.")
@@ -95,7 +89,7 @@ def config_form() -> None:
             "tries to download them, and the run fails if there is no internet access.")
     try:
         cfg = config_with(base, name=name.strip(), arch=arch, weights=weights, finetune=finetune,
-                          imbalance=imbalance, augmentation=augmentation, epochs=int(epochs),
+                          imbalance=strategy, augmentation=augmentation, epochs=int(epochs),
                           batch_size=int(batch_size), lr=float(lr), scheduler=scheduler,
                           input_size=(int(height), int(width)), seed=int(seed),
                           max_images=int(max_images) or None, data=str(dataset_choice().folder), out=str(RUNS))

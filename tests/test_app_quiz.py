@@ -130,3 +130,25 @@ def test_the_split_comes_from_the_run_or_is_recomputed_with_a_warning(full_env, 
     no_exceptions(at)
     assert f"Split recorded in {run.parent / 'split.csv'}." in texts(at)
     assert not any("No split record" in w.value for w in at.warning)
+
+
+def test_a_model_that_outputs_nan_stops_the_quiz_with_an_error(tmp_path, monkeypatch):
+    """The reference model with NaN in its head: it loads, and every probability it gives is NaN."""
+    import torch
+
+    from core.checkpoints import atomic_save
+
+    broken = torch.load(REFERENCE, map_location="cpu", weights_only=True)
+    for name, tensor in broken["model_state"].items():
+        if name.startswith("head."):
+            tensor.fill_(float("nan"))
+    atomic_save(broken, tmp_path / "checkpoints" / REFERENCE.name)  # same config: the published split applies
+    AppEnv(data=SAMPLE, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints").apply(monkeypatch)
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(ROOT / "docs" / "runs"))
+    at = app_test("quiz", timeout=120)
+    at.button(key="FormSubmitter:quiz_setup-Start the quiz").click().run()
+    no_exceptions(at)
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "cannot take part in a quiz" in errors[0] and "no valid probabilities" in errors[0]
+    assert not at.radio and not at.get("plotly_chart")  # no question asked, no probabilities drawn
+    assert at.button(key="quiz_quit")

@@ -15,6 +15,7 @@ import streamlit as st
 from core import plots, quiz, settings
 from core.data import split_counts
 from core.images import ImageError
+from core.inference import PredictionError
 from core.labels import CLASSES, DISPLAY_NAMES
 from pages.views._shared import cam_overlay, get_predictor, load_dataset, research_notice
 
@@ -170,6 +171,10 @@ def question() -> None:
         try:
             model_probs(q, row["path"])  # before the student answers: an unreadable image is skipped, not scored
             break
+        except PredictionError as exc:  # the model's fault, not the image's: every image would fail alike
+            st.error(f"This model cannot take part in a quiz: {exc}. Abandon the quiz and choose another model.",
+                     icon=":material/block:")
+            return
         except (ImageError, OSError, quiz.QuizError) as exc:
             st.warning(f"{row['image_id']} cannot be read and is left out of the quiz ({exc}).",
                        icon=":material/block:")

@@ -175,7 +175,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("image") / "lesion.jpg"
-    make_image(4, np.random.default_rng(0)).save(path)
+    make_image(4, np.random.default_rng(0), size=(64, 48)).save(path)  # above the upload minimum
     return path
 
 

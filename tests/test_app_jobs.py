@@ -147,7 +147,6 @@ def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny
     trainer_start = proc_start_time(trainer)
     try:
         assert os.getpgid(trainer) == job.pid  # in the worker's group: kill_job's killpg reaches it
-        assert read_status(runs / "orphan")["pid"] == trainer
         # Frozen, the trainer outlives its worker for as long as the test looks; its SIGTERM waits for SIGCONT.
         os.kill(trainer, signal.SIGSTOP)
         os.kill(job.pid, signal.SIGKILL)

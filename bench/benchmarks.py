@@ -29,10 +29,10 @@ from core.checkpoints import atomic_save, checkpoint_dict  # noqa: E402
 from core.data import (  # noqa: E402
     LesionDataset,
     index_dataset,
-    oversample,
     split_by_lesion,
 )
 from core.features import compute_features  # noqa: E402
+from core.imbalance import oversample  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.preprocessing import Preprocessing, train_transform  # noqa: E402
 from core.runtime import tune_allocator  # noqa: E402

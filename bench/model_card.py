@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
+from core.imbalance import STRATEGIES  # noqa: E402
 from core.labels import CLASSES  # noqa: E402
 from core.runs import has_evaluation, read_config, read_predictions, read_run, read_split  # noqa: E402
-from core.training import IMBALANCE_STRATEGIES, config_with, train  # noqa: E402
+from core.training import config_with, train  # noqa: E402
 
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
 COMPARISON_ARCH = "mobilenet_v2"
@@ -32,7 +33,7 @@ COMPARISON_ARCH = "mobilenet_v2"
 
 def comparison_runs(data: str, out: Path) -> dict[str, Path]:
     """The seed pipeline with each imbalance strategy (``oversample`` is the seed itself)."""
-    return {s: out / f"compare-{COMPARISON_ARCH}-{s}" for s in IMBALANCE_STRATEGIES}
+    return {s: out / f"compare-{COMPARISON_ARCH}-{s}" for s in STRATEGIES}
 
 
 def train_comparisons(data: str, out: Path) -> None:

@@ -257,7 +257,7 @@ def finish_index(root: Path, frame: pd.DataFrame, report: ValidationReport, hint
 
 
 # ---------------------------------------------------------------------------
-# Splits and imbalance
+# Splits
 
 
 def split_by_lesion(
@@ -297,32 +297,6 @@ def split_counts(frame: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
     """Images per class (rows, in ``CLASSES`` order) and split (columns)."""
     table = pd.crosstab(frame["dx"], split).reindex(index=list(CLASSES), columns=list(SPLITS), fill_value=0)
     return table.rename_axis(index="dx", columns="split")
-
-
-def oversample(frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """Duplicate each class's images at random until every class has the majority's count.
-
-    The seed pipeline's strategy. Apply it to the training split only: oversampled
-    validation or test sets report inflated minority-class numbers.
-    """
-    rng = np.random.default_rng(seed)
-    target = frame["label"].value_counts().max()
-    parts = []
-    for _, group in frame.groupby("label", sort=True):
-        extra = rng.choice(len(group), size=target - len(group), replace=True)
-        parts.append(pd.concat([group, group.iloc[extra]]))
-    return pd.concat(parts).reset_index(drop=True)
-
-
-def class_weights(labels: Sequence[int], num_classes: int = len(CLASSES), power: float = 1.0) -> torch.Tensor:
-    """Inverse-frequency weights (sklearn's 'balanced') raised to ``power``, 0 for absent classes.
-
-    ``power`` 1 weighs every class equally in total; 0.5 (square-root weighting) is a
-    compromise that lifts rare classes without giving up most of the majority class's accuracy.
-    """
-    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
-    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0) ** power
-    return torch.tensor(weights, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ own session so it outlives browser reloads, reruns and even the Streamlit server
 that runs one or more training configs one after another, each as
 ``python -m core.train --config CFG.json`` with stdout and stderr in the run
 folder's ``train.log``. A single training run is a job of one config; the
-imbalance experiment is a job of five.
+imbalance experiment is a job of one run per strategy.
 
 One job at a time: ``RUNS/.job.lock`` names the job and its worker's pid, and the
 worker records each trainer it starts in the job's ``trainer.json``. The trainer
@@ -41,14 +41,6 @@ LOCK_NAME = ".job.lock"
 DOWNLOAD_LOCK = ".download.lock"  # downloads have their own lock: they may run beside a training job
 JOBS_DIR = ".jobs"
 EXPERIMENTS_DIR = ".experiments"
-IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
-STRATEGY_LABELS = {
-    "none": "none",
-    "oversample": "oversample",
-    "sampler": "weighted sampler",
-    "weighted_loss": "weighted loss",
-    "focal": "focal loss",
-}
 
 
 class JobError(RuntimeError):
@@ -273,22 +265,27 @@ def start_training(config: dict, runs_dir: Path) -> Job:
     return _start(Path(runs_dir), "train", [dict(config)])
 
 
-def experiment_configs(base: dict, name: str, strategies: Sequence[str] = IMBALANCE_STRATEGIES) -> list[dict]:
-    """One config per imbalance strategy, all in cached head-only mode (frozen backbone, features computed once)."""
+def experiment_configs(base: dict, name: str, strategies: Sequence[str] | None = None) -> list[dict]:
+    """One config per imbalance strategy (by default every one in :data:`core.imbalance.STRATEGIES`), all in
+    cached head-only mode (frozen backbone, features computed once)."""
+    if strategies is None:
+        from core.imbalance import STRATEGIES  # here, not at the top: the worker process stays free of torch
+
+        strategies = tuple(STRATEGIES)
     return [{**base, "name": f"{name}-{s}", "imbalance": s, "finetune": "head", "feature_cache": True}
             for s in strategies]
 
 
 def start_experiment(base: dict, runs_dir: Path, name: str | None = None,
-                     strategies: Sequence[str] = IMBALANCE_STRATEGIES) -> Job:
-    """Queue one run per imbalance strategy; they run one after another in one worker."""
+                     strategies: Sequence[str] | None = None) -> Job:
+    """Queue one run per imbalance strategy (default: all); they run one after another in one worker."""
     runs_dir = Path(runs_dir)
     name = name or time.strftime("imbalance-%Y%m%d-%H%M%S")
     configs = experiment_configs(base, name, strategies)
     job = _start(runs_dir, "experiment", configs, experiment=name)
     write_json(runs_dir.resolve() / EXPERIMENTS_DIR / f"{name}.json",
-               {"name": name, "runs": job.runs, "strategies": list(strategies), "created": time.time(),
-                "base": {k: v for k, v in base.items() if k != "name"}})
+               {"name": name, "runs": job.runs, "strategies": [c["imbalance"] for c in configs],
+                "created": time.time(), "base": {k: v for k, v in base.items() if k != "name"}})
     return job
 
 

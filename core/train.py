@@ -1,6 +1,7 @@
 """Command line: ``python -m core.train --preset seed --data DIR``.
 
-Every TrainConfig field is a flag; a preset supplies the defaults and flags override them.
+Every TrainConfig field is a flag, made from the dataclass: ``--focal-gamma`` for ``focal_gamma``, its help
+and choices from the field's metadata. A preset supplies the defaults and flags override them.
 """
 from __future__ import annotations
 
@@ -8,14 +9,37 @@ import argparse
 import json
 import signal
 import sys
+import types
+import typing
+from dataclasses import fields
 from pathlib import Path
 
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
-from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, WeightsUnavailableError
-from core.preprocessing import AUGMENTATIONS
+from core.models import WeightsUnavailableError
 from core.runs import read_evaluation
-from core.training import IMBALANCE_STRATEGIES, OPTIMIZERS, PRESETS, SCHEDULERS, TrainConfig, config_with, train
+from core.training import PRESETS, TrainConfig, config_with, train
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per TrainConfig field: ``--amp``/``--no-amp`` for a boolean, N values for an N-tuple.
+
+    Every default is None, so that only the flags given override the preset or config file.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # ``X | None``: the flag takes an X
+            (kind,) = (t for t in typing.get_args(kind) if t is not type(None))
+        options = {"default": None, "help": f.metadata["help"]}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            items = typing.get_args(kind)
+            options.update(type=items[0], nargs=len(items), metavar=f.metadata["metavar"])
+        else:
+            options.update(type=kind, choices=f.metadata.get("choices"))
+        parser.add_argument("--" + f.name.replace("_", "-"), **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,48 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="defaults to start from (default: seed)")
     p.add_argument("--config", type=Path, help="a config.json (e.g. from a run folder); flags override it")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
-    p.add_argument("--data", help="dataset folder (HAM10000_metadata.csv and images anywhere below it)")
-    p.add_argument("--out", help="parent folder of run folders (default: runs)")
-    p.add_argument("--name", help="run folder name (default: timestamp + model + strategy)")
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES))
-    p.add_argument("--weights", help="imagenet, none, or a path to a torchvision state dict")
-    p.add_argument("--finetune", choices=FINETUNE_POLICIES)
-    p.add_argument("--head", choices=HEADS)
-    p.add_argument("--imbalance", choices=IMBALANCE_STRATEGIES)
-    p.add_argument("--focal-gamma", type=float)
-    p.add_argument("--class-weight-power", type=float, help="weighted_loss: inverse frequency to this power")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--scheduler", choices=SCHEDULERS)
-    p.add_argument("--step-size", type=int)
-    p.add_argument("--gamma", type=float)
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--source-size", type=int, nargs=2, metavar=("W", "H"),
-                   help="size the training images were downscaled to on disk; uploads are resized to it")
-    p.add_argument("--augmentation", choices=AUGMENTATIONS)
-    p.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--split-seed", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
-                   help="head-only mode: run the backbone every epoch (with augmentation) instead of caching")
-    p.add_argument("--cache-dir")
-    p.add_argument("--max-images", type=int, help="stratified subsample for quick experiments")
-    p.add_argument("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=None)
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    add_config_flags(p)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = TrainConfig.from_dict(json.loads(args.config.read_text())) if args.config else args.preset
-    skip = {"preset", "config", "resume"}
-    return config_with(base, **{k: v for k, v in vars(args).items() if k not in skip})
+    return config_with(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
 def _interrupt(signum, frame) -> None:

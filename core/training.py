@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,12 +19,11 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from core import imbalance
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
     LesionDataset,
-    class_weights,
     index_dataset,
-    oversample,
     split_by_lesion,
 )
 from core.evaluation import compute_metrics, fit_temperature, softmax
@@ -34,64 +34,78 @@ from core.preprocessing import AUGMENTATIONS, Preprocessing, eval_transform, tra
 from core.runs import STOP_FILE, RunLog, check_run_name, write_config, write_evaluation, write_split
 from core.runtime import default_workers, pick_device, tune_allocator
 
-IMBALANCE_STRATEGIES = ("none", "oversample", "sampler", "weighted_loss", "focal")
 SCHEDULERS = ("step", "cosine", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
+def setting(default: Any, help: str, **cli: Any) -> Any:
+    """A TrainConfig field with its ``--help`` line and, for the command line, ``choices`` (also checked
+    on every config) or a ``metavar`` per value of a tuple."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. Defaults are the seed (course project) pipeline."""
+    """Everything that defines a run. Defaults are the seed (course project) pipeline.
 
-    data: str = ""
-    out: str = "runs"
-    name: str = ""
-    arch: str = "resnet18"
-    weights: str = "imagenet"  # "imagenet", "none" or a path to a torchvision state dict
-    finetune: str = "head"  # head | last | full
-    head: str = "mlp"
-    imbalance: str = "oversample"
-    focal_gamma: float = 2.0
-    class_weight_power: float = 1.0  # weighted_loss: inverse class frequency to this power
-    epochs: int = 10
-    batch_size: int = 16
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    scheduler: str = "step"
-    step_size: int = 7
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    input_size: tuple[int, int] = (224, 224)  # (height, width)
-    source_size: tuple[int, int] | None = None  # (width, height) of the training images on disk, if downscaled
-    augmentation: str = "seed"
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    split_seed: int = 0
-    seed: int = 0
-    feature_cache: bool = True  # head-only runs train on cached backbone features
-    cache_dir: str = ".cache/features"
-    max_images: int | None = None  # subsample the dataset (stratified) for quick experiments
-    device: str = "auto"
-    num_workers: int | None = None  # None: chosen for the device
-    amp: bool = True  # bfloat16 autocast on CUDA
-    channels_last: bool = True
-    select_metric: str = "val_balanced_acc"  # which validation number picks best.pt
+    Each field's metadata is its command-line help (:mod:`core.train` makes a flag of every field).
+    """
+
+    data: str = setting("", "dataset folder (HAM10000_metadata.csv and images anywhere below it)")
+    out: str = setting("runs", "parent folder of run folders")
+    name: str = setting("", "run folder name (default: timestamp + model + strategy)")
+    arch: str = setting("resnet18", "backbone", choices=tuple(ARCHITECTURES))
+    weights: str = setting("imagenet", "imagenet, none, or a path to a torchvision state dict")
+    finetune: str = setting("head", "what trains: the head (frozen backbone), the last block and the head, or all",
+                            choices=FINETUNE_POLICIES)
+    head: str = setting("mlp", "classifier head: the seed's 512-256-7 MLP or one linear layer", choices=HEADS)
+    imbalance: str = setting(
+        "oversample",
+        "class-imbalance strategy, one of: "
+        + "; ".join(f"{s.name} = {s.explanation}" for s in imbalance.STRATEGIES.values()),
+        choices=tuple(imbalance.STRATEGIES))
+    focal_gamma: float = setting(2.0, "focal: the focusing exponent (0 is plain cross-entropy)")
+    class_weight_power: float = setting(1.0, "weighted_loss: inverse class frequency to this power")
+    epochs: int = setting(10, "training epochs")
+    batch_size: int = setting(16, "images per training step")
+    optimizer: str = setting("adam", "optimizer (sgd: Nesterov momentum 0.9)", choices=OPTIMIZERS)
+    lr: float = setting(1e-3, "learning rate (the peak, with warm-up or a schedule)")
+    weight_decay: float = setting(0.0, "weight decay")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy losses")
+    scheduler: str = setting("step", "learning-rate schedule after the warm-up", choices=SCHEDULERS)
+    step_size: int = setting(7, "step schedule: epochs between decays")
+    gamma: float = setting(0.1, "step schedule: factor at each decay")
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up")
+    input_size: tuple[int, int] = setting((224, 224), "model input size", metavar=("H", "W"))
+    source_size: tuple[int, int] | None = setting(
+        None, "size the training images were downscaled to on disk; uploads are resized to it", metavar=("W", "H"))
+    augmentation: str = setting("seed", "training-image augmentation (cached features are never augmented)",
+                                choices=AUGMENTATIONS)
+    split_fractions: tuple[float, float, float] = setting(
+        (0.7, 0.15, 0.15), "fractions of the lesions in the train, validation and test splits",
+        metavar=("TRAIN", "VAL", "TEST"))
+    split_seed: int = setting(0, "seed of the lesion-grouped split")
+    seed: int = setting(0, "seed of initialisation, batch order and resampling")
+    feature_cache: bool = setting(True, "head-only mode: train on backbone features computed once; without it "
+                                        "the backbone runs every epoch (with augmentation)")
+    cache_dir: str = setting(".cache/features", "folder of the cached backbone features")
+    max_images: int | None = setting(None, "stratified subsample of the dataset, for quick experiments")
+    device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    num_workers: int | None = setting(None, "data-loading worker processes (default: chosen for the device)")
+    amp: bool = setting(True, "bfloat16 autocast on CUDA")
+    channels_last: bool = setting(True, "channels-last memory format for the images and the model")
+    select_metric: str = setting("val_balanced_acc", "the validation number that picks best.pt",
+                                 choices=("val_balanced_acc", "val_acc"))
 
     def __post_init__(self) -> None:
         self.input_size = tuple(self.input_size)
         self.split_fractions = tuple(self.split_fractions)
         if self.source_size is not None:
             self.source_size = tuple(self.source_size)
-        checks = [
-            (self.arch, ARCHITECTURES, "arch"), (self.finetune, FINETUNE_POLICIES, "finetune"),
-            (self.head, HEADS, "head"), (self.imbalance, IMBALANCE_STRATEGIES, "imbalance"),
-            (self.scheduler, SCHEDULERS, "scheduler"), (self.optimizer, OPTIMIZERS, "optimizer"),
-            (self.augmentation, AUGMENTATIONS, "augmentation"),
-        ]
-        for value, allowed, label in checks:
-            if value not in allowed:
-                raise ValueError(f"{label} must be one of {', '.join(allowed)}; got {value!r}")
+        for f in fields(self):
+            allowed, value = f.metadata.get("choices"), getattr(self, f.name)
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
 
@@ -128,27 +142,8 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-class FocalLoss(nn.Module):
-    """Multi-class focal loss (Lin et al. 2017): down-weights easy, mostly majority-class examples."""
-
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None):
-        super().__init__()
-        self.gamma = gamma
-        self.register_buffer("weight", weight)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
-        loss = -((1 - log_p.exp()) ** self.gamma) * log_p
-        if self.weight is not None:
-            loss = loss * self.weight[target]
-        return loss.mean()
-
-
 def make_criterion(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
-    weights = class_weights(train_labels, power=cfg.class_weight_power) if cfg.imbalance == "weighted_loss" else None
-    if cfg.imbalance == "focal":
-        return FocalLoss(cfg.focal_gamma)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    return imbalance.get(cfg.imbalance).loss(train_labels, cfg)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -177,12 +172,8 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generator):
-    """Class-balanced sampling with replacement: each class is drawn equally often in expectation."""
-    if cfg.imbalance != "sampler":
-        return None
-    per_sample = class_weights(labels)[torch.tensor(labels)]
-    return torch.utils.data.WeightedRandomSampler(per_sample.double(), len(labels), generator=generator)
+def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generator) -> torch.utils.data.Sampler | None:
+    return imbalance.get(cfg.imbalance).sampler(labels, generator)
 
 
 # ---------------------------------------------------------------------------
@@ -205,7 +196,8 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The indexed images (optionally subsampled) with their split, and the training rows after oversampling."""
+    """The indexed images (optionally subsampled) with their split, and the training rows after the
+    imbalance strategy's resampling (oversampling duplicates rows)."""
     frame = index_dataset(cfg.data).frame
     if cfg.max_images and cfg.max_images < len(frame):
         # Stratified subsample: keeps rare classes present (at least two images each) in small experiments.
@@ -214,9 +206,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
                  else group for _, group in frame.groupby("dx", sort=True)]
         frame = pd.concat(parts).reset_index(drop=True)
     frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
-    train = frame[frame["split"] == "train"]
-    if cfg.imbalance == "oversample":
-        train = oversample(train, cfg.seed)
+    train = imbalance.get(cfg.imbalance).resample_rows(frame[frame["split"] == "train"], cfg.seed)
     return frame, train
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core import jobs
+from core.imbalance import STRATEGIES
 from core.procs import pid_alive, proc_start_time
 from core.runs import list_runs, read_predictions, read_run, read_status
 from core.settings import PROJECT_ROOT
@@ -245,11 +246,9 @@ def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, 
 
 def test_experiment_configs_cover_every_strategy():
     cfgs = jobs.experiment_configs({"arch": "resnet18", "finetune": "full"}, "e")
-    assert [c["imbalance"] for c in cfgs] == list(jobs.IMBALANCE_STRATEGIES)
+    assert [c["imbalance"] for c in cfgs] == list(STRATEGIES)
+    assert [c["name"] for c in cfgs] == [f"e-{s}" for s in STRATEGIES]
     assert {c["finetune"] for c in cfgs} == {"head"} and all(c["feature_cache"] for c in cfgs)
-    from core.training import IMBALANCE_STRATEGIES
-
-    assert tuple(jobs.IMBALANCE_STRATEGIES) == tuple(IMBALANCE_STRATEGIES)
 
 
 def test_read_run_tolerates_a_half_written_line(tmp_path):

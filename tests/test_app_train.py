@@ -7,6 +7,7 @@ import time
 import pytest
 
 from core import jobs
+from core.imbalance import STRATEGIES
 from core.runs import read_run
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
@@ -100,11 +101,12 @@ def test_compare_starts_the_imbalance_experiment(train_env):
     next(b for b in at.button if b.label == "Run the imbalance experiment").click().run()
     no_exceptions(at)
     job = jobs.active_job(train_env.runs)
-    assert job is not None and job.kind == "experiment" and len(job.runs) == 5
-    # The status table lists the five strategies while they run; stop after the first to keep this quick.
+    assert job is not None and job.kind == "experiment" and len(job.runs) == len(STRATEGIES)
+    # The status table lists the strategies while they run; stop after the first to keep this quick.
     assert at.session_state["cmp_experiment"] == job.experiment
     table = at.dataframe[0].value
-    assert list(table["strategy"]) == ["none", "oversample", "weighted sampler", "weighted loss", "focal loss"]
+    assert list(table["strategy"]) == [s.label for s in STRATEGIES.values()]
+    assert table["strategy"].iloc[3] == "weighted loss"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not (train_env.runs / job.runs[0] / "status.json").is_file():
         time.sleep(0.5)
@@ -113,7 +115,7 @@ def test_compare_starts_the_imbalance_experiment(train_env):
     at.run()
     no_exceptions(at)
     states = list(at.dataframe[0].value["state"])
-    assert states[0] in ("finished", "stopped") and states[1:] == ["not run"] * 4
+    assert states[0] in ("finished", "stopped") and states[1:] == ["not run"] * (len(STRATEGIES) - 1)
 
 
 def test_dataset_page_downloads_ham10000_and_uses_it(tmp_path, monkeypatch, server):  # noqa: F811

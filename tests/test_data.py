@@ -1,4 +1,4 @@
-"""Labels, metadata parsing, discovery and validation, lesion-grouped splits, oversampling."""
+"""Labels, metadata parsing, discovery and validation, lesion-grouped splits."""
 from __future__ import annotations
 
 import shutil
@@ -12,9 +12,7 @@ from core import labels
 from core.data import (
     DatasetError,
     LesionDataset,
-    class_weights,
     index_dataset,
-    oversample,
     read_metadata,
     split_by_lesion,
     split_counts,
@@ -141,15 +139,6 @@ def test_real_split_has_no_lesion_in_two_splits(ham_root):
     assert per_lesion.max() == 1
     test_share = (split == "test").mean()
     assert 0.13 < test_share < 0.17
-
-
-def test_oversample_balances_to_majority_only_with_existing_images():
-    frame = pd.DataFrame({"path": [f"p{i}" for i in range(13)], "label": [0] * 10 + [1] * 2 + [3]})
-    out = oversample(frame, seed=1)
-    assert out["label"].value_counts().to_dict() == {0: 10, 1: 10, 3: 10}
-    assert set(out.loc[out["label"] == 1, "path"]) == {"p10", "p11"}
-    weights = class_weights(frame["label"])
-    assert weights[0] < weights[1] < weights[3] and weights[2] == 0
 
 
 def test_dataset_and_transforms_produce_normalised_tensors(tiny_root):

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 
 import pandas as pd
 import pytest
@@ -15,11 +16,13 @@ from torch import nn
 
 from core.checkpoints import read_checkpoint
 from core.features import FeatureCache, backbone_key
+from core.imbalance import STRATEGIES
 from core.labels import CLASSES
 from core.models import build_model
 from core.preprocessing import Preprocessing
 from core.runs import read_config, read_evaluation, read_run
-from core.training import IMBALANCE_STRATEGIES, PRESETS, FocalLoss, TrainConfig, config_with, train
+from core.train import build_parser, config_from_args
+from core.training import PRESETS, TrainConfig, config_with, train
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -161,23 +164,13 @@ def test_stop_file_ends_the_run_cleanly(tiny_root, tmp_path):
     assert (run_dir / "evaluation.json").is_file()  # the best model so far is still evaluated
 
 
-@pytest.mark.parametrize("strategy", IMBALANCE_STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_imbalance_strategy_trains(tiny_root, tmp_path, strategy):
     run_dir = train(tiny_config(tiny_root, tmp_path, name=strategy, imbalance=strategy, epochs=1))
     start = read_run(run_dir).start
     n_train = start["split_sizes"]["train"]
     # Only oversampling changes how many images an epoch sees.
     assert (start["train_images"] > n_train) == (strategy == "oversample")
-
-
-def test_focal_loss_is_cross_entropy_at_gamma_zero_and_discounts_easy_examples():
-    logits = torch.tensor([[4.0, 0.0, 0.0], [0.2, 0.1, 0.0]])
-    target = torch.tensor([0, 2])
-    ce = nn.functional.cross_entropy(logits, target)
-    assert FocalLoss(0.0)(logits, target).item() == pytest.approx(ce.item())
-    per_easy = FocalLoss(2.0)(logits[:1], target[:1]) / nn.functional.cross_entropy(logits[:1], target[:1])
-    per_hard = FocalLoss(2.0)(logits[1:], target[1:]) / nn.functional.cross_entropy(logits[1:], target[1:])
-    assert per_easy < 0.01 < 0.3 < per_hard
 
 
 def test_step_scheduler_divides_lr_by_ten_every_seven_epochs(tiny_root, tmp_path):
@@ -232,6 +225,44 @@ def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 2 and done.stderr.startswith("error: '../evil' is not a usable run name"), done.stderr
     assert list(work.iterdir()) == []
+
+
+def test_cli_reaches_every_config_field():
+    argv = ("--data d --out o --name n --arch densenet121 --weights none --finetune last --head linear "
+            "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
+            "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
+            "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
+            "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
+            "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc")
+    expected = TrainConfig(
+        data="d", out="o", name="n", arch="densenet121", weights="none", finetune="last", head="linear",
+        imbalance="focal", focal_gamma=1.5, class_weight_power=0.5, epochs=3, batch_size=32, optimizer="sgd",
+        lr=0.01, weight_decay=1e-4, label_smoothing=0.1, scheduler="cosine", step_size=5, gamma=0.5,
+        warmup_epochs=1, input_size=(150, 200), source_size=(200, 150), augmentation="strong",
+        split_fractions=(0.6, 0.2, 0.2), split_seed=4, seed=5, feature_cache=False, cache_dir="c", max_images=500,
+        device="cpu", num_workers=3, amp=False, channels_last=False, select_metric="val_acc")
+    unchanged = [f.name for f in fields(TrainConfig) if getattr(expected, f.name) == getattr(PRESETS["seed"], f.name)]
+    assert unchanged == []  # so every field is set by a flag above
+    assert config_from_args(build_parser().parse_args(argv.split())) == expected
+    # A boolean can be switched back on over a preset or config file that turned it off.
+    args = build_parser().parse_args(["--preset", "reference", "--no-amp", "--amp"])
+    assert config_from_args(args).amp is True and config_from_args(args).arch == "mobilenet_v2"
+
+
+def test_cli_help_mentions_every_field_and_rejects_unknown_choices(capsys):
+    with pytest.raises(SystemExit) as help_exit:
+        build_parser().parse_args(["--help"])
+    helped = capsys.readouterr().out
+    assert help_exit.value.code == 0
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in helped, f.name
+    assert "--no-feature-cache" in helped and "--input-size H W" in helped
+    assert all(f"{s.name} = " in " ".join(helped.split()) for s in STRATEGIES.values())
+    for f in fields(TrainConfig):
+        if "choices" in f.metadata:
+            with pytest.raises(SystemExit) as bad:
+                build_parser().parse_args(["--" + f.name.replace("_", "-"), "nonsense"])
+            assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err, f.name
 
 
 def test_cli_runs_the_seed_preset(tiny_root, tmp_path):

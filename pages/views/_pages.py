@@ -26,5 +26,5 @@ PAGES: tuple[PageInfo, ...] = (
              "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and feature maps. Works without a "
              "dataset."),
     PageInfo("pages/views/compare.py", "Compare", ":material/compare:",
-             "Runs side by side, and a one-click experiment over the five class-imbalance strategies."),
+             "Runs side by side, and a one-click experiment over the class-imbalance strategies."),
 )

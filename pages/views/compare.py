@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import jobs, plots
+from core import imbalance, jobs, plots
 from core.models import ARCHITECTURES
 from core.runs import FINAL_STATES, RunState, read_run
 from pages.views._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
@@ -65,9 +65,9 @@ def comparison(chosen: list[RunState]) -> None:
 def experiment_form() -> None:
     index = load_dataset(show_help=False)
     job = jobs.active_job(RUNS)
-    st.markdown("Train the same model once per strategy — **none, oversample, weighted sampler, weighted loss, "
-                "focal loss** — in cached head-only mode (frozen backbone, features computed once and shared), "
-                "then compare them here as they finish.")
+    labels = ", ".join(s.label for s in imbalance.STRATEGIES.values())
+    st.markdown(f"Train the same model once per strategy — **{labels}** — in cached head-only mode (frozen "
+                "backbone, features computed once and shared), then compare them here as they finish.")
     with st.form("experiment_form"):
         c = st.columns(5)
         arch = c[0].selectbox("Architecture", list(ARCHITECTURES), key="exp_arch")
@@ -108,7 +108,7 @@ def experiment_status(manifest: dict) -> None:
         run = read_run(path, job) if path.exists() else None
         state = run.state if run else ("queued" if job and name in job.runs else "not run")
         done += state in FINAL_STATES
-        rows.append({"strategy": jobs.STRATEGY_LABELS.get(strategy, strategy), "run": name, "state": state,
+        rows.append({"strategy": imbalance.label(strategy), "run": name, "state": state,
                      "progress": run.fraction_done() if run else 0.0,
                      "detail": run.progress_text() if run and not run.done else (run.error or "" if run else "")})
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
@@ -145,7 +145,8 @@ with tab_exp:
 with tab_cmp:
     if len(runs) < 2 and not list_runs():
         st.info("Comparing needs at least two finished runs. Train them on the Train page, or start the imbalance "
-                "experiment (next tab), which trains five runs for you.", icon=":material/science:")
+                "experiment (next tab), which trains one run per imbalance strategy for you.",
+                icon=":material/science:")
     names = [r.name for r in runs]
     default = []
     if experiments:

@@ -11,23 +11,17 @@ from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_
 st.title("Train")
 
 try:
+    from core import imbalance
     from core.preprocessing import AUGMENTATIONS
-    from core.training import IMBALANCE_STRATEGIES, PRESETS, SCHEDULERS, config_with
+    from core.training import PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
     st.stop()
 
 RUNS = runs_dir()
-IMBALANCE_HELP = {"none": "plain cross-entropy", "oversample": "duplicate minority images (the seed's choice)",
-                  "sampler": "class-balanced sampling", "weighted_loss": "inverse-frequency class weights",
-                  "focal": "focal loss (γ = 2)"}
 
 index = load_dataset()
 job = jobs.active_job(RUNS)
-
-
-def strategy_label(s: str) -> str:
-    return f"{jobs.STRATEGY_LABELS.get(s, s)} — {IMBALANCE_HELP.get(s, '')}"
 
 
 def config_form() -> None:
@@ -54,10 +48,10 @@ def config_form() -> None:
         finetune = c1.selectbox("Fine-tuning", FINETUNE_POLICIES, index=FINETUNE_POLICIES.index(base.finetune),
                                 format_func={"head": "head only (frozen backbone)", "last": "last block + head",
                                              "full": "full network"}.get, key="finetune" + k)
-        imbalance = c2.selectbox("Imbalance strategy", IMBALANCE_STRATEGIES,
-                                 index=IMBALANCE_STRATEGIES.index(base.imbalance),
-                                 format_func=strategy_label,
-                                 key="imbalance" + k)
+        strategies = list(imbalance.STRATEGIES)
+        strategy = c2.selectbox("Imbalance strategy", strategies, index=strategies.index(base.imbalance),
+                                format_func=lambda s: f"{imbalance.get(s).label} — {imbalance.get(s).explanation}",
+                                key="imbalance" + k)
         augmentation = c3.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
                                     key="augmentation" + k)
         c1, c2, c3, c4 = st.columns(4)
@@ -94,7 +88,7 @@ def config_form() -> None:
             "tries to download them, and the run fails if there is no internet access.")
     try:
         cfg = config_with(base, name=name.strip(), arch=arch, weights=weights, finetune=finetune,
-                          imbalance=imbalance, augmentation=augmentation, epochs=int(epochs),
+                          imbalance=strategy, augmentation=augmentation, epochs=int(epochs),
                           batch_size=int(batch_size), lr=float(lr), scheduler=scheduler,
                           input_size=(int(height), int(width)), seed=int(seed),
                           max_images=int(max_images) or None, data=str(dataset_choice().folder), out=str(RUNS))

@@ -36,7 +36,7 @@ def process_record(pid: int) -> dict:
 
 def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
     """Whether ``pid`` is a live process (not a zombie) and, when known, the same one that was recorded."""
-    if not pid or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0:  # also whatever a damaged status or lock file holds
         return False
     try:  # reap it if it is our own finished child, so it does not linger as a zombie
         done, _ = os.waitpid(pid, os.WNOHANG)

@@ -142,6 +142,12 @@ def test_begin_claims_the_folder_and_clears_what_a_killed_trainer_left(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "status.json"]
 
 
+@pytest.mark.parametrize("pid", [None, "1", -1, 0])
+def test_a_live_state_without_a_usable_pid_reads_as_interrupted(tmp_path, pid):
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": pid}))
+    assert read_run(tmp_path).state == "interrupted"
+
+
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "x/..", "/abs", "a\\b", ".hidden"])
 def test_run_names_stay_inside_the_runs_folder(name):
     with pytest.raises(ValueError, match="not a usable run name"):

@@ -203,6 +203,17 @@ def _validate(config: dict) -> dict:
     return cfg.to_dict()
 
 
+def _preflight(configs: list[dict]) -> None:
+    """Every config's pretrained weights are on this computer, or no job starts: a run that would
+    only fail at its download (or the fifth run of an experiment failing like the first) never begins."""
+    from core.models import weights_available  # here, not at the top: the worker process stays free of torch
+
+    for c in configs:
+        ok, message = weights_available(c.get("arch", ""), c.get("weights"))
+        if not ok:
+            raise JobError(message)
+
+
 def _check_name(runs_dir: Path, name: str) -> None:
     try:
         check_run_name(name)
@@ -218,6 +229,7 @@ def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | Non
     names = [c["name"] for c in configs]
     if len(set(names)) != len(names):
         raise JobError("run names in one job must differ")
+    _preflight(configs)
     for name in names:
         _check_name(runs_dir, name)
     job = Job(id=_new_id(), kind=kind, runs=names, runs_dir=runs_dir, pid=os.getpid(),

@@ -101,6 +101,37 @@ def weights_file(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
+def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool, str]:
+    """Whether :func:`build_model` will find ``weights`` for ``arch`` on this computer, and a message saying
+    so. Closed hospital and classroom networks cannot download, so jobs check this before they start."""
+    if arch not in ARCHITECTURES:
+        return False, f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}"
+    if weights in ("none", "", None):
+        return True, "no pretrained weights needed (random initialisation)"
+    if weights == "imagenet":
+        target = weights_file(arch)
+        if target.is_file():
+            return True, f"ImageNet weights for {arch} found at {target}"
+        cached = [a for a in ARCHITECTURES if weights_file(a).is_file()]
+        return False, (
+            f"The ImageNet weights for {arch} are not on this computer. Download "
+            f"{ARCHITECTURES[arch].weights.url} where there is internet access and copy it to {target} "
+            "(or set TORCH_HOME), give a local weights file, train from scratch (weights none), or choose "
+            + (f"an architecture whose ImageNet file is here: {', '.join(cached)}." if cached
+               else "another architecture once its ImageNet file is here (none is yet)."))
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return True, f"weights file {path}"
+    return False, f"The weights file {path} does not exist."
+
+
+def default_arch(preferred: str) -> str:
+    """``preferred`` when its ImageNet weights are cached (or none are), else the first architecture whose are."""
+    if weights_file(preferred).is_file():
+        return preferred
+    return next((a for a in ARCHITECTURES if weights_file(a).is_file()), preferred)
+
+
 def _imagenet_state_dict(arch: str) -> dict:
     weights = ARCHITECTURES[arch].weights
     target = weights_file(arch)

@@ -438,8 +438,9 @@ def running_loss_table(run: RunState) -> pd.DataFrame:
 
 
 def default_run_name(config: dict, runs_dir: Path) -> str:
-    """A name for a new run that no folder in ``runs_dir`` has yet: date, time and architecture."""
-    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}"
+    """A name for a new run that no folder in ``runs_dir`` has yet: date, time, architecture and imbalance
+    strategy. Call it with the final config: a name taken from a preset misnames the run once a field changes."""
+    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}-{config.get('imbalance', 'none')}"
     name, i = base, 2
     while (Path(runs_dir) / name).exists():
         name, i = f"{base}-{i}", i + 1

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from core import imbalance, jobs, plots
-from core.models import ARCHITECTURES
+from core.models import ARCHITECTURES, default_arch
 from core.runs import FINAL_STATES, RunState, read_run
 from pages.views._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
 
@@ -70,8 +70,11 @@ def experiment_form() -> None:
                 "backbone, features computed once and shared), then compare them here as they finish.")
     with st.form("experiment_form"):
         c = st.columns(5)
-        arch = c[0].selectbox("Architecture", list(ARCHITECTURES), key="exp_arch")
+        arch = c[0].selectbox("Architecture", list(ARCHITECTURES), key="exp_arch",
+                              index=list(ARCHITECTURES).index(default_arch("resnet18")))
         weights = c[1].selectbox("Weights", ["imagenet", "none"], key="exp_weights")
+        weights_path = st.text_input("…or a weights file", key="exp_weights_path",
+                                     placeholder="path/to/torchvision_state_dict.pth")
         epochs = c[2].number_input("Epochs", 1, 100, 5, key="exp_epochs")
         size = c[3].number_input("Image size", 32, 512, 224, step=16, key="exp_size")
         max_images = c[4].number_input("At most N images (0 = all)", 0, 1_000_000, 0, key="exp_max")
@@ -83,7 +86,8 @@ def experiment_form() -> None:
         st.info("A training job is running; the experiment can start when it has finished.",
                 icon=":material/hourglass_top:")
     if go:
-        base = {"data": str(dataset_choice().folder), "arch": arch, "weights": weights, "epochs": int(epochs),
+        base = {"data": str(dataset_choice().folder), "arch": arch, "weights": weights_path.strip() or weights,
+                "epochs": int(epochs),
                 "input_size": [int(size), int(size)], "max_images": int(max_images) or None}
         try:
             from core.training import config_with

@@ -1,10 +1,9 @@
 """Train: configure a run, start it in the background, and watch it live."""
-from pathlib import Path
 
 import streamlit as st
 
 from core import jobs, plots
-from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
+from core.models import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
 from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from core.runs import RunState, default_run_name, epochs_table, list_runs, read_run, running_loss_table
 from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
@@ -31,11 +30,24 @@ def config_form() -> None:
                                "pipeline (frozen ImageNet ResNet-18, MLP head, oversampling).")
     base = PRESETS[preset]
     k = f"_{preset}"  # widget keys per preset, so choosing a preset resets the form to its values
+    start_arch = default_arch(base.arch) if base.weights == "imagenet" else base.arch
+    if start_arch != base.arch:
+        st.info(f"The form starts with **{start_arch}** instead of the preset's {base.arch}: the ImageNet weights "
+                f"for {base.arch} are not on this computer ({weights_file(base.arch)}) and those for {start_arch} "
+                "are, so it trains without internet access.", icon=":material/cloud_off:")
     with st.form("train_form", border=True):
         c1, c2, c3, c4 = st.columns(4)
-        name = c1.text_input("Run name", value=default_run_name(base.to_dict(), RUNS), key="run_name" + k)
-        arch = c2.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(base.arch),
-                            key="arch" + k)
+        # Empty by default: a name computed here would come from the preset, not from the architecture and
+        # strategy chosen below (forms send their values only on submit).
+        name = c1.text_input("Run name", key="run_name" + k, placeholder="automatic: date-architecture-strategy",
+                             help="Leave empty for <date>-<time>-<architecture>-<imbalance strategy>.")
+        arch = c2.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(start_arch),
+                            format_func=lambda a: a if weights_file(a).is_file() else f"{a} (no ImageNet file here)",
+                            key="arch" + k,
+                            help="ImageNet weights are read from torchvision's cache "
+                                 f"({weights_file(start_arch).parent}); an architecture without its file there "
+                                 "trains only from scratch or from a weights file, unless this computer can "
+                                 "download it.")
         weights_opts = ["imagenet", "none"]
         weights = c3.selectbox("Pretrained weights", weights_opts,
                                index=weights_opts.index(base.weights) if base.weights in weights_opts else 0,
@@ -80,20 +92,14 @@ def config_form() -> None:
         return
     if weights_file_path.strip():
         weights = weights_file_path.strip()
-        if not Path(weights).expanduser().is_file():
-            st.error(f"The weights file {weights} does not exist.", icon=":material/block:")
-            return
-    elif weights == "imagenet" and not weights_file(arch).is_file():
-        st.session_state["train_flash"] = (
-            f"The ImageNet weights for {arch} are not in the local cache ({weights_file(arch)}); the trainer "
-            "tries to download them, and the run fails if there is no internet access.")
     try:
         cfg = config_with(base, name=name.strip(), arch=arch, weights=weights, finetune=finetune,
                           imbalance=strategy, augmentation=augmentation, epochs=int(epochs),
                           batch_size=int(batch_size), lr=float(lr), scheduler=scheduler,
                           input_size=(int(height), int(width)), seed=int(seed),
                           max_images=int(max_images) or None, data=str(dataset_choice().folder), out=str(RUNS))
-        started = jobs.start_training(cfg.to_dict(), RUNS)
+        config = cfg.to_dict()
+        started = jobs.start_training({**config, "name": config["name"] or default_run_name(config, RUNS)}, RUNS)
     except jobs.JobBusyError as exc:
         st.error(str(exc), icon=":material/hourglass_top:")
     except (jobs.JobError, ValueError, OSError) as exc:
@@ -176,8 +182,6 @@ def monitor() -> None:
     show_run(runs[names.index(chosen)], active=False)
 
 
-if flash := st.session_state.pop("train_flash", None):
-    st.warning(flash, icon=":material/cloud_off:")
 if index is None and job is None:
     st.caption("Training needs a dataset (above). Past runs are listed below.")
 st.markdown("#### New run")

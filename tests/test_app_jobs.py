@@ -295,3 +295,28 @@ def test_failed_download_reports_why(tmp_path, runs):
     wait_for(lambda: jobs.active_download(runs) is None, timeout=90)
     status = jobs.download_status(runs)
     assert status["state"] == "failed" and status["error"]
+
+
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch) -> Path:
+    """An empty torchvision cache: the computer of a closed hospital or classroom network."""
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def test_training_without_its_imagenet_file_never_starts(tiny_root, runs, no_weights):
+    with pytest.raises(jobs.JobError, match="ImageNet weights for resnet18 are not on this computer"):
+        jobs.start_training(tiny_config(tiny_root, "offline", weights="imagenet"), runs)
+    # No worker, no run folder, no job files: the refusal came before anything started.
+    assert jobs.active_job(runs) is None
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_an_experiment_without_its_imagenet_file_starts_no_run(tiny_root, runs, no_weights):
+    base = {**tiny_config(tiny_root, "", weights="imagenet"), "arch": "mobilenet_v2"}
+    with pytest.raises(jobs.JobError, match=str(no_weights / "hub" / "checkpoints" / "mobilenet_v2")):
+        jobs.start_experiment(base, runs, name="offline")
+    assert jobs.active_job(runs) is None and jobs.list_experiments(runs) == []
+    assert not runs.exists() or not any(runs.iterdir())

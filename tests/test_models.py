@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 from core.labels import NUM_CLASSES
-from core.models import ARCHITECTURES, WeightsUnavailableError, build_model, train_mode, weights_file
+from core.models import (
+    ARCHITECTURES,
+    WeightsUnavailableError,
+    build_model,
+    default_arch,
+    train_mode,
+    weights_available,
+    weights_file,
+)
 
 
 def trainable(module: nn.Module) -> int:
@@ -80,3 +88,20 @@ def test_unusable_imagenet_file_is_a_clear_error_naming_where_to_put_it(tmp_path
     assert time.monotonic() - start < 30  # never a hang
     message = str(err.value)
     assert str(target) in message and "--weights none" in message and "resnet18" in message
+
+
+def test_the_default_architecture_is_one_whose_imagenet_file_is_here(imagenet_weights):
+    # imagenet_weights: a TORCH_HOME holding only MobileNetV2's file.
+    assert default_arch("resnet18") == "mobilenet_v2"
+    assert default_arch("mobilenet_v2") == "mobilenet_v2"
+    ok, message = weights_available("resnet18", "imagenet")
+    assert not ok and str(weights_file("resnet18")) in message and "mobilenet_v2" in message
+    assert weights_available("mobilenet_v2", "imagenet")[0]
+    assert weights_available("resnet18", "none")[0]
+    assert not weights_available("resnet18", "/nowhere/resnet18.pth")[0]
+    assert weights_available("mobilenet_v2", str(weights_file("mobilenet_v2")))[0]
+
+
+def test_with_no_imagenet_file_the_preferred_architecture_stays(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert default_arch("resnet50") == "resnet50"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -67,6 +68,24 @@ def test_home_with_data(full_env, monkeypatch):
     assert metrics["Models for Diagnose"] == "3"  # reference.pt + two runs' best.pt
     assert metrics["Training runs"] == "2"
     assert "Research and education only" in texts(at)
+
+
+def test_home_counts_finished_runs_and_the_published_ones_apart(full_env, tmp_path, monkeypatch):
+    from core.runs import write_status
+
+    runs = tmp_path / "runs"
+    shutil.copytree(full_env.runs / "tiny-none", runs / "tiny-none")
+    (runs / "crashed").mkdir()
+    write_status(runs / "crashed", "failed", "RuntimeError: out of memory")
+    published = ROOT / "docs" / "runs"
+    AppEnv(data=full_env.data, runs=runs, checkpoints=full_env.checkpoints).apply(monkeypatch)
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(published))
+    at = app_test("home")
+    no_exceptions(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Training runs"] == "1"
+    assert "1 failed" in texts(at)
+    assert metrics["Published runs"] == str(len([d for d in published.iterdir() if (d / "status.json").is_file()]))
 
 
 def test_dataset_with_data(full_env, monkeypatch):

@@ -163,3 +163,37 @@ def test_missing_weights_file_is_refused(train_env):
     no_exceptions(at)
     assert any("/nowhere/resnet18.pth does not exist" in e.value for e in at.error)
     assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()
+
+
+def test_an_automatic_run_name_follows_the_chosen_architecture(train_env):
+    at = app_test("train")
+    fill_tiny(at, "", epochs=1)
+    at.selectbox(key="arch_seed").set_value("mobilenet_v2")
+    start_button(at).click().run()
+    no_exceptions(at)
+    assert not at.error
+    job = jobs.active_job(train_env.runs)
+    # The preset is ResNet-18; the name used to come from it before the architecture was chosen.
+    assert job is not None and "mobilenet_v2" in job.runs[0] and "resnet18" not in job.runs[0]
+    assert jobs.wait_idle(train_env.runs, timeout=90)
+    assert (train_env.runs / job.runs[0] / "config.json").is_file()
+
+
+def test_the_form_starts_with_an_architecture_whose_imagenet_file_is_here(train_env, imagenet_weights):
+    # imagenet_weights: a TORCH_HOME holding only MobileNetV2's file; the seed preset is ResNet-18 on ImageNet.
+    at = app_test("train")
+    no_exceptions(at)
+    assert at.selectbox(key="arch_seed").value == "mobilenet_v2"
+    assert "instead of the preset's resnet18" in texts(at)
+
+
+def test_imagenet_training_without_the_file_is_refused_with_where_to_put_it(train_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    at = app_test("train")
+    fill_tiny(at, "offline", epochs=1)
+    at.selectbox(key="weights_seed").set_value("imagenet")
+    start_button(at).click().run()
+    no_exceptions(at)
+    errors = " ".join(e.value for e in at.error)
+    assert "not on this computer" in errors and str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in errors
+    assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "offline").exists()

@@ -1,7 +1,9 @@
 """Home: what Lesion Lab is, and what is ready to use right now."""
+from collections import Counter
+
 import streamlit as st
 
-from core import jobs, settings
+from core import jobs, runs, settings
 from pages.views._pages import PAGES
 from pages.views._shared import dataset_choice, list_runs, load_dataset, research_notice
 
@@ -13,15 +15,23 @@ research_notice()
 choice = dataset_choice()
 index = load_dataset(show_help=False)
 models = settings.model_files()
-runs = list_runs()
+states = Counter(r.state for r in list_runs())
+published_dir = settings.published_runs_dir()
+published = [r for r in runs.list_runs(published_dir) if r.state == "finished"] if published_dir else []
 job = jobs.active_job(settings.runs_dir())
 
-c1, c2, c3, c4 = st.columns(4)
+c1, c2, c3, c4, c5 = st.columns(5)
 c1.metric("Dataset images", f"{len(index.frame):,}" if index is not None else "—",
           help=choice.describe())
 c2.metric("Models for Diagnose", len(models))
-c3.metric("Training runs", len(runs))
-c4.metric("Training job", "running" if job else "idle")
+c3.metric("Training runs", states["finished"], help=f"Finished runs in {settings.runs_dir()}.")
+c4.metric("Published runs", len(published), help="The finished runs behind MODEL_CARD.md (docs/runs), "
+          "shown on Evaluate and Compare.")
+c5.metric("Training job", "running" if job else "idle")
+others = {"failed": states["failed"] + states["interrupted"], "stopped": states["stopped"]}
+if any(others.values()):
+    st.caption("Not counted as training runs: " + ", ".join(f"{n} {state}" for state, n in others.items() if n)
+               + " (see the Train page).")
 
 if index is None:
     if choice.configured:

@@ -26,6 +26,38 @@ from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
+# The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
+# records its own ``mel_threshold``. It is the threshold core.evaluate reports sensitivity and specificity at.
+DEFAULT_MEL_THRESHOLD = 0.5
+
+# Flip averaging measured on the reference model (checkpoints/reference.pt), validation split of HAM10000
+# (1519 images): PLACEHOLDER.
+USE_TTA_BY_DEFAULT = False
+TTA_HELP = ("Average the prediction over the image and its three flips (4 passes). PLACEHOLDER")
+
+
+def melanoma_threshold(checkpoint: dict) -> float:
+    """The melanoma operating point of a loaded checkpoint dict."""
+    value = checkpoint.get("mel_threshold")
+    return DEFAULT_MEL_THRESHOLD if value is None else float(value)
+
+
+def recorded_operating_point(path: Path, checkpoint: dict, threshold: float) -> dict | None:
+    """Test-split melanoma sensitivity/specificity at ``threshold`` from the checkpoint's run records: its run
+    folder's ``evaluation.json``, else the published run of the name it was trained under (``docs/runs``).
+    None when no record evaluated it at that threshold."""
+    from core.runs import read_evaluation
+    from core.settings import published_runs_dir
+
+    folders = [Path(path).parent]
+    published, name = published_runs_dir(), (checkpoint.get("config") or {}).get("name")
+    if published is not None and name:
+        folders.append(published / name)
+    for folder in folders:
+        mel = (read_evaluation(folder).get("test") or {}).get("melanoma") or {}
+        if mel.get("threshold") == threshold and "sensitivity" in mel:
+            return mel
+    return None
 
 
 @dataclass
@@ -82,6 +114,7 @@ class Predictor:
         self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
         self.temperature = float(ckpt["temperature"])
         self.transform = eval_transform(self.prep)
+        self.mel_threshold = melanoma_threshold(ckpt)
         self._lock = threading.Lock()
 
     @property

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.settings import PUBLISHED_RUNS_ENV
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, png_bytes, texts
 
@@ -61,7 +62,7 @@ def test_opacity_and_method_changes_reuse_the_prediction(diagnose):
         no_exceptions(at)
         overlays.append(shown_images(at)[cam_caption])
     # At opacity 0 the overlay is the uploaded image itself; at 0.9 it is mostly heatmap.
-    assert overlays[0] == shown_images(at)["uploaded image (as the model sees it, before resizing)"]
+    assert overlays[0] == shown_images(at)[at.get("image")[0].captions[0]]
     assert overlays[1] != overlays[0]
     at.selectbox(key="diag_method").set_value("gradcampp").run()
     no_exceptions(at)
@@ -258,3 +259,73 @@ def test_diagnose_works_without_a_dataset(full_env, empty_env, monkeypatch):
     at = upload(at, "lesion.jpg", jpeg_bytes(lesion_image()))
     assert [m for m in at.main.markdown if m.value.startswith("### ")]
     assert not at.error
+
+
+def test_a_non_dermoscopic_image_gets_no_diagnosis_heading(diagnose):
+    grey = Image.fromarray(np.tile(np.linspace(0, 255, 200, dtype=np.uint8), (150, 1)), "L")
+    at = upload(diagnose, "scan.png", png_bytes(grey), "image/png")
+    assert "does not look like a dermoscopic image" in texts(at)
+    assert not [m.value for m in at.main.markdown if m.value.startswith("### ")]
+    # The probabilities are there for the curious, folded away.
+    folded = [e for e in at.expander if not e.proto.expanded and e.get("plotly_chart")]
+    assert len(folded) == 1 and "not meaningful" in folded[0].label
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "ham10000-sample"
+REFERENCE = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.pt"
+
+
+@pytest.fixture(scope="module")
+def sample_predictions() -> dict[str, object]:
+    """The real reference model's prediction for the sample's melanoma and nevus images."""
+    import pandas as pd
+
+    from core.predict import Predictor
+
+    predictor = Predictor(REFERENCE)
+    meta = pd.read_csv(SAMPLE / "HAM10000_metadata.csv")
+    found = {}
+    for image_id in meta[meta.dx.isin(["mel", "nv"])].image_id:
+        path = SAMPLE / "images" / f"{image_id}.jpg"
+        found[path.name] = predictor.predict(path.read_bytes())
+    return found
+
+
+@pytest.fixture
+def reference_diagnose(full_env, tmp_path, monkeypatch):
+    """Diagnose with the real reference checkpoint (and its published run records)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "reference.pt").symlink_to(REFERENCE)
+    AppEnv(data=full_env.data, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints").apply(monkeypatch)
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(REFERENCE.parents[1] / "docs" / "runs"))
+    at = app_test("diagnose")
+    no_exceptions(at)
+    return at
+
+
+def upload_sample(at, name: str):
+    return upload(at, name, (SAMPLE / "images" / name).read_bytes())
+
+
+def test_the_heatmap_follows_each_new_prediction(reference_diagnose, sample_predictions):
+    first, pred = next(iter(sample_predictions.items()))
+    second = next(n for n, p in sample_predictions.items() if p.top_class != pred.top_class)
+    at = upload_sample(reference_diagnose, first)
+    assert f"Grad-CAM for {pred.top_class}" in shown_images(at)
+    at = upload_sample(at, second)
+    assert f"Grad-CAM for {sample_predictions[second].top_class}" in shown_images(at)
+
+
+def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_predictions):
+    from core.predict import DEFAULT_MEL_THRESHOLD
+
+    high = next(n for n, p in sample_predictions.items() if p.probabilities["mel"] >= DEFAULT_MEL_THRESHOLD)
+    low = next(n for n, p in sample_predictions.items() if p.probabilities["mel"] < DEFAULT_MEL_THRESHOLD / 2)
+    at = upload_sample(reference_diagnose, high)
+    assert any("discuss with a dermatologist" in e.value for e in at.error)
+    metric = next(m for m in at.metric if m.label == "P(melanoma)")
+    assert metric.value == f"{sample_predictions[high].probabilities['mel']:.1%}"
+    assert "sensitivity" in metric.proto.help  # the reference model's published operating point
+    at = upload_sample(at, low)
+    assert not any("dermatologist" in e.value for e in at.error)
+    assert "Below the operating threshold" in texts(at)

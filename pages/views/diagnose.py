@@ -6,6 +6,7 @@ from core.formatting import format_bytes
 from core.images import ImageError
 from core.inference import PredictionError
 from core.labels import CLASSES, MALIGNANT
+from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT, recorded_operating_point
 from core.visuals import LOW_CONFIDENCE, dermoscopy_check, feature_map_grid
 from pages.views._shared import get_predictor, research_notice
 
@@ -25,8 +26,7 @@ if not models:
 
 c_model, c_tta = st.columns([3, 1])
 model_path = c_model.selectbox("Model", models, format_func=settings.model_label, key="diag_model")
-tta = c_tta.toggle("Flip averaging (TTA)", key="diag_tta",
-                   help="Average the prediction over the image and its three flips (4 passes).")
+tta = c_tta.toggle("Flip averaging (TTA)", value=USE_TTA_BY_DEFAULT, key="diag_tta", help=TTA_HELP)
 predictor, error = get_predictor(model_path)
 if predictor is None:
     st.error(f"This model cannot be used: {error}", icon=":material/block:")
@@ -75,15 +75,48 @@ if prediction.confidence < LOW_CONFIDENCE:
     st.warning(f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this "
                "result as undecided.", icon=":material/help:")
 
-right, left = st.columns([6, 5], gap="large")  # prediction first, explanation beside it
-with right:
+
+def probabilities() -> None:
     kind = "malignant" if prediction.top_class in MALIGNANT else "benign"
-    st.markdown(f"### {prediction.top_name} ({prediction.top_class})")
-    st.markdown(f"**{prediction.confidence:.1%}** calibrated probability · a {kind} class")
+    st.markdown(f"**{prediction.confidence:.1%}** calibrated probability for {prediction.top_name} "
+                f"({prediction.top_class}) · a {kind} class")
+    st.caption("Calibrated means that across the validation images, results given about this probability were "
+               "right about that often: an average over many images, not a promise about this one. A confident "
+               "result can still be wrong, and this page has no second opinion (no ensemble of models, no similar "
+               "cases) to check it against.")
     m1, m2 = st.columns(2)
     m1.metric("Malignant (akiec + bcc + mel)", f"{prediction.malignant_probability:.1%}")
     m2.metric("Benign (bkl + df + nv + vasc)", f"{1 - prediction.malignant_probability:.1%}")
     st.plotly_chart(plots.probability_bars(prediction.probs, highlight=prediction.top_class), width="stretch")
+
+
+def melanoma() -> None:
+    threshold = predictor.mel_threshold
+    p_mel = prediction.probabilities["mel"]
+    record = recorded_operating_point(model_path, ckpt, threshold)
+    known = (f" On its test split this model at {threshold:.0%} found {record['sensitivity']:.1%} of melanomas "
+             f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity)." if record else
+             " Its sensitivity and specificity there are not in its run records.")
+    st.metric("P(melanoma)", f"{p_mel:.1%}", help=f"The model's operating threshold is P(mel) ≥ {threshold:.0%}."
+              + known)
+    if p_mel >= threshold:
+        st.error(f"P(melanoma) {p_mel:.1%} is at or above the operating threshold of {threshold:.0%}: refer / "
+                 "discuss with a dermatologist.", icon=":material/medical_services:")
+    else:
+        st.caption(f"Below the operating threshold of {threshold:.0%}.")
+
+
+right, left = st.columns([6, 5], gap="large")  # prediction first, explanation beside it
+with right:
+    if check.looks_dermoscopic:
+        st.markdown(f"### {prediction.top_name} ({prediction.top_class})")
+        melanoma()
+        probabilities()
+    else:
+        # No diagnosis heading for a photo the model cannot read: the warning above is the result.
+        with st.expander("The model's output anyway (not meaningful for this image)", expanded=False):
+            melanoma()
+            probabilities()
 
 with left:
     from core.explain import CAM_METHOD_NAMES, overlay
@@ -91,8 +124,9 @@ with left:
     c1, c2 = st.columns(2)
     method = c1.selectbox("Explanation method", list(CAM_METHOD_NAMES), format_func=CAM_METHOD_NAMES.get,
                           key="diag_method")
+    # Keyed per prediction: a new image (or model) starts from its own predicted class, not the last one's.
     target = c2.selectbox("For class", CLASSES, index=prediction.top_index, format_func=plots.class_label,
-                          key="diag_target", disabled=method == "eigencam",
+                          key=f"diag_target_{hash(key)}", disabled=method == "eigencam",
                           help="Eigen-CAM is class-agnostic." if method == "eigencam" else None)
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diag_alpha")
     cam_key = (key, method, target)
@@ -106,7 +140,9 @@ with left:
             heat = None
         st.session_state["diag_cam"] = cam = (cam_key, heat)
     images = [prediction.image]
-    captions = ["uploaded image (as the model sees it, before resizing)"]
+    size, (in_h, in_w) = predictor.prep.source_size, predictor.prep.input_size
+    captions = [(f"the upload brought to {size[0]}×{size[1]}, the size of this model's training images"
+                 if size else "the upload as decoded") + f", before the resize to its {in_w}×{in_h} input"]
     if cam[1] is not None:
         images.append(overlay(prediction.image, cam[1], alpha))
         captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")

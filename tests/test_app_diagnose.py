@@ -329,3 +329,10 @@ def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_p
     at = upload_sample(at, low)
     assert not any("dermatologist" in e.value for e in at.error)
     assert "Below the operating threshold" in texts(at)
+
+
+def test_flip_averaging_is_on_by_default(diagnose):
+    # It helped the reference model on the validation split (see core.predict.USE_TTA_BY_DEFAULT).
+    assert diagnose.toggle(key="diag_tta").value is True
+    at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
+    assert at.session_state["diag_result"][1].tta

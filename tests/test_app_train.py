@@ -8,6 +8,7 @@ import pytest
 
 from core import jobs
 from core.imbalance import STRATEGIES
+from core.models import weights_file
 from core.runs import read_run
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
@@ -155,16 +156,6 @@ def test_a_failed_download_is_explained(tmp_path, monkeypatch):
     assert any("The download did not finish" in e.value for e in at.error)
 
 
-def test_missing_weights_file_is_refused(train_env):
-    at = app_test("train")
-    fill_tiny(at, "no-weights", epochs=1)
-    at.text_input(key="weights_path_seed").set_value("/nowhere/resnet18.pth")
-    start_button(at).click().run()
-    no_exceptions(at)
-    assert any("/nowhere/resnet18.pth does not exist" in e.value for e in at.error)
-    assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()
-
-
 def test_an_automatic_run_name_follows_the_chosen_architecture(train_env):
     at = app_test("train")
     fill_tiny(at, "", epochs=1)
@@ -187,13 +178,19 @@ def test_the_form_starts_with_an_architecture_whose_imagenet_file_is_here(train_
     assert "instead of the preset's resnet18" in texts(at)
 
 
-def test_imagenet_training_without_the_file_is_refused_with_where_to_put_it(train_env, tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+@pytest.mark.parametrize("weights", ["/nowhere/resnet18.pth", "imagenet"])
+def test_weights_that_are_not_on_this_computer_are_refused(train_env, tmp_path, monkeypatch, weights):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # a closed network: nothing cached
     at = app_test("train")
-    fill_tiny(at, "offline", epochs=1)
-    at.selectbox(key="weights_seed").set_value("imagenet")
+    fill_tiny(at, "no-weights", epochs=1)
+    if weights == "imagenet":
+        at.selectbox(key="weights_seed").set_value("imagenet")
+        why = ["ImageNet weights for resnet18 are not on this computer", str(weights_file("resnet18"))]
+    else:
+        at.text_input(key="weights_path_seed").set_value(weights)
+        why = [f"{weights} does not exist"]
     start_button(at).click().run()
     no_exceptions(at)
     errors = " ".join(e.value for e in at.error)
-    assert "not on this computer" in errors and str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in errors
-    assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "offline").exists()
+    assert all(w in errors for w in why), errors
+    assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()

@@ -95,7 +95,8 @@ def melanoma() -> None:
     p_mel = prediction.probabilities["mel"]
     record = recorded_operating_point(model_path, ckpt, threshold)
     known = (f" On its test split this model at {threshold:.0%} found {record['sensitivity']:.1%} of melanomas "
-             f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity)." if record else
+             f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), without flip "
+             "averaging." if record else
              " Its sensitivity and specificity there are not in its run records.")
     st.metric("P(melanoma)", f"{p_mel:.1%}", help=f"The model's operating threshold is P(mel) ≥ {threshold:.0%}."
               + known)

@@ -6,17 +6,28 @@ someone sent you.
 """
 from __future__ import annotations
 
+import math
+import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.files import atomic_write
+from core.formatting import format_bytes
 from core.labels import CLASSES, check_class_order
-from core.models import LesionNet, build_model
-from core.preprocessing import Preprocessing
+from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model
+from core.preprocessing import Preprocessing, is_finite_number
 
 FORMAT = "lesionlab-checkpoint/1"
+# What every checkpoint carries besides the marker (``checkpoint_dict`` writes them all).
+REQUIRED_FIELDS = ("arch", "head", "finetune", "classes", "preprocessing", "temperature", "model_state")
+# The largest real checkpoint is a full ResNet-50 run's last.pt with Adam's two moments: about 300 MB.
+# torch.load reads a file whole before anything can be checked, so a bigger one is refused unread.
+MAX_CHECKPOINT_BYTES = 2**30
+# The split draws with random_state seed and seed + 1, which scikit-learn takes below 2**32.
+MAX_SPLIT_SEED = 2**32 - 2
 
 
 class CheckpointError(ValueError):
@@ -44,18 +55,101 @@ def checkpoint_dict(model: LesionNet, prep: Preprocessing, *, head: str, tempera
     }
 
 
+def _load_failure(path: Path, exc: Exception) -> CheckpointError:
+    """Why ``torch.load`` refused the file, without torch's advice to retry with ``weights_only=False``:
+    for a file from someone else that advice is how code gets run."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        name = re.search(r"GLOBAL ([\w.]+)", text)
+        if name:
+            return CheckpointError(
+                f"{path} was not loaded: opening it would import and call {name.group(1)}, which a Lesion Lab "
+                "checkpoint never does. The file may be malicious; use only checkpoints written by Lesion Lab.")
+        # torch keeps the unpickler's own complaint as the context; its wrapper is all advice.
+        text = str(exc.__context__ or "").strip() or "not a pickle of tensors and plain values"
+    # The first sentence: torch goes on with advice on how it saves files.
+    detail = text.strip().splitlines()[0].split(". ")[0] if text.strip() else "the file is empty or cut short"
+    return CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail})")
+
+
+def _is_whole(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_fields(ckpt: dict) -> None:
+    """Raise ValueError naming the first field that is missing or out of bounds; nothing is built before."""
+    missing = [key for key in REQUIRED_FIELDS if key not in ckpt]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    for key, allowed in (("arch", tuple(ARCHITECTURES)), ("head", HEADS), ("finetune", FINETUNE_POLICIES)):
+        if not isinstance(ckpt[key], str) or ckpt[key] not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {ckpt[key]!r}")
+    if not isinstance(ckpt["classes"], list | tuple):
+        raise ValueError(f"classes must be the list {list(CLASSES)}; got {ckpt['classes']!r}")
+    check_class_order(ckpt["classes"])
+    if not isinstance(ckpt["preprocessing"], dict):
+        raise ValueError(f"preprocessing must be a dict; got {type(ckpt['preprocessing']).__name__}")
+    try:
+        Preprocessing.from_dict(ckpt["preprocessing"])
+    except ValueError as exc:
+        raise ValueError(f"preprocessing.{exc}") from None
+    temperature = ckpt["temperature"]
+    if not is_finite_number(temperature) or temperature <= 0:
+        # 0 or NaN gives NaN probabilities; a negative temperature turns the prediction upside down.
+        raise ValueError(f"temperature must be a finite number above 0; got {temperature!r}")
+    state = ckpt["model_state"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError("model_state must map parameter names to tensors")
+    # Optional fields: the trainer's config and progress, and the optimiser state a resumed run needs.
+    for key in ("config", "metrics", "optimizer_state", "scheduler_state"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise ValueError(f"{key} must be a dict; got {type(ckpt[key]).__name__}")
+    if "epoch" in ckpt and not _is_whole(ckpt["epoch"], 0):
+        raise ValueError(f"epoch must be a whole number from 0; got {ckpt['epoch']!r}")
+    best = ckpt.get("best_score", 0.0)
+    if not (is_finite_number(best) or best == -math.inf and isinstance(best, float)):  # -inf: no score yet
+        raise ValueError(f"best_score must be a finite number; got {best!r}")
+    _check_config(ckpt.get("config") or {})
+
+
+def _check_config(config: dict) -> None:
+    """The config entries read back from a checkpoint (by the evaluator, to recompute the split)."""
+    seed = config.get("split_seed")
+    if seed is not None and not (_is_whole(seed, 0) and seed <= MAX_SPLIT_SEED):
+        raise ValueError(f"config.split_seed must be a whole number from 0 to {MAX_SPLIT_SEED}; got {seed!r}")
+    fractions = config.get("split_fractions")
+    if fractions is not None and (not isinstance(fractions, list | tuple) or len(fractions) != 3
+                                  or not all(is_finite_number(f) and f >= 0 for f in fractions)):
+        raise ValueError(f"config.split_fractions must be three numbers from 0 (train, val, test); got {fractions!r}")
+    limit = config.get("max_images")
+    if limit is not None and not _is_whole(limit, 0):  # 0, like None, means every image
+        raise ValueError(f"config.max_images must be empty or a whole number from 0; got {limit!r}")
+    if not isinstance(config.get("data", ""), str):
+        raise ValueError(f"config.data must be a folder name; got {config['data']!r}")
+
+
 def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint in ``path``, every field checked (see ``REQUIRED_FIELDS`` and the bounds in
+    :mod:`core.preprocessing`); raises :class:`CheckpointError` naming the field and what is allowed."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        size = path.stat().st_size
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror})") from None
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{path} is {format_bytes(size)}, larger than any Lesion Lab checkpoint "
+                              f"(the limit is {format_bytes(MAX_CHECKPOINT_BYTES)}); it was not loaded")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, foreign objects
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise _load_failure(path, exc) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a Lesion Lab checkpoint (no {FORMAT!r} marker)")
     try:
-        check_class_order(ckpt["classes"])
+        _check_fields(ckpt)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return ckpt
@@ -64,7 +158,13 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_model(path: str | Path) -> tuple[LesionNet, dict]:
     """Rebuild the model stored in ``path`` (in eval mode, on the CPU) and return it with the checkpoint dict."""
     ckpt = read_checkpoint(path)
-    model = build_model(ckpt["arch"], weights="none", finetune=ckpt.get("finetune", "full"), head=ckpt["head"])
-    model.load_state_dict(ckpt["model_state"])
+    model = build_model(ckpt["arch"], weights="none", finetune=ckpt["finetune"], head=ckpt["head"])
+    try:
+        model.load_state_dict(ckpt["model_state"])
+    except RuntimeError as exc:  # weights of another architecture, or an edited state
+        # torch's first line only says that loading failed; the next ones list the missing and odd keys.
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        detail = "; ".join(textwrap.shorten(line, 160, placeholder=" …") for line in lines[:2]) or str(exc)
+        raise CheckpointError(f"{path} does not rebuild into a {ckpt['arch']} model ({detail})") from None
     model.eval()
     return model, ckpt

@@ -6,9 +6,10 @@ tree, so all 10015 images index in well under a second.
 """
 from __future__ import annotations
 
-import io
+import csv
 import os
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,19 @@ SPLITS = ("train", "val", "test")
 # Magic bytes let the index flag empty and non-image files without decoding them.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 
+# Looking through a folder is bounded: a HAM10000 folder is two levels and about 10,000 files deep, so
+# these only stop a wrong choice ("/", "/proc", a home folder) before it costs minutes and memory.
+MAX_WALK_DEPTH = 6
+MAX_WALK_ENTRIES = 200_000
+MAX_WALK_SECONDS = 20.0
+# A table describes the images beside it: one far longer than that is not their metadata, and is refused
+# after reading at most this many rows rather than parsed whole.
+METADATA_ROWS_PER_IMAGE = 10
+METADATA_ROWS_SLACK = 1_000
+MAX_METADATA_ROWS = 200_000
+# A header line longer than this is not a metadata header (and must not be read whole to find out).
+MAX_HEADER_BYTES = 64 * 1024
+
 
 class DatasetError(Exception):
     """A problem that stops the dataset from being used; the message says what to do."""
@@ -37,20 +51,53 @@ class DatasetError(Exception):
 # Metadata
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A CSV or TSV (sniffed from the header) as stripped strings, with lower-case column names and a
-    ``row`` column holding the line number a user sees in an editor. Handles CRLF and Dataverse's quoting."""
-    path = Path(path)
+def _first_line(path: Path) -> str:
     try:
-        text = path.read_bytes().decode("utf-8-sig", errors="replace")
+        with path.open("r", encoding="utf-8-sig", errors="replace") as fh:
+            return fh.readline(MAX_HEADER_BYTES)
     except OSError as exc:
         raise DatasetError(f"Cannot read {path}: {exc.strerror}.") from None
-    first_line = text.split("\n", 1)[0]
-    sep = "\t" if first_line.count("\t") > first_line.count(",") else ","
+
+
+def _separator(line: str) -> str:
+    return "\t" if line.count("\t") > line.count(",") else ","
+
+
+def read_header(path: str | Path) -> list[str]:
+    """A CSV or TSV's column names as :func:`read_table` gives them, from its first line only."""
+    line = _first_line(Path(path))
+    return [c.strip().strip('"').strip().lower() for c in next(csv.reader([line], delimiter=_separator(line)), [])]
+
+
+def metadata_row_limit(images: int) -> int:
+    """The most rows a table describing ``images`` image files may have."""
+    return min(METADATA_ROWS_PER_IMAGE * images + METADATA_ROWS_SLACK, MAX_METADATA_ROWS)
+
+
+def read_table(path: str | Path, *, images: int | None = None) -> pd.DataFrame:
+    """A CSV or TSV (sniffed from the header) as stripped strings, with lower-case column names and a
+    ``row`` column holding the line number a user sees in an editor. Handles CRLF and Dataverse's quoting.
+
+    ``images``, the number of image files the table describes, bounds the rows read
+    (:func:`metadata_row_limit`); a longer table is refused without being read to its end.
+    """
+    path = Path(path)
+    limit = None if images is None else metadata_row_limit(images)
     try:
-        table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, sep=_separator(_first_line(path)), dtype=str, keep_default_na=False,
+                            encoding="utf-8-sig", encoding_errors="replace",
+                            nrows=None if limit is None else limit + 1)
+    except OSError as exc:
+        raise DatasetError(f"Cannot read {path}: {exc.strerror or exc}.") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"{path} is not a readable CSV/TSV file ({exc}).") from None
+    if limit is not None and len(table) > limit:
+        raise DatasetError(
+            f"{path} has more than {limit:,} rows for the {images:,} image files found beside it, so it is not "
+            f"their metadata (a table may have at most {METADATA_ROWS_PER_IMAGE} rows per image file plus "
+            f"{METADATA_ROWS_SLACK:,}, and never more than {MAX_METADATA_ROWS:,}). Check that the images are in "
+            "the folder and that this is the right table."
+        )
     table.columns = [c.strip().strip('"').strip().lower() for c in table.columns]
     for col in table.columns:
         table[col] = table[col].astype(str).str.strip().str.strip('"').str.strip()
@@ -78,31 +125,39 @@ def tidy_metadata(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[["row", *METADATA_COLUMNS, *(["path"] if "path" in frame.columns else [])]]
 
 
-def read_metadata(path: str | Path) -> pd.DataFrame:
+def read_metadata(path: str | Path, *, images: int | None = None) -> pd.DataFrame:
     """Read HAM10000 metadata as published: the CSV (CRLF) or Dataverse's tab-separated export.
 
     Ages may be written 80 or 80.0 or be missing; they become a float column with NaN.
-    ``sex`` keeps "unknown" as its own value and fills missing ones with it.
+    ``sex`` keeps "unknown" as its own value and fills missing ones with it. The header is checked
+    before the rows are read; ``images`` bounds the rows (see :func:`read_table`).
     """
-    table = read_table(path)
-    missing = [c for c in ("image_id", "dx") if c not in table.columns]
+    header = read_header(path)
+    missing = [c for c in ("image_id", "dx") if c not in header]
     if missing:
         raise DatasetError(
             f"{path} has no {' or '.join(missing)} column. Expected the HAM10000 metadata with columns "
             f"{', '.join(METADATA_COLUMNS)}."
         )
-    return tidy_metadata(table)
+    return tidy_metadata(read_table(path, images=images))
+
+
+def _is_metadata_candidate(name: str) -> bool:
+    return name in METADATA_NAMES or os.path.splitext(name)[1].lower() in (".csv", ".tab")
 
 
 def find_metadata(root: Path) -> Path:
     """The metadata file below ``root``: the published name first, then any CSV/TAB with image_id and dx."""
+    candidates = sorted(walk_files(root, _is_metadata_candidate))
     for name in METADATA_NAMES:
-        hits = sorted(root.rglob(name))
+        hits = [p for p in candidates if p.name == name]
         if hits:
             return hits[0]
-    for candidate in sorted([*root.rglob("*.csv"), *root.rglob("*.tab")]):
-        with candidate.open("r", encoding="utf-8-sig", errors="replace") as fh:
-            header = fh.readline().lower()
+    for candidate in candidates:
+        try:
+            header = read_header(candidate)
+        except DatasetError:  # an unreadable table is not the metadata
+            continue
         if "image_id" in header and "dx" in header:
             return candidate
     raise DatasetError(
@@ -173,13 +228,64 @@ class DatasetIndex:
         return self.frame["dx"].value_counts().reindex(CLASSES, fill_value=0)
 
 
-def walk_images(root: Path) -> Iterable[Path]:
-    # os.walk with suffix checks is several times faster than Path.rglob on 10k files.
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                yield Path(dirpath, name)
+def _listing(folder: Path) -> Iterator[os.DirEntry]:
+    """The entries of ``folder``; none, or only those read so far, when it cannot be listed or vanishes
+    meanwhile (as /proc's folders do)."""
+    try:
+        with os.scandir(folder) as entries:
+            yield from entries
+    except OSError:
+        return
+
+
+def walk_files(root: Path, keep: Callable[[str], bool], *, max_depth: int = MAX_WALK_DEPTH,
+               max_entries: int = MAX_WALK_ENTRIES, max_seconds: float = MAX_WALK_SECONDS) -> Iterator[Path]:
+    """Regular files below ``root`` whose name ``keep`` accepts, hidden files and folders left out.
+
+    Raises :class:`DatasetError` when a folder lies more than ``max_depth`` levels below ``root``, or the
+    walk meets more than ``max_entries`` files and folders or takes longer than ``max_seconds``. Folders
+    below ``root`` that cannot be listed are skipped; links to folders are not followed (no loops).
+    """
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DatasetError(f"Cannot read the folder {root}; check that it exists and that you may open it.")
+    deadline = time.monotonic() + max_seconds
+    seen = 0
+    pending = [(Path(root), 0)]
+    while pending:
+        folder, depth = pending.pop()
+        for entry in _listing(folder):
+            seen += 1
+            if seen > max_entries:
+                raise DatasetError(
+                    f"{root} holds more than {max_entries:,} files and folders; a dataset folder has far "
+                    "fewer (HAM10000: about 10,000). Choose the folder that holds the dataset itself."
+                )
+            if time.monotonic() >= deadline:
+                raise DatasetError(
+                    f"Looking through {root} took more than {max_seconds:g} s ({seen:,} files and folders "
+                    "so far). Choose the folder that holds the dataset itself, on a local disk."
+                )
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+                wanted = not is_folder and keep(entry.name) and entry.is_file()  # no FIFOs or devices
+            except OSError:  # vanished meanwhile
+                continue
+            if is_folder:
+                if depth == max_depth:
+                    raise DatasetError(
+                        f"{root} has folders more than {max_depth} levels deep ({entry.path}); a dataset keeps "
+                        "its images a level or two down. Choose the folder that holds the dataset itself."
+                    )
+                pending.append((Path(entry.path), depth + 1))
+            elif wanted:
+                yield Path(entry.path)
+
+
+def walk_images(root: Path) -> Iterator[Path]:
+    """JPEG and PNG files (by suffix) below ``root``, within the bounds of :func:`walk_files`."""
+    return walk_files(root, lambda name: os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
 
 
 def looks_like_image(path: Path) -> bool:
@@ -203,22 +309,24 @@ def index_dataset(root: str | Path, *, metadata: str | Path | None = None) -> Da
             f"Dataset folder {root} does not exist. Point the app or --data at the folder holding "
             "HAM10000_metadata.csv and the images, or download it with `python -m core.download`."
         )
+    images = sorted(walk_images(root))
     meta_path = Path(metadata) if metadata else find_metadata(root)
-    meta = read_metadata(meta_path)
+    meta = read_metadata(meta_path, images=len(images))
     report = ValidationReport(metadata_path=str(meta_path), rows_read=len(meta))
-    return pair_with_images(root, meta, report, "Check that the image files are named by their image_id "
+    return pair_with_images(root, images, meta, report, "Check that the image files are named by their image_id "
                             "(e.g. ISIC_0024306.jpg) and that the metadata's dx column uses the HAM10000 codes.")
 
 
-def pair_with_images(root: Path, meta: pd.DataFrame, report: ValidationReport, hint: str) -> DatasetIndex:
-    """Match metadata rows to image files named ``<image_id>.<ext>`` anywhere below ``root``.
+def pair_with_images(root: Path, images: list[Path], meta: pd.DataFrame, report: ValidationReport,
+                     hint: str) -> DatasetIndex:
+    """Match metadata rows to ``images`` (the sorted image files below ``root``) named ``<image_id>.<ext>``.
 
     Every mismatch goes into ``report``. Rows whose ``dx`` is not a class code are
     reported as unknown diagnoses, except an empty ``dx``, which marks a row its
     importer already reported; the images of both are set aside with their rows.
     """
     files: dict[str, Path] = {}
-    for path in sorted(walk_images(root)):
+    for path in images:
         image_id = path.stem
         if image_id in files:
             report.duplicate_image_ids.append(f"{image_id}: {files[image_id]} and {path}")
@@ -226,20 +334,24 @@ def pair_with_images(root: Path, meta: pd.DataFrame, report: ValidationReport, h
         files[image_id] = path
     report.images_found = len(files) + len(report.duplicate_image_ids)
 
+    # zip over columns rather than iterrows: a long table is reported in seconds, not minutes.
     dup_rows = meta["image_id"].duplicated(keep="first")
-    for _, r in meta[dup_rows].iterrows():
-        report.duplicate_image_ids.append(f"row {r.row}: image_id {r.image_id} already listed")
+    dups = meta[dup_rows]
+    report.duplicate_image_ids.extend(f"row {row}: image_id {image_id} already listed"
+                                      for row, image_id in zip(dups["row"], dups["image_id"], strict=True))
     meta = meta[~dup_rows]
     listed = set(meta["image_id"])  # set-aside rows' files are not "without metadata"
 
     known = meta["dx"].isin(CLASSES)
-    for _, r in meta[~known & (meta["dx"] != "")].iterrows():
-        report.unknown_diagnoses.append(f"row {r.row}: {r.image_id} has dx {r.dx!r}")
+    unknown = meta[~known & (meta["dx"] != "")]
+    report.unknown_diagnoses.extend(f"row {row}: {image_id} has dx {dx!r}" for row, image_id, dx
+                                    in zip(unknown["row"], unknown["image_id"], unknown["dx"], strict=True))
     meta = meta[known]
 
     has_file = meta["image_id"].isin(files.keys())
-    for _, r in meta[~has_file].iterrows():
-        report.rows_without_images.append(f"row {r.row}: {r.image_id}")
+    orphans = meta[~has_file]
+    report.rows_without_images.extend(f"row {row}: {image_id}"
+                                      for row, image_id in zip(orphans["row"], orphans["image_id"], strict=True))
     meta = meta[has_file].copy()
     report.images_without_metadata.extend(str(p) for i, p in files.items() if i not in listed)
     meta["path"] = [str(files[i]) for i in meta["image_id"]]

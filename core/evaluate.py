@@ -2,12 +2,15 @@
 
 The split is recomputed exactly as the trainer made it (lesion-grouped, with the
 seed and fractions stored in the checkpoint's config), so "test" means the
-images this model never trained or selected on.
+images this model never trained or selected on, provided the folder is the one it
+trained on: :func:`split_warning` says when it is not, or when the run's own
+``split.csv`` disagrees.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -19,13 +22,20 @@ from core.checkpoints import CheckpointError
 from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
 from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
-from core.inference import predict_probs
+from core.inference import PredictionError, check_probabilities, predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.layouts import index_any
 from core.predict import Predictor
+from core.runs import read_split
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 DEFAULT_SEED = 0
+# A batch holds at most as many pixels as 64 images of 224×224, whatever input size the checkpoint asks
+# for: a 1024×1024 image takes about 260 MB of activations in ResNet-50, so 64 of them would take 16 GB.
+MAX_BATCH_PIXELS = 64 * 224 * 224
+# Below this share of the recomputed split's images in the run's own split.csv, the "test" split
+# evaluated is not the one the run held out, and the result says so.
+SPLIT_OVERLAP_MIN = 0.9
 
 
 class EvaluationError(ValueError):
@@ -74,6 +84,60 @@ def select_split(frame: pd.DataFrame, split: str, seed: int, fractions: Sequence
     return rows
 
 
+def bounded_batch_size(requested: int, input_size: Sequence[int]) -> int:
+    """``requested``, lowered so that a batch of ``input_size`` (height, width) images stays within
+    ``MAX_BATCH_PIXELS``; at least 1."""
+    return max(1, min(requested, MAX_BATCH_PIXELS // (input_size[0] * input_size[1])))
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
+def _share_in_run_split(run_dir: Path, split: str, frame: pd.DataFrame) -> float | None:
+    """The share of ``frame``'s images that the run in ``run_dir`` put in ``split``; None without a readable
+    ``split.csv``."""
+    try:
+        own = read_split(run_dir)
+        own_ids = set(own.loc[own["split"] == split, "image_id"].astype(str))
+    except (OSError, ValueError, KeyError):  # no split.csv, or one that proves nothing either way
+        return None
+    return float(frame["image_id"].astype(str).isin(own_ids).mean()) if len(frame) else None
+
+
+def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split: str,
+                  frame: pd.DataFrame) -> str | None:
+    """Why the ``split`` recomputed on ``data`` (its rows are ``frame``) may not be the images the
+    checkpoint's run held out as ``split``, or None. Compares with the run's ``split.csv`` when the
+    checkpoint sits in its run folder, and ``data`` with the folder the run trained on."""
+    if split == "all":
+        return None
+    reasons = []
+    trained_on = config.get("data")
+    same_folder = bool(trained_on) and _same_folder(trained_on, data)
+    if trained_on and Path(trained_on).expanduser().is_dir() and not same_folder:
+        reasons.append(f"{data} is not the folder this model was trained on ({trained_on})")
+    run_dir = Path(checkpoint).parent
+    share = _share_in_run_split(run_dir, split, frame)
+    if share is not None and share < SPLIT_OVERLAP_MIN:
+        reasons.append(f"only {share:.0%} of these {len(frame)} {split} images are in the {split} split of run "
+                       f"{run_dir.name}")
+    if not reasons:
+        return None
+    # "all" is the honest choice on other images; on the training images it would include training images.
+    if same_folder:
+        advice = "some of these images may have been training images"
+    elif share is not None and share >= SPLIT_OVERLAP_MIN:  # the run's image names: a copy, or other images
+        advice = f"unless {data} is a copy of the training images, pass --split all to evaluate on every image"
+    else:
+        advice = f"pass --split all to evaluate on every image of {data}"
+    return (f"{'; '.join(reasons)}. The {split} split recomputed here may not be the one the run held out, so "
+            f"these numbers may not be its {split} results; {advice}")
+
+
 def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:
     # Only on a terminal: a log file full of carriage returns helps nobody.
     show = sys.stderr.isatty()
@@ -101,9 +165,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     index = index_data(data)
     frame = select_split(index.frame, split, seed, fracs)
     dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
+    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, labels = predict_probs(predictor.model, _progress(loader, len(dataset), batch_size), predictor.device,
                                   temperature=predictor.temperature, tta=tta)
+    check_probabilities(probs)
     metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
     predictions = [
         {"image_id": image_id, "path": path, "true": CLASSES[label], "predicted": CLASSES[int(p.argmax())],
@@ -121,6 +187,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
         "split_note": ("this is not the split the checkpoint was trained with; its test images may have been "
                        "training images" if split != "all" and source == "command line" and "split_seed" in config
                        else None),
+        "split_warning": split_warning(checkpoint, data, config, split, frame),
         "n_images": len(frame),
         "validation": {"ok": index.report.ok, "summary": index.report.summary(),
                        "problems": index.report.problems().values.tolist()},
@@ -236,12 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)
+        if result["split_warning"]:
+            print(f"warning: {result['split_warning']}.", file=sys.stderr)
         print(format_report(result))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
             print(f"\nreport written to {args.out}")
-    except (CheckpointError, DatasetError, ImageError, EvaluationError, OSError) as exc:
+    except (CheckpointError, DatasetError, ImageError, EvaluationError, PredictionError, OSError) as exc:
         message = str(exc)
         if "Original Traceback" in message:
             # Raised in a DataLoader worker: torch appends the worker's traceback; its last line is the error.

@@ -7,6 +7,7 @@ here so the data pipeline and the predictor decode identically.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -16,63 +17,135 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | BinaryIO
 
-# A 200-megapixel photo is already far beyond any dermatoscope; beyond that it is
-# most likely a decompression bomb, which would exhaust memory when decoded.
-MAX_PIXELS = 200_000_000
+# Decoded size, checked from the header before any pixel is decoded. A 24-megapixel dermatoscope photo is
+# the largest real input; beyond 40 megapixels a file is most likely a decompression bomb (a few kilobytes
+# of PNG can declare gigapixels). The limits keep one image under about 500 MB from decode to 8-bit RGB:
+# Pillow holds 8-bit RGB in 4 bytes a pixel, and 16-bit, float and transparent images need a second
+# full-size buffer to become RGB, so they get half the pixels.
+MAX_PIXELS = 40_000_000
+MAX_PIXELS_DEEP = 20_000_000
+_DEEP_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+DEEP_MODES = _DEEP_GREY | {"RGBA", "RGBa", "LA", "La", "PA"}
+# What an image someone asks about (an upload, a file given to the CLI) must have to be worth a diagnosis:
+# below 32 pixels a lesion has no visible structure (HAM10000's are 600×450), and dermoscopy is never
+# more elongated than 4:1. Dataset images are not held to these (see open_image's ``upload``).
+MIN_SIDE = 32
+MAX_ASPECT = 4.0
+
+# Pillow's own decompression-bomb guard (a warning above MAX_IMAGE_PIXELS, an error above twice that, with
+# its own wording) follows the same limit, so no Pillow user in the process decodes more than we would.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageError(ValueError):
     """An image that cannot be used, with a message meant for the person who supplied it."""
 
 
+def _pixel_limit(mode: str) -> int:
+    return MAX_PIXELS_DEEP if mode in DEEP_MODES else MAX_PIXELS
+
+
+def _limits_text() -> str:
+    return (f"at most {MAX_PIXELS // 1_000_000} megapixels are accepted ({MAX_PIXELS_DEEP // 1_000_000} for "
+            "16-bit, floating-point or transparent images); downscale it first")
+
+
+def _check_size(name: str, width: int, height: int, mode: str, upload: bool) -> None:
+    pixels = width * height
+    if pixels > _pixel_limit(mode):
+        raise ImageError(f"{name} is too large: {width}×{height} pixels ({pixels / 1e6:.1f} megapixels, "
+                         f"mode {mode}); {_limits_text()}.")
+    if not upload:
+        return
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{name} is only {width}×{height} pixels, too small to show a lesion: an image needs "
+                         f"at least {MIN_SIDE} pixels on its shorter side. Use the original photo, not a thumbnail.")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(f"{name} is {width}×{height} pixels, {max(width, height) / min(width, height):.1f}:1; "
+                         f"a dermoscopy image is never more elongated than {MAX_ASPECT:.0f}:1. "
+                         "Crop it around the lesion.")
+
+
+def _bomb_message(name: str, exc: Exception) -> str:
+    # Pillow refuses beyond twice MAX_IMAGE_PIXELS before handing over the header; its message has the count.
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f" ({int(found.group(1)) / 1e6:.1f} megapixels)" if found else ""
+    return f"{name} is too large{size}; {_limits_text()}."
+
+
+def _stretch_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit and float greyscale to 8-bit "L", rescaling the actual range instead of clipping.
+
+    In place in float32 (exact for 16-bit values): one buffer of 4 bytes a pixel besides the source.
+    """
+    lo, hi = img.getextrema()
+    arr = np.array(img, dtype=np.float32)
+    if hi > lo:
+        arr -= lo
+        arr *= 255.0 / (hi - lo)
+        np.rint(arr, out=arr)
+    else:
+        arr[...] = 0
+    return Image.fromarray(arr.astype(np.uint8))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float greyscale: rescale the actual range to 8 bits instead of clipping.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-        return Image.fromarray(scaled.round().astype(np.uint8), "L").convert("RGB")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # Transparent pixels carry no skin; white keeps them from looking like dark pigment.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in _DEEP_GREY:
+        return _stretch_to_8bit(img).convert("RGB")
+    if img.mode in ("P", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")  # a palette's transparency becomes alpha
+    if img.mode in ("RGBA", "LA"):
+        # Transparent pixels carry no skin; white keeps them from looking like dark pigment. Pasting through
+        # the alpha blends exactly as alpha_composite onto white would, without full-size RGBA copies.
+        rgb = Image.new("RGB", img.size, (255, 255, 255))
+        rgb.paste(img, mask=img)
+        return rgb
     return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV, 1
 
 
-def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
+def _shrink(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Box-average by an integer factor while the result stays at least twice ``target`` (width, height):
+    the later LANCZOS resize then sees no difference, and the full-size image is released at once."""
+    factor = min(img.width // (2 * target[0]), img.height // (2 * target[1]))
+    return img.reduce(factor) if factor >= 2 else img
+
+
+def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None,
+               upload: bool = False) -> Image.Image:
     """Decode ``source`` to an upright 8-bit RGB image or raise :class:`ImageError`.
 
-    ``draft_size`` lets the JPEG decoder skip detail that a later downscale would
-    discard (DCT scaling), which makes large photos several times faster to load.
+    The header's size is checked before decoding (:data:`MAX_PIXELS`, :data:`MAX_PIXELS_DEEP`). With
+    ``upload`` the image must also be big and square enough to diagnose (:data:`MIN_SIDE`,
+    :data:`MAX_ASPECT`); dataset images are taken as their dataset has them.
+
+    ``draft_size`` (width, height) is the size the image is headed for: the JPEG decoder skips detail a
+    later downscale would discard (DCT scaling), and other images are reduced to twice that size right
+    after decoding, which makes large photos fast to load and small in memory.
     """
     name = str(source) if isinstance(source, (str, Path)) else "the uploaded file"
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(
-                        f"{name} is {img.width}×{img.height} pixels, more than the "
-                        f"{MAX_PIXELS // 1_000_000} megapixels accepted; downscale it first."
-                    )
-                if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
-                    raise ImageError(f"{name} is an animation ({img.n_frames} frames); upload a single still image.")
-                if draft_size is not None and img.format == "JPEG":
-                    img.draft("RGB", draft_size)
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+            # Pillow warns from its limit (ours) up to twice it; _check_size says the same with the real size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source)
+        with img:
+            _check_size(name, img.width, img.height, img.mode, upload)
+            if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
+                raise ImageError(f"{name} is an animation ({img.n_frames} frames); upload a single still image.")
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", draft_size)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when already upright
+            rgb = _to_rgb(img)
+        return _shrink(rgb, draft_size) if draft_size is not None else rgb
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name} is too large to decode safely ({exc}).") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(_bomb_message(name, exc)) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image PIL can read; use a JPEG or PNG file.") from None
     except FileNotFoundError:

@@ -13,6 +13,25 @@ import torch
 from core.labels import NUM_CLASSES
 
 
+class PredictionError(ValueError):
+    """A model's output is not a probability distribution, so no prediction or metric may be shown."""
+
+
+def check_probabilities(probs: np.ndarray) -> None:
+    """Raise :class:`PredictionError` unless every row of ``probs`` (n, classes) is finite and sums to 1.
+
+    Broken weights (NaN or infinite) load without complaint and then give NaN, which would otherwise
+    reach a diagnosis heading or a metric as if it were a number.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    valid = np.isfinite(probs).all(axis=1) & (np.abs(probs.sum(axis=1) - 1.0) < 1e-4) & (probs >= 0).all(axis=1)
+    bad = int((~valid).sum())
+    if bad:
+        what = "this image" if len(probs) == 1 else f"{bad} of {len(probs)} images"
+        raise PredictionError(f"the model gave no valid probabilities for {what} (NaN, infinite or not summing "
+                              "to 1): its weights or temperature are broken, so no result is shown")
+
+
 def flip_views(x: torch.Tensor) -> torch.Tensor:
     """The batch, then its horizontal, vertical and double flips, stacked along the batch axis.
 

@@ -7,9 +7,13 @@ that runs one or more training configs one after another, each as
 folder's ``train.log``. A single training run is a job of one config; the
 imbalance experiment is a job of one run per strategy.
 
-One job at a time: ``RUNS/.job.lock`` names the job and its worker's pid. A lock
-whose process is gone (crashed, killed, machine rebooted) is stale and released
-by the next caller. Stopping writes ``STOP`` into the current run folder, which
+One job at a time: ``RUNS/.job.lock`` names the job and its worker's pid, and the
+worker records each trainer it starts in the job's ``trainer.json``. The trainer
+stays in the worker's process group (so :func:`kill_job` reaches both) and on Linux
+gets SIGTERM when the worker dies, even by SIGKILL. A lock is stale, and released by
+the next caller, only when neither the worker nor its trainer lives. A worker runs
+only a job that holds the lock, and only one worker runs a job: it claims the job's
+``worker.json`` first. Stopping writes ``STOP`` into the current run folder, which
 the trainer honours at the next step, and tells the worker to start nothing more.
 
 What a run folder holds, and how to read one, is in :mod:`core.runs`.
@@ -29,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from core.files import read_json, read_tail, write_json
-from core.runs import error_from_log, list_runs, mark_unfinished, read_status, request_stop
+from core.procs import die_with_parent, pid_alive, proc_start_time, process_record, record_alive
+from core.runs import check_run_name, error_from_log, list_runs, mark_unfinished, read_status, request_stop
 from core.settings import PROJECT_ROOT
 
 LOCK_NAME = ".job.lock"
@@ -69,54 +74,6 @@ def _ago(t: float) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Processes
-
-
-def _proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (Linux), which tells a reused pid from the original process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses; fields after the last ")" are fixed.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
-    """Whether ``pid`` is a live process (not a zombie) and, when known, the same one that was recorded."""
-    if not pid or pid <= 0:
-        return False
-    try:  # reap it if it is our own finished child, so it does not linger as a zombie
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    if _proc_state(pid) in ("Z", "X"):
-        return False
-    if start_time is not None:
-        now = _proc_start_time(pid)
-        if now is not None and now != start_time:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------
 # Jobs and the lock
 
 
@@ -144,6 +101,16 @@ class Job:
         return self.stop_file.exists()
 
     @property
+    def trainer_file(self) -> Path:
+        """The trainer the worker runs now (pid and start time), written as soon as it is started."""
+        return self.file.parent / "trainer.json"
+
+    @property
+    def worker_file(self) -> Path:
+        """Created by the job's worker when it claims the job; a second worker finds it and refuses."""
+        return self.file.parent / "worker.json"
+
+    @property
     def current_run(self) -> str | None:
         """The run the worker is on: the last one whose folder exists."""
         current = None
@@ -154,7 +121,9 @@ class Job:
 
     @property
     def alive(self) -> bool:
-        return pid_alive(self.pid, self.pid_start)
+        """Whether any process of the job lives: the worker, or the trainer it started, which outlives a killed
+        worker by the moment it takes to handle its SIGTERM (and for good where that signal does not exist)."""
+        return pid_alive(self.pid, self.pid_start) or record_alive(read_json(self.trainer_file) or {})
 
     def config_path(self, run: str) -> Path:
         """The config a queued run will train with (the run folder has none until it starts)."""
@@ -235,8 +204,10 @@ def _validate(config: dict) -> dict:
 
 
 def _check_name(runs_dir: Path, name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name in ("..",):
-        raise JobError(f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.'.")
+    try:
+        check_run_name(name)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
     if (runs_dir / name).exists():
         raise JobError(f"A run named {name!r} already exists in {runs_dir}; choose another name.")
 
@@ -250,7 +221,7 @@ def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | Non
     for name in names:
         _check_name(runs_dir, name)
     job = Job(id=_new_id(), kind=kind, runs=names, runs_dir=runs_dir, pid=os.getpid(),
-              pid_start=_proc_start_time(os.getpid()), experiment=experiment)
+              pid_start=proc_start_time(os.getpid()), experiment=experiment)
     extra = {"configs": [f"{c['name']}.json" for c in configs]}
     return _spawn(job, LOCK_NAME, extra, {f"{c['name']}.json": c for c in configs})
 
@@ -278,7 +249,7 @@ def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
             )
         finally:
             log.close()
-        job.pid, job.pid_start = proc.pid, _proc_start_time(proc.pid)
+        job.pid, job.pid_start = proc.pid, proc_start_time(proc.pid)
         data = read_json(lock)
         if data is not None and data.get("id") == job.id:
             write_json(lock, job.to_dict())
@@ -369,8 +340,12 @@ def _run_one(job: Job, cfg_path: Path) -> int:
     run_dir = job.runs_dir / cfg["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "ab") as log:
+        # The trainer stays in our process group, so kill_job's killpg reaches it, and dies with us: a trainer
+        # left running by a killed worker would train beside the next job and could not be stopped.
         proc = subprocess.Popen([sys.executable, "-m", "core.train", "--config", str(cfg_path)],
-                                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent())
+        write_json(job.trainer_file, {**process_record(proc.pid), "run": cfg["name"]})
         try:
             while (rc := proc.poll()) is None:
                 # The trainer deletes a stale STOP when it starts; repeat a stop asked for during start-up.
@@ -390,10 +365,35 @@ def _run_one(job: Job, cfg_path: Path) -> int:
     return rc
 
 
+def _claim(job: Job, lock: Path) -> str | None:
+    """Make this process the job's only worker; why it cannot be, when it cannot."""
+    held = read_json(lock) or {}
+    if held.get("id") != job.id:
+        return f"job {job.id} does not hold {lock} (it is {held.get('id') or 'free'}); start jobs from the app"
+    holder = held.get("pid")
+    # The lock names the app that started us until the app has written our pid into it.
+    if holder not in (os.getpid(), os.getppid()) and pid_alive(holder, held.get("pid_start")):
+        return f"job {job.id} is run by another worker (pid {holder})"
+    try:
+        fd = os.open(job.worker_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        other = read_json(job.worker_file) or {}
+        return f"job {job.id} already had a worker (pid {other.get('pid', '?')}); a job runs once"
+    with os.fdopen(fd, "w") as fh:
+        json.dump(process_record(os.getpid()), fh)
+    return None
+
+
 def worker(job_file: Path) -> int:
+    """Run a job file's configs (or its download); exit code 2 when the job is not this worker's to run."""
     job_file = Path(job_file)
     data = json.loads(job_file.read_text())
     job = Job.from_dict(data, job_file.parent.parent.parent)
+    lock = _lock_path(job.runs_dir, data.get("lock", LOCK_NAME))
+    refusal = _claim(job, lock)
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
 
     def _terminate(signum, frame):
         raise SystemExit(128 + signum)
@@ -408,7 +408,7 @@ def worker(job_file: Path) -> int:
                     break
                 _run_one(job, job_file.parent / cfg_name)
     finally:
-        _release(_lock_path(job.runs_dir, data.get("lock", LOCK_NAME)), job.id)
+        _release(lock, job.id)
     return 0
 
 
@@ -421,7 +421,7 @@ def start_download(dest: Path, runs_dir: Path, *, include_external: bool = False
     runs_dir = Path(runs_dir).resolve()
     dest = Path(dest).expanduser().resolve()
     job = Job(id=_new_id(), kind="download", runs=[], runs_dir=runs_dir, pid=os.getpid(),
-              pid_start=_proc_start_time(os.getpid()))
+              pid_start=proc_start_time(os.getpid()))
     extra = {"dest": str(dest), "include_external": include_external, "server": server}
     job = _spawn(job, DOWNLOAD_LOCK, extra, {})
     write_json(runs_dir / JOBS_DIR / "last_download.json", {"id": job.id})

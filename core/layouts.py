@@ -15,7 +15,7 @@ aside. :func:`index_any` picks the importer from what a folder holds.
 """
 from __future__ import annotations
 
-import csv
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,10 @@ from core.data import (
     finish_index,
     index_dataset,
     pair_with_images,
+    read_header,
     read_table,
     tidy_metadata,
+    walk_files,
     walk_images,
 )
 from core.labels import CLASSES, DISPLAY_NAMES, ISIC2018_COLUMNS, code_from_onehot
@@ -146,7 +148,8 @@ def import_isic_cli(root: str | Path, metadata: str | Path | None = None) -> Dat
     """An ``isic image download`` folder: ``metadata.csv`` (``isic_id``, diagnosis columns) and ``<isic_id>.jpg``."""
     root = _existing_dir(root)
     path = Path(metadata) if metadata else _find_table(root, lambda h: "isic_id" in h, "an isic-cli metadata.csv")
-    table = read_table(path)
+    images = sorted(walk_images(root))
+    table = read_table(path, images=len(images))
     if "isic_id" not in table.columns or not any(c in table.columns for c in _DIAGNOSIS_COLUMNS):
         raise DatasetError(f"{path} has no isic_id and diagnosis columns; it is not an isic-cli metadata.csv.")
     levels = [c for c in _DIAGNOSIS_COLUMNS if c in table.columns]
@@ -171,7 +174,7 @@ def import_isic_cli(root: str | Path, metadata: str | Path | None = None) -> Dat
         report.unknown_diagnoses.append(
             f"row {frame['row'].iat[i]}: {frame['image_id'].iat[i]} has diagnosis {most_specific[i]!r}"
         )
-    return pair_with_images(root, tidy_metadata(frame), report,
+    return pair_with_images(root, images, tidy_metadata(frame), report,
                             "Check that the image files are named by the image ids in isic-cli's metadata.csv.")
 
 
@@ -182,7 +185,8 @@ def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | No
     path = Path(ground_truth) if ground_truth else _find_table(
         root, lambda h: "image" in h and all(c in h for c in columns), "an ISIC 2018 ground-truth CSV"
     )
-    table = read_table(path)
+    images = sorted(walk_images(root))
+    table = read_table(path, images=len(images))
     missing = [c.upper() for c in ["image", *columns] if c not in table.columns]
     if missing:
         raise DatasetError(f"{path} lacks the column(s) {', '.join(missing)} of an ISIC 2018 Task 3 ground truth.")
@@ -195,7 +199,7 @@ def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | No
             report.unknown_diagnoses.append(f"row {r['row']}: {r['image']} ({exc})")
             dx.append("")
     frame = pd.DataFrame({"row": table["row"], "lesion_id": "", "image_id": table["image"], "dx": dx})
-    return pair_with_images(root, tidy_metadata(frame), report,
+    return pair_with_images(root, images, tidy_metadata(frame), report,
                             "Check that the image files are named by the image ids in the ISIC 2018 ground-truth CSV.")
 
 
@@ -238,22 +242,15 @@ def _existing_dir(root: str | Path) -> Path:
 
 
 def _tables(root: Path) -> list[Path]:
-    # Hidden folders hold partial downloads and tool state, not data.
-    return sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in _TABLE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    # walk_files leaves out hidden folders: they hold partial downloads and tool state, not data.
+    return sorted(walk_files(root, lambda name: os.path.splitext(name)[1].lower() in _TABLE_SUFFIXES))
 
 
 def _header(path: Path) -> list[str]:
     try:
-        with path.open("r", encoding="utf-8-sig", errors="replace") as fh:
-            line = fh.readline()
-    except OSError:
+        return read_header(path)
+    except DatasetError:  # an unreadable table matches no layout
         return []
-    sep = "\t" if line.count("\t") > line.count(",") else ","
-    return [c.strip().strip('"').strip().lower() for c in next(csv.reader([line], delimiter=sep), [])]
 
 
 def _class_folders(root: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from PIL import Image
 from core.checkpoints import CheckpointError, load_model
 from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
-from core.inference import class_probabilities
+from core.inference import PredictionError, check_probabilities, class_probabilities
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
@@ -64,17 +64,6 @@ class Prediction:
         }
 
 
-def _load(checkpoint: str | Path):
-    try:
-        return load_model(checkpoint)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        # A file with our marker whose contents do not fit its own architecture (edited or truncated state).
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{checkpoint} does not rebuild into a model ({type(exc).__name__}: {detail})") from None
-
-
 class Predictor:
     """A checkpoint loaded once, ready to classify and explain images.
 
@@ -85,13 +74,13 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
         tune_allocator()
-        model, ckpt = _load(checkpoint)
+        model, ckpt = load_model(checkpoint)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.checkpoint = ckpt
         self.path = Path(checkpoint)
         self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
-        self.temperature = float(ckpt.get("temperature", 1.0))
+        self.temperature = float(ckpt["temperature"])
         self.transform = eval_transform(self.prep)
         self._lock = threading.Lock()
 
@@ -99,20 +88,24 @@ class Predictor:
     def arch(self) -> str:
         return self.model.arch
 
-    def preprocess(self, source: ImageSource) -> tuple[Image.Image, torch.Tensor]:
+    def preprocess(self, source: ImageSource, *, upload: bool = True) -> tuple[Image.Image, torch.Tensor]:
         """The decoded RGB image and the (1, 3, H, W) model input; raises :class:`ImageError`."""
-        image = load_for_model(source, self.prep)
+        image = load_for_model(source, self.prep, upload=upload)
         return image, self.transform(image).unsqueeze(0).to(self.device)
 
-    def predict(self, source: ImageSource, tta: bool = False) -> Prediction:
+    def predict(self, source: ImageSource, tta: bool = False, *, upload: bool = True) -> Prediction:
         """Classify an image given as a path, bytes or a binary file object.
 
         With ``tta`` the probabilities are the mean over the image and its horizontal,
-        vertical and double flips.
+        vertical and double flips. An image is refused (:class:`ImageError`) when it is too small or too
+        elongated to diagnose (``core.images.MIN_SIDE``, ``MAX_ASPECT``); ``upload=False`` lifts that for
+        a dataset image, which its evaluation already took as it is. Raises :class:`PredictionError` when
+        the model's output is not a probability distribution.
         """
-        image, x = self.preprocess(source)
+        image, x = self.preprocess(source, upload=upload)
         with self._lock, torch.inference_mode():
             probs = class_probabilities(self.model, x, self.temperature, tta)[0].double().cpu().numpy()
+        check_probabilities(probs[None])
         top = int(probs.argmax())
         return Prediction(
             probs=probs,
@@ -211,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 overlay(pred.image, predictor.explain(pred, args.method), args.alpha).save(out)
                 entry["gradcam"] = str(out)
-        except (ImageError, OSError) as exc:
+        except (ImageError, PredictionError, OSError) as exc:
             failed = True
             print(f"error: {exc}", file=sys.stderr)
             results.append({"image": image, "error": str(exc)})

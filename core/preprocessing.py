@@ -6,6 +6,7 @@ an uploaded image reaches the model exactly as the training images did.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +18,39 @@ from core.images import ImageSource, fit_to_source, open_image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("none", "seed", "strong")
+# Bounds on each side of a checkpoint's ``input_size`` and ``source_size``, in pixels (uploads have their
+# own, in core.images). Below 16 px the backbones' 32× downsampling leaves nothing to classify. Memory grows
+# with the square of the side: about 260 MB per image at 1024×1024 through ResNet-50, while a checkpoint
+# asking for 12000×12000 made prediction take 16 GB and evaluation die at 21 GB. HAM10000 is 600×450.
+MIN_INPUT_SIDE = 16
+MAX_INPUT_SIDE = 1024
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool, a string or a tensor) that is neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def check_size(name: str, size: object) -> None:
+    """Refuse anything but two whole numbers of pixels, each from ``MIN_INPUT_SIDE`` to ``MAX_INPUT_SIDE``;
+    the ValueError's message starts with ``name``."""
+    sides = size if isinstance(size, list | tuple) else ()
+    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                  and MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in sides):
+        raise ValueError(f"{name} must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to "
+                         f"{MAX_INPUT_SIDE}; got {size!r}")
+
+
+def _check_triple(name: str, values: object, *, positive: bool = False) -> None:
+    items = values if isinstance(values, list | tuple) else ()
+    if len(items) != 3 or not all(is_finite_number(v) and (v > 0 or not positive) for v in items):
+        what = "finite numbers above 0" if positive else "finite numbers"
+        raise ValueError(f"{name} must be three {what}, one per RGB channel; got {values!r}")
 
 
 @dataclass(frozen=True)
@@ -34,18 +68,29 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def __post_init__(self) -> None:
+        # Every Preprocessing is checked, whether the trainer, a checkpoint or a benchmark made it.
+        check_size("input_size", self.input_size)
+        if self.source_size is not None:
+            check_size("source_size", self.source_size)
+        _check_triple("mean", self.mean)
+        _check_triple("std", self.std, positive=True)
+
     def to_dict(self) -> dict:
         return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        src = d.get("source_size")
-        return cls(
-            input_size=tuple(d["input_size"]),
-            source_size=tuple(src) if src else None,
-            mean=tuple(d.get("mean", IMAGENET_MEAN)),
-            std=tuple(d.get("std", IMAGENET_STD)),
-        )
+        """The inverse of :meth:`to_dict`; a ValueError naming the field for anything out of bounds."""
+        if "input_size" not in d:
+            raise ValueError("input_size is missing")
+
+        def field(key: str, default: object = None) -> object:
+            value = d.get(key, default)
+            return tuple(value) if isinstance(value, list | tuple) else value  # other types fail the checks
+
+        return cls(input_size=field("input_size"), source_size=field("source_size"),
+                   mean=field("mean", IMAGENET_MEAN), std=field("std", IMAGENET_STD))
 
 
 def _to_tensor(prep: Preprocessing) -> list:
@@ -74,8 +119,9 @@ def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compo
     return v2.Compose([*ops, *_to_tensor(prep)])
 
 
-def load_for_model(source: ImageSource, prep: Preprocessing) -> Image.Image:
-    """Decode an image and bring it to the training images' source size (when recorded)."""
+def load_for_model(source: ImageSource, prep: Preprocessing, *, upload: bool = False) -> Image.Image:
+    """Decode an image and bring it to the training images' source size (when recorded). ``upload`` holds it
+    to the limits for an image someone asks about (see :func:`core.images.open_image`)."""
     draft = prep.source_size if prep.source_size else (prep.input_size[1], prep.input_size[0])
-    img = open_image(source, draft_size=draft)
+    img = open_image(source, draft_size=draft, upload=upload)
     return fit_to_source(img, prep.source_size) if prep.source_size else img

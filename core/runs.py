@@ -5,7 +5,9 @@ Layout of a run folder (``<out>/<name>/``):
 - ``config.json``        the :class:`TrainConfig` used
 - ``metrics.jsonl``      one JSON object per line: ``start``, ``progress`` (within an epoch),
                          ``epoch`` (losses, accuracy, balanced accuracy, lr, images/s) and ``end``
-- ``status.json``        ``{"state": "running" | "finished" | "stopped" | "failed", "error": ...}``
+- ``status.json``        ``{"state": "starting" | "running" | "finished" | "stopped" | "failed", "error": ...}``;
+                         while starting or running it also names the trainer's process (``pid``,
+                         ``pid_start``), and readers believe the state only while that process lives
 - ``last.pt``/``best.pt`` checkpoints, written atomically; ``last.pt`` also carries the
                          optimiser and scheduler so a run resumes where it stopped
 - ``split.csv``          which split every image went to
@@ -19,11 +21,13 @@ Layout of a run folder (``<out>/<name>/``):
 
 The trainer appends to ``metrics.jsonl`` and rewrites the other files atomically, so a
 dashboard can read them at any moment; this module holds the only writer and the only parser.
+A resumed run first cuts ``metrics.jsonl`` back to its checkpoint's epoch, so no epoch is logged twice.
 :func:`read_run` turns a folder into a :class:`RunState` the pages can draw.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from core.files import atomic_write, read_json, read_tail, write_json
 from core.labels import CLASSES
+from core.procs import process_record, record_alive
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,9 +45,21 @@ if TYPE_CHECKING:
 
 PROGRESS_INTERVAL_S = 1.0
 FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+LIVE_STATES = ("starting", "running")  # written only by the trainer, with its pid
 LOG_TAIL_LINES = 30
-EXTERNAL_RUN_SILENCE_S = 600
 STOP_FILE = "STOP"
+
+
+def check_run_name(name: str) -> str:
+    """``name`` when it names a folder directly inside the runs folder; ValueError otherwise.
+
+    A separator, ``..`` or an absolute path would put the run outside the runs folder, and a leading dot
+    would hide it from the run lists.
+    """
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.', "
+                         "and do not start it with '.'")
+    return name
 
 
 # ---------------------------------------------------------------------------
@@ -55,6 +72,38 @@ class RunLog:
     def __init__(self, run_dir: Path):
         self.dir = run_dir
         self._last_progress = 0.0
+
+    def begin(self) -> None:
+        """Claim the folder for this process before anything else: status "starting" with our pid first, so
+        a kill from here on leaves a run that reads as interrupted; then clear what an earlier trainer left
+        (a STOP meant for it, temporary files of atomic writes it was killed in)."""
+        self.status("starting")
+        (self.dir / STOP_FILE).unlink(missing_ok=True)
+        for tmp in self.dir.glob(".*.tmp"):  # core.files.atomic_write names them .<target>.<random>.tmp
+            tmp.unlink(missing_ok=True)
+
+    def truncate_to_epoch(self, epoch: int) -> None:
+        """Forget what the log says happened after ``epoch``, the last epoch the checkpoint holds: later epoch
+        events and the progress and end events after epoch ``epoch``'s, which a resumed run writes again.
+        A line half-written by a killed trainer goes too: the next event would be appended to it."""
+        path = self.dir / "metrics.jsonl"
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return
+        events = [_parse_event(line) for line in lines]
+        held = [i for i, e in enumerate(events) if e and e.get("event") == "epoch" and e.get("epoch", 0) <= epoch]
+        cut = held[-1] if held else -1
+
+        def keep(i: int, e: dict | None) -> bool:
+            if e is None:
+                return False
+            if e.get("event") == "epoch":
+                return e.get("epoch", 0) <= epoch
+            return e.get("event") not in ("progress", "end") or i < cut
+
+        kept = "".join(line + "\n" for i, (line, e) in enumerate(zip(lines, events, strict=True)) if keep(i, e))
+        atomic_write(path, lambda fh: fh.write(kept.encode("utf-8")))
 
     def event(self, event: str, **data) -> None:
         line = {"event": event, "time": datetime.now(UTC).isoformat(timespec="seconds"), **data}
@@ -72,14 +121,17 @@ class RunLog:
 
 
 def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
-    write_json(Path(run_dir) / "status.json",
-               {"state": state, "error": error, "updated": datetime.now(UTC).isoformat(timespec="seconds")})
+    """A live state names the calling process, which must be the trainer: readers believe it while that lives."""
+    status = {"state": state, "error": error, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
+    if state in LIVE_STATES:
+        status.update(process_record(os.getpid()))
+    write_json(Path(run_dir) / "status.json", status)
 
 
 def mark_unfinished(run_dir: Path, state: str, error: str) -> None:
     """Record how a run ended when its trainer could not say so (killed, crashed); a final state the
     trainer wrote itself is kept."""
-    if read_status(run_dir).get("state") in (None, "running"):
+    if read_status(run_dir).get("state") in (None, *LIVE_STATES):
         write_status(run_dir, state, error)
 
 
@@ -122,24 +174,22 @@ def write_evaluation(run_dir: Path, evaluation: dict, images: pd.DataFrame, prob
 # Reading
 
 
+def _parse_event(line: str) -> dict | None:
+    """One line of ``metrics.jsonl``; None for a blank, garbled or half-written one."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_events(path: Path) -> list[dict]:
     """The JSON lines of ``metrics.jsonl``; a line being written (incomplete) or garbled is skipped."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
-    events = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            events.append(obj)
-    return events
+    return [e for line in text.splitlines() if (e := _parse_event(line)) is not None]
 
 
 def read_status(run_dir: Path) -> dict:
@@ -332,19 +382,10 @@ def format_duration(s: float) -> str:
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
-def _recently_written(run_dir: Path) -> bool:
-    """Whether a run nobody in the app started wrote its metrics lately. The trainer logs progress every
-    second while training; a run silent for 10 minutes has died without saying so."""
-    try:
-        newest = max(p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "status.json") if p.exists())
-    except ValueError:
-        return False
-    return time.time() - newest < EXTERNAL_RUN_SILENCE_S
-
-
 def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
-    """Everything the pages show about one run. ``job`` (the active job, if any) tells a run that is
-    still being worked on from one whose process died without reporting."""
+    """Everything the pages show about one run. A starting or running run is believed while the trainer
+    its status names lives, wherever it was started; before the trainer has said so, ``job`` (the active
+    job, if any) tells a run that is being worked on from one whose process died without reporting."""
     run_dir = Path(run_dir)
     events = read_events(run_dir / "metrics.jsonl")
     config = read_config(run_dir)
@@ -362,12 +403,11 @@ def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
     error = status.get("error")
     if state is None and end is not None:
         state, error = end.get("status", "finished"), end.get("error")
-    if state in (None, "running"):
-        if in_job and job.alive:
+    if state in (None, *LIVE_STATES):
+        alive = record_alive(status) if "pid" in status else in_job and job.alive
+        if alive:
             state = state or ("starting" if run_dir.exists() else "queued")
-        elif state == "running" and _recently_written(run_dir):
-            pass  # trained from a terminal (python -m core.train), still writing its files
-        elif state == "running" or run_dir.exists():
+        elif state is not None or run_dir.exists():
             state = "interrupted"
             error = error or error_from_log(run_dir)
     if state == "failed" and not error:

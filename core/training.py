@@ -34,8 +34,16 @@ from core.features import FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
-from core.preprocessing import AUGMENTATIONS, Preprocessing, eval_transform, train_transform
-from core.runs import STOP_FILE, RunLog, write_config, write_dataset_report, write_evaluation, write_split
+from core.preprocessing import AUGMENTATIONS, Preprocessing, check_size, eval_transform, train_transform
+from core.runs import (
+    STOP_FILE,
+    RunLog,
+    check_run_name,
+    write_config,
+    write_dataset_report,
+    write_evaluation,
+    write_split,
+)
 from core.runtime import default_workers, pick_device, tune_allocator
 
 SCHEDULERS = ("step", "cosine", "none")
@@ -112,6 +120,10 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
+        # The bounds every checkpoint is held to: a run must not write one that cannot be loaded.
+        check_size("input_size", self.input_size)
+        if self.source_size is not None:
+            check_size("source_size", self.source_size)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -185,7 +197,9 @@ def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generato
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
-    name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-{cfg.finetune}-{cfg.imbalance}"
+    """A new folder in ``cfg.out``; ValueError for a name that would leave it, before anything is created."""
+    name = (check_run_name(cfg.name) if cfg.name
+            else f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-{cfg.finetune}-{cfg.imbalance}")
     run_dir = Path(cfg.out) / name
     if (run_dir / "last.pt").exists():
         raise FileExistsError(f"run folder {run_dir} already holds a run; resume it or choose another name")
@@ -384,9 +398,8 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
     tune_allocator()
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
     log = RunLog(run_dir)
-    log.status("running")
+    log.begin()
     try:
         state = _run(cfg, run_dir, log, resume, should_stop or (lambda: False))
     except BaseException as exc:
@@ -404,6 +417,10 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     write_config(run_dir, cfg.to_dict())
     stop_file = run_dir / STOP_FILE
     stop = lambda: should_stop() or stop_file.exists()  # noqa: E731
+    # Read before anything is logged: the log is cut back to the epochs the checkpoint holds, so the epochs a
+    # killed run logged but did not save, and its progress after them, are not there twice once they rerun.
+    last = read_checkpoint(run_dir / "last.pt") if resume and (run_dir / "last.pt").is_file() else None
+    log.truncate_to_epoch(last["epoch"] if last else 0)
 
     index = index_dataset(cfg.data)
     frame, train_rows = prepare_data(cfg, index)
@@ -428,8 +445,7 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
 
     start_epoch, best_score = 1, -math.inf
-    if resume and (run_dir / "last.pt").is_file():
-        last = read_checkpoint(run_dir / "last.pt")
+    if last is not None:
         model.load_state_dict(last["model_state"])
         optimizer.load_state_dict(last["optimizer_state"])
         scheduler.load_state_dict(last["scheduler_state"])
@@ -439,6 +455,7 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
               device=str(device), train_images=len(train_loader.dataset),
               cached_features=cfg.uses_feature_cache,
               split_sizes={s: int((frame["split"] == s).sum()) for s in ("train", "val", "test")})
+    log.status("running")
     prep = cfg.preprocessing
     stopped = False
     for epoch in range(start_epoch, cfg.epochs + 1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,26 @@ def make_image(label: int, rng: np.random.Generator, size=(40, 30)) -> Image.Ima
     blob = ((yy - h / 2) ** 2 / (h / 4) ** 2 + (xx - w / 2) ** 2 / (w / 4) ** 2) < 1
     arr[blob] *= 0.6
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def write_png(path: Path, width: int, height: int, *, bit_depth: int = 8, colour_type: int = 0) -> Path:
+    """A valid PNG of any size that compresses to kilobytes (hundreds of megapixels in a few hundred KB):
+    every row alternates two pixel values, so decoders see a real range. ``colour_type`` is PNG's:
+    0 greyscale, 2 RGB, 4 greyscale + alpha, 6 RGBA."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    if bit_depth < 8:
+        row = b"\x00" + b"\x55" * ((width * bit_depth + 7) // 8)  # filter byte + packed pixels
+    else:
+        size = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type] * bit_depth // 8
+        dark, light = b"\x30" * size, b"\xc0" * size
+        row = b"\x00" + (dark + light) * (width // 2) + dark * (width % 2)
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
 
 
 def write_tiny_dataset(root: Path, per_class: int = 12, seed: int = 0) -> Path:

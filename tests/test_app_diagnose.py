@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.app_support import *  # noqa: F403
-from tests.app_support import app_test, jpeg_bytes, lesion_image, no_exceptions, png_bytes, texts
+from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, png_bytes, texts
 
 
 @pytest.fixture
@@ -114,6 +114,9 @@ BAD_UPLOADS = {
     "truncated": ("cut.jpg", _truncated(), "damaged or truncated"),
     "animated": ("anim.png", _animated(), "is an animation"),
     "huge": ("huge.png", _bomb(), "too large"),
+    # Before the size limits an 8×8 upload was diagnosed "Vascular lesion 0.71".
+    "tiny": ("tiny.png", png_bytes(lesion_image((8, 8))), "only 8×8 pixels, too small to show a lesion"),
+    "elongated": ("strip.png", png_bytes(lesion_image((400, 80))), "never more elongated than 4:1"),
 }
 
 
@@ -218,6 +221,33 @@ def test_memory_stays_flat_over_many_predictions(full_env, monkeypatch):
     # After warm-up, 18 more predictions (with CAMs and feature maps) must not grow memory materially.
     assert samples[1] - samples[0] < 60, samples
 
+
+
+@pytest.fixture
+def broken_model_env(empty_env, tmp_path, monkeypatch) -> AppEnv:
+    """The only model on offer loads (every field in bounds) but its head holds NaN: its output is NaN."""
+    import torch
+
+    from core.checkpoints import atomic_save, checkpoint_dict
+    from core.models import build_model
+    from core.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", weights="none", finetune="head", head="linear").eval()
+    with torch.no_grad():
+        model.head[-1].weight.fill_(float("nan"))
+    env = AppEnv(data=None, runs=empty_env.runs, checkpoints=tmp_path / "checkpoints")
+    atomic_save(checkpoint_dict(model, Preprocessing(input_size=(64, 64)), head="linear"), env.checkpoints / "nan.pt")
+    env.apply(monkeypatch)
+    return env
+
+
+def test_a_model_that_outputs_nan_shows_an_error_not_a_diagnosis(broken_model_env):
+    at = upload(app_test("diagnose"), "lesion.jpg", jpeg_bytes(lesion_image()))
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "No diagnosis from this model" in errors[0] and "no valid probabilities" in errors[0]
+    assert not [m for m in at.main.markdown if m.value.startswith("### ")]
+    assert not at.metric and not at.get("plotly_chart")
 
 
 def test_diagnose_works_without_a_dataset(full_env, empty_env, monkeypatch):

@@ -1,18 +1,22 @@
 """core.jobs with real background processes on the tiny dataset: start, one-at-a-time, stop, kill,
-failure, stale locks, and the imbalance experiment queue."""
+failure, stale locks, liveness after kill -9, and the imbalance experiment queue."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from core import jobs
 from core.imbalance import STRATEGIES
-from core.runs import EXTERNAL_RUN_SILENCE_S, list_runs, read_predictions, read_run
+from core.procs import pid_alive, proc_start_time
+from core.runs import list_runs, read_predictions, read_run, read_status
+from core.settings import PROJECT_ROOT
 from tests.app_support import tiny_config
 from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
 
@@ -81,7 +85,8 @@ def test_kill_terminates_worker_and_trainer(tiny_root, runs, tmp_path):
     wait_for(lambda: (runs / "killed" / "status.json").is_file(), timeout=60)
     assert jobs.kill_job(runs)
     assert jobs.wait_idle(runs, timeout=30)
-    assert not jobs.pid_alive(job.pid)
+    # The worker releases the lock on its way out, so it may still be exiting when the lock is free.
+    wait_for(lambda: not pid_alive(job.pid), timeout=30)
     run = read_run(runs / "killed")
     assert run.state in ("stopped", "failed", "interrupted") and run.done
 
@@ -111,14 +116,103 @@ def test_stale_lock_is_released(tiny_root, runs):
     (runs / jobs.LOCK_NAME).write_text(json.dumps({"id": "old", "kind": "train", "runs": ["x"], "pid": dead.pid}))
     assert jobs.active_job(runs) is None
     assert not (runs / jobs.LOCK_NAME).exists()
-    # A run left "running" by a dead process is reported as interrupted, not as running forever.
+    # A run left "running" by a dead trainer is reported as interrupted at once, however fresh its files.
     (runs / "x").mkdir()
-    (runs / "x" / "status.json").write_text(json.dumps({"state": "running", "error": None}))
-    # ... unless it was written lately: then a trainer started from a terminal is still at it.
-    assert read_run(runs / "x").state == "running"
-    old = time.time() - EXTERNAL_RUN_SILENCE_S - 5
-    os.utime(runs / "x" / "status.json", (old, old))
+    (runs / "x" / "status.json").write_text(json.dumps({"state": "running", "error": None, "pid": dead.pid}))
     assert read_run(runs / "x").state == "interrupted"
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc: a worker's trainer, found without the job's records."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def run_worker(job_file: Path) -> subprocess.CompletedProcess:
+    """``python -m core.jobs worker JOB`` as someone would type it."""
+    return subprocess.run([sys.executable, "-m", "core.jobs", "worker", str(job_file)], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny_root, runs, tmp_path):
+    job = jobs.start_training(tiny_config(tiny_root, "orphan", epochs=200, cache_dir=str(tmp_path / "cache")), runs)
+    wait_for(lambda: read_run(runs / "orphan", jobs.active_job(runs)).epochs, timeout=90)
+    [trainer] = child_pids(job.pid)
+    trainer_start = proc_start_time(trainer)
+    try:
+        assert os.getpgid(trainer) == job.pid  # in the worker's group: kill_job's killpg reaches it
+        # Frozen, the trainer outlives its worker for as long as the test looks; its SIGTERM waits for SIGCONT.
+        os.kill(trainer, signal.SIGSTOP)
+        os.kill(job.pid, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(job.pid), timeout=30)
+        with pytest.raises(jobs.JobBusyError):
+            jobs.start_training(tiny_config(tiny_root, "beside"), runs)
+        assert not (runs / "beside").exists()
+        again = run_worker(job.file)  # nor may the job run again beside its trainer
+        assert again.returncode == 2 and again.stderr.startswith("error:"), again.stderr
+        os.kill(trainer, signal.SIGCONT)
+
+        def start_next() -> jobs.Job | None:
+            try:
+                return jobs.start_training(tiny_config(tiny_root, "next", epochs=1,
+                                                       cache_dir=str(tmp_path / "cache")), runs)
+            except jobs.JobBusyError:
+                return None
+
+        wait_for(start_next, timeout=60)
+        # The lock came free only once the trainer had died: never two trainers at once.
+        assert not pid_alive(trainer, trainer_start)
+    finally:
+        if pid_alive(trainer, trainer_start):
+            os.kill(trainer, signal.SIGKILL)
+    assert jobs.wait_idle(runs, timeout=120)
+    assert read_run(runs / "next").state == "finished"
+    orphan = read_run(runs / "orphan")
+    assert orphan.state in ("failed", "interrupted") and orphan.epochs
+
+
+def test_a_job_runs_in_one_worker_only(tiny_root, runs, tmp_path):
+    job = jobs.start_training(tiny_config(tiny_root, "once", cache_dir=str(tmp_path / "cache")), runs)
+    second = run_worker(job.file)
+    assert second.returncode == 2 and second.stderr.startswith("error:"), second.stderr
+    assert "another worker" in second.stderr and "Traceback" not in second.stderr
+    assert jobs.wait_idle(runs, timeout=120)
+    run = read_run(runs / "once")
+    assert run.state == "finished" and [e["epoch"] for e in run.epochs] == [1, 2]
+    # Once the job is over its file starts nothing: it no longer holds the lock.
+    late = run_worker(job.file)
+    assert late.returncode == 2 and "does not hold" in late.stderr
+    assert [e["epoch"] for e in read_run(runs / "once").epochs] == [1, 2]
+
+
+@pytest.mark.parametrize("moment", ["starting", "training"])
+def test_a_killed_terminal_run_reads_as_interrupted_at_once(tiny_root, tmp_path, moment):
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "core.train", "--data", str(tiny_root), "--weights", "none", "--epochs", "200",
+         "--input-size", "32", "32", "--out", str(tmp_path), "--name", "term", "--cache-dir", str(tmp_path / "c"),
+         "--device", "cpu"],
+        cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "term"
+    try:
+        if moment == "starting":  # killed while it loads the data: a run folder with little more than its status
+            wait_for(lambda: read_status(run_dir))
+        else:
+            wait_for(lambda: read_run(run_dir).epochs, timeout=90)
+        assert read_run(run_dir).state in ("starting", "running")
+        os.kill(trainer.pid, signal.SIGKILL)
+        wait_for(lambda: read_run(run_dir).state == "interrupted", timeout=5)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert [(r.name, r.state) for r in list_runs(tmp_path)] == [("term", "interrupted")]
 
 
 def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):

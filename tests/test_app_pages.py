@@ -11,7 +11,7 @@ from core.labels import CLASSES, MELANOMA
 from core.settings import PUBLISHED_RUNS_ENV
 from pages.views import _pages
 from tests.app_support import *  # noqa: F403
-from tests.app_support import PAGES, ROOT, app_test, no_exceptions, texts
+from tests.app_support import PAGES, ROOT, AppEnv, app_test, no_exceptions, texts
 
 EMPTY_MESSAGES = {
     "home": "No dataset is configured",
@@ -20,6 +20,7 @@ EMPTY_MESSAGES = {
     "evaluate": "no finished run to evaluate",
     "diagnose": "No model is available",
     "compare": "Comparing needs at least two finished runs",
+    "quiz": "No dataset is configured",
 }
 
 
@@ -159,6 +160,16 @@ def test_evaluate_with_a_run(full_env, monkeypatch):
     assert sens_low > sens_high and spec_low < spec_high
     at.selectbox(key="eval_run").set_value("tiny-weighted").run()
     no_exceptions(at)
+
+
+@pytest.mark.parametrize("folder", ["/proc", "/"])
+def test_dataset_page_with_a_system_folder_shows_why_it_cannot_be_used(folder, empty_env, monkeypatch):
+    AppEnv(data=Path(folder), runs=empty_env.runs, checkpoints=empty_env.checkpoints).apply(monkeypatch)
+    at = app_test("dataset")
+    no_exceptions(at)
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and f"The dataset folder {folder}" in errors[0] and "cannot be used" in errors[0], errors
+    assert not at.metric  # no numbers for a folder that is not a dataset
 
 
 def test_evaluate_gallery_shows_gradcam(full_env, monkeypatch):

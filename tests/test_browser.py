@@ -1,5 +1,6 @@
 """End to end in a real headless Chromium: the Streamlit server on loopback, every page rendered and
-photographed, an upload diagnosed on Diagnose, and a training run started on Train whose curve grows.
+photographed, an upload diagnosed on Diagnose, a quiz taken to its summary, and a training run started on
+Train whose curve grows.
 
 Screenshots go to a temporary folder; with ``LESIONLAB_UPDATE_SCREENSHOTS=1`` they also replace
 ``docs/screenshots/<page>.png`` (the README shows those).
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from core import jobs
@@ -243,6 +245,33 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     page.locator("[data-testid=stFileUploaderDropzoneInput]").set_input_files(str(bad))
     page.get_by_text("This file cannot be used").wait_for()
     assert page.locator("[data-testid=stException]").count() == 0
+
+
+def test_take_a_quiz_to_its_summary(page, server, browser_env, tmp_path):
+    visit(page, server, "", "Lesion Lab")  # a deep link as a fresh server's first request shows "Page not found"
+    visit(page, server, "quiz", "Quiz")
+    slider = page.get_by_role("slider", name="Images")
+    slider.focus()
+    slider.press("Home")  # the smallest quiz: 10 images
+    page.get_by_role("button", name="Start the quiz").click()
+    for i in range(10):
+        page.get_by_text(f"Image {i + 1} of 10").wait_for()
+        page.get_by_text("nv · Melanocytic nevus", exact=True).click()
+        page.get_by_role("button", name="Reveal").click()
+        page.get_by_text("Confirmed by").wait_for()
+        assert page.get_by_text("Grad-CAM: where the model looked").count() == 1
+        page.get_by_role("button", name="See the results" if i == 9 else "Next image").click()
+    page.get_by_role("heading", name="Results").wait_for()
+    settle(page, "Quiz")
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3")
+    body = page.inner_text("[data-testid=stMain]")
+    assert "Your balanced accuracy" in body and "Model balanced accuracy" in body and "On balanced accuracy" in body
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the results (CSV)").click()
+    table = pd.read_csv(download.value.path())
+    assert len(table) == 10 and table["student_answer"].eq("nv").all()
+    assert table[[f"prob_{c}" for c in CLASSES]].sum(axis=1).to_numpy() == pytest.approx(1.0, abs=1e-4)
+    shot(page, "quiz", tmp_path)
 
 
 def curve_points(pg) -> int:

@@ -1,7 +1,9 @@
 """Labels, metadata parsing, discovery and validation, lesion-grouped splits."""
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,12 +12,14 @@ import torch
 
 from core import labels
 from core.data import (
+    MAX_WALK_DEPTH,
     DatasetError,
     LesionDataset,
     index_dataset,
     read_metadata,
     split_by_lesion,
     split_counts,
+    walk_files,
 )
 from core.images import ImageError
 from core.preprocessing import Preprocessing, eval_transform, train_transform
@@ -99,6 +103,90 @@ def test_index_errors_tell_the_user_what_to_do(tmp_path):
     (tmp_path / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\nHAM_1,ISIC_1,mel\n")
     with pytest.raises(DatasetError, match="No usable images"):
         index_dataset(tmp_path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("folder", ["/proc", "/"])
+def test_system_folders_give_a_dataset_error(folder):
+    # "/" ends at a bound of the walk; /proc, whose folders come and go while it is read, may also end
+    # without any metadata found. Either way a message, never an OSError or minutes of walking.
+    with pytest.raises(DatasetError, match=f"^(No HAM10000 metadata found below {folder}|{folder} has folders "
+                                           f"more than {MAX_WALK_DEPTH} levels deep|{folder} holds more than)"):
+        index_dataset(folder)
+
+
+def test_a_folder_too_deep_is_refused_with_its_path(tiny_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    deep = root.joinpath(*[f"level{i}" for i in range(1, MAX_WALK_DEPTH + 2)])
+    deep.mkdir(parents=True)
+    shutil.copy(next((root / "HAM10000_images_part_1").iterdir()), deep / "ISIC_7777777.jpg")
+    with pytest.raises(DatasetError, match=f"more than {MAX_WALK_DEPTH} levels deep \\({deep}\\)"):
+        index_dataset(root)
+    # One level up is still walked.
+    shutil.move(deep / "ISIC_7777777.jpg", deep.parent / "ISIC_7777777.jpg")
+    deep.rmdir()
+    assert index_dataset(root).report.images_without_metadata == [str(deep.parent / "ISIC_7777777.jpg")]
+
+
+def test_the_walk_stops_at_its_entry_and_time_bounds(tmp_path):
+    for i in range(30):
+        (tmp_path / f"ISIC_{i}.jpg").write_bytes(b"")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "ISIC_99.jpg").write_bytes(b"")
+    os.mkfifo(tmp_path / "ISIC_fifo.jpg")  # opening it would block for ever
+    found = sorted(p.name for p in walk_files(tmp_path, lambda name: name.endswith(".jpg"), max_entries=40))
+    assert found == sorted(f"ISIC_{i}.jpg" for i in range(30))
+    with pytest.raises(DatasetError, match=f"{tmp_path} holds more than 20 files and folders"):
+        list(walk_files(tmp_path, lambda name: True, max_entries=20))
+    with pytest.raises(DatasetError, match=f"Looking through {tmp_path} took more than 0 s"):
+        list(walk_files(tmp_path, lambda name: True, max_seconds=0))
+
+
+@pytest.mark.timeout(60)
+def test_a_special_file_named_like_an_image_is_not_opened(tiny_root, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    image = sorted((root / "HAM10000_images_part_1").iterdir())[0]
+    image.unlink()
+    os.mkfifo(image)  # listed in the metadata: checking its signature would wait for a writer for ever
+    index = index_dataset(root)
+    assert len(index.frame) == 83 and [r for r in index.report.rows_without_images if image.stem in r]
+
+
+def _junk_metadata(path: Path, rows: int, header: str = "lesion_id,image_id,dx,dx_type,age,sex,localization") -> None:
+    with path.open("w") as fh:
+        fh.write(header + "\n")
+        fh.writelines(f"HAM_{i:07d},ISIC_{i:07d},nv,histo,50,male,back\n" for i in range(rows))
+
+
+@pytest.mark.timeout(60)
+def test_a_million_row_table_beside_three_images_is_refused_early(tiny_root, tmp_path):
+    for image in sorted((tiny_root / "HAM10000_images_part_1").iterdir())[:3]:
+        shutil.copy(image, tmp_path / image.name)
+    _junk_metadata(tmp_path / "HAM10000_metadata.csv", 1_000_000)
+    assert (tmp_path / "HAM10000_metadata.csv").stat().st_size > 30_000_000
+    with pytest.raises(DatasetError, match="HAM10000_metadata.csv has more than 1,030 rows for the 3 image files "
+                                           "found beside it, so it is not their metadata"):
+        index_dataset(tmp_path)
+    # A table without the metadata's columns is refused from its header line alone.
+    _junk_metadata(tmp_path / "HAM10000_metadata.csv", 1_000_000, header="a,b,c,d,e,f,g")
+    with pytest.raises(DatasetError, match="has no image_id or dx column"):
+        index_dataset(tmp_path)
+
+
+def test_a_table_within_the_row_limit_is_read_whole(tiny_root, tmp_path):
+    # 84 images allow 10 × 84 + 1000 = 1840 rows: the 84 real rows and 1756 without an image.
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    with (root / "HAM10000_metadata.csv").open("a") as fh:
+        fh.writelines(f"HAM_X{i},ISIC_X{i},nv,histo,50,male,back\r\n" for i in range(1756))
+    index = index_dataset(root)
+    assert len(index.frame) == 84 and len(index.report.rows_without_images) == 1756
+    with (root / "HAM10000_metadata.csv").open("a") as fh:
+        fh.write("HAM_Y,ISIC_Y,nv,histo,50,male,back\r\n")
+    with pytest.raises(DatasetError, match="more than 1,840 rows for the 84 image files"):
+        index_dataset(root)
 
 
 def test_real_ham10000_indexes_completely(ham_root):

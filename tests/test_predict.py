@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
+import shutil
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -26,7 +26,7 @@ from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.models import build_model
 from core.predict import Predictor, main
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
-from tests.conftest import make_image
+from tests.conftest import make_image, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
 PREP = Preprocessing(input_size=(48, 48))
@@ -54,7 +54,7 @@ def predictor(ckpt) -> Predictor:
     return Predictor(ckpt)
 
 
-def lesion(path: Path, label: int = 4, size=(40, 30), seed: int = 0) -> Path:
+def lesion(path: Path, label: int = 4, size=(48, 36), seed: int = 0) -> Path:
     make_image(label, np.random.default_rng(seed), size=size).save(path)
     return path
 
@@ -147,7 +147,7 @@ def test_prediction_fields(predictor, tmp_path):
     assert pred.confidence == pred.probs.max()
     assert pred.malignant_probability == pytest.approx(sum(pred.probabilities[c] for c in MALIGNANT))
     assert tuple(pred.input_tensor.shape) == (1, 3, 48, 48)
-    assert pred.image.mode == "RGB" and pred.image.size == (40, 30)
+    assert pred.image.mode == "RGB" and pred.image.size == (48, 36)
     assert [code for code, _, _ in pred.ranked()][0] == pred.top_class
     assert json.loads(json.dumps(pred.to_dict()))["probabilities"] == pred.probabilities
 
@@ -177,14 +177,14 @@ def test_tta_averages_the_four_flips(predictor, tmp_path):
     with torch.no_grad():
         views = [torch.softmax(predictor.model(v), 1) for v in (x, x.flip(-1), x.flip(-2), x.flip((-2, -1)))]
     np.testing.assert_allclose(tta.probs, torch.stack(views).mean(0)[0].numpy(), rtol=1e-5)
-    Image.new("RGB", (40, 30), (150, 90, 60)).save(tmp_path / "flat.png")  # flip-invariant
+    Image.new("RGB", (48, 36), (150, 90, 60)).save(tmp_path / "flat.png")  # flip-invariant
     np.testing.assert_allclose(predictor.predict(tmp_path / "flat.png", tta=True).probs,
                                predictor.predict(tmp_path / "flat.png").probs, rtol=1e-5)
 
 
 def test_exif_rotation_is_applied_before_the_model(predictor, tmp_path):
     rng = np.random.default_rng(1)
-    stored = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8), "RGB")  # 40 wide, 24 high
+    stored = Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8), "RGB")  # 64 wide, 40 high
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write it
     stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
@@ -194,47 +194,34 @@ def test_exif_rotation_is_applied_before_the_model(predictor, tmp_path):
 
     rotated = predictor.predict(tmp_path / "phone.jpg")
     upright = predictor.predict(tmp_path / "upright.png")
-    assert rotated.image.size == (24, 40)
+    assert rotated.image.size == (40, 64)
     assert np.array_equal(np.asarray(rotated.image), np.asarray(upright.image))
     np.testing.assert_allclose(rotated.probs, upright.probs, rtol=1e-6)
-    assert predictor.predict(tmp_path / "sideways.png").image.size == (40, 24)
+    assert predictor.predict(tmp_path / "sideways.png").image.size == (64, 40)
 
 
 def test_awkward_image_modes_become_rgb(predictor, tmp_path):
-    base = make_image(2, np.random.default_rng(2), size=(40, 30))
+    base = make_image(2, np.random.default_rng(2), size=(48, 36))
     rgba = base.convert("RGBA")
     rgba.putpixel((0, 0), (10, 20, 30, 0))  # fully transparent
     rgba.save(tmp_path / "rgba.png")
     base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(tmp_path / "palette.png")
     base.convert("L").save(tmp_path / "grey.png")
     base.convert("CMYK").save(tmp_path / "cmyk.jpg")
-    deep = (np.linspace(1000, 60000, 40 * 30).reshape(30, 40)).astype(np.uint16)
+    deep = (np.linspace(1000, 60000, 48 * 36).reshape(36, 48)).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep16.png")
     assert Image.open(tmp_path / "deep16.png").mode.startswith("I")
 
     results = {name: predictor.predict(tmp_path / name)
                for name in ("rgba.png", "palette.png", "grey.png", "cmyk.jpg", "deep16.png")}
     for name, pred in results.items():
-        assert pred.image.mode == "RGB" and pred.image.size == (40, 30), name
+        assert pred.image.mode == "RGB" and pred.image.size == (48, 36), name
         assert pred.probs.sum() == pytest.approx(1.0) and np.isfinite(pred.probs).all(), name
     assert results["rgba.png"].image.getpixel((0, 0)) == (255, 255, 255)
     grey = np.asarray(results["grey.png"].image)
     assert (grey[..., 0] == grey[..., 1]).all()
     deep_rgb = np.asarray(results["deep16.png"].image)[..., 0]
     assert deep_rgb.min() == 0 and deep_rgb.max() == 255  # the 16-bit range is rescaled, not clipped
-
-
-def write_huge_png(path: Path, width: int, height: int) -> Path:
-    """A valid 1-bit PNG of ``width`` × ``height``: hundreds of megapixels in a few kilobytes."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed pixels
-    packer = zlib.compressobj(9)
-    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
-    return path
 
 
 def test_unusable_files_raise_clear_image_errors(predictor, tmp_path):
@@ -249,7 +236,7 @@ def test_unusable_files_raise_clear_image_errors(predictor, tmp_path):
     with pytest.raises(ImageError, match="truncated"):
         predictor.predict(tmp_path / "cut.jpg")
 
-    bomb = write_huge_png(tmp_path / "bomb.png", 15000, 15000)
+    bomb = write_png(tmp_path / "bomb.png", 15000, 15000, bit_depth=1)
     assert bomb.stat().st_size < 100_000
     with pytest.raises(ImageError, match="too large"):
         predictor.predict(bomb)
@@ -368,6 +355,26 @@ def test_predict_cli_bad_file_is_one_line_exit_2(ckpt, tmp_path):
     assert done.stderr.startswith("error:") and "notes.txt" in done.stderr and done.stdout == ""
 
 
+@pytest.mark.parametrize(("size", "expected"), [
+    ((8, 8), "only 8×8 pixels"), ((1, 1), "only 1×1 pixels"), ((10000, 10), "only 10000×10 pixels"),
+    ((400, 80), "400×80 pixels, 5.0:1"),
+])
+def test_predict_cli_refuses_images_too_small_or_elongated_to_diagnose(ckpt, tmp_path, capsys, size, expected):
+    path = lesion(tmp_path / "small.png", size=size)
+    assert main([str(ckpt), str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith(f"error: {path} is") and expected in captured.err, captured.err
+
+
+def test_dataset_images_are_not_held_to_the_upload_limits(predictor, tmp_path):
+    # The Evaluate page explains dataset images that its evaluation already scored, whatever their size.
+    path = lesion(tmp_path / "thumb.png", size=(8, 8))
+    with pytest.raises(ImageError, match="at least 32 pixels"):
+        predictor.predict(path)
+    assert predictor.predict(path, upload=False).image.size == (8, 8)
+
+
 def test_predict_cli_keeps_going_after_a_bad_file_and_refuses_bad_checkpoints(ckpt, tmp_path, capsys):
     (tmp_path / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
     assert main([str(ckpt), str(tmp_path / "truncated.jpg"), str(lesion(tmp_path / "ok.jpg"))]) == 2
@@ -413,6 +420,47 @@ def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, caps
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--help"])
     assert exit_info.value.code == 0 and "--split-seed" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_root, tmp_path_factory) -> Path:
+    """A real training run on the tiny dataset: best.pt beside the split.csv it was trained with."""
+    from tests.app_support import train_tiny_run
+
+    base = tmp_path_factory.mktemp("tiny_run")
+    return train_tiny_run(tiny_root, base / "runs", "tiny", base / "features")
+
+
+def test_a_test_split_recomputed_on_other_images_is_flagged(tiny_run, tiny_root, tmp_path, capsys):
+    best = tiny_run / "best.pt"
+    own = evaluate.evaluate_checkpoint(best, tiny_root, bootstrap=0)
+    run_test = set(pd.read_csv(tiny_run / "split.csv").query("split == 'test'")["image_id"])
+    assert {p["image_id"] for p in own["predictions"]} == run_test and own["split_warning"] is None
+
+    # Another dataset: its "test" split is 15% of images the run never split at all.
+    for i, code in enumerate(CLASSES * 6):
+        (tmp_path / "other" / code).mkdir(parents=True, exist_ok=True)
+        lesion(tmp_path / "other" / code / f"other_{i:02d}.jpg", label=CLASSES.index(code), seed=i)
+    assert evaluate.main(["--checkpoint", str(best), "--data", str(tmp_path / "other"), "--bootstrap", "0",
+                          "--out", str(tmp_path / "other.json")]) == 0
+    warning = json.loads((tmp_path / "other.json").read_text())["split_warning"]
+    assert "is not the folder this model was trained on" in warning
+    assert "only 0% of these" in warning and "in the test split of run tiny" in warning
+    assert "--split all" in warning
+    assert capsys.readouterr().err == f"warning: {warning}.\n"
+    assert evaluate.evaluate_checkpoint(best, tmp_path / "other", split="all", bootstrap=0)["split_warning"] is None
+
+    # The same images under another seed: the folder is right, the split is not the run's.
+    reseeded = evaluate.evaluate_checkpoint(best, tiny_root, split_seed=7, bootstrap=0)
+    assert "in the test split of run tiny" in reseeded["split_warning"]
+    assert "training images" in reseeded["split_warning"]
+    assert "not the folder" not in reseeded["split_warning"] and "--split all" not in reseeded["split_warning"]
+
+    # A copy of the training images elsewhere: the split matches, but the folder is not the one trained on.
+    shutil.copytree(tiny_root, tmp_path / "copy")
+    copied = evaluate.evaluate_checkpoint(best, tmp_path / "copy", bootstrap=0)
+    assert "is not the folder this model was trained on" in copied["split_warning"]
+    assert "only" not in copied["split_warning"] and "unless" in copied["split_warning"]
 
 
 def test_evaluate_reads_external_class_folder_sets(ckpt, tmp_path):

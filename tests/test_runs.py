@@ -13,9 +13,11 @@ from core.jobs import Job
 from core.labels import CLASSES
 from core.runs import (
     RunLog,
+    check_run_name,
     has_evaluation,
     mark_unfinished,
     read_config,
+    read_events,
     read_predictions,
     read_run,
     read_split,
@@ -107,3 +109,47 @@ def test_a_queued_run_of_the_live_job_shows_the_config_it_will_use(tmp_path):
     dead = Job(id="j", kind="experiment", runs=["first", "queued"], runs_dir=tmp_path, pid=None)
     assert read_run(tmp_path / "queued", dead).state == "interrupted"
     assert read_run(tmp_path / "queued", job).state == "starting"
+
+
+def test_truncate_to_epoch_keeps_what_the_checkpoint_holds(tmp_path):
+    """The log a trainer killed in epoch 3, after logging epoch 3 but before saving it, then killed again while
+    resuming: cut back to epoch 2 it holds each epoch once, the progress up to it, and every start."""
+    events = [{"event": "start", "first_epoch": 1}, {"event": "progress", "epoch": 1, "step": 4},
+              {"event": "epoch", "epoch": 1}, {"event": "progress", "epoch": 2, "step": 4},
+              {"event": "epoch", "epoch": 2}, {"event": "progress", "epoch": 3, "step": 4},
+              {"event": "epoch", "epoch": 3}, {"event": "start", "first_epoch": 3},
+              {"event": "progress", "epoch": 3, "step": 2}, {"event": "end", "status": "failed"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "prog')
+    log = RunLog(tmp_path)
+    log.truncate_to_epoch(2)
+    assert read_events(tmp_path / "metrics.jsonl") == events[:5] + [events[7]]
+    log.event("epoch", epoch=3)  # the next line starts on a line of its own
+    assert [e.get("epoch") for e in read_events(tmp_path / "metrics.jsonl")] == [None, 1, 1, 2, 2, None, 3]
+    log.truncate_to_epoch(0)
+    assert read_events(tmp_path / "metrics.jsonl") == [events[0], events[7]]
+    RunLog(tmp_path / "missing").truncate_to_epoch(1)  # a run that has logged nothing yet: nothing to do
+    assert not (tmp_path / "missing").exists()
+
+
+def test_begin_claims_the_folder_and_clears_what_a_killed_trainer_left(tmp_path):
+    (tmp_path / "STOP").touch()
+    (tmp_path / ".last.pt.abc123.tmp").touch()
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    RunLog(tmp_path).begin()
+    status = read_status(tmp_path)
+    assert (status["state"], status["pid"]) == ("starting", os.getpid())
+    assert read_run(tmp_path).state == "starting"  # its process, this one, lives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "status.json"]
+
+
+@pytest.mark.parametrize("pid", [None, "1", -1, 0])
+def test_a_live_state_without_a_usable_pid_reads_as_interrupted(tmp_path, pid):
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": pid}))
+    assert read_run(tmp_path).state == "interrupted"
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "x/..", "/abs", "a\\b", ".hidden"])
+def test_run_names_stay_inside_the_runs_folder(name):
+    with pytest.raises(ValueError, match="not a usable run name"):
+        check_run_name(name)
+    assert check_run_name("seed-2025.01_b") == "seed-2025.01_b"

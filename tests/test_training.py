@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import fields
@@ -21,7 +22,7 @@ from core.imbalance import STRATEGIES
 from core.labels import CLASSES
 from core.models import build_model
 from core.preprocessing import Preprocessing
-from core.runs import read_run
+from core.runs import read_config, read_evaluation, read_run
 from core.train import build_parser, config_from_args
 from core.training import PRESETS, TrainConfig, config_with, prepare_data, train
 from tests.conftest import write_truncated_jpeg
@@ -98,6 +99,56 @@ def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_
     assert [e["epoch"] for e in c] == [1, 2, 3]
     assert [round(e["train_loss"], 5) for e in c] == [round(e["train_loss"], 5) for e in a]
     assert read_run(c_dir).state == "finished"
+
+
+# `python -m core.train`, killed by SIGKILL while it writes epoch 2's last.pt: after the temporary file is created,
+# before its first byte. Audit hooks only watch, so the trainer runs unchanged up to the kill.
+KILLED_WHILE_SAVING_EPOCH_TWO = """
+import os, signal, sys
+from core.train import main
+
+temporaries = []
+
+def watch(event, args):
+    if event != "open":
+        return
+    if isinstance(args[0], str) and os.path.basename(args[0]).startswith(".last.pt."):
+        temporaries.append(args[0])
+    elif isinstance(args[0], int) and len(temporaries) == 2:  # the temporary's file object is being opened
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(watch)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_a_kill_logs_each_epoch_once_and_leaves_no_temporaries(tiny_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_SAVING_EPOCH_TWO, "--data", str(tiny_root), "--weights", "none",
+         "--epochs", "4", "--input-size", "32", "32", "--batch-size", "8", "--imbalance", "none", "--out",
+         str(tmp_path / "runs"), "--name", "k", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
+        capture_output=True, text=True, cwd=ROOT, env=env)
+    run_dir = tmp_path / "runs" / "k"
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # What the kill left: epoch 2 in the log but not in last.pt, and an empty temporary file.
+    assert [e["epoch"] for e in epoch_lines(run_dir)] == [1, 2]
+    assert read_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert [p.stat().st_size for p in run_dir.glob(".last.pt.*.tmp")] == [0]
+
+    cfg = TrainConfig.from_dict(read_config(run_dir))
+    train(cfg, run_dir=run_dir, resume=True)
+
+    assert [e["epoch"] for e in epoch_lines(run_dir)] == [1, 2, 3, 4]
+    assert list(run_dir.glob("*.tmp")) == []
+    run = read_run(run_dir)
+    points = [(e["epoch"], e["step"]) for e in run.steps]
+    assert len(points) == len(set(points))  # no doubled points on the running-loss curve either
+    # And the same numbers as a run nobody interrupted.
+    uninterrupted = train(config_with(cfg, name="u"))
+    assert [round(e["val_loss"], 5) for e in epoch_lines(run_dir)] == [
+        round(e["val_loss"], 5) for e in epoch_lines(uninterrupted)]
+    assert read_evaluation(run_dir)["test"]["accuracy"] == read_evaluation(uninterrupted)["test"]["accuracy"]
 
 
 def test_stop_file_ends_the_run_cleanly(tiny_root, tmp_path):
@@ -178,6 +229,18 @@ def test_cli_help_and_clear_errors(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tmp_path / "nowhere"), "--weights",
                           "none", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tiny_root), "--weights", "none",
+                           "--epochs", "1", "--input-size", "32", "32", "--out", str(work / "out"), "--name",
+                           "../evil", "--cache-dir", str(tmp_path / "c")],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 2 and done.stderr.startswith("error: '../evil' is not a usable run name"), done.stderr
+    assert list(work.iterdir()) == []
 
 
 def test_cli_reaches_every_config_field():

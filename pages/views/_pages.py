@@ -27,4 +27,7 @@ PAGES: tuple[PageInfo, ...] = (
              "dataset."),
     PageInfo("pages/views/compare.py", "Compare", ":material/compare:",
              "Runs side by side, and a one-click experiment over the class-imbalance strategies."),
+    PageInfo("pages/views/quiz.py", "Quiz", ":material/quiz:",
+             "Students diagnose held-out images, then see the truth, the model's answer and its heatmap, and "
+             "their per-class results beside the model's."),
 )

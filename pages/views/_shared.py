@@ -143,7 +143,7 @@ def _cam_overlay(checkpoint: str, stamp: float, image_path: str, target: int, me
     if predictor is None:
         return None
     try:
-        prediction = predictor.predict(image_path)
+        prediction = predictor.predict(image_path, upload=False)  # a dataset image, evaluated as it is
         return overlay(prediction.image, predictor.explain(prediction, method, target), alpha)
     except Exception:  # noqa: BLE001 — a missing or broken image shows without its overlay
         return None

@@ -4,6 +4,7 @@ import streamlit as st
 from core import plots, settings
 from core.formatting import format_bytes
 from core.images import ImageError
+from core.inference import PredictionError
 from core.labels import CLASSES, MALIGNANT
 from core.visuals import LOW_CONFIDENCE, dermoscopy_check, feature_map_grid
 from pages.views._shared import get_predictor, research_notice
@@ -53,6 +54,9 @@ if cached is None or cached[0] != key:
         prediction = predictor.predict(upload.getvalue(), tta=tta)
     except ImageError as exc:
         st.error(f"This file cannot be used: {exc}", icon=":material/block:")
+        st.stop()
+    except PredictionError as exc:
+        st.error(f"No diagnosis from this model: {exc}. Choose another model.", icon=":material/block:")
         st.stop()
     except Exception as exc:  # noqa: BLE001 — any decoder surprise must end in a message, not a traceback
         st.error(f"{upload.name} could not be read as an image ({type(exc).__name__}). Upload a JPEG or PNG "

@@ -5,6 +5,7 @@ import streamlit as st
 
 from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, weights_file
+from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from core.runs import RunState, default_run_name, epochs_table, list_runs, read_run, running_loss_table
 from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
 
@@ -61,8 +62,8 @@ def config_form() -> None:
         scheduler = c4.selectbox("LR scheduler", SCHEDULERS, index=SCHEDULERS.index(base.scheduler),
                                  key="scheduler" + k)
         c1, c2, c3, c4 = st.columns(4)
-        height = c1.number_input("Image height", 16, 1024, int(base.input_size[0]), key="h" + k)
-        width = c2.number_input("Image width", 16, 1024, int(base.input_size[1]), key="w" + k)
+        height = c1.number_input("Image height", MIN_INPUT_SIDE, MAX_INPUT_SIDE, int(base.input_size[0]), key="h" + k)
+        width = c2.number_input("Image width", MIN_INPUT_SIDE, MAX_INPUT_SIDE, int(base.input_size[1]), key="w" + k)
         seed = c3.number_input("Seed", 0, 2**31 - 1, base.seed, key="seed" + k)
         max_images = c4.number_input("Use at most N images (0 = all)", 0, 1_000_000, 0, key="max" + k,
                                      help="A stratified subsample, for quick experiments.")

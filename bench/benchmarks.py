@@ -5,6 +5,9 @@
 Numbers are medians of repeated runs. Variants that change process-wide state
 (the allocator setting) run in fresh subprocesses. Not a test: targets are
 reported next to the measurements, never asserted.
+
+Other scripts own sections of the file, marked ``<!-- name -->`` … ``<!-- /name -->``
+(bench/soak.py: "soak"); this one rewrites everything else and keeps those as they are.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +43,7 @@ from core.runtime import tune_allocator  # noqa: E402
 from core.training import PRESETS, make_optimizer, make_scheduler  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
+DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -59,6 +64,29 @@ def machine() -> str:
         pass
     return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
             f"Python {platform.python_version()}; {platform.platform()}")
+
+
+def _sections(name: str | None = None) -> re.Pattern[str]:
+    """A marked section, ``<!-- name -->`` to ``<!-- /name -->`` and its newline; of any name when None."""
+    tag = re.escape(name) if name else r"[\w-]+"
+    return re.compile(rf"<!-- (?P<name>{tag}) -->\n.*?<!-- /(?P=name) -->\n", re.DOTALL)
+
+
+def marked_sections(path: Path) -> str:
+    """The sections other scripts own in ``path``, as they stand; "" when there are none."""
+    return "".join(m.group(0) for m in _sections().finditer(path.read_text())) if path.is_file() else ""
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Put ``body`` between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``, replacing what was there
+    (or appending it); the rest of the file stays as it is."""
+    block = f"<!-- {name} -->\n{body.rstrip()}\n<!-- /{name} -->\n"
+    text = path.read_text() if path.is_file() else ""
+    text, replaced = _sections(name).subn(lambda _: block, text)
+    if not replaced:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------
@@ -198,14 +226,15 @@ def write_report(results: dict, path: Path, command: str) -> None:
         "back in on every forward pass. The trainer, feature extraction and the predictor call it.",
         "",
     ]
+    kept = marked_sections(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="fewer repeats (for trying the script)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
 
+from core.images import ImageError
 from core.labels import CLASSES
 from core.preprocessing import Preprocessing, load_for_model
 
@@ -416,22 +417,66 @@ def split_counts(frame: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
 
 
 class LesionDataset(torch.utils.data.Dataset):
-    """Images and integer labels (indices into ``CLASSES``)."""
+    """Images and integer labels (indices into ``CLASSES``).
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, prep: Preprocessing):
+    Indexing checks only a file's first bytes, so a JPEG cut short by an interrupted copy passes it and
+    fails only when decoded. With ``skip_damaged`` such an image does not stop a training run:
+
+    1. :meth:`__getitem__` returns ``None`` for it instead of ``(image, label)`` and raises its flag in
+       ``damaged``, one flag per image. The flags live in shared memory, so a flag raised in a
+       DataLoader worker process is seen by the trainer, which reads them with :meth:`damaged_paths`.
+    2. :meth:`collate`, the loader's ``collate_fn``, leaves the ``None`` samples out of the batch, so the
+       epoch goes on with a slightly smaller batch.
+    3. A flagged image stays aside for the rest of the run without being decoded again. So a pass over
+       the data returns exactly the images whose flag is down afterwards, in order, and the trainer
+       drops the flagged rows from the table it pairs with the outputs (the test predictions).
+
+    Without ``skip_damaged`` (the evaluator, which reports the file) decoding errors propagate as
+    :class:`core.images.ImageError`.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, prep: Preprocessing,
+                 *, skip_damaged: bool = False):
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
         self.paths = list(paths)
         self.labels = [int(x) for x in labels]
         self.transform = transform
         self.prep = prep
+        self.skip_damaged = skip_damaged
+        self.damaged = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing) -> LesionDataset:
-        return cls(frame["path"].tolist(), frame["label"].tolist(), transform, prep)
+    def from_frame(cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing, *,
+                   skip_damaged: bool = False) -> LesionDataset:
+        return cls(frame["path"].tolist(), frame["label"].tolist(), transform, prep, skip_damaged=skip_damaged)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return self.transform(load_for_model(self.paths[i], self.prep)), self.labels[i]
+        if self.damaged[i]:
+            return None
+        try:
+            image = load_for_model(self.paths[i], self.prep)
+        except ImageError:
+            if not self.skip_damaged:
+                raise
+            self.damaged[i] = True
+            return None
+        return self.transform(image), self.labels[i]
+
+    def damaged_paths(self) -> list[str]:
+        """The images set aside so far because they could not be decoded, in dataset order."""
+        return [self.paths[i] for i in self.damaged.nonzero().flatten().tolist()]
+
+    def collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """A DataLoader ``collate_fn`` that leaves out the damaged images (``None`` samples).
+
+        A batch of nothing but damaged images comes out empty, shaped as the transform's output
+        (``prep.input_size``), so that evaluation passes need no special case; training skips it.
+        """
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            return torch.empty(0, 3, *self.prep.input_size), torch.empty(0, dtype=torch.long)
+        return torch.utils.data.default_collate(kept)

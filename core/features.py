@@ -46,15 +46,19 @@ def image_key(path: str) -> str:
 @torch.inference_mode()
 def compute_features(backbone: nn.Module, paths: Sequence[str], prep: Preprocessing, *, device: torch.device,
                      batch_size: int = 64, num_workers: int = 0, channels_last: bool = True,
-                     progress: ProgressFn | None = None) -> torch.Tensor:
-    """Run ``backbone`` (eval mode) over the images at ``paths``; returns float32 [N, D] on the CPU."""
+                     progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Run ``backbone`` (eval mode) over the images at ``paths``.
+
+    Returns float32 [N, D] features on the CPU, one row per image that decoded, in the order of
+    ``paths``, and the paths of the images that did not (set aside as :class:`LesionDataset` explains).
+    """
     tune_allocator()
     backbone.eval().to(device)
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
-    dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep)
+    dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep, skip_damaged=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", collate_fn=dataset.collate)
     out, done = [], 0
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -63,10 +67,10 @@ def compute_features(backbone: nn.Module, paths: Sequence[str], prep: Preprocess
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = backbone(images)
         out.append(feats.float().cpu())
-        done += len(images)
+        done = min(done + batch_size, len(paths))  # damaged images count as done too
         if progress:
             progress(done, len(paths))
-    return torch.cat(out) if out else torch.empty(0)
+    return (torch.cat(out) if out else torch.empty(0)), dataset.damaged_paths()
 
 
 class FeatureCache:
@@ -77,8 +81,9 @@ class FeatureCache:
 
     def features(self, backbone: nn.Module, key: str, paths: Sequence[str], prep: Preprocessing, *,
                  device: torch.device, batch_size: int = 64, num_workers: int = 0,
-                 progress: ProgressFn | None = None) -> torch.Tensor:
-        """Features for ``paths`` in order, computing only those not cached yet."""
+                 progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Features for ``paths`` in order, computing only those not cached yet, and the paths of the images
+        that could not be decoded: they have no row, and are not cached, so a repaired file is tried again."""
         file = self.dir / f"{key}.pt"
         stored: dict[str, torch.Tensor] = {}
         if file.is_file():
@@ -89,12 +94,16 @@ class FeatureCache:
                 stored = {}  # a damaged cache only costs a recomputation
         keys = [image_key(p) for p in paths]
         missing = [i for i, k in enumerate(keys) if k not in stored]
+        damaged: list[str] = []
         if missing:
-            fresh = compute_features(backbone, [paths[i] for i in missing], prep, device=device,
-                                     batch_size=batch_size, num_workers=num_workers, progress=progress)
-            stored.update({keys[i]: f for i, f in zip(missing, fresh, strict=True)})
+            fresh, damaged = compute_features(backbone, [paths[i] for i in missing], prep, device=device,
+                                              batch_size=batch_size, num_workers=num_workers, progress=progress)
+            unusable = set(damaged)
+            decoded = [i for i in missing if paths[i] not in unusable]
+            stored.update({keys[i]: f for i, f in zip(decoded, fresh, strict=True)})
             all_keys = list(stored)
             atomic_save({"keys": all_keys, "features": torch.stack([stored[k] for k in all_keys])}, file)
         elif progress:
             progress(len(paths), len(paths))
-        return torch.stack([stored[k] for k in keys])
+        rows = [stored[k] for k in keys if k in stored]
+        return (torch.stack(rows) if rows else torch.empty(0)), damaged

@@ -11,6 +11,9 @@ Layout of a run folder (``<out>/<name>/``):
 - ``last.pt``/``best.pt`` checkpoints, written atomically; ``last.pt`` also carries the
                          optimiser and scheduler so a run resumes where it stopped
 - ``split.csv``          which split every image went to
+- ``dataset_report.json`` what the run set aside: ``validation``, the dataset's validation report from
+                         indexing (with its ``ok`` and ``summary``), and ``damaged_images``, the files that
+                         passed indexing but could not be decoded during the run
 - ``test_predictions.csv`` and ``evaluation.json``: the best model on the test split,
                          after temperature scaling fitted on the validation split
 - ``train.log``          the trainer's output, when a job started it
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,6 +150,13 @@ def write_split(run_dir: Path, frame: pd.DataFrame) -> None:
     atomic_write(Path(run_dir) / "split.csv", lambda fh: table.to_csv(fh, index=False))
 
 
+def write_dataset_report(run_dir: Path, validation: dict, damaged_images: Sequence[str]) -> None:
+    """``dataset_report.json``. The trainer writes it before the first epoch and again after every epoch and
+    the test evaluation, so it names every damaged image met so far."""
+    write_json(Path(run_dir) / "dataset_report.json",
+               {"validation": validation, "damaged_images": list(damaged_images)})
+
+
 def write_evaluation(run_dir: Path, evaluation: dict, images: pd.DataFrame, probs: np.ndarray,
                      logits: np.ndarray) -> None:
     """``evaluation.json`` and ``test_predictions.csv``: one row per test image (``images`` holds its
@@ -195,6 +206,11 @@ def read_split(run_dir: Path) -> pd.DataFrame:
     import pandas as pd  # lazily: pandas is heavy, and the job worker reads runs without it
 
     return pd.read_csv(Path(run_dir) / "split.csv")
+
+
+def read_dataset_report(run_dir: Path) -> dict:
+    """What the run set aside (see :func:`write_dataset_report`); empty before the trainer has written it."""
+    return read_json(Path(run_dir) / "dataset_report.json") or {}
 
 
 def read_evaluation(run_dir: Path) -> dict:

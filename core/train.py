@@ -17,7 +17,7 @@ from pathlib import Path
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import WeightsUnavailableError
-from core.runs import read_evaluation
+from core.runs import read_dataset_report, read_evaluation
 from core.training import PRESETS, TrainConfig, config_with, train
 
 
@@ -61,6 +61,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config_with(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
+def set_aside_text(report: dict) -> str:
+    """What a run left out of its data (its ``dataset_report.json``), as warnings for the terminal: the
+    validation summary when indexing set anything aside, and the images that could not be decoded."""
+    lines = []
+    validation = report.get("validation") or {}
+    if validation and not validation["ok"]:
+        lines.append(f"warning: indexing set data aside:\n{validation['summary']}")
+    damaged = report.get("damaged_images") or []
+    if damaged:
+        lines.append(f"warning: {len(damaged)} damaged image{'s' if len(damaged) > 1 else ''} could not be "
+                     f"decoded and {'were' if len(damaged) > 1 else 'was'} set aside: {'; '.join(damaged)}")
+    return "\n".join(lines)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -87,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
+    set_aside = set_aside_text(read_dataset_report(run_dir))
+    if set_aside:
+        print(set_aside, file=sys.stderr)
     test = read_evaluation(run_dir).get("test")
     if test:
         print(f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "

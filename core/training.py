@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +22,9 @@ from torch import nn
 from core import imbalance
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
+    SPLITS,
+    DatasetError,
+    DatasetIndex,
     LesionDataset,
     index_dataset,
     split_by_lesion,
@@ -29,9 +32,18 @@ from core.data import (
 from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureCache, backbone_key
 from core.inference import predict_logits
+from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
 from core.preprocessing import AUGMENTATIONS, Preprocessing, check_size, eval_transform, train_transform
-from core.runs import STOP_FILE, RunLog, check_run_name, write_config, write_evaluation, write_split
+from core.runs import (
+    STOP_FILE,
+    RunLog,
+    check_run_name,
+    write_config,
+    write_dataset_report,
+    write_evaluation,
+    write_split,
+)
 from core.runtime import default_workers, pick_device, tune_allocator
 
 SCHEDULERS = ("step", "cosine", "none")
@@ -199,19 +211,60 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 # Data for a run
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def prepare_data(cfg: TrainConfig, index: DatasetIndex | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The indexed images (optionally subsampled) with their split, and the training rows after the
-    imbalance strategy's resampling (oversampling duplicates rows)."""
-    frame = index_dataset(cfg.data).frame
+    imbalance strategy's resampling (oversampling duplicates rows). ``index`` is ``cfg.data`` indexed
+    already; raises :class:`DatasetError` for data a run cannot learn from (:func:`check_classes`,
+    :func:`check_splits`)."""
+    frame = (index or index_dataset(cfg.data)).frame
     if cfg.max_images and cfg.max_images < len(frame):
         # Stratified subsample: keeps rare classes present (at least two images each) in small experiments.
         fraction = cfg.max_images / len(frame)
         parts = [group.sample(max(2, round(len(group) * fraction)), random_state=cfg.seed) if len(group) > 2
                  else group for _, group in frame.groupby("dx", sort=True)]
         frame = pd.concat(parts).reset_index(drop=True)
+    check_classes(frame)
     frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
+    check_splits(frame)
     train = imbalance.get(cfg.imbalance).resample_rows(frame[frame["split"] == "train"], cfg.seed)
     return frame, train
+
+
+def _classes_text(dx: pd.Series) -> str:
+    return ", ".join(f"{code}: {n} images" for code, n in dx.value_counts().items())
+
+
+def check_classes(frame: pd.DataFrame) -> None:
+    """Refuse images of fewer than two classes, or fewer lesions than splits: a classifier trained on one
+    class learns nothing, yet scores a perfect balanced accuracy on a test split of that class."""
+    if frame["dx"].nunique() < 2:
+        raise DatasetError(
+            f"The dataset has images of one class only ({_classes_text(frame['dx'])}); a classifier needs "
+            f"images of at least two of {', '.join(CLASSES)}. Check the metadata's dx column, or point --data "
+            "at the whole dataset."
+        )
+    lesions = frame["lesion_id"].nunique()
+    if lesions < len(SPLITS):
+        raise DatasetError(
+            f"The dataset has {lesions} lesion{'s' if lesions != 1 else ''}; the training, validation and test "
+            "splits need at least one each (all images of a lesion go to one split). Add images."
+        )
+
+
+def check_splits(frame: pd.DataFrame) -> None:
+    """Refuse a split with no images, or with images of one class only: the model would be trained,
+    selected, calibrated or tested on nothing, and balanced accuracy on one class reads 1.000."""
+    for split, name in zip(SPLITS, ("training", "validation", "test"), strict=True):
+        dx = frame.loc[frame["split"] == split, "dx"]
+        if dx.empty:
+            raise DatasetError(f"The {name} split has no images. Give every split a share of the lesions "
+                               "(--split-fractions), or add images.")
+        if dx.nunique() < 2:
+            raise DatasetError(
+                f"The {name} split holds images of one class only ({_classes_text(dx)}); it needs at least "
+                "two classes. Add images of the rarer classes, or give the split a larger share "
+                "(--split-fractions)."
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -228,6 +281,8 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     steps = len(loader)
     for step, (inputs, targets) in enumerate(loader, 1):
+        if not len(targets):
+            continue  # every image of the batch was damaged (LesionDataset.collate left them out)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if cfg.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -272,8 +327,10 @@ def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
 
 def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows: pd.DataFrame,
              device: torch.device, log: RunLog, generator: torch.Generator):
-    """Training and evaluation loaders, and the module they feed: the head on cached features
-    in head-only mode, the whole network otherwise."""
+    """Training and evaluation loaders, the module they feed (the head on cached features in head-only
+    mode, the whole network otherwise), and the images that computing the features found damaged: they
+    have no features, so they are left out of every split. Without cached features the loaders' datasets
+    set damaged images aside as they meet them (see :class:`LesionDataset` and :func:`damaged_images`)."""
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     prep = cfg.preprocessing
     eval_bs = max(cfg.batch_size, 64)
@@ -286,11 +343,15 @@ def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows
         def report(done: int, total: int) -> None:
             log.progress(force=done == total, epoch=0, step=done, steps=total, phase="features")
 
-        feats = cache.features(model.backbone, key, paths, prep, device=device, batch_size=eval_bs,
-                               num_workers=workers, progress=report)
-        row_of = {p: i for i, p in enumerate(paths)}
+        feats, damaged = cache.features(model.backbone, key, paths, prep, device=device, batch_size=eval_bs,
+                                        num_workers=workers, progress=report)
+        decoded = frame[~frame["path"].isin(damaged)]
+        if damaged:
+            check_splits(decoded)
+        row_of = {p: i for i, p in enumerate(decoded["path"])}
 
         def tensors(rows: pd.DataFrame):
+            rows = rows[~rows["path"].isin(damaged)]
             idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
             return torch.utils.data.TensorDataset(feats[idx], torch.tensor(rows["label"].to_numpy()))
 
@@ -299,18 +360,31 @@ def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows
         step_module = model.head
         loader_options: dict = {}  # features are already in memory: no worker processes
     else:
-        train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep)
-        eval_ds = {s: LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep)
+        damaged = []
+        train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep,
+                                            skip_damaged=True)
+        eval_ds = {s: LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep,
+                                               skip_damaged=True)
                    for s in ("val", "test")}
         step_module = model
+        # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
+        # as it only needs the input size they share.
         loader_options = {"num_workers": workers, "pin_memory": device.type == "cuda",
-                          "persistent_workers": workers > 0}
+                          "persistent_workers": workers > 0, "collate_fn": train_ds.collate}
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
         drop_last=len(train_ds) > cfg.batch_size, **loader_options)
     eval_loaders = {s: torch.utils.data.DataLoader(ds, batch_size=eval_bs, **loader_options)
                     for s, ds in eval_ds.items()}
-    return step_module, train_loader, eval_loaders
+    return step_module, train_loader, eval_loaders, damaged
+
+
+def damaged_images(loaders: Iterable[torch.utils.data.DataLoader], found: Iterable[str] = ()) -> list[str]:
+    """Every image set aside so far because it could not be decoded: ``found`` (by the feature cache) and
+    those the loaders' :class:`LesionDataset` flagged, sorted."""
+    flagged = {path for loader in loaders if isinstance(loader.dataset, LesionDataset)
+               for path in loader.dataset.damaged_paths()}
+    return sorted(flagged.union(found))
 
 
 def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False,
@@ -348,15 +422,24 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     last = read_checkpoint(run_dir / "last.pt") if resume and (run_dir / "last.pt").is_file() else None
     log.truncate_to_epoch(last["epoch"] if last else 0)
 
-    frame, train_rows = prepare_data(cfg)
+    index = index_dataset(cfg.data)
+    frame, train_rows = prepare_data(cfg, index)
     write_split(run_dir, frame)
+    validation = {**index.report.to_dict(), "ok": index.report.ok, "summary": index.report.summary()}
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step_module, train_loader, eval_loaders = _loaders(cfg, model, frame, train_rows, device, log, generator)
+    step_module, train_loader, eval_loaders, found = _loaders(cfg, model, frame, train_rows, device, log,
+                                                              generator)
+    loaders = [train_loader, *eval_loaders.values()]
+
+    def record_set_aside() -> None:
+        write_dataset_report(run_dir, validation, damaged_images(loaders, found))
+
+    record_set_aside()
     criterion = make_criterion(cfg, train_rows["label"].to_numpy()).to(device)
     optimizer = make_optimizer(cfg, step_module)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
@@ -395,16 +478,20 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
         atomic_save(checkpoint_dict(model, prep, head=cfg.head, best_score=best_score,
                                     optimizer_state=optimizer.state_dict(),
                                     scheduler_state=scheduler.state_dict(), **extra), run_dir / "last.pt")
+        record_set_aside()
     if (run_dir / "best.pt").is_file():
-        finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device)
+        finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found)
+        record_set_aside()
     return "stopped" if stopped else "finished"
 
 
 def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: LesionNet, step_module: nn.Module,
-             eval_loaders: dict, device: torch.device) -> dict:
+             eval_loaders: dict, device: torch.device, found: Iterable[str] = ()) -> dict:
     """Calibrate the best model on the validation split and evaluate it on the test split.
 
     ``step_module`` is the module the loaders feed (the head, on cached features, in head-only mode).
+    The test images set aside as damaged (``found`` by the feature cache, or met by the test loader)
+    have no output, so their rows are left out of the predictions table.
     """
     best = read_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model_state"])
@@ -420,7 +507,9 @@ def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: Lesion
         "test_uncalibrated": compute_metrics(test_labels, softmax(test_logits)),
         "val": compute_metrics(val_labels, softmax(val_logits, temperature)),
     }
-    write_evaluation(run_dir, evaluation, frame[frame["split"] == "test"], probs, test_logits)
+    damaged = damaged_images([eval_loaders["test"]], found)
+    test_rows = frame[(frame["split"] == "test") & ~frame["path"].isin(damaged)]
+    write_evaluation(run_dir, evaluation, test_rows, probs, test_logits)
     best["temperature"] = temperature
     atomic_save(best, run_dir / "best.pt")
     return evaluation

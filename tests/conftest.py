@@ -2,6 +2,7 @@
 and torchvision's real MobileNetV2 ImageNet file for tests that need pretrained features."""
 from __future__ import annotations
 
+import io
 import shutil
 import struct
 import zlib
@@ -73,6 +74,19 @@ def write_tiny_dataset(root: Path, per_class: int = 12, seed: int = 0) -> Path:
             n += 1
     (root / "HAM10000_metadata.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
     return root
+
+
+def write_truncated_jpeg(path: str | Path) -> Path:
+    """A 200×150 JPEG cut to its first third, as an interrupted copy leaves one: its signature passes indexing
+    and its header still reads, but decoding its body fails."""
+    path = Path(path)
+    full = io.BytesIO()
+    make_image(0, np.random.default_rng(0), size=(200, 150)).save(full, "JPEG", quality=95)
+    data = full.getvalue()
+    path.write_bytes(data[: len(data) // 3])
+    with Image.open(path) as img:
+        assert img.size == (200, 150)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,9 @@ from core.data import (
     split_counts,
     walk_files,
 )
+from core.images import ImageError
 from core.preprocessing import Preprocessing, eval_transform, train_transform
+from tests.conftest import write_truncated_jpeg
 
 
 def test_class_list_is_the_ham10000_codes_in_order():
@@ -241,3 +243,23 @@ def test_dataset_and_transforms_produce_normalised_tensors(tiny_root):
     aug = LesionDataset.from_frame(frame, train_transform(prep, "seed"), prep)
     assert not torch.equal(aug[0][0], x)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+
+
+def test_damaged_images_are_flagged_across_worker_processes_and_left_out_of_batches(tiny_root, tmp_path):
+    frame = index_dataset(tiny_root).frame.head(6).copy()
+    frame["path"] = [shutil.copy(p, tmp_path) for p in frame["path"]]
+    damaged = [write_truncated_jpeg(frame["path"].iloc[i]) for i in (1, 4)]
+    prep = Preprocessing(input_size=(32, 32))
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        LesionDataset.from_frame(frame, eval_transform(prep), prep)[1]  # the evaluator's dataset reports it
+
+    ds = LesionDataset.from_frame(frame, eval_transform(prep), prep, skip_damaged=True)
+    # Two real worker processes decode the images, so the flags must cross into this process.
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=ds.collate)
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [2, 2]
+    assert torch.equal(torch.cat([y for _, y in batches]), torch.tensor(frame["label"].to_numpy()[[0, 2, 3, 5]]))
+    assert ds.damaged_paths() == [str(p) for p in damaged]
+    # A batch of damaged images only is empty, shaped for the model.
+    inputs, targets = ds.collate([ds[1], ds[4]])
+    assert inputs.shape == (0, 3, 32, 32) and targets.shape == (0,)

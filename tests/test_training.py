@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from core.checkpoints import read_checkpoint
+from core.data import DatasetError
 from core.features import FeatureCache, backbone_key
 from core.imbalance import STRATEGIES
 from core.labels import CLASSES
@@ -22,7 +24,8 @@ from core.models import build_model
 from core.preprocessing import Preprocessing
 from core.runs import read_config, read_evaluation, read_run
 from core.train import build_parser, config_from_args
-from core.training import PRESETS, TrainConfig, config_with, train
+from core.training import PRESETS, TrainConfig, config_with, prepare_data, train
+from tests.conftest import write_truncated_jpeg
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -190,12 +193,12 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
     cache = FeatureCache(tmp_path / "cache")
     key = backbone_key("resnet18", "none", prep)
     computed = []
-    first = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
-                           progress=lambda done, total: computed.append(total))
-    assert first.shape == (10, 512) and computed[-1] == 10
+    first, damaged = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
+                                    progress=lambda done, total: computed.append(total))
+    assert first.shape == (10, 512) and damaged == [] and computed[-1] == 10
     computed.clear()
-    again = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
-                           progress=lambda done, total: computed.append(total))
+    again, _ = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
+                              progress=lambda done, total: computed.append(total))
     assert torch.equal(first, again) and computed == [10]  # reported as done, nothing recomputed
     os.utime(paths[3], ns=(1, 1))  # a changed file gets new features
     computed.clear()
@@ -203,6 +206,19 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
                    progress=lambda done, total: computed.append(total))
     assert computed == [1]
     assert backbone_key("resnet18", "none", Preprocessing(input_size=(64, 64))) != key
+
+    # A damaged image gets no row and is not cached: every call tries it again, so once repaired it is used.
+    original = Path(paths[5]).read_bytes()
+    write_truncated_jpeg(paths[5])
+    for _ in range(2):
+        computed.clear()
+        feats, damaged = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
+                                        progress=lambda done, total: computed.append(total))
+        assert computed == [1] and damaged == [paths[5]]
+        assert torch.allclose(feats, torch.cat([first[:5], first[6:]]), atol=1e-5)
+    Path(paths[5]).write_bytes(original)
+    repaired, damaged = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"))
+    assert damaged == [] and torch.allclose(repaired, first, atol=1e-5)
 
 
 def test_cli_help_and_clear_errors(tmp_path):
@@ -294,3 +310,96 @@ def test_max_images_subsamples_every_class_and_keeps_lesions_whole(tiny_root, tm
     assert set(frame["dx"]) == set(CLASSES)  # rare classes survive the subsample
     assert frame.groupby("lesion_id")["split"].nunique().max() == 1
     assert train_rows["label"].value_counts().nunique() == 1  # seed preset: oversampled to balance
+
+
+# ---------------------------------------------------------------------------
+# Bad data: what indexing set aside, damaged images, data a run cannot learn from
+
+
+def copy_of(tiny_root, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_root, tmp_path / "data"))
+
+
+@pytest.mark.parametrize("feature_cache", [True, False], ids=["cached-features", "decoded-every-epoch"])
+def test_damaged_images_are_set_aside_and_the_run_finishes(tiny_root, tmp_path, feature_cache):
+    root = copy_of(tiny_root, tmp_path)
+    # A batch of 64 holds the whole training split, so every training image is decoded in every epoch.
+    cfg = tiny_config(root, tmp_path, name="damaged", feature_cache=feature_cache, batch_size=64)
+    frame, _ = prepare_data(cfg)
+    victims = [frame.loc[frame["split"] == split].iloc[0] for split in ("train", "test")]
+    for victim in victims:
+        write_truncated_jpeg(Path(victim["path"]))
+
+    run_dir = train(cfg)
+
+    assert read_run(run_dir).state == "finished"
+    report = json.loads((run_dir / "dataset_report.json").read_text())
+    assert report["damaged_images"] == sorted(v["path"] for v in victims)
+    test_images = frame[frame["split"] == "test"]
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["test"]["n"] == len(test_images) - 1
+    preds = pd.read_csv(run_dir / "test_predictions.csv")
+    assert list(preds["image_id"]) == [i for i in test_images["image_id"] if i != victims[1]["image_id"]]
+    # The metrics were computed on the labels the table holds: the rows stayed aligned.
+    support = {row["code"]: row["support"] for row in evaluation["test"]["per_class"]}
+    assert support == preds["dx"].value_counts().reindex(CLASSES, fill_value=0).to_dict()
+
+
+def test_cli_prints_what_it_set_aside(tiny_root, tmp_path):
+    root = copy_of(tiny_root, tmp_path)
+    unlisted = root / "HAM10000_images_part_1" / "ISIC_7777777.jpg"
+    unlisted.write_bytes(next((root / "HAM10000_images_part_1").iterdir()).read_bytes())
+    damaged = write_truncated_jpeg(next((root / "HAM10000_images_part_2").iterdir()))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-m", "core.train", "--data", str(root), "--weights", "none", "--epochs",
+                           "1", "--input-size", "32", "32", "--out", str(tmp_path), "--name", "cli", "--cache-dir",
+                           str(tmp_path / "c")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"Images without a metadata row (not used): 1 — {unlisted}" in done.stderr
+    assert f"1 damaged image could not be decoded and was set aside: {damaged}" in done.stderr
+    assert "test accuracy" in done.stdout
+    report = json.loads((tmp_path / "cli" / "dataset_report.json").read_text())
+    assert report["validation"]["images_without_metadata"] == [str(unlisted)]
+    assert report["damaged_images"] == [str(damaged)]
+
+
+def keep_rows(root, keep) -> None:
+    """Rewrite the dataset's metadata with only the rows ``keep`` accepts (their images stay, unlisted)."""
+    meta = pd.read_csv(root / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    meta[meta.apply(keep, axis=1)].to_csv(root / "HAM10000_metadata.csv", index=False)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("one class", "The dataset has images of one class only (nv: 12 images)"),
+    ("two lesions", "The dataset has 2 lesions; the training, validation and test splits need at least one each"),
+    ("no test share", "The test split has no images"),
+])
+def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, message):
+    root = copy_of(tiny_root, tmp_path)
+    fractions = ["0.7", "0.15", "0.15"]
+    if case == "one class":
+        keep_rows(root, lambda row: row["dx"] == "nv")
+    elif case == "two lesions":
+        lesions = ("HAM_0000000", "HAM_0100000")  # one akiec and one bcc lesion, two images each
+        keep_rows(root, lambda row: row["lesion_id"] in lesions)
+    else:
+        fractions = ["0.8", "0.2", "0"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    done = subprocess.run([sys.executable, "-m", "core.train", "--data", str(root), "--weights", "none",
+                           "--epochs", "1", "--input-size", "32", "32", "--split-fractions", *fractions, "--out",
+                           str(tmp_path / "runs"), "--name", "refused", "--cache-dir", str(tmp_path / "c")],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {message}") and done.stderr.count("\n") == 1, done.stderr
+    run = read_run(tmp_path / "runs" / "refused")
+    assert run.state == "failed" and run.start is None  # refused before training began
+
+
+def test_a_split_with_one_class_is_refused(tiny_root, tmp_path):
+    root = copy_of(tiny_root, tmp_path)
+    # Six nv lesions and one mel lesion: whichever split the mel lesion goes to, the other two hold nv only.
+    keep_rows(root, lambda row: row["dx"] == "nv" or row["lesion_id"] == "HAM_0400000")
+    with pytest.raises(DatasetError, match=r"split holds images of one class only \(nv: \d+ images\)"):
+        prepare_data(tiny_config(root, tmp_path))

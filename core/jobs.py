@@ -2,10 +2,11 @@
 
 A job is one detached worker process (``python -m core.jobs worker JOB.json``, its
 own session so it outlives browser reloads, reruns and even the Streamlit server)
-that runs one or more training configs one after another, each as
-``python -m core.train --config CFG.json`` with stdout and stderr in the run
-folder's ``train.log``. A single training run is a job of one config; the
-imbalance experiment is a job of one run per strategy.
+that runs one or more training configs one after another in one trainer process,
+``python -m core.train --config A.json --config B.json …`` (the runs share its
+start-up, the dataset index and split and the cached features), with the
+trainer's output in the ``train.log`` of the run it is on. A single training run
+is a job of one config; the imbalance experiment is a job of one run per strategy.
 
 One job at a time: ``RUNS/.job.lock`` names the job and its worker's pid. A lock
 whose process is gone (crashed, killed, machine rebooted) is stale and released
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -364,30 +366,59 @@ def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
 # The worker
 
 
-def _run_one(job: Job, cfg_path: Path) -> int:
-    cfg = json.loads(cfg_path.read_text())
-    run_dir = job.runs_dir / cfg["name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "core.train", "--config", str(cfg_path)],
-                                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+def _copy_output(fd: int, job: Job) -> None:
+    """Append what the trainer has written so far to the train.log of the run it is on."""
+    while True:
         try:
-            while (rc := proc.poll()) is None:
-                # The trainer deletes a stale STOP when it starts; repeat a stop asked for during start-up.
-                if job.stop_requested and read_status(run_dir):
-                    request_stop(run_dir)
-                time.sleep(0.5)
-        except BaseException:  # SIGTERM of the worker: take the trainer down with us
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        with open(job.runs_dir / (job.current_run or job.runs[0]) / "train.log", "ab") as log:
+            log.write(chunk)
+
+
+def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
+    """Train the configs in one trainer process; a run it could not finish is marked as such."""
+    (job.runs_dir / job.runs[0]).mkdir(parents=True, exist_ok=True)
+    args = [arg for path in cfg_paths for arg in ("--config", str(path))]
+    proc = subprocess.Popen([sys.executable, "-m", "core.train", *args], cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line reaches its run's log at once
+    out = proc.stdout.fileno()
+    os.set_blocking(out, False)
+    try:
+        while True:
+            rc = proc.poll()
+            select.select([out], [], [], 0.5 if rc is None else 0)
+            _copy_output(out, job)
+            if rc is not None:
+                break
+            # The trainer deletes a stale STOP when a run starts; repeat a stop asked for during its start-up.
+            # A STOP in a run that has just finished keeps the trainer from starting the next one.
+            run_dir = job.runs_dir / (job.current_run or job.runs[0])
+            if job.stop_requested and read_status(run_dir):
+                request_stop(run_dir)
+    except BaseException:  # SIGTERM of the worker: take the trainer down with us
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for run_dir in _started(job):
             mark_unfinished(run_dir, "stopped", "the job was terminated")
-            raise
-    mark_unfinished(run_dir, "failed",
-                    f"the trainer exited with code {rc} without finishing:\n{error_from_log(run_dir)}")
+        raise
+    finally:
+        proc.stdout.close()
+    for run_dir in _started(job):
+        mark_unfinished(run_dir, "failed", f"the trainer exited with code {rc} without finishing:\n"
+                                           f"{error_from_log(run_dir)}")
     return rc
+
+
+def _started(job: Job) -> list[Path]:
+    return [job.runs_dir / name for name in job.runs if (job.runs_dir / name).exists()]
 
 
 def worker(job_file: Path) -> int:
@@ -402,11 +433,8 @@ def worker(job_file: Path) -> int:
     try:
         if job.kind == "download":
             _download(job, data)
-        else:
-            for cfg_name in data["configs"]:
-                if job.stop_requested:
-                    break
-                _run_one(job, job_file.parent / cfg_name)
+        elif not job.stop_requested:
+            _run_trainer(job, [job_file.parent / name for name in data["configs"]])
     finally:
         _release(_lock_path(job.runs_dir, data.get("lock", LOCK_NAME)), job.id)
     return 0

@@ -76,11 +76,15 @@ class FeatureCache:
     def __init__(self, cache_dir: str | Path):
         self.dir = Path(cache_dir)
 
+    def path(self, key: str) -> Path:
+        """The file holding the features computed by backbone ``key`` (see :func:`backbone_key`)."""
+        return self.dir / f"{key}.pt"
+
     def features(self, backbone: nn.Module, key: str, paths: Sequence[str], prep: Preprocessing, *,
                  device: torch.device, batch_size: int = 64, num_workers: int = 0,
                  progress: ProgressFn | None = None) -> torch.Tensor:
         """Features for ``paths`` in order, computing only those not cached yet."""
-        file = self.dir / f"{key}.pt"
+        file = self.path(key)
         stored: dict[str, torch.Tensor] = {}
         if file.is_file():
             try:

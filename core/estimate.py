@@ -74,7 +74,8 @@ def recorded_rates(runs: Iterable[RunState], cfg: TrainConfig) -> dict[str, Rate
     head training and per-epoch overhead from finished cached head-only runs of its backbone, head and batch
     size; feature extraction from the newest run that computed features for its backbone and image size."""
     runs = list(runs)
-    head_runs = [r for r in runs if r.state == "finished" and r.epochs and r.wall_time_s and _same_head(r, cfg)]
+    head_runs = [r for r in runs if r.state == "finished" and r.epochs and r.wall_time_s is not None
+                 and _same_head(r, cfg)]
     head_runs = head_runs[:RECENT_RUNS]
     found: dict[str, Rate] = {}
     if head_runs:

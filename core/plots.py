@@ -278,7 +278,7 @@ def strategy_colour(name: str) -> str:
 
 def _lesson_height(table: pd.DataFrame) -> int:
     """One height for the lesson's charts, which stand side by side: enough for a row per strategy."""
-    return max(360, 130 + 36 * len(table))
+    return max(400, 160 + 40 * len(table))
 
 
 def strategy_heatmap(table: pd.DataFrame) -> go.Figure:
@@ -316,7 +316,7 @@ def melanoma_precision_recall(table: pd.DataFrame, curves: Mapping[str, pd.DataF
             hovertemplate=f"{label}, most probable class<br>recall %{{x:.3f}}<br>precision %{{y:.3f}}<extra></extra>"))
     fig.update_xaxes(title="recall (sensitivity)", range=[0, 1.02])
     fig.update_yaxes(title="precision (PPV)", range=[0, 1.02])
-    fig.update_layout(legend=dict(orientation="h", y=-0.22), margin=dict(l=10, r=10, t=50, b=10))
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.3))
     return _finish(fig, "Melanoma: recall against precision", height=_lesson_height(table))
 
 

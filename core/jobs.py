@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import read_json, read_tail, write_json
-from core.runs import error_from_log, list_runs, mark_unfinished, read_status, request_stop
+from core.runs import error_from_log, list_runs, mark_unfinished, read_status, request_stop, run_header
 from core.settings import PROJECT_ROOT
 
 LOCK_NAME = ".job.lock"
@@ -366,17 +366,38 @@ def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
 # The worker
 
 
-def _copy_output(fd: int, job: Job) -> None:
-    """Append what the trainer has written so far to the train.log of the run it is on."""
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return
-        if not chunk:
-            return
-        with open(job.runs_dir / (job.current_run or job.runs[0]) / "train.log", "ab") as log:
-            log.write(chunk)
+class _RunLogs:
+    """Files the trainer's output under the runs it trains: each line goes to the train.log of the run whose
+    header (:func:`core.runs.run_header`) came last, what comes before the first header to the first run's."""
+
+    def __init__(self, job: Job):
+        self.job, self.run, self.partial = job, job.runs[0], b""
+        self.headers = {run_header(name).encode(): name for name in job.runs}
+
+    def copy(self, fd: int) -> None:
+        """Everything the trainer has written to ``fd`` (non-blocking) so far."""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:  # the trainer has exited: its last line may lack a newline
+                self._append(self.partial)
+                self.partial = b""
+                return
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            block = b""
+            for line in lines:
+                if line in self.headers:
+                    self._append(block)
+                    self.run, block = self.headers[line], b""
+                block += line + b"\n"
+            self._append(block)
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            with open(self.job.runs_dir / self.run / "train.log", "ab") as log:
+                log.write(data)
 
 
 def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
@@ -385,14 +406,14 @@ def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
     args = [arg for path in cfg_paths for arg in ("--config", str(path))]
     proc = subprocess.Popen([sys.executable, "-m", "core.train", *args], cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # each line reaches its run's log at once
-    out = proc.stdout.fileno()
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines reach the logs as they are printed
+    out, logs = proc.stdout.fileno(), _RunLogs(job)
     os.set_blocking(out, False)
     try:
         while True:
             rc = proc.poll()
             select.select([out], [], [], 0.5 if rc is None else 0)
-            _copy_output(out, job)
+            logs.copy(out)
             if rc is not None:
                 break
             # The trainer deletes a stale STOP when a run starts; repeat a stop asked for during its start-up.

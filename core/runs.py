@@ -70,6 +70,12 @@ class RunLog:
         write_status(self.dir, state, error)
 
 
+def run_header(name: str) -> str:
+    """The line the trainer prints as it starts the run ``name``: what it prints after it is that run's, which
+    lets a job file one process's output under several runs."""
+    return f"=== run {name} ==="
+
+
 def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
     write_json(Path(run_dir) / "status.json",
                {"state": state, "error": error, "updated": datetime.now(UTC).isoformat(timespec="seconds")})

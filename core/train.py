@@ -19,7 +19,7 @@ from pathlib import Path
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import WeightsUnavailableError
-from core.runs import read_evaluation
+from core.runs import read_evaluation, run_header
 from core.training import PRESETS, TrainConfig, config_with, train, train_many
 
 
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             if not all(cfg.data for cfg in configs):
                 print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
                 return 2
-            train_many(configs, on_run_end=lambda run_dir: print(summary(run_dir), flush=True))
+            train_many(configs, on_run_start=lambda run_dir: print(run_header(run_dir.name), flush=True),
+                       on_run_end=lambda run_dir: print(summary(run_dir), flush=True))
     except (DatasetError, WeightsUnavailableError, CheckpointError, ValueError, FileExistsError,
             FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

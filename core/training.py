@@ -382,6 +382,7 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
 
 
 def train_many(configs: Sequence[TrainConfig], *, should_stop: Callable[[], bool] | None = None,
+               on_run_start: Callable[[Path], None] | None = None,
                on_run_end: Callable[[Path], None] | None = None) -> list[Path]:
     """Train ``configs`` one after another in this process and return their run folders.
 
@@ -389,12 +390,15 @@ def train_many(configs: Sequence[TrainConfig], *, should_stop: Callable[[], bool
     their settings agree; each writes its own run folder, with the numbers it would have on its own. A run
     ended by a ``STOP`` file (also one created just after it finished) or ``should_stop`` ends the sequence:
     the configs after it do not start. So does an error, raised once the failed run has recorded it.
-    ``on_run_end`` is called with each run's folder as it ends.
+    ``on_run_start`` and ``on_run_end`` are called with each run's folder as it starts and ends.
     """
     shared = SharedInputs()
     run_dirs = []
     for cfg in configs:
-        run_dir = train(cfg, should_stop=should_stop, shared=shared)
+        run_dir = new_run_dir(cfg)
+        if on_run_start is not None:
+            on_run_start(run_dir)
+        train(cfg, run_dir=run_dir, should_stop=should_stop, shared=shared)
         run_dirs.append(run_dir)
         if on_run_end is not None:
             on_run_end(run_dir)

@@ -277,23 +277,25 @@ def strategy_colour(name: str) -> str:
 
 
 def _lesson_height(table: pd.DataFrame) -> int:
-    """One height for the lesson's charts, which stand side by side: enough for a row per strategy."""
-    return max(400, 160 + 40 * len(table))
+    """One height for the lesson's charts, which stand side by side: the heatmap needs two rows per strategy."""
+    return max(420, 150 + 48 * len(table))
 
 
 def strategy_heatmap(table: pd.DataFrame) -> go.Figure:
-    """Recall and precision of every class (columns, ``CLASSES`` order) under every strategy (rows)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Recall", "Precision"), shared_yaxes=True,
-                        horizontal_spacing=0.04)
+    """Recall (top) and precision (bottom) of every class (columns, ``CLASSES`` order) under every strategy
+    (rows): stacked, so that each cell keeps room for its number however narrow the page."""
+    fig = make_subplots(rows=2, cols=1, subplot_titles=("Recall", "Precision"), shared_xaxes=True,
+                        vertical_spacing=0.16)
     labels = list(table["label"])
-    for col, metric in enumerate(("recall", "precision"), 1):
+    for row, metric in enumerate(("recall", "precision"), 1):
         z = table[[f"{metric}_{c}" for c in CLASSES]].to_numpy(dtype=float)
         fig.add_trace(go.Heatmap(
             z=z, x=list(CLASSES), y=labels, zmin=0, zmax=1, colorscale="Blues", showscale=False,
             text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}", textfont=dict(size=12),
             hovertemplate=f"%{{y}}<br>{metric} of %{{x}}: %{{z:.3f}}<extra></extra>",
-        ), row=1, col=col)
+        ), row=row, col=1)
     fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(tickangle=0, showticklabels=True)
     return _finish(fig, "Recall and precision of each class", height=_lesson_height(table))
 
 
@@ -316,8 +318,11 @@ def melanoma_precision_recall(table: pd.DataFrame, curves: Mapping[str, pd.DataF
             hovertemplate=f"{label}, most probable class<br>recall %{{x:.3f}}<br>precision %{{y:.3f}}<extra></extra>"))
     fig.update_xaxes(title="recall (sensitivity)", range=[0, 1.02])
     fig.update_yaxes(title="precision (PPV)", range=[0, 1.02])
-    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.3))
-    return _finish(fig, "Melanoma: recall against precision", height=_lesson_height(table))
+    fig = _finish(fig, "Melanoma recall vs precision", height=_lesson_height(table))
+    # At the foot of the figure, below the axis title, however many lines the legend wraps to.
+    fig.update_layout(legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
+                      margin=dict(b=40 + 22 * -(-len(table) // 2)))
+    return fig
 
 
 def accuracy_pairs(table: pd.DataFrame) -> go.Figure:
@@ -331,4 +336,4 @@ def accuracy_pairs(table: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.12))
     fig.update_xaxes(range=[0, 1.15])
     fig.update_yaxes(autorange="reversed")
-    return _finish(fig, "Accuracy against balanced accuracy", height=_lesson_height(table))
+    return _finish(fig, "Accuracy vs balanced accuracy", height=_lesson_height(table))

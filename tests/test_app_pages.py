@@ -240,8 +240,8 @@ def test_compare_opens_on_the_imbalance_lesson_of_the_published_runs(empty_env, 
     # The heatmap shows the same numbers, a row per strategy and a column per class.
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     charts = {spec["layout"]["title"]["text"]: spec for spec in specs}
-    assert {"Recall and precision of each class", "Melanoma: recall against precision",
-            "Accuracy against balanced accuracy"} <= set(charts)
+    assert {"Recall and precision of each class", "Melanoma recall vs precision",
+            "Accuracy vs balanced accuracy"} <= set(charts)
     recall = charts["Recall and precision of each class"]["data"][0]
     assert recall["y"] == labels and recall["x"] == list(CLASSES)
     mel = list(CLASSES).index(MELANOMA)

@@ -186,7 +186,7 @@ def lesson_view(experiment: lesson.Experiment) -> None:
     records = {s: predictions(path) for s, path in evaluated.items()}
     table = lesson.strategy_table({s: r[4] for s, r in records.items()})
     st.markdown("\n".join(f"- {sentence}" for sentence in lesson.sentences(table)))
-    charts = st.columns([5, 3, 3])
+    charts = st.columns([4, 3, 3])
     charts[0].plotly_chart(plots.strategy_heatmap(table), width="stretch", key="lesson_heatmap")
     curves = {s: lesson.melanoma_curve(r[1], r[2]) for s, r in records.items()}
     charts[1].plotly_chart(plots.melanoma_precision_recall(table, curves), width="stretch", key="lesson_melanoma")

@@ -273,3 +273,29 @@ def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypat
     assert f"{len(STRATEGIES)} runs × 3 epochs on 84 images" in text
     assert "2 earlier cached head-only resnet18 runs here" in text and "bench/experiment.py" in text
     assert not [b for b in at.button if b.label == "Run the imbalance experiment"][0].disabled
+
+
+def test_the_newest_experiment_trained_here_is_the_lesson(tiny_root, tmp_path, monkeypatch):
+    """An experiment run as the app runs it (one background job) becomes the lesson, before the published one."""
+    from core import jobs
+    from tests.app_support import AppEnv, tiny_config
+
+    env = AppEnv(data=tiny_root, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+    env.apply(monkeypatch)
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(ROOT / "docs" / "runs"))
+    base = tiny_config(tiny_root, "", epochs=1, cache_dir=str(tmp_path / "cache"))
+    jobs.start_experiment(base, env.runs, name="exp", strategies=("weighted_loss", "none"))
+    try:
+        assert jobs.wait_idle(env.runs, timeout=180)
+    finally:
+        jobs.kill_job(env.runs)
+    at = app_test("compare")
+    no_exceptions(at)
+    assert at.selectbox(key="cmp_experiment_pick").value == "exp"
+    assert at.selectbox(key="cmp_experiment_pick").options[-1].startswith("published with the model card")
+    [shown] = [d.value for d in at.dataframe if "weighted loss" in d.value.columns]
+    assert list(shown.columns) == ["none", "weighted loss"]  # the registry's order, whatever the manifest's
+    evaluation = json.loads((env.runs / "exp-weighted_loss" / "evaluation.json").read_text())["test"]
+    mel = next(c for c in evaluation["per_class"] if c["code"] == MELANOMA)
+    assert shown.loc["recall · mel", "weighted loss"] == f"{mel['recall']:.2f}"
+    assert "Compared with none (plain cross-entropy), weighted loss" in texts(at)

@@ -209,9 +209,11 @@ def lesson_tab(manifests: list[dict]) -> None:
         read_runs(published_dir) if published_dir else [])
     if experiments:
         keys = [e.key for e in experiments]
-        current = st.session_state.get("cmp_experiment")
-        key = st.selectbox("Experiment", keys, index=keys.index(current) if current in keys else 0,
-                           format_func=lambda k: experiments[keys.index(k)].title, key="cmp_experiment_pick")
+        started = st.session_state.pop("cmp_experiment", None)
+        if started in keys:  # just started with the form below: show it, whatever was picked before
+            st.session_state["cmp_experiment_pick"] = started
+        key = st.selectbox("Experiment", keys, format_func=lambda k: experiments[keys.index(k)].title,
+                           key="cmp_experiment_pick")
         chosen = experiments[keys.index(key)]
         manifest = next((m for m in manifests if m["name"] == chosen.key), None)
         if manifest is not None:

@@ -1,13 +1,10 @@
-"""Speed benchmarks on the real HAM10000 images; writes docs/BENCHMARKS.md.
+"""Speed benchmarks on the real HAM10000 images; writes its section of docs/BENCHMARKS.md (and .json).
 
     python bench/benchmarks.py [--data ../shared/data/ham10000-200x150] [--quick]
 
 Numbers are medians of repeated runs. Variants that change process-wide state
 (the allocator setting) run in fresh subprocesses. Not a test: targets are
 reported next to the measurements, never asserted.
-
-Other scripts own sections of the file, marked ``<!-- name -->`` … ``<!-- /name -->``
-(bench/soak.py: "soak"); this one rewrites everything else and keeps those as they are.
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -29,18 +25,20 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.report import update_json, write_section  # noqa: E402
 from core.checkpoints import atomic_save, checkpoint_dict  # noqa: E402
 from core.data import (  # noqa: E402
     LesionDataset,
     index_dataset,
     split_by_lesion,
 )
-from core.features import compute_features  # noqa: E402
+from core.features import FeatureBatches, compute_features  # noqa: E402
 from core.imbalance import oversample  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.preprocessing import Preprocessing, train_transform  # noqa: E402
-from core.runtime import tune_allocator  # noqa: E402
-from core.training import PRESETS, make_optimizer, make_scheduler  # noqa: E402
+from core.runs import RunLog  # noqa: E402
+from core.runtime import torch_threads, tune_allocator  # noqa: E402
+from core.training import PRESETS, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
@@ -64,29 +62,6 @@ def machine() -> str:
         pass
     return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
             f"Python {platform.python_version()}; {platform.platform()}")
-
-
-def _sections(name: str | None = None) -> re.Pattern[str]:
-    """A marked section, ``<!-- name -->`` to ``<!-- /name -->`` and its newline; of any name when None."""
-    tag = re.escape(name) if name else r"[\w-]+"
-    return re.compile(rf"<!-- (?P<name>{tag}) -->\n.*?<!-- /(?P=name) -->\n", re.DOTALL)
-
-
-def marked_sections(path: Path) -> str:
-    """The sections other scripts own in ``path``, as they stand; "" when there are none."""
-    return "".join(m.group(0) for m in _sections().finditer(path.read_text())) if path.is_file() else ""
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    """Put ``body`` between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``, replacing what was there
-    (or appending it); the rest of the file stays as it is."""
-    block = f"<!-- {name} -->\n{body.rstrip()}\n<!-- /{name} -->\n"
-    text = path.read_text() if path.is_file() else ""
-    text, replaced = _sections(name).subn(lambda _: block, text)
-    if not replaced:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +99,8 @@ def bench_epochs(data: Path, steps: int, repeats: int) -> dict:
     """Seed pipeline (frozen ResNet-18 + MLP head, oversampled training split, batch 16).
 
     Uncached: the backbone runs on augmented images every step; we time ``steps`` steps and
-    scale to the epoch's step count. Cached: the real full epoch of the head on cached features.
+    scale to the epoch's step count. Cached: a full epoch of the head on cached features the way the
+    trainer runs it (its batches, its epoch function, one thread).
     """
     tune_allocator()
     frame = index_dataset(data).frame
@@ -156,19 +132,15 @@ def bench_epochs(data: Path, steps: int, repeats: int) -> dict:
 
     features = torch.randn(len(train_rows), 512)  # the head's cost does not depend on the values
     labels = torch.tensor(train_rows["label"].to_numpy())
-    cached_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(features, labels), batch_size=16,
-                                                shuffle=True)
-
-    def cached_epoch() -> None:
-        model.head.train()
-        for x, y in cached_loader:
-            loss = loss_fn(model.head(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-
-    cached = statistics.median(timed(cached_epoch, repeats))
+    batches = FeatureBatches(features, labels, 16, shuffle=True, generator=torch.Generator().manual_seed(0),
+                             drop_last=True)
+    head_opt = make_optimizer(cfg, model.head)
+    head_sched = make_scheduler(cfg, head_opt, len(batches))
+    with tempfile.TemporaryDirectory() as tmp, torch_threads(1):
+        log = RunLog(Path(tmp))
+        cached = statistics.median(timed(lambda: train_one_epoch(
+            model.head, batches, loss_fn, head_opt, head_sched, torch.device("cpu"), epoch=1, cfg=cfg, log=log,
+            should_stop=lambda: False), repeats))
     return {"train_images": len(train_rows), "epoch_steps": epoch_steps, "uncached_epoch_s": per_step * epoch_steps,
             "uncached_measured_steps": steps, "cached_epoch_s": cached,
             "speedup": per_step * epoch_steps / cached}
@@ -196,7 +168,7 @@ def write_report(results: dict, path: Path, command: str) -> None:
     ext = r["extraction"]
     ep = r["epochs"]
     lines = [
-        "# Benchmarks",
+        "## Components",
         "",
         f"Measured {r['date']} with `{command}` on: {r['machine']}.",
         "All numbers are medians of repeated runs on the real HAM10000 images (200×150 JPEG). Model weights are",
@@ -208,7 +180,8 @@ def write_report(results: dict, path: Path, command: str) -> None:
         f"{r['index']['median_s'] * 1000:.0f} ms | < 1 s |",
         f"| seed head-only epoch, uncached ({ep['train_images']} oversampled images, {ep['epoch_steps']} steps of 16;"
         f" {ep['uncached_measured_steps']} steps timed, scaled to the epoch) | {ep['uncached_epoch_s']:.0f} s | |",
-        f"| seed head-only epoch, cached features (full epoch) | {ep['cached_epoch_s']:.2f} s | |",
+        f"| seed head-only epoch, cached features (full epoch, as the trainer runs it) | {ep['cached_epoch_s']:.2f} s"
+        " | |",
         f"| cached vs uncached epoch | {ep['speedup']:.0f}× faster | ≥ 100× |",
     ]
     for row in ext:
@@ -224,11 +197,8 @@ def write_report(results: dict, path: Path, command: str) -> None:
         "Allocator: `core.runtime.tune_allocator()` raises glibc's mmap and trim thresholds (via `mallopt`) so",
         "that large activation buffers stay in the heap between batches instead of being unmapped and page-faulted",
         "back in on every forward pass. The trainer, feature extraction and the predictor call it.",
-        "",
     ]
-    kept = marked_sections(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
+    write_section(path, "bench/benchmarks.py", lines)
 
 
 def main() -> None:
@@ -261,7 +231,7 @@ def main() -> None:
     print("predict", results["predict"], flush=True)
     command = "python bench/benchmarks.py" + (" --quick" if args.quick else "")
     write_report(results, args.out, command)
-    (args.out.with_suffix(".json")).write_text(json.dumps(results, indent=2))
+    update_json(args.out.with_suffix(".json"), results)
     print(f"wrote {args.out}")
 
 

@@ -1,5 +1,5 @@
-"""Soak: the Diagnose page's work for one upload, 1,000 times in one process; writes the "soak" section of
-docs/BENCHMARKS.md (bench/benchmarks.py keeps it when it rewrites the rest).
+"""Soak: the Diagnose page's work for one upload, 1,000 times in one process; writes its own section of
+docs/BENCHMARKS.md (see bench/report.py).
 
     nice python bench/soak.py [--data ../shared/data/ham10000-200x150] [--iterations 1000]
 
@@ -30,8 +30,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine, write_section  # noqa: E402
-
+from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine  # noqa: E402
+from bench.report import write_section  # noqa: E402
 from core import plots  # noqa: E402
 from core.data import index_dataset  # noqa: E402
 from core.explain import overlay  # noqa: E402
@@ -133,7 +133,7 @@ def main() -> None:
         sys.exit(f"error: --iterations must be more than the {WARM_UP}-upload warm-up")
     result = soak(args.data, args.iterations)
     command = "python bench/soak.py" + (f" --iterations {args.iterations}" if args.iterations != 1000 else "")
-    write_section(args.out, "soak", report(result, command))
+    write_section(args.out, "bench/soak.py", report(result, command).splitlines())
     print(f"RSS growth {result['growth_mb']:+.1f} MB, {result['median_ms']:.0f} ms per upload; wrote {args.out}")
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 
 from core.checkpoints import atomic_save
 from core.data import LesionDataset
@@ -79,12 +80,16 @@ class FeatureCache:
     def __init__(self, cache_dir: str | Path):
         self.dir = Path(cache_dir)
 
+    def path(self, key: str) -> Path:
+        """The file holding the features computed by backbone ``key`` (see :func:`backbone_key`)."""
+        return self.dir / f"{key}.pt"
+
     def features(self, backbone: nn.Module, key: str, paths: Sequence[str], prep: Preprocessing, *,
                  device: torch.device, batch_size: int = 64, num_workers: int = 0,
                  progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str]]:
         """Features for ``paths`` in order, computing only those not cached yet, and the paths of the images
         that could not be decoded: they have no row, and are not cached, so a repaired file is tried again."""
-        file = self.dir / f"{key}.pt"
+        file = self.path(key)
         stored: dict[str, torch.Tensor] = {}
         if file.is_file():
             try:
@@ -107,3 +112,39 @@ class FeatureCache:
             progress(len(paths), len(paths))
         rows = [stored[k] for k in keys if k in stored]
         return (torch.stack(rows) if rows else torch.empty(0)), damaged
+
+
+class FeatureBatches:
+    """Batches of in-memory features and their labels, what the head trains and is evaluated on.
+
+    A DataLoader over a TensorDataset indexes and collates one sample at a time; slicing a whole batch out
+    of the tensors is one operation. The batches, and the random numbers drawn for them, are those of
+    ``DataLoader(TensorDataset(features, labels), batch_size, shuffle=shuffle, sampler=sampler,
+    generator=generator, drop_last=drop_last)`` with a ``generator``, so a seed gives the numbers it gave
+    before this class existed.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 sampler: Sampler | None = None, generator: torch.Generator | None = None,
+                 drop_last: bool = False):
+        self.features, self.labels = features, labels
+        self.batch_size, self.shuffle, self.sampler = batch_size, shuffle, sampler
+        self.generator, self.drop_last = generator, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A DataLoader draws its workers' base seed from the generator before the first index.
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        if self.sampler is not None:
+            order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        elif self.shuffle:
+            order = torch.randperm(len(self.labels), generator=self.generator)
+        else:
+            order = torch.arange(len(self.labels))
+        order = order.to(self.features.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.features[batch], self.labels[batch]

@@ -2,10 +2,11 @@
 
 A job is one detached worker process (``python -m core.jobs worker JOB.json``, its
 own session so it outlives browser reloads, reruns and even the Streamlit server)
-that runs one or more training configs one after another, each as
-``python -m core.train --config CFG.json`` with stdout and stderr in the run
-folder's ``train.log``. A single training run is a job of one config; the
-imbalance experiment is a job of one run per strategy.
+that runs one or more training configs one after another in one trainer process,
+``python -m core.train --config A.json --config B.json …`` (the runs share its
+start-up, the dataset index and split and the cached features), with the
+trainer's output in the ``train.log`` of the run it is on. A single training run
+is a job of one config; the imbalance experiment is a job of one run per strategy.
 
 One job at a time: ``RUNS/.job.lock`` names the job and its worker's pid, and the
 worker records each trainer it starts in the job's ``trainer.json``. The trainer
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -34,7 +36,15 @@ from typing import Any
 
 from core.files import read_json, read_tail, write_json
 from core.procs import die_with_parent, pid_alive, proc_start_time, process_record, record_alive
-from core.runs import check_run_name, error_from_log, list_runs, mark_unfinished, read_status, request_stop
+from core.runs import (
+    check_run_name,
+    error_from_log,
+    list_runs,
+    mark_unfinished,
+    read_status,
+    request_stop,
+    run_header,
+)
 from core.settings import PROJECT_ROOT
 
 LOCK_NAME = ".job.lock"
@@ -347,33 +357,78 @@ def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
 # The worker
 
 
-def _run_one(job: Job, cfg_path: Path) -> int:
-    cfg = json.loads(cfg_path.read_text())
-    run_dir = job.runs_dir / cfg["name"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "ab") as log:
-        # The trainer stays in our process group, so kill_job's killpg reaches it, and dies with us: a trainer
-        # left running by a killed worker would train beside the next job and could not be stopped.
-        proc = subprocess.Popen([sys.executable, "-m", "core.train", "--config", str(cfg_path)],
-                                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=die_with_parent())
-        write_json(job.trainer_file, {**process_record(proc.pid), "run": cfg["name"]})
-        try:
-            while (rc := proc.poll()) is None:
-                # The trainer deletes a stale STOP when it starts; repeat a stop asked for during start-up.
-                if job.stop_requested and read_status(run_dir):
-                    request_stop(run_dir)
-                time.sleep(0.5)
-        except BaseException:  # SIGTERM of the worker: take the trainer down with us
-            proc.terminate()
+class _RunLogs:
+    """Files the trainer's output under the runs it trains: each line goes to the train.log of the run whose
+    header (:func:`core.runs.run_header`) came last, what comes before the first header to the first run's."""
+
+    def __init__(self, job: Job):
+        self.job, self.run, self.partial = job, job.runs[0], b""
+        self.headers = {run_header(name).encode(): name for name in job.runs}
+
+    def copy(self, fd: int) -> None:
+        """Everything the trainer has written to ``fd`` (non-blocking) so far."""
+        while True:
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:  # the trainer has exited: its last line may lack a newline
+                self._append(self.partial)
+                self.partial = b""
+                return
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            block = b""
+            for line in lines:
+                if line in self.headers:
+                    self._append(block)
+                    self.run, block = self.headers[line], b""
+                block += line + b"\n"
+            self._append(block)
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            with open(self.job.runs_dir / self.run / "train.log", "ab") as log:
+                log.write(data)
+
+
+def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
+    """Train the configs in one trainer process; a run it could not finish is marked as such."""
+    (job.runs_dir / job.runs[0]).mkdir(parents=True, exist_ok=True)
+    args = [arg for path in cfg_paths for arg in ("--config", str(path))]
+    # The trainer stays in our process group, so kill_job's killpg reaches it, and dies with us: a trainer
+    # left running by a killed worker would train beside the next job and could not be stopped.
+    proc = subprocess.Popen([sys.executable, "-m", "core.train", *args], cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines reach the logs as they are printed
+    write_json(job.trainer_file, process_record(proc.pid))
+    out, logs = proc.stdout.fileno(), _RunLogs(job)
+    os.set_blocking(out, False)
+    try:
+        while True:
+            rc = proc.poll()
+            select.select([out], [], [], 0.5 if rc is None else 0)
+            logs.copy(out)
+            if rc is not None:
+                break
+            # The trainer deletes a stale STOP when a run starts; repeat a stop asked for during its start-up.
+            # A STOP in a run that has just finished keeps the trainer from starting the next one.
+            run_dir = job.runs_dir / (job.current_run or job.runs[0])
+            if job.stop_requested and read_status(run_dir):
+                request_stop(run_dir)
+    except BaseException:  # SIGTERM of the worker: take the trainer down with us
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for run_dir in _started(job):
             mark_unfinished(run_dir, "stopped", "the job was terminated")
-            raise
-    mark_unfinished(run_dir, "failed",
-                    f"the trainer exited with code {rc} without finishing:\n{error_from_log(run_dir)}")
+        raise
+    finally:
+        proc.stdout.close()
+    for run_dir in _started(job):
+        mark_unfinished(run_dir, "failed", f"the trainer exited with code {rc} without finishing:\n"
+                                           f"{error_from_log(run_dir)}")
     return rc
 
 
@@ -396,6 +451,10 @@ def _claim(job: Job, lock: Path) -> str | None:
     return None
 
 
+def _started(job: Job) -> list[Path]:
+    return [job.runs_dir / name for name in job.runs if (job.runs_dir / name).exists()]
+
+
 def worker(job_file: Path) -> int:
     """Run a job file's configs (or its download); exit code 2 when the job is not this worker's to run."""
     job_file = Path(job_file)
@@ -414,11 +473,8 @@ def worker(job_file: Path) -> int:
     try:
         if job.kind == "download":
             _download(job, data)
-        else:
-            for cfg_name in data["configs"]:
-                if job.stop_requested:
-                    break
-                _run_one(job, job_file.parent / cfg_name)
+        elif not job.stop_requested:
+            _run_trainer(job, [job_file.parent / name for name in data["configs"]])
     finally:
         _release(lock, job.id)
     return 0

@@ -12,7 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+from core.imbalance import STRATEGIES
+from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, MELANOMA
 
 # One colour per class everywhere in the app (Plotly's qualitative "Safe" palette, colour-blind friendly).
 CLASS_COLOURS: dict[str, str] = dict(zip(CLASSES, (
@@ -260,3 +261,79 @@ def per_class_comparison(table: pd.DataFrame, metric: str) -> go.Figure:
     fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.22))
     fig.update_yaxes(title=metric, range=[0, 1.05])
     return _finish(fig, f"Per-class {metric}", height=400)
+
+
+# ---------------------------------------------------------------------------
+# The imbalance lesson (tables from core.lesson.strategy_table: a row per strategy, in the registry's order)
+
+# Tableau 10, one colour per strategy by its place in the registry, so a strategy keeps its colour everywhere.
+STRATEGY_PALETTE = ("#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D",
+                    "#EECA3B", "#BAB0AC")
+
+
+def strategy_colour(name: str) -> str:
+    order = list(STRATEGIES)
+    return STRATEGY_PALETTE[order.index(name) % len(STRATEGY_PALETTE)] if name in order else "#888888"
+
+
+def _lesson_height(table: pd.DataFrame) -> int:
+    """One height for the lesson's charts, which stand side by side: the heatmap needs two rows per strategy."""
+    return max(420, 150 + 48 * len(table))
+
+
+def strategy_heatmap(table: pd.DataFrame) -> go.Figure:
+    """Recall (top) and precision (bottom) of every class (columns, ``CLASSES`` order) under every strategy
+    (rows): stacked, so that each cell keeps room for its number however narrow the page."""
+    fig = make_subplots(rows=2, cols=1, subplot_titles=("Recall", "Precision"), shared_xaxes=True,
+                        vertical_spacing=0.16)
+    labels = list(table["label"])
+    for row, metric in enumerate(("recall", "precision"), 1):
+        z = table[[f"{metric}_{c}" for c in CLASSES]].to_numpy(dtype=float)
+        fig.add_trace(go.Heatmap(
+            z=z, x=list(CLASSES), y=labels, zmin=0, zmax=1, colorscale="Blues", showscale=False,
+            text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}", textfont=dict(size=12),
+            hovertemplate=f"%{{y}}<br>{metric} of %{{x}}: %{{z:.3f}}<extra></extra>",
+        ), row=row, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(tickangle=0, showticklabels=True)
+    return _finish(fig, "Recall and precision of each class", height=_lesson_height(table))
+
+
+def melanoma_precision_recall(table: pd.DataFrame, curves: Mapping[str, pd.DataFrame]) -> go.Figure:
+    """Melanoma recall (x) and precision (y): each strategy's point as the model predicts (the most probable
+    class) and its curve as the P(mel) threshold varies (``curves``: core.lesson.melanoma_curve per strategy)."""
+    fig = go.Figure()
+    for name, row in table.iterrows():
+        colour, label = strategy_colour(name), row["label"]
+        if name in curves:
+            curve = curves[name].dropna()
+            fig.add_trace(go.Scatter(
+                x=curve["recall"], y=curve["precision"], mode="lines", line=dict(color=colour, width=1.5),
+                legendgroup=name, showlegend=False, customdata=curve["threshold"],
+                hovertemplate=f"{label}<br>P(mel) ≥ %{{customdata:.2f}}<br>recall %{{x:.3f}}<br>"
+                              "precision %{y:.3f}<extra></extra>"))
+        fig.add_trace(go.Scatter(
+            x=[row[f"recall_{MELANOMA}"]], y=[row[f"precision_{MELANOMA}"]], mode="markers", name=label,
+            legendgroup=name, marker=dict(color=colour, size=13, line=dict(color="white", width=1.5)),
+            hovertemplate=f"{label}, most probable class<br>recall %{{x:.3f}}<br>precision %{{y:.3f}}<extra></extra>"))
+    fig.update_xaxes(title="recall (sensitivity)", range=[0, 1.02])
+    fig.update_yaxes(title="precision (PPV)", range=[0, 1.02])
+    fig = _finish(fig, "Melanoma recall vs precision", height=_lesson_height(table))
+    # At the foot of the figure, below the axis title, however many lines the legend wraps to.
+    fig.update_layout(legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
+                      margin=dict(b=40 + 22 * -(-len(table) // 2)))
+    return fig
+
+
+def accuracy_pairs(table: pd.DataFrame) -> go.Figure:
+    """Accuracy and balanced accuracy side by side for each strategy, a row per strategy as in the heatmap."""
+    fig = go.Figure()
+    for column, name, colour in (("accuracy", "accuracy", "#BAB0AC"),
+                                 ("balanced_accuracy", "balanced accuracy", "#E45756")):
+        fig.add_trace(go.Bar(y=list(table["label"]), x=table[column], name=name, marker_color=colour,
+                             orientation="h", text=[f"{v:.2f}" for v in table[column]], textposition="outside",
+                             cliponaxis=False, hovertemplate=f"%{{y}}<br>{name} %{{x:.3f}}<extra></extra>"))
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.12))
+    fig.update_xaxes(range=[0, 1.15])
+    fig.update_yaxes(autorange="reversed")
+    return _finish(fig, "Accuracy vs balanced accuracy", height=_lesson_height(table))

@@ -110,14 +110,23 @@ class RunLog:
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(line) + "\n")
 
+    def progress_due(self) -> bool:
+        """Whether :meth:`progress` would write now: the trainer reads its running loss from the device only then."""
+        return time.monotonic() - self._last_progress >= PROGRESS_INTERVAL_S
+
     def progress(self, force: bool = False, **data) -> None:
-        now = time.monotonic()
-        if force or now - self._last_progress >= PROGRESS_INTERVAL_S:
-            self._last_progress = now
+        if force or self.progress_due():
+            self._last_progress = time.monotonic()
             self.event("progress", **data)
 
     def status(self, state: str, error: str | None = None) -> None:
         write_status(self.dir, state, error)
+
+
+def run_header(name: str) -> str:
+    """The line the trainer prints as it starts the run ``name``: what it prints after it is that run's, which
+    lets a job file one process's output under several runs."""
+    return f"=== run {name} ==="
 
 
 def write_status(run_dir: Path, state: str, error: str | None = None) -> None:

@@ -2,6 +2,8 @@
 
 Every TrainConfig field is a flag, made from the dataclass: ``--focal-gamma`` for ``focal_gamma``, its help
 and choices from the field's metadata. A preset supplies the defaults and flags override them.
+Several ``--config`` files train one after another in this one process (:func:`core.training.train_many`):
+the app's imbalance experiment runs this way.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from pathlib import Path
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import WeightsUnavailableError
-from core.runs import read_dataset_report, read_evaluation
-from core.training import PRESETS, TrainConfig, config_with, train
+from core.runs import read_dataset_report, read_evaluation, run_header
+from core.training import PRESETS, TrainConfig, config_with, train, train_many
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,14 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m core.train --preset seed --data ../shared/data/ham10000-200x150 --epochs 3",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="defaults to start from (default: seed)")
-    p.add_argument("--config", type=Path, help="a config.json (e.g. from a run folder); flags override it")
+    p.add_argument("--config", type=Path, action="append",
+                   help="a config.json (e.g. from a run folder); flags override it. Repeat it to train several "
+                        "configs one after another in one process, sharing the dataset index, split and features; "
+                        "a STOP file in the current run folder ends the run and the ones after it")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     add_config_flags(p)
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = TrainConfig.from_dict(json.loads(args.config.read_text())) if args.config else args.preset
+def config_from_args(args: argparse.Namespace, config: Path | None = None) -> TrainConfig:
+    """The ``config`` file (else the preset) with the flags given applied."""
+    base = TrainConfig.from_dict(json.loads(config.read_text())) if config else args.preset
     return config_with(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
@@ -75,6 +81,22 @@ def set_aside_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(run_dir: Path) -> str:
+    test = read_evaluation(run_dir).get("test")
+    if not test:
+        return f"run: {run_dir} (stopped before the first epoch finished)"
+    return (f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
+            f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}")
+
+
+def report(run_dir: Path) -> None:
+    """What the run left out of its data (warnings, to stderr) and its test result."""
+    set_aside = set_aside_text(read_dataset_report(run_dir))
+    if set_aside:
+        print(set_aside, file=sys.stderr, flush=True)
+    print(summary(run_dir), flush=True)
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -85,15 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.resume:
-            args.config = args.config or args.resume / "config.json"
-            cfg = config_from_args(args)
-            run_dir = train(cfg, run_dir=args.resume, resume=True)
+            if args.config and len(args.config) > 1:
+                print("error: --resume continues one run; pass at most one --config", file=sys.stderr)
+                return 2
+            cfg = config_from_args(args, args.config[0] if args.config else args.resume / "config.json")
+            report(train(cfg, run_dir=args.resume, resume=True))
         else:
-            cfg = config_from_args(args)
-            if not cfg.data:
+            configs = [config_from_args(args, path) for path in args.config or [None]]
+            if not all(cfg.data for cfg in configs):
                 print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
                 return 2
-            run_dir = train(cfg)
+            train_many(configs, on_run_start=lambda run_dir: print(run_header(run_dir.name), flush=True),
+                       on_run_end=report)
     except (DatasetError, WeightsUnavailableError, CheckpointError, ValueError, FileExistsError,
             FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -101,15 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
-    set_aside = set_aside_text(read_dataset_report(run_dir))
-    if set_aside:
-        print(set_aside, file=sys.stderr)
-    test = read_evaluation(run_dir).get("test")
-    if test:
-        print(f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
-              f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}")
-    else:
-        print(f"run: {run_dir} (stopped before the first epoch finished)")
     return 0
 
 

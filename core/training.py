@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from core.data import (
     split_by_lesion,
 )
 from core.evaluation import compute_metrics, fit_temperature, softmax
-from core.features import FeatureCache, backbone_key
+from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
@@ -44,7 +45,7 @@ from core.runs import (
     write_evaluation,
     write_split,
 )
-from core.runtime import default_workers, pick_device, tune_allocator
+from core.runtime import default_workers, pick_device, torch_threads, tune_allocator
 
 SCHEDULERS = ("step", "cosine", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -211,9 +212,8 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 # Data for a run
 
 
-def prepare_data(cfg: TrainConfig, index: DatasetIndex | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The indexed images (optionally subsampled) with their split, and the training rows after the
-    imbalance strategy's resampling (oversampling duplicates rows). ``index`` is ``cfg.data`` indexed
+def split_dataset(cfg: TrainConfig, index: DatasetIndex | None = None) -> pd.DataFrame:
+    """The indexed images (optionally subsampled) with their split. ``index`` is ``cfg.data`` indexed
     already; raises :class:`DatasetError` for data a run cannot learn from (:func:`check_classes`,
     :func:`check_splits`)."""
     frame = (index or index_dataset(cfg.data)).frame
@@ -226,6 +226,13 @@ def prepare_data(cfg: TrainConfig, index: DatasetIndex | None = None) -> tuple[p
     check_classes(frame)
     frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
     check_splits(frame)
+    return frame
+
+
+def prepare_data(cfg: TrainConfig, frame: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The split images (``frame``, or :func:`split_dataset`'s) and the training rows after the imbalance
+    strategy's resampling (oversampling duplicates rows)."""
+    frame = split_dataset(cfg) if frame is None else frame
     train = imbalance.get(cfg.imbalance).resample_rows(frame[frame["split"] == "train"], cfg.seed)
     return frame, train
 
@@ -267,6 +274,41 @@ def check_splits(frame: pd.DataFrame) -> None:
             )
 
 
+class SharedInputs:
+    """What the runs of one process share: the split dataset and the backbone features, each made once for
+    every distinct setting. The imbalance experiment's runs differ only in their strategy, so they index,
+    split and load (or compute) features once."""
+
+    def __init__(self) -> None:
+        self._indexes: dict[str, DatasetIndex] = {}
+        self._frames: dict[tuple, pd.DataFrame] = {}
+        self._features: dict[tuple, tuple[torch.Tensor, list[str]]] = {}
+
+    def index(self, cfg: TrainConfig) -> DatasetIndex:
+        if cfg.data not in self._indexes:
+            self._indexes[cfg.data] = index_dataset(cfg.data)
+        return self._indexes[cfg.data]
+
+    def frame(self, cfg: TrainConfig) -> pd.DataFrame:
+        key = (cfg.data, cfg.max_images, cfg.seed, cfg.split_fractions, cfg.split_seed)
+        if key not in self._frames:
+            self._frames[key] = split_dataset(cfg, self.index(cfg))
+        return self._frames[key]
+
+    def features(self, cfg: TrainConfig, backbone: nn.Module, paths: list[str], **options: Any
+                 ) -> tuple[torch.Tensor, list[str]]:
+        """:meth:`core.features.FeatureCache.features` for ``cfg``'s backbone (the features and the damaged
+        images' paths), memoised for this process."""
+        prep = cfg.preprocessing
+        key = backbone_key(cfg.arch, cfg.weights, prep)
+        memo = (cfg.cache_dir, key, tuple(paths))
+        if memo not in self._features:
+            self._features[memo] = FeatureCache(cfg.cache_dir).features(backbone, key, paths, prep, **options)
+        elif options.get("progress"):
+            options["progress"](len(paths), len(paths))
+        return self._features[memo]
+
+
 # ---------------------------------------------------------------------------
 # One epoch
 
@@ -280,6 +322,9 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
         model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     steps = len(loader)
+    # Each step's loss and correct count stay on the device until a progress line needs them: reading them
+    # every step would make the host wait for the device at every step.
+    pending: list[tuple[torch.Tensor, int]] = []
     for step, (inputs, targets) in enumerate(loader, 1):
         if not len(targets):
             continue  # every image of the batch was damaged (LesionDataset.collate left them out)
@@ -294,18 +339,32 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
         optimizer.step()
         scheduler.step()
 
-        total_loss += loss.item() * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
+        pending.append((torch.stack((loss.detach().float(), (logits.argmax(1) == targets).sum().float())),
+                        len(targets)))
         seen += len(targets)
-        elapsed = time.perf_counter() - start
-        rate = seen / elapsed if elapsed > 0 else 0.0
-        log.progress(force=step == steps, epoch=epoch, step=step, steps=steps, loss=total_loss / seen,
-                     images_per_s=rate, eta_s=(steps - step) * elapsed / step)
+        if step == steps or log.progress_due():
+            total_loss, correct = _settle(pending, total_loss, correct)
+            elapsed = time.perf_counter() - start
+            log.progress(force=True, epoch=epoch, step=step, steps=steps, loss=total_loss / seen,
+                         images_per_s=seen / elapsed if elapsed > 0 else 0.0, eta_s=(steps - step) * elapsed / step)
         if should_stop():
             break
+    total_loss, correct = _settle(pending, total_loss, correct)
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
             "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+
+
+def _settle(pending: list[tuple[torch.Tensor, int]], total_loss: float, correct: int) -> tuple[float, int]:
+    """Add the pending steps' (loss, correct) pairs, read from the device at once, to the totals; empties
+    ``pending``. The sums are those of reading each step's loss on its own."""
+    if pending:
+        values = torch.stack([v for v, _ in pending]).tolist()
+        for (loss, right), (_, n) in zip(values, pending, strict=True):
+            total_loss += loss * n
+            correct += int(right)
+        pending.clear()
+    return total_loss, correct
 
 
 def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -326,74 +385,70 @@ def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows: pd.DataFrame,
-             device: torch.device, log: RunLog, generator: torch.Generator):
+             device: torch.device, log: RunLog, generator: torch.Generator, shared: SharedInputs):
     """Training and evaluation loaders, the module they feed (the head on cached features in head-only
-    mode, the whole network otherwise), and the images that computing the features found damaged: they
-    have no features, so they are left out of every split. Without cached features the loaders' datasets
-    set damaged images aside as they meet them (see :class:`LesionDataset` and :func:`damaged_images`)."""
+    mode, as batches sliced from the features in memory, on the device; the whole network otherwise), and
+    the images that computing the features found damaged: they have no features, so they are left out of
+    every split. Without cached features the loaders' datasets set damaged images aside as they meet them
+    (see :class:`LesionDataset` and :func:`damaged_images`)."""
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     prep = cfg.preprocessing
     eval_bs = max(cfg.batch_size, 64)
     sampler = make_sampler(cfg, train_rows["label"].to_numpy(), generator)
+    drop_last = len(train_rows) > cfg.batch_size
     if cfg.uses_feature_cache:
-        cache = FeatureCache(cfg.cache_dir)
-        key = backbone_key(cfg.arch, cfg.weights, prep)
         paths = frame["path"].tolist()
 
         def report(done: int, total: int) -> None:
             log.progress(force=done == total, epoch=0, step=done, steps=total, phase="features")
 
-        feats, damaged = cache.features(model.backbone, key, paths, prep, device=device, batch_size=eval_bs,
-                                        num_workers=workers, progress=report)
+        feats, damaged = shared.features(cfg, model.backbone, paths, device=device, batch_size=eval_bs,
+                                         num_workers=workers, progress=report)
         decoded = frame[~frame["path"].isin(damaged)]
         if damaged:
             check_splits(decoded)
         row_of = {p: i for i, p in enumerate(decoded["path"])}
 
-        def tensors(rows: pd.DataFrame):
+        def batches(rows: pd.DataFrame, batch_size: int, **order) -> FeatureBatches:
             rows = rows[~rows["path"].isin(damaged)]
             idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
-            return torch.utils.data.TensorDataset(feats[idx], torch.tensor(rows["label"].to_numpy()))
+            labels = torch.tensor(rows["label"].to_numpy())
+            return FeatureBatches(feats[idx].to(device), labels.to(device), batch_size, **order)
 
-        train_ds = tensors(train_rows)
-        eval_ds = {s: tensors(frame[frame["split"] == s]) for s in ("val", "test")}
-        step_module = model.head
-        loader_options: dict = {}  # features are already in memory: no worker processes
-    else:
-        damaged = []
-        train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep,
-                                            skip_damaged=True)
-        eval_ds = {s: LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep,
-                                               skip_damaged=True)
-                   for s in ("val", "test")}
-        step_module = model
-        # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
-        # as it only needs the input size they share.
-        loader_options = {"num_workers": workers, "pin_memory": device.type == "cuda",
-                          "persistent_workers": workers > 0, "collate_fn": train_ds.collate}
+        train_loader = batches(train_rows, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                               generator=generator, drop_last=drop_last)
+        eval_loaders = {s: batches(frame[frame["split"] == s], eval_bs) for s in ("val", "test")}
+        return model.head, train_loader, eval_loaders, damaged
+    train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True)
+    # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
+    # as it only needs the input size they share.
+    options = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+               "collate_fn": train_ds.collate}
     train_loader = torch.utils.data.DataLoader(
         train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-        drop_last=len(train_ds) > cfg.batch_size, **loader_options)
-    eval_loaders = {s: torch.utils.data.DataLoader(ds, batch_size=eval_bs, **loader_options)
-                    for s, ds in eval_ds.items()}
-    return step_module, train_loader, eval_loaders, damaged
+        drop_last=drop_last, **options)
+    eval_loaders = {s: torch.utils.data.DataLoader(
+        LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep, skip_damaged=True),
+        batch_size=eval_bs, **options) for s in ("val", "test")}
+    return model, train_loader, eval_loaders, []
 
 
-def damaged_images(loaders: Iterable[torch.utils.data.DataLoader], found: Iterable[str] = ()) -> list[str]:
+def damaged_images(loaders: Iterable, found: Iterable[str] = ()) -> list[str]:
     """Every image set aside so far because it could not be decoded: ``found`` (by the feature cache) and
-    those the loaders' :class:`LesionDataset` flagged, sorted."""
-    flagged = {path for loader in loaders if isinstance(loader.dataset, LesionDataset)
+    those the loaders' :class:`LesionDataset` flagged, sorted. Batches of cached features have no dataset."""
+    flagged = {path for loader in loaders if isinstance(getattr(loader, "dataset", None), LesionDataset)
                for path in loader.dataset.damaged_paths()}
     return sorted(flagged.union(found))
 
 
 def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          should_stop: Callable[[], bool] | None = None) -> Path:
+          should_stop: Callable[[], bool] | None = None, shared: SharedInputs | None = None) -> Path:
     """Train according to ``cfg`` and return the run folder.
 
     ``resume=True`` continues the run in ``run_dir`` from its ``last.pt``.
     ``should_stop`` (and a ``STOP`` file in the run folder) end training after
     the current step; the best model so far is still evaluated and saved.
+    ``shared`` holds the split dataset and features of earlier runs in this process (see :func:`train_many`).
     """
     tune_allocator()
     run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
@@ -401,7 +456,7 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
     log = RunLog(run_dir)
     log.begin()
     try:
-        state = _run(cfg, run_dir, log, resume, should_stop or (lambda: False))
+        state = _run(cfg, run_dir, log, resume, should_stop or (lambda: False), shared or SharedInputs())
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
         log.event("end", status="failed", error=message)
@@ -412,7 +467,34 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
     return run_dir
 
 
-def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool]) -> str:
+def train_many(configs: Sequence[TrainConfig], *, should_stop: Callable[[], bool] | None = None,
+               on_run_start: Callable[[Path], None] | None = None,
+               on_run_end: Callable[[Path], None] | None = None) -> list[Path]:
+    """Train ``configs`` one after another in this process and return their run folders.
+
+    The runs share the process's start-up, the dataset index and split and the backbone features wherever
+    their settings agree; each writes its own run folder, with the numbers it would have on its own. A run
+    ended by a ``STOP`` file (also one created just after it finished) or ``should_stop`` ends the sequence:
+    the configs after it do not start. So does an error, raised once the failed run has recorded it.
+    ``on_run_start`` and ``on_run_end`` are called with each run's folder as it starts and ends.
+    """
+    shared = SharedInputs()
+    run_dirs = []
+    for cfg in configs:
+        run_dir = new_run_dir(cfg)
+        if on_run_start is not None:
+            on_run_start(run_dir)
+        train(cfg, run_dir=run_dir, should_stop=should_stop, shared=shared)
+        run_dirs.append(run_dir)
+        if on_run_end is not None:
+            on_run_end(run_dir)
+        if (run_dir / STOP_FILE).exists() or (should_stop is not None and should_stop()):
+            break
+    return run_dirs
+
+
+def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool],
+         shared: SharedInputs) -> str:
     device = pick_device(cfg.device)
     write_config(run_dir, cfg.to_dict())
     stop_file = run_dir / STOP_FILE
@@ -422,8 +504,8 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     last = read_checkpoint(run_dir / "last.pt") if resume and (run_dir / "last.pt").is_file() else None
     log.truncate_to_epoch(last["epoch"] if last else 0)
 
-    index = index_dataset(cfg.data)
-    frame, train_rows = prepare_data(cfg, index)
+    index = shared.index(cfg)
+    frame, train_rows = prepare_data(cfg, shared.frame(cfg))
     write_split(run_dir, frame)
     validation = {**index.report.to_dict(), "ok": index.report.ok, "summary": index.report.summary()}
 
@@ -432,8 +514,8 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step_module, train_loader, eval_loaders, found = _loaders(cfg, model, frame, train_rows, device, log,
-                                                              generator)
+    step_module, train_loader, eval_loaders, found = _loaders(cfg, model, frame, train_rows, device, log, generator,
+                                                              shared)
     loaders = [train_loader, *eval_loaders.values()]
 
     def record_set_aside() -> None:
@@ -452,36 +534,38 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
         start_epoch, best_score = last["epoch"] + 1, last["best_score"]
 
     log.event("start", epochs=cfg.epochs, first_epoch=start_epoch, steps_per_epoch=len(train_loader),
-              device=str(device), train_images=len(train_loader.dataset),
+              device=str(device), train_images=len(train_rows),
               cached_features=cfg.uses_feature_cache,
               split_sizes={s: int((frame["split"] == s).sum()) for s in ("train", "val", "test")})
     log.status("running")
     prep = cfg.preprocessing
     stopped = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        # Seeding per epoch makes a resumed run draw the same batches and dropout masks as an uninterrupted one.
-        torch.manual_seed(cfg.seed + epoch)
-        generator.manual_seed(cfg.seed + epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(step_module, train_loader, criterion, optimizer, scheduler, device,
-                                epoch=epoch, cfg=cfg, log=log, should_stop=stop)
-        if stop():
-            stopped = True
-            break  # a partial epoch is not recorded; last.pt holds the previous complete one
-        stats.update(validation_metrics(*collect_logits(step_module, eval_loaders["val"], device, cfg)))
-        log.event("epoch", epoch=epoch, lr=lr, **stats)
-        extra = {"config": cfg.to_dict(), "epoch": epoch, "metrics": stats}
-        score = stats[cfg.select_metric]
-        if score > best_score:
-            best_score = score
-            atomic_save(checkpoint_dict(model, prep, head=cfg.head, **extra), run_dir / "best.pt")
-        atomic_save(checkpoint_dict(model, prep, head=cfg.head, best_score=best_score,
-                                    optimizer_state=optimizer.state_dict(),
-                                    scheduler_state=scheduler.state_dict(), **extra), run_dir / "last.pt")
-        record_set_aside()
-    if (run_dir / "best.pt").is_file():
-        finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found)
-        record_set_aside()
+    # The head on cached features runs best on one thread: see core.runtime.torch_threads.
+    with torch_threads(1) if cfg.uses_feature_cache else nullcontext():
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            # Seeding per epoch makes a resumed run draw the same batches and dropout masks as an uninterrupted one.
+            torch.manual_seed(cfg.seed + epoch)
+            generator.manual_seed(cfg.seed + epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(step_module, train_loader, criterion, optimizer, scheduler, device,
+                                    epoch=epoch, cfg=cfg, log=log, should_stop=stop)
+            if stop():
+                stopped = True
+                break  # a partial epoch is not recorded; last.pt holds the previous complete one
+            stats.update(validation_metrics(*collect_logits(step_module, eval_loaders["val"], device, cfg)))
+            log.event("epoch", epoch=epoch, lr=lr, **stats)
+            extra = {"config": cfg.to_dict(), "epoch": epoch, "metrics": stats}
+            score = stats[cfg.select_metric]
+            if score > best_score:
+                best_score = score
+                atomic_save(checkpoint_dict(model, prep, head=cfg.head, **extra), run_dir / "best.pt")
+            atomic_save(checkpoint_dict(model, prep, head=cfg.head, best_score=best_score,
+                                        optimizer_state=optimizer.state_dict(),
+                                        scheduler_state=scheduler.state_dict(), **extra), run_dir / "last.pt")
+            record_set_aside()
+        if (run_dir / "best.pt").is_file():
+            finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found)
+            record_set_aside()
     return "stopped" if stopped else "finished"
 
 

@@ -6,6 +6,7 @@ import io
 import shutil
 import struct
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +57,15 @@ def write_png(path: Path, width: int, height: int, *, bit_depth: int = 8, colour
     return path
 
 
-def write_tiny_dataset(root: Path, per_class: int = 12, seed: int = 0) -> Path:
-    """HAM10000 layout: metadata CSV with CRLF endings, images split over part_1/part_2, two images per lesion."""
+def write_tiny_dataset(root: Path, per_class: int | Mapping[str, int] = 12, seed: int = 0) -> Path:
+    """HAM10000 layout: metadata CSV with CRLF endings, images split over part_1/part_2, two images per lesion.
+    ``per_class``: images of every class, or of each class by code (an imbalanced dataset)."""
     rng = np.random.default_rng(seed)
+    counts = per_class if isinstance(per_class, Mapping) else dict.fromkeys(CLASSES, per_class)
     lines = ["lesion_id,image_id,dx,dx_type,age,sex,localization"]
     n = 0
     for label, code in enumerate(CLASSES):
-        for i in range(per_class):
+        for i in range(counts[code]):
             image_id = f"ISIC_{9000000 + n:07d}"
             lesion_id = f"HAM_{label:02d}{i // 2:05d}"
             part = root / ("HAM10000_images_part_1" if n % 2 else "HAM10000_images_part_2")

@@ -243,6 +243,21 @@ def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, 
     assert all(c["finetune"] == "head" and c["feature_cache"] for c in cfgs.values())
     [manifest] = jobs.list_experiments(runs)
     assert manifest["name"] == "exp" and manifest["runs"] == job.runs
+    # One trainer process trained both runs; what it printed about each is in that run's own log.
+    logs = {n: (runs / n / "train.log").read_text() for n in states}
+    for name, other in (("exp-none", "exp-focal"), ("exp-focal", "exp-none")):
+        assert f"run: {runs.resolve() / name}\n" in logs[name] and other not in logs[name]
+
+
+def test_stopping_an_experiment_ends_its_run_and_starts_no_other(tiny_root, runs, tmp_path):
+    base = tiny_config(tiny_root, "", epochs=200, cache_dir=str(tmp_path / "cache"))
+    jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
+    wait_for(lambda: len(read_run(runs / "exp-none", jobs.active_job(runs)).epochs) >= 1, timeout=90)
+    assert jobs.stop_job(runs)
+    assert jobs.wait_idle(runs, timeout=60)
+    run = read_run(runs / "exp-none")
+    assert run.state == "stopped" and 1 <= len(run.epochs) < 200 and run.has_evaluation
+    assert not (runs / "exp-focal").exists()  # the queued run never started
 
 
 def test_experiment_configs_cover_every_strategy():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.imbalance import STRATEGIES
 from core.labels import CLASSES, MELANOMA
 from core.settings import PUBLISHED_RUNS_ENV
 from pages.views import _pages
@@ -244,3 +245,87 @@ def test_published_runs_show_on_a_fresh_clone(empty_env, monkeypatch):
     at = app_test("compare")
     no_exceptions(at)
     assert len(at.multiselect(key="cmp_runs").options) == len(list(published.iterdir()))
+
+
+def test_compare_opens_on_the_imbalance_lesson_of_the_published_runs(empty_env, monkeypatch):
+    """A fresh clone: the lesson is the first tab, on the published strategy runs, and its sentences say what
+    its table and heatmap show."""
+    empty_env.apply(monkeypatch)
+    published = ROOT / "docs" / "runs"
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(published))
+    at = app_test("compare")
+    no_exceptions(at)
+    assert [t.label for t in at.tabs] == ["Imbalance lesson", "Compare runs"]
+    assert at.selectbox(key="cmp_experiment_pick").value.startswith("published:")
+    sentence = ("Compared with none (plain cross-entropy), weighted loss raised melanoma recall from 0.29 to 0.49 and "
+                "cut its precision from 0.54 to 0.31; nevus recall fell from 0.92 to 0.70.")
+    assert sentence in texts(at)
+    # The numbers table: a column per strategy, short labels, in the registry's order.
+    [shown] = [d.value for d in at.dataframe if "weighted loss" in d.value.columns]
+    labels = [STRATEGIES[s].label for s in STRATEGIES if (published / f"compare-mobilenet_v2-{s}").is_dir()]
+    assert list(shown.columns) == labels
+    for row, before, after in (("recall · mel", "0.29", "0.49"), ("precision · mel", "0.54", "0.31"),
+                               ("recall · nv", "0.92", "0.70")):
+        assert (shown.loc[row, "none"], shown.loc[row, "weighted loss"]) == (before, after), row
+    # The heatmap shows the same numbers, a row per strategy and a column per class.
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    charts = {spec["layout"]["title"]["text"]: spec for spec in specs}
+    assert {"Recall and precision of each class", "Melanoma recall vs precision",
+            "Accuracy vs balanced accuracy"} <= set(charts)
+    recall = charts["Recall and precision of each class"]["data"][0]
+    assert recall["y"] == labels and recall["x"] == list(CLASSES)
+    mel = list(CLASSES).index(MELANOMA)
+    assert [row[mel] for row in recall["text"]] == list(shown.loc["recall · mel"])
+
+
+def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypatch):
+    from core import estimate
+    from core.features import FeatureCache, backbone_key
+    from core.runs import format_duration, list_runs
+    from core.settings import resolve_path
+    from core.training import config_with
+
+    full_env.apply(monkeypatch)
+    at = app_test("compare")
+    no_exceptions(at)
+    at.number_input(key="exp_epochs").set_value(3).run()
+    no_exceptions(at)
+    # What the page says is the estimate of core.estimate for the form's settings and this machine's runs.
+    cfg = config_with("seed", data=str(full_env.data), epochs=3)
+    total, images = estimate.experiment_images(cfg, list(STRATEGIES))
+    rates = {**estimate.benchmark_rates(), **estimate.recorded_rates(list_runs(full_env.runs), cfg)}
+    guess = estimate.estimate(images, total, 3, rates)
+    assert rates["head_images_per_s"].basis == "2 earlier cached head-only resnet18 runs here"
+    cached = FeatureCache(resolve_path(cfg.cache_dir)).path(backbone_key("resnet18", "imagenet", cfg.preprocessing))
+    total_s = guess.cached_s if cached.is_file() else guess.cached_s + guess.features_s
+    text = texts(at)
+    assert f"Estimated time: about {format_duration(total_s)}" in text
+    assert f"{len(STRATEGIES)} runs × 3 epochs on 84 images" in text
+    assert "2 earlier cached head-only resnet18 runs here" in text and "bench/experiment.py" in text
+    assert not [b for b in at.button if b.label == "Run the imbalance experiment"][0].disabled
+
+
+def test_the_newest_experiment_trained_here_is_the_lesson(tiny_root, tmp_path, monkeypatch):
+    """An experiment run as the app runs it (one background job) becomes the lesson, before the published one."""
+    from core import jobs
+    from tests.app_support import AppEnv, tiny_config
+
+    env = AppEnv(data=tiny_root, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+    env.apply(monkeypatch)
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(ROOT / "docs" / "runs"))
+    base = tiny_config(tiny_root, "", epochs=1, cache_dir=str(tmp_path / "cache"))
+    jobs.start_experiment(base, env.runs, name="exp", strategies=("weighted_loss", "none"))
+    try:
+        assert jobs.wait_idle(env.runs, timeout=180)
+    finally:
+        jobs.kill_job(env.runs)
+    at = app_test("compare")
+    no_exceptions(at)
+    assert at.selectbox(key="cmp_experiment_pick").value == "exp"
+    assert at.selectbox(key="cmp_experiment_pick").options[-1].startswith("published with the model card")
+    [shown] = [d.value for d in at.dataframe if "weighted loss" in d.value.columns]
+    assert list(shown.columns) == ["none", "weighted loss"]  # the registry's order, whatever the manifest's
+    evaluation = json.loads((env.runs / "exp-weighted_loss" / "evaluation.json").read_text())["test"]
+    mel = next(c for c in evaluation["per_class"] if c["code"] == MELANOMA)
+    assert shown.loc["recall · mel", "weighted loss"] == f"{mel['recall']:.2f}"
+    assert "Compared with none (plain cross-entropy), weighted loss" in texts(at)

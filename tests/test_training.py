@@ -10,22 +10,24 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from core.checkpoints import read_checkpoint
 from core.data import DatasetError
-from core.features import FeatureCache, backbone_key
+from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.imbalance import STRATEGIES
 from core.labels import CLASSES
 from core.models import build_model
 from core.preprocessing import Preprocessing
 from core.runs import read_config, read_evaluation, read_run
 from core.train import build_parser, config_from_args
-from core.training import PRESETS, TrainConfig, config_with, prepare_data, train
-from tests.conftest import write_truncated_jpeg
+from core.training import PRESETS, TrainConfig, config_with, prepare_data, train, train_many
+from tests.conftest import write_tiny_dataset, write_truncated_jpeg
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -403,3 +405,70 @@ def test_a_split_with_one_class_is_refused(tiny_root, tmp_path):
     keep_rows(root, lambda row: row["dx"] == "nv" or row["lesion_id"] == "HAM_0400000")
     with pytest.raises(DatasetError, match=r"split holds images of one class only \(nv: \d+ images\)"):
         prepare_data(tiny_config(root, tmp_path))
+
+
+@pytest.mark.parametrize("order", ["shuffle", "sampler", "sequential"])
+def test_feature_batches_are_the_batches_of_a_dataloader(order):
+    """Head-only runs slice batches out of the cached features; a seed must give the batches (and so the
+    numbers) that a DataLoader over the same tensors gave."""
+    features, labels = torch.randn(50, 4), torch.arange(50) % 7
+    weights = torch.rand(50, generator=torch.Generator().manual_seed(1)).double()
+
+    def batches(make) -> list:
+        generator = torch.Generator().manual_seed(3)  # the trainer's sampler draws from the loader's generator
+        options = {"shuffle": {"shuffle": True, "drop_last": True}, "sequential": {},
+                   "sampler": {"sampler": WeightedRandomSampler(weights, 50, generator=generator)}}[order]
+        return list(make(batch_size=8, generator=generator, **options))
+
+    ours = batches(lambda **options: FeatureBatches(features, labels, **options))
+    theirs = batches(lambda **options: DataLoader(TensorDataset(features, labels), **options))
+    assert len(ours) == {"shuffle": 6, "sampler": 7, "sequential": 7}[order]
+    assert len(FeatureBatches(features, labels, 8, drop_last=order == "shuffle")) == len(ours)
+    for (x, y), (x_ref, y_ref) in zip(ours, theirs, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def learning_curve(run_dir) -> list[dict]:
+    """A run's epoch lines without the timings, which differ from one run to the next."""
+    return [{k: v for k, v in e.items() if k not in ("time", "seconds", "images_per_s")} for e in epoch_lines(run_dir)]
+
+
+def test_runs_in_one_process_equal_runs_one_by_one(tiny_root, tmp_path):
+    """train_many shares the index, split and features between runs; each run's numbers stay its own."""
+    configs = [tiny_config(tiny_root, tmp_path, name=s, imbalance=s, out=str(tmp_path / "together"))
+               for s in ("none", "oversample", "sampler", "weighted_loss")]
+    together = train_many(configs)
+    alone = [train(config_with(cfg, out=str(tmp_path / "alone"))) for cfg in configs]
+    assert [d.name for d in together] == [d.name for d in alone] == [cfg.name for cfg in configs]
+    for a, b in zip(together, alone, strict=True):
+        assert learning_curve(a) == learning_curve(b)
+        assert (a / "test_predictions.csv").read_text() == (b / "test_predictions.csv").read_text()
+        assert json.loads((a / "evaluation.json").read_text()) == json.loads((b / "evaluation.json").read_text())
+    # The strategies really differ: no two runs predict the same probabilities.
+    assert len({(d / "test_predictions.csv").read_text() for d in together}) == len(configs)
+
+
+def test_a_stop_file_ends_a_sequence_of_runs(tiny_root, tmp_path):
+    configs = [tiny_config(tiny_root, tmp_path, name=s, imbalance=s, epochs=1) for s in ("none", "focal")]
+    ended = []
+
+    def stop_after(run_dir) -> None:
+        ended.append(run_dir.name)
+        (run_dir / "STOP").touch()  # asked for just after the run finished: the next one must not start
+
+    assert [d.name for d in train_many(configs, on_run_end=stop_after)] == ended == ["none"]
+    assert read_run(tmp_path / "runs" / "none").state == "finished"
+    assert not (tmp_path / "runs" / "focal").exists()
+
+
+def test_weighted_loss_raises_minority_recall_on_an_imbalanced_dataset(tmp_path):
+    """The imbalance experiment's point, on real training: naevi outnumber every other class 8 to 1, and
+    weighting the loss by inverse class frequency finds more of the rare classes than plain cross-entropy."""
+    root = write_tiny_dataset(tmp_path / "imbalanced", per_class={c: 96 if c == "nv" else 12 for c in CLASSES})
+    configs = [tiny_config(root, tmp_path, name=s, imbalance=s, epochs=3) for s in ("none", "weighted_loss")]
+    plain, weighted = (json.loads((d / "evaluation.json").read_text())["test"] for d in train_many(configs))
+
+    def recall(test: dict, minority: bool) -> float:
+        return float(np.mean([c["recall"] for c in test["per_class"] if (c["code"] != "nv") == minority]))
+
+    assert recall(weighted, True) > recall(plain, True)

@@ -1,12 +1,24 @@
-"""Compare: runs side by side, and the one-click class-imbalance experiment."""
+"""Compare: the imbalance lesson (what each strategy did, on one screen), the one-click experiment that
+trains it, and any runs side by side."""
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import imbalance, jobs, plots
+from core import estimate, imbalance, jobs, lesson, plots, settings
+from core.features import FeatureCache, backbone_key
 from core.models import ARCHITECTURES, default_arch
-from core.runs import FINAL_STATES, RunState, read_run
-from pages.views._shared import dataset_choice, evaluated_runs, list_runs, load_dataset, run_label, runs_dir
+from core.runs import FINAL_STATES, RunState, format_duration, read_run
+from core.runs import list_runs as read_runs
+from core.training import TrainConfig, config_with
+from pages.views._shared import (
+    dataset_choice,
+    evaluated_runs,
+    list_runs,
+    load_dataset,
+    predictions,
+    run_label,
+    runs_dir,
+)
 
 st.title("Compare")
 RUNS = runs_dir()
@@ -24,8 +36,6 @@ def headline(run: RunState) -> dict:
 
 
 def predictions_or_none(run: RunState):
-    from pages.views._shared import predictions
-
     try:
         return predictions(run.path)
     except ValueError:
@@ -62,41 +72,78 @@ def comparison(chosen: list[RunState]) -> None:
                 width="stretch", key=f"cmp_cm_{r.name}")
 
 
-def experiment_form() -> None:
-    index = load_dataset(show_help=False)
+# ---------------------------------------------------------------------------
+# The experiment
+
+
+@st.cache_data(ttl=600, max_entries=16, show_spinner="Counting the experiment's images…")
+def _experiment_images(config: dict, dataset_images: int) -> tuple[int, dict[str, int]]:
+    """``dataset_images`` is in the key so that a changed dataset is counted again."""
+    return estimate.experiment_images(TrainConfig.from_dict(config), list(imbalance.STRATEGIES))
+
+
+def time_estimate(cfg: TrainConfig, dataset_images: int) -> None:
+    """How long the experiment will take, from the dataset's size and measured rates, and on what basis."""
+    total, images = _experiment_images(cfg.to_dict(), dataset_images)
+    rates = {**estimate.benchmark_rates(), **estimate.recorded_rates(list_runs(), cfg)}
+    guess = estimate.estimate(images, total, cfg.epochs, rates)
+    if guess is None:
+        st.caption("No time estimate yet: it needs the rates measured by `python bench/experiment.py` "
+                   "(docs/BENCHMARKS.json) or by an earlier cached head-only run here.")
+        return
+    runs = f"{len(images)} runs × {cfg.epochs} epochs on {total:,} images"
+    cache = FeatureCache(settings.resolve_path(cfg.cache_dir)).path(backbone_key(cfg.arch, cfg.weights,
+                                                                                  cfg.preprocessing))
+    if cache.is_file():
+        st.markdown(f"**Estimated time: about {format_duration(guess.cached_s)}** for {runs}, with the backbone "
+                    "features already cached here for this backbone and image size.")
+    else:
+        st.markdown(f"**Estimated time: about {format_duration(guess.features_s + guess.cached_s)}**: "
+                    f"{format_duration(guess.features_s)} to compute the backbone features once, then "
+                    f"{format_duration(guess.cached_s)} for {runs} (what later experiments with this backbone and "
+                    "image size take).")
+    st.caption(f"Estimated from the images each strategy's epochs hold and these rates: {guess.basis()}")
+
+
+def experiment_form(index) -> None:
     job = jobs.active_job(RUNS)
     labels = ", ".join(s.label for s in imbalance.STRATEGIES.values())
     st.markdown(f"Train the same model once per strategy — **{labels}** — in cached head-only mode (frozen "
-                "backbone, features computed once and shared), then compare them here as they finish.")
-    with st.form("experiment_form"):
-        c = st.columns(5)
-        arch = c[0].selectbox("Architecture", list(ARCHITECTURES), key="exp_arch",
-                              index=list(ARCHITECTURES).index(default_arch("resnet18")))
-        weights = c[1].selectbox("Weights", ["imagenet", "none"], key="exp_weights")
-        weights_path = st.text_input("…or a weights file", key="exp_weights_path",
-                                     placeholder="path/to/torchvision_state_dict.pth")
-        epochs = c[2].number_input("Epochs", 1, 100, 5, key="exp_epochs")
-        size = c[3].number_input("Image size", 32, 512, 224, step=16, key="exp_size")
-        max_images = c[4].number_input("At most N images (0 = all)", 0, 1_000_000, 0, key="exp_max")
-        go = st.form_submit_button("Run the imbalance experiment", type="primary", icon=":material/science:",
-                                   disabled=job is not None or index is None)
+                "backbone, features computed once and shared), in one process, then compare them here as they "
+                "finish.")
+    # Plain widgets rather than a form: the time estimate follows every change before the click.
+    c = st.columns(5)
+    arch = c[0].selectbox("Architecture", list(ARCHITECTURES), key="exp_arch",
+                          index=list(ARCHITECTURES).index(default_arch("resnet18")))
+    weights = c[1].selectbox("Weights", ["imagenet", "none"], key="exp_weights")
+    epochs = c[2].number_input("Epochs", 1, 100, 5, key="exp_epochs")
+    size = c[3].number_input("Image size", 32, 512, 224, step=16, key="exp_size")
+    max_images = c[4].number_input("At most N images (0 = all)", 0, 1_000_000, 0, key="exp_max")
+    weights_path = st.text_input("…or a weights file", key="exp_weights_path",
+                                 placeholder="path/to/torchvision_state_dict.pth")
+    cfg = None
+    weights_path = weights_path.strip()
+    if weights_path and not settings.resolve_path(weights_path).is_file():
+        st.error(f"The weights file {weights_path} does not exist.", icon=":material/block:")
+    elif index is not None:
+        cfg = config_with("seed", data=str(dataset_choice().folder), arch=arch,
+                          weights=str(settings.resolve_path(weights_path)) if weights_path else weights,
+                          epochs=int(epochs),
+                          input_size=(int(size), int(size)), max_images=int(max_images) or None)
+        time_estimate(cfg, len(index.frame))
+    go = st.button("Run the imbalance experiment", type="primary", icon=":material/science:",
+                   disabled=job is not None or cfg is None, key="exp_go")
     if index is None:
         st.caption("The experiment needs a dataset (see the Dataset page).")
     if job is not None:
         st.info("A training job is running; the experiment can start when it has finished.",
                 icon=":material/hourglass_top:")
     if go:
-        base = {"data": str(dataset_choice().folder), "arch": arch, "weights": weights_path.strip() or weights,
-                "epochs": int(epochs),
-                "input_size": [int(size), int(size)], "max_images": int(max_images) or None}
         try:
-            from core.training import config_with
-
-            base = {**config_with("seed", **base).to_dict(), "name": ""}
-            started = jobs.start_experiment(base, RUNS)
+            started = jobs.start_experiment({**cfg.to_dict(), "name": ""}, RUNS)
         except jobs.JobBusyError as exc:
             st.error(str(exc), icon=":material/hourglass_top:")
-        except (jobs.JobError, ValueError, OSError, ImportError) as exc:
+        except (jobs.JobError, ValueError, OSError) as exc:
             st.error(f"The experiment could not start: {exc}", icon=":material/block:")
         else:
             st.session_state["cmp_experiment"] = started.experiment
@@ -125,7 +172,7 @@ def experiment_status(manifest: dict) -> None:
         else:
             st.button("Stop the experiment", icon=":material/stop_circle:", key="exp_stop", on_click=jobs.stop_job,
                       args=(RUNS,))
-    # Refill the comparison (a full rerun) whenever another run of the experiment has finished.
+    # Refill the lesson (a full rerun) whenever another run of the experiment has finished.
     seen_key = f"exp_done_{manifest['name']}"
     if st.session_state.get(seen_key, done) != done:
         st.session_state[seen_key] = done
@@ -133,28 +180,78 @@ def experiment_status(manifest: dict) -> None:
     st.session_state[seen_key] = done
 
 
-runs = evaluated_runs()
-experiments = jobs.list_experiments(RUNS)
-tab_cmp, tab_exp = st.tabs(["Compare runs", "Imbalance experiment"])
+# ---------------------------------------------------------------------------
+# The lesson
 
-with tab_exp:
-    experiment_form()
+
+def lesson_view(experiment: lesson.Experiment) -> None:
+    """What each strategy did to each class: the sentences, then the charts and the numbers they are made of."""
+    evaluated = experiment.evaluated()
+    if len(evaluated) < 2:
+        st.info("The lesson appears here once two runs of this experiment have finished.",
+                icon=":material/hourglass_top:")
+        return
+    records = {s: predictions(path) for s, path in evaluated.items()}
+    table = lesson.strategy_table({s: r[4] for s, r in records.items()})
+    st.markdown("\n".join(f"- {sentence}" for sentence in lesson.sentences(table)))
+    charts = st.columns([4, 3, 3])
+    charts[0].plotly_chart(plots.strategy_heatmap(table), width="stretch", key="lesson_heatmap")
+    curves = {s: lesson.melanoma_curve(r[1], r[2]) for s, r in records.items()}
+    charts[1].plotly_chart(plots.melanoma_precision_recall(table, curves), width="stretch", key="lesson_melanoma")
+    charts[2].plotly_chart(plots.accuracy_pairs(table), width="stretch", key="lesson_accuracy")
+    st.caption("All on the test split, after temperature scaling. Melanoma: a dot is the strategy's recall and "
+               "precision as the model predicts (the most probable class, as in the heatmap); its line is what "
+               "flagging melanoma whenever P(mel) ≥ t would give, t from 0.02 to 0.98 (hover for t): a lower t finds "
+               "more melanomas and flags more benign lesions with them. Balanced accuracy is the mean of the seven "
+               "recalls. Runs: " + ", ".join(f"{table.loc[s, 'label']} `{path.name}`" for s, path in evaluated.items())
+               + ".")
+    with st.expander("The numbers", icon=":material/table:"):
+        shown = lesson.shown_table(table)
+        st.dataframe(shown, width="content", height=35 * (len(shown) + 1) + 3, key="lesson_numbers")
+
+
+def lesson_tab(manifests: list[dict]) -> None:
+    """The newest experiment trained here, else the published one; the picker offers the others."""
+    published_dir = settings.published_runs_dir()
+    experiments = lesson.local_experiments(manifests, RUNS) + lesson.published_experiments(
+        read_runs(published_dir) if published_dir else [])
     if experiments:
-        names = [e["name"] for e in experiments]
-        current = st.session_state.get("cmp_experiment")
-        pick = st.selectbox("Experiment", names, index=names.index(current) if current in names else 0,
-                            key="cmp_experiment_pick")
-        experiment_status(experiments[names.index(pick)])
+        keys = [e.key for e in experiments]
+        started = st.session_state.pop("cmp_experiment", None)
+        if started in keys:  # just started with the form below: show it, whatever was picked before
+            st.session_state["cmp_experiment_pick"] = started
+        key = st.selectbox("Experiment", keys, format_func=lambda k: experiments[keys.index(k)].title,
+                           key="cmp_experiment_pick")
+        chosen = experiments[keys.index(key)]
+        manifest = next((m for m in manifests if m["name"] == chosen.key), None)
+        if manifest is not None:
+            job = jobs.active_job(RUNS)
+            with st.expander("Its runs", expanded=job is not None and job.experiment == manifest["name"]):
+                experiment_status(manifest)
+        lesson_view(chosen)
+    else:
+        st.info("No imbalance experiment yet: run one below (one run per strategy) and the lesson appears here as "
+                "its runs finish.", icon=":material/school:")
+    with st.expander("Run the imbalance experiment", expanded=not experiments, icon=":material/science:"):
+        experiment_form(load_dataset(show_help=False))
+
+
+runs = evaluated_runs()
+manifests = jobs.list_experiments(RUNS)
+tab_lesson, tab_cmp = st.tabs(["Imbalance lesson", "Compare runs"])
+
+with tab_lesson:
+    lesson_tab(manifests)
 
 with tab_cmp:
     if len(runs) < 2 and not list_runs():
-        st.info("Comparing needs at least two finished runs. Train them on the Train page, or start the imbalance "
-                "experiment (next tab), which trains one run per imbalance strategy for you.",
+        st.info("Comparing needs at least two finished runs. Train them on the Train page, or run the imbalance "
+                "experiment (first tab), which trains one run per imbalance strategy for you.",
                 icon=":material/science:")
     names = [r.name for r in runs]
     default = []
-    if experiments:
-        default = [n for n in experiments[0]["runs"] if n in names]
+    if manifests:
+        default = [n for n in manifests[0]["runs"] if n in names]
     if len(default) < 2:
         default = names[:2]
     chosen = st.multiselect("Runs", names, default=default, format_func=lambda n: run_label(runs[names.index(n)]),

@@ -5,6 +5,7 @@ The page scripts live one level down, in ``pages/views/``: Streamlit runs any ``
 multipage app until ``st.navigation`` first runs, so a bookmarked deep link opened first after a server
 start would bypass this entry point (no sidebar, no shared settings). It ignores subfolders of ``pages/``.
 """
+
 from __future__ import annotations
 
 import streamlit as st
@@ -24,11 +25,12 @@ with st.sidebar:
     st.session_state.setdefault(DATASET_KEY, "")
     st.session_state["dataset_folder_input"] = st.session_state[DATASET_KEY]
     st.text_input(
-        "Dataset folder", key="dataset_folder_input",
+        "Dataset folder",
+        key="dataset_folder_input",
         on_change=lambda: st.session_state.update({DATASET_KEY: st.session_state["dataset_folder_input"]}),
         placeholder=str(default.folder) if default.folder else "path/to/ham10000",
         help="The folder holding HAM10000_metadata.csv and the images (any layout below it). Leave empty to use "
-             f"${settings.DATA_ENV}, .streamlit/lesionlab.toml or the bundled sample, in that order.",
+        f"${settings.DATA_ENV}, .streamlit/lesionlab.toml or the bundled sample, in that order.",
     )
     choice = dataset_choice()
     if choice.configured:

@@ -6,6 +6,7 @@ Numbers are medians of repeated runs. Variants that change process-wide state
 (the allocator setting) run in fresh subprocesses. Not a test: targets are
 reported next to the measurements, never asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,17 @@ def timed(fn, repeats: int) -> list[float]:
 def machine() -> str:
     cpu = "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-            f"Python {platform.python_version()}; {platform.platform()}")
+    return (
+        f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"Python {platform.python_version()}; {platform.platform()}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -75,8 +81,12 @@ def child_extract(data: Path, arch: str, size: int, n: int, tuned: bool, channel
     model = build_model(arch, "none", "head")
     prep = Preprocessing(input_size=(size, size))
     compute_features(model.backbone, paths[:64], prep, device=torch.device("cpu"), channels_last=channels_last)
-    times = timed(lambda: compute_features(model.backbone, paths, prep, device=torch.device("cpu"),
-                                           batch_size=64, channels_last=channels_last), 3)
+    times = timed(
+        lambda: compute_features(
+            model.backbone, paths, prep, device=torch.device("cpu"), batch_size=64, channels_last=channels_last
+        ),
+        3,
+    )
     return {"images_per_s": n / statistics.median(times)}
 
 
@@ -132,18 +142,38 @@ def bench_epochs(data: Path, steps: int, repeats: int) -> dict:
 
     features = torch.randn(len(train_rows), 512)  # the head's cost does not depend on the values
     labels = torch.tensor(train_rows["label"].to_numpy())
-    batches = FeatureBatches(features, labels, 16, shuffle=True, generator=torch.Generator().manual_seed(0),
-                             drop_last=True)
+    batches = FeatureBatches(
+        features, labels, 16, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True
+    )
     head_opt = make_optimizer(cfg, model.head)
     head_sched = make_scheduler(cfg, head_opt, len(batches))
     with tempfile.TemporaryDirectory() as tmp, torch_threads(1):
         log = RunLog(Path(tmp))
-        cached = statistics.median(timed(lambda: train_one_epoch(
-            model.head, batches, loss_fn, head_opt, head_sched, torch.device("cpu"), epoch=1, cfg=cfg, log=log,
-            should_stop=lambda: False), repeats))
-    return {"train_images": len(train_rows), "epoch_steps": epoch_steps, "uncached_epoch_s": per_step * epoch_steps,
-            "uncached_measured_steps": steps, "cached_epoch_s": cached,
-            "speedup": per_step * epoch_steps / cached}
+        cached = statistics.median(
+            timed(
+                lambda: train_one_epoch(
+                    model.head,
+                    batches,
+                    loss_fn,
+                    head_opt,
+                    head_sched,
+                    torch.device("cpu"),
+                    epoch=1,
+                    cfg=cfg,
+                    log=log,
+                    should_stop=lambda: False,
+                ),
+                repeats,
+            )
+        )
+    return {
+        "train_images": len(train_rows),
+        "epoch_steps": epoch_steps,
+        "uncached_epoch_s": per_step * epoch_steps,
+        "uncached_measured_steps": steps,
+        "cached_epoch_s": cached,
+        "speedup": per_step * epoch_steps / cached,
+    }
 
 
 def bench_predict(data: Path, repeats: int) -> dict:
@@ -185,10 +215,12 @@ def write_report(results: dict, path: Path, command: str) -> None:
         f"| cached vs uncached epoch | {ep['speedup']:.0f}× faster | ≥ 100× |",
     ]
     for row in ext:
-        lines.append(f"| feature extraction, {row['arch']} at {row['size']}, batch 64, allocator "
-                     f"{'tuned' if row['tuned'] else 'default'}, {'channels_last' if row['channels_last'] else 'NCHW'}"
-                     f" | {row['images_per_s']:.0f} images/s | "
-                     f"{'≥ 70 images/s' if row['arch'] == 'mobilenet_v2' and row['tuned'] else ''} |")
+        lines.append(
+            f"| feature extraction, {row['arch']} at {row['size']}, batch 64, allocator "
+            f"{'tuned' if row['tuned'] else 'default'}, {'channels_last' if row['channels_last'] else 'NCHW'}"
+            f" | {row['images_per_s']:.0f} images/s | "
+            f"{'≥ 70 images/s' if row['arch'] == 'mobilenet_v2' and row['tuned'] else ''} |"
+        )
     lines += [
         f"| single-image prediction, resnet18 at 224 (decode + preprocess + forward) | "
         f"{r['predict']['predict_ms']:.0f} ms | |",
@@ -219,11 +251,17 @@ def main() -> None:
     print("index", results["index"], flush=True)
     n = 192 if args.quick else 512
     results["extraction"] = []
-    for arch, tuned, cl in [("mobilenet_v2", 0, 0), ("mobilenet_v2", 0, 1), ("mobilenet_v2", 1, 0),
-                            ("mobilenet_v2", 1, 1), ("resnet18", 1, 1)]:
+    for arch, tuned, cl in [
+        ("mobilenet_v2", 0, 0),
+        ("mobilenet_v2", 0, 1),
+        ("mobilenet_v2", 1, 0),
+        ("mobilenet_v2", 1, 1),
+        ("resnet18", 1, 1),
+    ]:
         row = run_child(arch, "224", str(n), str(tuned), str(cl))
-        results["extraction"].append({"arch": arch, "size": 224, "tuned": bool(tuned), "channels_last": bool(cl),
-                                      **row})
+        results["extraction"].append(
+            {"arch": arch, "size": 224, "tuned": bool(tuned), "channels_last": bool(cl), **row}
+        )
         print("extract", results["extraction"][-1], flush=True)
     results["epochs"] = bench_epochs(args.data, steps=20 if args.quick else 40, repeats=3 if args.quick else 3)
     print("epochs", results["epochs"], flush=True)

@@ -12,6 +12,7 @@ trainer logged it; the Compare page's time estimate falls back on these rates (d
 Weights are random (``--weights none``) unless asked otherwise: the speed does not depend on their values.
 Measure on an otherwise idle machine; the load average before and after is written next to the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def run_experiment(configs: list[Path], log: Path) -> float:
     args = [arg for path in configs for arg in ("--config", str(path))]
     start = time.perf_counter()
     with open(log, "ab") as out:
-        done = subprocess.run([sys.executable, "-m", "core.train", *args], cwd=ROOT, stdout=out,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", "core.train", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
     if done.returncode:
         sys.exit(f"error: the experiment failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - start
@@ -56,8 +58,10 @@ def run_figures(run_dir: Path) -> dict:
     run = read_run(run_dir)
     epochs = run.epochs
     return {
-        "strategy": run.config["imbalance"], "train_images": run.start["train_images"],
-        "steps": run.start["steps_per_epoch"], "epochs": len(epochs),
+        "strategy": run.config["imbalance"],
+        "train_images": run.start["train_images"],
+        "steps": run.start["steps_per_epoch"],
+        "epochs": len(epochs),
         "epoch_s": statistics.median(e["seconds"] for e in epochs),
         "images_per_s": sum(e["images_per_s"] * e["seconds"] for e in epochs) / sum(e["seconds"] for e in epochs),
         "training_s": sum(e["seconds"] for e in epochs),
@@ -67,9 +71,16 @@ def run_figures(run_dir: Path) -> dict:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
-    base = config_with("seed", data=str(args.data), arch=args.arch, weights=args.weights, epochs=args.epochs,
-                       input_size=(args.size, args.size), max_images=args.max_images,
-                       cache_dir=str(work / "cache")).to_dict()
+    base = config_with(
+        "seed",
+        data=str(args.data),
+        arch=args.arch,
+        weights=args.weights,
+        epochs=args.epochs,
+        input_size=(args.size, args.size),
+        max_images=args.max_images,
+        cache_dir=str(work / "cache"),
+    ).to_dict()
     results = {}
     for phase in ("cold", "warm"):  # the same cache: the first process computes the features, the second reuses
         out = work / phase
@@ -87,9 +98,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     training = sum(r["training_s"] for r in runs)
     extraction = results["cold"]["wall_s"] - results["warm"]["wall_s"]
     return {
-        "arch": args.arch, "input_size": [args.size, args.size], "weights": args.weights, "epochs": args.epochs,
-        "images": images, "strategies": [r["strategy"] for r in runs],
-        "warm_wall_s": results["warm"]["wall_s"], "cold_wall_s": results["cold"]["wall_s"],
+        "arch": args.arch,
+        "input_size": [args.size, args.size],
+        "weights": args.weights,
+        "epochs": args.epochs,
+        "images": images,
+        "strategies": [r["strategy"] for r in runs],
+        "warm_wall_s": results["warm"]["wall_s"],
+        "cold_wall_s": results["cold"]["wall_s"],
         "extraction_s": extraction,
         # The rates the Compare page's estimate uses: start-up + epochs × Σ (images / head rate + overhead).
         "startup_s": results["warm"]["wall_s"] - run_walls,
@@ -121,9 +137,11 @@ def section(r: dict, command: str) -> list[str]:
         f"| start-up: Python, torch, arguments, until the first run begins | {r['startup_s']:.1f} s | |",
     ]
     for run in r["runs"]:
-        lines.append(f"| head-only epoch as the trainer runs it, `{run['strategy']}` ({run['train_images']:,} images, "
-                     f"{run['steps']} steps), median of {run['epochs']} | {run['epoch_s']:.2f} s "
-                     f"({run['images_per_s']:,.0f} images/s) | |")
+        lines.append(
+            f"| head-only epoch as the trainer runs it, `{run['strategy']}` ({run['train_images']:,} images, "
+            f"{run['steps']} steps), median of {run['epochs']} | {run['epoch_s']:.2f} s "
+            f"({run['images_per_s']:,.0f} images/s) | |"
+        )
     lines += [
         f"| per epoch, what a run spends outside its training epochs (data and model set-up, validation, "
         f"checkpoints, the final evaluation) | {r['epoch_overhead_s']:.2f} s | |",
@@ -151,8 +169,11 @@ def main() -> None:
     before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lesionlab-experiment-") as tmp:
         results = measure(args, Path(tmp))
-    results.update(date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
-                   load_average=[before, os.getloadavg()[0]])
+    results.update(
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=machine(),
+        load_average=[before, os.getloadavg()[0]],
+    )
     command = "python " + " ".join([OWNER, *sys.argv[1:]])
     write_section(args.out, OWNER, section(results, command))
     update_json(args.out.with_suffix(".json"), {"experiment": results})

@@ -10,6 +10,7 @@ With ``--train``, the seed pipeline and one run per imbalance strategy are train
 first (head-only on cached features; skipped when their run folder is complete).
 ``docs/runs/`` keeps the text files of the runs behind the published card (no checkpoints).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,7 @@ def train_comparisons(data: str, out: Path) -> None:
     for strategy, run_dir in comparison_runs(data, out).items():
         if has_evaluation(run_dir):
             continue
-        cfg = config_with("seed", data=data, arch=COMPARISON_ARCH, imbalance=strategy, out=str(out),
-                          name=run_dir.name)
+        cfg = config_with("seed", data=data, arch=COMPARISON_ARCH, imbalance=strategy, out=str(out), name=run_dir.name)
         print(f"training {run_dir.name}", flush=True)
         train(cfg, run_dir=run_dir, resume=(run_dir / "last.pt").is_file())
 
@@ -122,12 +122,22 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "| class | name | precision | recall | F1 | ROC AUC | support |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['code']} | {r['name']} | {fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | "
-              f"{fmt(r['auc'])} | {r['support']} |" for r in m["per_class"]]
-    lines += ["", "### Confusion matrix (rows: true class, columns: predicted)", "",
-              "| true \\ predicted | " + " | ".join(CLASSES) + " |", "| --- |" + " --- |" * len(CLASSES)]
-    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |"
-              for c, row in zip(CLASSES, m["confusion_matrix"], strict=True)]
+    lines += [
+        f"| {r['code']} | {r['name']} | {fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | "
+        f"{fmt(r['auc'])} | {r['support']} |"
+        for r in m["per_class"]
+    ]
+    lines += [
+        "",
+        "### Confusion matrix (rows: true class, columns: predicted)",
+        "",
+        "| true \\ predicted | " + " | ".join(CLASSES) + " |",
+        "| --- |" + " --- |" * len(CLASSES),
+    ]
+    lines += [
+        f"| {c} | " + " | ".join(str(v) for v in row) + " |"
+        for c, row in zip(CLASSES, m["confusion_matrix"], strict=True)
+    ]
     met = {
         "accuracy ≥ 0.85": m["accuracy"] >= 0.85,
         "balanced accuracy ≥ 0.75": m["balanced_accuracy"] >= 0.75,
@@ -161,16 +171,21 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "| run | accuracy | balanced acc. | macro F1 | weighted F1 | mel precision | mel recall | mel AUC |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rows = [(f"seed pipeline, imbalance `{s}`" + (" (the seed's own)" if s == "oversample" else ""), d)
-            for s, d in comparisons.items() if has_evaluation(d)]
+    rows = [
+        (f"seed pipeline, imbalance `{s}`" + (" (the seed's own)" if s == "oversample" else ""), d)
+        for s, d in comparisons.items()
+        if has_evaluation(d)
+    ]
     rows.append(("**reference model**", reference))
     for title, run_dir in rows:
         r_labels, r_probs, _, _ = load_predictions(run_dir)
         r = compute_metrics(r_labels, r_probs)
         mel_row = r["per_class"][CLASSES.index("mel")]
-        lines.append(f"| {title} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | {fmt(r['macro']['f1'])} | "
-                     f"{fmt(r['weighted']['f1'])} | {fmt(mel_row['precision'])} | {fmt(mel_row['recall'])} | "
-                     f"{fmt(r['roc_auc']['per_class']['mel'])} |")
+        lines.append(
+            f"| {title} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | {fmt(r['macro']['f1'])} | "
+            f"{fmt(r['weighted']['f1'])} | {fmt(mel_row['precision'])} | {fmt(mel_row['recall'])} | "
+            f"{fmt(r['roc_auc']['per_class']['mel'])} |"
+        )
     lines += [
         "",
         "## Intended use",
@@ -203,8 +218,11 @@ def main() -> None:
     p.add_argument("--reference", type=Path, required=True, help="the reference model's run folder")
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where comparison runs live")
     p.add_argument("--train", action="store_true", help="train missing comparison runs first")
-    p.add_argument("--command", default="python -m core.train --preset reference --data "
-                   "../shared/data/ham10000-200x150 --out runs --name reference-mnv2")
+    p.add_argument(
+        "--command",
+        default="python -m core.train --preset reference --data "
+        "../shared/data/ham10000-200x150 --out runs --name reference-mnv2",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "MODEL_CARD.md")
     args = p.parse_args()
     if args.train:

@@ -1,5 +1,6 @@
 """docs/BENCHMARKS.md and docs/BENCHMARKS.json hold one section per benchmark script: each script rewrites
 its own section and leaves the others as they are."""
+
 from __future__ import annotations
 
 import json

@@ -14,6 +14,7 @@ accumulates. The resident set (VmRSS) is read after a warm-up of 50 iterations (
 caches and the allocator's pools settle) and at the end; the growth between them is the figure to watch.
 Not a test: the target is reported next to the measurement, never asserted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,34 +92,41 @@ def soak(data: Path, iterations: int) -> dict:
         if i == WARM_UP or i % 100 == 0 or i == iterations:
             rss[i] = rss_mb()
             print(f"{i:5d}  {rss[i]:7.1f} MB  {1000 * statistics.median(seconds[-50:]):5.0f} ms", flush=True)
-    return {"iterations": iterations, "files": len(files), "rss_mb": rss,
-            "growth_mb": rss[iterations] - rss[WARM_UP],
-            "median_ms": 1000 * statistics.median(seconds[WARM_UP:]), "load": os.getloadavg()[0]}
+    return {
+        "iterations": iterations,
+        "files": len(files),
+        "rss_mb": rss,
+        "growth_mb": rss[iterations] - rss[WARM_UP],
+        "median_ms": 1000 * statistics.median(seconds[WARM_UP:]),
+        "load": os.getloadavg()[0],
+    }
 
 
 def report(result: dict, command: str) -> str:
     r = result
     trend = ", ".join(f"{i}: {mb:.0f}" for i, mb in r["rss_mb"].items())
-    return "\n".join([
-        f"## Soak: {r['iterations']:,} Diagnose uploads in one process",
-        "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M UTC} with `{command}` on: {machine()}; load average"
-        f" {r['load']:.1f} at the end (other processes on the same cores lengthen the time per upload).",
-        "Each iteration is the Diagnose page's work for a new upload, on the CPU with `checkpoints/reference.pt`",
-        "(MobileNetV2 at 150×200): prediction from the uploaded bytes, dermoscopy check, probability bars,",
-        "Grad-CAM with its overlay and the feature-map grid of the middle layer. The uploads cycle through",
-        f"{r['files']} files: {IMAGES} HAM10000 images as stored (200×150) and {UPLOAD_SIZED} of them re-encoded"
-        f" at {UPLOAD_SIZE[0]}×{UPLOAD_SIZE[1]}.",
-        "",
-        "| what | measured | target |",
-        "| --- | --- | --- |",
-        f"| resident memory after the {WARM_UP}-upload warm-up | {r['rss_mb'][WARM_UP]:.0f} MB | |",
-        f"| resident memory after {r['iterations']:,} uploads | {r['rss_mb'][r['iterations']]:.0f} MB | |",
-        f"| growth after the warm-up | {r['growth_mb']:+.1f} MB | < {RSS_TARGET_MB} MB |",
-        f"| time per upload (median after the warm-up) | {r['median_ms']:.0f} ms | |",
-        "",
-        f"Resident memory (MB) by upload: {trend}.",
-    ])
+    return "\n".join(
+        [
+            f"## Soak: {r['iterations']:,} Diagnose uploads in one process",
+            "",
+            f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M UTC} with `{command}` on: {machine()}; load average"
+            f" {r['load']:.1f} at the end (other processes on the same cores lengthen the time per upload).",
+            "Each iteration is the Diagnose page's work for a new upload, on the CPU with `checkpoints/reference.pt`",
+            "(MobileNetV2 at 150×200): prediction from the uploaded bytes, dermoscopy check, probability bars,",
+            "Grad-CAM with its overlay and the feature-map grid of the middle layer. The uploads cycle through",
+            f"{r['files']} files: {IMAGES} HAM10000 images as stored (200×150) and {UPLOAD_SIZED} of them re-encoded"
+            f" at {UPLOAD_SIZE[0]}×{UPLOAD_SIZE[1]}.",
+            "",
+            "| what | measured | target |",
+            "| --- | --- | --- |",
+            f"| resident memory after the {WARM_UP}-upload warm-up | {r['rss_mb'][WARM_UP]:.0f} MB | |",
+            f"| resident memory after {r['iterations']:,} uploads | {r['rss_mb'][r['iterations']]:.0f} MB | |",
+            f"| growth after the warm-up | {r['growth_mb']:+.1f} MB | < {RSS_TARGET_MB} MB |",
+            f"| time per upload (median after the warm-up) | {r['median_ms']:.0f} ms | |",
+            "",
+            f"Resident memory (MB) by upload: {trend}.",
+        ]
+    )
 
 
 def main() -> None:

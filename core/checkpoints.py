@@ -4,6 +4,7 @@ A checkpoint holds only tensors and plain Python values so it loads with
 ``torch.load(weights_only=True)``, which cannot execute code from a file
 someone sent you.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def checkpoint_dict(model: LesionNet, prep: Preprocessing, *, head: str, temperature: float = 1.0,
-                    **extra: Any) -> dict:
+def checkpoint_dict(
+    model: LesionNet, prep: Preprocessing, *, head: str, temperature: float = 1.0, **extra: Any
+) -> dict:
     """The checkpoint payload; ``extra`` holds plain values such as config, epoch and metrics."""
     return {
         "format": FORMAT,
@@ -64,7 +66,8 @@ def _load_failure(path: Path, exc: Exception) -> CheckpointError:
         if name:
             return CheckpointError(
                 f"{path} was not loaded: opening it would import and call {name.group(1)}, which a Lesion Lab "
-                "checkpoint never does. The file may be malicious; use only checkpoints written by Lesion Lab.")
+                "checkpoint never does. The file may be malicious; use only checkpoints written by Lesion Lab."
+            )
         # torch keeps the unpickler's own complaint as the context; its wrapper is all advice.
         text = str(exc.__context__ or "").strip() or "not a pickle of tensors and plain values"
     # The first sentence: torch goes on with advice on how it saves files.
@@ -98,8 +101,9 @@ def _check_fields(ckpt: dict) -> None:
         # 0 or NaN gives NaN probabilities; a negative temperature turns the prediction upside down.
         raise ValueError(f"temperature must be a finite number above 0; got {temperature!r}")
     state = ckpt["model_state"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise ValueError("model_state must map parameter names to tensors")
     # Optional fields: the trainer's config and progress, and the optimiser state a resumed run needs.
     for key in ("config", "metrics", "optimizer_state", "scheduler_state"):
@@ -119,8 +123,11 @@ def _check_config(config: dict) -> None:
     if seed is not None and not (_is_whole(seed, 0) and seed <= MAX_SPLIT_SEED):
         raise ValueError(f"config.split_seed must be a whole number from 0 to {MAX_SPLIT_SEED}; got {seed!r}")
     fractions = config.get("split_fractions")
-    if fractions is not None and (not isinstance(fractions, list | tuple) or len(fractions) != 3
-                                  or not all(is_finite_number(f) and f >= 0 for f in fractions)):
+    if fractions is not None and (
+        not isinstance(fractions, list | tuple)
+        or len(fractions) != 3
+        or not all(is_finite_number(f) and f >= 0 for f in fractions)
+    ):
         raise ValueError(f"config.split_fractions must be three numbers from 0 (train, val, test); got {fractions!r}")
     limit = config.get("max_images")
     if limit is not None and not _is_whole(limit, 0):  # 0, like None, means every image
@@ -140,8 +147,10 @@ def read_checkpoint(path: str | Path) -> dict:
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read ({exc.strerror})") from None
     if size > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(f"{path} is {format_bytes(size)}, larger than any Lesion Lab checkpoint "
-                              f"(the limit is {format_bytes(MAX_CHECKPOINT_BYTES)}); it was not loaded")
+        raise CheckpointError(
+            f"{path} is {format_bytes(size)}, larger than any Lesion Lab checkpoint "
+            f"(the limit is {format_bytes(MAX_CHECKPOINT_BYTES)}); it was not loaded"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, foreign objects

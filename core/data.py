@@ -4,6 +4,7 @@ oversampling and the torch ``Dataset`` with its transforms.
 Indexing never decodes an image: it reads the metadata and walks the folder
 tree, so all 10015 images index in well under a second.
 """
+
 from __future__ import annotations
 
 import csv
@@ -84,9 +85,15 @@ def read_table(path: str | Path, *, images: int | None = None) -> pd.DataFrame:
     path = Path(path)
     limit = None if images is None else metadata_row_limit(images)
     try:
-        table = pd.read_csv(path, sep=_separator(_first_line(path)), dtype=str, keep_default_na=False,
-                            encoding="utf-8-sig", encoding_errors="replace",
-                            nrows=None if limit is None else limit + 1)
+        table = pd.read_csv(
+            path,
+            sep=_separator(_first_line(path)),
+            dtype=str,
+            keep_default_na=False,
+            encoding="utf-8-sig",
+            encoding_errors="replace",
+            nrows=None if limit is None else limit + 1,
+        )
     except OSError as exc:
         raise DatasetError(f"Cannot read {path}: {exc.strerror or exc}.") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -115,8 +122,7 @@ def tidy_metadata(frame: pd.DataFrame) -> pd.DataFrame:
         elif col != "age":
             frame[col] = frame[col].fillna("").astype(str)
     frame["dx"] = frame["dx"].str.lower()
-    frame["age"] = pd.to_numeric(frame["age"].astype(str).replace({"": None, "NA": None, "nan": None}),
-                                 errors="coerce")
+    frame["age"] = pd.to_numeric(frame["age"].astype(str).replace({"": None, "NA": None, "nan": None}), errors="coerce")
     frame["sex"] = frame["sex"].str.lower().replace({"": "unknown", "nan": "unknown", "na": "unknown"})
     frame["localization"] = frame["localization"].replace({"": "unknown"})
     # A lesion id is what keeps splits honest; an image without one is its own lesion.
@@ -238,8 +244,14 @@ def _listing(folder: Path) -> Iterator[os.DirEntry]:
         return
 
 
-def walk_files(root: Path, keep: Callable[[str], bool], *, max_depth: int = MAX_WALK_DEPTH,
-               max_entries: int = MAX_WALK_ENTRIES, max_seconds: float = MAX_WALK_SECONDS) -> Iterator[Path]:
+def walk_files(
+    root: Path,
+    keep: Callable[[str], bool],
+    *,
+    max_depth: int = MAX_WALK_DEPTH,
+    max_entries: int = MAX_WALK_ENTRIES,
+    max_seconds: float = MAX_WALK_SECONDS,
+) -> Iterator[Path]:
     """Regular files below ``root`` whose name ``keep`` accepts, hidden files and folders left out.
 
     Raises :class:`DatasetError` when a folder lies more than ``max_depth`` levels below ``root``, or the
@@ -313,12 +325,19 @@ def index_dataset(root: str | Path, *, metadata: str | Path | None = None) -> Da
     meta_path = Path(metadata) if metadata else find_metadata(root)
     meta = read_metadata(meta_path, images=len(images))
     report = ValidationReport(metadata_path=str(meta_path), rows_read=len(meta))
-    return pair_with_images(root, images, meta, report, "Check that the image files are named by their image_id "
-                            "(e.g. ISIC_0024306.jpg) and that the metadata's dx column uses the HAM10000 codes.")
+    return pair_with_images(
+        root,
+        images,
+        meta,
+        report,
+        "Check that the image files are named by their image_id "
+        "(e.g. ISIC_0024306.jpg) and that the metadata's dx column uses the HAM10000 codes.",
+    )
 
 
-def pair_with_images(root: Path, images: list[Path], meta: pd.DataFrame, report: ValidationReport,
-                     hint: str) -> DatasetIndex:
+def pair_with_images(
+    root: Path, images: list[Path], meta: pd.DataFrame, report: ValidationReport, hint: str
+) -> DatasetIndex:
     """Match metadata rows to ``images`` (the sorted image files below ``root``) named ``<image_id>.<ext>``.
 
     Every mismatch goes into ``report``. Rows whose ``dx`` is not a class code are
@@ -337,21 +356,26 @@ def pair_with_images(root: Path, images: list[Path], meta: pd.DataFrame, report:
     # zip over columns rather than iterrows: a long table is reported in seconds, not minutes.
     dup_rows = meta["image_id"].duplicated(keep="first")
     dups = meta[dup_rows]
-    report.duplicate_image_ids.extend(f"row {row}: image_id {image_id} already listed"
-                                      for row, image_id in zip(dups["row"], dups["image_id"], strict=True))
+    report.duplicate_image_ids.extend(
+        f"row {row}: image_id {image_id} already listed"
+        for row, image_id in zip(dups["row"], dups["image_id"], strict=True)
+    )
     meta = meta[~dup_rows]
     listed = set(meta["image_id"])  # set-aside rows' files are not "without metadata"
 
     known = meta["dx"].isin(CLASSES)
     unknown = meta[~known & (meta["dx"] != "")]
-    report.unknown_diagnoses.extend(f"row {row}: {image_id} has dx {dx!r}" for row, image_id, dx
-                                    in zip(unknown["row"], unknown["image_id"], unknown["dx"], strict=True))
+    report.unknown_diagnoses.extend(
+        f"row {row}: {image_id} has dx {dx!r}"
+        for row, image_id, dx in zip(unknown["row"], unknown["image_id"], unknown["dx"], strict=True)
+    )
     meta = meta[known]
 
     has_file = meta["image_id"].isin(files.keys())
     orphans = meta[~has_file]
-    report.rows_without_images.extend(f"row {row}: {image_id}"
-                                      for row, image_id in zip(orphans["row"], orphans["image_id"], strict=True))
+    report.rows_without_images.extend(
+        f"row {row}: {image_id}" for row, image_id in zip(orphans["row"], orphans["image_id"], strict=True)
+    )
     meta = meta[has_file].copy()
     report.images_without_metadata.extend(str(p) for i, p in files.items() if i not in listed)
     meta["path"] = [str(files[i]) for i in meta["image_id"]]
@@ -373,9 +397,7 @@ def finish_index(root: Path, frame: pd.DataFrame, report: ValidationReport, hint
 # Splits
 
 
-def split_by_lesion(
-    frame: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-) -> pd.Series:
+def split_by_lesion(frame: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
     """Assign each image to train/val/test so that all images of one lesion share a split.
 
     HAM10000 has 10015 images of 7470 lesions; splitting images directly leaks
@@ -435,8 +457,15 @@ class LesionDataset(torch.utils.data.Dataset):
     :class:`core.images.ImageError`.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, prep: Preprocessing,
-                 *, skip_damaged: bool = False):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        transform: Callable,
+        prep: Preprocessing,
+        *,
+        skip_damaged: bool = False,
+    ):
         if len(paths) != len(labels):
             raise ValueError("paths and labels differ in length")
         self.paths = list(paths)
@@ -447,8 +476,9 @@ class LesionDataset(torch.utils.data.Dataset):
         self.damaged = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing, *,
-                   skip_damaged: bool = False) -> LesionDataset:
+    def from_frame(
+        cls, frame: pd.DataFrame, transform: Callable, prep: Preprocessing, *, skip_damaged: bool = False
+    ) -> LesionDataset:
         return cls(frame["path"].tolist(), frame["label"].tolist(), transform, prep, skip_damaged=skip_damaged)
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ client always fetches the original so that every file can be verified.
 Every failure is a :class:`DownloadError` whose message says what happened and
 what to do about it.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -64,8 +65,9 @@ def list_files(
         try:
             body = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise DownloadError(f"The connection to {_host(url)} broke while reading {what} ({exc}). "
-                                f"{_RESUME_HINT}") from None
+            raise DownloadError(
+                f"The connection to {_host(url)} broke while reading {what} ({exc}). {_RESUME_HINT}"
+            ) from None
     try:
         entries = json.loads(body)["data"]["latestVersion"]["files"]
         return [_remote_file(entry) for entry in entries]

@@ -13,6 +13,7 @@ skips those files.
 The ISIC 2018 test set goes to its own folder (by default next to DEST), because
 images below DEST without a HAM10000 metadata row would clutter its validation report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,10 @@ _ROLES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"HAM10000[ _-]?images.*\.zip", re.IGNORECASE), TRAINING),
     (re.compile(r"HAM10000[ _-]?metadata(\.(csv|tab|tsv|txt))?", re.IGNORECASE), TRAINING),
     (re.compile(r"ISIC[ _-]?2018[ _-]?Task[ _-]?3[ _-]?Test[ _-]?(Input|Images).*\.zip", re.IGNORECASE), EXTERNAL),
-    (re.compile(r"ISIC[ _-]?2018[ _-]?Task[ _-]?3[ _-]?Test[ _-]?GroundTruth.*\.(csv|tab|tsv|zip)", re.IGNORECASE),
-     EXTERNAL),
+    (
+        re.compile(r"ISIC[ _-]?2018[ _-]?Task[ _-]?3[ _-]?Test[ _-]?GroundTruth.*\.(csv|tab|tsv|zip)", re.IGNORECASE),
+        EXTERNAL,
+    ),
 )
 _HASHES = {"MD5": "md5", "SHA-1": "sha1", "SHA-256": "sha256", "SHA-512": "sha512"}
 
@@ -364,9 +367,7 @@ def _verify(remote: RemoteFile, part: Path, progress: ProgressFn | None) -> bool
     return True
 
 
-def _install(
-    remote: RemoteFile, part: Path, root: Path, keep_archives: bool, progress: ProgressFn | None
-) -> list[str]:
+def _install(remote: RemoteFile, part: Path, root: Path, keep_archives: bool, progress: ProgressFn | None) -> list[str]:
     """Put a verified download in place; returns the installed paths relative to ``root``."""
     if not _is_zip(remote):
         try:
@@ -480,12 +481,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dest", type=Path, help="data folder for HAM10000 (created if missing)")
     parser.add_argument("--server", default=DEFAULT_SERVER, help=f"Dataverse server (default {DEFAULT_SERVER})")
     parser.add_argument("--doi", default=HAM10000_DOI, help=f"dataset persistent id (default {HAM10000_DOI})")
-    parser.add_argument("--external", action="store_true",
-                        help="also get the ISIC 2018 Task 3 test images and ground truth, as an external test set")
-    parser.add_argument("--external-dest", type=Path,
-                        help="folder for the external test set (default: DEST-isic2018-test next to DEST)")
-    parser.add_argument("--keep-archives", action="store_true",
-                        help="keep the verified zip archives in DEST/.download after extracting them")
+    parser.add_argument(
+        "--external",
+        action="store_true",
+        help="also get the ISIC 2018 Task 3 test images and ground truth, as an external test set",
+    )
+    parser.add_argument(
+        "--external-dest", type=Path, help="folder for the external test set (default: DEST-isic2018-test next to DEST)"
+    )
+    parser.add_argument(
+        "--keep-archives",
+        action="store_true",
+        help="keep the verified zip archives in DEST/.download after extracting them",
+    )
     parser.add_argument("--list", action="store_true", help="only list the dataset's files and what each is used for")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds to wait for the server (default 60)")
     return parser

@@ -7,6 +7,7 @@ comes first. The rates are those that earlier cached head-only runs here recorde
 and seconds, their start and end, the progress of their feature phase), else those ``bench/experiment.py``
 measured (``docs/BENCHMARKS.json``); an estimate says which.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -41,11 +42,13 @@ class Estimate:
     def basis(self) -> str:
         """Each rate with where it was measured, as one sentence."""
         r = self.rates
-        return (f"start-up {format_duration(r['startup_s'].value)} ({r['startup_s'].basis}); "
-                f"feature extraction {r['features_images_per_s'].value:,.0f} images/s "
-                f"({r['features_images_per_s'].basis}); head training {r['head_images_per_s'].value:,.0f} images/s "
-                f"({r['head_images_per_s'].basis}) and {r['epoch_overhead_s'].value:.1f} s per epoch for validation "
-                f"and checkpoints ({r['epoch_overhead_s'].basis}).")
+        return (
+            f"start-up {format_duration(r['startup_s'].value)} ({r['startup_s'].basis}); "
+            f"feature extraction {r['features_images_per_s'].value:,.0f} images/s "
+            f"({r['features_images_per_s'].basis}); head training {r['head_images_per_s'].value:,.0f} images/s "
+            f"({r['head_images_per_s'].basis}) and {r['epoch_overhead_s'].value:.1f} s per epoch for validation "
+            f"and checkpoints ({r['epoch_overhead_s'].basis})."
+        )
 
 
 def experiment_images(cfg: TrainConfig, strategies: Sequence[str]) -> tuple[int, dict[str, int]]:
@@ -57,8 +60,13 @@ def experiment_images(cfg: TrainConfig, strategies: Sequence[str]) -> tuple[int,
 
 def _same_head(run: RunState, cfg: TrainConfig) -> bool:
     c = run.config
-    return (c.get("finetune") == "head" and c.get("feature_cache", True) and c.get("arch") == cfg.arch
-            and c.get("head") == cfg.head and c.get("batch_size") == cfg.batch_size)
+    return (
+        c.get("finetune") == "head"
+        and c.get("feature_cache", True)
+        and c.get("arch") == cfg.arch
+        and c.get("head") == cfg.head
+        and c.get("batch_size") == cfg.batch_size
+    )
 
 
 def _feature_rate(run: RunState) -> float | None:
@@ -74,8 +82,9 @@ def recorded_rates(runs: Iterable[RunState], cfg: TrainConfig) -> dict[str, Rate
     head training and per-epoch overhead from finished cached head-only runs of its backbone, head and batch
     size; feature extraction from the newest run that computed features for its backbone and image size."""
     runs = list(runs)
-    head_runs = [r for r in runs if r.state == "finished" and r.epochs and r.wall_time_s is not None
-                 and _same_head(r, cfg)]
+    head_runs = [
+        r for r in runs if r.state == "finished" and r.epochs and r.wall_time_s is not None and _same_head(r, cfg)
+    ]
     head_runs = head_runs[:RECENT_RUNS]
     found: dict[str, Rate] = {}
     if head_runs:
@@ -83,8 +92,12 @@ def recorded_rates(runs: Iterable[RunState], cfg: TrainConfig) -> dict[str, Rate
         images = sum(e["images_per_s"] * e["seconds"] for r in head_runs for e in r.epochs)
         basis = f"{len(head_runs)} earlier cached head-only {cfg.arch} run{'s' * (len(head_runs) > 1)} here"
         found["head_images_per_s"] = Rate(images / sum(seconds), basis)
-        found["epoch_overhead_s"] = Rate(statistics.median(
-            max(0.0, r.wall_time_s - s) / len(r.epochs) for r, s in zip(head_runs, seconds, strict=True)), basis)
+        found["epoch_overhead_s"] = Rate(
+            statistics.median(
+                max(0.0, r.wall_time_s - s) / len(r.epochs) for r, s in zip(head_runs, seconds, strict=True)
+            ),
+            basis,
+        )
     for run in runs:
         c = run.config
         if c.get("arch") == cfg.arch and list(c.get("input_size", ())) == list(cfg.input_size):
@@ -98,8 +111,10 @@ def recorded_rates(runs: Iterable[RunState], cfg: TrainConfig) -> dict[str, Rate
 def benchmark_rates(path: Path = BENCHMARKS) -> dict[str, Rate]:
     """The rates ``bench/experiment.py`` measured, if it has written its section of ``path``."""
     measured = (read_json(path) or {}).get("experiment") or {}
-    basis = (f"bench/experiment.py on {measured.get('date', '?')}, {measured.get('arch', '?')} at "
-             f"{'×'.join(map(str, measured.get('input_size', ())))}")
+    basis = (
+        f"bench/experiment.py on {measured.get('date', '?')}, {measured.get('arch', '?')} at "
+        f"{'×'.join(map(str, measured.get('input_size', ())))}"
+    )
     return {k: Rate(float(measured[k]), basis) for k in RATES if measured.get(k)}
 
 
@@ -110,5 +125,8 @@ def estimate(images: Mapping[str, int], total_images: int, epochs: int, rates: M
         return None
     r = {k: rates[k] for k in RATES}
     per_epoch = sum(n / r["head_images_per_s"].value + r["epoch_overhead_s"].value for n in images.values())
-    return Estimate(cached_s=r["startup_s"].value + epochs * per_epoch,
-                    features_s=total_images / r["features_images_per_s"].value, rates=r)
+    return Estimate(
+        cached_s=r["startup_s"].value + epochs * per_epoch,
+        features_s=total_images / r["features_images_per_s"].value,
+        rates=r,
+    )

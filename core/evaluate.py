@@ -6,6 +6,7 @@ images this model never trained or selected on, provided the folder is the one i
 trained on: :func:`split_warning` says when it is not, or when the run's own
 ``split.csv`` disagrees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def index_data(root: str | Path) -> DatasetIndex:
     return index_any(root)
 
 
-def resolve_split(checkpoint: dict, split_seed: int | None = None,
-                  fractions: Sequence[float] | None = None) -> tuple[int, tuple[float, float, float], str]:
+def resolve_split(
+    checkpoint: dict, split_seed: int | None = None, fractions: Sequence[float] | None = None
+) -> tuple[int, tuple[float, float, float], str]:
     """The split seed and fractions to use, and where they came from: "checkpoint" (the trainer's
     ``config``), "command line" (explicit values that differ from it) or "defaults"."""
     config = checkpoint.get("config") or {}
@@ -108,8 +110,9 @@ def _share_in_run_split(run_dir: Path, split: str, frame: pd.DataFrame) -> float
     return float(frame["image_id"].astype(str).isin(own_ids).mean()) if len(frame) else None
 
 
-def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split: str,
-                  frame: pd.DataFrame) -> str | None:
+def split_warning(
+    checkpoint: str | Path, data: str | Path, config: dict, split: str, frame: pd.DataFrame
+) -> str | None:
     """Why the ``split`` recomputed on ``data`` (its rows are ``frame``) may not be the images the
     checkpoint's run held out as ``split``, or None. Compares with the run's ``split.csv`` when the
     checkpoint sits in its run folder, and ``data`` with the folder the run trained on."""
@@ -123,8 +126,9 @@ def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split:
     run_dir = Path(checkpoint).parent
     share = _share_in_run_split(run_dir, split, frame)
     if share is not None and share < SPLIT_OVERLAP_MIN:
-        reasons.append(f"only {share:.0%} of these {len(frame)} {split} images are in the {split} split of run "
-                       f"{run_dir.name}")
+        reasons.append(
+            f"only {share:.0%} of these {len(frame)} {split} images are in the {split} split of run {run_dir.name}"
+        )
     if not reasons:
         return None
     # "all" is the honest choice on other images; on the training images it would include training images.
@@ -134,8 +138,10 @@ def split_warning(checkpoint: str | Path, data: str | Path, config: dict, split:
         advice = f"unless {data} is a copy of the training images, pass --split all to evaluate on every image"
     else:
         advice = f"pass --split all to evaluate on every image of {data}"
-    return (f"{'; '.join(reasons)}. The {split} split recomputed here may not be the one the run held out, so "
-            f"these numbers may not be its {split} results; {advice}")
+    return (
+        f"{'; '.join(reasons)}. The {split} split recomputed here may not be the one the run held out, so "
+        f"these numbers may not be its {split} results; {advice}"
+    )
 
 
 def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:
@@ -149,10 +155,20 @@ def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:
         print(file=sys.stderr)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "test",
-                        split_seed: int | None = None, fractions: Sequence[float] | None = None,
-                        mel_threshold: float = 0.5, tta: bool = False, batch_size: int = 64,
-                        num_workers: int = 0, device: str = "cpu", bootstrap: int = 1000) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    split_seed: int | None = None,
+    fractions: Sequence[float] | None = None,
+    mel_threshold: float = 0.5,
+    tta: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    bootstrap: int = 1000,
+) -> dict:
     """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything."""
     predictor = Predictor(checkpoint, device=device)
     config = predictor.checkpoint.get("config") or {}
@@ -167,13 +183,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    probs, labels = predict_probs(predictor.model, _progress(loader, len(dataset), batch_size), predictor.device,
-                                  temperature=predictor.temperature, tta=tta)
+    probs, labels = predict_probs(
+        predictor.model,
+        _progress(loader, len(dataset), batch_size),
+        predictor.device,
+        temperature=predictor.temperature,
+        tta=tta,
+    )
     check_probabilities(probs)
     metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
     predictions = [
-        {"image_id": image_id, "path": path, "true": CLASSES[label], "predicted": CLASSES[int(p.argmax())],
-         "probabilities": {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)}}
+        {
+            "image_id": image_id,
+            "path": path,
+            "true": CLASSES[label],
+            "predicted": CLASSES[int(p.argmax())],
+            "probabilities": {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)},
+        }
         for image_id, path, label, p in zip(frame["image_id"], frame["path"], labels, probs, strict=True)
     ]
     return {
@@ -184,13 +210,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
         "split_seed": seed if split != "all" else None,
         "split_fractions": list(fracs) if split != "all" else None,
         "split_source": source if split != "all" else None,
-        "split_note": ("this is not the split the checkpoint was trained with; its test images may have been "
-                       "training images" if split != "all" and source == "command line" and "split_seed" in config
-                       else None),
+        "split_note": (
+            "this is not the split the checkpoint was trained with; its test images may have been training images"
+            if split != "all" and source == "command line" and "split_seed" in config
+            else None
+        ),
         "split_warning": split_warning(checkpoint, data, config, split, frame),
         "n_images": len(frame),
-        "validation": {"ok": index.report.ok, "summary": index.report.summary(),
-                       "problems": index.report.problems().values.tolist()},
+        "validation": {
+            "ok": index.report.ok,
+            "summary": index.report.summary(),
+            "problems": index.report.problems().values.tolist(),
+        },
         "temperature": predictor.temperature,
         "tta": tta,
         "metrics": metrics,
@@ -219,26 +250,38 @@ def format_report(result: dict) -> str:
     """The per-class table, headline numbers and confusion matrix as aligned plain text."""
     m = result["metrics"]
     name_w = max(len(n) for n in DISPLAY_NAMES.values())
-    where = result["split"] if result["split"] == "all" else (
-        f"{result['split']} split, seed {result['split_seed']}, fractions "
-        f"{'/'.join(f'{f:g}' for f in result['split_fractions'])} from {result['split_source']}")
-    lines = [f"{result['arch']} checkpoint {result['checkpoint']}",
-             f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
-             f"{', TTA' if result['tta'] else ''}", ""]
+    where = (
+        result["split"]
+        if result["split"] == "all"
+        else (
+            f"{result['split']} split, seed {result['split_seed']}, fractions "
+            f"{'/'.join(f'{f:g}' for f in result['split_fractions'])} from {result['split_source']}"
+        )
+    )
+    lines = [
+        f"{result['arch']} checkpoint {result['checkpoint']}",
+        f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
+        f"{', TTA' if result['tta'] else ''}",
+        "",
+    ]
     if not result["validation"]["ok"]:  # what indexing set aside, so nobody mistakes the image count
         lines += result["validation"]["summary"].splitlines()[1:] + [""]
 
     header = f"{'code':<6} {'diagnosis':<{name_w}} {'precision':>9} {'recall':>7} {'f1':>6} {'AUC':>6} {'support':>7}"
     lines += [header, "-" * len(header)]
     for row in m["per_class"]:
-        lines.append(f"{row['code']:<6} {row['name']:<{name_w}} {row['precision']:>9.3f} {row['recall']:>7.3f} "
-                     f"{row['f1']:>6.3f} {_num(row['auc']):>6} {row['support']:>7}")
+        lines.append(
+            f"{row['code']:<6} {row['name']:<{name_w}} {row['precision']:>9.3f} {row['recall']:>7.3f} "
+            f"{row['f1']:>6.3f} {_num(row['auc']):>6} {row['support']:>7}"
+        )
     lines.append("-" * len(header))
     for avg in ("macro", "weighted"):
         a = m[avg]
         auc = _num(m["roc_auc"]["macro"]) if avg == "macro" else ""
-        lines.append(f"{avg + ' avg':<{6 + 1 + name_w}} {a['precision']:>9.3f} {a['recall']:>7.3f} "
-                     f"{a['f1']:>6.3f} {auc:>6} {m['n']:>7}")
+        lines.append(
+            f"{avg + ' avg':<{6 + 1 + name_w}} {a['precision']:>9.3f} {a['recall']:>7.3f} "
+            f"{a['f1']:>6.3f} {auc:>6} {m['n']:>7}"
+        )
 
     mel = m["melanoma"]
     sens = f"{_num(mel['sensitivity'])} ({mel['tp']}/{mel['tp'] + mel['fn']})"
@@ -265,23 +308,39 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.evaluate",
         description="Evaluate a Lesion Lab checkpoint on a HAM10000-layout dataset: per-class precision, "
-                    "recall, F1 and AUC, balanced accuracy, calibration, melanoma sensitivity/specificity "
-                    "and the confusion matrix.",
+        "recall, F1 and AUC, balanced accuracy, calibration, melanoma sensitivity/specificity "
+        "and the confusion matrix.",
         epilog="The split is recomputed from the seed and fractions stored in the checkpoint unless "
-               "--split-seed/--fractions are given. Exit status 2 when the checkpoint or data cannot be used.",
+        "--split-seed/--fractions are given. Exit status 2 when the checkpoint or data cannot be used.",
     )
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by the trainer")
-    parser.add_argument("--data", required=True,
-                        help="HAM10000 folder (metadata CSV and images), or an external set: isic-cli export, "
-                             "ISIC 2018 Task 3 ground truth with images, or one folder per class")
-    parser.add_argument("--split", default="test", choices=(*SPLITS, "all"),
-                        help="which images (default: test); use all for an external test set")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="HAM10000 folder (metadata CSV and images), or an external set: isic-cli export, "
+        "ISIC 2018 Task 3 ground truth with images, or one folder per class",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=(*SPLITS, "all"),
+        help="which images (default: test); use all for an external test set",
+    )
     parser.add_argument("--split-seed", type=int, help="override the checkpoint's split seed")
-    parser.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
-                        help="override the checkpoint's split fractions")
+    parser.add_argument(
+        "--fractions",
+        type=float,
+        nargs=3,
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="override the checkpoint's split fractions",
+    )
     parser.add_argument("--out", type=Path, help="write the full report (with per-image predictions) as JSON")
-    parser.add_argument("--mel-threshold", type=float, default=0.5,
-                        help="P(melanoma) at or above which an image counts as melanoma-positive")
+    parser.add_argument(
+        "--mel-threshold",
+        type=float,
+        default=0.5,
+        help="P(melanoma) at or above which an image counts as melanoma-positive",
+    )
     parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes per image)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -297,9 +356,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = evaluate_checkpoint(
-            args.checkpoint, args.data, split=args.split, split_seed=args.split_seed, fractions=args.fractions,
-            mel_threshold=args.mel_threshold, tta=args.tta, batch_size=args.batch_size, num_workers=args.workers,
-            device=args.device, bootstrap=args.bootstrap,
+            args.checkpoint,
+            args.data,
+            split=args.split,
+            split_seed=args.split_seed,
+            fractions=args.fractions,
+            mel_threshold=args.mel_threshold,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=args.device,
+            bootstrap=args.bootstrap,
         )
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)

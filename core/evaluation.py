@@ -6,6 +6,7 @@ raw (n, 7) scores; as in scikit-learn, ``labels`` always come first. Metric
 outputs are plain dicts of floats, ints, lists and ``None`` so they go straight
 into JSON. :mod:`core.inference` runs a model to get these arrays.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -72,8 +73,12 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     labels = np.asarray(labels, dtype=int)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"need n labels and (n, classes) logits, got {labels.shape} and {logits.shape}")
-    result = minimize_scalar(lambda log_t: nll(labels, logits, np.exp(log_t)), bounds=_LOG_T_BOUNDS,
-                             method="bounded", options={"xatol": 1e-4})
+    result = minimize_scalar(
+        lambda log_t: nll(labels, logits, np.exp(log_t)),
+        bounds=_LOG_T_BOUNDS,
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
     return float(np.exp(result.x))
 
 
@@ -89,13 +94,15 @@ def reliability_curve(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -
     for b in range(n_bins):
         members = bins == b
         count = int(members.sum())
-        curve.append({
-            "lower": b / n_bins,
-            "upper": (b + 1) / n_bins,
-            "count": count,
-            "confidence": float(confidence[members].mean()) if count else None,
-            "accuracy": float(correct[members].mean()) if count else None,
-        })
+        curve.append(
+            {
+                "lower": b / n_bins,
+                "upper": (b + 1) / n_bins,
+                "count": count,
+                "confidence": float(confidence[members].mean()) if count else None,
+                "accuracy": float(correct[members].mean()) if count else None,
+            }
+        )
     return curve
 
 
@@ -150,7 +157,10 @@ def melanoma_operating_point(labels: np.ndarray, probs: np.ndarray, threshold: f
         "specificity": tn / (tn + fp) if tn + fp else None,
         "ppv": tp / (tp + fp) if tp + fp else None,
         "npv": tn / (tn + fn) if tn + fn else None,
-        "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
     }
 
 
@@ -160,8 +170,9 @@ def melanoma_operating_point(labels: np.ndarray, probs: np.ndarray, threshold: f
 
 def _confusion(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     preds = np.asarray(probs).argmax(axis=1)
-    return np.bincount(np.asarray(labels) * NUM_CLASSES + preds, minlength=NUM_CLASSES ** 2).reshape(
-        NUM_CLASSES, NUM_CLASSES)
+    return np.bincount(np.asarray(labels) * NUM_CLASSES + preds, minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
 
 
 def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -193,13 +204,20 @@ BOOTSTRAP_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, metric_fn: Callable[[np.ndarray, np.ndarray], float],
-                 n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    metric_fn: Callable[[np.ndarray, np.ndarray], float],
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric_fn(labels, probs)`` over ``n`` resamples of the images."""
     labels, probs = _check(labels, probs)
     rng = np.random.default_rng(seed)
-    stats = np.array([metric_fn(labels[idx], probs[idx])
-                      for idx in rng.integers(0, len(labels), size=(n, len(labels)))])
+    stats = np.array(
+        [metric_fn(labels[idx], probs[idx]) for idx in rng.integers(0, len(labels), size=(n, len(labels)))]
+    )
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high)
@@ -229,9 +247,12 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, *, mel_threshold: flo
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         precision, recall, f1, support = precision_recall_fscore_support(
-            labels, preds, labels=ALL_LABELS, zero_division=0)
-        averages = {avg: precision_recall_fscore_support(labels, preds, average=avg, zero_division=0)[:3]
-                    for avg in ("macro", "weighted")}
+            labels, preds, labels=ALL_LABELS, zero_division=0
+        )
+        averages = {
+            avg: precision_recall_fscore_support(labels, preds, average=avg, zero_division=0)[:3]
+            for avg in ("macro", "weighted")
+        }
         balanced = balanced_accuracy_score(labels, preds)
     cm = confusion_matrix(labels, preds, labels=ALL_LABELS)
     rows = cm.sum(axis=1, keepdims=True)

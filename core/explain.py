@@ -9,6 +9,7 @@ through the head only, which is both what makes frozen models work and the
 cheapest possible backward for every fine-tuning policy. The gradient with
 respect to that activation is the same either way.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -50,8 +51,9 @@ def _restore_modes(modes: dict[nn.Module, bool]) -> None:
         module.training = mode
 
 
-def gradcam(model: LesionNet, input_tensor: torch.Tensor, target_class: int | None = None,
-            method: str = "gradcam") -> np.ndarray:
+def gradcam(
+    model: LesionNet, input_tensor: torch.Tensor, target_class: int | None = None, method: str = "gradcam"
+) -> np.ndarray:
     """A class activation map of shape (H, W) with values in [0, 1] for one preprocessed image.
 
     ``input_tensor`` is (3, H, W) or (1, 3, H, W), normalised as the model expects;

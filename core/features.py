@@ -10,6 +10,7 @@ Augmentation in this mode: features are computed from the un-augmented
 Train with ``feature_cache=False`` to run the backbone on augmented images every
 epoch instead (the seed pipeline's original, much slower behaviour).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,9 +46,17 @@ def image_key(path: str) -> str:
 
 
 @torch.inference_mode()
-def compute_features(backbone: nn.Module, paths: Sequence[str], prep: Preprocessing, *, device: torch.device,
-                     batch_size: int = 64, num_workers: int = 0, channels_last: bool = True,
-                     progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str]]:
+def compute_features(
+    backbone: nn.Module,
+    paths: Sequence[str],
+    prep: Preprocessing,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    channels_last: bool = True,
+    progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, list[str]]:
     """Run ``backbone`` (eval mode) over the images at ``paths``.
 
     Returns float32 [N, D] features on the CPU, one row per image that decoded, in the order of
@@ -58,8 +67,13 @@ def compute_features(backbone: nn.Module, paths: Sequence[str], prep: Preprocess
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
     dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep, skip_damaged=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda", collate_fn=dataset.collate)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=dataset.collate,
+    )
     out, done = [], 0
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -84,9 +98,18 @@ class FeatureCache:
         """The file holding the features computed by backbone ``key`` (see :func:`backbone_key`)."""
         return self.dir / f"{key}.pt"
 
-    def features(self, backbone: nn.Module, key: str, paths: Sequence[str], prep: Preprocessing, *,
-                 device: torch.device, batch_size: int = 64, num_workers: int = 0,
-                 progress: ProgressFn | None = None) -> tuple[torch.Tensor, list[str]]:
+    def features(
+        self,
+        backbone: nn.Module,
+        key: str,
+        paths: Sequence[str],
+        prep: Preprocessing,
+        *,
+        device: torch.device,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        progress: ProgressFn | None = None,
+    ) -> tuple[torch.Tensor, list[str]]:
         """Features for ``paths`` in order, computing only those not cached yet, and the paths of the images
         that could not be decoded: they have no row, and are not cached, so a repaired file is tried again."""
         file = self.path(key)
@@ -101,8 +124,15 @@ class FeatureCache:
         missing = [i for i, k in enumerate(keys) if k not in stored]
         damaged: list[str] = []
         if missing:
-            fresh, damaged = compute_features(backbone, [paths[i] for i in missing], prep, device=device,
-                                              batch_size=batch_size, num_workers=num_workers, progress=progress)
+            fresh, damaged = compute_features(
+                backbone,
+                [paths[i] for i in missing],
+                prep,
+                device=device,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                progress=progress,
+            )
             unusable = set(damaged)
             decoded = [i for i in missing if paths[i] not in unusable]
             stored.update({keys[i]: f for i, f in zip(decoded, fresh, strict=True)})
@@ -124,9 +154,17 @@ class FeatureBatches:
     before this class existed.
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-                 sampler: Sampler | None = None, generator: torch.Generator | None = None,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ):
         self.features, self.labels = features, labels
         self.batch_size, self.shuffle, self.sampler = batch_size, shuffle, sampler
         self.generator, self.drop_last = generator, drop_last
@@ -146,5 +184,5 @@ class FeatureBatches:
             order = torch.arange(len(self.labels))
         order = order.to(self.features.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            batch = order[start:start + self.batch_size]
+            batch = order[start : start + self.batch_size]
             yield self.features[batch], self.labels[batch]

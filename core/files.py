@@ -2,6 +2,7 @@
 
 A leaf module: it imports no other ``core`` module, so every one of them may use it.
 """
+
 from __future__ import annotations
 
 import json

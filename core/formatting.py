@@ -1,4 +1,5 @@
 """Human-readable quantities for messages, the command line and the pages."""
+
 from __future__ import annotations
 
 _BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB")

@@ -4,6 +4,7 @@ Uploads come from phones, dermatoscopes and image editors: rotated by EXIF, with
 alpha, palettes, CMYK or 16-bit depth. Everything is normalised to 8-bit RGB
 here so the data pipeline and the predictor decode identically.
 """
+
 from __future__ import annotations
 
 import io
@@ -46,24 +47,32 @@ def _pixel_limit(mode: str) -> int:
 
 
 def _limits_text() -> str:
-    return (f"at most {MAX_PIXELS // 1_000_000} megapixels are accepted ({MAX_PIXELS_DEEP // 1_000_000} for "
-            "16-bit, floating-point or transparent images); downscale it first")
+    return (
+        f"at most {MAX_PIXELS // 1_000_000} megapixels are accepted ({MAX_PIXELS_DEEP // 1_000_000} for "
+        "16-bit, floating-point or transparent images); downscale it first"
+    )
 
 
 def _check_size(name: str, width: int, height: int, mode: str, upload: bool) -> None:
     pixels = width * height
     if pixels > _pixel_limit(mode):
-        raise ImageError(f"{name} is too large: {width}×{height} pixels ({pixels / 1e6:.1f} megapixels, "
-                         f"mode {mode}); {_limits_text()}.")
+        raise ImageError(
+            f"{name} is too large: {width}×{height} pixels ({pixels / 1e6:.1f} megapixels, "
+            f"mode {mode}); {_limits_text()}."
+        )
     if not upload:
         return
     if min(width, height) < MIN_SIDE:
-        raise ImageError(f"{name} is only {width}×{height} pixels, too small to show a lesion: an image needs "
-                         f"at least {MIN_SIDE} pixels on its shorter side. Use the original photo, not a thumbnail.")
+        raise ImageError(
+            f"{name} is only {width}×{height} pixels, too small to show a lesion: an image needs "
+            f"at least {MIN_SIDE} pixels on its shorter side. Use the original photo, not a thumbnail."
+        )
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise ImageError(f"{name} is {width}×{height} pixels, {max(width, height) / min(width, height):.1f}:1; "
-                         f"a dermoscopy image is never more elongated than {MAX_ASPECT:.0f}:1. "
-                         "Crop it around the lesion.")
+        raise ImageError(
+            f"{name} is {width}×{height} pixels, {max(width, height) / min(width, height):.1f}:1; "
+            f"a dermoscopy image is never more elongated than {MAX_ASPECT:.0f}:1. "
+            "Crop it around the lesion."
+        )
 
 
 def _bomb_message(name: str, exc: Exception) -> str:
@@ -112,8 +121,7 @@ def _shrink(img: Image.Image, target: tuple[int, int]) -> Image.Image:
     return img.reduce(factor) if factor >= 2 else img
 
 
-def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None,
-               upload: bool = False) -> Image.Image:
+def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None, upload: bool = False) -> Image.Image:
     """Decode ``source`` to an upright 8-bit RGB image or raise :class:`ImageError`.
 
     The header's size is checked before decoding (:data:`MAX_PIXELS`, :data:`MAX_PIXELS_DEEP`). With

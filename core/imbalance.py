@@ -10,6 +10,7 @@ melanomas. A strategy counters that at one of three points of a run, its hooks:
 The trainer, the command line, the Train and Compare pages, the imbalance experiment and the model card
 all read :data:`STRATEGIES`, so a new strategy is one more entry here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -135,20 +136,34 @@ class Strategy:
     loss: Callable[[np.ndarray, LossSettings], nn.Module] = _cross_entropy
 
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("none", "none", "plain cross-entropy"),
-    Strategy("oversample", "oversample", "duplicate minority-class training images (the seed's choice)",
-             resample_rows=oversample),
-    Strategy("sampler", "weighted sampler", "draw every class equally often into the batches",
-             sampler=_balanced_sampler),
-    Strategy("weighted_loss", "weighted loss", "cross-entropy weighted by inverse class frequency",
-             loss=_weighted_cross_entropy),
-    Strategy("focal", "focal loss", "easy, mostly majority-class examples count less",
-             loss=_focal_loss),
-    Strategy("class_balanced", "class-balanced loss",
-             "cross-entropy weighted by each class's effective number of samples (Cui et al. 2019)",
-             loss=_class_balanced_cross_entropy),
-)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("none", "none", "plain cross-entropy"),
+        Strategy(
+            "oversample",
+            "oversample",
+            "duplicate minority-class training images (the seed's choice)",
+            resample_rows=oversample,
+        ),
+        Strategy(
+            "sampler", "weighted sampler", "draw every class equally often into the batches", sampler=_balanced_sampler
+        ),
+        Strategy(
+            "weighted_loss",
+            "weighted loss",
+            "cross-entropy weighted by inverse class frequency",
+            loss=_weighted_cross_entropy,
+        ),
+        Strategy("focal", "focal loss", "easy, mostly majority-class examples count less", loss=_focal_loss),
+        Strategy(
+            "class_balanced",
+            "class-balanced loss",
+            "cross-entropy weighted by each class's effective number of samples (Cui et al. 2019)",
+            loss=_class_balanced_cross_entropy,
+        ),
+    )
+}
 
 
 def get(name: str) -> Strategy:

@@ -3,6 +3,7 @@
 The trainer, the evaluator and the predictor collect model outputs here; what is
 computed from those outputs lives in :mod:`core.evaluation`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -28,8 +29,10 @@ def check_probabilities(probs: np.ndarray) -> None:
     bad = int((~valid).sum())
     if bad:
         what = "this image" if len(probs) == 1 else f"{bad} of {len(probs)} images"
-        raise PredictionError(f"the model gave no valid probabilities for {what} (NaN, infinite or not summing "
-                              "to 1): its weights or temperature are broken, so no result is shown")
+        raise PredictionError(
+            f"the model gave no valid probabilities for {what} (NaN, infinite or not summing "
+            "to 1): its weights or temperature are broken, so no result is shown"
+        )
 
 
 def flip_views(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +43,9 @@ def flip_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.flip(-1), x.flip(-2), x.flip((-2, -1))])
 
 
-def class_probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0,
-                        tta: bool = False) -> torch.Tensor:
+def class_probabilities(
+    model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0, tta: bool = False
+) -> torch.Tensor:
     """Softmax(logits / T) for a batch; with ``tta`` the mean over the four flips (one forward pass)."""
     if not tta:
         return torch.softmax(model(x).float() / temperature, dim=1)
@@ -49,8 +53,9 @@ def class_probabilities(model: torch.nn.Module, x: torch.Tensor, temperature: fl
     return probs.view(4, len(x), -1).mean(dim=0)
 
 
-def _eval_pass(model: torch.nn.Module, loader: Iterable, device: torch.device | str,
-               step: Callable[[torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+def _eval_pass(
+    model: torch.nn.Module, loader: Iterable, device: torch.device | str, step: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
     # Restore each module's own mode afterwards: the trainer keeps frozen BatchNorm
     # layers in eval mode during training, which a blanket model.train() would undo.
     modes = {m: m.training for m in model.modules()}
@@ -69,13 +74,15 @@ def _eval_pass(model: torch.nn.Module, loader: Iterable, device: torch.device | 
     return torch.cat(outputs).numpy(), torch.cat(targets).numpy().astype(np.int64)
 
 
-def predict_logits(model: torch.nn.Module, loader: Iterable, device: torch.device | str
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model: torch.nn.Module, loader: Iterable, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits (n, 7) and labels (n,) for every batch of ``loader``, with the model in eval mode."""
     return _eval_pass(model, loader, device, model)
 
 
-def predict_probs(model: torch.nn.Module, loader: Iterable, device: torch.device | str, *,
-                  temperature: float = 1.0, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict_probs(
+    model: torch.nn.Module, loader: Iterable, device: torch.device | str, *, temperature: float = 1.0, tta: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips."""
     return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta))

@@ -19,6 +19,7 @@ the trainer honours at the next step, and tells the worker to start nothing more
 
 What a run folder holds, and how to read one, is in :mod:`core.runs`.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ class JobBusyError(JobError):
     def __init__(self, job: Job):
         self.job = job
         if job.kind == "download":
-            super().__init__(f"A dataset download is already running (started {_ago(job.started)}); "
-                             "wait for it to finish or cancel it first.")
+            super().__init__(
+                f"A dataset download is already running (started {_ago(job.started)}); "
+                "wait for it to finish or cancel it first."
+            )
             return
         what = "imbalance experiment" if job.kind == "experiment" else "training run"
         current = job.current_run or (job.runs[0] if job.runs else "?")
@@ -140,14 +143,28 @@ class Job:
         return self.file.parent / f"{run}.json"
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "runs": self.runs, "pid": self.pid, "pid_start": self.pid_start,
-                "started": self.started, "experiment": self.experiment}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "runs": self.runs,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "started": self.started,
+            "experiment": self.experiment,
+        }
 
     @classmethod
     def from_dict(cls, d: dict, runs_dir: Path) -> Job:
-        return cls(id=d["id"], kind=d.get("kind", "train"), runs=list(d.get("runs", [])), runs_dir=runs_dir,
-                   pid=d.get("pid"), pid_start=d.get("pid_start"), started=d.get("started", 0.0),
-                   experiment=d.get("experiment"))
+        return cls(
+            id=d["id"],
+            kind=d.get("kind", "train"),
+            runs=list(d.get("runs", [])),
+            runs_dir=runs_dir,
+            pid=d.get("pid"),
+            pid_start=d.get("pid_start"),
+            started=d.get("started", 0.0),
+            experiment=d.get("experiment"),
+        )
 
 
 def _lock_path(runs_dir: Path, name: str = LOCK_NAME) -> Path:
@@ -242,8 +259,15 @@ def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | Non
     _preflight(configs)
     for name in names:
         _check_name(runs_dir, name)
-    job = Job(id=_new_id(), kind=kind, runs=names, runs_dir=runs_dir, pid=os.getpid(),
-              pid_start=proc_start_time(os.getpid()), experiment=experiment)
+    job = Job(
+        id=_new_id(),
+        kind=kind,
+        runs=names,
+        runs_dir=runs_dir,
+        pid=os.getpid(),
+        pid_start=proc_start_time(os.getpid()),
+        experiment=experiment,
+    )
     extra = {"configs": [f"{c['name']}.json" for c in configs]}
     return _spawn(job, LOCK_NAME, extra, {f"{c['name']}.json": c for c in configs})
 
@@ -266,8 +290,12 @@ def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "core.jobs", "worker", str(job.file)],
-                cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True,
+                cwd=PROJECT_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
             )
         finally:
             log.close()
@@ -294,20 +322,29 @@ def experiment_configs(base: dict, name: str, strategies: Sequence[str] | None =
         from core.imbalance import STRATEGIES  # here, not at the top: the worker process stays free of torch
 
         strategies = tuple(STRATEGIES)
-    return [{**base, "name": f"{name}-{s}", "imbalance": s, "finetune": "head", "feature_cache": True}
-            for s in strategies]
+    return [
+        {**base, "name": f"{name}-{s}", "imbalance": s, "finetune": "head", "feature_cache": True} for s in strategies
+    ]
 
 
-def start_experiment(base: dict, runs_dir: Path, name: str | None = None,
-                     strategies: Sequence[str] | None = None) -> Job:
+def start_experiment(
+    base: dict, runs_dir: Path, name: str | None = None, strategies: Sequence[str] | None = None
+) -> Job:
     """Queue one run per imbalance strategy (default: all); they run one after another in one worker."""
     runs_dir = Path(runs_dir)
     name = name or time.strftime("imbalance-%Y%m%d-%H%M%S")
     configs = experiment_configs(base, name, strategies)
     job = _start(runs_dir, "experiment", configs, experiment=name)
-    write_json(runs_dir.resolve() / EXPERIMENTS_DIR / f"{name}.json",
-               {"name": name, "runs": job.runs, "strategies": [c["imbalance"] for c in configs],
-                "created": time.time(), "base": {k: v for k, v in base.items() if k != "name"}})
+    write_json(
+        runs_dir.resolve() / EXPERIMENTS_DIR / f"{name}.json",
+        {
+            "name": name,
+            "runs": job.runs,
+            "strategies": [c["imbalance"] for c in configs],
+            "created": time.time(),
+            "base": {k: v for k, v in base.items() if k != "name"},
+        },
+    )
     return job
 
 
@@ -397,9 +434,15 @@ def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
     args = [arg for path in cfg_paths for arg in ("--config", str(path))]
     # The trainer stays in our process group, so kill_job's killpg reaches it, and dies with us: a trainer
     # left running by a killed worker would train beside the next job and could not be stopped.
-    proc = subprocess.Popen([sys.executable, "-m", "core.train", *args], cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines reach the logs as they are printed
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "core.train", *args],
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # lines reach the logs as they are printed
     write_json(job.trainer_file, process_record(proc.pid))
     out, logs = proc.stdout.fileno(), _RunLogs(job)
     os.set_blocking(out, False)
@@ -427,8 +470,9 @@ def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
     finally:
         proc.stdout.close()
     for run_dir in _started(job):
-        mark_unfinished(run_dir, "failed", f"the trainer exited with code {rc} without finishing:\n"
-                                           f"{error_from_log(run_dir)}")
+        mark_unfinished(
+            run_dir, "failed", f"the trainer exited with code {rc} without finishing:\n{error_from_log(run_dir)}"
+        )
     return rc
 
 
@@ -488,8 +532,14 @@ def start_download(dest: Path, runs_dir: Path, *, include_external: bool = False
     """Download HAM10000 into ``dest`` in the background (resumable; see ``core.download``)."""
     runs_dir = Path(runs_dir).resolve()
     dest = Path(dest).expanduser().resolve()
-    job = Job(id=_new_id(), kind="download", runs=[], runs_dir=runs_dir, pid=os.getpid(),
-              pid_start=proc_start_time(os.getpid()))
+    job = Job(
+        id=_new_id(),
+        kind="download",
+        runs=[],
+        runs_dir=runs_dir,
+        pid=os.getpid(),
+        pid_start=proc_start_time(os.getpid()),
+    )
     extra = {"dest": str(dest), "include_external": include_external, "server": server}
     job = _spawn(job, DOWNLOAD_LOCK, extra, {})
     write_json(runs_dir / JOBS_DIR / "last_download.json", {"id": job.id})
@@ -509,14 +559,19 @@ def download_status(runs_dir: Path) -> dict | None:
         return None
     job_dir = runs_dir / JOBS_DIR / last["id"]
     info = read_json(job_dir / "job.json") or {}
-    status = {"state": "running", "dest": info.get("dest"), **(read_json(job_dir / "progress.json") or {}),
-              **(read_json(job_dir / "status.json") or {})}
+    status = {
+        "state": "running",
+        "dest": info.get("dest"),
+        **(read_json(job_dir / "progress.json") or {}),
+        **(read_json(job_dir / "status.json") or {}),
+    }
     if status["state"] == "running":
         job = active_download(runs_dir)
         if job is None or job.id != last["id"]:
             status["state"] = "failed"
-            status["error"] = status.get("error") or ("the download process ended unexpectedly:\n"
-                                                      + read_tail(job_dir / "worker.log", 10))
+            status["error"] = status.get("error") or (
+                "the download process ended unexpectedly:\n" + read_tail(job_dir / "worker.log", 10)
+            )
     return status
 
 
@@ -545,17 +600,22 @@ def _download(job: Job, data: dict) -> None:
         now = time.monotonic()
         if now - last[0] >= 0.5 or (p.total is not None and p.done >= p.total):
             last[0] = now
-            write_json(job_dir / "progress.json",
-                        {"stage": p.stage, "file": p.file, "done": p.done, "total": p.total})
+            write_json(job_dir / "progress.json", {"stage": p.stage, "file": p.file, "done": p.done, "total": p.total})
 
     try:
-        summary = download_dataset(data["dest"], server=data.get("server") or DEFAULT_SERVER,
-                                   include_external=bool(data.get("include_external")), progress=progress)
+        summary = download_dataset(
+            data["dest"],
+            server=data.get("server") or DEFAULT_SERVER,
+            include_external=bool(data.get("include_external")),
+            progress=progress,
+        )
     except (DownloadError, DatasetError, OSError) as exc:
         write_json(job_dir / "status.json", {"state": "failed", "error": str(exc)})
         return
-    write_json(job_dir / "status.json", {"state": "finished", "summary": summary.text(),
-                                          "ok": summary.report is not None and summary.report.ok})
+    write_json(
+        job_dir / "status.json",
+        {"state": "finished", "summary": summary.text(), "ok": summary.report is not None and summary.report.ok},
+    )
 
 
 def main(argv: Iterable[str] | None = None) -> int:

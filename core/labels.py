@@ -3,6 +3,7 @@
 Every tensor of logits, every confusion-matrix row and every report table in the
 project is indexed by ``CLASSES``. Nothing else may hard-code the order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

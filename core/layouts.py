@@ -13,6 +13,7 @@ Each importer returns a :class:`core.data.DatasetIndex` with the same frame
 columns as ``index_dataset`` and a ``ValidationReport`` naming everything set
 aside. :func:`index_any` picks the importer from what a folder holds.
 """
+
 from __future__ import annotations
 
 import os
@@ -159,31 +160,40 @@ def import_isic_cli(root: str | Path, metadata: str | Path | None = None) -> Dat
         names = [r[c] for c in levels if r[c]]
         dx.append(next((code for code in map(diagnosis_code, names) if code), ""))
         most_specific.append(names[0] if names else "no diagnosis")
-    frame = pd.DataFrame({
-        "row": table["row"],
-        "lesion_id": table.get("lesion_id", ""),
-        "image_id": table["isic_id"],
-        "dx": dx,
-        "dx_type": table.get("diagnosis_confirm_type", ""),
-        "age": table.get("age_approx", ""),
-        "sex": table.get("sex", ""),
-        "localization": table.get("anatom_site_general", table.get("anatom_site_general_challenge", "")),
-    })
+    frame = pd.DataFrame(
+        {
+            "row": table["row"],
+            "lesion_id": table.get("lesion_id", ""),
+            "image_id": table["isic_id"],
+            "dx": dx,
+            "dx_type": table.get("diagnosis_confirm_type", ""),
+            "age": table.get("age_approx", ""),
+            "sex": table.get("sex", ""),
+            "localization": table.get("anatom_site_general", table.get("anatom_site_general_challenge", "")),
+        }
+    )
     report = ValidationReport(metadata_path=str(path), rows_read=len(frame))
     for i in np.flatnonzero(frame["dx"] == ""):
         report.unknown_diagnoses.append(
             f"row {frame['row'].iat[i]}: {frame['image_id'].iat[i]} has diagnosis {most_specific[i]!r}"
         )
-    return pair_with_images(root, images, tidy_metadata(frame), report,
-                            "Check that the image files are named by the image ids in isic-cli's metadata.csv.")
+    return pair_with_images(
+        root,
+        images,
+        tidy_metadata(frame),
+        report,
+        "Check that the image files are named by the image ids in isic-cli's metadata.csv.",
+    )
 
 
 def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | None = None) -> DatasetIndex:
     """The ISIC 2018 Task 3 one-hot ground-truth CSV and the images it names, anywhere below ``root``."""
     root = _existing_dir(root)
     columns = [c.lower() for c in ISIC2018_COLUMNS]
-    path = Path(ground_truth) if ground_truth else _find_table(
-        root, lambda h: "image" in h and all(c in h for c in columns), "an ISIC 2018 ground-truth CSV"
+    path = (
+        Path(ground_truth)
+        if ground_truth
+        else _find_table(root, lambda h: "image" in h and all(c in h for c in columns), "an ISIC 2018 ground-truth CSV")
     )
     images = sorted(walk_images(root))
     table = read_table(path, images=len(images))
@@ -199,8 +209,13 @@ def import_isic2018_ground_truth(root: str | Path, ground_truth: str | Path | No
             report.unknown_diagnoses.append(f"row {r['row']}: {r['image']} ({exc})")
             dx.append("")
     frame = pd.DataFrame({"row": table["row"], "lesion_id": "", "image_id": table["image"], "dx": dx})
-    return pair_with_images(root, images, tidy_metadata(frame), report,
-                            "Check that the image files are named by the image ids in the ISIC 2018 ground-truth CSV.")
+    return pair_with_images(
+        root,
+        images,
+        tidy_metadata(frame),
+        report,
+        "Check that the image files are named by the image ids in the ISIC 2018 ground-truth CSV.",
+    )
 
 
 def import_class_folders(root: str | Path) -> DatasetIndex:

@@ -6,6 +6,7 @@ strategy (``docs/runs``). The lesson reads each run's test evaluation (``evaluat
 probable class after temperature scaling) and, for the melanoma threshold curves, its test predictions.
 The sentences are written here from the table the page shows, so a test can hold them to its numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,13 @@ def local_experiments(manifests: Sequence[Mapping], runs_dir: Path) -> list[Expe
     found = []
     for m in manifests:
         runs = dict(zip(m.get("strategies", []), m["runs"], strict=False))
-        found.append(Experiment(m["name"], f"{m['name']} ({_settings(m.get('base', {}))})",
-                                {s: Path(runs_dir) / runs[s] for s in in_registry_order(runs)}))
+        found.append(
+            Experiment(
+                m["name"],
+                f"{m['name']} ({_settings(m.get('base', {}))})",
+                {s: Path(runs_dir) / runs[s] for s in in_registry_order(runs)},
+            )
+        )
     return found
 
 
@@ -72,9 +78,13 @@ def published_experiments(runs: Iterable[RunState]) -> list[Experiment]:
     for group in groups.values():
         if len(group) >= 2:
             first = next(iter(group.values()))
-            found.append(Experiment(f"published:{first.name}",
-                                    f"published with the model card ({_settings(first.config)})",
-                                    {s: group[s].path for s in in_registry_order(group)}))
+            found.append(
+                Experiment(
+                    f"published:{first.name}",
+                    f"published with the model card ({_settings(first.config)})",
+                    {s: group[s].path for s in in_registry_order(group)},
+                )
+            )
     return found
 
 
@@ -91,7 +101,8 @@ def strategy_table(evaluations: Mapping[str, Mapping]) -> pd.DataFrame:
         test = evaluations[strategy]["test"]
         per_class = {c["code"]: c for c in test["per_class"]}
         rows[strategy] = {
-            "label": imbalance.label(strategy), "accuracy": test["accuracy"],
+            "label": imbalance.label(strategy),
+            "accuracy": test["accuracy"],
             "balanced_accuracy": test["balanced_accuracy"],
             **{f"recall_{c}": per_class[c]["recall"] for c in CLASSES},
             **{f"precision_{c}": per_class[c]["precision"] for c in CLASSES},
@@ -109,9 +120,12 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
     """The numbers as the page shows them: a column per strategy (its label), a row per number (accuracy,
     balanced accuracy, then each class's recall and precision), formatted by :func:`fmt`. Strategies run
     across, so the table stays narrow however many classes there are."""
-    rows = {"accuracy": "accuracy", "balanced accuracy": "balanced_accuracy",
-            **{f"recall · {c}": f"recall_{c}" for c in CLASSES},
-            **{f"precision · {c}": f"precision_{c}" for c in CLASSES}}
+    rows = {
+        "accuracy": "accuracy",
+        "balanced accuracy": "balanced_accuracy",
+        **{f"recall · {c}": f"recall_{c}" for c in CLASSES},
+        **{f"precision · {c}": f"precision_{c}" for c in CLASSES},
+    }
     shown = pd.DataFrame({name: table[column].map(fmt) for name, column in rows.items()}).T
     shown.columns = list(table["label"])
     return shown
@@ -121,8 +135,14 @@ def melanoma_curve(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     """Recall and precision of "melanoma when P(mel) ≥ t" for each of :data:`THRESHOLDS`; precision is
     missing where no image is flagged."""
     points = [melanoma_operating_point(labels, probs, t) for t in THRESHOLDS]
-    return pd.DataFrame({"threshold": THRESHOLDS, "recall": [p["sensitivity"] for p in points],
-                         "precision": [p["ppv"] for p in points]}, dtype=float)
+    return pd.DataFrame(
+        {
+            "threshold": THRESHOLDS,
+            "recall": [p["sensitivity"] for p in points],
+            "precision": [p["ppv"] for p in points],
+        },
+        dtype=float,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -150,27 +170,39 @@ def sentences(table: pd.DataFrame) -> list[str]:
         return []
     base_name = BASELINE if BASELINE in table.index else table.index[0]
     base, others = table.loc[base_name], table.drop(index=base_name)
-    baseline = f"{base['label']} ({imbalance.STRATEGIES[base_name].explanation})" \
-        if base_name in imbalance.STRATEGIES else base["label"]
+    baseline = (
+        f"{base['label']} ({imbalance.STRATEGIES[base_name].explanation})"
+        if base_name in imbalance.STRATEGIES
+        else base["label"]
+    )
     mel, nv = f"recall_{MELANOMA}", f"recall_{NEVUS}"
     best = others.loc[others[mel].idxmax()]
-    said = [f"Compared with {baseline}, {best['label']} "
-            f"{_raised('melanoma recall', base[mel], best[mel])} and "
-            f"{_raised('its precision', base[f'precision_{MELANOMA}'], best[f'precision_{MELANOMA}'], 'cut')}; "
-            f"nevus recall {_rose(base[nv], best[nv])}."]
+    said = [
+        f"Compared with {baseline}, {best['label']} "
+        f"{_raised('melanoma recall', base[mel], best[mel])} and "
+        f"{_raised('its precision', base[f'precision_{MELANOMA}'], best[f'precision_{MELANOMA}'], 'cut')}; "
+        f"nevus recall {_rose(base[nv], best[nv])}."
+    ]
 
     balanced = others.loc[others["balanced_accuracy"].idxmax()]
     share = base[f"support_{NEVUS}"] / sum(base[f"support_{c}"] for c in CLASSES)
-    why = (f": {share:.0%} of the test images are nevi, and accuracy counts every image the same"
-           if share >= 0.5 and balanced["accuracy"] < base["accuracy"] else "")
-    said.append(f"Balanced accuracy, the mean of the seven recalls, "
-                f"{_rose(base['balanced_accuracy'], balanced['balanced_accuracy'])} with {balanced['label']}, "
-                f"while accuracy {_rose(base['accuracy'], balanced['accuracy'])}{why}.")
+    why = (
+        f": {share:.0%} of the test images are nevi, and accuracy counts every image the same"
+        if share >= 0.5 and balanced["accuracy"] < base["accuracy"]
+        else ""
+    )
+    said.append(
+        f"Balanced accuracy, the mean of the seven recalls, "
+        f"{_rose(base['balanced_accuracy'], balanced['balanced_accuracy'])} with {balanced['label']}, "
+        f"while accuracy {_rose(base['accuracy'], balanced['accuracy'])}{why}."
+    )
 
     gains = pd.DataFrame({c: others[f"recall_{c}"] - base[f"recall_{c}"] for c in CLASSES})
     strategy, code = gains.stack().idxmax()
     if gains.loc[strategy, code] > 0 and fmt(table.loc[strategy, f"recall_{code}"]) != fmt(base[f"recall_{code}"]):
-        said.append(f"The largest gain in a single class is {DISPLAY_NAMES[code].lower()} ({code}): its recall "
-                    f"{_rose(base[f'recall_{code}'], table.loc[strategy, f'recall_{code}'])} with "
-                    f"{table.loc[strategy, 'label']}.")
+        said.append(
+            f"The largest gain in a single class is {DISPLAY_NAMES[code].lower()} ({code}): its recall "
+            f"{_rose(base[f'recall_{code}'], table.loc[strategy, f'recall_{code}'])} with "
+            f"{table.loc[strategy, 'label']}."
+        )
     return said

@@ -5,6 +5,7 @@ is replaced by ``nn.Identity`` (so it returns pooled features) and a ``head``
 that maps those features to the 7 classes. Keeping the two apart is what lets
 head-only training cache the backbone's features.
 """
+
 from __future__ import annotations
 
 import socket
@@ -49,17 +50,46 @@ def _dense_blocks(m: nn.Module) -> list[str]:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "resnet18": Architecture(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, "fc",
-                             lambda m: m.layer4, lambda m: m.layer4[-1], _resnet_stages),
-    "resnet50": Architecture(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2, "fc",
-                             lambda m: m.layer4, lambda m: m.layer4[-1], _resnet_stages),
-    "mobilenet_v2": Architecture(models.mobilenet_v2, models.MobileNet_V2_Weights.IMAGENET1K_V1, "classifier",
-                                 lambda m: m.features[-4:], lambda m: m.features[-1], _features_stages),
-    "efficientnet_b0": Architecture(models.efficientnet_b0, models.EfficientNet_B0_Weights.IMAGENET1K_V1,
-                                    "classifier", lambda m: m.features[-3:], lambda m: m.features[-1],
-                                    _features_stages),
-    "densenet121": Architecture(models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1, "classifier",
-                                lambda m: m.features.denseblock4, lambda m: m.features.norm5, _dense_blocks),
+    "resnet18": Architecture(
+        models.resnet18,
+        models.ResNet18_Weights.IMAGENET1K_V1,
+        "fc",
+        lambda m: m.layer4,
+        lambda m: m.layer4[-1],
+        _resnet_stages,
+    ),
+    "resnet50": Architecture(
+        models.resnet50,
+        models.ResNet50_Weights.IMAGENET1K_V2,
+        "fc",
+        lambda m: m.layer4,
+        lambda m: m.layer4[-1],
+        _resnet_stages,
+    ),
+    "mobilenet_v2": Architecture(
+        models.mobilenet_v2,
+        models.MobileNet_V2_Weights.IMAGENET1K_V1,
+        "classifier",
+        lambda m: m.features[-4:],
+        lambda m: m.features[-1],
+        _features_stages,
+    ),
+    "efficientnet_b0": Architecture(
+        models.efficientnet_b0,
+        models.EfficientNet_B0_Weights.IMAGENET1K_V1,
+        "classifier",
+        lambda m: m.features[-3:],
+        lambda m: m.features[-1],
+        _features_stages,
+    ),
+    "densenet121": Architecture(
+        models.densenet121,
+        models.DenseNet121_Weights.IMAGENET1K_V1,
+        "classifier",
+        lambda m: m.features.denseblock4,
+        lambda m: m.features.norm5,
+        _dense_blocks,
+    ),
 }
 FINETUNE_POLICIES = ("head", "last", "full")
 HEADS = ("mlp", "linear")
@@ -86,10 +116,11 @@ class LesionNet(nn.Module):
 
 
 def make_head(in_features: int, kind: str = "mlp", num_classes: int = NUM_CLASSES) -> nn.Module:
-    """"mlp" is the seed's head, 512→256→ReLU→Dropout(0.5)→7 for ResNet-18; "linear" is dropout + one layer."""
+    """ "mlp" is the seed's head, 512→256→ReLU→Dropout(0.5)→7 for ResNet-18; "linear" is dropout + one layer."""
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_features, 256), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                             nn.Linear(256, num_classes))
+        return nn.Sequential(
+            nn.Linear(in_features, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes)
+        )
     if kind == "linear":
         return nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, num_classes))
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
@@ -117,8 +148,12 @@ def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool
             f"The ImageNet weights for {arch} are not on this computer. Download "
             f"{ARCHITECTURES[arch].weights.url} where there is internet access and copy it to {target} "
             "(or set TORCH_HOME), give a local weights file, train from scratch (weights none), or choose "
-            + (f"an architecture whose ImageNet file is here: {', '.join(cached)}." if cached
-               else "another architecture once its ImageNet file is here (none is yet)."))
+            + (
+                f"an architecture whose ImageNet file is here: {', '.join(cached)}."
+                if cached
+                else "another architecture once its ImageNet file is here (none is yet)."
+            )
+        )
     path = Path(weights).expanduser()
     if path.is_file():
         return True, f"weights file {path}"
@@ -150,8 +185,13 @@ def _imagenet_state_dict(arch: str) -> dict:
         socket.setdefaulttimeout(previous)
 
 
-def build_model(arch: str = "resnet18", weights: str = "imagenet", finetune: str = "head", head: str = "mlp",
-                num_classes: int = NUM_CLASSES) -> LesionNet:
+def build_model(
+    arch: str = "resnet18",
+    weights: str = "imagenet",
+    finetune: str = "head",
+    head: str = "mlp",
+    num_classes: int = NUM_CLASSES,
+) -> LesionNet:
     """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a torchvision state dict.
 
     ``finetune`` is "head" (backbone frozen, the seed's policy), "last" (last block + head) or "full".
@@ -200,4 +240,3 @@ def train_mode(model: LesionNet) -> None:
             p.requires_grad for p in module.parameters()
         ):
             module.eval()
-

@@ -4,6 +4,7 @@ The :class:`Predictor` decodes exactly as training did (EXIF rotation, mode
 conversion, the training images' source size, then the checkpoint's eval
 transform) and applies the checkpoint's fitted temperature.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,12 @@ DEFAULT_MEL_THRESHOLD = 0.5
 # sensitivity at P(mel) >= 0.5 0.591 -> 0.632 at specificity 0.944 -> 0.947; ECE 0.053 -> 0.046. Better on
 # every count, for about 0.2 s more per image on a 2-core CPU, so it is on unless the user turns it off.
 USE_TTA_BY_DEFAULT = True
-TTA_HELP = ("Average the prediction over the image and its three flips (4 passes). On the reference model's "
-            "validation split (1519 images) it raised balanced accuracy from 74.5 % to 74.9 % and melanoma "
-            "sensitivity at P(mel) ≥ 50 % from 59.1 % to 63.2 % (specificity 94.4 % → 94.7 %), for about "
-            "0.2 s more per image on a 2-core CPU (≈ 0.3 s → 0.5 s).")
+TTA_HELP = (
+    "Average the prediction over the image and its three flips (4 passes). On the reference model's "
+    "validation split (1519 images) it raised balanced accuracy from 74.5 % to 74.9 % and melanoma "
+    "sensitivity at P(mel) ≥ 50 % from 59.1 % to 63.2 % (specificity 94.4 % → 94.7 %), for about "
+    "0.2 s more per image on a 2-core CPU (≈ 0.3 s → 0.5 s)."
+)
 
 
 def melanoma_threshold(checkpoint: dict) -> float:
@@ -157,8 +160,7 @@ class Predictor:
             tta=tta,
         )
 
-    def explain(self, prediction: Prediction, method: str = "gradcam", target: int | str | None = None
-                ) -> np.ndarray:
+    def explain(self, prediction: Prediction, method: str = "gradcam", target: int | str | None = None) -> np.ndarray:
         """A class activation map (input size, values in [0, 1]) for ``target`` (index or code;
         default: the predicted class). Lay it over ``prediction.image`` with ``core.explain.overlay``."""
         if target is None:
@@ -191,8 +193,7 @@ def _bar(p: float, width: int = 20) -> str:
 
 
 def format_prediction(name: str, pred: Prediction) -> str:
-    lines = [f"{name}: {pred.top_name} ({pred.top_class}) {pred.confidence:.1%}"
-             f"{' [TTA]' if pred.tta else ''}"]
+    lines = [f"{name}: {pred.top_name} ({pred.top_class}) {pred.confidence:.1%}{' [TTA]' if pred.tta else ''}"]
     width = max(len(n) for n in DISPLAY_NAMES.values())
     for code, display, p in pred.ranked():
         lines.append(f"  {code:<6}{display:<{width}}  {p:7.1%}  {_bar(p)}")
@@ -209,15 +210,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.predict",
         description="Classify dermoscopy images with a Lesion Lab checkpoint: all seven class "
-                    "probabilities per image, optionally with a Grad-CAM overlay.",
+        "probabilities per image, optionally with a Grad-CAM overlay.",
         epilog=f"Exit status 2 when a checkpoint or an image cannot be used. {DISCLAIMER}",
     )
     parser.add_argument("checkpoint", help="a .pt file written by the trainer")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG or PNG files")
     parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes)")
-    parser.add_argument("--gradcam", metavar="OUT.png", type=Path,
-                        help="write a class-activation overlay for the predicted class; with several images "
-                             "OUT-<n>-<image>.png each")
+    parser.add_argument(
+        "--gradcam",
+        metavar="OUT.png",
+        type=Path,
+        help="write a class-activation overlay for the predicted class; with several images OUT-<n>-<image>.png each",
+    )
     parser.add_argument("--method", default="gradcam", choices=sorted(CAM_METHODS), help="CAM method")
     parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity in the overlay")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")

@@ -4,6 +4,7 @@ training and evaluation transforms built from it (as torchvision's classificatio
 The trainer, the feature cache and the predictor all build their inputs here, so
 an uploaded image reaches the model exactly as the training images did.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,10 +41,12 @@ def check_size(name: str, size: object) -> None:
     """Refuse anything but two whole numbers of pixels, each from ``MIN_INPUT_SIDE`` to ``MAX_INPUT_SIDE``;
     the ValueError's message starts with ``name``."""
     sides = size if isinstance(size, list | tuple) else ()
-    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
-                                  and MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in sides):
-        raise ValueError(f"{name} must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to "
-                         f"{MAX_INPUT_SIDE}; got {size!r}")
+    if len(sides) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in sides
+    ):
+        raise ValueError(
+            f"{name} must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}; got {size!r}"
+        )
 
 
 def _check_triple(name: str, values: object, *, positive: bool = False) -> None:
@@ -89,8 +92,12 @@ class Preprocessing:
             value = d.get(key, default)
             return tuple(value) if isinstance(value, list | tuple) else value  # other types fail the checks
 
-        return cls(input_size=field("input_size"), source_size=field("source_size"),
-                   mean=field("mean", IMAGENET_MEAN), std=field("std", IMAGENET_STD))
+        return cls(
+            input_size=field("input_size"),
+            source_size=field("source_size"),
+            mean=field("mean", IMAGENET_MEAN),
+            std=field("std", IMAGENET_STD),
+        )
 
 
 def _to_tensor(prep: Preprocessing) -> list:

@@ -3,6 +3,7 @@
 A leaf module: it imports no other ``core`` module, so both the job lock (:mod:`core.jobs`) and the run
 folder's status (:mod:`core.runs`) can name the process behind them and be judged by it.
 """
+
 from __future__ import annotations
 
 import ctypes

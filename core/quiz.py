@@ -24,6 +24,7 @@ the leftovers of small classes passed to the others), and within a class distinc
 **Scoring** (:func:`score`) uses :func:`core.evaluation.compute_metrics` for both the students (their answer
 as a one-hot probability) and the model, on the same images. Nothing here touches disk.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,8 +102,9 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
-def model_split(checkpoint_path: str | Path, checkpoint: dict, frame: pd.DataFrame,
-                run_folders: Sequence[Path]) -> SplitRecord:
+def model_split(
+    checkpoint_path: str | Path, checkpoint: dict, frame: pd.DataFrame, run_folders: Sequence[Path]
+) -> SplitRecord:
     """The split the checkpoint's model was trained with, by the rule in the module docstring.
 
     ``frame`` is the dataset in use (image_id, lesion_id, dx), needed only when the split is recomputed.
@@ -115,17 +117,25 @@ def model_split(checkpoint_path: str | Path, checkpoint: dict, frame: pd.DataFra
     for run_dir in candidates:
         if config and (run_dir / "split.csv").is_file() and read_config(run_dir) == config:
             table = read_split(run_dir)
-            return SplitRecord(pd.Series(table["split"].to_numpy(), index=table["image_id"].astype(str)),
-                               f"recorded in {_shown(run_dir / 'split.csv')}", recorded=True)
+            return SplitRecord(
+                pd.Series(table["split"].to_numpy(), index=table["image_id"].astype(str)),
+                f"recorded in {_shown(run_dir / 'split.csv')}",
+                recorded=True,
+            )
     if config.get("max_images"):
-        raise QuizError(f"{checkpoint_path} was trained on a subsample (max_images={config['max_images']}) and "
-                        "its split record was not found, so which images it trained on cannot be known.")
+        raise QuizError(
+            f"{checkpoint_path} was trained on a subsample (max_images={config['max_images']}) and "
+            "its split record was not found, so which images it trained on cannot be known."
+        )
     seed, fractions, source = resolve_split(checkpoint)
     assigned = split_by_lesion(frame, fractions, seed)
-    return SplitRecord(pd.Series(assigned.to_numpy(), index=frame["image_id"].astype(str)),
-                       f"recomputed over this dataset from split seed {seed} and fractions "
-                       f"{'/'.join(f'{f:g}' for f in fractions)} ({source}); held out only if this is the "
-                       "dataset the model was trained on", recorded=False)
+    return SplitRecord(
+        pd.Series(assigned.to_numpy(), index=frame["image_id"].astype(str)),
+        f"recomputed over this dataset from split seed {seed} and fractions "
+        f"{'/'.join(f'{f:g}' for f in fractions)} ({source}); held out only if this is the "
+        "dataset the model was trained on",
+        recorded=False,
+    )
 
 
 def split_column(frame: pd.DataFrame, split_of: pd.Series) -> pd.Series:
@@ -183,8 +193,11 @@ def draw_quiz(frame: pd.DataFrame, split_of: pd.Series, settings: QuizSettings) 
         raise QuizError(f"this dataset has no {settings.split} images for this model")
     rng = np.random.default_rng(settings.seed)
     available = pool["dx"].value_counts()
-    counts = (natural_counts(available, settings.n) if settings.mix == "natural"
-              else balanced_counts(available, settings.n, rng))
+    counts = (
+        natural_counts(available, settings.n)
+        if settings.mix == "natural"
+        else balanced_counts(available, settings.n, rng)
+    )
     chosen = []
     for code in CLASSES:
         rows = pool[pool["dx"] == code]
@@ -202,12 +215,20 @@ def draw_quiz(frame: pd.DataFrame, split_of: pd.Series, settings: QuizSettings) 
 
 def _side(metrics: dict) -> dict:
     recall = {row["code"]: (row["recall"] if row["support"] else None) for row in metrics["per_class"]}
-    return {"accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"], "recall": recall,
-            "confusion_matrix": metrics["confusion_matrix"]}
+    return {
+        "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"],
+        "recall": recall,
+        "confusion_matrix": metrics["confusion_matrix"],
+    }
 
 
-def score(truths: Sequence[str], answers: Sequence[str], model_probs: np.ndarray,
-          confidences: Sequence[int | None] | None = None) -> dict:
+def score(
+    truths: Sequence[str],
+    answers: Sequence[str],
+    model_probs: np.ndarray,
+    confidences: Sequence[int | None] | None = None,
+) -> dict:
     """The students' and the model's results on the same images.
 
     ``truths`` and ``answers`` are class codes, ``model_probs`` the model's (n, 7) probabilities and
@@ -223,8 +244,12 @@ def score(truths: Sequence[str], answers: Sequence[str], model_probs: np.ndarray
         values = [c for c, ok in rated if ok is right]
         student[key] = float(np.mean(values)) if values else None
     support = np.bincount(labels, minlength=NUM_CLASSES)
-    return {"n": len(labels), "support": dict(zip(CLASSES, map(int, support), strict=True)),
-            "student": student, "model": model}
+    return {
+        "n": len(labels),
+        "support": dict(zip(CLASSES, map(int, support), strict=True)),
+        "student": student,
+        "model": model,
+    }
 
 
 def _images(k: int) -> str:
@@ -253,37 +278,50 @@ def summary_sentences(result: dict, mix: str) -> list[str]:
         lead = f"With a balanced mix ({_images(low) if low == high else f'{low}–{high} images'} per class)"
     verdicts = {"student": _verdict(student), "model": _verdict(model)}
     if verdicts["student"] == verdicts["model"] == "matches":
-        mix_sentence = (f"{lead} accuracy and balanced accuracy agree for both: the model's accuracy "
-                        f"{_pair(model)}, yours {_pair(student)}.")
+        mix_sentence = (
+            f"{lead} accuracy and balanced accuracy agree for both: the model's accuracy "
+            f"{_pair(model)}, yours {_pair(student)}."
+        )
     elif verdicts["student"] == verdicts["model"]:
-        mix_sentence = (f"{lead} accuracy {verdicts['model']} both: the model's accuracy {_pair(model)}, "
-                        f"yours {_pair(student)}.")
+        mix_sentence = (
+            f"{lead} accuracy {verdicts['model']} both: the model's accuracy {_pair(model)}, yours {_pair(student)}."
+        )
     else:
         words = {"flatters": "flatters", "understates": "understates", "matches": "fairly reflects"}
-        mix_sentence = (f"{lead} accuracy {words[verdicts['model']]} the model ({_pair(model)}) and "
-                        f"{words[verdicts['student']]} you ({_pair(student)}).")
+        mix_sentence = (
+            f"{lead} accuracy {words[verdicts['model']]} the model ({_pair(model)}) and "
+            f"{words[verdicts['student']]} you ({_pair(student)})."
+        )
     sentences = [mix_sentence]
     if len(set(present.values())) == 1:
-        sentences.append("Every class in this quiz has the same number of images, so accuracy and balanced "
-                         "accuracy coincide.")
+        sentences.append(
+            "Every class in this quiz has the same number of images, so accuracy and balanced accuracy coincide."
+        )
     else:
-        sentences.append(f"Accuracy counts images, so {common} makes up {present[common] / n:.0%} of it; balanced "
-                         f"accuracy averages the recall of the {len(present)} classes present, so {common} counts "
-                         f"for {1 / len(present):.0%}, like every other class.")
+        sentences.append(
+            f"Accuracy counts images, so {common} makes up {present[common] / n:.0%} of it; balanced "
+            f"accuracy averages the recall of the {len(present)} classes present, so {common} counts "
+            f"for {1 / len(present):.0%}, like every other class."
+        )
 
     ours, theirs = student["balanced_accuracy"], model["balanced_accuracy"]
     if abs(ours - theirs) < 1e-9:
         sentences.append(f"On balanced accuracy you tied with the model ({ours:.2f}).")
     else:
-        sentences.append(f"On balanced accuracy you beat the model: {ours:.2f} vs its {theirs:.2f}." if ours > theirs
-                         else f"On balanced accuracy the model beat you: {theirs:.2f} vs your {ours:.2f}.")
+        sentences.append(
+            f"On balanced accuracy you beat the model: {ours:.2f} vs its {theirs:.2f}."
+            if ours > theirs
+            else f"On balanced accuracy the model beat you: {theirs:.2f} vs your {ours:.2f}."
+        )
 
     gaps = {c: student["recall"][c] - model["recall"][c] for c in present}
     widest = max(gaps, key=lambda c: (abs(gaps[c]), present[c]))
     if gaps[widest]:
-        sentences.append(f"The largest difference is on {DISPLAY_NAMES[widest]} ({widest}, "
-                         f"{_images(present[widest])}): your recall {student['recall'][widest]:.2f}, the model's "
-                         f"{model['recall'][widest]:.2f}.")
+        sentences.append(
+            f"The largest difference is on {DISPLAY_NAMES[widest]} ({widest}, "
+            f"{_images(present[widest])}): your recall {student['recall'][widest]:.2f}, the model's "
+            f"{model['recall'][widest]:.2f}."
+        )
     if MELANOMA in present:
         k, index = present[MELANOMA], CLASSES.index(MELANOMA)
         caught = [int(side["confusion_matrix"][index][index]) for side in (student, model)]
@@ -294,18 +332,21 @@ def summary_sentences(result: dict, mix: str) -> list[str]:
     return sentences
 
 
-def results_table(rows: pd.DataFrame, answers: Sequence[str], confidences: Sequence[int | None],
-                  model_probs: np.ndarray) -> pd.DataFrame:
+def results_table(
+    rows: pd.DataFrame, answers: Sequence[str], confidences: Sequence[int | None], model_probs: np.ndarray
+) -> pd.DataFrame:
     """One row per quiz image, in quiz order, for the CSV download: the image, the truth and how it was
     confirmed, the student's answer and confidence, the model's top class and every class probability."""
     probs = np.asarray(model_probs, dtype=float)
-    return pd.DataFrame({
-        "position": np.arange(1, len(rows) + 1),
-        "image_id": rows["image_id"].to_numpy(),
-        "truth": rows["dx"].to_numpy(),
-        "confirmed_by": rows["dx_type"].to_numpy(),
-        "student_answer": list(answers),
-        "student_confidence": pd.array(list(confidences), dtype="Int64"),
-        "model_top_class": [CLASSES[i] for i in probs.argmax(axis=1)],
-        **{f"prob_{code}": probs[:, i].round(6) for i, code in enumerate(CLASSES)},
-    })
+    return pd.DataFrame(
+        {
+            "position": np.arange(1, len(rows) + 1),
+            "image_id": rows["image_id"].to_numpy(),
+            "truth": rows["dx"].to_numpy(),
+            "confirmed_by": rows["dx_type"].to_numpy(),
+            "student_answer": list(answers),
+            "student_confidence": pd.array(list(confidences), dtype="Int64"),
+            "model_top_class": [CLASSES[i] for i in probs.argmax(axis=1)],
+            **{f"prob_{code}": probs[:, i].round(6) for i, code in enumerate(CLASSES)},
+        }
+    )

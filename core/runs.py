@@ -24,6 +24,7 @@ dashboard can read them at any moment; this module holds the only writer and the
 A resumed run first cuts ``metrics.jsonl`` back to its checkpoint's epoch, so no epoch is logged twice.
 :func:`read_run` turns a folder into a :class:`RunState` the pages can draw.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,9 @@ def check_run_name(name: str) -> str:
     would hide it from the run lists.
     """
     if not name or name.startswith(".") or "/" in name or "\\" in name:
-        raise ValueError(f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.', "
-                         "and do not start it with '.'")
+        raise ValueError(
+            f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.', and do not start it with '.'"
+        )
     return name
 
 
@@ -162,17 +164,23 @@ def write_split(run_dir: Path, frame: pd.DataFrame) -> None:
 def write_dataset_report(run_dir: Path, validation: dict, damaged_images: Sequence[str]) -> None:
     """``dataset_report.json``. The trainer writes it before the first epoch and again after every epoch and
     the test evaluation, so it names every damaged image met so far."""
-    write_json(Path(run_dir) / "dataset_report.json",
-               {"validation": validation, "damaged_images": list(damaged_images)})
+    write_json(
+        Path(run_dir) / "dataset_report.json", {"validation": validation, "damaged_images": list(damaged_images)}
+    )
 
 
-def write_evaluation(run_dir: Path, evaluation: dict, images: pd.DataFrame, probs: np.ndarray,
-                     logits: np.ndarray) -> None:
+def write_evaluation(
+    run_dir: Path, evaluation: dict, images: pd.DataFrame, probs: np.ndarray, logits: np.ndarray
+) -> None:
     """``evaluation.json`` and ``test_predictions.csv``: one row per test image (``images`` holds its
     image_id, path, label and dx) with its calibrated probabilities and raw logits, in ``CLASSES`` order."""
-    table = images[["image_id", "path", "label", "dx"]].reset_index(drop=True).assign(
-        **{f"prob_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
-        **{f"logit_{c}": logits[:, i] for i, c in enumerate(CLASSES)},
+    table = (
+        images[["image_id", "path", "label", "dx"]]
+        .reset_index(drop=True)
+        .assign(
+            **{f"prob_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+            **{f"logit_{c}": logits[:, i] for i, c in enumerate(CLASSES)},
+        )
     )
     write_json(Path(run_dir) / "evaluation.json", evaluation)
     # Written last: its presence tells readers the evaluation is complete.
@@ -250,8 +258,13 @@ def read_predictions(run_dir: Path):
         raise ValueError(f"{run_dir.name}/test_predictions.csv lacks {', '.join(missing) or 'rows'}")
     logit_cols = [f"logit_{c}" for c in CLASSES]
     logits = table[logit_cols].to_numpy(dtype=float) if all(c in table for c in logit_cols) else None
-    return (table, table["label"].to_numpy(dtype=int), table[prob_cols].to_numpy(dtype=float), logits,
-            read_evaluation(run_dir))
+    return (
+        table,
+        table["label"].to_numpy(dtype=int),
+        table[prob_cols].to_numpy(dtype=float),
+        logits,
+        read_evaluation(run_dir),
+    )
 
 
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -348,8 +361,11 @@ class RunState:
         if per_epoch:
             avg = sum(per_epoch) / len(per_epoch)
         elif p.get("step") and p.get("steps") and p.get("eta_s") is not None:
-            elapsed_per_step = float(p["eta_s"]) / max(1, int(p["steps"]) - int(p["step"])) if int(p["steps"]) > int(
-                p["step"]) else 0.0
+            elapsed_per_step = (
+                float(p["eta_s"]) / max(1, int(p["steps"]) - int(p["step"]))
+                if int(p["steps"]) > int(p["step"])
+                else 0.0
+            )
             avg = elapsed_per_step * int(p["steps"])
         else:
             return None
@@ -425,8 +441,19 @@ def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
         modified = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
     except OSError:
         modified = 0.0
-    return RunState(name=run_dir.name, path=run_dir, state=state, config=config, start=start, epochs=epochs,
-                    progress=progress, steps=steps, end=end, error=error, modified=modified)
+    return RunState(
+        name=run_dir.name,
+        path=run_dir,
+        state=state,
+        config=config,
+        start=start,
+        epochs=epochs,
+        progress=progress,
+        steps=steps,
+        end=end,
+        error=error,
+        modified=modified,
+    )
 
 
 def list_runs(runs_dir: Path, job: LiveJob | None = None) -> list[RunState]:
@@ -435,8 +462,11 @@ def list_runs(runs_dir: Path, job: LiveJob | None = None) -> list[RunState]:
     if not runs_dir.is_dir():
         return []
     marker = ("config.json", "status.json", "metrics.jsonl", "train.log", "best.pt")
-    runs = [read_run(d, job) for d in runs_dir.iterdir()
-            if d.is_dir() and not d.name.startswith(".") and any((d / m).exists() for m in marker)]
+    runs = [
+        read_run(d, job)
+        for d in runs_dir.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and any((d / m).exists() for m in marker)
+    ]
     return sorted(runs, key=lambda r: r.modified, reverse=True)
 
 
@@ -444,8 +474,17 @@ def epochs_table(run: RunState) -> pd.DataFrame:
     """The per-epoch metrics as a pandas DataFrame (imported lazily; pandas is heavy)."""
     import pandas as pd
 
-    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s",
-            "seconds"]
+    cols = [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "val_balanced_acc",
+        "lr",
+        "images_per_s",
+        "seconds",
+    ]
     frame = pd.DataFrame(run.epochs)
     for c in cols:
         if c not in frame.columns:
@@ -457,8 +496,11 @@ def running_loss_table(run: RunState) -> pd.DataFrame:
     """The running training loss reported within epochs, at fractional epochs (epoch 2, half done: 1.5)."""
     import pandas as pd
 
-    rows = [(int(e["epoch"]) - 1 + float(e["step"]) / float(e["steps"]), float(e["loss"]))
-            for e in run.steps if e.get("loss") is not None]
+    rows = [
+        (int(e["epoch"]) - 1 + float(e["step"]) / float(e["steps"]), float(e["loss"]))
+        for e in run.steps
+        if e.get("loss") is not None
+    ]
     return pd.DataFrame(rows, columns=["epoch", "loss"])
 
 

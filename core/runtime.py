@@ -1,4 +1,5 @@
 """Process-level settings that decide CPU throughput: device choice, threads and the allocator."""
+
 from __future__ import annotations
 
 import ctypes
@@ -55,7 +56,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" picks CUDA, then Apple's MPS, then the CPU."""
+    """ "auto" picks CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():

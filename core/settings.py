@@ -11,6 +11,7 @@ The dataset folder is resolved, first match wins, from:
 Relative paths are resolved against the project root. ``LESIONLAB_RUNS`` and
 ``LESIONLAB_CHECKPOINTS`` move the runs and reference-checkpoint folders (tests use them).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ HOW_TO_GET_DATA = (
     "`python -m core.download --dest data/ham10000`, or copy a folder holding `HAM10000_metadata.csv` and "
     "the images;\n"
     "- then enter that folder in the sidebar under **Dataset folder**, set the environment variable "
-    f"`{DATA_ENV}=/path/to/folder` before `streamlit run`, or write `[data]` / `folder = \"/path\"` in "
+    f'`{DATA_ENV}=/path/to/folder` before `streamlit run`, or write `[data]` / `folder = "/path"` in '
     "`.streamlit/lesionlab.toml`.\n\n"
     "The repository's small sample lives at `sample_data/ham10000-sample/` and is used by default when present. "
     "Diagnose works without any dataset."
@@ -72,8 +73,13 @@ def read_settings_file(path: Path = SETTINGS_FILE) -> dict:
         return {}
 
 
-def dataset_choice(override: str | None = None, *, env: dict | None = None,
-                   settings_file: Path = SETTINGS_FILE, default: Path = DEFAULT_DATASET) -> DatasetChoice:
+def dataset_choice(
+    override: str | None = None,
+    *,
+    env: dict | None = None,
+    settings_file: Path = SETTINGS_FILE,
+    default: Path = DEFAULT_DATASET,
+) -> DatasetChoice:
     env = os.environ if env is None else env
     if override is not None and str(override).strip():
         return DatasetChoice(resolve_path(str(override).strip()), "sidebar")

@@ -5,6 +5,7 @@ and choices from the field's metadata. A preset supplies the defaults and flags 
 Several ``--config`` files train one after another in this one process (:func:`core.training.train_many`):
 the app's imbalance experiment runs this way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: python -m core.train --preset seed --data ../shared/data/ham10000-200x150 --epochs 3",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="seed", help="defaults to start from (default: seed)")
-    p.add_argument("--config", type=Path, action="append",
-                   help="a config.json (e.g. from a run folder); flags override it. Repeat it to train several "
-                        "configs one after another in one process, sharing the dataset index, split and features; "
-                        "a STOP file in the current run folder ends the run and the ones after it")
+    p.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        help="a config.json (e.g. from a run folder); flags override it. Repeat it to train several "
+        "configs one after another in one process, sharing the dataset index, split and features; "
+        "a STOP file in the current run folder ends the run and the ones after it",
+    )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
     add_config_flags(p)
     return p
@@ -76,8 +81,10 @@ def set_aside_text(report: dict) -> str:
         lines.append(f"warning: indexing set data aside:\n{validation['summary']}")
     damaged = report.get("damaged_images") or []
     if damaged:
-        lines.append(f"warning: {len(damaged)} damaged image{'s' if len(damaged) > 1 else ''} could not be "
-                     f"decoded and {'were' if len(damaged) > 1 else 'was'} set aside: {'; '.join(damaged)}")
+        lines.append(
+            f"warning: {len(damaged)} damaged image{'s' if len(damaged) > 1 else ''} could not be "
+            f"decoded and {'were' if len(damaged) > 1 else 'was'} set aside: {'; '.join(damaged)}"
+        )
     return "\n".join(lines)
 
 
@@ -85,8 +92,10 @@ def summary(run_dir: Path) -> str:
     test = read_evaluation(run_dir).get("test")
     if not test:
         return f"run: {run_dir} (stopped before the first epoch finished)"
-    return (f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
-            f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}")
+    return (
+        f"run: {run_dir}\ntest accuracy {test['accuracy']:.3f}, balanced accuracy "
+        f"{test['balanced_accuracy']:.3f}, weighted F1 {test['weighted']['f1']:.3f}"
+    )
 
 
 def report(run_dir: Path) -> None:
@@ -117,10 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             if not all(cfg.data for cfg in configs):
                 print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
                 return 2
-            train_many(configs, on_run_start=lambda run_dir: print(run_header(run_dir.name), flush=True),
-                       on_run_end=report)
-    except (DatasetError, WeightsUnavailableError, CheckpointError, ValueError, FileExistsError,
-            FileNotFoundError) as exc:
+            train_many(
+                configs, on_run_start=lambda run_dir: print(run_header(run_dir.name), flush=True), on_run_end=report
+            )
+    except (
+        DatasetError,
+        WeightsUnavailableError,
+        CheckpointError,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

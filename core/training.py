@@ -2,6 +2,7 @@
 
 What a run folder holds is described in :mod:`core.runs`.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,14 +70,18 @@ class TrainConfig:
     name: str = setting("", "run folder name (default: timestamp + model + strategy)")
     arch: str = setting("resnet18", "backbone", choices=tuple(ARCHITECTURES))
     weights: str = setting("imagenet", "imagenet, none, or a path to a torchvision state dict")
-    finetune: str = setting("head", "what trains: the head (frozen backbone), the last block and the head, or all",
-                            choices=FINETUNE_POLICIES)
+    finetune: str = setting(
+        "head",
+        "what trains: the head (frozen backbone), the last block and the head, or all",
+        choices=FINETUNE_POLICIES,
+    )
     head: str = setting("mlp", "classifier head: the seed's 512-256-7 MLP or one linear layer", choices=HEADS)
     imbalance: str = setting(
         "oversample",
         "class-imbalance strategy, one of: "
         + "; ".join(f"{s.name} = {s.explanation}" for s in imbalance.STRATEGIES.values()),
-        choices=tuple(imbalance.STRATEGIES))
+        choices=tuple(imbalance.STRATEGIES),
+    )
     focal_gamma: float = setting(2.0, "focal: the focusing exponent (0 is plain cross-entropy)")
     class_weight_power: float = setting(1.0, "weighted_loss: inverse class frequency to this power")
     epochs: int = setting(10, "training epochs")
@@ -91,24 +96,32 @@ class TrainConfig:
     warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up")
     input_size: tuple[int, int] = setting((224, 224), "model input size", metavar=("H", "W"))
     source_size: tuple[int, int] | None = setting(
-        None, "size the training images were downscaled to on disk; uploads are resized to it", metavar=("W", "H"))
-    augmentation: str = setting("seed", "training-image augmentation (cached features are never augmented)",
-                                choices=AUGMENTATIONS)
+        None, "size the training images were downscaled to on disk; uploads are resized to it", metavar=("W", "H")
+    )
+    augmentation: str = setting(
+        "seed", "training-image augmentation (cached features are never augmented)", choices=AUGMENTATIONS
+    )
     split_fractions: tuple[float, float, float] = setting(
-        (0.7, 0.15, 0.15), "fractions of the lesions in the train, validation and test splits",
-        metavar=("TRAIN", "VAL", "TEST"))
+        (0.7, 0.15, 0.15),
+        "fractions of the lesions in the train, validation and test splits",
+        metavar=("TRAIN", "VAL", "TEST"),
+    )
     split_seed: int = setting(0, "seed of the lesion-grouped split")
     seed: int = setting(0, "seed of initialisation, batch order and resampling")
-    feature_cache: bool = setting(True, "head-only mode: train on backbone features computed once; without it "
-                                        "the backbone runs every epoch (with augmentation)")
+    feature_cache: bool = setting(
+        True,
+        "head-only mode: train on backbone features computed once; without it "
+        "the backbone runs every epoch (with augmentation)",
+    )
     cache_dir: str = setting(".cache/features", "folder of the cached backbone features")
     max_images: int | None = setting(None, "stratified subsample of the dataset, for quick experiments")
     device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     num_workers: int | None = setting(None, "data-loading worker processes (default: chosen for the device)")
     amp: bool = setting(True, "bfloat16 autocast on CUDA")
     channels_last: bool = setting(True, "channels-last memory format for the images and the model")
-    select_metric: str = setting("val_balanced_acc", "the validation number that picks best.pt",
-                                 choices=("val_balanced_acc", "val_acc"))
+    select_metric: str = setting(
+        "val_balanced_acc", "the validation number that picks best.pt", choices=("val_balanced_acc", "val_acc")
+    )
 
     def __post_init__(self) -> None:
         self.input_size = tuple(self.input_size)
@@ -151,9 +164,21 @@ PRESETS: dict[str, TrainConfig] = {
     "seed": TrainConfig(),
     # The reference model: full fine-tuning at the images' native 150×200, class-weighted loss.
     "reference": TrainConfig(
-        arch="mobilenet_v2", finetune="full", head="linear", imbalance="weighted_loss", class_weight_power=0.5,
-        epochs=14, batch_size=32, optimizer="adamw", lr=3e-4, weight_decay=1e-4, label_smoothing=0.1,
-        scheduler="cosine", warmup_epochs=1, input_size=(150, 200), source_size=(200, 150),
+        arch="mobilenet_v2",
+        finetune="full",
+        head="linear",
+        imbalance="weighted_loss",
+        class_weight_power=0.5,
+        epochs=14,
+        batch_size=32,
+        optimizer="adamw",
+        lr=3e-4,
+        weight_decay=1e-4,
+        label_smoothing=0.1,
+        scheduler="cosine",
+        warmup_epochs=1,
+        input_size=(150, 200),
+        source_size=(200, 150),
         augmentation="strong",
     ),
 }
@@ -199,8 +224,11 @@ def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generato
 
 def new_run_dir(cfg: TrainConfig) -> Path:
     """A new folder in ``cfg.out``; ValueError for a name that would leave it, before anything is created."""
-    name = (check_run_name(cfg.name) if cfg.name
-            else f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-{cfg.finetune}-{cfg.imbalance}")
+    name = (
+        check_run_name(cfg.name)
+        if cfg.name
+        else f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-{cfg.finetune}-{cfg.imbalance}"
+    )
     run_dir = Path(cfg.out) / name
     if (run_dir / "last.pt").exists():
         raise FileExistsError(f"run folder {run_dir} already holds a run; resume it or choose another name")
@@ -220,8 +248,10 @@ def split_dataset(cfg: TrainConfig, index: DatasetIndex | None = None) -> pd.Dat
     if cfg.max_images and cfg.max_images < len(frame):
         # Stratified subsample: keeps rare classes present (at least two images each) in small experiments.
         fraction = cfg.max_images / len(frame)
-        parts = [group.sample(max(2, round(len(group) * fraction)), random_state=cfg.seed) if len(group) > 2
-                 else group for _, group in frame.groupby("dx", sort=True)]
+        parts = [
+            group.sample(max(2, round(len(group) * fraction)), random_state=cfg.seed) if len(group) > 2 else group
+            for _, group in frame.groupby("dx", sort=True)
+        ]
         frame = pd.concat(parts).reset_index(drop=True)
     check_classes(frame)
     frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
@@ -264,8 +294,10 @@ def check_splits(frame: pd.DataFrame) -> None:
     for split, name in zip(SPLITS, ("training", "validation", "test"), strict=True):
         dx = frame.loc[frame["split"] == split, "dx"]
         if dx.empty:
-            raise DatasetError(f"The {name} split has no images. Give every split a share of the lesions "
-                               "(--split-fractions), or add images.")
+            raise DatasetError(
+                f"The {name} split has no images. Give every split a share of the lesions "
+                "(--split-fractions), or add images."
+            )
         if dx.nunique() < 2:
             raise DatasetError(
                 f"The {name} split holds images of one class only ({_classes_text(dx)}); it needs at least "
@@ -295,8 +327,9 @@ class SharedInputs:
             self._frames[key] = split_dataset(cfg, self.index(cfg))
         return self._frames[key]
 
-    def features(self, cfg: TrainConfig, backbone: nn.Module, paths: list[str], **options: Any
-                 ) -> tuple[torch.Tensor, list[str]]:
+    def features(
+        self, cfg: TrainConfig, backbone: nn.Module, paths: list[str], **options: Any
+    ) -> tuple[torch.Tensor, list[str]]:
         """:meth:`core.features.FeatureCache.features` for ``cfg``'s backbone (the features and the damaged
         images' paths), memoised for this process."""
         prep = cfg.preprocessing
@@ -313,8 +346,19 @@ class SharedInputs:
 # One epoch
 
 
-def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, device: torch.device, *,
-                    epoch: int, cfg: TrainConfig, log: RunLog, should_stop: Callable[[], bool]) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    criterion,
+    optimizer,
+    scheduler,
+    device: torch.device,
+    *,
+    epoch: int,
+    cfg: TrainConfig,
+    log: RunLog,
+    should_stop: Callable[[], bool],
+) -> dict:
     """One pass over the training data. ``model`` is the whole network, or only the head on cached features."""
     if isinstance(model, LesionNet):
         train_mode(model)
@@ -339,20 +383,32 @@ def train_one_epoch(model: nn.Module, loader, criterion, optimizer, scheduler, d
         optimizer.step()
         scheduler.step()
 
-        pending.append((torch.stack((loss.detach().float(), (logits.argmax(1) == targets).sum().float())),
-                        len(targets)))
+        pending.append(
+            (torch.stack((loss.detach().float(), (logits.argmax(1) == targets).sum().float())), len(targets))
+        )
         seen += len(targets)
         if step == steps or log.progress_due():
             total_loss, correct = _settle(pending, total_loss, correct)
             elapsed = time.perf_counter() - start
-            log.progress(force=True, epoch=epoch, step=step, steps=steps, loss=total_loss / seen,
-                         images_per_s=seen / elapsed if elapsed > 0 else 0.0, eta_s=(steps - step) * elapsed / step)
+            log.progress(
+                force=True,
+                epoch=epoch,
+                step=step,
+                steps=steps,
+                loss=total_loss / seen,
+                images_per_s=seen / elapsed if elapsed > 0 else 0.0,
+                eta_s=(steps - step) * elapsed / step,
+            )
         if should_stop():
             break
     total_loss, correct = _settle(pending, total_loss, correct)
     elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "images_per_s": seen / elapsed if elapsed > 0 else 0.0, "seconds": elapsed}
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "images_per_s": seen / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+    }
 
 
 def _settle(pending: list[tuple[torch.Tensor, int]], total_loss: float, correct: int) -> tuple[float, int]:
@@ -376,16 +432,27 @@ def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainCon
 def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     pred = logits.argmax(1)
-    return {"val_loss": loss, "val_acc": float((pred == labels).mean()),
-            "val_balanced_acc": float(balanced_accuracy_score(labels, pred))}
+    return {
+        "val_loss": loss,
+        "val_acc": float((pred == labels).mean()),
+        "val_balanced_acc": float(balanced_accuracy_score(labels, pred)),
+    }
 
 
 # ---------------------------------------------------------------------------
 # The whole run
 
 
-def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows: pd.DataFrame,
-             device: torch.device, log: RunLog, generator: torch.Generator, shared: SharedInputs):
+def _loaders(
+    cfg: TrainConfig,
+    model: LesionNet,
+    frame: pd.DataFrame,
+    train_rows: pd.DataFrame,
+    device: torch.device,
+    log: RunLog,
+    generator: torch.Generator,
+    shared: SharedInputs,
+):
     """Training and evaluation loaders, the module they feed (the head on cached features in head-only
     mode, as batches sliced from the features in memory, on the device; the whole network otherwise), and
     the images that computing the features found damaged: they have no features, so they are left out of
@@ -402,8 +469,9 @@ def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows
         def report(done: int, total: int) -> None:
             log.progress(force=done == total, epoch=0, step=done, steps=total, phase="features")
 
-        feats, damaged = shared.features(cfg, model.backbone, paths, device=device, batch_size=eval_bs,
-                                         num_workers=workers, progress=report)
+        feats, damaged = shared.features(
+            cfg, model.backbone, paths, device=device, batch_size=eval_bs, num_workers=workers, progress=report
+        )
         decoded = frame[~frame["path"].isin(damaged)]
         if damaged:
             check_splits(decoded)
@@ -415,34 +483,65 @@ def _loaders(cfg: TrainConfig, model: LesionNet, frame: pd.DataFrame, train_rows
             labels = torch.tensor(rows["label"].to_numpy())
             return FeatureBatches(feats[idx].to(device), labels.to(device), batch_size, **order)
 
-        train_loader = batches(train_rows, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                               generator=generator, drop_last=drop_last)
+        train_loader = batches(
+            train_rows,
+            cfg.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=generator,
+            drop_last=drop_last,
+        )
         eval_loaders = {s: batches(frame[frame["split"] == s], eval_bs) for s in ("val", "test")}
         return model.head, train_loader, eval_loaders, damaged
     train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True)
     # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
     # as it only needs the input size they share.
-    options = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
-               "collate_fn": train_ds.collate}
+    options = {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0,
+        "collate_fn": train_ds.collate,
+    }
     train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
-        drop_last=drop_last, **options)
-    eval_loaders = {s: torch.utils.data.DataLoader(
-        LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep, skip_damaged=True),
-        batch_size=eval_bs, **options) for s in ("val", "test")}
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=drop_last,
+        **options,
+    )
+    eval_loaders = {
+        s: torch.utils.data.DataLoader(
+            LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep, skip_damaged=True),
+            batch_size=eval_bs,
+            **options,
+        )
+        for s in ("val", "test")
+    }
     return model, train_loader, eval_loaders, []
 
 
 def damaged_images(loaders: Iterable, found: Iterable[str] = ()) -> list[str]:
     """Every image set aside so far because it could not be decoded: ``found`` (by the feature cache) and
     those the loaders' :class:`LesionDataset` flagged, sorted. Batches of cached features have no dataset."""
-    flagged = {path for loader in loaders if isinstance(getattr(loader, "dataset", None), LesionDataset)
-               for path in loader.dataset.damaged_paths()}
+    flagged = {
+        path
+        for loader in loaders
+        if isinstance(getattr(loader, "dataset", None), LesionDataset)
+        for path in loader.dataset.damaged_paths()
+    }
     return sorted(flagged.union(found))
 
 
-def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool = False,
-          should_stop: Callable[[], bool] | None = None, shared: SharedInputs | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    shared: SharedInputs | None = None,
+) -> Path:
     """Train according to ``cfg`` and return the run folder.
 
     ``resume=True`` continues the run in ``run_dir`` from its ``last.pt``.
@@ -467,9 +566,13 @@ def train(cfg: TrainConfig, *, run_dir: str | Path | None = None, resume: bool =
     return run_dir
 
 
-def train_many(configs: Sequence[TrainConfig], *, should_stop: Callable[[], bool] | None = None,
-               on_run_start: Callable[[Path], None] | None = None,
-               on_run_end: Callable[[Path], None] | None = None) -> list[Path]:
+def train_many(
+    configs: Sequence[TrainConfig],
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_run_start: Callable[[Path], None] | None = None,
+    on_run_end: Callable[[Path], None] | None = None,
+) -> list[Path]:
     """Train ``configs`` one after another in this process and return their run folders.
 
     The runs share the process's start-up, the dataset index and split and the backbone features wherever
@@ -493,8 +596,9 @@ def train_many(configs: Sequence[TrainConfig], *, should_stop: Callable[[], bool
     return run_dirs
 
 
-def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool],
-         shared: SharedInputs) -> str:
+def _run(
+    cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool], shared: SharedInputs
+) -> str:
     device = pick_device(cfg.device)
     write_config(run_dir, cfg.to_dict())
     stop_file = run_dir / STOP_FILE
@@ -514,8 +618,9 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step_module, train_loader, eval_loaders, found = _loaders(cfg, model, frame, train_rows, device, log, generator,
-                                                              shared)
+    step_module, train_loader, eval_loaders, found = _loaders(
+        cfg, model, frame, train_rows, device, log, generator, shared
+    )
     loaders = [train_loader, *eval_loaders.values()]
 
     def record_set_aside() -> None:
@@ -533,10 +638,16 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
         scheduler.load_state_dict(last["scheduler_state"])
         start_epoch, best_score = last["epoch"] + 1, last["best_score"]
 
-    log.event("start", epochs=cfg.epochs, first_epoch=start_epoch, steps_per_epoch=len(train_loader),
-              device=str(device), train_images=len(train_rows),
-              cached_features=cfg.uses_feature_cache,
-              split_sizes={s: int((frame["split"] == s).sum()) for s in ("train", "val", "test")})
+    log.event(
+        "start",
+        epochs=cfg.epochs,
+        first_epoch=start_epoch,
+        steps_per_epoch=len(train_loader),
+        device=str(device),
+        train_images=len(train_rows),
+        cached_features=cfg.uses_feature_cache,
+        split_sizes={s: int((frame["split"] == s).sum()) for s in ("train", "val", "test")},
+    )
     log.status("running")
     prep = cfg.preprocessing
     stopped = False
@@ -547,8 +658,18 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
             torch.manual_seed(cfg.seed + epoch)
             generator.manual_seed(cfg.seed + epoch)
             lr = optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(step_module, train_loader, criterion, optimizer, scheduler, device,
-                                    epoch=epoch, cfg=cfg, log=log, should_stop=stop)
+            stats = train_one_epoch(
+                step_module,
+                train_loader,
+                criterion,
+                optimizer,
+                scheduler,
+                device,
+                epoch=epoch,
+                cfg=cfg,
+                log=log,
+                should_stop=stop,
+            )
             if stop():
                 stopped = True
                 break  # a partial epoch is not recorded; last.pt holds the previous complete one
@@ -559,9 +680,18 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
             if score > best_score:
                 best_score = score
                 atomic_save(checkpoint_dict(model, prep, head=cfg.head, **extra), run_dir / "best.pt")
-            atomic_save(checkpoint_dict(model, prep, head=cfg.head, best_score=best_score,
-                                        optimizer_state=optimizer.state_dict(),
-                                        scheduler_state=scheduler.state_dict(), **extra), run_dir / "last.pt")
+            atomic_save(
+                checkpoint_dict(
+                    model,
+                    prep,
+                    head=cfg.head,
+                    best_score=best_score,
+                    optimizer_state=optimizer.state_dict(),
+                    scheduler_state=scheduler.state_dict(),
+                    **extra,
+                ),
+                run_dir / "last.pt",
+            )
             record_set_aside()
         if (run_dir / "best.pt").is_file():
             finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found)
@@ -569,8 +699,16 @@ def _run(cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop
     return "stopped" if stopped else "finished"
 
 
-def finalize(run_dir: Path, frame: pd.DataFrame, cfg: TrainConfig, model: LesionNet, step_module: nn.Module,
-             eval_loaders: dict, device: torch.device, found: Iterable[str] = ()) -> dict:
+def finalize(
+    run_dir: Path,
+    frame: pd.DataFrame,
+    cfg: TrainConfig,
+    model: LesionNet,
+    step_module: nn.Module,
+    eval_loaders: dict,
+    device: torch.device,
+    found: Iterable[str] = (),
+) -> dict:
     """Calibrate the best model on the validation split and evaluate it on the test split.
 
     ``step_module`` is the module the loaders feed (the head, on cached features, in head-only mode).
@@ -603,4 +741,3 @@ def config_with(base: str | TrainConfig = "seed", **overrides) -> TrainConfig:
     """A preset (by name) or config with some fields replaced, validated."""
     cfg = PRESETS[base] if isinstance(base, str) else base
     return TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-

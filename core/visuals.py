@@ -4,6 +4,7 @@
   like dermoscopy (screenshots, documents, greyscale scans, photos of other things);
 - :func:`feature_map_grid`: a tiled picture of a layer's most active channels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,5 +78,5 @@ def feature_map_grid(maps: np.ndarray, n: int = 16, cols: int = 4, cell: int = 9
         m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
         tile = np.asarray(Image.fromarray(_colourise(m)).resize((cell, cell), Image.Resampling.NEAREST))
         y, x = divmod(k, cols)
-        canvas[y * (cell + gap): y * (cell + gap) + cell, x * (cell + gap): x * (cell + gap) + cell] = tile
+        canvas[y * (cell + gap) : y * (cell + gap) + cell, x * (cell + gap) : x * (cell + gap) + cell] = tile
     return Image.fromarray(canvas, "RGB")

@@ -2,6 +2,7 @@
 
 Import the fixtures into a test module with ``from tests.app_support import *  # noqa: F403``.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,12 @@ class AppEnv:
 
     def environ(self) -> dict[str, str]:
         # The published run records in docs/runs stay hidden unless a test asks for them.
-        return {DATA_ENV: str(self.data) if self.data else "", RUNS_ENV: str(self.runs),
-                CHECKPOINTS_ENV: str(self.checkpoints), PUBLISHED_RUNS_ENV: ""}
+        return {
+            DATA_ENV: str(self.data) if self.data else "",
+            RUNS_ENV: str(self.runs),
+            CHECKPOINTS_ENV: str(self.checkpoints),
+            PUBLISHED_RUNS_ENV: "",
+        }
 
     def apply(self, monkeypatch) -> None:
         for key, value in self.environ().items():
@@ -47,8 +52,10 @@ def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)
 
     torch.manual_seed(0)
     model = build_model(arch, weights="none", finetune="head", head="linear").eval()
-    atomic_save(checkpoint_dict(model, Preprocessing(input_size=tuple(input_size)), head="linear", temperature=1.5,
-                                epoch=1), path)
+    atomic_save(
+        checkpoint_dict(model, Preprocessing(input_size=tuple(input_size)), head="linear", temperature=1.5, epoch=1),
+        path,
+    )
     return path
 
 
@@ -56,9 +63,23 @@ def train_tiny_run(data: Path, runs: Path, name: str, cache: Path, **overrides) 
     """A real (in-process) training run on the tiny dataset: seconds, every file the app reads."""
     from core.training import TrainConfig, train
 
-    cfg = TrainConfig(**{"data": str(data), "out": str(runs), "name": name, "arch": "resnet18", "weights": "none",
-                         "finetune": "head", "epochs": 2, "batch_size": 16, "input_size": (32, 32),
-                         "cache_dir": str(cache), "imbalance": "none", "device": "cpu", **overrides})
+    cfg = TrainConfig(
+        **{
+            "data": str(data),
+            "out": str(runs),
+            "name": name,
+            "arch": "resnet18",
+            "weights": "none",
+            "finetune": "head",
+            "epochs": 2,
+            "batch_size": 16,
+            "input_size": (32, 32),
+            "cache_dir": str(cache),
+            "imbalance": "none",
+            "device": "cpu",
+            **overrides,
+        }
+    )
     return train(cfg)
 
 
@@ -66,9 +87,19 @@ def tiny_config(data: Path, name: str, **overrides) -> dict:
     """A TrainConfig dict for a background job that finishes in seconds on the tiny dataset."""
     from core.training import config_with
 
-    fields = {"data": str(data), "name": name, "arch": "resnet18", "weights": "none", "finetune": "head",
-              "epochs": 2, "batch_size": 16, "input_size": (32, 32), "imbalance": "none", "device": "cpu",
-              **overrides}
+    fields = {
+        "data": str(data),
+        "name": name,
+        "arch": "resnet18",
+        "weights": "none",
+        "finetune": "head",
+        "epochs": 2,
+        "batch_size": 16,
+        "input_size": (32, 32),
+        "imbalance": "none",
+        "device": "cpu",
+        **overrides,
+    }
     return config_with("seed", **fields).to_dict()
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny synthetic HAM10000-shaped dataset, the real one when present,
 and torchvision's real MobileNetV2 ImageNet file for tests that need pretrained features."""
+
 from __future__ import annotations
 
 import io
@@ -41,6 +42,7 @@ def write_png(path: Path, width: int, height: int, *, bit_depth: int = 8, colour
     """A valid PNG of any size that compresses to kilobytes (hundreds of megapixels in a few hundred KB):
     every row alternates two pixel values, so decoders see a real range. ``colour_type`` is PNG's:
     0 greyscale, 2 RGB, 4 greyscale + alpha, 6 RGBA."""
+
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 

@@ -1,4 +1,5 @@
 """The app's pure-Python helpers: dataset-folder settings, plot builders and the image checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -98,8 +99,16 @@ def test_dataset_figures(tiny_frame):
 def test_training_curves_handle_empty_and_partial_tables():
     empty = plots.training_curves(pd.DataFrame())
     assert empty.data == () and [a.text for a in empty.layout.annotations] == ["Loss", "Accuracy"]
-    epochs = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.8], "val_loss": [1.1, 0.9], "train_acc": [.5, .6],
-                           "val_acc": [.4, .5], "val_balanced_acc": [.3, .4]})
+    epochs = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "train_loss": [1.0, 0.8],
+            "val_loss": [1.1, 0.9],
+            "train_acc": [0.5, 0.6],
+            "val_acc": [0.4, 0.5],
+            "val_balanced_acc": [0.3, 0.4],
+        }
+    )
     fig = plots.training_curves(epochs)
     assert len(fig.data) == 5
     running = pd.DataFrame({"epoch": [0.25, 0.5, 1.25], "loss": [2.0, 1.5, 1.0]})

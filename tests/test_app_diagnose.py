@@ -1,5 +1,6 @@
 """Diagnose: uploads of every kind end in a prediction or a clear message, never a traceback,
 nothing is written to disk, and the model loads once."""
+
 from __future__ import annotations
 
 import io
@@ -134,7 +135,7 @@ def test_bad_upload_gives_a_clear_message(diagnose, case):
 def test_unusual_image_modes_are_predicted(diagnose, mode):
     img = lesion_image()
     if mode == "I;16":
-        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
+        arr = np.asarray(img.convert("L"), dtype=np.uint16) * 257
         img = Image.fromarray(arr)
         assert img.mode == "I;16"
         data, name, mime = png_bytes(img), "deep.png", "image/png"
@@ -173,8 +174,9 @@ def test_uploads_are_never_written_to_disk(diagnose, tmp_path, monkeypatch):
 def _snapshot(root) -> set[str]:
     found = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__", "node_modules") and
-                       not d.startswith("pytest-of")]
+        dirnames[:] = [
+            d for d in dirnames if d not in (".git", "__pycache__", "node_modules") and not d.startswith("pytest-of")
+        ]
         found.update(os.path.join(dirpath, f) for f in filenames)
     return found
 
@@ -224,7 +226,6 @@ def test_memory_stays_flat_over_many_predictions(full_env, monkeypatch):
             samples.append(rss_mb())
     # After warm-up, 18 more predictions (with CAMs and feature maps) must not grow memory materially.
     assert samples[1] - samples[0] < 60, samples
-
 
 
 @pytest.fixture

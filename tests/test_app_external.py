@@ -1,4 +1,5 @@
 """Evaluate page, "External test set": any model on an imported folder, through the UI (AppTest)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,8 +67,15 @@ def test_external_set_shows_per_class_supports(external, monkeypatch):
         assert report.loc[code, "support"] == EXPECTED[code], code
         assert report.loc[code, "diagnosis"] == DISPLAY_NAMES[code]
     labels = {m.label for m in at.metric}
-    assert {"Accuracy", "Balanced accuracy", "Macro F1", "Macro ROC AUC", "ECE (calibrated)",
-            "Melanoma sensitivity", "Melanoma specificity"} <= labels
+    assert {
+        "Accuracy",
+        "Balanced accuracy",
+        "Macro F1",
+        "Macro ROC AUC",
+        "ECE (calibrated)",
+        "Melanoma sensitivity",
+        "Melanoma specificity",
+    } <= labels
     assert "95% bootstrap intervals" in text
     assert len(at.get("plotly_chart")) == 1  # the confusion matrix
 

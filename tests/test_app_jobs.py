@@ -1,5 +1,6 @@
 """core.jobs with real background processes on the tiny dataset: start, one-at-a-time, stop, kill,
 failure, stale locks, liveness after kill -9, and the imbalance experiment queue."""
+
 from __future__ import annotations
 
 import json
@@ -137,8 +138,13 @@ def child_pids(pid: int) -> list[int]:
 
 def run_worker(job_file: Path) -> subprocess.CompletedProcess:
     """``python -m core.jobs worker JOB`` as someone would type it."""
-    return subprocess.run([sys.executable, "-m", "core.jobs", "worker", str(job_file)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "core.jobs", "worker", str(job_file)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
@@ -162,8 +168,9 @@ def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny
 
         def start_next() -> jobs.Job | None:
             try:
-                return jobs.start_training(tiny_config(tiny_root, "next", epochs=1,
-                                                       cache_dir=str(tmp_path / "cache")), runs)
+                return jobs.start_training(
+                    tiny_config(tiny_root, "next", epochs=1, cache_dir=str(tmp_path / "cache")), runs
+                )
             except jobs.JobBusyError:
                 return None
 
@@ -196,10 +203,33 @@ def test_a_job_runs_in_one_worker_only(tiny_root, runs, tmp_path):
 @pytest.mark.parametrize("moment", ["starting", "training"])
 def test_a_killed_terminal_run_reads_as_interrupted_at_once(tiny_root, tmp_path, moment):
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "core.train", "--data", str(tiny_root), "--weights", "none", "--epochs", "200",
-         "--input-size", "32", "32", "--out", str(tmp_path), "--name", "term", "--cache-dir", str(tmp_path / "c"),
-         "--device", "cpu"],
-        cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "core.train",
+            "--data",
+            str(tiny_root),
+            "--weights",
+            "none",
+            "--epochs",
+            "200",
+            "--input-size",
+            "32",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "term",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--device",
+            "cpu",
+        ],
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     run_dir = tmp_path / "term"
     try:
         if moment == "starting":  # killed while it loads the data: a run folder with little more than its status
@@ -219,8 +249,9 @@ def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):
     runs.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (runs / jobs.LOCK_NAME).write_text(json.dumps({"id": "other", "kind": "experiment", "runs": ["y"],
-                                                       "pid": sleeper.pid, "started": time.time()}))
+        (runs / jobs.LOCK_NAME).write_text(
+            json.dumps({"id": "other", "kind": "experiment", "runs": ["y"], "pid": sleeper.pid, "started": time.time()})
+        )
         with pytest.raises(jobs.JobBusyError, match="imbalance experiment"):
             jobs.start_training(tiny_config(tiny_root, "z"), runs)
     finally:
@@ -271,11 +302,14 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "metrics.jsonl").write_text(
-        json.dumps({"event": "start", "epochs": 3, "steps_per_epoch": 10}) + "\n"
-        + json.dumps({"event": "epoch", "epoch": 1, "train_loss": 1.0, "seconds": 10.0}) + "\n"
-        + json.dumps({"event": "progress", "epoch": 2, "step": 5, "steps": 10, "eta_s": 5.0,
-                      "images_per_s": 42.0}) + "\n"
-        + '{"event": "epo')
+        json.dumps({"event": "start", "epochs": 3, "steps_per_epoch": 10})
+        + "\n"
+        + json.dumps({"event": "epoch", "epoch": 1, "train_loss": 1.0, "seconds": 10.0})
+        + "\n"
+        + json.dumps({"event": "progress", "epoch": 2, "step": 5, "steps": 10, "eta_s": 5.0, "images_per_s": 42.0})
+        + "\n"
+        + '{"event": "epo'
+    )
     (run / "status.json").write_text(json.dumps({"state": "running"}))
     fake_job = jobs.Job(id="j", kind="train", runs=["r"], runs_dir=tmp_path, pid=os.getpid())
     state = read_run(run, fake_job)

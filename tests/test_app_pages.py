@@ -1,4 +1,5 @@
 """Every page renders, without a dataset/model/run and with them (streamlit.testing AppTest)."""
+
 from __future__ import annotations
 
 import json
@@ -257,21 +258,29 @@ def test_compare_opens_on_the_imbalance_lesson_of_the_published_runs(empty_env, 
     no_exceptions(at)
     assert [t.label for t in at.tabs] == ["Imbalance lesson", "Compare runs"]
     assert at.selectbox(key="cmp_experiment_pick").value.startswith("published:")
-    sentence = ("Compared with none (plain cross-entropy), weighted loss raised melanoma recall from 0.29 to 0.49 and "
-                "cut its precision from 0.54 to 0.31; nevus recall fell from 0.92 to 0.70.")
+    sentence = (
+        "Compared with none (plain cross-entropy), weighted loss raised melanoma recall from 0.29 to 0.49 and "
+        "cut its precision from 0.54 to 0.31; nevus recall fell from 0.92 to 0.70."
+    )
     assert sentence in texts(at)
     # The numbers table: a column per strategy, short labels, in the registry's order.
     [shown] = [d.value for d in at.dataframe if "weighted loss" in d.value.columns]
     labels = [STRATEGIES[s].label for s in STRATEGIES if (published / f"compare-mobilenet_v2-{s}").is_dir()]
     assert list(shown.columns) == labels
-    for row, before, after in (("recall · mel", "0.29", "0.49"), ("precision · mel", "0.54", "0.31"),
-                               ("recall · nv", "0.92", "0.70")):
+    for row, before, after in (
+        ("recall · mel", "0.29", "0.49"),
+        ("precision · mel", "0.54", "0.31"),
+        ("recall · nv", "0.92", "0.70"),
+    ):
         assert (shown.loc[row, "none"], shown.loc[row, "weighted loss"]) == (before, after), row
     # The heatmap shows the same numbers, a row per strategy and a column per class.
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     charts = {spec["layout"]["title"]["text"]: spec for spec in specs}
-    assert {"Recall and precision of each class", "Melanoma recall vs precision",
-            "Accuracy vs balanced accuracy"} <= set(charts)
+    assert {
+        "Recall and precision of each class",
+        "Melanoma recall vs precision",
+        "Accuracy vs balanced accuracy",
+    } <= set(charts)
     recall = charts["Recall and precision of each class"]["data"][0]
     assert recall["y"] == labels and recall["x"] == list(CLASSES)
     mel = list(CLASSES).index(MELANOMA)

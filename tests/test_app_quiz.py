@@ -1,5 +1,6 @@
 """Quiz (AppTest): a 10-image quiz on the bundled sample with the shipped reference model, taken to its summary;
 the summary's numbers are core.quiz.score's on the same answers and the model's own predictions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,9 @@ def answer_for(pos: int, truth: str) -> str:
 
 def test_a_ten_image_quiz_to_its_summary(quiz_page):
     at = quiz_page
-    assert ("Held out from this model's training: 126 test, 14 val images of ham10000-sample" in texts(at)
-            and "Split recorded in docs/runs/reference-mnv2/split.csv." in texts(at))
+    assert "Held out from this model's training: 126 test, 14 val images of ham10000-sample" in texts(
+        at
+    ) and "Split recorded in docs/runs/reference-mnv2/split.csv." in texts(at)
     at.slider(key="quiz_n").set_value(10)
     at.number_input(key="quiz_seed").set_value(7)
     at.button(key="FormSubmitter:quiz_setup-Start the quiz").click().run()

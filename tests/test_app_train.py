@@ -1,4 +1,5 @@
 """Train and Compare pages driving real background jobs through their forms (AppTest)."""
+
 from __future__ import annotations
 
 import shutil

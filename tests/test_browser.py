@@ -5,6 +5,7 @@ Train whose curve grows.
 Screenshots go to a temporary folder; with ``LESIONLAB_UPDATE_SCREENSHOTS=1`` they also replace
 ``docs/screenshots/<page>.png`` (the README shows those).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,16 @@ CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
 SHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 pytestmark = [
     pytest.mark.browser,
@@ -58,8 +67,13 @@ def browser_env(tmp_path_factory, tiny_root):
         home.mkdir(parents=True)
         shutil.copy(Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth", home)
         os.environ["TORCH_HOME"] = str(base / "torch_home")
-        extra = {"arch": "mobilenet_v2", "weights": "imagenet", "input_size": (150, 200), "head": "mlp",
-                 "source_size": (200, 150)}
+        extra = {
+            "arch": "mobilenet_v2",
+            "weights": "imagenet",
+            "input_size": (150, 200),
+            "head": "mlp",
+            "source_size": (200, 150),
+        }
     except ImportError:
         pass
     try:
@@ -76,14 +90,38 @@ def browser_env(tmp_path_factory, tiny_root):
 def server(browser_env):
     port = free_port()
     env = clean_env()
-    env.update({"LESIONLAB_DATA": str(browser_env["data"]), "LESIONLAB_RUNS": str(browser_env["runs"]),
-                "LESIONLAB_CHECKPOINTS": str(browser_env["checkpoints"]), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "LESIONLAB_DATA": str(browser_env["data"]),
+            "LESIONLAB_RUNS": str(browser_env["runs"]),
+            "LESIONLAB_CHECKPOINTS": str(browser_env["checkpoints"]),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     log = open(browser_env["runs"].parent / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "streamlit_app.py",
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -139,7 +177,8 @@ def settle(pg, title: str) -> None:
     pg.get_by_role("heading", name=title, exact=True).first.wait_for()
     pg.wait_for_function(
         "() => { const a = document.querySelector('[data-testid=stApp]');"
-        " return a && a.getAttribute('data-test-script-state') !== 'running'; }")
+        " return a && a.getAttribute('data-test-script-state') !== 'running'; }"
+    )
     pg.wait_for_timeout(800)  # plotly draws asynchronously
     errors = pg.locator("[data-testid=stException]")
     assert errors.count() == 0, errors.first.inner_text()
@@ -278,7 +317,8 @@ def curve_points(pg) -> int:
     """Markers of the first curve (training loss) in the first chart on the page."""
     return pg.evaluate(
         "() => { const t = document.querySelector('.js-plotly-plot .scatterlayer .trace');"
-        " return t ? t.querySelectorAll('.point').length : 0; }")
+        " return t ? t.querySelectorAll('.point').length : 0; }"
+    )
 
 
 def choose(pg, label: str, option: str) -> None:

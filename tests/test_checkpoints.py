@@ -1,6 +1,7 @@
 """Checkpoints from careless or hostile hands: every field is checked before anything is built, each refusal
 names the field and what is allowed, both command lines answer with one ``error:`` line and exit status 2,
 a pickle that would run code is not run, and broken weights never become a prediction."""
+
 from __future__ import annotations
 
 import functools
@@ -62,10 +63,19 @@ def valid_fields(weights: bool = False) -> dict:
     """Every field a checkpoint carries, all within bounds; unless ``weights``, the weights are a small
     stand-in (the field checks come before any model is built)."""
     state = real_weights() if weights else {"head.1.bias": torch.zeros(7)}
-    return {"format": FORMAT, "arch": "mobilenet_v2", "head": "linear", "finetune": "head", "classes": list(CLASSES),
-            "preprocessing": PREP.to_dict(), "temperature": 1.5, "model_state": state,
-            "config": {"data": "somewhere", "split_seed": 0, "split_fractions": [0.7, 0.15, 0.15], "max_images": None},
-            "epoch": 3, "metrics": {"val_acc": 0.5}}
+    return {
+        "format": FORMAT,
+        "arch": "mobilenet_v2",
+        "head": "linear",
+        "finetune": "head",
+        "classes": list(CLASSES),
+        "preprocessing": PREP.to_dict(),
+        "temperature": 1.5,
+        "model_state": state,
+        "config": {"data": "somewhere", "split_seed": 0, "split_fractions": [0.7, 0.15, 0.15], "max_images": None},
+        "epoch": 3,
+        "metrics": {"val_acc": 0.5},
+    }
 
 
 DROP = object()  # a field ``changed`` removes
@@ -73,6 +83,7 @@ DROP = object()  # a field ``changed`` removes
 
 def changed(*, weights: bool = False, **fields) -> Callable[[Path], None]:
     """A writer of the valid fields with ``fields`` replaced; ``a__b`` names key ``b`` inside ``a``."""
+
     def write(path: Path) -> None:
         ckpt = valid_fields(weights)
         for key, value in fields.items():
@@ -85,6 +96,7 @@ def changed(*, weights: bool = False, **fields) -> Callable[[Path], None]:
             else:
                 target[last] = value
         torch.save(ckpt, path)
+
     return write
 
 
@@ -111,33 +123,47 @@ def hostile(path: Path) -> None:
 CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "no preprocessing": (changed(weights=True, preprocessing=DROP), "preprocessing is missing"),
     "no temperature or weights": (changed(temperature=DROP, model_state=DROP), "temperature, model_state are missing"),
-    "string temperature": (changed(weights=True, temperature="warm"),
-                           "temperature must be a finite number above 0; got 'warm'"),
+    "string temperature": (
+        changed(weights=True, temperature="warm"),
+        "temperature must be a finite number above 0; got 'warm'",
+    ),
     "numeric string temperature": (changed(temperature="1.0"), "temperature must be a finite number above 0"),
     "bool temperature": (changed(temperature=True), "temperature must be a finite number above 0; got True"),
-    "NaN temperature": (changed(weights=True, temperature=math.nan),
-                        "temperature must be a finite number above 0; got nan"),
+    "NaN temperature": (
+        changed(weights=True, temperature=math.nan),
+        "temperature must be a finite number above 0; got nan",
+    ),
     "infinite temperature": (changed(temperature=math.inf), "temperature must be a finite number above 0; got inf"),
-    "zero temperature": (changed(weights=True, temperature=0.0),
-                         "temperature must be a finite number above 0; got 0.0"),
-    "negative temperature": (changed(weights=True, temperature=-1.0),
-                             "temperature must be a finite number above 0; got -1.0"),
-    "huge input size": (changed(weights=True, preprocessing__input_size=[12000, 12000]),
-                        f"preprocessing.input_size must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to "
-                        f"{MAX_INPUT_SIDE}; got (12000, 12000)"),
+    "zero temperature": (
+        changed(weights=True, temperature=0.0),
+        "temperature must be a finite number above 0; got 0.0",
+    ),
+    "negative temperature": (
+        changed(weights=True, temperature=-1.0),
+        "temperature must be a finite number above 0; got -1.0",
+    ),
+    "huge input size": (
+        changed(weights=True, preprocessing__input_size=[12000, 12000]),
+        f"preprocessing.input_size must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to "
+        f"{MAX_INPUT_SIDE}; got (12000, 12000)",
+    ),
     "tiny input size": (changed(preprocessing__input_size=[8, 8]), "preprocessing.input_size must be two whole"),
     "input size as text": (changed(preprocessing__input_size="224"), "preprocessing.input_size must be two whole"),
     "three-sided input": (changed(preprocessing__input_size=[48, 48, 48]), "preprocessing.input_size must be two"),
     "no input size": (changed(preprocessing__input_size=DROP), "preprocessing.input_size is missing"),
-    "huge source size": (changed(preprocessing__source_size=[200, 50000]),
-                         "preprocessing.source_size must be two whole numbers of pixels, each from "
-                         f"{MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}"),
+    "huge source size": (
+        changed(preprocessing__source_size=[200, 50000]),
+        "preprocessing.source_size must be two whole numbers of pixels, each from "
+        f"{MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}",
+    ),
     "two means": (changed(preprocessing__mean=[0.5, 0.5]), "preprocessing.mean must be three finite numbers"),
     "NaN mean": (changed(preprocessing__mean=[0.5, math.nan, 0.5]), "preprocessing.mean must be three finite"),
     "zero std": (changed(preprocessing__std=[0.2, 0.0, 0.2]), "preprocessing.std must be three finite numbers above 0"),
     "preprocessing as text": (changed(preprocessing="224x224"), "preprocessing must be a dict"),
-    "unknown arch": (changed(arch="vgg16"), "arch must be one of resnet18, resnet50, mobilenet_v2, efficientnet_b0, "
-                                            "densenet121; got 'vgg16'"),
+    "unknown arch": (
+        changed(arch="vgg16"),
+        "arch must be one of resnet18, resnet50, mobilenet_v2, efficientnet_b0, densenet121; got 'vgg16'",
+    ),
     "unknown head": (changed(head="conv"), "head must be one of mlp, linear; got 'conv'"),
     "unknown finetune": (changed(finetune="most"), "finetune must be one of head, last, full; got 'most'"),
     "classes reordered": (changed(classes=list(reversed(CLASSES))), "class order"),
@@ -148,8 +174,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "config as a list": (changed(config=[1, 2]), "config must be a dict"),
     "fractions as text": (changed(config__split_fractions=["a", "b", "c"]), "config.split_fractions must be three"),
     "seed past scikit-learn": (changed(config__split_seed=2**40), "config.split_seed must be a whole number from 0"),
-    "negative max_images": (changed(config__max_images=-5), "config.max_images must be empty or a whole number "
-                                                            "from 0"),
+    "negative max_images": (changed(config__max_images=-5), "config.max_images must be empty or a whole number from 0"),
     "no marker": (changed(format="something/2"), f"no {FORMAT!r} marker"),
     "truncated file": (truncated, "is not a readable checkpoint"),
     "zip that is not a checkpoint": (foreign_zip, "is not a readable checkpoint"),
@@ -158,8 +183,16 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "pickle that runs a command": (hostile, "may be malicious"),
 }
 # The classes of malformed file the command lines are run on for real, one process each.
-IN_SUBPROCESS = ("no preprocessing", "string temperature", "huge input size", "NaN temperature", "truncated file",
-                 "zip that is not a checkpoint", "weights of another shape", "pickle that runs a command")
+IN_SUBPROCESS = (
+    "no preprocessing",
+    "string temperature",
+    "huge input size",
+    "NaN temperature",
+    "truncated file",
+    "zip that is not a checkpoint",
+    "weights of another shape",
+    "pickle that runs a command",
+)
 
 
 @pytest.fixture(scope="module")
@@ -209,14 +242,17 @@ def test_both_command_lines_answer_a_malformed_checkpoint_with_one_line(corpus, 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 @pytest.mark.parametrize("case", IN_SUBPROCESS)
 def test_command_lines_exit_2_without_a_traceback(corpus, image, tiny_root, case):
-    for done in (run_cli("core.predict", corpus[case], image),
-                 run_cli("core.evaluate", "--checkpoint", corpus[case], "--data", tiny_root, "--bootstrap", "0")):
+    for done in (
+        run_cli("core.predict", corpus[case], image),
+        run_cli("core.evaluate", "--checkpoint", corpus[case], "--data", tiny_root, "--bootstrap", "0"),
+    ):
         assert done.returncode == 2, done.stderr
         assert done.stdout == "" and "Traceback" not in done.stderr
         assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: ")
@@ -278,8 +314,12 @@ def broken_weights(tmp_path_factory) -> Path:
         model.head[-1].weight[0, 0] = math.nan
         model.head[-1].bias[1] = math.inf
     path = tmp_path_factory.mktemp("broken") / "nan.pt"
-    atomic_save(checkpoint_dict(model, PREP, head="linear", temperature=1.0,
-                                config={"split_seed": 0, "split_fractions": [0.0, 0.0, 1.0]}), path)
+    atomic_save(
+        checkpoint_dict(
+            model, PREP, head="linear", temperature=1.0, config={"split_seed": 0, "split_fractions": [0.0, 0.0, 1.0]}
+        ),
+        path,
+    )
     return path
 
 

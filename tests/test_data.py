@@ -1,4 +1,5 @@
 """Labels, metadata parsing, discovery and validation, lesion-grouped splits."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,16 @@ def test_class_list_is_the_ham10000_codes_in_order():
 
 
 def test_isic2018_onehot_columns_map_to_codes():
-    row = {"image": "ISIC_0034524", "MEL": "0.0", "NV": "1.0", "BCC": "0", "AKIEC": "0", "BKL": "0", "DF": "0",
-           "VASC": "0"}
+    row = {
+        "image": "ISIC_0034524",
+        "MEL": "0.0",
+        "NV": "1.0",
+        "BCC": "0",
+        "AKIEC": "0",
+        "BKL": "0",
+        "DF": "0",
+        "VASC": "0",
+    }
     assert labels.code_from_onehot(row) == "nv"
     with pytest.raises(ValueError):
         labels.code_from_onehot({**row, "MEL": "1.0"})
@@ -46,14 +55,16 @@ def test_isic2018_onehot_columns_map_to_codes():
 
 
 def test_metadata_csv_crlf_and_dataverse_tab_read_the_same(tmp_path):
-    rows = [("HAM_1", "ISIC_1", "mel", "histo", "80", "male", "back"),
-            ("HAM_1", "ISIC_2", "mel", "histo", "80.0", "unknown", "back"),
-            ("HAM_2", "ISIC_3", "NV", "follow_up", "", "", "face")]
+    rows = [
+        ("HAM_1", "ISIC_1", "mel", "histo", "80", "male", "back"),
+        ("HAM_1", "ISIC_2", "mel", "histo", "80.0", "unknown", "back"),
+        ("HAM_2", "ISIC_3", "NV", "follow_up", "", "", "face"),
+    ]
     header = "lesion_id,image_id,dx,dx_type,age,sex,localization"
     csv = tmp_path / "m.csv"
     csv.write_bytes(("\r\n".join([header, *[",".join(r) for r in rows]]) + "\r\n").encode())
     tab = tmp_path / "m.tab"
-    quoted = ['\t'.join(f'"{c}"' if not c.replace(".", "").isdigit() else c for c in r) for r in rows]
+    quoted = ["\t".join(f'"{c}"' if not c.replace(".", "").isdigit() else c for c in r) for r in rows]
     tab.write_text("\n".join([header.replace(",", "\t"), *quoted]) + "\n")
     a, b = read_metadata(csv), read_metadata(tab)
     pd.testing.assert_frame_equal(a, b)
@@ -110,8 +121,11 @@ def test_index_errors_tell_the_user_what_to_do(tmp_path):
 def test_system_folders_give_a_dataset_error(folder):
     # "/" ends at a bound of the walk; /proc, whose folders come and go while it is read, may also end
     # without any metadata found. Either way a message, never an OSError or minutes of walking.
-    with pytest.raises(DatasetError, match=f"^(No HAM10000 metadata found below {folder}|{folder} has folders "
-                                           f"more than {MAX_WALK_DEPTH} levels deep|{folder} holds more than)"):
+    with pytest.raises(
+        DatasetError,
+        match=f"^(No HAM10000 metadata found below {folder}|{folder} has folders "
+        f"more than {MAX_WALK_DEPTH} levels deep|{folder} holds more than)",
+    ):
         index_dataset(folder)
 
 
@@ -166,8 +180,11 @@ def test_a_million_row_table_beside_three_images_is_refused_early(tiny_root, tmp
         shutil.copy(image, tmp_path / image.name)
     _junk_metadata(tmp_path / "HAM10000_metadata.csv", 1_000_000)
     assert (tmp_path / "HAM10000_metadata.csv").stat().st_size > 30_000_000
-    with pytest.raises(DatasetError, match="HAM10000_metadata.csv has more than 1,030 rows for the 3 image files "
-                                           "found beside it, so it is not their metadata"):
+    with pytest.raises(
+        DatasetError,
+        match="HAM10000_metadata.csv has more than 1,030 rows for the 3 image files "
+        "found beside it, so it is not their metadata",
+    ):
         index_dataset(tmp_path)
     # A table without the metadata's columns is refused from its header line alone.
     _junk_metadata(tmp_path / "HAM10000_metadata.csv", 1_000_000, header="a,b,c,d,e,f,g")
@@ -193,8 +210,15 @@ def test_real_ham10000_indexes_completely(ham_root):
     index = index_dataset(ham_root)
     assert len(index.frame) == 10015 and index.frame["lesion_id"].nunique() == 7470
     assert index.report.ok
-    assert index.class_counts().to_dict() == {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113,
-                                              "nv": 6705, "vasc": 142}
+    assert index.class_counts().to_dict() == {
+        "akiec": 327,
+        "bcc": 514,
+        "bkl": 1099,
+        "df": 115,
+        "mel": 1113,
+        "nv": 6705,
+        "vasc": 142,
+    }
 
 
 def _lesion_frame(seed=0):

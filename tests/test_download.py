@@ -6,6 +6,7 @@ ingested tables as Dataverse does (archival .tab by default, the checksummed ori
 with ?format=original) and can fail on demand: HTTP errors, transfers cut off halfway,
 damaged bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,11 @@ class Served:
             "checksum": {"type": self.checksum_type, "value": hashlib.new(algorithm, verified).hexdigest()},
         }
         if self.original is not None:
-            data |= {"originalFileFormat": "text/csv", "originalFileSize": len(self.original),
-                     "originalFileName": self.original_name}
+            data |= {
+                "originalFileFormat": "text/csv",
+                "originalFileSize": len(self.original),
+                "originalFileName": self.original_name,
+            }
         return {"label": self.label, "restricted": False, "version": 1, "dataFile": data}
 
 
@@ -80,8 +84,9 @@ def dataset(tmp_path_factory) -> dict[int, Served]:
     src = write_tiny_dataset(tmp_path_factory.mktemp("dataverse_src"), per_class=2)
     part_1 = {p.name: p.read_bytes() for p in sorted((src / "HAM10000_images_part_1").iterdir())}
     # One archive flat, the other inside a top folder: both occur in the wild.
-    part_2 = {f"HAM10000_images_part_2/{p.name}": p.read_bytes()
-              for p in sorted((src / "HAM10000_images_part_2").iterdir())}
+    part_2 = {
+        f"HAM10000_images_part_2/{p.name}": p.read_bytes() for p in sorted((src / "HAM10000_images_part_2").iterdir())
+    }
     metadata_csv = (src / "HAM10000_metadata.csv").read_bytes()
     rng = np.random.default_rng(7)
     test_images = {}
@@ -89,16 +94,19 @@ def dataset(tmp_path_factory) -> dict[int, Served]:
         buffer = io.BytesIO()
         make_image(label, rng).save(buffer, "JPEG")
         test_images[f"ISIC2018_Task3_Test_Images/ISIC_{34524 + n:07d}.jpg"] = buffer.getvalue()
-    truth = ("lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
-             "HAMTEST_0000001,ISIC_0034524,mel,histo,55,male,back,vidir_modern\n"
-             "HAMTEST_0000002,ISIC_0034525,nv,follow_up,40,female,trunk,vidir_molemax\n"
-             "HAMTEST_0000003,ISIC_0034526,bcc,histo,70,male,face,rosendahl\n"
-             "HAMTEST_0000004,ISIC_0035068,nv,,,,,\n")  # listed without an image, as in the real file
+    truth = (
+        "lesion_id,image_id,dx,dx_type,age,sex,localization,dataset\n"
+        "HAMTEST_0000001,ISIC_0034524,mel,histo,55,male,back,vidir_modern\n"
+        "HAMTEST_0000002,ISIC_0034525,nv,follow_up,40,female,trunk,vidir_molemax\n"
+        "HAMTEST_0000003,ISIC_0034526,bcc,histo,70,male,face,rosendahl\n"
+        "HAMTEST_0000004,ISIC_0035068,nv,,,,,\n"
+    )  # listed without an image, as in the real file
     files = [
         Served(PART_1, "HAM10000_images_part_1.zip", zip_bytes(part_1)),
         Served(PART_2, "HAM10000_images_part_2.zip", zip_bytes(part_2), checksum_type="SHA-256"),
-        Served(METADATA, "HAM10000_metadata.tab", quoted_tab(metadata_csv.decode()), metadata_csv,
-               "HAM10000_metadata.csv"),
+        Served(
+            METADATA, "HAM10000_metadata.tab", quoted_tab(metadata_csv.decode()), metadata_csv, "HAM10000_metadata.csv"
+        ),
         Served(TEST_IMAGES, "ISIC2018_Task3_Test_Images.zip", zip_bytes(test_images)),
         Served(TEST_TRUTH, "ISIC2018_Task3_Test_GroundTruth.tab", quoted_tab(truth)),
         Served(SEGMENTATIONS, "HAM10000_segmentations_lesion_tschandl.zip", zip_bytes({"mask.png": b"x"})),
@@ -126,8 +134,15 @@ class FakeDataverse(ThreadingHTTPServer):
             if f.id in self.sizes:
                 entry["dataFile"]["filesize"] = self.sizes[f.id]
             entries.append(entry)
-        return json.dumps({"status": "OK", "data": {"id": 3172583, "latestVersion": {
-            "versionNumber": 4, "versionMinorNumber": 0, "files": entries}}}).encode()
+        return json.dumps(
+            {
+                "status": "OK",
+                "data": {
+                    "id": 3172583,
+                    "latestVersion": {"versionNumber": 4, "versionMinorNumber": 0, "files": entries},
+                },
+            }
+        ).encode()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -224,8 +239,9 @@ def test_roles_follow_the_real_file_names():
 def test_full_download_extracts_verifies_and_validates(server, tmp_path):
     dest, external = tmp_path / "ham", tmp_path / "isic-test"
     seen = []
-    summary = download_dataset(dest, server=server.url, include_external=True, external_dest=external,
-                               progress=seen.append)
+    summary = download_dataset(
+        dest, server=server.url, include_external=True, external_dest=external, progress=seen.append
+    )
 
     assert (dest / "HAM10000_metadata.csv").read_bytes() == server.files[METADATA].original
     assert len(list((dest / "HAM10000_images_part_1").glob("*.jpg"))) == 7
@@ -234,9 +250,15 @@ def test_full_download_extracts_verifies_and_validates(server, tmp_path):
     assert SEGMENTATIONS not in fetched(server)
     assert (METADATA, None, "format=original") in server.requests  # the checksummed original, not the .tab
     assert summary.report.ok and summary.report.rows_read == 14
-    assert sorted(summary.downloaded) == sorted(["HAM10000_metadata.csv", "HAM10000_images_part_1.zip",
-                                                 "HAM10000_images_part_2.zip", "ISIC2018_Task3_Test_Images.zip",
-                                                 "ISIC2018_Task3_Test_GroundTruth.tab"])
+    assert sorted(summary.downloaded) == sorted(
+        [
+            "HAM10000_metadata.csv",
+            "HAM10000_images_part_1.zip",
+            "HAM10000_images_part_2.zip",
+            "ISIC2018_Task3_Test_Images.zip",
+            "ISIC2018_Task3_Test_GroundTruth.tab",
+        ]
+    )
     assert summary.unverified == []
     assert len(index_dataset(dest).frame) == 14
 

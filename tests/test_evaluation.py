@@ -1,4 +1,5 @@
 """core.evaluation: metrics against hand-computed cases and scikit-learn, calibration; core.inference: model passes."""
+
 from __future__ import annotations
 
 import inspect
@@ -70,14 +71,17 @@ def test_per_class_rows_match_sklearn_on_random_data():
     probs = ev.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2 * np.eye(NUM_CLASSES)[labels])
     preds = probs.argmax(1)
     m = ev.compute_metrics(labels, probs)
-    report = classification_report(labels, preds, labels=list(range(NUM_CLASSES)), target_names=list(CLASSES),
-                                   output_dict=True, zero_division=0)
+    report = classification_report(
+        labels, preds, labels=list(range(NUM_CLASSES)), target_names=list(CLASSES), output_dict=True, zero_division=0
+    )
     for row in m["per_class"]:
         ref = report[row["code"]]
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx(
-            (ref["precision"], ref["recall"], ref["f1-score"], ref["support"]))
-        assert row["auc"] == pytest.approx(roc_auc_score(labels == CLASSES.index(row["code"]),
-                                                         probs[:, CLASSES.index(row["code"])]))
+            (ref["precision"], ref["recall"], ref["f1-score"], ref["support"])
+        )
+        assert row["auc"] == pytest.approx(
+            roc_auc_score(labels == CLASSES.index(row["code"]), probs[:, CLASSES.index(row["code"])])
+        )
     assert m["macro"]["f1"] == pytest.approx(report["macro avg"]["f1-score"])
     assert m["weighted"]["recall"] == pytest.approx(report["weighted avg"]["recall"])
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, preds))
@@ -125,7 +129,8 @@ def test_temperature_is_one_for_calibrated_and_above_one_for_overconfident_logit
     assert t == pytest.approx(3.0, rel=0.1)
     assert ev.nll(labels, overconfident, t) < ev.nll(labels, overconfident) - 0.1
     assert ev.expected_calibration_error(labels, ev.softmax(overconfident, t)) < ev.expected_calibration_error(
-        labels, ev.softmax(overconfident))
+        labels, ev.softmax(overconfident)
+    )
     # Scaling never changes the predicted class.
     assert (ev.softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
 
@@ -234,6 +239,14 @@ def test_every_public_function_taking_labels_takes_them_first():
         for name, fn in inspect.getmembers(ev, inspect.isfunction)
         if fn.__module__ == ev.__name__ and not name.startswith("_") and "labels" in inspect.signature(fn).parameters
     }
-    assert {"nll", "fit_temperature", "reliability_curve", "expected_calibration_error", "compute_metrics",
-            "melanoma_operating_point", "bootstrap_ci", "accuracy"} <= set(first_parameter)
+    assert {
+        "nll",
+        "fit_temperature",
+        "reliability_curve",
+        "expected_calibration_error",
+        "compute_metrics",
+        "melanoma_operating_point",
+        "bootstrap_ci",
+        "accuracy",
+    } <= set(first_parameter)
     assert first_parameter == dict.fromkeys(first_parameter, "labels")

@@ -1,4 +1,5 @@
 """core.explain: Grad-CAM on frozen and trainable backbones, overlays, feature maps."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """core.files: atomic writes that never leave half a file or a stray temporary, and forgiving reads."""
+
 from __future__ import annotations
 
 import stat

@@ -1,5 +1,6 @@
 """core.images: the decoded size is bounded before decoding, memory while decoding, and an image to
 diagnose must be big and square enough to mean something."""
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,9 @@ print(json.dumps(result))
 def open_in_child(path: Path) -> dict:
     """Decode ``path`` as an upload is decoded, in a fresh process: its size or error, and its peak memory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -103,23 +105,34 @@ def test_a_palette_image_with_transparency_at_the_limit_stays_within_the_budget(
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
     path = tmp_path / "photo.jpg"
     # Written by another process: the full-size image needs 160 MB, which this one need not hold.
-    subprocess.run([sys.executable, "-c", "import sys; from PIL import Image; "
-                    "Image.new('RGB', (7300, 5470), (200, 150, 120)).save(sys.argv[1], quality=50)", str(path)],
-                   check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from PIL import Image; "
+            "Image.new('RGB', (7300, 5470), (200, 150, 120)).save(sys.argv[1], quality=50)",
+            str(path),
+        ],
+        check=True,
+        timeout=120,
+    )
     result = open_in_child(path)
     assert result["size"] == [457, 342], result  # DCT-scaled to 1/8, then halved
     # A full decode holds 7300×5470×4 bytes = 160 MB; the drafted one a sixty-fourth of that.
     assert result["peak_mb"] - result["before_mb"] < 50, result
 
 
-@pytest.mark.parametrize(("size", "expected"), [
-    ((8, 8), "only 8×8 pixels, too small"),
-    ((1, 1), "only 1×1 pixels, too small"),
-    ((10000, 10), "only 10000×10 pixels, too small"),
-    ((31, 200), "at least 32 pixels on its shorter side"),
-    ((129, 32), "129×32 pixels, 4.0:1; a dermoscopy image is never more elongated than 4:1"),
-    ((60, 300), "60×300 pixels, 5.0:1"),
-])
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((8, 8), "only 8×8 pixels, too small"),
+        ((1, 1), "only 1×1 pixels, too small"),
+        ((10000, 10), "only 10000×10 pixels, too small"),
+        ((31, 200), "at least 32 pixels on its shorter side"),
+        ((129, 32), "129×32 pixels, 4.0:1; a dermoscopy image is never more elongated than 4:1"),
+        ((60, 300), "60×300 pixels, 5.0:1"),
+    ],
+)
 def test_uploads_too_small_or_elongated_to_diagnose_are_refused(size, expected):
     image = Image.new("RGB", size, (200, 150, 120))
     with pytest.raises(ImageError) as refused:
@@ -146,8 +159,11 @@ def test_transparency_becomes_white_exactly_as_alpha_compositing_does():
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     expected = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     for image in (rgba, rgba.convert("LA"), rgba.convert("P")):
-        reference = expected if image.mode == "RGBA" else np.asarray(
-            Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
+        reference = (
+            expected
+            if image.mode == "RGBA"
+            else np.asarray(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
+        )
         np.testing.assert_array_equal(np.asarray(open_image(image_bytes(image))), reference)
 
 

@@ -1,4 +1,5 @@
 """Each imbalance strategy's effect, checked against its formula written out here, and the trainer's use of it."""
+
 from __future__ import annotations
 
 import shutil
@@ -151,8 +152,13 @@ def lopsided_root(tiny_root, tmp_path_factory):
 
 
 def lopsided_config(root, tmp_path, imbalance: str):
-    return config_with("seed", data=str(root), imbalance=imbalance, split_fractions=(0.5, 0.25, 0.25),
-                       cache_dir=str(tmp_path / "cache"))
+    return config_with(
+        "seed",
+        data=str(root),
+        imbalance=imbalance,
+        split_fractions=(0.5, 0.25, 0.25),
+        cache_dir=str(tmp_path / "cache"),
+    )
 
 
 def test_oversampling_equalises_the_training_split_only(lopsided_root, tmp_path):

@@ -1,4 +1,5 @@
 """External dataset layouts: isic-cli exports, class folders, ISIC 2018 ground truth, and detection."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -114,8 +115,12 @@ def test_isic_cli_export(tmp_path, ham_columns):
     assert detect_layout(tmp_path).kind == ISIC_CLI
     index = import_isic_cli(tmp_path)
 
-    assert dx_by_image(index) == {"ISIC_0000001": "mel", "ISIC_0000002": "nv", "ISIC_0000003": "vasc",
-                                  "ISIC_0000004": "bkl"}
+    assert dx_by_image(index) == {
+        "ISIC_0000001": "mel",
+        "ISIC_0000002": "nv",
+        "ISIC_0000003": "vasc",
+        "ISIC_0000004": "bkl",
+    }
     assert list(index.frame.columns) == ham_columns
     frame = index.frame.set_index("image_id")
     assert frame.loc["ISIC_0000001", "lesion_id"] == frame.loc["ISIC_0000002", "lesion_id"] == "IL_0000001"
@@ -136,9 +141,14 @@ def test_isic_cli_export(tmp_path, ham_columns):
 
 
 def test_isic_cli_legacy_diagnosis_column(tmp_path):
-    rows = [("ISIC_0010001", "melanoma"), ("ISIC_0010002", "seborrheic keratosis"),
-            ("ISIC_0010003", "vascular lesion"), ("ISIC_0010004", "actinic keratosis"),
-            ("ISIC_0010005", "lentigo simplex"), ("ISIC_0010006", "")]
+    rows = [
+        ("ISIC_0010001", "melanoma"),
+        ("ISIC_0010002", "seborrheic keratosis"),
+        ("ISIC_0010003", "vascular lesion"),
+        ("ISIC_0010004", "actinic keratosis"),
+        ("ISIC_0010005", "lentigo simplex"),
+        ("ISIC_0010006", ""),
+    ]
     lines = ["isic_id,benign_malignant,diagnosis"] + [f"{i},benign,{dx}" for i, dx in rows]
     (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
     for n, (image_id, _) in enumerate(rows):
@@ -146,20 +156,28 @@ def test_isic_cli_legacy_diagnosis_column(tmp_path):
 
     index = index_any(tmp_path)
 
-    assert dx_by_image(index) == {"ISIC_0010001": "mel", "ISIC_0010002": "bkl", "ISIC_0010003": "vasc",
-                                  "ISIC_0010004": "akiec"}
-    assert index.report.unknown_diagnoses == ["row 6: ISIC_0010005 has diagnosis 'lentigo simplex'",
-                                              "row 7: ISIC_0010006 has diagnosis 'no diagnosis'"]
+    assert dx_by_image(index) == {
+        "ISIC_0010001": "mel",
+        "ISIC_0010002": "bkl",
+        "ISIC_0010003": "vasc",
+        "ISIC_0010004": "akiec",
+    }
+    assert index.report.unknown_diagnoses == [
+        "row 6: ISIC_0010005 has diagnosis 'lentigo simplex'",
+        "row 7: ISIC_0010006 has diagnosis 'no diagnosis'",
+    ]
     assert index.report.images_without_metadata == []  # set aside with their rows, not reported twice
 
 
 def test_isic2018_ground_truth(tmp_path, ham_columns):
-    gt = ["image,MEL,NV,BCC,AKIEC,BKL,DF,VASC",
-          "ISIC_0034524,0.0,1.0,0.0,0.0,0.0,0.0,0.0",
-          "ISIC_0034525,1.0,0.0,0.0,0.0,0.0,0.0,0.0",
-          "ISIC_0034526,0.0,0.0,0.0,1.0,0.0,0.0,0.0",
-          "ISIC_0034527,1.0,1.0,0.0,0.0,0.0,0.0,0.0",  # two positives
-          "ISIC_0034528,0.0,0.0,0.0,0.0,0.0,0.0,1.0"]  # no image
+    gt = [
+        "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC",
+        "ISIC_0034524,0.0,1.0,0.0,0.0,0.0,0.0,0.0",
+        "ISIC_0034525,1.0,0.0,0.0,0.0,0.0,0.0,0.0",
+        "ISIC_0034526,0.0,0.0,0.0,1.0,0.0,0.0,0.0",
+        "ISIC_0034527,1.0,1.0,0.0,0.0,0.0,0.0,0.0",  # two positives
+        "ISIC_0034528,0.0,0.0,0.0,0.0,0.0,0.0,1.0",
+    ]  # no image
     (tmp_path / "ISIC2018_Task3_Test_GroundTruth.csv").write_text("\r\n".join(gt) + "\r\n")
     images = tmp_path / "ISIC2018_Task3_Test_Input"
     for n, image_id in enumerate(["ISIC_0034524", "ISIC_0034525", "ISIC_0034526", "ISIC_0034527", "ISIC_0034599"]):
@@ -184,9 +202,11 @@ def test_ham10000_layouts_go_to_index_dataset(tiny_root, tmp_path):
     assert index_any(tiny_root).frame.equals(index_dataset(tiny_root).frame)
 
     # Dataverse's ISIC 2018 test ground truth uses the HAM10000 metadata columns, quoted and tab-separated.
-    tab = ['"lesion_id"\t"image_id"\t"dx"\t"dx_type"\t"age"\t"sex"\t"localization"\t"dataset"',
-           '"HAMTEST_0000001"\t"ISIC_0034524"\t"nv"\t"follow_up"\t40\t"female"\t"back"\t"vidir_molemax"',
-           '"HAMTEST_0000002"\t"ISIC_0034525"\t"bcc"\t"histo"\t70\t"male"\t"face"\t"rosendahl"']
+    tab = [
+        '"lesion_id"\t"image_id"\t"dx"\t"dx_type"\t"age"\t"sex"\t"localization"\t"dataset"',
+        '"HAMTEST_0000001"\t"ISIC_0034524"\t"nv"\t"follow_up"\t40\t"female"\t"back"\t"vidir_molemax"',
+        '"HAMTEST_0000002"\t"ISIC_0034525"\t"bcc"\t"histo"\t70\t"male"\t"face"\t"rosendahl"',
+    ]
     (tmp_path / "ISIC2018_Task3_Test_GroundTruth.tab").write_text("\n".join(tab) + "\n")
     put_image(tmp_path / "ISIC2018_Task3_Test_Images" / "ISIC_0034524.jpg")
     put_image(tmp_path / "ISIC2018_Task3_Test_Images" / "ISIC_0034525.jpg", seed=1)

@@ -1,5 +1,6 @@
 """core.lesson and core.estimate: the imbalance lesson's experiments, table, curves and sentences, and the
 experiment's time estimate."""
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,30 @@ def published_table():
     return experiment, lesson.strategy_table({s: read_evaluation(p) for s, p in experiment.evaluated().items()})
 
 
-def evaluation(recall: dict[str, float], precision: dict[str, float] | None = None, accuracy: float = 0.7,
-               balanced: float = 0.5, support: dict[str, int] | None = None) -> dict:
+def evaluation(
+    recall: dict[str, float],
+    precision: dict[str, float] | None = None,
+    accuracy: float = 0.7,
+    balanced: float = 0.5,
+    support: dict[str, int] | None = None,
+) -> dict:
     """An evaluation.json's test part with the given rates (0.5 for the classes left out)."""
     precision, support = precision or {}, support or {}
-    return {"test": {"accuracy": accuracy, "balanced_accuracy": balanced, "per_class": [
-        {"code": c, "recall": recall.get(c, 0.5), "precision": precision.get(c, 0.5), "support": support.get(c, 10)}
-        for c in CLASSES]}}
+    return {
+        "test": {
+            "accuracy": accuracy,
+            "balanced_accuracy": balanced,
+            "per_class": [
+                {
+                    "code": c,
+                    "recall": recall.get(c, 0.5),
+                    "precision": precision.get(c, 0.5),
+                    "support": support.get(c, 10),
+                }
+                for c in CLASSES
+            ],
+        }
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -47,8 +65,12 @@ def test_published_runs_form_one_experiment_in_registry_order():
 
 
 def test_local_experiments_follow_the_registry_order(tmp_path):
-    manifest = {"name": "exp", "runs": ["exp-focal", "exp-none"], "strategies": ["focal", "none"],
-                "base": {"arch": "resnet18", "epochs": 3, "max_images": 500}}
+    manifest = {
+        "name": "exp",
+        "runs": ["exp-focal", "exp-none"],
+        "strategies": ["focal", "none"],
+        "base": {"arch": "resnet18", "epochs": 3, "max_images": 500},
+    }
     [experiment] = lesson.local_experiments([manifest], tmp_path)
     assert experiment.key == "exp" and experiment.title == "exp (resnet18, 3 epochs, at most 500 images)"
     assert experiment.runs == {"none": tmp_path / "exp-none", "focal": tmp_path / "exp-focal"}
@@ -64,8 +86,12 @@ def test_table_and_shown_numbers_come_from_the_evaluations():
     experiment, table = published_table()
     shown = lesson.shown_table(table)
     assert list(shown.columns) == list(table["label"])  # strategies across: narrow for any number of classes
-    assert list(shown.index) == ["accuracy", "balanced accuracy", *[f"recall · {c}" for c in CLASSES],
-                                 *[f"precision · {c}" for c in CLASSES]]
+    assert list(shown.index) == [
+        "accuracy",
+        "balanced accuracy",
+        *[f"recall · {c}" for c in CLASSES],
+        *[f"precision · {c}" for c in CLASSES],
+    ]
     for strategy, path in experiment.runs.items():
         test = read_evaluation(path)["test"]
         column = shown[STRATEGIES[strategy].label]
@@ -105,33 +131,45 @@ def test_sentences_on_the_published_runs():
         "sampler.",
     ]
     # Those are the published runs' own numbers.
-    test = {s: {c["code"]: c for c in read_evaluation(PUBLISHED / f"compare-mobilenet_v2-{s}")["test"]["per_class"]}
-            for s in ("none", "weighted_loss")}
+    test = {
+        s: {c["code"]: c for c in read_evaluation(PUBLISHED / f"compare-mobilenet_v2-{s}")["test"]["per_class"]}
+        for s in ("none", "weighted_loss")
+    }
     assert [f"{test[s]['mel']['recall']:.2f}" for s in test] == ["0.29", "0.49"]
     assert [f"{test[s]['mel']['precision']:.2f}" for s in test] == ["0.54", "0.31"]
     assert [f"{test[s]['nv']['recall']:.2f}" for s in test] == ["0.92", "0.70"]
 
 
 def test_sentences_follow_the_direction_of_each_change():
-    table = lesson.strategy_table({
-        "none": evaluation({"mel": 0.40, "nv": 0.80}, {"mel": 0.30}, accuracy=0.6, balanced=0.5),
-        "focal": evaluation({"mel": 0.30, "nv": 0.90, "df": 0.9}, {"mel": 0.60}, accuracy=0.7, balanced=0.52),
-    })
+    table = lesson.strategy_table(
+        {
+            "none": evaluation({"mel": 0.40, "nv": 0.80}, {"mel": 0.30}, accuracy=0.6, balanced=0.5),
+            "focal": evaluation({"mel": 0.30, "nv": 0.90, "df": 0.9}, {"mel": 0.60}, accuracy=0.7, balanced=0.52),
+        }
+    )
     mel, balanced, gain = lesson.sentences(table)
-    assert mel == ("Compared with none (plain cross-entropy), focal loss lowered melanoma recall from 0.40 to 0.30 "
-                   "and raised its precision from 0.30 to 0.60; nevus recall rose from 0.80 to 0.90.")
+    assert mel == (
+        "Compared with none (plain cross-entropy), focal loss lowered melanoma recall from 0.40 to 0.30 "
+        "and raised its precision from 0.30 to 0.60; nevus recall rose from 0.80 to 0.90."
+    )
     # Nevi are a seventh of these test images: no word on accuracy counting mostly nevi.
-    assert balanced == ("Balanced accuracy, the mean of the seven recalls, rose from 0.50 to 0.52 with focal loss, "
-                        "while accuracy rose from 0.60 to 0.70.")
-    assert gain == "The largest gain in a single class is dermatofibroma (df): its recall rose from 0.50 to 0.90 " \
-                   "with focal loss."
+    assert balanced == (
+        "Balanced accuracy, the mean of the seven recalls, rose from 0.50 to 0.52 with focal loss, "
+        "while accuracy rose from 0.60 to 0.70."
+    )
+    assert (
+        gain == "The largest gain in a single class is dermatofibroma (df): its recall rose from 0.50 to 0.90 "
+        "with focal loss."
+    )
 
 
 def test_sentences_when_nothing_changes_or_there_is_no_baseline():
     same = evaluation({"mel": 0.3, "nv": 0.9})
     mel, balanced = lesson.sentences(lesson.strategy_table({"none": same, "sampler": same}))
-    assert "weighted sampler left melanoma recall at 0.30 and left its precision at 0.50; nevus recall stayed " \
-           "at 0.90." in mel
+    assert (
+        "weighted sampler left melanoma recall at 0.30 and left its precision at 0.50; nevus recall stayed "
+        "at 0.90." in mel
+    )
     assert "stayed at 0.50 with weighted sampler, while accuracy stayed at 0.70." in balanced
     # Without `none`, the first strategy in the registry's order is the baseline.
     said = lesson.sentences(lesson.strategy_table({"focal": evaluation({"mel": 0.6}), "oversample": same}))
@@ -152,12 +190,20 @@ def test_experiment_images_per_strategy(tiny_root):
     assert total == len(frame) == 84
     assert images["oversample"] == len(CLASSES) * train["label"].value_counts().max() > len(train)
     assert {s: n for s, n in images.items() if s != "oversample"} == dict.fromkeys(
-        [s for s in STRATEGIES if s != "oversample"], len(train))
+        [s for s in STRATEGIES if s != "oversample"], len(train)
+    )
 
 
 def test_estimate_adds_start_up_epochs_and_extraction():
-    rates = {k: estimate.Rate(v, "test") for k, v in
-             {"startup_s": 10, "features_images_per_s": 50, "head_images_per_s": 1000, "epoch_overhead_s": 0.5}.items()}
+    rates = {
+        k: estimate.Rate(v, "test")
+        for k, v in {
+            "startup_s": 10,
+            "features_images_per_s": 50,
+            "head_images_per_s": 1000,
+            "epoch_overhead_s": 0.5,
+        }.items()
+    }
     guess = estimate.estimate({"none": 1000, "oversample": 3000}, 500, 2, rates)
     assert guess.cached_s == pytest.approx(10 + 2 * (1000 / 1000 + 0.5 + 3000 / 1000 + 0.5))
     assert guess.features_s == pytest.approx(10)
@@ -173,18 +219,23 @@ def write_run(folder: Path, arch: str, epochs: list[tuple[float, float]], wall_s
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "status.json").write_text(json.dumps({"state": "finished"}))
     at = lambda s: f"2026-01-01T00:{s // 60:02d}:{s % 60:02d}+00:00"  # noqa: E731
-    lines = [{"event": "progress", "time": at(s), "epoch": 0, "step": n, "steps": 1000, "phase": "features"}
-             for s, n in feature_steps]
+    lines = [
+        {"event": "progress", "time": at(s), "epoch": 0, "step": n, "steps": 1000, "phase": "features"}
+        for s, n in feature_steps
+    ]
     lines.append({"event": "start", "time": at(100), "epochs": len(epochs)})
-    lines += [{"event": "epoch", "time": at(100), "epoch": i + 1, "images_per_s": r, "seconds": s}
-              for i, (r, s) in enumerate(epochs)]
+    lines += [
+        {"event": "epoch", "time": at(100), "epoch": i + 1, "images_per_s": r, "seconds": s}
+        for i, (r, s) in enumerate(epochs)
+    ]
     lines.append({"event": "end", "time": at(100 + wall_s), "status": "finished"})
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
 
 
 def test_recorded_rates_come_from_matching_runs_and_fall_back_on_the_benchmark(tmp_path):
-    write_run(tmp_path / "a", "mobilenet_v2", [(1000.0, 2.0), (3000.0, 2.0)], wall_s=10,
-              feature_steps=[(0, 0), (20, 1000)])
+    write_run(
+        tmp_path / "a", "mobilenet_v2", [(1000.0, 2.0), (3000.0, 2.0)], wall_s=10, feature_steps=[(0, 0), (20, 1000)]
+    )
     write_run(tmp_path / "b", "resnet18", [(10.0, 100.0)], wall_s=200)  # another backbone: not counted
     cfg = config_with("seed", arch="mobilenet_v2")
     rates = estimate.recorded_rates(list_runs(tmp_path), cfg)
@@ -195,8 +246,19 @@ def test_recorded_rates_come_from_matching_runs_and_fall_back_on_the_benchmark(t
     assert "startup_s" not in rates
 
     bench = tmp_path / "BENCHMARKS.json"
-    bench.write_text(json.dumps({"experiment": {"date": "2026-01-02", "arch": "mobilenet_v2", "input_size": [224, 224],
-                                                "startup_s": 9.0, "head_images_per_s": 5.0}}))
+    bench.write_text(
+        json.dumps(
+            {
+                "experiment": {
+                    "date": "2026-01-02",
+                    "arch": "mobilenet_v2",
+                    "input_size": [224, 224],
+                    "startup_s": 9.0,
+                    "head_images_per_s": 5.0,
+                }
+            }
+        )
+    )
     fallback = estimate.benchmark_rates(bench)
     assert {k: r.value for k, r in fallback.items()} == {"startup_s": 9.0, "head_images_per_s": 5.0}
     assert fallback["startup_s"].basis == "bench/experiment.py on 2026-01-02, mobilenet_v2 at 224×224"

@@ -1,5 +1,6 @@
 """The `integration` marker splits the suite as promised: `-m "not integration"` is the fast loop without the
 full HAM10000, and tests/conftest.py marks every test that asks for it (the ham_root fixture)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,8 +18,13 @@ ON_THE_FULL_DATASET = {
 
 
 def collected(marker_expression: str) -> set[str]:
-    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "-m", marker_expression], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marker_expression],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {line for line in done.stdout.splitlines() if "::" in line}
 

@@ -1,4 +1,5 @@
 """Models through torchvision's weights API: pretrained weights, local files, fine-tuning policies."""
+
 from __future__ import annotations
 
 import time

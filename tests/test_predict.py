@@ -1,5 +1,6 @@
 """core.predict and core.evaluate with real checkpoints and real image files: label order end to end,
 decoding of awkward uploads, calibration, TTA, and both command lines."""
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,7 @@ PREP = Preprocessing(input_size=(48, 48))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def save_checkpoint(path: Path, model=None, *, prep: Preprocessing = PREP, temperature: float = 1.0,
-                    **extra) -> Path:
+def save_checkpoint(path: Path, model=None, *, prep: Preprocessing = PREP, temperature: float = 1.0, **extra) -> Path:
     if model is None:
         torch.manual_seed(0)
         model = build_model("resnet18", weights="none", finetune="head", head="linear")
@@ -61,8 +61,9 @@ def lesion(path: Path, label: int = 4, size=(48, 36), seed: int = 0) -> Path:
 
 def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def test_a_known_diagnosis_appears_under_its_own_name_everywhere(known_diagnoses
     table = done.stdout.splitlines()
     bkl_line = next(line for line in table if line.startswith("bkl "))
     assert "Benign keratosis-like lesion" in bkl_line and bkl_line.split()[-1] == "1"
-    matrix = table[table.index(next(line for line in table if line.startswith("true/pred"))):]
+    matrix = table[table.index(next(line for line in table if line.startswith("true/pred"))) :]
     assert matrix[0].split()[1:] == list(CLASSES)
     assert matrix[1 + bkl].split()[1:] == ["0", "0", "0", "0", "1", "0", "0"]
 
@@ -178,8 +179,11 @@ def test_tta_averages_the_four_flips(predictor, tmp_path):
         views = [torch.softmax(predictor.model(v), 1) for v in (x, x.flip(-1), x.flip(-2), x.flip((-2, -1)))]
     np.testing.assert_allclose(tta.probs, torch.stack(views).mean(0)[0].numpy(), rtol=1e-5)
     Image.new("RGB", (48, 36), (150, 90, 60)).save(tmp_path / "flat.png")  # flip-invariant
-    np.testing.assert_allclose(predictor.predict(tmp_path / "flat.png", tta=True).probs,
-                               predictor.predict(tmp_path / "flat.png").probs, rtol=1e-5)
+    np.testing.assert_allclose(
+        predictor.predict(tmp_path / "flat.png", tta=True).probs,
+        predictor.predict(tmp_path / "flat.png").probs,
+        rtol=1e-5,
+    )
 
 
 def test_exif_rotation_is_applied_before_the_model(predictor, tmp_path):
@@ -212,8 +216,10 @@ def test_awkward_image_modes_become_rgb(predictor, tmp_path):
     Image.fromarray(deep).save(tmp_path / "deep16.png")
     assert Image.open(tmp_path / "deep16.png").mode.startswith("I")
 
-    results = {name: predictor.predict(tmp_path / name)
-               for name in ("rgba.png", "palette.png", "grey.png", "cmyk.jpg", "deep16.png")}
+    results = {
+        name: predictor.predict(tmp_path / name)
+        for name in ("rgba.png", "palette.png", "grey.png", "cmyk.jpg", "deep16.png")
+    }
     for name, pred in results.items():
         assert pred.image.mode == "RGB" and pred.image.size == (48, 36), name
         assert pred.probs.sum() == pytest.approx(1.0) and np.isfinite(pred.probs).all(), name
@@ -314,8 +320,7 @@ def test_one_predictor_serves_concurrent_sessions(predictor, tmp_path):
 
 def test_source_size_is_applied_to_uploads(tmp_path):
     # Trained on 200×150 downscales: a large upload is brought to that size before the model sees it.
-    small = Predictor(save_checkpoint(tmp_path / "s.pt", prep=Preprocessing(input_size=(48, 64),
-                                                                            source_size=(64, 48))))
+    small = Predictor(save_checkpoint(tmp_path / "s.pt", prep=Preprocessing(input_size=(48, 64), source_size=(64, 48))))
     pred = small.predict(lesion(tmp_path / "big.jpg", size=(640, 400)))
     assert pred.image.size == (64, 48) and tuple(pred.input_tensor.shape) == (1, 3, 48, 64)
 
@@ -355,10 +360,15 @@ def test_predict_cli_bad_file_is_one_line_exit_2(ckpt, tmp_path):
     assert done.stderr.startswith("error:") and "notes.txt" in done.stderr and done.stdout == ""
 
 
-@pytest.mark.parametrize(("size", "expected"), [
-    ((8, 8), "only 8×8 pixels"), ((1, 1), "only 1×1 pixels"), ((10000, 10), "only 10000×10 pixels"),
-    ((400, 80), "400×80 pixels, 5.0:1"),
-])
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((8, 8), "only 8×8 pixels"),
+        ((1, 1), "only 1×1 pixels"),
+        ((10000, 10), "only 10000×10 pixels"),
+        ((400, 80), "400×80 pixels, 5.0:1"),
+    ],
+)
 def test_predict_cli_refuses_images_too_small_or_elongated_to_diagnose(ckpt, tmp_path, capsys, size, expected):
     path = lesion(tmp_path / "small.png", size=size)
     assert main([str(ckpt), str(path)]) == 2
@@ -408,8 +418,9 @@ def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
 
 
 def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, capsys):
-    sub = save_checkpoint(tmp_path / "sub.pt", config={"split_seed": 0, "split_fractions": [0.7, 0.15, 0.15],
-                                                        "max_images": 40})
+    sub = save_checkpoint(
+        tmp_path / "sub.pt", config={"split_seed": 0, "split_fractions": [0.7, 0.15, 0.15], "max_images": 40}
+    )
     with pytest.raises(evaluate.EvaluationError, match="subsample"):
         evaluate.evaluate_checkpoint(sub, tiny_root)
     with pytest.raises(evaluate.EvaluationError, match="summing to 1"):
@@ -441,8 +452,21 @@ def test_a_test_split_recomputed_on_other_images_is_flagged(tiny_run, tiny_root,
     for i, code in enumerate(CLASSES * 6):
         (tmp_path / "other" / code).mkdir(parents=True, exist_ok=True)
         lesion(tmp_path / "other" / code / f"other_{i:02d}.jpg", label=CLASSES.index(code), seed=i)
-    assert evaluate.main(["--checkpoint", str(best), "--data", str(tmp_path / "other"), "--bootstrap", "0",
-                          "--out", str(tmp_path / "other.json")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(best),
+                "--data",
+                str(tmp_path / "other"),
+                "--bootstrap",
+                "0",
+                "--out",
+                str(tmp_path / "other.json"),
+            ]
+        )
+        == 0
+    )
     warning = json.loads((tmp_path / "other.json").read_text())["split_warning"]
     assert "is not the folder this model was trained on" in warning
     assert "only 0% of these" in warning and "in the test split of run tiny" in warning

@@ -1,4 +1,5 @@
 """core.quiz: which images a model may be quizzed on, the reproducible draw, and the scoring."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,9 +33,18 @@ def reference() -> dict:
 
 def synthetic(counts: dict[str, int], split: str = "test", views: int = 1) -> tuple[pd.DataFrame, pd.Series]:
     """A frame with ``counts[code]`` lesions per class, ``views`` images each, all in ``split``."""
-    rows = [{"image_id": f"ISIC_{code}_{i:03d}_{v}", "lesion_id": f"HAM_{code}_{i:03d}", "dx": code,
-             "dx_type": "histo", "path": f"/nowhere/{code}_{i}_{v}.jpg"}
-            for code, k in counts.items() for i in range(k) for v in range(views)]
+    rows = [
+        {
+            "image_id": f"ISIC_{code}_{i:03d}_{v}",
+            "lesion_id": f"HAM_{code}_{i:03d}",
+            "dx": code,
+            "dx_type": "histo",
+            "path": f"/nowhere/{code}_{i}_{v}.jpg",
+        }
+        for code, k in counts.items()
+        for i in range(k)
+        for v in range(views)
+    ]
     frame = pd.DataFrame(rows)
     return frame, pd.Series(split, index=frame["image_id"])
 
@@ -199,8 +209,9 @@ def test_score_against_a_hand_computed_example():
     # Student: 6 + 1 + 1 right of 10; recalls nv 6/7, mel 1, bkl 1, df 0 -> balanced (6/7 + 2) / 4.
     assert you["accuracy"] == pytest.approx(0.8)
     assert you["balanced_accuracy"] == pytest.approx((6 / 7 + 1 + 1 + 0) / 4)
-    assert you["recall"] == pytest.approx({"akiec": None, "bcc": None, "bkl": 1.0, "df": 0.0, "mel": 1.0,
-                                           "nv": 6 / 7, "vasc": None})
+    assert you["recall"] == pytest.approx(
+        {"akiec": None, "bcc": None, "bkl": 1.0, "df": 0.0, "mel": 1.0, "nv": 6 / 7, "vasc": None}
+    )
     nv, mel, bkl, df = (CLASSES.index(c) for c in ("nv", "mel", "bkl", "df"))
     cm = np.array(you["confusion_matrix"])
     assert cm[nv, nv] == 6 and cm[nv, mel] == 1 and cm[df, nv] == 1 and cm[mel, mel] == cm[bkl, bkl] == 1
@@ -217,9 +228,11 @@ def test_score_against_a_hand_computed_example():
 def test_summary_sentences_say_what_the_numbers_say():
     truths, answers, model, confidences = hand_example()
     sentences = summary_sentences(score(truths, answers, model, confidences), "natural")
-    assert sentences[0] == ("Under natural prevalence (the most common class, nv, is 7 of the 10 images) accuracy "
-                            "flatters both: the model's accuracy 0.70 vs balanced accuracy 0.25, yours 0.80 vs "
-                            "balanced accuracy 0.71.")
+    assert sentences[0] == (
+        "Under natural prevalence (the most common class, nv, is 7 of the 10 images) accuracy "
+        "flatters both: the model's accuracy 0.70 vs balanced accuracy 0.25, yours 0.80 vs "
+        "balanced accuracy 0.71."
+    )
     assert "nv makes up 70% of it" in sentences[1] and "so nv counts for 25%" in sentences[1]
     assert "On balanced accuracy you beat the model: 0.71 vs its 0.25." in sentences
     assert "Melanoma: you recognised 1 of 1, the model 0 of 1." in sentences
@@ -227,8 +240,9 @@ def test_summary_sentences_say_what_the_numbers_say():
     # Equal counts per class: the two measures coincide, and the sentences say so.
     balanced = score(["mel", "nv"], ["nv", "nv"], np.eye(len(CLASSES))[[CLASSES.index("mel")] * 2])
     sentences = summary_sentences(balanced, "balanced")
-    assert sentences[0].startswith("With a balanced mix (1 image per class) accuracy and balanced accuracy "
-                                   "agree for both")
+    assert sentences[0].startswith(
+        "With a balanced mix (1 image per class) accuracy and balanced accuracy agree for both"
+    )
     assert "coincide" in sentences[1]
     assert "On balanced accuracy you tied with the model (0.50)." in sentences
 
@@ -237,8 +251,16 @@ def test_results_table_has_a_row_per_image_in_quiz_order():
     truths, answers, model, confidences = hand_example()
     rows = pd.DataFrame({"image_id": [f"ISIC_{i}" for i in range(10)], "dx": truths, "dx_type": "histo"})
     table = quiz.results_table(rows, answers, [None, *confidences[1:]], model)
-    assert list(table.columns) == ["position", "image_id", "truth", "confirmed_by", "student_answer",
-                                   "student_confidence", "model_top_class", *(f"prob_{c}" for c in CLASSES)]
+    assert list(table.columns) == [
+        "position",
+        "image_id",
+        "truth",
+        "confirmed_by",
+        "student_answer",
+        "student_confidence",
+        "model_top_class",
+        *(f"prob_{c}" for c in CLASSES),
+    ]
     assert table["position"].tolist() == list(range(1, 11))
     assert table["student_answer"].tolist() == answers and table["model_top_class"].eq("nv").all()
     assert pd.isna(table["student_confidence"].iloc[0]) and table["student_confidence"].iloc[1] == 5

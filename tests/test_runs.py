@@ -1,4 +1,5 @@
 """core.runs: the run folder's writers and readers agree, without a trainer or a job in between."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,17 @@ def test_finalize_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     n = 9
     labels = rng.integers(0, len(CLASSES), n)
-    images = pd.DataFrame({"image_id": [f"ISIC_{i}" for i in range(n)], "lesion_id": [f"L{i}" for i in range(n)],
-                           "path": [f"/data/ISIC_{i}.jpg" for i in range(n)], "label": labels,
-                           "dx": [CLASSES[i] for i in labels], "split": "test"},
-                          index=range(100, 100 + n))  # a slice of a larger frame keeps its index
+    images = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i}" for i in range(n)],
+            "lesion_id": [f"L{i}" for i in range(n)],
+            "path": [f"/data/ISIC_{i}.jpg" for i in range(n)],
+            "label": labels,
+            "dx": [CLASSES[i] for i in labels],
+            "split": "test",
+        },
+        index=range(100, 100 + n),
+    )  # a slice of a larger frame keeps its index
     logits = rng.normal(size=(n, len(CLASSES)))
     probs = softmax(logits, 1.7)
     evaluation = {"temperature": 1.7, "epoch": 3, "test": {"accuracy": 0.5}}
@@ -49,8 +57,9 @@ def test_finalize_round_trip(tmp_path):
     np.testing.assert_allclose(read_probs, probs, rtol=1e-12)
     np.testing.assert_allclose(read_logits, logits, rtol=1e-12)
     assert read_eval == evaluation
-    assert list(table.columns) == (["image_id", "path", "label", "dx"] + [f"prob_{c}" for c in CLASSES]
-                                   + [f"logit_{c}" for c in CLASSES])
+    assert list(table.columns) == (
+        ["image_id", "path", "label", "dx"] + [f"prob_{c}" for c in CLASSES] + [f"logit_{c}" for c in CLASSES]
+    )
     assert table["image_id"].tolist() == images["image_id"].tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json", "test_predictions.csv"]
 
@@ -68,8 +77,15 @@ def test_config_and_split_round_trip(tmp_path):
     assert read_config(tmp_path) == {}
     write_config(tmp_path, config)
     assert read_config(tmp_path) == config
-    frame = pd.DataFrame({"image_id": ["a", "b", "c"], "lesion_id": ["l1", "l1", "l2"], "dx": ["nv", "nv", "mel"],
-                          "split": ["train", "train", "test"], "path": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"]})
+    frame = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "lesion_id": ["l1", "l1", "l2"],
+            "dx": ["nv", "nv", "mel"],
+            "split": ["train", "train", "test"],
+            "path": ["/x/a.jpg", "/x/b.jpg", "/x/c.jpg"],
+        }
+    )
     write_split(tmp_path, frame)
     pd.testing.assert_frame_equal(read_split(tmp_path), frame[["image_id", "lesion_id", "dx", "split"]])
 
@@ -88,10 +104,12 @@ def test_mark_unfinished_keeps_what_the_trainer_said(tmp_path):
 
 
 def test_wall_time_spans_first_start_to_last_end(tmp_path):
-    events = [{"event": "start", "time": "2025-01-01T10:00:00+00:00"},
-              {"event": "end", "status": "stopped", "time": "2025-01-01T10:20:00+00:00"},
-              {"event": "start", "time": "2025-01-01T11:00:00+00:00"},
-              {"event": "end", "status": "finished", "time": "2025-01-01T11:30:30+00:00"}]
+    events = [
+        {"event": "start", "time": "2025-01-01T10:00:00+00:00"},
+        {"event": "end", "status": "stopped", "time": "2025-01-01T10:20:00+00:00"},
+        {"event": "start", "time": "2025-01-01T11:00:00+00:00"},
+        {"event": "end", "status": "finished", "time": "2025-01-01T11:30:30+00:00"},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     assert read_run(tmp_path).wall_time_s == 90 * 60 + 30
     (tmp_path / "metrics.jsonl").write_text(json.dumps(events[0]) + "\n")
@@ -114,11 +132,18 @@ def test_a_queued_run_of_the_live_job_shows_the_config_it_will_use(tmp_path):
 def test_truncate_to_epoch_keeps_what_the_checkpoint_holds(tmp_path):
     """The log a trainer killed in epoch 3, after logging epoch 3 but before saving it, then killed again while
     resuming: cut back to epoch 2 it holds each epoch once, the progress up to it, and every start."""
-    events = [{"event": "start", "first_epoch": 1}, {"event": "progress", "epoch": 1, "step": 4},
-              {"event": "epoch", "epoch": 1}, {"event": "progress", "epoch": 2, "step": 4},
-              {"event": "epoch", "epoch": 2}, {"event": "progress", "epoch": 3, "step": 4},
-              {"event": "epoch", "epoch": 3}, {"event": "start", "first_epoch": 3},
-              {"event": "progress", "epoch": 3, "step": 2}, {"event": "end", "status": "failed"}]
+    events = [
+        {"event": "start", "first_epoch": 1},
+        {"event": "progress", "epoch": 1, "step": 4},
+        {"event": "epoch", "epoch": 1},
+        {"event": "progress", "epoch": 2, "step": 4},
+        {"event": "epoch", "epoch": 2},
+        {"event": "progress", "epoch": 3, "step": 4},
+        {"event": "epoch", "epoch": 3},
+        {"event": "start", "first_epoch": 3},
+        {"event": "progress", "epoch": 3, "step": 2},
+        {"event": "end", "status": "failed"},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "prog')
     log = RunLog(tmp_path)
     log.truncate_to_epoch(2)

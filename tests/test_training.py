@@ -1,5 +1,6 @@
 """The trainer on real (tiny, synthetic) images and real models: run folder, resume, stop,
 reproducibility, imbalance strategies, the feature cache and the command line."""
+
 from __future__ import annotations
 
 import json
@@ -33,21 +34,36 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
 def tiny_config(tiny_root, tmp_path, **kw) -> TrainConfig:
-    base = dict(data=str(tiny_root), out=str(tmp_path / "runs"), weights="none", input_size=(32, 32), epochs=2,
-                batch_size=8, cache_dir=str(tmp_path / "cache"), split_fractions=(0.5, 0.25, 0.25))
+    base = dict(
+        data=str(tiny_root),
+        out=str(tmp_path / "runs"),
+        weights="none",
+        input_size=(32, 32),
+        epochs=2,
+        batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        split_fractions=(0.5, 0.25, 0.25),
+    )
     return config_with("seed", **{**base, **kw})
 
 
 def epoch_lines(run_dir) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(x)["event"] == "epoch"]
+    return [
+        json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(x)["event"] == "epoch"
+    ]
 
 
 def test_seed_preset_is_the_course_pipeline():
     seed = PRESETS["seed"]
     assert (seed.arch, seed.weights, seed.finetune, seed.head) == ("resnet18", "imagenet", "head", "mlp")
     assert (seed.batch_size, seed.optimizer, seed.lr, seed.scheduler, seed.step_size, seed.gamma) == (
-        16, "adam", 1e-3, "step", 7, 0.1)
+        16,
+        "adam",
+        1e-3,
+        "step",
+        7,
+        0.1,
+    )
     assert (seed.imbalance, seed.input_size, seed.augmentation) == ("oversample", (224, 224), "seed")
     model = build_model("resnet18", "none", "head", "mlp")
     layers = list(model.head)
@@ -80,8 +96,16 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
 
 
 def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_path):
-    cfg = tiny_config(tiny_root, tmp_path, finetune="full", arch="mobilenet_v2", epochs=3, feature_cache=False,
-                      scheduler="cosine", imbalance="sampler")
+    cfg = tiny_config(
+        tiny_root,
+        tmp_path,
+        finetune="full",
+        arch="mobilenet_v2",
+        epochs=3,
+        feature_cache=False,
+        scheduler="cosine",
+        imbalance="sampler",
+    )
     a = epoch_lines(train(config_with(cfg, name="a")))
     b = epoch_lines(train(config_with(cfg, name="b")))
     assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
@@ -127,10 +151,37 @@ sys.exit(main(sys.argv[1:]))
 def test_resume_after_a_kill_logs_each_epoch_once_and_leaves_no_temporaries(tiny_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_WHILE_SAVING_EPOCH_TWO, "--data", str(tiny_root), "--weights", "none",
-         "--epochs", "4", "--input-size", "32", "32", "--batch-size", "8", "--imbalance", "none", "--out",
-         str(tmp_path / "runs"), "--name", "k", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"],
-        capture_output=True, text=True, cwd=ROOT, env=env)
+        [
+            sys.executable,
+            "-c",
+            KILLED_WHILE_SAVING_EPOCH_TWO,
+            "--data",
+            str(tiny_root),
+            "--weights",
+            "none",
+            "--epochs",
+            "4",
+            "--input-size",
+            "32",
+            "32",
+            "--batch-size",
+            "8",
+            "--imbalance",
+            "none",
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "k",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     run_dir = tmp_path / "runs" / "k"
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # What the kill left: epoch 2 in the log but not in last.pt, and an empty temporary file.
@@ -149,7 +200,8 @@ def test_resume_after_a_kill_logs_each_epoch_once_and_leaves_no_temporaries(tiny
     # And the same numbers as a run nobody interrupted.
     uninterrupted = train(config_with(cfg, name="u"))
     assert [round(e["val_loss"], 5) for e in epoch_lines(run_dir)] == [
-        round(e["val_loss"], 5) for e in epoch_lines(uninterrupted)]
+        round(e["val_loss"], 5) for e in epoch_lines(uninterrupted)
+    ]
     assert read_evaluation(run_dir)["test"]["accuracy"] == read_evaluation(uninterrupted)["test"]["accuracy"]
 
 
@@ -195,17 +247,35 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
     cache = FeatureCache(tmp_path / "cache")
     key = backbone_key("resnet18", "none", prep)
     computed = []
-    first, damaged = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
-                                    progress=lambda done, total: computed.append(total))
+    first, damaged = cache.features(
+        model.backbone,
+        key,
+        paths,
+        prep,
+        device=torch.device("cpu"),
+        progress=lambda done, total: computed.append(total),
+    )
     assert first.shape == (10, 512) and damaged == [] and computed[-1] == 10
     computed.clear()
-    again, _ = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
-                              progress=lambda done, total: computed.append(total))
+    again, _ = cache.features(
+        model.backbone,
+        key,
+        paths,
+        prep,
+        device=torch.device("cpu"),
+        progress=lambda done, total: computed.append(total),
+    )
     assert torch.equal(first, again) and computed == [10]  # reported as done, nothing recomputed
     os.utime(paths[3], ns=(1, 1))  # a changed file gets new features
     computed.clear()
-    cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
-                   progress=lambda done, total: computed.append(total))
+    cache.features(
+        model.backbone,
+        key,
+        paths,
+        prep,
+        device=torch.device("cpu"),
+        progress=lambda done, total: computed.append(total),
+    )
     assert computed == [1]
     assert backbone_key("resnet18", "none", Preprocessing(input_size=(64, 64))) != key
 
@@ -214,8 +284,14 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
     write_truncated_jpeg(paths[5])
     for _ in range(2):
         computed.clear()
-        feats, damaged = cache.features(model.backbone, key, paths, prep, device=torch.device("cpu"),
-                                        progress=lambda done, total: computed.append(total))
+        feats, damaged = cache.features(
+            model.backbone,
+            key,
+            paths,
+            prep,
+            device=torch.device("cpu"),
+            progress=lambda done, total: computed.append(total),
+        )
         assert computed == [1] and damaged == [paths[5]]
         assert torch.allclose(feats, torch.cat([first[:5], first[6:]]), atol=1e-5)
     Path(paths[5]).write_bytes(original)
@@ -225,11 +301,27 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
 
 def test_cli_help_and_clear_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    helped = subprocess.run([sys.executable, "-m", "core.train", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, env=env)
+    helped = subprocess.run(
+        [sys.executable, "-m", "core.train", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
     assert helped.returncode == 0 and "--preset" in helped.stdout and "--imbalance" in helped.stdout
-    bad = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tmp_path / "nowhere"), "--weights",
-                          "none", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.train",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--weights",
+            "none",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -237,28 +329,81 @@ def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     work = tmp_path / "work"
     work.mkdir()
-    done = subprocess.run([sys.executable, "-m", "core.train", "--data", str(tiny_root), "--weights", "none",
-                           "--epochs", "1", "--input-size", "32", "32", "--out", str(work / "out"), "--name",
-                           "../evil", "--cache-dir", str(tmp_path / "c")],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.train",
+            "--data",
+            str(tiny_root),
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--input-size",
+            "32",
+            "32",
+            "--out",
+            str(work / "out"),
+            "--name",
+            "../evil",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: '../evil' is not a usable run name"), done.stderr
     assert list(work.iterdir()) == []
 
 
 def test_cli_reaches_every_config_field():
-    argv = ("--data d --out o --name n --arch densenet121 --weights none --finetune last --head linear "
-            "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
-            "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
-            "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
-            "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
-            "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc")
+    argv = (
+        "--data d --out o --name n --arch densenet121 --weights none --finetune last --head linear "
+        "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
+        "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
+        "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
+        "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
+        "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc"
+    )
     expected = TrainConfig(
-        data="d", out="o", name="n", arch="densenet121", weights="none", finetune="last", head="linear",
-        imbalance="focal", focal_gamma=1.5, class_weight_power=0.5, epochs=3, batch_size=32, optimizer="sgd",
-        lr=0.01, weight_decay=1e-4, label_smoothing=0.1, scheduler="cosine", step_size=5, gamma=0.5,
-        warmup_epochs=1, input_size=(150, 200), source_size=(200, 150), augmentation="strong",
-        split_fractions=(0.6, 0.2, 0.2), split_seed=4, seed=5, feature_cache=False, cache_dir="c", max_images=500,
-        device="cpu", num_workers=3, amp=False, channels_last=False, select_metric="val_acc")
+        data="d",
+        out="o",
+        name="n",
+        arch="densenet121",
+        weights="none",
+        finetune="last",
+        head="linear",
+        imbalance="focal",
+        focal_gamma=1.5,
+        class_weight_power=0.5,
+        epochs=3,
+        batch_size=32,
+        optimizer="sgd",
+        lr=0.01,
+        weight_decay=1e-4,
+        label_smoothing=0.1,
+        scheduler="cosine",
+        step_size=5,
+        gamma=0.5,
+        warmup_epochs=1,
+        input_size=(150, 200),
+        source_size=(200, 150),
+        augmentation="strong",
+        split_fractions=(0.6, 0.2, 0.2),
+        split_seed=4,
+        seed=5,
+        feature_cache=False,
+        cache_dir="c",
+        max_images=500,
+        device="cpu",
+        num_workers=3,
+        amp=False,
+        channels_last=False,
+        select_metric="val_acc",
+    )
     unchanged = [f.name for f in fields(TrainConfig) if getattr(expected, f.name) == getattr(PRESETS["seed"], f.name)]
     assert unchanged == []  # so every field is set by a flag above
     assert config_from_args(build_parser().parse_args(argv.split())) == expected
@@ -285,10 +430,34 @@ def test_cli_help_mentions_every_field_and_rejects_unknown_choices(capsys):
 
 def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-m", "core.train", "--preset", "seed", "--data", str(tiny_root),
-                           "--weights", "none", "--epochs", "1", "--input-size", "32", "32", "--out",
-                           str(tmp_path), "--name", "cli", "--cache-dir", str(tmp_path / "c")],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.train",
+            "--preset",
+            "seed",
+            "--data",
+            str(tiny_root),
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--input-size",
+            "32",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
@@ -296,8 +465,16 @@ def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
 
 
 def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tmp_path):
-    cfg = config_with("seed", data=str(ham_root), arch="mobilenet_v2", max_images=700, epochs=4, name="real",
-                      out=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    cfg = config_with(
+        "seed",
+        data=str(ham_root),
+        arch="mobilenet_v2",
+        max_images=700,
+        epochs=4,
+        name="real",
+        out=str(tmp_path),
+        cache_dir=str(tmp_path / "cache"),
+    )
     evaluation = json.loads((train(cfg) / "evaluation.json").read_text())
     # 7 classes: chance balanced accuracy is 0.14. Real ImageNet features must do far better.
     assert evaluation["test"]["balanced_accuracy"] > 0.3
@@ -355,9 +532,32 @@ def test_cli_prints_what_it_set_aside(tiny_root, tmp_path):
     unlisted.write_bytes(next((root / "HAM10000_images_part_1").iterdir()).read_bytes())
     damaged = write_truncated_jpeg(next((root / "HAM10000_images_part_2").iterdir()))
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-m", "core.train", "--data", str(root), "--weights", "none", "--epochs",
-                           "1", "--input-size", "32", "32", "--out", str(tmp_path), "--name", "cli", "--cache-dir",
-                           str(tmp_path / "c")], capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.train",
+            "--data",
+            str(root),
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--input-size",
+            "32",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert f"Images without a metadata row (not used): 1 — {unlisted}" in done.stderr
     assert f"1 damaged image could not be decoded and was set aside: {damaged}" in done.stderr
@@ -373,11 +573,14 @@ def keep_rows(root, keep) -> None:
     meta[meta.apply(keep, axis=1)].to_csv(root / "HAM10000_metadata.csv", index=False)
 
 
-@pytest.mark.parametrize(("case", "message"), [
-    ("one class", "The dataset has images of one class only (nv: 12 images)"),
-    ("two lesions", "The dataset has 2 lesions; the training, validation and test splits need at least one each"),
-    ("no test share", "The test split has no images"),
-])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("one class", "The dataset has images of one class only (nv: 12 images)"),
+        ("two lesions", "The dataset has 2 lesions; the training, validation and test splits need at least one each"),
+        ("no test share", "The test split has no images"),
+    ],
+)
 def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, message):
     root = copy_of(tiny_root, tmp_path)
     fractions = ["0.7", "0.15", "0.15"]
@@ -389,10 +592,34 @@ def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, mes
     else:
         fractions = ["0.8", "0.2", "0"]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run([sys.executable, "-m", "core.train", "--data", str(root), "--weights", "none",
-                           "--epochs", "1", "--input-size", "32", "32", "--split-fractions", *fractions, "--out",
-                           str(tmp_path / "runs"), "--name", "refused", "--cache-dir", str(tmp_path / "c")],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core.train",
+            "--data",
+            str(root),
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--input-size",
+            "32",
+            "32",
+            "--split-fractions",
+            *fractions,
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "refused",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {message}") and done.stderr.count("\n") == 1, done.stderr
     run = read_run(tmp_path / "runs" / "refused")
@@ -416,8 +643,11 @@ def test_feature_batches_are_the_batches_of_a_dataloader(order):
 
     def batches(make) -> list:
         generator = torch.Generator().manual_seed(3)  # the trainer's sampler draws from the loader's generator
-        options = {"shuffle": {"shuffle": True, "drop_last": True}, "sequential": {},
-                   "sampler": {"sampler": WeightedRandomSampler(weights, 50, generator=generator)}}[order]
+        options = {
+            "shuffle": {"shuffle": True, "drop_last": True},
+            "sequential": {},
+            "sampler": {"sampler": WeightedRandomSampler(weights, 50, generator=generator)},
+        }[order]
         return list(make(batch_size=8, generator=generator, **options))
 
     ours = batches(lambda **options: FeatureBatches(features, labels, **options))
@@ -435,8 +665,10 @@ def learning_curve(run_dir) -> list[dict]:
 
 def test_runs_in_one_process_equal_runs_one_by_one(tiny_root, tmp_path):
     """train_many shares the index, split and features between runs; each run's numbers stay its own."""
-    configs = [tiny_config(tiny_root, tmp_path, name=s, imbalance=s, out=str(tmp_path / "together"))
-               for s in ("none", "oversample", "sampler", "weighted_loss")]
+    configs = [
+        tiny_config(tiny_root, tmp_path, name=s, imbalance=s, out=str(tmp_path / "together"))
+        for s in ("none", "oversample", "sampler", "weighted_loss")
+    ]
     together = train_many(configs)
     alone = [train(config_with(cfg, out=str(tmp_path / "alone"))) for cfg in configs]
     assert [d.name for d in together] == [d.name for d in alone] == [cfg.name for cfg in configs]

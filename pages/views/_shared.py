@@ -2,6 +2,7 @@
 
 Only glue lives here; the work is done in ``core``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,10 @@ from core import jobs, runs, settings
 from core.data import DatasetError, DatasetIndex, index_dataset
 from core.formatting import format_bytes
 
-NOTICE = ("**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
-          "Never use it to decide on care; see a dermatologist about any skin lesion that worries you.")
+NOTICE = (
+    "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
+    "Never use it to decide on care; see a dermatologist about any skin lesion that worries you."
+)
 DATASET_KEY = "dataset_folder"
 
 
@@ -82,9 +85,12 @@ def is_published(run: runs.RunState) -> bool:
 
 
 def no_runs_message(what: str = "evaluate") -> None:
-    st.info(f"There is no finished run to {what} yet. Train one on the **Train** page (a few epochs of the "
-            "`seed` preset is enough to see everything), or from a terminal: "
-            "`python -m core.train --preset seed --data DATASET --epochs 3`.", icon=":material/science:")
+    st.info(
+        f"There is no finished run to {what} yet. Train one on the **Train** page (a few epochs of the "
+        "`seed` preset is enough to see everything), or from a terminal: "
+        "`python -m core.train --preset seed --data DATASET --epochs 3`.",
+        icon=":material/science:",
+    )
 
 
 def run_label(run: runs.RunState) -> str:
@@ -171,13 +177,19 @@ def _download_body(active: jobs.Job | None) -> None:
     status = jobs.download_status(folder)
     if active is not None:
         stage = {"download": "Downloading", "verify": "Verifying", "extract": "Extracting"}.get(
-            (status or {}).get("stage"), "Starting")
+            (status or {}).get("stage"), "Starting"
+        )
         done, total = (status or {}).get("done", 0), (status or {}).get("total")
         of = f" of {format_bytes(total)}" if total else ""
         text = f"{stage} {(status or {}).get('file', '')}: {format_bytes(done)}{of}"
         st.progress(min(1.0, done / total) if total else 0.0, text=text)
-        st.button("Cancel download", icon=":material/cancel:", on_click=jobs.cancel_download, args=(folder,),
-                  help="Verified files stay; a partial file resumes when you start again.")
+        st.button(
+            "Cancel download",
+            icon=":material/cancel:",
+            on_click=jobs.cancel_download,
+            args=(folder,),
+            help="Verified files stay; a partial file resumes when you start again.",
+        )
         return
     if status is not None and status["state"] == "finished":
         st.success(f"HAM10000 is ready in `{status['dest']}`.", icon=":material/check_circle:")
@@ -185,20 +197,26 @@ def _download_body(active: jobs.Job | None) -> None:
             st.code(status.get("summary", ""), language=None)
         st.button("Use this folder", type="primary", on_click=_use_folder, args=(status["dest"],))
     elif status is not None and status["state"] == "failed":
-        st.error(f"The download did not finish: {status.get('error')}\n\nStart it again to resume.",
-                 icon=":material/cloud_off:")
+        st.error(
+            f"The download did not finish: {status.get('error')}\n\nStart it again to resume.",
+            icon=":material/cloud_off:",
+        )
     with st.form("download_form", border=False):
         dest = st.text_input("Download into", value=str(settings.DEFAULT_DOWNLOAD), key="download_dest")
-        external = st.checkbox("Also the ISIC 2018 Task 3 test set (an external test set, into its own folder)",
-                               key="download_external")
+        external = st.checkbox(
+            "Also the ISIC 2018 Task 3 test set (an external test set, into its own folder)", key="download_external"
+        )
         go = st.form_submit_button("Download HAM10000", icon=":material/download:")
-    st.caption("From the Harvard Dataverse (doi:10.7910/DVN/DBW86T, CC BY-NC-SA 4.0): about 2.8 GB, resumable, "
-               "every file checked against its published checksum, then validated. "
-               "Same as `python -m core.download --dest FOLDER`.")
+    st.caption(
+        "From the Harvard Dataverse (doi:10.7910/DVN/DBW86T, CC BY-NC-SA 4.0): about 2.8 GB, resumable, "
+        "every file checked against its published checksum, then validated. "
+        "Same as `python -m core.download --dest FOLDER`."
+    )
     if go:
         try:
-            jobs.start_download(settings.resolve_path(dest), folder, include_external=external,
-                                server=settings.dataverse_server())
+            jobs.start_download(
+                settings.resolve_path(dest), folder, include_external=external, server=settings.dataverse_server()
+            )
         except jobs.JobError as exc:
             st.error(str(exc))
         except OSError as exc:

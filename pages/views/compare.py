@@ -1,5 +1,6 @@
 """Compare: the imbalance lesson (what each strategy did, on one screen), the one-click experiment that
 trains it, and any runs side by side."""
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -28,11 +29,20 @@ def headline(run: RunState) -> dict:
     _, _, _, _, evaluation = predictions_or_none(run)
     t = evaluation.get("test", {})
     mel = t.get("melanoma", {})
-    return {"run": run.name, "arch": run.config.get("arch"), "fine-tuning": run.config.get("finetune"),
-            "imbalance": run.config.get("imbalance"), "accuracy": t.get("accuracy"),
-            "balanced accuracy": t.get("balanced_accuracy"), "macro F1": t.get("macro", {}).get("f1"),
-            "macro AUC": t.get("roc_auc", {}).get("macro"), "melanoma sensitivity": mel.get("sensitivity"),
-            "melanoma specificity": mel.get("specificity"), "ECE": t.get("ece"), "test images": t.get("n")}
+    return {
+        "run": run.name,
+        "arch": run.config.get("arch"),
+        "fine-tuning": run.config.get("finetune"),
+        "imbalance": run.config.get("imbalance"),
+        "accuracy": t.get("accuracy"),
+        "balanced accuracy": t.get("balanced_accuracy"),
+        "macro F1": t.get("macro", {}).get("f1"),
+        "macro AUC": t.get("roc_auc", {}).get("macro"),
+        "melanoma sensitivity": mel.get("sensitivity"),
+        "melanoma specificity": mel.get("specificity"),
+        "ECE": t.get("ece"),
+        "test images": t.get("n"),
+    }
 
 
 def predictions_or_none(run: RunState):
@@ -44,24 +54,42 @@ def predictions_or_none(run: RunState):
 
 def comparison(chosen: list[RunState]) -> None:
     table = pd.DataFrame([headline(r) for r in chosen]).set_index("run")
-    shown = table.map(lambda v: "—" if v is None or (isinstance(v, float) and np.isnan(v))
-                      else f"{v:.3f}" if isinstance(v, float) else str(v)).T  # one column per run
+    shown = table.map(
+        lambda v: (
+            "—"
+            if v is None or (isinstance(v, float) and np.isnan(v))
+            else f"{v:.3f}"
+            if isinstance(v, float)
+            else str(v)
+        )
+    ).T  # one column per run
     st.markdown("**Headline metrics** (test split, calibrated; melanoma at P(mel) ≥ 0.5)")
     st.dataframe(shown, width="stretch", height=36 * (len(shown) + 1) + 4)
     rows = []
     for r in chosen:
         for pc in predictions_or_none(r)[4].get("test", {}).get("per_class", []):
-            rows.append({"run": r.name, "class": pc["code"], "recall": pc["recall"], "precision": pc["precision"],
-                         "f1": pc["f1"], "support": pc["support"]})
+            rows.append(
+                {
+                    "run": r.name,
+                    "class": pc["code"],
+                    "recall": pc["recall"],
+                    "precision": pc["precision"],
+                    "f1": pc["f1"],
+                    "support": pc["support"],
+                }
+            )
     per_class = pd.DataFrame(rows)
     if per_class.empty:
         return
-    metric = st.segmented_control("Per-class metric", ["recall", "precision", "f1"], default="recall",
-                                  key="cmp_metric", required=True)
+    metric = st.segmented_control(
+        "Per-class metric", ["recall", "precision", "f1"], default="recall", key="cmp_metric", required=True
+    )
     st.plotly_chart(plots.per_class_comparison(per_class, metric), width="stretch")
     with st.expander("Per-class table"):
-        st.dataframe(per_class.pivot(index="class", columns="run", values=metric).reindex(
-            [c for c in plots.CLASSES]), width="stretch")
+        st.dataframe(
+            per_class.pivot(index="class", columns="run", values=metric).reindex([c for c in plots.CLASSES]),
+            width="stretch",
+        )
     normalize = st.toggle("Row-normalised confusion matrices", value=True, key="cmp_norm")
     cols = st.columns(min(3, len(chosen)))
     for i, r in enumerate(chosen):
@@ -69,7 +97,9 @@ def comparison(chosen: list[RunState]) -> None:
         if cm is not None:
             cols[i % len(cols)].plotly_chart(
                 plots.confusion_figure(np.array(cm), normalize=normalize, title=r.name, height=400),
-                width="stretch", key=f"cmp_cm_{r.name}")
+                width="stretch",
+                key=f"cmp_cm_{r.name}",
+            )
 
 
 # ---------------------------------------------------------------------------
@@ -88,56 +118,78 @@ def time_estimate(cfg: TrainConfig, dataset_images: int) -> None:
     rates = {**estimate.benchmark_rates(), **estimate.recorded_rates(list_runs(), cfg)}
     guess = estimate.estimate(images, total, cfg.epochs, rates)
     if guess is None:
-        st.caption("No time estimate yet: it needs the rates measured by `python bench/experiment.py` "
-                   "(docs/BENCHMARKS.json) or by an earlier cached head-only run here.")
+        st.caption(
+            "No time estimate yet: it needs the rates measured by `python bench/experiment.py` "
+            "(docs/BENCHMARKS.json) or by an earlier cached head-only run here."
+        )
         return
     runs = f"{len(images)} runs × {cfg.epochs} epochs on {total:,} images"
-    cache = FeatureCache(settings.resolve_path(cfg.cache_dir)).path(backbone_key(cfg.arch, cfg.weights,
-                                                                                  cfg.preprocessing))
+    cache = FeatureCache(settings.resolve_path(cfg.cache_dir)).path(
+        backbone_key(cfg.arch, cfg.weights, cfg.preprocessing)
+    )
     if cache.is_file():
-        st.markdown(f"**Estimated time: about {format_duration(guess.cached_s)}** for {runs}, with the backbone "
-                    "features already cached here for this backbone and image size.")
+        st.markdown(
+            f"**Estimated time: about {format_duration(guess.cached_s)}** for {runs}, with the backbone "
+            "features already cached here for this backbone and image size."
+        )
     else:
-        st.markdown(f"**Estimated time: about {format_duration(guess.features_s + guess.cached_s)}**: "
-                    f"{format_duration(guess.features_s)} to compute the backbone features once, then "
-                    f"{format_duration(guess.cached_s)} for {runs} (what later experiments with this backbone and "
-                    "image size take).")
+        st.markdown(
+            f"**Estimated time: about {format_duration(guess.features_s + guess.cached_s)}**: "
+            f"{format_duration(guess.features_s)} to compute the backbone features once, then "
+            f"{format_duration(guess.cached_s)} for {runs} (what later experiments with this backbone and "
+            "image size take)."
+        )
     st.caption(f"Estimated from the images each strategy's epochs hold and these rates: {guess.basis()}")
 
 
 def experiment_form(index) -> None:
     job = jobs.active_job(RUNS)
     labels = ", ".join(s.label for s in imbalance.STRATEGIES.values())
-    st.markdown(f"Train the same model once per strategy — **{labels}** — in cached head-only mode (frozen "
-                "backbone, features computed once and shared), in one process, then compare them here as they "
-                "finish.")
+    st.markdown(
+        f"Train the same model once per strategy — **{labels}** — in cached head-only mode (frozen "
+        "backbone, features computed once and shared), in one process, then compare them here as they "
+        "finish."
+    )
     # Plain widgets rather than a form: the time estimate follows every change before the click.
     c = st.columns(5)
-    arch = c[0].selectbox("Architecture", list(ARCHITECTURES), key="exp_arch",
-                          index=list(ARCHITECTURES).index(default_arch("resnet18")))
+    arch = c[0].selectbox(
+        "Architecture", list(ARCHITECTURES), key="exp_arch", index=list(ARCHITECTURES).index(default_arch("resnet18"))
+    )
     weights = c[1].selectbox("Weights", ["imagenet", "none"], key="exp_weights")
     epochs = c[2].number_input("Epochs", 1, 100, 5, key="exp_epochs")
     size = c[3].number_input("Image size", 32, 512, 224, step=16, key="exp_size")
     max_images = c[4].number_input("At most N images (0 = all)", 0, 1_000_000, 0, key="exp_max")
-    weights_path = st.text_input("…or a weights file", key="exp_weights_path",
-                                 placeholder="path/to/torchvision_state_dict.pth")
+    weights_path = st.text_input(
+        "…or a weights file", key="exp_weights_path", placeholder="path/to/torchvision_state_dict.pth"
+    )
     cfg = None
     weights_path = weights_path.strip()
     if weights_path and not settings.resolve_path(weights_path).is_file():
         st.error(f"The weights file {weights_path} does not exist.", icon=":material/block:")
     elif index is not None:
-        cfg = config_with("seed", data=str(dataset_choice().folder), arch=arch,
-                          weights=str(settings.resolve_path(weights_path)) if weights_path else weights,
-                          epochs=int(epochs),
-                          input_size=(int(size), int(size)), max_images=int(max_images) or None)
+        cfg = config_with(
+            "seed",
+            data=str(dataset_choice().folder),
+            arch=arch,
+            weights=str(settings.resolve_path(weights_path)) if weights_path else weights,
+            epochs=int(epochs),
+            input_size=(int(size), int(size)),
+            max_images=int(max_images) or None,
+        )
         time_estimate(cfg, len(index.frame))
-    go = st.button("Run the imbalance experiment", type="primary", icon=":material/science:",
-                   disabled=job is not None or cfg is None, key="exp_go")
+    go = st.button(
+        "Run the imbalance experiment",
+        type="primary",
+        icon=":material/science:",
+        disabled=job is not None or cfg is None,
+        key="exp_go",
+    )
     if index is None:
         st.caption("The experiment needs a dataset (see the Dataset page).")
     if job is not None:
-        st.info("A training job is running; the experiment can start when it has finished.",
-                icon=":material/hourglass_top:")
+        st.info(
+            "A training job is running; the experiment can start when it has finished.", icon=":material/hourglass_top:"
+        )
     if go:
         try:
             started = jobs.start_experiment({**cfg.to_dict(), "name": ""}, RUNS)
@@ -159,19 +211,36 @@ def experiment_status(manifest: dict) -> None:
         run = read_run(path, job) if path.exists() else None
         state = run.state if run else ("queued" if job and name in job.runs else "not run")
         done += state in FINAL_STATES
-        rows.append({"strategy": imbalance.label(strategy), "run": name, "state": state,
-                     "progress": run.fraction_done() if run else 0.0,
-                     "detail": run.progress_text() if run and not run.done else (run.error or "" if run else "")})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
-                 column_config={"progress": st.column_config.ProgressColumn(min_value=0, max_value=1)})
+        rows.append(
+            {
+                "strategy": imbalance.label(strategy),
+                "run": name,
+                "state": state,
+                "progress": run.fraction_done() if run else 0.0,
+                "detail": run.progress_text() if run and not run.done else (run.error or "" if run else ""),
+            }
+        )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        width="stretch",
+        column_config={"progress": st.column_config.ProgressColumn(min_value=0, max_value=1)},
+    )
     running = job is not None and job.experiment == manifest["name"]
     if running:
         if job.stop_requested:
-            st.warning("Stopping: the current run ends after its step; the queued ones will not start.",
-                       icon=":material/stop_circle:")
+            st.warning(
+                "Stopping: the current run ends after its step; the queued ones will not start.",
+                icon=":material/stop_circle:",
+            )
         else:
-            st.button("Stop the experiment", icon=":material/stop_circle:", key="exp_stop", on_click=jobs.stop_job,
-                      args=(RUNS,))
+            st.button(
+                "Stop the experiment",
+                icon=":material/stop_circle:",
+                key="exp_stop",
+                on_click=jobs.stop_job,
+                args=(RUNS,),
+            )
     # Refill the lesson (a full rerun) whenever another run of the experiment has finished.
     seen_key = f"exp_done_{manifest['name']}"
     if st.session_state.get(seen_key, done) != done:
@@ -188,8 +257,9 @@ def lesson_view(experiment: lesson.Experiment) -> None:
     """What each strategy did to each class: the sentences, then the charts and the numbers they are made of."""
     evaluated = experiment.evaluated()
     if len(evaluated) < 2:
-        st.info("The lesson appears here once two runs of this experiment have finished.",
-                icon=":material/hourglass_top:")
+        st.info(
+            "The lesson appears here once two runs of this experiment have finished.", icon=":material/hourglass_top:"
+        )
         return
     records = {s: predictions(path) for s, path in evaluated.items()}
     table = lesson.strategy_table({s: r[4] for s, r in records.items()})
@@ -199,12 +269,13 @@ def lesson_view(experiment: lesson.Experiment) -> None:
     curves = {s: lesson.melanoma_curve(r[1], r[2]) for s, r in records.items()}
     charts[1].plotly_chart(plots.melanoma_precision_recall(table, curves), width="stretch", key="lesson_melanoma")
     charts[2].plotly_chart(plots.accuracy_pairs(table), width="stretch", key="lesson_accuracy")
-    st.caption("All on the test split, after temperature scaling. Melanoma: a dot is the strategy's recall and "
-               "precision as the model predicts (the most probable class, as in the heatmap); its line is what "
-               "flagging melanoma whenever P(mel) ≥ t would give, t from 0.02 to 0.98 (hover for t): a lower t finds "
-               "more melanomas and flags more benign lesions with them. Balanced accuracy is the mean of the seven "
-               "recalls. Runs: " + ", ".join(f"{table.loc[s, 'label']} `{path.name}`" for s, path in evaluated.items())
-               + ".")
+    st.caption(
+        "All on the test split, after temperature scaling. Melanoma: a dot is the strategy's recall and "
+        "precision as the model predicts (the most probable class, as in the heatmap); its line is what "
+        "flagging melanoma whenever P(mel) ≥ t would give, t from 0.02 to 0.98 (hover for t): a lower t finds "
+        "more melanomas and flags more benign lesions with them. Balanced accuracy is the mean of the seven "
+        "recalls. Runs: " + ", ".join(f"{table.loc[s, 'label']} `{path.name}`" for s, path in evaluated.items()) + "."
+    )
     with st.expander("The numbers", icon=":material/table:"):
         shown = lesson.shown_table(table)
         st.dataframe(shown, width="content", height=35 * (len(shown) + 1) + 3, key="lesson_numbers")
@@ -214,14 +285,16 @@ def lesson_tab(manifests: list[dict]) -> None:
     """The newest experiment trained here, else the published one; the picker offers the others."""
     published_dir = settings.published_runs_dir()
     experiments = lesson.local_experiments(manifests, RUNS) + lesson.published_experiments(
-        read_runs(published_dir) if published_dir else [])
+        read_runs(published_dir) if published_dir else []
+    )
     if experiments:
         keys = [e.key for e in experiments]
         started = st.session_state.pop("cmp_experiment", None)
         if started in keys:  # just started with the form below: show it, whatever was picked before
             st.session_state["cmp_experiment_pick"] = started
-        key = st.selectbox("Experiment", keys, format_func=lambda k: experiments[keys.index(k)].title,
-                           key="cmp_experiment_pick")
+        key = st.selectbox(
+            "Experiment", keys, format_func=lambda k: experiments[keys.index(k)].title, key="cmp_experiment_pick"
+        )
         chosen = experiments[keys.index(key)]
         manifest = next((m for m in manifests if m["name"] == chosen.key), None)
         if manifest is not None:
@@ -230,8 +303,11 @@ def lesson_tab(manifests: list[dict]) -> None:
                 experiment_status(manifest)
         lesson_view(chosen)
     else:
-        st.info("No imbalance experiment yet: run one below (one run per strategy) and the lesson appears here as "
-                "its runs finish.", icon=":material/school:")
+        st.info(
+            "No imbalance experiment yet: run one below (one run per strategy) and the lesson appears here as "
+            "its runs finish.",
+            icon=":material/school:",
+        )
     with st.expander("Run the imbalance experiment", expanded=not experiments, icon=":material/science:"):
         experiment_form(load_dataset(show_help=False))
 
@@ -245,17 +321,20 @@ with tab_lesson:
 
 with tab_cmp:
     if len(runs) < 2 and not list_runs():
-        st.info("Comparing needs at least two finished runs. Train them on the Train page, or run the imbalance "
-                "experiment (first tab), which trains one run per imbalance strategy for you.",
-                icon=":material/science:")
+        st.info(
+            "Comparing needs at least two finished runs. Train them on the Train page, or run the imbalance "
+            "experiment (first tab), which trains one run per imbalance strategy for you.",
+            icon=":material/science:",
+        )
     names = [r.name for r in runs]
     default = []
     if manifests:
         default = [n for n in manifests[0]["runs"] if n in names]
     if len(default) < 2:
         default = names[:2]
-    chosen = st.multiselect("Runs", names, default=default, format_func=lambda n: run_label(runs[names.index(n)]),
-                            key="cmp_runs")
+    chosen = st.multiselect(
+        "Runs", names, default=default, format_func=lambda n: run_label(runs[names.index(n)]), key="cmp_runs"
+    )
     if len(chosen) >= 2:
         comparison([runs[names.index(n)] for n in chosen])
     elif runs:

@@ -1,4 +1,5 @@
 """Dataset: class balance, metadata, a filterable gallery, the validation report and the split preview."""
+
 import pandas as pd
 import streamlit as st
 
@@ -19,20 +20,33 @@ st.caption(f"Folder: `{dataset_choice().folder}`")
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Images", f"{len(frame):,}")
 c2.metric("Lesions", f"{frame['lesion_id'].nunique():,}")
-c3.metric("Imbalance ratio", f"{plots.imbalance_ratio(counts):.1f} : 1",
-          help="Images in the largest class divided by images in the smallest non-empty class.")
-c4.metric("Malignant share", f"{frame['dx'].isin(MALIGNANT).mean():.1%}",
-          help="akiec, bcc and mel are malignant or pre-malignant.")
+c3.metric(
+    "Imbalance ratio",
+    f"{plots.imbalance_ratio(counts):.1f} : 1",
+    help="Images in the largest class divided by images in the smallest non-empty class.",
+)
+c4.metric(
+    "Malignant share",
+    f"{frame['dx'].isin(MALIGNANT).mean():.1%}",
+    help="akiec, bcc and mel are malignant or pre-malignant.",
+)
 
 tab_dist, tab_meta, tab_gallery, tab_report, tab_split = st.tabs(
-    ["Class distribution", "Metadata", "Gallery", "Validation report", "Split preview"])
+    ["Class distribution", "Metadata", "Gallery", "Validation report", "Split preview"]
+)
 
 with tab_dist:
     scale = st.radio("Scale", ["linear", "log"], horizontal=True, key="dist_scale")
     st.plotly_chart(plots.class_distribution(counts, log=scale == "log"), width="stretch")
-    table = pd.DataFrame({"diagnosis": [DISPLAY_NAMES[c] for c in CLASSES], "images": counts.values,
-                          "share": (counts / max(counts.sum(), 1)).values,
-                          "malignant": [c in MALIGNANT for c in CLASSES]}, index=list(CLASSES))
+    table = pd.DataFrame(
+        {
+            "diagnosis": [DISPLAY_NAMES[c] for c in CLASSES],
+            "images": counts.values,
+            "share": (counts / max(counts.sum(), 1)).values,
+            "malignant": [c in MALIGNANT for c in CLASSES],
+        },
+        index=list(CLASSES),
+    )
     st.dataframe(table, width="stretch", column_config={"share": st.column_config.NumberColumn(format="percent")})
 
 with tab_meta:
@@ -41,8 +55,9 @@ with tab_meta:
     right.plotly_chart(plots.category_by_class(frame, "sex", "Sex"), width="stretch")
     left, right = st.columns(2)
     left.plotly_chart(plots.category_by_class(frame, "localization", "Localization", top=12), width="stretch")
-    right.plotly_chart(plots.category_by_class(frame, "dx_type", "How the diagnosis was confirmed (dx_type)"),
-                       width="stretch")
+    right.plotly_chart(
+        plots.category_by_class(frame, "dx_type", "How the diagnosis was confirmed (dx_type)"), width="stretch"
+    )
 
 with tab_gallery:
     f1, f2, f3, f4 = st.columns(4)
@@ -53,8 +68,9 @@ with tab_gallery:
     types = f4.multiselect("dx_type", sorted(subset["dx_type"].unique()), key="gallery_dxtype")
     ages = subset["age"].dropna()
     if len(ages) and ages.min() < ages.max():
-        lo, hi = st.slider("Age", int(ages.min()), int(ages.max()), (int(ages.min()), int(ages.max())), step=5,
-                           key="gallery_age")
+        lo, hi = st.slider(
+            "Age", int(ages.min()), int(ages.max()), (int(ages.min()), int(ages.max())), step=5, key="gallery_age"
+        )
         keep_unknown = st.checkbox("Include images without an age", value=True, key="gallery_age_na")
         in_range = subset["age"].between(lo, hi) | (subset["age"].isna() & keep_unknown)
         subset = subset[in_range]
@@ -65,28 +81,33 @@ with tab_gallery:
     pages = max(1, -(-len(subset) // per_page))
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
     st.caption(f"{len(subset)} images of {DISPLAY_NAMES[code]} match.")
-    shown = subset.iloc[(page - 1) * per_page: page * per_page]
+    shown = subset.iloc[(page - 1) * per_page : page * per_page]
     grid = st.columns(6)
     for i, row in enumerate(shown.itertuples()):
         age = "?" if pd.isna(row.age) else f"{row.age:.0f}"
-        grid[i % 6].image(row.path, caption=f"{row.image_id} · {row.sex}, {age} · {row.localization}",
-                          width="stretch")
+        grid[i % 6].image(row.path, caption=f"{row.image_id} · {row.sex}, {age} · {row.localization}", width="stretch")
 
 with tab_report:
     report = index.report
     if report.ok:
-        st.success(f"No problems: {report.rows_read} metadata rows, {report.images_found} image files, "
-                   f"all paired.", icon=":material/check_circle:")
+        st.success(
+            f"No problems: {report.rows_read} metadata rows, {report.images_found} image files, all paired.",
+            icon=":material/check_circle:",
+        )
     else:
         st.warning("Some files or rows were set aside (nothing is dropped silently):", icon=":material/warning:")
         st.text(report.summary())
         st.dataframe(report.problems(), width="stretch", hide_index=True)
-    st.caption(f"Metadata: `{report.metadata_path}`. Indexing checks file signatures only; the trainer reports "
-               "images that fail to decode.")
+    st.caption(
+        f"Metadata: `{report.metadata_path}`. Indexing checks file signatures only; the trainer reports "
+        "images that fail to decode."
+    )
 
 with tab_split:
-    st.markdown("Images are split **by lesion** (HAM10000 has several photos of many lesions), stratified by "
-                "diagnosis, so no lesion appears in two splits. This is the split the trainer uses.")
+    st.markdown(
+        "Images are split **by lesion** (HAM10000 has several photos of many lesions), stratified by "
+        "diagnosis, so no lesion appears in two splits. This is the split the trainer uses."
+    )
     s1, s2, s3 = st.columns(3)
     val = s1.slider("Validation fraction", 0.05, 0.4, 0.15, 0.05, key="split_val")
     test = s2.slider("Test fraction", 0.05, 0.4, 0.15, 0.05, key="split_test")

@@ -1,4 +1,5 @@
 """Diagnose: one uploaded image through one model. Uploads stay in memory; nothing is written to disk."""
+
 import streamlit as st
 
 from core import plots, settings
@@ -19,9 +20,12 @@ research_notice()
 
 models = settings.model_files()
 if not models:
-    st.info("No model is available. Diagnose uses `checkpoints/*.pt` (the repository ships "
-            "`checkpoints/reference.pt`) and the `best.pt` of every finished training run: train one on the "
-            "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.", icon=":material/neurology:")
+    st.info(
+        "No model is available. Diagnose uses `checkpoints/*.pt` (the repository ships "
+        "`checkpoints/reference.pt`) and the `best.pt` of every finished training run: train one on the "
+        "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.",
+        icon=":material/neurology:",
+    )
     st.stop()
 
 c_model, c_tta = st.columns([3, 1])
@@ -32,18 +36,29 @@ if predictor is None:
     st.error(f"This model cannot be used: {error}", icon=":material/block:")
     st.stop()
 ckpt = predictor.checkpoint
-st.caption(f"{predictor.arch}, input {tuple(predictor.prep.input_size)}, temperature "
-           f"{predictor.temperature:.2f}" + (f", trained for {ckpt['epoch']} epochs" if ckpt.get("epoch") else ""))
+st.caption(
+    f"{predictor.arch}, input {tuple(predictor.prep.input_size)}, temperature "
+    f"{predictor.temperature:.2f}" + (f", trained for {ckpt['epoch']} epochs" if ckpt.get("epoch") else "")
+)
 
-upload = st.file_uploader(f"Dermoscopy image (JPEG or PNG, at most {format_bytes(MAX_UPLOAD_BYTES)})",
-                          type=["jpg", "jpeg", "png"], max_upload_size=MAX_UPLOAD_MIB, key="diag_upload")
+upload = st.file_uploader(
+    f"Dermoscopy image (JPEG or PNG, at most {format_bytes(MAX_UPLOAD_BYTES)})",
+    type=["jpg", "jpeg", "png"],
+    max_upload_size=MAX_UPLOAD_MIB,
+    key="diag_upload",
+)
 if upload is None:
-    st.info("Upload a dermoscopic image of a pigmented lesion to see the model's prediction, its calibrated "
-            "probabilities for all seven classes and where it looked.", icon=":material/upload:")
+    st.info(
+        "Upload a dermoscopic image of a pigmented lesion to see the model's prediction, its calibrated "
+        "probabilities for all seven classes and where it looked.",
+        icon=":material/upload:",
+    )
     st.stop()
 if upload.size > MAX_UPLOAD_BYTES:
-    st.error(f"{upload.name} is {format_bytes(upload.size)}; the limit is {format_bytes(MAX_UPLOAD_BYTES)}.",
-             icon=":material/block:")
+    st.error(
+        f"{upload.name} is {format_bytes(upload.size)}; the limit is {format_bytes(MAX_UPLOAD_BYTES)}.",
+        icon=":material/block:",
+    )
     st.stop()
 
 # One prediction per (file, model, TTA), kept in the session only: reruns from the sliders reuse it.
@@ -59,8 +74,10 @@ if cached is None or cached[0] != key:
         st.error(f"No diagnosis from this model: {exc}. Choose another model.", icon=":material/block:")
         st.stop()
     except Exception as exc:  # noqa: BLE001 — any decoder surprise must end in a message, not a traceback
-        st.error(f"{upload.name} could not be read as an image ({type(exc).__name__}). Upload a JPEG or PNG "
-                 "photo.", icon=":material/block:")
+        st.error(
+            f"{upload.name} could not be read as an image ({type(exc).__name__}). Upload a JPEG or PNG photo.",
+            icon=":material/block:",
+        )
         st.stop()
     st.session_state["diag_result"] = cached = (key, prediction)
     st.session_state.pop("diag_cam", None)
@@ -68,22 +85,30 @@ prediction = cached[1]
 
 check = dermoscopy_check(prediction.image)
 if not check.looks_dermoscopic:
-    st.warning("This does not look like a dermoscopic image: " + "; ".join(check.reasons) + ". The model "
-               "only knows dermoscopy of pigmented lesions, so its output here means little.",
-               icon=":material/image_search:")
+    st.warning(
+        "This does not look like a dermoscopic image: " + "; ".join(check.reasons) + ". The model "
+        "only knows dermoscopy of pigmented lesions, so its output here means little.",
+        icon=":material/image_search:",
+    )
 if prediction.confidence < LOW_CONFIDENCE:
-    st.warning(f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this "
-               "result as undecided.", icon=":material/help:")
+    st.warning(
+        f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this result as undecided.",
+        icon=":material/help:",
+    )
 
 
 def probabilities() -> None:
     kind = "malignant" if prediction.top_class in MALIGNANT else "benign"
-    st.markdown(f"**{prediction.confidence:.1%}** calibrated probability for {prediction.top_name} "
-                f"({prediction.top_class}) · a {kind} class")
-    st.caption("Calibrated means that across the validation images, results given about this probability were "
-               "right about that often: an average over many images, not a promise about this one. A confident "
-               "result can still be wrong, and this page has no second opinion (no ensemble of models, no similar "
-               "cases) to check it against.")
+    st.markdown(
+        f"**{prediction.confidence:.1%}** calibrated probability for {prediction.top_name} "
+        f"({prediction.top_class}) · a {kind} class"
+    )
+    st.caption(
+        "Calibrated means that across the validation images, results given about this probability were "
+        "right about that often: an average over many images, not a promise about this one. A confident "
+        "result can still be wrong, and this page has no second opinion (no ensemble of models, no similar "
+        "cases) to check it against."
+    )
     m1, m2 = st.columns(2)
     m1.metric("Malignant (akiec + bcc + mel)", f"{prediction.malignant_probability:.1%}")
     m2.metric("Benign (bkl + df + nv + vasc)", f"{1 - prediction.malignant_probability:.1%}")
@@ -94,15 +119,22 @@ def melanoma() -> None:
     threshold = predictor.mel_threshold
     p_mel = prediction.probabilities["mel"]
     record = recorded_operating_point(model_path, ckpt, threshold)
-    known = (f" On its test split this model at {threshold:.0%} found {record['sensitivity']:.1%} of melanomas "
-             f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), without flip "
-             "averaging." if record else
-             " Its sensitivity and specificity there are not in its run records.")
-    st.metric("P(melanoma)", f"{p_mel:.1%}", help=f"The model's operating threshold is P(mel) ≥ {threshold:.0%}."
-              + known)
+    known = (
+        f" On its test split this model at {threshold:.0%} found {record['sensitivity']:.1%} of melanomas "
+        f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), without flip "
+        "averaging."
+        if record
+        else " Its sensitivity and specificity there are not in its run records."
+    )
+    st.metric(
+        "P(melanoma)", f"{p_mel:.1%}", help=f"The model's operating threshold is P(mel) ≥ {threshold:.0%}." + known
+    )
     if p_mel >= threshold:
-        st.error(f"P(melanoma) {p_mel:.1%} is at or above the operating threshold of {threshold:.0%}: refer / "
-                 "discuss with a dermatologist.", icon=":material/medical_services:")
+        st.error(
+            f"P(melanoma) {p_mel:.1%} is at or above the operating threshold of {threshold:.0%}: refer / "
+            "discuss with a dermatologist.",
+            icon=":material/medical_services:",
+        )
     else:
         st.caption(f"Below the operating threshold of {threshold:.0%}.")
 
@@ -123,12 +155,19 @@ with left:
     from core.explain import CAM_METHOD_NAMES, overlay
 
     c1, c2 = st.columns(2)
-    method = c1.selectbox("Explanation method", list(CAM_METHOD_NAMES), format_func=CAM_METHOD_NAMES.get,
-                          key="diag_method")
+    method = c1.selectbox(
+        "Explanation method", list(CAM_METHOD_NAMES), format_func=CAM_METHOD_NAMES.get, key="diag_method"
+    )
     # Keyed per prediction: a new image (or model) starts from its own predicted class, not the last one's.
-    target = c2.selectbox("For class", CLASSES, index=prediction.top_index, format_func=plots.class_label,
-                          key=f"diag_target_{hash(key)}", disabled=method == "eigencam",
-                          help="Eigen-CAM is class-agnostic." if method == "eigencam" else None)
+    target = c2.selectbox(
+        "For class",
+        CLASSES,
+        index=prediction.top_index,
+        format_func=plots.class_label,
+        key=f"diag_target_{hash(key)}",
+        disabled=method == "eigencam",
+        help="Eigen-CAM is class-agnostic." if method == "eigencam" else None,
+    )
     alpha = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="diag_alpha")
     cam_key = (key, method, target)
     cam = st.session_state.get("diag_cam")
@@ -142,8 +181,14 @@ with left:
         st.session_state["diag_cam"] = cam = (cam_key, heat)
     images = [prediction.image]
     size, (in_h, in_w) = predictor.prep.source_size, predictor.prep.input_size
-    captions = [(f"the upload brought to {size[0]}×{size[1]}, the size of this model's training images"
-                 if size else "the upload as decoded") + f", before the resize to its {in_w}×{in_h} input"]
+    captions = [
+        (
+            f"the upload brought to {size[0]}×{size[1]}, the size of this model's training images"
+            if size
+            else "the upload as decoded"
+        )
+        + f", before the resize to its {in_w}×{in_h} input"
+    ]
     if cam[1] is not None:
         images.append(overlay(prediction.image, cam[1], alpha))
         captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")
@@ -155,11 +200,15 @@ with st.expander("Feature maps: what the network's layers respond to"):
     layer = st.select_slider("Layer (shallow → deep)", layers, value=layers[len(layers) // 2], key="diag_layer")
     try:
         maps = predictor.feature_maps(prediction, layer)
-        st.image(feature_map_grid(maps, n=16), caption=f"the 16 most active of {len(maps)} channels of {layer} "
-                                                       f"({maps.shape[1]}×{maps.shape[2]})")
+        st.image(
+            feature_map_grid(maps, n=16),
+            caption=f"the 16 most active of {len(maps)} channels of {layer} ({maps.shape[1]}×{maps.shape[2]})",
+        )
     except ValueError as exc:
         st.error(str(exc))
 
-st.caption("Probabilities are calibrated by temperature scaling on the validation split. The model saw only "
-           "HAM10000 dermoscopy (downscaled to 200×150); it has never seen healthy skin, other diseases or "
-           "clinical photos.")
+st.caption(
+    "Probabilities are calibrated by temperature scaling on the validation split. The model saw only "
+    "HAM10000 dermoscopy (downscaled to 200×150); it has never seen healthy skin, other diseases or "
+    "clinical photos."
+)

@@ -1,5 +1,6 @@
 """Evaluate: one run's test-split results — confusion matrix, per-class report, ROC, calibration,
 the melanoma threshold and the misclassified images with Grad-CAM — and any model on an external test set."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
     return "—" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, fmt)
 
 
-def headline_metrics(metrics: dict, intervals: dict | None = None,
-                     extra: Sequence[tuple[str, str, str | None]] = ()) -> None:
+def headline_metrics(
+    metrics: dict, intervals: dict | None = None, extra: Sequence[tuple[str, str, str | None]] = ()
+) -> None:
     """Accuracy, balanced accuracy, macro F1 (with their bootstrap intervals when given), macro AUC and ECE,
     then the ``extra`` (label, value, help) metrics; at most six to a row."""
     intervals = intervals or {}
@@ -51,18 +53,24 @@ def headline_metrics(metrics: dict, intervals: dict | None = None,
 
     items = [
         ("Accuracy", _num(metrics["accuracy"]), ci("accuracy", "Share of images classified correctly.")),
-        ("Balanced accuracy", _num(metrics["balanced_accuracy"]),
-         ci("balanced_accuracy", "Mean recall over the classes.")),
+        (
+            "Balanced accuracy",
+            _num(metrics["balanced_accuracy"]),
+            ci("balanced_accuracy", "Mean recall over the classes."),
+        ),
         ("Macro F1", _num(metrics["macro"]["f1"]), ci("macro_f1", "Mean F1 over the classes.")),
-        ("Macro ROC AUC", _num(metrics.get("roc_auc", {}).get("macro")),
-         "Mean one-vs-rest AUC over the classes present."),
+        (
+            "Macro ROC AUC",
+            _num(metrics.get("roc_auc", {}).get("macro")),
+            "Mean one-vs-rest AUC over the classes present.",
+        ),
         ("ECE (calibrated)", _num(metrics.get("ece")), "Expected calibration error."),
         *extra,
     ]
     rows = -(-len(items) // 6)
     per_row = -(-len(items) // rows)
     for start in range(0, len(items), per_row):
-        for col, (label, value, help_) in zip(st.columns(per_row), items[start:start + per_row], strict=False):
+        for col, (label, value, help_) in zip(st.columns(per_row), items[start : start + per_row], strict=False):
             col.metric(label, value, help=help_)
     names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1"}
     shown = [f"{names[k]} {intervals[k][0]:.3f}–{intervals[k][1]:.3f}" for k in names if k in intervals]
@@ -79,14 +87,22 @@ def per_class_report(metrics: dict) -> pd.DataFrame:
 
 def confusion_and_report(metrics: dict, key: str) -> None:
     """The interactive confusion matrix (counts or row-normalised) beside the per-class report."""
-    mode = st.segmented_control("Show", ["counts", "row-normalised"], default="counts", key=f"{key}_cm_mode",
-                                required=True)
+    mode = st.segmented_control(
+        "Show", ["counts", "row-normalised"], default="counts", key=f"{key}_cm_mode", required=True
+    )
     left, right = st.columns([5, 4])
-    left.plotly_chart(plots.confusion_figure(np.array(metrics["confusion_matrix"]), normalize=mode != "counts"),
-                      width="stretch", key=f"{key}_cm")
+    left.plotly_chart(
+        plots.confusion_figure(np.array(metrics["confusion_matrix"]), normalize=mode != "counts"),
+        width="stretch",
+        key=f"{key}_cm",
+    )
     right.markdown("**Per-class report**")
-    right.dataframe(per_class_report(metrics), width="stretch", key=f"{key}_report", column_config={
-        c: st.column_config.NumberColumn(format="%.3f") for c in ("precision", "recall", "f1", "auc")})
+    right.dataframe(
+        per_class_report(metrics),
+        width="stretch",
+        key=f"{key}_report",
+        column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("precision", "recall", "f1", "auc")},
+    )
     right.caption("Recall is the sensitivity for that class; AUC is one class vs the rest.")
 
 
@@ -117,15 +133,19 @@ def internal_section() -> None:
     temperature = float(evaluation.get("temperature", 1.0))
     preds = probs.argmax(axis=1)
 
-    st.caption(f"Test split of `{run.name}`: {len(labels)} images; best epoch {evaluation.get('epoch', '?')}; "
-               "probabilities calibrated by temperature scaling fitted on the validation split.")
-    headline_metrics(metrics, evaluation.get("confidence_intervals"),
-                     extra=[("Temperature", f"{temperature:.2f}", None)])
+    st.caption(
+        f"Test split of `{run.name}`: {len(labels)} images; best epoch {evaluation.get('epoch', '?')}; "
+        "probabilities calibrated by temperature scaling fitted on the validation split."
+    )
+    headline_metrics(
+        metrics, evaluation.get("confidence_intervals"), extra=[("Temperature", f"{temperature:.2f}", None)]
+    )
     if len(labels) < 100:
         st.info(f"Only {len(labels)} test images: these numbers are very noisy.", icon=":material/info:")
 
     tab_cm, tab_roc, tab_cal, tab_mel, tab_err = st.tabs(
-        ["Confusion matrix & report", "ROC curves", "Calibration", "Melanoma threshold", "Misclassified images"])
+        ["Confusion matrix & report", "ROC curves", "Calibration", "Melanoma threshold", "Misclassified images"]
+    )
 
     with tab_cm:
         confusion_and_report(metrics, "eval")
@@ -140,9 +160,11 @@ def internal_section() -> None:
             before = reliability_curve(labels, softmax(logits))
             after = reliability_curve(labels, probs)
             st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
-            st.caption("A point below the diagonal means the model is over-confident at that confidence. "
-                       "Temperature scaling divides the logits by T (fitted on the validation split); it never "
-                       "changes the predicted class, only how sure the model claims to be.")
+            st.caption(
+                "A point below the diagonal means the model is over-confident at that confidence. "
+                "Temperature scaling divides the logits by T (fitted on the validation split); it never "
+                "changes the predicted class, only how sure the model claims to be."
+            )
 
     with tab_mel:
         t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, 0.5, 0.01, key="eval_mel_t")
@@ -153,8 +175,10 @@ def internal_section() -> None:
         c[1].metric("Specificity", fmt(op["specificity"]), help="Share of non-melanomas not flagged.")
         c[2].metric("PPV", fmt(op["ppv"]), help="Share of flagged images that are melanoma.")
         c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not melanoma.")
-        st.caption(f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
-                   "correctly not flagged. Lowering the threshold trades specificity for sensitivity.")
+        st.caption(
+            f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
+            "correctly not flagged. Lowering the threshold trades specificity for sensitivity."
+        )
         mel = CLASSES.index(MELANOMA)
         st.plotly_chart(plots.threshold_curve(probs[:, mel], labels == mel, t), width="stretch")
 
@@ -166,8 +190,12 @@ def internal_section() -> None:
         f1, f2, f3 = st.columns(3)
         true_filter = f1.multiselect("True class", CLASSES, key="eval_err_true")
         pred_filter = f2.multiselect("Predicted class", CLASSES, key="eval_err_pred")
-        show_cam = f3.toggle("Grad-CAM overlay", value=True, key="eval_err_cam",
-                             help="For the predicted class: what made the model choose it.")
+        show_cam = f3.toggle(
+            "Grad-CAM overlay",
+            value=True,
+            key="eval_err_cam",
+            help="For the predicted class: what made the model choose it.",
+        )
         if true_filter:
             wrong = wrong[wrong["dx"].isin(true_filter)]
         if pred_filter:
@@ -179,16 +207,18 @@ def internal_section() -> None:
         st.caption(f"{len(wrong)} misclassified images, most confident mistakes first.")
         best = run.path / "best.pt"
         grid = st.columns(4)
-        for i, row in enumerate(wrong.iloc[(page - 1) * per_page: page * per_page].itertuples()):
+        for i, row in enumerate(wrong.iloc[(page - 1) * per_page : page * per_page].itertuples()):
             cell = grid[i % 4]
-            caption = (f"{row.image_id}: true {row.dx}, predicted {CLASSES[row.pred]} ({row.confidence:.0%})")
+            caption = f"{row.image_id}: true {row.dx}, predicted {CLASSES[row.pred]} ({row.confidence:.0%})"
             if not Path(row.path).is_file():
                 cell.warning(f"{row.image_id}: image file not found ({row.path}).")
                 continue
             image = cam_overlay(str(best), row.path, int(row.pred)) if show_cam and best.is_file() else None
             cell.image(image if image is not None else row.path, caption=caption, width="stretch")
-        st.caption(f"{DISPLAY_NAMES[MELANOMA]} missed as a benign class is the costliest mistake; filter with "
-                   "True class = mel.")
+        st.caption(
+            f"{DISPLAY_NAMES[MELANOMA]} missed as a benign class is the costliest mistake; filter with "
+            "True class = mel."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -204,30 +234,44 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     from core.runtime import pick_device
 
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
-    result = evaluate_checkpoint(checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP,
-                                 device=str(pick_device()))
+    result = evaluate_checkpoint(
+        checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP, device=str(pick_device())
+    )
     validation = result["validation"]
-    return {"layout": layout.kind, "layout_source": str(layout.source), "report_ok": validation["ok"],
-            "report": validation["summary"],
-            "problems": pd.DataFrame(validation["problems"], columns=["problem", "where"]), "result": result}
+    return {
+        "layout": layout.kind,
+        "layout_source": str(layout.source),
+        "report_ok": validation["ok"],
+        "report": validation["summary"],
+        "problems": pd.DataFrame(validation["problems"], columns=["problem", "where"]),
+        "result": result,
+    }
 
 
 def external_section() -> None:
-    st.caption("Evaluate a model on images from elsewhere — all of them, no split — with the same metrics as "
-               "a run's test split. The folder may hold an isic-cli export, one folder per class "
-               f"({', '.join(CLASSES)}), the ISIC 2018 Task 3 ground truth with its images, or HAM10000-style "
-               "metadata. Same as `python -m core.evaluate --checkpoint CKPT --data FOLDER --split all`.")
+    st.caption(
+        "Evaluate a model on images from elsewhere — all of them, no split — with the same metrics as "
+        "a run's test split. The folder may hold an isic-cli export, one folder per class "
+        f"({', '.join(CLASSES)}), the ISIC 2018 Task 3 ground truth with its images, or HAM10000-style "
+        "metadata. Same as `python -m core.evaluate --checkpoint CKPT --data FOLDER --split all`."
+    )
     models = settings.model_files()
     if not models:
-        st.info("No model is available: train one on the **Train** page, or copy a Lesion Lab checkpoint "
-                "into `checkpoints/`.", icon=":material/neurology:")
+        st.info(
+            "No model is available: train one on the **Train** page, or copy a Lesion Lab checkpoint "
+            "into `checkpoints/`.",
+            icon=":material/neurology:",
+        )
         return
     with st.form("ext_form", border=False):
         c_model, c_folder = st.columns([2, 3])
         model = c_model.selectbox("Model", models, format_func=settings.model_label, key="ext_model")
-        folder = c_folder.text_input("External test set folder", key="ext_folder",
-                                     placeholder="data/ham10000-isic2018-test",
-                                     help="Relative paths are taken from the project folder.")
+        folder = c_folder.text_input(
+            "External test set folder",
+            key="ext_folder",
+            placeholder="data/ham10000-isic2018-test",
+            help="Relative paths are taken from the project folder.",
+        )
         go = st.form_submit_button("Evaluate on this folder", icon=":material/analytics:")
     if go:
         if not folder.strip():
@@ -251,33 +295,53 @@ def external_section() -> None:
 
     result = out["result"]
     metrics = result["metrics"]
-    st.markdown(f"**{label}** ({result['arch']}, temperature {result['temperature']:.2f}) on `{folder}`: "
-                f"{result['n_images']} images.")
+    st.markdown(
+        f"**{label}** ({result['arch']}, temperature {result['temperature']:.2f}) on `{folder}`: "
+        f"{result['n_images']} images."
+    )
     st.caption(f"Layout: {LAYOUTS.get(out['layout'], out['layout'])}, recognised by `{out['layout_source']}`.")
     if out["report_ok"]:
         st.success(f"Nothing was set aside. {out['report'].splitlines()[0]}", icon=":material/check_circle:")
     else:
-        st.warning(f"Some files or rows were set aside and are not part of these numbers (below). "
-                   f"{out['report'].splitlines()[0]}", icon=":material/warning:")
+        st.warning(
+            f"Some files or rows were set aside and are not part of these numbers (below). "
+            f"{out['report'].splitlines()[0]}",
+            icon=":material/warning:",
+        )
         with st.expander("What was set aside"):
             st.code(out["report"], language=None)
             st.dataframe(out["problems"], width="stretch", hide_index=True, key="ext_problems")
 
     mel = metrics["melanoma"]
     pct = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
-    headline_metrics(metrics, result.get("confidence_intervals"), extra=[
-        ("Melanoma sensitivity", pct(mel["sensitivity"]),
-         f"Share of melanomas with P(mel) ≥ {mel['threshold']:g}: {mel['tp']} of {mel['tp'] + mel['fn']}."),
-        ("Melanoma specificity", pct(mel["specificity"]),
-         f"Share of non-melanomas with P(mel) < {mel['threshold']:g}: {mel['tn']} of {mel['tn'] + mel['fp']}."),
-        ("Temperature", f"{result['temperature']:.2f}", "From the checkpoint: fitted on its own validation split."),
-    ])
+    headline_metrics(
+        metrics,
+        result.get("confidence_intervals"),
+        extra=[
+            (
+                "Melanoma sensitivity",
+                pct(mel["sensitivity"]),
+                f"Share of melanomas with P(mel) ≥ {mel['threshold']:g}: {mel['tp']} of {mel['tp'] + mel['fn']}.",
+            ),
+            (
+                "Melanoma specificity",
+                pct(mel["specificity"]),
+                f"Share of non-melanomas with P(mel) < {mel['threshold']:g}: {mel['tn']} of {mel['tn'] + mel['fp']}.",
+            ),
+            ("Temperature", f"{result['temperature']:.2f}", "From the checkpoint: fitted on its own validation split."),
+        ],
+    )
     if result["n_images"] < 100:
         st.info(f"Only {result['n_images']} images: these numbers are very noisy.", icon=":material/info:")
     confusion_and_report(metrics, "ext")
-    st.download_button("Download the report (JSON, with per-image predictions)", json.dumps(result, indent=2),
-                       file_name=f"external-{Path(folder).name}-{Path(checkpoint).stem}.json",
-                       mime="application/json", icon=":material/download:", key="ext_download")
+    st.download_button(
+        "Download the report (JSON, with per-image predictions)",
+        json.dumps(result, indent=2),
+        file_name=f"external-{Path(folder).name}-{Path(checkpoint).stem}.json",
+        mime="application/json",
+        icon=":material/download:",
+        key="ext_download",
+    )
 
 
 st.title("Evaluate")

@@ -4,6 +4,7 @@ heatmap, then compare their per-class results with the model's on the same image
 The whole quiz lives in this browser session's ``st.session_state``: nothing a student answers is written
 on the server. The work is done in ``core.quiz``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,13 +64,17 @@ def setup() -> None:
         st.stop()
     models = settings.model_files()
     if not models:
-        st.info("No model is available. The quiz uses `checkpoints/*.pt` (the repository ships "
-                "`checkpoints/reference.pt`) and the `best.pt` of every finished training run.",
-                icon=":material/neurology:")
+        st.info(
+            "No model is available. The quiz uses `checkpoints/*.pt` (the repository ships "
+            "`checkpoints/reference.pt`) and the `best.pt` of every finished training run.",
+            icon=":material/neurology:",
+        )
         st.stop()
-    st.markdown("Students diagnose each image — with how sure they are — before they see the truth, how it was "
-                "confirmed, the model's calibrated probabilities and where it looked. At the end their per-class "
-                "results stand beside the model's on the same images.")
+    st.markdown(
+        "Students diagnose each image — with how sure they are — before they see the truth, how it was "
+        "confirmed, the model's calibrated probabilities and where it looked. At the end their per-class "
+        "results stand beside the model's on the same images."
+    )
     model_path = st.selectbox("Model", models, format_func=settings.model_label, key="quiz_model")
     predictor, error = get_predictor(model_path)
     if predictor is None:
@@ -84,32 +89,53 @@ def setup() -> None:
     splits = quiz.split_column(frame, record.split_of)
     counts = split_counts(frame, splits)
     held_out = ", ".join(f"{int(counts[s].sum())} {s}" for s in quiz.QUIZ_SPLITS)
-    st.caption(f"Held out from this model's training: {held_out} images of {index.root.name}. Training images "
-               f"are never shown. Split {record.source}.")
+    st.caption(
+        f"Held out from this model's training: {held_out} images of {index.root.name}. Training images "
+        f"are never shown. Split {record.source}."
+    )
     if not record.recorded:
-        st.warning("No split record was found for this model, so its split was recomputed over this dataset. If "
-                   "the model was trained on another dataset, these images may include ones it trained on.",
-                   icon=":material/warning:")
+        st.warning(
+            "No split record was found for this model, so its split was recomputed over this dataset. If "
+            "the model was trained on another dataset, these images may include ones it trained on.",
+            icon=":material/warning:",
+        )
     if splits.isna().any():
-        st.caption(f"{int(splits.isna().sum())} images of this dataset are not in the model's split record and "
-                   "are left out.")
+        st.caption(
+            f"{int(splits.isna().sum())} images of this dataset are not in the model's split record and are left out."
+        )
     with st.expander("Held-out images per class"):
         st.dataframe(counts[list(quiz.QUIZ_SPLITS)].T, key="quiz_pool_counts")
 
     with st.form("quiz_setup"):
         c1, c2, c3, c4 = st.columns([3, 2, 3, 2])
         n = c1.slider("Images", quiz.MIN_IMAGES, quiz.MAX_IMAGES, quiz.QuizSettings.n, key="quiz_n")
-        split = c2.radio("From the split", quiz.QUIZ_SPLITS, key="quiz_split",
-                         help="Test by default; validation images were used to pick the model's best epoch.")
-        mix = c3.radio("Class mix", list(quiz.MIXES), format_func=quiz.MIXES.get, key="quiz_mix",
-                       help="Natural prevalence: each class as common as in the pool (in HAM10000 mostly nevi; the "
-                            "bundled sample has about 20 per class). Balanced: the same number per class, as far as "
-                            "the pool allows.")
-        seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="quiz_seed",
-                               help="Same seed, settings, dataset and model: the same images in the same order, "
-                                    "so a whole class can take the same quiz.")
-        ask_confidence = st.toggle("Ask how sure the student is (1 = guessing, 5 = certain)", value=True,
-                                   key="quiz_ask_confidence")
+        split = c2.radio(
+            "From the split",
+            quiz.QUIZ_SPLITS,
+            key="quiz_split",
+            help="Test by default; validation images were used to pick the model's best epoch.",
+        )
+        mix = c3.radio(
+            "Class mix",
+            list(quiz.MIXES),
+            format_func=quiz.MIXES.get,
+            key="quiz_mix",
+            help="Natural prevalence: each class as common as in the pool (in HAM10000 mostly nevi; the "
+            "bundled sample has about 20 per class). Balanced: the same number per class, as far as "
+            "the pool allows.",
+        )
+        seed = c4.number_input(
+            "Seed",
+            0,
+            2**31 - 1,
+            0,
+            key="quiz_seed",
+            help="Same seed, settings, dataset and model: the same images in the same order, "
+            "so a whole class can take the same quiz.",
+        )
+        ask_confidence = st.toggle(
+            "Ask how sure the student is (1 = guessing, 5 = certain)", value=True, key="quiz_ask_confidence"
+        )
         start = st.form_submit_button("Start the quiz", type="primary", icon=":material/quiz:")
     if start:
         chosen = quiz.QuizSettings(n=int(n), split=split, mix=mix, seed=int(seed))
@@ -119,9 +145,14 @@ def setup() -> None:
             st.error(str(exc), icon=":material/block:")
             st.stop()
         st.session_state[STATE] = {
-            "settings": chosen, "checkpoint": str(model_path), "model": settings.model_label(model_path),
-            "dataset": index.root.name, "ask_confidence": ask_confidence,
-            "rows": rows.to_dict("records"), "answers": [], "pos": 0,
+            "settings": chosen,
+            "checkpoint": str(model_path),
+            "model": settings.model_label(model_path),
+            "dataset": index.root.name,
+            "ask_confidence": ask_confidence,
+            "rows": rows.to_dict("records"),
+            "answers": [],
+            "pos": 0,
         }
         st.rerun()
 
@@ -154,11 +185,16 @@ def _quit() -> None:
 
 def header(q: dict) -> None:
     chosen = q["settings"]
-    st.caption(f"Quiz: {chosen.describe()} · model {q['model']} · dataset {q['dataset']}. Give the class these "
-               "settings to take the same quiz.")
+    st.caption(
+        f"Quiz: {chosen.describe()} · model {q['model']} · dataset {q['dataset']}. Give the class these "
+        "settings to take the same quiz."
+    )
     if len(q["rows"]) < chosen.n:
-        st.info(f"This model has only {len(q['rows'])} {chosen.split} images in this dataset, so the quiz has "
-                f"{len(q['rows'])} instead of {chosen.n}.", icon=":material/info:")
+        st.info(
+            f"This model has only {len(q['rows'])} {chosen.split} images in this dataset, so the quiz has "
+            f"{len(q['rows'])} instead of {chosen.n}.",
+            icon=":material/info:",
+        )
 
 
 @st.fragment
@@ -172,12 +208,15 @@ def question() -> None:
             model_probs(q, row["path"])  # before the student answers: an unreadable image is skipped, not scored
             break
         except PredictionError as exc:  # the model's fault, not the image's: every image would fail alike
-            st.error(f"This model cannot take part in a quiz: {exc}. Abandon the quiz and choose another model.",
-                     icon=":material/block:")
+            st.error(
+                f"This model cannot take part in a quiz: {exc}. Abandon the quiz and choose another model.",
+                icon=":material/block:",
+            )
             return
         except (ImageError, OSError, quiz.QuizError) as exc:
-            st.warning(f"{row['image_id']} cannot be read and is left out of the quiz ({exc}).",
-                       icon=":material/block:")
+            st.warning(
+                f"{row['image_id']} cannot be read and is left out of the quiz ({exc}).", icon=":material/block:"
+            )
             q["rows"].pop(pos)
             if pos == len(q["rows"]):
                 st.rerun()  # that was the last image: on to the results
@@ -198,13 +237,22 @@ def question() -> None:
     with side:
         if not revealed:
             with st.form(f"quiz_form_{pos}", border=False):
-                st.radio("Your diagnosis", CLASSES, index=None, format_func=plots.class_label,
-                         key=f"quiz_answer_{pos}")
+                st.radio("Your diagnosis", CLASSES, index=None, format_func=plots.class_label, key=f"quiz_answer_{pos}")
                 if q["ask_confidence"]:
-                    st.slider("How sure are you? (1 = guessing, 5 = certain)", *quiz.CONFIDENCE_LEVELS, 3,
-                              key=f"quiz_confidence_{pos}")
-                st.form_submit_button("Reveal", type="primary", icon=":material/visibility:", on_click=_reveal,
-                                      args=(pos,), key=f"quiz_reveal_{pos}")
+                    st.slider(
+                        "How sure are you? (1 = guessing, 5 = certain)",
+                        *quiz.CONFIDENCE_LEVELS,
+                        3,
+                        key=f"quiz_confidence_{pos}",
+                    )
+                st.form_submit_button(
+                    "Reveal",
+                    type="primary",
+                    icon=":material/visibility:",
+                    on_click=_reveal,
+                    args=(pos,),
+                    key=f"quiz_reveal_{pos}",
+                )
             if st.session_state.get(MISSING):
                 st.warning("Choose a diagnosis first.", icon=":material/touch_app:")
             return
@@ -215,13 +263,20 @@ def question() -> None:
         mark = {True: ":green[right]", False: ":red[wrong]"}
         st.markdown(f"### {DISPLAY_NAMES[truth]} ({truth})")
         st.markdown(f"Confirmed by **{confirmation(row['dx_type'])}**.")
-        st.markdown(f"You said **{answer['answer']}**{sure}: {mark[answer['answer'] == truth]}. "
-                    f"The model said **{top}** ({probs.max():.0%}): {mark[top == truth]}.")
+        st.markdown(
+            f"You said **{answer['answer']}**{sure}: {mark[answer['answer'] == truth]}. "
+            f"The model said **{top}** ({probs.max():.0%}): {mark[top == truth]}."
+        )
         st.plotly_chart(plots.probability_bars(probs, highlight=truth), width="stretch", key=f"quiz_probs_{pos}")
         st.caption(f"The model's calibrated probabilities; the true class ({truth}) is outlined.")
         last = pos + 1 == total
-        st.button("See the results" if last else "Next image", type="primary", on_click=_next,
-                  icon=":material/leaderboard:" if last else ":material/arrow_forward:", key=f"quiz_next_{pos}")
+        st.button(
+            "See the results" if last else "Next image",
+            type="primary",
+            on_click=_next,
+            icon=":material/leaderboard:" if last else ":material/arrow_forward:",
+            key=f"quiz_next_{pos}",
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -243,30 +298,50 @@ def results(q: dict) -> None:
     st.subheader("Results")
     cols = st.columns(4)
     cols[0].metric("Your accuracy", f"{you['accuracy']:.3f}", help="Share of images diagnosed correctly.")
-    cols[1].metric("Your balanced accuracy", f"{you['balanced_accuracy']:.3f}",
-                   help="Mean recall over the classes in the quiz.")
+    cols[1].metric(
+        "Your balanced accuracy", f"{you['balanced_accuracy']:.3f}", help="Mean recall over the classes in the quiz."
+    )
     cols[2].metric("Model accuracy", f"{model['accuracy']:.3f}")
     cols[3].metric("Model balanced accuracy", f"{model['balanced_accuracy']:.3f}")
     st.markdown("\n".join(f"- {s}" for s in quiz.summary_sentences(result, q["settings"].mix)))
 
     left, right = st.columns(2)
-    left.plotly_chart(plots.confusion_figure(you["confusion_matrix"], title="Your answers", height=420),
-                      width="stretch", key="quiz_cm_student")
-    right.plotly_chart(plots.confusion_figure(model["confusion_matrix"], title="The model", height=420),
-                       width="stretch", key="quiz_cm_model")
-    recall = pd.DataFrame([{"run": who, "class": code, "recall": side["recall"][code]}
-                           for who, side in (("you", you), ("model", model)) for code in CLASSES])
+    left.plotly_chart(
+        plots.confusion_figure(you["confusion_matrix"], title="Your answers", height=420),
+        width="stretch",
+        key="quiz_cm_student",
+    )
+    right.plotly_chart(
+        plots.confusion_figure(model["confusion_matrix"], title="The model", height=420),
+        width="stretch",
+        key="quiz_cm_model",
+    )
+    recall = pd.DataFrame(
+        [
+            {"run": who, "class": code, "recall": side["recall"][code]}
+            for who, side in (("you", you), ("model", model))
+            for code in CLASSES
+        ]
+    )
     st.plotly_chart(plots.per_class_comparison(recall, "recall"), width="stretch", key="quiz_recall")
-    st.caption("Recall: the share of a class's images diagnosed as that class (sensitivity). Classes without "
-               "images in this quiz have no bar.")
+    st.caption(
+        "Recall: the share of a class's images diagnosed as that class (sensitivity). Classes without "
+        "images in this quiz have no bar."
+    )
 
     table = quiz.results_table(rows, answers, confidences, probs)
     with st.expander("Every image"):
         st.dataframe(table, hide_index=True, key="quiz_table")
     chosen = q["settings"]
-    st.download_button("Download the results (CSV)", table.to_csv(index=False), mime="text/csv",
-                       file_name=f"quiz-{chosen.split}-{chosen.mix}-{len(rows)}-seed{chosen.seed}.csv",
-                       on_click="ignore", icon=":material/download:", key="quiz_download")
+    st.download_button(
+        "Download the results (CSV)",
+        table.to_csv(index=False),
+        mime="text/csv",
+        file_name=f"quiz-{chosen.split}-{chosen.mix}-{len(rows)}-seed{chosen.seed}.csv",
+        on_click="ignore",
+        icon=":material/download:",
+        key="quiz_download",
+    )
     st.caption("Nothing of this quiz is stored on the server: download the results before you leave.")
     st.button("New quiz", on_click=_quit, icon=":material/restart_alt:", key="quiz_new")
 

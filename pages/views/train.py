@@ -25,79 +25,139 @@ job = jobs.active_job(RUNS)
 
 
 def config_form() -> None:
-    preset = st.selectbox("Preset", sorted(PRESETS), index=sorted(PRESETS).index("seed"), key="train_preset",
-                          help="Fills the form with a known-good configuration; `seed` is the course project's "
-                               "pipeline (frozen ImageNet ResNet-18, MLP head, oversampling).")
+    preset = st.selectbox(
+        "Preset",
+        sorted(PRESETS),
+        index=sorted(PRESETS).index("seed"),
+        key="train_preset",
+        help="Fills the form with a known-good configuration; `seed` is the course project's "
+        "pipeline (frozen ImageNet ResNet-18, MLP head, oversampling).",
+    )
     base = PRESETS[preset]
     k = f"_{preset}"  # widget keys per preset, so choosing a preset resets the form to its values
     start_arch = default_arch(base.arch) if base.weights == "imagenet" else base.arch
     if start_arch != base.arch:
-        st.info(f"The form starts with **{start_arch}** instead of the preset's {base.arch}: the ImageNet weights "
-                f"for {base.arch} are not on this computer ({weights_file(base.arch)}) and those for {start_arch} "
-                "are, so it trains without internet access.", icon=":material/cloud_off:")
+        st.info(
+            f"The form starts with **{start_arch}** instead of the preset's {base.arch}: the ImageNet weights "
+            f"for {base.arch} are not on this computer ({weights_file(base.arch)}) and those for {start_arch} "
+            "are, so it trains without internet access.",
+            icon=":material/cloud_off:",
+        )
     with st.form("train_form", border=True):
         c1, c2, c3, c4 = st.columns(4)
         # Empty by default: a name computed here would come from the preset, not from the architecture and
         # strategy chosen below (forms send their values only on submit).
-        name = c1.text_input("Run name", key="run_name" + k, placeholder="automatic: date-architecture-strategy",
-                             help="Leave empty for <date>-<time>-<architecture>-<imbalance strategy>.")
-        arch = c2.selectbox("Architecture", list(ARCHITECTURES), index=list(ARCHITECTURES).index(start_arch),
-                            format_func=lambda a: a if weights_file(a).is_file() else f"{a} (no ImageNet file here)",
-                            key="arch" + k,
-                            help="ImageNet weights are read from torchvision's cache "
-                                 f"({weights_file(start_arch).parent}); an architecture without its file there "
-                                 "trains only from scratch or from a weights file, unless this computer can "
-                                 "download it.")
+        name = c1.text_input(
+            "Run name",
+            key="run_name" + k,
+            placeholder="automatic: date-architecture-strategy",
+            help="Leave empty for <date>-<time>-<architecture>-<imbalance strategy>.",
+        )
+        arch = c2.selectbox(
+            "Architecture",
+            list(ARCHITECTURES),
+            index=list(ARCHITECTURES).index(start_arch),
+            format_func=lambda a: a if weights_file(a).is_file() else f"{a} (no ImageNet file here)",
+            key="arch" + k,
+            help="ImageNet weights are read from torchvision's cache "
+            f"({weights_file(start_arch).parent}); an architecture without its file there "
+            "trains only from scratch or from a weights file, unless this computer can "
+            "download it.",
+        )
         weights_opts = ["imagenet", "none"]
-        weights = c3.selectbox("Pretrained weights", weights_opts,
-                               index=weights_opts.index(base.weights) if base.weights in weights_opts else 0,
-                               format_func={"imagenet": "ImageNet", "none": "none (random init)"}.get,
-                               key="weights" + k)
-        weights_file_path = c4.text_input("…or a weights file", key="weights_path" + k,
-                                          placeholder="path/to/torchvision_state_dict.pth",
-                                          help="A torchvision state dict for the chosen architecture; "
-                                               "overrides the choice on the left.")
+        weights = c3.selectbox(
+            "Pretrained weights",
+            weights_opts,
+            index=weights_opts.index(base.weights) if base.weights in weights_opts else 0,
+            format_func={"imagenet": "ImageNet", "none": "none (random init)"}.get,
+            key="weights" + k,
+        )
+        weights_file_path = c4.text_input(
+            "…or a weights file",
+            key="weights_path" + k,
+            placeholder="path/to/torchvision_state_dict.pth",
+            help="A torchvision state dict for the chosen architecture; overrides the choice on the left.",
+        )
         c1, c2, c3 = st.columns(3)
-        finetune = c1.selectbox("Fine-tuning", FINETUNE_POLICIES, index=FINETUNE_POLICIES.index(base.finetune),
-                                format_func={"head": "head only (frozen backbone)", "last": "last block + head",
-                                             "full": "full network"}.get, key="finetune" + k)
+        finetune = c1.selectbox(
+            "Fine-tuning",
+            FINETUNE_POLICIES,
+            index=FINETUNE_POLICIES.index(base.finetune),
+            format_func={
+                "head": "head only (frozen backbone)",
+                "last": "last block + head",
+                "full": "full network",
+            }.get,
+            key="finetune" + k,
+        )
         strategies = list(imbalance.STRATEGIES)
-        strategy = c2.selectbox("Imbalance strategy", strategies, index=strategies.index(base.imbalance),
-                                format_func=lambda s: f"{imbalance.get(s).label} — {imbalance.get(s).explanation}",
-                                key="imbalance" + k)
-        augmentation = c3.selectbox("Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation),
-                                    key="augmentation" + k)
+        strategy = c2.selectbox(
+            "Imbalance strategy",
+            strategies,
+            index=strategies.index(base.imbalance),
+            format_func=lambda s: f"{imbalance.get(s).label} — {imbalance.get(s).explanation}",
+            key="imbalance" + k,
+        )
+        augmentation = c3.selectbox(
+            "Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation), key="augmentation" + k
+        )
         c1, c2, c3, c4 = st.columns(4)
         epochs = c1.number_input("Epochs", 1, 200, base.epochs, key="epochs" + k)
         batch_size = c2.number_input("Batch size", 1, 1024, base.batch_size, key="batch" + k)
         lr = c3.number_input("Learning rate", 1e-6, 1.0, float(base.lr), format="%.0e", step=1e-4, key="lr" + k)
-        scheduler = c4.selectbox("LR scheduler", SCHEDULERS, index=SCHEDULERS.index(base.scheduler),
-                                 key="scheduler" + k)
+        scheduler = c4.selectbox(
+            "LR scheduler", SCHEDULERS, index=SCHEDULERS.index(base.scheduler), key="scheduler" + k
+        )
         c1, c2, c3, c4 = st.columns(4)
         height = c1.number_input("Image height", MIN_INPUT_SIDE, MAX_INPUT_SIDE, int(base.input_size[0]), key="h" + k)
         width = c2.number_input("Image width", MIN_INPUT_SIDE, MAX_INPUT_SIDE, int(base.input_size[1]), key="w" + k)
         seed = c3.number_input("Seed", 0, 2**31 - 1, base.seed, key="seed" + k)
-        max_images = c4.number_input("Use at most N images (0 = all)", 0, 1_000_000, 0, key="max" + k,
-                                     help="A stratified subsample, for quick experiments.")
+        max_images = c4.number_input(
+            "Use at most N images (0 = all)",
+            0,
+            1_000_000,
+            0,
+            key="max" + k,
+            help="A stratified subsample, for quick experiments.",
+        )
         if finetune == "head" and augmentation != "none":
-            st.caption("Head-only runs train on cached backbone features computed without augmentation "
-                       "(much faster); augmentation applies to the other fine-tuning policies.")
+            st.caption(
+                "Head-only runs train on cached backbone features computed without augmentation "
+                "(much faster); augmentation applies to the other fine-tuning policies."
+            )
         busy = job is not None
-        submitted = st.form_submit_button("Start training", type="primary", disabled=busy or index is None,
-                                          icon=":material/play_arrow:")
+        submitted = st.form_submit_button(
+            "Start training", type="primary", disabled=busy or index is None, icon=":material/play_arrow:"
+        )
     if busy:
-        st.info("A training job is running (below). Only one job runs at a time: stop it or wait for it to "
-                "finish before starting another.", icon=":material/hourglass_top:")
+        st.info(
+            "A training job is running (below). Only one job runs at a time: stop it or wait for it to "
+            "finish before starting another.",
+            icon=":material/hourglass_top:",
+        )
     if not submitted:
         return
     if weights_file_path.strip():
         weights = weights_file_path.strip()
     try:
-        cfg = config_with(base, name=name.strip(), arch=arch, weights=weights, finetune=finetune,
-                          imbalance=strategy, augmentation=augmentation, epochs=int(epochs),
-                          batch_size=int(batch_size), lr=float(lr), scheduler=scheduler,
-                          input_size=(int(height), int(width)), seed=int(seed),
-                          max_images=int(max_images) or None, data=str(dataset_choice().folder), out=str(RUNS))
+        cfg = config_with(
+            base,
+            name=name.strip(),
+            arch=arch,
+            weights=weights,
+            finetune=finetune,
+            imbalance=strategy,
+            augmentation=augmentation,
+            epochs=int(epochs),
+            batch_size=int(batch_size),
+            lr=float(lr),
+            scheduler=scheduler,
+            input_size=(int(height), int(width)),
+            seed=int(seed),
+            max_images=int(max_images) or None,
+            data=str(dataset_choice().folder),
+            out=str(RUNS),
+        )
         config = cfg.to_dict()
         started = jobs.start_training({**config, "name": config["name"] or default_run_name(config, RUNS)}, RUNS)
     except jobs.JobBusyError as exc:
@@ -111,20 +171,30 @@ def config_form() -> None:
 
 def show_run(run: RunState, active: bool, controls=None) -> None:
     """Progress, curves and outcome of one run; ``controls`` draws buttons under the progress bar."""
-    icon = {"finished": ":material/check_circle:", "stopped": ":material/stop_circle:", "failed": ":material/error:",
-            "interrupted": ":material/error:"}.get(run.state, ":material/hourglass_top:")
+    icon = {
+        "finished": ":material/check_circle:",
+        "stopped": ":material/stop_circle:",
+        "failed": ":material/error:",
+        "interrupted": ":material/error:",
+    }.get(run.state, ":material/hourglass_top:")
     st.subheader(f"{icon} {run.name}")
     cfg = run.config
     if cfg:
-        st.caption(" · ".join(f"{k} {cfg[k]}" for k in ("arch", "weights", "finetune", "imbalance", "epochs",
-                                                         "batch_size", "lr") if k in cfg)
-                   + (f" · device {run.start['device']}" if run.start and run.start.get("device") else ""))
+        st.caption(
+            " · ".join(
+                f"{k} {cfg[k]}"
+                for k in ("arch", "weights", "finetune", "imbalance", "epochs", "batch_size", "lr")
+                if k in cfg
+            )
+            + (f" · device {run.start['device']}" if run.start and run.start.get("device") else "")
+        )
     st.progress(run.fraction_done(), text=run.progress_text())
     if controls is not None:
         controls()
     if run.epochs or run.steps:
-        st.plotly_chart(plots.training_curves(epochs_table(run), running_loss_table(run)),
-                        width="stretch", key=f"curves_{run.name}")
+        st.plotly_chart(
+            plots.training_curves(epochs_table(run), running_loss_table(run)), width="stretch", key=f"curves_{run.name}"
+        )
     if run.epochs:
         last = run.epochs[-1]
         m = st.columns(4)
@@ -135,8 +205,10 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
     elif active:
         st.caption("Validation curves appear when the first epoch is done; the running training loss is live.")
     if run.state == "finished":
-        st.success("Finished: the best checkpoint was calibrated and evaluated on the test split.",
-                   icon=":material/check_circle:")
+        st.success(
+            "Finished: the best checkpoint was calibrated and evaluated on the test split.",
+            icon=":material/check_circle:",
+        )
         st.page_link("pages/views/evaluate.py", label="Open it on Evaluate", icon=":material/analytics:")
     elif run.state == "stopped":
         st.info("Stopped on request." + (" The best epoch so far was saved and evaluated." if run.has_model else ""))
@@ -159,10 +231,16 @@ def monitor() -> None:
 
         def controls() -> None:
             if current.stop_requested:
-                st.warning("Stopping: the run ends after its current step and still saves its best epoch.",
-                           icon=":material/stop_circle:")
-                st.button("Force stop now", on_click=jobs.kill_job, args=(RUNS,),
-                          help="Terminate the training process immediately (nothing more is saved).")
+                st.warning(
+                    "Stopping: the run ends after its current step and still saves its best epoch.",
+                    icon=":material/stop_circle:",
+                )
+                st.button(
+                    "Force stop now",
+                    on_click=jobs.kill_job,
+                    args=(RUNS,),
+                    help="Terminate the training process immediately (nothing more is saved).",
+                )
             else:
                 # A callback runs before the rerun it triggers, so the page shows "Stopping" at once.
                 st.button("Stop training", icon=":material/stop_circle:", on_click=jobs.stop_job, args=(RUNS,))

@@ -33,6 +33,33 @@ from tests.conftest import write_tiny_dataset, write_truncated_jpeg
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
+def train_cli(data, out, *extra: str, name: str = "cli", cache=None) -> subprocess.CompletedProcess:
+    """``python -m core.train`` on ``data`` as a user would run it: random weights, one epoch at 32×32;
+    ``extra`` flags come last, so they override these."""
+    command = [
+        sys.executable,
+        "-m",
+        "core.train",
+        "--data",
+        str(data),
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--input-size",
+        "32",
+        "32",
+        "--out",
+        str(out),
+        "--name",
+        name,
+        "--cache-dir",
+        str(cache or Path(out) / "c"),
+        *extra,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+
+
 def tiny_config(tiny_root, tmp_path, **kw) -> TrainConfig:
     base = dict(
         data=str(tiny_root),
@@ -326,35 +353,9 @@ def test_cli_help_and_clear_errors(tmp_path):
 
 
 def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
     work = tmp_path / "work"
     work.mkdir()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.train",
-            "--data",
-            str(tiny_root),
-            "--weights",
-            "none",
-            "--epochs",
-            "1",
-            "--input-size",
-            "32",
-            "32",
-            "--out",
-            str(work / "out"),
-            "--name",
-            "../evil",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    done = train_cli(str(tiny_root), str(work / "out"), name="../evil", cache=str(tmp_path / "c"))
     assert done.returncode == 2 and done.stderr.startswith("error: '../evil' is not a usable run name"), done.stderr
     assert list(work.iterdir()) == []
 
@@ -429,35 +430,7 @@ def test_cli_help_mentions_every_field_and_rejects_unknown_choices(capsys):
 
 
 def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.train",
-            "--preset",
-            "seed",
-            "--data",
-            str(tiny_root),
-            "--weights",
-            "none",
-            "--epochs",
-            "1",
-            "--input-size",
-            "32",
-            "32",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "cli",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    done = train_cli(str(tiny_root), str(tmp_path), "--preset", "seed", cache=str(tmp_path / "c"))
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
@@ -531,33 +504,7 @@ def test_cli_prints_what_it_set_aside(tiny_root, tmp_path):
     unlisted = root / "HAM10000_images_part_1" / "ISIC_7777777.jpg"
     unlisted.write_bytes(next((root / "HAM10000_images_part_1").iterdir()).read_bytes())
     damaged = write_truncated_jpeg(next((root / "HAM10000_images_part_2").iterdir()))
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.train",
-            "--data",
-            str(root),
-            "--weights",
-            "none",
-            "--epochs",
-            "1",
-            "--input-size",
-            "32",
-            "32",
-            "--out",
-            str(tmp_path),
-            "--name",
-            "cli",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    done = train_cli(str(root), str(tmp_path), cache=str(tmp_path / "c"))
     assert done.returncode == 0, done.stderr
     assert f"Images without a metadata row (not used): 1 — {unlisted}" in done.stderr
     assert f"1 damaged image could not be decoded and was set aside: {damaged}" in done.stderr
@@ -591,34 +538,8 @@ def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, mes
         keep_rows(root, lambda row: row["lesion_id"] in lesions)
     else:
         fractions = ["0.8", "0.2", "0"]
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.train",
-            "--data",
-            str(root),
-            "--weights",
-            "none",
-            "--epochs",
-            "1",
-            "--input-size",
-            "32",
-            "32",
-            "--split-fractions",
-            *fractions,
-            "--out",
-            str(tmp_path / "runs"),
-            "--name",
-            "refused",
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
+    done = train_cli(
+        str(root), str(tmp_path / "runs"), "--split-fractions", *fractions, name="refused", cache=str(tmp_path / "c")
     )
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {message}") and done.stderr.count("\n") == 1, done.stderr

@@ -295,7 +295,7 @@ def test_take_a_quiz_to_its_summary(page, server, browser_env, tmp_path):
     page.get_by_role("button", name="Start the quiz").click()
     for i in range(10):
         page.get_by_text(f"Image {i + 1} of 10").wait_for()
-        page.get_by_text("nv · Melanocytic nevus", exact=True).click()
+        page.get_by_test_id("stRadioGroup").get_by_text("nv · Melanocytic nevus", exact=True).click()
         page.get_by_role("button", name="Reveal").click()
         page.get_by_text("Confirmed by").wait_for()
         assert page.get_by_text("Grad-CAM: where the model looked").count() == 1
@@ -328,7 +328,7 @@ def choose(pg, label: str, option: str) -> None:
 
 def test_train_a_run_and_watch_the_curve_grow(page, server, browser_env, tmp_path):
     visit(page, server, "train", "Train")
-    page.get_by_label("Run name").fill("browser-run")
+    page.get_by_role("textbox", name="Run name").fill("browser-run")
     choose(page, "Pretrained weights", "none (random init)")
     choose(page, "Fine-tuning", "full network")  # slower epochs than head-only: time to watch them
     page.get_by_label("Epochs").fill("150")

@@ -187,7 +187,7 @@ with left:
             if size
             else "the upload as decoded"
         )
-        + f", before the resize to its {in_w}×{in_h} input"
+        + ("" if size and tuple(size) == (in_w, in_h) else f", before the resize to its {in_w}×{in_h} input")
     ]
     if cam[1] is not None:
         images.append(overlay(prediction.image, cam[1], alpha))

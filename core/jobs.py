@@ -38,13 +38,13 @@ from typing import Any
 from core.files import read_json, read_tail, write_json
 from core.procs import die_with_parent, pid_alive, proc_start_time, process_record, record_alive
 from core.runs import (
+    TrainLogs,
     check_run_name,
     error_from_log,
     list_runs,
     mark_unfinished,
     read_status,
     request_stop,
-    run_header,
 )
 from core.settings import PROJECT_ROOT
 
@@ -394,40 +394,6 @@ def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
 # The worker
 
 
-class _RunLogs:
-    """Files the trainer's output under the runs it trains: each line goes to the train.log of the run whose
-    header (:func:`core.runs.run_header`) came last, what comes before the first header to the first run's."""
-
-    def __init__(self, job: Job):
-        self.job, self.run, self.partial = job, job.runs[0], b""
-        self.headers = {run_header(name).encode(): name for name in job.runs}
-
-    def copy(self, fd: int) -> None:
-        """Everything the trainer has written to ``fd`` (non-blocking) so far."""
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                return
-            if not chunk:  # the trainer has exited: its last line may lack a newline
-                self._append(self.partial)
-                self.partial = b""
-                return
-            *lines, self.partial = (self.partial + chunk).split(b"\n")
-            block = b""
-            for line in lines:
-                if line in self.headers:
-                    self._append(block)
-                    self.run, block = self.headers[line], b""
-                block += line + b"\n"
-            self._append(block)
-
-    def _append(self, data: bytes) -> None:
-        if data:
-            with open(self.job.runs_dir / self.run / "train.log", "ab") as log:
-                log.write(data)
-
-
 def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
     """Train the configs in one trainer process; a run it could not finish is marked as such."""
     (job.runs_dir / job.runs[0]).mkdir(parents=True, exist_ok=True)
@@ -444,7 +410,7 @@ def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # lines reach the logs as they are printed
     write_json(job.trainer_file, process_record(proc.pid))
-    out, logs = proc.stdout.fileno(), _RunLogs(job)
+    out, logs = proc.stdout.fileno(), TrainLogs(job.runs_dir, job.runs)
     os.set_blocking(out, False)
     try:
         while True:

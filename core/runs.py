@@ -131,6 +131,40 @@ def run_header(name: str) -> str:
     return f"=== run {name} ==="
 
 
+class TrainLogs:
+    """Files one trainer process's output under the runs it trains: each line goes to the ``train.log`` of the
+    run whose header (:func:`run_header`) came last, what comes before the first header to the first run's."""
+
+    def __init__(self, runs_dir: Path, runs: list[str]):
+        self.runs_dir, self.run, self.partial = Path(runs_dir), runs[0], b""
+        self.headers = {run_header(name).encode(): name for name in runs}
+
+    def copy(self, fd: int) -> None:
+        """Everything the trainer has written to ``fd`` (non-blocking) so far."""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:  # the trainer has exited: its last line may lack a newline
+                self._append(self.partial)
+                self.partial = b""
+                return
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            block = b""
+            for line in lines:
+                if line in self.headers:
+                    self._append(block)
+                    self.run, block = self.headers[line], b""
+                block += line + b"\n"
+            self._append(block)
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            with open(self.runs_dir / self.run / "train.log", "ab") as log:
+                log.write(data)
+
+
 def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
     """A live state names the calling process, which must be the trainer: readers believe it while that lives."""
     status = {"state": state, "error": error, "updated": datetime.now(UTC).isoformat(timespec="seconds")}

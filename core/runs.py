@@ -207,9 +207,12 @@ def write_evaluation(
     run_dir: Path, evaluation: dict, images: pd.DataFrame, probs: np.ndarray, logits: np.ndarray
 ) -> None:
     """``evaluation.json`` and ``test_predictions.csv``: one row per test image (``images`` holds its
-    image_id, path, label and dx) with its calibrated probabilities and raw logits, in ``CLASSES`` order."""
+    image_id, label and dx) with its calibrated probabilities and raw logits, in ``CLASSES`` order.
+
+    Images are named by their id in the dataset, never by their path: a record read on another computer
+    finds them in whatever copy of the dataset is configured there (:func:`locate_images`)."""
     table = (
-        images[["image_id", "path", "label", "dx"]]
+        images[["image_id", "label", "dx"]]
         .reset_index(drop=True)
         .assign(
             **{f"prob_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
@@ -283,9 +286,12 @@ def read_predictions(run_dir: Path):
 
     run_dir = Path(run_dir)
     try:
-        table = pd.read_csv(run_dir / "test_predictions.csv")
+        table = pd.read_csv(run_dir / "test_predictions.csv", dtype={"image_id": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ValueError(f"{run_dir.name} has no readable test_predictions.csv ({exc})") from None
+    # Records written before image ids also held each image's path on the computer that trained the run;
+    # nothing may rely on it (see locate_images).
+    table = table.drop(columns="path", errors="ignore")
     prob_cols = [f"prob_{c}" for c in CLASSES]
     missing = [c for c in ["label", *prob_cols] if c not in table.columns]
     if missing or table.empty:
@@ -299,6 +305,15 @@ def read_predictions(run_dir: Path):
         logits,
         read_evaluation(run_dir),
     )
+
+
+def locate_images(image_ids: pd.Series, frame: pd.DataFrame) -> pd.Series:
+    """The file of each of a record's ``image_ids`` in a dataset index's ``frame`` (image_id, path): the
+    configured copy of the dataset, wherever it lives; NaN for an id that dataset does not hold."""
+    import pandas as pd
+
+    files = pd.Series(frame["path"].to_numpy(), index=frame["image_id"].astype(str))
+    return image_ids.astype(str).map(files[~files.index.duplicated()])
 
 
 def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -34,6 +34,12 @@ def external(tmp_path_factory) -> tuple[AppEnv, Path]:
     return env, folder
 
 
+def _open(at):
+    at.session_state["eval_section"] = "External test set"  # what a click on the tab does
+    at.run()
+    return at
+
+
 def _evaluate(at, folder: str):
     at.text_input(key="ext_folder").set_value(folder)
     next(b for b in at.button if b.label == "Evaluate on this folder").click().run()
@@ -52,6 +58,7 @@ def test_external_set_shows_per_class_supports(external, monkeypatch):
     at = app_test("evaluate", timeout=120)
     no_exceptions(at)
     assert "no finished run to evaluate" in texts(at)  # the internal tab says so; the external one still works
+    _open(at)
     assert at.selectbox(key="ext_model").value.name == "reference.pt"
 
     _evaluate(at, str(folder))
@@ -89,7 +96,7 @@ def test_external_set_shows_per_class_supports(external, monkeypatch):
 def test_external_set_with_a_missing_folder_is_a_clear_error(external, tmp_path, monkeypatch):
     env, _ = external
     env.apply(monkeypatch)
-    at = app_test("evaluate", timeout=120)
+    at = _open(app_test("evaluate", timeout=120))
     _evaluate(at, str(tmp_path / "nowhere"))
     no_exceptions(at)
     errors = "\n".join(str(e.value) for e in at.error)

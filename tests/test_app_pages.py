@@ -151,13 +151,18 @@ def test_evaluate_with_a_run(full_env, monkeypatch):
     full_env.apply(monkeypatch)
     at = app_test("evaluate")
     no_exceptions(at)
-    labels = {m.label for m in at.metric}
-    assert {"Accuracy", "Balanced accuracy", "Macro F1", "Temperature", "Sensitivity", "Specificity"} <= labels
-    # confusion matrix, ROC, reliability, threshold curve
-    assert charts(at) == 4
+    assert {"Accuracy", "Balanced accuracy", "Macro F1", "Temperature"} <= {m.label for m in at.metric}
+    # Only the open view is computed: the confusion matrix and the per-class report, nothing of the others.
+    assert charts(at) == 1
     assert len(at.dataframe) == 1  # per-class report
+    assert "Sensitivity" not in {m.label for m in at.metric} and not at.get("image")
     at.segmented_control(key="eval_cm_mode").set_value("row-normalised").run()
     no_exceptions(at)
+    for view, title in (("ROC curves", "ROC"), ("Calibration", "Reliability")):
+        open_view(at, view)
+        assert charts(at) == 1 and title in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"]
+    open_view(at, "Melanoma threshold")
+    assert {"Sensitivity", "Specificity"} <= {m.label for m in at.metric}
 
     # The threshold tab's rates, recomputed from the run's prediction file at each slider position.
     table = pd.read_csv(full_env.runs / at.selectbox(key="eval_run").value / "test_predictions.csv")
@@ -193,10 +198,18 @@ def test_dataset_page_with_a_system_folder_shows_why_it_cannot_be_used(folder, e
     assert not at.metric  # no numbers for a folder that is not a dataset
 
 
+def open_view(at, view: str, key: str = "eval_view") -> None:
+    """Click the tab ``view`` of the lazily computed tabs ``key`` (what a click does: set it and rerun)."""
+    at.session_state[key] = view
+    at.run()
+    no_exceptions(at)
+
+
 def test_evaluate_gallery_shows_gradcam(full_env, monkeypatch):
     full_env.apply(monkeypatch)
     at = app_test("evaluate")
     no_exceptions(at)
+    open_view(at, "Misclassified images")
     wrong = [c for c in at.caption if "misclassified images" in c.value]
     assert wrong, "the gallery caption is missing"
     assert len(at.get("image")) == 8  # one page of the gallery
@@ -246,6 +259,39 @@ def test_published_runs_show_on_a_fresh_clone(empty_env, monkeypatch):
     at = app_test("compare")
     no_exceptions(at)
     assert len(at.multiselect(key="cmp_runs").options) == len(list(published.iterdir()))
+
+
+def test_published_gallery_finds_its_images_by_id_in_the_configured_dataset(
+    empty_env, tiny_root, tmp_path, monkeypatch
+):
+    """A published record on another computer: its misclassified images come from the dataset configured there
+    (the bundled sample holds some of the reference model's test images), and a dataset without them is said
+    to be so, plainly, instead of a tile per missing file."""
+    from core.data import index_dataset
+
+    sample = ROOT / "sample_data" / "ham10000-sample"
+    published = ROOT / "docs" / "runs"
+    AppEnv(data=sample, runs=empty_env.runs, checkpoints=empty_env.checkpoints).apply(monkeypatch)
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(published))
+    monkeypatch.chdir(tmp_path)  # nothing may depend on where the record was written
+    at = app_test("evaluate")
+    at.selectbox(key="eval_run").set_value("reference-mnv2").run()
+    open_view(at, "Misclassified images")
+
+    table = pd.read_csv(published / "reference-mnv2" / "test_predictions.csv")
+    probs = table[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    wrong = table[probs.argmax(axis=1) != table["label"]]
+    here = wrong["image_id"].isin(index_dataset(sample).frame["image_id"])
+    assert 0 < here.sum() < len(wrong)
+    text = texts(at)
+    assert f"{here.sum()} misclassified images, most confident mistakes first" in text
+    assert f"{(~here).sum()} of the {len(wrong)} misclassified images are not in the configured dataset" in text
+    assert len(at.get("image")) == min(8, here.sum()) and not at.warning
+
+    at.sidebar.text_input(key="dataset_folder_input").set_value(str(tiny_root)).run()
+    no_exceptions(at)
+    assert "The images are not available here" in texts(at) and "ham10000-200x150" in texts(at)
+    assert not at.get("image") and not at.warning
 
 
 def test_compare_opens_on_the_imbalance_lesson_of_the_published_runs(empty_env, monkeypatch):

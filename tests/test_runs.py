@@ -16,6 +16,7 @@ from core.runs import (
     RunLog,
     check_run_name,
     has_evaluation,
+    locate_images,
     mark_unfinished,
     read_config,
     read_events,
@@ -57,11 +58,47 @@ def test_finalize_round_trip(tmp_path):
     np.testing.assert_allclose(read_probs, probs, rtol=1e-12)
     np.testing.assert_allclose(read_logits, logits, rtol=1e-12)
     assert read_eval == evaluation
+    # Images by id only: a path names the computer that trained the run.
     assert list(table.columns) == (
-        ["image_id", "path", "label", "dx"] + [f"prob_{c}" for c in CLASSES] + [f"logit_{c}" for c in CLASSES]
+        ["image_id", "label", "dx"] + [f"prob_{c}" for c in CLASSES] + [f"logit_{c}" for c in CLASSES]
     )
     assert table["image_id"].tolist() == images["image_id"].tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluation.json", "test_predictions.csv"]
+
+
+def test_images_are_found_by_id_in_the_configured_dataset(tmp_path, tiny_root):
+    """A record's images are looked up in whatever copy of the dataset is configured; a record written before
+    ids (a path per image, from another computer) reads the same way."""
+    from core.data import index_dataset
+
+    frame = index_dataset(tiny_root).frame
+    ids = [frame["image_id"].iloc[3], "ISIC_0000000", frame["image_id"].iloc[0]]
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(size=(3, len(CLASSES))))
+    table = pd.DataFrame(
+        {
+            "image_id": ids,
+            "path": [f"../elsewhere/{i}.jpg" for i in ids],
+            "label": 0,
+            "dx": CLASSES[0],
+            **{f"prob_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+        }
+    )
+    table.to_csv(tmp_path / "test_predictions.csv", index=False)
+    read, *_ = read_predictions(tmp_path)
+    assert "path" not in read.columns
+    found = locate_images(read["image_id"], frame)
+    assert found.iloc[0] == frame["path"].iloc[3] and found.iloc[2] == frame["path"].iloc[0]
+    assert pd.isna(found.iloc[1])  # not in this dataset
+
+
+def test_published_records_name_their_images_by_id_only():
+    from tests.app_support import ROOT
+
+    for path in sorted((ROOT / "docs" / "runs").glob("*/test_predictions.csv")):
+        table = pd.read_csv(path)
+        assert "path" not in table.columns, path
+        assert table["image_id"].str.fullmatch(r"ISIC_\d{7}").all(), path
 
 
 def test_predictions_without_their_columns_are_refused(tmp_path):

@@ -5,6 +5,7 @@ Only glue lives here; the work is done in ``core``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import streamlit as st
@@ -103,6 +104,15 @@ def run_label(run: runs.RunState) -> str:
 
 def fmt_seconds(s: float | None) -> str:
     return "—" if s is None else runs.format_duration(s)
+
+
+def lazy_tabs(views: dict[str, Callable[[], object]], key: str) -> None:
+    """Tabs of which only the open one is computed (a click reruns the page): a page with a slow view
+    (a Grad-CAM gallery, four metadata charts) paints as fast as its first one."""
+    for tab, draw in zip(st.tabs(list(views), on_change="rerun", key=key), views.values(), strict=True):
+        if tab.open:
+            with tab:
+                draw()
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")

@@ -18,7 +18,17 @@ from core.evaluation import melanoma_operating_point, reliability_curve, roc_cur
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
-from pages.views._shared import cam_overlay, evaluated_runs, no_runs_message, predictions, run_label
+from core.runs import RunState, locate_images
+from pages.views._shared import (
+    cam_overlay,
+    dataset_choice,
+    evaluated_runs,
+    lazy_tabs,
+    load_dataset,
+    no_runs_message,
+    predictions,
+    run_label,
+)
 
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
 EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder) of the last evaluation asked for; survives reruns
@@ -131,7 +141,6 @@ def internal_section() -> None:
 
         metrics = compute_metrics(labels, probs)
     temperature = float(evaluation.get("temperature", 1.0))
-    preds = probs.argmax(axis=1)
 
     st.caption(
         f"Test split of `{run.name}`: {len(labels)} images; best epoch {evaluation.get('epoch', '?')}; "
@@ -143,82 +152,111 @@ def internal_section() -> None:
     if len(labels) < 100:
         st.info(f"Only {len(labels)} test images: these numbers are very noisy.", icon=":material/info:")
 
-    tab_cm, tab_roc, tab_cal, tab_mel, tab_err = st.tabs(
-        ["Confusion matrix & report", "ROC curves", "Calibration", "Melanoma threshold", "Misclassified images"]
+    # Only the open view is computed (the Grad-CAM gallery alone takes seconds): the page paints at once.
+    lazy_tabs(
+        {
+            "Confusion matrix & report": lambda: confusion_and_report(metrics, "eval"),
+            "ROC curves": lambda: roc_view(labels, probs),
+            "Calibration": lambda: calibration_view(labels, probs, logits, temperature),
+            "Melanoma threshold": lambda: melanoma_threshold(labels, probs),
+            "Misclassified images": lambda: misclassified_gallery(run, table, labels, probs),
+        },
+        key="eval_view",
     )
 
-    with tab_cm:
-        confusion_and_report(metrics, "eval")
 
-    with tab_roc:
-        st.plotly_chart(plots.roc_figure(roc_curves(labels, probs)), width="stretch")
+def roc_view(labels: np.ndarray, probs: np.ndarray) -> None:
+    st.plotly_chart(plots.roc_figure(roc_curves(labels, probs)), width="stretch")
 
-    with tab_cal:
-        if logits is None:
-            st.info("This run's predictions carry no raw logits, so the uncalibrated curve is not available.")
-        else:
-            before = reliability_curve(labels, softmax(logits))
-            after = reliability_curve(labels, probs)
-            st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
-            st.caption(
-                "A point below the diagonal means the model is over-confident at that confidence. "
-                "Temperature scaling divides the logits by T (fitted on the validation split); it never "
-                "changes the predicted class, only how sure the model claims to be."
-            )
 
-    with tab_mel:
-        t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, 0.5, 0.01, key="eval_mel_t")
-        op = melanoma_operating_point(labels, probs, t)
-        fmt = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
-        c = st.columns(4)
-        c[0].metric("Sensitivity", fmt(op["sensitivity"]), help="Share of melanomas flagged.")
-        c[1].metric("Specificity", fmt(op["specificity"]), help="Share of non-melanomas not flagged.")
-        c[2].metric("PPV", fmt(op["ppv"]), help="Share of flagged images that are melanoma.")
-        c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not melanoma.")
-        st.caption(
-            f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
-            "correctly not flagged. Lowering the threshold trades specificity for sensitivity."
+def calibration_view(labels: np.ndarray, probs: np.ndarray, logits: np.ndarray | None, temperature: float) -> None:
+    """Reliability before (softmax of the raw logits) and after temperature scaling."""
+    if logits is None:
+        st.info("These predictions carry no raw logits, so the uncalibrated curve is not available.")
+        return
+    before = reliability_curve(labels, softmax(logits))
+    after = reliability_curve(labels, probs)
+    st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
+    st.caption(
+        "A point below the diagonal means the model is over-confident at that confidence. "
+        "Temperature scaling divides the logits by T (fitted on the validation split); it never "
+        "changes the predicted class, only how sure the model claims to be."
+    )
+
+
+def melanoma_threshold(labels: np.ndarray, probs: np.ndarray) -> None:
+    t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, 0.5, 0.01, key="eval_mel_t")
+    op = melanoma_operating_point(labels, probs, t)
+    fmt = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
+    c = st.columns(4)
+    c[0].metric("Sensitivity", fmt(op["sensitivity"]), help="Share of melanomas flagged.")
+    c[1].metric("Specificity", fmt(op["specificity"]), help="Share of non-melanomas not flagged.")
+    c[2].metric("PPV", fmt(op["ppv"]), help="Share of flagged images that are melanoma.")
+    c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not melanoma.")
+    st.caption(
+        f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
+        "correctly not flagged. Lowering the threshold trades specificity for sensitivity."
+    )
+    mel = CLASSES.index(MELANOMA)
+    st.plotly_chart(plots.threshold_curve(probs[:, mel], labels == mel, t), width="stretch")
+
+
+def misclassified_gallery(run: RunState, table: pd.DataFrame, labels: np.ndarray, probs: np.ndarray) -> None:
+    """The misclassified test images, most confident first, found by id in the dataset configured here."""
+    preds = probs.argmax(axis=1)
+    wrong = table.assign(pred=preds, confidence=probs.max(axis=1))[preds != labels]
+    if wrong.empty:
+        st.success("No test image is misclassified.", icon=":material/verified:")
+        return
+    index = load_dataset(show_help=False)
+    choice = dataset_choice()
+    files = locate_images(wrong["image_id"], index.frame) if index is not None else pd.Series(np.nan, wrong.index)
+    trained_on = Path(str(run.config.get("data") or "?")).name
+    missing = int(files.isna().sum())
+    if missing:
+        where = f"the configured dataset ({choice.describe()})" if index is not None else "no usable dataset"
+        found = (
+            f"**The images are not available here**: none of the {len(wrong)} is in {where}."
+            if missing == len(wrong)
+            else f"{missing} of the {len(wrong)} misclassified images are not in {where}; shown are the "
+            f"{len(wrong) - missing} it holds."
         )
-        mel = CLASSES.index(MELANOMA)
-        st.plotly_chart(plots.threshold_curve(probs[:, mel], labels == mel, t), width="stretch")
-
-    with tab_err:
-        wrong = table.assign(pred=preds, confidence=probs.max(axis=1))[preds != labels]
-        if wrong.empty:
-            st.success("No test image is misclassified.", icon=":material/verified:")
+        st.info(
+            f"{found} This run names its test images by their image id; to see them all, set **Dataset "
+            f"folder** in the sidebar to a copy of the dataset it was trained on (`{trained_on}`, e.g. HAM10000 "
+            "from **Get HAM10000** on the Dataset page).",
+            icon=":material/image_not_supported:",
+        )
+        if missing == len(wrong):
             return
-        f1, f2, f3 = st.columns(3)
-        true_filter = f1.multiselect("True class", CLASSES, key="eval_err_true")
-        pred_filter = f2.multiselect("Predicted class", CLASSES, key="eval_err_pred")
-        show_cam = f3.toggle(
-            "Grad-CAM overlay",
-            value=True,
-            key="eval_err_cam",
-            help="For the predicted class: what made the model choose it.",
-        )
-        if true_filter:
-            wrong = wrong[wrong["dx"].isin(true_filter)]
-        if pred_filter:
-            wrong = wrong[wrong["pred"].map(lambda i: CLASSES[i]).isin(pred_filter)]
-        wrong = wrong.sort_values("confidence", ascending=False)
-        per_page = 8
-        pages = max(1, -(-len(wrong) // per_page))
-        page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="eval_err_page") if pages > 1 else 1
-        st.caption(f"{len(wrong)} misclassified images, most confident mistakes first.")
-        best = run.path / "best.pt"
-        grid = st.columns(4)
-        for i, row in enumerate(wrong.iloc[(page - 1) * per_page : page * per_page].itertuples()):
-            cell = grid[i % 4]
-            caption = f"{row.image_id}: true {row.dx}, predicted {CLASSES[row.pred]} ({row.confidence:.0%})"
-            if not Path(row.path).is_file():
-                cell.warning(f"{row.image_id}: image file not found ({row.path}).")
-                continue
-            image = cam_overlay(str(best), row.path, int(row.pred)) if show_cam and best.is_file() else None
-            cell.image(image if image is not None else row.path, caption=caption, width="stretch")
-        st.caption(
-            f"{DISPLAY_NAMES[MELANOMA]} missed as a benign class is the costliest mistake; filter with "
-            "True class = mel."
-        )
+    wrong = wrong.assign(file=files)[files.notna()]
+    f1, f2, f3 = st.columns(3)
+    true_filter = f1.multiselect("True class", CLASSES, key="eval_err_true")
+    pred_filter = f2.multiselect("Predicted class", CLASSES, key="eval_err_pred")
+    show_cam = f3.toggle(
+        "Grad-CAM overlay",
+        value=True,
+        key="eval_err_cam",
+        help="For the predicted class: what made the model choose it.",
+    )
+    if true_filter:
+        wrong = wrong[wrong["dx"].isin(true_filter)]
+    if pred_filter:
+        wrong = wrong[wrong["pred"].map(lambda i: CLASSES[i]).isin(pred_filter)]
+    wrong = wrong.sort_values("confidence", ascending=False)
+    per_page = 8
+    pages = max(1, -(-len(wrong) // per_page))
+    page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="eval_err_page") if pages > 1 else 1
+    st.caption(f"{len(wrong)} misclassified images, most confident mistakes first.")
+    best = run.path / "best.pt"
+    grid = st.columns(4)
+    for i, row in enumerate(wrong.iloc[(page - 1) * per_page : page * per_page].itertuples()):
+        caption = f"{row.image_id}: true {row.dx}, predicted {CLASSES[row.pred]} ({row.confidence:.0%})"
+        image = cam_overlay(str(best), row.file, int(row.pred)) if show_cam and best.is_file() else None
+        grid[i % 4].image(image if image is not None else row.file, caption=caption, width="stretch")
+    st.caption(
+        f"{DISPLAY_NAMES[MELANOMA]} missed as a benign class is the costliest mistake; filter with True class = mel."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -345,8 +383,12 @@ def external_section() -> None:
 
 
 st.title("Evaluate")
-tab_internal, tab_external = st.tabs(["Test split of a run", "External test set"])
-with tab_internal:
-    internal_section()
-with tab_external:
-    external_section()
+tab_internal, tab_external = st.tabs(
+    ["Test split of a run", "External test set"], on_change="rerun", key="eval_section"
+)
+if tab_internal.open:
+    with tab_internal:
+        internal_section()
+if tab_external.open:
+    with tab_external:
+        external_section()

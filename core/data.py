@@ -26,6 +26,7 @@ from core.preprocessing import Preprocessing, load_for_model
 METADATA_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata")
+HAM10000_IMAGES = 10_015  # the published dataset's images: a folder with as many usable ones holds all of it
 SPLITS = ("train", "val", "test")
 # Magic bytes let the index flag empty and non-image files without decoding them.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")

@@ -86,8 +86,11 @@ def age_by_class(frame: pd.DataFrame) -> go.Figure:
     return _finish(fig, "Age by class" + (f" ({missing} images without age)" if missing else ""))
 
 
-def category_by_class(frame: pd.DataFrame, column: str, title: str, top: int | None = None) -> go.Figure:
-    """Stacked bars: images per value of ``column`` (sex, localization, dx_type), split by class."""
+def category_by_class(
+    frame: pd.DataFrame, column: str, title: str, top: int | None = None, normalize: bool = False
+) -> go.Figure:
+    """Stacked bars: images per value of ``column`` (sex, localization, dx_type), split by class; with
+    ``normalize`` every bar is scaled to 100 %, so a minority class shows as its share of that category."""
     table = pd.crosstab(frame[column].fillna("unknown"), frame["dx"]).reindex(columns=list(CLASSES), fill_value=0)
     table = table.loc[table.sum(axis=1).sort_values(ascending=False).index]
     if top is not None and len(table) > top:
@@ -101,11 +104,11 @@ def category_by_class(frame: pd.DataFrame, column: str, title: str, top: int | N
                 y=table[code],
                 name=code,
                 marker_color=CLASS_COLOURS[code],
-                hovertemplate=f"{code}<br>%{{x}}: %{{y}}<extra></extra>",
+                hovertemplate=f"{code}<br>%{{x}}: %{{y}} images<extra></extra>",
             )
         )
-    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
-    fig.update_yaxes(title="images")
+    fig.update_layout(barmode="stack", barnorm="percent" if normalize else None, legend=dict(orientation="h", y=-0.25))
+    fig.update_yaxes(title="% of the category's images" if normalize else "images")
     return _finish(fig, title, height=420)
 
 

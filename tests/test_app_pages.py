@@ -96,20 +96,75 @@ def test_dataset_with_data(full_env, monkeypatch):
     no_exceptions(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Images"] == "84" and metrics["Imbalance ratio"] == "1.0 : 1"
-    # distribution, 4 metadata charts, split preview
-    assert charts(at) == 6
-    assert any("No lesion appears in more than one split" in s.value for s in at.success)
-    assert any("No problems" in s.value for s in at.success)
-    assert len(at.get("image")) == 12  # the gallery shows the 12 images of the first class
-
+    # Only the open tab is computed: the class distribution, not the metadata charts or the gallery's images.
+    assert charts(at) == 1 and not at.get("image")
     at.radio(key="dist_scale").set_value("log").run()
     no_exceptions(at)
+    assert "Get HAM10000" in [e.label for e in at.expander]  # 84 images are not all of HAM10000
+
+    open_view(at, "Metadata", "dataset_view")
+    assert charts(at) == 4  # age, sex, localization, dx_type
+
+    open_view(at, "Validation report", "dataset_view")
+    assert any("No problems" in s.value for s in at.success)
+
+    open_view(at, "Gallery", "dataset_view")
+    assert len(at.get("image")) == 12  # the gallery shows the 12 images of the first class
     at.selectbox(key="gallery_class").set_value("mel").run()
     no_exceptions(at)
     assert any("images of Melanoma match" in c.value for c in at.caption)
     at.multiselect(key="gallery_sex").set_value(["female"]).run()
     no_exceptions(at)
     assert any("4 images of Melanoma match" in c.value for c in at.caption)
+
+
+def test_dataset_gallery_lays_out_a_row_of_columns_per_row_of_images(full_env, monkeypatch):
+    """A grid whose rows line up whatever the captions: each row of six images is its own set of columns, so
+    no column holds two images (one long caption would push that column's later images out of line)."""
+    full_env.apply(monkeypatch)
+    at = app_test("dataset")
+    open_view(at, "Gallery", "dataset_view")
+    images = [len(col.get("image")) for col in at.columns]
+    assert sum(images) == 12 and max(images) == 1
+
+
+def test_metadata_bars_can_show_each_category_as_shares(full_env, monkeypatch):
+    """Stacked counts hide the small classes beside nv; per-category normalisation shows each as its share."""
+    full_env.apply(monkeypatch)
+    at = app_test("dataset")
+    open_view(at, "Metadata", "dataset_view")
+
+    def stacked() -> list[dict]:
+        specs = [json.loads(c.proto.spec)["layout"] for c in at.get("plotly_chart")]
+        return [layout for layout in specs if layout.get("barmode") == "stack"]
+
+    assert len(stacked()) == 3 and not any(layout.get("barnorm") for layout in stacked())
+    at.toggle(key="meta_share").set_value(True).run()
+    no_exceptions(at)
+    assert len(stacked()) == 3 and all(layout.get("barnorm") == "percent" for layout in stacked())
+
+
+def test_split_preview_says_which_split_the_trainer_uses(full_env, monkeypatch):
+    """The preview opens on the trainer's own split and says so; moved sliders are a preview, with the command
+    line that would train on it (the Train page has no such settings)."""
+    full_env.apply(monkeypatch)
+    at = app_test("dataset")
+    open_view(at, "Split preview", "dataset_view")
+    text = texts(at)
+    assert "This is the split every run trained from the app uses (70%, 15%, 15% with split seed 0)" in text
+    assert "This is the split the trainer uses" not in text
+    at.slider(key="split_test").set_value(0.2).run()
+    no_exceptions(at)
+    text = texts(at)
+    assert "A preview only" in text and "--split-fractions 0.65 0.15 0.20 --split-seed 0" in text
+
+
+def test_dataset_page_offers_no_download_when_all_of_ham10000_is_there(ham_root, empty_env, monkeypatch):
+    AppEnv(data=ham_root, runs=empty_env.runs, checkpoints=empty_env.checkpoints).apply(monkeypatch)
+    at = app_test("dataset", timeout=120)
+    no_exceptions(at)
+    assert {m.label: m.value for m in at.metric}["Images"] == "10,015"
+    assert "Get HAM10000" not in [e.label for e in at.expander]
 
 
 def test_dataset_with_a_bad_folder(monkeypatch, tmp_path, empty_env):

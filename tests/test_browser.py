@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -23,33 +19,24 @@ import pytest
 from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.runs import read_run
-from tests.app_support import ROOT, clean_env, train_tiny_run
+from tests.app_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    TITLES,
+    clean_env,
+    streamlit_server,
+    train_tiny_run,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
 SHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-]
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed at /usr/bin/chromium"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,63 +75,20 @@ def browser_env(tmp_path_factory, tiny_root):
 
 @pytest.fixture(scope="module")
 def server(browser_env):
-    port = free_port()
     env = clean_env()
     env.update(
         {
             "LESIONLAB_DATA": str(browser_env["data"]),
             "LESIONLAB_RUNS": str(browser_env["runs"]),
             "LESIONLAB_CHECKPOINTS": str(browser_env["checkpoints"]),
-            "PYTHONUNBUFFERED": "1",
         }
     )
-    log = open(browser_env["runs"].parent / "server.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "streamlit_app.py",
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("streamlit did not start:\n" + Path(log.name).read_text()[-3000:])
-            time.sleep(0.3)
-        yield url
+        with streamlit_server(env, browser_env["runs"].parent / "server.log") as url:
+            yield url
     finally:
         if jobs.active_job(browser_env["runs"]) is not None:
             jobs.kill_job(browser_env["runs"])
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +176,17 @@ def test_pages_render_and_are_photographed(page, server, tmp_path):
     shot(page, "compare", tmp_path)
     # The sidebar (dataset setting, notice) is on every page, not only the first one visited.
     assert "not a medical device" in page.inner_text("[data-testid=stSidebar]")
+
+
+def test_every_page_paints_its_heading(browser, server):
+    """Each page, opened by its address in a fresh session, shows its main heading and finishes its run
+    without an error (how fast is bench/page_loads.py's to measure)."""
+    for name, title in TITLES.items():
+        pg = new_page(browser)
+        try:
+            visit(pg, server, "" if name == "home" else name, title)
+        finally:
+            pg.context.close()
 
 
 def test_sidebar_dataset_folder_on_the_full_dataset(browser, server, tmp_path, ham_root):

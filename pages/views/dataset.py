@@ -4,9 +4,12 @@ import pandas as pd
 import streamlit as st
 
 from core import plots
-from core.data import split_by_lesion, split_counts
+from core.data import HAM10000_IMAGES, split_by_lesion, split_counts
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
-from pages.views._shared import dataset_choice, download_panel, load_dataset
+from core.training import TrainConfig
+from pages.views._shared import dataset_choice, download_panel, lazy_tabs, load_dataset
+
+GALLERY_COLUMNS = 6
 
 st.title("Dataset")
 index = load_dataset()
@@ -31,11 +34,8 @@ c4.metric(
     help="akiec, bcc and mel are malignant or pre-malignant.",
 )
 
-tab_dist, tab_meta, tab_gallery, tab_report, tab_split = st.tabs(
-    ["Class distribution", "Metadata", "Gallery", "Validation report", "Split preview"]
-)
 
-with tab_dist:
+def distribution() -> None:
     scale = st.radio("Scale", ["linear", "log"], horizontal=True, key="dist_scale")
     st.plotly_chart(plots.class_distribution(counts, log=scale == "log"), width="stretch")
     table = pd.DataFrame(
@@ -49,17 +49,26 @@ with tab_dist:
     )
     st.dataframe(table, width="stretch", column_config={"share": st.column_config.NumberColumn(format="percent")})
 
-with tab_meta:
-    left, right = st.columns(2)
-    left.plotly_chart(plots.age_by_class(frame), width="stretch")
-    right.plotly_chart(plots.category_by_class(frame, "sex", "Sex"), width="stretch")
-    left, right = st.columns(2)
-    left.plotly_chart(plots.category_by_class(frame, "localization", "Localization", top=12), width="stretch")
-    right.plotly_chart(
-        plots.category_by_class(frame, "dx_type", "How the diagnosis was confirmed (dx_type)"), width="stretch"
+
+def metadata() -> None:
+    share = st.toggle(
+        "Share of each class within each bar",
+        key="meta_share",
+        help="Every bar scaled to 100 %: the small classes stay visible beside the large ones.",
     )
 
-with tab_gallery:
+    def bars(column: str, title: str, top: int | None = None):
+        return plots.category_by_class(frame, column, title, top=top, normalize=share)
+
+    left, right = st.columns(2)
+    left.plotly_chart(plots.age_by_class(frame), width="stretch")
+    right.plotly_chart(bars("sex", "Sex"), width="stretch")
+    left, right = st.columns(2)
+    left.plotly_chart(bars("localization", "Localization", top=12), width="stretch")
+    right.plotly_chart(bars("dx_type", "How the diagnosis was confirmed (dx_type)"), width="stretch")
+
+
+def gallery() -> None:
     f1, f2, f3, f4 = st.columns(4)
     code = f1.selectbox("Class", CLASSES, format_func=plots.class_label, key="gallery_class")
     subset = frame[frame["dx"] == code]
@@ -77,17 +86,20 @@ with tab_gallery:
     for col, chosen in (("sex", sexes), ("localization", places), ("dx_type", types)):
         if chosen:
             subset = subset[subset[col].isin(chosen)]
-    per_page = 24
+    per_page = 4 * GALLERY_COLUMNS
     pages = max(1, -(-len(subset) // per_page))
     page = st.number_input(f"Page (of {pages})", 1, pages, 1, key="gallery_page") if pages > 1 else 1
     st.caption(f"{len(subset)} images of {DISPLAY_NAMES[code]} match.")
     shown = subset.iloc[(page - 1) * per_page : page * per_page]
-    grid = st.columns(6)
-    for i, row in enumerate(shown.itertuples()):
-        age = "?" if pd.isna(row.age) else f"{row.age:.0f}"
-        grid[i % 6].image(row.path, caption=f"{row.image_id} · {row.sex}, {age} · {row.localization}", width="stretch")
+    # A row of columns per row of images: a long caption pushes its own row down, not one column of the grid.
+    for start in range(0, len(shown), GALLERY_COLUMNS):
+        row_of_images = shown.iloc[start : start + GALLERY_COLUMNS].itertuples()
+        for cell, row in zip(st.columns(GALLERY_COLUMNS), row_of_images, strict=False):  # the last row may be short
+            age = "?" if pd.isna(row.age) else f"{row.age:.0f}"
+            cell.image(row.path, caption=f"{row.image_id} · {row.sex}, {age} · {row.localization}", width="stretch")
 
-with tab_report:
+
+def validation_report() -> None:
     report = index.report
     if report.ok:
         st.success(
@@ -103,28 +115,57 @@ with tab_report:
         "images that fail to decode."
     )
 
-with tab_split:
+
+def split_preview() -> None:
+    trainer = TrainConfig(data="")
+    _, trainer_val, trainer_test = trainer.split_fractions
     st.markdown(
         "Images are split **by lesion** (HAM10000 has several photos of many lesions), stratified by "
-        "diagnosis, so no lesion appears in two splits. This is the split the trainer uses."
+        "diagnosis, so no lesion appears in two splits."
     )
     s1, s2, s3 = st.columns(3)
-    val = s1.slider("Validation fraction", 0.05, 0.4, 0.15, 0.05, key="split_val")
-    test = s2.slider("Test fraction", 0.05, 0.4, 0.15, 0.05, key="split_test")
-    seed = s3.number_input("Split seed", 0, 10_000, 0, key="split_seed")
+    val = s1.slider("Validation fraction", 0.05, 0.4, trainer_val, 0.05, key="split_val")
+    test = s2.slider("Test fraction", 0.05, 0.4, trainer_test, 0.05, key="split_test")
+    seed = s3.number_input("Split seed", 0, 10_000, trainer.split_seed, key="split_seed")
+    default = f"{', '.join(f'{f:.0%}' for f in trainer.split_fractions)} with split seed {trainer.split_seed}"
+    if (round(val, 2), round(test, 2), int(seed)) == (trainer_val, trainer_test, trainer.split_seed):
+        st.caption(
+            f"This is the split every run trained from the app uses ({default}), on this dataset. The Train page "
+            "does not change it; `python -m core.train --split-fractions TRAIN VAL TEST --split-seed N` does."
+        )
+    else:
+        st.caption(
+            f"A preview only: runs trained from the app use {default}. To train on this split, use "
+            f"`python -m core.train --split-fractions {1 - val - test:.2f} {val:.2f} {test:.2f} "
+            f"--split-seed {int(seed)}`."
+        )
     if val + test >= 0.9:
         st.error("Leave at least 10 % of the images for training.")
+        return
+    split = split_by_lesion(frame, (1 - val - test, val, test), seed=int(seed))
+    table = split_counts(frame, split)
+    st.plotly_chart(plots.split_counts_figure(table), width="stretch")
+    shown = table.copy()
+    shown.loc["total"] = shown.sum()
+    st.dataframe(shown, width="stretch")
+    leaks = (frame.assign(split=split).groupby("lesion_id")["split"].nunique() > 1).sum()
+    if leaks:
+        st.error(f"{leaks} lesions appear in more than one split.")
     else:
-        split = split_by_lesion(frame, (1 - val - test, val, test), seed=int(seed))
-        table = split_counts(frame, split)
-        st.plotly_chart(plots.split_counts_figure(table), width="stretch")
-        shown = table.copy()
-        shown.loc["total"] = shown.sum()
-        st.dataframe(shown, width="stretch")
-        leaks = (frame.assign(split=split).groupby("lesion_id")["split"].nunique() > 1).sum()
-        if leaks:
-            st.error(f"{leaks} lesions appear in more than one split.")
-        else:
-            st.success("No lesion appears in more than one split.", icon=":material/check_circle:")
+        st.success("No lesion appears in more than one split.", icon=":material/check_circle:")
 
-download_panel()
+
+# Only the open tab is computed: the metadata charts and the gallery's images wait for their click.
+lazy_tabs(
+    {
+        "Class distribution": distribution,
+        "Metadata": metadata,
+        "Gallery": gallery,
+        "Validation report": validation_report,
+        "Split preview": split_preview,
+    },
+    key="dataset_view",
+)
+
+if len(frame) < HAM10000_IMAGES:  # the whole of HAM10000 is here already: nothing to get
+    download_panel()

@@ -27,8 +27,9 @@ import sys
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from core.archives import ArchiveError, file_members, member_path
 from core.data import DatasetError, ValidationReport, index_dataset
 from core.dataverse import (
     DEFAULT_SERVER,
@@ -383,16 +384,6 @@ def _install(remote: RemoteFile, part: Path, root: Path, keep_archives: bool, pr
     return files
 
 
-def _member_path(name: str, archive_name: str) -> PurePosixPath:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
-        raise DownloadError(
-            f"{archive_name} contains the unsafe path {name!r}, which would land outside the data folder. "
-            "Nothing was extracted from it; the archive is not what the dataset should hold."
-        )
-    return path
-
-
 def _extract(archive: Path, root: Path, stem: str, progress: ProgressFn | None) -> list[str]:
     """Extract a verified archive into ``root``: as it is when everything sits in one top folder,
     else into ``root/stem``. Images already extracted with the right size are skipped, so a rerun
@@ -400,9 +391,11 @@ def _extract(archive: Path, root: Path, stem: str, progress: ProgressFn | None) 
     name = archive.name.removesuffix(".part")
     try:
         with zipfile.ZipFile(archive) as zf:
-            # macOS adds __MACOSX/ resource forks that only look like images.
-            members = [m for m in zf.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
-            paths = [_member_path(m.filename, name) for m in members]  # all checked before anything is written
+            members = file_members(zf)
+            try:
+                paths = [member_path(m.filename, name) for m in members]  # all checked before anything is written
+            except ArchiveError as exc:
+                raise DownloadError(str(exc)) from None
             tops = {p.parts[0] for p in paths}
             base = root if len(tops) == 1 and all(len(p.parts) > 1 for p in paths) else root / stem
             total = sum(m.file_size for m in members)

@@ -57,6 +57,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return _softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
 
 
+def uncalibrated(probs: np.ndarray, temperature: float, floor: float = 1e-12) -> np.ndarray:
+    """The probabilities before temperature scaling, from the calibrated ones: ``probs`` is softmax(z / T), so
+    softmax(T · log probs) is softmax(z). For records that keep no logits (an external evaluation's report);
+    ``floor`` stands in for probabilities rounded to 0, whose share after the power T stays negligible."""
+    return softmax(np.log(np.maximum(np.asarray(probs, dtype=np.float64), floor)), 1.0 / float(temperature))
+
+
 def nll(labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``labels`` under ``softmax(logits / temperature)``."""
     logp = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)

@@ -26,6 +26,7 @@ DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"
 CHECKPOINTS_ENV = "LESIONLAB_CHECKPOINTS"
 PUBLISHED_RUNS_ENV = "LESIONLAB_PUBLISHED_RUNS"
+CACHE_ENV = "LESIONLAB_CACHE"  # the app's unpacked uploads (tests point it at a temporary folder)
 DATAVERSE_ENV = "LESIONLAB_DATAVERSE"  # another Dataverse server (a mirror; the tests' fake one)
 DEFAULT_DOWNLOAD = PROJECT_ROOT / "data" / "ham10000"
 
@@ -108,6 +109,12 @@ def published_runs_dir(env: dict | None = None) -> Path | None:
     if value == "":
         return None
     return resolve_path(value or "docs/runs")
+
+
+def cache_dir(env: dict | None = None) -> Path:
+    """Where the app keeps what it can recompute: external test sets unpacked from uploads (``external/``)."""
+    env = os.environ if env is None else env
+    return resolve_path(env.get(CACHE_ENV) or ".cache")
 
 
 def checkpoints_dir(env: dict | None = None) -> Path:

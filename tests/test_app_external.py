@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.layouts import diagnosis_code
+from core.settings import CACHE_ENV
 from tests.app_support import AppEnv, app_test, no_exceptions, save_tiny_checkpoint, texts
 from tests.conftest import make_image
 
@@ -42,7 +46,7 @@ def _open(at):
 
 def _evaluate(at, folder: str):
     at.text_input(key="ext_folder").set_value(folder)
-    next(b for b in at.button if b.label == "Evaluate on this folder").click().run()
+    next(b for b in at.button if b.label == "Evaluate on this test set").click().run()
     return at
 
 
@@ -106,3 +110,63 @@ def test_external_set_with_a_missing_folder_is_a_clear_error(external, tmp_path,
     _evaluate(at, "   ")
     no_exceptions(at)
     assert "Enter the folder" in "\n".join(str(e.value) for e in at.error)
+
+
+def _zip(folder: Path, top: str) -> bytes:
+    """The external set as a .zip, its folders inside one top folder, as a user zips a folder."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(folder.rglob("*.jpg")):
+            zf.write(path, f"{top}/{path.relative_to(folder)}")
+    return buf.getvalue()
+
+
+def _chart_titles(at) -> list[str]:
+    return [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+
+
+def test_external_set_from_an_uploaded_zip_with_roc_and_calibration(external, tmp_path, monkeypatch):
+    env, folder = external
+    env.apply(monkeypatch)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    at = _open(app_test("evaluate", timeout=120))
+    at.segmented_control(key="ext_source").set_value("Upload a .zip").run()
+    no_exceptions(at)
+    uploader = at.get("file_uploader")[0]
+    assert "at most 200 MB" in uploader.proto.label and uploader.proto.type == [".zip"]
+    uploader.set_value(("testset.zip", _zip(folder, "testset"), "application/zip"))
+    next(b for b in at.button if b.label == "Evaluate on this test set").click().run()
+    no_exceptions(at)
+    text = texts(at)
+    assert "testset.zip" in text and "15 images" in text and "one folder per class" in text
+    assert _report(at).loc["mel", "support"] == 4
+    assert list((tmp_path / "cache" / "external").iterdir())  # unpacked under the cache folder, not elsewhere
+
+    # The same views as a run's test split: ROC curves and reliability before/after temperature scaling.
+    at.session_state["ext_view"] = "ROC curves"
+    at.run()
+    no_exceptions(at)
+    assert any("ROC" in t for t in _chart_titles(at))
+    at.session_state["ext_view"] = "Calibration"
+    at.run()
+    no_exceptions(at)
+    [spec] = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert "Reliability" in spec["layout"]["title"]["text"] and len(spec["data"]) >= 3
+
+
+def test_an_unsafe_zip_is_refused_with_a_message(external, tmp_path, monkeypatch):
+    env, _ = external
+    env.apply(monkeypatch)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("mel/a.jpg", b"\xff\xd8\xff")
+        zf.writestr("../../escaped.jpg", b"\xff\xd8\xff")
+    at = _open(app_test("evaluate", timeout=120))
+    at.segmented_control(key="ext_source").set_value("Upload a .zip").run()
+    at.get("file_uploader")[0].set_value(("evil.zip", buf.getvalue(), "application/zip"))
+    next(b for b in at.button if b.label == "Evaluate on this test set").click().run()
+    no_exceptions(at)
+    errors = "\n".join(str(e.value) for e in at.error)
+    assert "evil.zip cannot be used" in errors and "unsafe path" in errors
+    assert not list(tmp_path.rglob("*.jpg"))

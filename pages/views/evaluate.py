@@ -12,9 +12,10 @@ import pandas as pd
 import streamlit as st
 
 from core import plots, settings
+from core.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, unpack_upload
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
-from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax
+from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax, uncalibrated
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
@@ -31,7 +32,9 @@ from pages.views._shared import (
 )
 
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
-EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder) of the last evaluation asked for; survives reruns
+EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder, name shown) of the last evaluation asked for; survives reruns
+FOLDER_SOURCE, UPLOAD_SOURCE = "Folder on the server", "Upload a .zip"
+UPLOAD_CACHE = settings.cache_dir() / "external"  # an upload is unpacked once, by content
 LAYOUTS = {
     HAM10000: "HAM10000 layout (metadata with image_id and dx)",
     ISIC2018: "ISIC 2018 Task 3 ground truth (one-hot CSV)",
@@ -157,7 +160,9 @@ def internal_section() -> None:
         {
             "Confusion matrix & report": lambda: confusion_and_report(metrics, "eval"),
             "ROC curves": lambda: roc_view(labels, probs),
-            "Calibration": lambda: calibration_view(labels, probs, logits, temperature),
+            "Calibration": lambda: calibration_view(
+                labels, probs, None if logits is None else softmax(logits), temperature
+            ),
             "Melanoma threshold": lambda: melanoma_threshold(labels, probs),
             "Misclassified images": lambda: misclassified_gallery(run, table, labels, probs),
         },
@@ -169,14 +174,13 @@ def roc_view(labels: np.ndarray, probs: np.ndarray) -> None:
     st.plotly_chart(plots.roc_figure(roc_curves(labels, probs)), width="stretch")
 
 
-def calibration_view(labels: np.ndarray, probs: np.ndarray, logits: np.ndarray | None, temperature: float) -> None:
-    """Reliability before (softmax of the raw logits) and after temperature scaling."""
-    if logits is None:
+def calibration_view(labels: np.ndarray, probs: np.ndarray, before: np.ndarray | None, temperature: float) -> None:
+    """Reliability of the probabilities ``before`` temperature scaling and after it (``probs``)."""
+    if before is None:
         st.info("These predictions carry no raw logits, so the uncalibrated curve is not available.")
         return
-    before = reliability_curve(labels, softmax(logits))
-    after = reliability_curve(labels, probs)
-    st.plotly_chart(plots.reliability_figure(before, after, temperature), width="stretch")
+    curves = reliability_curve(labels, before), reliability_curve(labels, probs)
+    st.plotly_chart(plots.reliability_figure(*curves, temperature), width="stretch")
     st.caption(
         "A point below the diagonal means the model is over-confident at that confidence. "
         "Temperature scaling divides the logits by T (fitted on the validation split); it never "
@@ -286,10 +290,19 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     }
 
 
+def external_predictions(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and calibrated probabilities (``CLASSES`` order) from an external evaluation's per-image records."""
+    rows = result["predictions"]
+    labels = np.array([CLASSES.index(r["true"]) for r in rows], dtype=int)
+    probs = np.array([[r["probabilities"][c] for c in CLASSES] for r in rows], dtype=float)
+    return labels, probs
+
+
 def external_section() -> None:
     st.caption(
         "Evaluate a model on images from elsewhere — all of them, no split — with the same metrics as "
-        "a run's test split. The folder may hold an isic-cli export, one folder per class "
+        "a run's test split, from a folder on the server or an uploaded .zip. It may hold an isic-cli export, "
+        "one folder per class "
         f"({', '.join(CLASSES)}), the ISIC 2018 Task 3 ground truth with its images, or HAM10000-style "
         "metadata. Same as `python -m core.evaluate --checkpoint CKPT --data FOLDER --split all`."
     )
@@ -301,40 +314,68 @@ def external_section() -> None:
             icon=":material/neurology:",
         )
         return
+    source = st.segmented_control(
+        "Test set", [FOLDER_SOURCE, UPLOAD_SOURCE], default=FOLDER_SOURCE, key="ext_source", required=True
+    )
     with st.form("ext_form", border=False):
-        c_model, c_folder = st.columns([2, 3])
+        c_model, c_source = st.columns([2, 3])
         model = c_model.selectbox("Model", models, format_func=settings.model_label, key="ext_model")
-        folder = c_folder.text_input(
-            "External test set folder",
-            key="ext_folder",
-            placeholder="data/ham10000-isic2018-test",
-            help="Relative paths are taken from the project folder.",
-        )
-        go = st.form_submit_button("Evaluate on this folder", icon=":material/analytics:")
+        if source == UPLOAD_SOURCE:
+            upload = c_source.file_uploader(
+                f"A .zip of the test set, at most {MAX_UPLOAD_MB} MB",
+                type="zip",
+                key="ext_zip",
+                max_upload_size=MAX_UPLOAD_MB,
+                help="Any of the layouts above, at the top of the archive or in one folder inside it. It is "
+                f"unpacked on the server (at most {MAX_UNPACKED_BYTES // 1024**3} GB) into "
+                f"`{UPLOAD_CACHE}`; a larger set: unpack it there and give its "
+                "folder.",
+            )
+        else:
+            folder = c_source.text_input(
+                "External test set folder",
+                key="ext_folder",
+                placeholder="data/ham10000-isic2018-test",
+                help="Relative paths are taken from the project folder.",
+            )
+        go = st.form_submit_button("Evaluate on this test set", icon=":material/analytics:")
     if go:
-        if not folder.strip():
-            st.session_state.pop(EXTERNAL_REQUEST, None)
+        st.session_state.pop(EXTERNAL_REQUEST, None)
+        if source == UPLOAD_SOURCE:
+            if upload is None:
+                st.error("Choose the .zip that holds the external test set.", icon=":material/block:")
+                return
+            try:
+                with st.spinner(f"Unpacking {upload.name}…"):
+                    unpacked = unpack_upload(upload, upload.name, UPLOAD_CACHE)
+            except (ArchiveError, OSError) as exc:
+                st.error(f"{upload.name} cannot be used:\n\n{exc}", icon=":material/block:")
+                return
+            st.session_state[EXTERNAL_REQUEST] = (str(model), str(unpacked), upload.name)
+        elif not folder.strip():
             st.error("Enter the folder that holds the external test set.", icon=":material/block:")
             return
-        st.session_state[EXTERNAL_REQUEST] = (str(model), str(settings.resolve_path(folder.strip())))
+        else:
+            resolved = str(settings.resolve_path(folder.strip()))
+            st.session_state[EXTERNAL_REQUEST] = (str(model), resolved, resolved)
     request = st.session_state.get(EXTERNAL_REQUEST)
     if request is None:
         return
-    checkpoint, folder = request
+    checkpoint, folder, shown = request
     label = settings.model_label(Path(checkpoint))
     try:
         stamp = Path(checkpoint).stat().st_mtime
         folder_stamp = Path(folder).stat().st_mtime if Path(folder).is_dir() else 0.0
-        with st.spinner(f"Evaluating {label} on every image in {folder}…", show_time=True):
+        with st.spinner(f"Evaluating {label} on every image in {shown}…", show_time=True):
             out = _external_evaluation(checkpoint, stamp, folder, folder_stamp)
     except (DatasetError, CheckpointError, ImageError, ValueError, OSError) as exc:
-        st.error(f"{label} cannot be evaluated on `{folder}`:\n\n{exc}", icon=":material/block:")
+        st.error(f"{label} cannot be evaluated on `{shown}`:\n\n{exc}", icon=":material/block:")
         return
 
     result = out["result"]
     metrics = result["metrics"]
     st.markdown(
-        f"**{label}** ({result['arch']}, temperature {result['temperature']:.2f}) on `{folder}`: "
+        f"**{label}** ({result['arch']}, temperature {result['temperature']:.2f}) on `{shown}`: "
         f"{result['n_images']} images."
     )
     st.caption(f"Layout: {LAYOUTS.get(out['layout'], out['layout'])}, recognised by `{out['layout_source']}`.")
@@ -371,11 +412,20 @@ def external_section() -> None:
     )
     if result["n_images"] < 100:
         st.info(f"Only {result['n_images']} images: these numbers are very noisy.", icon=":material/info:")
-    confusion_and_report(metrics, "ext")
+    labels, probs = external_predictions(result)
+    temperature = float(result["temperature"])
+    lazy_tabs(
+        {
+            "Confusion matrix & report": lambda: confusion_and_report(metrics, "ext"),
+            "ROC curves": lambda: roc_view(labels, probs),
+            "Calibration": lambda: calibration_view(labels, probs, uncalibrated(probs, temperature), temperature),
+        },
+        key="ext_view",
+    )
     st.download_button(
         "Download the report (JSON, with per-image predictions)",
         json.dumps(result, indent=2),
-        file_name=f"external-{Path(folder).name}-{Path(checkpoint).stem}.json",
+        file_name=f"external-{Path(shown).stem}-{Path(checkpoint).stem}.json",
         mime="application/json",
         icon=":material/download:",
         key="ext_download",

@@ -285,7 +285,7 @@ def test_compare_with_two_runs(full_env, monkeypatch):
     at = app_test("compare")
     no_exceptions(at)
     assert sorted(at.multiselect(key="cmp_runs").value) == ["tiny-none", "tiny-weighted"]
-    assert sorted(at.dataframe[0].value.columns) == ["tiny-none", "tiny-weighted"]  # headline: a column per run
+    assert sorted(at.dataframe[0].value.index) == ["tiny-none", "tiny-weighted"]  # headline: a row per run
     assert charts(at) == 3  # per-class bars + two confusion matrices
     at.segmented_control(key="cmp_metric").set_value("f1").run()
     no_exceptions(at)

@@ -101,9 +101,9 @@ def browser(server):
         chromium.close()
 
 
-def new_page(browser):
-    """A fresh browser session (its own Streamlit session state)."""
-    context = browser.new_context(viewport={"width": 1400, "height": 950}, device_scale_factor=1)
+def new_page(browser, width: int = 1400, **options):
+    """A fresh browser session (its own Streamlit session state), ``width`` pixels wide."""
+    context = browser.new_context(viewport={"width": width, "height": 950}, device_scale_factor=1, **options)
     pg = context.new_page()
     pg.set_default_timeout(60_000)
     return pg
@@ -187,6 +187,67 @@ def test_every_page_paints_its_heading(browser, server):
             visit(pg, server, "" if name == "home" else name, title)
         finally:
             pg.context.close()
+
+
+TABLES = """() => [...document.querySelectorAll('[data-testid=stDataFrame]')].map(d => {
+  const grid = d.querySelector('.dvn-scroller'), box = d.getBoundingClientRect();
+  return {right: box.right, hidden: grid ? grid.scrollWidth - grid.clientWidth : 0};
+})"""
+
+
+def choose_run(pg, name: str) -> None:
+    pg.locator("[data-testid=stSelectbox]").first.click()
+    pg.get_by_role("option").filter(has_text=name).first.click()
+
+
+def test_tables_fit_at_1600_px_and_stay_on_screen_at_400(browser, server):
+    """The per-class report and the headline table of six runs show every column at 1600 px; at 400 px no
+    table runs off the screen (a wide one scrolls inside its own frame)."""
+    pg = new_page(browser, width=1600)
+    try:
+        visit(pg, server, "", "Lesion Lab")  # a deep link as a fresh server's first request shows "Page not found"
+        visit(pg, server, "evaluate", "Evaluate")
+        choose_run(pg, "reference-mnv2")
+        settle(pg, "Evaluate")
+        [report] = pg.evaluate(TABLES)
+        assert report["hidden"] <= 1, report
+        visit(pg, server, "compare", "Compare")
+        pg.get_by_role("tab", name="Compare runs").click()
+        settle(pg, "Compare")
+        runs = pg.locator("[data-testid=stMultiSelect]").first
+        while True:  # every run there is
+            runs.click()
+            options = pg.get_by_role("option")
+            if options.count() == 0:
+                break
+            options.first.click()
+            settle(pg, "Compare")
+        pg.keyboard.press("Escape")
+        headline = pg.evaluate(TABLES)[0]
+        assert headline["hidden"] <= 1, headline
+    finally:
+        pg.context.close()
+    pg = new_page(browser, width=400)
+    try:
+        for name, title in (("evaluate", "Evaluate"), ("dataset", "Dataset")):
+            visit(pg, server, name, title)
+            assert pg.evaluate("() => document.documentElement.scrollWidth") <= 400, name
+            assert all(t["right"] <= 400 for t in pg.evaluate(TABLES)), (name, pg.evaluate(TABLES))
+    finally:
+        pg.context.close()
+
+
+def test_the_app_follows_the_dark_mode_preference(browser, server):
+    pg = new_page(browser, color_scheme="dark")
+    try:
+        visit(pg, server, "", "Lesion Lab")
+        background = pg.evaluate(
+            "() => getComputedStyle(document.querySelector('[data-testid=stApp]')).backgroundColor"
+        )
+        red, green, blue = (int(v) for v in background.removeprefix("rgb(").rstrip(")").split(","))
+        assert max(red, green, blue) < 80, background
+    finally:
+        pg.context.close()
 
 
 def test_sidebar_dataset_folder_on_the_full_dataset(browser, server, tmp_path, ham_root):

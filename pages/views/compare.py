@@ -62,9 +62,17 @@ def comparison(chosen: list[RunState]) -> None:
             if isinstance(v, float)
             else str(v)
         )
-    ).T  # one column per run
+    )  # one row per run: any number of runs fits the width, where a column per run ran off at the fifth
     st.markdown("**Headline metrics** (test split, calibrated; melanoma at P(mel) ≥ 0.5)")
-    st.dataframe(shown, width="stretch", height=36 * (len(shown) + 1) + 4)
+    short = {"balanced accuracy": "bal. acc.", "melanoma sensitivity": "mel sens.", "melanoma specificity": "mel spec."}
+    st.dataframe(
+        shown,
+        width="stretch",
+        key="cmp_headline",
+        column_config={
+            c: st.column_config.TextColumn(short.get(c, c), help=c, width="small") for c in shown.columns if c != "run"
+        },
+    )
     rows = []
     for r in chosen:
         for pc in predictions_or_none(r)[4].get("test", {}).get("per_class", []):

@@ -99,24 +99,29 @@ def per_class_report(metrics: dict) -> pd.DataFrame:
 
 
 def confusion_and_report(metrics: dict, key: str) -> None:
-    """The interactive confusion matrix (counts or row-normalised) beside the per-class report."""
+    """The interactive confusion matrix (counts or row-normalised), then the per-class report below it: beside
+    the matrix the report's seven columns did not fit, even at 1600 px."""
     mode = st.segmented_control(
         "Show", ["counts", "row-normalised"], default="counts", key=f"{key}_cm_mode", required=True
     )
-    left, right = st.columns([5, 4])
-    left.plotly_chart(
+    st.plotly_chart(
         plots.confusion_figure(np.array(metrics["confusion_matrix"]), normalize=mode != "counts"),
         width="stretch",
         key=f"{key}_cm",
     )
-    right.markdown("**Per-class report**")
-    right.dataframe(
+    st.markdown("**Per-class report**")
+    number = st.column_config.NumberColumn(format="%.3f", width="small")
+    st.dataframe(
         per_class_report(metrics),
-        width="stretch",
+        width="content",
         key=f"{key}_report",
-        column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("precision", "recall", "f1", "auc")},
+        column_config={
+            "diagnosis": st.column_config.TextColumn(width="medium"),
+            **dict.fromkeys(("precision", "recall", "f1", "auc"), number),
+            "support": st.column_config.NumberColumn(width="small"),
+        },
     )
-    right.caption("Recall is the sensitivity for that class; AUC is one class vs the rest.")
+    st.caption("Recall is the sensitivity for that class; AUC is one class vs the rest.")
 
 
 # ---------------------------------------------------------------------------

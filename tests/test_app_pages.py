@@ -348,6 +348,12 @@ def test_published_gallery_finds_its_images_by_id_in_the_configured_dataset(
     assert "The images are not available here" in texts(at) and "ham10000-200x150" in texts(at)
     assert not at.get("image") and not at.warning
 
+    monkeypatch.setenv("LESIONLAB_DATA", "")  # no dataset at all
+    at = app_test("evaluate")
+    at.selectbox(key="eval_run").set_value("reference-mnv2").run()
+    open_view(at, "Misclassified images")
+    assert "The images are not available here: no dataset" in texts(at).replace("**", "") and not at.get("image")
+
 
 def test_compare_opens_on_the_imbalance_lesson_of_the_published_runs(empty_env, monkeypatch):
     """A fresh clone: the lesson is the first tab, on the published strategy runs, and its sentences say what

@@ -223,13 +223,17 @@ def misclassified_gallery(run: RunState, table: pd.DataFrame, labels: np.ndarray
     trained_on = Path(str(run.config.get("data") or "?")).name
     missing = int(files.isna().sum())
     if missing:
-        where = f"the configured dataset ({choice.describe()})" if index is not None else "no usable dataset"
-        found = (
-            f"**The images are not available here**: none of the {len(wrong)} is in {where}."
-            if missing == len(wrong)
-            else f"{missing} of the {len(wrong)} misclassified images are not in {where}; shown are the "
-            f"{len(wrong) - missing} it holds."
-        )
+        where = f"the configured dataset ({choice.describe()})"
+        if index is None:
+            problem = f"the dataset folder {choice.describe()} is not usable" if choice.configured else "no dataset"
+            found = f"**The images are not available here**: {problem}."
+        elif missing == len(wrong):
+            found = f"**The images are not available here**: none of the {len(wrong)} misclassified is in {where}."
+        else:
+            found = (
+                f"{missing} of the {len(wrong)} misclassified images are not in {where}; shown are the "
+                f"{len(wrong) - missing} it holds."
+            )
         st.info(
             f"{found} This run names its test images by their image id; to see them all, set **Dataset "
             f"folder** in the sidebar to a copy of the dataset it was trained on (`{trained_on}`, e.g. HAM10000 "

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from core import jobs, runs, settings
+from core.data import DatasetError, DatasetIndex, index_dataset
 from core.formatting import format_bytes
-
-if TYPE_CHECKING:
-    from core.data import DatasetIndex
 
 NOTICE = (
     "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
@@ -44,16 +41,11 @@ def _metadata_stamp(folder: Path) -> float:
 
 @st.cache_data(show_spinner="Indexing the dataset…", max_entries=4)
 def _index(folder: str, stamp: float) -> DatasetIndex:
-    # core.data brings torch (seconds to import on a cold server): imported here, after Home's first paint.
-    from core.data import index_dataset
-
     return index_dataset(folder)
 
 
 def load_dataset(show_help: bool = True) -> DatasetIndex | None:
     """The configured dataset's index, or None after telling the user what is missing and how to fix it."""
-    from core.data import DatasetError
-
     choice = dataset_choice()
     if not choice.configured:
         if show_help:

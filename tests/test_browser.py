@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
@@ -189,7 +190,9 @@ def test_every_page_paints_its_heading(browser, server):
             pg.context.close()
 
 
-TABLES = """() => [...document.querySelectorAll('[data-testid=stDataFrame]')].map(d => {
+# The tables on screen (a closed tab's or expander's are in the page, hidden).
+TABLES = """() => [...document.querySelectorAll('[data-testid=stDataFrame]')]
+  .filter(d => d.checkVisibility()).map(d => {
   const grid = d.querySelector('.dvn-scroller'), box = d.getBoundingClientRect();
   return {right: box.right, hidden: grid ? grid.scrollWidth - grid.clientWidth : 0};
 })"""
@@ -209,20 +212,24 @@ def test_tables_fit_at_1600_px_and_stay_on_screen_at_400(browser, server):
         visit(pg, server, "evaluate", "Evaluate")
         choose_run(pg, "reference-mnv2")
         settle(pg, "Evaluate")
+        pg.locator("[data-testid=stDataFrame]:visible").first.wait_for()
         [report] = pg.evaluate(TABLES)
         assert report["hidden"] <= 1, report
         visit(pg, server, "compare", "Compare")
         pg.get_by_role("tab", name="Compare runs").click()
         settle(pg, "Compare")
         runs = pg.locator("[data-testid=stMultiSelect]").first
-        while True:  # every run there is
+        while True:  # every run there is: the list offers no more
             runs.click()
-            options = pg.get_by_role("option")
-            if options.count() == 0:
+            try:
+                pg.get_by_role("option").first.wait_for(timeout=5_000)
+            except PlaywrightTimeout:
                 break
-            options.first.click()
+            pg.get_by_role("option").first.click()
             settle(pg, "Compare")
         pg.keyboard.press("Escape")
+        settle(pg, "Compare")
+        pg.locator("[data-testid=stDataFrame]:visible").first.wait_for()
         headline = pg.evaluate(TABLES)[0]
         assert headline["hidden"] <= 1, headline
     finally:

@@ -40,6 +40,7 @@ from core.preprocessing import AUGMENTATIONS, Preprocessing, check_size, eval_tr
 from core.runs import (
     STOP_FILE,
     RunLog,
+    StopRequested,
     check_run_name,
     write_config,
     write_dataset_report,
@@ -452,6 +453,7 @@ def _loaders(
     log: RunLog,
     generator: torch.Generator,
     shared: SharedInputs,
+    should_stop: Callable[[], bool],
 ):
     """Training and evaluation loaders, the module they feed (the head on cached features in head-only
     mode, as batches sliced from the features in memory, on the device; the whole network otherwise), and
@@ -466,11 +468,16 @@ def _loaders(
     if cfg.uses_feature_cache:
         paths = frame["path"].tolist()
 
-        def report(done: int, total: int) -> None:
-            log.progress(force=done == total, epoch=0, step=done, steps=total, phase="features")
-
+        started = time.time()
         feats, damaged = shared.features(
-            cfg, model.backbone, paths, device=device, batch_size=eval_bs, num_workers=workers, progress=report
+            cfg,
+            model.backbone,
+            paths,
+            device=device,
+            batch_size=eval_bs,
+            num_workers=workers,
+            progress=lambda done, total: log.phase("features", done, total, started),
+            should_stop=should_stop,
         )
         decoded = frame[~frame["path"].isin(damaged)]
         if damaged:
@@ -618,9 +625,12 @@ def _run(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step_module, train_loader, eval_loaders, found = _loaders(
-        cfg, model, frame, train_rows, device, log, generator, shared
-    )
+    try:
+        step_module, train_loader, eval_loaders, found = _loaders(
+            cfg, model, frame, train_rows, device, log, generator, shared, stop
+        )
+    except StopRequested:  # computing the features took the stop; what was computed is cached
+        return "stopped"
     loaders = [train_loader, *eval_loaders.values()]
 
     def record_set_aside() -> None:
@@ -647,6 +657,7 @@ def _run(
         train_images=len(train_rows),
         cached_features=cfg.uses_feature_cache,
         split_sizes={s: int((frame["split"] == s).sum()) for s in ("train", "val", "test")},
+        dataset={"name": Path(cfg.data).resolve().name, "images": len(index.frame), "used": len(frame)},
     )
     log.status("running")
     prep = cfg.preprocessing

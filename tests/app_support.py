@@ -6,7 +6,10 @@ Import the fixtures into a test module with ``from tests.app_support import *  #
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core import jobs
+from core.procs import process_record
 from core.settings import CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
 from pages.views import _pages
 
@@ -177,3 +182,17 @@ def clean_env() -> dict[str, str]:
     for key in (DATA_ENV, RUNS_ENV, CHECKPOINTS_ENV, PUBLISHED_RUNS_ENV):
         env.pop(key, None)
     return env
+
+
+def fake_job(runs: Path, run: str, *, kind: str = "train", stop: bool = False) -> subprocess.Popen:
+    """A job held by a live process (a sleeper standing in for the worker and its trainer), as the app sees it:
+    the lock, the job file and, where asked, its STOP."""
+    runs.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    job = jobs.Job(id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=None)
+    (runs / jobs.LOCK_NAME).write_text(json.dumps(job.to_dict()))
+    job.file.parent.mkdir(parents=True, exist_ok=True)
+    job.file.write_text(json.dumps(job.to_dict()))
+    if stop:
+        job.stop_file.touch()
+    return holder

@@ -51,7 +51,10 @@ LIVE_STATES = ("starting", "running")  # written only by the trainer, with its p
 LOG_TAIL_LINES = 30
 STOP_FILE = "STOP"
 # What the progress bar says during a long step before the epochs; a phase not named here shows its name.
-PHASE_LABELS = {"features": "computing backbone features once"}
+PHASE_LABELS = {
+    "features": "computing backbone features once",
+    "evaluate": "evaluating the best model on the validation and test splits",
+}
 
 
 class StopRequested(Exception):

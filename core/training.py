@@ -424,10 +424,12 @@ def _settle(pending: list[tuple[torch.Tensor, int]], total_loss: float, correct:
     return total_loss, correct
 
 
-def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def collect_logits(
+    model: nn.Module, loader, device: torch.device, cfg: TrainConfig, progress: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`core.inference.predict_logits` under the run's autocast setting."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        return predict_logits(model, loader, device)
+        return predict_logits(model, loader, device, progress)
 
 
 def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -705,7 +707,7 @@ def _run(
             )
             record_set_aside()
         if (run_dir / "best.pt").is_file():
-            finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found)
+            finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found, log=log)
             record_set_aside()
     return "stopped" if stopped else "finished"
 
@@ -719,16 +721,28 @@ def finalize(
     eval_loaders: dict,
     device: torch.device,
     found: Iterable[str] = (),
+    *,
+    log: RunLog | None = None,
 ) -> dict:
     """Calibrate the best model on the validation split and evaluate it on the test split.
 
     ``step_module`` is the module the loaders feed (the head, on cached features, in head-only mode).
     The test images set aside as damaged (``found`` by the feature cache, or met by the test loader)
-    have no output, so their rows are left out of the predictions table.
+    have no output, so their rows are left out of the predictions table. ``log`` hears the progress through
+    both splits (the "evaluate" phase).
     """
     best = read_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model_state"])
-    logits = {split: collect_logits(step_module, eval_loaders[split], device, cfg) for split in ("val", "test")}
+    total, started, before = int(frame["split"].isin(["val", "test"]).sum()), time.time(), 0
+    logits = {}
+    for split in ("val", "test"):
+
+        def report(done: int, before: int = before) -> None:
+            if log is not None:
+                log.phase("evaluate", before + done, total, started)
+
+        logits[split] = collect_logits(step_module, eval_loaders[split], device, cfg, report)
+        before += len(logits[split][1])
     val_logits, val_labels = logits["val"]
     temperature = fit_temperature(val_labels, val_logits) if len(val_labels) else 1.0
     test_logits, test_labels = logits["test"]

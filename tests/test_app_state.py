@@ -127,6 +127,17 @@ def test_a_stop_during_feature_extraction_ends_the_run_between_batches(tiny_root
     assert len(cached["keys"]) == 64
 
 
+def test_the_final_evaluation_reports_its_progress_and_the_run_its_dataset(tiny_root, tmp_path):
+    cfg = TrainConfig.from_dict(
+        tiny_config(tiny_root, "evaluated", out=str(tmp_path), cache_dir=str(tmp_path / "cache"), epochs=1)
+    )
+    run = read_run(train(cfg))
+    phase = [e for e in read_events(run.path / "metrics.jsonl") if e.get("phase") == "evaluate"]
+    sizes = run.start["split_sizes"]
+    assert phase and phase[-1]["done"] == phase[-1]["total"] == sizes["val"] + sizes["test"]
+    assert run.dataset == f"{tiny_root.name}, 84 images"
+
+
 # ---------------------------------------------------------------------------
 # 6. The dataset, kept and named
 

@@ -211,7 +211,8 @@ def experiment_status(manifest: dict) -> None:
     for name, strategy in zip(manifest["runs"], manifest.get("strategies", []), strict=False):
         path = RUNS / name
         run = read_run(path, job) if path.exists() else None
-        state = run.state if run else ("queued" if job and name in job.runs else "not run")
+        queued = job is not None and name in job.runs and not job.stop_requested  # a stop starts no more runs
+        state = run.state if run else ("queued" if queued else "not run")
         rows.append(
             {
                 "strategy": imbalance.label(strategy),

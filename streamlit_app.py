@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import jobs, settings
+from core import settings
 from pages.views._pages import PAGES
-from pages.views._shared import DATASET_KEY, dataset_choice
+from pages.views._shared import (
+    DATASET_KEY,
+    DATASET_PARAM,
+    current_job,
+    dataset_choice,
+    job_sidebar,
+    job_signature,
+)
 
 st.set_page_config(page_title="Lesion Lab", page_icon=":material/biotech:", layout="wide")
 
@@ -21,8 +28,9 @@ page = st.navigation([st.Page(p.script, title=p.title, icon=p.icon, default=p.de
 with st.sidebar:
     st.markdown("### :material/biotech: Lesion Lab")
     default = settings.dataset_choice(None)
-    # The widget writes through to a plain session key, which (unlike widget state) survives page switches.
-    st.session_state.setdefault(DATASET_KEY, "")
+    # The widget writes through to a plain session key, which (unlike widget state) survives page switches;
+    # a new session (a reload, a bookmark) starts from the URL's query parameter, which every run keeps.
+    st.session_state.setdefault(DATASET_KEY, st.query_params.get(DATASET_PARAM, ""))
     st.session_state["dataset_folder_input"] = st.session_state[DATASET_KEY]
     st.text_input(
         "Dataset folder",
@@ -30,17 +38,19 @@ with st.sidebar:
         on_change=lambda: st.session_state.update({DATASET_KEY: st.session_state["dataset_folder_input"]}),
         placeholder=str(default.folder) if default.folder else "path/to/ham10000",
         help="The folder holding HAM10000_metadata.csv and the images (any layout below it). Leave empty to use "
-        f"${settings.DATA_ENV}, .streamlit/lesionlab.toml or the bundled sample, in that order.",
+        f"${settings.DATA_ENV}, .streamlit/lesionlab.toml or the bundled sample, in that order. "
+        "It is kept in the page's address, so a reload or a bookmark keeps it.",
     )
+    if st.session_state[DATASET_KEY]:
+        st.query_params[DATASET_PARAM] = st.session_state[DATASET_KEY]
+    else:
+        st.query_params.pop(DATASET_PARAM, None)
     choice = dataset_choice()
     if choice.configured:
         st.caption(f"Using **{choice.folder.name}** (set by the {choice.source})")
     else:
         st.caption("No dataset configured — Diagnose still works.")
-    job = jobs.active_job(settings.runs_dir())
-    if job is not None:
-        what = "Imbalance experiment" if job.kind == "experiment" else "Training"
-        st.info(f"{what} running: **{job.current_run or 'starting'}**", icon=":material/hourglass_top:")
+    job_sidebar(job_signature(*current_job()))
     st.caption("Research and education only — **not a medical device**.")
 
 page.run()

@@ -70,11 +70,11 @@ def _same_head(run: RunState, cfg: TrainConfig) -> bool:
 
 
 def _feature_rate(run: RunState) -> float | None:
-    lines = [e for e in read_events(run.path / "metrics.jsonl") if e.get("phase") == "features"]
+    lines = [e for e in read_events(run.path / "metrics.jsonl") if e.get("phase") == "features" and "done" in e]
     if len(lines) < 2:
         return None
     span = (datetime.fromisoformat(lines[-1]["time"]) - datetime.fromisoformat(lines[0]["time"])).total_seconds()
-    return (lines[-1]["step"] - lines[0]["step"]) / span if span >= MIN_FEATURE_SPAN_S else None
+    return (lines[-1]["done"] - lines[0]["done"]) / span if span >= MIN_FEATURE_SPAN_S else None
 
 
 def recorded_rates(runs: Iterable[RunState], cfg: TrainConfig) -> dict[str, Rate]:

@@ -26,6 +26,7 @@ from torch.utils.data import Sampler
 from core.checkpoints import atomic_save
 from core.data import LesionDataset
 from core.preprocessing import Preprocessing, eval_transform
+from core.runs import StopRequested
 from core.runtime import tune_allocator
 
 ProgressFn = Callable[[int, int], None]
@@ -56,11 +57,14 @@ def compute_features(
     num_workers: int = 0,
     channels_last: bool = True,
     progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Run ``backbone`` (eval mode) over the images at ``paths``.
 
     Returns float32 [N, D] features on the CPU, one row per image that decoded, in the order of
     ``paths``, and the paths of the images that did not (set aside as :class:`LesionDataset` explains).
+    ``should_stop`` is asked after every batch: when it says so, the images done so far are returned (their
+    features and damaged paths together cover the first ones of ``paths``).
     """
     tune_allocator()
     backbone.eval().to(device)
@@ -85,6 +89,8 @@ def compute_features(
         done = min(done + batch_size, len(paths))  # damaged images count as done too
         if progress:
             progress(done, len(paths))
+        if should_stop is not None and done < len(paths) and should_stop():
+            break
     return (torch.cat(out) if out else torch.empty(0)), dataset.damaged_paths()
 
 
@@ -109,9 +115,12 @@ class FeatureCache:
         batch_size: int = 64,
         num_workers: int = 0,
         progress: ProgressFn | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor, list[str]]:
         """Features for ``paths`` in order, computing only those not cached yet, and the paths of the images
-        that could not be decoded: they have no row, and are not cached, so a repaired file is tried again."""
+        that could not be decoded: they have no row, and are not cached, so a repaired file is tried again.
+        When ``should_stop`` says so between two batches, the features computed so far are cached and
+        :class:`StopRequested` is raised: the next run starts where this one stopped."""
         file = self.path(key)
         stored: dict[str, torch.Tensor] = {}
         if file.is_file():
@@ -132,12 +141,17 @@ class FeatureCache:
                 batch_size=batch_size,
                 num_workers=num_workers,
                 progress=progress,
+                should_stop=should_stop,
             )
+            finished = len(fresh) + len(damaged)  # the first images of ``missing``, decoded or not
             unusable = set(damaged)
-            decoded = [i for i in missing if paths[i] not in unusable]
+            decoded = [i for i in missing[:finished] if paths[i] not in unusable]
             stored.update({keys[i]: f for i, f in zip(decoded, fresh, strict=True)})
             all_keys = list(stored)
-            atomic_save({"keys": all_keys, "features": torch.stack([stored[k] for k in all_keys])}, file)
+            if all_keys:
+                atomic_save({"keys": all_keys, "features": torch.stack([stored[k] for k in all_keys])}, file)
+            if finished < len(missing):
+                raise StopRequested(f"stopped after computing the features of {finished} of {len(missing)} images")
         elif progress:
             progress(len(paths), len(paths))
         rows = [stored[k] for k in keys if k in stored]

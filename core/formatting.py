@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 _BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB")
 
 
@@ -20,3 +23,50 @@ def format_bytes(n: float) -> str:
         if round(n, 1) < 1024 or unit == _BINARY_UNITS[-1]:
             break
     return f"{n:.1f} {unit}"
+
+
+def format_duration(s: float) -> str:
+    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def _count(n: float) -> str:
+    return f"{int(round(n)):,}"
+
+
+def progress_fraction(done: float, total: float | None) -> float:
+    """How full a progress bar is, 0..1; empty while the total is unknown."""
+    return min(1.0, max(0.0, done / total)) if total else 0.0
+
+
+def progress_text(
+    label: str,
+    done: float,
+    total: float | None,
+    *,
+    started: float,
+    base: float = 0,
+    now: float | None = None,
+    unit: str = "images",
+    amount: Callable[[float], str] = _count,
+) -> str:
+    """One line for a long step's progress bar: "label: done/total unit · rate unit/s · ETA …".
+
+    The rate is the average since ``started`` (a Unix time, as the step recorded it), when ``base`` was
+    already done (a resumed download), and the ETA the rest at that rate; both appear once something is done
+    since. ``amount`` writes a quantity (e.g. :func:`format_bytes`, with ``unit=""``)."""
+    now = time.time() if now is None else now
+    counted = f"{amount(done)}/{amount(total)}" if total else amount(done)
+    parts = [f"{label}: {counted} {unit}".rstrip()]
+    elapsed = now - started
+    if done > base and elapsed > 0:
+        rate = (done - base) / elapsed
+        parts.append(f"{amount(rate)} {unit}/s" if unit else f"{amount(rate)}/s")
+        if total and done < total:
+            parts.append(f"ETA {format_duration((total - done) / rate)}")
+    return " · ".join(parts)

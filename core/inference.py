@@ -54,7 +54,11 @@ def class_probabilities(
 
 
 def _eval_pass(
-    model: torch.nn.Module, loader: Iterable, device: torch.device | str, step: Callable[[torch.Tensor], torch.Tensor]
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     # Restore each module's own mode afterwards: the trainer keeps frozen BatchNorm
     # layers in eval mode during training, which a blanket model.train() would undo.
@@ -63,9 +67,13 @@ def _eval_pass(
     outputs, targets = [], []
     try:
         with torch.inference_mode():
+            done = 0
             for inputs, labels in loader:
                 outputs.append(step(inputs.to(device)).float().cpu())
                 targets.append(torch.as_tensor(labels))
+                done += len(labels)
+                if progress is not None:
+                    progress(done)
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -75,10 +83,11 @@ def _eval_pass(
 
 
 def predict_logits(
-    model: torch.nn.Module, loader: Iterable, device: torch.device | str
+    model: torch.nn.Module, loader: Iterable, device: torch.device | str, progress: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (n, 7) and labels (n,) for every batch of ``loader``, with the model in eval mode."""
-    return _eval_pass(model, loader, device, model)
+    """Logits (n, 7) and labels (n,) for every batch of ``loader``, with the model in eval mode; ``progress``
+    hears the number of images done after every batch."""
+    return _eval_pass(model, loader, device, model, progress)
 
 
 def predict_probs(

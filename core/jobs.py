@@ -518,7 +518,8 @@ def active_download(runs_dir: Path) -> Job | None:
 
 def download_status(runs_dir: Path) -> dict | None:
     """The latest download's state: ``state`` (running, finished, failed), ``dest``, and while running
-    ``stage``, ``file``, ``done``, ``total``; ``summary`` or ``error`` when it has ended."""
+    ``stage``, ``file``, ``done``, ``total``, and ``started`` and ``base`` (when this stage of this file began
+    and how much was done then); ``summary`` or ``error`` when it has ended."""
     runs_dir = Path(runs_dir)
     last = read_json(runs_dir / JOBS_DIR / "last_download.json")
     if not last:
@@ -561,12 +562,27 @@ def _download(job: Job, data: dict) -> None:
 
     job_dir = job.file.parent
     last = [0.0]
+    # When the current stage of the current file began, and how much of it was done then (a resumed file
+    # starts part-way): the page computes the rate and the ETA from what this process has done since.
+    step = {"key": None, "started": 0.0, "base": 0}
 
     def progress(p) -> None:
+        if step["key"] != (p.stage, p.file):
+            step.update(key=(p.stage, p.file), started=time.time(), base=p.done)
         now = time.monotonic()
         if now - last[0] >= 0.5 or (p.total is not None and p.done >= p.total):
             last[0] = now
-            write_json(job_dir / "progress.json", {"stage": p.stage, "file": p.file, "done": p.done, "total": p.total})
+            write_json(
+                job_dir / "progress.json",
+                {
+                    "stage": p.stage,
+                    "file": p.file,
+                    "done": p.done,
+                    "total": p.total,
+                    "started": step["started"],
+                    "base": step["base"],
+                },
+            )
 
     try:
         summary = download_dataset(

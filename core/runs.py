@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from core.files import atomic_write, read_json, read_tail, write_json
+from core.formatting import format_duration, progress_fraction, progress_text
 from core.labels import CLASSES
 from core.procs import process_record, record_alive
 
@@ -49,6 +50,15 @@ FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 LIVE_STATES = ("starting", "running")  # written only by the trainer, with its pid
 LOG_TAIL_LINES = 30
 STOP_FILE = "STOP"
+# What the progress bar says during a long step before the epochs; a phase not named here shows its name.
+PHASE_LABELS = {
+    "features": "computing backbone features once",
+    "evaluate": "evaluating the best model on the validation and test splits",
+}
+
+
+class StopRequested(Exception):
+    """A long step (e.g. computing features) saw the run's stop signal between two batches and ended early."""
 
 
 def check_run_name(name: str) -> str:
@@ -120,6 +130,11 @@ class RunLog:
         if force or self.progress_due():
             self._last_progress = time.monotonic()
             self.event("progress", **data)
+
+    def phase(self, phase: str, done: int, total: int, started: float) -> None:
+        """Progress through a long step outside the epochs (``phase``, e.g. "features"): ``done`` of ``total``
+        images since ``started`` (a Unix time), from which readers compute the rate and the ETA."""
+        self.progress(force=done >= total, phase=phase, done=done, total=total, started=started)
 
     def status(self, state: str, error: str | None = None) -> None:
         write_status(self.dir, state, error)
@@ -380,16 +395,43 @@ class RunState:
         started, ended = (datetime.fromisoformat(e["time"]) for e in (self.start, self.end))
         return (ended - started).total_seconds()
 
+    @property
+    def dataset(self) -> str:
+        """Which dataset the run used, "name, N images": as its start event records it; for a run from before
+        that record, its config's folder and the images its splits held (the whole dataset unless it took a
+        subsample); "unknown" where neither says."""
+        recorded = (self.start or {}).get("dataset")
+        if recorded:
+            used = recorded.get("used", recorded["images"])
+            text = f"{recorded['name']}, {recorded['images']:,} images"
+            return text + (f" ({used:,} used)" if used < recorded["images"] else "")
+        folder = self.config.get("data")
+        if not folder:
+            return "unknown"
+        sizes = (self.start or {}).get("split_sizes")
+        if sizes and not self.config.get("max_images"):
+            return f"{Path(folder).name}, {sum(sizes.values()):,} images"
+        return f"{Path(folder).name}, image count unknown"
+
+    @property
+    def phase(self) -> str | None:
+        """The long step outside the epochs the live run is in (see :meth:`RunLog.phase`), if any."""
+        p = self.progress or {}
+        return None if self.done or "phase" not in p else str(p["phase"])
+
     def fraction_done(self) -> float:
-        """Progress through the whole run, 0..1, from epochs finished and the current step."""
+        """Progress through the whole run, 0..1, from epochs finished and the current step; in a phase
+        outside the epochs, through that phase. A run that has ended counts its finished epochs only."""
         if self.state == "finished":
             return 1.0
+        p = self.progress
+        if self.phase is not None:
+            return progress_fraction(p.get("done", 0), p.get("total"))
         total = self.total_epochs
         if not total:
             return 0.0
         done = len(self.epochs)
-        p = self.progress
-        if p and p.get("steps") and int(p.get("epoch", 0)) > done:
+        if not self.done and p and p.get("steps") and int(p.get("epoch", 0)) > done:
             done_in_epoch = min(1.0, float(p.get("step", 0)) / float(p["steps"]))
             return min(1.0, (done + done_in_epoch) / total)
         return min(1.0, done / total)
@@ -398,7 +440,7 @@ class RunState:
         """Seconds left for the whole run: the current epoch's remainder plus the remaining epochs at the
         average epoch time so far (validation time included when two epochs are known)."""
         total, p = self.total_epochs, self.progress
-        if self.done or not total or not p or p.get("phase") == "features":
+        if self.done or not total or not p or self.phase is not None:
             return None
         epoch = int(p.get("epoch", 0))
         if epoch <= len(self.epochs):  # between epochs: validating / checkpointing
@@ -428,8 +470,9 @@ class RunState:
             return "queued"
         if self.state == "starting" and not p:
             return "starting: loading the dataset and the model…"
-        if p.get("phase") == "features":
-            return f"computing backbone features once: {p.get('step', 0)}/{p.get('steps', '?')} images"
+        if self.phase is not None:
+            label = PHASE_LABELS.get(self.phase, self.phase.replace("_", " "))
+            return progress_text(label, p.get("done", 0), p.get("total"), started=p.get("started") or time.time())
         if self.done:
             return f"{self.state}: {len(self.epochs)}/{self.total_epochs or '?'} epochs"
         parts = [f"epoch {p.get('epoch', len(self.epochs) + 1)}/{self.total_epochs or '?'}"]
@@ -444,16 +487,6 @@ class RunState:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return log_tail(self.path, lines)
-
-
-def format_duration(s: float) -> str:
-    """Seconds as a person reads them: 42 s, 3 min 05 s, 1 h 02 min."""
-    s = int(round(s))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
 def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:

@@ -40,6 +40,7 @@ from core.preprocessing import AUGMENTATIONS, Preprocessing, check_size, eval_tr
 from core.runs import (
     STOP_FILE,
     RunLog,
+    StopRequested,
     check_run_name,
     write_config,
     write_dataset_report,
@@ -423,10 +424,12 @@ def _settle(pending: list[tuple[torch.Tensor, int]], total_loss: float, correct:
     return total_loss, correct
 
 
-def collect_logits(model: nn.Module, loader, device: torch.device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def collect_logits(
+    model: nn.Module, loader, device: torch.device, cfg: TrainConfig, progress: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`core.inference.predict_logits` under the run's autocast setting."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        return predict_logits(model, loader, device)
+        return predict_logits(model, loader, device, progress)
 
 
 def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -452,6 +455,7 @@ def _loaders(
     log: RunLog,
     generator: torch.Generator,
     shared: SharedInputs,
+    should_stop: Callable[[], bool],
 ):
     """Training and evaluation loaders, the module they feed (the head on cached features in head-only
     mode, as batches sliced from the features in memory, on the device; the whole network otherwise), and
@@ -466,11 +470,16 @@ def _loaders(
     if cfg.uses_feature_cache:
         paths = frame["path"].tolist()
 
-        def report(done: int, total: int) -> None:
-            log.progress(force=done == total, epoch=0, step=done, steps=total, phase="features")
-
+        started = time.time()
         feats, damaged = shared.features(
-            cfg, model.backbone, paths, device=device, batch_size=eval_bs, num_workers=workers, progress=report
+            cfg,
+            model.backbone,
+            paths,
+            device=device,
+            batch_size=eval_bs,
+            num_workers=workers,
+            progress=lambda done, total: log.phase("features", done, total, started),
+            should_stop=should_stop,
         )
         decoded = frame[~frame["path"].isin(damaged)]
         if damaged:
@@ -618,9 +627,12 @@ def _run(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(cfg.seed)
-    step_module, train_loader, eval_loaders, found = _loaders(
-        cfg, model, frame, train_rows, device, log, generator, shared
-    )
+    try:
+        step_module, train_loader, eval_loaders, found = _loaders(
+            cfg, model, frame, train_rows, device, log, generator, shared, stop
+        )
+    except StopRequested:  # computing the features took the stop; what was computed is cached
+        return "stopped"
     loaders = [train_loader, *eval_loaders.values()]
 
     def record_set_aside() -> None:
@@ -647,6 +659,7 @@ def _run(
         train_images=len(train_rows),
         cached_features=cfg.uses_feature_cache,
         split_sizes={s: int((frame["split"] == s).sum()) for s in ("train", "val", "test")},
+        dataset={"name": Path(cfg.data).resolve().name, "images": len(index.frame), "used": len(frame)},
     )
     log.status("running")
     prep = cfg.preprocessing
@@ -694,7 +707,7 @@ def _run(
             )
             record_set_aside()
         if (run_dir / "best.pt").is_file():
-            finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found)
+            finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found, log=log)
             record_set_aside()
     return "stopped" if stopped else "finished"
 
@@ -708,16 +721,28 @@ def finalize(
     eval_loaders: dict,
     device: torch.device,
     found: Iterable[str] = (),
+    *,
+    log: RunLog | None = None,
 ) -> dict:
     """Calibrate the best model on the validation split and evaluate it on the test split.
 
     ``step_module`` is the module the loaders feed (the head, on cached features, in head-only mode).
     The test images set aside as damaged (``found`` by the feature cache, or met by the test loader)
-    have no output, so their rows are left out of the predictions table.
+    have no output, so their rows are left out of the predictions table. ``log`` hears the progress through
+    both splits (the "evaluate" phase).
     """
     best = read_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model_state"])
-    logits = {split: collect_logits(step_module, eval_loaders[split], device, cfg) for split in ("val", "test")}
+    total, started, before = int(frame["split"].isin(["val", "test"]).sum()), time.time(), 0
+    logits = {}
+    for split in ("val", "test"):
+
+        def report(done: int, before: int = before) -> None:
+            if log is not None:
+                log.phase("evaluate", before + done, total, started)
+
+        logits[split] = collect_logits(step_module, eval_loaders[split], device, cfg, report)
+        before += len(logits[split][1])
     val_logits, val_labels = logits["val"]
     temperature = fit_temperature(val_labels, val_logits) if len(val_labels) else 1.0
     test_logits, test_labels = logits["test"]

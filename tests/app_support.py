@@ -6,6 +6,7 @@ Import the fixtures into a test module with ``from tests.app_support import *  #
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core import jobs
+from core.procs import process_record
 from core.settings import CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
 from pages.views import _pages
 
@@ -253,3 +256,17 @@ def streamlit_server(env: dict[str, str], log: Path) -> Iterator[str]:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def fake_job(runs: Path, run: str, *, kind: str = "train", stop: bool = False) -> subprocess.Popen:
+    """A job held by a live process (a sleeper standing in for the worker and its trainer), as the app sees it:
+    the lock, the job file and, where asked, its STOP."""
+    runs.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    job = jobs.Job(id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=None)
+    (runs / jobs.LOCK_NAME).write_text(json.dumps(job.to_dict()))
+    job.file.parent.mkdir(parents=True, exist_ok=True)
+    job.file.write_text(json.dumps(job.to_dict()))
+    if stop:
+        job.stop_file.touch()
+    return holder

@@ -8,6 +8,7 @@ Screenshots go to a temporary folder; with ``LESIONLAB_UPDATE_SCREENSHOTS=1`` th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
+from core.procs import process_record
 from core.runs import read_run
 from tests.app_support import (
     CHROMIUM,
@@ -26,6 +28,7 @@ from tests.app_support import (
     ROOT,
     TITLES,
     clean_env,
+    fake_job,
     streamlit_server,
     train_tiny_run,
 )
@@ -257,14 +260,19 @@ def test_the_app_follows_the_dark_mode_preference(browser, server):
         pg.context.close()
 
 
+def set_dataset_folder(pg, server, folder: Path) -> None:
+    """Open the Dataset page and type ``folder`` into the sidebar's setting."""
+    visit(pg, server, "dataset", "Dataset")
+    box = pg.get_by_label("Dataset folder", exact=True)
+    box.fill(str(folder))
+    box.press("Enter")
+
+
 def test_sidebar_dataset_folder_on_the_full_dataset(browser, server, tmp_path, ham_root):
     """Typing a folder in the sidebar switches every page to it (photographed on the full HAM10000)."""
     pg = new_page(browser)
     try:
-        visit(pg, server, "dataset", "Dataset")
-        box = pg.get_by_label("Dataset folder", exact=True)
-        box.fill(str(ham_root))
-        box.press("Enter")
+        set_dataset_folder(pg, server, ham_root)
         pg.get_by_text("10,015").first.wait_for()
         settle(pg, "Dataset")
         pg.locator(".js-plotly-plot").first.wait_for()
@@ -381,3 +389,52 @@ def test_train_a_run_and_watch_the_curve_grow(page, server, browser_env, tmp_pat
     page.get_by_role("button", name="Stop training").click()
     page.get_by_text("Stopped on request").wait_for(timeout=90_000)
     assert read_run(browser_env["runs"] / "browser-run").state == "stopped"
+
+
+def test_pages_follow_the_job_without_a_reload(browser, server, browser_env):
+    """A job that ends, or one that starts, while a page is open shows on the page and in the sidebar within
+    moments (the app polls every second), with no reload; the job is held by a stand-in process."""
+    runs = browser_env["runs"]
+    assert jobs.wait_idle(runs, timeout=60)
+    pg = new_page(browser)
+    holder = fake_job(runs, "live-one")
+    (runs / "live-one").mkdir()
+    (runs / "live-one" / "status.json").write_text(json.dumps({"state": "running", **process_record(holder.pid)}))
+    try:
+        visit(pg, server, "", "Lesion Lab")
+        assert "Training running: live-one" in pg.inner_text("[data-testid=stSidebar]")
+        job_metric = pg.locator("[data-testid=stMetric]").filter(has_text="Training job")
+        assert "running" in job_metric.inner_text()
+
+        holder.kill()
+        holder.wait()
+        pg.wait_for_function(
+            "() => !document.querySelector('[data-testid=stSidebar]').innerText.includes('running')", timeout=5000
+        )
+        pg.wait_for_function(
+            "() => [...document.querySelectorAll('[data-testid=stMetric]')]"
+            ".some(m => m.innerText.includes('Training job') && m.innerText.includes('idle'))",
+            timeout=5000,
+        )
+
+        holder = fake_job(runs, "live-two", kind="experiment")
+        pg.locator("[data-testid=stSidebar]").get_by_text("Imbalance experiment starting").wait_for(timeout=5000)
+    finally:
+        holder.kill()
+        holder.wait()
+        jobs.active_job(runs)  # releases the stand-in's lock
+        shutil.rmtree(runs / "live-one")
+        pg.context.close()
+
+
+def test_the_dataset_folder_survives_a_reload(browser, server, tiny_root):
+    pg = new_page(browser)
+    try:
+        set_dataset_folder(pg, server, tiny_root)
+        pg.locator("[data-testid=stSidebar]").get_by_text(tiny_root.name).wait_for()
+        pg.reload()
+        settle(pg, "Dataset")
+        assert pg.get_by_label("Dataset folder", exact=True).input_value() == str(tiny_root)
+        assert f"Using {tiny_root.name} (set by the sidebar)" in pg.inner_text("[data-testid=stSidebar]")
+    finally:
+        pg.context.close()

@@ -220,7 +220,7 @@ def write_run(folder: Path, arch: str, epochs: list[tuple[float, float]], wall_s
     (folder / "status.json").write_text(json.dumps({"state": "finished"}))
     at = lambda s: f"2026-01-01T00:{s // 60:02d}:{s % 60:02d}+00:00"  # noqa: E731
     lines = [
-        {"event": "progress", "time": at(s), "epoch": 0, "step": n, "steps": 1000, "phase": "features"}
+        {"event": "progress", "time": at(s), "epoch": 0, "done": n, "total": 1000, "phase": "features"}
         for s, n in feature_steps
     ]
     lines.append({"event": "start", "time": at(100), "epochs": len(epochs)})

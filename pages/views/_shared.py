@@ -12,13 +12,14 @@ import streamlit as st
 
 from core import jobs, runs, settings
 from core.data import DatasetError, DatasetIndex, index_dataset
-from core.formatting import format_bytes
+from core.formatting import format_bytes, progress_fraction, progress_text
 
 NOTICE = (
     "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
     "Never use it to decide on care; see a dermatologist about any skin lesion that worries you."
 )
 DATASET_KEY = "dataset_folder"
+DATASET_PARAM = "data"  # the URL's query parameter that keeps the sidebar's dataset folder across reloads
 
 
 def research_notice() -> None:
@@ -98,8 +99,57 @@ def run_label(run: runs.RunState) -> str:
     cfg = run.config
     bits = [cfg.get("arch"), cfg.get("finetune"), cfg.get("imbalance")]
     desc = ", ".join(str(b) for b in bits if b)
-    label = f"{run.name} ({desc})" if desc else run.name
+    label = f"{run.name} ({desc}; data: {run.dataset})" if desc else f"{run.name} (data: {run.dataset})"
     return f"{label} — published with the model card" if is_published(run) else label
+
+
+def progress_bar(label: str, done: float, total: float | None, started: float, **text) -> None:
+    """A long step's bar with its count, rate and ETA (``text``: :func:`core.formatting.progress_text`'s
+    ``unit`` and ``amount``)."""
+    st.progress(progress_fraction(done, total), text=progress_text(label, done, total, started=started, **text))
+
+
+def run_progress(run: runs.RunState) -> None:
+    """A run's bar: through the current phase (features, …) or the epochs, with images/s and ETA."""
+    st.progress(run.fraction_done(), text=run.progress_text())
+
+
+# ---------------------------------------------------------------------------
+# The training job, as the job and run files say
+
+
+def current_job() -> tuple[jobs.Job | None, runs.RunState | None]:
+    """The active job and the run it is on (None before its first run folder exists)."""
+    folder = runs_dir()
+    job = jobs.active_job(folder)
+    name = job.current_run if job is not None else None
+    return job, (runs.read_run(folder / name, job) if name else None)
+
+
+def job_signature(job: jobs.Job | None, run: runs.RunState | None) -> tuple | None:
+    """What a page drawn for this job depends on: which job, whether it was asked to stop, and the run it is
+    on and that run's state. Progress within a run is left out: the live parts follow it on their own."""
+    if job is None:
+        return None
+    return job.id, job.stop_requested, job.current_run, run.state if run else None
+
+
+@st.fragment(run_every=1)
+def job_sidebar(drawn: tuple | None) -> None:
+    """The sidebar's line about the training job, and the watch every page relies on: ``drawn`` is the
+    job's signature when the page was drawn; once the job files say otherwise (a job started, its next
+    run, a stop, its end) the whole page is drawn again, within a second and without a reload."""
+    job, run = current_job()
+    if job_signature(job, run) != drawn:
+        st.rerun()
+    if job is None:
+        return
+    what = "Imbalance experiment" if job.kind == "experiment" else "Training"
+    if run is None:
+        st.info(f"{what} starting…", icon=":material/hourglass_top:")
+        return
+    state = "stopping" if job.stop_requested and not run.done else run.state
+    st.info(f"{what} running: **{run.name}** ({state})", icon=":material/hourglass_top:")
 
 
 def fmt_seconds(s: float | None) -> str:
@@ -189,10 +239,16 @@ def _download_body(active: jobs.Job | None) -> None:
         stage = {"download": "Downloading", "verify": "Verifying", "extract": "Extracting"}.get(
             (status or {}).get("stage"), "Starting"
         )
-        done, total = (status or {}).get("done", 0), (status or {}).get("total")
-        of = f" of {format_bytes(total)}" if total else ""
-        text = f"{stage} {(status or {}).get('file', '')}: {format_bytes(done)}{of}"
-        st.progress(min(1.0, done / total) if total else 0.0, text=text)
+        status = status or {}
+        progress_bar(
+            f"{stage} {status.get('file', '')}",
+            status.get("done", 0),
+            status.get("total"),
+            status.get("started") or active.started,
+            base=status.get("base", 0),
+            unit="",
+            amount=format_bytes,
+        )
         st.button(
             "Cancel download",
             icon=":material/cancel:",

@@ -8,10 +8,11 @@ import streamlit as st
 from core import estimate, imbalance, jobs, lesson, plots, settings
 from core.features import FeatureCache, backbone_key
 from core.models import ARCHITECTURES, default_arch
-from core.runs import FINAL_STATES, RunState, format_duration, read_run
+from core.runs import RunState, format_duration, read_run
 from core.runs import list_runs as read_runs
 from core.training import TrainConfig, config_with
 from pages.views._shared import (
+    current_job,
     dataset_choice,
     evaluated_runs,
     list_runs,
@@ -34,6 +35,7 @@ def headline(run: RunState) -> dict:
         "arch": run.config.get("arch"),
         "fine-tuning": run.config.get("finetune"),
         "imbalance": run.config.get("imbalance"),
+        "dataset": run.dataset,
         "accuracy": t.get("accuracy"),
         "balanced accuracy": t.get("balanced_accuracy"),
         "macro F1": t.get("macro", {}).get("f1"),
@@ -210,15 +212,15 @@ def experiment_form(index) -> None:
             st.rerun()
 
 
-@st.fragment(run_every=2)
+@st.fragment(run_every=1)
 def experiment_status(manifest: dict) -> None:
-    job = jobs.active_job(RUNS)
-    rows, done = [], 0
+    job, current = current_job()
+    rows = []
     for name, strategy in zip(manifest["runs"], manifest.get("strategies", []), strict=False):
         path = RUNS / name
         run = read_run(path, job) if path.exists() else None
-        state = run.state if run else ("queued" if job and name in job.runs else "not run")
-        done += state in FINAL_STATES
+        queued = job is not None and name in job.runs and not job.stop_requested  # a stop starts no more runs
+        state = run.state if run else ("queued" if queued else "not run")
         rows.append(
             {
                 "strategy": imbalance.label(strategy),
@@ -234,8 +236,9 @@ def experiment_status(manifest: dict) -> None:
         width="stretch",
         column_config={"progress": st.column_config.ProgressColumn(min_value=0, max_value=1)},
     )
-    running = job is not None and job.experiment == manifest["name"]
-    if running:
+    # A run that stopped or failed ends the queue: no Stop for a job whose processes are only exiting.
+    ending = current is not None and current.state in ("stopped", "failed", "interrupted")
+    if job is not None and job.experiment == manifest["name"] and not ending:
         if job.stop_requested:
             st.warning(
                 "Stopping: the current run ends after its step; the queued ones will not start.",
@@ -249,12 +252,6 @@ def experiment_status(manifest: dict) -> None:
                 on_click=jobs.stop_job,
                 args=(RUNS,),
             )
-    # Refill the lesson (a full rerun) whenever another run of the experiment has finished.
-    seen_key = f"exp_done_{manifest['name']}"
-    if st.session_state.get(seen_key, done) != done:
-        st.session_state[seen_key] = done
-        st.rerun()
-    st.session_state[seen_key] = done
 
 
 # ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import pandas as pd
 import streamlit as st
 
 from core import jobs, runs, settings
@@ -18,7 +19,8 @@ research_notice()
 choice = dataset_choice()
 index = load_dataset(show_help=False)
 models = settings.model_files()
-states = Counter(r.state for r in list_runs())
+local = list_runs()
+states = Counter(r.state for r in local)
 published_dir = settings.published_runs_dir()
 published = [r for r in runs.list_runs(published_dir) if r.state == "finished"] if published_dir else []
 job = jobs.active_job(settings.runs_dir())
@@ -40,6 +42,16 @@ if any(others.values()):
         + ", ".join(f"{n} {state}" for state, n in others.items() if n)
         + " (see the Train page)."
     )
+listed = [(r, "here") for r in local] + [(r, "published") for r in published]
+if listed:
+    with st.expander(f"Runs ({len(listed)})", icon=":material/list:"):
+        st.dataframe(
+            pd.DataFrame(
+                [{"run": r.name, "state": r.state, "dataset": r.dataset, "where": where} for r, where in listed]
+            ),
+            hide_index=True,
+            width="stretch",
+        )
 
 if index is None:
     if choice.configured:

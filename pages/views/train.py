@@ -5,8 +5,8 @@ import streamlit as st
 from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
 from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
-from core.runs import RunState, default_run_name, epochs_table, list_runs, read_run, running_loss_table
-from pages.views._shared import dataset_choice, fmt_seconds, load_dataset, runs_dir
+from core.runs import RunState, default_run_name, epochs_table, list_runs, running_loss_table
+from pages.views._shared import current_job, dataset_choice, fmt_seconds, load_dataset, run_progress, runs_dir
 
 st.title("Train")
 
@@ -187,8 +187,9 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
                 if k in cfg
             )
             + (f" · device {run.start['device']}" if run.start and run.start.get("device") else "")
+            + f" · data {run.dataset}"
         )
-    st.progress(run.fraction_done(), text=run.progress_text())
+    run_progress(run)
     if controls is not None:
         controls()
     if run.epochs or run.steps:
@@ -219,17 +220,17 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
             st.code(run.log_tail() or "(empty)", language=None)
 
 
-@st.fragment(run_every=1.5)
+@st.fragment(run_every=1)
 def monitor() -> None:
-    current = jobs.active_job(RUNS)
+    current, run = current_job()
     if current is not None and current.id != "?":
-        name = current.current_run
-        if name is None:
+        if run is None:
             st.info("Starting the training process…", icon=":material/hourglass_top:")
             return
-        run = read_run(RUNS / name, current)
 
         def controls() -> None:
+            if run.done:  # its trainer has written how it ended; the job's processes are exiting
+                return
             if current.stop_requested:
                 st.warning(
                     "Stopping: the run ends after its current step and still saves its best epoch.",
@@ -249,8 +250,6 @@ def monitor() -> None:
         if current.kind == "experiment":
             st.caption(f"Part of the imbalance experiment {current.experiment}; see it on Compare.")
         return
-    if job is not None:
-        st.rerun()  # the job that was running when the page loaded has ended: re-enable the form
     runs = list_runs(RUNS, current)
     if not runs:
         st.caption("No runs yet. Runs are saved in " + f"`{RUNS}`.")

@@ -26,6 +26,7 @@ DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"
 CHECKPOINTS_ENV = "LESIONLAB_CHECKPOINTS"
 PUBLISHED_RUNS_ENV = "LESIONLAB_PUBLISHED_RUNS"
+CACHE_ENV = "LESIONLAB_CACHE"  # where the app keeps the case indexes' features (.cache/features)
 DATAVERSE_ENV = "LESIONLAB_DATAVERSE"  # another Dataverse server (a mirror; the tests' fake one)
 DEFAULT_DOWNLOAD = PROJECT_ROOT / "data" / "ham10000"
 
@@ -110,9 +111,20 @@ def published_runs_dir(env: dict | None = None) -> Path | None:
     return resolve_path(value or "docs/runs")
 
 
+def run_folders(env: dict | None = None) -> list[Path]:
+    """Where a checkpoint's run record may be: the local runs, then the published ones."""
+    published = published_runs_dir(env)
+    return [runs_dir(env), *([published] if published else [])]
+
+
 def checkpoints_dir(env: dict | None = None) -> Path:
     env = os.environ if env is None else env
     return resolve_path(env.get(CHECKPOINTS_ENV) or "checkpoints")
+
+
+def cache_dir(env: dict | None = None) -> Path:
+    env = os.environ if env is None else env
+    return resolve_path(env.get(CACHE_ENV) or ".cache/features")
 
 
 def model_files(env: dict | None = None) -> list[Path]:

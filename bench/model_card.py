@@ -23,11 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
+from core.files import read_json  # noqa: E402
 from core.imbalance import STRATEGIES  # noqa: E402
 from core.labels import CLASSES  # noqa: E402
 from core.runs import has_evaluation, read_config, read_predictions, read_run, read_split  # noqa: E402
+from core.similar import NEIGHBOURS  # noqa: E402
 from core.training import config_with, train  # noqa: E402
 
+REFERENCE_COMMAND = (
+    "python -m core.train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
+)
+BENCHMARKS_JSON = ROOT / "docs" / "BENCHMARKS.json"
+KS = (1, NEIGHBOURS, 32)  # the kNN votes compared with the classifier; NEIGHBOURS is what Diagnose shows
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
 COMPARISON_ARCH = "mobilenet_v2"
 
@@ -186,6 +193,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
             f"{fmt(r['weighted']['f1'])} | {fmt(mel_row['precision'])} | {fmt(mel_row['recall'])} | "
             f"{fmt(r['roc_auc']['per_class']['mel'])} |"
         )
+    lines += similar_lines()
     lines += [
         "",
         "## Intended use",
@@ -212,6 +220,69 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
     return "\n".join(lines)
 
 
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def retrieval_table(r: dict) -> list[str]:
+    rows = [("classifier (softmax, calibrated)", r["retrieval"]["classifier"])]
+    rows += [(f"kNN vote, k = {k} train/val neighbours", r["retrieval"][f"knn{k}"]) for k in KS]
+    lines = [
+        "| on the test split | accuracy | balanced acc. | macro F1 | mel sensitivity | mel AUC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in rows:
+        lines.append(
+            f"| {name} | {fmt(m['accuracy'])} | {fmt(m['balanced_accuracy'])} | {fmt(m['macro_f1'])} | "
+            f"{pct(m['mel_sensitivity'])} | {fmt(m['mel_auc'])} |"
+        )
+    return lines
+
+
+def unfamiliar_lines(u: dict) -> list[str]:
+    kinds = ", ".join(f"{k} {v['score']:.0%} of {v['n']}" for k, v in u["detected_by_kind"].items())
+    return [
+        f"Unfamiliar-image score: cosine distance to the {u['k']}th-nearest of {u['reference_rows']} training "
+        f"images, threshold {u['threshold']:.4f} (the validation split's {1 - u['val_false_alarm_target']:.0%} "
+        f"quantile). Measured on {u['test_dermoscopy']} test dermoscopy images against {u['unfamiliar_images']} "
+        "non-dermoscopic images (`tests/data/unfamiliar`): "
+        f"**AUROC {u['auroc_score']:.3f}**.",
+        "",
+        "| rule | false alarms on test dermoscopy | unfamiliar images detected |",
+        "| --- | --- | --- |",
+        f"| feature score (what Diagnose shows) | **{pct(u['false_alarm']['score'])}** | "
+        f"**{pct(u['detected']['score'])}** |",
+        f"| colour heuristic (models without a detector) | {pct(u['false_alarm']['colour'])} | "
+        f"{pct(u['detected']['colour'])} |",
+        f"| either one | {pct(u['false_alarm']['combined'])} | {pct(u['detected']['combined'])} |",
+        "",
+        f"Detected by kind (feature score): {kinds}." + (f" Missed: {', '.join(u['missed'])}." if u["missed"] else ""),
+    ]
+
+
+def similar_lines() -> list[str]:
+    """The kNN-versus-classifier comparison and the unfamiliar-image measurement, from ``bench/similar.py``'s
+    full-dataset run recorded in docs/BENCHMARKS.json (nothing when it has not run)."""
+    r = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("similar")
+    if not r or not r.get("full_dataset"):
+        return []
+    return [
+        "",
+        "## Similar cases: a kNN vote beside the classifier",
+        "",
+        "Diagnose shows the training and validation images nearest to an upload in the model's pooled features. "
+        "Voting with those neighbours (test images never among them) classifies the test split about as the "
+        "study of Tschandl et al. (JAMA Dermatology 2019) found for retrieval against softmax "
+        "(`bench/similar.py`, docs/BENCHMARKS.md):",
+        "",
+        *retrieval_table(r),
+        "",
+        "## Unfamiliar images",
+        "",
+        *unfamiliar_lines(r["unfamiliar"]),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ham10000-200x150"))
@@ -220,8 +291,7 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="train missing comparison runs first")
     p.add_argument(
         "--command",
-        default="python -m core.train --preset reference --data "
-        "../shared/data/ham10000-200x150 --out runs --name reference-mnv2",
+        default=REFERENCE_COMMAND,
     )
     p.add_argument("--out", type=Path, default=ROOT / "MODEL_CARD.md")
     args = p.parse_args()

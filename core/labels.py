@@ -34,6 +34,14 @@ DISPLAY_NAMES: dict[str, str] = {d.code: d.name for d in DIAGNOSES}
 MALIGNANT: frozenset[str] = frozenset(d.code for d in DIAGNOSES if d.malignant)
 MELANOMA = "mel"
 
+# HAM10000's dx_type: how the ground truth was established.
+CONFIRMATION = {
+    "histo": "histopathology",
+    "follow_up": "follow-up (unchanged on digital dermoscopy over time)",
+    "consensus": "expert consensus",
+    "confocal": "in-vivo confocal microscopy",
+}
+
 # ISIC 2018 Task 3 ground-truth CSVs carry one upper-case one-hot column per class.
 ISIC2018_COLUMNS: dict[str, str] = {code.upper(): code for code in CLASSES}
 

@@ -25,6 +25,7 @@ from core.inference import PredictionError, check_probabilities, class_probabili
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
+from core.unfamiliar import UnfamiliarCheck, check_unfamiliar, load_detector
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
 # The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
@@ -50,10 +51,9 @@ def melanoma_threshold(checkpoint: dict) -> float:
     return DEFAULT_MEL_THRESHOLD if value is None else float(value)
 
 
-def recorded_operating_point(path: Path, checkpoint: dict, threshold: float) -> dict | None:
-    """Test-split melanoma sensitivity/specificity at ``threshold`` from the checkpoint's run records: its run
-    folder's ``evaluation.json``, else the published run of the name it was trained under (``docs/runs``).
-    None when no record evaluated it at that threshold."""
+def recorded_test_results(path: Path, checkpoint: dict) -> list[dict]:
+    """The checkpoint's test-split evaluations in its run records, first found first: its run folder's
+    ``evaluation.json``, then the published run of the name it was trained under (``docs/runs``)."""
     from core.runs import read_evaluation
     from core.settings import published_runs_dir
 
@@ -61,8 +61,14 @@ def recorded_operating_point(path: Path, checkpoint: dict, threshold: float) -> 
     published, name = published_runs_dir(), (checkpoint.get("config") or {}).get("name")
     if published is not None and name:
         folders.append(published / name)
-    for folder in folders:
-        mel = (read_evaluation(folder).get("test") or {}).get("melanoma") or {}
+    return [test for folder in folders if (test := read_evaluation(folder).get("test"))]
+
+
+def recorded_operating_point(path: Path, checkpoint: dict, threshold: float) -> dict | None:
+    """Test-split melanoma sensitivity/specificity at ``threshold`` from the checkpoint's run records
+    (:func:`recorded_test_results`). None when no record evaluated it at that threshold."""
+    for test in recorded_test_results(path, checkpoint):
+        mel = test.get("melanoma") or {}
         if mel.get("threshold") == threshold and "sensitivity" in mel:
             return mel
     return None
@@ -83,6 +89,8 @@ class Prediction:
     # (large JPEGs otherwise decode at a reduced DCT scale), before the resize to the input size.
     image: Image.Image
     tta: bool
+    # The backbone's pooled features of ``input_tensor`` (no flips), once :meth:`Predictor.embed` computed them.
+    embedding: np.ndarray | None = None
 
     @property
     def top_index(self) -> int:
@@ -123,6 +131,8 @@ class Predictor:
         self.temperature = float(ckpt["temperature"])
         self.transform = eval_transform(self.prep)
         self.mel_threshold = melanoma_threshold(ckpt)
+        # The measured "unfamiliar image" detector saved beside the checkpoint (bench/similar.py), if any.
+        self.detector = load_detector(self.path)
         self._lock = threading.Lock()
 
     @property
@@ -171,6 +181,21 @@ class Predictor:
             index = int(target)
         with self._lock:
             return gradcam(self.model, prediction.input_tensor, index, method)
+
+    def embed(self, prediction: Prediction) -> np.ndarray:
+        """The pooled backbone features of the predicted image (what similar cases and the unfamiliar-image
+        score compare), computed once per prediction."""
+        if prediction.embedding is None:
+            with self._lock, torch.inference_mode():
+                features = self.model.backbone(prediction.input_tensor)[0]
+            prediction.embedding = features.float().cpu().numpy()
+        return prediction.embedding
+
+    def unfamiliar(self, prediction: Prediction) -> UnfamiliarCheck:
+        """Whether the image is unlike the dermoscopy the model learnt from, and why in words: the measured
+        feature-space score when the checkpoint has a saved detector, and the colour heuristic."""
+        embedding = self.embed(prediction) if self.detector is not None else None
+        return check_unfamiliar(prediction.image, embedding, self.detector)
 
     def layer_names(self) -> list[str]:
         """The layers :meth:`feature_maps` shows, shallow to deep."""

@@ -46,13 +46,6 @@ QUIZ_SPLITS = ("test", "val")  # never "train"
 MIXES = {"natural": "natural prevalence", "balanced": "balanced"}
 MIN_IMAGES, MAX_IMAGES = 10, 50
 CONFIDENCE_LEVELS = (1, 5)  # "how sure are you": 1 = guessing, 5 = certain
-# HAM10000's dx_type: how the ground truth was established.
-CONFIRMATION = {
-    "histo": "histopathology",
-    "follow_up": "follow-up (unchanged on digital dermoscopy over time)",
-    "consensus": "expert consensus",
-    "confocal": "in-vivo confocal microscopy",
-}
 # Accuracy and balanced accuracy closer than this read as "agree" in the summary.
 AGREEMENT = 0.05
 

@@ -26,7 +26,7 @@ DATA_ENV = "LESIONLAB_DATA"
 RUNS_ENV = "LESIONLAB_RUNS"
 CHECKPOINTS_ENV = "LESIONLAB_CHECKPOINTS"
 PUBLISHED_RUNS_ENV = "LESIONLAB_PUBLISHED_RUNS"
-CACHE_ENV = "LESIONLAB_CACHE"  # the app's unpacked uploads (tests point it at a temporary folder)
+CACHE_ENV = "LESIONLAB_CACHE"  # what the app can recompute: unpacked uploads, the case indexes' features
 DATAVERSE_ENV = "LESIONLAB_DATAVERSE"  # another Dataverse server (a mirror; the tests' fake one)
 DEFAULT_DOWNLOAD = PROJECT_ROOT / "data" / "ham10000"
 
@@ -112,9 +112,16 @@ def published_runs_dir(env: dict | None = None) -> Path | None:
 
 
 def cache_dir(env: dict | None = None) -> Path:
-    """Where the app keeps what it can recompute: external test sets unpacked from uploads (``external/``)."""
+    """Where the app keeps what it can recompute: external test sets unpacked from uploads
+    (``external/``) and the case indexes' features (``features/``)."""
     env = os.environ if env is None else env
     return resolve_path(env.get(CACHE_ENV) or ".cache")
+
+
+def run_folders(env: dict | None = None) -> list[Path]:
+    """Where a checkpoint's run record may be: the local runs, then the published ones."""
+    published = published_runs_dir(env)
+    return [runs_dir(env), *([published] if published else [])]
 
 
 def checkpoints_dir(env: dict | None = None) -> Path:

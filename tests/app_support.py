@@ -24,7 +24,7 @@ from PIL import Image
 
 from core import jobs
 from core.procs import process_record
-from core.settings import CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
+from core.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
 from pages.views import _pages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,7 @@ class AppEnv:
             RUNS_ENV: str(self.runs),
             CHECKPOINTS_ENV: str(self.checkpoints),
             PUBLISHED_RUNS_ENV: "",
+            CACHE_ENV: str(self.runs.parent / "cache"),  # Diagnose's case index, out of the working tree
         }
 
     def apply(self, monkeypatch) -> None:
@@ -196,7 +197,7 @@ def no_exceptions(at) -> None:
 
 def clean_env() -> dict[str, str]:
     env = dict(os.environ)
-    for key in (DATA_ENV, RUNS_ENV, CHECKPOINTS_ENV, PUBLISHED_RUNS_ENV):
+    for key in (DATA_ENV, RUNS_ENV, CHECKPOINTS_ENV, PUBLISHED_RUNS_ENV, CACHE_ENV):
         env.pop(key, None)
     return env
 

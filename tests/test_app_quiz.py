@@ -9,7 +9,7 @@ import pytest
 
 from core import quiz
 from core.data import index_dataset
-from core.labels import CLASSES, DISPLAY_NAMES
+from core.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from core.predict import Predictor
 from core.settings import PUBLISHED_RUNS_ENV
 from tests.app_support import *  # noqa: F403
@@ -67,7 +67,7 @@ def test_a_ten_image_quiz_to_its_summary(quiz_page):
         no_exceptions(at)
         shown = [m.value for m in at.markdown]
         assert f"### {DISPLAY_NAMES[truth]} ({truth})" in shown
-        assert f"Confirmed by **{quiz.CONFIRMATION[row['dx_type']]}**." in shown
+        assert f"Confirmed by **{CONFIRMATION[row['dx_type']]}**." in shown
         captions = [c for image in at.get("image") for c in image.captions]
         assert captions[0].startswith(row["image_id"]) and captions[1].startswith("Grad-CAM")
         assert len(at.get("plotly_chart")) == 1  # the model's probabilities

@@ -22,6 +22,7 @@ from core import jobs
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.procs import process_record
 from core.runs import read_run
+from core.unfamiliar import detector_path
 from tests.app_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -74,7 +75,9 @@ def browser_env(tmp_path_factory, tiny_root):
         os.environ.pop("TORCH_HOME", None)
     ckpts.mkdir()
     shutil.copy(REFERENCE, ckpts / REFERENCE.name)
-    return {"data": data, "runs": runs, "checkpoints": ckpts, "torch_home": base / "torch_home"}
+    if detector_path(REFERENCE).is_file():
+        shutil.copy(detector_path(REFERENCE), detector_path(ckpts / REFERENCE.name))
+    return {"data": data, "runs": runs, "checkpoints": ckpts, "torch_home": base / "torch_home", "cache": cache}
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,7 @@ def server(browser_env):
             "LESIONLAB_DATA": str(browser_env["data"]),
             "LESIONLAB_RUNS": str(browser_env["runs"]),
             "LESIONLAB_CHECKPOINTS": str(browser_env["checkpoints"]),
+            "LESIONLAB_CACHE": str(browser_env["cache"]),
         }
     )
     try:
@@ -308,6 +312,17 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     assert "Malignant (akiec + bcc + mel)" in body and "Grad-CAM" in body
     assert page.locator("[data-testid=stImage] img").count() >= 2  # upload + overlay
     shot(page, "diagnose", tmp_path)
+
+    # Similar confirmed cases, and the report to keep: the seven classes in order, the images inlined.
+    page.get_by_role("heading", name="Similar confirmed cases").wait_for()
+    settle(page, "Diagnose")
+    with page.expect_download() as download:
+        # Playwright finds this button "inert" and will not click it (cause not yet found); a script click
+        # still goes through the browser's real download.
+        page.get_by_role("button", name="Download report").evaluate("button => button.click()")
+    report = Path(download.value.path()).read_text()
+    positions = [report.index(f"<td>{DISPLAY_NAMES[c]}</td>") for c in CLASSES]
+    assert positions == sorted(positions) and "data:image/jpeg;base64," in report
 
     # A file that is not an image: a clear message, no traceback.
     bad = tmp_path / "notes.png"

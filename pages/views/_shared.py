@@ -186,6 +186,38 @@ def get_predictor(path: Path):
     return _predictor(str(path), stamp)
 
 
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _case_index(checkpoint: str, stamp: float, folder: str, data_stamp: float, _checkpoint: dict, _frame):
+    """One case index per (checkpoint version, dataset version), shared by all sessions, built with a progress
+    bar (made in here, so the cache can replay it); its features are also cached on disk, so a restart only
+    reads them back."""
+    from core import quiz
+    from core.similar import build_index
+
+    try:
+        record = quiz.model_split(checkpoint, _checkpoint, _frame, settings.run_folders())
+    except quiz.QuizError as exc:
+        return None, str(exc)
+    bar = st.empty()
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(
+            done / max(total, 1),
+            text=f"Indexing {Path(folder).name} under this model for similar cases: {done} of {total} images "
+            "(once per model and dataset)",
+        )
+
+    cases = build_index(checkpoint, _frame, quiz.split_column(_frame, record.split_of), progress=progress)
+    bar.empty()
+    return cases, None
+
+
+def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
+    """(CaseIndex, None) or (None, message): the dataset's images under the model."""
+    stamp = Path(path).stat().st_mtime
+    return _case_index(str(path), stamp, str(index.root), _metadata_stamp(index.root), checkpoint, index.frame)
+
+
 @st.cache_data(max_entries=8, show_spinner=False)
 def _predictions(run_dir: str, stamp: float):
     return runs.read_predictions(Path(run_dir))

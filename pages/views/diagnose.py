@@ -1,5 +1,7 @@
 """Diagnose: one uploaded image through one model. Uploads stay in memory; nothing is written to disk."""
 
+from datetime import UTC, datetime
+
 import streamlit as st
 
 from core import plots, settings
@@ -8,8 +10,10 @@ from core.images import ImageError
 from core.inference import PredictionError
 from core.labels import CLASSES, MALIGNANT
 from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT, recorded_operating_point
-from core.visuals import LOW_CONFIDENCE, dermoscopy_check, feature_map_grid
-from pages.views._shared import get_predictor, research_notice
+from core.report import model_info, report_html
+from core.similar import NEIGHBOURS, REFERENCE_SPLITS, vote
+from core.visuals import LOW_CONFIDENCE, feature_map_grid
+from pages.views._shared import case_index, get_predictor, load_dataset, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
 MAX_UPLOAD_MIB = 10
@@ -83,17 +87,23 @@ if cached is None or cached[0] != key:
     st.session_state.pop("diag_cam", None)
 prediction = cached[1]
 
-check = dermoscopy_check(prediction.image)
-if not check.looks_dermoscopic:
-    st.warning(
+check = predictor.unfamiliar(prediction)
+warnings = []
+if check.unfamiliar:
+    warnings.append(
         "This does not look like a dermoscopic image: " + "; ".join(check.reasons) + ". The model "
-        "only knows dermoscopy of pigmented lesions, so its output here means little.",
-        icon=":material/image_search:",
+        "only knows dermoscopy of pigmented lesions, so its output here means little."
     )
+    st.warning(warnings[-1], icon=":material/image_search:")
 if prediction.confidence < LOW_CONFIDENCE:
-    st.warning(
-        f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this result as undecided.",
-        icon=":material/help:",
+    warnings.append(
+        f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this result as undecided."
+    )
+    st.warning(warnings[-1], icon=":material/help:")
+if not check.measured:
+    st.caption(
+        "This model has no measured unfamiliar-image detector (`bench/similar.py` fits one beside the "
+        "checkpoint), so only the colour check looked at whether this is dermoscopy."
     )
 
 
@@ -106,8 +116,7 @@ def probabilities() -> None:
     st.caption(
         "Calibrated means that across the validation images, results given about this probability were "
         "right about that often: an average over many images, not a promise about this one. A confident "
-        "result can still be wrong, and this page has no second opinion (no ensemble of models, no similar "
-        "cases) to check it against."
+        "result can still be wrong: compare it with the similar confirmed cases below."
     )
     m1, m2 = st.columns(2)
     m1.metric("Malignant (akiec + bcc + mel)", f"{prediction.malignant_probability:.1%}")
@@ -141,7 +150,7 @@ def melanoma() -> None:
 
 right, left = st.columns([6, 5], gap="large")  # prediction first, explanation beside it
 with right:
-    if check.looks_dermoscopic:
+    if not check.unfamiliar:
         st.markdown(f"### {prediction.top_name} ({prediction.top_class})")
         melanoma()
         probabilities()
@@ -194,6 +203,89 @@ with left:
         captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")
     for col, img, cap in zip(st.columns(len(images)), images, captions, strict=False):
         col.image(img, caption=cap, width="stretch")
+
+
+def case_grid(cases: list, titles: list[str] | None = None, cols: int = 4) -> None:
+    for i, case in enumerate(cases):
+        if i % cols == 0:
+            row = st.columns(cols)
+        title = f"**{titles[i]}** · " if titles else ""
+        row[i % cols].image(case.path, caption=title + case.caption(), width="stretch")
+
+
+def similar_cases() -> tuple[list, dict]:
+    """The similar-cases section; returns what it showed (nearest cases, nearest by class) for the report."""
+    st.subheader("Similar confirmed cases")
+    dataset = load_dataset(show_help=False)
+    if dataset is None:
+        st.info(
+            "Similar cases come from the configured dataset, and none is configured: choose a dataset folder "
+            "in the sidebar.",
+            icon=":material/photo_library:",
+        )
+        return [], {}
+    cases, error = case_index(model_path, ckpt, dataset)
+    if cases is None:
+        st.info(f"No similar cases: {error}", icon=":material/photo_library:")
+        return [], {}
+    with_test = st.toggle(
+        "Include the model's test images",
+        key="diag_similar_test",
+        help="Test images were held out to measure the model; they are left out so that a test image "
+        "uploaded here is not shown its own answer.",
+    )
+    splits = None if with_test else REFERENCE_SPLITS
+    pool = len(cases.rows(splits))
+    st.caption(
+        f"The images of {dataset.root.name} nearest to this upload in the model's own features (cosine "
+        f"similarity of the pooled backbone features), searched among {pool} "
+        + ("images." if with_test else "of its training and validation images (its test images are left out).")
+    )
+    if pool == 0:
+        st.info("None of this dataset's images is a training or validation image of this model.")
+        return [], {}
+    embedding = predictor.embed(prediction)
+    nearest = cases.nearest(embedding, NEIGHBOURS, splits)
+    shares = vote(nearest)
+    votes = ", ".join(f"{round(p * len(nearest))} {c}" for c, p in zip(CLASSES, shares, strict=True) if p > 0)
+    st.markdown(f"The {len(nearest)} nearest cases: {votes}.")
+    by_class = cases.nearest_by_class(embedding, splits)
+    tab_near, tab_class = st.tabs([f"Nearest {len(nearest)}", "By class"])
+    with tab_near:
+        case_grid(nearest)
+    with tab_class:
+        shown = {code: case for code, case in by_class.items() if case is not None}
+        case_grid(list(shown.values()), [plots.class_label(code) for code in shown])
+        missing = [code for code, case in by_class.items() if case is None]
+        if missing:
+            st.caption(f"No image of {', '.join(missing)} among the images searched.")
+    return nearest, by_class
+
+
+nearest, by_class = similar_cases()
+heat = cam[1]
+report = report_html(
+    prediction,
+    model=model_info(model_path, ckpt, predictor.arch),
+    created=datetime.now(UTC),
+    heatmap=None if heat is None else overlay(prediction.image, heat, alpha),
+    heatmap_label=f"{CAM_METHOD_NAMES[method]} for {target}",
+    warnings=warnings,
+    cases=nearest,
+    cases_by_class=by_class,
+    mel_threshold=predictor.mel_threshold,
+    source_name=upload.name,
+)
+st.download_button(
+    "Download report",
+    report,
+    file_name=f"lesionlab-report-{datetime.now(UTC):%Y%m%d-%H%M%S}.html",
+    mime="text/html",
+    icon=":material/download:",
+    key="diag_report",
+    help="One HTML page with the image, the heatmap, all seven probabilities, the similar cases, the warnings "
+    "and the model's measured performance. It is built in your browser session; nothing is kept on the server.",
+)
 
 with st.expander("Feature maps: what the network's layers respond to"):
     layers = predictor.layer_names()

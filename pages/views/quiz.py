@@ -17,7 +17,7 @@ from core import plots, quiz, settings
 from core.data import split_counts
 from core.images import ImageError
 from core.inference import PredictionError
-from core.labels import CLASSES, DISPLAY_NAMES
+from core.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from pages.views._shared import cam_overlay, get_predictor, load_dataset, research_notice
 
 STATE = "quiz"  # the running quiz: settings, model, drawn images, answers and position
@@ -38,11 +38,6 @@ def model_probs(q: dict, image_path: str) -> np.ndarray:
     return _model_probs(q["checkpoint"], Path(q["checkpoint"]).stat().st_mtime, image_path)
 
 
-def run_folders() -> list[Path]:
-    published = settings.published_runs_dir()
-    return [settings.runs_dir(), *([published] if published else [])]
-
-
 def context_line(row: dict) -> str:
     """What a clinician would know besides the image: age, sex and site."""
     age = row.get("age")
@@ -51,7 +46,7 @@ def context_line(row: dict) -> str:
 
 
 def confirmation(dx_type: str) -> str:
-    return quiz.CONFIRMATION.get(dx_type, dx_type or "not recorded")
+    return CONFIRMATION.get(dx_type, dx_type or "not recorded")
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +77,7 @@ def setup() -> None:
         st.stop()
     frame = index.frame
     try:
-        record = quiz.model_split(model_path, predictor.checkpoint, frame, run_folders())
+        record = quiz.model_split(model_path, predictor.checkpoint, frame, settings.run_folders())
     except quiz.QuizError as exc:
         st.error(str(exc), icon=":material/block:")
         st.stop()

@@ -1,0 +1,209 @@
+"""Similar cases and the unfamiliar-image warning, measured on the model's test split.
+
+    python bench/similar.py                                   # the full dataset, checkpoints/reference.pt
+    python bench/similar.py --max-per-split 60 --no-save      # a quick proof on a few images
+
+1. Builds (or reuses) the case index of the dataset under the model (``core.similar``), with progress.
+2. kNN vote: each test image's ``k`` nearest train/val images vote for its class; compared with the classifier
+   (the model's own head on the same features, temperature-scaled) on the same test images.
+3. Unfamiliar images: the detector of ``core.unfamiliar`` is fitted on the train split, its threshold set on the
+   val split, and measured on the test split's dermoscopy against ``tests/data/unfamiliar`` (non-dermoscopic
+   images, ``tests/data/make_unfamiliar.py``): AUROC of the score, false alarms on dermoscopy and detections
+   of each kind of unfamiliar image, for the score alone (what the app shows), the colour heuristic alone
+   (what it shows for a model without a detector) and the two together. Saves the detector beside the
+   checkpoint unless ``--no-save``.
+
+Writes its section of docs/BENCHMARKS.md, its key of docs/BENCHMARKS.json and the model card's section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
+from bench.model_card import KS, REFERENCE_COMMAND, card, comparison_runs, retrieval_table, unfamiliar_lines  # noqa: E402
+from bench.report import update_json, write_section  # noqa: E402
+from core import quiz, settings  # noqa: E402
+from core.checkpoints import load_model  # noqa: E402
+from core.data import index_dataset  # noqa: E402
+from core.evaluation import compute_metrics, softmax  # noqa: E402
+from core.labels import CLASSES  # noqa: E402
+from core.predict import Predictor  # noqa: E402
+from core.preprocessing import Preprocessing, load_for_model  # noqa: E402
+from core.similar import REFERENCE_SPLITS, build_index, knn_vote  # noqa: E402
+from core.unfamiliar import detector_path, file_digest, fit_detector  # noqa: E402
+from core.visuals import dermoscopy_check  # noqa: E402
+
+OWNER = "similar"
+UNFAMILIAR = ROOT / "tests" / "data" / "unfamiliar"
+
+
+def shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def headline(m: dict) -> dict:
+    mel = m["melanoma"]
+    return {
+        "accuracy": m["accuracy"],
+        "balanced_accuracy": m["balanced_accuracy"],
+        "macro_f1": m["macro"]["f1"],
+        "mel_sensitivity": mel.get("sensitivity"),
+        "mel_auc": m["roc_auc"]["per_class"]["mel"],
+    }
+
+
+def classifier_probs(checkpoint: Path, features: np.ndarray) -> np.ndarray:
+    """The model's calibrated probabilities from pooled features: its head, then its temperature."""
+    model, ckpt = load_model(checkpoint)
+    with torch.inference_mode():
+        logits = model.head.eval()(torch.from_numpy(features)).numpy()
+    return softmax(logits, float(ckpt["temperature"]))
+
+
+def rates(flags: np.ndarray) -> float:
+    return float(np.mean(flags)) if len(flags) else float("nan")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    index = index_dataset(args.data)
+    predictor = Predictor(args.checkpoint)
+    record = quiz.model_split(args.checkpoint, predictor.checkpoint, index.frame, settings.run_folders())
+    frame = index.frame.assign(split=quiz.split_column(index.frame, record.split_of).to_numpy())
+    if args.max_per_split:
+        shuffled = frame.sample(frac=1.0, random_state=0)
+        frame = shuffled.groupby("split", group_keys=False).head(args.max_per_split).reset_index(drop=True)
+    print(f"{len(frame)} images, split {record.source}", flush=True)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 640 < 64:
+            print(f"  features {done}/{total} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    cases = build_index(args.checkpoint, frame, frame["split"], progress=progress)
+    index_s = time.perf_counter() - t0
+    table, feats = cases.frame, cases.features
+    by = {s: np.flatnonzero(table["split"].to_numpy() == s) for s in ("train", "val", "test")}
+    labels = {s: table["dx"].map(CLASSES.index).to_numpy()[rows] for s, rows in by.items()}
+    reference = np.concatenate([by[s] for s in REFERENCE_SPLITS])
+    ref_labels = table["dx"].map(CLASSES.index).to_numpy()[reference]
+
+    retrieval = {
+        "classifier": headline(compute_metrics(labels["test"], classifier_probs(args.checkpoint, feats[by["test"]])))
+    }
+    for k in KS:
+        probs = knn_vote(feats[reference], ref_labels, feats[by["test"]], k)
+        retrieval[f"knn{k}"] = headline(compute_metrics(labels["test"], probs))
+
+    detector = fit_detector(feats[by["train"]], feats[by["val"]], checkpoint_sha1=file_digest(args.checkpoint))
+    prep = Preprocessing.from_dict(predictor.checkpoint["preprocessing"])
+    test_paths = table["path"].to_numpy()[by["test"]]
+    derm_scores = detector.scores(feats[by["test"]])
+    derm_colour = np.array([not dermoscopy_check(load_for_model(p, prep)).looks_dermoscopic for p in test_paths])
+    files = sorted(UNFAMILIAR.glob("*.jpg"))
+    predictor.detector = detector  # score the unfamiliar images exactly as the app would
+    checks = [predictor.unfamiliar(predictor.predict(f)) for f in files]
+    ood_scores = np.array([c.score for c in checks])
+    ood_colour = np.array([not c.colour.looks_dermoscopic for c in checks])
+    kinds = pd.Series([f.stem.split("-")[0] for f in files])
+    thr = detector.threshold
+    derm_score_flags, ood_score_flags = derm_scores > thr, ood_scores > thr
+    truth = np.r_[np.zeros(len(derm_scores)), np.ones(len(ood_scores))]
+    unfamiliar = {
+        "k": detector.k,
+        "reference_rows": len(detector.reference),
+        "threshold": thr,
+        "val_false_alarm_target": detector.val_false_alarm,
+        "test_dermoscopy": len(derm_scores),
+        "unfamiliar_images": len(files),
+        "auroc_score": float(roc_auc_score(truth, np.r_[derm_scores, ood_scores])),
+        "false_alarm": {
+            "score": rates(derm_score_flags),
+            "colour": rates(derm_colour),
+            "combined": rates(derm_score_flags | derm_colour),
+        },
+        "detected": {
+            "score": rates(ood_score_flags),
+            "colour": rates(ood_colour),
+            "combined": rates(ood_score_flags | ood_colour),
+        },
+        "detected_by_kind": {
+            kind: {"n": int((kinds == kind).sum()), "score": rates(ood_score_flags[kinds == kind])}
+            for kind in sorted(kinds.unique())
+        },
+        "missed": [f.name for f, flagged in zip(files, ood_score_flags, strict=True) if not flagged],
+    }
+    if not args.no_save:
+        detector.save(detector_path(args.checkpoint))
+        print(f"saved {detector_path(args.checkpoint)}", flush=True)
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "data": str(args.data),
+        "checkpoint": shown(args.checkpoint),
+        "images": int(len(table)),
+        "splits": {s: int(len(rows)) for s, rows in by.items()},
+        "index_seconds": index_s,
+        "total_seconds": time.perf_counter() - t0,
+        "retrieval": retrieval,
+        "unfamiliar": unfamiliar,
+        "full_dataset": not args.max_per_split,
+    }
+
+
+def section(r: dict, command: str) -> list[str]:
+    u = r["unfamiliar"]
+    lines = [
+        "## Similar cases and the unfamiliar-image warning (`bench/similar.py`)",
+        "",
+        f"`{command}` on {r['date']}: {r['images']} images ({r['splits']['train']} train, {r['splits']['val']} val, "
+        f"{r['splits']['test']} test) under `{r['checkpoint']}`; {r['machine']}.",
+        "",
+        f"Indexing the dataset and building the case index: {r['index_seconds']:.0f} s (the pooled features of "
+        "every image are computed once and then read back from `.cache/features`); "
+        f"{r['total_seconds']:.0f} s in all.",
+        "",
+        *retrieval_table(r),
+        "",
+        *unfamiliar_lines(u),
+    ]
+    if not r["full_dataset"]:
+        lines += ["", "A proof run on a few images per split: the numbers show that the script works, nothing more."]
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "reference.pt")
+    p.add_argument("--max-per-split", type=int, default=0, help="a quick proof: at most this many images per split")
+    p.add_argument("--no-save", action="store_true", help="do not save the fitted detector beside the checkpoint")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = p.parse_args()
+    command = "python bench/similar.py " + " ".join(sys.argv[1:])
+    results = measure(args)
+    write_section(args.out, OWNER, section(results, command.strip()))
+    update_json(args.out.with_suffix(".json"), {OWNER: results})
+    print("\n".join(section(results, command.strip())))
+    if results["full_dataset"]:
+        reference = ROOT / "docs" / "runs" / "reference-mnv2"
+        (ROOT / "MODEL_CARD.md").write_text(
+            card(reference, comparison_runs("", ROOT / "docs" / "runs"), REFERENCE_COMMAND)
+        )
+
+
+if __name__ == "__main__":
+    main()

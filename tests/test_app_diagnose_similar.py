@@ -1,0 +1,98 @@
+"""Diagnose with the bundled model on the bundled sample: similar confirmed cases (never the model's test images
+unless asked), the unfamiliar-image warning with its reason, and the downloadable report."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+from core.data import index_dataset
+from core.labels import CLASSES, DISPLAY_NAMES
+from core.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
+from core.unfamiliar import detector_path
+from tests.app_support import *  # noqa: F403
+from tests.app_support import ROOT, app_test, no_exceptions, texts
+
+SAMPLE = ROOT / "sample_data" / "ham10000-sample"
+SPLIT = ROOT / "docs" / "runs" / "reference-mnv2" / "split.csv"
+
+
+@pytest.fixture
+def diagnose(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_ENV, str(SAMPLE))
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(ROOT / "checkpoints"))
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(PUBLISHED_RUNS_ENV, raising=False)  # docs/runs holds the reference model's split
+    at = app_test("diagnose", timeout=600)
+    no_exceptions(at)
+    return at
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> list[tuple[bytes, str]]:
+    """What the app hands to Streamlit's media storage (download buttons' data), recorded on the way in."""
+    seen: list[tuple[bytes, str]] = []
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def recording(self, path_or_data, mimetype, kind, filename=None):
+        if isinstance(path_or_data, bytes):
+            seen.append((path_or_data, mimetype))
+        return real(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
+    return seen
+
+
+def sample_image(split: str):
+    frame = index_dataset(SAMPLE).frame
+    splits = dict(line.split(",")[0::3] for line in SPLIT.read_text().splitlines()[1:])
+    row = frame[frame["image_id"].map(splits) == split].iloc[0]
+    return row, splits
+
+
+def case_captions(at) -> list[str]:
+    return [c for img in at.get("image") for c in img.captions if " · similarity " in c]
+
+
+def test_similar_cases_report_and_no_test_neighbours(diagnose, downloads):
+    row, splits = sample_image("test")
+    upload = ("lesion.jpg", open(row["path"], "rb").read(), "image/jpeg")
+    at = diagnose.file_uploader(key="diag_upload").set_value(upload).run()
+    no_exceptions(at)
+    assert "Similar confirmed cases" in [s.value for s in at.subheader]
+    captions = case_captions(at)
+    nearest = captions[:8]
+    assert len(nearest) == 8 and all("confirmed by" in c for c in nearest)
+    shown_ids = [c.rsplit(" · ", 1)[1] for c in captions]
+    assert all(splits[i] == "val" for i in shown_ids)  # the sample's train/val images are its 14 val ones
+    assert "The 8 nearest cases:" in texts(at)
+    # The report: the seven classes in order with the page's probabilities.
+    prediction = at.session_state["diag_result"][1]
+    html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([^<]+)</td><td>\w+</td><td class=\"p\">([\d.]+%)</td></tr>", html)
+    assert [(c, n) for c, n, _ in rows] == [(c, DISPLAY_NAMES[c]) for c in CLASSES]
+    assert [p for *_, p in rows] == [f"{prediction.probabilities[c]:.1%}" for c in CLASSES]
+    assert all(i in html for i in shown_ids[:8]) and "data:image/jpeg;base64," in html
+    assert at.get("download_button")[0].proto.label == "Download report"
+
+    # Asked for, the test images are searched too, and the upload (a test image) finds itself.
+    at.toggle(key="diag_similar_test").set_value(True).run()
+    no_exceptions(at)
+    first = case_captions(at)[0]
+    assert first.endswith(row["image_id"]) and "similarity 1.00" in first
+
+
+def test_unfamiliar_upload_says_why(diagnose):
+    document = (ROOT / "tests" / "data" / "unfamiliar" / "document-1.jpg").read_bytes()
+    at = diagnose.file_uploader(key="diag_upload").set_value(("page.jpg", document, "image/jpeg")).run()
+    no_exceptions(at)
+    warning = " ".join(w.value for w in at.warning)
+    assert "does not look like a dermoscopic image" in warning
+    if detector_path(ROOT / "checkpoints" / "reference.pt").is_file():
+        assert "farther from the model's training images" in warning  # the measured score says why
+    else:
+        assert "no measured unfamiliar-image detector" in texts(at)
+    assert not [m.value for m in at.main.markdown if m.value.startswith("### ")]

@@ -39,7 +39,7 @@ from core.dataverse import (
     list_files,
     open_file,
 )
-from core.files import read_json, write_json
+from core.files import archive_member_path, read_json, write_json
 from core.formatting import format_bytes
 from core.layouts import index_any
 
@@ -384,8 +384,8 @@ def _install(remote: RemoteFile, part: Path, root: Path, keep_archives: bool, pr
 
 
 def _member_path(name: str, archive_name: str) -> PurePosixPath:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
+    path = archive_member_path(name)
+    if path is None:
         raise DownloadError(
             f"{archive_name} contains the unsafe path {name!r}, which would land outside the data folder. "
             "Nothing was extracted from it; the archive is not what the dataset should hold."

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 
@@ -57,3 +57,12 @@ def read_tail(path: str | Path, lines: int) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+def archive_member_path(name: str) -> PurePosixPath | None:
+    """A zip member's name as a relative path, or None when it would land outside the folder it is extracted
+    to or name something else on the disk: absolute, with ``..``, or with a drive (``C:``)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or not path.parts or ":" in path.parts[0]:
+        return None
+    return path

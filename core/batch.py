@@ -10,13 +10,14 @@ and each image by :func:`core.images.open_image`'s pixel limits.
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from core.data import IMAGE_SUFFIXES, DatasetError, walk_files
 from core.evaluate import bounded_batch_size
@@ -92,6 +93,19 @@ class BatchRow:
             "error": self.error,
             **{f"p_{code}": self.probabilities.get(code) for code in CLASSES},
         }
+
+
+def write_csv(rows: Iterable[BatchRow], out: TextIO) -> int:
+    """Write a header and each row as it comes (flushed, so a long batch cut short keeps what was done);
+    returns how many rows had an error."""
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    errors = 0
+    for row in rows:
+        errors += row.error is not None
+        writer.writerow(row.record())
+        out.flush()
+    return errors
 
 
 def image_warnings(prediction: Prediction) -> tuple[str, ...]:
@@ -243,6 +257,23 @@ def gather(paths: Iterable[str | Path]) -> list[BatchFile]:
             files.append(BatchFile(str(item), _image_file(item, str(item))))
     if len(files) > MAX_FILES:
         raise BatchError(f"{len(files):,} files were given; a batch takes at most {MAX_FILES:,}.")
+    return files
+
+
+def upload_files(uploads: Iterable[tuple[str, bytes]]) -> list[BatchFile]:
+    """The files of a batch upload, given as (name, bytes): images as they are, .zip archives opened (one that
+    does not open becomes a row with its error). Raises :class:`BatchError` beyond :data:`MAX_FILES`."""
+    files: list[BatchFile] = []
+    for name, data in uploads:
+        if name.lower().endswith(".zip"):
+            try:
+                files += archive_files(data, name)
+            except BatchError as exc:
+                files.append(failed(name, str(exc)))
+        else:
+            files.append(image_bytes(name, data))
+    if len(files) > MAX_FILES:
+        raise BatchError(f"The uploads hold {len(files):,} files; a batch takes at most {MAX_FILES:,}.")
     return files
 
 

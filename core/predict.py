@@ -259,10 +259,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _batch_main(predictor: Predictor, args: argparse.Namespace) -> int:
     """``--csv``: every file of the inputs to one CSV row, written as each batch finishes."""
-    import csv
     import time
 
-    from core.batch import CSV_COLUMNS, BatchError, gather, predict_files
+    from core.batch import BatchError, gather, predict_files, write_csv
 
     try:
         files = gather(args.images)
@@ -282,17 +281,16 @@ def _batch_main(predictor: Predictor, args: argparse.Namespace) -> int:
             shown[0] = done
             print(line, file=sys.stderr, flush=True)
 
-    out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")  # noqa: SIM115
-    errors = 0
     try:
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in predict_files(
+        out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        print(f"error: cannot write {args.csv} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    try:
+        rows = predict_files(
             predictor, files, tta=args.tta, thumbnails=False, batch_size=args.batch_size, progress=progress
-        ):
-            errors += row.error is not None
-            writer.writerow(row.record())
-            out.flush()
+        )
+        errors = write_csv(rows, out)
     except PredictionError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from core import batch
 from core.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
 from core.labels import CLASSES
 from core.predict import Predictor
-from tests.conftest import write_truncated_jpeg
+from tests.conftest import write_truncated_jpeg, zip_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
@@ -46,14 +45,6 @@ def folder(tmp_path) -> Path:
     write_truncated_jpeg(root / "cut.jpg")
     (root / "notes.txt").write_text("not an image")
     return root
-
-
-def zip_bytes(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def test_a_folder_gives_one_row_per_file_with_single_image_answers(predictor, folder):

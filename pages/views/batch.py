@@ -80,16 +80,18 @@ st.caption(
     f"{predictor.arch}{', flip averaging' if tta else ''}. Click a column's header to sort by it."
 )
 
+# Text cells of a file that could not be used stay empty rather than reading "None"; the error sits before the
+# warnings so that a failed file says why without scrolling.
 table = pd.DataFrame(
     {
-        "thumbnail": [r.thumbnail for r in rows],
+        "thumbnail": [r.thumbnail or "" for r in rows],
         "file": [r.file for r in rows],
-        "top_class": [r.top_class for r in rows],
-        "diagnosis": [r.diagnosis for r in rows],
-        "p_melanoma": [r.p_melanoma for r in rows],
-        "confidence": [r.confidence for r in rows],
+        "top_class": [r.top_class or "" for r in rows],
+        "p_melanoma": pd.Series([r.p_melanoma for r in rows], dtype=float),
+        "confidence": pd.Series([r.confidence for r in rows], dtype=float),
+        "error": [r.error or "" for r in rows],
         "warnings": [" | ".join(r.warnings) for r in rows],
-        "error": [r.error for r in rows],
+        "diagnosis": [r.diagnosis or "" for r in rows],
     }
 )
 st.dataframe(

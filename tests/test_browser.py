@@ -1,6 +1,6 @@
 """End to end in a real headless Chromium: the Streamlit server on loopback, every page rendered and
-photographed, an upload diagnosed on Diagnose, a batch of uploads and a .zip predicted on Batch, a quiz taken to its summary, and a training run started on
-Train whose curve grows.
+photographed, an upload diagnosed on Diagnose, images and a .zip predicted on Batch, a quiz taken to its
+summary, and a training run started on Train whose curve grows.
 
 Screenshots go to a temporary folder; with ``LESIONLAB_UPDATE_SCREENSHOTS=1`` they also replace
 ``docs/screenshots/<page>.png`` (the README shows those).

@@ -76,6 +76,14 @@ def report(results: list[dict], n: int, command: str) -> list[str]:
         "CPU) and timed from the command's start to its exit: Python start-up, loading the model, decoding, the",
         "batched forward passes, the Diagnose page's warnings and writing the CSV. The load average (1 min) before",
         "and after each run says whether other work shared the cores.",
+    ]
+    if max(r["load_before"] for r in results) > (os.cpu_count() or 1):
+        lines += [
+            "",
+            "**Measured under load** (the load average exceeded the core count): other work had most of the CPU,",
+            "so these times are far above what the command takes alone. Rerun on an idle machine before quoting.",
+        ]
+    lines += [
         "",
         "| run | wall time | images/s | rows (errors) | load before → after | target |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -35,8 +35,8 @@ from core.visuals import LOW_CONFIDENCE, dermoscopy_check
 MAX_FILE_BYTES = 10 * 2**20
 MAX_FILES = 10_000
 MAX_ARCHIVE_BYTES = 2 * 2**30
-# Images per forward pass: large enough that the per-call overhead vanishes, small enough (with
-# core.evaluate's pixel bound) that four flipped views stay in a few hundred MB.
+# Views per forward pass: large enough that the per-call overhead vanishes, small enough (with
+# core.evaluate's pixel bound) that the activations stay in a few hundred MB.
 BATCH_SIZE = 32
 THUMBNAIL_SIZE = (96, 72)
 CSV_COLUMNS = (
@@ -321,7 +321,8 @@ def predict_files(
     after each batch. The images of a batch go through the model in one forward pass. Raises
     :class:`~core.inference.PredictionError` when the model's output is not a probability distribution (broken
     weights), which no other file would escape either."""
-    size = bounded_batch_size(batch_size, predictor.prep.input_size)
+    # A forward pass holds ``batch_size`` views at most: flip averaging makes four of each image.
+    size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // (4 if tta else 1))
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
         decoded = [_decode(predictor, file) for file in chunk]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import shutil
 import struct
+import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,6 +93,15 @@ def write_truncated_jpeg(path: str | Path) -> Path:
     with Image.open(path) as img:
         assert img.size == (200, 150)
     return path
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """A .zip archive of ``files`` (name -> content), deflated, in memory."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ EMPTY_MESSAGES = {
     "train": "No dataset is configured",
     "evaluate": "no finished run to evaluate",
     "diagnose": "No model is available",
+    "batch": "No model is available",
     "compare": "Comparing needs at least two finished runs",
     "quiz": "No dataset is configured",
 }

@@ -1,6 +1,6 @@
 """End to end in a real headless Chromium: the Streamlit server on loopback, every page rendered and
-photographed, an upload diagnosed on Diagnose, a quiz taken to its summary, and a training run started on
-Train whose curve grows.
+photographed, an upload diagnosed on Diagnose, images and a .zip predicted on Batch, a quiz taken to its
+summary, and a training run started on Train whose curve grows.
 
 Screenshots go to a temporary folder; with ``LESIONLAB_UPDATE_SCREENSHOTS=1`` they also replace
 ``docs/screenshots/<page>.png`` (the README shows those).
@@ -330,6 +330,31 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     page.locator("[data-testid=stFileUploaderDropzoneInput]").set_input_files(str(bad))
     page.get_by_text("This file cannot be used").wait_for()
     assert page.locator("[data-testid=stException]").count() == 0
+
+
+def test_batch_of_uploads_to_a_table_and_its_csv(page, server, browser_env, tmp_path):
+    import zipfile
+
+    visit(page, server, "", "Lesion Lab")  # a deep link as a fresh server's first request shows "Page not found"
+    visit(page, server, "batch", "Batch")
+    images = sorted((SAMPLE / "images").glob("*.jpg"))[:4]
+    archive = tmp_path / "more.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in images[2:]:
+            zf.write(path, f"cases/{path.name}")
+        zf.writestr("cases/broken.jpg", b"not a jpeg")
+    page.locator("[data-testid=stFileUploaderDropzoneInput]").set_input_files([*map(str, images[:2]), str(archive)])
+    page.locator("[data-testid=stDataFrame]").wait_for()
+    settle(page, "Batch")
+    assert "Could not be used" in page.inner_text("body")
+    shot(page, "batch", tmp_path)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download the table (CSV)").click()
+    table = pd.read_csv(download.value.path())
+    expected = [p.name for p in images[:2]] + [f"more.zip/cases/{p.name}" for p in images[2:]]
+    assert list(table["file"]) == [*expected, "more.zip/cases/broken.jpg"]
+    assert set(table["top_class"].iloc[:4]) <= set(CLASSES) and table["error"].iloc[:4].isna().all()
+    assert "not an image" in table["error"].iloc[4]
 
 
 def test_take_a_quiz_to_its_summary(page, server, browser_env, tmp_path):

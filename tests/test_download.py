@@ -18,7 +18,6 @@ import signal
 import socket
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -29,7 +28,7 @@ import pytest
 from core.data import index_dataset
 from core.dataverse import HAM10000_DOI, DownloadError, RemoteFile
 from core.download import EXTERNAL, STATE_DIR, TRAINING, download_dataset, list_dataset_files, main, role_of
-from tests.conftest import make_image, write_tiny_dataset
+from tests.conftest import make_image, write_tiny_dataset, zip_bytes
 
 PART_1, PART_2, METADATA, TEST_IMAGES, TEST_TRUTH, SEGMENTATIONS = 3172585, 3172584, 4338392, 3855824, 6924466, 3838943
 
@@ -60,14 +59,6 @@ class Served:
                 "originalFileName": self.original_name,
             }
         return {"label": self.label, "restricted": False, "version": 1, "dataFile": data}
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
 
 
 def quoted_tab(csv_text: str) -> bytes:

@@ -47,6 +47,12 @@ PAGES: tuple[PageInfo, ...] = (
         "Upload a dermoscopy image: calibrated probabilities, Grad-CAM and feature maps. Works without a dataset.",
     ),
     PageInfo(
+        "pages/views/batch.py",
+        "Batch",
+        ":material/photo_library:",
+        "Many images or a .zip at once: a sortable table of predictions and warnings, downloadable as CSV.",
+    ),
+    PageInfo(
         "pages/views/compare.py",
         "Compare",
         ":material/compare:",

@@ -218,6 +218,30 @@ def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
     return _case_index(str(path), stamp, str(index.root), _metadata_stamp(index.root), checkpoint, index.frame)
 
 
+def model_choice(prefix: str):
+    """The Diagnose page's model picker and flip-averaging toggle, keyed ``{prefix}_model`` and ``{prefix}_tta``:
+    (Predictor, checkpoint path, tta). Stops the page with what to do when no model can be used."""
+    from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT
+
+    models = settings.model_files()
+    if not models:
+        st.info(
+            "No model is available. Lesion Lab uses `checkpoints/*.pt` (the repository ships "
+            "`checkpoints/reference.pt`) and the `best.pt` of every finished training run: train one on the "
+            "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.",
+            icon=":material/neurology:",
+        )
+        st.stop()
+    c_model, c_tta = st.columns([3, 1])
+    path = c_model.selectbox("Model", models, format_func=settings.model_label, key=f"{prefix}_model")
+    tta = c_tta.toggle("Flip averaging (TTA)", value=USE_TTA_BY_DEFAULT, key=f"{prefix}_tta", help=TTA_HELP)
+    predictor, error = get_predictor(path)
+    if predictor is None:
+        st.error(f"This model cannot be used: {error}", icon=":material/block:")
+        st.stop()
+    return predictor, path, tta
+
+
 @st.cache_data(max_entries=8, show_spinner=False)
 def _predictions(run_dir: str, stamp: float):
     return runs.read_predictions(Path(run_dir))

@@ -1,0 +1,126 @@
+"""Batch: many uploaded images, or .zip archives of them, through one model; a sortable table and its CSV.
+Uploads stay in memory; nothing is written to disk."""
+
+import io
+import time
+
+import pandas as pd
+import streamlit as st
+
+from core.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
+from core.formatting import format_bytes
+from core.inference import PredictionError
+from pages.views._shared import model_choice, research_notice
+
+# Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
+MAX_UPLOAD_MIB = 200
+
+st.title("Batch")
+research_notice()
+predictor, model_path, tta = model_choice("batch")
+
+uploads = st.file_uploader(
+    f"Dermoscopy images (JPEG or PNG, at most {format_bytes(MAX_FILE_BYTES)} each) or .zip archives of them "
+    f"(at most {MAX_UPLOAD_MIB} MiB each)",
+    type=["jpg", "jpeg", "png", "zip"],
+    accept_multiple_files=True,
+    max_upload_size=MAX_UPLOAD_MIB,
+    key="batch_upload",
+)
+if not uploads:
+    st.info(
+        "Upload several dermoscopic images, or .zip archives of them, to get one row per image: the most likely "
+        "class, P(melanoma), the confidence and the warnings the Diagnose page would show. Files that cannot be "
+        "used get a row saying why. Same as `python -m core.predict CHECKPOINT FOLDER_OR_ZIP --csv out.csv`.",
+        icon=":material/upload:",
+    )
+    st.stop()
+
+# One batch result per (files, model, TTA), kept in the session only: sorting and downloading reuse it.
+key = (tuple(u.file_id for u in uploads), str(model_path), tta)
+cached = st.session_state.get("batch_result")
+if cached is None or cached[0] != key:
+    try:
+        files = upload_files((u.name, u.getvalue()) for u in uploads)
+    except BatchError as exc:
+        st.error(str(exc), icon=":material/block:")
+        st.stop()
+    bar = st.progress(0.0, text=f"Predicting {len(files)} files…")
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        bar.progress(done / total, text=f"{done} of {total} files · {rate:.1f} images/s")
+
+    try:
+        rows = list(predict_files(predictor, files, tta=tta, progress=progress))
+    except PredictionError as exc:
+        st.error(f"No predictions from this model: {exc}. Choose another model.", icon=":material/block:")
+        st.stop()
+    bar.empty()
+    csv_text = io.StringIO()
+    write_csv(rows, csv_text)
+    st.session_state["batch_result"] = cached = (key, rows, csv_text.getvalue(), time.perf_counter() - start)
+_, rows, csv_text, seconds = cached
+
+failed = [r for r in rows if r.error]
+predicted = [r for r in rows if not r.error]
+flagged = [r for r in predicted if r.p_melanoma >= predictor.mel_threshold]
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Predicted", len(predicted))
+m2.metric("Could not be used", len(failed))
+m3.metric(
+    f"P(melanoma) ≥ {predictor.mel_threshold:.0%}",
+    len(flagged),
+    help="At or above the model's operating threshold: refer / discuss with a dermatologist.",
+)
+m4.metric("With warnings", sum(bool(r.warnings) for r in predicted))
+st.caption(
+    f"{len(rows)} files in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} images/s) with "
+    f"{predictor.arch}{', flip averaging' if tta else ''}. Click a column's header to sort by it."
+)
+
+# Text cells of a file that could not be used stay empty rather than reading "None"; the error sits before the
+# warnings so that a failed file says why without scrolling.
+table = pd.DataFrame(
+    {
+        "thumbnail": [r.thumbnail or "" for r in rows],
+        "file": [r.file for r in rows],
+        "top_class": [r.top_class or "" for r in rows],
+        "p_melanoma": pd.Series([r.p_melanoma for r in rows], dtype=float),
+        "confidence": pd.Series([r.confidence for r in rows], dtype=float),
+        "error": [r.error or "" for r in rows],
+        "warnings": [" | ".join(r.warnings) for r in rows],
+        "diagnosis": [r.diagnosis or "" for r in rows],
+    }
+)
+st.dataframe(
+    table,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "thumbnail": st.column_config.ImageColumn("Image", width="small"),
+        "file": st.column_config.TextColumn("File"),
+        "top_class": st.column_config.TextColumn("Class"),
+        "diagnosis": st.column_config.TextColumn("Most likely"),
+        "p_melanoma": st.column_config.ProgressColumn(
+            "P(melanoma)",
+            min_value=0.0,
+            max_value=1.0,
+            format="percent",
+            help=f"Calibrated; the model's operating threshold is {predictor.mel_threshold:.0%}.",
+        ),
+        "confidence": st.column_config.NumberColumn("Confidence", format="percent"),
+        "warnings": st.column_config.TextColumn("Warnings"),
+        "error": st.column_config.TextColumn("Error"),
+    },
+)
+st.download_button(
+    "Download the table (CSV)",
+    csv_text,
+    file_name="lesionlab-batch.csv",
+    mime="text/csv",
+    icon=":material/download:",
+    help="Every row with all seven calibrated probabilities; no thumbnails.",
+    key="batch_csv",
+)

@@ -1,0 +1,84 @@
+"""Batch page: several uploads and a .zip through the bundled reference model, a table with a row per file that
+agrees with the Predictor one image at a time, bad files as rows with their error, and the CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from core.batch import CSV_COLUMNS
+from core.predict import Predictor
+from tests.app_support import *  # noqa: F403
+from tests.app_support import ROOT, AppEnv, app_test, no_exceptions, texts
+from tests.conftest import zip_bytes
+
+SAMPLE = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jpg"))
+REFERENCE = ROOT / "checkpoints" / "reference.pt"
+
+
+@pytest.fixture
+def batch_page(tmp_path, monkeypatch):
+    AppEnv(data=None, runs=tmp_path / "runs", checkpoints=REFERENCE.parent).apply(monkeypatch)
+    at = app_test("batch")
+    no_exceptions(at)
+    return at
+
+
+def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
+    at = batch_page
+    assert "Upload several dermoscopic images" in texts(at)
+    images = {p.name: p.read_bytes() for p in SAMPLE[::40][:3]}
+    inside = {f"set/{p.name}": p.read_bytes() for p in SAMPLE[1:3]}
+    archive = zip_bytes({**inside, "set/broken.jpg": b"not a jpeg", "../../up.jpg": SAMPLE[5].read_bytes()})
+    uploads = [(name, data, "image/jpeg") for name, data in images.items()]
+    uploads.append(("cases.zip", archive, "application/zip"))
+    at.file_uploader(key="batch_upload").set_value(uploads).run(timeout=180)
+    no_exceptions(at)
+
+    table = at.dataframe[0].value
+    assert list(table["file"]) == [
+        *images,
+        *(f"cases.zip/{n}" for n in inside),
+        "cases.zip/set/broken.jpg",
+        "cases.zip/../../up.jpg",
+    ]
+    predictor = Predictor(REFERENCE)
+    expected = {**images, **{f"cases.zip/{n}": data for n, data in inside.items()}}
+    tta = at.toggle(key="batch_tta").value
+    for _, row in table.iterrows():
+        if row["file"] not in expected:
+            continue
+        single = predictor.predict(expected[row["file"]], tta=tta)
+        assert row["top_class"] == single.top_class and not row["error"]
+        assert row["p_melanoma"] == pytest.approx(single.probabilities["mel"], abs=1e-4)
+        assert row["thumbnail"].startswith("data:image/jpeg;base64,")
+    errors = dict(zip(table["file"], table["error"], strict=True))
+    assert "not an image PIL can read" in errors["cases.zip/set/broken.jpg"]
+    assert "unsafe path" in errors["cases.zip/../../up.jpg"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Predicted"] == "5" and metrics["Could not be used"] == "2"
+
+    assert at.get("download_button")[0].proto.label == "Download the table (CSV)"
+    rows = list(csv.DictReader(io.StringIO(at.session_state["batch_result"][2])))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert [r["file"] for r in rows] == list(table["file"])
+    assert [r["top_class"] for r in rows] == list(table["top_class"])
+
+    # Another rerun (here: the page re-run by hand) reuses the result rather than predicting again.
+    first = at.session_state["batch_result"]
+    at.run()
+    assert at.session_state["batch_result"] is first
+
+
+def test_flip_averaging_off_repredicts_and_a_model_that_cannot_load_says_so(batch_page, tmp_path):
+    at = batch_page
+    at.file_uploader(key="batch_upload").set_value([(SAMPLE[0].name, SAMPLE[0].read_bytes(), "image/jpeg")]).run()
+    no_exceptions(at)
+    first = at.session_state["batch_result"]
+    at.toggle(key="batch_tta").set_value(not at.toggle(key="batch_tta").value).run()
+    no_exceptions(at)
+    second = at.session_state["batch_result"]
+    assert second is not first and second[1][0].file == SAMPLE[0].name
+    assert not at.error

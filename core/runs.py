@@ -415,6 +415,8 @@ class RunState:
             return "starting: loading the dataset and the model…"
         if p.get("phase") == "features":
             return f"computing backbone features once: {p.get('step', 0)}/{p.get('steps', '?')} images"
+        if p.get("phase") == "decoding":
+            return f"decoding the images once into the cache: {p.get('step', 0)}/{p.get('steps', '?')} images"
         if self.done:
             return f"{self.state}: {len(self.epochs)}/{self.total_epochs or '?'} epochs"
         parts = [f"epoch {p.get('epoch', len(self.epochs) + 1)}/{self.total_epochs or '?'}"]

@@ -69,6 +69,7 @@ def tiny_config(tiny_root, tmp_path, **kw) -> TrainConfig:
         epochs=2,
         batch_size=8,
         cache_dir=str(tmp_path / "cache"),
+        decoded_dir=str(tmp_path / "decoded"),
         split_fractions=(0.5, 0.25, 0.25),
     )
     return config_with("seed", **{**base, **kw})

@@ -176,19 +176,21 @@ def open_decoded(
     root: str | Path,
     cache_dir: str | Path,
     progress: ProgressFn | None = None,
-    keep_free: int = KEEP_FREE_BYTES,
+    keep_free: int | None = None,
     workers: int | None = None,
 ) -> DecodedImages:
     """The decoded images of ``paths`` (the dataset in ``root``) at ``prep``'s source size: the cache in
     ``cache_dir`` when its files are unchanged, else decoded now (``progress(done, total)`` as it goes) and
-    stored. Raises :class:`CacheUnavailable` when it cannot be stored."""
+    stored, leaving ``keep_free`` bytes (default :data:`KEEP_FREE_BYTES`) free on the disk. Raises
+    :class:`CacheUnavailable` when it cannot be stored."""
     paths = [str(p) for p in paths]
     size, fit = source_size(paths, prep)
     folder = cache_folder(cache_dir, root, size, fit)
     current = stamps(paths)
     cache = _load(folder, paths, current)
     if cache is None:
-        cache = _build(folder, paths, current, size, fit, progress, keep_free, workers or os.cpu_count() or 1)
+        room = KEEP_FREE_BYTES if keep_free is None else keep_free
+        cache = _build(folder, paths, current, size, fit, progress, room, workers or os.cpu_count() or 1)
     elif progress:
         progress(len(paths), len(paths))
     return cache

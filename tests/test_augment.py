@@ -3,8 +3,6 @@ scale and colour agree within their sampling error; and a real run on the sample
 
 from __future__ import annotations
 
-import json
-
 import kornia.augmentation as K
 import numpy as np
 import pytest
@@ -14,8 +12,9 @@ from PIL import Image, ImageDraw
 from core import augment
 from core.augment import batch_transform
 from core.preprocessing import Preprocessing, eval_transform, load_for_model, train_transform
-from core.training import config_with, train
+from core.training import train
 from tests.conftest import ROOT
+from tests.test_decoded import run_events, sample_run
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 PREP = Preprocessing(input_size=(150, 200), source_size=(200, 150))
@@ -117,22 +116,10 @@ def test_resizing_on_the_device_matches_the_pil_resize():
 
 
 def test_a_full_fine_tuning_run_on_the_sample_trains_through_the_cache(tmp_path):
-    cfg = config_with(
-        "reference",
-        data=str(SAMPLE),
-        out=str(tmp_path / "runs"),
-        name="decoded",
-        weights="none",
-        input_size=(75, 100),
-        epochs=2,
-        batch_size=16,
-        decoded_dir=str(tmp_path / "decoded"),
-        split_fractions=(0.5, 0.25, 0.25),
-        device="cpu",
-    )
+    cfg = sample_run(tmp_path, "reference", name="decoded", input_size=(75, 100))
     assert cfg.input_pipeline == "decoded" and cfg.augmentation == "strong"
     run_dir = train(cfg)
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = run_events(run_dir)
     decoding = [e for e in events if e.get("phase") == "decoding"]
     epochs = [e for e in events if e["event"] == "epoch"]
     assert decoding and decoding[-1]["step"] == decoding[-1]["steps"] == 140

@@ -14,7 +14,7 @@ import pytest
 from core import decoded
 from core.decoded import CacheUnavailable, open_decoded
 from core.preprocessing import Preprocessing, load_for_model
-from core.training import config_with, train
+from core.training import TrainConfig, config_with, train
 from tests.conftest import ROOT, write_truncated_jpeg
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -106,25 +106,30 @@ def test_no_room_says_so_and_leaves_nothing_behind(sample_copy, tmp_path):
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
 
 
+def sample_run(tmp_path: Path, preset: str, **overrides) -> TrainConfig:
+    """A run on the bundled sample, from ``preset``, with random weights on the CPU, writing below ``tmp_path``."""
+    base = {
+        "data": str(SAMPLE),
+        "out": str(tmp_path / "runs"),
+        "weights": "none",
+        "epochs": 2,
+        "batch_size": 16,
+        "decoded_dir": str(tmp_path / "decoded"),
+        "split_fractions": (0.5, 0.25, 0.25),
+        "device": "cpu",
+    }
+    return config_with(preset, **{**base, **overrides})
+
+
+def run_events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_a_run_without_room_for_the_cache_trains_on_the_jpeg_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(decoded, "KEEP_FREE_BYTES", shutil.disk_usage(tmp_path).free)
-    cfg = config_with(
-        "seed",
-        data=str(SAMPLE),
-        out=str(tmp_path / "runs"),
-        name="no-room",
-        arch="mobilenet_v2",
-        weights="none",
-        finetune="full",
-        input_size=(32, 32),
-        epochs=1,
-        batch_size=8,
-        decoded_dir=str(tmp_path / "decoded"),
-        split_fractions=(0.5, 0.25, 0.25),
-        device="cpu",
-    )
-    run_dir = train(cfg)
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = sample_run(tmp_path, "seed", name="no-room", arch="mobilenet_v2", finetune="full", input_size=(32, 32))
+    cfg = config_with(cfg, epochs=1, batch_size=8)
+    events = run_events(train(cfg))
     fallback = [e for e in events if e["event"] == "input_pipeline"]
     assert len(fallback) == 1 and fallback[0]["pipeline"] == "jpeg"
     assert "reading the JPEG files instead" in capsys.readouterr().err

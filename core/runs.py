@@ -53,6 +53,7 @@ STOP_FILE = "STOP"
 # What the progress bar says during a long step before the epochs; a phase not named here shows its name.
 PHASE_LABELS = {
     "features": "computing backbone features once",
+    "decoding": "decoding the images once into the cache",
     "evaluate": "evaluating the best model on the validation and test splits",
 }
 

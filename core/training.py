@@ -6,6 +6,7 @@ What a run folder holds is described in :mod:`core.runs`.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -22,6 +23,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
 from core import imbalance
+from core.augment import DeviceBatches, batch_transform
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
     SPLITS,
@@ -31,6 +33,7 @@ from core.data import (
     index_dataset,
     split_by_lesion,
 )
+from core.decoded import CacheUnavailable, DecodedImages, open_decoded
 from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference import predict_logits
@@ -51,6 +54,7 @@ from core.runtime import default_workers, pick_device, torch_threads, tune_alloc
 
 SCHEDULERS = ("step", "cosine", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+INPUT_PIPELINES = ("decoded", "jpeg")
 
 
 def setting(default: Any, help: str, **cli: Any) -> Any:
@@ -115,11 +119,20 @@ class TrainConfig:
         "the backbone runs every epoch (with augmentation)",
     )
     cache_dir: str = setting(".cache/features", "folder of the cached backbone features")
+    input_pipeline: str = setting(
+        "decoded",
+        "how images reach the network when it trains on them: decoded = decoded once into a cache on disk "
+        "(--decoded-dir) and augmented in batches on the device; jpeg = decoded and augmented one at a time by "
+        "PIL in DataLoader workers (also what decoded falls back to when the disk has no room)",
+        choices=INPUT_PIPELINES,
+    )
+    decoded_dir: str = setting(".cache/decoded", "folder of the decoded-image cache")
     max_images: int | None = setting(None, "stratified subsample of the dataset, for quick experiments")
     device: str = setting("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     num_workers: int | None = setting(None, "data-loading worker processes (default: chosen for the device)")
     amp: bool = setting(True, "bfloat16 autocast on CUDA")
     channels_last: bool = setting(True, "channels-last memory format for the images and the model")
+    compile: bool = setting(False, "torch.compile the model; the log reports what compiling cost the first epoch")
     select_metric: str = setting(
         "val_balanced_acc", "the validation number that picks best.pt", choices=("val_balanced_acc", "val_acc")
     )
@@ -316,6 +329,7 @@ class SharedInputs:
         self._indexes: dict[str, DatasetIndex] = {}
         self._frames: dict[tuple, pd.DataFrame] = {}
         self._features: dict[tuple, tuple[torch.Tensor, list[str]]] = {}
+        self._decoded: dict[tuple, DecodedImages | None] = {}
 
     def index(self, cfg: TrainConfig) -> DatasetIndex:
         if cfg.data not in self._indexes:
@@ -341,6 +355,35 @@ class SharedInputs:
         elif options.get("progress"):
             options["progress"](len(paths), len(paths))
         return self._features[memo]
+
+    def decoded(self, cfg: TrainConfig, log: RunLog) -> DecodedImages | None:
+        """The decoded-image cache of ``cfg``'s whole dataset (:func:`core.decoded.open_decoded`), built with
+        its progress in ``log``, memoised for this process; None, said in the log and on stderr, when it
+        cannot be stored: the run reads the JPEG files instead."""
+        memo = (cfg.decoded_dir, cfg.data, cfg.preprocessing)
+        if memo in self._decoded:
+            return self._decoded[memo]
+
+        started = time.time()
+
+        def report(done: int, total: int) -> None:
+            log.phase("decoding", done, total, started)
+
+        try:
+            cache = open_decoded(
+                self.index(cfg).frame["path"].tolist(),
+                cfg.preprocessing,
+                root=cfg.data,
+                cache_dir=cfg.decoded_dir,
+                progress=report,
+            )
+        except CacheUnavailable as exc:
+            message = f"{exc}; reading the JPEG files instead (input pipeline jpeg)"
+            log.event("input_pipeline", pipeline="jpeg", reason=message)
+            print(f"note: {message}", file=sys.stderr, flush=True)
+            cache = None
+        self._decoded[memo] = cache
+        return cache
 
 
 # ---------------------------------------------------------------------------
@@ -460,8 +503,9 @@ def _loaders(
     """Training and evaluation loaders, the module they feed (the head on cached features in head-only
     mode, as batches sliced from the features in memory, on the device; the whole network otherwise), and
     the images that computing the features found damaged: they have no features, so they are left out of
-    every split. Without cached features the loaders' datasets set damaged images aside as they meet them
-    (see :class:`LesionDataset` and :func:`damaged_images`)."""
+    every split. With the decoded-image cache (``input_pipeline="decoded"``) batches come from it, augmented
+    on the device, and the images it could not decode are left out the same way. On the JPEG path the loaders'
+    datasets set damaged images aside as they meet them (see :class:`LesionDataset` and :func:`damaged_images`)."""
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     prep = cfg.preprocessing
     eval_bs = max(cfg.batch_size, 64)
@@ -502,6 +546,31 @@ def _loaders(
         )
         eval_loaders = {s: batches(frame[frame["split"] == s], eval_bs) for s in ("val", "test")}
         return model.head, train_loader, eval_loaders, damaged
+    cache = shared.decoded(cfg, log) if cfg.input_pipeline == "decoded" else None
+    if cache is not None:
+        damaged = sorted(set(cache.damaged).intersection(frame["path"]))
+        if damaged:
+            check_splits(frame[~frame["path"].isin(damaged)])
+
+        def device_batches(rows: pd.DataFrame, batch_size: int, augmentation: str, **order) -> DeviceBatches:
+            usable = rows[~rows["path"].isin(damaged)]
+            cache_rows = torch.from_numpy(cache.rows(usable["path"].tolist()))
+            # The cache rows are drawn in batches as a DataLoader with the run's sampler would draw images.
+            batches = FeatureBatches(cache_rows, torch.tensor(usable["label"].to_numpy()), batch_size, **order)
+            transform = batch_transform(prep, augmentation, cache.size)
+            return DeviceBatches(cache, batches, transform, device, channels_last=cfg.channels_last)
+
+        train_loader = device_batches(
+            train_rows,
+            cfg.batch_size,
+            cfg.augmentation,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=generator,
+            drop_last=drop_last,
+        )
+        eval_loaders = {s: device_batches(frame[frame["split"] == s], eval_bs, "none") for s in ("val", "test")}
+        return model, train_loader, eval_loaders, damaged
     train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True)
     # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
     # as it only needs the input size they share.
@@ -626,6 +695,8 @@ def _run(
     model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()  # in place: the module, its state dict and its checkpoints stay as they are
     generator = torch.Generator().manual_seed(cfg.seed)
     try:
         step_module, train_loader, eval_loaders, found = _loaders(
@@ -664,6 +735,7 @@ def _run(
     log.status("running")
     prep = cfg.preprocessing
     stopped = False
+    epoch_seconds: list[float] = []
     # The head on cached features runs best on one thread: see core.runtime.torch_threads.
     with torch_threads(1) if cfg.uses_feature_cache else nullcontext():
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -671,6 +743,7 @@ def _run(
             torch.manual_seed(cfg.seed + epoch)
             generator.manual_seed(cfg.seed + epoch)
             lr = optimizer.param_groups[0]["lr"]
+            epoch_start = time.perf_counter()
             stats = train_one_epoch(
                 step_module,
                 train_loader,
@@ -688,6 +761,9 @@ def _run(
                 break  # a partial epoch is not recorded; last.pt holds the previous complete one
             stats.update(validation_metrics(*collect_logits(step_module, eval_loaders["val"], device, cfg)))
             log.event("epoch", epoch=epoch, lr=lr, **stats)
+            if cfg.compile:
+                epoch_seconds.append(time.perf_counter() - epoch_start)
+                log_compile_cost(log, epoch_seconds)
             extra = {"config": cfg.to_dict(), "epoch": epoch, "metrics": stats}
             score = stats[cfg.select_metric]
             if score > best_score:
@@ -710,6 +786,16 @@ def _run(
             finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found, log=log)
             record_set_aside()
     return "stopped" if stopped else "finished"
+
+
+def log_compile_cost(log: RunLog, epoch_seconds: list[float]) -> None:
+    """After the first two epochs of a compiled model, what compiling cost: the first epoch (training and
+    validation, compiling both) less the second; after the first alone, its time."""
+    if len(epoch_seconds) == 1:
+        log.event("compile", first_epoch_s=epoch_seconds[0])
+    elif len(epoch_seconds) == 2:
+        first, second = epoch_seconds
+        log.event("compile", first_epoch_s=first, second_epoch_s=second, compile_cost_s=max(0.0, first - second))
 
 
 def finalize(

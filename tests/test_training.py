@@ -69,6 +69,7 @@ def tiny_config(tiny_root, tmp_path, **kw) -> TrainConfig:
         epochs=2,
         batch_size=8,
         cache_dir=str(tmp_path / "cache"),
+        decoded_dir=str(tmp_path / "decoded"),
         split_fractions=(0.5, 0.25, 0.25),
     )
     return config_with("seed", **{**base, **kw})
@@ -474,11 +475,17 @@ def copy_of(tiny_root, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_root, tmp_path / "data"))
 
 
-@pytest.mark.parametrize("feature_cache", [True, False], ids=["cached-features", "decoded-every-epoch"])
-def test_damaged_images_are_set_aside_and_the_run_finishes(tiny_root, tmp_path, feature_cache):
+@pytest.mark.parametrize(
+    ("feature_cache", "pipeline"),
+    [(True, "decoded"), (False, "decoded"), (False, "jpeg")],
+    ids=["cached-features", "decoded-image-cache", "decoded-every-epoch"],
+)
+def test_damaged_images_are_set_aside_and_the_run_finishes(tiny_root, tmp_path, feature_cache, pipeline):
     root = copy_of(tiny_root, tmp_path)
     # A batch of 64 holds the whole training split, so every training image is decoded in every epoch.
-    cfg = tiny_config(root, tmp_path, name="damaged", feature_cache=feature_cache, batch_size=64)
+    cfg = tiny_config(
+        root, tmp_path, name="damaged", feature_cache=feature_cache, input_pipeline=pipeline, batch_size=64
+    )
     frame, _ = prepare_data(cfg)
     victims = [frame.loc[frame["split"] == split].iloc[0] for split in ("train", "test")]
     for victim in victims:

@@ -1,0 +1,238 @@
+"""The input pipeline, old against new, side by side in one run; writes its section of docs/BENCHMARKS.md.
+
+    python bench/pipeline.py [--data ../shared/data/ham10000-200x150] [--quick]
+
+CPU: augmented batches per second from today's PIL DataLoader (0 and 2 workers) and from the decoded-image
+cache with batched kornia augmentation, for both recipes; then training images/s through the trainer users
+run (``core.training.train``, the reference preset on a subsample) with ``--input-pipeline jpeg`` and
+``decoded``. GPU (only where CUDA is present): training images/s for MobileNetV2 at 150×200 and ResNet-18 at
+224, and the wall time of the 14-epoch reference preset, with the device's name. Not a test: targets are
+reported next to the measurements, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.benchmarks import machine  # noqa: E402
+from bench.report import update_json, write_section  # noqa: E402
+from core.augment import DeviceBatches, batch_transform  # noqa: E402
+from core.data import LesionDataset, index_dataset  # noqa: E402
+from core.decoded import open_decoded  # noqa: E402
+from core.features import FeatureBatches  # noqa: E402
+from core.preprocessing import train_transform  # noqa: E402
+from core.training import PRESETS, config_with, train  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
+DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
+OWNER = "bench/pipeline.py"
+PREP = PRESETS["reference"].preprocessing  # 150×200 input from the 200×150 images
+BATCH = 32
+
+
+def rate(batches, count: int) -> float:
+    """Images per second over ``count`` batches after the first (which pays for starting workers)."""
+    it = iter(batches)
+    next(it)
+    seen, start = 0, time.perf_counter()
+    for _, (images, _) in zip(range(count), it, strict=False):
+        seen += len(images)
+    return seen / (time.perf_counter() - start)
+
+
+def bench_delivery(data: Path, cache_dir: Path, count: int) -> dict:
+    frame = index_dataset(data).frame
+    start = time.perf_counter()
+    cache = open_decoded(frame["path"].tolist(), PREP, root=data, cache_dir=cache_dir)
+    built = time.perf_counter() - start
+    result = {
+        "cache_build_s": built,
+        "cache_images": len(frame),
+        "cache_bytes": cache.images.nbytes,
+        "batch": BATCH,
+        "rows": [],
+    }
+    labels = torch.tensor(frame["label"].to_numpy())
+    for augmentation in ("seed", "strong"):
+        row = {"augmentation": augmentation}
+        for workers in (0, 2):
+            ds = LesionDataset.from_frame(frame, train_transform(PREP, augmentation), PREP, skip_damaged=True)
+            loader = torch.utils.data.DataLoader(
+                ds,
+                batch_size=BATCH,
+                shuffle=True,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                collate_fn=ds.collate,
+            )
+            row[f"pil_{workers}_workers"] = rate(loader, count)
+        rows = FeatureBatches(
+            torch.from_numpy(cache.rows(frame["path"].tolist())),
+            labels,
+            BATCH,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+        batches = DeviceBatches(cache, rows, batch_transform(PREP, augmentation, cache.size), torch.device("cpu"))
+        row["decoded_batched"] = rate(batches, count)
+        row["speedup"] = row["decoded_batched"] / max(row["pil_0_workers"], row["pil_2_workers"])
+        print("delivery", row, flush=True)
+        result["rows"].append(row)
+    return result
+
+
+def epoch_rates(run_dir: Path) -> list[float]:
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e["images_per_s"] for e in events if e["event"] == "epoch"]
+
+
+def bench_training(data: Path, cache_dir: Path, work: Path, images: int, repeats: int) -> dict:
+    """CPU training images/s through core.training.train, the reference preset on a stratified subsample;
+    the two pipelines alternate so that a change in the machine's load reaches both."""
+    found: dict[str, list[float]] = {"jpeg": [], "decoded": []}
+    for i in range(repeats):
+        for pipeline in found:
+            cfg = config_with(
+                "reference",
+                data=str(data),
+                out=str(work),
+                name=f"{pipeline}-{i}",
+                weights="none",
+                epochs=1,
+                max_images=images,
+                input_pipeline=pipeline,
+                decoded_dir=str(cache_dir),
+                device="cpu",
+            )
+            found[pipeline] += epoch_rates(train(cfg))
+            print("training", pipeline, found[pipeline][-1], flush=True)
+    return {
+        "images": images,
+        "repeats": repeats,
+        "jpeg": statistics.median(found["jpeg"]),
+        "decoded": statistics.median(found["decoded"]),
+    }
+
+
+def bench_gpu(data: Path, cache_dir: Path, work: Path, epochs: int, batch: int, compile: bool) -> dict:
+    """Training images/s on CUDA (the best epoch after the first) and the 14-epoch reference preset's wall time."""
+    result = {"device": torch.cuda.get_device_name(0), "batch": batch, "compile": compile, "rows": []}
+    for label, overrides in (
+        ("MobileNetV2, 150×200, full fine-tuning", {}),
+        ("ResNet-18, 224×224, full fine-tuning", {"arch": "resnet18", "input_size": (224, 224)}),
+    ):
+        cfg = config_with(
+            "reference",
+            data=str(data),
+            out=str(work),
+            name=label.split(",")[0],
+            weights="none",
+            epochs=epochs,
+            batch_size=batch,
+            decoded_dir=str(cache_dir),
+            device="cuda",
+            compile=compile,
+            **overrides,
+        )
+        rates = epoch_rates(train(cfg))
+        result["rows"].append({"model": label, "images_per_s": max(rates[1:] or rates)})
+        print("gpu", result["rows"][-1], flush=True)
+    command = [sys.executable, "-m", "core.train", "--preset", "reference", "--data", str(data), "--device", "cuda"]
+    command += ["--weights", "none", "--out", str(work), "--name", "reference", "--decoded-dir", str(cache_dir)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    result["reference_wall_s"] = time.perf_counter() - start
+    print("gpu reference preset", result["reference_wall_s"], flush=True)
+    return result
+
+
+def write_report(results: dict, path: Path, command: str) -> None:
+    d, t = results["delivery"], results["training"]
+    lines = [
+        "## Input pipeline: PIL DataLoader against the decoded-image cache with batched augmentation",
+        "",
+        f"Measured {results['date']} with `{command}` on {results['machine']}."
+        + (f" Machine load: {results['note']}." if results.get("note") else ""),
+        "",
+        f"The cache of {d['cache_images']:,} images at 200×150 takes {d['cache_bytes'] / 2**30:.2f} GiB and was "
+        f"built in {d['cache_build_s']:.1f} s (once per dataset and source size). Augmented batches of {d['batch']} "
+        "at 150×200 per second, on the CPU (target: the cache at least 10× the PIL DataLoader):",
+        "",
+        "| recipe | PIL DataLoader, 0 workers | PIL DataLoader, 2 workers | cache + batched kornia | speed-up |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in d["rows"]:
+        lines.append(
+            f"| {r['augmentation']} | {r['pil_0_workers']:.0f} images/s | {r['pil_2_workers']:.0f} images/s | "
+            f"{r['decoded_batched']:.0f} images/s | {r['speedup']:.1f}× |"
+        )
+    lines += [
+        "",
+        f"CPU training through `core.training.train` (reference preset, MobileNetV2 full fine-tuning at 150×200, "
+        f"batch 32, random weights; {t['images']} images, one epoch, median of {t['repeats']}; target: the new "
+        "pipeline at least as fast):",
+        "",
+        "| input pipeline | training images/s |",
+        "| --- | --- |",
+        f"| jpeg (PIL, as before) | {t['jpeg']:.1f} |",
+        f"| decoded (cache + batched augmentation) | {t['decoded']:.1f} |",
+        "",
+    ]
+    g = results.get("gpu")
+    if g is None:
+        lines.append("GPU: no CUDA device was present for this run, so there are no GPU figures.")
+    else:
+        lines += [
+            f"GPU: {g['device']}, batch {g['batch']}, torch.compile {'on' if g['compile'] else 'off'}, bf16 "
+            "autocast, random weights (targets: MobileNetV2 ≥ 8,000 images/s, ResNet-18 ≥ 6,000, the 14-epoch "
+            "reference preset ≤ 45 s wall):",
+            "",
+            "| model | training images/s |",
+            "| --- | --- |",
+            *(f"| {r['model']} | {r['images_per_s']:,.0f} |" for r in g["rows"]),
+            f"| reference preset, 14 epochs, wall time with start-up | {g['reference_wall_s']:.0f} s |",
+        ]
+    write_section(path, OWNER, lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--quick", action="store_true", help="few batches, a small training subsample, no repeats")
+    p.add_argument("--note", default="", help="a word on the machine's load, written beside the figures")
+    p.add_argument("--gpu-batch", type=int, default=256, help="training batch size on the GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the GPU runs")
+    args = p.parse_args()
+    if not (args.data / "HAM10000_metadata.csv").is_file():
+        sys.exit(f"error: no HAM10000 at {args.data}; pass --data DIR")
+    results = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "note": args.note}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache_dir, work = Path(tmp) / "decoded", Path(tmp) / "runs"
+        results["delivery"] = bench_delivery(args.data, cache_dir, 10 if args.quick else 60)
+        results["training"] = bench_training(
+            args.data, cache_dir, work, 320 if args.quick else 2000, 1 if args.quick else 3
+        )
+        if torch.cuda.is_available():
+            results["gpu"] = bench_gpu(args.data, cache_dir, work, 3, args.gpu_batch, args.compile)
+    command = "python bench/pipeline.py" + (" --quick" if args.quick else "")
+    write_report(results, args.out, command)
+    update_json(args.out.with_suffix(".json"), {"pipeline": results})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

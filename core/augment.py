@@ -1,0 +1,98 @@
+"""Batches from the decoded-image cache, augmented on the training device with per-sample random parameters.
+
+:func:`batch_transform` is :func:`core.preprocessing.train_transform` (and ``eval_transform``) as
+``kornia.augmentation`` on whole batches: the same operations with the same ranges, each drawn per image
+(tests/test_augment.py compares the two paths' distributions). :class:`DeviceBatches` gathers a batch's
+uint8 rows from the memory-mapped cache in a background thread (pinned, on CUDA), moves them while the
+device works (non-blocking) and converts, resizes, augments and normalises them there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import kornia.augmentation as K
+import numpy as np
+import torch
+from torch import nn
+
+from core.decoded import DecodedImages
+from core.preprocessing import AUGMENTATIONS, Preprocessing
+
+
+def _augmentations(augmentation: str) -> list[nn.Module]:
+    # torchvision rotates every image (p=1), with nearest-neighbour sampling and black corners; kornia's
+    # defaults (p=0.5, bilinear) would mean a different recipe.
+    geometry = {"resample": "nearest", "align_corners": False, "p": 1.0}
+    flips = [K.RandomHorizontalFlip(), K.RandomVerticalFlip()]
+    if augmentation == "none":
+        return []
+    if augmentation == "seed":
+        return [*flips, K.RandomRotation(20.0, **geometry), K.ColorJitter(brightness=0.1, contrast=0.1)]
+    if augmentation == "strong":
+        return [
+            *flips,
+            K.RandomAffine(180.0, scale=(0.9, 1.2), padding_mode="zeros", **geometry),
+            K.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
+        ]
+    raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
+
+
+def batch_transform(prep: Preprocessing, augmentation: str, source: tuple[int, int]) -> nn.Module:
+    """Float batches in [0, 1] of ``source`` (width, height) images to normalised model inputs: resized to
+    ``prep.input_size`` (antialiased, as torchvision's Resize), augmented as ``augmentation``, normalised."""
+    ops: list[nn.Module] = []
+    if (source[1], source[0]) != tuple(prep.input_size):
+        ops.append(K.Resize(tuple(prep.input_size), antialias=True, align_corners=False))
+    ops += _augmentations(augmentation)
+    ops.append(K.Normalize(torch.tensor(prep.mean), torch.tensor(prep.std)))
+    return K.AugmentationSequential(*ops)
+
+
+class DeviceBatches:
+    """Model-ready batches from a :class:`DecodedImages` cache, on ``device``.
+
+    ``batches`` yields (cache rows, labels), e.g. a :class:`core.features.FeatureBatches` over the rows,
+    which draws them as a DataLoader with the run's sampler would. Each batch is gathered from the memory
+    map one step ahead in a thread, so reading the disk overlaps the device's work.
+    """
+
+    def __init__(
+        self,
+        cache: DecodedImages,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        transform: nn.Module,
+        device: torch.device,
+        *,
+        channels_last: bool = True,
+    ):
+        self.cache, self.batches, self.device = cache, batches, device
+        self.transform = transform.to(device)
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        pixels = torch.from_numpy(np.take(self.cache.images, rows.numpy(), axis=0))
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
+    @torch.no_grad()
+    def _finish(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        images = self.transform(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        with ThreadPoolExecutor(1) as pool:
+            ahead = None
+            for rows, labels in self.batches:
+                gathered = pool.submit(self._gather, rows)
+                if ahead is not None:
+                    yield self._finish(ahead[0].result(), ahead[1])
+                ahead = (gathered, labels)
+            if ahead is not None:
+                yield self._finish(ahead[0].result(), ahead[1])

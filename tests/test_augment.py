@@ -1,0 +1,129 @@
+"""Batched augmentation on the device means what the PIL path means: the distributions of flips, rotation,
+scale and colour agree within their sampling error; and a real run on the sample trains through it."""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from core import augment
+from core.augment import batch_transform
+from core.preprocessing import Preprocessing, eval_transform, load_for_model, train_transform
+from core.training import train
+from tests.conftest import ROOT
+from tests.test_decoded import run_events, sample_run
+
+SAMPLE = ROOT / "sample_data" / "ham10000-sample"
+PREP = Preprocessing(input_size=(150, 200), source_size=(200, 150))
+DRAWS = 600
+MEAN = torch.tensor(PREP.mean).view(1, 3, 1, 1)
+STD = torch.tensor(PREP.std).view(1, 3, 1, 1)
+
+
+def probe() -> Image.Image:
+    """A real lesion image with a pure red disc in its upper-left quadrant: where the disc lands tells the
+    flips, the rotation and the scale; the central skin and lesion tell the colour jitter."""
+    img = load_for_model(sorted((SAMPLE / "images").glob("*.jpg"))[0], PREP).copy()
+    ImageDraw.Draw(img).ellipse((40, 20, 60, 40), fill=(255, 0, 0))  # centre (50, 30); image centre (100, 75)
+    return img
+
+
+def pil_path(img: Image.Image, augmentation: str) -> torch.Tensor:
+    transform = train_transform(PREP, augmentation)
+    return torch.stack([transform(img) for _ in range(DRAWS)])
+
+
+def batch_path(img: Image.Image, augmentation: str) -> torch.Tensor:
+    transform = batch_transform(PREP, augmentation, img.size)
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255)
+    with torch.no_grad():
+        return torch.cat([transform(pixels.expand(100, -1, -1, -1).contiguous()) for _ in range(DRAWS // 100)])
+
+
+def statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
+    """One number per image and statistic."""
+    rgb = (batch * STD + MEAN).clamp(0, 1)
+    red = (rgb[:, 0] > 0.8) & (rgb[:, 1] < 0.25) & (rgb[:, 2] < 0.25)
+    ys, xs = torch.meshgrid(torch.arange(150.0), torch.arange(200.0), indexing="ij")
+    area = red.sum((1, 2)).clamp(min=1)
+    dx = (red * xs).sum((1, 2)) / area - 99.5
+    dy = (red * ys).sum((1, 2)) / area - 74.5
+    centre = rgb[:, :, 45:105, 70:130]
+    return {
+        "disc right of centre (horizontal flip)": (dx > 0).float(),
+        "disc below centre (vertical flip)": (dy > 0).float(),
+        "disc angle off the diagonal": torch.atan2(dy.abs(), dx.abs()),
+        "disc distance from centre (scale)": torch.hypot(dx, dy),
+        "disc area (scale)": area.float(),
+        "black corners": (rgb.sum(1) < 0.01).float().mean((1, 2)),
+        **{f"central mean {c}": centre[:, i].mean((1, 2)) for i, c in enumerate("RGB")},
+        "central contrast": centre.mean(1).std((1, 2)),
+        "central saturation": (centre.amax(1) - centre.amin(1)).mean((1, 2)),
+    }
+
+
+def disagreements(pil: dict[str, torch.Tensor], batched: dict[str, torch.Tensor]) -> list[str]:
+    """The statistics whose mean or spread differ by more than sampling error allows."""
+    found = []
+    for name in pil:
+        a, b = pil[name].double().numpy(), batched[name].double().numpy()
+        # Four standard errors of the difference: two draws of one distribution differ by more once in ~16,000
+        # comparisons. 1/255 more for the PIL path's rounding to 8 bits after each colour operation.
+        mean_tol = 4 * np.sqrt(a.var() / len(a) + b.var() / len(b)) + 1 / 255
+        # A standard deviation's standard error is about sd / sqrt(2n) for these near-normal or bounded spreads.
+        sd_tol = 4 * np.sqrt((a.var() + b.var()) / (2 * len(a))) + 1 / 255
+        if abs(a.mean() - b.mean()) > mean_tol or abs(a.std() - b.std()) > sd_tol:
+            found.append(f"{name}: mean {a.mean():.4f} vs {b.mean():.4f}, sd {a.std():.4f} vs {b.std():.4f}")
+    return found
+
+
+@pytest.mark.parametrize("augmentation", ["seed", "strong"])
+def test_batched_augmentation_has_the_pil_paths_distribution(augmentation):
+    torch.manual_seed(0)
+    img = probe()
+    assert disagreements(statistics(pil_path(img, augmentation)), statistics(batch_path(img, augmentation))) == []
+
+
+def test_a_recipe_that_rotates_half_the_images_is_caught(monkeypatch):
+    """kornia rotates half the images by default, torchvision all of them: the comparison sees the difference."""
+    torch.manual_seed(0)
+    img = probe()
+    kept = augment._augmentations
+
+    def rotating_half(augmentation: str) -> list:
+        return [
+            K.RandomRotation(20.0, resample="nearest", align_corners=False) if isinstance(op, K.RandomRotation) else op
+            for op in kept(augmentation)
+        ]
+
+    monkeypatch.setattr(augment, "_augmentations", rotating_half)
+    found = disagreements(statistics(pil_path(img, "seed")), statistics(batch_path(img, "seed")))
+    assert any(name.startswith("disc angle") or name.startswith("black corners") for name in found), found
+
+
+def test_resizing_on_the_device_matches_the_pil_resize():
+    img = probe()
+    prep = Preprocessing(input_size=(224, 224))
+    expected = eval_transform(prep)(img)
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    got = batch_transform(prep, "none", img.size)(pixels)[0]
+    difference = ((got - expected) * STD[0]).abs()  # in [0, 1] pixel units
+    assert got.shape == expected.shape == (3, 224, 224)
+    assert difference.mean() < 2 / 255 and difference.max() < 40 / 255
+
+
+def test_a_full_fine_tuning_run_on_the_sample_trains_through_the_cache(tmp_path):
+    cfg = sample_run(tmp_path, "reference", name="decoded", input_size=(75, 100))
+    assert cfg.input_pipeline == "decoded" and cfg.augmentation == "strong"
+    run_dir = train(cfg)
+    events = run_events(run_dir)
+    decoding = [e for e in events if e.get("phase") == "decoding"]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert decoding and decoding[-1]["done"] == decoding[-1]["total"] == 140
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(np.isfinite(e["train_loss"]) for e in epochs)
+    assert not [e for e in events if e["event"] == "input_pipeline"]  # no fall-back to the JPEG files
+    assert (run_dir / "best.pt").is_file() and (run_dir / "evaluation.json").is_file()
+    assert len(list((tmp_path / "decoded").glob("*/images.npy"))) == 1

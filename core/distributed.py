@@ -103,17 +103,6 @@ def from_main(make: Callable[[], T]) -> T:
     return box[0]
 
 
-def main_first(make: Callable[[], T]) -> T:
-    """``make()`` on rank 0, then on the others: rank 0 fills a cache on disk (the backbone features) that
-    the others then read, rather than every process computing and writing it at once."""
-    if is_main():
-        result = make()
-    barrier()
-    if not is_main():
-        result = make()
-    return result
-
-
 def rank_batch_size(batch_size: int) -> int:
     """Each process's share of the global ``batch_size``."""
     world = world_size()

@@ -474,7 +474,8 @@ def _loaders(
         def report(done: int, total: int) -> None:
             log.progress(force=done == total, epoch=0, step=done, steps=total, phase="features")
 
-        feats, damaged = distributed.main_first(
+        # Rank 0 computes (or loads) the features and hands them to the others: one writer of the cache.
+        feats, damaged = distributed.from_main(
             lambda: shared.features(
                 cfg, model.backbone, paths, device=device, batch_size=eval_bs, num_workers=workers, progress=report
             )

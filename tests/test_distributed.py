@@ -172,7 +172,7 @@ def test_rank_zero_alone_writes_the_run(ddp_runs):
     first, resumed = ddp_runs["outputs"]
     assert first.stdout.count("=== run ") == 1 and first.stdout.count("test accuracy") == 1
     assert resumed.stdout.count("test accuracy") == 1
-    assert len(list(ddp_runs["cache"].iterdir())) == 1  # rank 0 computed the features, rank 1 read them
+    assert len(list(ddp_runs["cache"].iterdir())) == 1  # rank 0 alone computed and stored the features
     # Every step of an epoch covers a whole global batch (98 training images, batches of 16): 6 steps.
     assert {e["steps_per_epoch"] for e in log if e["event"] == "start"} == {6}
 

@@ -558,6 +558,7 @@ def train(
     ``shared`` holds the split dataset and features of earlier runs in this process (see :func:`train_many`).
     """
     tune_allocator()
+    distributed.rank_batch_size(cfg.batch_size)  # a batch the processes cannot share is refused before any writing
     run_dir = Path(run_dir) if run_dir else distributed.from_main(lambda: new_run_dir(cfg))
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -591,6 +592,8 @@ def train_many(
     the configs after it do not start. So does an error, raised once the failed run has recorded it.
     ``on_run_start`` and ``on_run_end`` are called with each run's folder as it starts and ends.
     """
+    for cfg in configs:
+        distributed.rank_batch_size(cfg.batch_size)  # before the first run folder, as train() does
     shared = SharedInputs()
     run_dirs = []
     for cfg in configs:

@@ -184,7 +184,7 @@ class FeatureBatches:
         self.generator, self.drop_last = generator, drop_last
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = len(self.sampler) if self.sampler is not None else len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

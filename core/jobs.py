@@ -250,13 +250,15 @@ def _check_name(runs_dir: Path, name: str) -> None:
         raise JobError(f"A run named {name!r} already exists in {runs_dir}; choose another name.")
 
 
-def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | None = None) -> Job:
+def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | None = None, gpus: int = 1) -> Job:
     runs_dir = Path(runs_dir).resolve()
     configs = [_validate({**c, "out": str(runs_dir)}) for c in configs]
     names = [c["name"] for c in configs]
     if len(set(names)) != len(names):
         raise JobError("run names in one job must differ")
     _preflight(configs)
+    if any(c["batch_size"] % gpus for c in configs):
+        raise JobError(f"The batch size is shared among the {gpus} GPUs: choose a multiple of {gpus}.")
     for name in names:
         _check_name(runs_dir, name)
     job = Job(
@@ -268,7 +270,7 @@ def _start(runs_dir: Path, kind: str, configs: list[dict], experiment: str | Non
         pid_start=proc_start_time(os.getpid()),
         experiment=experiment,
     )
-    extra = {"configs": [f"{c['name']}.json" for c in configs]}
+    extra = {"configs": [f"{c['name']}.json" for c in configs], "gpus": gpus}
     return _spawn(job, LOCK_NAME, extra, {f"{c['name']}.json": c for c in configs})
 
 
@@ -310,9 +312,10 @@ def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
     return job
 
 
-def start_training(config: dict, runs_dir: Path) -> Job:
-    """Start one training run in the background; raises :class:`JobBusyError` while another job runs."""
-    return _start(Path(runs_dir), "train", [dict(config)])
+def start_training(config: dict, runs_dir: Path, gpus: int = 1) -> Job:
+    """Start one training run in the background, on ``gpus`` GPUs (torchrun, one process each) when more than
+    one; raises :class:`JobBusyError` while another job runs."""
+    return _start(Path(runs_dir), "train", [dict(config)], gpus=gpus)
 
 
 def experiment_configs(base: dict, name: str, strategies: Sequence[str] | None = None) -> list[dict]:
@@ -394,14 +397,16 @@ def wait_idle(runs_dir: Path, timeout: float = 60.0, poll: float = 0.2) -> bool:
 # The worker
 
 
-def _run_trainer(job: Job, cfg_paths: list[Path]) -> int:
-    """Train the configs in one trainer process; a run it could not finish is marked as such."""
+def _run_trainer(job: Job, cfg_paths: list[Path], gpus: int = 1) -> int:
+    """Train the configs in one trainer process (torchrun's, with a process per GPU, for several GPUs); a run
+    it could not finish is marked as such."""
     (job.runs_dir / job.runs[0]).mkdir(parents=True, exist_ok=True)
     args = [arg for path in cfg_paths for arg in ("--config", str(path))]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"] if gpus > 1 else []
     # The trainer stays in our process group, so kill_job's killpg reaches it, and dies with us: a trainer
     # left running by a killed worker would train beside the next job and could not be stopped.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.train", *args],
+        [sys.executable, *launcher, "-m", "core.train", *args],
         cwd=PROJECT_ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -484,7 +489,7 @@ def worker(job_file: Path) -> int:
         if job.kind == "download":
             _download(job, data)
         elif not job.stop_requested:
-            _run_trainer(job, [job_file.parent / name for name in data["configs"]])
+            _run_trainer(job, [job_file.parent / name for name in data["configs"]], data.get("gpus", 1))
     finally:
         _release(lock, job.id)
     return 0

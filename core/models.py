@@ -115,14 +115,20 @@ class LesionNet(nn.Module):
         return [f"backbone.{name}" for name in ARCHITECTURES[self.arch].feature_layers(self.backbone)]
 
 
-def make_head(in_features: int, kind: str = "mlp", num_classes: int = NUM_CLASSES) -> nn.Module:
-    """ "mlp" is the seed's head, 512→256→ReLU→Dropout(0.5)→7 for ResNet-18; "linear" is dropout + one layer."""
+def make_head(
+    in_features: int, kind: str = "mlp", num_classes: int = NUM_CLASSES, dropout: float | None = None
+) -> nn.Module:
+    """ "mlp" is the seed's head, 512→256→ReLU→Dropout(0.5)→7 for ResNet-18; "linear" is dropout (0.2) + one
+    layer. ``dropout`` replaces the head's own probability."""
     if kind == "mlp":
         return nn.Sequential(
-            nn.Linear(in_features, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes)
+            nn.Linear(in_features, 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5 if dropout is None else dropout),
+            nn.Linear(256, num_classes),
         )
     if kind == "linear":
-        return nn.Sequential(nn.Dropout(0.2), nn.Linear(in_features, num_classes))
+        return nn.Sequential(nn.Dropout(0.2 if dropout is None else dropout), nn.Linear(in_features, num_classes))
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
 
 
@@ -191,6 +197,7 @@ def build_model(
     finetune: str = "head",
     head: str = "mlp",
     num_classes: int = NUM_CLASSES,
+    dropout: float | None = None,
 ) -> LesionNet:
     """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a torchvision state dict.
 
@@ -214,7 +221,7 @@ def build_model(
     old = getattr(backbone, spec.classifier)
     last_linear = [m for m in old.modules() if isinstance(m, nn.Linear)][-1] if not isinstance(old, nn.Linear) else old
     setattr(backbone, spec.classifier, nn.Identity())
-    model = LesionNet(backbone, make_head(last_linear.in_features, head, num_classes), arch)
+    model = LesionNet(backbone, make_head(last_linear.in_features, head, num_classes, dropout), arch)
     set_finetune(model, finetune)
     return model
 

@@ -66,6 +66,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def gpu_count() -> int:
+    """The CUDA GPUs this process sees: a run can train on several at once (torchrun)."""
+    return torch.cuda.device_count()
+
+
 def default_workers(device: torch.device) -> int:
     """Image-decoding workers: none on a small CPU box (they would steal the model's cores)."""
     cores = os.cpu_count() or 1

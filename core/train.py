@@ -17,6 +17,7 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
+from core import distributed
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import WeightsUnavailableError
@@ -114,20 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (a killed job) ends like Ctrl-C: the run is marked interrupted and its files stay intact.
     signal.signal(signal.SIGTERM, _interrupt)
+    # Under torchrun every process trains its share; rank 0 alone writes the run and prints its results.
+    distributed.init()
+    main_process = distributed.is_main()
     try:
         if args.resume:
             if args.config and len(args.config) > 1:
                 print("error: --resume continues one run; pass at most one --config", file=sys.stderr)
                 return 2
             cfg = config_from_args(args, args.config[0] if args.config else args.resume / "config.json")
-            report(train(cfg, run_dir=args.resume, resume=True))
+            run_dir = train(cfg, run_dir=args.resume, resume=True)
+            if main_process:
+                report(run_dir)
         else:
             configs = [config_from_args(args, path) for path in args.config or [None]]
             if not all(cfg.data for cfg in configs):
                 print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
                 return 2
             train_many(
-                configs, on_run_start=lambda run_dir: print(run_header(run_dir.name), flush=True), on_run_end=report
+                configs,
+                on_run_start=(lambda run_dir: print(run_header(run_dir.name), flush=True)) if main_process else None,
+                on_run_end=report if main_process else None,
             )
     except (
         DatasetError,
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
     return 0
 
 

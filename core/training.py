@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from core import imbalance
+from core import distributed, imbalance
 from core.augment import DeviceBatches, batch_transform
 from core.checkpoints import atomic_save, checkpoint_dict, read_checkpoint
 from core.data import (
@@ -81,6 +82,7 @@ class TrainConfig:
         choices=FINETUNE_POLICIES,
     )
     head: str = setting("mlp", "classifier head: the seed's 512-256-7 MLP or one linear layer", choices=HEADS)
+    dropout: float | None = setting(None, "dropout probability in the head (default: the head's, 0.5 mlp, 0.2 linear)")
     imbalance: str = setting(
         "oversample",
         "class-imbalance strategy, one of: "
@@ -148,6 +150,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be from 0 to below 1; got {self.dropout}")
         # The bounds every checkpoint is held to: a run must not write one that cannot be loaded.
         check_size("input_size", self.input_size)
         if self.source_size is not None:
@@ -404,8 +408,8 @@ def train_one_epoch(
     should_stop: Callable[[], bool],
 ) -> dict:
     """One pass over the training data. ``model`` is the whole network, or only the head on cached features."""
-    if isinstance(model, LesionNet):
-        train_mode(model)
+    if isinstance(distributed.unwrap(model), LesionNet):
+        train_mode(distributed.unwrap(model))
     else:
         model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
@@ -511,19 +515,23 @@ def _loaders(
     eval_bs = max(cfg.batch_size, 64)
     sampler = make_sampler(cfg, train_rows["label"].to_numpy(), generator)
     drop_last = len(train_rows) > cfg.batch_size
+    sampler, batch_size = distributed.shard(sampler, len(train_rows), cfg.batch_size, generator, drop_last)
     if cfg.uses_feature_cache:
         paths = frame["path"].tolist()
 
         started = time.time()
-        feats, damaged = shared.features(
-            cfg,
-            model.backbone,
-            paths,
-            device=device,
-            batch_size=eval_bs,
-            num_workers=workers,
-            progress=lambda done, total: log.phase("features", done, total, started),
-            should_stop=should_stop,
+        # Rank 0 computes (or loads) the features and hands them to the others: one writer of the cache.
+        feats, damaged = distributed.from_main(
+            lambda: shared.features(
+                cfg,
+                model.backbone,
+                paths,
+                device=device,
+                batch_size=eval_bs,
+                num_workers=workers,
+                progress=lambda done, total: log.phase("features", done, total, started),
+                should_stop=should_stop,
+            )
         )
         decoded = frame[~frame["path"].isin(damaged)]
         if damaged:
@@ -538,7 +546,7 @@ def _loaders(
 
         train_loader = batches(
             train_rows,
-            cfg.batch_size,
+            batch_size,
             shuffle=sampler is None,
             sampler=sampler,
             generator=generator,
@@ -562,7 +570,7 @@ def _loaders(
 
         train_loader = device_batches(
             train_rows,
-            cfg.batch_size,
+            batch_size,
             cfg.augmentation,
             shuffle=sampler is None,
             sampler=sampler,
@@ -582,7 +590,7 @@ def _loaders(
     }
     train_loader = torch.utils.data.DataLoader(
         train_ds,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         shuffle=sampler is None,
         sampler=sampler,
         generator=generator,
@@ -628,9 +636,11 @@ def train(
     ``shared`` holds the split dataset and features of earlier runs in this process (see :func:`train_many`).
     """
     tune_allocator()
-    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir)
+    distributed.rank_batch_size(cfg.batch_size)  # a batch the processes cannot share is refused before any writing
+    run_dir = Path(run_dir) if run_dir else distributed.from_main(lambda: new_run_dir(cfg))
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = distributed.run_log(run_dir)
     log.begin()
     try:
         state = _run(cfg, run_dir, log, resume, should_stop or (lambda: False), shared or SharedInputs())
@@ -641,6 +651,7 @@ def train(
         raise
     log.event("end", status=state)
     log.status(state)
+    distributed.barrier()  # the next run, or the end of the process, waits for rank 0's evaluation
     return run_dir
 
 
@@ -659,17 +670,19 @@ def train_many(
     the configs after it do not start. So does an error, raised once the failed run has recorded it.
     ``on_run_start`` and ``on_run_end`` are called with each run's folder as it starts and ends.
     """
+    for cfg in configs:
+        distributed.rank_batch_size(cfg.batch_size)  # before the first run folder, as train() does
     shared = SharedInputs()
     run_dirs = []
     for cfg in configs:
-        run_dir = new_run_dir(cfg)
+        run_dir = distributed.from_main(partial(new_run_dir, cfg))
         if on_run_start is not None:
             on_run_start(run_dir)
         train(cfg, run_dir=run_dir, should_stop=should_stop, shared=shared)
         run_dirs.append(run_dir)
         if on_run_end is not None:
             on_run_end(run_dir)
-        if (run_dir / STOP_FILE).exists() or (should_stop is not None and should_stop()):
+        if distributed.agree((run_dir / STOP_FILE).exists() or (should_stop is not None and should_stop())):
             break
     return run_dirs
 
@@ -677,10 +690,12 @@ def train_many(
 def _run(
     cfg: TrainConfig, run_dir: Path, log: RunLog, resume: bool, should_stop: Callable[[], bool], shared: SharedInputs
 ) -> str:
-    device = pick_device(cfg.device)
-    write_config(run_dir, cfg.to_dict())
+    device = distributed.local_device(pick_device(cfg.device))
+    main = distributed.is_main()  # rank 0 alone writes the run folder
+    if main:
+        write_config(run_dir, cfg.to_dict())
     stop_file = run_dir / STOP_FILE
-    stop = lambda: should_stop() or stop_file.exists()  # noqa: E731
+    stop = lambda: distributed.agree(should_stop() or stop_file.exists())  # noqa: E731
     # Read before anything is logged: the log is cut back to the epochs the checkpoint holds, so the epochs a
     # killed run logged but did not save, and its progress after them, are not there twice once they rerun.
     last = read_checkpoint(run_dir / "last.pt") if resume and (run_dir / "last.pt").is_file() else None
@@ -688,11 +703,12 @@ def _run(
 
     index = shared.index(cfg)
     frame, train_rows = prepare_data(cfg, shared.frame(cfg))
-    write_split(run_dir, frame)
+    if main:
+        write_split(run_dir, frame)
     validation = {**index.report.to_dict(), "ok": index.report.ok, "summary": index.report.summary()}
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head).to(device)
+    model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head, dropout=cfg.dropout).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -707,10 +723,11 @@ def _run(
     loaders = [train_loader, *eval_loaders.values()]
 
     def record_set_aside() -> None:
-        write_dataset_report(run_dir, validation, damaged_images(loaders, found))
+        if main:
+            write_dataset_report(run_dir, validation, damaged_images(loaders, found))
 
     record_set_aside()
-    criterion = make_criterion(cfg, train_rows["label"].to_numpy()).to(device)
+    criterion = distributed.global_mean(make_criterion(cfg, train_rows["label"].to_numpy()).to(device))
     optimizer = make_optimizer(cfg, step_module)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
 
@@ -720,6 +737,7 @@ def _run(
         optimizer.load_state_dict(last["optimizer_state"])
         scheduler.load_state_dict(last["scheduler_state"])
         start_epoch, best_score = last["epoch"] + 1, last["best_score"]
+    train_module = distributed.wrap(step_module, device)
 
     log.event(
         "start",
@@ -745,7 +763,7 @@ def _run(
             lr = optimizer.param_groups[0]["lr"]
             epoch_start = time.perf_counter()
             stats = train_one_epoch(
-                step_module,
+                train_module,
                 train_loader,
                 criterion,
                 optimizer,
@@ -759,6 +777,9 @@ def _run(
             if stop():
                 stopped = True
                 break  # a partial epoch is not recorded; last.pt holds the previous complete one
+            stats = distributed.combine_epoch(stats)
+            if not main:
+                continue
             stats.update(validation_metrics(*collect_logits(step_module, eval_loaders["val"], device, cfg)))
             log.event("epoch", epoch=epoch, lr=lr, **stats)
             if cfg.compile:
@@ -782,7 +803,7 @@ def _run(
                 run_dir / "last.pt",
             )
             record_set_aside()
-        if (run_dir / "best.pt").is_file():
+        if main and (run_dir / "best.pt").is_file():
             finalize(run_dir, frame, cfg, model, step_module, eval_loaders, device, found, log=log)
             record_set_aside()
     return "stopped" if stopped else "finished"

@@ -363,7 +363,7 @@ def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
 
 def test_cli_reaches_every_config_field():
     argv = (
-        "--data d --out o --name n --arch densenet121 --weights none --finetune last --head linear "
+        "--data d --out o --name n --arch densenet121 --weights none --finetune last --head linear --dropout 0.3 "
         "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
         "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
@@ -378,6 +378,7 @@ def test_cli_reaches_every_config_field():
         weights="none",
         finetune="last",
         head="linear",
+        dropout=0.3,
         imbalance="focal",
         focal_gamma=1.5,
         class_weight_power=0.5,

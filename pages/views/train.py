@@ -6,6 +6,7 @@ from core import jobs, plots
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
 from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from core.runs import RunState, default_run_name, epochs_table, list_runs, running_loss_table
+from core.runtime import gpu_count
 from pages.views._shared import current_job, dataset_choice, fmt_seconds, load_dataset, run_progress, runs_dir
 
 st.title("Train")
@@ -120,6 +121,17 @@ def config_form() -> None:
             key="max" + k,
             help="A stratified subsample, for quick experiments.",
         )
+        visible_gpus = gpu_count()
+        gpus = 1
+        if visible_gpus > 1:
+            gpus = st.selectbox(
+                "GPUs",
+                range(1, visible_gpus + 1),
+                index=visible_gpus - 1,
+                key="gpus" + k,
+                help="More than one trains with torchrun, a process per GPU, each on its share of every batch "
+                "(the batch size is the total, so it must divide evenly); the result is that of one GPU.",
+            )
         if finetune == "head" and augmentation != "none":
             st.caption(
                 "Head-only runs train on cached backbone features computed without augmentation "
@@ -159,7 +171,9 @@ def config_form() -> None:
             out=str(RUNS),
         )
         config = cfg.to_dict()
-        started = jobs.start_training({**config, "name": config["name"] or default_run_name(config, RUNS)}, RUNS)
+        started = jobs.start_training(
+            {**config, "name": config["name"] or default_run_name(config, RUNS)}, RUNS, gpus=gpus
+        )
     except jobs.JobBusyError as exc:
         st.error(str(exc), icon=":material/hourglass_top:")
     except (jobs.JobError, ValueError, OSError) as exc:

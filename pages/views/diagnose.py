@@ -4,16 +4,16 @@ from datetime import UTC, datetime
 
 import streamlit as st
 
-from core import plots, settings
+from core import plots
 from core.formatting import format_bytes
 from core.images import ImageError
 from core.inference import PredictionError
 from core.labels import CLASSES, MALIGNANT
-from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT, recorded_operating_point
+from core.predict import recorded_operating_point
 from core.report import model_info, report_html
 from core.similar import NEIGHBOURS, REFERENCE_SPLITS, vote
 from core.visuals import LOW_CONFIDENCE, feature_map_grid
-from pages.views._shared import case_index, get_predictor, load_dataset, research_notice
+from pages.views._shared import case_index, load_dataset, model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
 MAX_UPLOAD_MIB = 10
@@ -22,23 +22,7 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MIB * 2**20
 st.title("Diagnose")
 research_notice()
 
-models = settings.model_files()
-if not models:
-    st.info(
-        "No model is available. Diagnose uses `checkpoints/*.pt` (the repository ships "
-        "`checkpoints/reference.pt`) and the `best.pt` of every finished training run: train one on the "
-        "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.",
-        icon=":material/neurology:",
-    )
-    st.stop()
-
-c_model, c_tta = st.columns([3, 1])
-model_path = c_model.selectbox("Model", models, format_func=settings.model_label, key="diag_model")
-tta = c_tta.toggle("Flip averaging (TTA)", value=USE_TTA_BY_DEFAULT, key="diag_tta", help=TTA_HELP)
-predictor, error = get_predictor(model_path)
-if predictor is None:
-    st.error(f"This model cannot be used: {error}", icon=":material/block:")
-    st.stop()
+predictor, model_path, tta = model_choice("diag")
 ckpt = predictor.checkpoint
 st.caption(
     f"{predictor.arch}, input {tuple(predictor.prep.input_size)}, temperature "

@@ -695,7 +695,9 @@ def _run(
     if main:
         write_config(run_dir, cfg.to_dict())
     stop_file = run_dir / STOP_FILE
-    stop = lambda: distributed.agree(should_stop() or stop_file.exists())  # noqa: E731
+    local_stop = lambda: should_stop() or stop_file.exists()  # noqa: E731
+    # Every process asks at the same step, so a stop seen by one ends that step everywhere.
+    stop = lambda: distributed.agree(local_stop())  # noqa: E731
     # Read before anything is logged: the log is cut back to the epochs the checkpoint holds, so the epochs a
     # killed run logged but did not save, and its progress after them, are not there twice once they rerun.
     last = read_checkpoint(run_dir / "last.pt") if resume and (run_dir / "last.pt").is_file() else None
@@ -714,9 +716,11 @@ def _run(
     if cfg.compile:
         model.compile()  # in place: the module, its state dict and its checkpoints stay as they are
     generator = torch.Generator().manual_seed(cfg.seed)
+    # Only rank 0 computes the features, so it alone checks for a stop between their batches: a collective
+    # there would wait for processes that never reach it.
     try:
         step_module, train_loader, eval_loaders, found = _loaders(
-            cfg, model, frame, train_rows, device, log, generator, shared, stop
+            cfg, model, frame, train_rows, device, log, generator, shared, local_stop
         )
     except StopRequested:  # computing the features took the stop; what was computed is cached
         return "stopped"

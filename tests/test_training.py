@@ -108,7 +108,8 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
         assert all(isinstance(e[key], float) for e in epochs), key
     run = read_run(run_dir)
     assert run.state == "finished" and run.start["cached_features"] is True
-    assert run.progress["step"] == run.progress["steps"]
+    # the last step a run reports is its final evaluation, complete
+    assert run.progress["phase"] == "evaluate" and run.progress["done"] == run.progress["total"]
     best = read_checkpoint(run_dir / "best.pt")
     assert best["classes"] == list(CLASSES) and best["temperature"] > 0
     assert Preprocessing.from_dict(best["preprocessing"]).input_size == (32, 32)
@@ -368,7 +369,8 @@ def test_cli_reaches_every_config_field():
         "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
         "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
-        "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc"
+        "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc "
+        "--input-pipeline jpeg --decoded-dir dc --compile"
     )
     expected = TrainConfig(
         data="d",
@@ -406,6 +408,9 @@ def test_cli_reaches_every_config_field():
         amp=False,
         channels_last=False,
         select_metric="val_acc",
+        input_pipeline="jpeg",
+        decoded_dir="dc",
+        compile=True,
     )
     unchanged = [f.name for f in fields(TrainConfig) if getattr(expected, f.name) == getattr(PRESETS["seed"], f.name)]
     assert unchanged == []  # so every field is set by a flag above

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from core.archives import ArchiveError, member_path
+from core.archives import ArchiveError, file_members, member_path
 from core.data import IMAGE_SUFFIXES, DatasetError, walk_files
 from core.evaluate import bounded_batch_size
 from core.formatting import format_bytes
@@ -228,13 +228,8 @@ def archive_files(source: str | Path | bytes | BinaryIO, name: str) -> list[Batc
         archive = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (zipfile.BadZipFile, OSError) as exc:
         raise BatchError(f"{name} cannot be opened as a .zip archive ({exc}).") from None
-    members = [
-        info
-        for info in archive.infolist()
-        if not info.is_dir()
-        and not info.filename.startswith("__MACOSX/")
-        and not os.path.basename(info.filename).startswith(".")
-    ]
+    # Hidden files (.DS_Store and the like) are not the user's images.
+    members = [info for info in file_members(archive) if not os.path.basename(info.filename).startswith(".")]
     if len(members) > MAX_FILES:
         raise BatchError(f"{name} holds {len(members):,} files; a batch takes at most {MAX_FILES:,}.")
     declared = sum(info.file_size for info in members)

@@ -124,13 +124,18 @@ def page(browser):
     pg.context.close()
 
 
-def settle(pg, title: str) -> None:
-    """Wait until the page's title is shown and the script has finished its run."""
-    pg.get_by_role("heading", name=title, exact=True).first.wait_for()
+def idle(pg) -> None:
+    """Wait until the script (or fragment) has finished its run."""
     pg.wait_for_function(
         "() => { const a = document.querySelector('[data-testid=stApp]');"
         " return a && a.getAttribute('data-test-script-state') !== 'running'; }"
     )
+
+
+def settle(pg, title: str) -> None:
+    """Wait until the page's title is shown and the script has finished its run."""
+    pg.get_by_role("heading", name=title, exact=True).first.wait_for()
+    idle(pg)
     pg.wait_for_timeout(800)  # plotly draws asynchronously
     errors = pg.locator("[data-testid=stException]")
     assert errors.count() == 0, errors.first.inner_text()
@@ -366,7 +371,9 @@ def test_take_a_quiz_to_its_summary(page, server, browser_env, tmp_path):
     page.get_by_role("button", name="Start the quiz").click()
     for i in range(10):
         page.get_by_text(f"Image {i + 1} of 10").wait_for()
+        idle(page)  # a choice clicked while the question is still being drawn is lost when the form is redrawn
         page.get_by_test_id("stRadioGroup").get_by_text("nv · Melanocytic nevus", exact=True).click()
+        page.wait_for_function("() => document.querySelector('[data-testid=stRadioGroup] input:checked') !== null")
         page.get_by_role("button", name="Reveal").click()
         page.get_by_text("Confirmed by").wait_for()
         assert page.get_by_text("Grad-CAM: where the model looked").count() == 1

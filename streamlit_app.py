@@ -19,6 +19,7 @@ from pages.views._shared import (
     dataset_choice,
     job_sidebar,
     job_signature,
+    warm_imports,
 )
 
 st.set_page_config(page_title="Lesion Lab", page_icon=":material/biotech:", layout="wide")
@@ -54,3 +55,4 @@ with st.sidebar:
     st.caption("Research and education only — **not a medical device**.")
 
 page.run()
+warm_imports()  # after the page, so that its first paint does not share the cores with the imports

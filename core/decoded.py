@@ -26,6 +26,7 @@ from core.files import read_json, write_json
 from core.formatting import format_bytes
 from core.images import ImageError, open_image
 from core.preprocessing import Preprocessing, load_for_model
+from core.runs import StopRequested
 
 ProgressFn = Callable[[int, int], None]
 FORMAT = 1
@@ -128,6 +129,7 @@ def _build(
     progress: ProgressFn | None,
     keep_free: int,
     workers: int,
+    should_stop: Callable[[], bool] | None,
 ) -> DecodedImages:
     shape = (len(paths), size[1], size[0], 3)
     needed = int(np.prod(shape))
@@ -155,14 +157,21 @@ def _build(
                     damaged.append(path)
                 else:
                     images[i] = pixels
-                if progress and (i + 1 == len(paths) or (i + 1) % 256 == 0):
-                    progress(i + 1, len(paths))
+                done = i + 1
+                if progress and (done % 256 == 0 or done == len(paths)):
+                    progress(done, len(paths))
+                if should_stop is not None and done % 64 == 0 and done < len(paths) and should_stop():
+                    pool.shutdown(cancel_futures=True)
+                    raise StopRequested(f"stopped after decoding {done} of {len(paths)} images")
         images.flush()
         del images
         os.replace(partial, folder / "images.npy")
         write_json(
             folder / "index.json", {"format": FORMAT, "shape": list(shape[1:]), "damaged": damaged, "files": current}
         )
+    except StopRequested:  # a half-written cache is of no use: the next run decodes from the start
+        partial.unlink(missing_ok=True)
+        raise
     except OSError as exc:  # the disk filled up meanwhile, or the folder went away
         partial.unlink(missing_ok=True)
         raise CacheUnavailable(f"writing the decoded-image cache in {folder} failed ({exc.strerror or exc})") from None
@@ -178,11 +187,13 @@ def open_decoded(
     progress: ProgressFn | None = None,
     keep_free: int | None = None,
     workers: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DecodedImages:
     """The decoded images of ``paths`` (the dataset in ``root``) at ``prep``'s source size: the cache in
     ``cache_dir`` when its files are unchanged, else decoded now (``progress(done, total)`` as it goes) and
     stored, leaving ``keep_free`` bytes (default :data:`KEEP_FREE_BYTES`) free on the disk. Raises
-    :class:`CacheUnavailable` when it cannot be stored."""
+    :class:`CacheUnavailable` when it cannot be stored, :class:`core.runs.StopRequested` when ``should_stop``
+    says so (asked every 64 images; nothing is kept)."""
     paths = [str(p) for p in paths]
     size, fit = source_size(paths, prep)
     folder = cache_folder(cache_dir, root, size, fit)
@@ -190,7 +201,7 @@ def open_decoded(
     cache = _load(folder, paths, current)
     if cache is None:
         room = KEEP_FREE_BYTES if keep_free is None else keep_free
-        cache = _build(folder, paths, current, size, fit, progress, room, workers or os.cpu_count() or 1)
+        cache = _build(folder, paths, current, size, fit, progress, room, workers or os.cpu_count() or 1, should_stop)
     elif progress:
         progress(len(paths), len(paths))
     return cache

@@ -360,10 +360,12 @@ class SharedInputs:
             options["progress"](len(paths), len(paths))
         return self._features[memo]
 
-    def decoded(self, cfg: TrainConfig, log: RunLog) -> DecodedImages | None:
+    def decoded(
+        self, cfg: TrainConfig, log: RunLog, should_stop: Callable[[], bool] | None = None
+    ) -> DecodedImages | None:
         """The decoded-image cache of ``cfg``'s whole dataset (:func:`core.decoded.open_decoded`), built with
         its progress in ``log``, memoised for this process; None, said in the log and on stderr, when it
-        cannot be stored: the run reads the JPEG files instead."""
+        cannot be stored: the run reads the JPEG files instead. ``should_stop`` is asked as it decodes."""
         memo = (cfg.decoded_dir, cfg.data, cfg.preprocessing)
         if memo in self._decoded:
             return self._decoded[memo]
@@ -380,6 +382,7 @@ class SharedInputs:
                 root=cfg.data,
                 cache_dir=cfg.decoded_dir,
                 progress=report,
+                should_stop=should_stop,
             )
         except CacheUnavailable as exc:
             message = f"{exc}; reading the JPEG files instead (input pipeline jpeg)"
@@ -554,7 +557,10 @@ def _loaders(
         )
         eval_loaders = {s: batches(frame[frame["split"] == s], eval_bs) for s in ("val", "test")}
         return model.head, train_loader, eval_loaders, damaged
-    cache = shared.decoded(cfg, log) if cfg.input_pipeline == "decoded" else None
+    # Under torchrun every process decodes, and a stop seen by one alone would leave the others waiting in the
+    # first collective: there the stop is taken at the first step instead.
+    alone = distributed.world_size() == 1
+    cache = shared.decoded(cfg, log, should_stop if alone else None) if cfg.input_pipeline == "decoded" else None
     if cache is not None:
         damaged = sorted(set(cache.damaged).intersection(frame["path"]))
         if damaged:
@@ -722,7 +728,7 @@ def _run(
         step_module, train_loader, eval_loaders, found = _loaders(
             cfg, model, frame, train_rows, device, log, generator, shared, local_stop
         )
-    except StopRequested:  # computing the features took the stop; what was computed is cached
+    except StopRequested:  # computing the features (kept in their cache) or decoding the images took the stop
         return "stopped"
     loaders = [train_loader, *eval_loaders.values()]
 

@@ -14,6 +14,7 @@ import pytest
 from core import decoded
 from core.decoded import CacheUnavailable, open_decoded
 from core.preprocessing import Preprocessing, load_for_model
+from core.runs import StopRequested
 from core.training import TrainConfig, config_with, train
 from tests.conftest import ROOT, write_truncated_jpeg
 
@@ -134,3 +135,27 @@ def test_a_run_without_room_for_the_cache_trains_on_the_jpeg_files(tmp_path, mon
     assert len(fallback) == 1 and fallback[0]["pipeline"] == "jpeg"
     assert "reading the JPEG files instead" in capsys.readouterr().err
     assert events[-1] == {**events[-1], "event": "end", "status": "finished"}
+
+
+def test_a_stop_while_decoding_ends_it_and_keeps_nothing(tmp_path):
+    paths = images_of(SAMPLE)  # all 140: the stop is asked every 64 images
+    asked = []
+
+    def stop_on_second_ask() -> bool:
+        asked.append(1)
+        return len(asked) == 2
+
+    with pytest.raises(StopRequested, match=f"stopped after decoding 128 of {len(paths)} images"):
+        open_decoded(paths, PREP, root=SAMPLE, cache_dir=tmp_path / "cache", should_stop=stop_on_second_ask)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    cache, _ = open_with_progress(paths, SAMPLE, tmp_path / "cache")  # the next run decodes them all
+    assert cache.images.shape[0] == len(paths) and cache.images[-1].any()
+
+
+def test_a_run_stopped_while_decoding_ends_stopped_before_its_first_epoch(tmp_path):
+    cfg = sample_run(tmp_path, "seed", name="stop", arch="mobilenet_v2", finetune="full", input_size=(32, 32))
+    run_dir = train(config_with(cfg, epochs=1), should_stop=lambda: True)
+    events = run_events(run_dir)
+    assert events[-1] == {**events[-1], "event": "end", "status": "stopped"}
+    assert not [e for e in events if e["event"] == "epoch"]
+    assert not list((tmp_path / "decoded").rglob("images.npy*"))

@@ -5,6 +5,8 @@ Only glue lives here; the work is done in ``core``.
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,19 @@ NOTICE = (
 )
 DATASET_KEY = "dataset_folder"
 DATASET_PARAM = "data"  # the URL's query parameter that keeps the sidebar's dataset folder across reloads
+
+
+# What the heavier pages import beyond the entry point's own imports (torchvision models, kornia, grad-cam).
+WARM_MODULES = ("core.training", "core.predict", "core.explain", "core.evaluate")
+
+
+@st.cache_resource(show_spinner=False)
+def warm_imports() -> threading.Thread:
+    """Import the trainer and the predictor in the background once per server, after its first page is drawn:
+    on 2 cores they take about a second, which the first visit to Train, Compare or Diagnose would wait for."""
+    thread = threading.Thread(target=lambda: [importlib.import_module(m) for m in WARM_MODULES], daemon=True)
+    thread.start()
+    return thread
 
 
 def research_notice() -> None:

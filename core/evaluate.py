@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -144,15 +144,16 @@ def split_warning(
     )
 
 
-def _progress(batches: Iterable, total: int, batch_size: int) -> Iterator:
-    # Only on a terminal: a log file full of carriage returns helps nobody.
-    show = sys.stderr.isatty()
+def _terminal_progress(done: int, total: int) -> None:
+    print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def _progress(batches: Iterable, total: int, batch_size: int, report: Callable[[int, int], None] | None) -> Iterator:
+    """``batches``, calling ``report(done, total)`` once each batch has been used."""
     for i, batch in enumerate(batches):
-        if show:
-            print(f"\r  {min((i + 1) * batch_size, total)}/{total} images", end="", file=sys.stderr, flush=True)
         yield batch
-    if show:
-        print(file=sys.stderr)
+        if report is not None:
+            report(min((i + 1) * batch_size, total), total)
 
 
 def evaluate_checkpoint(
@@ -168,8 +169,13 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     device: str = "cpu",
     bootstrap: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything."""
+    """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything.
+    ``progress(done, total)`` follows the images (by default a count on the terminal, when there is one:
+    a log file full of carriage returns helps nobody)."""
+    if progress is None and sys.stderr.isatty():
+        progress = _terminal_progress
     predictor = Predictor(checkpoint, device=device)
     config = predictor.checkpoint.get("config") or {}
     seed, fracs, source = resolve_split(predictor.checkpoint, split_seed, fractions)
@@ -185,7 +191,7 @@ def evaluate_checkpoint(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, labels = predict_probs(
         predictor.model,
-        _progress(loader, len(dataset), batch_size),
+        _progress(loader, len(dataset), batch_size, progress),
         predictor.device,
         temperature=predictor.temperature,
         tta=tta,

@@ -47,6 +47,14 @@ def test_the_page_list_covers_every_page_script():
     assert [p.title for p in _pages.PAGES if p.default] == ["Home"]
 
 
+def test_every_page_but_home_has_its_stand_in_for_a_fresh_servers_first_request():
+    """See pages/views/_entry.py: a bookmarked page opened first after a restart is looked up in pages/*.py."""
+    expected = {f"{Path(p.script).stem}.py" for p in _pages.PAGES if not p.default}
+    assert {p.name for p in (ROOT / "pages").glob("*.py")} == expected
+    for name in expected:
+        assert "run_app()" in (ROOT / "pages" / name).read_text()
+
+
 def test_home_links_every_other_page_from_the_page_list(empty_env, monkeypatch):
     empty_env.apply(monkeypatch)
     at = app_test("home")

@@ -150,9 +150,15 @@ def shot(pg, name: str, tmp_path: Path) -> None:
     pg.wait_for_timeout(1200)
     pg.screenshot(path=str(path))
     pg.set_viewport_size(size)
+    keep(path)
+
+
+def keep(path: Path) -> None:
+    """Copy a screenshot into the README's folder when asked to (``LESIONLAB_UPDATE_SCREENSHOTS=1``)."""
+    assert path.stat().st_size > 10_000, f"{path.name} looks blank"
     if os.environ.get("LESIONLAB_UPDATE_SCREENSHOTS") == "1":
         SHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, SHOTS / f"{name}.png")
+        shutil.copy(path, SHOTS / path.name)
 
 
 def visit(pg, server, path: str, title: str) -> None:
@@ -165,6 +171,7 @@ def test_pages_render_and_are_photographed(page, server, tmp_path):
     visit(page, server, "dataset", "Dataset")
     sidebar = page.inner_text("[data-testid=stSidebar]")
     assert "Dataset folder" in sidebar and "Diagnose" in sidebar and "_shared" not in sidebar
+    assert "page not found" not in page.inner_text("body").lower()  # Streamlit's dialog for an unknown page
 
     visit(page, server, "", "Lesion Lab")
     assert "not a medical device" in page.inner_text("[data-testid=stSidebar]")
@@ -220,7 +227,6 @@ def test_tables_fit_at_1600_px_and_stay_on_screen_at_400(browser, server):
     table runs off the screen (a wide one scrolls inside its own frame)."""
     pg = new_page(browser, width=1600)
     try:
-        visit(pg, server, "", "Lesion Lab")  # a deep link as a fresh server's first request shows "Page not found"
         visit(pg, server, "evaluate", "Evaluate")
         choose_run(pg, "reference-mnv2")
         settle(pg, "Evaluate")
@@ -328,6 +334,20 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     report = Path(download.value.path()).read_text()
     positions = [report.index(f"<td>{DISPLAY_NAMES[c]}</td>") for c in CLASSES]
     assert positions == sorted(positions) and "data:image/jpeg;base64," in report
+    page.get_by_role("heading", name="Similar confirmed cases").scroll_into_view_if_needed()
+    page.wait_for_timeout(800)
+    page.screenshot(path=str(tmp_path / "diagnose-similar.png"))
+    keep(tmp_path / "diagnose-similar.png")
+    # The report as its reader opens it: a file in a browser, nothing fetched from elsewhere.
+    (tmp_path / "report.html").write_text(report)
+    reader = page.context.new_page()
+    try:
+        reader.goto((tmp_path / "report.html").as_uri())
+        assert reader.get_by_text(DISPLAY_NAMES["mel"]).count() >= 1
+        reader.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        keep(tmp_path / "report.png")
+    finally:
+        reader.close()
 
     # A file that is not an image: a clear message, no traceback.
     bad = tmp_path / "notes.png"
@@ -340,7 +360,6 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
 def test_batch_of_uploads_to_a_table_and_its_csv(page, server, browser_env, tmp_path):
     import zipfile
 
-    visit(page, server, "", "Lesion Lab")  # a deep link as a fresh server's first request shows "Page not found"
     visit(page, server, "batch", "Batch")
     images = sorted((SAMPLE / "images").glob("*.jpg"))[:4]
     archive = tmp_path / "more.zip"
@@ -363,7 +382,6 @@ def test_batch_of_uploads_to_a_table_and_its_csv(page, server, browser_env, tmp_
 
 
 def test_take_a_quiz_to_its_summary(page, server, browser_env, tmp_path):
-    visit(page, server, "", "Lesion Lab")  # a deep link as a fresh server's first request shows "Page not found"
     visit(page, server, "quiz", "Quiz")
     slider = page.get_by_role("slider", name="Images")
     slider.focus()

@@ -414,7 +414,13 @@ def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
     override = evaluate.evaluate_checkpoint(path, tiny_root, split="val", split_seed=4, bootstrap=0)
     assert override["split_source"] == "command line" and "not the split" in override["split_note"]
     assert override["confidence_intervals"] is None
-    assert evaluate.evaluate_checkpoint(path, tiny_root, split="all", bootstrap=0)["n_images"] == len(frame)
+    reported = []
+    everything = evaluate.evaluate_checkpoint(
+        path, tiny_root, split="all", bootstrap=0, batch_size=4, progress=lambda *p: reported.append(p)
+    )
+    assert everything["n_images"] == len(frame)
+    # After every batch of 4, the images done so far out of all of them.
+    assert reported == [(min(i, len(frame)), len(frame)) for i in range(4, len(frame) + 4, 4)]
 
 
 def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, capsys):

@@ -9,12 +9,15 @@ import importlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from core import jobs, runs, settings
-from core.data import DatasetError, DatasetIndex, index_dataset
 from core.formatting import format_bytes, progress_fraction, progress_text
+
+if TYPE_CHECKING:  # core.data brings torch (~1.5 s on 2 cores): imported where used, after a page's title is drawn
+    from core.data import DatasetIndex
 
 NOTICE = (
     "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
@@ -24,8 +27,8 @@ DATASET_KEY = "dataset_folder"
 DATASET_PARAM = "data"  # the URL's query parameter that keeps the sidebar's dataset folder across reloads
 
 
-# What the heavier pages import beyond the entry point's own imports (torchvision models, kornia, grad-cam).
-WARM_MODULES = ("core.training", "core.predict", "core.explain", "core.evaluate")
+# What the pages import beyond the entry point's own (torch with core.data, torchvision models, kornia, grad-cam).
+WARM_MODULES = ("core.data", "core.training", "core.predict", "core.explain", "core.evaluate")
 
 
 @st.cache_resource(show_spinner=False)
@@ -57,6 +60,8 @@ def _metadata_stamp(folder: Path) -> float:
 
 @st.cache_data(show_spinner="Indexing the dataset…", max_entries=4)
 def _index(folder: str, stamp: float) -> DatasetIndex:
+    from core.data import index_dataset
+
     return index_dataset(folder)
 
 
@@ -67,6 +72,8 @@ def load_dataset(show_help: bool = True) -> DatasetIndex | None:
         if show_help:
             st.info(settings.HOW_TO_GET_DATA, icon=":material/folder_open:")
         return None
+    from core.data import DatasetError
+
     try:
         return _index(str(choice.folder), _metadata_stamp(choice.folder))
     except DatasetError as exc:

@@ -4,6 +4,7 @@ the melanoma threshold and the misclassified images with Grad-CAM — and any mo
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,10 +29,12 @@ from pages.views._shared import (
     load_dataset,
     no_runs_message,
     predictions,
+    progress_bar,
     run_label,
 )
 
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
+EXTERNAL_RESULT = "ext_result"  # (key, result) of the latest external evaluation, so reruns do not redo it
 EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder, name shown) of the last evaluation asked for; survives reruns
 FOLDER_SOURCE, UPLOAD_SOURCE = "Folder on the server", "Upload a .zip"
 UPLOAD_CACHE = settings.cache_dir() / "external"  # an upload is unpacked once, by content
@@ -276,20 +279,32 @@ def misclassified_gallery(run: RunState, table: pd.DataFrame, labels: np.ndarray
 # Any model on an external test set (the page's side of ``python -m core.evaluate --split all``)
 
 
-@st.cache_data(max_entries=4, show_spinner=False)
 def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stamp: float) -> dict:
-    """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside.
-    Keyed by the checkpoint's path and mtime and the folder (and its mtime); errors are not cached."""
+    """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside, and
+    a progress bar while it runs. The session keeps the latest result, keyed by the checkpoint's path and mtime
+    and the folder (and its mtime); errors are not kept. Not ``st.cache_data``: it would replay the bar."""
     from core.evaluate import evaluate_checkpoint
     from core.layouts import detect_layout
     from core.runtime import pick_device
 
+    key = (checkpoint, stamp, folder, folder_stamp)
+    kept = st.session_state.get(EXTERNAL_RESULT)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
+    bar, started = st.empty(), time.time()
+
+    def draw(done: int, total: int) -> None:
+        # Drawing is also where a rerun (another click, leaving the page) ends the work between two batches.
+        with bar:
+            progress_bar(f"Evaluating on {Path(folder).name}", done, total, started)
+
     result = evaluate_checkpoint(
-        checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP, device=str(pick_device())
+        checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP, device=str(pick_device()), progress=draw
     )
+    bar.empty()
     validation = result["validation"]
-    return {
+    out = {
         "layout": layout.kind,
         "layout_source": str(layout.source),
         "report_ok": validation["ok"],
@@ -297,6 +312,8 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
         "problems": pd.DataFrame(validation["problems"], columns=["problem", "where"]),
         "result": result,
     }
+    st.session_state[EXTERNAL_RESULT] = (key, out)
+    return out
 
 
 def external_predictions(result: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -375,8 +392,7 @@ def external_section() -> None:
     try:
         stamp = Path(checkpoint).stat().st_mtime
         folder_stamp = Path(folder).stat().st_mtime if Path(folder).is_dir() else 0.0
-        with st.spinner(f"Evaluating {label} on every image in {shown}…", show_time=True):
-            out = _external_evaluation(checkpoint, stamp, folder, folder_stamp)
+        out = _external_evaluation(checkpoint, stamp, folder, folder_stamp)
     except (DatasetError, CheckpointError, ImageError, ValueError, OSError) as exc:
         st.error(f"{label} cannot be evaluated on `{shown}`:\n\n{exc}", icon=":material/block:")
         return

@@ -1,0 +1,5 @@
+"""A bookmarked /diagnose as a fresh server's first request (see pages/views/_entry.py)."""
+
+from pages.views._entry import run_app
+
+run_app()

@@ -390,6 +390,7 @@ def test_take_a_quiz_to_its_summary(page, server, browser_env, tmp_path):
     for i in range(10):
         page.get_by_text(f"Image {i + 1} of 10").wait_for()
         idle(page)  # a choice clicked while the question is still being drawn is lost when the form is redrawn
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=stRadioGroup]').length === 1")
         page.get_by_test_id("stRadioGroup").get_by_text("nv · Melanocytic nevus", exact=True).click()
         page.wait_for_function("() => document.querySelector('[data-testid=stRadioGroup] input:checked') !== null")
         page.get_by_role("button", name="Reveal").click()

@@ -253,10 +253,11 @@ def test_a_stop_during_rank_zeros_feature_extraction_ends_every_process(tmp_path
 
     def features_progress() -> list[dict]:
         try:
-            lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+            text = (run_dir / "metrics.jsonl").read_text()
         except FileNotFoundError:
             return []
-        return [e for e in map(json.loads, lines[:-1]) if e.get("phase") == "features"]  # the last may be partial
+        lines = text.split("\n")[:-1]  # what follows the last newline may be a line still being written
+        return [e for e in map(json.loads, lines) if e.get("phase") == "features"]
 
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True

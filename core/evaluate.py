@@ -382,9 +382,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--decoded-dir",
-        default=".cache/decoded",
-        help="the decoded-image cache training built (its --decoded-dir): the images are read from it when it holds "
-        "this dataset at the checkpoint's source size, else from their files; '' always reads the files",
+        help="the decoded-image cache training built (its --decoded-dir, default .cache/decoded): the images are "
+        "read from it when it holds this dataset at the checkpoint's source size, else from their files (with a "
+        "note saying why when this flag names it); '' always reads the files",
     )
     return parser
 
@@ -407,13 +407,13 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.workers,
             device=args.device,
             bootstrap=args.bootstrap,
-            decoded_dir=args.decoded_dir or None,
+            decoded_dir=".cache/decoded" if args.decoded_dir is None else args.decoded_dir or None,
         )
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)
         if result["split_warning"]:
             print(f"warning: {result['split_warning']}.", file=sys.stderr)
-        if result["input_pipeline_note"]:
+        if result["input_pipeline_note"] and args.decoded_dir:  # said when the cache was asked for by name
             print(f"note: {result['input_pipeline_note']}.", file=sys.stderr)
         print(format_report(result))
         if args.out:

@@ -188,17 +188,23 @@ def open_decoded(
     keep_free: int | None = None,
     workers: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    build: bool = True,
 ) -> DecodedImages:
     """The decoded images of ``paths`` (the dataset in ``root``) at ``prep``'s source size: the cache in
     ``cache_dir`` when its files are unchanged, else decoded now (``progress(done, total)`` as it goes) and
     stored, leaving ``keep_free`` bytes (default :data:`KEEP_FREE_BYTES`) free on the disk. Raises
-    :class:`CacheUnavailable` when it cannot be stored, :class:`core.runs.StopRequested` when ``should_stop``
-    says so (asked every 64 images; nothing is kept)."""
+    :class:`CacheUnavailable` when it cannot be stored, or, with ``build`` false, when no current cache is there;
+    :class:`core.runs.StopRequested` when ``should_stop`` says so (asked every 64 images; nothing is kept)."""
     paths = [str(p) for p in paths]
     size, fit = source_size(paths, prep)
     folder = cache_folder(cache_dir, root, size, fit)
     current = stamps(paths)
     cache = _load(folder, paths, current)
+    if cache is None and not build:
+        raise CacheUnavailable(
+            f"{cache_dir} holds no current decoded-image cache of these {len(paths)} images at {size[0]}×{size[1]} "
+            "(training with the decoded input pipeline builds it)"
+        )
     if cache is None:
         room = KEEP_FREE_BYTES if keep_free is None else keep_free
         cache = _build(folder, paths, current, size, fit, progress, room, workers or os.cpu_count() or 1, should_stop)

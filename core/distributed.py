@@ -22,6 +22,7 @@ dataset and the runs folder at the same path (one machine, or a shared filesyste
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -95,12 +96,31 @@ def barrier() -> None:
 
 
 def from_main(make: Callable[[], T]) -> T:
-    """``make()`` called on rank 0 only, its result (picklable) given to every process."""
+    """``make()`` called on rank 0 only, its result (picklable) given to every process. What it raises is
+    raised on every process: a stop that ends rank 0's feature extraction (:class:`core.runs.StopRequested`)
+    ends the run everywhere, rather than leaving the others waiting here for a result while rank 0 moves on
+    to its next collective. ``make`` itself must call no collective: the others are not in it."""
     if world_size() == 1:
         return make()
-    box = [make() if is_main() else None]
+    box: list = [None]
+    failure = None
+    if is_main():
+        try:
+            box = [(make(), None)]
+        except Exception as exc:
+            failure = exc
+            try:
+                pickle.dumps(exc)
+                box = [(None, exc)]
+            except Exception:  # the others get its type's name and message
+                box = [(None, RuntimeError(f"{type(exc).__name__}: {exc}"))]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if failure is not None:
+        raise failure
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def rank_batch_size(batch_size: int) -> int:

@@ -19,8 +19,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from core.augment import eval_batches
 from core.checkpoints import CheckpointError
 from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
+from core.decoded import CacheUnavailable, open_decoded
 from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
 from core.inference import PredictionError, check_probabilities, predict_probs
@@ -156,6 +158,35 @@ def _progress(batches: Iterable, total: int, batch_size: int, report: Callable[[
             report(min((i + 1) * batch_size, total), total)
 
 
+def _batches(
+    predictor: Predictor,
+    data: str | Path,
+    index: DatasetIndex,
+    frame: pd.DataFrame,
+    batch_size: int,
+    num_workers: int,
+    decoded_dir: str | Path | None,
+) -> tuple[Iterable, str | None]:
+    """Model-ready batches of ``frame``'s images and labels, and why they are not from the decoded-image cache
+    when one was asked for (``decoded_dir``). The cache is reused, never built here: building it decodes the
+    whole dataset, more than one split. Its batches equal the files' within resampling error
+    (tests/test_decoded_reuse.py); a split holding an image the cache found damaged is read from the files,
+    which say what is wrong with it."""
+    note, prep = None, predictor.prep
+    if decoded_dir is not None:
+        try:
+            cache = open_decoded(index.frame["path"].tolist(), prep, root=data, cache_dir=decoded_dir, build=False)
+            damaged = set(cache.damaged).intersection(frame["path"])
+            if not damaged:
+                paths, labels = frame["path"].tolist(), frame["label"].tolist()
+                return eval_batches(cache, paths, labels, prep, batch_size, predictor.device, channels_last=False), None
+            note = f"the decoded-image cache found {len(damaged)} of these images damaged; reading the JPEG files"
+        except CacheUnavailable as exc:
+            note = f"{exc}; reading the JPEG files instead"
+    dataset = LesionDataset.from_frame(frame, predictor.transform, prep)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers), note
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -169,9 +200,11 @@ def evaluate_checkpoint(
     num_workers: int = 0,
     device: str = "cpu",
     bootstrap: int = 1000,
+    decoded_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything.
+    """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything. With a
+    ``decoded_dir``, the images come from the decoded-image cache there when it holds them (see :func:`_batches`).
     ``progress(done, total)`` follows the images (by default a count on the terminal, when there is one:
     a log file full of carriage returns helps nobody)."""
     if progress is None and sys.stderr.isatty():
@@ -186,12 +219,11 @@ def evaluate_checkpoint(
         )
     index = index_data(data)
     frame = select_split(index.frame, split, seed, fracs)
-    dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader, pipeline_note = _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
     probs, labels = predict_probs(
         predictor.model,
-        _progress(loader, len(dataset), batch_size, progress),
+        _progress(loader, len(frame), batch_size, progress),
         predictor.device,
         temperature=predictor.temperature,
         tta=tta,
@@ -230,6 +262,8 @@ def evaluate_checkpoint(
         },
         "temperature": predictor.temperature,
         "tta": tta,
+        "input_pipeline": "jpeg" if pipeline_note or decoded_dir is None else "decoded",
+        "input_pipeline_note": pipeline_note,
         "metrics": metrics,
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
         "predictions": predictions,
@@ -352,6 +386,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--decoded-dir",
+        help="the decoded-image cache training built (its --decoded-dir, default .cache/decoded): the images are "
+        "read from it when it holds this dataset at the checkpoint's source size, else from their files (with a "
+        "note saying why when this flag names it); '' always reads the files",
+    )
     return parser
 
 
@@ -373,11 +413,14 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.workers,
             device=args.device,
             bootstrap=args.bootstrap,
+            decoded_dir=".cache/decoded" if args.decoded_dir is None else args.decoded_dir or None,
         )
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)
         if result["split_warning"]:
             print(f"warning: {result['split_warning']}.", file=sys.stderr)
+        if result["input_pipeline_note"] and args.decoded_dir:  # said when the cache was asked for by name
+            print(f"note: {result['input_pipeline_note']}.", file=sys.stderr)
         print(format_report(result))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)

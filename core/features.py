@@ -23,8 +23,10 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
+from core.augment import eval_batches
 from core.checkpoints import atomic_save
 from core.data import LesionDataset
+from core.decoded import DecodedImages
 from core.preprocessing import Preprocessing, eval_transform
 from core.runs import StopRequested
 from core.runtime import tune_allocator
@@ -58,8 +60,10 @@ def compute_features(
     channels_last: bool = True,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    decoded: DecodedImages | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Run ``backbone`` (eval mode) over the images at ``paths``.
+    """Run ``backbone`` (eval mode) over the images at ``paths``: read from the ``decoded`` image cache when
+    given (it must hold them), else decoded from their files.
 
     Returns float32 [N, D] features on the CPU, one row per image that decoded, in the order of
     ``paths``, and the paths of the images that did not (set aside as :class:`LesionDataset` explains).
@@ -70,28 +74,43 @@ def compute_features(
     backbone.eval().to(device)
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
-    dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep, skip_damaged=True)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=dataset.collate,
-    )
+    if decoded is not None:
+        unusable = set(decoded.damaged).intersection(paths)
+        usable = [p for p in paths if p not in unusable]
+        loader = eval_batches(decoded, usable, [0] * len(usable), prep, batch_size, device, channels_last=False)
+        # How many of ``paths`` each batch completes: its images and the damaged ones before the next batch's.
+        position = {p: i for i, p in enumerate(paths)}
+        ends = [position[usable[end - 1]] + 1 for end in range(batch_size, len(usable), batch_size)]
+        ends.append(len(paths))
+
+        def damaged_paths() -> list[str]:
+            return [p for p in paths[:done] if p in unusable]
+    else:
+        dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep, skip_damaged=True)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=dataset.collate,
+        )
+        ends = [min(end, len(paths)) for end in range(batch_size, len(paths) + batch_size, batch_size)]
+        damaged_paths = dataset.damaged_paths
     out, done = [], 0
-    for images, _ in loader:
+    for (images, _), done in zip(loader, ends, strict=False):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats = backbone(images)
         out.append(feats.float().cpu())
-        done = min(done + batch_size, len(paths))  # damaged images count as done too
         if progress:
             progress(done, len(paths))
         if should_stop is not None and done < len(paths) and should_stop():
             break
-    return (torch.cat(out) if out else torch.empty(0)), dataset.damaged_paths()
+    else:
+        done = len(paths)  # also when every image was damaged: no batch at all
+    return (torch.cat(out) if out else torch.empty(0)), damaged_paths()
 
 
 class FeatureCache:
@@ -116,9 +135,12 @@ class FeatureCache:
         num_workers: int = 0,
         progress: ProgressFn | None = None,
         should_stop: Callable[[], bool] | None = None,
+        decoded: Callable[[], DecodedImages | None] | None = None,
     ) -> tuple[torch.Tensor, list[str]]:
         """Features for ``paths`` in order, computing only those not cached yet, and the paths of the images
         that could not be decoded: they have no row, and are not cached, so a repaired file is tried again.
+        The images come from the decoded-image cache that ``decoded()`` opens, asked only when some features
+        are missing; from their files when it gives None.
         When ``should_stop`` says so between two batches, the features computed so far are cached and
         :class:`StopRequested` is raised: the next run starts where this one stopped."""
         file = self.path(key)
@@ -142,6 +164,7 @@ class FeatureCache:
                 num_workers=num_workers,
                 progress=progress,
                 should_stop=should_stop,
+                decoded=decoded() if decoded is not None else None,
             )
             finished = len(fresh) + len(damaged)  # the first images of ``missing``, decoded or not
             unusable = set(damaged)

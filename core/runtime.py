@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 
@@ -64,6 +65,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@cache
+def compile_problem(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot compile for ``device`` here (on the CPU, inductor needs a working C++
+    compiler), or None. A tiny function is compiled and run, so that a run asked to compile can say so before
+    it starts rather than fail with a long traceback in its first step."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return None
 
 
 def gpu_count() -> int:

@@ -51,7 +51,7 @@ from core.runs import (
     write_evaluation,
     write_split,
 )
-from core.runtime import default_workers, pick_device, torch_threads, tune_allocator
+from core.runtime import compile_problem, default_workers, pick_device, torch_threads, tune_allocator
 
 SCHEDULERS = ("step", "cosine", "none")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -134,7 +134,11 @@ class TrainConfig:
     num_workers: int | None = setting(None, "data-loading worker processes (default: chosen for the device)")
     amp: bool = setting(True, "bfloat16 autocast on CUDA")
     channels_last: bool = setting(True, "channels-last memory format for the images and the model")
-    compile: bool = setting(False, "torch.compile the model; the log reports what compiling cost the first epoch")
+    compile: bool = setting(
+        False,
+        "torch.compile what trains (the head alone on cached features); the log and the output report what "
+        "compiling cost the first epoch",
+    )
     select_metric: str = setting(
         "val_balanced_acc", "the validation number that picks best.pt", choices=("val_balanced_acc", "val_acc")
     )
@@ -523,7 +527,8 @@ def _loaders(
         paths = frame["path"].tolist()
 
         started = time.time()
-        # Rank 0 computes (or loads) the features and hands them to the others: one writer of the cache.
+        # Rank 0 computes (or loads) the features and hands them to the others: one writer of the cache. Its
+        # images come from the decoded-image cache with that pipeline (opened, or built, by rank 0 alone too).
         feats, damaged = distributed.from_main(
             lambda: shared.features(
                 cfg,
@@ -534,6 +539,7 @@ def _loaders(
                 num_workers=workers,
                 progress=lambda done, total: log.phase("features", done, total, started),
                 should_stop=should_stop,
+                decoded=partial(shared.decoded, cfg, log, should_stop) if cfg.input_pipeline == "decoded" else None,
             )
         )
         decoded = frame[~frame["path"].isin(damaged)]
@@ -557,10 +563,12 @@ def _loaders(
         )
         eval_loaders = {s: batches(frame[frame["split"] == s], eval_bs) for s in ("val", "test")}
         return model.head, train_loader, eval_loaders, damaged
-    # Under torchrun every process decodes, and a stop seen by one alone would leave the others waiting in the
-    # first collective: there the stop is taken at the first step instead.
-    alone = distributed.world_size() == 1
-    cache = shared.decoded(cfg, log, should_stop if alone else None) if cfg.input_pipeline == "decoded" else None
+    cache = None
+    if cfg.input_pipeline == "decoded":
+        # Rank 0 builds the cache (asking for a stop as it goes; from_main hands the stop to every rank) and the
+        # others open it once it is there: two processes writing one folder would spoil each other's files.
+        if distributed.from_main(lambda: shared.decoded(cfg, log, should_stop) is not None):
+            cache = shared.decoded(cfg, log)
     if cache is not None:
         damaged = sorted(set(cache.damaged).intersection(frame["path"]))
         if damaged:
@@ -626,6 +634,16 @@ def damaged_images(loaders: Iterable, found: Iterable[str] = ()) -> list[str]:
     return sorted(flagged.union(found))
 
 
+def refuse_early(cfg: TrainConfig) -> None:
+    """Refuse, before any writing, a global batch the processes cannot share and a compile this machine cannot
+    do (ValueError)."""
+    distributed.rank_batch_size(cfg.batch_size)
+    if cfg.compile:
+        problem = compile_problem(distributed.local_device(pick_device(cfg.device)))
+        if problem:
+            raise ValueError(f"torch.compile cannot compile on this machine ({problem}); train without --compile")
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -642,7 +660,7 @@ def train(
     ``shared`` holds the split dataset and features of earlier runs in this process (see :func:`train_many`).
     """
     tune_allocator()
-    distributed.rank_batch_size(cfg.batch_size)  # a batch the processes cannot share is refused before any writing
+    refuse_early(cfg)
     run_dir = Path(run_dir) if run_dir else distributed.from_main(lambda: new_run_dir(cfg))
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -677,7 +695,7 @@ def train_many(
     ``on_run_start`` and ``on_run_end`` are called with each run's folder as it starts and ends.
     """
     for cfg in configs:
-        distributed.rank_batch_size(cfg.batch_size)  # before the first run folder, as train() does
+        refuse_early(cfg)  # before the first run folder, as train() does
     shared = SharedInputs()
     run_dirs = []
     for cfg in configs:
@@ -719,17 +737,20 @@ def _run(
     model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head, dropout=cfg.dropout).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.compile()  # in place: the module, its state dict and its checkpoints stay as they are
     generator = torch.Generator().manual_seed(cfg.seed)
     # Only rank 0 computes the features, so it alone checks for a stop between their batches: a collective
-    # there would wait for processes that never reach it.
+    # there would wait for processes that never reach it. Its StopRequested reaches every process
+    # (distributed.from_main), so all of them stop here.
     try:
         step_module, train_loader, eval_loaders, found = _loaders(
             cfg, model, frame, train_rows, device, log, generator, shared, local_stop
         )
     except StopRequested:  # computing the features (kept in their cache) or decoding the images took the stop
         return "stopped"
+    if cfg.compile:
+        # What trains, the head alone on cached features. In place: the module, its state dict and its
+        # checkpoints stay as they are.
+        step_module.compile()
     loaders = [train_loader, *eval_loaders.values()]
 
     def record_set_aside() -> None:
@@ -824,9 +845,12 @@ def log_compile_cost(log: RunLog, epoch_seconds: list[float]) -> None:
     validation, compiling both) less the second; after the first alone, its time."""
     if len(epoch_seconds) == 1:
         log.event("compile", first_epoch_s=epoch_seconds[0])
+        print(f"torch.compile: the first epoch, compiling included, took {epoch_seconds[0]:.1f} s", flush=True)
     elif len(epoch_seconds) == 2:
         first, second = epoch_seconds
-        log.event("compile", first_epoch_s=first, second_epoch_s=second, compile_cost_s=max(0.0, first - second))
+        cost = max(0.0, first - second)
+        log.event("compile", first_epoch_s=first, second_epoch_s=second, compile_cost_s=cost)
+        print(f"torch.compile: the second epoch took {second:.1f} s, so compiling cost about {cost:.1f} s", flush=True)
 
 
 def finalize(

@@ -108,11 +108,12 @@ def test_resizing_on_the_device_matches_the_pil_resize():
     img = probe()
     prep = Preprocessing(input_size=(224, 224))
     expected = eval_transform(prep)(img)
-    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)  # uint8, as the cache holds them
     got = batch_transform(prep, "none", img.size)(pixels)[0]
     difference = ((got - expected) * STD[0]).abs()  # in [0, 1] pixel units
     assert got.shape == expected.shape == (3, 224, 224)
-    assert difference.mean() < 2 / 255 and difference.max() < 40 / 255
+    # The 8-bit resizes of torchvision and PIL differ by one step on a few values.
+    assert difference.max() < 1.01 / 255 and (difference > 0.5 / 255).float().mean() < 0.01
 
 
 def test_a_full_fine_tuning_run_on_the_sample_trains_through_the_cache(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from core import distributed, imbalance, jobs
 from core.labels import CLASSES
 from core.models import build_model
-from core.runs import read_run
+from core.runs import read_run, request_stop
 from tests.app_support import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,8 @@ def head_run(out: Path, cache: Path, *extra: str, processes: int = 1) -> subproc
     dropout: nothing random but the batch order, so one process and two must train the same model."""
     return trainer(
         *("--data", str(SAMPLE), "--weights", "none", "--input-size", "32", "32", "--out", str(out)),
-        *("--cache-dir", str(cache), "--head", "linear", "--dropout", "0", "--imbalance", "weighted_loss"),
+        *("--cache-dir", str(cache), "--decoded-dir", str(cache.parent / "decoded")),
+        *("--head", "linear", "--dropout", "0", "--imbalance", "weighted_loss"),
         *("--lr", "0.01", "--batch-size", "16", "--device", "cpu", *extra),
         processes=processes,
     )
@@ -234,3 +236,50 @@ def test_a_job_on_two_processes_runs_torchrun(tiny_root, tmp_path):
     run = read_run(runs / "two")
     assert run.state == "finished", (run.error, run.log_tail())
     assert run.log_tail().count("test accuracy") == 1
+
+
+def test_a_stop_during_rank_zeros_feature_extraction_ends_every_process(tmp_path):
+    """Rank 0 alone computes the features while rank 1 waits for them: a stop between two of rank 0's batches
+    must reach rank 1 too, and end the run on both, keeping the features computed so far."""
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "core.train"]
+    # 320×320 inputs: each batch of 64 takes seconds, time enough to ask for the stop during the second.
+    command += ["--data", str(SAMPLE), "--weights", "none", "--input-size", "320", "320", "--epochs", "1"]
+    command += ["--out", str(runs), "--name", "stop", "--cache-dir", str(cache), "--device", "cpu"]
+    command += ["--decoded-dir", str(tmp_path / "decoded")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run_dir = runs / "stop"
+
+    def features_progress() -> list[dict]:
+        try:
+            text = (run_dir / "metrics.jsonl").read_text()
+        except FileNotFoundError:
+            return []
+        lines = text.split("\n")[:-1]  # what follows the last newline may be a line still being written
+        return [e for e in map(json.loads, lines) if e.get("phase") == "features"]
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(e["done"] < e["total"] for e in features_progress()):  # the first batch is done
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no feature batch finished in 5 minutes"
+            time.sleep(0.05)
+        request_stop(run_dir)
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a process was left waiting after the stop (measured: rank 1, in the features' broadcast)")
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # torchrun ends its workers (each in a session of its own), killing them after 30 s
+            proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert read_run(run_dir).state == "stopped"
+    log = events(run_dir)
+    assert not [e for e in log if e["event"] == "epoch"]
+    assert [e["status"] for e in log if e["event"] == "end"] == ["stopped"]
+    done = max(e["done"] for e in features_progress())
+    assert done < 140
+    assert "stopped before the first epoch finished" in out
+    (features,) = cache.iterdir()  # what rank 0 computed before the stop is kept for the next run
+    assert len(torch.load(features, weights_only=True)["keys"]) == done

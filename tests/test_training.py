@@ -55,6 +55,8 @@ def train_cli(data, out, *extra: str, name: str = "cli", cache=None) -> subproce
         name,
         "--cache-dir",
         str(cache or Path(out) / "c"),
+        "--decoded-dir",
+        str(Path(out) / "decoded"),
         *extra,
     ]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})

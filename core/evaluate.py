@@ -380,19 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shifts:
         return _robustness(args)
     try:
-        result = evaluate_checkpoint(
-            args.checkpoint,
-            args.data,
-            split=args.split,
-            split_seed=args.split_seed,
-            fractions=args.fractions,
-            mel_threshold=args.mel_threshold,
-            tta=args.tta,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            device=args.device,
-            bootstrap=args.bootstrap,
-        )
+        result = evaluate_checkpoint(args.checkpoint, args.data, **_options(args))
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)
         if result["split_warning"]:
@@ -405,6 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         return _error(exc)
     return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The command line's settings shared by the evaluation and the robustness report."""
+    return {
+        "split": args.split,
+        "split_seed": args.split_seed,
+        "fractions": args.fractions,
+        "mel_threshold": args.mel_threshold,
+        "tta": args.tta,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "device": args.device,
+        "bootstrap": args.bootstrap,
+    }
 
 
 USER_ERRORS = (CheckpointError, DatasetError, ImageError, EvaluationError, PredictionError, OSError)
@@ -428,18 +431,7 @@ def _robustness(args: argparse.Namespace) -> int:
     try:
         out = args.out or robustness.report_path(args.checkpoint, run_folders())
         report = robustness.evaluate_shifts(
-            args.checkpoint,
-            args.data,
-            split=args.split,
-            split_seed=args.split_seed,
-            fractions=args.fractions,
-            mel_threshold=args.mel_threshold,
-            tta=args.tta,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            device=args.device,
-            bootstrap=args.bootstrap,
-            progress=robustness.terminal_progress(),
+            args.checkpoint, args.data, **_options(args), progress=robustness.terminal_progress()
         )
         if report["split_warning"]:
             print(f"warning: {report['split_warning']}.", file=sys.stderr)

@@ -25,6 +25,7 @@ from pages.views._shared import (
     cam_overlay,
     dataset_choice,
     evaluated_runs,
+    is_published,
     lazy_tabs,
     load_dataset,
     no_runs_message,
@@ -301,6 +302,9 @@ def _compute_robustness(run: RunState) -> dict | None:
     from core.runtime import pick_device
     from core.shifts import SHIFTS
 
+    if is_published(run):  # its record stays as published; a local copy of the run can have one computed
+        st.info("No robustness report was published with this run.", icon=":material/info:")
+        return None
     checkpoint = checkpoint_for_run(run.path, settings.model_files())
     index = load_dataset(show_help=False)
     if checkpoint is None or index is None:

@@ -45,6 +45,7 @@ def measure(args: argparse.Namespace) -> dict:
             shifts=SHAPE_SHIFTS,
             fit_rule=rule,
             bootstrap=args.bootstrap,
+            max_images=args.max_images,
             progress=terminal_progress(rule),
         )
         results[rule] = {
@@ -63,6 +64,7 @@ def measure(args: argparse.Namespace) -> dict:
         "data": Path(args.data).name,
         "split": "val",
         "n_images": n_images,
+        "sampled_from": report["sampled_from"],
         "bootstrap": args.bootstrap,
         "rules": results,
         "best": max(mean, key=mean.get),
@@ -97,12 +99,17 @@ def table(r: dict) -> list[str]:
     return lines
 
 
+def shown_images(r: dict) -> str:
+    sample = f" (a random sample of the {r['sampled_from']})" if r.get("sampled_from") else ""
+    return f"{r['n_images']}{sample} {r['split']} images"
+
+
 def section(r: dict, command: str) -> list[str]:
     return [
         "## Upload-fitting rule (bench/fitting.py)",
         "",
-        f"`{command}` — {r['when']}, {r['machine']}. {r['checkpoint']} on the {r['n_images']} {r['split']} images "
-        f"of {r['data']}, {r['bootstrap']} paired bootstrap resamples.",
+        f"`{command}` — {r['when']}, {r['machine']}. {r['checkpoint']} on {shown_images(r)} of {r['data']}, "
+        f"{r['bootstrap']} paired bootstrap resamples.",
         "",
         *table(r),
     ]
@@ -113,6 +120,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "reference.pt")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--max-images", type=int, help="a random sample (seed 0) of this many validation images")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = p.parse_args()
     command = ("python bench/fitting.py " + " ".join(sys.argv[1:])).strip()

@@ -22,6 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.fitting import shown_images  # noqa: E402
 from bench.fitting import table as fitting_table  # noqa: E402
 from core import robustness  # noqa: E402
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
@@ -311,7 +312,7 @@ def robustness_lines(reference: Path) -> list[str]:
             "",
             "### Upload-fitting rule",
             "",
-            f"Chosen on the {fitting['n_images']} validation images (`bench/fitting.py`, {fitting['bootstrap']} "
+            f"Chosen on {shown_images(fitting)} (`bench/fitting.py`, {fitting['bootstrap']} "
             "paired resamples) under the shifts that change an image's shape; the 2× and ½ scale shifts keep the "
             "4:3 field, which every rule fits alike.",
             "",

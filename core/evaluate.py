@@ -365,6 +365,9 @@ def _parser() -> argparse.ArgumentParser:
         "2× and ½ scale, JPEG quality 50, a colour cast, 90° rotation) with the drops from clean; saved as "
         "robustness.json in the checkpoint's run folder, or at --out",
     )
+    parser.add_argument(
+        "--max-images", type=int, help="with --shifts: a random sample (seed 0) of this many of the split's images"
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -431,7 +434,11 @@ def _robustness(args: argparse.Namespace) -> int:
     try:
         out = args.out or robustness.report_path(args.checkpoint, run_folders())
         report = robustness.evaluate_shifts(
-            args.checkpoint, args.data, **_options(args), progress=robustness.terminal_progress()
+            args.checkpoint,
+            args.data,
+            **_options(args),
+            max_images=args.max_images,
+            progress=robustness.terminal_progress(),
         )
         if report["split_warning"]:
             print(f"warning: {report['split_warning']}.", file=sys.stderr)

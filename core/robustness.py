@@ -106,16 +106,23 @@ def evaluate_shifts(
     num_workers: int = 0,
     device: str = "cpu",
     bootstrap: int = 1000,
+    max_images: int | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """The robustness report of ``checkpoint`` on ``split`` of ``data`` under ``shifts`` (names in
-    :data:`core.shifts.SHIFTS`; default all), as a JSON-ready dict; ``progress`` hears the images done."""
+    :data:`core.shifts.SHIFTS`; default all), as a JSON-ready dict; ``progress`` hears the images done.
+    ``max_images``: a random sample (seed 0) of at most that many of the split's images, for a quicker look."""
     names = list(SHIFTS if shifts is None else shifts)
     unknown = [n for n in names if n not in SHIFTS]
     if unknown:
         raise EvaluationError(f"unknown shift {', '.join(unknown)}; choose from {', '.join(SHIFTS)}")
     predictor = Predictor(checkpoint, device=device)
     frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
+    described["sampled_from"] = None
+    if max_images and len(frame) > max_images:
+        described["sampled_from"] = len(frame)
+        frame = frame.sample(n=max_images, random_state=0).reset_index(drop=True)
+        described["n_images"] = len(frame)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
     conditions = [CLEAN, *names]
     total, started = len(frame) * len(conditions), time.time()
@@ -231,8 +238,9 @@ def describe(report: dict) -> str:
     """One line: which model, images, split, TTA and fitting rule the report is about."""
     where = report["split"] if report["split"] == "all" else f"{report['split']} split (seed {report['split_seed']})"
     fit = f"; uploads fitted by the {report['fit_rule']!r} rule" if report.get("fit_rule") else ""
+    sample = f" (a random sample of the {report['sampled_from']})" if report.get("sampled_from") else ""
     return (
-        f"{report['arch']} checkpoint {report['checkpoint']} on {report['n_images']} images of "
+        f"{report['arch']} checkpoint {report['checkpoint']} on {report['n_images']}{sample} images of "
         f"{Path(report['data']).name} ({where}){', flip TTA' if report['tta'] else ''}{fit}; "
         f"{report['bootstrap']} paired bootstrap resamples"
     )

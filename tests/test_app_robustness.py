@@ -61,7 +61,10 @@ def test_missing_report_is_computed_with_a_button_and_saved(env):
 
 def test_saved_report_is_shown_without_recomputing(env):
     """The table is read from robustness.json: a number changed there is the number shown."""
-    report = robustness.evaluate_shifts(env.checkpoints / "reference.pt", SAMPLE, shifts=["rotate_90"], bootstrap=50)
+    report = robustness.evaluate_shifts(
+        env.checkpoints / "reference.pt", SAMPLE, shifts=["rotate_90"], bootstrap=50, max_images=10
+    )
+    assert report["n_images"] == 10 and report["sampled_from"] > 10
     report["conditions"][0]["balanced_accuracy"] = 0.123456
     (env.runs / RUN / "robustness.json").write_text(json.dumps(report))
     at = _robustness_tab()

@@ -28,7 +28,7 @@ from core.robustness import CLEAN, evaluate_shifts, terminal_progress  # noqa: E
 OWNER = "fitting"
 SHAPE_SHIFTS = ("square_crop", "rotate_90")
 RULES = {
-    "crop": "one factor to cover 200×150, centre crop (the rule before this comparison)",
+    "crop": "one factor to cover 200×150, centre crop",
     "pad": "one factor to fit inside 200×150, reflect-pad",
     "scale": "one factor bringing the shorter side to 150, then centre crop / reflect-pad",
 }
@@ -60,7 +60,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(args.checkpoint.resolve().relative_to(ROOT)),
         "data": Path(args.data).name,
         "split": "val",
         "n_images": n_images,
@@ -68,7 +68,6 @@ def measure(args: argparse.Namespace) -> dict:
         "bootstrap": args.bootstrap,
         "rules": results,
         "best": max(mean, key=mean.get),
-        "in_use": FIT_RULE,
     }
 
 
@@ -87,7 +86,7 @@ def table(r: dict) -> list[str]:
         for s in SHAPE_SHIFTS:
             c = conditions[s]
             cells += [f"{c['balanced_accuracy']:.3f}", _ci(c["drop"]["balanced_accuracy"]), f"{c['mel_auc']:.3f}"]
-        name = f"**{rule}** (in use)" if rule == r["in_use"] else rule
+        name = f"**{rule}** (the predictor's)" if rule == FIT_RULE else rule
         lines.append(f"| {name}: {RULES[rule]} | " + " | ".join(cells) + " |")
     clean = next(iter(r["rules"].values()))[CLEAN]
     lines += [

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.fitting import shown_images  # noqa: E402
+from bench.fitting import RULES, shown_images  # noqa: E402
 from bench.fitting import table as fitting_table  # noqa: E402
 from core import robustness  # noqa: E402
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
@@ -87,7 +87,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         f"`{cfg['finetune']}`, `{cfg['head']}` head), 7 outputs in the order {', '.join(CLASSES)}.",
         f"- Input: the whole 200×150 image at its native size (`input_size` {cfg['input_size']} as H×W), ImageNet "
         "normalisation. The checkpoint records `source_size` 200×150: the predictor first brings any upload to "
-        f"200×150 by one scale factor for both sides (Lanczos), rule `{FIT_RULE}` (see Robustness below).",
+        f"200×150: {RULES[FIT_RULE]} (Lanczos; rule `{FIT_RULE}`, see Robustness below).",
         f"- Calibration: temperature scaling fitted on the validation split, T = {temperature:.3f}, stored in the "
         "checkpoint and applied by the predictor.",
         "",

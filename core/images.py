@@ -166,12 +166,11 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
 # How an image of another shape or size is brought to a model's source size: each rule is the one scale factor
 # applied to both sides (never a stretch), after which the image is centre-cropped and/or padded to the source
 # size. "crop" covers the source size (the longer relative side is cut), "pad" fits inside it, "scale" brings
-# the shorter side to the source's shorter side. FIT_RULE is the predictor's, chosen with the robustness report
-# (bench/fitting.py, MODEL_CARD.md): a square crop of the field, as public dermoscopy sets ship, keeps the
-# lesion at the scale the model learnt, where "crop" enlarged it by a third; a portrait image keeps it too,
-# where "pad" shrank it by a quarter.
+# the shorter side to the source's shorter side. FIT_RULE stays "crop": on the validation split under a square
+# crop of the field and a 90° turn it scored no worse than the scale-preserving rules (bench/fitting.py,
+# MODEL_CARD.md), which keep the lesion's size but give the model reflected margins it never saw in training.
 FIT_RULES = ("crop", "pad", "scale")
-FIT_RULE = "scale"
+FIT_RULE = "crop"
 
 
 def _centre_on(img: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -307,6 +307,13 @@ def robustness_lines(reference: Path) -> list[str]:
             "",
             *robustness.markdown_table(report),
         ]
+        if report.get("sampled_from"):
+            lines += [
+                "",
+                f"Measured on a random sample of the split (`--max-images {report['n_images']}`, 2-core CPU under "
+                "shared load): its clean scores differ from the full split's above, and the intervals are wide. "
+                "Rerun without `--max-images` for the whole split.",
+            ]
     if fitting:
         lines += [
             "",

@@ -22,11 +22,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.fitting import RULES, shown_images  # noqa: E402
+from bench.fitting import table as fitting_table  # noqa: E402
+from core import robustness  # noqa: E402
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
 from core.files import read_json  # noqa: E402
+from core.images import FIT_RULE  # noqa: E402
 from core.imbalance import STRATEGIES  # noqa: E402
 from core.labels import CLASSES  # noqa: E402
-from core.runs import has_evaluation, read_config, read_predictions, read_run, read_split  # noqa: E402
+from core.runs import has_evaluation, read_config, read_predictions, read_robustness, read_run, read_split  # noqa: E402
 from core.similar import NEIGHBOURS  # noqa: E402
 from core.training import config_with, train  # noqa: E402
 
@@ -83,7 +87,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         f"`{cfg['finetune']}`, `{cfg['head']}` head), 7 outputs in the order {', '.join(CLASSES)}.",
         f"- Input: the whole 200×150 image at its native size (`input_size` {cfg['input_size']} as H×W), ImageNet "
         "normalisation. The checkpoint records `source_size` 200×150: the predictor first brings any upload to "
-        "200×150 (centre-cropped to 4:3, Lanczos), as the training images were.",
+        f"200×150: {RULES[FIT_RULE]} (Lanczos; rule `{FIT_RULE}`, see Robustness below).",
         f"- Calibration: temperature scaling fitted on the validation split, T = {temperature:.3f}, stored in the "
         "checkpoint and applied by the predictor.",
         "",
@@ -194,6 +198,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
             f"{fmt(r['roc_auc']['per_class']['mel'])} |"
         )
     lines += similar_lines()
+    lines += robustness_lines(reference)
     lines += [
         "",
         "## Intended use",
@@ -281,6 +286,46 @@ def similar_lines() -> list[str]:
         "",
         *unfamiliar_lines(r["unfamiliar"]),
     ]
+
+
+def robustness_lines(reference: Path) -> list[str]:
+    """The robustness report saved in the reference run's folder (``python -m core.evaluate --shifts``) and the
+    fitting-rule comparison of ``bench/fitting.py`` (docs/BENCHMARKS.json); nothing for what has not run."""
+    report = read_robustness(reference)
+    fitting = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("fitting")
+    lines = []
+    if report:
+        lines += [
+            "",
+            "## Robustness to acquisition shifts",
+            "",
+            "The test split again, each image changed as an upload may differ from our 200×150 HAM10000 copies "
+            "before the predictor's fitting: `python -m core.evaluate --checkpoint checkpoints/reference.pt --data "
+            f"../shared/data/ham10000-200x150 --shifts`. {robustness.describe(report)}. Drop = clean − shifted; "
+            "intervals from a paired bootstrap (the same resampled images under both conditions). Target: balanced "
+            "accuracy drops by ≤ 0.03 under each shift.",
+            "",
+            *robustness.markdown_table(report),
+        ]
+        if report.get("sampled_from"):
+            lines += [
+                "",
+                f"Measured on a random sample of the split (`--max-images {report['n_images']}`, 2-core CPU under "
+                "shared load): its clean scores differ from the full split's above, and the intervals are wide. "
+                "Rerun without `--max-images` for the whole split.",
+            ]
+    if fitting:
+        lines += [
+            "",
+            "### Upload-fitting rule",
+            "",
+            f"Chosen on {shown_images(fitting)} (`bench/fitting.py`, {fitting['bootstrap']} "
+            "paired resamples) under the shifts that change an image's shape; the 2× and ½ scale shifts keep the "
+            "4:3 field, which every rule fits alike.",
+            "",
+            *fitting_table(fitting),
+        ]
+    return lines
 
 
 def main() -> None:

@@ -187,6 +187,50 @@ def _batches(
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers), note
 
 
+def split_images(
+    checkpoint_path: str | Path,
+    checkpoint: dict,
+    data: str | Path,
+    split: str = "test",
+    split_seed: int | None = None,
+    fractions: Sequence[float] | None = None,
+) -> tuple[DatasetIndex, pd.DataFrame, dict]:
+    """The dataset in ``data``, the rows of its ``split`` for the checkpoint (its dict and path), and a JSON-ready
+    record of them: data, split, seed, fractions and where they came from, notes, image count, validation."""
+    config = checkpoint.get("config") or {}
+    seed, fracs, source = resolve_split(checkpoint, split_seed, fractions)
+    if split != "all" and config.get("max_images") and source == "checkpoint":
+        raise EvaluationError(
+            f"{checkpoint_path} was trained on a subsample (max_images={config['max_images']}), so its split cannot "
+            "be recomputed from the full dataset; pass --split all, or --split-seed/--fractions to choose a split."
+        )
+    index = index_data(data)
+    frame = select_split(index.frame, split, seed, fracs)
+    return (
+        index,
+        frame,
+        {
+            "data": str(data),
+            "split": split,
+            "split_seed": seed if split != "all" else None,
+            "split_fractions": list(fracs) if split != "all" else None,
+            "split_source": source if split != "all" else None,
+            "split_note": (
+                "this is not the split the checkpoint was trained with; its test images may have been training images"
+                if split != "all" and source == "command line" and "split_seed" in config
+                else None
+            ),
+            "split_warning": split_warning(checkpoint_path, data, config, split, frame),
+            "n_images": len(frame),
+            "validation": {
+                "ok": index.report.ok,
+                "summary": index.report.summary(),
+                "problems": index.report.problems().values.tolist(),
+            },
+        },
+    )
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -210,15 +254,7 @@ def evaluate_checkpoint(
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = Predictor(checkpoint, device=device)
-    config = predictor.checkpoint.get("config") or {}
-    seed, fracs, source = resolve_split(predictor.checkpoint, split_seed, fractions)
-    if split != "all" and config.get("max_images") and source == "checkpoint":
-        raise EvaluationError(
-            f"{checkpoint} was trained on a subsample (max_images={config['max_images']}), so its split cannot "
-            "be recomputed from the full dataset; pass --split all, or --split-seed/--fractions to choose a split."
-        )
-    index = index_data(data)
-    frame = select_split(index.frame, split, seed, fracs)
+    index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
     loader, pipeline_note = _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
     probs, labels = predict_probs(
@@ -243,23 +279,7 @@ def evaluate_checkpoint(
     return {
         "checkpoint": str(checkpoint),
         "arch": predictor.arch,
-        "data": str(data),
-        "split": split,
-        "split_seed": seed if split != "all" else None,
-        "split_fractions": list(fracs) if split != "all" else None,
-        "split_source": source if split != "all" else None,
-        "split_note": (
-            "this is not the split the checkpoint was trained with; its test images may have been training images"
-            if split != "all" and source == "command line" and "split_seed" in config
-            else None
-        ),
-        "split_warning": split_warning(checkpoint, data, config, split, frame),
-        "n_images": len(frame),
-        "validation": {
-            "ok": index.report.ok,
-            "summary": index.report.summary(),
-            "problems": index.report.problems().values.tolist(),
-        },
+        **described,
         "temperature": predictor.temperature,
         "tta": tta,
         "input_pipeline": "jpeg" if pipeline_note or decoded_dir is None else "decoded",
@@ -382,6 +402,16 @@ def _parser() -> argparse.ArgumentParser:
         help="P(melanoma) at or above which an image counts as melanoma-positive",
     )
     parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes per image)")
+    parser.add_argument(
+        "--shifts",
+        action="store_true",
+        help="the robustness report instead: the split as it is and under each acquisition shift (square crop, "
+        "2× and ½ scale, JPEG quality 50, a colour cast, 90° rotation) with the drops from clean; saved as "
+        "robustness.json in the checkpoint's run folder, or at --out",
+    )
+    parser.add_argument(
+        "--max-images", type=int, help="with --shifts: a random sample (seed 0) of this many of the split's images"
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -400,20 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.mel_threshold <= 1.0:
         print(f"error: --mel-threshold must be within [0, 1], got {args.mel_threshold}", file=sys.stderr)
         return 2
+    if args.shifts:
+        return _robustness(args)
     try:
         result = evaluate_checkpoint(
             args.checkpoint,
             args.data,
-            split=args.split,
-            split_seed=args.split_seed,
-            fractions=args.fractions,
-            mel_threshold=args.mel_threshold,
-            tta=args.tta,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            device=args.device,
-            bootstrap=args.bootstrap,
             decoded_dir=".cache/decoded" if args.decoded_dir is None else args.decoded_dir or None,
+            **_options(args),
         )
         if result["split_note"]:
             print(f"note: {result['split_note']}.", file=sys.stderr)
@@ -426,13 +450,63 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
             print(f"\nreport written to {args.out}")
-    except (CheckpointError, DatasetError, ImageError, EvaluationError, PredictionError, OSError) as exc:
-        message = str(exc)
-        if "Original Traceback" in message:
-            # Raised in a DataLoader worker: torch appends the worker's traceback; its last line is the error.
-            message = message.strip().splitlines()[-1]
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as exc:
+        return _error(exc)
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The command line's settings shared by the evaluation and the robustness report."""
+    return {
+        "split": args.split,
+        "split_seed": args.split_seed,
+        "fractions": args.fractions,
+        "mel_threshold": args.mel_threshold,
+        "tta": args.tta,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "device": args.device,
+        "bootstrap": args.bootstrap,
+    }
+
+
+USER_ERRORS = (CheckpointError, DatasetError, ImageError, EvaluationError, PredictionError, OSError)
+
+
+def _error(exc: Exception) -> int:
+    message = str(exc)
+    if "Original Traceback" in message:
+        # Raised in a DataLoader worker: torch appends the worker's traceback; its last line is the error.
+        message = message.strip().splitlines()[-1]
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    """``--shifts``: the robustness report (core.robustness), printed and saved."""
+    from core import robustness  # it builds on this module
+    from core.files import write_json
+    from core.settings import run_folders
+
+    try:
+        out = args.out or robustness.report_path(args.checkpoint, run_folders())
+        report = robustness.evaluate_shifts(
+            args.checkpoint,
+            args.data,
+            **_options(args),
+            max_images=args.max_images,
+            progress=robustness.terminal_progress(),
+        )
+        if report["split_warning"]:
+            print(f"warning: {report['split_warning']}.", file=sys.stderr)
+        print(robustness.format_table(report))
+        write_json(out, report)
+        print(f"\nrobustness report written to {out}")
+    except USER_ERRORS as exc:
+        return _error(exc)
+    except KeyboardInterrupt:
+        print("\nstopped; no report was written", file=sys.stderr)
+        return 130
     return 0
 
 

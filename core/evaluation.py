@@ -147,6 +147,12 @@ def roc_curves(labels: np.ndarray, probs: np.ndarray) -> dict[str, dict | None]:
     return curves
 
 
+def melanoma_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Melanoma-vs-rest ROC AUC of P(mel); ``None`` without both melanomas and other lesions."""
+    labels, probs = _check(labels, probs)
+    return _auc(labels == MEL, probs[:, MEL])
+
+
 def melanoma_operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
     """Melanoma-vs-rest sensitivity and specificity when ``P(mel) >= threshold`` counts as positive.
 
@@ -221,10 +227,40 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric_fn(labels, probs)`` over ``n`` resamples of the images."""
     labels, probs = _check(labels, probs)
-    rng = np.random.default_rng(seed)
-    stats = np.array(
-        [metric_fn(labels[idx], probs[idx]) for idx in rng.integers(0, len(labels), size=(n, len(labels)))]
-    )
+    stats = [metric_fn(labels[idx], probs[idx]) for idx in _resamples(len(labels), n, seed)]
+    return _percentile_interval(stats, level)
+
+
+def paired_bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    other: np.ndarray,
+    metric_fn: Callable[[np.ndarray, np.ndarray], float | None],
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric_fn(labels, probs) - metric_fn(labels, other)``, both
+    probability arrays holding the same images in the same order: each resample draws the same images for
+    both, so the interval reflects the difference, not the spread of either score. Resamples where the
+    metric is undefined (``None``: no melanoma drawn, say) are left out."""
+    labels, probs = _check(labels, probs)
+    _, other = _check(labels, other)
+    stats = []
+    for idx in _resamples(len(labels), n, seed):
+        a, b = metric_fn(labels[idx], probs[idx]), metric_fn(labels[idx], other[idx])
+        if a is not None and b is not None:
+            stats.append(a - b)
+    return _percentile_interval(stats, level)
+
+
+def _resamples(size: int, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, size, size=(n, size))
+
+
+def _percentile_interval(stats: list[float], level: float) -> tuple[float, float]:
+    if not stats:
+        raise ValueError("the metric is undefined on every bootstrap resample")
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high)

@@ -163,14 +163,45 @@ def open_image(source: ImageSource, *, draft_size: tuple[int, int] | None = None
         raise ImageError(f"{name} is damaged or truncated and cannot be decoded ({exc}).") from None
 
 
-def fit_to_source(img: Image.Image, source_size: tuple[int, int]) -> Image.Image:
-    """Bring an image to the (width, height) its model's training images had.
+# How an image of another shape or size is brought to a model's source size: each rule is the one scale factor
+# applied to both sides (never a stretch), after which the image is centre-cropped and/or padded to the source
+# size. "crop" covers the source size (the longer relative side is cut), "pad" fits inside it, "scale" brings
+# the shorter side to the source's shorter side. FIT_RULE stays "crop": on the validation split under a square
+# crop of the field and a 90° turn it scored no worse than the scale-preserving rules (bench/fitting.py,
+# MODEL_CARD.md), which keep the lesion's size but give the model reflected margins it never saw in training.
+FIT_RULES = ("crop", "pad", "scale")
+FIT_RULE = "crop"
+
+
+def _centre_on(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Centre-crop each side longer than ``size`` (width, height), then reflect-pad each shorter one: the margin
+    looks like the skin at the image's edge, not like a black frame the model never saw in training."""
+    width, height = min(img.width, size[0]), min(img.height, size[1])
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    arr = np.asarray(img.crop((left, top, left + width, top + height)))
+    pad_w, pad_h = size[0] - width, size[1] - height
+    if pad_w or pad_h:
+        arr = np.pad(arr, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)), "reflect")
+    return Image.fromarray(arr)
+
+
+def fit_to_source(img: Image.Image, source_size: tuple[int, int], rule: str = FIT_RULE) -> Image.Image:
+    """Bring an image to the (width, height) its model's training images had, by ``rule`` (see
+    :data:`FIT_RULES`).
 
     The reference model learnt from 600×450 dermoscopy downscaled to 200×150; a
     full-resolution photo must get the same treatment or it is out of distribution.
-    Other aspect ratios are centre-cropped to the source ratio first, as a
-    dermatoscope's field of view is centred on the lesion.
     """
-    if img.size == tuple(source_size):
+    size = tuple(source_size)
+    if img.size == size:
         return img
-    return ImageOps.fit(img, tuple(source_size), method=Image.Resampling.LANCZOS)
+    if rule == "crop":
+        factor = max(size[0] / img.width, size[1] / img.height)
+    elif rule == "pad":
+        factor = min(size[0] / img.width, size[1] / img.height)
+    elif rule == "scale":
+        factor = min(size) / min(img.size)
+    else:
+        raise ValueError(f"unknown fitting rule {rule!r}; choose from {', '.join(FIT_RULES)}")
+    scaled = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return _centre_on(img.resize(scaled, Image.Resampling.LANCZOS), size)

@@ -91,7 +91,14 @@ def predict_logits(
 
 
 def predict_probs(
-    model: torch.nn.Module, loader: Iterable, device: torch.device | str, *, temperature: float = 1.0, tta: bool = False
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    *,
+    temperature: float = 1.0,
+    tta: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips."""
-    return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta))
+    """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips; ``progress`` as for
+    :func:`predict_logits`."""
+    return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta), progress)

@@ -507,3 +507,35 @@ def accuracy_pairs(table: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(range=[0, 1.15])
     fig.update_yaxes(autorange="reversed")
     return _finish(fig, "Accuracy vs balanced accuracy", height=_lesson_height(table))
+
+
+# ---------------------------------------------------------------------------
+# Robustness
+
+
+def robustness_figure(report: Mapping) -> go.Figure:
+    """Balanced accuracy's drop from clean under each shift of a robustness report (:mod:`core.robustness`),
+    with its paired 95% bootstrap interval as error bars; the dotted line is the 0.03 the issue allows."""
+    shifted = [c for c in report["conditions"] if c.get("drop")]
+    drops = [c["drop"]["balanced_accuracy"] for c in shifted]
+    values = [d["value"] for d in drops]
+    cis = [d["ci"] or [d["value"], d["value"]] for d in drops]
+    fig = go.Figure(
+        go.Bar(
+            x=[c["name"] for c in shifted],
+            y=values,
+            marker_color=["#E45756" if v > 0 else "#54A24B" for v in values],
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[hi - v for v, (_, hi) in zip(values, cis, strict=True)],
+                arrayminus=[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
+            ),
+            customdata=[[c["description"], lo, hi] for c, (lo, hi) in zip(shifted, cis, strict=True)],
+            hovertemplate="%{customdata[0]}<br>drop %{y:+.3f} (95% CI %{customdata[1]:+.3f} to "
+            "%{customdata[2]:+.3f})<extra></extra>",
+        )
+    )
+    fig.add_hline(y=0.03, line=dict(color="#333", dash="dot"), annotation_text="0.03")
+    fig.update_yaxes(title="drop in balanced accuracy (clean − shifted)", zeroline=True)
+    return _finish(fig, "Balanced accuracy lost under each shift", height=360)

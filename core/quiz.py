@@ -39,7 +39,7 @@ from core.data import split_by_lesion
 from core.evaluate import resolve_split
 from core.evaluation import compute_metrics
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA, NUM_CLASSES, class_index
-from core.runs import read_config, read_split
+from core.runs import matching_runs, read_split
 from core.settings import PROJECT_ROOT
 
 QUIZ_SPLITS = ("test", "val")  # never "train"
@@ -104,11 +104,8 @@ def model_split(
     Raises :class:`QuizError` when neither a record nor a recomputation can be trusted.
     """
     config = _stored_config(checkpoint)
-    candidates = [Path(checkpoint_path).parent]
-    if config.get("name"):
-        candidates += [Path(folder) / str(config["name"]) for folder in run_folders]
-    for run_dir in candidates:
-        if config and (run_dir / "split.csv").is_file() and read_config(run_dir) == config:
+    for run_dir in matching_runs(checkpoint_path, config, run_folders):
+        if (run_dir / "split.csv").is_file():
             table = read_split(run_dir)
             return SplitRecord(
                 pd.Series(table["split"].to_numpy(), index=table["image_id"].astype(str)),

@@ -16,6 +16,7 @@ Layout of a run folder (``<out>/<name>/``):
                          passed indexing but could not be decoded during the run
 - ``test_predictions.csv`` and ``evaluation.json``: the best model on the test split,
                          after temperature scaling fitted on the validation split
+- ``robustness.json``    the robustness report of the run's model (:mod:`core.robustness`), when one was made
 - ``train.log``          the trainer's output, when a job started it
 - ``STOP``               created by anyone who wants the run to end cleanly
 
@@ -50,6 +51,7 @@ FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 LIVE_STATES = ("starting", "running")  # written only by the trainer, with its pid
 LOG_TAIL_LINES = 30
 STOP_FILE = "STOP"
+ROBUSTNESS_FILE = "robustness.json"
 # What the progress bar says during a long step before the epochs; a phase not named here shows its name.
 PHASE_LABELS = {
     "features": "computing backbone features once",
@@ -240,6 +242,10 @@ def write_evaluation(
     atomic_write(Path(run_dir) / "test_predictions.csv", lambda fh: table.to_csv(fh, index=False))
 
 
+def write_robustness(run_dir: Path, report: dict) -> None:
+    write_json(Path(run_dir) / ROBUSTNESS_FILE, report)
+
+
 # ---------------------------------------------------------------------------
 # Reading
 
@@ -286,6 +292,21 @@ def read_dataset_report(run_dir: Path) -> dict:
 def read_evaluation(run_dir: Path) -> dict:
     """The test evaluation of the run's best model; empty before the run has one."""
     return read_json(Path(run_dir) / "evaluation.json") or {}
+
+
+def read_robustness(run_dir: Path) -> dict | None:
+    """The robustness report saved for the run's model; None when there is none."""
+    return read_json(Path(run_dir) / ROBUSTNESS_FILE)
+
+
+def matching_runs(checkpoint_path: str | Path, config: dict, run_folders: Sequence[Path]) -> list[Path]:
+    """The run folders that recorded the training of the checkpoint whose stored config is ``config``: its own
+    folder, then ``config["name"]`` under each of ``run_folders``, where ``config.json`` equals ``config``."""
+    config = json.loads(json.dumps(config))  # as config.json holds it: tuples become lists
+    candidates = [Path(checkpoint_path).parent]
+    if config.get("name"):
+        candidates += [Path(folder) / str(config["name"]) for folder in run_folders]
+    return [run_dir for run_dir in candidates if config and read_config(run_dir) == config]
 
 
 def has_evaluation(run_dir: Path) -> bool:

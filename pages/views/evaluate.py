@@ -20,11 +20,12 @@ from core.evaluation import melanoma_operating_point, reliability_curve, roc_cur
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
-from core.runs import RunState, locate_images
+from core.runs import RunState, locate_images, read_robustness, write_robustness
 from pages.views._shared import (
     cam_overlay,
     dataset_choice,
     evaluated_runs,
+    is_published,
     lazy_tabs,
     load_dataset,
     no_runs_message,
@@ -173,6 +174,7 @@ def internal_section() -> None:
             ),
             "Melanoma threshold": lambda: melanoma_threshold(labels, probs),
             "Misclassified images": lambda: misclassified_gallery(run, table, labels, probs),
+            "Robustness": lambda: robustness_view(run),
         },
         key="eval_view",
     )
@@ -273,6 +275,65 @@ def misclassified_gallery(run: RunState, table: pd.DataFrame, labels: np.ndarray
     st.caption(
         f"{DISPLAY_NAMES[MELANOMA]} missed as a benign class is the costliest mistake; filter with True class = mel."
     )
+
+
+def robustness_view(run: RunState) -> None:
+    """The run's saved robustness report (table and chart); when it has none, a button computes it on the
+    configured dataset's test split, with progress, and saves it in the run folder."""
+    from core import robustness
+
+    report = read_robustness(run.path) or _compute_robustness(run)
+    if report is None:
+        return
+    st.caption(f"{robustness.describe(report)}. Each shift is applied to the image file before the model's fitting.")
+    if report.get("split_warning"):
+        st.warning(report["split_warning"], icon=":material/warning:")
+    st.dataframe(pd.DataFrame(robustness.table_rows(report)), hide_index=True, key="eval_robust_table")
+    st.plotly_chart(plots.robustness_figure(report), width="stretch", key="eval_robust_chart")
+    st.caption(
+        "Drop = clean minus shifted, with a paired bootstrap 95% interval (the same resampled images under both "
+        "conditions); a positive ECE change means worse calibration. Same as `python -m core.evaluate "
+        "--checkpoint CKPT --data DIR --shifts`."
+    )
+
+
+def _compute_robustness(run: RunState) -> dict | None:
+    """The button that makes the missing report and saves it; the report once saved, else None."""
+    from core.robustness import checkpoint_for_run, evaluate_shifts
+    from core.runtime import pick_device
+    from core.shifts import SHIFTS
+
+    if is_published(run):  # its record stays as published; a local copy of the run can have one computed
+        st.info("No robustness report was published with this run.", icon=":material/info:")
+        return None
+    checkpoint = checkpoint_for_run(run.path, settings.model_files())
+    index = load_dataset(show_help=False)
+    if checkpoint is None or index is None:
+        missing = "no checkpoint of this run is available here" if checkpoint is None else "no dataset is configured"
+        st.info(f"No robustness report has been saved for this run, and {missing}.", icon=":material/info:")
+        return None
+    st.info(
+        f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` on "
+        f"the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
+        f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images.",
+        icon=":material/info:",
+    )
+    if not st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go"):
+        return None
+    bar, started = st.empty(), time.time()
+
+    def progress(done: int, total: int) -> None:
+        with bar:
+            progress_bar("Clean and shifted test images", done, total, started)
+
+    try:
+        report = evaluate_shifts(checkpoint, index.root, device=str(pick_device()), progress=progress)
+    except (DatasetError, CheckpointError, ImageError, ValueError, OSError) as exc:
+        st.error(f"The robustness report cannot be computed:\n\n{exc}", icon=":material/block:")
+        return None
+    bar.empty()
+    write_robustness(run.path, report)
+    return report
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from core.decoded import DecodedImages
-from core.preprocessing import AUGMENTATIONS, Preprocessing
+from core.preprocessing import AUGMENTATIONS, WIDE_CROP_AREA, WIDE_SCALE, Preprocessing, wide_crop_ratio
 
 
 def _augmentations(augmentation: str) -> list[nn.Module]:
@@ -30,10 +30,11 @@ def _augmentations(augmentation: str) -> list[nn.Module]:
         return []
     if augmentation == "seed":
         return [*flips, K.RandomRotation(20.0, **geometry), K.ColorJitter(brightness=0.1, contrast=0.1)]
-    if augmentation == "strong":
+    if augmentation in ("strong", "wide"):
+        scale = (0.9, 1.2) if augmentation == "strong" else WIDE_SCALE
         return [
             *flips,
-            K.RandomAffine(180.0, scale=(0.9, 1.2), padding_mode="zeros", **geometry),
+            K.RandomAffine(180.0, scale=scale, padding_mode="zeros", **geometry),
             K.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
         ]
     raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
@@ -45,6 +46,10 @@ def batch_transform(prep: Preprocessing, augmentation: str, source: tuple[int, i
     ops: list[nn.Module] = []
     if (source[1], source[0]) != tuple(prep.input_size):
         ops.append(K.Resize(tuple(prep.input_size), antialias=True, align_corners=False))
+    if augmentation == "wide":
+        # After the resize, as in train_transform; bilinear on the half-pixel grid, as torchvision crops.
+        size, ratio = tuple(prep.input_size), wide_crop_ratio(prep)
+        ops.append(K.RandomResizedCrop(size, WIDE_CROP_AREA, ratio, align_corners=False))
     ops += _augmentations(augmentation)
     ops.append(K.Normalize(torch.tensor(prep.mean), torch.tensor(prep.std)))
     return K.AugmentationSequential(*ops)

@@ -23,10 +23,10 @@ from core.checkpoints import CheckpointError
 from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_by_lesion
 from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
-from core.inference import PredictionError, check_probabilities, predict_probs
+from core.inference import PredictionError, check_probabilities, predict_probs, tta_description, view_count
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.layouts import index_any
-from core.predict import Predictor
+from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT, Predictor
 from core.runs import read_split
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -163,7 +163,7 @@ def evaluate_checkpoint(
     split_seed: int | None = None,
     fractions: Sequence[float] | None = None,
     mel_threshold: float = 0.5,
-    tta: bool = False,
+    tta: bool = USE_TTA_BY_DEFAULT,
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "cpu",
@@ -181,7 +181,8 @@ def evaluate_checkpoint(
     index = index_data(data)
     frame = select_split(index.frame, split, seed, fracs)
     dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
-    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
+    # TTA's views of a batch go through the model together, so they share its pixel budget.
+    batch_size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     probs, labels = predict_probs(
         predictor.model,
@@ -224,6 +225,7 @@ def evaluate_checkpoint(
         },
         "temperature": predictor.temperature,
         "tta": tta,
+        "tta_views": tta_description(tta),
         "metrics": metrics,
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
         "predictions": predictions,
@@ -261,7 +263,7 @@ def format_report(result: dict) -> str:
     lines = [
         f"{result['arch']} checkpoint {result['checkpoint']}",
         f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
-        f"{', TTA' if result['tta'] else ''}",
+        f"{', TTA: ' + result['tta_views'] if result['tta'] else ', no TTA'}",
         "",
     ]
     if not result["validation"]["ok"]:  # what indexing set aside, so nobody mistakes the image count
@@ -341,7 +343,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="P(melanoma) at or above which an image counts as melanoma-positive",
     )
-    parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes per image)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=USE_TTA_BY_DEFAULT,
+        help=f"{TTA_HELP.replace('%', '%%')} (default: {'on' if USE_TTA_BY_DEFAULT else 'off'}; the report "
+        "records which views)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")

@@ -53,7 +53,7 @@ def view_probabilities(predictor: Predictor, data: Path, split: str, max_images:
     ``CACHE`` for the checkpoint file, split and views, so that a rerun (to time the cost again) skips this."""
     seed, fractions, _ = resolve_split(predictor.checkpoint)
     frame = select_split(index_data(data).frame, split, seed, fractions)
-    frame = frame.iloc[:max_images] if max_images else frame
+    frame = frame.sample(n=max_images, random_state=0) if max_images and max_images < len(frame) else frame
     stat = predictor.path.stat()
     key = f"{predictor.path.name}-{stat.st_size}-{stat.st_mtime_ns}-{split}-{len(frame)}-{CANDIDATE_SCALES}"
     cached = CACHE / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
@@ -200,7 +200,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
-    p.add_argument("--max-images", type=int, help="the first N images of each split (for trying the script)")
+    p.add_argument("--max-images", type=int, help="a random N images of each split (seed 0), for trying the script")
     p.add_argument("--repeats", type=int, default=50, help="timed predictions per TTA setting")
     args = p.parse_args()
     if not (args.data / "HAM10000_metadata.csv").is_file():

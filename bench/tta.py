@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import statistics
 import sys
 import time
@@ -154,7 +155,13 @@ def write_report(results: dict, path: Path, command: str) -> None:
     lines = [
         "## Test-time augmentation: which views help, and their cost",
         "",
-        f"Measured {r['date']} with `{command}` on: {r['machine']}.",
+        f"Measured {r['date']} with `{command}` on: {r['machine']}; load average (1 min) {r['load_before']:.1f} "
+        f"before, {r['load_after']:.1f} after"
+        + (
+            " — above the core count: other work shared the CPU, so rerun idle before quoting the times."
+            if max(r["load_before"], r["load_after"]) > (os.cpu_count() or 1)
+            else "."
+        ),
         f"`{r['checkpoint']}` ({r['arch']}, input {r['input_size'][0]}×{r['input_size'][1]}, temperature "
         f"{r['temperature']:.3f}); melanoma counted positive at P(mel) ≥ {r['mel_threshold']:g}. Zooms below 1 "
         "leave a black border, as training's zooms do. Δ: 95 % paired bootstrap interval of the balanced-accuracy "
@@ -209,7 +216,7 @@ def main() -> None:
     results = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": os.path.relpath(args.checkpoint, ROOT),
         "arch": predictor.arch,
         "input_size": list(predictor.prep.input_size),
         "temperature": predictor.temperature,
@@ -217,8 +224,10 @@ def main() -> None:
         "repeats": args.repeats,
         "default": tta_description(True) + f" ({len(TTA_SCALES) * 4} views)",
     }
+    results["load_before"] = os.getloadavg()[0]
     results["accuracy"] = accuracy(predictor, args.data, args.splits, args.max_images)
     results["cost"] = cost(predictor, args.data, args.repeats)
+    results["load_after"] = os.getloadavg()[0]
     command = " ".join(sys.argv).replace(sys.argv[0], "python bench/tta.py", 1)
     write_report(results, args.out, command)
     update_json(args.out.with_suffix(".json"), {"tta": results})

@@ -5,9 +5,9 @@ writes its own section of docs/BENCHMARKS.md (see bench/report.py).
     nice python bench/batch.py [--data ../shared/data/ham10000-200x150] [--images 500]
 
 The images, every n-th of the dataset in file-name order, are copied into a fresh folder, as a user's export
-would be. The command runs twice: as typed above (no flip averaging, the command line's default) and with
-``--tta`` (four passes per image, the Batch page's default). Not a test: the target is reported beside the
-measurement, never asserted.
+would be. The command runs twice: with ``--no-tta`` (one pass per image) and with ``--tta`` (the views of
+``core.inference.TTA_SCALES``, the command line's and the Batch page's default). Not a test: the target is
+reported beside the measurement, never asserted.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine  # noqa: E402
 from bench.report import update_json, write_section  # noqa: E402
 from core.data import index_dataset  # noqa: E402
+from core.inference import tta_description  # noqa: E402
 
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 TARGET_S = 60.0
@@ -45,7 +46,7 @@ def copy_images(data: Path, n: int, dest: Path) -> int:
 
 def run_cli(folder: Path, out: Path, tta: bool) -> dict:
     command = [sys.executable, "-m", "core.predict", str(CHECKPOINT), str(folder), "--csv", str(out)]
-    command += ["--tta"] if tta else []
+    command += ["--tta"] if tta else ["--no-tta"]
     load = os.getloadavg()[0]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -89,7 +90,7 @@ def report(results: list[dict], n: int, command: str) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        name = "`--tta` (4 passes, the Batch page's default)" if r["tta"] else "as typed (no flip averaging)"
+        name = f"`--tta` ({tta_description(True)}, the default)" if r["tta"] else "`--no-tta` (one pass per image)"
         target = f"≤ {TARGET_S:.0f} s for {TARGET_IMAGES}" if not r["tta"] else ""
         lines.append(
             f"| {name} | {r['seconds']:.1f} s | {r['images_per_s']:.1f} | {r['rows']} ({r['errors']}) | "

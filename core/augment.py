@@ -19,7 +19,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from core.decoded import DecodedImages
-from core.preprocessing import AUGMENTATIONS, Preprocessing
+from core.preprocessing import AUGMENTATIONS, WIDE_CROP_AREA, WIDE_SCALE, Preprocessing, wide_crop_ratio
 
 
 def _augmentations(augmentation: str) -> list[nn.Module]:
@@ -31,10 +31,11 @@ def _augmentations(augmentation: str) -> list[nn.Module]:
         return []
     if augmentation == "seed":
         return [*flips, K.RandomRotation(20.0, **geometry), K.ColorJitter(brightness=0.1, contrast=0.1)]
-    if augmentation == "strong":
+    if augmentation in ("strong", "wide"):
+        scale = (0.9, 1.2) if augmentation == "strong" else WIDE_SCALE
         return [
             *flips,
-            K.RandomAffine(180.0, scale=(0.9, 1.2), padding_mode="zeros", **geometry),
+            K.RandomAffine(180.0, scale=scale, padding_mode="zeros", **geometry),
             K.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
         ]
     raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
@@ -50,6 +51,10 @@ def batch_transform(prep: Preprocessing, augmentation: str, source: tuple[int, i
         # and resizing floats skips PIL's rounding, which moved the reference model's probabilities by up to 0.12.
         ops.append(v2.Resize(tuple(prep.input_size), antialias=True))
     ops.append(v2.ToDtype(torch.float32, scale=True))
+    if augmentation == "wide":
+        # After the resize, as in train_transform; bilinear on the half-pixel grid, as torchvision crops.
+        size, ratio = tuple(prep.input_size), wide_crop_ratio(prep)
+        ops.append(K.RandomResizedCrop(size, WIDE_CROP_AREA, ratio, align_corners=False))
     ops += _augmentations(augmentation)
     ops.append(K.Normalize(torch.tensor(prep.mean), torch.tensor(prep.std)))
     return K.AugmentationSequential(*ops)

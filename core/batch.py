@@ -24,6 +24,7 @@ from core.data import IMAGE_SUFFIXES, DatasetError, walk_files
 from core.evaluate import bounded_batch_size
 from core.formatting import format_bytes
 from core.images import ImageError, ImageSource
+from core.inference import view_count
 from core.labels import CLASSES
 from core.predict import Prediction, Predictor
 from core.visuals import LOW_CONFIDENCE
@@ -319,8 +320,8 @@ def predict_files(
     after each batch. The images of a batch go through the model in one forward pass. Raises
     :class:`~core.inference.PredictionError` when the model's output is not a probability distribution (broken
     weights), which no other file would escape either."""
-    # A forward pass holds ``batch_size`` views at most: flip averaging makes four of each image.
-    size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // (4 if tta else 1))
+    # A forward pass holds ``batch_size`` views at most: TTA makes several of each image.
+    size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
         decoded = [_decode(predictor, file) for file in chunk]

@@ -25,10 +25,10 @@ from core.data import SPLITS, DatasetError, DatasetIndex, LesionDataset, split_b
 from core.decoded import CacheUnavailable, open_decoded
 from core.evaluation import compute_metrics, confidence_intervals
 from core.images import ImageError
-from core.inference import PredictionError, check_probabilities, predict_probs
+from core.inference import PredictionError, check_probabilities, predict_probs, tta_description, view_count
 from core.labels import CLASSES, DISPLAY_NAMES
 from core.layouts import index_any
-from core.predict import Predictor
+from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT, Predictor
 from core.runs import read_split
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -239,7 +239,7 @@ def evaluate_checkpoint(
     split_seed: int | None = None,
     fractions: Sequence[float] | None = None,
     mel_threshold: float = 0.5,
-    tta: bool = False,
+    tta: bool = USE_TTA_BY_DEFAULT,
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "cpu",
@@ -255,7 +255,8 @@ def evaluate_checkpoint(
         progress = _terminal_progress
     predictor = Predictor(checkpoint, device=device)
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
-    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
+    # TTA's views of a batch go through the model together, so they share its pixel budget.
+    batch_size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
     loader, pipeline_note = _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
     probs, labels = predict_probs(
         predictor.model,
@@ -282,6 +283,7 @@ def evaluate_checkpoint(
         **described,
         "temperature": predictor.temperature,
         "tta": tta,
+        "tta_views": tta_description(tta),
         "input_pipeline": "jpeg" if pipeline_note or decoded_dir is None else "decoded",
         "input_pipeline_note": pipeline_note,
         "metrics": metrics,
@@ -321,7 +323,7 @@ def format_report(result: dict) -> str:
     lines = [
         f"{result['arch']} checkpoint {result['checkpoint']}",
         f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
-        f"{', TTA' if result['tta'] else ''}",
+        f"{', TTA: ' + result['tta_views'] if result['tta'] else ', no TTA'}",
         "",
     ]
     if not result["validation"]["ok"]:  # what indexing set aside, so nobody mistakes the image count
@@ -401,7 +403,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.5,
         help="P(melanoma) at or above which an image counts as melanoma-positive",
     )
-    parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes per image)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=USE_TTA_BY_DEFAULT,
+        help=f"{TTA_HELP.replace('%', '%%')} (default: {'on' if USE_TTA_BY_DEFAULT else 'off'}; the report "
+        "records which views)",
+    )
     parser.add_argument(
         "--shifts",
         action="store_true",

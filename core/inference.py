@@ -1,4 +1,5 @@
-"""Running a model over batches: logits or calibrated probabilities, optionally averaged over flips.
+"""Running a model over batches: logits or calibrated probabilities, optionally averaged over several views
+(test-time augmentation: flips, and zooms where they were measured to help).
 
 The trainer, the evaluator and the predictor collect model outputs here; what is
 computed from those outputs lives in :mod:`core.evaluation`.
@@ -6,12 +7,18 @@ computed from those outputs lives in :mod:`core.evaluation`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from core.labels import NUM_CLASSES
+
+# The zooms whose four flips test-time augmentation averages (1.0: the image as it is), chosen on the reference
+# model's validation split by bench/tta.py (docs/BENCHMARKS.md).
+TTA_SCALES: tuple[float, ...] = (1.0,)
 
 
 class PredictionError(ValueError):
@@ -43,14 +50,50 @@ def flip_views(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.flip(-1), x.flip(-2), x.flip((-2, -1))])
 
 
+def zoom(x: torch.Tensor, scale: float, fill: Sequence[float] | None = None) -> torch.Tensor:
+    """The batch magnified ``scale`` times about each image's centre, at the same size (bilinear). Below 1 the
+    border it uncovers takes ``fill`` per channel (0 without)."""
+    if scale == 1.0:
+        return x
+    return TF.affine(
+        x,
+        angle=0.0,
+        translate=[0.0, 0.0],
+        scale=scale,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.BILINEAR,
+        fill=None if fill is None else list(fill),
+    )
+
+
+def tta_views(x: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+    """The four flips (:func:`flip_views`) of the batch at each zoom of ``scales``, stacked along the batch axis:
+    ``len(scales) * 4`` views of every image."""
+    return torch.cat([flip_views(zoom(x, scale)) for scale in scales])
+
+
+def view_count(tta: bool) -> int:
+    """How many views of each image a forward pass holds: 1 without TTA."""
+    return 4 * len(TTA_SCALES) if tta else 1
+
+
+def tta_description(tta: bool) -> str:
+    """Which views a result averaged, for its record: "none", or the flips and zooms."""
+    if not tta:
+        return "none"
+    zooms = [s for s in TTA_SCALES if s != 1.0]
+    return "4 flips" + (f" at zoom {', '.join(f'{s:g}' for s in TTA_SCALES)}" if zooms else "")
+
+
 def class_probabilities(
     model: torch.nn.Module, x: torch.Tensor, temperature: float = 1.0, tta: bool = False
 ) -> torch.Tensor:
-    """Softmax(logits / T) for a batch; with ``tta`` the mean over the four flips (one forward pass)."""
+    """Softmax(logits / T) for a batch; with ``tta`` the mean over its views (:func:`tta_views`, one forward
+    pass)."""
     if not tta:
         return torch.softmax(model(x).float() / temperature, dim=1)
-    probs = torch.softmax(model(flip_views(x)).float() / temperature, dim=1)
-    return probs.view(4, len(x), -1).mean(dim=0)
+    probs = torch.softmax(model(tta_views(x, TTA_SCALES)).float() / temperature, dim=1)
+    return probs.view(-1, len(x), probs.shape[1]).mean(dim=0)
 
 
 def _eval_pass(

@@ -22,7 +22,7 @@ from PIL import Image
 from core.checkpoints import CheckpointError, load_model
 from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
-from core.inference import PredictionError, check_probabilities, class_probabilities
+from core.inference import PredictionError, check_probabilities, class_probabilities, tta_description, view_count
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
@@ -33,16 +33,19 @@ DISCLAIMER = "For research and education only; not a medical diagnosis."
 # records its own ``mel_threshold``. It is the threshold core.evaluate reports sensitivity and specificity at.
 DEFAULT_MEL_THRESHOLD = 0.5
 
-# Flip averaging, measured with core.evaluate on the reference model (checkpoints/reference.pt) and the
-# validation split of HAM10000 (1519 images): balanced accuracy 0.745 without, 0.749 with; melanoma
-# sensitivity at P(mel) >= 0.5 0.591 -> 0.632 at specificity 0.944 -> 0.947; ECE 0.053 -> 0.046. Better on
-# every count, for about 0.2 s more per image on a 2-core CPU, so it is on unless the user turns it off.
+# Test-time augmentation (core.inference: the four flips at each zoom of TTA_SCALES), measured with core.evaluate
+# on the reference model (checkpoints/reference.pt) and the validation split of HAM10000 (1519 images): flips
+# raised balanced accuracy 0.745 -> 0.749 and melanoma sensitivity at P(mel) >= 0.5 0.591 -> 0.632 at specificity
+# 0.944 -> 0.947, and lowered ECE 0.053 -> 0.046. Better on every count, so it is on by default on Diagnose, on
+# Batch, in core.evaluate and in core.predict. Zooms (bench/tta.py) are not in TTA_SCALES until a full validation
+# run shows they help: see docs/BENCHMARKS.md.
 USE_TTA_BY_DEFAULT = True
 TTA_HELP = (
-    "Average the prediction over the image and its three flips (4 passes). On the reference model's "
-    "validation split (1519 images) it raised balanced accuracy from 74.5 % to 74.9 % and melanoma "
-    "sensitivity at P(mel) ≥ 50 % from 59.1 % to 63.2 % (specificity 94.4 % → 94.7 %), for about "
-    "0.2 s more per image on a 2-core CPU (≈ 0.3 s → 0.5 s)."
+    f"Average the prediction over {view_count(True)} views of the image ({tta_description(True)}), in one pass. "
+    "On the reference model's validation split (1519 images) flip averaging raised balanced accuracy from 74.5 % "
+    "to 74.9 % and melanoma sensitivity at P(mel) ≥ 50 % from 59.1 % to 63.2 % (specificity 94.4 % → 94.7 %), "
+    "and lowered the calibration error (ECE) from 0.053 to 0.046; it costs a few times one pass's time per "
+    "image on the CPU (docs/BENCHMARKS.md)."
 )
 
 
@@ -260,7 +263,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "images", nargs="+", metavar="INPUT", help="JPEG or PNG files; with --csv also folders and .zip archives"
     )
-    parser.add_argument("--tta", action="store_true", help="average over flipped views (4 passes)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=USE_TTA_BY_DEFAULT,
+        help=f"{TTA_HELP.replace('%', '%%')} (default: {'on' if USE_TTA_BY_DEFAULT else 'off'})",
+    )
     parser.add_argument(
         "--gradcam",
         metavar="OUT.png",

@@ -18,7 +18,20 @@ from core.images import ImageSource, fit_to_source, open_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("none", "seed", "strong")
+# Each training-image augmentation recipe and what it does, in words for the CLI and the Train page.
+AUGMENTATION_HELP = {
+    "none": "none: the image as evaluated",
+    "seed": "seed: the course project's flips, rotation up to 20°, mild brightness/contrast jitter",
+    "strong": "strong: flips, any rotation, scale 0.9–1.2, colour jitter",
+    "wide": "wide: strong's flips, rotation and colour jitter over a wider scale and aspect: a random crop of "
+    "25–100 % of the area, up to 4:3 narrower or wider, then scale 0.5–1 (the lesion from 2× to ½ its size and "
+    "stretched, as other cameras and crops frame it)",
+}
+AUGMENTATIONS = tuple(AUGMENTATION_HELP)
+# "wide": the crop's share of the image area, and how far its aspect may stray from the input's (a factor).
+WIDE_CROP_AREA = (0.25, 1.0)
+WIDE_ASPECT = 4 / 3
+WIDE_SCALE = (0.5, 1.0)
 # Bounds on each side of a checkpoint's ``input_size`` and ``source_size``, in pixels (uploads have their
 # own, in core.images). Below 16 px the backbones' 32× downsampling leaves nothing to classify. Memory grows
 # with the square of the side: about 260 MB per image at 1024×1024 through ResNet-50, while a checkpoint
@@ -108,17 +121,28 @@ def eval_transform(prep: Preprocessing) -> v2.Compose:
     return v2.Compose([v2.Resize(prep.input_size, antialias=True), *_to_tensor(prep)])
 
 
+def wide_crop_ratio(prep: Preprocessing) -> tuple[float, float]:
+    """The width/height range of the "wide" recipe's crops: the input's own aspect, up to ``WIDE_ASPECT`` times
+    narrower or wider (a crop at the input's aspect is resized without distortion)."""
+    aspect = prep.input_size[1] / prep.input_size[0]
+    return aspect / WIDE_ASPECT, aspect * WIDE_ASPECT
+
+
 def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compose:
-    """Training transform. "seed" is the course project's: flips, rotation(20°), mild colour jitter."""
+    """Training transform, one of ``AUGMENTATIONS`` (see ``AUGMENTATION_HELP``)."""
     if augmentation == "none":
         return eval_transform(prep)
-    ops: list = [v2.Resize(prep.input_size, antialias=True), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    ops: list = [v2.Resize(prep.input_size, antialias=True)]
+    if augmentation == "wide":
+        # After the resize, so the crop's aspect range is relative to the input's, as on the batched path.
+        ops.append(v2.RandomResizedCrop(prep.input_size, scale=WIDE_CROP_AREA, ratio=wide_crop_ratio(prep)))
+    ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if augmentation == "seed":
         ops += [v2.RandomRotation(20), v2.ColorJitter(brightness=0.1, contrast=0.1)]
-    elif augmentation == "strong":
+    elif augmentation in ("strong", "wide"):
         # Dermoscopy has no canonical orientation, so any rotation is a valid view.
         ops += [
-            v2.RandomAffine(degrees=180, scale=(0.9, 1.2)),
+            v2.RandomAffine(degrees=180, scale=(0.9, 1.2) if augmentation == "strong" else WIDE_SCALE),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
         ]
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from core.images import open_image
+from core.inference import tta_description
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.predict import DISCLAIMER, Prediction, recorded_test_results
 from core.similar import Case
@@ -127,6 +128,7 @@ def report_html(
         images += f"{escape(heatmap_label)}</figcaption></figure>"
     warning_html = "".join(f'<p class="warning">{escape(w)}</p>' for w in warnings)
     mel = prediction.probabilities["mel"]
+    averaged = f" (averaged over {tta_description(True)})" if prediction.tta else ""
     mel_line = ""
     if mel_threshold is not None:
         side = "at or above" if mel >= mel_threshold else "below"
@@ -152,8 +154,7 @@ skin lesion that worries you.</p>
 {warning_html}
 <h2>Result</h2>
 <p>Most likely: <b>{escape(prediction.top_name)} ({prediction.top_class})</b>, calibrated probability
-{prediction.confidence:.1%}{" (averaged over flips)" if prediction.tta else ""}. Malignant classes together:
-{prediction.malignant_probability:.1%}.</p>
+{prediction.confidence:.1%}{averaged}. Malignant classes together: {prediction.malignant_probability:.1%}.</p>
 {mel_line}
 <table><thead><tr><th>class</th><th>diagnosis</th><th></th><th>probability</th></tr></thead>
 <tbody>{rows}</tbody></table>

@@ -40,7 +40,14 @@ from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.labels import CLASSES
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
-from core.preprocessing import AUGMENTATIONS, Preprocessing, check_size, eval_transform, train_transform
+from core.preprocessing import (
+    AUGMENTATION_HELP,
+    AUGMENTATIONS,
+    Preprocessing,
+    check_size,
+    eval_transform,
+    train_transform,
+)
 from core.runs import (
     STOP_FILE,
     RunLog,
@@ -106,7 +113,9 @@ class TrainConfig:
         None, "size the training images were downscaled to on disk; uploads are resized to it", metavar=("W", "H")
     )
     augmentation: str = setting(
-        "seed", "training-image augmentation (cached features are never augmented)", choices=AUGMENTATIONS
+        "seed",
+        "training-image augmentation (cached features are never augmented); " + "; ".join(AUGMENTATION_HELP.values()),
+        choices=AUGMENTATIONS,
     )
     split_fractions: tuple[float, float, float] = setting(
         (0.7, 0.15, 0.15),

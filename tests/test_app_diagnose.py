@@ -335,8 +335,21 @@ def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_p
     assert "Below the operating threshold" in texts(at)
 
 
-def test_flip_averaging_is_on_by_default(diagnose):
-    # It helped the reference model on the validation split (see core.predict.USE_TTA_BY_DEFAULT).
-    assert diagnose.toggle(key="diag_tta").value is True
+def test_tta_is_on_by_default_with_the_measured_views(diagnose):
+    # On because it helped the reference model on the validation split (core.predict.USE_TTA_BY_DEFAULT, from
+    # bench/tta.py); the page's prediction averages exactly the views core.inference chose.
+    from core.inference import TTA_SCALES, tta_description
+    from core.predict import USE_TTA_BY_DEFAULT, Predictor
+
+    assert USE_TTA_BY_DEFAULT is True
+    toggle = diagnose.toggle(key="diag_tta")
+    assert (
+        toggle.value is True
+        and tta_description(True) in toggle.proto.help
+        and f"{4 * len(TTA_SCALES)} " in toggle.proto.help
+    )
     at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
-    assert at.session_state["diag_result"][1].tta
+    model, shown = at.session_state["diag_result"][0][1], at.session_state["diag_result"][1]
+    assert shown.tta
+    expected = Predictor(model).predict(jpeg_bytes(lesion_image()), tta=True)
+    np.testing.assert_allclose(shown.probs, expected.probs, atol=1e-6)

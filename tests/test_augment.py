@@ -1,5 +1,5 @@
 """Batched augmentation on the device means what the PIL path means: the distributions of flips, rotation,
-scale and colour agree within their sampling error; and a real run on the sample trains through it."""
+scale, aspect and colour agree within their sampling error; and a real run on the sample trains through it."""
 
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
     area = red.sum((1, 2)).clamp(min=1)
     dx = (red * xs).sum((1, 2)) / area - 99.5
     dy = (red * ys).sum((1, 2)) / area - 74.5
+    # The disc's elongation, from the second moments of its pixels: rotation leaves a disc round, and only a
+    # change of aspect makes it an ellipse (sqrt of the principal axes' ratio; 1 for a disc, or no disc).
+    cxx = (red * (xs - dx.view(-1, 1, 1) - 99.5) ** 2).sum((1, 2)) / area
+    cyy = (red * (ys - dy.view(-1, 1, 1) - 74.5) ** 2).sum((1, 2)) / area
+    cxy = (red * (xs - dx.view(-1, 1, 1) - 99.5) * (ys - dy.view(-1, 1, 1) - 74.5)).sum((1, 2)) / area
+    spread = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy**2)
+    major, minor = (cxx + cyy) / 2 + spread, ((cxx + cyy) / 2 - spread).clamp(min=1e-6)
     centre = rgb[:, :, 45:105, 70:130]
     return {
         "disc right of centre (horizontal flip)": (dx > 0).float(),
@@ -58,6 +65,7 @@ def statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
         "disc angle off the diagonal": torch.atan2(dy.abs(), dx.abs()),
         "disc distance from centre (scale)": torch.hypot(dx, dy),
         "disc area (scale)": area.float(),
+        "disc elongation (aspect)": torch.where(red.sum((1, 2)) > 4, torch.sqrt(major / minor), 1.0).clamp(max=4),
         "black corners": (rgb.sum(1) < 0.01).float().mean((1, 2)),
         **{f"central mean {c}": centre[:, i].mean((1, 2)) for i, c in enumerate("RGB")},
         "central contrast": centre.mean(1).std((1, 2)),
@@ -80,11 +88,31 @@ def disagreements(pil: dict[str, torch.Tensor], batched: dict[str, torch.Tensor]
     return found
 
 
-@pytest.mark.parametrize("augmentation", ["seed", "strong"])
+@pytest.mark.parametrize("augmentation", ["seed", "strong", "wide"])
 def test_batched_augmentation_has_the_pil_paths_distribution(augmentation):
     torch.manual_seed(0)
     img = probe()
     assert disagreements(statistics(pil_path(img, augmentation)), statistics(batch_path(img, augmentation))) == []
+
+
+def area_spread(stats: dict[str, torch.Tensor]) -> float:
+    """The 90th over the 10th percentile of the disc's area where it is in view (any rotation moves it out of
+    view at times, under either recipe)."""
+    area = stats["disc area (scale)"]
+    shown = area[area > 4]
+    return float(shown.quantile(0.9) / shown.quantile(0.1))
+
+
+def test_the_wide_recipe_varies_scale_and_aspect_more_than_strong():
+    """ "wide" is strong with wider scale and aspect: on both paths the disc's size spreads further and the disc
+    becomes an ellipse, which strong's isotropic scaling never makes it."""
+    torch.manual_seed(0)
+    img = probe()
+    for path in (pil_path, batch_path):
+        strong, wide = statistics(path(img, "strong")), statistics(path(img, "wide"))
+        assert area_spread(wide) > 2 * area_spread(strong), path.__name__
+        assert wide["disc elongation (aspect)"].mean() > strong["disc elongation (aspect)"].mean() + 0.05
+        assert strong["disc elongation (aspect)"].median() < 1.1
 
 
 def test_a_recipe_that_rotates_half_the_images_is_caught(monkeypatch):

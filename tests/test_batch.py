@@ -20,7 +20,7 @@ from PIL import Image
 from core import batch
 from core.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
 from core.labels import CLASSES
-from core.predict import Predictor
+from core.predict import USE_TTA_BY_DEFAULT, Predictor
 from tests.conftest import write_truncated_jpeg, zip_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_cli_writes_a_row_per_file_as_the_predictor_answers(predictor, folder, t
         if row["file"] in ("cut.jpg", "notes.txt"):
             assert row["error"] and not row["top_class"]
             continue
-        single = predictor.predict(folder / row["file"])
+        single = predictor.predict(folder / row["file"], tta=USE_TTA_BY_DEFAULT)  # the command line's default
         assert row["top_class"] == single.top_class and not row["error"]
         probs = np.array([float(row[f"p_{code}"]) for code in CLASSES])
         np.testing.assert_allclose(probs, single.probs, atol=1e-4)

@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core import evaluate
+from core import evaluate, inference
 from core.checkpoints import CheckpointError, atomic_save, checkpoint_dict
 from core.data import index_dataset, split_by_lesion
 from core.evaluation import softmax
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.models import build_model
-from core.predict import Predictor, main
+from core.predict import USE_TTA_BY_DEFAULT, Predictor, main
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from tests.conftest import make_image, write_png
 
@@ -170,7 +170,8 @@ def test_temperature_comes_from_the_checkpoint(tmp_path):
     np.testing.assert_allclose(hot.predict(tmp_path / "a.png").probs, softmax(logits, 2.5), rtol=1e-5)
 
 
-def test_tta_averages_the_four_flips(predictor, tmp_path):
+def test_tta_averages_the_four_flips(predictor, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "TTA_SCALES", (1.0,))
     path = lesion(tmp_path / "a.png")
     plain, tta = predictor.predict(path), predictor.predict(path, tta=True)
     assert tta.tta and not plain.tta
@@ -184,6 +185,41 @@ def test_tta_averages_the_four_flips(predictor, tmp_path):
         predictor.predict(tmp_path / "flat.png").probs,
         rtol=1e-5,
     )
+
+
+def test_tta_views_are_flips_of_centred_zooms_at_the_input_size():
+    prep = Preprocessing(input_size=(150, 200), source_size=(200, 150))
+    sample = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jpg"))[:2]
+    x = torch.stack([eval_transform(prep)(load_for_model(p, prep)) for p in sample])
+    views = inference.tta_views(x, (1.0, 1.15))
+    assert views.shape == (16, 3, 150, 200)  # 2 zooms × 4 flips of 2 images, each at the input size
+    assert torch.equal(views[:2], x) and torch.equal(views[2:4], x.flip(-1))
+    # A flipped image has the same views, in another order: its flip views are the original's.
+    mirrored = inference.tta_views(x.flip(-1), (1.0, 1.15)).view(2, 4, 2, 3, 150, 200)
+    torch.testing.assert_close(mirrored[:, [1, 0, 3, 2]], views.view(2, 4, 2, 3, 150, 200), atol=1e-5, rtol=0)
+    # The zoom is about the centre: a centred square half the image's size fills a 2× zoom but for its rim.
+    square = torch.zeros(1, 3, 40, 60)
+    square[..., 10:30, 15:45] = 1
+    zoomed = inference.zoom(square, 2.0)
+    assert zoomed.shape == square.shape and zoomed[..., 1:-1, 1:-1].min() > 0.99
+    # Zooming out uncovers a border of the colour asked for, and keeps the middle.
+    out = inference.zoom(square, 0.5, fill=(-1.0, -2.0, -3.0))
+    assert out[0, :, 0, 0].tolist() == [-1.0, -2.0, -3.0] and out[0, :, 20, 30].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_tta_probabilities_are_distributions_that_no_flip_changes(predictor, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "TTA_SCALES", (1.0, 1.15))
+    assert inference.view_count(True) == 8 and inference.view_count(False) == 1
+    assert inference.tta_description(True) == "4 flips at zoom 1, 1.15" and inference.tta_description(False) == "none"
+    x = predictor.preprocess(lesion(tmp_path / "a.png", size=(64, 48)))[1]
+    with torch.no_grad():
+        probs = inference.class_probabilities(predictor.model, x, 2.0, tta=True)
+        flipped = inference.class_probabilities(predictor.model, x.flip(-2), 2.0, tta=True)
+        expected = torch.softmax(predictor.model(inference.tta_views(x, (1.0, 1.15))) / 2.0, 1).mean(0)
+    torch.testing.assert_close(probs.sum(1), torch.ones(1))
+    torch.testing.assert_close(probs[0], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(flipped, probs, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(probs, inference.class_probabilities(predictor.model, x, 2.0, tta=False), atol=1e-4)
 
 
 def test_exif_rotation_is_applied_before_the_model(predictor, tmp_path):
@@ -334,6 +370,13 @@ def test_predict_cli_help():
     assert done.returncode == 0 and "--tta" in done.stdout and "--gradcam" in done.stdout
 
 
+def test_predict_cli_defaults_to_the_measured_tta(ckpt, tmp_path, capsys):
+    image = lesion(tmp_path / "one.jpg")
+    for flags, tta in (([], USE_TTA_BY_DEFAULT), (["--tta"], True), (["--no-tta"], False)):
+        assert main([str(ckpt), str(image), "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["tta"] is tta
+
+
 def test_predict_cli_json_with_gradcam(ckpt, tmp_path):
     images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=1, size=(36, 36))]
     done = run_cli("core.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
@@ -421,6 +464,22 @@ def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
     assert everything["n_images"] == len(frame)
     # After every batch of 4, the images done so far out of all of them.
     assert reported == [(min(i, len(frame)), len(frame)) for i in range(4, len(frame) + 4, 4)]
+
+
+def test_evaluate_honours_tta_and_records_its_views(ckpt, predictor, tiny_root, tmp_path, capsys):
+    runs = {}
+    for flag in ("--tta", "--no-tta", None):
+        out = tmp_path / f"{flag}.json"
+        args = ["--checkpoint", str(ckpt), "--data", str(tiny_root), "--split", "all", "--bootstrap", "0"]
+        assert evaluate.main([*args, "--out", str(out), *([flag] if flag else [])]) == 0
+        runs[flag] = json.loads(out.read_text())
+    assert (runs["--tta"]["tta"], runs["--no-tta"]["tta"], runs[None]["tta"]) == (True, False, USE_TTA_BY_DEFAULT)
+    assert runs["--tta"]["tta_views"] == inference.tta_description(True) and runs["--no-tta"]["tta_views"] == "none"
+    assert f"TTA: {inference.tta_description(True)}" in capsys.readouterr().out
+    for flag, tta in (("--tta", True), ("--no-tta", False)):
+        for row in runs[flag]["predictions"][:3]:
+            expected = predictor.predict(row["path"], tta=tta, upload=False).probabilities
+            assert row["probabilities"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, capsys):

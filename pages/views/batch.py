@@ -9,7 +9,7 @@ import streamlit as st
 
 from core.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
 from core.formatting import format_bytes
-from core.inference import PredictionError
+from core.inference import PredictionError, tta_description
 from pages.views._shared import model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
@@ -77,7 +77,7 @@ m3.metric(
 m4.metric("With warnings", sum(bool(r.warnings) for r in predicted))
 st.caption(
     f"{len(rows)} files in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} images/s) with "
-    f"{predictor.arch}{', flip averaging' if tta else ''}. Click a column's header to sort by it."
+    f"{predictor.arch}{', TTA: ' + tta_description(True) if tta else ''}. Click a column's header to sort by it."
 )
 
 # Text cells of a file that could not be used stay empty rather than reading "None"; the error sits before the

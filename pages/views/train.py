@@ -13,7 +13,7 @@ st.title("Train")
 
 try:
     from core import imbalance
-    from core.preprocessing import AUGMENTATIONS
+    from core.preprocessing import AUGMENTATION_HELP, AUGMENTATIONS
     from core.training import PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
@@ -100,7 +100,11 @@ def config_form() -> None:
             key="imbalance" + k,
         )
         augmentation = c3.selectbox(
-            "Augmentation", AUGMENTATIONS, index=AUGMENTATIONS.index(base.augmentation), key="augmentation" + k
+            "Augmentation",
+            AUGMENTATIONS,
+            index=AUGMENTATIONS.index(base.augmentation),
+            key="augmentation" + k,
+            help="  \n".join(AUGMENTATION_HELP.values()),
         )
         c1, c2, c3, c4 = st.columns(4)
         epochs = c1.number_input("Epochs", 1, 200, base.epochs, key="epochs" + k)

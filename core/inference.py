@@ -7,6 +7,7 @@ computed from those outputs lives in :mod:`core.evaluation`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import numpy as np
 import torch
@@ -91,7 +92,23 @@ def predict_logits(
 
 
 def predict_probs(
-    model: torch.nn.Module, loader: Iterable, device: torch.device | str, *, temperature: float = 1.0, tta: bool = False
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    *,
+    temperature: float = 1.0,
+    tta: bool = False,
+    metadata: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips."""
-    return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta))
+    """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips. ``metadata``, for a
+    model that takes it (:mod:`core.metadata`), holds one encoded row per image in the loader's order."""
+    if metadata is None:
+        return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta))
+    done = 0
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        nonlocal done  # the batches arrive in order: each takes the next rows
+        rows, done = metadata[done : done + len(x)], done + len(x)
+        return class_probabilities(partial(model, metadata=rows), x, temperature, tta)
+
+    return _eval_pass(model, loader, device, step)

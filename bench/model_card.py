@@ -38,6 +38,7 @@ REFERENCE_COMMAND = (
     "python -m core.train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
 )
 BENCHMARKS_JSON = ROOT / "docs" / "BENCHMARKS.json"
+METADATA_RESULTS = ROOT / "docs" / "runs" / "metadata" / "results.json"  # written by bench/metadata.py
 KS = (1, NEIGHBOURS, 32)  # the kNN votes compared with the classifier; NEIGHBOURS is what Diagnose shows
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
 COMPARISON_ARCH = "mobilenet_v2"
@@ -199,6 +200,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         )
     lines += similar_lines()
     lines += robustness_lines(reference)
+    lines += metadata_lines()
     lines += [
         "",
         "## Intended use",
@@ -325,6 +327,58 @@ def robustness_lines(reference: Path) -> list[str]:
             "",
             *fitting_table(fitting),
         ]
+
+
+def metadata_lines(r: dict | None = None) -> list[str]:
+    """The model card's "Metadata" section from ``bench/metadata.py``'s results (``r``, else its full-dataset
+    run recorded in docs/runs/metadata; nothing when it has not run)."""
+    if r is None:
+        r = read_json(METADATA_RESULTS) if METADATA_RESULTS.is_file() else None
+        if not r or not r.get("full_dataset"):
+            return []
+    recipe, test, n = r["recipe"], r["test"], r["test_images"]
+    known = ", ".join(f"{field} {count}" for field, count in r["known"].items())
+    rows = [
+        ("image only", "image", test["image only"]),
+        (f"with metadata (p = {r['chosen_withhold']:g})", "image + age, sex, site", test["metadata, with"]),
+        (f"with metadata (p = {r['chosen_withhold']:g})", "image, metadata withheld", test["metadata, withheld"]),
+    ]
+    lines = [
+        "",
+        "## Metadata (age, sex, body site)",
+        "",
+        f"A {recipe['arch']} head on cached ImageNet features ({recipe['input_size'][0]}×{recipe['input_size'][1]}, "
+        f"`{recipe['imbalance']}` loss with power {recipe['class_weight_power']:g}, {recipe['epochs']} epochs) "
+        "trained on the image alone and, otherwise the same, with metadata (`--metadata`: an embedding of the "
+        "encoded age, sex and site concatenated to the pooled features; during training each field withheld "
+        f"with probability p). p was chosen on the validation split among "
+        f"{', '.join(t.split('= ')[1] for t in r['val'] if t != 'image only')} (validation balanced accuracy "
+        + ", ".join(f"{t}: {fmt(v['balanced_accuracy'])}" for t, v in r["val"].items())
+        + f"). Test split, {n} images (metadata known: {known}):",
+        "",
+        "| model | inputs | accuracy | balanced acc. (95% interval) | mel AUC | macro AUC | ECE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for title, inputs, m in rows:
+        low, high = m["intervals"]["balanced_accuracy"]
+        lines.append(
+            f"| {title} | {inputs} | {fmt(m['accuracy'])} | {fmt(m['balanced_accuracy'])} ({fmt(low)}–{fmt(high)}) "
+            f"| {fmt(m['mel_auc'])} | {fmt(m['macro_auc'])} | {fmt(m['ece'])} |"
+        )
+    with_m, withheld = r["difference_with_vs_image_only"], r["difference_withheld_vs_image_only"]
+
+    def verdict(d: dict) -> str:
+        low, high = d["interval"]
+        word = "better" if low > 0 else "worse" if high < 0 else "no clear difference"
+        return f"{d['difference']:+.3f} (paired 95% interval {low:+.3f} to {high:+.3f}: {word})"
+
+    lines += [
+        "",
+        f"Balanced accuracy against the image-only model: with metadata {verdict(with_m)}; with it withheld "
+        f"{verdict(withheld)}. These are head-only models; the reference model above takes the image only "
+        "(metadata fusion is implemented for head-only training on cached features). Measured by "
+        f"`python bench/metadata.py` on {r['date']}.",
+    ]
     return lines
 
 

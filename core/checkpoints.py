@@ -18,6 +18,7 @@ import torch
 from core.files import atomic_write
 from core.formatting import format_bytes
 from core.labels import CLASSES, check_class_order
+from core.metadata import MetadataHead, read_spec
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model
 from core.preprocessing import Preprocessing, is_finite_number
 
@@ -43,7 +44,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 def checkpoint_dict(
     model: LesionNet, prep: Preprocessing, *, head: str, temperature: float = 1.0, **extra: Any
 ) -> dict:
-    """The checkpoint payload; ``extra`` holds plain values such as config, epoch and metrics."""
+    """The checkpoint payload; ``extra`` holds plain values such as config, epoch and metrics. A model that
+    takes metadata records it and its encoding in ``metadata`` (:meth:`core.metadata.MetadataHead.spec`)."""
+    fusion = {"metadata": model.head.spec()} if isinstance(model.head, MetadataHead) else {}
     return {
         "format": FORMAT,
         "arch": model.arch,
@@ -53,6 +56,7 @@ def checkpoint_dict(
         "preprocessing": prep.to_dict(),
         "temperature": float(temperature),
         "model_state": model.state_dict(),
+        **fusion,
         **extra,
     }
 
@@ -105,8 +109,9 @@ def _check_fields(ckpt: dict) -> None:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError("model_state must map parameter names to tensors")
-    # Optional fields: the trainer's config and progress, and the optimiser state a resumed run needs.
-    for key in ("config", "metrics", "optimizer_state", "scheduler_state"):
+    # Optional fields: the trainer's config and progress, the optimiser state a resumed run needs, and the
+    # metadata a model takes.
+    for key in ("config", "metrics", "optimizer_state", "scheduler_state", "metadata"):
         if key in ckpt and not isinstance(ckpt[key], dict):
             raise ValueError(f"{key} must be a dict; got {type(ckpt[key]).__name__}")
     if "epoch" in ckpt and not _is_whole(ckpt["epoch"], 0):
@@ -114,6 +119,11 @@ def _check_fields(ckpt: dict) -> None:
     best = ckpt.get("best_score", 0.0)
     if not (is_finite_number(best) or best == -math.inf and isinstance(best, float)):  # -inf: no score yet
         raise ValueError(f"best_score must be a finite number; got {best!r}")
+    if "metadata" in ckpt:  # absent: a model of the image alone, as every checkpoint before metadata fusion
+        try:
+            read_spec(ckpt["metadata"])
+        except ValueError as exc:
+            raise ValueError(f"metadata.{exc}") from None
     _check_config(ckpt.get("config") or {})
 
 
@@ -167,7 +177,9 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_model(path: str | Path) -> tuple[LesionNet, dict]:
     """Rebuild the model stored in ``path`` (in eval mode, on the CPU) and return it with the checkpoint dict."""
     ckpt = read_checkpoint(path)
-    model = build_model(ckpt["arch"], weights="none", finetune=ckpt["finetune"], head=ckpt["head"])
+    model = build_model(
+        ckpt["arch"], weights="none", finetune=ckpt["finetune"], head=ckpt["head"], metadata=ckpt.get("metadata")
+    )
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:  # weights of another architecture, or an edited state

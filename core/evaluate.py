@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -258,15 +259,34 @@ def evaluate_checkpoint(
     # TTA's views of a batch go through the model together, so they share its pixel budget.
     batch_size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
     loader, pipeline_note = _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
-    probs, labels = predict_probs(
-        predictor.model,
-        _progress(loader, len(frame), batch_size, progress),
-        predictor.device,
-        temperature=predictor.temperature,
-        tta=tta,
-    )
-    check_probabilities(probs)
+    encoding = predictor.metadata_encoding
+    encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
+
+    def run(metadata: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        probs, labels = predict_probs(
+            predictor.model,
+            _progress(loader, len(frame), batch_size, progress),
+            predictor.device,
+            temperature=predictor.temperature,
+            tta=tta,
+            metadata=metadata,
+        )
+        check_probabilities(probs)
+        return probs, labels
+
+    probs, labels = run(encoded)
     metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
+    metadata = None
+    if encoding is not None:
+        # The same images again with every field unknown (metadata None): what the model does without them.
+        withheld, _ = run(None)
+        metadata = {
+            "known": encoding.known(encoded),
+            "withheld": {
+                "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
+                "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
+            },
+        }
     predictions = [
         {
             "image_id": image_id,
@@ -288,6 +308,9 @@ def evaluate_checkpoint(
         "input_pipeline_note": pipeline_note,
         "metrics": metrics,
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
+        # A model that takes metadata: how many images knew each field (the metrics above use them) and the
+        # metrics with every field withheld. None for a model of the image alone.
+        "metadata": metadata,
         "predictions": predictions,
     }
 
@@ -363,7 +386,30 @@ def format_report(result: dict) -> str:
     lines.append(f"{'true/pred':<10}" + "".join(f"{code:>{cell}}" for code in CLASSES))
     for code, row in zip(CLASSES, m["confusion_matrix"], strict=True):
         lines.append(f"{code:<10}" + "".join(f"{v:>{cell}}" for v in row))
+    if result.get("metadata"):
+        lines += ["", *metadata_lines(result)]
     return "\n".join(lines)
+
+
+def metadata_lines(result: dict) -> list[str]:
+    """A metadata model's report with metadata and with all of it withheld, side by side."""
+    known, withheld = result["metadata"]["known"], result["metadata"]["withheld"]
+    counts = ", ".join(f"{field} {n}" for field, n in known.items())
+    lines = [
+        f"Metadata (age, sex, body site) known for {counts} of {result['n_images']} images; the numbers above "
+        "use them.",
+        f"{'':<20} {'with metadata':>14} {'withheld':>10}",
+    ]
+    rows = {
+        "accuracy": lambda r: r["metrics"]["accuracy"],
+        "balanced accuracy": lambda r: r["metrics"]["balanced_accuracy"],
+        "melanoma AUC": lambda r: r["metrics"]["roc_auc"]["per_class"].get("mel"),
+        "macro AUC": lambda r: r["metrics"]["roc_auc"]["macro"],
+        "ECE (15 bins)": lambda r: r["metrics"]["ece"],
+    }
+    for name, value in rows.items():
+        lines.append(f"{name:<20} {_num(value(result)):>14} {_num(value(withheld)):>10}")
+    return lines
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ computed from those outputs lives in :mod:`core.evaluation`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -141,7 +142,18 @@ def predict_probs(
     temperature: float = 1.0,
     tta: bool = False,
     progress: Callable[[int], None] | None = None,
+    metadata: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated probabilities (n, 7) and labels (n,), optionally averaged over flips; ``progress`` as for
-    :func:`predict_logits`."""
-    return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta), progress)
+    :func:`predict_logits`. ``metadata``, for a model that takes it (:mod:`core.metadata`), holds one encoded
+    row per image in the loader's order."""
+    if metadata is None:
+        return _eval_pass(model, loader, device, lambda x: class_probabilities(model, x, temperature, tta), progress)
+    done = 0
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        nonlocal done  # the batches arrive in order: each takes the next rows
+        rows, done = metadata[done : done + len(x)], done + len(x)
+        return class_probabilities(partial(model, metadata=rows), x, temperature, tta)
+
+    return _eval_pass(model, loader, device, step, progress)

@@ -19,6 +19,7 @@ from torchvision import models
 from torchvision.models import WeightsEnum
 
 from core.labels import NUM_CLASSES
+from core.metadata import MetadataEncoding, MetadataHead, read_spec
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -104,8 +105,18 @@ class LesionNet(nn.Module):
         self.head = head
         self.arch = arch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for images ``x``; ``metadata`` (encoded rows, :mod:`core.metadata`) reaches only a model
+        that takes it, for which None means every field unknown."""
+        features = self.backbone(x)
+        if isinstance(self.head, MetadataHead):
+            features = self.head.join(features, metadata)
+        return self.head(features)
+
+    @property
+    def metadata_encoding(self) -> MetadataEncoding | None:
+        """How the model reads age, sex and site; None for a model of the image alone."""
+        return self.head.encoding if isinstance(self.head, MetadataHead) else None
 
     def cam_layer(self) -> nn.Module:
         return ARCHITECTURES[self.arch].cam_layer(self.backbone)
@@ -198,10 +209,12 @@ def build_model(
     head: str = "mlp",
     num_classes: int = NUM_CLASSES,
     dropout: float | None = None,
+    metadata: dict | None = None,
 ) -> LesionNet:
     """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a torchvision state dict.
 
     ``finetune`` is "head" (backbone frozen, the seed's policy), "last" (last block + head) or "full".
+    ``metadata`` (a :meth:`core.metadata.MetadataHead.spec`) makes the head also take age, sex and site.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
@@ -221,7 +234,15 @@ def build_model(
     old = getattr(backbone, spec.classifier)
     last_linear = [m for m in old.modules() if isinstance(m, nn.Linear)][-1] if not isinstance(old, nn.Linear) else old
     setattr(backbone, spec.classifier, nn.Identity())
-    model = LesionNet(backbone, make_head(last_linear.in_features, head, num_classes, dropout), arch)
+    features = last_linear.in_features
+    if metadata is None:
+        classifier = make_head(features, head, num_classes, dropout)
+    else:
+        encoding, width, withhold = read_spec(metadata)
+        classifier = MetadataHead(
+            features, make_head(features + width, head, num_classes, dropout), encoding, width, withhold
+        )
+    model = LesionNet(backbone, classifier, arch)
     set_finetune(model, finetune)
     return model
 

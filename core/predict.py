@@ -11,8 +11,9 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
 from core.inference import PredictionError, check_probabilities, class_probabilities, tta_description, view_count
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
+from core.metadata import MetadataEncoding, MetadataError, describe
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
 from core.unfamiliar import UnfamiliarCheck, check_unfamiliar, load_detector
@@ -95,6 +97,10 @@ class Prediction:
     tta: bool
     # The backbone's pooled features of ``input_tensor`` (no flips), once :meth:`Predictor.embed` computed them.
     embedding: np.ndarray | None = None
+    # Whether age, sex or body site reached the model (it takes them and at least one was given), and a
+    # sentence saying what happened to the metadata ("" when none was given to a model that does not take it).
+    metadata_used: bool = False
+    metadata_note: str = ""
 
     @property
     def top_index(self) -> int:
@@ -113,6 +119,8 @@ class Prediction:
             "malignant_probability": self.malignant_probability,
             "probabilities": self.probabilities,
             "tta": self.tta,
+            "metadata_used": self.metadata_used,
+            "metadata_note": self.metadata_note,
         }
 
 
@@ -143,13 +151,45 @@ class Predictor:
     def arch(self) -> str:
         return self.model.arch
 
+    @property
+    def metadata_encoding(self) -> MetadataEncoding | None:
+        """How the model reads age, sex and body site (:mod:`core.metadata`); None when it takes the image only."""
+        return self.model.metadata_encoding
+
+    @property
+    def uses_metadata(self) -> bool:
+        return self.metadata_encoding is not None
+
+    def metadata_note(self, metadata: Mapping[str, object] | None) -> tuple[bool, str]:
+        """Whether ``metadata`` ({"age", "sex", "site"}, any left out) will be used, and a sentence saying so."""
+        given = describe(metadata)
+        if not self.uses_metadata:
+            return (
+                False,
+                f"This model takes the image only; the metadata given ({given}) were ignored." if given else "",
+            )
+        if not given:
+            return False, "No age, sex or body site given: the model predicted from the image alone (all unknown)."
+        return True, f"Metadata used: {given} (fields not given count as unknown)."
+
     def preprocess(self, source: ImageSource, *, upload: bool = True) -> tuple[Image.Image, torch.Tensor]:
         """The decoded RGB image and the (1, 3, H, W) model input; raises :class:`ImageError`."""
         image = load_for_model(source, self.prep, upload=upload)
         return image, self.transform(image).unsqueeze(0).to(self.device)
 
-    def predict(self, source: ImageSource, tta: bool = False, *, upload: bool = True) -> Prediction:
+    def predict(
+        self,
+        source: ImageSource,
+        tta: bool = False,
+        *,
+        upload: bool = True,
+        metadata: Mapping[str, object] | None = None,
+    ) -> Prediction:
         """Classify an image given as a path, bytes or a binary file object.
+
+        ``metadata`` ({"age": 45, "sex": "male", "site": "back"}, any field left out or None for unknown)
+        reaches a model that takes it; a model that does not ignores it, and the prediction says so. A value
+        the encoding does not know raises :class:`core.metadata.MetadataError`.
 
         With ``tta`` the probabilities are the mean over the image and its horizontal,
         vertical and double flips. An image is refused (:class:`ImageError`) when it is too small or too
@@ -157,21 +197,37 @@ class Predictor:
         a dataset image, which its evaluation already took as it is. Raises :class:`PredictionError` when
         the model's output is not a probability distribution.
         """
-        return self.predict_batch([self.preprocess(source, upload=upload)], tta)[0]
+        return self.predict_batch([self.preprocess(source, upload=upload)], tta, metadata=[metadata])[0]
 
-    def predict_batch(self, inputs: Sequence[tuple[Image.Image, torch.Tensor]], tta: bool = False) -> list[Prediction]:
+    def predict_batch(
+        self,
+        inputs: Sequence[tuple[Image.Image, torch.Tensor]],
+        tta: bool = False,
+        *,
+        metadata: Sequence[Mapping[str, object] | None] | None = None,
+    ) -> list[Prediction]:
         """Classify images already decoded by :meth:`preprocess`, in one forward pass (a batch of files goes
-        many times faster than one at a time). Raises :class:`PredictionError` when any output is not a
-        probability distribution: broken weights break every image alike."""
+        many times faster than one at a time); ``metadata``, one per image, as :meth:`predict` takes it.
+        Raises :class:`PredictionError` when any output is not a probability distribution: broken weights
+        break every image alike."""
         if not inputs:
             return []
+        metadata = list(metadata) if metadata is not None else [None] * len(inputs)
+        if len(metadata) != len(inputs):
+            raise ValueError(f"{len(metadata)} metadata for {len(inputs)} images")
         x = torch.cat([tensor for _, tensor in inputs])
+        model, encoding = self.model, self.model.metadata_encoding
+        # Checked for every model: a typo is an error, whether or not this model would have used the field.
+        rows = torch.from_numpy(np.stack([(encoding or MetadataEncoding()).encode_mapping(m) for m in metadata]))
+        if encoding is not None:
+            model = partial(self.model, metadata=rows)
         with self._lock, torch.inference_mode():
-            all_probs = class_probabilities(self.model, x, self.temperature, tta).double().cpu().numpy()
+            all_probs = class_probabilities(model, x, self.temperature, tta).double().cpu().numpy()
         check_probabilities(all_probs)
         predictions = []
         for i, ((image, _), probs) in enumerate(zip(inputs, all_probs, strict=True)):
             top = int(probs.argmax())
+            used, note = self.metadata_note(metadata[i])
             predictions.append(
                 Prediction(
                     probs=probs,
@@ -185,6 +241,8 @@ class Predictor:
                     input_tensor=x[i : i + 1],
                     image=image,
                     tta=tta,
+                    metadata_used=used,
+                    metadata_note=note,
                 )
             )
         return predictions
@@ -243,6 +301,8 @@ def format_prediction(name: str, pred: Prediction) -> str:
         lines.append(f"  {code:<6}{display:<{width}}  {p:7.1%}  {_bar(p)}")
     malignant = "+".join(c for c in CLASSES if c in MALIGNANT)
     lines.append(f"  malignant ({malignant}): {pred.malignant_probability:.1%}")
+    if pred.metadata_note:
+        lines.append(f"  {pred.metadata_note}")
     return "\n".join(lines)
 
 
@@ -269,6 +329,9 @@ def _parser() -> argparse.ArgumentParser:
         default=USE_TTA_BY_DEFAULT,
         help=f"{TTA_HELP.replace('%', '%%')} (default: {'on' if USE_TTA_BY_DEFAULT else 'off'})",
     )
+    parser.add_argument("--age", type=float, help="the patient's age, for a model that takes metadata")
+    parser.add_argument("--sex", help="female or male, for a model that takes metadata")
+    parser.add_argument("--site", help="the body site (e.g. back, face), for a model that takes metadata")
     parser.add_argument(
         "--gradcam",
         metavar="OUT.png",
@@ -351,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("folders and .zip archives are predicted as a batch: add --csv OUT.csv")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    metadata = {"age": args.age, "sex": args.sex, "site": args.site}
+    if args.csv is not None and describe(metadata):
+        parser.error("--age, --sex and --site describe one patient's image; they do not combine with --csv")
     try:
         predictor = Predictor(args.checkpoint, device=args.device)
     except (CheckpointError, RuntimeError) as exc:
@@ -361,14 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], False
     for i, image in enumerate(args.images):
         try:
-            pred = predictor.predict(image, tta=args.tta)
+            pred = predictor.predict(image, tta=args.tta, metadata=metadata)
             entry = {"image": image, **pred.to_dict()}
             if args.gradcam:
                 out = _cam_path(args.gradcam, image, i, len(args.images))
                 out.parent.mkdir(parents=True, exist_ok=True)
                 overlay(pred.image, predictor.explain(pred, args.method), args.alpha).save(out)
                 entry["gradcam"] = str(out)
-        except (ImageError, PredictionError, OSError) as exc:
+        except (ImageError, PredictionError, MetadataError, OSError) as exc:
             failed = True
             print(f"error: {exc}", file=sys.stderr)
             results.append({"image": image, "error": str(exc)})

@@ -39,6 +39,7 @@ from core.evaluation import compute_metrics, fit_temperature, softmax
 from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.labels import CLASSES
+from core.metadata import new_spec
 from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model, train_mode
 from core.preprocessing import (
     AUGMENTATION_HELP,
@@ -151,6 +152,12 @@ class TrainConfig:
     select_metric: str = setting(
         "val_balanced_acc", "the validation number that picks best.pt", choices=("val_balanced_acc", "val_acc")
     )
+    metadata: bool = setting(
+        False, "the head also takes age, sex and body site (core/metadata.py); head-only on cached features"
+    )
+    metadata_dropout: float = setting(
+        0.3, "with --metadata: the probability that each field of a training row is withheld (set to unknown)"
+    )
 
     def __post_init__(self) -> None:
         self.input_size = tuple(self.input_size)
@@ -165,6 +172,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be from 0 to below 1; got {self.dropout}")
+        if not 0 <= self.metadata_dropout <= 1:
+            raise ValueError(f"metadata_dropout must be a probability from 0 to 1; got {self.metadata_dropout}")
         # The bounds every checkpoint is held to: a run must not write one that cannot be loaded.
         check_size("input_size", self.input_size)
         if self.source_size is not None:
@@ -213,6 +222,16 @@ PRESETS: dict[str, TrainConfig] = {
         augmentation="strong",
     ),
 }
+
+
+def check_metadata(cfg: TrainConfig) -> None:
+    """Refuse, before a run folder exists, metadata with a policy that trains on images: metadata reach the head
+    with cached features only."""
+    if cfg.metadata and not cfg.uses_feature_cache:
+        raise ValueError(
+            "metadata fusion trains the head on cached features: use --finetune head with the feature cache "
+            "(full or last-block fine-tuning with metadata is not implemented)"
+        )
 
 
 def make_criterion(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
@@ -555,12 +574,15 @@ def _loaders(
         if damaged:
             check_splits(decoded)
         row_of = {p: i for i, p in enumerate(decoded["path"])}
+        encoding = model.metadata_encoding
+        # A head that takes metadata trains on [features | encoded metadata] (core.metadata.MetadataHead).
+        inputs = feats if encoding is None else model.head.join(feats, encoding.encode_frame(decoded))
 
         def batches(rows: pd.DataFrame, batch_size: int, **order) -> FeatureBatches:
             rows = rows[~rows["path"].isin(damaged)]
             idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
             labels = torch.tensor(rows["label"].to_numpy())
-            return FeatureBatches(feats[idx].to(device), labels.to(device), batch_size, **order)
+            return FeatureBatches(inputs[idx].to(device), labels.to(device), batch_size, **order)
 
         train_loader = batches(
             train_rows,
@@ -670,6 +692,7 @@ def train(
     """
     tune_allocator()
     refuse_early(cfg)
+    check_metadata(cfg)
     run_dir = Path(run_dir) if run_dir else distributed.from_main(lambda: new_run_dir(cfg))
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -705,6 +728,7 @@ def train_many(
     """
     for cfg in configs:
         refuse_early(cfg)  # before the first run folder, as train() does
+        check_metadata(cfg)
     shared = SharedInputs()
     run_dirs = []
     for cfg in configs:
@@ -743,7 +767,14 @@ def _run(
     validation = {**index.report.to_dict(), "ok": index.report.ok, "summary": index.report.summary()}
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, cfg.weights, cfg.finetune, cfg.head, dropout=cfg.dropout).to(device)
+    model = build_model(
+        cfg.arch,
+        cfg.weights,
+        cfg.finetune,
+        cfg.head,
+        dropout=cfg.dropout,
+        metadata=new_spec(cfg.metadata_dropout) if cfg.metadata else None,
+    ).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -459,7 +459,7 @@ def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
     assert override["confidence_intervals"] is None
     reported = []
     everything = evaluate.evaluate_checkpoint(
-        path, tiny_root, split="all", bootstrap=0, batch_size=4, progress=lambda *p: reported.append(p)
+        path, tiny_root, split="all", bootstrap=0, batch_size=4, tta=False, progress=lambda *p: reported.append(p)
     )
     assert everything["n_images"] == len(frame)
     # After every batch of 4, the images done so far out of all of them.

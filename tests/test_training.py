@@ -372,7 +372,7 @@ def test_cli_reaches_every_config_field():
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
         "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
         "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc "
-        "--input-pipeline jpeg --decoded-dir dc --compile"
+        "--input-pipeline jpeg --decoded-dir dc --compile --metadata --metadata-dropout 0.5"
     )
     expected = TrainConfig(
         data="d",
@@ -413,6 +413,8 @@ def test_cli_reaches_every_config_field():
         input_pipeline="jpeg",
         decoded_dir="dc",
         compile=True,
+        metadata=True,
+        metadata_dropout=0.5,
     )
     unchanged = [f.name for f in fields(TrainConfig) if getattr(expected, f.name) == getattr(PRESETS["seed"], f.name)]
     assert unchanged == []  # so every field is set by a flag above

@@ -29,6 +29,23 @@ st.caption(
     f"{predictor.temperature:.2f}" + (f", trained for {ckpt['epoch']} epochs" if ckpt.get("epoch") else "")
 )
 
+metadata = None
+encoding = predictor.metadata_encoding
+if encoding is not None:
+    with st.expander("Age, sex and body site (optional)"):
+        st.caption(
+            "This model also takes the patient's age, sex and the lesion's body site. Leave any of them empty "
+            "when unknown: it was trained with each withheld at random, so it works without them."
+        )
+        c_age, c_sex, c_site = st.columns(3)
+        metadata = {
+            "age": c_age.number_input(
+                "Age", 0, encoding.max_age, value=None, step=5, placeholder="unknown", key="diag_age"
+            ),
+            "sex": c_sex.selectbox("Sex", encoding.sexes, index=None, placeholder="unknown", key="diag_sex"),
+            "site": c_site.selectbox("Body site", encoding.sites, index=None, placeholder="unknown", key="diag_site"),
+        }
+
 upload = st.file_uploader(
     f"Dermoscopy image (JPEG or PNG, at most {format_bytes(MAX_UPLOAD_BYTES)})",
     type=["jpg", "jpeg", "png"],
@@ -49,12 +66,12 @@ if upload.size > MAX_UPLOAD_BYTES:
     )
     st.stop()
 
-# One prediction per (file, model, TTA), kept in the session only: reruns from the sliders reuse it.
-key = (upload.file_id, str(model_path), tta)
+# One prediction per (file, model, TTA, metadata), kept in the session only: reruns from the sliders reuse it.
+key = (upload.file_id, str(model_path), tta, tuple((metadata or {}).items()))
 cached = st.session_state.get("diag_result")
 if cached is None or cached[0] != key:
     try:
-        prediction = predictor.predict(upload.getvalue(), tta=tta)
+        prediction = predictor.predict(upload.getvalue(), tta=tta, metadata=metadata)
     except ImageError as exc:
         st.error(f"This file cannot be used: {exc}", icon=":material/block:")
         st.stop()
@@ -70,6 +87,8 @@ if cached is None or cached[0] != key:
     st.session_state["diag_result"] = cached = (key, prediction)
     st.session_state.pop("diag_cam", None)
 prediction = cached[1]
+if encoding is not None:
+    st.caption(prediction.metadata_note)
 
 check = predictor.unfamiliar(prediction)
 warnings = []

@@ -183,13 +183,22 @@ def evaluate_checkpoint(
     dataset = LesionDataset.from_frame(frame, predictor.transform, predictor.prep)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    probs, labels = predict_probs(
-        predictor.model,
-        _progress(loader, len(dataset), batch_size),
-        predictor.device,
-        temperature=predictor.temperature,
-        tta=tta,
-    )
+    # Imported here: core.ensemble builds on this module.
+    from core.ensemble import EnsemblePredictor, combine
+
+    if isinstance(predictor, EnsemblePredictor):  # each member reads the images with its own preprocessing
+        member_probs, labels = predictor.frame_probabilities(
+            frame, batch_size=batch_size, num_workers=num_workers, tta=tta
+        )
+        probs = combine(member_probs, predictor.temperature)
+    else:
+        probs, labels = predict_probs(
+            predictor.model,
+            _progress(loader, len(dataset), batch_size),
+            predictor.device,
+            temperature=predictor.temperature,
+            tta=tta,
+        )
     check_probabilities(probs)
     metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
     predictions = [

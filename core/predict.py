@@ -14,12 +14,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from core.checkpoints import CheckpointError, load_model
+from core.checkpoints import ENSEMBLE_FORMAT, CheckpointError, file_format, load_model
 from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
 from core.inference import PredictionError, check_probabilities, class_probabilities
@@ -27,6 +28,9 @@ from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
 from core.unfamiliar import UnfamiliarCheck, check_unfamiliar, load_detector
+
+if TYPE_CHECKING:
+    from core.ensemble import MemberVotes
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
 # The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
@@ -92,6 +96,8 @@ class Prediction:
     tta: bool
     # The backbone's pooled features of ``input_tensor`` (no flips), once :meth:`Predictor.embed` computed them.
     embedding: np.ndarray | None = None
+    # An ensemble's members one by one (core.ensemble): their probabilities, agreement and P(melanoma) spread.
+    members: MemberVotes | None = None
 
     @property
     def top_index(self) -> int:
@@ -110,6 +116,7 @@ class Prediction:
             "malignant_probability": self.malignant_probability,
             "probabilities": self.probabilities,
             "tta": self.tta,
+            **({"members": self.members.to_dict()} if self.members is not None else {}),
         }
 
 
@@ -120,6 +127,15 @@ class Predictor:
     ``_lock`` and callers reach it only through these methods. Model passes are serialised
     (they use every core anyway, and CAM and feature-map hooks must not see other threads' passes).
     """
+
+    def __new__(cls, checkpoint: str | Path, **kwargs):
+        # One door for every model file: an ensemble file opens as core.ensemble.EnsemblePredictor, which has
+        # this interface, so the pages, the batch and the evaluator take either without asking which.
+        if cls is Predictor and file_format(checkpoint) == ENSEMBLE_FORMAT:
+            from core.ensemble import EnsemblePredictor  # it builds on this module
+
+            cls = EnsemblePredictor
+        return super().__new__(cls)
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
         tune_allocator()
@@ -166,6 +182,11 @@ class Predictor:
         with self._lock, torch.inference_mode():
             all_probs = class_probabilities(self.model, x, self.temperature, tta).double().cpu().numpy()
         check_probabilities(all_probs)
+        return self._predictions(inputs, x, all_probs, tta)
+
+    def _predictions(
+        self, inputs: Sequence[tuple[Image.Image, torch.Tensor]], x: torch.Tensor, all_probs: np.ndarray, tta: bool
+    ) -> list[Prediction]:
         predictions = []
         for i, ((image, _), probs) in enumerate(zip(inputs, all_probs, strict=True)):
             top = int(probs.argmax())
@@ -240,6 +261,8 @@ def format_prediction(name: str, pred: Prediction) -> str:
         lines.append(f"  {code:<6}{display:<{width}}  {p:7.1%}  {_bar(p)}")
     malignant = "+".join(c for c in CLASSES if c in MALIGNANT)
     lines.append(f"  malignant ({malignant}): {pred.malignant_probability:.1%}")
+    if pred.members is not None:
+        lines += [f"  {pred.members.agreement_text()}", f"  {pred.members.spread_text()}"]
     return "\n".join(lines)
 
 

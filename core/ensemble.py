@@ -30,7 +30,6 @@ test results, so Diagnose, Batch, Quiz, Evaluate and Compare list it with the ru
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import threading
 import time
@@ -63,6 +62,7 @@ from core.runs import (
     read_split,
     write_config,
     write_evaluation,
+    write_split,
 )
 from core.runtime import tune_allocator
 from core.unfamiliar import load_detector
@@ -307,11 +307,23 @@ def ensemble_config(name: str, member_runs: Sequence[Path], members: Sequence[di
     }
 
 
-def _split_frames(member_run: Path, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The val and test images of the member's own ``split.csv`` among ``frame`` (the dataset's index), without
-    the images the member's run could not decode."""
-    split = read_split(member_run).astype({"image_id": str}).set_index("image_id")["split"]
-    damaged = set(read_dataset_report(member_run).get("damaged_images") or [])
+def ensemble_split(member_runs: Sequence[Path]) -> pd.DataFrame:
+    """The ensemble's ``split.csv`` table: the first member's, with an image left in val or test only where no
+    member put it in another split. Members subsampled with ``max_images`` draw their subsample with their own
+    seed, so one member's test image may be another's training image; such an image counts as "train" here."""
+    table = read_split(member_runs[0]).astype({"image_id": str})
+    for run in member_runs[1:]:
+        other = read_split(run).astype({"image_id": str}).set_index("image_id")["split"]
+        theirs = table["image_id"].map(other)
+        table.loc[theirs.notna() & (theirs != table["split"]), "split"] = "train"
+    return table
+
+
+def _split_frames(member_runs: Sequence[Path], split: pd.DataFrame, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The val and test images of the ensemble's ``split`` among ``frame`` (the dataset's index), without the
+    images a member's run could not decode."""
+    split = split.set_index("image_id")["split"]
+    damaged = {p for run in member_runs for p in read_dataset_report(run).get("damaged_images") or []}
     frame = frame[~frame["path"].isin(damaged)].assign(split=frame["image_id"].astype(str).map(split))
     return {s: frame[frame["split"] == s].reset_index(drop=True) for s in ("val", "test")}
 
@@ -341,7 +353,8 @@ def build_ensemble(
         members.append(read_checkpoint(run / "best.pt"))
     config = ensemble_config(run_dir.name, member_runs, members)
     index = index_dataset(config["data"])
-    frames = _split_frames(member_runs[0], index.frame)
+    split = ensemble_split(member_runs)
+    frames = _split_frames(member_runs, split, index.frame)
     if frames["val"].empty or frames["test"].empty:
         raise DatasetError(f"{config['data']} holds none of the members' validation or test images")
 
@@ -350,7 +363,7 @@ def build_ensemble(
     log.begin()
     try:
         write_config(run_dir, config)
-        shutil.copyfile(member_runs[0] / "split.csv", run_dir / "split.csv")
+        write_split(run_dir, split)
         log.event(
             "start",
             members=[r.name for r in member_runs],

@@ -233,6 +233,21 @@ def test_combining_needs_finished_runs_on_one_split(built, tmp_path, capsys):
     assert ensemble_dict([ckpt], ["one"], config={})["format"] == ENSEMBLE_FORMAT
 
 
+def test_an_image_another_member_trained_on_is_not_held_out(built, tmp_path):
+    # Members subsampled with max_images draw their images with their own seed, so their splits may differ.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "best.pt").write_bytes((built / "ens-seed4" / "best.pt").read_bytes())
+    split = runs.read_split(built / "ens-seed4")
+    moved = split.loc[split["split"] == "test", "image_id"].iloc[:3].astype(str).tolist()
+    split.loc[split["image_id"].isin(moved), "split"] = "train"
+    runs.write_split(other, split)
+    assert ensemble.main([str(built / "ens-seed3"), str(other), "--name", "z", "--out", str(tmp_path)]) == 0
+    held = runs.read_split(tmp_path / "z")
+    assert set(held.loc[held["image_id"].astype(str).isin(moved), "split"]) == {"train"}
+    assert runs.read_evaluation(tmp_path / "z")["test"]["n"] == runs.read_evaluation(built / "ens")["test"]["n"] - 3
+
+
 def test_the_train_cli_refuses_an_ensemble_it_cannot_build(built, capsys):
     from core import train
 

@@ -201,6 +201,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
     lines += similar_lines()
     lines += robustness_lines(reference)
     lines += metadata_lines()
+    lines += ENSEMBLE_LINES
     lines += [
         "",
         "## Intended use",
@@ -327,6 +328,23 @@ def robustness_lines(reference: Path) -> list[str]:
             "",
             *fitting_table(fitting),
         ]
+    return lines
+
+
+ENSEMBLE_LINES = [
+    "",
+    "## Ensembles",
+    "",
+    "An ensemble (`python -m core.train --ensemble K`, or `python -m core.ensemble RUN…` on finished runs; see the "
+    "README) is one model file holding K members trained with different seeds or backbones. Its probabilities are "
+    "the members' calibrated probabilities averaged and recalibrated by one temperature fitted on the validation "
+    "split; its run record holds the ensemble's test results beside each member's on the same images. On Diagnose "
+    "an ensemble also says how many of its models agree on the top class and how far their P(melanoma) spreads "
+    "(lowest to highest, standard deviation). These are an uncertainty signal, not a probability: members trained "
+    "on the same data share their blind spots, so agreement does not make a result right, but disagreement is a "
+    "reason to trust the number less. The reference model above is a single network; no ensemble has been "
+    "measured for this card yet.",
+]
 
 
 def metadata_lines(r: dict | None = None) -> list[str]:

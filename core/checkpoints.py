@@ -23,6 +23,8 @@ from core.models import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, buil
 from core.preprocessing import Preprocessing, is_finite_number
 
 FORMAT = "lesionlab-checkpoint/1"
+# Several checkpoints in one file with one temperature for their average (core.ensemble).
+ENSEMBLE_FORMAT = "lesionlab-ensemble/1"
 # What every checkpoint carries besides the marker (``checkpoint_dict`` writes them all).
 REQUIRED_FIELDS = ("arch", "head", "finetune", "classes", "preprocessing", "temperature", "model_state")
 # The largest real checkpoint is a full ResNet-50 run's last.pt with Adam's two moments: about 300 MB.
@@ -146,9 +148,9 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"config.data must be a folder name; got {config['data']!r}")
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint in ``path``, every field checked (see ``REQUIRED_FIELDS`` and the bounds in
-    :mod:`core.preprocessing`); raises :class:`CheckpointError` naming the field and what is allowed."""
+def read_file(path: str | Path) -> Any:
+    """What ``path`` holds, loaded with ``weights_only=True`` after the size bound; raises
+    :class:`CheckpointError` saying why it cannot be read. The caller checks what it is."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -162,21 +164,48 @@ def read_checkpoint(path: str | Path) -> dict:
             f"(the limit is {format_bytes(MAX_CHECKPOINT_BYTES)}); it was not loaded"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip archives, foreign objects
         raise _load_failure(path, exc) from None
+
+
+def file_format(path: str | Path) -> str | None:
+    """The format marker of the Lesion Lab file ``path``, read without reading its tensors (they are
+    memory-mapped, not loaded); None for anything else or a file that cannot be read that way."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 — read_file says why when the file is opened for real
+        return None
+    return payload.get("format") if isinstance(payload, dict) else None
+
+
+def check_checkpoint(ckpt: object, where: str) -> dict:
+    """``ckpt`` when it is a complete checkpoint dict; :class:`CheckpointError` naming ``where`` otherwise."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a Lesion Lab checkpoint (no {FORMAT!r} marker)")
+        if isinstance(ckpt, dict) and ckpt.get("format") == ENSEMBLE_FORMAT:
+            raise CheckpointError(f"{where} is an ensemble of models, not one checkpoint; open it with core.predict")
+        raise CheckpointError(f"{where} is not a Lesion Lab checkpoint (no {FORMAT!r} marker)")
     try:
         _check_fields(ckpt)
     except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+        raise CheckpointError(f"{where}: {exc}") from None
     return ckpt
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint in ``path``, every field checked (see ``REQUIRED_FIELDS`` and the bounds in
+    :mod:`core.preprocessing`); raises :class:`CheckpointError` naming the field and what is allowed."""
+    return check_checkpoint(read_file(path), str(path))
 
 
 def load_model(path: str | Path) -> tuple[LesionNet, dict]:
     """Rebuild the model stored in ``path`` (in eval mode, on the CPU) and return it with the checkpoint dict."""
     ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, str(path)), ckpt
+
+
+def model_from_checkpoint(ckpt: dict, where: str) -> LesionNet:
+    """The model of a checked checkpoint dict, in eval mode on the CPU; ``where`` names it in errors."""
     model = build_model(
         ckpt["arch"], weights="none", finetune=ckpt["finetune"], head=ckpt["head"], metadata=ckpt.get("metadata")
     )
@@ -186,6 +215,6 @@ def load_model(path: str | Path) -> tuple[LesionNet, dict]:
         # torch's first line only says that loading failed; the next ones list the missing and odd keys.
         lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         detail = "; ".join(textwrap.shorten(line, 160, placeholder=" …") for line in lines[:2]) or str(exc)
-        raise CheckpointError(f"{path} does not rebuild into a {ckpt['arch']} model ({detail})") from None
+        raise CheckpointError(f"{where} does not rebuild into a {ckpt['arch']} model ({detail})") from None
     model.eval()
-    return model, ckpt
+    return model

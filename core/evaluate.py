@@ -258,19 +258,29 @@ def evaluate_checkpoint(
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     # TTA's views of a batch go through the model together, so they share its pixel budget.
     batch_size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
+    # Imported here: core.ensemble builds on this module.
+    from core.ensemble import EnsemblePredictor, combine
+
+    ensemble = isinstance(predictor, EnsemblePredictor)
     loader, pipeline_note = _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
-    encoding = predictor.metadata_encoding
+    encoding = None if ensemble else predictor.metadata_encoding
     encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
 
     def run(metadata: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-        probs, labels = predict_probs(
-            predictor.model,
-            _progress(loader, len(frame), batch_size, progress),
-            predictor.device,
-            temperature=predictor.temperature,
-            tta=tta,
-            metadata=metadata,
-        )
+        if ensemble:  # each member reads the images with its own preprocessing
+            member_probs, labels = predictor.frame_probabilities(
+                frame, batch_size=batch_size, num_workers=num_workers, tta=tta
+            )
+            probs = combine(member_probs, predictor.temperature)
+        else:
+            probs, labels = predict_probs(
+                predictor.model,
+                _progress(loader, len(frame), batch_size, progress),
+                predictor.device,
+                temperature=predictor.temperature,
+                tta=tta,
+                metadata=metadata,
+            )
         check_probabilities(probs)
         return probs, labels
 

@@ -15,12 +15,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from core.checkpoints import CheckpointError, load_model
+from core.checkpoints import ENSEMBLE_FORMAT, CheckpointError, file_format, load_model
 from core.explain import CAM_METHODS, feature_maps, gradcam, overlay
 from core.images import ImageError, ImageSource
 from core.inference import PredictionError, check_probabilities, class_probabilities, tta_description, view_count
@@ -29,6 +30,9 @@ from core.metadata import MetadataEncoding, MetadataError, describe
 from core.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.runtime import tune_allocator
 from core.unfamiliar import UnfamiliarCheck, check_unfamiliar, load_detector
+
+if TYPE_CHECKING:
+    from core.ensemble import MemberVotes
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
 # The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
@@ -101,6 +105,8 @@ class Prediction:
     # sentence saying what happened to the metadata ("" when none was given to a model that does not take it).
     metadata_used: bool = False
     metadata_note: str = ""
+    # An ensemble's members one by one (core.ensemble): their probabilities, agreement and P(melanoma) spread.
+    members: MemberVotes | None = None
 
     @property
     def top_index(self) -> int:
@@ -121,6 +127,7 @@ class Prediction:
             "tta": self.tta,
             "metadata_used": self.metadata_used,
             "metadata_note": self.metadata_note,
+            **({"members": self.members.to_dict()} if self.members is not None else {}),
         }
 
 
@@ -131,6 +138,15 @@ class Predictor:
     ``_lock`` and callers reach it only through these methods. Model passes are serialised
     (they use every core anyway, and CAM and feature-map hooks must not see other threads' passes).
     """
+
+    def __new__(cls, checkpoint: str | Path, **kwargs):
+        # One door for every model file: an ensemble file opens as core.ensemble.EnsemblePredictor, which has
+        # this interface, so the pages, the batch and the evaluator take either without asking which.
+        if cls is Predictor and file_format(checkpoint) == ENSEMBLE_FORMAT:
+            from core.ensemble import EnsemblePredictor  # it builds on this module
+
+            cls = EnsemblePredictor
+        return super().__new__(cls)
 
     def __init__(self, checkpoint: str | Path, *, device: str | torch.device = "cpu"):
         tune_allocator()
@@ -224,6 +240,16 @@ class Predictor:
         with self._lock, torch.inference_mode():
             all_probs = class_probabilities(model, x, self.temperature, tta).double().cpu().numpy()
         check_probabilities(all_probs)
+        return self._predictions(inputs, x, all_probs, tta, metadata)
+
+    def _predictions(
+        self,
+        inputs: Sequence[tuple[Image.Image, torch.Tensor]],
+        x: torch.Tensor,
+        all_probs: np.ndarray,
+        tta: bool,
+        metadata: Sequence[Mapping[str, object] | None],
+    ) -> list[Prediction]:
         predictions = []
         for i, ((image, _), probs) in enumerate(zip(inputs, all_probs, strict=True)):
             top = int(probs.argmax())
@@ -303,6 +329,8 @@ def format_prediction(name: str, pred: Prediction) -> str:
     lines.append(f"  malignant ({malignant}): {pred.malignant_probability:.1%}")
     if pred.metadata_note:
         lines.append(f"  {pred.metadata_note}")
+    if pred.members is not None:
+        lines += [f"  {pred.members.agreement_text()}", f"  {pred.members.spread_text()}"]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from core.checkpoints import load_model
+from core.ensemble_file import lead_model
 from core.features import FeatureCache, ProgressFn, backbone_key
 from core.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES, NUM_CLASSES
 from core.preprocessing import Preprocessing
@@ -171,7 +171,8 @@ def build_index(
     device: str | torch.device = "cpu",
     progress: ProgressFn | None = None,
 ) -> CaseIndex:
-    """Features of every image of ``frame`` (a dataset index's frame) under ``checkpoint``'s backbone.
+    """Features of every image of ``frame`` (a dataset index's frame) under ``checkpoint``'s backbone (an
+    ensemble's first member's: see :mod:`core.ensemble`).
 
     ``split`` is each row's split for this model (aligned with ``frame``; NaN where unknown, such images are
     kept but belong to no split). The cache is ``cache_dir``, by default :func:`core.settings.cache_dir`.
@@ -179,7 +180,7 @@ def build_index(
     The model is loaded here, apart from any shared :class:`core.predict.Predictor`, so that building an
     index never holds up predictions. Images that cannot be decoded are left out.
     """
-    model, ckpt = load_model(checkpoint)
+    model, ckpt = lead_model(checkpoint)
     prep = Preprocessing.from_dict(ckpt["preprocessing"])
     paths = frame["path"].astype(str).tolist()
     features, damaged = FeatureCache(cache_dir or default_cache_dir() / "features").features(

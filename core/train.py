@@ -15,13 +15,15 @@ import sys
 import types
 import typing
 from dataclasses import fields
+from datetime import datetime
 from pathlib import Path
 
 from core import distributed
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
 from core.models import WeightsUnavailableError
-from core.runs import read_dataset_report, read_evaluation, run_header
+from core.runs import check_run_name, read_dataset_report, read_evaluation, read_status, run_header
+from core.runtime import pick_device
 from core.training import PRESETS, TrainConfig, config_with, train, train_many
 
 
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "a STOP file in the current run folder ends the run and the ones after it",
     )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its last.pt")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="K",
+        help="train the config K times, with seeds seed … seed+K-1 (run folders NAME-seedS), then combine them "
+        "into the ensemble run NAME: one model file, one temperature fitted on the validation split (core.ensemble)",
+    )
     add_config_flags(p)
     return p
 
@@ -107,8 +116,40 @@ def report(run_dir: Path) -> None:
     print(summary(run_dir), flush=True)
 
 
+def ensemble_configs(cfg: TrainConfig, k: int) -> tuple[Path, list[TrainConfig]]:
+    """The ensemble run's folder and its ``k`` members' configs: ``cfg`` with seeds seed … seed+k-1."""
+    from core.ensemble_file import MAX_MEMBERS
+
+    if not 2 <= k <= MAX_MEMBERS:
+        raise ValueError(f"--ensemble takes 2 to {MAX_MEMBERS} members; got {k}")
+    name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-ensemble{k}"
+    run_dir = Path(cfg.out) / check_run_name(name)
+    # Refused before hours of training, not after: the members' folders are checked by the trainer itself.
+    if (run_dir / "best.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a model; choose another --name")
+    return run_dir, [config_with(cfg, seed=cfg.seed + i, name=f"{name}-seed{cfg.seed + i}") for i in range(k)]
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def build_ensemble_run(run_dirs: list[Path], k: int, ensemble_dir: Path, *, device: str = "auto") -> int:
+    """Combine the members once all ``k`` finished (a stop or a failure leaves them as plain runs)."""
+    from core.ensemble import build_ensemble, summary
+
+    finished = [d for d in run_dirs if read_status(d).get("state") == "finished"]
+    if len(finished) < k:
+        print(
+            f"error: only {len(finished)} of {k} members finished, so the ensemble was not built; combine finished "
+            f"runs with python -m core.ensemble RUN_DIR… --name {ensemble_dir.name}",
+            file=sys.stderr,
+        )
+        return 1
+    print(run_header(ensemble_dir.name), flush=True)
+    build_ensemble(run_dirs, ensemble_dir, device=str(pick_device(device)))
+    print(summary(ensemble_dir), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     main_process = distributed.is_main()
     try:
         if args.resume:
+            if args.ensemble is not None:
+                print(
+                    "error: --resume continues one run; resume each member, then run python -m core.ensemble",
+                    file=sys.stderr,
+                )
+                return 2
             if args.config and len(args.config) > 1:
                 print("error: --resume continues one run; pass at most one --config", file=sys.stderr)
                 return 2
@@ -132,11 +179,20 @@ def main(argv: list[str] | None = None) -> int:
             if not all(cfg.data for cfg in configs):
                 print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
                 return 2
-            train_many(
+            if args.ensemble is not None:
+                if len(configs) > 1:
+                    print(
+                        "error: --ensemble trains one config several times; pass at most one --config", file=sys.stderr
+                    )
+                    return 2
+                ensemble_dir, configs = ensemble_configs(configs[0], args.ensemble)
+            run_dirs = train_many(
                 configs,
                 on_run_start=(lambda run_dir: print(run_header(run_dir.name), flush=True)) if main_process else None,
                 on_run_end=report if main_process else None,
             )
+            if args.ensemble is not None and main_process:
+                return build_ensemble_run(run_dirs, len(configs), ensemble_dir, device=configs[0].device)
     except (
         DatasetError,
         WeightsUnavailableError,

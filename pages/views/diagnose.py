@@ -141,6 +141,12 @@ def melanoma() -> None:
     st.metric(
         "P(melanoma)", f"{p_mel:.1%}", help=f"The model's operating threshold is P(mel) ≥ {threshold:.0%}." + known
     )
+    if prediction.members is not None:  # an ensemble: how much its models agree, beside the number
+        st.markdown(f"**{prediction.members.agreement_text()}**. {prediction.members.spread_text()}.")
+        st.caption(
+            "Each model's own calibrated answer. The number above combines them; where they disagree or their "
+            "P(melanoma) spreads widely, it is less certain than it looks."
+        )
     if p_mel >= threshold:
         st.error(
             f"P(melanoma) {p_mel:.1%} is at or above the operating threshold of {threshold:.0%}: refer / "

@@ -37,7 +37,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):  # ``X | None``: the flag takes an X
             (kind,) = (t for t in typing.get_args(kind) if t is not type(None))
-        options = {"default": None, "help": f.metadata["help"]}
+        options = {"default": None, "help": f.metadata["help"].replace("%", "%%")}  # argparse formats help with %
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(kind) is tuple:

@@ -320,8 +320,9 @@ def predict_files(
     after each batch. The images of a batch go through the model in one forward pass. Raises
     :class:`~core.inference.PredictionError` when the model's output is not a probability distribution (broken
     weights), which no other file would escape either."""
-    # A forward pass holds ``batch_size`` views at most: TTA makes several of each image.
-    size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
+    # ``batch_size`` images a pass, unless their TTA views (several of each image) would exceed the pixel budget.
+    views = view_count(tta)
+    size = max(1, bounded_batch_size(batch_size * views, predictor.prep.input_size) // views)
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
         decoded = [_decode(predictor, file) for file in chunk]

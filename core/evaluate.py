@@ -257,7 +257,8 @@ def evaluate_checkpoint(
     predictor = Predictor(checkpoint, device=device)
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     # TTA's views of a batch go through the model together, so they share its pixel budget.
-    batch_size = max(1, bounded_batch_size(batch_size, predictor.prep.input_size) // view_count(tta))
+    views = view_count(tta)
+    batch_size = max(1, bounded_batch_size(batch_size * views, predictor.prep.input_size) // views)
     # Imported here: core.ensemble builds on this module.
     from core.ensemble import EnsemblePredictor, combine
 

@@ -5,9 +5,9 @@ image-only run (a paired bootstrap of the balanced-accuracy difference).
 
     python bench/metadata.py [--data ../shared/data/ham10000-200x150] [--max-images N] [--epochs 15]
 
-Writes ``docs/runs/metadata/results.json``, which ``bench/model_card.py`` turns into the model card's
-"Metadata" section (rewritten here after a full-dataset run). Not a speed benchmark: the numbers do not depend
-on the machine's load. The runs train in ``--out`` (default ``runs/``) and are reused when complete.
+Writes ``docs/metadata-results.json`` (not in docs/runs: it is no run), which ``bench/model_card.py`` turns into
+the model card's "Metadata" section (rewritten here after a full-dataset run). Not a speed benchmark: the numbers do
+not depend on the machine's load. The runs train in ``--out`` (default ``runs/``) and are reused when complete.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from core.labels import CLASSES  # noqa: E402
 from core.runs import has_evaluation, read_config, read_split  # noqa: E402
 from core.training import SharedInputs, TrainConfig, config_with, train  # noqa: E402
 
-RESULTS = ROOT / "docs" / "runs" / "metadata" / "results.json"
+RESULTS = ROOT / "docs" / "metadata-results.json"
 WITHHOLD = (0.1, 0.3, 0.5)
 
 

@@ -38,7 +38,7 @@ REFERENCE_COMMAND = (
     "python -m core.train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
 )
 BENCHMARKS_JSON = ROOT / "docs" / "BENCHMARKS.json"
-METADATA_RESULTS = ROOT / "docs" / "runs" / "metadata" / "results.json"  # written by bench/metadata.py
+METADATA_RESULTS = ROOT / "docs" / "metadata-results.json"  # written by bench/metadata.py
 KS = (1, NEIGHBOURS, 32)  # the kNN votes compared with the classifier; NEIGHBOURS is what Diagnose shows
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
 COMPARISON_ARCH = "mobilenet_v2"
@@ -349,7 +349,7 @@ ENSEMBLE_LINES = [
 
 def metadata_lines(r: dict | None = None) -> list[str]:
     """The model card's "Metadata" section from ``bench/metadata.py``'s results (``r``, else its full-dataset
-    run recorded in docs/runs/metadata; nothing when it has not run)."""
+    run recorded in docs/metadata-results.json; nothing when it has not run)."""
     if r is None:
         r = read_json(METADATA_RESULTS) if METADATA_RESULTS.is_file() else None
         if not r or not r.get("full_dataset"):

@@ -112,9 +112,11 @@ def test_a_stop_during_feature_extraction_ends_the_run_between_batches(tiny_root
         asked.append(time.monotonic())
         return True
 
-    cfg = TrainConfig.from_dict(
-        tiny_config(tiny_root, "stopped-early", out=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    # From the files: with the decoded-image cache the first ask comes while it is built (tests/test_decoded.py).
+    config = tiny_config(
+        tiny_root, "stopped-early", out=str(tmp_path), cache_dir=str(tmp_path / "cache"), input_pipeline="jpeg"
     )
+    cfg = TrainConfig.from_dict(config)
     run_dir = train(cfg, should_stop=should_stop)
     run = read_run(run_dir)
     assert len(asked) == 1

@@ -24,7 +24,6 @@ from core.data import IMAGE_SUFFIXES, DatasetError, walk_files
 from core.evaluate import bounded_batch_size
 from core.formatting import format_bytes
 from core.images import ImageError, ImageSource
-from core.inference import view_count
 from core.labels import CLASSES
 from core.predict import Prediction, Predictor
 from core.visuals import LOW_CONFIDENCE
@@ -320,9 +319,7 @@ def predict_files(
     after each batch. The images of a batch go through the model in one forward pass. Raises
     :class:`~core.inference.PredictionError` when the model's output is not a probability distribution (broken
     weights), which no other file would escape either."""
-    # ``batch_size`` images a pass, unless their TTA views (several of each image) would exceed the pixel budget.
-    views = view_count(tta)
-    size = max(1, bounded_batch_size(batch_size * views, predictor.prep.input_size) // views)
+    size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
         decoded = [_decode(predictor, file) for file in chunk]

@@ -274,7 +274,7 @@ class EnsemblePredictor(Predictor):
         for m in self.members:
             dataset = LesionDataset.from_frame(frame, m.transform, m.prep)
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=bounded_batch_size(batch_size, m.prep.input_size), num_workers=num_workers
+                dataset, batch_size=bounded_batch_size(batch_size, m.prep.input_size, tta), num_workers=num_workers
             )
             probs, labels = predict_probs(
                 m.model,

@@ -89,10 +89,12 @@ def select_split(frame: pd.DataFrame, split: str, seed: int, fractions: Sequence
     return rows
 
 
-def bounded_batch_size(requested: int, input_size: Sequence[int]) -> int:
-    """``requested``, lowered so that a batch of ``input_size`` (height, width) images stays within
-    ``MAX_BATCH_PIXELS``; at least 1."""
-    return max(1, min(requested, MAX_BATCH_PIXELS // (input_size[0] * input_size[1])))
+def bounded_batch_size(requested: int, input_size: Sequence[int], tta: bool = False) -> int:
+    """``requested`` images, lowered so that a batch of ``input_size`` (height, width) images stays within
+    ``MAX_BATCH_PIXELS``, with their test-time augmentation views when ``tta`` (they go through the model
+    together); at least 1."""
+    pixels = input_size[0] * input_size[1] * view_count(tta)
+    return max(1, min(requested, MAX_BATCH_PIXELS // pixels))
 
 
 def _same_folder(a: str | Path, b: str | Path) -> bool:
@@ -256,14 +258,15 @@ def evaluate_checkpoint(
         progress = _terminal_progress
     predictor = Predictor(checkpoint, device=device)
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
-    # TTA's views of a batch go through the model together, so they share its pixel budget.
-    views = view_count(tta)
-    batch_size = max(1, bounded_batch_size(batch_size * views, predictor.prep.input_size) // views)
+    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
     # Imported here: core.ensemble builds on this module.
     from core.ensemble import EnsemblePredictor, combine
 
     ensemble = isinstance(predictor, EnsemblePredictor)
-    loader, pipeline_note = _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
+    # An ensemble's members read the files, each with its own preprocessing (frame_probabilities).
+    loader, pipeline_note = (
+        (None, None) if ensemble else _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
+    )
     encoding = None if ensemble else predictor.metadata_encoding
     encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
 
@@ -315,7 +318,7 @@ def evaluate_checkpoint(
         "temperature": predictor.temperature,
         "tta": tta,
         "tta_views": tta_description(tta),
-        "input_pipeline": "jpeg" if pipeline_note or decoded_dir is None else "decoded",
+        "input_pipeline": "jpeg" if ensemble or pipeline_note or decoded_dir is None else "decoded",
         "input_pipeline_note": pipeline_note,
         "metrics": metrics,
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,

@@ -123,7 +123,7 @@ def evaluate_shifts(
         described["sampled_from"] = len(frame)
         frame = frame.sample(n=max_images, random_state=0).reset_index(drop=True)
         described["n_images"] = len(frame)
-    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size)
+    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
     conditions = [CLEAN, *names]
     total, started = len(frame) * len(conditions), time.time()
     probs: dict[str, np.ndarray] = {}

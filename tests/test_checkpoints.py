@@ -28,7 +28,7 @@ from core.checkpoints import (
     load_model,
     read_checkpoint,
 )
-from core.inference import PredictionError
+from core.inference import PredictionError, view_count
 from core.labels import CLASSES
 from core.models import build_model
 from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, Preprocessing
@@ -299,6 +299,11 @@ def test_evaluation_batches_hold_a_bounded_number_of_pixels():
     assert evaluate.bounded_batch_size(8, (32, 32)) == 8
     for size in ((MAX_INPUT_SIDE, MAX_INPUT_SIDE), (448, 448), (MIN_INPUT_SIDE, MIN_INPUT_SIDE)):
         assert evaluate.bounded_batch_size(10_000, size) * size[0] * size[1] <= evaluate.MAX_BATCH_PIXELS
+    # With test-time augmentation every image brings its views: the images per pass shrink by their number.
+    views = view_count(True)
+    assert evaluate.bounded_batch_size(64, (224, 224), tta=True) == 64 // views
+    assert evaluate.bounded_batch_size(32, (150, 200), tta=True) == 26  # 64·224² pixels hold 107 views of 150×200
+    assert evaluate.bounded_batch_size(64, (MAX_INPUT_SIDE, MAX_INPUT_SIDE), tta=True) == 1
 
 
 # ---------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def _eval_pass(
             module.training = mode
     if not outputs:
         return np.zeros((0, NUM_CLASSES), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return torch.cat(outputs).numpy(), torch.cat(targets).numpy().astype(np.int64)
+    return torch.cat(outputs).numpy(), torch.cat(targets).cpu().numpy().astype(np.int64)
 
 
 def predict_logits(

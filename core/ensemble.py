@@ -291,10 +291,15 @@ class EnsemblePredictor(Predictor):
 # Building one from finished runs
 
 
-def ensemble_config(name: str, member_runs: Sequence[Path], members: Sequence[dict]) -> dict:
+def ensemble_config(
+    name: str, member_runs: Sequence[Path], members: Sequence[dict], data: str | Path | None = None
+) -> dict:
     """The ensemble run's config: the split and data its members share (refused when they differ), the settings
-    they all agree on, and what each member was."""
+    they all agree on, and what each member was. ``data``: the dataset's folder where it is now, when the
+    members were trained elsewhere (their split is by image id, so only the folder differs)."""
     configs = [m.get("config") or {} for m in members]
+    if data is not None:
+        configs = [{**c, "data": str(data)} for c in configs]
     shared = ("data", "split_seed", "split_fractions", "max_images")
     for key in shared:
         values = {repr(c.get(key)) for c in configs}
@@ -348,10 +353,12 @@ def build_ensemble(
     device: str = "cpu",
     batch_size: int = 64,
     num_workers: int = 0,
+    data: str | Path | None = None,
 ) -> Path:
     """Combine the finished runs ``member_runs`` into the ensemble run ``run_dir`` and return it: its ``best.pt``
     (the ensemble file, with the temperature fitted on the validation split), ``config.json``, ``split.csv`` and
-    the test evaluation (with each member's own numbers on the same images)."""
+    the test evaluation (with each member's own numbers on the same images). ``data`` overrides the members'
+    dataset folder (see :func:`ensemble_config`)."""
     member_runs = [Path(r) for r in member_runs]
     run_dir = Path(run_dir)
     check_run_name(run_dir.name)
@@ -364,7 +371,7 @@ def build_ensemble(
         if not (run / "best.pt").is_file():
             raise CheckpointError(f"run {run} has no best.pt: only a finished run can be a member")
         members.append(read_checkpoint(run / "best.pt"))
-    config = ensemble_config(run_dir.name, member_runs, members)
+    config = ensemble_config(run_dir.name, member_runs, members, data)
     index = index_dataset(config["data"])
     split = ensemble_split(member_runs)
     frames = _split_frames(member_runs, split, index.frame)
@@ -459,6 +466,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="the members' run folders")
     parser.add_argument("--name", required=True, help="the ensemble run's folder name")
     parser.add_argument("--out", type=Path, help="parent folder of the ensemble run (default: the first member's)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="the dataset folder, where the members' runs recorded another (e.g. they were trained on another "
+        "machine); the split stays theirs, by image id",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=64)
     return parser
@@ -468,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = args.out or args.runs[0].parent
     try:
-        run_dir = build_ensemble(args.runs, out / args.name, device=args.device, batch_size=args.batch_size)
+        run_dir = build_ensemble(
+            args.runs, out / args.name, device=args.device, batch_size=args.batch_size, data=args.data
+        )
     except (CheckpointError, DatasetError, ValueError, FileExistsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

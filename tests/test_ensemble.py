@@ -270,3 +270,19 @@ def test_diagnose_says_how_many_models_agree_and_the_melanoma_spread(built, tmp_
     assert f"{votes.agreeing} of 2 models agree on" in text
     assert "P(melanoma) across the 2 models:" in text
     assert "ensemble of 2 (2 × mobilenet_v2)" in text
+
+
+def test_members_trained_elsewhere_combine_with_the_data_folder_given(built, tmp_path, capsys):
+    # A member trained on another machine (a GPU server, say) recorded that machine's dataset folder.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    ckpt = read_checkpoint(built / "ens-seed4" / "best.pt")
+    ckpt["config"]["data"] = "/elsewhere/ham10000"
+    atomic_save(ckpt, moved / "best.pt")
+    runs.write_split(moved, runs.read_split(built / "ens-seed4"))
+    members = [str(built / "ens-seed3"), str(moved)]
+    assert ensemble.main([*members, "--name", "a", "--out", str(tmp_path)]) == 2
+    assert "their data differ" in capsys.readouterr().err
+    assert ensemble.main([*members, "--name", "b", "--out", str(tmp_path), "--data", str(SAMPLE)]) == 0
+    assert runs.read_config(tmp_path / "b")["data"] == str(SAMPLE)
+    assert runs.read_evaluation(tmp_path / "b")["test"]["n"] == runs.read_evaluation(built / "ens")["test"]["n"]

@@ -25,7 +25,14 @@ sys.path.insert(0, str(ROOT))
 from bench.fitting import RULES, shown_images  # noqa: E402
 from bench.fitting import table as fitting_table  # noqa: E402
 from core import robustness  # noqa: E402
-from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
+from core.evaluation import (  # noqa: E402
+    MEL_SENSITIVITY,
+    balanced_accuracy,
+    compute_metrics,
+    confidence_intervals,
+    paired_bootstrap_ci,
+    softmax,
+)
 from core.files import read_json  # noqa: E402
 from core.images import FIT_RULE  # noqa: E402
 from core.imbalance import STRATEGIES  # noqa: E402
@@ -69,13 +76,16 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
+def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path) -> str:
     labels, probs, raw, temperature = load_predictions(reference)
     m = compute_metrics(labels, probs)
     m_raw = compute_metrics(labels, raw)
     ci = confidence_intervals(labels, probs, n=2000)
     cfg = read_config(reference)
     mel = m["melanoma"]
+    # The operating point Diagnose uses: the model's own, chosen on validation (core.operating_point), else 0.5.
+    threshold = read_json(reference / "evaluation.json").get("mel_threshold")
+    op = compute_metrics(labels, probs, mel_threshold=threshold)["melanoma"] if threshold is not None else mel
     sizes = read_split(reference)["split"].value_counts()
     wall_minutes = read_run(reference).wall_time_s / 60
     lines = [
@@ -103,7 +113,8 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "",
         "## Training",
         f"- Command: `{command}`",
-        f"- Wall time: {wall_minutes:.0f} min on the project's 2-core CPU machine (no GPU), shared with other work.",
+        f"- Wall time: {wall_minutes:.0f} min on the project's 2-core CPU machine (no GPU), shared with other work."
+        + gpu_wall_line(),
         f"- Recipe: {cfg['epochs']} epochs, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']} "
         f"(weight decay {cfg['weight_decay']}), {cfg['scheduler']} schedule with {cfg['warmup_epochs']} warm-up "
         f"epoch(s), label smoothing {cfg['label_smoothing']}, imbalance `{cfg['imbalance']}` "
@@ -119,15 +130,18 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "| --- | --- | --- | --- |",
         f"| accuracy | {fmt(m['accuracy'])} | {fmt(ci['accuracy'][0])}–{fmt(ci['accuracy'][1])} | ≥ 0.85 |",
         f"| balanced accuracy (ISIC 2018 metric) | {fmt(m['balanced_accuracy'])} | "
-        f"{fmt(ci['balanced_accuracy'][0])}–{fmt(ci['balanced_accuracy'][1])} | ≥ 0.75 |",
+        f"{fmt(ci['balanced_accuracy'][0])}–{fmt(ci['balanced_accuracy'][1])} | ≥ 0.80 |",
         f"| macro F1 | {fmt(m['macro']['f1'])} | {fmt(ci['macro_f1'][0])}–{fmt(ci['macro_f1'][1])} | |",
         f"| weighted F1 | {fmt(m['weighted']['f1'])} | | |",
-        f"| melanoma ROC AUC (one-vs-rest) | {fmt(m['roc_auc']['per_class']['mel'])} | | ≥ 0.90 |",
-        f"| melanoma sensitivity / specificity at p(mel) ≥ 0.5 | {fmt(mel['sensitivity'])} / "
+        f"| melanoma ROC AUC (one-vs-rest) | {fmt(m['roc_auc']['per_class']['mel'])} | | ≥ 0.93 |",
+        f"| melanoma sensitivity / specificity at Diagnose's operating point, P(mel) ≥ {op['threshold']:.3f} "
+        f"(chosen on validation for sensitivity {MEL_SENSITIVITY:.2f}) | {fmt(op['sensitivity'])} / "
+        f"{fmt(op['specificity'])} | | sensitivity ≥ 0.80 |",
+        f"| melanoma sensitivity / specificity at P(mel) ≥ 0.5 | {fmt(mel['sensitivity'])} / "
         f"{fmt(mel['specificity'])} | | |",
         f"| macro ROC AUC | {fmt(m['roc_auc']['macro'])} | | |",
         f"| expected calibration error (15 bins), before → after temperature scaling | "
-        f"{fmt(m_raw['ece'])} → {fmt(m['ece'])} | | |",
+        f"{fmt(m_raw['ece'])} → {fmt(m['ece'])} | | ≤ 0.03 |",
         "",
         "### Per class",
         "",
@@ -152,8 +166,10 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
     ]
     met = {
         "accuracy ≥ 0.85": m["accuracy"] >= 0.85,
-        "balanced accuracy ≥ 0.75": m["balanced_accuracy"] >= 0.75,
-        "melanoma AUC ≥ 0.90": (m["roc_auc"]["per_class"]["mel"] or 0) >= 0.90,
+        "balanced accuracy ≥ 0.80": m["balanced_accuracy"] >= 0.80,
+        "melanoma AUC ≥ 0.93": (m["roc_auc"]["per_class"]["mel"] or 0) >= 0.93,
+        "ECE ≤ 0.03": m["ece"] <= 0.03,
+        "melanoma sensitivity ≥ 0.80 at the operating point": (op["sensitivity"] or 0) >= 0.80,
     }
     lines += [
         "",
@@ -163,8 +179,11 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "Not met: " + (", ".join(k for k, v in met.items() if not v) or "none") + ".",
         "",
         "Why the shortfall, as far as we can tell: the model sees HAM10000 downscaled to 200×150 (a ninth of the "
-        "published pixels), it is a small network (MobileNetV2, 2.2 M parameters) trained for 14 epochs on two "
-        "CPU cores without a GPU, and it is a single model without test-time augmentation or ensembling. "
+        "published pixels) and it is a small network (MobileNetV2, 2.2 M parameters) trained for 14 epochs. "
+        "Retraining the same recipe on a GPU with other seeds and the `wide` augmentation, and averaging three such "
+        "networks, did not change this by more than the intervals (Ensembles, below). The operating point was "
+        "chosen on the validation split, where it reached the target sensitivity; on the test split it falls short "
+        "by the margin shown. "
         "Class weighting trades the two targets against each other: weighting rare classes more raises balanced "
         "accuracy and lowers accuracy (the imbalance comparison below shows the same trade-off); the square-root "
         "weighting used here is a compromise. Longer training of a larger backbone (e.g. EfficientNet-B0) on a GPU "
@@ -201,7 +220,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
     lines += similar_lines()
     lines += robustness_lines(reference)
     lines += metadata_lines()
-    lines += ENSEMBLE_LINES
+    lines += ensemble_lines(runs, reference)
     lines += [
         "",
         "## Intended use",
@@ -226,6 +245,17 @@ def card(reference: Path, comparisons: dict[str, Path], command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def gpu_wall_line() -> str:
+    """The reference preset's wall time on a GPU, where bench/pipeline.py --gpu-only measured it."""
+    g = read_json(BENCHMARKS_JSON).get("pipeline_gpu") if BENCHMARKS_JSON.is_file() else None
+    if not g:
+        return ""
+    return (
+        f" The same preset on an {g['device']} (`--device cuda`) took {g['reference_wall_s']:.0f} s from start to "
+        f"exit ({g['date'][:10]}, docs/BENCHMARKS.md); that run is the member `gpu-strong-s0` under Ensembles below."
+    )
 
 
 def pct(x: float | None) -> str:
@@ -331,10 +361,7 @@ def robustness_lines(reference: Path) -> list[str]:
     return lines
 
 
-ENSEMBLE_LINES = [
-    "",
-    "## Ensembles",
-    "",
+ENSEMBLE_INTRO = (
     "An ensemble (`python -m core.train --ensemble K`, or `python -m core.ensemble RUN…` on finished runs; see the "
     "README) is one model file holding K members trained with different seeds or backbones. Its probabilities are "
     "the members' calibrated probabilities averaged and recalibrated by one temperature fitted on the validation "
@@ -342,9 +369,138 @@ ENSEMBLE_LINES = [
     "an ensemble also says how many of its models agree on the top class and how far their P(melanoma) spreads "
     "(lowest to highest, standard deviation). These are an uncertainty signal, not a probability: members trained "
     "on the same data share their blind spots, so agreement does not make a result right, but disagreement is a "
-    "reason to trust the number less. The reference model above is a single network; no ensemble has been "
-    "measured for this card yet.",
-]
+    "reason to trust the number less."
+)
+
+
+def member_predictions(runs: Path, name: str, image_ids: np.ndarray) -> np.ndarray | None:
+    """A member's calibrated test probabilities in the order of ``image_ids``, from its published run record."""
+    run = runs / name
+    if not has_evaluation(run):
+        return None
+    table, _, probs, _, _ = read_predictions(run)
+    order = {str(i): k for k, i in enumerate(table["image_id"])}
+    if not all(str(i) in order for i in image_ids):
+        return None
+    return probs[[order[str(i)] for i in image_ids]]
+
+
+def augmentation_lines(runs: Path, ensembles: list[Path]) -> list[str]:
+    """Members that differ only in their augmentation recipe, side by side on validation."""
+    found: dict[tuple, dict[str, tuple[str, float]]] = {}
+    for e in ensembles:
+        for m in read_json(e / "evaluation.json")["members"]:
+            if not (runs / m["run"] / "config.json").is_file():
+                continue
+            cfg = read_config(runs / m["run"])
+            # Where a run kept its files is not part of what it learnt.
+            ignored = ("augmentation", "name", "out", "data", "cache_dir", "decoded_dir")
+            rest = tuple(sorted((k, repr(v)) for k, v in cfg.items() if k not in ignored))
+            found.setdefault(rest, {})[cfg["augmentation"]] = (m["run"], m["val"]["balanced_accuracy"])
+    pairs = [v for v in found.values() if len(v) > 1]
+    if not pairs:
+        return []
+    said = [
+        ", ".join(f"`{aug}` {val:.3f} (`{run}`)" for aug, (run, val) in sorted(p.items(), key=lambda kv: -kv[1][1]))
+        for p in pairs
+    ]
+    return [
+        "Augmentation recipes, otherwise the same run (validation balanced accuracy): " + "; ".join(said) + ". "
+        "`wide` (random resized crops of 25–100 % of the area, any rotation, scale 0.5–1) was meant to survive the "
+        "robustness report's scale and crop shifts; at one seed it scored lower on validation, so no preset uses it "
+        "and the reference model keeps `strong`."
+    ]
+
+
+def ensemble_cost_lines(runs: Path, ensembles: list[Path]) -> list[str]:
+    """Where and how long each member trained, and what an answer costs (bench/diagnose_cost.py)."""
+    names = sorted({m["run"] for e in ensembles for m in read_config(e)["members"]})
+    trained = []
+    for name in names:
+        if (runs / name / "metrics.jsonl").is_file():
+            run = read_run(runs / name)
+            device = (run.start or {}).get("device", "?")
+            where = {"cuda": "a GPU", "cpu": "the 2-core CPU"}.get(device, device)
+            trained.append(f"`{name}` {run.wall_time_s / 60:.1f} min on {where}")
+    line = "Training: " + "; ".join(trained) + " (each run's start to its end, from its metrics.jsonl)."
+    costs = read_json(BENCHMARKS_JSON).get("diagnose_cost") if BENCHMARKS_JSON.is_file() else None
+    if costs:
+        shown = "; ".join(
+            f"{r['members']} network{'s' * (r['members'] > 1)} ({r['megabytes']:.1f} MB): "
+            + " / ".join(f"{c['p50_ms']:.0f} ms" for c in r["cost"].values())
+            for r in costs["models"]
+        )
+        line += (
+            f" A Diagnose answer, one view / default TTA, p50 on the 2-core CPU ({costs['date'][:10]}, "
+            f"bench/diagnose_cost.py): {shown}."
+        )
+    return [line]
+
+
+def ensemble_lines(runs: Path, reference: Path) -> list[str]:
+    """The Ensembles section: each published ensemble run in ``runs`` beside its members, chosen on validation."""
+    ensembles = [d for d in sorted(runs.iterdir()) if has_evaluation(d) and read_config(d).get("arch") == "ensemble"]
+    lines = ["", "## Ensembles", "", ENSEMBLE_INTRO]
+    if not ensembles:
+        return [*lines[:-1], ENSEMBLE_INTRO + " The reference model above is a single network; no ensemble has been "
+                "measured for this card yet."]  # fmt: skip
+    lines += [
+        "",
+        "Measured ensembles of the published runs (`python -m core.ensemble … --data ../shared/data/ham10000-200x150`"
+        "). Validation balanced accuracy is what a choice may look at; each member's is optimistic, since its best "
+        "epoch was chosen on it. Test: calibrated probabilities, one view (no TTA), the paired interval of the "
+        "difference from the reference model on the same images (1000 resamples).",
+        "",
+        "| model | val balanced acc. | test accuracy | test balanced acc. | vs reference (95% CI) | mel AUC | ECE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for ens in ensembles:
+        evaluation = read_json(ens / "evaluation.json")
+        table, labels, probs, _, _ = read_predictions(ens)
+        ids = table["image_id"].to_numpy()
+        ref = member_predictions(reference.parent, reference.name, ids)
+        rows = [
+            (f"**{ens.name}** ({len(evaluation['members'])} members)", evaluation["val"], evaluation["test"], probs)
+        ]
+        rows += [
+            (f"member `{m['run']}`", m["val"], m["test"], member_predictions(runs, m["run"], ids))
+            for m in evaluation["members"]
+        ]
+        for title, val, test, member_probs in rows:
+            gain = ""
+            if ref is not None and member_probs is not None and not np.allclose(member_probs, ref):
+                low, high = paired_bootstrap_ci(labels, member_probs, ref, balanced_accuracy)
+                diff = (
+                    compute_metrics(labels, member_probs)["balanced_accuracy"]
+                    - compute_metrics(labels, ref)["balanced_accuracy"]
+                )
+                gain = f"{diff:+.3f} ({low:+.3f} to {high:+.3f})"
+            lines.append(
+                f"| {title} | {fmt(val['balanced_accuracy'])} | {fmt(test['accuracy'])} | "
+                f"{fmt(test['balanced_accuracy'])} | {gain} | {fmt(test['roc_auc']['per_class']['mel'])} | "
+                f"{fmt(test['ece'])} |"
+            )
+    lines += ["", *augmentation_lines(runs, ensembles), "", *ensemble_cost_lines(runs, ensembles)]
+    best = max(ensembles, key=lambda d: read_json(d / "evaluation.json")["val"]["balanced_accuracy"])
+    best_val = read_json(best / "evaluation.json")["val"]["balanced_accuracy"]
+    ref_val = read_json(ensembles[0] / "evaluation.json")["members"]
+    ref_val = next((m["val"]["balanced_accuracy"] for m in ref_val if m["run"] == reference.name), None)
+    if ref_val is not None:
+        verdict = (
+            f"On validation the best ensemble, `{best.name}`, reaches {best_val:.3f} balanced accuracy against the "
+            f"reference model's {ref_val:.3f}"
+        )
+        lines += [
+            "",
+            verdict
+            + (
+                ": the bundled model stays the single network (chosen on validation, not on the test split), "
+                "and it answers Diagnose at the cost of one network, not two or three."
+                if best_val <= ref_val
+                else ": the ensemble is the better choice on validation."
+            ),
+        ]
+    return lines
 
 
 def metadata_lines(r: dict | None = None) -> list[str]:
@@ -414,7 +570,9 @@ def main() -> None:
     args = p.parse_args()
     if args.train:
         train_comparisons(args.data, args.runs)
-    args.out.write_text(card(args.reference.resolve(), comparison_runs(args.data, args.runs), args.command))
+    args.out.write_text(
+        card(args.reference.resolve(), comparison_runs(args.data, args.runs), args.command, args.runs.resolve())
+    )
     print(f"wrote {args.out}")
 
 

@@ -201,7 +201,7 @@ def main() -> None:
     if results["full_dataset"]:
         reference = ROOT / "docs" / "runs" / "reference-mnv2"
         (ROOT / "MODEL_CARD.md").write_text(
-            card(reference, comparison_runs("", ROOT / "docs" / "runs"), REFERENCE_COMMAND)
+            card(reference, comparison_runs("", ROOT / "docs" / "runs"), REFERENCE_COMMAND, ROOT / "docs" / "runs")
         )
 
 

@@ -48,7 +48,7 @@ from core.checkpoints import CheckpointError, atomic_save, model_from_checkpoint
 from core.data import DatasetError, LesionDataset, index_dataset
 from core.ensemble_file import MAX_MEMBERS, ensemble_dict, read_ensemble
 from core.evaluate import bounded_batch_size
-from core.evaluation import compute_metrics, fit_temperature, softmax
+from core.evaluation import MEL_SENSITIVITY, compute_metrics, fit_temperature, softmax, threshold_for_sensitivity
 from core.explain import gradcam
 from core.inference import check_probabilities, class_probabilities, predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES, NUM_CLASSES, class_index
@@ -408,12 +408,15 @@ def build_ensemble(
         }
         (val_probs, val_labels), (test_probs, test_labels) = member_probs["val"], member_probs["test"]
         temperature = fit_ensemble_temperature(val_labels, val_probs)
-        probs = combine(test_probs, temperature)
+        probs, calibrated_val = combine(test_probs, temperature), combine(val_probs, temperature)
+        mel_threshold = threshold_for_sensitivity(val_labels, calibrated_val, MEL_SENSITIVITY)
+        operating = {"mel_threshold": mel_threshold} if mel_threshold is not None else {}
         evaluation = {
             "temperature": temperature,
-            "test": compute_metrics(test_labels, probs),
-            "test_uncalibrated": compute_metrics(test_labels, combine(test_probs, 1.0)),
-            "val": compute_metrics(val_labels, combine(val_probs, temperature)),
+            **operating,
+            "test": compute_metrics(test_labels, probs, **operating),
+            "test_uncalibrated": compute_metrics(test_labels, combine(test_probs, 1.0), **operating),
+            "val": compute_metrics(val_labels, calibrated_val, **operating),
             "members": [
                 {
                     "run": name,
@@ -423,7 +426,8 @@ def build_ensemble(
                 for k, name in enumerate(names)
             ],
         }
-        atomic_save(ensemble_dict(members, names, temperature=temperature, config=config), run_dir / "best.pt")
+        payload = ensemble_dict(members, names, temperature=temperature, config=config, **operating)
+        atomic_save(payload, run_dir / "best.pt")
         write_evaluation(run_dir, evaluation, frames["test"], probs, mean_log_probs(test_probs))
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"

@@ -241,7 +241,7 @@ def evaluate_checkpoint(
     split: str = "test",
     split_seed: int | None = None,
     fractions: Sequence[float] | None = None,
-    mel_threshold: float = 0.5,
+    mel_threshold: float | None = None,
     tta: bool = USE_TTA_BY_DEFAULT,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -257,6 +257,7 @@ def evaluate_checkpoint(
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = Predictor(checkpoint, device=device)
+    mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
     # Imported here: core.ensemble builds on this module.
@@ -460,8 +461,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mel-threshold",
         type=float,
-        default=0.5,
-        help="P(melanoma) at or above which an image counts as melanoma-positive",
+        help="P(melanoma) at or above which an image counts as melanoma-positive (default: the model's own "
+        "operating point, chosen on its validation split, else 0.5)",
     )
     parser.add_argument(
         "--tta",
@@ -495,7 +496,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if not 0.0 <= args.mel_threshold <= 1.0:
+    if args.mel_threshold is not None and not 0.0 <= args.mel_threshold <= 1.0:
         print(f"error: --mel-threshold must be within [0, 1], got {args.mel_threshold}", file=sys.stderr)
         return 2
     if args.shifts:

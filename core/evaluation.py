@@ -9,6 +9,7 @@ into JSON. :mod:`core.inference` runs a model to get these arrays.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -175,6 +176,24 @@ def melanoma_operating_point(labels: np.ndarray, probs: np.ndarray, threshold: f
         "tn": tn,
         "fp": fp,
     }
+
+
+# The melanoma sensitivity a model's own operating point is chosen for on the validation split (by the trainer,
+# core.ensemble and core.operating_point): missing a melanoma costs more than a second look at a benign lesion, and
+# at P(mel) >= 0.5 the first reference model found only 56 % of the test split's melanomas.
+MEL_SENSITIVITY = 0.80
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, sensitivity: float) -> float | None:
+    """The highest P(mel) threshold at which at least ``sensitivity`` of the melanomas in ``labels`` count as
+    positive (``P(mel) >= threshold``); ``None`` without melanomas. Chosen on the validation split, it is the
+    operating point a model records for Diagnose and evaluation."""
+    labels, probs = _check(labels, probs)
+    scores = np.sort(probs[labels == MEL, MEL])[::-1]
+    if not len(scores):
+        return None
+    needed = max(1, math.ceil(sensitivity * len(scores) - 1e-9))
+    return float(scores[needed - 1])
 
 
 # ---------------------------------------------------------------------------

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 DISCLAIMER = "For research and education only; not a medical diagnosis."
 # The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
-# records its own ``mel_threshold``. It is the threshold core.evaluate reports sensitivity and specificity at.
+# records its own ``mel_threshold`` (chosen on its validation split for core.evaluation.MEL_SENSITIVITY). It is the
+# threshold core.evaluate reports sensitivity and specificity at.
 DEFAULT_MEL_THRESHOLD = 0.5
 
 # Test-time augmentation (core.inference: the four flips at each zoom of TTA_SCALES), measured with core.evaluate

@@ -100,7 +100,7 @@ def evaluate_shifts(
     fractions: Sequence[float] | None = None,
     shifts: Sequence[str] | None = None,
     fit_rule: str = FIT_RULE,
-    mel_threshold: float = 0.5,
+    mel_threshold: float | None = None,
     tta: bool = False,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -117,6 +117,7 @@ def evaluate_shifts(
     if unknown:
         raise EvaluationError(f"unknown shift {', '.join(unknown)}; choose from {', '.join(SHIFTS)}")
     predictor = Predictor(checkpoint, device=device)
+    mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
     _, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     described["sampled_from"] = None
     if max_images and len(frame) > max_images:

@@ -35,7 +35,13 @@ from core.data import (
     split_by_lesion,
 )
 from core.decoded import CacheUnavailable, DecodedImages, open_decoded
-from core.evaluation import compute_metrics, fit_temperature, softmax
+from core.evaluation import (
+    MEL_SENSITIVITY,
+    compute_metrics,
+    fit_temperature,
+    softmax,
+    threshold_for_sensitivity,
+)
 from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.labels import CLASSES
@@ -931,17 +937,22 @@ def finalize(
     temperature = fit_temperature(val_labels, val_logits) if len(val_labels) else 1.0
     test_logits, test_labels = logits["test"]
     probs = softmax(test_logits, temperature)
+    val_probs = softmax(val_logits, temperature)
+    mel_threshold = threshold_for_sensitivity(val_labels, val_probs, MEL_SENSITIVITY) if len(val_labels) else None
+    operating = {"mel_threshold": mel_threshold} if mel_threshold is not None else {}
     evaluation = {
         "temperature": temperature,
+        **operating,
         "epoch": best["epoch"],
-        "test": compute_metrics(test_labels, probs),
-        "test_uncalibrated": compute_metrics(test_labels, softmax(test_logits)),
-        "val": compute_metrics(val_labels, softmax(val_logits, temperature)),
+        "test": compute_metrics(test_labels, probs, **operating),
+        "test_uncalibrated": compute_metrics(test_labels, softmax(test_logits), **operating),
+        "val": compute_metrics(val_labels, val_probs, **operating),
     }
     damaged = damaged_images([eval_loaders["test"]], found)
     test_rows = frame[(frame["split"] == "test") & ~frame["path"].isin(damaged)]
     write_evaluation(run_dir, evaluation, test_rows, probs, test_logits)
     best["temperature"] = temperature
+    best.update(operating)
     atomic_save(best, run_dir / "best.pt")
     return evaluation
 

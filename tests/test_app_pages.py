@@ -240,7 +240,13 @@ def test_evaluate_with_a_run(full_env, monkeypatch):
         values = {m.label: m.value for m in at.metric}
         return values["Sensitivity"], values["Specificity"]
 
-    assert shown() == tuple(f"{r:.1%}" for r in rates(0.5))  # the slider's default
+    # The slider starts at the run's own operating point (chosen on its validation split), as Diagnose uses it.
+    recorded = json.loads((full_env.runs / at.selectbox(key="eval_run").value / "evaluation.json").read_text())
+    start = round(recorded["mel_threshold"], 2) if "mel_threshold" in recorded else 0.5
+    assert at.slider(key="eval_mel_t").value == pytest.approx(start)
+    assert shown() == tuple(f"{r:.1%}" for r in rates(start))
+    if "mel_threshold" in recorded:
+        assert f"P(mel) ≥ {recorded['mel_threshold']:.3f}" in " ".join(c.value for c in at.caption)
     for t in (0.01, 0.99):
         at.slider(key="eval_mel_t").set_value(t).run()
         no_exceptions(at)

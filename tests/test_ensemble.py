@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from core import ensemble, predict, runs
+from core import ensemble, operating_point, predict, runs
 from core.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_save, file_format, read_checkpoint
 from core.ensemble import EnsemblePredictor
 from core.ensemble_file import ensemble_dict, lead_model, read_ensemble
-from core.evaluation import fit_temperature, softmax
+from core.evaluate import evaluate_checkpoint
+from core.evaluation import MEL_SENSITIVITY, fit_temperature, softmax
 from core.labels import CLASSES
 from core.predict import Predictor
 from core.settings import RUNS_ENV, model_files
+from core.unfamiliar import detector_path, file_digest, fit_detector, load_detector
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
 
@@ -286,3 +288,33 @@ def test_members_trained_elsewhere_combine_with_the_data_folder_given(built, tmp
     assert ensemble.main([*members, "--name", "b", "--out", str(tmp_path), "--data", str(SAMPLE)]) == 0
     assert runs.read_config(tmp_path / "b")["data"] == str(SAMPLE)
     assert runs.read_evaluation(tmp_path / "b")["test"]["n"] == runs.read_evaluation(built / "ens")["test"]["n"]
+
+
+def test_an_ensemble_records_its_melanoma_operating_point(built):
+    payload = torch.load(built / "ens" / "best.pt", weights_only=True)
+    evaluation = runs.read_evaluation(built / "ens")
+    assert payload["mel_threshold"] == evaluation["mel_threshold"] == Predictor(built / "ens" / "best.pt").mel_threshold
+    assert evaluation["val"]["melanoma"]["sensitivity"] >= MEL_SENSITIVITY
+
+
+@pytest.mark.parametrize("model", ["ens-seed3", "ens"])
+def test_the_operating_point_cli_records_a_threshold_chosen_on_validation(built, tmp_path, capsys, model):
+    path = tmp_path / "model.pt"
+    path.write_bytes((built / model / "best.pt").read_bytes())
+    before = file_format(path)
+    # An unfamiliar-image detector fitted for this file stays linked to it: the weights do not change.
+    features = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    fit_detector(features, features, k=3, checkpoint_sha1=file_digest(path)).save(detector_path(path))
+    assert operating_point.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "1.0"]) == 0
+    out = capsys.readouterr().out
+    predictor = Predictor(path)
+    assert file_format(path) == before and f"P(mel) >= {predictor.mel_threshold:.4f}, recorded" in out
+    assert load_detector(path) is not None
+    # Every validation melanoma is at or above it, as core.evaluate (which now defaults to it) reports.
+    val = evaluate_checkpoint(path, SAMPLE, split="val", bootstrap=0)
+    assert val["metrics"]["melanoma"]["threshold"] == predictor.mel_threshold
+    assert val["metrics"]["melanoma"]["sensitivity"] == 1.0
+    mel = [r["probabilities"]["mel"] for r in val["predictions"] if r["true"] == "mel"]
+    assert min(mel) == pytest.approx(predictor.mel_threshold, abs=2e-6)
+    assert operating_point.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "0"]) == 2
+    assert "within (0, 1]" in capsys.readouterr().err

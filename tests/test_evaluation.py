@@ -174,6 +174,20 @@ def test_melanoma_operating_point_counts_threshold_as_positive():
     assert ev.compute_metrics(labels, probs, mel_threshold=0.3)["melanoma"] == strict
 
 
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 1.0])
+def test_the_operating_point_is_the_highest_threshold_reaching_the_sensitivity(target):
+    rng = np.random.default_rng(3)
+    labels = rng.choice([MEL, CLASSES.index("nv"), CLASSES.index("bkl")], 300)
+    probs = ev.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2.0 * np.eye(NUM_CLASSES)[labels])
+    threshold = ev.threshold_for_sensitivity(labels, probs, target)
+    assert ev.melanoma_operating_point(labels, probs, threshold)["sensitivity"] >= target
+    higher = probs[labels == MEL, MEL][probs[labels == MEL, MEL] > threshold]
+    if len(higher):  # the next melanoma score up already misses the target
+        assert ev.melanoma_operating_point(labels, probs, higher.min())["sensitivity"] < target
+    no_melanoma = labels != MEL
+    assert ev.threshold_for_sensitivity(labels[no_melanoma], probs[no_melanoma], target) is None
+
+
 def test_roc_curves_per_class():
     rng = np.random.default_rng(7)
     labels = rng.choice([0, 1, 5], 60)

@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from core.checkpoints import read_checkpoint
 from core.data import DatasetError
+from core.evaluation import MEL_SENSITIVITY
 from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.imbalance import STRATEGIES
 from core.labels import CLASSES
 from core.models import build_model
+from core.predict import Predictor
 from core.preprocessing import Preprocessing
 from core.runs import read_config, read_evaluation, read_run
 from core.train import build_parser, config_from_args
@@ -124,6 +126,10 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     assert set(preds["image_id"]) == set(split.loc[split["split"] == "test", "image_id"])
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert 0 <= evaluation["test"]["accuracy"] <= 1 and evaluation["temperature"] == best["temperature"]
+    # The melanoma operating point is chosen on validation for MEL_SENSITIVITY and is what Diagnose uses.
+    assert evaluation["mel_threshold"] == best["mel_threshold"] == Predictor(run_dir / "best.pt").mel_threshold
+    assert evaluation["val"]["melanoma"]["sensitivity"] >= MEL_SENSITIVITY
+    assert evaluation["test"]["melanoma"]["threshold"] == best["mel_threshold"]
 
 
 def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_path):

@@ -16,7 +16,14 @@ from core import plots, settings
 from core.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, unpack_upload
 from core.checkpoints import CheckpointError
 from core.data import DatasetError
-from core.evaluation import melanoma_operating_point, reliability_curve, roc_curves, softmax, uncalibrated
+from core.evaluation import (
+    MEL_SENSITIVITY,
+    melanoma_operating_point,
+    reliability_curve,
+    roc_curves,
+    softmax,
+    uncalibrated,
+)
 from core.images import ImageError
 from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
@@ -172,7 +179,7 @@ def internal_section() -> None:
             "Calibration": lambda: calibration_view(
                 labels, probs, None if logits is None else softmax(logits), temperature
             ),
-            "Melanoma threshold": lambda: melanoma_threshold(labels, probs),
+            "Melanoma threshold": lambda: melanoma_threshold(labels, probs, evaluation.get("mel_threshold")),
             "Misclassified images": lambda: misclassified_gallery(run, table, labels, probs),
             "Robustness": lambda: robustness_view(run),
         },
@@ -198,8 +205,15 @@ def calibration_view(labels: np.ndarray, probs: np.ndarray, before: np.ndarray |
     )
 
 
-def melanoma_threshold(labels: np.ndarray, probs: np.ndarray) -> None:
-    t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, 0.5, 0.01, key="eval_mel_t")
+def melanoma_threshold(labels: np.ndarray, probs: np.ndarray, recorded: float | None) -> None:
+    # Starts at the model's own operating point (chosen on validation; what Diagnose uses), else 0.5.
+    start = 0.5 if recorded is None else round(min(max(recorded, 0.01), 0.99), 2)
+    t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, start, 0.01, key="eval_mel_t")
+    if recorded is not None:
+        st.caption(
+            f"The model's operating point, chosen on the validation split for {MEL_SENSITIVITY:.0%} sensitivity, is "
+            f"P(mel) ≥ {recorded:.3f}; Diagnose's refer cue and Batch use it."
+        )
     op = melanoma_operating_point(labels, probs, t)
     fmt = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
     c = st.columns(4)

@@ -48,7 +48,7 @@ from core.checkpoints import CheckpointError, atomic_save, model_from_checkpoint
 from core.data import DatasetError, LesionDataset, index_dataset
 from core.ensemble_file import MAX_MEMBERS, ensemble_dict, read_ensemble
 from core.evaluate import bounded_batch_size
-from core.evaluation import MEL_SENSITIVITY, compute_metrics, fit_temperature, softmax, threshold_for_sensitivity
+from core.evaluation import compute_metrics, fit_temperature, operating_point_fields, softmax
 from core.explain import gradcam
 from core.inference import check_probabilities, class_probabilities, predict_probs
 from core.labels import CLASSES, DISPLAY_NAMES, NUM_CLASSES, class_index
@@ -409,8 +409,7 @@ def build_ensemble(
         (val_probs, val_labels), (test_probs, test_labels) = member_probs["val"], member_probs["test"]
         temperature = fit_ensemble_temperature(val_labels, val_probs)
         probs, calibrated_val = combine(test_probs, temperature), combine(val_probs, temperature)
-        mel_threshold = threshold_for_sensitivity(val_labels, calibrated_val, MEL_SENSITIVITY)
-        operating = {"mel_threshold": mel_threshold} if mel_threshold is not None else {}
+        operating = operating_point_fields(val_labels, calibrated_val)
         evaluation = {
             "temperature": temperature,
             **operating,

@@ -196,6 +196,16 @@ def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, sensitivity
     return float(scores[needed - 1])
 
 
+def operating_point_fields(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """``{"mel_threshold": t}`` for a finished model's record and file, ``t`` chosen on the validation split's
+    ``labels`` and calibrated ``probs`` for :data:`MEL_SENSITIVITY`; empty without validation melanomas (the
+    model then keeps the default threshold). Spread into ``compute_metrics`` it scores that operating point."""
+    if not len(labels):
+        return {}
+    threshold = threshold_for_sensitivity(labels, probs, MEL_SENSITIVITY)
+    return {} if threshold is None else {"mel_threshold": threshold}
+
+
 # ---------------------------------------------------------------------------
 # Fast headline metrics for the bootstrap (sklearn's are ~100x slower per call)
 

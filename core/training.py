@@ -35,13 +35,7 @@ from core.data import (
     split_by_lesion,
 )
 from core.decoded import CacheUnavailable, DecodedImages, open_decoded
-from core.evaluation import (
-    MEL_SENSITIVITY,
-    compute_metrics,
-    fit_temperature,
-    softmax,
-    threshold_for_sensitivity,
-)
+from core.evaluation import compute_metrics, fit_temperature, operating_point_fields, softmax
 from core.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference import predict_logits
 from core.labels import CLASSES
@@ -938,8 +932,7 @@ def finalize(
     test_logits, test_labels = logits["test"]
     probs = softmax(test_logits, temperature)
     val_probs = softmax(val_logits, temperature)
-    mel_threshold = threshold_for_sensitivity(val_labels, val_probs, MEL_SENSITIVITY) if len(val_labels) else None
-    operating = {"mel_threshold": mel_threshold} if mel_threshold is not None else {}
+    operating = operating_point_fields(val_labels, val_probs)
     evaluation = {
         "temperature": temperature,
         **operating,

@@ -4,6 +4,12 @@ validation split and reported on the test split with its metadata, with every fi
 image-only run (a paired bootstrap of the balanced-accuracy difference).
 
     python bench/metadata.py [--data ../shared/data/ham10000-200x150] [--max-images N] [--epochs 15]
+    python bench/metadata.py --fine-tuned runs/reference-meta [--image-only checkpoints/reference.pt]
+
+The second form compares the reference recipe fine-tuned with metadata (``python -m core.train --preset
+reference --metadata``) with the bundled image-only model of the same recipe, on the validation split (where
+the choice is made) and the test split, each image once with its metadata and once with every field withheld;
+it adds its results to the file under "fine_tuned".
 
 Writes ``docs/metadata-results.json`` (not in docs/runs: it is no run), which ``bench/model_card.py`` turns into
 the model card's "Metadata" section (rewritten here after a full-dataset run). Not a speed benchmark: the numbers do
@@ -28,9 +34,10 @@ from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
 from bench.model_card import REFERENCE_COMMAND, card, comparison_runs, metadata_lines  # noqa: E402
 from core.checkpoints import load_model  # noqa: E402
 from core.data import index_dataset  # noqa: E402
+from core.evaluate import evaluate_checkpoint  # noqa: E402
 from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
 from core.features import FeatureCache, backbone_key  # noqa: E402
-from core.files import write_json  # noqa: E402
+from core.files import read_json, write_json  # noqa: E402
 from core.labels import CLASSES  # noqa: E402
 from core.runs import has_evaluation, read_config, read_split  # noqa: E402
 from core.training import SharedInputs, TrainConfig, config_with, train  # noqa: E402
@@ -180,6 +187,56 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def evaluated_probs(checkpoint: Path, data: Path, split: str) -> dict[str, np.ndarray]:
+    """Image ids, labels and calibrated probabilities (one view) of ``checkpoint`` on ``split`` of its own
+    lesion-grouped split; for a model that takes metadata also with every field withheld ("withheld")."""
+    rows = evaluate_checkpoint(checkpoint, data, split=split, tta=False, bootstrap=0)["predictions"]
+    table = lambda key: np.array([[r[key][c] for c in CLASSES] for r in rows])  # noqa: E731
+    out = {
+        "ids": np.array([r["image_id"] for r in rows]),
+        "labels": np.array([CLASSES.index(r["true"]) for r in rows]),
+        "with": table("probabilities"),
+    }
+    if "probabilities_withheld" in rows[0]:
+        out["withheld"] = table("probabilities_withheld")
+    return out
+
+
+def measure_fine_tuned(run_dir: Path, image_only: Path, data: Path) -> dict:
+    """The metadata model fine-tuned with the reference recipe against the image-only model of that recipe, on
+    the same images of the validation and test splits; "adopt" is the rule fixed before looking: the
+    validation split's paired interval of the balanced-accuracy difference lies above zero."""
+    results: dict = {
+        "run": run_dir.name,
+        "image_only": image_only.name,
+        "withhold": read_config(run_dir)["metadata_dropout"],
+    }
+    for split in ("val", "test"):
+        meta = evaluated_probs(run_dir / "best.pt", data, split)
+        plain = evaluated_probs(image_only, data, split)
+        assert np.array_equal(meta["ids"], plain["ids"])  # the same images, in the same order
+        labels = meta["labels"]
+        results[split] = {
+            "images": int(len(labels)),
+            "image only": headline(labels, plain["with"], intervals=True),
+            "metadata, with": headline(labels, meta["with"], intervals=True),
+            "metadata, withheld": headline(labels, meta["withheld"], intervals=True),
+            "difference_with_vs_image_only": paired_difference(labels, meta["with"], plain["with"]),
+            "difference_withheld_vs_image_only": paired_difference(labels, meta["withheld"], plain["with"]),
+            "difference_with_vs_withheld": paired_difference(labels, meta["with"], meta["withheld"]),
+        }
+    results["adopt"] = results["val"]["difference_with_vs_image_only"]["interval"][0] > 0
+    results["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return results
+
+
+def write_card() -> None:
+    reference = ROOT / "docs" / "runs" / "reference-mnv2"
+    (ROOT / "MODEL_CARD.md").write_text(
+        card(reference, comparison_runs("", ROOT / "docs" / "runs"), REFERENCE_COMMAND, ROOT / "docs" / "runs")
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -188,15 +245,25 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--max-images", type=int, default=0, help="a quick proof on a stratified subsample")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--fine-tuned", type=Path, help="a run of the reference recipe with --metadata (see above)")
+    p.add_argument("--image-only", type=Path, default=ROOT / "checkpoints" / "reference.pt")
     args = p.parse_args()
+    if args.fine_tuned:
+        results = read_json(args.results)
+        results["fine_tuned"] = measure_fine_tuned(args.fine_tuned, args.image_only, args.data)
+        write_json(args.results, results)
+        print("\n".join(metadata_lines(results)))
+        if args.results == RESULTS:
+            write_card()
+        return
     results = measure(args)
+    previous = read_json(args.results) if args.results.is_file() else {}
+    if "fine_tuned" in previous:  # measured by the --fine-tuned form, which this one does not repeat
+        results["fine_tuned"] = previous["fine_tuned"]
     write_json(args.results, results)
     print("\n".join(metadata_lines(results)))
     if results["full_dataset"] and args.results == RESULTS:
-        reference = ROOT / "docs" / "runs" / "reference-mnv2"
-        (ROOT / "MODEL_CARD.md").write_text(
-            card(reference, comparison_runs("", ROOT / "docs" / "runs"), REFERENCE_COMMAND, ROOT / "docs" / "runs")
-        )
+        write_card()
 
 
 if __name__ == "__main__":

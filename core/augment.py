@@ -81,9 +81,10 @@ def eval_batches(
 class DeviceBatches:
     """Model-ready batches from a :class:`DecodedImages` cache, on ``device``.
 
-    ``batches`` yields (cache rows, labels), e.g. a :class:`core.features.FeatureBatches` over the rows,
-    which draws them as a DataLoader with the run's sampler would. Each batch is gathered from the memory
-    map one step ahead in a thread, so reading the disk overlaps the device's work.
+    ``batches`` yields (cache rows, labels) or (cache rows, labels, encoded metadata), e.g. a
+    :class:`core.features.FeatureBatches` over the rows, which draws them as a DataLoader with the run's
+    sampler would. Each batch is gathered from the memory map one step ahead in a thread, so reading the disk
+    overlaps the device's work.
     """
 
     def __init__(
@@ -107,19 +108,20 @@ class DeviceBatches:
         return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
     @torch.no_grad()
-    def _finish(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish(self, pixels: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
         images = self.transform(pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2))
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels.to(self.device, non_blocking=True)
+        return images, *(t.to(self.device, non_blocking=True) for t in others)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(images, labels), or (images, labels, metadata) where the batches hold metadata."""
         with ThreadPoolExecutor(1) as pool:
             ahead = None
-            for rows, labels in self.batches:
+            for rows, *others in self.batches:
                 gathered = pool.submit(self._gather, rows)
                 if ahead is not None:
-                    yield self._finish(ahead[0].result(), ahead[1])
-                ahead = (gathered, labels)
+                    yield self._finish(ahead[0].result(), *ahead[1])
+                ahead = (gathered, others)
             if ahead is not None:
-                yield self._finish(ahead[0].result(), ahead[1])
+                yield self._finish(ahead[0].result(), *ahead[1])

@@ -291,7 +291,7 @@ def evaluate_checkpoint(
 
     probs, labels = run(encoded)
     metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
-    metadata = None
+    metadata, withheld = None, None
     if encoding is not None:
         # The same images again with every field unknown (metadata None): what the model does without them.
         withheld, _ = run(None)
@@ -302,16 +302,20 @@ def evaluate_checkpoint(
                 "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
             },
         }
+    rounded = lambda p: {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)}  # noqa: E731
     predictions = [
         {
             "image_id": image_id,
             "path": path,
             "true": CLASSES[label],
             "predicted": CLASSES[int(p.argmax())],
-            "probabilities": {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)},
+            "probabilities": rounded(p),
         }
         for image_id, path, label, p in zip(frame["image_id"], frame["path"], labels, probs, strict=True)
     ]
+    if withheld is not None:  # per image, so that the two can be compared on the same images (paired)
+        for row, p in zip(predictions, withheld, strict=True):
+            row["probabilities_withheld"] = rounded(p)
     return {
         "checkpoint": str(checkpoint),
         "arch": predictor.arch,

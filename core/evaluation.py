@@ -239,6 +239,22 @@ def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
     return float((2 * tp[present] / denom[present]).mean())
 
 
+def weighted_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    """F1 averaged over the classes occurring in labels or predictions, weighted by support (scikit-learn's)."""
+    cm = _confusion(labels, probs)
+    tp, support = np.diag(cm), cm.sum(axis=1)
+    denom = 2 * tp + (cm.sum(axis=0) - tp) + (support - tp)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(len(tp)), where=denom > 0)
+    return float((f1 * support).sum() / support.sum())
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """One-vs-rest ROC AUC averaged over the classes that have positives and negatives; None if none has."""
+    labels, probs = _check(labels, probs)
+    defined = [a for k in range(probs.shape[1]) if (a := _auc(labels == k, probs[:, k])) is not None]
+    return float(np.mean(defined)) if defined else None
+
+
 BOOTSTRAP_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": accuracy,
     "balanced_accuracy": balanced_accuracy,

@@ -182,7 +182,8 @@ class FeatureCache:
 
 
 class FeatureBatches:
-    """Batches of in-memory features and their labels, what the head trains and is evaluated on.
+    """Batches of in-memory features and their labels, what the head trains and is evaluated on; with
+    ``metadata`` (one encoded row per sample, :mod:`core.metadata`) each batch also holds its rows.
 
     A DataLoader over a TensorDataset indexes and collates one sample at a time; slicing a whole batch out
     of the tensors is one operation. The batches, and the random numbers drawn for them, are those of
@@ -201,8 +202,9 @@ class FeatureBatches:
         sampler: Sampler | None = None,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        metadata: torch.Tensor | None = None,
     ):
-        self.features, self.labels = features, labels
+        self.features, self.labels, self.metadata = features, labels, metadata
         self.batch_size, self.shuffle, self.sampler = batch_size, shuffle, sampler
         self.generator, self.drop_last = generator, drop_last
 
@@ -210,7 +212,7 @@ class FeatureBatches:
         n = len(self.sampler) if self.sampler is not None else len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # A DataLoader draws its workers' base seed from the generator before the first index.
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         if self.sampler is not None:
@@ -222,4 +224,7 @@ class FeatureBatches:
         order = order.to(self.features.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = order[start : start + self.batch_size]
-            yield self.features[batch], self.labels[batch]
+            if self.metadata is None:
+                yield self.features[batch], self.labels[batch]
+            else:
+                yield self.features[batch], self.labels[batch], self.metadata[batch]

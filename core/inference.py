@@ -101,7 +101,7 @@ def _eval_pass(
     model: torch.nn.Module,
     loader: Iterable,
     device: torch.device | str,
-    step: Callable[[torch.Tensor], torch.Tensor],
+    step: Callable[..., torch.Tensor],
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     # Restore each module's own mode afterwards: the trainer keeps frozen BatchNorm
@@ -112,8 +112,9 @@ def _eval_pass(
     try:
         with torch.inference_mode():
             done = 0
-            for inputs, labels in loader:
-                outputs.append(step(inputs.to(device)).float().cpu())
+            # A loader for a model that takes metadata may hand each batch's encoded rows after its labels.
+            for inputs, labels, *metadata in loader:
+                outputs.append(step(inputs.to(device), *(m.to(device) for m in metadata)).float().cpu())
                 targets.append(torch.as_tensor(labels))
                 done += len(labels)
                 if progress is not None:
@@ -129,8 +130,8 @@ def _eval_pass(
 def predict_logits(
     model: torch.nn.Module, loader: Iterable, device: torch.device | str, progress: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (n, 7) and labels (n,) for every batch of ``loader``, with the model in eval mode; ``progress``
-    hears the number of images done after every batch."""
+    """Logits (n, 7) and labels (n,) for every batch of ``loader`` ((inputs, labels) or (inputs, labels,
+    metadata)), with the model in eval mode; ``progress`` hears the number of images done after every batch."""
     return _eval_pass(model, loader, device, model, progress)
 
 

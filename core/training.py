@@ -153,7 +153,9 @@ class TrainConfig:
         "val_balanced_acc", "the validation number that picks best.pt", choices=("val_balanced_acc", "val_acc")
     )
     metadata: bool = setting(
-        False, "the head also takes age, sex and body site (core/metadata.py); head-only on cached features"
+        False,
+        "the head also takes age, sex and body site (core/metadata.py): on cached features (--finetune head) or, "
+        "for fine-tuning, through the decoded-image cache",
     )
     metadata_dropout: float = setting(
         0.3, "with --metadata: the probability that each field of a training row is withheld (set to unknown)"
@@ -224,14 +226,17 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+METADATA_NEEDS_DECODED = (
+    "metadata fusion reaches a network that trains on images only through the decoded-image cache "
+    "(--input-pipeline decoded, which needs room on the disk for it), or trains the head on cached features "
+    "(--finetune head)"
+)
+
+
 def check_metadata(cfg: TrainConfig) -> None:
-    """Refuse, before a run folder exists, metadata with a policy that trains on images: metadata reach the head
-    with cached features only."""
-    if cfg.metadata and not cfg.uses_feature_cache:
-        raise ValueError(
-            "metadata fusion trains the head on cached features: use --finetune head with the feature cache "
-            "(full or last-block fine-tuning with metadata is not implemented)"
-        )
+    """Refuse, before a run folder exists, metadata with the JPEG input pipeline: its batches carry no metadata."""
+    if cfg.metadata and not cfg.uses_feature_cache and cfg.input_pipeline != "decoded":
+        raise ValueError(METADATA_NEEDS_DECODED)
 
 
 def make_criterion(cfg: TrainConfig, train_labels: np.ndarray) -> nn.Module:
@@ -455,14 +460,16 @@ def train_one_epoch(
     # Each step's loss and correct count stay on the device until a progress line needs them: reading them
     # every step would make the host wait for the device at every step.
     pending: list[tuple[torch.Tensor, int]] = []
-    for step, (inputs, targets) in enumerate(loader, 1):
+    # A network that takes metadata and trains on images gets each batch's encoded rows after its labels.
+    for step, (inputs, targets, *metadata) in enumerate(loader, 1):
         if not len(targets):
             continue  # every image of the batch was damaged (LesionDataset.collate left them out)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        metadata = [m.to(device, non_blocking=True) for m in metadata]
         if cfg.channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-            logits = model(inputs)
+            logits = model(inputs, *metadata)
             loss = criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -608,9 +615,13 @@ def _loaders(
         if damaged:
             check_splits(frame[~frame["path"].isin(damaged)])
 
+        encoding = model.metadata_encoding
+
         def device_batches(rows: pd.DataFrame, batch_size: int, augmentation: str, **order) -> DeviceBatches:
             usable = rows[~rows["path"].isin(damaged)]
             cache_rows = torch.from_numpy(cache.rows(usable["path"].tolist()))
+            if encoding is not None:
+                order["metadata"] = torch.as_tensor(encoding.encode_frame(usable), dtype=torch.float32)
             # The cache rows are drawn in batches as a DataLoader with the run's sampler would draw images.
             batches = FeatureBatches(cache_rows, torch.tensor(usable["label"].to_numpy()), batch_size, **order)
             transform = batch_transform(prep, augmentation, cache.size)
@@ -627,6 +638,8 @@ def _loaders(
         )
         eval_loaders = {s: device_batches(frame[frame["split"] == s], eval_bs, "none") for s in ("val", "test")}
         return model, train_loader, eval_loaders, damaged
+    if model.metadata_encoding is not None:
+        raise ValueError(METADATA_NEEDS_DECODED)
     train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True)
     # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
     # as it only needs the input size they share.

@@ -10,6 +10,7 @@ import pytest
 from core import jobs
 from core.imbalance import STRATEGIES
 from core.models import weights_file
+from core.predict import Predictor
 from core.runs import read_run
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
@@ -172,6 +173,23 @@ def test_an_automatic_run_name_follows_the_chosen_architecture(train_env):
     assert job is not None and "mobilenet_v2" in job.runs[0] and "resnet18" not in job.runs[0]
     assert jobs.wait_idle(train_env.runs, timeout=90)
     assert (train_env.runs / job.runs[0] / "config.json").is_file()
+
+
+def test_a_run_that_learns_from_metadata_starts_from_the_form(train_env):
+    at = app_test("train")
+    fill_tiny(at, "with-metadata", epochs=1)
+    at.selectbox(key="arch_seed").set_value("mobilenet_v2")
+    at.selectbox(key="finetune_seed").set_value("full")
+    assert at.checkbox(key="metadata_seed").value is False
+    at.checkbox(key="metadata_seed").check()
+    start_button(at).click().run()
+    no_exceptions(at)
+    assert not at.error
+    assert jobs.wait_idle(train_env.runs, timeout=120)
+    run = read_run(train_env.runs / "with-metadata")
+    assert run.state == "finished" and run.config["metadata"] is True and run.config["finetune"] == "full"
+    predictor = Predictor(train_env.runs / "with-metadata" / "best.pt")
+    assert predictor.uses_metadata
 
 
 def test_the_form_starts_with_an_architecture_whose_imagenet_file_is_here(train_env, imagenet_weights):

@@ -95,6 +95,9 @@ def test_fast_bootstrap_metrics_agree_with_sklearn_even_with_absent_classes():
         preds = probs.argmax(1)
         assert ev.accuracy(labels, probs) == pytest.approx(np.mean(labels == preds))
         assert ev.macro_f1(labels, probs) == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+        weighted = f1_score(labels, preds, average="weighted", zero_division=0)
+        assert ev.weighted_f1(labels, probs) == pytest.approx(weighted)
+        assert ev.macro_auc(labels, probs) == pytest.approx(ev.compute_metrics(labels, probs)["roc_auc"]["macro"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn warns when a predicted class is absent from the labels
             expected = balanced_accuracy_score(labels, preds)

@@ -16,21 +16,33 @@ import pytest
 import torch
 from torch import nn
 
-from core import predict
+from core import decoded, predict
+from core.augment import DeviceBatches, batch_transform
 from core.checkpoints import CheckpointError, atomic_save, read_checkpoint
 from core.data import index_dataset, read_metadata
+from core.decoded import open_decoded
 from core.evaluate import evaluate_checkpoint
 from core.evaluate import main as evaluate_main
+from core.evaluation import compute_metrics
+from core.features import FeatureBatches
+from core.labels import CLASSES
 from core.metadata import SITES, MetadataEncoding, MetadataError
+from core.models import LesionNet
 from core.predict import Predictor
+from core.preprocessing import Preprocessing
 from core.runs import read_evaluation, read_split
-from core.training import config_with, train
+from core.training import TrainConfig, config_with, train
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
 ENC = MetadataEncoding()
+
+
+def sample_config(tmp_path: Path, preset: str, **overrides) -> TrainConfig:
+    """A run on the bundled sample from ``preset``, with random weights on the CPU, writing below ``tmp_path``."""
+    return config_with(preset, data=str(SAMPLE), out=str(tmp_path / "runs"), weights="none", device="cpu", **overrides)
 
 
 def sample_image() -> str:
@@ -213,6 +225,12 @@ def test_evaluate_reports_with_and_without_metadata(metadata_run, capsys):
     assert abs(result["metrics"]["accuracy"] - trained["accuracy"]) <= 1 / len(test) + 1e-9
     withheld = result["metadata"]["withheld"]["metrics"]
     assert withheld["n"] == len(test) and withheld["ece"] != result["metrics"]["ece"]
+    # Each image's probabilities without its metadata, beside those with it: what a paired comparison needs.
+    without = np.array([[row["probabilities_withheld"][c] for c in CLASSES] for row in result["predictions"]])
+    with_them = np.array([[row["probabilities"][c] for c in CLASSES] for row in result["predictions"]])
+    labels = np.array([CLASSES.index(row["true"]) for row in result["predictions"]])
+    assert np.allclose(without.sum(1), 1, atol=1e-5) and not np.allclose(without, with_them)
+    assert compute_metrics(labels, without)["ece"] == pytest.approx(withheld["ece"], abs=1e-4)
     assert (
         evaluate_main(["--checkpoint", str(metadata_run / "best.pt"), "--data", str(SAMPLE), "--bootstrap", "0"]) == 0
     )
@@ -229,12 +247,10 @@ def test_training_batches_withhold_metadata_and_evaluation_does_not(tmp_path):
         if isinstance(module, nn.Linear) and module.in_features == width:
             seen[module.training].append(args[0].detach().clone())
 
-    cfg = config_with(
+    cfg = sample_config(
+        tmp_path,
         "seed",
-        data=str(SAMPLE),
-        out=str(tmp_path / "runs"),
         name="withheld",
-        weights="none",
         input_size=(32, 32),
         epochs=3,
         batch_size=16,
@@ -243,7 +259,6 @@ def test_training_batches_withhold_metadata_and_evaluation_does_not(tmp_path):
         metadata_dropout=0.5,
         split_fractions=(0.6, 0.2, 0.2),
         cache_dir=str(tmp_path / "cache"),
-        device="cpu",
     )
     handle = nn.modules.module.register_module_forward_pre_hook(record)
     try:
@@ -260,11 +275,89 @@ def test_training_batches_withhold_metadata_and_evaluation_does_not(tmp_path):
     assert ((unknown.sum(1) > 0) & (unknown.sum(1) < 3)).float().mean().item() > 0.3
 
 
-def test_metadata_with_fine_tuning_is_refused_before_a_run_folder(tmp_path):
-    cfg = config_with("seed", data=str(SAMPLE), out=str(tmp_path / "runs"), finetune="full", metadata=True)
-    with pytest.raises(ValueError, match="metadata fusion trains the head on cached features"):
+def test_fine_tuning_with_metadata_trains_the_network_on_images_and_their_rows(tmp_path):
+    seen: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        if isinstance(module, LesionNet) and module.training:
+            seen.append(args[1].detach().clone())  # the encoded rows beside the batch's images
+
+    cfg = sample_config(
+        tmp_path,
+        "reference",
+        name="fine-tuned",
+        input_size=(75, 100),
+        epochs=2,
+        batch_size=16,
+        metadata=True,
+        decoded_dir=str(tmp_path / "decoded"),
+        split_fractions=(0.5, 0.25, 0.25),
+    )
+    assert cfg.finetune == "full" and cfg.input_pipeline == "decoded"
+    handle = nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        run_dir = train(cfg)
+    finally:
+        handle.remove()
+    split = read_split(run_dir)
+    frame = read_metadata(SAMPLE / "HAM10000_metadata.csv")
+    train_rows = ENC.encode_frame(frame[frame["image_id"].isin(split.loc[split["split"] == "train", "image_id"])])
+    trained = torch.cat(seen).numpy()
+    # Every training step got one encoded row per image, each a training image's (4 steps of 16 an epoch).
+    assert trained.shape == (2 * 64, ENC.width)
+    known = {tuple(row) for row in train_rows}
+    assert all(tuple(row) in known for row in trained)
+    assert len({tuple(row) for row in trained}) > 10  # the images' own rows, not one row over and over
+
+    predictor = Predictor(run_dir / "best.pt")
+    assert predictor.uses_metadata and predictor.checkpoint["config"]["finetune"] == "full"
+    image = sample_image()
+    plain = predictor.predict(image, upload=False)
+    given = predictor.predict(image, upload=False, metadata={"age": 80, "sex": "male", "site": "face"})
+    assert given.metadata_used and not np.allclose(plain.probs, given.probs)
+
+
+def test_the_cache_hands_each_image_its_own_metadata_row(tmp_path):
+    paths = sorted(str(p) for p in (SAMPLE / "images").glob("*.jpg"))
+    prep = Preprocessing(input_size=(150, 200), source_size=(200, 150))
+    cache = open_decoded(paths, prep, root=SAMPLE, cache_dir=tmp_path / "decoded")
+    rows = torch.from_numpy(cache.rows(paths))
+    labels = torch.arange(len(paths)) % 7
+    # One column holding each image's position: a row that travels with another image is caught.
+    position = torch.arange(len(paths), dtype=torch.float32)[:, None]
+    batches = FeatureBatches(
+        rows, labels, 32, shuffle=True, generator=torch.Generator().manual_seed(1), metadata=position
+    )
+    transform = batch_transform(prep, "none", cache.size)
+    got = list(DeviceBatches(cache, batches, transform, torch.device("cpu"), channels_last=False))
+    assert [len(b) for b in got] == [3] * 5 and sum(len(b[0]) for b in got) == len(paths)
+    for images, batch_labels, meta in got:
+        index = meta[:, 0].long()
+        pixels = torch.from_numpy(cache.images[rows[index].numpy()]).permute(0, 3, 1, 2)
+        assert torch.equal(batch_labels, labels[index])
+        assert torch.equal(images, transform(pixels))
+
+
+def test_metadata_with_the_jpeg_pipeline_is_refused_before_a_run_folder(tmp_path):
+    cfg = sample_config(tmp_path, "reference", metadata=True, input_pipeline="jpeg")
+    with pytest.raises(ValueError, match="only through the decoded-image cache"):
         train(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_metadata_fine_tuning_without_room_for_the_cache_stops_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(decoded, "KEEP_FREE_BYTES", shutil.disk_usage(tmp_path).free)
+    cfg = sample_config(
+        tmp_path,
+        "reference",
+        input_size=(32, 32),
+        epochs=1,
+        metadata=True,
+        decoded_dir=str(tmp_path / "decoded"),
+    )
+    with pytest.raises(ValueError, match="needs room on the disk"):
+        train(cfg)
+    assert not list((tmp_path / "runs").glob("*/best.pt"))
 
 
 # ---------------------------------------------------------------------------

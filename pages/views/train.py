@@ -125,6 +125,14 @@ def config_form() -> None:
             key="max" + k,
             help="A stratified subsample, for quick experiments.",
         )
+        use_metadata = st.checkbox(
+            "Also learn from age, sex and body site",
+            value=base.metadata,
+            key="metadata" + k,
+            help="The head also takes the metadata table's age, sex and localization; in training each is "
+            f"withheld with probability {base.metadata_dropout:g}, so the model still answers when one is "
+            "unknown. Diagnose then offers the three as optional inputs.",
+        )
         visible_gpus = gpu_count()
         gpus = 1
         if visible_gpus > 1:
@@ -171,6 +179,7 @@ def config_form() -> None:
             input_size=(int(height), int(width)),
             seed=int(seed),
             max_images=int(max_images) or None,
+            metadata=use_metadata,
             data=str(dataset_choice().folder),
             out=str(RUNS),
         )

@@ -273,6 +273,30 @@ def test_step_scheduler_divides_lr_by_ten_every_seven_epochs(tiny_root, tmp_path
     assert lrs[:7] == [pytest.approx(1e-3)] * 7 and lrs[7:] == [pytest.approx(1e-4)] * 2
 
 
+def test_one_cycle_schedule_and_keeping_the_last_epoch(tiny_root, tmp_path):
+    cfg = tiny_config(
+        tiny_root, tmp_path, name="onecycle", epochs=4, lr=1e-2, scheduler="onecycle", select_metric="last"
+    )
+    run_dir = train(cfg)
+    lrs = [e["lr"] for e in epoch_lines(run_dir)]
+    # OneCycleLR starts at a 25th of the peak, climbs for the first 30 % of the steps and anneals to the end.
+    assert lrs[0] == pytest.approx(1e-2 / 25) and lrs[1] > lrs[0] and lrs[3] < lrs[2] < lrs[1]
+    assert read_checkpoint(run_dir / "best.pt")["epoch"] == 4 == read_evaluation(run_dir)["epoch"]
+
+
+def test_the_onecycle_preset_is_the_shorter_recipe():
+    short, reference = PRESETS["onecycle"], PRESETS["reference"]
+    assert (short.epochs, short.lr, short.scheduler, short.label_smoothing, short.select_metric) == (
+        6,
+        1e-3,
+        "onecycle",
+        0.05,
+        "last",
+    )
+    same = ("arch", "finetune", "imbalance", "class_weight_power", "input_size", "source_size", "augmentation")
+    assert all(getattr(short, f) == getattr(reference, f) for f in same)
+
+
 def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_root, tmp_path):
     import shutil
 

@@ -45,6 +45,7 @@ from core.images import FIT_RULE  # noqa: E402
 from core.imbalance import STRATEGIES  # noqa: E402
 from core.labels import CLASSES  # noqa: E402
 from core.runs import has_evaluation, read_config, read_predictions, read_robustness, read_run, read_split  # noqa: E402
+from core.shifts import JPEG_QUALITY  # noqa: E402
 from core.similar import NEIGHBOURS  # noqa: E402
 from core.training import config_with, train  # noqa: E402
 
@@ -215,9 +216,10 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "",
         "Why the shortfall, as far as we can tell: the model sees HAM10000 downscaled to 200×150 (a ninth of the "
         "published pixels) and it is a small network (MobileNetV2, 2.2 M parameters) trained for 14 epochs. "
-        "Retraining the same recipe on a GPU (seed 0 again, and once with the `wide` augmentation), averaging up "
-        "to three such networks, and giving the network age, sex and body site as well did not change this by "
-        "more than the intervals (Ensembles and Metadata, below). The operating point was "
+        "Retraining the same recipe on a GPU (seed 0 again, and once with the `wide` augmentation), a shorter "
+        "one-cycle recipe, averaging up to three networks, and giving the network age, sex and body site as well "
+        "did not change this by more than the intervals (Ensembles, Metadata and Training recipes, below). The "
+        "operating point was "
         "chosen on the validation split, where it reached the target sensitivity; on the test split it falls short "
         "by the margin shown. "
         "Class weighting trades the two targets against each other: weighting rare classes more raises balanced "
@@ -258,6 +260,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
     lines += metadata_lines()
     lines += ensemble_lines(runs, reference)
     lines += recipe_lines(runs)
+    lines += did_not_help_lines(runs, reference)
     lines += [
         "",
         "## Intended use",
@@ -377,6 +380,7 @@ def robustness_lines(reference: Path) -> list[str]:
             "",
             *robustness.markdown_table(report),
         ]
+        lines += shift_shortfall_lines(report)
         if report.get("sampled_from"):
             lines += [
                 "",
@@ -396,6 +400,45 @@ def robustness_lines(reference: Path) -> list[str]:
             *fitting_table(fitting),
         ]
     return lines
+
+
+# Why a shift costs more than the target allows, as far as the measurements say (keyed by core.shifts' names).
+SHIFT_REASONS = {
+    "scale_half": "a half-size image has a quarter of the pixels: brought back to 200×150 it has lost the fine "
+    "structure, not only the scale. The `wide` recipe, trained on scales down to ½, all but removes this drop on "
+    "validation (Training recipes, below), at a lower clean score",
+    f"jpeg_q{JPEG_QUALITY}": "strong JPEG compression of a 200×150 image blurs and blocks the fine pigment "
+    "network the model reads. No recipe here trains on compressed images; `wide` does not help, but the shorter "
+    "`onecycle` recipe (6 epochs, last epoch kept) keeps the validation drop under the target (Training recipes), "
+    "which suggests that the reference recipe's longer training fits fine texture that compression removes",
+    "warm_cast": "the colour jitter in training varies brightness, contrast, saturation and a little hue, not the "
+    "gain of each channel that a different white balance applies; colour-constancy preprocessing (e.g. Shades of "
+    "Gray) or per-channel gain augmentation would target it, and neither has been tried",
+    "square_crop": "a square crop removes the sides of the field of view, and with them lesion borders",
+    "rotate_90": "a portrait image is fitted to the landscape input by cropping, which removes part of the field",
+    "scale_2x": "a doubled image is brought back to 200×150 by downscaling, which should change little",
+}
+SHIFT_TARGET = 0.03
+
+
+def shift_shortfall_lines(report: dict) -> list[str]:
+    """Each shift whose balanced-accuracy drop exceeds the target, by how much and why."""
+    missed = [
+        (c["name"], c["drop"]["balanced_accuracy"]["value"])
+        for c in report["conditions"]
+        if c.get("drop") and c["drop"]["balanced_accuracy"]["value"] > SHIFT_TARGET
+    ]
+    if not missed:
+        return ["", f"Every shift stays within the target (a drop of at most {SHIFT_TARGET})."]
+    return [
+        "",
+        f"Over the target of {SHIFT_TARGET}: "
+        + "; ".join(
+            f"**{name}** by {drop - SHIFT_TARGET:.3f} (drop {drop:.3f}): {SHIFT_REASONS.get(name, 'not analysed')}"
+            for name, drop in missed
+        )
+        + ".",
+    ]
 
 
 ENSEMBLE_INTRO = (
@@ -525,12 +568,63 @@ def recipe_lines(runs: Path) -> list[str]:
             f"{fmt(test['accuracy'])} | {fmt(test['roc_auc']['per_class']['mel'])} | {fmt(test['ece'])} | "
             f"{np.mean(drops):+.3f} | {max(drops):+.3f} |"
         )
+    steadiest = min(measured, key=lambda m: np.mean(m[4]))
+    best = max(measured, key=lambda m: m[3])
     lines += [
         "",
-        "The bundled model is chosen on clean validation balanced accuracy; a recipe with smaller drops is a "
-        "candidate for uploads from other cameras, not a replacement on our own images. One seed of each.",
+        f"Highest clean validation score: `{best[0].name}` ({best[3]:.3f}); smallest mean drop: "
+        f"`{steadiest[0].name}` ({np.mean(steadiest[4]):+.3f}, its largest {max(steadiest[4]):+.3f}). A run whose "
+        "epoch was chosen on validation has an optimistic validation score there; one that keeps its last epoch "
+        "does not, so part of a gap in that column is the choosing. The bundled model is chosen on clean "
+        "validation balanced accuracy, by the rule fixed at the start; a recipe with smaller drops is the candidate "
+        "for uploads from other cameras, and should be confirmed with more seeds (one each here) before it "
+        "replaces the bundled model.",
     ]
     return lines
+
+
+def did_not_help_lines(runs: Path, reference: Path) -> list[str]:
+    """What was tried and not adopted, each with the validation number that decided it (the sections above
+    hold the details)."""
+    ref_val = read_json(reference / "evaluation.json")["val"]["balanced_accuracy"]
+    said = []
+    ensembles = [d for d in sorted(runs.iterdir()) if has_evaluation(d) and read_config(d).get("arch") == "ensemble"]
+    if ensembles:
+        vals = {d.name: read_json(d / "evaluation.json")["val"]["balanced_accuracy"] for d in ensembles}
+        said.append(
+            "**Ensembles** of two and three networks: validation balanced accuracy "
+            + ", ".join(f"{v:.3f} (`{name}`)" for name, v in vals.items())
+            + f" against the single network's {ref_val:.3f} (Ensembles)."
+        )
+    tta = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("tta", {}).get("accuracy", {})
+    zooms = {k: v for k, v in tta.get("val", {}).items() if "zoom" in k}
+    if zooms:
+        said.append(
+            "**Zoomed views in test-time augmentation**: validation balanced accuracy "
+            + ", ".join(f"{v['balanced_accuracy']:.3f} ({k})" for k, v in zooms.items())
+            + f" against {tta['val']['flips']['balanced_accuracy']:.3f} for the four flips alone, which Diagnose "
+            "and evaluation use (`bench/tta.py`, docs/BENCHMARKS.md)."
+        )
+    fine_tuned = (read_json(METADATA_RESULTS) if METADATA_RESULTS.is_file() else {}).get("fine_tuned")
+    if fine_tuned:
+        d = fine_tuned["val"]["difference_with_vs_image_only"]
+        said.append(
+            f"**Age, sex and body site** as inputs of the fine-tuned network: validation balanced accuracy "
+            f"{d['difference']:+.3f} (paired 95% interval {d['interval'][0]:+.3f} to {d['interval'][1]:+.3f}) "
+            "(Metadata)."
+        )
+    for run in sorted(runs.iterdir()):
+        report = read_robustness(run) if has_evaluation(run) else None
+        cfg = read_config(run) if report else {}
+        if report and report.get("split") == "val" and cfg.get("augmentation") == "wide":
+            clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]
+            said.append(
+                f"**The `wide` augmentation** (`{run.name}`): clean validation balanced accuracy {clean:.3f}; it "
+                "shrinks the drops under the scale and crop shifts but costs clean score (Training recipes)."
+            )
+    if not said:
+        return []
+    return ["", "## What did not help", "", *(f"- {line}" for line in said)]
 
 
 def ensemble_cost_lines(runs: Path, ensembles: list[Path]) -> list[str]:

@@ -39,6 +39,20 @@ def _count(n: float) -> str:
     return f"{int(round(n)):,}"
 
 
+def percents_against(p: float, threshold: float) -> tuple[str, str]:
+    """``p`` and ``threshold`` as percentages, with the fewest decimals (one to four) at which the written
+    numbers compare as the real ones do.
+
+    A threshold of 0.1567 written "16%" beside a probability of 15.9% "at or above" it reads as a
+    contradiction; at one decimal it is "15.7%", and where two values still round alike the next decimal
+    tells them apart."""
+    for digits in range(1, 5):
+        shown_p, shown_t = round(p * 100, digits), round(threshold * 100, digits)
+        if (shown_p >= shown_t) == (p >= threshold):
+            break
+    return f"{p:.{digits}%}", f"{threshold:.{digits}%}"
+
+
 def progress_fraction(done: float, total: float | None) -> float:
     """How full a progress bar is, 0..1; empty while the total is unknown."""
     return min(1.0, max(0.0, done / total)) if total else 0.0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from core.formatting import percents_against
 from core.images import open_image
 from core.inference import tta_description
 from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
@@ -71,7 +72,7 @@ def _performance(test: dict | None) -> str:
     if "sensitivity" in mel:
         items.append(
             f"melanoma sensitivity {mel['sensitivity']:.1%} and specificity {mel['specificity']:.1%} at "
-            f"P(mel) ≥ {mel['threshold']:.0%}"
+            f"P(mel) ≥ {mel['threshold']:.1%}"
         )
     n = test.get("n")
     return f"<p>Measured on its test split{f' ({n} images)' if n else ''}: {escape('; '.join(items))}.</p>"
@@ -132,7 +133,8 @@ def report_html(
     mel_line = ""
     if mel_threshold is not None:
         side = "at or above" if mel >= mel_threshold else "below"
-        mel_line = f"<p>P(melanoma) {mel:.1%}: {side} the model's operating threshold of {mel_threshold:.0%}.</p>"
+        shown_p, shown_t = percents_against(mel, mel_threshold)
+        mel_line = f"<p>P(melanoma) {shown_p}: {side} the model's operating threshold of {shown_t}.</p>"
     similar = ""
     if cases:
         similar += "<h2>Similar confirmed cases</h2><div class='grid'>"

@@ -1,10 +1,10 @@
-"""The one byte-size formatter: binary units with IEC labels."""
+"""The formatters of core.formatting: byte sizes in binary units, probabilities against a threshold."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.formatting import format_bytes
+from core.formatting import format_bytes, percents_against
 
 
 @pytest.mark.parametrize(
@@ -23,3 +23,19 @@ from core.formatting import format_bytes
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize(
+    ("p", "threshold", "texts"),
+    [
+        (0.159, 0.156711, ("15.9%", "15.7%")),  # "16%" would read as 15.9% at or above 16%
+        (0.80, 0.156711, ("80.0%", "15.7%")),
+        (0.15669, 0.156711, ("15.669%", "15.671%")),  # alike at one and two decimals, yet below
+        (0.156711, 0.156711, ("15.7%", "15.7%")),  # equal is at or above
+        (0.15674, 0.156711, ("15.7%", "15.7%")),  # at or above, and reads so
+    ],
+)
+def test_percents_against_keeps_the_order_visible(p, threshold, texts):
+    assert percents_against(p, threshold) == texts
+    shown_p, shown_t = (float(t.rstrip("%")) for t in texts)
+    assert (shown_p >= shown_t) == (p >= threshold)

@@ -70,7 +70,7 @@ m1, m2, m3, m4 = st.columns(4)
 m1.metric("Predicted", len(predicted))
 m2.metric("Could not be used", len(failed))
 m3.metric(
-    f"P(melanoma) ≥ {predictor.mel_threshold:.0%}",
+    f"P(melanoma) ≥ {predictor.mel_threshold:.1%}",
     len(flagged),
     help="At or above the model's operating threshold: refer / discuss with a dermatologist.",
 )
@@ -108,7 +108,7 @@ st.dataframe(
             min_value=0.0,
             max_value=1.0,
             format="percent",
-            help=f"Calibrated; the model's operating threshold is {predictor.mel_threshold:.0%}.",
+            help=f"Calibrated; the model's operating threshold is {predictor.mel_threshold:.1%}.",
         ),
         "confidence": st.column_config.NumberColumn("Confidence", format="percent"),
         "warnings": st.column_config.TextColumn("Warnings"),

@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import streamlit as st
 
 from core import plots
-from core.formatting import format_bytes
+from core.formatting import format_bytes, percents_against
 from core.images import ImageError
 from core.inference import PredictionError
 from core.labels import CLASSES, MALIGNANT
@@ -132,15 +132,14 @@ def melanoma() -> None:
     p_mel = prediction.probabilities["mel"]
     record = recorded_operating_point(model_path, ckpt, threshold)
     known = (
-        f" On its test split this model at {threshold:.0%} found {record['sensitivity']:.1%} of melanomas "
+        f" On its test split this model at {threshold:.1%} found {record['sensitivity']:.1%} of melanomas "
         f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), without flip "
         "averaging."
         if record
         else " Its sensitivity and specificity there are not in its run records."
     )
-    st.metric(
-        "P(melanoma)", f"{p_mel:.1%}", help=f"The model's operating threshold is P(mel) ≥ {threshold:.0%}." + known
-    )
+    shown_p, shown_t = percents_against(p_mel, threshold)
+    st.metric("P(melanoma)", shown_p, help=f"The model's operating threshold is P(mel) ≥ {shown_t}." + known)
     if prediction.members is not None:  # an ensemble: how much its models agree, beside the number
         st.markdown(f"**{prediction.members.agreement_text()}**. {prediction.members.spread_text()}.")
         st.caption(
@@ -149,12 +148,12 @@ def melanoma() -> None:
         )
     if p_mel >= threshold:
         st.error(
-            f"P(melanoma) {p_mel:.1%} is at or above the operating threshold of {threshold:.0%}: refer / "
+            f"P(melanoma) {shown_p} is at or above the operating threshold of {shown_t}: refer / "
             "discuss with a dermatologist.",
             icon=":material/medical_services:",
         )
     else:
-        st.caption(f"Below the operating threshold of {threshold:.0%}.")
+        st.caption(f"{shown_p} is below the operating threshold of {shown_t}.")
 
 
 right, left = st.columns([6, 5], gap="large")  # prediction first, explanation beside it

@@ -62,26 +62,37 @@ def melanoma_threshold(checkpoint: dict) -> float:
     return DEFAULT_MEL_THRESHOLD if value is None else float(value)
 
 
-def recorded_test_results(path: Path, checkpoint: dict) -> list[dict]:
-    """The checkpoint's test-split evaluations in its run records, first found first: its run folder's
-    ``evaluation.json``, then the published run of the name it was trained under (``docs/runs``)."""
-    from core.runs import read_evaluation
+def recorded_test_results(path: Path, checkpoint: dict, *, tta: bool = False) -> list[dict]:
+    """The checkpoint's test-split evaluations with (``tta``) or without flip averaging in its run records,
+    first found first: its run folder, then the published run of the name it was trained under (``docs/runs``).
+    In each, the saved ``python -m core.evaluate`` report (which records its views), then the trainer's one-view
+    ``evaluation.json``."""
+    from core.runs import read_evaluate_report, read_evaluation
     from core.settings import published_runs_dir
 
     folders = [Path(path).parent]
     published, name = published_runs_dir(), (checkpoint.get("config") or {}).get("name")
     if published is not None and name:
         folders.append(published / name)
-    return [test for folder in folders if (test := read_evaluation(folder).get("test"))]
+    found = []
+    for folder in folders:
+        report = read_evaluate_report(folder)
+        if report is not None and bool(report.get("tta")) == tta:
+            found.append(report["metrics"])
+        if not tta and (test := read_evaluation(folder).get("test")):
+            found.append(test)
+    return found
 
 
-def recorded_operating_point(path: Path, checkpoint: dict, threshold: float) -> dict | None:
+def recorded_operating_point(path: Path, checkpoint: dict, threshold: float, *, tta: bool = False) -> dict | None:
     """Test-split melanoma sensitivity/specificity at ``threshold`` from the checkpoint's run records
-    (:func:`recorded_test_results`). None when no record evaluated it at that threshold."""
-    for test in recorded_test_results(path, checkpoint):
-        mel = test.get("melanoma") or {}
-        if mel.get("threshold") == threshold and "sensitivity" in mel:
-            return mel
+    (:func:`recorded_test_results`), with ``"tta"`` saying whether they averaged the flips: those of the
+    ``tta`` setting when recorded, else the other's. None when no record evaluated it at that threshold."""
+    for views in (tta, not tta):
+        for test in recorded_test_results(path, checkpoint, tta=views):
+            mel = test.get("melanoma") or {}
+            if mel.get("threshold") == threshold and "sensitivity" in mel:
+                return {**mel, "tta": views}
     return None
 
 

@@ -52,6 +52,9 @@ LIVE_STATES = ("starting", "running")  # written only by the trainer, with its p
 LOG_TAIL_LINES = 30
 STOP_FILE = "STOP"
 ROBUSTNESS_FILE = "robustness.json"
+# The test split as `python -m core.evaluate` reports it at its defaults (flip TTA, the model's operating point),
+# saved beside the run's records with --out: what Diagnose and the model card quote for the views Diagnose uses.
+EVALUATE_FILE = "evaluate-test.json"
 # What the progress bar says during a long step before the epochs; a phase not named here shows its name.
 PHASE_LABELS = {
     "features": "computing backbone features once",
@@ -292,6 +295,12 @@ def read_dataset_report(run_dir: Path) -> dict:
 def read_evaluation(run_dir: Path) -> dict:
     """The test evaluation of the run's best model; empty before the run has one."""
     return read_json(Path(run_dir) / "evaluation.json") or {}
+
+
+def read_evaluate_report(run_dir: Path) -> dict | None:
+    """The saved ``python -m core.evaluate`` report of the run's model on its test split; None without one."""
+    report = read_json(Path(run_dir) / EVALUATE_FILE)
+    return report if report and report.get("split") == "test" and "metrics" in report else None
 
 
 def read_robustness(run_dir: Path) -> dict | None:

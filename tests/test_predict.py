@@ -565,3 +565,49 @@ def test_evaluate_reads_external_class_folder_sets(ckpt, tmp_path):
     assert not result["validation"]["ok"]
     assert [where for _, where in result["validation"]["problems"]][0].startswith(str(tmp_path / "ext" / "scar"))
     assert "odd.jpg" in evaluate.format_report(result)
+
+
+PUBLISHED_REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "runs" / "reference-mnv2"
+
+
+def test_the_operating_point_quoted_is_that_of_the_views_used():
+    # The published reference run holds the trainer's one-view record and core.evaluate's flip-TTA report:
+    # Diagnose quotes the one of the setting it runs.
+    from core.predict import recorded_operating_point
+    from core.runs import read_evaluate_report, read_evaluation
+
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    threshold = checkpoint["mel_threshold"]
+    with_flips = recorded_operating_point(path, checkpoint, threshold, tta=True)
+    one_view = recorded_operating_point(path, checkpoint, threshold, tta=False)
+    report = read_evaluate_report(PUBLISHED_REFERENCE)
+    assert report["tta"] and report["checkpoint"].endswith("reference.pt")
+    assert with_flips == {**report["metrics"]["melanoma"], "tta": True}
+    assert one_view == {**read_evaluation(PUBLISHED_REFERENCE)["test"]["melanoma"], "tta": False}
+    assert with_flips["sensitivity"] != one_view["sensitivity"]
+    assert recorded_operating_point(path, checkpoint, threshold + 0.01, tta=True) is None  # another threshold
+
+
+def test_without_a_report_of_its_views_the_other_record_is_quoted(tmp_path):
+    from core.predict import recorded_operating_point
+
+    shutil.copy(PUBLISHED_REFERENCE / "evaluation.json", tmp_path / "evaluation.json")
+    checkpoint = {"config": {"name": "not-published"}}
+    threshold = json.loads((tmp_path / "evaluation.json").read_text())["test"]["melanoma"]["threshold"]
+    record = recorded_operating_point(tmp_path / "best.pt", checkpoint, threshold, tta=True)
+    assert record is not None and record["tta"] is False
+
+
+def test_the_model_card_reads_the_report_as_core_evaluate_computed_it():
+    # bench/model_card.py recomputes the flip-TTA metrics from the report's per-image probabilities: they must
+    # be the ones core.evaluate printed, or the card's targets would be read on other numbers.
+    from bench.model_card import load_evaluate_report
+    from core.evaluation import compute_metrics
+
+    labels, probs, report = load_evaluate_report(PUBLISHED_REFERENCE)
+    recomputed = compute_metrics(labels, probs, mel_threshold=report["metrics"]["melanoma"]["threshold"])
+    for key in ("accuracy", "balanced_accuracy", "ece"):
+        assert recomputed[key] == pytest.approx(report["metrics"][key], abs=1e-4)
+    assert recomputed["melanoma"]["sensitivity"] == report["metrics"]["melanoma"]["sensitivity"]
+    assert recomputed["roc_auc"]["per_class"]["mel"] == pytest.approx(report["metrics"]["roc_auc"]["per_class"]["mel"])

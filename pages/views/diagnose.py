@@ -130,11 +130,12 @@ def probabilities() -> None:
 def melanoma() -> None:
     threshold = predictor.mel_threshold
     p_mel = prediction.probabilities["mel"]
-    record = recorded_operating_point(model_path, ckpt, threshold)
+    record = recorded_operating_point(model_path, ckpt, threshold, tta=tta)
     known = (
         f" On its test split this model at {threshold:.1%} found {record['sensitivity']:.1%} of melanomas "
-        f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), without flip "
-        "averaging."
+        f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), "
+        f"{'averaging the flips' if record['tta'] else 'from one view of each image'}"
+        f"{' as here' if record['tta'] == tta else ''}."
         if record
         else " Its sensitivity and specificity there are not in its run records."
     )

@@ -417,6 +417,7 @@ def test_diagnose_asks_for_metadata_only_for_a_model_that_takes_it(two_models):
     no_exceptions(at)
     assert at.selectbox(key="diag_model").value.name == "reference.pt"
     assert not {"diag_age", "diag_sex", "diag_site"} & widget_keys(at)
+    assert "This model reads the image alone" in texts(at)  # it says why nothing is asked
     at.file_uploader(key="diag_upload").set_value(("lesion.jpg", jpeg_bytes(lesion_image()), "image/jpeg")).run()
     no_exceptions(at)
     assert "Metadata used" not in texts(at) and "No age, sex or body site" not in texts(at)
@@ -424,6 +425,7 @@ def test_diagnose_asks_for_metadata_only_for_a_model_that_takes_it(two_models):
     at.selectbox(key="diag_model").set_value(two_models / "with-metadata.pt").run()
     no_exceptions(at)
     assert {"diag_age", "diag_sex", "diag_site"} <= widget_keys(at)
+    assert "This model reads the image alone" not in texts(at)
     assert at.number_input(key="diag_age").value is None and at.selectbox(key="diag_sex").value is None
     assert "No age, sex or body site given" in texts(at)
     assert not at.session_state["diag_result"][1].metadata_used

@@ -45,6 +45,12 @@ if encoding is not None:
             "sex": c_sex.selectbox("Sex", encoding.sexes, index=None, placeholder="unknown", key="diag_sex"),
             "site": c_site.selectbox("Body site", encoding.sites, index=None, placeholder="unknown", key="diag_site"),
         }
+else:
+    st.caption(
+        "This model reads the image alone: age, sex and body site would not change its answer, so it does not ask "
+        "for them. A model trained with `--metadata` asks for them here (MODEL_CARD.md, Metadata: why the bundled "
+        "model does not take them)."
+    )
 
 upload = st.file_uploader(
     f"Dermoscopy image (JPEG or PNG, at most {format_bytes(MAX_UPLOAD_BYTES)})",

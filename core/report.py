@@ -1,8 +1,9 @@
 """The Diagnose page's report to keep: one self-contained HTML page, images inlined, nothing written to disk.
 
 It holds what the page showed for one upload: the image and its heatmap, all seven calibrated probabilities in
-``CLASSES`` order, the similar confirmed cases, the warnings, the model (name, version, measured test
-performance), the date and the disclaimer. It is built in memory and handed to the browser as a download.
+``CLASSES`` order (for an ensemble, how many of its models agree and each one's answer), the similar confirmed
+cases, the warnings, the model (name, version, measured test performance), the date and the disclaimer. It is
+built in memory and handed to the browser as a download.
 """
 
 from __future__ import annotations
@@ -135,6 +136,24 @@ def report_html(
         side = "at or above" if mel >= mel_threshold else "below"
         shown_p, shown_t = percents_against(mel, mel_threshold)
         mel_line = f"<p>P(melanoma) {shown_p}: {side} the model's operating threshold of {shown_t}.</p>"
+    agreement = ""
+    if prediction.members is not None:  # an ensemble: how much its models agree, as Diagnose shows beside the result
+        votes = prediction.members
+        agreement = (
+            f"<p><b>{escape(votes.agreement_text())}</b>. {escape(votes.spread_text())}. Each model's own calibrated "
+            "answer: where they disagree or their P(melanoma) spreads widely, the combined number is less certain "
+            "than it looks.</p>"
+        )
+        own = [CLASSES[int(row.argmax())] for row in votes.probs]
+        rows_by_model = "".join(
+            f"<tr><td>{escape(name)}</td><td>{escape(DISPLAY_NAMES[code])} ({code}), {row.max():.1%}</td>"
+            f'<td class="p">{p_mel:.1%}</td></tr>'
+            for name, code, row, p_mel in zip(votes.names, own, votes.probs, votes.p_melanoma, strict=True)
+        )
+        agreement += (
+            "<table><thead><tr><th>model</th><th>its most likely class</th><th>its P(melanoma)</th></tr></thead>"
+            f"<tbody>{rows_by_model}</tbody></table>"
+        )
     similar = ""
     if cases:
         similar += "<h2>Similar confirmed cases</h2><div class='grid'>"
@@ -158,6 +177,7 @@ skin lesion that worries you.</p>
 <p>Most likely: <b>{escape(prediction.top_name)} ({prediction.top_class})</b>, calibrated probability
 {prediction.confidence:.1%}{averaged}. Malignant classes together: {prediction.malignant_probability:.1%}.</p>
 {mel_line}
+{agreement}
 <table><thead><tr><th>class</th><th>diagnosis</th><th></th><th>probability</th></tr></thead>
 <tbody>{rows}</tbody></table>
 <div class="grid">{images}</div>

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from core.labels import CLASSES
 
@@ -149,3 +150,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def downloads(monkeypatch) -> list[tuple[bytes, str]]:
+    """What the app hands to Streamlit's media storage (download buttons' data), recorded on the way in."""
+    seen: list[tuple[bytes, str]] = []
+    real = MemoryMediaFileStorage.load_and_get_id
+
+    def recording(self, path_or_data, mimetype, kind, filename=None):
+        if isinstance(path_or_data, bytes):
+            seen.append((path_or_data, mimetype))
+        return real(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
+    return seen

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from core.data import index_dataset
 from core.labels import CLASSES, DISPLAY_NAMES
@@ -29,21 +28,6 @@ def diagnose(tmp_path, monkeypatch):
     at = app_test("diagnose", timeout=600)
     no_exceptions(at)
     return at
-
-
-@pytest.fixture
-def downloads(monkeypatch) -> list[tuple[bytes, str]]:
-    """What the app hands to Streamlit's media storage (download buttons' data), recorded on the way in."""
-    seen: list[tuple[bytes, str]] = []
-    real = MemoryMediaFileStorage.load_and_get_id
-
-    def recording(self, path_or_data, mimetype, kind, filename=None):
-        if isinstance(path_or_data, bytes):
-            seen.append((path_or_data, mimetype))
-        return real(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
-    return seen
 
 
 def sample_image(split: str):

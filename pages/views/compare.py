@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from core import estimate, imbalance, jobs, lesson, plots, settings
+from core.evaluation import MEL_SENSITIVITY
 from core.features import FeatureCache, backbone_key
 from core.models import ARCHITECTURES, default_arch
 from core.runs import RunState, format_duration, read_run
@@ -42,6 +43,8 @@ def headline(run: RunState) -> dict:
         "macro AUC": t.get("roc_auc", {}).get("macro"),
         "melanoma sensitivity": mel.get("sensitivity"),
         "melanoma specificity": mel.get("specificity"),
+        # The P(mel) at which the two above were measured: the run's own operating point (core.runs' record).
+        "melanoma threshold": mel.get("threshold"),
         "ECE": t.get("ece"),
         "test images": t.get("n"),
     }
@@ -52,6 +55,14 @@ def predictions_or_none(run: RunState):
         return predictions(run.path)
     except ValueError:
         return None, None, None, None, {}
+
+
+def melanoma_basis(thresholds: pd.Series) -> str:
+    """What the melanoma columns are measured at: the one threshold all the runs share, else each run's own."""
+    known = {round(float(t), 3) for t in thresholds if t is not None and not np.isnan(t)}
+    if len(known) == 1 and thresholds.notna().all():
+        return f"melanoma at each run's operating threshold, P(mel) ≥ {known.pop():.3f} for all"
+    return "melanoma sensitivity and specificity at each run's own operating threshold, P(mel) ≥ mel thr."
 
 
 def comparison(chosen: list[RunState]) -> None:
@@ -65,14 +76,26 @@ def comparison(chosen: list[RunState]) -> None:
             else str(v)
         )
     )  # one row per run: any number of runs fits the width, where a column per run ran off at the fifth
-    st.markdown("**Headline metrics** (test split, calibrated; melanoma at P(mel) ≥ 0.5)")
-    short = {"balanced accuracy": "bal. acc.", "melanoma sensitivity": "mel sens.", "melanoma specificity": "mel spec."}
+    st.markdown(f"**Headline metrics** (test split, calibrated; {melanoma_basis(table['melanoma threshold'])})")
+    short = {
+        "balanced accuracy": "bal. acc.",
+        "melanoma sensitivity": "mel sens.",
+        "melanoma specificity": "mel spec.",
+        "melanoma threshold": "mel thr.",
+    }
+    helps = {
+        "melanoma threshold": "The run's melanoma operating threshold: its sensitivity and specificity count an image "
+        f"as flagged when P(mel) ≥ this. Chosen on the run's validation split for {MEL_SENSITIVITY:.0%} sensitivity; "
+        "0.5 where the run recorded none."
+    }
     st.dataframe(
         shown,
         width="stretch",
         key="cmp_headline",
         column_config={
-            c: st.column_config.TextColumn(short.get(c, c), help=c, width="small") for c in shown.columns if c != "run"
+            c: st.column_config.TextColumn(short.get(c, c), help=helps.get(c, c), width="small")
+            for c in shown.columns
+            if c != "run"
         },
     )
     rows = []

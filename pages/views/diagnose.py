@@ -163,6 +163,48 @@ def melanoma() -> None:
         st.caption(f"{shown_p} is below the operating threshold of {shown_t}.")
 
 
+def member_heatmaps(votes, method: str, target: str, cam_key: tuple, alpha: float) -> None:
+    """Each ensemble member's map beside the averaged one, named, with its P(predicted class). Off by default: K
+    more maps cost K times the averaged one's time, so they are computed only once asked for, then kept per image,
+    method and class."""
+    from core.explain import CAM_METHOD_NAMES, overlay
+
+    shown = st.toggle(
+        "Show each model's heatmap",
+        key="diag_each_cam",
+        help=f"The map above is the mean of the {votes.count} models' maps. Each model's own shows where they look "
+        "alike and where they differ.",
+    )
+    if not shown:
+        return
+    cams = st.session_state.get("diag_member_cams")
+    if cams is None or cams[0] != cam_key:
+        try:
+            with st.spinner(f"Computing the {votes.count} models' activation maps…"):
+                maps = predictor.explain_members(prediction, method, target)
+        except Exception as exc:  # noqa: BLE001
+            st.error(f"The models' activation maps could not be computed ({type(exc).__name__}: {exc}).")
+            maps = None
+        st.session_state["diag_member_cams"] = cams = (cam_key, maps)
+    if cams[1] is None:
+        return
+    top = prediction.top_class
+    st.caption(
+        f"{CAM_METHOD_NAMES[method]} for {target} by each of the {votes.count} models; the map above is their mean. "
+        f"Under each: the model's own calibrated P({top}), the ensemble's predicted class."
+    )
+    per_row = min(3, votes.count)
+    for start in range(0, votes.count, per_row):
+        row = st.columns(per_row)
+        for col, i in zip(row, range(start, min(start + per_row, votes.count)), strict=False):
+            probs = votes.probs[i]
+            own = CLASSES[int(probs.argmax())]
+            caption = f"{votes.names[i]}: P({top}) {probs[CLASSES.index(top)]:.1%}"
+            if own != top:
+                caption += f"; its own top class {own} ({probs.max():.1%})"
+            col.image(overlay(prediction.image, cams[1][i], alpha), caption=caption, width="stretch")
+
+
 right, left = st.columns([6, 5], gap="large")  # prediction first, explanation beside it
 with right:
     if not check.unfamiliar:
@@ -218,6 +260,8 @@ with left:
         captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")
     for col, img, cap in zip(st.columns(len(images)), images, captions, strict=False):
         col.image(img, caption=cap, width="stretch")
+    if prediction.members is not None:  # an ensemble: the map above is its models' mean; each one's on request
+        member_heatmaps(prediction.members, method, target, cam_key, alpha)
 
 
 def case_grid(cases: list, titles: list[str] | None = None, cols: int = 4) -> None:

@@ -162,8 +162,15 @@ def internal_section() -> None:
     temperature = float(evaluation.get("temperature", 1.0))
 
     st.caption(
-        f"Test split of `{run.name}`: {len(labels)} images; best epoch {evaluation.get('epoch', '?')}; "
-        "probabilities calibrated by temperature scaling fitted on the validation split."
+        f"Test split of `{run.name}`: {len(labels)} images; "
+        + (
+            f"ensemble of {len(evaluation['members'])} models"
+            if evaluation.get("members")
+            else f"best epoch {evaluation.get('epoch', '?')}"
+        )
+        + "; "
+        "probabilities calibrated by temperature scaling fitted on the validation split; one view of each image, "
+        "as the trainer recorded it (`python -m core.evaluate` averages the four flips by default)."
     )
     headline_metrics(
         metrics, evaluation.get("confidence_intervals"), extra=[("Temperature", f"{temperature:.2f}", None)]

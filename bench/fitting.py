@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
 from bench.report import update_json, write_section  # noqa: E402
 from core.images import FIT_RULE, FIT_RULES  # noqa: E402
+from core.inference import tta_description  # noqa: E402
+from core.predict import USE_TTA_BY_DEFAULT  # noqa: E402
 from core.robustness import CLEAN, evaluate_shifts, terminal_progress  # noqa: E402
 
 OWNER = "fitting"
@@ -46,6 +48,7 @@ def measure(args: argparse.Namespace) -> dict:
             fit_rule=rule,
             bootstrap=args.bootstrap,
             max_images=args.max_images,
+            tta=args.tta,
             progress=terminal_progress(rule),
         )
         results[rule] = {
@@ -66,6 +69,7 @@ def measure(args: argparse.Namespace) -> dict:
         "n_images": n_images,
         "sampled_from": report["sampled_from"],
         "bootstrap": args.bootstrap,
+        "tta_views": tta_description(args.tta),
         "rules": results,
         "best": max(mean, key=mean.get),
     }
@@ -108,7 +112,7 @@ def section(r: dict, command: str) -> list[str]:
         "## Upload-fitting rule (bench/fitting.py)",
         "",
         f"`{command}` — {r['when']}, {r['machine']}. {r['checkpoint']} on {shown_images(r)} of {r['data']}, "
-        f"{r['bootstrap']} paired bootstrap resamples.",
+        f"{r['bootstrap']} paired bootstrap resamples, TTA: {r.get('tta_views', 'none')}.",
         "",
         *table(r),
     ]
@@ -120,6 +124,12 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "reference.pt")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--max-images", type=int, help="a random sample (seed 0) of this many validation images")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=USE_TTA_BY_DEFAULT,
+        help="average the flips, as the predictor does by default",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = p.parse_args()
     command = ("python bench/fitting.py " + " ".join(sys.argv[1:])).strip()

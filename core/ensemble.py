@@ -270,9 +270,29 @@ class EnsemblePredictor(Predictor):
         """Every member's calibrated probabilities (K, n, classes) over the images of ``frame`` (a dataset index's
         rows) with its own preprocessing, and their labels (n,). ``progress(member name, loader)`` may wrap each
         member's loader to report it."""
+        return self.dataset_probabilities(
+            lambda m: LesionDataset.from_frame(frame, m.transform, m.prep),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            tta=tta,
+            progress=progress,
+        )
+
+    def dataset_probabilities(
+        self,
+        dataset_for: Callable[[Member], torch.utils.data.Dataset],
+        *,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        tta: bool = False,
+        progress: Callable[[str, torch.utils.data.DataLoader], object] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`frame_probabilities`, over the (image, label) dataset ``dataset_for(member)`` makes with that
+        member's preprocessing (``member.prep``, ``member.transform``): the same images, in the same order, for
+        every member."""
         outputs, labels = [], None
         for m in self.members:
-            dataset = LesionDataset.from_frame(frame, m.transform, m.prep)
+            dataset = dataset_for(m)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=bounded_batch_size(batch_size, m.prep.input_size, tta), num_workers=num_workers
             )

@@ -480,7 +480,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the robustness report instead: the split as it is and under each acquisition shift (square crop, "
         "2× and ½ scale, JPEG quality 50, a colour cast, 90° rotation) with the drops from clean; saved as "
-        "robustness.json in the checkpoint's run folder, or at --out",
+        "robustness.json in the checkpoint's (or ensemble's) run folder, or at --out",
     )
     parser.add_argument(
         "--max-images", type=int, help="with --shifts: a random sample (seed 0) of this many of the split's images"

@@ -1,12 +1,13 @@
-"""The robustness report: a checkpoint evaluated on one split as it is ("clean") and under each acquisition
-shift of :mod:`core.shifts`, with balanced accuracy, melanoma AUC and ECE, and each one's drop from clean
+"""The robustness report: a checkpoint or an ensemble evaluated on one split as it is ("clean") and under each
+acquisition shift of :mod:`core.shifts`, with balanced accuracy, melanoma AUC and ECE, and each one's drop from clean
 with a paired bootstrap interval (the same resampled images under both conditions).
 
 Each shift is applied to the decoded image file, before the fitting every upload gets
-(:func:`core.images.fit_to_source`), so the report measures what the predictor does with such an upload.
-``python -m core.evaluate --checkpoint CKPT --data DIR --shifts`` prints it and saves it in the checkpoint's
-run folder (``robustness.json``, :func:`core.runs.write_robustness`), where the Evaluate page and the model
-card read it.
+(:func:`core.images.fit_to_source`), so the report measures what the predictor does with such an upload: its
+own probabilities (an ensemble's members each with their own preprocessing and temperature), with the predictor's
+default test-time augmentation unless told otherwise. ``python -m core.evaluate --checkpoint CKPT --data DIR
+--shifts`` prints it and saves it in the model's run folder (``robustness.json``, :func:`core.runs.write_robustness`),
+where the Evaluate page and the model card read it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.checkpoints import read_checkpoint
+from core.checkpoints import ENSEMBLE_FORMAT, check_checkpoint, read_file
+from core.ensemble import EnsemblePredictor, combine
+from core.ensemble_file import check_ensemble
 from core.evaluate import EvaluationError, bounded_batch_size, split_images
 from core.evaluation import (
     balanced_accuracy,
@@ -30,8 +33,8 @@ from core.evaluation import (
 )
 from core.formatting import progress_text
 from core.images import FIT_RULE, fit_to_source, open_image
-from core.inference import check_probabilities, predict_probs
-from core.predict import Predictor
+from core.inference import check_probabilities, predict_probs, tta_description
+from core.predict import USE_TTA_BY_DEFAULT, Predictor
 from core.preprocessing import Preprocessing
 from core.runs import ROBUSTNESS_FILE, matching_runs
 from core.shifts import DESCRIPTIONS, SHIFTS, Shift
@@ -43,7 +46,7 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float | None]] = {
     "mel_auc": melanoma_auc,
     "ece": expected_calibration_error,
 }
-Progress = Callable[[int, int], None]  # (images done, images in all) over every condition
+Progress = Callable[[int, int], None]  # (images done, images in all) over every condition (and member)
 
 
 class ShiftedImages(torch.utils.data.Dataset):
@@ -91,6 +94,52 @@ def _drops(labels: np.ndarray, clean: np.ndarray, shifted: np.ndarray, bootstrap
     return drops
 
 
+def _condition_probs(
+    predictor: Predictor,
+    paths: Sequence[str],
+    labels: Sequence[int],
+    shift: Shift | None,
+    fit_rule: str,
+    *,
+    tta: bool,
+    batch_size: int,
+    num_workers: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The predictor's calibrated probabilities (n, classes) and the labels (n,) of the images after ``shift``, as
+    :func:`core.evaluate.evaluate_checkpoint` computes them on clean images: one checkpoint's network with its
+    temperature, or an ensemble's members each with its own preprocessing and temperature, combined with the
+    ensemble's (:func:`core.ensemble.combine`). ``progress`` hears the images done by every pass (one per
+    member)."""
+    if isinstance(predictor, EnsemblePredictor):
+        done = 0
+
+        def counted(_name: str, loader: torch.utils.data.DataLoader):
+            nonlocal done
+            for inputs, batch_labels in loader:
+                yield inputs, batch_labels
+                done += len(batch_labels)
+                if progress is not None:
+                    progress(done)
+
+        member_probs, labels_out = predictor.dataset_probabilities(
+            lambda m: ShiftedImages(paths, labels, shift, m.prep, m.transform, fit_rule),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            tta=tta,
+            progress=counted,
+        )
+        probs = combine(member_probs, predictor.temperature)
+    else:
+        dataset = ShiftedImages(paths, labels, shift, predictor.prep, predictor.transform, fit_rule)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        probs, labels_out = predict_probs(
+            predictor.model, loader, predictor.device, temperature=predictor.temperature, tta=tta, progress=progress
+        )
+    check_probabilities(probs)
+    return probs, labels_out
+
+
 def evaluate_shifts(
     checkpoint: str | Path,
     data: str | Path,
@@ -101,7 +150,7 @@ def evaluate_shifts(
     shifts: Sequence[str] | None = None,
     fit_rule: str = FIT_RULE,
     mel_threshold: float | None = None,
-    tta: bool = False,
+    tta: bool = USE_TTA_BY_DEFAULT,
     batch_size: int = 64,
     num_workers: int = 0,
     device: str = "cpu",
@@ -109,9 +158,11 @@ def evaluate_shifts(
     max_images: int | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """The robustness report of ``checkpoint`` on ``split`` of ``data`` under ``shifts`` (names in
-    :data:`core.shifts.SHIFTS`; default all), as a JSON-ready dict; ``progress`` hears the images done.
-    ``max_images``: a random sample (seed 0) of at most that many of the split's images, for a quicker look."""
+    """The robustness report of ``checkpoint`` (a checkpoint or an ensemble file) on ``split`` of ``data`` under
+    ``shifts`` (names in :data:`core.shifts.SHIFTS`; default all), as a JSON-ready dict; ``progress`` hears the
+    images done. The probabilities are the predictor's own, as :func:`core.evaluate.evaluate_checkpoint` computes
+    them, with test-time augmentation by default as the predictor uses it (``tta``). ``max_images``: a random
+    sample (seed 0) of at most that many of the split's images, for a quicker look."""
     names = list(SHIFTS if shifts is None else shifts)
     unknown = [n for n in names if n not in SHIFTS]
     if unknown:
@@ -126,19 +177,23 @@ def evaluate_shifts(
         described["n_images"] = len(frame)
     batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
     conditions = [CLEAN, *names]
-    total, started = len(frame) * len(conditions), time.time()
+    passes = len(predictor.members) if isinstance(predictor, EnsemblePredictor) else 1  # a pass per member
+    total, started = len(frame) * len(conditions) * passes, time.time()
     probs: dict[str, np.ndarray] = {}
     for k, name in enumerate(conditions):
-        dataset = ShiftedImages(
-            frame["path"], frame["label"], SHIFTS.get(name), predictor.prep, predictor.transform, fit_rule
-        )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        base = k * len(frame)
+        base = k * len(frame) * passes
         hear = (lambda done, base=base: progress(base + done, total)) if progress else None
-        probs[name], labels = predict_probs(
-            predictor.model, loader, predictor.device, temperature=predictor.temperature, tta=tta, progress=hear
+        probs[name], labels = _condition_probs(
+            predictor,
+            frame["path"].tolist(),
+            frame["label"].tolist(),
+            SHIFTS.get(name),
+            fit_rule,
+            tta=tta,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=hear,
         )
-        check_probabilities(probs[name])
     seconds = time.time() - started
     rows = []
     for name in conditions:
@@ -154,10 +209,11 @@ def evaluate_shifts(
         **described,
         "temperature": predictor.temperature,
         "tta": tta,
+        "tta_views": tta_description(tta),
         "fit_rule": fit_rule if predictor.prep.source_size else None,
         "bootstrap": bootstrap,
         "seconds": seconds,
-        "images_per_s": total / seconds if seconds > 0 else None,
+        "images_per_s": len(frame) * len(conditions) / seconds if seconds > 0 else None,
         "conditions": rows,
     }
 
@@ -166,9 +222,20 @@ def evaluate_shifts(
 # Where the report lives
 
 
+def stored_config(path: str | Path) -> dict:
+    """The config stored in the model file ``path``: a checkpoint's (its training run's) or an ensemble's (its
+    ensemble run's, as :func:`core.ensemble.build_ensemble` writes it); {} when it has none. The file is checked
+    as the predictor checks it (:class:`core.checkpoints.CheckpointError` saying why not)."""
+    payload = read_file(path)
+    if isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT:
+        return check_ensemble(payload, str(path)).get("config") or {}
+    return check_checkpoint(payload, str(path)).get("config") or {}
+
+
 def record_folder(checkpoint_path: str | Path, run_folders: Sequence[Path]) -> Path | None:
-    """The run folder that recorded the checkpoint's training (see :func:`core.runs.matching_runs`), or None."""
-    config = read_checkpoint(checkpoint_path).get("config") or {}
+    """The run folder that recorded the model file's training (see :func:`core.runs.matching_runs`), or None: a
+    checkpoint's run, or an ensemble's run folder (the file's parent, whose ``config.json`` is the ensemble's)."""
+    config = stored_config(checkpoint_path)
     found = matching_runs(checkpoint_path, config, run_folders)
     return found[0] if found else None
 
@@ -242,9 +309,15 @@ def describe(report: dict) -> str:
     sample = f" (a random sample of the {report['sampled_from']})" if report.get("sampled_from") else ""
     return (
         f"{report['arch']} checkpoint {report['checkpoint']} on {report['n_images']}{sample} images of "
-        f"{Path(report['data']).name} ({where}){', flip TTA' if report['tta'] else ''}{fit}; "
-        f"{report['bootstrap']} paired bootstrap resamples"
+        f"{Path(report['data']).name} ({where}), {views(report)}{fit}; {report['bootstrap']} paired bootstrap resamples"
     )
+
+
+def views(report: dict) -> str:
+    """Which views of each image the report's predictions averaged: "TTA: 4 flips", or "one view (no TTA)"."""
+    if not report["tta"]:
+        return "one view (no TTA)"
+    return f"TTA: {report.get('tta_views') or '4 flips'}"  # a report from before tta_views: flips were all it took
 
 
 def format_table(report: dict) -> str:

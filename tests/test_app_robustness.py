@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from core import robustness
+from core.evaluate import evaluate_checkpoint
+from core.inference import tta_description
+from core.predict import USE_TTA_BY_DEFAULT
 from core.robustness import CLEAN
 from core.shifts import SHIFTS
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
@@ -48,6 +51,7 @@ def _shown_table(at):
 def test_missing_report_is_computed_with_a_button_and_saved(env):
     at = _robustness_tab()
     assert "No robustness report has been saved for this run" in texts(at)
+    assert f"(test-time augmentation: {tta_description(USE_TTA_BY_DEFAULT)})" in texts(at)
     assert not at.get("plotly_chart")
     next(b for b in at.button if b.label == "Compute the robustness report").click().run()
     no_exceptions(at)
@@ -57,6 +61,14 @@ def test_missing_report_is_computed_with_a_button_and_saved(env):
     table = _shown_table(at)
     assert list(table["condition"]) == [CLEAN, *SHIFTS]
     assert len(at.get("plotly_chart")) == 1
+    # With the predictor's default views, as core.evaluate and Diagnose predict: its clean row is their result.
+    assert saved["tta"] is USE_TTA_BY_DEFAULT and saved["tta_views"] == tta_description(USE_TTA_BY_DEFAULT)
+    assert robustness.views(saved) in texts(at)
+    evaluated = evaluate_checkpoint(env.checkpoints / "reference.pt", SAMPLE, bootstrap=0)
+    assert evaluated["tta"] is USE_TTA_BY_DEFAULT
+    clean = saved["conditions"][0]
+    assert clean["metrics"]["confusion_matrix"] == evaluated["metrics"]["confusion_matrix"]
+    assert clean["ece"] == pytest.approx(evaluated["metrics"]["ece"], abs=1e-6)
 
 
 def test_saved_report_is_shown_without_recomputing(env):

@@ -13,8 +13,15 @@ import pytest
 from PIL import Image
 
 from core import evaluate, robustness, shifts
+from core.checkpoints import atomic_save, read_checkpoint
+from core.ensemble_file import ensemble_dict
+from core.evaluate import evaluate_checkpoint
 from core.images import FIT_RULE, FIT_RULES, fit_to_source, open_image
+from core.inference import tta_description
+from core.predict import USE_TTA_BY_DEFAULT
 from core.robustness import CLEAN
+from core.runs import write_config
+from core.settings import PUBLISHED_RUNS_ENV, RUNS_ENV
 from tests.app_support import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +162,76 @@ def test_the_report_lives_in_the_checkpoints_run_record(tmp_path, capsys):
 def test_an_unknown_shift_is_refused_before_the_model_loads(tmp_path):
     with pytest.raises(evaluate.EvaluationError, match="unknown shift blur"):
         robustness.evaluate_shifts(tmp_path / "missing.pt", SAMPLE, shifts=["blur"])
+
+
+# ---------------------------------------------------------------------------
+# Ensembles: the report is the ensemble's own predictions, and lives in its run folder
+
+
+@pytest.fixture(scope="module")
+def ensembles(tmp_path_factory) -> dict[str, Path]:
+    """Ensemble files of the real reference checkpoint. ``twins``: two copies of it with ensemble temperature 1,
+    which is the reference model itself (the mean of two equal calibrated distributions, unscaled), saved as an
+    ensemble run (its folder's config.json is the ensemble's config, as core.ensemble writes it). ``mixed``: the
+    reference beside a copy of it with another input size and twice its temperature, ensemble temperature 1.3, so
+    that every member's own preprocessing and temperature and the ensemble's temperature count."""
+    base = tmp_path_factory.mktemp("robust_ensembles")
+    ref = read_checkpoint(REFERENCE)
+    twins_run = base / "runs" / "twins"
+    twins_run.mkdir(parents=True)
+    twins_config = {**ref["config"], "name": "twins", "arch": "ensemble"}
+    atomic_save(ensemble_dict([ref, ref], ["a", "b"], temperature=1.0, config=twins_config), twins_run / "best.pt")
+    write_config(twins_run, twins_config)
+    other = read_checkpoint(REFERENCE)
+    other["temperature"] = 2 * ref["temperature"]
+    other["preprocessing"]["input_size"] = [120, 160]
+    mixed = base / "mixed.pt"
+    atomic_save(ensemble_dict([ref, other], ["ref", "other"], temperature=1.3, config={**ref["config"]}), mixed)
+    return {"twins": twins_run / "best.pt", "mixed": mixed}
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_an_ensemble_of_twins_reports_what_the_single_model_does(ensembles, tta):
+    single = robustness.evaluate_shifts(REFERENCE, SAMPLE, shifts=["rotate_90"], tta=tta, bootstrap=0)
+    twins = robustness.evaluate_shifts(ensembles["twins"], SAMPLE, shifts=["rotate_90"], tta=tta, bootstrap=0)
+    assert twins["arch"] == "ensemble of 2 (2 × mobilenet_v2)" and twins["n_images"] == single["n_images"] > 10
+    assert twins["tta"] is tta and twins["tta_views"] == tta_description(tta)
+    for mine, theirs in zip(twins["conditions"], single["conditions"], strict=True):
+        assert mine["name"] == theirs["name"]
+        assert mine["balanced_accuracy"] == theirs["balanced_accuracy"]
+        assert mine["ece"] == pytest.approx(theirs["ece"], abs=1e-6)
+        assert mine["mel_auc"] == pytest.approx(theirs["mel_auc"], abs=1e-6)
+        assert mine["metrics"]["confusion_matrix"] == theirs["metrics"]["confusion_matrix"]
+
+
+def test_an_ensembles_clean_row_is_its_core_evaluate_result(ensembles):
+    """With members that differ in preprocessing and temperature, by default (the predictor's TTA): the clean row
+    is the ensemble's evaluation by core.evaluate, and not its first member's alone."""
+    report = robustness.evaluate_shifts(ensembles["mixed"], SAMPLE, shifts=[], bootstrap=0)
+    assert report["tta"] is USE_TTA_BY_DEFAULT and report["tta_views"] == tta_description(USE_TTA_BY_DEFAULT)
+    (clean,) = report["conditions"]
+    evaluated = evaluate_checkpoint(ensembles["mixed"], SAMPLE, bootstrap=0)
+    assert evaluated["tta"] is report["tta"] and evaluated["n_images"] == report["n_images"]
+    assert clean["metrics"]["confusion_matrix"] == evaluated["metrics"]["confusion_matrix"]
+    assert clean["balanced_accuracy"] == pytest.approx(evaluated["metrics"]["balanced_accuracy"], abs=1e-12)
+    assert clean["ece"] == pytest.approx(evaluated["metrics"]["ece"], abs=1e-6)
+    assert clean["mel_auc"] == pytest.approx(evaluated["metrics"]["roc_auc"]["per_class"]["mel"], abs=1e-6)
+    lead_alone = evaluate_checkpoint(REFERENCE, SAMPLE, bootstrap=0)
+    assert abs(lead_alone["metrics"]["ece"] - clean["ece"]) > 0.01
+
+
+def test_shifts_on_an_ensemble_without_out_saves_in_its_run_folder(ensembles, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "no-runs"))
+    monkeypatch.setenv(PUBLISHED_RUNS_ENV, "")
+    twins = ensembles["twins"]
+    saved = twins.parent / "robustness.json"
+    assert robustness.report_path(twins, []) == saved
+    args = ["--checkpoint", str(twins), "--data", str(SAMPLE), "--shifts", "--bootstrap", "0", "--max-images", "6"]
+    assert evaluate.main([*args, "--no-tta"]) == 0
+    assert f"robustness report written to {saved}" in capsys.readouterr().out
+    report = json.loads(saved.read_text())
+    assert report["checkpoint"] == str(twins) and report["arch"] == "ensemble of 2 (2 × mobilenet_v2)"
+    assert [c["name"] for c in report["conditions"]] == [CLEAN, *shifts.SHIFTS] and report["n_images"] == 6
+    assert report["tta"] is False and "one view (no TTA)" in robustness.describe(report)
+    # A run folder without best.pt finds its checkpoint among model files that include an ensemble.
+    assert robustness.checkpoint_for_run(PUBLISHED / "reference-mnv2", [twins, REFERENCE]) == REFERENCE

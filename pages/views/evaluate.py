@@ -319,7 +319,10 @@ def robustness_view(run: RunState) -> None:
 
 
 def _compute_robustness(run: RunState) -> dict | None:
-    """The button that makes the missing report and saves it; the report once saved, else None."""
+    """The button that makes the missing report and saves it; the report once saved, else None. It predicts as
+    the predictor does by default (``USE_TTA_BY_DEFAULT``), as ``python -m core.evaluate --shifts`` does."""
+    from core.inference import tta_description
+    from core.predict import USE_TTA_BY_DEFAULT
     from core.robustness import checkpoint_for_run, evaluate_shifts
     from core.runtime import pick_device
     from core.shifts import SHIFTS
@@ -336,7 +339,8 @@ def _compute_robustness(run: RunState) -> dict | None:
     st.info(
         f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` on "
         f"the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
-        f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images.",
+        f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images, each with the views Diagnose and "
+        f"`core.evaluate` predict from by default (test-time augmentation: {tta_description(USE_TTA_BY_DEFAULT)}).",
         icon=":material/info:",
     )
     if not st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go"):
@@ -348,7 +352,9 @@ def _compute_robustness(run: RunState) -> dict | None:
             progress_bar("Clean and shifted test images", done, total, started)
 
     try:
-        report = evaluate_shifts(checkpoint, index.root, device=str(pick_device()), progress=progress)
+        report = evaluate_shifts(
+            checkpoint, index.root, tta=USE_TTA_BY_DEFAULT, device=str(pick_device()), progress=progress
+        )
     except (DatasetError, CheckpointError, ImageError, ValueError, OSError) as exc:
         st.error(f"The robustness report cannot be computed:\n\n{exc}", icon=":material/block:")
         return None

@@ -511,7 +511,8 @@ SHIFT_REASONS = {
     "gain of each channel that a different white balance applies; colour-constancy preprocessing (e.g. Shades of "
     "Gray) or per-channel gain augmentation would target it, and neither has been tried",
     "square_crop": "a square crop removes the sides of the field of view, and with them lesion borders",
-    "rotate_90": "a portrait image is fitted to the landscape input by cropping, which removes part of the field",
+    "rotate_90": "a portrait image keeps its scale but loses its top and bottom to the landscape input, and its "
+    "sides are reflect-padded",
     "scale_2x": "a doubled image is brought back to 200×150 by downscaling, which should change little",
 }
 SHIFT_TARGET = 0.03

@@ -87,18 +87,17 @@ def test_every_rule_fits_a_rescaled_field_to_the_same_input(image, rule):
     assert fit_to_source(Image.new("RGB", (37, 301)), SOURCE, rule).size == SOURCE
 
 
-def test_the_scale_rule_keeps_the_lesion_at_its_scale(image):
-    """Under "scale" a square crop of the field and a portrait turn reach the model with the lesion at the size
-    it learnt, where "crop" (the predictor's rule) enlarges it by a third; only the margins differ."""
+def test_the_predictors_rule_keeps_the_lesion_at_its_scale(image):
+    """Under the predictor's rule a square crop of the field and a portrait turn reach the model with the lesion at
+    the size it learnt, where "crop" would enlarge it by a third; only the margins differ."""
     original = np.asarray(image)
-    square = np.asarray(fit_to_source(shifts.square_crop(image), SOURCE, "scale"))
+    square = np.asarray(fit_to_source(shifts.square_crop(image), SOURCE))  # the predictor's rule, FIT_RULE
     assert np.array_equal(square[:, 25:175], original[:, 25:175])
-    upscaled = fit_to_source(shifts.scale_up(shifts.square_crop(image)), SOURCE, "scale")
+    upscaled = fit_to_source(shifts.scale_up(shifts.square_crop(image)), SOURCE)
     assert _diff(upscaled, Image.fromarray(square)) < 2
-    portrait = np.asarray(fit_to_source(shifts.rotate_90(image), SOURCE, "scale"))
+    portrait = np.asarray(fit_to_source(shifts.rotate_90(image), SOURCE))
     assert np.array_equal(portrait[:, 25:175], np.rot90(original)[25:175])
-    assert FIT_RULE == "crop"
-    cropped = np.asarray(fit_to_source(shifts.square_crop(image), SOURCE, FIT_RULE))
+    cropped = np.asarray(fit_to_source(shifts.square_crop(image), SOURCE, "crop"))
     assert _diff(Image.fromarray(cropped[:, 25:175]), Image.fromarray(original[:, 25:175])) > 10
     enlarged = image.crop((25, 19, 175, 131)).resize(SOURCE, Image.Resampling.LANCZOS)  # the middle 150×112
     assert _diff(Image.fromarray(cropped), enlarged) < 2

@@ -5,28 +5,55 @@ augmentation, and the file's size; writes its own section of docs/BENCHMARKS.md 
 
 MODEL: checkpoints or ensemble files (default: the bundled checkpoints/reference.pt). Each prediction is
 ``Predictor.predict`` on one HAM10000 image, as the Diagnose page calls it (decode, fit, preprocess, forward,
-calibrate), batch of 1, on this machine's CPU; medians and 90th percentiles after 3 warm-ups (bench/tta.py's
-timing). Run it on an idle machine: the load average is written beside the figures. Not a test.
+calibrate), batch of 1, on this machine's CPU; medians and 90th percentiles after 3 warm-ups. This is the one
+place the cost of test-time augmentation is measured (bench/tta.py measures which views help). Run it on an idle
+machine: the load average is written beside the figures. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from bench.benchmarks import machine  # noqa: E402
 from bench.report import update_json, write_section  # noqa: E402
-from bench.tta import TARGET_MS, cost  # noqa: E402
+from core.evaluate import index_data  # noqa: E402
 from core.inference import tta_description  # noqa: E402
 from core.predict import Predictor  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
+TARGET_MS = 300
+
+
+def cost(predictor: Predictor, data: Path, repeats: int) -> dict:
+    """Milliseconds per image through ``Predictor.predict`` (the Diagnose page's call: decode, preprocess, forward;
+    batch of 1), without TTA and with the default views; p50 and p90 of ``repeats`` after 3 warm-up calls."""
+    image = index_data(data).frame["path"].iloc[0]
+    result = {}
+    for tta in (False, True):
+        for _ in range(3):
+            predictor.predict(image, tta=tta)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predictor.predict(image, tta=tta)
+            times.append(time.perf_counter() - start)
+        result[tta_description(tta)] = {
+            "p50_ms": 1000 * statistics.median(times),
+            "p90_ms": 1000 * float(np.percentile(times, 90)),
+        }
+        print("cost", tta_description(tta), result[tta_description(tta)], flush=True)
+    return result
 
 
 def measure(model: Path, data: Path, repeats: int) -> dict:

@@ -1,4 +1,4 @@
-"""Multi-view test-time augmentation (TTA) on a checkpoint: which views help and what they cost; writes its own
+"""Multi-view test-time augmentation (TTA) on a checkpoint: which views help; writes its own
 section of docs/BENCHMARKS.md (and .json).
 
     python bench/tta.py [--data ../shared/data/ham10000-200x150] [--checkpoint checkpoints/reference.pt]
@@ -9,9 +9,7 @@ flips at each zoom of ``CANDIDATE_SCALES`` (below 1 the uncovered border is blac
 each configuration averages its views' calibrated probabilities. Configurations are chosen on validation; test is
 reported beside it. The Δ column is the paired bootstrap interval of the balanced-accuracy gain over no TTA.
 
-Cost: milliseconds per image through ``Predictor.predict`` (what the Diagnose page calls: decode, preprocess,
-forward; batch of 1, CPU), without TTA and with the default views (``core.inference.TTA_SCALES``), medians of
-``--repeats``. Not a test: the 300 ms target is reported beside the figure, never asserted.
+What the views cost per Diagnose answer is measured in one place, ``bench/diagnose_cost.py``, for every model.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -45,7 +42,6 @@ CACHE = ROOT / ".cache" / "tta"
 CANDIDATE_SCALES = (1.0, 1.15)
 # Each configuration: the zooms whose four flips it averages; "none" is the image alone.
 CONFIGURATIONS = {"none": (), "flips": (1.0,), "flips × zoom 1.15": (1.15,), "flips × zoom 1, 1.15": (1.0, 1.15)}
-TARGET_MS = 300
 BOOTSTRAP = 1000
 
 
@@ -131,29 +127,10 @@ def accuracy(predictor: Predictor, data: Path, splits: list[str], max_images: in
     return results
 
 
-def cost(predictor: Predictor, data: Path, repeats: int) -> dict:
-    image = index_data(data).frame["path"].iloc[0]
-    result = {}
-    for tta in (False, True):
-        for _ in range(3):
-            predictor.predict(image, tta=tta)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            predictor.predict(image, tta=tta)
-            times.append(time.perf_counter() - start)
-        result[tta_description(tta)] = {
-            "p50_ms": 1000 * statistics.median(times),
-            "p90_ms": 1000 * float(np.percentile(times, 90)),
-        }
-        print("cost", tta_description(tta), result[tta_description(tta)], flush=True)
-    return result
-
-
 def write_report(results: dict, path: Path, command: str) -> None:
     r = results
     lines = [
-        "## Test-time augmentation: which views help, and their cost",
+        "## Test-time augmentation: which views help",
         "",
         f"Measured {r['date']} with `{command}` on: {r['machine']}; load average (1 min) {r['load_before']:.1f} "
         f"before, {r['load_after']:.1f} after"
@@ -188,15 +165,9 @@ def write_report(results: dict, path: Path, command: str) -> None:
             )
         lines.append("")
     lines += [
-        f"**Cost** per image through `Predictor.predict` (the Diagnose page's call: decode, preprocess, forward), "
-        f"batch of 1, CPU, {r['repeats']} repeats:",
-        "",
-        "| TTA | p50 | p90 | target |",
-        "| --- | --- | --- | --- |",
+        "What the views cost per Diagnose answer: the section *Diagnose: milliseconds per answer, by model* "
+        "(`bench/diagnose_cost.py`).",
     ]
-    for name, c in r["cost"].items():
-        target = f"≤ {TARGET_MS} ms p50 with the default TTA" if name != "none" else ""
-        lines.append(f"| {name} | {c['p50_ms']:.0f} ms | {c['p90_ms']:.0f} ms | {target} |")
     lines += ["", f"Default TTA (`core.inference.TTA_SCALES`): {r['default']}."]
     write_section(path, "bench/tta.py", lines)
 
@@ -208,7 +179,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     p.add_argument("--max-images", type=int, help="a random N images of each split (seed 0), for trying the script")
-    p.add_argument("--repeats", type=int, default=50, help="timed predictions per TTA setting")
     args = p.parse_args()
     if not (args.data / "HAM10000_metadata.csv").is_file():
         sys.exit(f"error: no HAM10000 at {args.data}; pass --data DIR")
@@ -221,12 +191,10 @@ def main() -> None:
         "input_size": list(predictor.prep.input_size),
         "temperature": predictor.temperature,
         "mel_threshold": predictor.mel_threshold,
-        "repeats": args.repeats,
         "default": tta_description(True) + f" ({len(TTA_SCALES) * 4} views)",
     }
     results["load_before"] = os.getloadavg()[0]
     results["accuracy"] = accuracy(predictor, args.data, args.splits, args.max_images)
-    results["cost"] = cost(predictor, args.data, args.repeats)
     results["load_after"] = os.getloadavg()[0]
     command = " ".join(sys.argv).replace(sys.argv[0], "python bench/tta.py", 1)
     write_report(results, args.out, command)

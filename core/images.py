@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 ImageSource = str | Path | bytes | BinaryIO
 
@@ -196,13 +196,44 @@ def fit_to_source(img: Image.Image, source_size: tuple[int, int], rule: str = FI
     size = tuple(source_size)
     if img.size == size:
         return img
+    return _centre_on(img.resize(_scaled_size(img.size, size, rule), Image.Resampling.LANCZOS), size)
+
+
+def _scaled_size(image_size: tuple[int, int], size: tuple[int, int], rule: str) -> tuple[int, int]:
+    """The (width, height) ``rule`` scales an image of ``image_size`` to before it is centred on ``size``."""
+    width, height = image_size
     if rule == "crop":
-        factor = max(size[0] / img.width, size[1] / img.height)
+        factor = max(size[0] / width, size[1] / height)
     elif rule == "pad":
-        factor = min(size[0] / img.width, size[1] / img.height)
+        factor = min(size[0] / width, size[1] / height)
     elif rule == "scale":
-        factor = min(size) / min(img.size)
+        factor = min(size) / min(width, height)
     else:
         raise ValueError(f"unknown fitting rule {rule!r}; choose from {', '.join(FIT_RULES)}")
-    scaled = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
-    return _centre_on(img.resize(scaled, Image.Resampling.LANCZOS), size)
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def fit_margins(image_size: tuple[int, int], source_size: tuple[int, int], rule: str = FIT_RULE) -> str:
+    """What :func:`fit_to_source` cuts off or mirrors of an image of ``image_size`` (width, height), in words for
+    the person who uploaded it; "" when scaling alone fits it (same shape)."""
+    size = tuple(source_size)
+    scaled = _scaled_size(image_size, size, rule)
+    said = []
+    for axis, sides in ((0, "sides"), (1, "top and bottom")):
+        if scaled[axis] > size[axis] + 1:
+            said.append(f"its {sides} cut off")
+        elif scaled[axis] < size[axis] - 1:
+            said.append(f"its {sides} filled by mirroring the image's edges")
+    return " and ".join(said)
+
+
+def upright_size(data: bytes) -> tuple[int, int] | None:
+    """The (width, height) an encoded image has once turned upright by its EXIF orientation, read from its header
+    alone; None when the header cannot be read (decoding says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return (height, width) if turned else (width, height)

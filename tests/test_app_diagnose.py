@@ -359,3 +359,11 @@ def test_tta_is_on_by_default_with_the_measured_views(diagnose):
     assert shown.tta
     expected = Predictor(model).predict(jpeg_bytes(lesion_image()), tta=True)
     np.testing.assert_allclose(shown.probs, expected.probs, atol=1e-6)
+
+
+def test_an_upload_of_another_shape_says_what_fitting_did_to_it(reference_diagnose):
+    at = upload(reference_diagnose, "square.jpg", jpeg_bytes(lesion_image(size=(300, 300))))
+    fitted = [c for c in shown_images(at) if c.startswith("the upload brought to 200×150")]
+    assert len(fitted) == 1 and fitted[0].endswith("; its sides filled by mirroring the image's edges")
+    at = upload(at, "field.jpg", jpeg_bytes(lesion_image(size=(400, 300))))  # the training images' shape
+    assert "the upload brought to 200×150, the size of this model's training images" in shown_images(at)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import ImageError, open_image
+from core.images import ImageError, fit_margins, fit_to_source, open_image, upright_size
 from tests.conftest import ROOT, write_png
 
 # What one upload may take from decode to 8-bit RGB, the child's interpreter, numpy and Pillow included.
@@ -25,7 +25,7 @@ _CHILD = """
 import json, resource, sys
 # A regression must fail the test, not take gigabytes from the machine running it.
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-from core.images import ImageError, open_image
+from core.images import ImageError, fit_margins, fit_to_source, open_image, upright_size
 
 def peak_mb():
     with open("/proc/self/status") as fh:
@@ -174,3 +174,28 @@ def test_exif_orientation_is_applied_before_the_reduction(tmp_path):
     # Upright 1200×2000, reduced by 3 (the most that keeps 2 × 200×150): had the reduction come first,
     # it would have been by 4 (2000 // 400, 1200 // 300) and the result 300×500.
     assert open_image(tmp_path / "phone.png", draft_size=TARGET).size == (400, 667)
+
+
+def test_upright_size_reads_the_header_and_its_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 1200)).save(buffer, "JPEG", exif=exif)
+    assert upright_size(buffer.getvalue()) == (1200, 2000) == open_image(buffer.getvalue()).size
+    assert upright_size(b"not an image") is None
+
+
+@pytest.mark.parametrize("size", [(600, 450), (450, 450), (450, 600), (1000, 450), (200, 150)])
+def test_fit_margins_says_what_fitting_did(size):
+    # A picture whose every pixel differs from its neighbours: what fitting cut or mirrored shows in its output.
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    fitted = np.asarray(fit_to_source(image, (200, 150), "scale")).astype(int)
+    said = fit_margins(size, (200, 150), "scale")
+    # Reflect padding repeats column p + 1 at p - 1 around the image's edge column p; noise never does.
+    mirrored_sides = any(np.array_equal(fitted[:, c - 1], fitted[:, c + 1]) for c in range(1, fitted.shape[1] - 1))
+    assert ("sides filled by mirroring" in said) == mirrored_sides
+    # The shorter side is brought to 150: a portrait image loses its top and bottom, a wide one its sides.
+    assert ("top and bottom cut off" in said) == (size[1] > size[0])
+    assert ("sides cut off" in said) == (size[0] / size[1] > 4 / 3 + 0.01)
+    assert (said == "") == (size[0] * 3 == size[1] * 4)

@@ -6,7 +6,7 @@ import streamlit as st
 
 from core import plots
 from core.formatting import format_bytes, percents_against
-from core.images import ImageError
+from core.images import ImageError, fit_margins, upright_size
 from core.inference import PredictionError
 from core.labels import CLASSES, MALIGNANT
 from core.predict import recorded_operating_point
@@ -255,6 +255,10 @@ with left:
         )
         + ("" if size and tuple(size) == (in_w, in_h) else f", before the resize to its {in_w}×{in_h} input")
     ]
+    # An upload of another shape keeps its scale: say what was cut or mirrored, so the margins surprise nobody.
+    shape = upright_size(upload.getvalue()) if size else None
+    if shape and (fitted := fit_margins(shape, size)):
+        captions[0] += f"; {fitted}"
     if cam[1] is not None:
         images.append(overlay(prediction.image, cam[1], alpha))
         captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")

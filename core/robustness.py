@@ -105,6 +105,7 @@ def _condition_probs(
     batch_size: int,
     num_workers: int,
     progress: Callable[[int], None] | None,
+    metadata: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The predictor's calibrated probabilities (n, classes) and the labels (n,) of the images after ``shift``, as
     :func:`core.evaluate.evaluate_checkpoint` computes them on clean images: one checkpoint's network with its
@@ -134,7 +135,13 @@ def _condition_probs(
         dataset = ShiftedImages(paths, labels, shift, predictor.prep, predictor.transform, fit_rule)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         probs, labels_out = predict_probs(
-            predictor.model, loader, predictor.device, temperature=predictor.temperature, tta=tta, progress=progress
+            predictor.model,
+            loader,
+            predictor.device,
+            temperature=predictor.temperature,
+            tta=tta,
+            progress=progress,
+            metadata=metadata,
         )
     check_probabilities(probs)
     return probs, labels_out
@@ -180,6 +187,9 @@ def evaluate_shifts(
     passes = len(predictor.members) if isinstance(predictor, EnsemblePredictor) else 1  # a pass per member
     total, started = len(frame) * len(conditions) * passes, time.time()
     probs: dict[str, np.ndarray] = {}
+    # A model that takes age, sex and body site gets them, as core.evaluate gives them: shifts change the image only.
+    encoding = None if isinstance(predictor, EnsemblePredictor) else predictor.metadata_encoding
+    encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
     for k, name in enumerate(conditions):
         base = k * len(frame) * passes
         hear = (lambda done, base=base: progress(base + done, total)) if progress else None
@@ -193,6 +203,7 @@ def evaluate_shifts(
             batch_size=batch_size,
             num_workers=num_workers,
             progress=hear,
+            metadata=encoded,
         )
     seconds = time.time() - started
     rows = []

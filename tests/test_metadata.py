@@ -238,6 +238,28 @@ def test_evaluate_reports_with_and_without_metadata(metadata_run, capsys):
     assert "Metadata (age, sex, body site) known for age" in out and "withheld" in out
 
 
+def test_the_robustness_report_gives_a_metadata_model_its_metadata(metadata_run):
+    # Shifts change the image, not the patient: every condition is scored with the images' age, sex and site.
+    from core.evaluate import split_images
+    from core.evaluation import expected_calibration_error
+    from core.images import FIT_RULE
+    from core.predict import Predictor
+    from core.robustness import _condition_probs, evaluate_shifts
+
+    path = metadata_run / "best.pt"
+    report = evaluate_shifts(path, SAMPLE, shifts=["rotate_90"], bootstrap=0, tta=False)
+    clean = next(c for c in report["conditions"] if c["name"] == "clean")
+    predictor = Predictor(path)
+    _, frame, _ = split_images(path, predictor.checkpoint, SAMPLE, "test", None, None)
+    images = (predictor, frame["path"].tolist(), frame["label"].tolist(), None, FIT_RULE)
+    run = dict(tta=False, batch_size=64, num_workers=0, progress=None)
+    known = torch.from_numpy(predictor.metadata_encoding.encode_frame(frame))
+    with_them, labels = _condition_probs(*images, **run, metadata=known)
+    without, _ = _condition_probs(*images, **run)
+    assert clean["ece"] == pytest.approx(expected_calibration_error(labels, with_them), abs=1e-9)
+    assert clean["ece"] != pytest.approx(expected_calibration_error(labels, without), abs=1e-6)
+
+
 def test_training_batches_withhold_metadata_and_evaluation_does_not(tmp_path):
     width = ENC.width
     seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}

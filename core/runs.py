@@ -28,6 +28,7 @@ A resumed run first cuts ``metrics.jsonl`` back to its checkpoint's epoch, so no
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -298,8 +299,20 @@ def read_evaluation(run_dir: Path) -> dict:
 
 
 def read_evaluate_report(run_dir: Path) -> dict | None:
-    """The saved ``python -m core.evaluate`` report of the run's model on its test split; None without one."""
-    report = read_json(Path(run_dir) / EVALUATE_FILE)
+    """The saved ``python -m core.evaluate`` report of the run's model on its test split; None without one.
+    Shared between callers (do not change it): Diagnose looks its operating point up on every rerun, and the
+    report's per-image predictions make it a few hundred kilobytes of JSON, parsed once per version of the file."""
+    path = Path(run_dir) / EVALUATE_FILE
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _evaluate_report(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _evaluate_report(path: str, _mtime_ns: int, _size: int) -> dict | None:
+    report = read_json(Path(path))
     return report if report and report.get("split") == "test" and "metrics" in report else None
 
 

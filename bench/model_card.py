@@ -782,18 +782,15 @@ def ensemble_lines(runs: Path, reference: Path) -> list[str]:
             (f"member `{m['run']}`", m["val"], m["test"], member_predictions(runs, m["run"], ids))
             for m in evaluation["members"]
         ]
+        ref_balanced = None if ref is None else balanced_accuracy(labels, ref)
         for title, val, test, member_probs in rows:
-            gain = ""
-            if ref is not None and member_probs is not None and not np.allclose(member_probs, ref):
-                low, high = paired_bootstrap_ci(labels, member_probs, ref, balanced_accuracy)
-                diff = (
-                    compute_metrics(labels, member_probs)["balanced_accuracy"]
-                    - compute_metrics(labels, ref)["balanced_accuracy"]
-                )
-                gain = f"{diff:+.3f} ({low:+.3f} to {high:+.3f})"
             known = member_probs is not None
             # A row's numbers all come from one set of probabilities: the run's own record where it is published.
             shown = compute_metrics(labels, member_probs) if known else test
+            gain = ""
+            if ref is not None and known and not np.allclose(member_probs, ref):
+                low, high = paired_bootstrap_ci(labels, member_probs, ref, balanced_accuracy)
+                gain = f"{shown['balanced_accuracy'] - ref_balanced:+.3f} ({low:+.3f} to {high:+.3f})"
             lines.append(
                 f"| {title} | {fmt(val['balanced_accuracy'])} | {fmt(shown['accuracy'])} | "
                 + (interval(labels, member_probs, balanced_accuracy) if known else fmt(test["balanced_accuracy"]))
@@ -858,14 +855,15 @@ def members_line(runs: Path, ensembles: list[Path]) -> str:
 def calibration_line(ensembles: list[Path], reference: Path) -> str:
     """What the ensembles did improve on validation, beside the balanced accuracy the choice read."""
     ref = read_json(reference / "evaluation.json")["val"]
-    best = min(ensembles, key=lambda d: read_json(d / "evaluation.json")["val"]["ece"])
-    val = read_json(best / "evaluation.json")["val"]
+    evaluations = {d: read_json(d / "evaluation.json") for d in ensembles}
+    best = min(ensembles, key=lambda d: evaluations[d]["val"]["ece"])
+    val = evaluations[best]["val"]
     mel = lambda m: m["roc_auc"]["per_class"]["mel"]  # noqa: E731
     return (
         f"Balanced accuracy is not all an ensemble changes: on validation `{best.name}` lowers the calibration error "
         f"from {ref['ece']:.3f} to {val['ece']:.3f}, and moves accuracy from {ref['accuracy']:.3f} to "
         f"{val['accuracy']:.3f} and melanoma AUC from {mel(ref):.3f} to {mel(val):.3f}, at "
-        f"{len(read_json(best / 'evaluation.json')['members'])} times the cost of an answer. The choice rule, set "
+        f"{len(evaluations[best]['members'])} times the cost of an answer. The choice rule, set "
         "before the runs, reads validation balanced accuracy; a deployment that needs calibrated probabilities more "
         "than the last point of balanced accuracy would choose the ensemble (`python -m core.ensemble` writes its "
         "file; Diagnose, Evaluate and Compare take it like any run)."

@@ -107,9 +107,14 @@ class MemberVotes:
         return len(self.names)
 
     @property
+    def own_top_classes(self) -> tuple[str, ...]:
+        """Each member's own most likely class."""
+        return tuple(CLASSES[i] for i in self.probs.argmax(axis=1))
+
+    @property
     def agreeing(self) -> int:
         """How many members have the ensemble's top class as their own."""
-        return int((self.probs.argmax(axis=1) == CLASSES.index(self.top_class)).sum())
+        return self.own_top_classes.count(self.top_class)
 
     @property
     def p_melanoma(self) -> np.ndarray:

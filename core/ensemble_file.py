@@ -83,13 +83,21 @@ def read_ensemble(path: str | Path) -> dict:
     return check_ensemble(read_file(path), str(path))
 
 
+def read_model_file(path: str | Path) -> dict:
+    """A checkpoint or an ensemble, whichever ``path`` holds, checked as its kind is checked; raises
+    :class:`CheckpointError` saying why not."""
+    payload = read_file(path)
+    if isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT:
+        return check_ensemble(payload, str(path))
+    return check_checkpoint(payload, str(path))
+
+
 def lead_model(path: str | Path) -> tuple[LesionNet, dict]:
     """The one network of a checkpoint, or an ensemble's first member, with its checkpoint dict: what similar
     cases and the unfamiliar-image score compare features in."""
-    payload = read_file(path)
-    if isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT:
-        ckpt = check_ensemble(payload, str(path))["members"][0]
-        where = f"{path}, member 1"
+    payload = read_model_file(path)
+    if payload["format"] == ENSEMBLE_FORMAT:
+        ckpt, where = payload["members"][0], f"{path}, member 1"
     else:
-        ckpt, where = check_checkpoint(payload, str(path)), str(path)
+        ckpt, where = payload, str(path)
     return model_from_checkpoint(ckpt, where), ckpt

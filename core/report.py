@@ -144,11 +144,12 @@ def report_html(
             "answer: where they disagree or their P(melanoma) spreads widely, the combined number is less certain "
             "than it looks.</p>"
         )
-        own = [CLASSES[int(row.argmax())] for row in votes.probs]
         rows_by_model = "".join(
             f"<tr><td>{escape(name)}</td><td>{escape(DISPLAY_NAMES[code])} ({code}), {row.max():.1%}</td>"
             f'<td class="p">{p_mel:.1%}</td></tr>'
-            for name, code, row, p_mel in zip(votes.names, own, votes.probs, votes.p_melanoma, strict=True)
+            for name, code, row, p_mel in zip(
+                votes.names, votes.own_top_classes, votes.probs, votes.p_melanoma, strict=True
+            )
         )
         agreement += (
             "<table><thead><tr><th>model</th><th>its most likely class</th><th>its P(melanoma)</th></tr></thead>"

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.checkpoints import ENSEMBLE_FORMAT, check_checkpoint, read_file
 from core.ensemble import EnsemblePredictor, combine
-from core.ensemble_file import check_ensemble
+from core.ensemble_file import read_model_file
 from core.evaluate import EvaluationError, bounded_batch_size, split_images
 from core.evaluation import (
     balanced_accuracy,
@@ -233,20 +232,10 @@ def evaluate_shifts(
 # Where the report lives
 
 
-def stored_config(path: str | Path) -> dict:
-    """The config stored in the model file ``path``: a checkpoint's (its training run's) or an ensemble's (its
-    ensemble run's, as :func:`core.ensemble.build_ensemble` writes it); {} when it has none. The file is checked
-    as the predictor checks it (:class:`core.checkpoints.CheckpointError` saying why not)."""
-    payload = read_file(path)
-    if isinstance(payload, dict) and payload.get("format") == ENSEMBLE_FORMAT:
-        return check_ensemble(payload, str(path)).get("config") or {}
-    return check_checkpoint(payload, str(path)).get("config") or {}
-
-
 def record_folder(checkpoint_path: str | Path, run_folders: Sequence[Path]) -> Path | None:
     """The run folder that recorded the model file's training (see :func:`core.runs.matching_runs`), or None: a
     checkpoint's run, or an ensemble's run folder (the file's parent, whose ``config.json`` is the ensemble's)."""
-    config = stored_config(checkpoint_path)
+    config = read_model_file(checkpoint_path).get("config") or {}
     found = matching_runs(checkpoint_path, config, run_folders)
     return found[0] if found else None
 

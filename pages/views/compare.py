@@ -59,9 +59,8 @@ def predictions_or_none(run: RunState):
 
 def melanoma_basis(thresholds: pd.Series) -> str:
     """What the melanoma columns are measured at: the one threshold all the runs share, else each run's own."""
-    known = {round(float(t), 3) for t in thresholds if t is not None and not np.isnan(t)}
-    if len(known) == 1 and thresholds.notna().all():
-        return f"melanoma at each run's operating threshold, P(mel) ≥ {known.pop():.3f} for all"
+    if thresholds.notna().all() and thresholds.astype(float).round(3).nunique() == 1:
+        return f"melanoma at each run's operating threshold, P(mel) ≥ {thresholds.iloc[0]:.3f} for all"
     return "melanoma sensitivity and specificity at each run's own operating threshold, P(mel) ≥ mel thr."
 
 

@@ -197,8 +197,7 @@ def member_heatmaps(votes, method: str, target: str, cam_key: tuple, alpha: floa
     for start in range(0, votes.count, per_row):
         row = st.columns(per_row)
         for col, i in zip(row, range(start, min(start + per_row, votes.count)), strict=False):
-            probs = votes.probs[i]
-            own = CLASSES[int(probs.argmax())]
+            probs, own = votes.probs[i], votes.own_top_classes[i]
             caption = f"{votes.names[i]}: P({top}) {probs[CLASSES.index(top)]:.1%}"
             if own != top:
                 caption += f"; its own top class {own} ({probs.max():.1%})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import settings
+from core.common import settings
 from pages.views._pages import PAGES
 from pages.views._shared import (
     DATASET_KEY,

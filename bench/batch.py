@@ -1,12 +1,12 @@
-"""Batch prediction as users run it: ``python -m core.predict checkpoints/reference.pt FOLDER --csv out.csv`` on
+"""Batch prediction as users run it: ``lesionlab predict checkpoints/reference.pt FOLDER --csv out.csv`` on
 500 HAM10000 images, timed from the command's start to its exit (Python start-up and the model load included);
 writes its own section of docs/BENCHMARKS.md (see bench/report.py).
 
-    nice python bench/batch.py [--data ../shared/data/ham10000-200x150] [--images 500]
+    nice python -m bench.batch [--data ../shared/data/ham10000-200x150] [--images 500]
 
 The images, every n-th of the dataset in file-name order, are copied into a fresh folder, as a user's export
 would be. The command runs twice: with ``--no-tta`` (one pass per image) and with ``--tta`` (the views of
-``core.inference.TTA_SCALES``, the command line's and the Batch page's default). Not a test: the target is
+``core.inference.forward.TTA_SCALES``, the command line's and the Batch page's default). Not a test: the target is
 reported beside the measurement, never asserted.
 """
 
@@ -23,14 +23,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine
+from bench.report import update_json, write_section
+from core.data.dataset import index_dataset
+from core.inference.forward import tta_description
+from core.inference.predictor import USE_TTA_BY_DEFAULT
 
-from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core.data import index_dataset  # noqa: E402
-from core.inference import tta_description  # noqa: E402
-from core.predict import USE_TTA_BY_DEFAULT  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 TARGET_S = 60.0
@@ -46,7 +45,7 @@ def copy_images(data: Path, n: int, dest: Path) -> int:
 
 
 def run_cli(folder: Path, out: Path, tta: bool) -> dict:
-    command = [sys.executable, "-m", "core.predict", str(CHECKPOINT), str(folder), "--csv", str(out)]
+    command = [sys.executable, "-m", "core.cli.predict", str(CHECKPOINT), str(folder), "--csv", str(out)]
     command += ["--tta"] if tta else ["--no-tta"]
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -70,11 +69,11 @@ def run_cli(folder: Path, out: Path, tta: bool) -> dict:
 
 def report(results: list[dict], n: int, command: str) -> list[str]:
     lines = [
-        f"## Batch prediction: {n} images through `python -m core.predict … --csv`",
+        f"## Batch prediction: {n} images through `lesionlab predict … --csv`",
         "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M UTC} with `{command}` on: {machine()}.",
         f"{n} HAM10000 images (200×150 JPEGs, every n-th of the dataset) copied into a folder, predicted by",
-        "`python -m core.predict checkpoints/reference.pt FOLDER --csv out.csv` (MobileNetV2 at 150×200, on the",
+        "`lesionlab predict checkpoints/reference.pt FOLDER --csv out.csv` (MobileNetV2 at 150×200, on the",
         "CPU) and timed from the command's start to its exit: Python start-up, loading the model, decoding, the",
         "batched forward passes, the Diagnose page's warnings and writing the CSV. The load average (1 min) before",
         "and after each run says whether other work shared the cores.",
@@ -118,7 +117,7 @@ def main() -> None:
         for tta in (False, True):
             results.append(run_cli(folder, Path(tmp) / "out.csv", tta))
             print(results[-1], flush=True)
-    command = "python bench/batch.py" + (f" --images {args.images}" if args.images != TARGET_IMAGES else "")
+    command = "python -m bench.batch" + (f" --images {args.images}" if args.images != TARGET_IMAGES else "")
     write_section(args.out, "bench/batch.py", report(results, n, command))
     update_json(args.out.with_suffix(".json"), {"batch": {"images": n, "runs": results}})
     print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 """Speed benchmarks on the real HAM10000 images; writes its section of docs/BENCHMARKS.md (and .json).
 
-    python bench/benchmarks.py [--data ../shared/data/ham10000-200x150] [--quick]
+    python -m bench.benchmarks [--data ../shared/data/ham10000-200x150] [--quick]
 
 Numbers are medians of repeated runs. Variants that change process-wide state
 (the allocator setting) run in fresh subprocesses. Not a test: targets are
@@ -21,25 +21,23 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
+from bench.report import update_json, write_section
+from core.common.runs import RunLog
+from core.common.runtime import torch_threads, tune_allocator
+from core.data.dataset import LesionDataset, index_dataset
+from core.data.preprocessing import Preprocessing, train_transform
+from core.data.splits import split_by_lesion
+from core.inference.features import FeatureBatches, compute_features
+from core.inference.opening import open_predictor
+from core.models.architectures import build_model
+from core.models.checkpoints import atomic_save, checkpoint_dict
+from core.training.config import PRESETS
+from core.training.imbalance import oversample
+from core.training.loop import make_optimizer, make_scheduler, train_one_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench.report import update_json, write_section  # noqa: E402
-from core.checkpoints import atomic_save, checkpoint_dict  # noqa: E402
-from core.data import (  # noqa: E402
-    LesionDataset,
-    index_dataset,
-    split_by_lesion,
-)
-from core.features import FeatureBatches, compute_features  # noqa: E402
-from core.imbalance import oversample  # noqa: E402
-from core.models import build_model  # noqa: E402
-from core.preprocessing import Preprocessing, train_transform  # noqa: E402
-from core.runs import RunLog  # noqa: E402
-from core.runtime import torch_threads, tune_allocator  # noqa: E402
-from core.training import PRESETS, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
@@ -177,7 +175,6 @@ def bench_epochs(data: Path, steps: int, repeats: int) -> dict:
 
 
 def bench_predict(data: Path, repeats: int) -> dict:
-    from core.predict import Predictor
 
     tune_allocator()
     image = index_dataset(data).frame["path"].iloc[0]
@@ -185,7 +182,7 @@ def bench_predict(data: Path, repeats: int) -> dict:
         ckpt = Path(tmp) / "r18.pt"
         model = build_model("resnet18", "none", "head", "mlp")
         atomic_save(checkpoint_dict(model, Preprocessing(input_size=(224, 224)), head="mlp"), ckpt)
-        predictor = Predictor(ckpt)
+        predictor = open_predictor(ckpt)
         for _ in range(3):
             predictor.explain(predictor.predict(image))
         predict = timed(lambda: predictor.predict(image), repeats)
@@ -226,7 +223,7 @@ def write_report(results: dict, path: Path, command: str) -> None:
         f"{r['predict']['predict_ms']:.0f} ms | |",
         f"| prediction + Grad-CAM, resnet18 at 224 | {r['predict']['predict_gradcam_ms']:.0f} ms | ≤ 150 ms |",
         "",
-        "Allocator: `core.runtime.tune_allocator()` raises glibc's mmap and trim thresholds (via `mallopt`) so",
+        "Allocator: `core.common.runtime.tune_allocator()` raises glibc's mmap and trim thresholds (via `mallopt`) so",
         "that large activation buffers stay in the heap between batches instead of being unmapped and page-faulted",
         "back in on every forward pass. The trainer, feature extraction and the predictor call it.",
     ]
@@ -267,7 +264,7 @@ def main() -> None:
     print("epochs", results["epochs"], flush=True)
     results["predict"] = bench_predict(args.data, 10 if args.quick else 30)
     print("predict", results["predict"], flush=True)
-    command = "python bench/benchmarks.py" + (" --quick" if args.quick else "")
+    command = "python -m bench.benchmarks" + (" --quick" if args.quick else "")
     write_report(results, args.out, command)
     update_json(args.out.with_suffix(".json"), results)
     print(f"wrote {args.out}")

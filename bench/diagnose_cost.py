@@ -1,7 +1,7 @@
 """What a Diagnose answer costs for each model file: milliseconds per prediction with and without test-time
 augmentation, and the file's size; writes its own section of docs/BENCHMARKS.md (and .json).
 
-    python bench/diagnose_cost.py [MODEL ...] [--repeats 50] [--data ../shared/data/ham10000-200x150]
+    python -m bench.diagnose_cost [MODEL ...] [--repeats 50] [--data ../shared/data/ham10000-200x150]
 
 MODEL: checkpoints or ensemble files (default: the bundled checkpoints/reference.pt). Each prediction is
 ``Predictor.predict`` on one HAM10000 image, as the Diagnose page calls it (decode, fit, preprocess, forward,
@@ -20,16 +20,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
+from bench.benchmarks import machine
+from bench.report import update_json, write_section
+from core.evaluation.evaluate import index_data
+from core.inference.forward import tta_description
+from core.inference.opening import open_predictor
+from core.inference.predictor import Predictor
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from bench.benchmarks import machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core.evaluate import index_data  # noqa: E402
-from core.inference import tta_description  # noqa: E402
-from core.predict import Predictor  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 TARGET_MS = 300
@@ -57,7 +57,7 @@ def cost(predictor: Predictor, data: Path, repeats: int) -> dict:
 
 
 def measure(model: Path, data: Path, repeats: int) -> dict:
-    predictor = Predictor(model)
+    predictor = open_predictor(model)
     members = getattr(predictor, "members", None)
     return {
         "model": os.path.relpath(model, ROOT) if model.resolve().is_relative_to(ROOT) else str(model),
@@ -110,7 +110,7 @@ def main() -> None:
     }
     results["models"] = [measure(m, args.data, args.repeats) for m in args.models]
     results["load_after"] = os.getloadavg()[0]
-    command = " ".join(["python bench/diagnose_cost.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.diagnose_cost", *sys.argv[1:]])
     write_report(results, args.out, command)
     update_json(args.out.with_suffix(".json"), {"diagnose_cost": results})
     print(f"wrote {args.out}")

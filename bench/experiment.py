@@ -1,8 +1,8 @@
 """The imbalance experiment as the app runs it, timed; writes its section of docs/BENCHMARKS.md and .json.
 
-    python bench/experiment.py [--data ../shared/data/ham10000-200x150] [--epochs 5] [--quick]
+    python -m bench.experiment [--data ../shared/data/ham10000-200x150] [--epochs 5] [--quick]
 
-The app's job worker trains the experiment as ``python -m core.train --config A.json --config B.json …``: one
+The app's job worker trains the experiment as ``lesionlab train --config A.json --config B.json …``: one
 config per imbalance strategy, cached head-only, in one process. This script runs exactly that twice, each
 time in a fresh process: on an empty feature cache (the backbone features are computed first), then again
 with the features cached. It reports the experiment's wall time with the features cached, the first feature
@@ -26,14 +26,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, machine
+from bench.report import update_json, write_section
+from core.app.jobs import experiment_configs
+from core.common.formatting import format_duration
+from core.common.runs import read_run
+from core.training.config import config_with
 
-from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core.jobs import experiment_configs  # noqa: E402
-from core.runs import format_duration, read_run  # noqa: E402
-from core.training import config_with  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OWNER = "bench/experiment.py"
 TARGET_S = 180  # the issue's budget, for the experiment and again for the first extraction
@@ -45,7 +45,7 @@ def run_experiment(configs: list[Path], log: Path) -> float:
     start = time.perf_counter()
     with open(log, "ab") as out:
         done = subprocess.run(
-            [sys.executable, "-m", "core.train", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "core.cli.train", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
         )
     if done.returncode:
         sys.exit(f"error: the experiment failed (exit {done.returncode}); see {log}")
@@ -125,7 +125,7 @@ def section(r: dict, command: str) -> list[str]:
         f"Measured {r['date']} with `{command}` on: {r['machine']}. Load average (1 min) {r['load_average'][0]:.1f} "
         f"before, {r['load_average'][1]:.1f} after (its own trainer included)."
         + (" **The machine was shared with other work: these are not idle figures.**" if busy else ""),
-        f"One trainer process, `python -m core.train --config …` once per strategy ({len(r['strategies'])}), as the "
+        f"One trainer process, `lesionlab train --config …` once per strategy ({len(r['strategies'])}), as the "
         f"app's job runs it: {r['images']:,} images, {r['arch']} at {r['input_size'][0]}×{r['input_size'][1]} (weights "
         f"`{r['weights']}`), head-only on cached features, {r['epochs']} epochs of batch 16 per strategy.",
         "",

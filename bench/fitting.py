@@ -1,8 +1,8 @@
-"""The upload-fitting rule, chosen on the validation split: each rule of ``core.images.FIT_RULES`` under the shifts
+"""The upload-fitting rule, chosen on the validation split: each rule of ``core.data.images.FIT_RULES`` under the shifts
 that change an image's shape (a square crop of the field, a 90° rotation), with the robustness report's metrics.
 
-    python bench/fitting.py                                        # full dataset, checkpoints/reference.pt, val
-    python bench/fitting.py --data sample_data/ham10000-sample --bootstrap 100   # a quick proof
+    python -m bench.fitting                                        # full dataset, checkpoints/reference.pt, val
+    python -m bench.fitting --data sample_data/ham10000-sample --bootstrap 100   # a quick proof
 
 The 2× and ½ scale shifts keep the 4:3 field, which every rule fits with the same single factor and no crop or
 pad, so they cannot tell the rules apart (``tests/test_shifts.py`` checks it); the robustness report measures
@@ -17,15 +17,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, machine
+from bench.report import update_json, write_section
+from core.data.images import FIT_RULE, FIT_RULES
+from core.evaluation.robustness import CLEAN, evaluate_shifts, terminal_progress
+from core.inference.forward import tta_description
+from core.inference.predictor import USE_TTA_BY_DEFAULT
 
-from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core.images import FIT_RULE, FIT_RULES  # noqa: E402
-from core.inference import tta_description  # noqa: E402
-from core.predict import USE_TTA_BY_DEFAULT  # noqa: E402
-from core.robustness import CLEAN, evaluate_shifts, terminal_progress  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OWNER = "fitting"
 SHAPE_SHIFTS = ("square_crop", "rotate_90")
@@ -132,7 +131,7 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = p.parse_args()
-    command = ("python bench/fitting.py " + " ".join(sys.argv[1:])).strip()
+    command = ("python -m bench.fitting " + " ".join(sys.argv[1:])).strip()
     results = measure(args)
     lines = section(results, command)
     write_section(args.out, OWNER, lines)

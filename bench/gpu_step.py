@@ -2,9 +2,9 @@
 kornia augmentation alone, the decoded-cache delivery, and the loop the trainer runs, at batch 32 (the reference
 preset's) and 256, on synthetic pixels (no dataset needed), then a torch.profiler table of 25 steps at batch 32.
 
-    python bench/gpu_step.py            # CUDA only; prints its figures and the profile
+    python -m bench.gpu_step            # CUDA only; prints its figures and the profile
 
-The trainer's step is :func:`core.training.train_one_epoch`; this script times its parts one at a time, which
+The trainer's step is :func:`core.training.loop.train_one_epoch`; this script times its parts one at a time, which
 the trainer cannot, to tell which part to speed up. Not a test: nothing is asserted.
 """
 
@@ -20,14 +20,13 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from core.data.augment import DeviceBatches, batch_transform
+from core.data.decoded import DecodedImages
+from core.inference.features import FeatureBatches
+from core.models.architectures import build_model
+from core.training.config import PRESETS
 
-from core.augment import DeviceBatches, batch_transform  # noqa: E402
-from core.decoded import DecodedImages  # noqa: E402
-from core.features import FeatureBatches  # noqa: E402
-from core.models import build_model  # noqa: E402
-from core.training import PRESETS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PREP = PRESETS["reference"].preprocessing
 IMAGES = 4096

@@ -3,10 +3,10 @@ image alone and with metadata (one run per withholding probability); the metadat
 validation split and reported on the test split with its metadata, with every field withheld, and beside the
 image-only run (a paired bootstrap of the balanced-accuracy difference).
 
-    python bench/metadata.py [--data ../shared/data/ham10000-200x150] [--max-images N] [--epochs 15]
-    python bench/metadata.py --fine-tuned runs/reference-meta [--image-only checkpoints/reference.pt]
+    python -m bench.metadata [--data ../shared/data/ham10000-200x150] [--max-images N] [--epochs 15]
+    python -m bench.metadata --fine-tuned runs/reference-meta [--image-only checkpoints/reference.pt]
 
-The second form compares the reference recipe fine-tuned with metadata (``python -m core.train --preset
+The second form compares the reference recipe fine-tuned with metadata (``lesionlab train --preset
 reference --metadata``) with the bundled image-only model of the same recipe, on the validation split (where
 the choice is made) and the test split, each image once with its metadata and once with every field withheld;
 it adds its results to the file under "fine_tuned".
@@ -19,7 +19,6 @@ not depend on the machine's load. The runs train in ``--out`` (default ``runs/``
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,20 +26,23 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, machine
+from bench.model_card import REFERENCE_COMMAND, card, comparison_runs, metadata_lines
+from core.common.files import read_json, write_json
+from core.common.labels import CLASSES
+from core.common.runs import has_evaluation, read_config, read_split
+from core.data.dataset import index_dataset
+from core.evaluation.evaluate import evaluate_checkpoint
+from core.inference.features import FeatureCache, backbone_key
+from core.metrics.bootstrap import confidence_intervals
+from core.metrics.calibration import softmax
+from core.metrics.classification import compute_metrics
+from core.models.checkpoints import load_model
+from core.training.config import TrainConfig, config_with
+from core.training.loaders import SharedInputs
+from core.training.loop import train
 
-from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
-from bench.model_card import REFERENCE_COMMAND, card, comparison_runs, metadata_lines  # noqa: E402
-from core.checkpoints import load_model  # noqa: E402
-from core.data import index_dataset  # noqa: E402
-from core.evaluate import evaluate_checkpoint  # noqa: E402
-from core.evaluation import compute_metrics, confidence_intervals, softmax  # noqa: E402
-from core.features import FeatureCache, backbone_key  # noqa: E402
-from core.files import read_json, write_json  # noqa: E402
-from core.labels import CLASSES  # noqa: E402
-from core.runs import has_evaluation, read_config, read_split  # noqa: E402
-from core.training import SharedInputs, TrainConfig, config_with, train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "docs" / "metadata-results.json"
 WITHHOLD = (0.1, 0.3, 0.5)

@@ -1,7 +1,7 @@
 """Train the comparison runs (if missing) and write MODEL_CARD.md from run folders.
 
-    python bench/model_card.py --reference docs/runs/reference-mnv2 --runs docs/runs
-    python bench/model_card.py --data ../shared/data/ham10000-200x150 --reference runs/reference-mnv2 --train
+    python -m bench.model_card --reference docs/runs/reference-mnv2 --runs docs/runs
+    python -m bench.model_card --data ../shared/data/ham10000-200x150 --reference runs/reference-mnv2 --train
 
 Every number in the card is computed here from the runs' ``test_predictions.csv`` (the
 lesion-grouped test split of ``split_by_lesion(seed=0)``, calibrated by temperature
@@ -14,37 +14,16 @@ first (head-only on cached features; skipped when their run folder is complete).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.fitting import RULES, shown_images  # noqa: E402
-from bench.fitting import table as fitting_table  # noqa: E402
-from core import robustness  # noqa: E402
-from core.evaluation import (  # noqa: E402
-    MEL_SENSITIVITY,
-    balanced_accuracy,
-    bootstrap_ci,
-    compute_metrics,
-    confidence_intervals,
-    expected_calibration_error,
-    macro_auc,
-    melanoma_auc,
-    melanoma_operating_point,
-    paired_bootstrap_ci,
-    softmax,
-    weighted_f1,
-)
-from core.files import read_json  # noqa: E402
-from core.images import FIT_RULE  # noqa: E402
-from core.imbalance import STRATEGIES  # noqa: E402
-from core.labels import CLASSES  # noqa: E402
-from core.runs import (  # noqa: E402
+from bench.fitting import RULES, shown_images
+from bench.fitting import table as fitting_table
+from core.common.files import read_json
+from core.common.labels import CLASSES
+from core.common.runs import (
     EVALUATE_FILE,
     has_evaluation,
     read_config,
@@ -54,12 +33,29 @@ from core.runs import (  # noqa: E402
     read_run,
     read_split,
 )
-from core.shifts import JPEG_QUALITY  # noqa: E402
-from core.similar import NEIGHBOURS  # noqa: E402
-from core.training import config_with, train  # noqa: E402
+from core.data.images import FIT_RULE
+from core.data.shifts import JPEG_QUALITY
+from core.inference.similar import NEIGHBOURS
+from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
+from core.metrics.calibration import expected_calibration_error, softmax
+from core.metrics.classification import (
+    MEL_SENSITIVITY,
+    balanced_accuracy,
+    compute_metrics,
+    macro_auc,
+    melanoma_auc,
+    melanoma_operating_point,
+    robustness,
+    weighted_f1,
+)
+from core.training.config import config_with
+from core.training.imbalance import STRATEGIES
+from core.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE_COMMAND = (
-    "python -m core.train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
+    "lesionlab train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
 )
 BENCHMARKS_JSON = ROOT / "docs" / "BENCHMARKS.json"
 METADATA_RESULTS = ROOT / "docs" / "metadata-results.json"  # written by bench/metadata.py
@@ -90,7 +86,7 @@ def load_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 
 def load_evaluate_report(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """Test labels and calibrated probabilities as ``python -m core.evaluate`` read them at its defaults (flip
+    """Test labels and calibrated probabilities as ``lesionlab evaluate`` read them at its defaults (flip
     TTA), from the report saved in the run folder, with the report; None without one."""
     report = read_evaluate_report(run_dir)
     if report is None:
@@ -158,11 +154,12 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
     m_raw = compute_metrics(labels, raw)
     cfg = read_config(reference)
     mel = m["melanoma"]
-    # The operating point Diagnose uses: the model's own, chosen on validation (core.operating_point), else 0.5.
+    # The operating point Diagnose uses: the model's own, chosen on validation (core.evaluation.operating_point), else
+    # 0.5.
     threshold = read_json(reference / "evaluation.json").get("mel_threshold")
     op = compute_metrics(labels, probs, mel_threshold=threshold)["melanoma"] if threshold is not None else mel
     ci = all_intervals(labels, probs, raw, op["threshold"])
-    # The targets are read as python -m core.evaluate reads the model: its saved report, when there is one.
+    # The targets are read as lesionlab evaluate reads the model: its saved report, when there is one.
     tta, tta_ci, evaluated = None, {}, load_evaluate_report(reference)
     if evaluated is not None:
         t_labels, t_probs, _ = evaluated
@@ -208,7 +205,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "",
         "## Results on the held-out test split",
         f"All numbers on the {m['n']} test images, calibrated probabilities, arg-max decision. *One view*: the "
-        "trainer's record (`test_predictions.csv`), each image seen once. *Flip TTA*: as `python -m core.evaluate` "
+        "trainer's record (`test_predictions.csv`), each image seen once. *Flip TTA*: as `lesionlab evaluate` "
         "reads the model at its defaults and as Diagnose answers, each image averaged over its four flips "
         f"(`{EVALUATE_FILE}` in the run's records); the targets are read there. 95% intervals: bootstrap over "
         "test images (2000 resamples; images of one lesion are resampled independently, so the intervals are "
@@ -293,7 +290,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "",
         "### Targets",
         "",
-        ("Read as `python -m core.evaluate` reads the model (flip TTA). " if tta else "Read from one view. ")
+        ("Read as `lesionlab evaluate` reads the model (flip TTA). " if tta else "Read from one view. ")
         + "Met: "
         + (", ".join(met) or "none")
         + ". Not met: "
@@ -358,7 +355,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "",
         "## Limitations",
         "- Trained and tested on one dataset, HAM10000, downscaled to 200×150; **no external validation yet** "
-        "(the ISIC 2018 test set can be evaluated with `python -m core.evaluate --data ... --split all`).",
+        "(the ISIC 2018 test set can be evaluated with `lesionlab evaluate --data ... --split all`).",
         "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair-skinned patients; performance on "
         "darker skin types, other devices and other populations is unknown.",
         "- Seven classes only: lesions outside them (e.g. invasive SCC, acral or mucosal lesions) are forced into "
@@ -368,7 +365,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "- Test-split metrics have the uncertainty shown above; rare classes (df, vasc) have only ~20 test images.",
         "",
         "Regenerate from the published run records: "
-        "`python bench/model_card.py --reference docs/runs/reference-mnv2 --runs docs/runs`.",
+        "`python -m bench.model_card --reference docs/runs/reference-mnv2 --runs docs/runs`.",
         "",
     ]
     return "\n".join(lines)
@@ -458,7 +455,7 @@ def similar_lines() -> list[str]:
 
 
 def robustness_lines(reference: Path) -> list[str]:
-    """The robustness report saved in the reference run's folder (``python -m core.evaluate --shifts``) and the
+    """The robustness report saved in the reference run's folder (``lesionlab evaluate --shifts``) and the
     fitting-rule comparison of ``bench/fitting.py`` (docs/BENCHMARKS.json); nothing for what has not run."""
     report = read_robustness(reference)
     fitting = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("fitting")
@@ -469,7 +466,7 @@ def robustness_lines(reference: Path) -> list[str]:
             "## Robustness to acquisition shifts",
             "",
             "The test split again, each image changed as an upload may differ from our 200×150 HAM10000 copies "
-            "before the predictor's fitting: `python -m core.evaluate --checkpoint checkpoints/reference.pt --data "
+            "before the predictor's fitting: `lesionlab evaluate --checkpoint checkpoints/reference.pt --data "
             f"../shared/data/ham10000-200x150 --shifts`. {robustness.describe(report)}. Drop = clean − shifted; "
             "intervals from a paired bootstrap (the same resampled images under both conditions). Target: balanced "
             "accuracy drops by ≤ 0.03 under each shift.",
@@ -498,7 +495,7 @@ def robustness_lines(reference: Path) -> list[str]:
     return lines
 
 
-# Why a shift costs more than the target allows, as far as the measurements say (keyed by core.shifts' names).
+# Why a shift costs more than the target allows, as far as the measurements say (keyed by core.data.shifts' names).
 SHIFT_REASONS = {
     "scale_half": "a half-size image has a quarter of the pixels: brought back to 200×150 it has lost the fine "
     "structure, not only the scale. The `wide` recipe, trained on scales down to ½, all but removes this drop on "
@@ -539,7 +536,7 @@ def shift_shortfall_lines(report: dict) -> list[str]:
 
 
 ENSEMBLE_INTRO = (
-    "An ensemble (`python -m core.train --ensemble K`, or `python -m core.ensemble RUN…` on finished runs; see the "
+    "An ensemble (`lesionlab train --ensemble K`, or `lesionlab ensemble RUN…` on finished runs; see the "
     "README) is one model file holding K members trained with different seeds, recipes or backbones. Its "
     "probabilities are "
     "the members' calibrated probabilities averaged and recalibrated by one temperature fitted on the validation "
@@ -608,7 +605,7 @@ def shift_comparison(runs: Path, recipes: list[tuple[str, tuple[str, float]]]) -
     return [
         "",
         f"Their balanced-accuracy drops under the robustness report's shifts, on the validation split ({views}; "
-        "`python -m core.evaluate … --shifts --split val`):",
+        "`lesionlab evaluate … --shifts --split val`):",
         "",
         "| recipe | " + " | ".join(names) + " | mean |",
         "| --- |" + " --- |" * (len(names) + 1),
@@ -651,7 +648,7 @@ def recipe_lines(runs: Path) -> list[str]:
         "",
         "Full fine-tuning of the same backbone, trained differently. Validation: the robustness report's clean "
         "balanced accuracy and its drops under each of the six shifts (the kept epoch, one view, on the CPU; "
-        "`python -m core.evaluate … --shifts --split val`). Test: the run's own record, calibrated, one view, "
+        "`lesionlab evaluate … --shifts --split val`). Test: the run's own record, calibrated, one view, "
         "computed where it trained (for the GPU runs in bf16, which moves a run's scores by up to 0.01 from the "
         "CPU evaluation in the Ensembles table).",
         "",
@@ -760,7 +757,7 @@ def ensemble_lines(runs: Path, reference: Path) -> list[str]:
                 "measured for this card yet."]  # fmt: skip
     lines += [
         "",
-        "Measured ensembles of the published runs (`python -m core.ensemble … --data ../shared/data/ham10000-200x150`"
+        "Measured ensembles of the published runs (`lesionlab ensemble … --data ../shared/data/ham10000-200x150`"
         "). Validation balanced accuracy is what a choice may look at; each member's is optimistic, since its best "
         "epoch was chosen on it. Test: calibrated probabilities, one view (no TTA), balanced accuracy and ECE with "
         "their 95% bootstrap intervals, and the paired interval of the difference from the reference model on the "
@@ -847,7 +844,7 @@ def members_line(runs: Path, ensembles: list[Path]) -> str:
         f"{', '.join(str(s) for s in seeds)}, and augmentation {', '.join(f'`{a}`' for a in augmentations)}: they "
         "differ in recipe and in the machine that trained them"
         + (", not in seed" if len(seeds) == 1 else "")
-        + ". `python -m core.train --ensemble K` trains K seeds of one recipe; on the full data that takes K times "
+        + ". `lesionlab train --ensemble K` trains K seeds of one recipe; on the full data that takes K times "
         "a member's training time, which these runs did not spend."
     )
 
@@ -865,7 +862,7 @@ def calibration_line(ensembles: list[Path], reference: Path) -> str:
         f"{val['accuracy']:.3f} and melanoma AUC from {mel(ref):.3f} to {mel(val):.3f}, at "
         f"{len(evaluations[best]['members'])} times the cost of an answer. The choice rule, set "
         "before the runs, reads validation balanced accuracy; a deployment that needs calibrated probabilities more "
-        "than the last point of balanced accuracy would choose the ensemble (`python -m core.ensemble` writes its "
+        "than the last point of balanced accuracy would choose the ensemble (`lesionlab ensemble` writes its "
         "file; Diagnose, Evaluate and Compare take it like any run)."
     )
 
@@ -916,7 +913,7 @@ def metadata_lines(r: dict | None = None) -> list[str]:
     lines += [
         "",
         f"Balanced accuracy against the image-only model: with metadata {verdict(with_m)}; with it withheld "
-        f"{verdict(withheld)}. These are head-only models. Measured by `python bench/metadata.py` on {r['date']}.",
+        f"{verdict(withheld)}. These are head-only models. Measured by `python -m bench.metadata` on {r['date']}.",
     ]
     return lines + fine_tuned_metadata_lines(r.get("fine_tuned"), verdict)
 
@@ -977,7 +974,7 @@ def fine_tuned_metadata_lines(f: dict | None, verdict: Callable[[dict], str]) ->
         f"{verdict(val['difference_with_vs_image_only'])}; test {verdict(test['difference_with_vs_image_only'])}. "
         f"The same metadata model with and without its metadata: validation "
         f"{verdict(val['difference_with_vs_withheld'])}; test {verdict(test['difference_with_vs_withheld'])}. "
-        f"{decision} Measured by `python bench/metadata.py --fine-tuned` on {f['date']}.",
+        f"{decision} Measured by `python -m bench.metadata --fine-tuned` on {f['date']}.",
     ]
     return lines
 

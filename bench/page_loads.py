@@ -1,7 +1,7 @@
 """How fast each page of the app first paints, in a real browser; writes its own section of docs/BENCHMARKS.md
 (see bench/report.py).
 
-    python bench/page_loads.py [--data ../shared/data/ham10000-200x150] [--loads 5]
+    python -m bench.page_loads [--data ../shared/data/ham10000-200x150] [--loads 5]
 
 Starts ``streamlit run streamlit_app.py`` on loopback (the dataset ``--data``, this checkout's runs, published
 runs and checkpoints) and opens every page in headless Chromium (/usr/bin/chromium, through Playwright), each
@@ -27,13 +27,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine
+from bench.report import write_section
+from core.common.settings import DATA_ENV, DEFAULT_DATASET
+from tests.app_support import CHROMIUM, CHROMIUM_ARGS, TITLES, clean_env, streamlit_server
 
-from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine  # noqa: E402
-from bench.report import write_section  # noqa: E402
-from core.settings import DATA_ENV, DEFAULT_DATASET  # noqa: E402
-from tests.app_support import CHROMIUM, CHROMIUM_ARGS, TITLES, clean_env, streamlit_server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGET_S = 2.0
 VIEWPORT = {"width": 1600, "height": 1000}
@@ -134,7 +133,7 @@ def main() -> None:
     if args.loads < 1:
         sys.exit("error: --loads must be at least 1")
     result = measure(args.data.resolve(), args.loads)
-    command = "python bench/page_loads.py" + (f" --loads {args.loads}" if args.loads != 5 else "")
+    command = "python -m bench.page_loads" + (f" --loads {args.loads}" if args.loads != 5 else "")
     write_section(args.out, "bench/page_loads.py", report(result, args.data, command))
     print(f"wrote {args.out}")
 

@@ -1,10 +1,10 @@
 """The input pipeline, old against new, side by side in one run; writes its section of docs/BENCHMARKS.md.
 
-    python bench/pipeline.py [--data ../shared/data/ham10000-200x150] [--quick]
+    python -m bench.pipeline [--data ../shared/data/ham10000-200x150] [--quick]
 
 CPU: augmented batches per second from today's PIL DataLoader (0 and 2 workers) and from the decoded-image
 cache with batched kornia augmentation, for both recipes; then training images/s through the trainer users
-run (``core.training.train``, the reference preset on a subsample) with ``--input-pipeline jpeg`` and
+run (``core.training.loop.train``, the reference preset on a subsample) with ``--input-pipeline jpeg`` and
 ``decoded``. GPU (only where CUDA is present): training images/s for MobileNetV2 at 150×200 and ResNet-18 at
 224, and the wall time of the 14-epoch reference preset, with the device's name. Not a test: targets are
 reported next to the measurements, never asserted.
@@ -22,19 +22,19 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
+
+from bench.benchmarks import machine
+from bench.report import update_json, write_section
+from core.data.augment import DeviceBatches, batch_transform
+from core.data.dataset import LesionDataset, index_dataset
+from core.data.decoded import open_decoded
+from core.data.preprocessing import train_transform
+from core.inference.features import FeatureBatches
+from core.training.config import PRESETS, config_with
+from core.training.loop import train
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench.benchmarks import machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core.augment import DeviceBatches, batch_transform  # noqa: E402
-from core.data import LesionDataset, index_dataset  # noqa: E402
-from core.decoded import open_decoded  # noqa: E402
-from core.features import FeatureBatches  # noqa: E402
-from core.preprocessing import train_transform  # noqa: E402
-from core.training import PRESETS, config_with, train  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
@@ -100,7 +100,7 @@ def epoch_rates(run_dir: Path) -> list[float]:
 
 
 def bench_training(data: Path, cache_dir: Path, work: Path, images: int, repeats: int) -> dict:
-    """CPU training images/s through core.training.train, the reference preset on a stratified subsample;
+    """CPU training images/s through core.training.loop.train, the reference preset on a stratified subsample;
     the two pipelines alternate so that a change in the machine's load reaches both."""
     found: dict[str, list[float]] = {"jpeg": [], "decoded": []}
     for i in range(repeats):
@@ -168,7 +168,7 @@ def bench_gpu(
         result["rows"].append({"model": label, "images_per_s": max(rates[1:] or rates), "epoch_rates": rates})
         print("gpu", result["rows"][-1], flush=True)
     out = keep.parent if keep else work
-    command = [sys.executable, "-m", "core.train", "--preset", "reference", "--data", str(data), "--device", "cuda"]
+    command = [sys.executable, "-m", "core.cli.train", "--preset", "reference", "--data", str(data), "--device", "cuda"]
     command += ["--out", str(out), "--name", keep.name if keep else "reference", "--decoded-dir", str(cache_dir)]
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -202,7 +202,7 @@ def write_report(results: dict, path: Path, command: str) -> None:
         )
     lines += [
         "",
-        f"CPU training through `core.training.train` (reference preset, MobileNetV2 full fine-tuning at 150×200, "
+        f"CPU training through `core.training.loop.train` (reference preset, MobileNetV2 full fine-tuning at 150×200, "
         f"batch 32, random weights; {t['images']} images, one epoch, median of {t['repeats']}; target: the new "
         "pipeline at least as fast):",
         "",
@@ -229,7 +229,7 @@ def write_gpu_report(g: dict, path: Path, command: str) -> None:
         "| --- | --- |",
         *(f"| {r['model']} | {r['images_per_s']:,.0f} |" for r in rows),
         "",
-        f"The reference preset as users type it (`python -m core.train --preset reference --device cuda`: batch 32, "
+        f"The reference preset as users type it (`lesionlab train --preset reference --device cuda`: batch 32, "
         f"{g['reference_weights']} weights, 14 epochs, validation every epoch, then the temperature and the test "
         f"evaluation) took **{g['reference_wall_s']:.0f} s** wall from process start to exit, at a median "
         f"{g['reference_images_per_s']:,.0f} training images/s. The decoded-image cache was already there (building "
@@ -260,14 +260,14 @@ def main() -> None:
             results["training"] = bench_training(
                 args.data, cache_dir, work, 320 if args.quick else 2000, 1 if args.quick else 3
             )
-            command = "python bench/pipeline.py" + (" --quick" if args.quick else "")
+            command = "python -m bench.pipeline" + (" --quick" if args.quick else "")
             write_report(results, args.out, command)
             update_json(args.out.with_suffix(".json"), {"pipeline": results})
         if torch.cuda.is_available():
             gpu = {"date": date} | bench_gpu(
                 args.data, cache_dir, work, 3, args.gpu_batch, args.compile, args.keep_reference
             )
-            write_gpu_report(gpu, args.out, "python bench/pipeline.py --gpu-only" + " --compile" * args.compile)
+            write_gpu_report(gpu, args.out, "python -m bench.pipeline --gpu-only" + " --compile" * args.compile)
             update_json(args.out.with_suffix(".json"), {"pipeline_gpu": gpu})
         elif args.gpu_only:
             sys.exit("error: --gpu-only, but no CUDA device is present")

@@ -1,12 +1,13 @@
 """Similar cases and the unfamiliar-image warning, measured on the model's test split.
 
-    python bench/similar.py                                   # the full dataset, checkpoints/reference.pt
-    python bench/similar.py --max-per-split 60 --no-save      # a quick proof on a few images
+    python -m bench.similar                                   # the full dataset, checkpoints/reference.pt
+    python -m bench.similar --max-per-split 60 --no-save      # a quick proof on a few images
 
-1. Builds (or reuses) the case index of the dataset under the model (``core.similar``), with progress.
+1. Builds (or reuses) the case index of the dataset under the model (``core.inference.similar``), with progress.
 2. kNN vote: each test image's ``k`` nearest train/val images vote for its class; compared with the classifier
    (the model's own head on the same features, temperature-scaled) on the same test images.
-3. Unfamiliar images: the detector of ``core.unfamiliar`` is fitted on the train split, its threshold set on the
+3. Unfamiliar images: the detector of ``core.inference.unfamiliar`` is fitted on the train split, its threshold set on
+the
    val split, and measured on the test split's dermoscopy against ``tests/data/unfamiliar`` (non-dermoscopic
    images, ``tests/data/make_unfamiliar.py``): AUROC of the score, false alarms on dermoscopy and detections
    of each kind of unfamiliar image, for the score alone (what the app shows), the colour heuristic alone
@@ -29,22 +30,22 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, machine
+from bench.model_card import KS, REFERENCE_COMMAND, card, comparison_runs, retrieval_table, unfamiliar_lines
+from bench.report import update_json, write_section
+from core.app import quiz
+from core.common import settings
+from core.common.labels import CLASSES
+from core.data.dataset import index_dataset
+from core.data.preprocessing import Preprocessing, load_for_model
+from core.inference.opening import open_predictor
+from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote
+from core.inference.unfamiliar import dermoscopy_check, detector_path, file_digest, fit_detector
+from core.metrics.calibration import softmax
+from core.metrics.classification import compute_metrics
+from core.models.checkpoints import load_model
 
-from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
-from bench.model_card import KS, REFERENCE_COMMAND, card, comparison_runs, retrieval_table, unfamiliar_lines  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core import quiz, settings  # noqa: E402
-from core.checkpoints import load_model  # noqa: E402
-from core.data import index_dataset  # noqa: E402
-from core.evaluation import compute_metrics, softmax  # noqa: E402
-from core.labels import CLASSES  # noqa: E402
-from core.predict import Predictor  # noqa: E402
-from core.preprocessing import Preprocessing, load_for_model  # noqa: E402
-from core.similar import REFERENCE_SPLITS, build_index, knn_vote  # noqa: E402
-from core.unfamiliar import detector_path, file_digest, fit_detector  # noqa: E402
-from core.visuals import dermoscopy_check  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OWNER = "similar"
 UNFAMILIAR = ROOT / "tests" / "data" / "unfamiliar"
@@ -81,7 +82,7 @@ def rates(flags: np.ndarray) -> float:
 def measure(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     index = index_dataset(args.data)
-    predictor = Predictor(args.checkpoint)
+    predictor = open_predictor(args.checkpoint)
     record = quiz.model_split(args.checkpoint, predictor.checkpoint, index.frame, settings.run_folders())
     frame = index.frame.assign(split=quiz.split_column(index.frame, record.split_of).to_numpy())
     if args.max_per_split:
@@ -193,7 +194,7 @@ def main() -> None:
     p.add_argument("--no-save", action="store_true", help="do not save the fitted detector beside the checkpoint")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = p.parse_args()
-    command = "python bench/similar.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.similar " + " ".join(sys.argv[1:])
     results = measure(args)
     write_section(args.out, OWNER, section(results, command.strip()))
     update_json(args.out.with_suffix(".json"), {OWNER: results})

@@ -1,7 +1,7 @@
 """Soak: the Diagnose page's work for one upload, 1,000 times in one process; writes its own section of
 docs/BENCHMARKS.md (see bench/report.py).
 
-    nice python bench/soak.py [--data ../shared/data/ham10000-200x150] [--iterations 1000]
+    nice python -m bench.soak [--data ../shared/data/ham10000-200x150] [--iterations 1000]
 
 Every iteration does, without Streamlit, what pages/views/diagnose.py does for a new upload with its
 default settings: predict from the uploaded bytes, check that the image looks dermoscopic, draw the
@@ -28,16 +28,16 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine
+from bench.report import write_section
+from core.app import plots
+from core.data.dataset import index_dataset
+from core.inference.explain import feature_map_grid, overlay
+from core.inference.opening import open_predictor
+from core.inference.predictor import Predictor
+from core.inference.unfamiliar import dermoscopy_check
 
-from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine  # noqa: E402
-from bench.report import write_section  # noqa: E402
-from core import plots  # noqa: E402
-from core.data import index_dataset  # noqa: E402
-from core.explain import overlay  # noqa: E402
-from core.predict import Predictor  # noqa: E402
-from core.visuals import dermoscopy_check, feature_map_grid  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 WARM_UP = 50
@@ -80,7 +80,7 @@ def diagnose(predictor: Predictor, upload: bytes, layer: str) -> None:
 
 
 def soak(data: Path, iterations: int) -> dict:
-    predictor = Predictor(CHECKPOINT)
+    predictor = open_predictor(CHECKPOINT)
     layers = predictor.layer_names()
     layer = layers[len(layers) // 2]  # the page's first choice
     files = uploads(data)
@@ -140,7 +140,7 @@ def main() -> None:
     if args.iterations <= WARM_UP:
         sys.exit(f"error: --iterations must be more than the {WARM_UP}-upload warm-up")
     result = soak(args.data, args.iterations)
-    command = "python bench/soak.py" + (f" --iterations {args.iterations}" if args.iterations != 1000 else "")
+    command = "python -m bench.soak" + (f" --iterations {args.iterations}" if args.iterations != 1000 else "")
     write_section(args.out, "bench/soak.py", report(result, command).splitlines())
     print(f"RSS growth {result['growth_mb']:+.1f} MB, {result['median_ms']:.0f} ms per upload; wrote {args.out}")
 

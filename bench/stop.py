@@ -1,10 +1,10 @@
 """How long Stop takes, as the app's Stop button does it; writes its section of docs/BENCHMARKS.md.
 
-    python bench/stop.py [--data ../shared/data/ham10000-200x150] [--repeats 3]
+    python -m bench.stop [--data ../shared/data/ham10000-200x150] [--repeats 3]
 
-Each measurement starts a real training job the way the Train page does (``core.jobs.start_training``: a
+Each measurement starts a real training job the way the Train page does (``core.app.jobs.start_training``: a
 worker process and the trainer under it), waits until the run is inside the step being measured, then asks
-it to stop with ``core.jobs.stop_job`` (what the button calls) and times two moments: when the run's record
+it to stop with ``core.app.jobs.stop_job`` (what the button calls) and times two moments: when the run's record
 says "stopped" (what the page shows), and when the job has ended and a new one may start. Steps measured:
 
 * computing the backbone features of a head-only run, on an empty feature cache;
@@ -26,21 +26,20 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.benchmarks import DEFAULT_DATA, machine
+from bench.report import update_json, write_section
+from core.app import jobs as app_jobs
+from core.common.runs import read_run
+from core.training.config import config_with
 
-from bench.benchmarks import DEFAULT_DATA, machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core import jobs  # noqa: E402
-from core.runs import read_run  # noqa: E402
-from core.training import config_with  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OWNER = "bench/stop.py"
 TARGET_S = 5.0
 
 
 def _in_step(runs: Path, step: str) -> bool:
-    job = jobs.active_job(runs)
+    job = app_jobs.active_job(runs)
     if job is None or not job.current_run:
         return False
     run = read_run(runs / job.current_run, job)
@@ -58,16 +57,16 @@ def stop_once(data: Path, step: str, work: Path) -> dict:
         cfg = config_with("seed", arch="mobilenet_v2", weights="none", epochs=1)
     else:
         cfg = config_with("reference", weights="none", epochs=1, decoded_dir=str(work / "decoded"))
-    jobs.start_training({**cfg.to_dict(), "data": str(data), "out": str(runs), "name": f"stop-{step}"}, runs)
+    app_jobs.start_training({**cfg.to_dict(), "data": str(data), "out": str(runs), "name": f"stop-{step}"}, runs)
     deadline = time.monotonic() + 600
     while not _in_step(runs, step):
-        if time.monotonic() > deadline or jobs.active_job(runs) is None:
+        if time.monotonic() > deadline or app_jobs.active_job(runs) is None:
             sys.exit(f"error: the job never reached {step}; see {runs}")
         time.sleep(0.05)
     asked = time.monotonic()
-    jobs.stop_job(runs)
+    app_jobs.stop_job(runs)
     recorded = None
-    while jobs.active_job(runs) is not None:
+    while app_jobs.active_job(runs) is not None:
         if recorded is None and read_run(runs / f"stop-{step}").state == "stopped":
             recorded = time.monotonic() - asked
         time.sleep(0.05)
@@ -106,10 +105,10 @@ def main() -> None:
     lines = [
         "## Stop, as the Train page's button does it",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `python bench/stop.py --repeats {args.repeats}` on: "
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `python -m bench.stop --repeats {args.repeats}` on: "
         f"{machine()}; load average (1 min) {load_before:.1f} before, {load_after:.1f} after (its own jobs "
         "included).",
-        "A real job (worker and trainer processes) on the full dataset is stopped with `core.jobs.stop_job` "
+        "A real job (worker and trainer processes) on the full dataset is stopped with `core.app.jobs.stop_job` "
         "once the run is inside the step; *recorded*: the run's record says stopped, what the page shows; "
         "*ended*: the job's processes have exited and a new job may start. Medians of the repeats.",
         "",

@@ -1,10 +1,10 @@
 """Multi-view test-time augmentation (TTA) on a checkpoint: which views help; writes its own
 section of docs/BENCHMARKS.md (and .json).
 
-    python bench/tta.py [--data ../shared/data/ham10000-200x150] [--checkpoint checkpoints/reference.pt]
+    python -m bench.tta [--data ../shared/data/ham10000-200x150] [--checkpoint checkpoints/reference.pt]
 
 Accuracy: every image of the validation and test splits (lesion-grouped, the checkpoint's seed and fractions, as
-``python -m core.evaluate`` recomputes them) goes through the model once under every candidate view — the four
+``lesionlab evaluate`` recomputes them) goes through the model once under every candidate view — the four
 flips at each zoom of ``CANDIDATE_SCALES`` (below 1 the uncovered border is black, as in training's zooms) — and
 each configuration averages its views' calibrated probabilities. Configurations are chosen on validation; test is
 reported beside it. The Δ column is the paired bootstrap interval of the balanced-accuracy gain over no TTA.
@@ -22,20 +22,21 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine
+from bench.report import update_json, write_section
+from core.common.labels import MELANOMA
+from core.data.dataset import LesionDataset
+from core.data.splits import resolve_split, select_split
+from core.evaluation.evaluate import index_data
+from core.inference.forward import TTA_SCALES, flip_views, tta_description, zoom
+from core.inference.opening import open_predictor
+from core.inference.predictor import Predictor
+from core.metrics.classification import balanced_accuracy, compute_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine  # noqa: E402
-from bench.report import update_json, write_section  # noqa: E402
-from core.data import LesionDataset  # noqa: E402
-from core.evaluate import index_data, resolve_split, select_split  # noqa: E402
-from core.evaluation import balanced_accuracy, compute_metrics  # noqa: E402
-from core.inference import TTA_SCALES, flip_views, tta_description, zoom  # noqa: E402
-from core.labels import MELANOMA  # noqa: E402
-from core.predict import Predictor  # noqa: E402
 
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 CACHE = ROOT / ".cache" / "tta"
@@ -168,7 +169,7 @@ def write_report(results: dict, path: Path, command: str) -> None:
         "What the views cost per Diagnose answer: the section *Diagnose: milliseconds per answer, by model* "
         "(`bench/diagnose_cost.py`).",
     ]
-    lines += ["", f"Default TTA (`core.inference.TTA_SCALES`): {r['default']}."]
+    lines += ["", f"Default TTA (`core.inference.forward.TTA_SCALES`): {r['default']}."]
     write_section(path, "bench/tta.py", lines)
 
 
@@ -182,7 +183,7 @@ def main() -> None:
     args = p.parse_args()
     if not (args.data / "HAM10000_metadata.csv").is_file():
         sys.exit(f"error: no HAM10000 at {args.data}; pass --data DIR")
-    predictor = Predictor(args.checkpoint)
+    predictor = open_predictor(args.checkpoint)
     results = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -196,7 +197,7 @@ def main() -> None:
     results["load_before"] = os.getloadavg()[0]
     results["accuracy"] = accuracy(predictor, args.data, args.splits, args.max_images)
     results["load_after"] = os.getloadavg()[0]
-    command = " ".join(sys.argv).replace(sys.argv[0], "python bench/tta.py", 1)
+    command = " ".join(sys.argv).replace(sys.argv[0], "python -m bench.tta", 1)
     write_report(results, args.out, command)
     update_json(args.out.with_suffix(".json"), {"tta": results})
     print(f"wrote {args.out}")

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import jobs
-from core.procs import process_record
-from core.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
+from core.app import jobs as app_jobs
+from core.common.procs import process_record
+from core.common.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
 from pages.views import _pages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +69,9 @@ def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)
     """A randomly initialised but complete Lesion Lab checkpoint (no download needed)."""
     import torch
 
-    from core.checkpoints import atomic_save, checkpoint_dict
-    from core.models import build_model
-    from core.preprocessing import Preprocessing
+    from core.data.preprocessing import Preprocessing
+    from core.models.architectures import build_model
+    from core.models.checkpoints import atomic_save, checkpoint_dict
 
     torch.manual_seed(0)
     model = build_model(arch, weights="none", finetune="head", head="linear").eval()
@@ -84,7 +84,8 @@ def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)
 
 def train_tiny_run(data: Path, runs: Path, name: str, cache: Path, **overrides) -> Path:
     """A real (in-process) training run on the tiny dataset: seconds, every file the app reads."""
-    from core.training import TrainConfig, train
+    from core.training.config import TrainConfig
+    from core.training.loop import train
 
     cfg = TrainConfig(
         **{
@@ -108,7 +109,7 @@ def train_tiny_run(data: Path, runs: Path, name: str, cache: Path, **overrides) 
 
 def tiny_config(data: Path, name: str, **overrides) -> dict:
     """A TrainConfig dict for a background job that finishes in seconds on the tiny dataset."""
-    from core.training import config_with
+    from core.training.config import config_with
 
     fields = {
         "data": str(data),
@@ -264,8 +265,10 @@ def fake_job(runs: Path, run: str, *, kind: str = "train", stop: bool = False) -
     the lock, the job file and, where asked, its STOP."""
     runs.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    job = jobs.Job(id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=None)
-    (runs / jobs.LOCK_NAME).write_text(json.dumps(job.to_dict()))
+    job = app_jobs.Job(
+        id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=None
+    )
+    (runs / app_jobs.LOCK_NAME).write_text(json.dumps(job.to_dict()))
     job.file.parent.mkdir(parents=True, exist_ok=True)
     job.file.write_text(json.dumps(job.to_dict()))
     if stop:

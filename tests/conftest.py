@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
-from core.labels import CLASSES
+from core.common.labels import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 HAM_DIR = ROOT.parent / "shared" / "data" / "ham10000-200x150"

@@ -8,8 +8,8 @@ import io
 
 import pytest
 
-from core.batch import CSV_COLUMNS
-from core.predict import Predictor
+from core.inference.batch import CSV_COLUMNS
+from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
 from tests.app_support import ROOT, AppEnv, app_test, no_exceptions, texts
 from tests.conftest import zip_bytes
@@ -44,7 +44,7 @@ def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
         "cases.zip/set/broken.jpg",
         "cases.zip/../../up.jpg",
     ]
-    predictor = Predictor(REFERENCE)
+    predictor = open_predictor(REFERENCE)
     expected = {**images, **{f"cases.zip/{n}": data for n, data in inside.items()}}
     tta = at.toggle(key="batch_tta").value
     for _, row in table.iterrows():

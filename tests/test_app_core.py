@@ -9,11 +9,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core import plots, settings
-from core.data import index_dataset, split_by_lesion, split_counts
-from core.evaluation import reliability_curve, roc_curves, softmax
-from core.labels import CLASSES
-from core.visuals import dermoscopy_check, feature_map_grid, top_channels
+from core.app import plots
+from core.common import settings
+from core.common.labels import CLASSES
+from core.data.dataset import index_dataset
+from core.data.splits import split_by_lesion, split_counts
+from core.inference.explain import feature_map_grid, top_channels
+from core.inference.unfamiliar import dermoscopy_check
+from core.metrics.calibration import reliability_curve, softmax
+from core.metrics.classification import roc_curves
 from tests.app_support import lesion_image
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.settings import PUBLISHED_RUNS_ENV
+from core.common.settings import PUBLISHED_RUNS_ENV
+from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, png_bytes, texts
 
@@ -183,17 +184,17 @@ def _snapshot(root) -> set[str]:
 
 
 def test_model_loads_once_across_reruns_and_sessions(full_env, monkeypatch):
-    import core.predict
+    import core.inference.predictor
 
     full_env.apply(monkeypatch)
     calls = []
-    original = core.predict.Predictor.__init__
+    original = core.inference.predictor.Predictor.__init__
 
     def counting(self, *args, **kwargs):
         calls.append(args)
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(core.predict.Predictor, "__init__", counting)
+    monkeypatch.setattr(core.inference.predictor.Predictor, "__init__", counting)
     # A checkpoint file nobody loaded before in this process, so the cache starts cold.
     ckpt = full_env.checkpoints / "reference.pt"
     os.utime(ckpt)
@@ -234,9 +235,9 @@ def broken_model_env(empty_env, tmp_path, monkeypatch) -> AppEnv:
     """The only model on offer loads (every field in bounds) but its head holds NaN: its output is NaN."""
     import torch
 
-    from core.checkpoints import atomic_save, checkpoint_dict
-    from core.models import build_model
-    from core.preprocessing import Preprocessing
+    from core.data.preprocessing import Preprocessing
+    from core.models.architectures import build_model
+    from core.models.checkpoints import atomic_save, checkpoint_dict
 
     torch.manual_seed(0)
     model = build_model("resnet18", weights="none", finetune="head", head="linear").eval()
@@ -285,9 +286,9 @@ def sample_predictions() -> dict[str, object]:
     """The real reference model's prediction, as the page makes it, for the sample's melanoma and nevus images."""
     import pandas as pd
 
-    from core.predict import USE_TTA_BY_DEFAULT, Predictor
+    from core.inference.predictor import USE_TTA_BY_DEFAULT
 
-    predictor = Predictor(REFERENCE)
+    predictor = open_predictor(REFERENCE)
     meta = pd.read_csv(SAMPLE / "HAM10000_metadata.csv")
     found = {}
     for image_id in meta[meta.dx.isin(["mel", "nv"])].image_id:
@@ -322,9 +323,8 @@ def test_the_heatmap_follows_each_new_prediction(reference_diagnose, sample_pred
 
 
 def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_predictions):
-    from core.predict import Predictor
 
-    threshold = Predictor(REFERENCE).mel_threshold  # the model's own, chosen on its validation split
+    threshold = open_predictor(REFERENCE).mel_threshold  # the model's own, chosen on its validation split
     high = next(n for n, p in sample_predictions.items() if p.probabilities["mel"] >= threshold)
     low = next(n for n, p in sample_predictions.items() if p.probabilities["mel"] < threshold / 2)
     at = upload_sample(reference_diagnose, high)
@@ -342,10 +342,11 @@ def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_p
 
 
 def test_tta_is_on_by_default_with_the_measured_views(diagnose):
-    # On because it helped the reference model on the validation split (core.predict.USE_TTA_BY_DEFAULT, from
-    # bench/tta.py); the page's prediction averages exactly the views core.inference chose.
-    from core.inference import TTA_SCALES, tta_description
-    from core.predict import USE_TTA_BY_DEFAULT, Predictor
+    # On because it helped the reference model on the validation split (core.inference.predictor.USE_TTA_BY_DEFAULT,
+    # from
+    # bench/tta.py); the page's prediction averages exactly the views core.inference.forward chose.
+    from core.inference.forward import TTA_SCALES, tta_description
+    from core.inference.predictor import USE_TTA_BY_DEFAULT
 
     assert USE_TTA_BY_DEFAULT is True
     toggle = diagnose.toggle(key="diag_tta")
@@ -357,7 +358,7 @@ def test_tta_is_on_by_default_with_the_measured_views(diagnose):
     at = upload(diagnose, "lesion.jpg", jpeg_bytes(lesion_image()))
     model, shown = at.session_state["diag_result"][0][1], at.session_state["diag_result"][1]
     assert shown.tta
-    expected = Predictor(model).predict(jpeg_bytes(lesion_image()), tta=True)
+    expected = open_predictor(model).predict(jpeg_bytes(lesion_image()), tta=True)
     np.testing.assert_allclose(shown.probs, expected.probs, atol=1e-6)
 
 

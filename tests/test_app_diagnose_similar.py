@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from core.data import index_dataset
-from core.labels import CLASSES, DISPLAY_NAMES
-from core.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
-from core.unfamiliar import detector_path
+from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.common.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
+from core.data.dataset import index_dataset
+from core.inference.unfamiliar import detector_path
 from tests.app_support import *  # noqa: F403
 from tests.app_support import ROOT, app_test, no_exceptions, texts
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import runs
-from core.explain import CAM_METHOD_NAMES
-from core.labels import CLASSES
-from core.predict import Predictor
+from core.common import runs
+from core.common.labels import CLASSES
+from core.inference.explain import CAM_METHOD_NAMES
+from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
 
@@ -24,9 +24,9 @@ MEMBERS = ["ens-seed3", "ens-seed4"]
 
 @pytest.fixture(scope="module")
 def ensemble_runs(tmp_path_factory, torch_home, one_thread) -> Path:
-    """A runs folder holding the ensemble run ``ens`` and its two members, trained through ``python -m core.train
-    --ensemble 2`` (which combines them with core.ensemble) from the real MobileNetV2 ImageNet weights."""
-    from core import train
+    """A runs folder holding the ensemble run ``ens`` and its two members, trained through ``lesionlab train
+    --ensemble 2`` (which combines them with core.inference.ensemble) from the real MobileNetV2 ImageNet weights."""
+    from core.cli import train
 
     base = tmp_path_factory.mktemp("app_ensemble")
     out = base / "runs"
@@ -174,7 +174,7 @@ def test_diagnose_shows_each_models_heatmap_and_the_report_says_how_many_agree(a
     assert f"{CAM_METHOD_NAMES['gradcam']} for {top} by each of the 2 models" in texts(at)
     # The maps are each member's own Grad-CAM, and the averaged one shown above is their mean.
     maps = at.session_state["diag_member_cams"][1]
-    own = Predictor(ensemble_runs / "ens" / "best.pt").explain_members(prediction, "gradcam", top)
+    own = open_predictor(ensemble_runs / "ens" / "best.pt").explain_members(prediction, "gradcam", top)
     assert len(maps) == 2 and all(np.allclose(m, o, atol=1e-5) for m, o in zip(maps, own, strict=True))
     assert np.allclose(averaged, np.mean(maps, axis=0).clip(0, 1), atol=1e-5)
 

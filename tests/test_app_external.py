@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.labels import CLASSES, DISPLAY_NAMES
-from core.layouts import diagnosis_code
-from core.settings import CACHE_ENV
+from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.common.settings import CACHE_ENV
+from core.data.layouts import diagnosis_code
 from tests.app_support import AppEnv, app_test, no_exceptions, save_tiny_checkpoint, texts
 from tests.conftest import make_image
 

@@ -1,4 +1,4 @@
-"""core.jobs with real background processes on the tiny dataset: start, one-at-a-time, stop, kill,
+"""core.app.jobs with real background processes on the tiny dataset: start, one-at-a-time, stop, kill,
 failure, stale locks, liveness after kill -9, and the imbalance experiment queue."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from core import jobs
-from core.imbalance import STRATEGIES
-from core.procs import pid_alive, proc_start_time
-from core.runs import list_runs, read_predictions, read_run, read_status
-from core.settings import PROJECT_ROOT
+from core.app import jobs as app_jobs
+from core.common.procs import pid_alive, proc_start_time
+from core.common.runs import list_runs, read_predictions, read_run, read_status
+from core.common.settings import PROJECT_ROOT
+from core.training.imbalance import STRATEGIES
 from tests.app_support import tiny_config
 from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
 
@@ -37,25 +37,25 @@ def runs(tmp_path):
     d = tmp_path / "runs"
     yield d
     # Never leave a worker behind, whatever the test did.
-    job = jobs.active_job(d)
+    job = app_jobs.active_job(d)
     if job is not None:
-        jobs.kill_job(d)
-        jobs.wait_idle(d, timeout=20)
+        app_jobs.kill_job(d)
+        app_jobs.wait_idle(d, timeout=20)
 
 
 def test_training_job_runs_in_the_background_and_finishes(tiny_root, runs, tmp_path):
     cfg = tiny_config(tiny_root, "bg", cache_dir=str(tmp_path / "cache"))
-    job = jobs.start_training(cfg, runs)
+    job = app_jobs.start_training(cfg, runs)
     assert job.pid and job.pid != os.getpid()
     assert os.getpgid(job.pid) == job.pid  # its own session: survives the app's reruns and reloads
-    assert jobs.active_job(runs).id == job.id
-    assert jobs.wait_idle(runs, timeout=120), "the job did not finish"
+    assert app_jobs.active_job(runs).id == job.id
+    assert app_jobs.wait_idle(runs, timeout=120), "the job did not finish"
     run = read_run(runs / "bg")
     assert run.state == "finished", (run.error, run.log_tail())
     assert len(run.epochs) == 2 and run.fraction_done() == 1.0
     assert run.has_model and run.has_evaluation
     assert (runs / "bg" / "train.log").is_file()
-    assert not (runs / jobs.LOCK_NAME).exists()
+    assert not (runs / app_jobs.LOCK_NAME).exists()
     table, labels, probs, logits, evaluation = read_predictions(runs / "bg")
     assert probs.shape == (len(labels), 7) and logits is not None and "temperature" in evaluation
     assert [r.name for r in list_runs(runs)] == ["bg"]
@@ -63,17 +63,17 @@ def test_training_job_runs_in_the_background_and_finishes(tiny_root, runs, tmp_p
 
 def test_one_job_at_a_time_and_stop(tiny_root, runs, tmp_path):
     cfg = tiny_config(tiny_root, "long", epochs=200, cache_dir=str(tmp_path / "cache"))
-    jobs.start_training(cfg, runs)
-    with pytest.raises(jobs.JobBusyError, match="Only one training job runs at a time"):
-        jobs.start_training(tiny_config(tiny_root, "second"), runs)
+    app_jobs.start_training(cfg, runs)
+    with pytest.raises(app_jobs.JobBusyError, match="Only one training job runs at a time"):
+        app_jobs.start_training(tiny_config(tiny_root, "second"), runs)
     assert not (runs / "second").exists()
     # Live progress: epochs appear while it runs.
-    wait_for(lambda: len(read_run(runs / "long", jobs.active_job(runs)).epochs) >= 1, timeout=90)
-    running = read_run(runs / "long", jobs.active_job(runs))
+    wait_for(lambda: len(read_run(runs / "long", app_jobs.active_job(runs)).epochs) >= 1, timeout=90)
+    running = read_run(runs / "long", app_jobs.active_job(runs))
     assert running.state == "running" and 0 < running.fraction_done() < 1
     assert "epoch" in running.progress_text()
-    assert jobs.stop_job(runs)
-    assert jobs.wait_idle(runs, timeout=60)
+    assert app_jobs.stop_job(runs)
+    assert app_jobs.wait_idle(runs, timeout=60)
     run = read_run(runs / "long")
     assert run.state == "stopped"
     assert 1 <= len(run.epochs) < 200
@@ -82,10 +82,10 @@ def test_one_job_at_a_time_and_stop(tiny_root, runs, tmp_path):
 
 def test_kill_terminates_worker_and_trainer(tiny_root, runs, tmp_path):
     cfg = tiny_config(tiny_root, "killed", epochs=200, cache_dir=str(tmp_path / "cache"))
-    job = jobs.start_training(cfg, runs)
+    job = app_jobs.start_training(cfg, runs)
     wait_for(lambda: (runs / "killed" / "status.json").is_file(), timeout=60)
-    assert jobs.kill_job(runs)
-    assert jobs.wait_idle(runs, timeout=30)
+    assert app_jobs.kill_job(runs)
+    assert app_jobs.wait_idle(runs, timeout=30)
     # The worker releases the lock on its way out, so it may still be exiting when the lock is free.
     wait_for(lambda: not pid_alive(job.pid), timeout=30)
     run = read_run(runs / "killed")
@@ -95,28 +95,28 @@ def test_kill_terminates_worker_and_trainer(tiny_root, runs, tmp_path):
 def test_failed_job_shows_its_error(runs, tmp_path):
     cfg = tiny_config(tmp_path, "broken")
     cfg["data"] = str(tmp_path / "no-such-folder")
-    jobs.start_training(cfg, runs)
-    assert jobs.wait_idle(runs, timeout=60)
+    app_jobs.start_training(cfg, runs)
+    assert app_jobs.wait_idle(runs, timeout=60)
     run = read_run(runs / "broken")
     assert run.state == "failed"
     assert "does not exist" in run.error
 
 
 def test_invalid_settings_are_refused_before_starting(tiny_root, runs):
-    with pytest.raises(jobs.JobError, match="Invalid training settings"):
-        jobs.start_training({**tiny_config(tiny_root, "bad"), "arch": "vgg99"}, runs)
-    with pytest.raises(jobs.JobError, match="not a usable run name"):
-        jobs.start_training(tiny_config(tiny_root, "../escape"), runs)
-    assert jobs.active_job(runs) is None
+    with pytest.raises(app_jobs.JobError, match="Invalid training settings"):
+        app_jobs.start_training({**tiny_config(tiny_root, "bad"), "arch": "vgg99"}, runs)
+    with pytest.raises(app_jobs.JobError, match="not a usable run name"):
+        app_jobs.start_training(tiny_config(tiny_root, "../escape"), runs)
+    assert app_jobs.active_job(runs) is None
 
 
 def test_stale_lock_is_released(tiny_root, runs):
     runs.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (runs / jobs.LOCK_NAME).write_text(json.dumps({"id": "old", "kind": "train", "runs": ["x"], "pid": dead.pid}))
-    assert jobs.active_job(runs) is None
-    assert not (runs / jobs.LOCK_NAME).exists()
+    (runs / app_jobs.LOCK_NAME).write_text(json.dumps({"id": "old", "kind": "train", "runs": ["x"], "pid": dead.pid}))
+    assert app_jobs.active_job(runs) is None
+    assert not (runs / app_jobs.LOCK_NAME).exists()
     # A run left "running" by a dead trainer is reported as interrupted at once, however fresh its files.
     (runs / "x").mkdir()
     (runs / "x" / "status.json").write_text(json.dumps({"state": "running", "error": None, "pid": dead.pid}))
@@ -137,9 +137,9 @@ def child_pids(pid: int) -> list[int]:
 
 
 def run_worker(job_file: Path) -> subprocess.CompletedProcess:
-    """``python -m core.jobs worker JOB`` as someone would type it."""
+    """``lesionlab jobs worker JOB`` as someone would type it."""
     return subprocess.run(
-        [sys.executable, "-m", "core.jobs", "worker", str(job_file)],
+        [sys.executable, "-m", "core.cli.jobs", "worker", str(job_file)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -149,8 +149,8 @@ def run_worker(job_file: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny_root, runs, tmp_path):
-    job = jobs.start_training(tiny_config(tiny_root, "orphan", epochs=200, cache_dir=str(tmp_path / "cache")), runs)
-    wait_for(lambda: read_run(runs / "orphan", jobs.active_job(runs)).epochs, timeout=90)
+    job = app_jobs.start_training(tiny_config(tiny_root, "orphan", epochs=200, cache_dir=str(tmp_path / "cache")), runs)
+    wait_for(lambda: read_run(runs / "orphan", app_jobs.active_job(runs)).epochs, timeout=90)
     [trainer] = child_pids(job.pid)
     trainer_start = proc_start_time(trainer)
     try:
@@ -159,19 +159,19 @@ def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny
         os.kill(trainer, signal.SIGSTOP)
         os.kill(job.pid, signal.SIGKILL)
         wait_for(lambda: not pid_alive(job.pid), timeout=30)
-        with pytest.raises(jobs.JobBusyError):
-            jobs.start_training(tiny_config(tiny_root, "beside"), runs)
+        with pytest.raises(app_jobs.JobBusyError):
+            app_jobs.start_training(tiny_config(tiny_root, "beside"), runs)
         assert not (runs / "beside").exists()
         again = run_worker(job.file)  # nor may the job run again beside its trainer
         assert again.returncode == 2 and again.stderr.startswith("error:"), again.stderr
         os.kill(trainer, signal.SIGCONT)
 
-        def start_next() -> jobs.Job | None:
+        def start_next() -> app_jobs.Job | None:
             try:
-                return jobs.start_training(
+                return app_jobs.start_training(
                     tiny_config(tiny_root, "next", epochs=1, cache_dir=str(tmp_path / "cache")), runs
                 )
-            except jobs.JobBusyError:
+            except app_jobs.JobBusyError:
                 return None
 
         wait_for(start_next, timeout=60)
@@ -180,18 +180,18 @@ def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny
     finally:
         if pid_alive(trainer, trainer_start):
             os.kill(trainer, signal.SIGKILL)
-    assert jobs.wait_idle(runs, timeout=120)
+    assert app_jobs.wait_idle(runs, timeout=120)
     assert read_run(runs / "next").state == "finished"
     orphan = read_run(runs / "orphan")
     assert orphan.state in ("failed", "interrupted") and orphan.epochs
 
 
 def test_a_job_runs_in_one_worker_only(tiny_root, runs, tmp_path):
-    job = jobs.start_training(tiny_config(tiny_root, "once", cache_dir=str(tmp_path / "cache")), runs)
+    job = app_jobs.start_training(tiny_config(tiny_root, "once", cache_dir=str(tmp_path / "cache")), runs)
     second = run_worker(job.file)
     assert second.returncode == 2 and second.stderr.startswith("error:"), second.stderr
     assert "another worker" in second.stderr and "Traceback" not in second.stderr
-    assert jobs.wait_idle(runs, timeout=120)
+    assert app_jobs.wait_idle(runs, timeout=120)
     run = read_run(runs / "once")
     assert run.state == "finished" and [e["epoch"] for e in run.epochs] == [1, 2]
     # Once the job is over its file starts nothing: it no longer holds the lock.
@@ -206,7 +206,7 @@ def test_a_killed_terminal_run_reads_as_interrupted_at_once(tiny_root, tmp_path,
         [
             sys.executable,
             "-m",
-            "core.train",
+            "core.cli.train",
             "--data",
             str(tiny_root),
             "--weights",
@@ -249,30 +249,30 @@ def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):
     runs.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (runs / jobs.LOCK_NAME).write_text(
+        (runs / app_jobs.LOCK_NAME).write_text(
             json.dumps({"id": "other", "kind": "experiment", "runs": ["y"], "pid": sleeper.pid, "started": time.time()})
         )
-        with pytest.raises(jobs.JobBusyError, match="imbalance experiment"):
-            jobs.start_training(tiny_config(tiny_root, "z"), runs)
+        with pytest.raises(app_jobs.JobBusyError, match="imbalance experiment"):
+            app_jobs.start_training(tiny_config(tiny_root, "z"), runs)
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert jobs.active_job(runs) is None
+    assert app_jobs.active_job(runs) is None
 
 
 def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, tmp_path):
     base = tiny_config(tiny_root, "", epochs=1, cache_dir=str(tmp_path / "cache"))
-    job = jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
+    job = app_jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
     assert job.kind == "experiment" and job.runs == ["exp-none", "exp-focal"]
-    with pytest.raises(jobs.JobBusyError):
-        jobs.start_training(tiny_config(tiny_root, "meanwhile"), runs)
-    assert jobs.wait_idle(runs, timeout=180)
+    with pytest.raises(app_jobs.JobBusyError):
+        app_jobs.start_training(tiny_config(tiny_root, "meanwhile"), runs)
+    assert app_jobs.wait_idle(runs, timeout=180)
     states = {r.name: r.state for r in list_runs(runs)}
     assert states == {"exp-none": "finished", "exp-focal": "finished"}
     cfgs = {n: read_run(runs / n).config for n in states}
     assert cfgs["exp-focal"]["imbalance"] == "focal" and cfgs["exp-none"]["imbalance"] == "none"
     assert all(c["finetune"] == "head" and c["feature_cache"] for c in cfgs.values())
-    [manifest] = jobs.list_experiments(runs)
+    [manifest] = app_jobs.list_experiments(runs)
     assert manifest["name"] == "exp" and manifest["runs"] == job.runs
     # One trainer process trained both runs; what it printed about each is in that run's own log.
     logs = {n: (runs / n / "train.log").read_text() for n in states}
@@ -282,17 +282,17 @@ def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, 
 
 def test_stopping_an_experiment_ends_its_run_and_starts_no_other(tiny_root, runs, tmp_path):
     base = tiny_config(tiny_root, "", epochs=200, cache_dir=str(tmp_path / "cache"))
-    jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
-    wait_for(lambda: len(read_run(runs / "exp-none", jobs.active_job(runs)).epochs) >= 1, timeout=90)
-    assert jobs.stop_job(runs)
-    assert jobs.wait_idle(runs, timeout=60)
+    app_jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
+    wait_for(lambda: len(read_run(runs / "exp-none", app_jobs.active_job(runs)).epochs) >= 1, timeout=90)
+    assert app_jobs.stop_job(runs)
+    assert app_jobs.wait_idle(runs, timeout=60)
     run = read_run(runs / "exp-none")
     assert run.state == "stopped" and 1 <= len(run.epochs) < 200 and run.has_evaluation
     assert not (runs / "exp-focal").exists()  # the queued run never started
 
 
 def test_experiment_configs_cover_every_strategy():
-    cfgs = jobs.experiment_configs({"arch": "resnet18", "finetune": "full"}, "e")
+    cfgs = app_jobs.experiment_configs({"arch": "resnet18", "finetune": "full"}, "e")
     assert [c["imbalance"] for c in cfgs] == list(STRATEGIES)
     assert [c["name"] for c in cfgs] == [f"e-{s}" for s in STRATEGIES]
     assert {c["finetune"] for c in cfgs} == {"head"} and all(c["feature_cache"] for c in cfgs)
@@ -311,7 +311,7 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
         + '{"event": "epo'
     )
     (run / "status.json").write_text(json.dumps({"state": "running"}))
-    fake_job = jobs.Job(id="j", kind="train", runs=["r"], runs_dir=tmp_path, pid=os.getpid())
+    fake_job = app_jobs.Job(id="j", kind="train", runs=["r"], runs_dir=tmp_path, pid=os.getpid())
     state = read_run(run, fake_job)
     assert state.state == "running" and len(state.epochs) == 1
     assert state.fraction_done() == pytest.approx(1.5 / 3)
@@ -323,26 +323,26 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
 def test_dataset_download_runs_in_the_background(tmp_path, runs, server):  # noqa: F811
     """``server`` is test_download's fake Dataverse on loopback (a real HTTP server)."""
     dest = tmp_path / "ham"
-    job = jobs.start_download(dest, runs, server=server.url)
+    job = app_jobs.start_download(dest, runs, server=server.url)
     assert job.kind == "download"
     # A training job may run beside a download; a second download may not.
-    assert jobs.active_job(runs) is None
-    with pytest.raises(jobs.JobBusyError, match="download is already running"):
-        jobs.start_download(dest, runs, server=server.url)
-    wait_for(lambda: jobs.active_download(runs) is None, timeout=60)
-    status = jobs.download_status(runs)
+    assert app_jobs.active_job(runs) is None
+    with pytest.raises(app_jobs.JobBusyError, match="download is already running"):
+        app_jobs.start_download(dest, runs, server=server.url)
+    wait_for(lambda: app_jobs.active_download(runs) is None, timeout=60)
+    status = app_jobs.download_status(runs)
     assert status["state"] == "finished", status
     assert "No problems found" in status["summary"] and status["dest"] == str(dest.resolve())
     assert status["stage"] in ("download", "verify", "extract")
-    from core.data import index_dataset
+    from core.data.dataset import index_dataset
 
     assert len(index_dataset(dest).frame) == 14
 
 
 def test_failed_download_reports_why(tmp_path, runs):
-    jobs.start_download(tmp_path / "ham", runs, server="http://127.0.0.1:9")  # nothing listens on port 9
-    wait_for(lambda: jobs.active_download(runs) is None, timeout=90)
-    status = jobs.download_status(runs)
+    app_jobs.start_download(tmp_path / "ham", runs, server="http://127.0.0.1:9")  # nothing listens on port 9
+    wait_for(lambda: app_jobs.active_download(runs) is None, timeout=90)
+    status = app_jobs.download_status(runs)
     assert status["state"] == "failed" and status["error"]
 
 
@@ -356,16 +356,16 @@ def no_weights(tmp_path, monkeypatch) -> Path:
 
 
 def test_training_without_its_imagenet_file_never_starts(tiny_root, runs, no_weights):
-    with pytest.raises(jobs.JobError, match="ImageNet weights for resnet18 are not on this computer"):
-        jobs.start_training(tiny_config(tiny_root, "offline", weights="imagenet"), runs)
+    with pytest.raises(app_jobs.JobError, match="ImageNet weights for resnet18 are not on this computer"):
+        app_jobs.start_training(tiny_config(tiny_root, "offline", weights="imagenet"), runs)
     # No worker, no run folder, no job files: the refusal came before anything started.
-    assert jobs.active_job(runs) is None
+    assert app_jobs.active_job(runs) is None
     assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_an_experiment_without_its_imagenet_file_starts_no_run(tiny_root, runs, no_weights):
     base = {**tiny_config(tiny_root, "", weights="imagenet"), "arch": "mobilenet_v2"}
-    with pytest.raises(jobs.JobError, match=str(no_weights / "hub" / "checkpoints" / "mobilenet_v2")):
-        jobs.start_experiment(base, runs, name="offline")
-    assert jobs.active_job(runs) is None and jobs.list_experiments(runs) == []
+    with pytest.raises(app_jobs.JobError, match=str(no_weights / "hub" / "checkpoints" / "mobilenet_v2")):
+        app_jobs.start_experiment(base, runs, name="offline")
+    assert app_jobs.active_job(runs) is None and app_jobs.list_experiments(runs) == []
     assert not runs.exists() or not any(runs.iterdir())

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.imbalance import STRATEGIES
-from core.labels import CLASSES, MELANOMA
-from core.settings import PUBLISHED_RUNS_ENV
+from core.common.labels import CLASSES, MELANOMA
+from core.common.settings import PUBLISHED_RUNS_ENV
+from core.training.imbalance import STRATEGIES
 from pages.views import _pages
 from tests.app_support import *  # noqa: F403
 from tests.app_support import PAGES, ROOT, AppEnv, app_test, no_exceptions, texts
@@ -82,7 +82,7 @@ def test_home_with_data(full_env, monkeypatch):
 
 
 def test_home_counts_finished_runs_and_the_published_ones_apart(full_env, tmp_path, monkeypatch):
-    from core.runs import write_status
+    from core.common.runs import write_status
 
     runs = tmp_path / "runs"
     shutil.copytree(full_env.runs / "tiny-none", runs / "tiny-none")
@@ -337,7 +337,7 @@ def test_published_gallery_finds_its_images_by_id_in_the_configured_dataset(
     """A published record on another computer: its misclassified images come from the dataset configured there
     (the bundled sample holds some of the reference model's test images), and a dataset without them is said
     to be so, plainly, instead of a tile per missing file."""
-    from core.data import index_dataset
+    from core.data.dataset import index_dataset
 
     sample = ROOT / "sample_data" / "ham10000-sample"
     published = ROOT / "docs" / "runs"
@@ -410,18 +410,19 @@ def test_compare_opens_on_the_imbalance_lesson_of_the_published_runs(empty_env, 
 
 
 def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypatch):
-    from core import estimate
-    from core.features import FeatureCache, backbone_key
-    from core.runs import format_duration, list_runs
-    from core.settings import resolve_path
-    from core.training import config_with
+    from core.app import estimate
+    from core.common.formatting import format_duration
+    from core.common.runs import list_runs
+    from core.common.settings import resolve_path
+    from core.inference.features import FeatureCache, backbone_key
+    from core.training.config import config_with
 
     full_env.apply(monkeypatch)
     at = app_test("compare")
     no_exceptions(at)
     at.number_input(key="exp_epochs").set_value(3).run()
     no_exceptions(at)
-    # What the page says is the estimate of core.estimate for the form's settings and this machine's runs.
+    # What the page says is the estimate of core.app.estimate for the form's settings and this machine's runs.
     cfg = config_with("seed", data=str(full_env.data), epochs=3)
     total, images = estimate.experiment_images(cfg, list(STRATEGIES))
     rates = {**estimate.benchmark_rates(), **estimate.recorded_rates(list_runs(full_env.runs), cfg)}
@@ -438,18 +439,18 @@ def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypat
 
 def test_the_newest_experiment_trained_here_is_the_lesson(tiny_root, tmp_path, monkeypatch):
     """An experiment run as the app runs it (one background job) becomes the lesson, before the published one."""
-    from core import jobs
+    from core.app import jobs as app_jobs
     from tests.app_support import AppEnv, tiny_config
 
     env = AppEnv(data=tiny_root, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
     env.apply(monkeypatch)
     monkeypatch.setenv(PUBLISHED_RUNS_ENV, str(ROOT / "docs" / "runs"))
     base = tiny_config(tiny_root, "", epochs=1, cache_dir=str(tmp_path / "cache"))
-    jobs.start_experiment(base, env.runs, name="exp", strategies=("weighted_loss", "none"))
+    app_jobs.start_experiment(base, env.runs, name="exp", strategies=("weighted_loss", "none"))
     try:
-        assert jobs.wait_idle(env.runs, timeout=180)
+        assert app_jobs.wait_idle(env.runs, timeout=180)
     finally:
-        jobs.kill_job(env.runs)
+        app_jobs.kill_job(env.runs)
     at = app_test("compare")
     no_exceptions(at)
     assert at.selectbox(key="cmp_experiment_pick").value == "exp"

@@ -1,5 +1,5 @@
 """Quiz (AppTest): a 10-image quiz on the bundled sample with the shipped reference model, taken to its summary;
-the summary's numbers are core.quiz.score's on the same answers and the model's own predictions."""
+the summary's numbers are core.app.quiz.score's on the same answers and the model's own predictions."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core import quiz
-from core.data import index_dataset
-from core.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
-from core.predict import Predictor
-from core.settings import PUBLISHED_RUNS_ENV
+from core.app import quiz
+from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
+from core.common.settings import PUBLISHED_RUNS_ENV
+from core.data.dataset import index_dataset
+from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
 from tests.app_support import ROOT, AppEnv, app_test, no_exceptions, texts
 
@@ -44,9 +44,11 @@ def test_a_ten_image_quiz_to_its_summary(quiz_page):
     at.button(key="FormSubmitter:quiz_setup-Start the quiz").click().run()
     no_exceptions(at)
 
-    # The page draws exactly what core.quiz draws for these settings, dataset and model.
+    # The page draws exactly what core.app.quiz draws for these settings, dataset and model.
     frame = index_dataset(SAMPLE).frame
-    split_of = quiz.model_split(REFERENCE, Predictor(REFERENCE).checkpoint, frame, [ROOT / "docs" / "runs"]).split_of
+    split_of = quiz.model_split(
+        REFERENCE, open_predictor(REFERENCE).checkpoint, frame, [ROOT / "docs" / "runs"]
+    ).split_of
     expected = quiz.draw_quiz(frame, split_of, quiz.QuizSettings(n=10, seed=7))
     rows = pd.DataFrame(at.session_state["quiz"]["rows"])
     assert rows["image_id"].tolist() == expected["image_id"].tolist()
@@ -75,7 +77,7 @@ def test_a_ten_image_quiz_to_its_summary(quiz_page):
         no_exceptions(at)
 
     # The model's probabilities, computed here without the app (no flip averaging, as on Diagnose).
-    predictor = Predictor(REFERENCE)
+    predictor = open_predictor(REFERENCE)
     probs = np.array([predictor.predict(p).probs for p in rows["path"]])
     result = quiz.score(rows["dx"], answers, probs, confidences)
     metrics = {m.label: m.value for m in at.metric}
@@ -138,7 +140,7 @@ def test_a_model_that_outputs_nan_stops_the_quiz_with_an_error(tmp_path, monkeyp
     """The reference model with NaN in its head: it loads, and every probability it gives is NaN."""
     import torch
 
-    from core.checkpoints import atomic_save
+    from core.models.checkpoints import atomic_save
 
     broken = torch.load(REFERENCE, map_location="cpu", weights_only=True)
     for name, tensor in broken["model_state"].items():

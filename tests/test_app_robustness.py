@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from core import robustness
-from core.evaluate import evaluate_checkpoint
-from core.inference import tta_description
-from core.predict import USE_TTA_BY_DEFAULT
-from core.robustness import CLEAN
-from core.shifts import SHIFTS
+from core.data.shifts import SHIFTS
+from core.evaluation import robustness
+from core.evaluation.evaluate import evaluate_checkpoint
+from core.evaluation.robustness import CLEAN
+from core.inference.forward import tta_description
+from core.inference.predictor import USE_TTA_BY_DEFAULT
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
 from tests.test_app_pages import open_view
 
@@ -61,7 +61,8 @@ def test_missing_report_is_computed_with_a_button_and_saved(env):
     table = _shown_table(at)
     assert list(table["condition"]) == [CLEAN, *SHIFTS]
     assert len(at.get("plotly_chart")) == 1
-    # With the predictor's default views, as core.evaluate and Diagnose predict: its clean row is their result.
+    # With the predictor's default views, as core.evaluation.evaluate and Diagnose predict: its clean row is their
+    # result.
     assert saved["tta"] is USE_TTA_BY_DEFAULT and saved["tta_views"] == tta_description(USE_TTA_BY_DEFAULT)
     assert robustness.views(saved) in texts(at)
     evaluated = evaluate_checkpoint(env.checkpoints / "reference.pt", SAMPLE, bootstrap=0)

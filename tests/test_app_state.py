@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.features import FeatureCache, backbone_key
-from core.formatting import progress_text
-from core.procs import process_record
-from core.runs import read_events, read_run
-from core.training import TrainConfig, train
+from core.common.formatting import progress_text
+from core.common.procs import process_record
+from core.common.runs import read_events, read_run
+from core.inference.features import FeatureCache, backbone_key
+from core.training.config import TrainConfig
+from core.training.loop import train
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, fake_job, no_exceptions, texts, tiny_config
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from core import jobs
-from core.imbalance import STRATEGIES
-from core.models import weights_file
-from core.predict import Predictor
-from core.runs import read_run
+from core.app import jobs as app_jobs
+from core.common.runs import read_run
+from core.inference.opening import open_predictor
+from core.models.architectures import weights_file
+from core.training.imbalance import STRATEGIES
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, no_exceptions, texts
 from tests.test_download import dataset, server  # noqa: F401 — the fake Dataverse fixtures
@@ -22,9 +22,9 @@ def train_env(tmp_path, tiny_root, monkeypatch) -> AppEnv:
     env = AppEnv(data=tiny_root, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
     env.apply(monkeypatch)
     yield env
-    if jobs.active_job(env.runs) is not None:
-        jobs.kill_job(env.runs)
-        jobs.wait_idle(env.runs, timeout=20)
+    if app_jobs.active_job(env.runs) is not None:
+        app_jobs.kill_job(env.runs)
+        app_jobs.wait_idle(env.runs, timeout=20)
 
 
 def fill_tiny(at, name: str, epochs: int) -> None:
@@ -48,7 +48,7 @@ def test_start_watch_and_stop_a_run_from_the_page(train_env):
     at.selectbox(key="finetune_seed").set_value("full")
     start_button(at).click().run()
     no_exceptions(at)
-    job = jobs.active_job(train_env.runs)
+    job = app_jobs.active_job(train_env.runs)
     assert job is not None and job.runs == ["ui-run"]
 
     # While it runs: the form is locked, the monitor shows the run and a Stop button.
@@ -68,7 +68,7 @@ def test_start_watch_and_stop_a_run_from_the_page(train_env):
     stop = next(b for b in at.button if b.label == "Stop training")
     stop.click().run()
     no_exceptions(at)
-    assert jobs.wait_idle(train_env.runs, timeout=60)
+    assert app_jobs.wait_idle(train_env.runs, timeout=60)
     at.run()
     no_exceptions(at)
     assert not start_button(at).disabled
@@ -90,7 +90,7 @@ def test_a_failed_run_shows_its_error(train_env, tmp_path):
     start_button(at).click().run()
     no_exceptions(at)
     shutil.rmtree(gone)
-    assert jobs.wait_idle(train_env.runs, timeout=60)
+    assert app_jobs.wait_idle(train_env.runs, timeout=60)
     at.run()
     no_exceptions(at)
     errors = " ".join(e.value for e in at.error)
@@ -105,7 +105,7 @@ def test_compare_starts_the_imbalance_experiment(train_env):
     at.number_input(key="exp_size").set_value(32)
     next(b for b in at.button if b.label == "Run the imbalance experiment").click().run()
     no_exceptions(at)
-    job = jobs.active_job(train_env.runs)
+    job = app_jobs.active_job(train_env.runs)
     assert job is not None and job.kind == "experiment" and len(job.runs) == len(STRATEGIES)
     # The status table lists the strategies while they run; stop after the first to keep this quick.
     # The lesson shows the experiment just started, whatever was picked before.
@@ -116,8 +116,8 @@ def test_compare_starts_the_imbalance_experiment(train_env):
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not (train_env.runs / job.runs[0] / "status.json").is_file():
         time.sleep(0.5)
-    jobs.stop_job(train_env.runs)
-    assert jobs.wait_idle(train_env.runs, timeout=60)
+    app_jobs.stop_job(train_env.runs)
+    assert app_jobs.wait_idle(train_env.runs, timeout=60)
     at.run()
     no_exceptions(at)
     states = list(at.dataframe[0].value["state"])
@@ -136,7 +136,7 @@ def test_dataset_page_downloads_ham10000_and_uses_it(tmp_path, monkeypatch, serv
     next(b for b in at.button if b.label == "Download HAM10000").click().run()
     no_exceptions(at)
     deadline = time.monotonic() + 60
-    while jobs.active_download(env.runs) is not None and time.monotonic() < deadline:
+    while app_jobs.active_download(env.runs) is not None and time.monotonic() < deadline:
         time.sleep(0.3)
     at.run()
     no_exceptions(at)
@@ -154,7 +154,7 @@ def test_a_failed_download_is_explained(tmp_path, monkeypatch):
     at.text_input(key="download_dest").set_value(str(tmp_path / "ham"))
     next(b for b in at.button if b.label == "Download HAM10000").click().run()
     deadline = time.monotonic() + 90
-    while jobs.active_download(env.runs) is not None and time.monotonic() < deadline:
+    while app_jobs.active_download(env.runs) is not None and time.monotonic() < deadline:
         time.sleep(0.3)
     at.run()
     no_exceptions(at)
@@ -168,10 +168,10 @@ def test_an_automatic_run_name_follows_the_chosen_architecture(train_env):
     start_button(at).click().run()
     no_exceptions(at)
     assert not at.error
-    job = jobs.active_job(train_env.runs)
+    job = app_jobs.active_job(train_env.runs)
     # The preset is ResNet-18; the name used to come from it before the architecture was chosen.
     assert job is not None and "mobilenet_v2" in job.runs[0] and "resnet18" not in job.runs[0]
-    assert jobs.wait_idle(train_env.runs, timeout=90)
+    assert app_jobs.wait_idle(train_env.runs, timeout=90)
     assert (train_env.runs / job.runs[0] / "config.json").is_file()
 
 
@@ -185,10 +185,10 @@ def test_a_run_that_learns_from_metadata_starts_from_the_form(train_env):
     start_button(at).click().run()
     no_exceptions(at)
     assert not at.error
-    assert jobs.wait_idle(train_env.runs, timeout=120)
+    assert app_jobs.wait_idle(train_env.runs, timeout=120)
     run = read_run(train_env.runs / "with-metadata")
     assert run.state == "finished" and run.config["metadata"] is True and run.config["finetune"] == "full"
-    predictor = Predictor(train_env.runs / "with-metadata" / "best.pt")
+    predictor = open_predictor(train_env.runs / "with-metadata" / "best.pt")
     assert predictor.uses_metadata
 
 
@@ -215,4 +215,4 @@ def test_weights_that_are_not_on_this_computer_are_refused(train_env, tmp_path, 
     no_exceptions(at)
     errors = " ".join(e.value for e in at.error)
     assert all(w in errors for w in why), errors
-    assert jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()
+    assert app_jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()

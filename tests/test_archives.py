@@ -1,4 +1,4 @@
-"""core.archives: uploaded zips are unpacked once, inside their folder, within bounds."""
+"""core.data.archives: uploaded zips are unpacked once, inside their folder, within bounds."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from core import archives
-from core.archives import ArchiveError, unpack_upload
+from core.data import archives
+from core.data.archives import ArchiveError, unpack_upload
 
 
 def zip_of(files: dict[str, bytes]) -> io.BytesIO:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from core import augment
-from core.augment import batch_transform
-from core.preprocessing import Preprocessing, eval_transform, load_for_model, train_transform
-from core.training import train
+from core.data import augment
+from core.data.augment import batch_transform
+from core.data.preprocessing import Preprocessing, eval_transform, load_for_model, train_transform
+from core.training.loop import train
 from tests.conftest import ROOT
 from tests.test_decoded import run_events, sample_run
 

@@ -1,4 +1,4 @@
-"""Batch prediction (core.batch and ``python -m core.predict … --csv``) with the bundled reference model on the
+"""Batch prediction (core.inference.batch and ``lesionlab predict … --csv``) with the bundled reference model on the
 bundled sample's real images: one row per file, the same answers as one image at a time, bad files as rows with
 their error, and archives that cannot hurt the computer they are opened on."""
 
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import batch
-from core.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
-from core.labels import CLASSES
-from core.predict import USE_TTA_BY_DEFAULT, Predictor
+from core.common.labels import CLASSES
+from core.inference import batch
+from core.inference.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
+from core.inference.opening import open_predictor
+from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
 from tests.conftest import write_truncated_jpeg, zip_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor(REFERENCE)
+    return open_predictor(REFERENCE)
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ def test_gather_names_what_it_cannot_open(tmp_path):
 def run_predict(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "core.predict", *map(str, args)],
+        [sys.executable, "-m", "core.cli.predict", *map(str, args)],
         cwd=ROOT,
         env=env,
         capture_output=True,

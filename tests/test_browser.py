@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from core import jobs
-from core.labels import CLASSES, DISPLAY_NAMES
-from core.procs import process_record
-from core.runs import read_run
-from core.unfamiliar import detector_path
+from core.app import jobs as app_jobs
+from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.common.procs import process_record
+from core.common.runs import read_run
+from core.inference.unfamiliar import detector_path
 from tests.app_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -95,8 +95,8 @@ def server(browser_env):
         with streamlit_server(env, browser_env["runs"].parent / "server.log") as url:
             yield url
     finally:
-        if jobs.active_job(browser_env["runs"]) is not None:
-            jobs.kill_job(browser_env["runs"])
+        if app_jobs.active_job(browser_env["runs"]) is not None:
+            app_jobs.kill_job(browser_env["runs"])
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +309,7 @@ def test_sidebar_dataset_folder_on_the_full_dataset(browser, server, tmp_path, h
 def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     visit(page, server, "diagnose", "Diagnose")
     assert "not a medical device" in page.inner_text("[data-testid=stMain]")
-    from core.data import index_dataset
+    from core.data.dataset import index_dataset
 
     frame = index_dataset(browser_env["data"]).frame
     melanoma = frame.loc[frame["dx"] == "mel", "path"].iloc[0]
@@ -461,7 +461,7 @@ def test_pages_follow_the_job_without_a_reload(browser, server, browser_env):
     """A job that ends, or one that starts, while a page is open shows on the page and in the sidebar within
     moments (the app polls every second), with no reload; the job is held by a stand-in process."""
     runs = browser_env["runs"]
-    assert jobs.wait_idle(runs, timeout=60)
+    assert app_jobs.wait_idle(runs, timeout=60)
     pg = new_page(browser)
     holder = fake_job(runs, "live-one")
     (runs / "live-one").mkdir()
@@ -488,7 +488,7 @@ def test_pages_follow_the_job_without_a_reload(browser, server, browser_env):
     finally:
         holder.kill()
         holder.wait()
-        jobs.active_job(runs)  # releases the stand-in's lock
+        app_jobs.active_job(runs)  # releases the stand-in's lock
         shutil.rmtree(runs / "live-one")
         pg.context.close()
 

@@ -18,8 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from core import evaluate, predict
-from core.checkpoints import (
+from core.cli import evaluate as evaluate_cli
+from core.cli import predict as predict_cli
+from core.common.labels import CLASSES
+from core.data.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, Preprocessing
+from core.evaluation import evaluate as evaluation_evaluate
+from core.inference import forward
+from core.inference.forward import PredictionError, view_count
+from core.inference.opening import open_predictor
+from core.models.architectures import build_model
+from core.models.checkpoints import (
     FORMAT,
     MAX_CHECKPOINT_BYTES,
     CheckpointError,
@@ -28,11 +36,7 @@ from core.checkpoints import (
     load_model,
     read_checkpoint,
 )
-from core.inference import PredictionError, view_count
-from core.labels import CLASSES
-from core.models import build_model
-from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE, Preprocessing
-from core.training import TrainConfig
+from core.training.config import TrainConfig
 from tests.conftest import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +236,8 @@ def test_each_malformed_checkpoint_is_refused_naming_what_is_wrong(corpus, case)
 
 @pytest.mark.parametrize("case", CORPUS)
 def test_both_command_lines_answer_a_malformed_checkpoint_with_one_line(corpus, image, tiny_root, case, capsys):
-    assert predict.main([str(corpus[case]), str(image)]) == 2
-    assert evaluate.main(["--checkpoint", str(corpus[case]), "--data", str(tiny_root), "--bootstrap", "0"]) == 2
+    assert predict_cli.main([str(corpus[case]), str(image)]) == 2
+    assert evaluate_cli.main(["--checkpoint", str(corpus[case]), "--data", str(tiny_root), "--bootstrap", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.splitlines()
@@ -250,8 +254,8 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("case", IN_SUBPROCESS)
 def test_command_lines_exit_2_without_a_traceback(corpus, image, tiny_root, case):
     for done in (
-        run_cli("core.predict", corpus[case], image),
-        run_cli("core.evaluate", "--checkpoint", corpus[case], "--data", tiny_root, "--bootstrap", "0"),
+        run_cli("core.cli.predict", corpus[case], image),
+        run_cli("core.cli.evaluate", "--checkpoint", corpus[case], "--data", tiny_root, "--bootstrap", "0"),
     ):
         assert done.returncode == 2, done.stderr
         assert done.stdout == "" and "Traceback" not in done.stderr
@@ -293,17 +297,17 @@ def test_sizes_out_of_bounds_are_refused_wherever_a_preprocessing_is_made(tiny_r
 
 
 def test_evaluation_batches_hold_a_bounded_number_of_pixels():
-    assert evaluate.bounded_batch_size(64, (224, 224)) == 64
-    assert evaluate.bounded_batch_size(64, (150, 200)) == 64
-    assert evaluate.bounded_batch_size(64, (MAX_INPUT_SIDE, MAX_INPUT_SIDE)) == 3
-    assert evaluate.bounded_batch_size(8, (32, 32)) == 8
+    assert forward.bounded_batch_size(64, (224, 224)) == 64
+    assert forward.bounded_batch_size(64, (150, 200)) == 64
+    assert forward.bounded_batch_size(64, (MAX_INPUT_SIDE, MAX_INPUT_SIDE)) == 3
+    assert forward.bounded_batch_size(8, (32, 32)) == 8
     for size in ((MAX_INPUT_SIDE, MAX_INPUT_SIDE), (448, 448), (MIN_INPUT_SIDE, MIN_INPUT_SIDE)):
-        assert evaluate.bounded_batch_size(10_000, size) * size[0] * size[1] <= evaluate.MAX_BATCH_PIXELS
+        assert forward.bounded_batch_size(10_000, size) * size[0] * size[1] <= forward.MAX_BATCH_PIXELS
     # With test-time augmentation every image brings its views: the images per pass shrink by their number.
     views = view_count(True)
-    assert evaluate.bounded_batch_size(64, (224, 224), tta=True) == 64 // views
-    assert evaluate.bounded_batch_size(32, (150, 200), tta=True) == 26  # 64·224² pixels hold 107 views of 150×200
-    assert evaluate.bounded_batch_size(64, (MAX_INPUT_SIDE, MAX_INPUT_SIDE), tta=True) == 1
+    assert forward.bounded_batch_size(64, (224, 224), tta=True) == 64 // views
+    assert forward.bounded_batch_size(32, (150, 200), tta=True) == 26  # 64·224² pixels hold 107 views of 150×200
+    assert forward.bounded_batch_size(64, (MAX_INPUT_SIDE, MAX_INPUT_SIDE), tta=True) == 1
 
 
 # ---------------------------------------------------------------------------
@@ -329,15 +333,15 @@ def broken_weights(tmp_path_factory) -> Path:
 
 
 def test_broken_weights_never_become_a_prediction(broken_weights, image, tiny_root, capsys):
-    predictor = predict.Predictor(broken_weights)  # loads: nothing in the file is out of bounds
+    predictor = open_predictor(broken_weights)  # loads: nothing in the file is out of bounds
     with pytest.raises(PredictionError, match="no valid probabilities for this image"):
         predictor.predict(image)
     with pytest.raises(PredictionError, match="no valid probabilities"):
         predictor.predict(io.BytesIO(image.read_bytes()), tta=True)
     with pytest.raises(PredictionError, match=r"\d+ of \d+ images"):
-        evaluate.evaluate_checkpoint(broken_weights, tiny_root, bootstrap=0)
-    assert predict.main([str(broken_weights), str(image)]) == 2
-    assert evaluate.main(["--checkpoint", str(broken_weights), "--data", str(tiny_root), "--bootstrap", "0"]) == 2
+        evaluation_evaluate.evaluate_checkpoint(broken_weights, tiny_root, bootstrap=0)
+    assert predict_cli.main([str(broken_weights), str(image)]) == 2
+    assert evaluate_cli.main(["--checkpoint", str(broken_weights), "--data", str(tiny_root), "--bootstrap", "0"]) == 2
     out, err = capsys.readouterr()
     lines = err.splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") and "no valid probabilities" in line for line in lines)

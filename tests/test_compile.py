@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.runs import read_run
-from core.runtime import compile_problem
+from core.common.runs import read_run
+from core.common.runtime import compile_problem
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -21,7 +21,7 @@ SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 
 def compiled_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """Two head-only epochs on the sample's cached features, the head compiled, through the command line."""
-    command = [sys.executable, "-m", "core.train", "--data", str(SAMPLE), "--weights", "none"]
+    command = [sys.executable, "-m", "core.cli.train", "--data", str(SAMPLE), "--weights", "none"]
     command += ["--input-size", "32", "32", "--epochs", "2", "--device", "cpu", "--compile"]
     command += ["--out", str(tmp_path / "runs"), "--name", "compiled", "--cache-dir", str(tmp_path / "features")]
     command += ["--decoded-dir", str(tmp_path / "decoded")]

@@ -11,19 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from core import labels
-from core.data import (
-    MAX_WALK_DEPTH,
-    DatasetError,
-    LesionDataset,
-    index_dataset,
-    read_metadata,
-    split_by_lesion,
-    split_counts,
-    walk_files,
-)
-from core.images import ImageError
-from core.preprocessing import Preprocessing, eval_transform, train_transform
+from core.common import labels
+from core.data.dataset import MAX_WALK_DEPTH, DatasetError, LesionDataset, index_dataset, read_metadata, walk_files
+from core.data.images import ImageError
+from core.data.preprocessing import Preprocessing, eval_transform, train_transform
+from core.data.splits import split_by_lesion, split_counts
 from tests.conftest import write_truncated_jpeg
 
 
@@ -109,7 +101,7 @@ def test_index_finds_nested_images_and_reports_every_mismatch(tiny_root, tmp_pat
 def test_index_errors_tell_the_user_what_to_do(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         index_dataset(tmp_path / "missing")
-    with pytest.raises(DatasetError, match="core.download"):
+    with pytest.raises(DatasetError, match="core.cli.download"):
         index_dataset(tmp_path)
     (tmp_path / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\nHAM_1,ISIC_1,mel\n")
     with pytest.raises(DatasetError, match="No usable images"):

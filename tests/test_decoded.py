@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import decoded
-from core.decoded import CacheUnavailable, open_decoded
-from core.preprocessing import Preprocessing, load_for_model
-from core.runs import StopRequested
-from core.training import TrainConfig, config_with, train
+from core.common.runs import StopRequested
+from core.data import decoded
+from core.data.decoded import CacheUnavailable, open_decoded
+from core.data.preprocessing import Preprocessing, load_for_model
+from core.training.config import TrainConfig, config_with
+from core.training.loop import train
 from tests.conftest import ROOT, write_truncated_jpeg
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoints import read_checkpoint
-from core.decoded import open_decoded
-from core.evaluate import evaluate_checkpoint, index_data
-from core.features import compute_features
-from core.images import ImageError
-from core.predict import Predictor
-from core.preprocessing import Preprocessing
-from core.training import train
+from core.data.decoded import open_decoded
+from core.data.images import ImageError
+from core.data.preprocessing import Preprocessing
+from core.evaluation.evaluate import evaluate_checkpoint, index_data
+from core.inference.features import compute_features
+from core.inference.opening import open_predictor
+from core.models.checkpoints import read_checkpoint
+from core.training.loop import train
 from tests.conftest import ROOT, write_truncated_jpeg
 from tests.test_decoded import images_of, run_events, sample_copy, sample_run  # noqa: F401 — sample_copy: a fixture
 
@@ -50,7 +50,7 @@ def test_evaluation_reads_the_cache_training_built_and_matches_the_files(tmp_pat
     assert "holds no current decoded-image cache" in files["input_pipeline_note"]
     assert not (tmp_path / "decoded").exists()
 
-    prep = Predictor(checkpoint).prep
+    prep = open_predictor(checkpoint).prep
     open_decoded(index_data(SAMPLE).frame["path"].tolist(), prep, root=SAMPLE, cache_dir=tmp_path / "decoded")
     cached = evaluate_checkpoint(checkpoint, SAMPLE, decoded_dir=tmp_path / "decoded", **options)
 
@@ -64,7 +64,7 @@ def test_evaluation_reads_the_cache_training_built_and_matches_the_files(tmp_pat
 def test_a_split_with_an_image_the_cache_found_damaged_is_read_from_the_files(sample_copy, tmp_path):  # noqa: F811
     paths = images_of(sample_copy)
     write_truncated_jpeg(paths[4])
-    prep = Predictor(REFERENCE).prep
+    prep = open_predictor(REFERENCE).prep
     open_decoded(index_data(sample_copy).frame["path"].tolist(), prep, root=sample_copy, cache_dir=tmp_path / "d")
     with pytest.raises(ImageError, match="damaged or truncated"):  # the files say which image and why
         evaluate_checkpoint(REFERENCE, sample_copy, split="all", bootstrap=0, decoded_dir=tmp_path / "d")
@@ -73,7 +73,7 @@ def test_a_split_with_an_image_the_cache_found_damaged_is_read_from_the_files(sa
 def test_features_from_the_cache_match_the_files_and_leave_damaged_images_out(sample_copy, tmp_path):  # noqa: F811
     paths = images_of(sample_copy)
     write_truncated_jpeg(paths[4])
-    backbone = Predictor(REFERENCE).model.backbone
+    backbone = open_predictor(REFERENCE).model.backbone
     prep = Preprocessing(input_size=(224, 224))  # resized on the way in, as the seed preset's images are
     cache = open_decoded(paths, prep, root=sample_copy, cache_dir=tmp_path / "decoded")
     device = torch.device("cpu")

@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from core import distributed, imbalance, jobs
-from core.labels import CLASSES
-from core.models import build_model
-from core.runs import read_run, request_stop
+from core.app import jobs as app_jobs
+from core.common.labels import CLASSES
+from core.common.runs import read_run, request_stop
+from core.models.architectures import build_model
+from core.training import distributed, imbalance
 from tests.app_support import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_one_process_is_left_alone():
 
 def trainer(*args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] if processes > 1 else []
-    command = [sys.executable, *launcher, "-m", "core.train", *args]
+    command = [sys.executable, *launcher, "-m", "core.cli.train", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0 or not check, result.stdout + result.stderr
@@ -225,14 +226,14 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_writing(tmp_pa
 def test_a_job_on_two_processes_runs_torchrun(tiny_root, tmp_path):
     runs = tmp_path / "runs"
     cfg = tiny_config(tiny_root, "two", cache_dir=str(tmp_path / "cache"), epochs=1)
-    with pytest.raises(jobs.JobError, match="multiple of 3"):
-        jobs.start_training(cfg, runs, gpus=3)
-    jobs.start_training(cfg, runs, gpus=2)
+    with pytest.raises(app_jobs.JobError, match="multiple of 3"):
+        app_jobs.start_training(cfg, runs, gpus=3)
+    app_jobs.start_training(cfg, runs, gpus=2)
     try:
-        assert jobs.wait_idle(runs, timeout=300), "the job did not finish"
+        assert app_jobs.wait_idle(runs, timeout=300), "the job did not finish"
     finally:
-        if jobs.active_job(runs) is not None:
-            jobs.kill_job(runs)
+        if app_jobs.active_job(runs) is not None:
+            app_jobs.kill_job(runs)
     run = read_run(runs / "two")
     assert run.state == "finished", (run.error, run.log_tail())
     assert run.log_tail().count("test accuracy") == 1
@@ -242,7 +243,15 @@ def test_a_stop_during_rank_zeros_feature_extraction_ends_every_process(tmp_path
     """Rank 0 alone computes the features while rank 1 waits for them: a stop between two of rank 0's batches
     must reach rank 1 too, and end the run on both, keeping the features computed so far."""
     runs, cache = tmp_path / "runs", tmp_path / "cache"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "core.train"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "core.cli.train",
+    ]
     # 320×320 inputs: each batch of 64 takes seconds, time enough to ask for the stop during the second.
     command += ["--data", str(SAMPLE), "--weights", "none", "--input-size", "320", "320", "--epochs", "1"]
     command += ["--out", str(runs), "--name", "stop", "--cache-dir", str(cache), "--device", "cpu"]

@@ -25,9 +25,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-from core.data import index_dataset
-from core.dataverse import HAM10000_DOI, DownloadError, RemoteFile
-from core.download import EXTERNAL, STATE_DIR, TRAINING, download_dataset, list_dataset_files, main, role_of
+from core.cli.download import main
+from core.data.dataset import index_dataset
+from core.data.dataverse import HAM10000_DOI, DownloadError, RemoteFile
+from core.data.download import EXTERNAL, STATE_DIR, TRAINING, download_dataset, list_dataset_files, role_of
 from tests.conftest import make_image, write_tiny_dataset, zip_bytes
 
 PART_1, PART_2, METADATA, TEST_IMAGES, TEST_TRUTH, SEGMENTATIONS = 3172585, 3172584, 4338392, 3855824, 6924466, 3838943

@@ -1,6 +1,6 @@
-"""Ensembles: a real 2-member ensemble built through ``python -m core.train --ensemble`` on the bundled sample,
+"""Ensembles: a real 2-member ensemble built through ``lesionlab train --ensemble`` on the bundled sample,
 combined exactly as documented, refused clearly when its file is wrong, and used by every door a single
-checkpoint goes through (Predictor, core.evaluate, the batch CLI, similar cases, Diagnose)."""
+checkpoint goes through (Predictor, core.evaluation.evaluate, the batch CLI, similar cases, Diagnose)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from core import ensemble, operating_point, predict, runs
-from core.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_save, file_format, read_checkpoint
-from core.ensemble import EnsemblePredictor
-from core.ensemble_file import ensemble_dict, lead_model, read_ensemble
-from core.evaluate import evaluate_checkpoint
-from core.evaluation import MEL_SENSITIVITY, fit_temperature, softmax
-from core.labels import CLASSES
-from core.predict import Predictor
-from core.settings import RUNS_ENV, model_files
-from core.unfamiliar import detector_path, file_digest, fit_detector, load_detector
+from core.cli import ensemble as ensemble_cli
+from core.cli import operating_point as operating_point_cli
+from core.cli import predict as predict_cli
+from core.common import runs
+from core.common.labels import CLASSES
+from core.common.settings import RUNS_ENV, model_files
+from core.evaluation.evaluate import evaluate_checkpoint
+from core.inference.ensemble import EnsemblePredictor
+from core.inference.opening import open_predictor
+from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
+from core.metrics.calibration import fit_temperature, softmax
+from core.metrics.classification import MEL_SENSITIVITY
+from core.models.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_save, file_format, read_checkpoint
+from core.models.ensemble_file import ensemble_dict, lead_model, read_ensemble
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
 
@@ -37,9 +41,9 @@ MEMBER_FLAGS = [
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, torch_home, one_thread):
     """Runs folder with the ensemble ``ens`` (members ens-seed3, ens-seed4) trained through the CLI, and the
-    mixed ensemble ``mixed`` combined with ``python -m core.ensemble`` from ens-seed3 and a run at another
+    mixed ensemble ``mixed`` combined with ``lesionlab ensemble`` from ens-seed3 and a run at another
     input size."""
-    from core import train
+    from core.cli import train
 
     base = tmp_path_factory.mktemp("ensemble")
     out, cache = base / "runs", base / "features"
@@ -48,7 +52,7 @@ def built(tmp_path_factory, torch_home, one_thread):
         mp.setenv("TORCH_HOME", str(torch_home))
         assert train.main([*common, "--name", "ens", "--seed", "3", "--ensemble", "2"]) == 0
         assert train.main([*common, "--name", "narrow", "--input-size", "48", "80"]) == 0
-    assert ensemble.main([str(out / "ens-seed3"), str(out / "narrow"), "--name", "mixed"]) == 0
+    assert ensemble_cli.main([str(out / "ens-seed3"), str(out / "narrow"), "--name", "mixed"]) == 0
     return out
 
 
@@ -81,9 +85,9 @@ def test_the_app_lists_the_ensemble_with_the_models(built, monkeypatch):
 
 
 def test_the_temperature_is_fitted_on_the_validation_split(built):
-    predictor = Predictor(built / "ens" / "best.pt")
+    predictor = open_predictor(built / "ens" / "best.pt")
     split = runs.read_split(built / "ens")
-    from core.data import index_dataset
+    from core.data.dataset import index_dataset
 
     frame = index_dataset(SAMPLE).frame
     val = frame[frame["image_id"].isin(split.loc[split["split"] == "val", "image_id"])].reset_index(drop=True)
@@ -95,9 +99,9 @@ def test_the_temperature_is_fitted_on_the_validation_split(built):
 
 @pytest.mark.parametrize("tta", [False, True])
 def test_probabilities_are_the_members_mean_with_the_ensemble_temperature(built, tta):
-    predictor = Predictor(built / "ens" / "best.pt")
+    predictor = open_predictor(built / "ens" / "best.pt")
     assert isinstance(predictor, EnsemblePredictor) and predictor.arch == "ensemble of 2 (2 × mobilenet_v2)"
-    members = [Predictor(built / f"ens-seed{s}" / "best.pt") for s in (3, 4)]
+    members = [open_predictor(built / f"ens-seed{s}" / "best.pt") for s in (3, 4)]
     for image in sample_images():
         got = predictor.predict(image, tta=tta)
         own = np.stack([m.predict(image, tta=tta).probs for m in members])  # each with its own temperature
@@ -108,8 +112,8 @@ def test_probabilities_are_the_members_mean_with_the_ensemble_temperature(built,
 
 
 def test_agreement_and_melanoma_spread_follow_the_members_own_predictions(built):
-    predictor = Predictor(built / "ens" / "best.pt")
-    members = [Predictor(built / f"ens-seed{s}" / "best.pt") for s in (3, 4)]
+    predictor = open_predictor(built / "ens" / "best.pt")
+    members = [open_predictor(built / f"ens-seed{s}" / "best.pt") for s in (3, 4)]
     seen = set()
     for image in sample_images(20):
         got = predictor.predict(image)
@@ -129,9 +133,9 @@ def test_agreement_and_melanoma_spread_follow_the_members_own_predictions(built)
 
 
 def test_members_with_other_input_sizes_keep_their_own_preprocessing(built):
-    predictor = Predictor(built / "mixed" / "best.pt")
+    predictor = open_predictor(built / "mixed" / "best.pt")
     assert [tuple(m.prep.input_size) for m in predictor.members] == [(64, 64), (48, 80)]
-    members = [Predictor(built / run / "best.pt") for run in ("ens-seed3", "narrow")]
+    members = [open_predictor(built / run / "best.pt") for run in ("ens-seed3", "narrow")]
     for image in sample_images(4):
         got = predictor.predict(image)
         own = np.stack([m.predict(image).probs for m in members])
@@ -140,7 +144,7 @@ def test_members_with_other_input_sizes_keep_their_own_preprocessing(built):
 
 @pytest.mark.parametrize("method", ["gradcam", "eigencam"])
 def test_gradcam_per_member_and_averaged_at_the_image_size(built, method):
-    predictor = Predictor(built / "mixed" / "best.pt")
+    predictor = open_predictor(built / "mixed" / "best.pt")
     prediction = predictor.predict(sample_images(1)[0])
     width, height = prediction.image.size
     maps = predictor.explain_members(prediction, method)
@@ -153,11 +157,11 @@ def test_gradcam_per_member_and_averaged_at_the_image_size(built, method):
 
 
 def test_core_evaluate_treats_an_ensemble_like_a_checkpoint(built, tmp_path, capsys):
-    from core import evaluate
+    from core.cli import evaluate as evaluate_cli
 
     out = tmp_path / "report.json"
     args = ["--checkpoint", str(built / "ens" / "best.pt"), "--data", str(SAMPLE), "--out", str(out)]
-    assert evaluate.main([*args, "--bootstrap", "0", "--device", "cpu", "--no-tta"]) == 0  # as the run evaluated
+    assert evaluate_cli.main([*args, "--bootstrap", "0", "--device", "cpu", "--no-tta"]) == 0  # as the run evaluated
     assert "ensemble of 2 (2 × mobilenet_v2)" in capsys.readouterr().out
     result = json.loads(out.read_text())
     recorded = runs.read_evaluation(built / "ens")["test"]
@@ -168,7 +172,7 @@ def test_core_evaluate_treats_an_ensemble_like_a_checkpoint(built, tmp_path, cap
 
 def test_the_batch_cli_and_similar_cases_take_an_ensemble(built, tmp_path):
     table = tmp_path / "batch.csv"
-    assert predict.main([str(built / "ens" / "best.pt"), str(SAMPLE / "images"), "--csv", str(table)]) == 0
+    assert predict_cli.main([str(built / "ens" / "best.pt"), str(SAMPLE / "images"), "--csv", str(table)]) == 0
     assert len(table.read_text().splitlines()) == 1 + 140
     model, ckpt = lead_model(built / "ens" / "best.pt")
     member = read_checkpoint(built / "ens-seed3" / "best.pt")
@@ -201,9 +205,9 @@ def tampered(built: Path, tmp_path: Path, change) -> Path:
 def test_a_broken_ensemble_file_is_refused_with_a_clear_message(built, tmp_path, capsys, change, message):
     path = tampered(built, tmp_path, change)
     with pytest.raises(CheckpointError, match="tampered.pt") as error:
-        Predictor(path)
+        open_predictor(path)
     assert message in str(error.value)
-    assert predict.main([str(path), str(sample_images(1)[0])]) == 2
+    assert predict_cli.main([str(path), str(sample_images(1)[0])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
@@ -212,7 +216,7 @@ def test_an_ensemble_file_that_would_run_code_is_refused(built, tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": ENSEMBLE_FORMAT, "members": [os.system]}, path)
     with pytest.raises(CheckpointError, match="may be malicious"):
-        Predictor(path)
+        open_predictor(path)
 
 
 def test_an_ensemble_is_not_read_as_one_checkpoint(built):
@@ -223,14 +227,14 @@ def test_an_ensemble_is_not_read_as_one_checkpoint(built):
 def test_combining_needs_finished_runs_on_one_split(built, tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    assert ensemble.main([str(built / "ens-seed3"), str(unfinished), "--name", "x", "--out", str(tmp_path)]) == 2
+    assert ensemble_cli.main([str(built / "ens-seed3"), str(unfinished), "--name", "x", "--out", str(tmp_path)]) == 2
     assert "has no best.pt: only a finished run can be a member" in capsys.readouterr().err
     other = tmp_path / "other-split"
     other.mkdir()
     ckpt = read_checkpoint(built / "ens-seed4" / "best.pt")
     ckpt["config"]["split_seed"] = 1
     atomic_save(ckpt, other / "best.pt")
-    assert ensemble.main([str(built / "ens-seed3"), str(other), "--name", "y", "--out", str(tmp_path)]) == 2
+    assert ensemble_cli.main([str(built / "ens-seed3"), str(other), "--name", "y", "--out", str(tmp_path)]) == 2
     assert "not trained on the same split: their split_seed differ" in capsys.readouterr().err
     assert ensemble_dict([ckpt], ["one"], config={})["format"] == ENSEMBLE_FORMAT
 
@@ -244,14 +248,14 @@ def test_an_image_another_member_trained_on_is_not_held_out(built, tmp_path):
     moved = split.loc[split["split"] == "test", "image_id"].iloc[:3].astype(str).tolist()
     split.loc[split["image_id"].isin(moved), "split"] = "train"
     runs.write_split(other, split)
-    assert ensemble.main([str(built / "ens-seed3"), str(other), "--name", "z", "--out", str(tmp_path)]) == 0
+    assert ensemble_cli.main([str(built / "ens-seed3"), str(other), "--name", "z", "--out", str(tmp_path)]) == 0
     held = runs.read_split(tmp_path / "z")
     assert set(held.loc[held["image_id"].astype(str).isin(moved), "split"]) == {"train"}
     assert runs.read_evaluation(tmp_path / "z")["test"]["n"] == runs.read_evaluation(built / "ens")["test"]["n"] - 3
 
 
 def test_the_train_cli_refuses_an_ensemble_it_cannot_build(built, capsys):
-    from core import train
+    from core.cli import train
 
     assert train.main([*MEMBER_FLAGS, "--out", str(built), "--name", "ens", "--ensemble", "2"]) == 2
     assert "already holds a model" in capsys.readouterr().err
@@ -283,9 +287,9 @@ def test_members_trained_elsewhere_combine_with_the_data_folder_given(built, tmp
     atomic_save(ckpt, moved / "best.pt")
     runs.write_split(moved, runs.read_split(built / "ens-seed4"))
     members = [str(built / "ens-seed3"), str(moved)]
-    assert ensemble.main([*members, "--name", "a", "--out", str(tmp_path)]) == 2
+    assert ensemble_cli.main([*members, "--name", "a", "--out", str(tmp_path)]) == 2
     assert "their data differ" in capsys.readouterr().err
-    assert ensemble.main([*members, "--name", "b", "--out", str(tmp_path), "--data", str(SAMPLE)]) == 0
+    assert ensemble_cli.main([*members, "--name", "b", "--out", str(tmp_path), "--data", str(SAMPLE)]) == 0
     assert runs.read_config(tmp_path / "b")["data"] == str(SAMPLE)
     assert runs.read_evaluation(tmp_path / "b")["test"]["n"] == runs.read_evaluation(built / "ens")["test"]["n"]
 
@@ -293,7 +297,11 @@ def test_members_trained_elsewhere_combine_with_the_data_folder_given(built, tmp
 def test_an_ensemble_records_its_melanoma_operating_point(built):
     payload = torch.load(built / "ens" / "best.pt", weights_only=True)
     evaluation = runs.read_evaluation(built / "ens")
-    assert payload["mel_threshold"] == evaluation["mel_threshold"] == Predictor(built / "ens" / "best.pt").mel_threshold
+    assert (
+        payload["mel_threshold"]
+        == evaluation["mel_threshold"]
+        == open_predictor(built / "ens" / "best.pt").mel_threshold
+    )
     assert evaluation["val"]["melanoma"]["sensitivity"] >= MEL_SENSITIVITY
 
 
@@ -305,16 +313,16 @@ def test_the_operating_point_cli_records_a_threshold_chosen_on_validation(built,
     # An unfamiliar-image detector fitted for this file stays linked to it: the weights do not change.
     features = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     fit_detector(features, features, k=3, checkpoint_sha1=file_digest(path)).save(detector_path(path))
-    assert operating_point.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "1.0"]) == 0
+    assert operating_point_cli.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "1.0"]) == 0
     out = capsys.readouterr().out
-    predictor = Predictor(path)
+    predictor = open_predictor(path)
     assert file_format(path) == before and f"P(mel) >= {predictor.mel_threshold:.4f}, recorded" in out
     assert load_detector(path) is not None
-    # Every validation melanoma is at or above it, as core.evaluate (which now defaults to it) reports.
+    # Every validation melanoma is at or above it, as core.evaluation.evaluate (which now defaults to it) reports.
     val = evaluate_checkpoint(path, SAMPLE, split="val", bootstrap=0)
     assert val["metrics"]["melanoma"]["threshold"] == predictor.mel_threshold
     assert val["metrics"]["melanoma"]["sensitivity"] == 1.0
     mel = [r["probabilities"]["mel"] for r in val["predictions"] if r["true"] == "mel"]
     assert min(mel) == pytest.approx(predictor.mel_threshold, abs=2e-6)
-    assert operating_point.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "0"]) == 2
+    assert operating_point_cli.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "0"]) == 2
     assert "within (0, 1]" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""core.evaluation: metrics against hand-computed cases and scikit-learn, calibration; core.inference: model passes."""
+"""core.metrics.classification: metrics against hand-computed cases and scikit-learn, calibration;
+core.inference.forward: model passes."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, classification_report, f1_score, roc_auc_score
 
-from core import evaluation as ev
-from core.inference import predict_logits, predict_probs
-from core.labels import CLASSES, DISPLAY_NAMES, NUM_CLASSES
-from core.models import build_model, train_mode
+from core.common.labels import CLASSES, DISPLAY_NAMES, NUM_CLASSES
+from core.inference.forward import predict_logits, predict_probs
+from core.metrics import bootstrap, classification
+from core.metrics import calibration as metrics_calibration
+from core.models.architectures import build_model, train_mode
 
 MEL = CLASSES.index("mel")
 
@@ -37,7 +39,7 @@ HAND_PROBS = rows((0.45, 0.35), (0.1, 0.8), (0.5, 0.3))
 
 
 def test_hand_computed_three_sample_case():
-    m = ev.compute_metrics(HAND_LABELS, HAND_PROBS)
+    m = classification.compute_metrics(HAND_LABELS, HAND_PROBS)
     assert m["n"] == 3
     assert m["accuracy"] == pytest.approx(2 / 3)
     assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
@@ -68,9 +70,9 @@ def test_hand_computed_three_sample_case():
 def test_per_class_rows_match_sklearn_on_random_data():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, NUM_CLASSES, 300)
-    probs = ev.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2 * np.eye(NUM_CLASSES)[labels])
+    probs = metrics_calibration.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2 * np.eye(NUM_CLASSES)[labels])
     preds = probs.argmax(1)
-    m = ev.compute_metrics(labels, probs)
+    m = classification.compute_metrics(labels, probs)
     report = classification_report(
         labels, preds, labels=list(range(NUM_CLASSES)), target_names=list(CLASSES), output_dict=True, zero_division=0
     )
@@ -91,30 +93,34 @@ def test_fast_bootstrap_metrics_agree_with_sklearn_even_with_absent_classes():
     rng = np.random.default_rng(2)
     for n_classes in (NUM_CLASSES, 3):
         labels = rng.integers(0, n_classes, 50)
-        probs = ev.softmax(rng.normal(size=(50, NUM_CLASSES)))
+        probs = metrics_calibration.softmax(rng.normal(size=(50, NUM_CLASSES)))
         preds = probs.argmax(1)
-        assert ev.accuracy(labels, probs) == pytest.approx(np.mean(labels == preds))
-        assert ev.macro_f1(labels, probs) == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+        assert classification.accuracy(labels, probs) == pytest.approx(np.mean(labels == preds))
+        assert classification.macro_f1(labels, probs) == pytest.approx(
+            f1_score(labels, preds, average="macro", zero_division=0)
+        )
         weighted = f1_score(labels, preds, average="weighted", zero_division=0)
-        assert ev.weighted_f1(labels, probs) == pytest.approx(weighted)
-        assert ev.macro_auc(labels, probs) == pytest.approx(ev.compute_metrics(labels, probs)["roc_auc"]["macro"])
+        assert classification.weighted_f1(labels, probs) == pytest.approx(weighted)
+        assert classification.macro_auc(labels, probs) == pytest.approx(
+            classification.compute_metrics(labels, probs)["roc_auc"]["macro"]
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn warns when a predicted class is absent from the labels
             expected = balanced_accuracy_score(labels, preds)
-        assert ev.balanced_accuracy(labels, probs) == pytest.approx(expected)
+        assert classification.balanced_accuracy(labels, probs) == pytest.approx(expected)
 
 
 def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, NUM_CLASSES, 200)
-    probs = ev.softmax(rng.normal(size=(200, NUM_CLASSES)) + 1.5 * np.eye(NUM_CLASSES)[labels])
-    low, high = ev.bootstrap_ci(labels, probs, ev.accuracy, n=300, seed=5)
-    assert low < ev.accuracy(labels, probs) < high
+    probs = metrics_calibration.softmax(rng.normal(size=(200, NUM_CLASSES)) + 1.5 * np.eye(NUM_CLASSES)[labels])
+    low, high = bootstrap.bootstrap_ci(labels, probs, classification.accuracy, n=300, seed=5)
+    assert low < classification.accuracy(labels, probs) < high
     assert high - low < 0.2
-    assert (low, high) == ev.bootstrap_ci(labels, probs, ev.accuracy, n=300, seed=5)
+    assert (low, high) == bootstrap.bootstrap_ci(labels, probs, classification.accuracy, n=300, seed=5)
     perfect = np.eye(NUM_CLASSES)[labels]
-    assert ev.bootstrap_ci(labels, perfect, ev.balanced_accuracy, n=50) == (1.0, 1.0)
-    intervals = ev.confidence_intervals(labels, probs, n=100)
+    assert bootstrap.bootstrap_ci(labels, perfect, classification.balanced_accuracy, n=50) == (1.0, 1.0)
+    intervals = bootstrap.confidence_intervals(labels, probs, n=100)
     assert set(intervals) == {"accuracy", "balanced_accuracy", "macro_f1"}
     json.dumps(intervals)
 
@@ -122,36 +128,36 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
 def test_temperature_is_one_for_calibrated_and_above_one_for_overconfident_logits():
     rng = np.random.default_rng(4)
     logits = rng.normal(scale=2.0, size=(3000, NUM_CLASSES))
-    probs = ev.softmax(logits)
+    probs = metrics_calibration.softmax(logits)
     # Labels drawn from the model's own probabilities: calibrated by construction.
     labels = np.array([rng.choice(NUM_CLASSES, p=p) for p in probs])
-    assert ev.fit_temperature(labels, logits) == pytest.approx(1.0, abs=0.1)
+    assert metrics_calibration.fit_temperature(labels, logits) == pytest.approx(1.0, abs=0.1)
 
     overconfident = 3.0 * logits
-    t = ev.fit_temperature(labels, overconfident)
+    t = metrics_calibration.fit_temperature(labels, overconfident)
     assert t == pytest.approx(3.0, rel=0.1)
-    assert ev.nll(labels, overconfident, t) < ev.nll(labels, overconfident) - 0.1
-    assert ev.expected_calibration_error(labels, ev.softmax(overconfident, t)) < ev.expected_calibration_error(
-        labels, ev.softmax(overconfident)
-    )
+    assert metrics_calibration.nll(labels, overconfident, t) < metrics_calibration.nll(labels, overconfident) - 0.1
+    assert metrics_calibration.expected_calibration_error(
+        labels, metrics_calibration.softmax(overconfident, t)
+    ) < metrics_calibration.expected_calibration_error(labels, metrics_calibration.softmax(overconfident))
     # Scaling never changes the predicted class.
-    assert (ev.softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
+    assert (metrics_calibration.softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
 
 
 def test_softmax_rows_sum_to_one_and_temperature_flattens():
     logits = np.array([[2.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0]])
-    p1, p2 = ev.softmax(logits), ev.softmax(logits, 2.0)
+    p1, p2 = metrics_calibration.softmax(logits), metrics_calibration.softmax(logits, 2.0)
     assert p1.sum() == pytest.approx(1.0) and p2.sum() == pytest.approx(1.0)
     assert p2.max() < p1.max()
-    assert ev.softmax(logits[0]).shape == (NUM_CLASSES,)
+    assert metrics_calibration.softmax(logits[0]).shape == (NUM_CLASSES,)
 
 
 def test_ece_is_zero_for_perfect_calibration():
     # 80 images at confidence 0.8 of which 64 are right; 50 at 0.6 of which 30 are right.
     labels = np.array([0] * 64 + [1] * 16 + [2] * 30 + [3] * 20)
     probs = np.vstack([rows((0.8,))] * 80 + [rows((0.1, 0.1, 0.6))] * 50)
-    assert ev.expected_calibration_error(labels, probs) == pytest.approx(0.0, abs=1e-12)
-    curve = ev.reliability_curve(labels, probs, n_bins=10)
+    assert metrics_calibration.expected_calibration_error(labels, probs) == pytest.approx(0.0, abs=1e-12)
+    curve = metrics_calibration.reliability_curve(labels, probs, n_bins=10)
     assert sum(b["count"] for b in curve) == 130
     filled = [b for b in curve if b["count"]]
     assert [b["confidence"] for b in filled] == pytest.approx([0.6, 0.8])
@@ -159,9 +165,9 @@ def test_ece_is_zero_for_perfect_calibration():
     assert all(b["confidence"] is None for b in curve if not b["count"])
 
     rng = np.random.default_rng(6)
-    sampled = ev.softmax(rng.normal(scale=2.0, size=(20000, NUM_CLASSES)))
+    sampled = metrics_calibration.softmax(rng.normal(scale=2.0, size=(20000, NUM_CLASSES)))
     drawn = np.array([rng.choice(NUM_CLASSES, p=p) for p in sampled])
-    assert ev.expected_calibration_error(drawn, sampled) < 0.02
+    assert metrics_calibration.expected_calibration_error(drawn, sampled) < 0.02
 
 
 def test_melanoma_operating_point_counts_threshold_as_positive():
@@ -169,33 +175,33 @@ def test_melanoma_operating_point_counts_threshold_as_positive():
     probs = np.full((4, NUM_CLASSES), 0.0)
     probs[:, MEL] = [0.6, 0.4, 0.5, 0.1]
     probs[:, CLASSES.index("nv")] = 1.0 - probs[:, MEL]
-    op = ev.melanoma_operating_point(labels, probs, threshold=0.5)
+    op = classification.melanoma_operating_point(labels, probs, threshold=0.5)
     assert (op["tp"], op["fn"], op["fp"], op["tn"]) == (1, 1, 1, 1)
     assert op["sensitivity"] == 0.5 and op["specificity"] == 0.5
-    strict = ev.melanoma_operating_point(labels, probs, threshold=0.3)
+    strict = classification.melanoma_operating_point(labels, probs, threshold=0.3)
     assert strict["sensitivity"] == 1.0 and strict["specificity"] == 0.5
-    assert ev.compute_metrics(labels, probs, mel_threshold=0.3)["melanoma"] == strict
+    assert classification.compute_metrics(labels, probs, mel_threshold=0.3)["melanoma"] == strict
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.95, 1.0])
 def test_the_operating_point_is_the_highest_threshold_reaching_the_sensitivity(target):
     rng = np.random.default_rng(3)
     labels = rng.choice([MEL, CLASSES.index("nv"), CLASSES.index("bkl")], 300)
-    probs = ev.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2.0 * np.eye(NUM_CLASSES)[labels])
-    threshold = ev.threshold_for_sensitivity(labels, probs, target)
-    assert ev.melanoma_operating_point(labels, probs, threshold)["sensitivity"] >= target
+    probs = metrics_calibration.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2.0 * np.eye(NUM_CLASSES)[labels])
+    threshold = classification.threshold_for_sensitivity(labels, probs, target)
+    assert classification.melanoma_operating_point(labels, probs, threshold)["sensitivity"] >= target
     higher = probs[labels == MEL, MEL][probs[labels == MEL, MEL] > threshold]
     if len(higher):  # the next melanoma score up already misses the target
-        assert ev.melanoma_operating_point(labels, probs, higher.min())["sensitivity"] < target
+        assert classification.melanoma_operating_point(labels, probs, higher.min())["sensitivity"] < target
     no_melanoma = labels != MEL
-    assert ev.threshold_for_sensitivity(labels[no_melanoma], probs[no_melanoma], target) is None
+    assert classification.threshold_for_sensitivity(labels[no_melanoma], probs[no_melanoma], target) is None
 
 
 def test_roc_curves_per_class():
     rng = np.random.default_rng(7)
     labels = rng.choice([0, 1, 5], 60)
-    probs = ev.softmax(rng.normal(size=(60, NUM_CLASSES)))
-    curves = ev.roc_curves(labels, probs)
+    probs = metrics_calibration.softmax(rng.normal(size=(60, NUM_CLASSES)))
+    curves = classification.roc_curves(labels, probs)
     assert list(curves) == list(CLASSES)
     assert curves["mel"] is None
     nv = curves["nv"]
@@ -206,11 +212,11 @@ def test_roc_curves_per_class():
 
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="shape"):
-        ev.compute_metrics(np.array([0]), np.ones((1, 3)) / 3)
+        classification.compute_metrics(np.array([0]), np.ones((1, 3)) / 3)
     with pytest.raises(ValueError, match="no samples"):
-        ev.compute_metrics(np.array([], dtype=int), np.zeros((0, NUM_CLASSES)))
+        classification.compute_metrics(np.array([], dtype=int), np.zeros((0, NUM_CLASSES)))
     with pytest.raises(ValueError, match="class indices"):
-        ev.compute_metrics(np.array([7]), np.ones((1, NUM_CLASSES)) / NUM_CLASSES)
+        classification.compute_metrics(np.array([7]), np.ones((1, NUM_CLASSES)) / NUM_CLASSES)
 
 
 def test_predict_logits_and_probs_run_in_eval_mode_and_restore_modes():
@@ -231,7 +237,7 @@ def test_predict_logits_and_probs_run_in_eval_mode_and_restore_modes():
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
     probs, _ = predict_probs(model, loader, "cpu", temperature=2.0)
-    np.testing.assert_allclose(probs, ev.softmax(expected, 2.0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs, metrics_calibration.softmax(expected, 2.0), rtol=1e-4, atol=1e-6)
 
     tta, _ = predict_probs(model, loader, "cpu", tta=True)
     with torch.no_grad():
@@ -243,8 +249,8 @@ def test_the_trainers_call_path_yields_json():
     rng = np.random.default_rng(8)
     logits = rng.normal(size=(40, NUM_CLASSES))
     labels = rng.integers(0, NUM_CLASSES, 40)
-    t = ev.fit_temperature(labels, logits)
-    report = ev.compute_metrics(labels, ev.softmax(logits, t))
+    t = metrics_calibration.fit_temperature(labels, logits)
+    report = classification.compute_metrics(labels, metrics_calibration.softmax(logits, t))
     assert isinstance(t, float)
     assert json.loads(json.dumps(report, allow_nan=False))["per_class"][4]["code"] == "mel"
 
@@ -253,8 +259,11 @@ def test_every_public_function_taking_labels_takes_them_first():
     # scikit-learn's order, (y_true, y_pred): one order for all metrics, so no call can quietly swap them.
     first_parameter = {
         name: next(iter(inspect.signature(fn).parameters))
-        for name, fn in inspect.getmembers(ev, inspect.isfunction)
-        if fn.__module__ == ev.__name__ and not name.startswith("_") and "labels" in inspect.signature(fn).parameters
+        for module in (classification, metrics_calibration, bootstrap)
+        for name, fn in inspect.getmembers(module, inspect.isfunction)
+        if fn.__module__ == module.__name__
+        and not name.startswith("_")
+        and "labels" in inspect.signature(fn).parameters
     }
     assert {
         "nll",

@@ -1,4 +1,4 @@
-"""core.explain: Grad-CAM on frozen and trainable backbones, overlays, feature maps."""
+"""core.inference.explain: Grad-CAM on frozen and trainable backbones, overlays, feature maps."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from core.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, overlay
-from core.models import build_model, set_finetune, train_mode
-from core.preprocessing import Preprocessing, eval_transform, load_for_model
+from core.data.preprocessing import Preprocessing, eval_transform, load_for_model
+from core.inference.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, overlay
+from core.models.architectures import build_model, set_finetune, train_mode
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")

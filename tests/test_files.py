@@ -1,4 +1,4 @@
-"""core.files: atomic writes that never leave half a file or a stray temporary, and forgiving reads."""
+"""core.common.files: atomic writes that never leave half a file or a stray temporary, and forgiving reads."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import stat
 import pytest
 import torch
 
-from core.checkpoints import atomic_save
-from core.files import atomic_write, read_json, read_tail, write_json
+from core.common.files import atomic_write, read_json, read_tail, write_json
+from core.models.checkpoints import atomic_save
 
 
 def test_atomic_write_replaces_the_file_whole(tmp_path):

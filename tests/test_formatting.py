@@ -1,10 +1,10 @@
-"""The formatters of core.formatting: byte sizes in binary units, probabilities against a threshold."""
+"""The formatters of core.common.formatting: byte sizes in binary units, probabilities against a threshold."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.formatting import format_bytes, percents_against
+from core.common.formatting import format_bytes, percents_against
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""core.images: the decoded size is bounded before decoding, memory while decoding, and an image to
+"""core.data.images: the decoded size is bounded before decoding, memory while decoding, and an image to
 diagnose must be big and square enough to mean something."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import ImageError, fit_margins, fit_to_source, open_image, upright_size
+from core.data.images import ImageError, fit_margins, fit_to_source, open_image, upright_size
 from tests.conftest import ROOT, write_png
 
 # What one upload may take from decode to 8-bit RGB, the child's interpreter, numpy and Pillow included.
@@ -25,7 +25,7 @@ _CHILD = """
 import json, resource, sys
 # A regression must fail the test, not take gigabytes from the machine running it.
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-from core.images import ImageError, fit_margins, fit_to_source, open_image, upright_size
+from core.data.images import ImageError, fit_margins, fit_to_source, open_image, upright_size
 
 def peak_mb():
     with open("/proc/self/status") as fh:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from core import imbalance
-from core.imbalance import (
+from core.training import imbalance
+from core.training.config import config_with
+from core.training.imbalance import (
     CLASS_BALANCED_BETA,
     STRATEGIES,
     FocalLoss,
@@ -19,7 +20,8 @@ from core.imbalance import (
     effective_number_weights,
     oversample,
 )
-from core.training import config_with, make_criterion, make_sampler, prepare_data
+from core.training.loaders import make_sampler, prepare_data
+from core.training.loop import make_criterion
 
 # HAM10000-like training labels (two-thirds naevi, class 5) and a fixed batch holding every class.
 COUNTS = [30, 50, 110, 12, 111, 670, 14]

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.data import DatasetError, index_dataset
-from core.labels import CLASSES
-from core.layouts import (
+from core.common.labels import CLASSES
+from core.data.dataset import DatasetError, index_dataset
+from core.data.layouts import (
     CLASS_FOLDERS,
     HAM10000,
     ISIC2018,

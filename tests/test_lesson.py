@@ -1,4 +1,4 @@
-"""core.lesson and core.estimate: the imbalance lesson's experiments, table, curves and sentences, and the
+"""core.app.lesson and core.app.estimate: the imbalance lesson's experiments, table, curves and sentences, and the
 experiment's time estimate."""
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import estimate, lesson
-from core.evaluation import melanoma_operating_point
-from core.imbalance import STRATEGIES
-from core.labels import CLASSES
-from core.runs import list_runs, read_evaluation
-from core.training import config_with, split_dataset
+from core.app import estimate, lesson
+from core.common.labels import CLASSES
+from core.common.runs import list_runs, read_evaluation
+from core.metrics.classification import melanoma_operating_point
+from core.training.config import config_with
+from core.training.imbalance import STRATEGIES
+from core.training.loaders import split_dataset
 from tests.app_support import ROOT
 
 PUBLISHED = ROOT / "docs" / "runs"

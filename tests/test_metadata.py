@@ -16,22 +16,24 @@ import pytest
 import torch
 from torch import nn
 
-from core import decoded, predict
-from core.augment import DeviceBatches, batch_transform
-from core.checkpoints import CheckpointError, atomic_save, read_checkpoint
-from core.data import index_dataset, read_metadata
-from core.decoded import open_decoded
-from core.evaluate import evaluate_checkpoint
-from core.evaluate import main as evaluate_main
-from core.evaluation import compute_metrics
-from core.features import FeatureBatches
-from core.labels import CLASSES
-from core.metadata import SITES, MetadataEncoding, MetadataError
-from core.models import LesionNet
-from core.predict import Predictor
-from core.preprocessing import Preprocessing
-from core.runs import read_evaluation, read_split
-from core.training import TrainConfig, config_with, train
+from core.cli import predict as predict_cli
+from core.cli.evaluate import main as evaluate_main
+from core.common.labels import CLASSES
+from core.common.runs import read_evaluation, read_split
+from core.data import decoded
+from core.data.augment import DeviceBatches, batch_transform
+from core.data.dataset import index_dataset, read_metadata
+from core.data.decoded import open_decoded
+from core.data.preprocessing import Preprocessing
+from core.evaluation.evaluate import evaluate_checkpoint
+from core.inference.features import FeatureBatches
+from core.inference.opening import open_predictor
+from core.metrics.classification import compute_metrics
+from core.models.architectures import LesionNet
+from core.models.checkpoints import CheckpointError, atomic_save, read_checkpoint
+from core.models.metadata import SITES, MetadataEncoding, MetadataError
+from core.training.config import TrainConfig, config_with
+from core.training.loop import train
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,13 +138,13 @@ def test_withholding_sets_each_field_unknown_independently():
 
 @pytest.fixture(scope="module")
 def metadata_run(tmp_path_factory, torch_home) -> Path:
-    """A real run with metadata through ``python -m core.train`` on the bundled sample (ImageNet MobileNetV2,
+    """A real run with metadata through ``lesionlab train`` on the bundled sample (ImageNet MobileNetV2,
     head-only on cached features)."""
     out = tmp_path_factory.mktemp("metadata_runs")
     command = [
         sys.executable,
         "-m",
-        "core.train",
+        "core.cli.train",
         "--data",
         str(SAMPLE),
         "--arch",
@@ -179,7 +181,7 @@ def test_the_checkpoint_records_the_metadata_and_its_predictions_follow_it(metad
     best = read_checkpoint(metadata_run / "best.pt")
     assert best["config"]["metadata"] is True
     assert best["metadata"]["encoding"]["sites"] == list(SITES) and best["metadata"]["withhold"] == 0.3
-    predictor = Predictor(metadata_run / "best.pt")
+    predictor = open_predictor(metadata_run / "best.pt")
     assert predictor.uses_metadata
     image = sample_image()
     none = predictor.predict(image, upload=False)
@@ -206,9 +208,11 @@ def test_the_checkpoint_records_the_metadata_and_its_predictions_follow_it(metad
 
 def test_predict_cli_takes_age_sex_and_site(metadata_run, capsys):
     image = sample_image()
-    assert predict.main([str(metadata_run / "best.pt"), image, "--age", "45", "--sex", "male", "--site", "back"]) == 0
+    assert (
+        predict_cli.main([str(metadata_run / "best.pt"), image, "--age", "45", "--sex", "male", "--site", "back"]) == 0
+    )
     assert "Metadata used: age 45, male, back" in capsys.readouterr().out
-    assert predict.main([str(metadata_run / "best.pt"), image, "--site", "elbow"]) == 2
+    assert predict_cli.main([str(metadata_run / "best.pt"), image, "--site", "elbow"]) == 2
     assert "error: site must be one of" in capsys.readouterr().err
 
 
@@ -240,16 +244,15 @@ def test_evaluate_reports_with_and_without_metadata(metadata_run, capsys):
 
 def test_the_robustness_report_gives_a_metadata_model_its_metadata(metadata_run):
     # Shifts change the image, not the patient: every condition is scored with the images' age, sex and site.
-    from core.evaluate import split_images
-    from core.evaluation import expected_calibration_error
-    from core.images import FIT_RULE
-    from core.predict import Predictor
-    from core.robustness import _condition_probs, evaluate_shifts
+    from core.data.images import FIT_RULE
+    from core.evaluation.evaluate import split_images
+    from core.evaluation.robustness import _condition_probs, evaluate_shifts
+    from core.metrics.calibration import expected_calibration_error
 
     path = metadata_run / "best.pt"
     report = evaluate_shifts(path, SAMPLE, shifts=["rotate_90"], bootstrap=0, tta=False)
     clean = next(c for c in report["conditions"] if c["name"] == "clean")
-    predictor = Predictor(path)
+    predictor = open_predictor(path)
     _, frame, _ = split_images(path, predictor.checkpoint, SAMPLE, "test", None, None)
     images = (predictor, frame["path"].tolist(), frame["label"].tolist(), None, FIT_RULE)
     run = dict(tta=False, batch_size=64, num_workers=0, progress=None)
@@ -331,7 +334,7 @@ def test_fine_tuning_with_metadata_trains_the_network_on_images_and_their_rows(t
     assert all(tuple(row) in known for row in trained)
     assert len({tuple(row) for row in trained}) > 10  # the images' own rows, not one row over and over
 
-    predictor = Predictor(run_dir / "best.pt")
+    predictor = open_predictor(run_dir / "best.pt")
     assert predictor.uses_metadata and predictor.checkpoint["config"]["finetune"] == "full"
     image = sample_image()
     plain = predictor.predict(image, upload=False)
@@ -387,7 +390,7 @@ def test_metadata_fine_tuning_without_room_for_the_cache_stops_with_the_reason(t
 
 
 def test_an_old_checkpoint_loads_unchanged_and_ignores_metadata():
-    predictor = Predictor(REFERENCE)
+    predictor = open_predictor(REFERENCE)
     assert "metadata" not in predictor.checkpoint and not predictor.uses_metadata
     image = sample_image()
     plain = predictor.predict(image, upload=False)

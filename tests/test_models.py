@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.labels import NUM_CLASSES
-from core.models import (
+from core.common.labels import NUM_CLASSES
+from core.models.architectures import (
     ARCHITECTURES,
     WeightsUnavailableError,
     build_model,

@@ -1,4 +1,5 @@
-"""core.predict and core.evaluate with real checkpoints and real image files: label order end to end,
+"""core.inference.predictor and core.evaluation.evaluate with real checkpoints and real image files: label order end to
+end,
 decoding of awkward uploads, calibration, TTA, and both command lines."""
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ import pytest
 import torch
 from PIL import Image
 
-from core import evaluate, inference
-from core.checkpoints import CheckpointError, atomic_save, checkpoint_dict
-from core.data import index_dataset, split_by_lesion
-from core.evaluation import softmax
-from core.images import ImageError
-from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
-from core.models import build_model
-from core.predict import USE_TTA_BY_DEFAULT, Predictor, main
-from core.preprocessing import Preprocessing, eval_transform, load_for_model
+from core.cli import evaluate as evaluate_cli
+from core.cli.predict import main
+from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+from core.data.dataset import index_dataset
+from core.data.images import ImageError
+from core.data.preprocessing import Preprocessing, eval_transform, load_for_model
+from core.data.splits import SplitError, split_by_lesion
+from core.evaluation import evaluate as evaluation_evaluate
+from core.inference import forward as inference
+from core.inference.opening import open_predictor
+from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
+from core.metrics.calibration import softmax
+from core.models.architectures import build_model
+from core.models.checkpoints import CheckpointError, atomic_save, checkpoint_dict
 from tests.conftest import make_image, write_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +57,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(ckpt) -> Predictor:
-    return Predictor(ckpt)
+    return open_predictor(ckpt)
 
 
 def lesion(path: Path, label: int = 4, size=(48, 36), seed: int = 0) -> Path:
@@ -106,14 +112,14 @@ def test_a_known_diagnosis_appears_under_its_own_name_everywhere(known_diagnoses
     root, path, cases = known_diagnoses
     bkl, mel, nv = (CLASSES.index(c) for c in ("bkl", "mel", "nv"))
 
-    predictor = Predictor(path)
+    predictor = open_predictor(path)
     first = predictor.predict(root / "ISIC_0000001.jpg")
     assert (first.top_class, first.top_name) == ("mel", "Melanoma") and first.probabilities["mel"] > 0.99
     assert first.probs[mel] == first.probabilities["mel"]
     assert predictor.predict(root / "ISIC_0000002.jpg").top_name == "Melanocytic nevus"
 
     out = tmp_path / "report.json"
-    done = run_cli("core.evaluate", "--checkpoint", path, "--data", root, "--out", out, "--bootstrap", "50")
+    done = run_cli("core.cli.evaluate", "--checkpoint", path, "--data", root, "--out", out, "--bootstrap", "50")
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     rows = {row["name"]: row for row in report["metrics"]["per_class"]}
@@ -162,7 +168,7 @@ def test_path_bytes_and_file_objects_agree(predictor, tmp_path):
 
 
 def test_temperature_comes_from_the_checkpoint(tmp_path):
-    hot = Predictor(save_checkpoint(tmp_path / "t.pt", temperature=2.5))
+    hot = open_predictor(save_checkpoint(tmp_path / "t.pt", temperature=2.5))
     assert hot.temperature == 2.5
     image, x = hot.preprocess(lesion(tmp_path / "a.png"))
     with torch.no_grad():
@@ -292,13 +298,13 @@ def test_unusable_files_raise_clear_image_errors(predictor, tmp_path):
 def test_unusable_checkpoints_raise_checkpoint_errors(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        Predictor(tmp_path / "notes.pt")
+        open_predictor(tmp_path / "notes.pt")
     torch.manual_seed(0)
     payload = checkpoint_dict(build_model("resnet18", weights="none", head="linear"), PREP, head="linear")
     payload["arch"] = "mobilenet_v2"  # weights that do not fit the architecture named
     atomic_save(payload, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="does not rebuild"):
-        Predictor(tmp_path / "mismatch.pt")
+        open_predictor(tmp_path / "mismatch.pt")
 
 
 def test_explain_maps_the_requested_class(predictor, tmp_path):
@@ -356,17 +362,19 @@ def test_one_predictor_serves_concurrent_sessions(predictor, tmp_path):
 
 def test_source_size_is_applied_to_uploads(tmp_path):
     # Trained on 200×150 downscales: a large upload is brought to that size before the model sees it.
-    small = Predictor(save_checkpoint(tmp_path / "s.pt", prep=Preprocessing(input_size=(48, 64), source_size=(64, 48))))
+    small = open_predictor(
+        save_checkpoint(tmp_path / "s.pt", prep=Preprocessing(input_size=(48, 64), source_size=(64, 48)))
+    )
     pred = small.predict(lesion(tmp_path / "big.jpg", size=(640, 400)))
     assert pred.image.size == (64, 48) and tuple(pred.input_tensor.shape) == (1, 3, 48, 64)
 
 
 # ---------------------------------------------------------------------------
-# core.predict command line
+# core.inference.predictor command line
 
 
 def test_predict_cli_help():
-    done = run_cli("core.predict", "--help")
+    done = run_cli("core.cli.predict", "--help")
     assert done.returncode == 0 and "--tta" in done.stdout and "--gradcam" in done.stdout
 
 
@@ -379,7 +387,7 @@ def test_predict_cli_defaults_to_the_measured_tta(ckpt, tmp_path, capsys):
 
 def test_predict_cli_json_with_gradcam(ckpt, tmp_path):
     images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=1, size=(36, 36))]
-    done = run_cli("core.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
+    done = run_cli("core.cli.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert [r["image"] for r in results] == [str(p) for p in images]
@@ -397,7 +405,7 @@ def test_predict_cli_text_lists_all_seven_names(ckpt, tmp_path, capsys):
 
 def test_predict_cli_bad_file_is_one_line_exit_2(ckpt, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    done = run_cli("core.predict", ckpt, tmp_path / "notes.txt")
+    done = run_cli("core.cli.predict", ckpt, tmp_path / "notes.txt")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("error:") and "notes.txt" in done.stderr and done.stdout == ""
@@ -438,13 +446,13 @@ def test_predict_cli_keeps_going_after_a_bad_file_and_refuses_bad_checkpoints(ck
 
 
 # ---------------------------------------------------------------------------
-# core.evaluate
+# core.evaluation.evaluate
 
 
 def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
     config = {"split_seed": 3, "split_fractions": [0.5, 0.25, 0.25]}
     path = save_checkpoint(tmp_path / "m.pt", config=config)
-    result = evaluate.evaluate_checkpoint(path, tiny_root, bootstrap=20)
+    result = evaluation_evaluate.evaluate_checkpoint(path, tiny_root, bootstrap=20)
     frame = index_dataset(tiny_root).frame
     expected = frame[split_by_lesion(frame, (0.5, 0.25, 0.25), 3) == "test"]
     assert sorted(p["image_id"] for p in result["predictions"]) == sorted(expected["image_id"])
@@ -454,11 +462,11 @@ def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
     truth = dict(zip(expected["image_id"], expected["dx"], strict=True))
     assert all(p["true"] == truth[p["image_id"]] for p in result["predictions"])
 
-    override = evaluate.evaluate_checkpoint(path, tiny_root, split="val", split_seed=4, bootstrap=0)
+    override = evaluation_evaluate.evaluate_checkpoint(path, tiny_root, split="val", split_seed=4, bootstrap=0)
     assert override["split_source"] == "command line" and "not the split" in override["split_note"]
     assert override["confidence_intervals"] is None
     reported = []
-    everything = evaluate.evaluate_checkpoint(
+    everything = evaluation_evaluate.evaluate_checkpoint(
         path, tiny_root, split="all", bootstrap=0, batch_size=4, tta=False, progress=lambda *p: reported.append(p)
     )
     assert everything["n_images"] == len(frame)
@@ -471,7 +479,7 @@ def test_evaluate_honours_tta_and_records_its_views(ckpt, predictor, tiny_root, 
     for flag in ("--tta", "--no-tta", None):
         out = tmp_path / f"{flag}.json"
         args = ["--checkpoint", str(ckpt), "--data", str(tiny_root), "--split", "all", "--bootstrap", "0"]
-        assert evaluate.main([*args, "--out", str(out), *([flag] if flag else [])]) == 0
+        assert evaluate_cli.main([*args, "--out", str(out), *([flag] if flag else [])]) == 0
         runs[flag] = json.loads(out.read_text())
     assert (runs["--tta"]["tta"], runs["--no-tta"]["tta"], runs[None]["tta"]) == (True, False, USE_TTA_BY_DEFAULT)
     assert runs["--tta"]["tta_views"] == inference.tta_description(True) and runs["--no-tta"]["tta_views"] == "none"
@@ -486,15 +494,15 @@ def test_evaluate_refuses_what_it_cannot_do_faithfully(tiny_root, tmp_path, caps
     sub = save_checkpoint(
         tmp_path / "sub.pt", config={"split_seed": 0, "split_fractions": [0.7, 0.15, 0.15], "max_images": 40}
     )
-    with pytest.raises(evaluate.EvaluationError, match="subsample"):
-        evaluate.evaluate_checkpoint(sub, tiny_root)
-    with pytest.raises(evaluate.EvaluationError, match="summing to 1"):
-        evaluate.evaluate_checkpoint(sub, tiny_root, fractions=(0.5, 0.5, 0.5))
-    assert evaluate.main(["--checkpoint", str(sub), "--data", str(tmp_path / "nowhere"), "--split", "all"]) == 2
+    with pytest.raises(evaluation_evaluate.EvaluationError, match="subsample"):
+        evaluation_evaluate.evaluate_checkpoint(sub, tiny_root)
+    with pytest.raises(SplitError, match="summing to 1"):
+        evaluation_evaluate.evaluate_checkpoint(sub, tiny_root, fractions=(0.5, 0.5, 0.5))
+    assert evaluate_cli.main(["--checkpoint", str(sub), "--data", str(tmp_path / "nowhere"), "--split", "all"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere does not exist" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--help"])
+        evaluate_cli.main(["--help"])
     assert exit_info.value.code == 0 and "--split-seed" in capsys.readouterr().out
 
 
@@ -509,7 +517,7 @@ def tiny_run(tiny_root, tmp_path_factory) -> Path:
 
 def test_a_test_split_recomputed_on_other_images_is_flagged(tiny_run, tiny_root, tmp_path, capsys):
     best = tiny_run / "best.pt"
-    own = evaluate.evaluate_checkpoint(best, tiny_root, bootstrap=0)
+    own = evaluation_evaluate.evaluate_checkpoint(best, tiny_root, bootstrap=0)
     run_test = set(pd.read_csv(tiny_run / "split.csv").query("split == 'test'")["image_id"])
     assert {p["image_id"] for p in own["predictions"]} == run_test and own["split_warning"] is None
 
@@ -518,7 +526,7 @@ def test_a_test_split_recomputed_on_other_images_is_flagged(tiny_run, tiny_root,
         (tmp_path / "other" / code).mkdir(parents=True, exist_ok=True)
         lesion(tmp_path / "other" / code / f"other_{i:02d}.jpg", label=CLASSES.index(code), seed=i)
     assert (
-        evaluate.main(
+        evaluate_cli.main(
             [
                 "--checkpoint",
                 str(best),
@@ -537,17 +545,20 @@ def test_a_test_split_recomputed_on_other_images_is_flagged(tiny_run, tiny_root,
     assert "only 0% of these" in warning and "in the test split of run tiny" in warning
     assert "--split all" in warning
     assert capsys.readouterr().err == f"warning: {warning}.\n"
-    assert evaluate.evaluate_checkpoint(best, tmp_path / "other", split="all", bootstrap=0)["split_warning"] is None
+    assert (
+        evaluation_evaluate.evaluate_checkpoint(best, tmp_path / "other", split="all", bootstrap=0)["split_warning"]
+        is None
+    )
 
     # The same images under another seed: the folder is right, the split is not the run's.
-    reseeded = evaluate.evaluate_checkpoint(best, tiny_root, split_seed=7, bootstrap=0)
+    reseeded = evaluation_evaluate.evaluate_checkpoint(best, tiny_root, split_seed=7, bootstrap=0)
     assert "in the test split of run tiny" in reseeded["split_warning"]
     assert "training images" in reseeded["split_warning"]
     assert "not the folder" not in reseeded["split_warning"] and "--split all" not in reseeded["split_warning"]
 
     # A copy of the training images elsewhere: the split matches, but the folder is not the one trained on.
     shutil.copytree(tiny_root, tmp_path / "copy")
-    copied = evaluate.evaluate_checkpoint(best, tmp_path / "copy", bootstrap=0)
+    copied = evaluation_evaluate.evaluate_checkpoint(best, tmp_path / "copy", bootstrap=0)
     assert "is not the folder this model was trained on" in copied["split_warning"]
     assert "only" not in copied["split_warning"] and "unless" in copied["split_warning"]
 
@@ -558,23 +569,23 @@ def test_evaluate_reads_external_class_folder_sets(ckpt, tmp_path):
         lesion(tmp_path / "ext" / code / f"img{i}.jpg", seed=i)
     (tmp_path / "ext" / "scar").mkdir()
     lesion(tmp_path / "ext" / "scar" / "odd.jpg", seed=9)
-    result = evaluate.evaluate_checkpoint(ckpt, tmp_path / "ext", split="all", bootstrap=0)
+    result = evaluation_evaluate.evaluate_checkpoint(ckpt, tmp_path / "ext", split="all", bootstrap=0)
     assert sorted(p["true"] for p in result["predictions"]) == ["bcc", "mel", "nv"]
     assert [row["support"] for row in result["metrics"]["per_class"]] == [0, 1, 0, 0, 1, 1, 0]
     # The image in a folder that is no class is set aside, named in the result and in the printed report.
     assert not result["validation"]["ok"]
     assert [where for _, where in result["validation"]["problems"]][0].startswith(str(tmp_path / "ext" / "scar"))
-    assert "odd.jpg" in evaluate.format_report(result)
+    assert "odd.jpg" in evaluation_evaluate.format_report(result)
 
 
 PUBLISHED_REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "runs" / "reference-mnv2"
 
 
 def test_the_operating_point_quoted_is_that_of_the_views_used():
-    # The published reference run holds the trainer's one-view record and core.evaluate's flip-TTA report:
+    # The published reference run holds the trainer's one-view record and core.evaluation.evaluate's flip-TTA report:
     # Diagnose quotes the one of the setting it runs.
-    from core.predict import recorded_operating_point
-    from core.runs import read_evaluate_report, read_evaluation
+    from core.common.runs import read_evaluate_report, read_evaluation
+    from core.evaluation.records import recorded_operating_point
 
     path = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -590,7 +601,7 @@ def test_the_operating_point_quoted_is_that_of_the_views_used():
 
 
 def test_without_a_report_of_its_views_the_other_record_is_quoted(tmp_path):
-    from core.predict import recorded_operating_point
+    from core.evaluation.records import recorded_operating_point
 
     shutil.copy(PUBLISHED_REFERENCE / "evaluation.json", tmp_path / "evaluation.json")
     checkpoint = {"config": {"name": "not-published"}}
@@ -601,9 +612,9 @@ def test_without_a_report_of_its_views_the_other_record_is_quoted(tmp_path):
 
 def test_the_model_card_reads_the_report_as_core_evaluate_computed_it():
     # bench/model_card.py recomputes the flip-TTA metrics from the report's per-image probabilities: they must
-    # be the ones core.evaluate printed, or the card's targets would be read on other numbers.
+    # be the ones core.evaluation.evaluate printed, or the card's targets would be read on other numbers.
     from bench.model_card import load_evaluate_report
-    from core.evaluation import compute_metrics
+    from core.metrics.classification import compute_metrics
 
     labels, probs, report = load_evaluate_report(PUBLISHED_REFERENCE)
     recomputed = compute_metrics(labels, probs, mel_threshold=report["metrics"]["melanoma"]["threshold"])

@@ -1,4 +1,4 @@
-"""core.quiz: which images a model may be quizzed on, the reproducible draw, and the scoring."""
+"""core.app.quiz: which images a model may be quizzed on, the reproducible draw, and the scoring."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from core import quiz
-from core.data import index_dataset
-from core.labels import CLASSES
-from core.quiz import QuizError, QuizSettings, draw_quiz, model_split, score, summary_sentences
-from core.runs import write_config, write_split
+from core.app import quiz
+from core.app.quiz import QuizError, QuizSettings, draw_quiz, model_split, score, summary_sentences
+from core.common.labels import CLASSES
+from core.common.runs import write_config, write_split
+from core.data.dataset import index_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"

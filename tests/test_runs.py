@@ -1,4 +1,4 @@
-"""core.runs: the run folder's writers and readers agree, without a trainer or a job in between."""
+"""core.common.runs: the run folder's writers and readers agree, without a trainer or a job in between."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.evaluation import softmax
-from core.jobs import Job
-from core.labels import CLASSES
-from core.runs import (
+from core.app.jobs import Job
+from core.common.labels import CLASSES
+from core.common.runs import (
     RunLog,
     check_run_name,
     has_evaluation,
@@ -28,6 +27,7 @@ from core.runs import (
     write_evaluation,
     write_split,
 )
+from core.metrics.calibration import softmax
 
 
 def test_finalize_round_trip(tmp_path):
@@ -69,7 +69,7 @@ def test_finalize_round_trip(tmp_path):
 def test_images_are_found_by_id_in_the_configured_dataset(tmp_path, tiny_root):
     """A record's images are looked up in whatever copy of the dataset is configured; a record written before
     ids (a path per image, from another computer) reads the same way."""
-    from core.data import index_dataset
+    from core.data.dataset import index_dataset
 
     frame = index_dataset(tiny_root).frame
     ids = [frame["image_id"].iloc[3], "ISIC_0000000", frame["image_id"].iloc[0]]

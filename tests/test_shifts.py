@@ -1,4 +1,4 @@
-"""The acquisition shifts, the upload-fitting rules and the robustness report (``core.evaluate --shifts``),
+"""The acquisition shifts, the upload-fitting rules and the robustness report (``core.evaluation.evaluate --shifts``),
 on the bundled sample's real images with the real reference checkpoint."""
 
 from __future__ import annotations
@@ -12,16 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import evaluate, robustness, shifts
-from core.checkpoints import atomic_save, read_checkpoint
-from core.ensemble_file import ensemble_dict
-from core.evaluate import evaluate_checkpoint
-from core.images import FIT_RULE, FIT_RULES, fit_to_source, open_image
-from core.inference import tta_description
-from core.predict import USE_TTA_BY_DEFAULT
-from core.robustness import CLEAN
-from core.runs import write_config
-from core.settings import PUBLISHED_RUNS_ENV, RUNS_ENV
+from core.cli import evaluate as evaluate_cli
+from core.common.runs import write_config
+from core.common.settings import PUBLISHED_RUNS_ENV, RUNS_ENV
+from core.data import shifts
+from core.data.images import FIT_RULE, FIT_RULES, fit_to_source, open_image
+from core.evaluation import evaluate as evaluation_evaluate
+from core.evaluation import robustness
+from core.evaluation.evaluate import evaluate_checkpoint
+from core.evaluation.robustness import CLEAN
+from core.inference.forward import tta_description
+from core.inference.predictor import USE_TTA_BY_DEFAULT
+from core.models.checkpoints import atomic_save, read_checkpoint
+from core.models.ensemble_file import ensemble_dict
 from tests.app_support import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +116,7 @@ def cli_report(tmp_path_factory) -> tuple[dict, str]:
     out = tmp_path_factory.mktemp("robustness") / "robustness.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = evaluate.main(
+        code = evaluate_cli.main(
             ["--checkpoint", str(REFERENCE), "--data", str(SAMPLE), "--shifts", "--bootstrap", "300", "--out", str(out)]
         )
     assert code == 0
@@ -152,14 +155,14 @@ def test_the_report_lives_in_the_checkpoints_run_record(tmp_path, capsys):
     assert robustness.checkpoint_for_run(PUBLISHED / "compare-mobilenet_v2-none", [REFERENCE]) is None
     # A checkpoint no run folder records: one clear error before any image is read, nothing written.
     orphan = save_tiny_checkpoint(tmp_path / "orphan.pt")
-    assert evaluate.main(["--checkpoint", str(orphan), "--data", str(SAMPLE), "--shifts"]) == 2
+    assert evaluate_cli.main(["--checkpoint", str(orphan), "--data", str(SAMPLE), "--shifts"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run folder records how") and "--out" in err
     assert not list(tmp_path.glob("*.json"))
 
 
 def test_an_unknown_shift_is_refused_before_the_model_loads(tmp_path):
-    with pytest.raises(evaluate.EvaluationError, match="unknown shift blur"):
+    with pytest.raises(evaluation_evaluate.EvaluationError, match="unknown shift blur"):
         robustness.evaluate_shifts(tmp_path / "missing.pt", SAMPLE, shifts=["blur"])
 
 
@@ -171,7 +174,8 @@ def test_an_unknown_shift_is_refused_before_the_model_loads(tmp_path):
 def ensembles(tmp_path_factory) -> dict[str, Path]:
     """Ensemble files of the real reference checkpoint. ``twins``: two copies of it with ensemble temperature 1,
     which is the reference model itself (the mean of two equal calibrated distributions, unscaled), saved as an
-    ensemble run (its folder's config.json is the ensemble's config, as core.ensemble writes it). ``mixed``: the
+    ensemble run (its folder's config.json is the ensemble's config, as core.training.ensembles writes it). ``mixed``:
+    the
     reference beside a copy of it with another input size and twice its temperature, ensemble temperature 1.3, so
     that every member's own preprocessing and temperature and the ensemble's temperature count."""
     base = tmp_path_factory.mktemp("robust_ensembles")
@@ -205,7 +209,7 @@ def test_an_ensemble_of_twins_reports_what_the_single_model_does(ensembles, tta)
 
 def test_an_ensembles_clean_row_is_its_core_evaluate_result(ensembles):
     """With members that differ in preprocessing and temperature, by default (the predictor's TTA): the clean row
-    is the ensemble's evaluation by core.evaluate, and not its first member's alone."""
+    is the ensemble's evaluation by core.evaluation.evaluate, and not its first member's alone."""
     report = robustness.evaluate_shifts(ensembles["mixed"], SAMPLE, shifts=[], bootstrap=0)
     assert report["tta"] is USE_TTA_BY_DEFAULT and report["tta_views"] == tta_description(USE_TTA_BY_DEFAULT)
     (clean,) = report["conditions"]
@@ -226,7 +230,7 @@ def test_shifts_on_an_ensemble_without_out_saves_in_its_run_folder(ensembles, tm
     saved = twins.parent / "robustness.json"
     assert robustness.report_path(twins, []) == saved
     args = ["--checkpoint", str(twins), "--data", str(SAMPLE), "--shifts", "--bootstrap", "0", "--max-images", "6"]
-    assert evaluate.main([*args, "--no-tta"]) == 0
+    assert evaluate_cli.main([*args, "--no-tta"]) == 0
     assert f"robustness report written to {saved}" in capsys.readouterr().out
     report = json.loads(saved.read_text())
     assert report["checkpoint"] == str(twins) and report["arch"] == "ensemble of 2 (2 × mobilenet_v2)"

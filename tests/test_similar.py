@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import quiz
-from core.data import index_dataset
-from core.labels import CLASSES, DISPLAY_NAMES
-from core.predict import Predictor
-from core.report import model_info, report_html
-from core.similar import REFERENCE_SPLITS, build_index, knn_vote, vote
-from core.unfamiliar import detector_path, file_digest, fit_detector, load_detector
+from core.app import quiz
+from core.app.report import model_info, report_html
+from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.data.dataset import index_dataset
+from core.inference.opening import open_predictor
+from core.inference.predictor import Predictor
+from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote, vote
+from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
 from tests.app_support import ROOT
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -27,7 +28,7 @@ PUBLISHED = [ROOT / "docs" / "runs"]
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor(REFERENCE)
+    return open_predictor(REFERENCE)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_detector_threshold_is_the_validation_quantile_and_is_saved_per_checkpoi
 
 def test_saved_detector_warns_on_unfamiliar_images_and_rarely_on_dermoscopy(predictor, sample_cases):
     if predictor.detector is None:
-        pytest.skip("no detector saved beside checkpoints/reference.pt (python bench/similar.py fits it)")
+        pytest.skip("no detector saved beside checkpoints/reference.pt (python -m bench.similar fits it)")
     flagged = {}
     for path in sorted(UNFAMILIAR.glob("*.jpg")):
         check = predictor.unfamiliar(predictor.predict(path))

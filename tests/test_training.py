@@ -18,30 +18,32 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from core.checkpoints import read_checkpoint
-from core.data import DatasetError
-from core.evaluation import MEL_SENSITIVITY
-from core.features import FeatureBatches, FeatureCache, backbone_key
-from core.imbalance import STRATEGIES
-from core.labels import CLASSES
-from core.models import build_model
-from core.predict import Predictor
-from core.preprocessing import Preprocessing
-from core.runs import read_config, read_evaluation, read_run
-from core.train import build_parser, config_from_args
-from core.training import PRESETS, TrainConfig, config_with, prepare_data, train, train_many
+from core.cli.train import build_parser, config_from_args
+from core.common.labels import CLASSES
+from core.common.runs import read_config, read_evaluation, read_run
+from core.data.dataset import DatasetError
+from core.data.preprocessing import Preprocessing
+from core.inference.features import FeatureBatches, FeatureCache, backbone_key
+from core.inference.opening import open_predictor
+from core.metrics.classification import MEL_SENSITIVITY
+from core.models.architectures import build_model
+from core.models.checkpoints import read_checkpoint
+from core.training.config import PRESETS, TrainConfig, config_with
+from core.training.imbalance import STRATEGIES
+from core.training.loaders import prepare_data
+from core.training.loop import train, train_many
 from tests.conftest import write_tiny_dataset, write_truncated_jpeg
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
 def train_cli(data, out, *extra: str, name: str = "cli", cache=None) -> subprocess.CompletedProcess:
-    """``python -m core.train`` on ``data`` as a user would run it: random weights, one epoch at 32×32;
+    """``lesionlab train`` on ``data`` as a user would run it: random weights, one epoch at 32×32;
     ``extra`` flags come last, so they override these."""
     command = [
         sys.executable,
         "-m",
-        "core.train",
+        "core.cli.train",
         "--data",
         str(data),
         "--weights",
@@ -127,7 +129,7 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert 0 <= evaluation["test"]["accuracy"] <= 1 and evaluation["temperature"] == best["temperature"]
     # The melanoma operating point is chosen on validation for MEL_SENSITIVITY and is what Diagnose uses.
-    assert evaluation["mel_threshold"] == best["mel_threshold"] == Predictor(run_dir / "best.pt").mel_threshold
+    assert evaluation["mel_threshold"] == best["mel_threshold"] == open_predictor(run_dir / "best.pt").mel_threshold
     assert evaluation["val"]["melanoma"]["sensitivity"] >= MEL_SENSITIVITY
     assert evaluation["test"]["melanoma"]["threshold"] == best["mel_threshold"]
 
@@ -164,11 +166,11 @@ def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_
     assert read_run(c_dir).state == "finished"
 
 
-# `python -m core.train`, killed by SIGKILL while it writes epoch 2's last.pt: after the temporary file is created,
+# `lesionlab train`, killed by SIGKILL while it writes epoch 2's last.pt: after the temporary file is created,
 # before its first byte. Audit hooks only watch, so the trainer runs unchanged up to the kill.
 KILLED_WHILE_SAVING_EPOCH_TWO = """
 import os, signal, sys
-from core.train import main
+from core.cli.train import main
 
 temporaries = []
 
@@ -363,14 +365,14 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
 def test_cli_help_and_clear_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     helped = subprocess.run(
-        [sys.executable, "-m", "core.train", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
+        [sys.executable, "-m", "core.cli.train", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
     )
     assert helped.returncode == 0 and "--preset" in helped.stdout and "--imbalance" in helped.stdout
     bad = subprocess.run(
         [
             sys.executable,
             "-m",
-            "core.train",
+            "core.cli.train",
             "--data",
             str(tmp_path / "nowhere"),
             "--weights",
@@ -495,7 +497,7 @@ def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tm
 
 
 def test_max_images_subsamples_every_class_and_keeps_lesions_whole(tiny_root, tmp_path):
-    from core.training import prepare_data
+    from core.training.loaders import prepare_data
 
     full, _ = prepare_data(tiny_config(tiny_root, tmp_path))
     frame, train_rows = prepare_data(tiny_config(tiny_root, tmp_path, max_images=30))

@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING
 
 import streamlit as st
 
-from core import jobs, runs, settings
-from core.formatting import format_bytes, progress_fraction, progress_text
+from core.app import jobs as app_jobs
+from core.common import runs, settings
+from core.common.formatting import format_bytes, progress_fraction, progress_text
+from core.inference.opening import open_predictor
 
-if TYPE_CHECKING:  # core.data brings torch (~1.5 s on 2 cores): imported where used, after a page's title is drawn
-    from core.data import DatasetIndex
+if (
+    TYPE_CHECKING
+):  # core.data.dataset brings torch (~1.5 s on 2 cores): imported where used, after a page's title is drawn
+    from core.data.dataset import DatasetIndex
 
 NOTICE = (
     "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
@@ -27,8 +31,15 @@ DATASET_KEY = "dataset_folder"
 DATASET_PARAM = "data"  # the URL's query parameter that keeps the sidebar's dataset folder across reloads
 
 
-# What the pages import beyond the entry point's own (torch with core.data, torchvision models, kornia, grad-cam).
-WARM_MODULES = ("core.data", "core.training", "core.predict", "core.explain", "core.evaluate")
+# What the pages import beyond the entry point's own (torch with core.data.dataset, torchvision models, kornia,
+# grad-cam).
+WARM_MODULES = (
+    "core.data.dataset",
+    "core.training.config",
+    "core.cli.predict",
+    "core.inference.explain",
+    "core.cli.evaluate",
+)
 
 
 @st.cache_resource(show_spinner=False)
@@ -60,7 +71,7 @@ def _metadata_stamp(folder: Path) -> float:
 
 @st.cache_data(show_spinner="Indexing the dataset…", max_entries=4)
 def _index(folder: str, stamp: float) -> DatasetIndex:
-    from core.data import index_dataset
+    from core.data.dataset import index_dataset
 
     return index_dataset(folder)
 
@@ -72,7 +83,7 @@ def load_dataset(show_help: bool = True) -> DatasetIndex | None:
         if show_help:
             st.info(settings.HOW_TO_GET_DATA, icon=":material/folder_open:")
         return None
-    from core.data import DatasetError
+    from core.data.dataset import DatasetError
 
     try:
         return _index(str(choice.folder), _metadata_stamp(choice.folder))
@@ -89,7 +100,7 @@ def runs_dir() -> Path:
 
 def list_runs() -> list[runs.RunState]:
     folder = runs_dir()
-    return runs.list_runs(folder, jobs.active_job(folder))
+    return runs.list_runs(folder, app_jobs.active_job(folder))
 
 
 def evaluated_runs() -> list[runs.RunState]:
@@ -112,7 +123,7 @@ def no_runs_message(what: str = "evaluate") -> None:
     st.info(
         f"There is no finished run to {what} yet. Train one on the **Train** page (a few epochs of the "
         "`seed` preset is enough to see everything), or from a terminal: "
-        "`python -m core.train --preset seed --data DATASET --epochs 3`.",
+        "`lesionlab train --preset seed --data DATASET --epochs 3`.",
         icon=":material/science:",
     )
 
@@ -126,7 +137,7 @@ def run_label(run: runs.RunState) -> str:
 
 
 def progress_bar(label: str, done: float, total: float | None, started: float, **text) -> None:
-    """A long step's bar with its count, rate and ETA (``text``: :func:`core.formatting.progress_text`'s
+    """A long step's bar with its count, rate and ETA (``text``: :func:`core.common.formatting.progress_text`'s
     ``unit`` and ``amount``)."""
     st.progress(progress_fraction(done, total), text=progress_text(label, done, total, started=started, **text))
 
@@ -140,15 +151,15 @@ def run_progress(run: runs.RunState) -> None:
 # The training job, as the job and run files say
 
 
-def current_job() -> tuple[jobs.Job | None, runs.RunState | None]:
+def current_job() -> tuple[app_jobs.Job | None, runs.RunState | None]:
     """The active job and the run it is on (None before its first run folder exists)."""
     folder = runs_dir()
-    job = jobs.active_job(folder)
+    job = app_jobs.active_job(folder)
     name = job.current_run if job is not None else None
     return job, (runs.read_run(folder / name, job) if name else None)
 
 
-def job_signature(job: jobs.Job | None, run: runs.RunState | None) -> tuple | None:
+def job_signature(job: app_jobs.Job | None, run: runs.RunState | None) -> tuple | None:
     """What a page drawn for this job depends on: which job, whether it was asked to stop, and the run it is
     on and that run's state. Progress within a run is left out: the live parts follow it on their own."""
     if job is None:
@@ -190,11 +201,10 @@ def lazy_tabs(views: dict[str, Callable[[], object]], key: str) -> None:
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def _predictor(path: str, stamp: float):
     """One Predictor per checkpoint file version, shared by all sessions: loaded once, never on reruns."""
-    from core.checkpoints import CheckpointError
-    from core.predict import Predictor
+    from core.models.checkpoints import CheckpointError
 
     try:
-        return Predictor(path), None
+        return open_predictor(path), None
     except (CheckpointError, OSError, RuntimeError, ValueError, KeyError) as exc:
         return None, str(exc)
 
@@ -213,8 +223,8 @@ def _case_index(checkpoint: str, stamp: float, folder: str, data_stamp: float, _
     """One case index per (checkpoint version, dataset version), shared by all sessions, built with a progress
     bar (made in here, so the cache can replay it); its features are also cached on disk, so a restart only
     reads them back."""
-    from core import quiz
-    from core.similar import build_index
+    from core.app import quiz
+    from core.inference.similar import build_index
 
     try:
         record = quiz.model_split(checkpoint, _checkpoint, _frame, settings.run_folders())
@@ -243,7 +253,7 @@ def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
 def model_choice(prefix: str):
     """The Diagnose page's model picker and flip-averaging toggle, keyed ``{prefix}_model`` and ``{prefix}_tta``:
     (Predictor, checkpoint path, tta). Stops the page with what to do when no model can be used."""
-    from core.predict import TTA_HELP, USE_TTA_BY_DEFAULT
+    from core.inference.predictor import TTA_HELP, USE_TTA_BY_DEFAULT
 
     models = settings.model_files()
     if not models:
@@ -281,7 +291,7 @@ def predictions(run_dir: Path):
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _cam_overlay(checkpoint: str, stamp: float, image_path: str, target: int, method: str, alpha: float):
-    from core.explain import overlay
+    from core.inference.explain import overlay
 
     predictor, _ = get_predictor(Path(checkpoint))
     if predictor is None:
@@ -303,16 +313,16 @@ def cam_overlay(checkpoint: str, image_path: str, target: int, method: str = "gr
 
 
 # ---------------------------------------------------------------------------
-# Get HAM10000 (a background download job; see core.jobs.start_download)
+# Get HAM10000 (a background download job; see core.app.jobs.start_download)
 
 
 def _use_folder(folder: str) -> None:
     st.session_state[DATASET_KEY] = folder
 
 
-def _download_body(active: jobs.Job | None) -> None:
+def _download_body(active: app_jobs.Job | None) -> None:
     folder = runs_dir()
-    status = jobs.download_status(folder)
+    status = app_jobs.download_status(folder)
     if active is not None:
         stage = {"download": "Downloading", "verify": "Verifying", "extract": "Extracting"}.get(
             (status or {}).get("stage"), "Starting"
@@ -330,7 +340,7 @@ def _download_body(active: jobs.Job | None) -> None:
         st.button(
             "Cancel download",
             icon=":material/cancel:",
-            on_click=jobs.cancel_download,
+            on_click=app_jobs.cancel_download,
             args=(folder,),
             help="Verified files stay; a partial file resumes when you start again.",
         )
@@ -354,14 +364,14 @@ def _download_body(active: jobs.Job | None) -> None:
     st.caption(
         "From the Harvard Dataverse (doi:10.7910/DVN/DBW86T, CC BY-NC-SA 4.0): about 2.8 GB, resumable, "
         "every file checked against its published checksum, then validated. "
-        "Same as `python -m core.download --dest FOLDER`."
+        "Same as `lesionlab download --dest FOLDER`."
     )
     if go:
         try:
-            jobs.start_download(
+            app_jobs.start_download(
                 settings.resolve_path(dest), folder, include_external=external, server=settings.dataverse_server()
             )
-        except jobs.JobError as exc:
+        except app_jobs.JobError as exc:
             st.error(str(exc))
         except OSError as exc:
             st.error(f"The download could not start: {exc}")
@@ -371,7 +381,7 @@ def _download_body(active: jobs.Job | None) -> None:
 
 @st.fragment(run_every=1)
 def _download_live(started_id: str) -> None:
-    active = jobs.active_download(runs_dir())
+    active = app_jobs.active_download(runs_dir())
     if active is None or active.id != started_id:
         st.rerun()  # finished: redraw the whole page with the result (and the new dataset)
     _download_body(active)
@@ -379,7 +389,7 @@ def _download_live(started_id: str) -> None:
 
 def download_panel(expanded: bool = False) -> None:
     """The Dataset page's "Get HAM10000": start, follow and use a background download."""
-    active = jobs.active_download(runs_dir())
+    active = app_jobs.active_download(runs_dir())
     with st.expander("Get HAM10000", expanded=expanded or active is not None, icon=":material/download:"):
         if active is not None:
             _download_live(active.id)

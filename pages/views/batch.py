@@ -7,9 +7,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
-from core.formatting import format_bytes
-from core.inference import PredictionError, tta_description
+from core.common.formatting import format_bytes
+from core.inference.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
+from core.inference.forward import PredictionError, tta_description
 from pages.views._shared import model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
@@ -31,7 +31,7 @@ if not uploads:
     st.info(
         "Upload several dermoscopic images, or .zip archives of them, to get one row per image: the most likely "
         "class, P(melanoma), the confidence and the warnings the Diagnose page would show. Files that cannot be "
-        "used get a row saying why. Same as `python -m core.predict CHECKPOINT FOLDER_OR_ZIP --csv out.csv`.",
+        "used get a row saying why. Same as `lesionlab predict CHECKPOINT FOLDER_OR_ZIP --csv out.csv`.",
         icon=":material/upload:",
     )
     st.stop()

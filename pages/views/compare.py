@@ -5,13 +5,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import estimate, imbalance, jobs, lesson, plots, settings
-from core.evaluation import MEL_SENSITIVITY
-from core.features import FeatureCache, backbone_key
-from core.models import ARCHITECTURES, default_arch
-from core.runs import RunState, format_duration, read_run
-from core.runs import list_runs as read_runs
-from core.training import TrainConfig, config_with
+from core.app import estimate, lesson, plots
+from core.app import jobs as app_jobs
+from core.common import settings
+from core.common.formatting import format_duration
+from core.common.runs import RunState, read_run
+from core.common.runs import list_runs as read_runs
+from core.inference.features import FeatureCache, backbone_key
+from core.metrics.classification import MEL_SENSITIVITY
+from core.models.architectures import ARCHITECTURES, default_arch
+from core.training import imbalance
+from core.training.config import TrainConfig, config_with
 from pages.views._shared import (
     current_job,
     dataset_choice,
@@ -43,7 +47,7 @@ def headline(run: RunState) -> dict:
         "macro AUC": t.get("roc_auc", {}).get("macro"),
         "melanoma sensitivity": mel.get("sensitivity"),
         "melanoma specificity": mel.get("specificity"),
-        # The P(mel) at which the two above were measured: the run's own operating point (core.runs' record).
+        # The P(mel) at which the two above were measured: the run's own operating point (core.common.runs' record).
         "melanoma threshold": mel.get("threshold"),
         "ECE": t.get("ece"),
         "test images": t.get("n"),
@@ -151,7 +155,7 @@ def time_estimate(cfg: TrainConfig, dataset_images: int) -> None:
     guess = estimate.estimate(images, total, cfg.epochs, rates)
     if guess is None:
         st.caption(
-            "No time estimate yet: it needs the rates measured by `python bench/experiment.py` "
+            "No time estimate yet: it needs the rates measured by `python -m bench.experiment` "
             "(docs/BENCHMARKS.json) or by an earlier cached head-only run here."
         )
         return
@@ -175,7 +179,7 @@ def time_estimate(cfg: TrainConfig, dataset_images: int) -> None:
 
 
 def experiment_form(index) -> None:
-    job = jobs.active_job(RUNS)
+    job = app_jobs.active_job(RUNS)
     labels = ", ".join(s.label for s in imbalance.STRATEGIES.values())
     st.markdown(
         f"Train the same model once per strategy — **{labels}** — in cached head-only mode (frozen "
@@ -224,10 +228,10 @@ def experiment_form(index) -> None:
         )
     if go:
         try:
-            started = jobs.start_experiment({**cfg.to_dict(), "name": ""}, RUNS)
-        except jobs.JobBusyError as exc:
+            started = app_jobs.start_experiment({**cfg.to_dict(), "name": ""}, RUNS)
+        except app_jobs.JobBusyError as exc:
             st.error(str(exc), icon=":material/hourglass_top:")
-        except (jobs.JobError, ValueError, OSError) as exc:
+        except (app_jobs.JobError, ValueError, OSError) as exc:
             st.error(f"The experiment could not start: {exc}", icon=":material/block:")
         else:
             st.session_state["cmp_experiment"] = started.experiment
@@ -271,7 +275,7 @@ def experiment_status(manifest: dict) -> None:
                 "Stop the experiment",
                 icon=":material/stop_circle:",
                 key="exp_stop",
-                on_click=jobs.stop_job,
+                on_click=app_jobs.stop_job,
                 args=(RUNS,),
             )
 
@@ -325,7 +329,7 @@ def lesson_tab(manifests: list[dict]) -> None:
         chosen = experiments[keys.index(key)]
         manifest = next((m for m in manifests if m["name"] == chosen.key), None)
         if manifest is not None:
-            job = jobs.active_job(RUNS)
+            job = app_jobs.active_job(RUNS)
             with st.expander("Its runs", expanded=job is not None and job.experiment == manifest["name"]):
                 experiment_status(manifest)
         lesson_view(chosen)
@@ -340,7 +344,7 @@ def lesson_tab(manifests: list[dict]) -> None:
 
 
 runs = evaluated_runs()
-manifests = jobs.list_experiments(RUNS)
+manifests = app_jobs.list_experiments(RUNS)
 tab_lesson, tab_cmp = st.tabs(["Imbalance lesson", "Compare runs"])
 
 with tab_lesson:

@@ -3,10 +3,11 @@
 import pandas as pd
 import streamlit as st
 
-from core import plots
-from core.data import HAM10000_IMAGES, split_by_lesion, split_counts
-from core.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
-from core.training import TrainConfig
+from core.app import plots
+from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+from core.data.dataset import HAM10000_IMAGES
+from core.data.splits import split_by_lesion, split_counts
+from core.training.config import TrainConfig
 from pages.views._shared import dataset_choice, download_panel, lazy_tabs, load_dataset
 
 GALLERY_COLUMNS = 6
@@ -131,12 +132,12 @@ def split_preview() -> None:
     if (round(val, 2), round(test, 2), int(seed)) == (trainer_val, trainer_test, trainer.split_seed):
         st.caption(
             f"This is the split every run trained from the app uses ({default}), on this dataset. The Train page "
-            "does not change it; `python -m core.train --split-fractions TRAIN VAL TEST --split-seed N` does."
+            "does not change it; `lesionlab train --split-fractions TRAIN VAL TEST --split-seed N` does."
         )
     else:
         st.caption(
             f"A preview only: runs trained from the app use {default}. To train on this split, use "
-            f"`python -m core.train --split-fractions {1 - val - test:.2f} {val:.2f} {test:.2f} "
+            f"`lesionlab train --split-fractions {1 - val - test:.2f} {val:.2f} {test:.2f} "
             f"--split-seed {int(seed)}`."
         )
     if val + test >= 0.9:

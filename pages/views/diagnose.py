@@ -4,15 +4,16 @@ from datetime import UTC, datetime
 
 import streamlit as st
 
-from core import plots
-from core.formatting import format_bytes, percents_against
-from core.images import ImageError, fit_margins, upright_size
-from core.inference import PredictionError
-from core.labels import CLASSES, MALIGNANT
-from core.predict import recorded_operating_point
-from core.report import model_info, report_html
-from core.similar import NEIGHBOURS, REFERENCE_SPLITS, vote
-from core.visuals import LOW_CONFIDENCE, feature_map_grid
+from core.app import plots
+from core.app.report import model_info, report_html
+from core.common.formatting import format_bytes, percents_against
+from core.common.labels import CLASSES, MALIGNANT
+from core.data.images import ImageError, fit_margins, upright_size
+from core.evaluation.records import recorded_operating_point
+from core.inference.explain import feature_map_grid
+from core.inference.forward import PredictionError
+from core.inference.prediction import LOW_CONFIDENCE
+from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, vote
 from pages.views._shared import case_index, load_dataset, model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
@@ -167,7 +168,7 @@ def member_heatmaps(votes, method: str, target: str, cam_key: tuple, alpha: floa
     """Each ensemble member's map beside the averaged one, named, with its P(predicted class). Off by default: K
     more maps cost K times the averaged one's time, so they are computed only once asked for, then kept per image,
     method and class."""
-    from core.explain import CAM_METHOD_NAMES, overlay
+    from core.inference.explain import CAM_METHOD_NAMES, overlay
 
     shown = st.toggle(
         "Show each model's heatmap",
@@ -217,7 +218,7 @@ with right:
             probabilities()
 
 with left:
-    from core.explain import CAM_METHOD_NAMES, overlay
+    from core.inference.explain import CAM_METHOD_NAMES, overlay
 
     c1, c2 = st.columns(2)
     method = c1.selectbox(

@@ -12,22 +12,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import plots, settings
-from core.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, unpack_upload
-from core.checkpoints import CheckpointError
-from core.data import DatasetError
-from core.evaluation import (
-    MEL_SENSITIVITY,
-    melanoma_operating_point,
-    reliability_curve,
-    roc_curves,
-    softmax,
-    uncalibrated,
-)
-from core.images import ImageError
-from core.labels import CLASSES, DISPLAY_NAMES, MELANOMA
-from core.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
-from core.runs import RunState, locate_images, read_robustness, write_robustness
+from core.app import plots
+from core.common import settings
+from core.common.labels import CLASSES, DISPLAY_NAMES, MELANOMA
+from core.common.runs import RunState, locate_images, read_robustness, write_robustness
+from core.data.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, unpack_upload
+from core.data.dataset import DatasetError
+from core.data.images import ImageError
+from core.data.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
+from core.metrics.calibration import reliability_curve, softmax, uncalibrated
+from core.metrics.classification import MEL_SENSITIVITY, melanoma_operating_point, roc_curves
+from core.models.checkpoints import CheckpointError
 from pages.views._shared import (
     cam_overlay,
     dataset_choice,
@@ -156,7 +151,7 @@ def internal_section() -> None:
 
     metrics = evaluation.get("test") or {}
     if not metrics:
-        from core.evaluation import compute_metrics
+        from core.metrics.classification import compute_metrics
 
         metrics = compute_metrics(labels, probs)
     temperature = float(evaluation.get("temperature", 1.0))
@@ -170,7 +165,7 @@ def internal_section() -> None:
         )
         + "; "
         "probabilities calibrated by temperature scaling fitted on the validation split; one view of each image, "
-        "as the trainer recorded it (`python -m core.evaluate` averages the four flips by default)."
+        "as the trainer recorded it (`lesionlab evaluate` averages the four flips by default)."
     )
     headline_metrics(
         metrics, evaluation.get("confidence_intervals"), extra=[("Temperature", f"{temperature:.2f}", None)]
@@ -301,7 +296,7 @@ def misclassified_gallery(run: RunState, table: pd.DataFrame, labels: np.ndarray
 def robustness_view(run: RunState) -> None:
     """The run's saved robustness report (table and chart); when it has none, a button computes it on the
     configured dataset's test split, with progress, and saves it in the run folder."""
-    from core import robustness
+    from core.evaluation import robustness
 
     report = read_robustness(run.path) or _compute_robustness(run)
     if report is None:
@@ -313,19 +308,19 @@ def robustness_view(run: RunState) -> None:
     st.plotly_chart(plots.robustness_figure(report), width="stretch", key="eval_robust_chart")
     st.caption(
         "Drop = clean minus shifted, with a paired bootstrap 95% interval (the same resampled images under both "
-        "conditions); a positive ECE change means worse calibration. Same as `python -m core.evaluate "
+        "conditions); a positive ECE change means worse calibration. Same as `lesionlab evaluate "
         "--checkpoint CKPT --data DIR --shifts`."
     )
 
 
 def _compute_robustness(run: RunState) -> dict | None:
     """The button that makes the missing report and saves it; the report once saved, else None. It predicts as
-    the predictor does by default (``USE_TTA_BY_DEFAULT``), as ``python -m core.evaluate --shifts`` does."""
-    from core.inference import tta_description
-    from core.predict import USE_TTA_BY_DEFAULT
-    from core.robustness import checkpoint_for_run, evaluate_shifts
-    from core.runtime import pick_device
-    from core.shifts import SHIFTS
+    the predictor does by default (``USE_TTA_BY_DEFAULT``), as ``lesionlab evaluate --shifts`` does."""
+    from core.common.runtime import pick_device
+    from core.data.shifts import SHIFTS
+    from core.evaluation.robustness import checkpoint_for_run, evaluate_shifts
+    from core.inference.forward import tta_description
+    from core.inference.predictor import USE_TTA_BY_DEFAULT
 
     if is_published(run):  # its record stays as published; a local copy of the run can have one computed
         st.info("No robustness report was published with this run.", icon=":material/info:")
@@ -340,7 +335,8 @@ def _compute_robustness(run: RunState) -> dict | None:
         f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` on "
         f"the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
         f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images, each with the views Diagnose and "
-        f"`core.evaluate` predict from by default (test-time augmentation: {tta_description(USE_TTA_BY_DEFAULT)}).",
+        f"`lesionlab evaluate` predict from by default (test-time augmentation: "
+        f"{tta_description(USE_TTA_BY_DEFAULT)}).",
         icon=":material/info:",
     )
     if not st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go"):
@@ -364,16 +360,16 @@ def _compute_robustness(run: RunState) -> dict | None:
 
 
 # ---------------------------------------------------------------------------
-# Any model on an external test set (the page's side of ``python -m core.evaluate --split all``)
+# Any model on an external test set (the page's side of ``lesionlab evaluate --split all``)
 
 
 def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stamp: float) -> dict:
     """``evaluate_checkpoint`` on every image of ``folder``, with the layout and what the import set aside, and
     a progress bar while it runs. The session keeps the latest result, keyed by the checkpoint's path and mtime
     and the folder (and its mtime); errors are not kept. Not ``st.cache_data``: it would replay the bar."""
-    from core.evaluate import evaluate_checkpoint
-    from core.layouts import detect_layout
-    from core.runtime import pick_device
+    from core.common.runtime import pick_device
+    from core.data.layouts import detect_layout
+    from core.evaluation.evaluate import evaluate_checkpoint
 
     key = (checkpoint, stamp, folder, folder_stamp)
     kept = st.session_state.get(EXTERNAL_RESULT)
@@ -418,7 +414,7 @@ def external_section() -> None:
         "a run's test split, from a folder on the server or an uploaded .zip. It may hold an isic-cli export, "
         "one folder per class "
         f"({', '.join(CLASSES)}), the ISIC 2018 Task 3 ground truth with its images, or HAM10000-style "
-        "metadata. Same as `python -m core.evaluate --checkpoint CKPT --data FOLDER --split all`."
+        "metadata. Same as `lesionlab evaluate --checkpoint CKPT --data FOLDER --split all`."
     )
     models = settings.model_files()
     if not models:

@@ -5,7 +5,8 @@ from collections import Counter
 import pandas as pd
 import streamlit as st
 
-from core import jobs, runs, settings
+from core.app import jobs as app_jobs
+from core.common import runs, settings
 from pages.views._pages import PAGES
 from pages.views._shared import dataset_choice, list_runs, load_dataset, research_notice
 
@@ -23,7 +24,7 @@ local = list_runs()
 states = Counter(r.state for r in local)
 published_dir = settings.published_runs_dir()
 published = [r for r in runs.list_runs(published_dir) if r.state == "finished"] if published_dir else []
-job = jobs.active_job(settings.runs_dir())
+job = app_jobs.active_job(settings.runs_dir())
 
 c1, c2, c3, c4, c5 = st.columns(5)
 c1.metric("Dataset images", f"{len(index.frame):,}" if index is not None else "—", help=choice.describe())

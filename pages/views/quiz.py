@@ -2,7 +2,7 @@
 heatmap, then compare their per-class results with the model's on the same images.
 
 The whole quiz lives in this browser session's ``st.session_state``: nothing a student answers is written
-on the server. The work is done in ``core.quiz``.
+on the server. The work is done in ``core.app.quiz``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core import plots, quiz, settings
-from core.data import split_counts
-from core.images import ImageError
-from core.inference import PredictionError
-from core.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
+from core.app import plots, quiz
+from core.common import settings
+from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
+from core.data.images import ImageError
+from core.data.splits import split_counts
+from core.inference.forward import PredictionError
 from pages.views._shared import cam_overlay, get_predictor, load_dataset, research_notice
 
 STATE = "quiz"  # the running quiz: settings, model, drawn images, answers and position

@@ -2,19 +2,20 @@
 
 import streamlit as st
 
-from core import jobs, plots
-from core.models import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
-from core.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
-from core.runs import RunState, default_run_name, epochs_table, list_runs, running_loss_table
-from core.runtime import gpu_count
+from core.app import jobs as app_jobs
+from core.app import plots
+from core.common.runs import RunState, default_run_name, epochs_table, list_runs, running_loss_table
+from core.common.runtime import gpu_count
+from core.data.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
+from core.models.architectures import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
 from pages.views._shared import current_job, dataset_choice, fmt_seconds, load_dataset, run_progress, runs_dir
 
 st.title("Train")
 
 try:
-    from core import imbalance
-    from core.preprocessing import AUGMENTATION_HELP, AUGMENTATIONS
-    from core.training import PRESETS, SCHEDULERS, config_with
+    from core.data.preprocessing import AUGMENTATION_HELP, AUGMENTATIONS
+    from core.training import imbalance
+    from core.training.config import PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
     st.stop()
@@ -22,7 +23,7 @@ except ImportError as exc:  # a broken install must not take the page down
 RUNS = runs_dir()
 
 index = load_dataset()
-job = jobs.active_job(RUNS)
+job = app_jobs.active_job(RUNS)
 
 
 def config_form() -> None:
@@ -184,12 +185,12 @@ def config_form() -> None:
             out=str(RUNS),
         )
         config = cfg.to_dict()
-        started = jobs.start_training(
+        started = app_jobs.start_training(
             {**config, "name": config["name"] or default_run_name(config, RUNS)}, RUNS, gpus=gpus
         )
-    except jobs.JobBusyError as exc:
+    except app_jobs.JobBusyError as exc:
         st.error(str(exc), icon=":material/hourglass_top:")
-    except (jobs.JobError, ValueError, OSError) as exc:
+    except (app_jobs.JobError, ValueError, OSError) as exc:
         st.error(f"Training could not start: {exc}", icon=":material/block:")
     else:
         st.toast(f"Training {started.runs[0]} started", icon=":material/model_training:")
@@ -265,13 +266,13 @@ def monitor() -> None:
                 )
                 st.button(
                     "Force stop now",
-                    on_click=jobs.kill_job,
+                    on_click=app_jobs.kill_job,
                     args=(RUNS,),
                     help="Terminate the training process immediately (nothing more is saved).",
                 )
             else:
                 # A callback runs before the rerun it triggers, so the page shows "Stopping" at once.
-                st.button("Stop training", icon=":material/stop_circle:", on_click=jobs.stop_job, args=(RUNS,))
+                st.button("Stop training", icon=":material/stop_circle:", on_click=app_jobs.stop_job, args=(RUNS,))
 
         show_run(run, active=True, controls=controls)
         if current.kind == "experiment":

@@ -1,0 +1,640 @@
+"""The run folder: what the trainer writes while it trains and how readers parse it.
+
+Layout of a run folder (``<out>/<name>/``):
+
+- ``config.json``        the :class:`TrainConfig` used
+- ``metrics.jsonl``      one JSON object per line: ``start``, ``progress`` (within an epoch),
+                         ``epoch`` (losses, accuracy, balanced accuracy, lr, images/s) and ``end``
+- ``status.json``        ``{"state": "starting" | "running" | "finished" | "stopped" | "failed", "error": ...}``;
+                         while starting or running it also names the trainer's process (``pid``,
+                         ``pid_start``), and readers believe the state only while that process lives
+- ``last.pt``/``best.pt`` checkpoints, written atomically; ``last.pt`` also carries the
+                         optimiser and scheduler so a run resumes where it stopped
+- ``split.csv``          which split every image went to
+- ``dataset_report.json`` what the run set aside: ``validation``, the dataset's validation report from
+                         indexing (with its ``ok`` and ``summary``), and ``damaged_images``, the files that
+                         passed indexing but could not be decoded during the run
+- ``test_predictions.csv`` and ``evaluation.json``: the best model on the test split,
+                         after temperature scaling fitted on the validation split
+- ``robustness.json``    the robustness report of the run's model (:mod:`core.evaluation.robustness`), when one was made
+- ``train.log``          the trainer's output, when a job started it
+- ``STOP``               created by anyone who wants the run to end cleanly
+
+The trainer appends to ``metrics.jsonl`` and rewrites the other files atomically, so a
+dashboard can read them at any moment; this module holds the only writer and the only parser.
+A resumed run first cuts ``metrics.jsonl`` back to its checkpoint's epoch, so no epoch is logged twice.
+:func:`read_run` turns a folder into a :class:`RunState` the pages can draw.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from core.common.files import atomic_write, read_json, read_tail, write_json
+from core.common.formatting import format_duration, progress_fraction, progress_text
+from core.common.labels import CLASSES
+from core.common.procs import process_record, record_alive
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+PROGRESS_INTERVAL_S = 1.0
+FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+LIVE_STATES = ("starting", "running")  # written only by the trainer, with its pid
+LOG_TAIL_LINES = 30
+STOP_FILE = "STOP"
+ROBUSTNESS_FILE = "robustness.json"
+# The test split as `lesionlab evaluate` reports it at its defaults (flip TTA, the model's operating point),
+# saved beside the run's records with --out: what Diagnose and the model card quote for the views Diagnose uses.
+EVALUATE_FILE = "evaluate-test.json"
+# What the progress bar says during a long step before the epochs; a phase not named here shows its name.
+PHASE_LABELS = {
+    "features": "computing backbone features once",
+    "decoding": "decoding the images once into the cache",
+    "evaluate": "evaluating the best model on the validation and test splits",
+}
+
+
+class StopRequested(Exception):
+    """A long step (e.g. computing features) saw the run's stop signal between two batches and ended early."""
+
+
+def check_run_name(name: str) -> str:
+    """``name`` when it names a folder directly inside the runs folder; ValueError otherwise.
+
+    A separator, ``..`` or an absolute path would put the run outside the runs folder, and a leading dot
+    would hide it from the run lists.
+    """
+    if not name or name.startswith(".") or "/" in name or "\\" in name:
+        raise ValueError(
+            f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.', and do not start it with '.'"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+class RunLog:
+    """Appends JSON lines to metrics.jsonl and keeps status.json current."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir
+        self._last_progress = 0.0
+
+    def begin(self) -> None:
+        """Claim the folder for this process before anything else: status "starting" with our pid first, so
+        a kill from here on leaves a run that reads as interrupted; then clear what an earlier trainer left
+        (a STOP meant for it, temporary files of atomic writes it was killed in)."""
+        self.status("starting")
+        (self.dir / STOP_FILE).unlink(missing_ok=True)
+        for tmp in self.dir.glob(".*.tmp"):  # core.common.files.atomic_write names them .<target>.<random>.tmp
+            tmp.unlink(missing_ok=True)
+
+    def truncate_to_epoch(self, epoch: int) -> None:
+        """Forget what the log says happened after ``epoch``, the last epoch the checkpoint holds: later epoch
+        events and the progress and end events after epoch ``epoch``'s, which a resumed run writes again.
+        A line half-written by a killed trainer goes too: the next event would be appended to it."""
+        path = self.dir / "metrics.jsonl"
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return
+        events = [_parse_event(line) for line in lines]
+        held = [i for i, e in enumerate(events) if e and e.get("event") == "epoch" and e.get("epoch", 0) <= epoch]
+        cut = held[-1] if held else -1
+
+        def keep(i: int, e: dict | None) -> bool:
+            if e is None:
+                return False
+            if e.get("event") == "epoch":
+                return e.get("epoch", 0) <= epoch
+            return e.get("event") not in ("progress", "end") or i < cut
+
+        kept = "".join(line + "\n" for i, (line, e) in enumerate(zip(lines, events, strict=True)) if keep(i, e))
+        atomic_write(path, lambda fh: fh.write(kept.encode("utf-8")))
+
+    def event(self, event: str, **data) -> None:
+        line = {"event": event, "time": datetime.now(UTC).isoformat(timespec="seconds"), **data}
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    def progress_due(self) -> bool:
+        """Whether :meth:`progress` would write now: the trainer reads its running loss from the device only then."""
+        return time.monotonic() - self._last_progress >= PROGRESS_INTERVAL_S
+
+    def progress(self, force: bool = False, **data) -> None:
+        if force or self.progress_due():
+            self._last_progress = time.monotonic()
+            self.event("progress", **data)
+
+    def phase(self, phase: str, done: int, total: int, started: float) -> None:
+        """Progress through a long step outside the epochs (``phase``, e.g. "features"): ``done`` of ``total``
+        images since ``started`` (a Unix time), from which readers compute the rate and the ETA."""
+        self.progress(force=done >= total, phase=phase, done=done, total=total, started=started)
+
+    def status(self, state: str, error: str | None = None) -> None:
+        write_status(self.dir, state, error)
+
+
+def run_header(name: str) -> str:
+    """The line the trainer prints as it starts the run ``name``: what it prints after it is that run's, which
+    lets a job file one process's output under several runs."""
+    return f"=== run {name} ==="
+
+
+class TrainLogs:
+    """Files one trainer process's output under the runs it trains: each line goes to the ``train.log`` of the
+    run whose header (:func:`run_header`) came last, what comes before the first header to the first run's."""
+
+    def __init__(self, runs_dir: Path, runs: list[str]):
+        self.runs_dir, self.run, self.partial = Path(runs_dir), runs[0], b""
+        self.headers = {run_header(name).encode(): name for name in runs}
+
+    def copy(self, fd: int) -> None:
+        """Everything the trainer has written to ``fd`` (non-blocking) so far."""
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:  # the trainer has exited: its last line may lack a newline
+                self._append(self.partial)
+                self.partial = b""
+                return
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            block = b""
+            for line in lines:
+                if line in self.headers:
+                    self._append(block)
+                    self.run, block = self.headers[line], b""
+                block += line + b"\n"
+            self._append(block)
+
+    def _append(self, data: bytes) -> None:
+        if data:
+            with open(self.runs_dir / self.run / "train.log", "ab") as log:
+                log.write(data)
+
+
+def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
+    """A live state names the calling process, which must be the trainer: readers believe it while that lives."""
+    status = {"state": state, "error": error, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
+    if state in LIVE_STATES:
+        status.update(process_record(os.getpid()))
+    write_json(Path(run_dir) / "status.json", status)
+
+
+def mark_unfinished(run_dir: Path, state: str, error: str) -> None:
+    """Record how a run ended when its trainer could not say so (killed, crashed); a final state the
+    trainer wrote itself is kept."""
+    if read_status(run_dir).get("state") in (None, *LIVE_STATES):
+        write_status(run_dir, state, error)
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask the trainer to end the run cleanly after its current step."""
+    (Path(run_dir) / STOP_FILE).touch()
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    write_json(Path(run_dir) / "config.json", config)
+
+
+def write_split(run_dir: Path, frame: pd.DataFrame) -> None:
+    """Which split every image of ``frame`` (an indexed dataset with a ``split`` column) went to."""
+    table = frame[["image_id", "lesion_id", "dx", "split"]]
+    atomic_write(Path(run_dir) / "split.csv", lambda fh: table.to_csv(fh, index=False))
+
+
+def write_dataset_report(run_dir: Path, validation: dict, damaged_images: Sequence[str]) -> None:
+    """``dataset_report.json``. The trainer writes it before the first epoch and again after every epoch and
+    the test evaluation, so it names every damaged image met so far."""
+    write_json(
+        Path(run_dir) / "dataset_report.json", {"validation": validation, "damaged_images": list(damaged_images)}
+    )
+
+
+def write_evaluation(
+    run_dir: Path, evaluation: dict, images: pd.DataFrame, probs: np.ndarray, logits: np.ndarray
+) -> None:
+    """``evaluation.json`` and ``test_predictions.csv``: one row per test image (``images`` holds its
+    image_id, label and dx) with its calibrated probabilities and raw logits, in ``CLASSES`` order.
+
+    Images are named by their id in the dataset, never by their path: a record read on another computer
+    finds them in whatever copy of the dataset is configured there (:func:`locate_images`)."""
+    table = (
+        images[["image_id", "label", "dx"]]
+        .reset_index(drop=True)
+        .assign(
+            **{f"prob_{c}": probs[:, i] for i, c in enumerate(CLASSES)},
+            **{f"logit_{c}": logits[:, i] for i, c in enumerate(CLASSES)},
+        )
+    )
+    write_json(Path(run_dir) / "evaluation.json", evaluation)
+    # Written last: its presence tells readers the evaluation is complete.
+    atomic_write(Path(run_dir) / "test_predictions.csv", lambda fh: table.to_csv(fh, index=False))
+
+
+def write_robustness(run_dir: Path, report: dict) -> None:
+    write_json(Path(run_dir) / ROBUSTNESS_FILE, report)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+def _parse_event(line: str) -> dict | None:
+    """One line of ``metrics.jsonl``; None for a blank, garbled or half-written one."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_events(path: Path) -> list[dict]:
+    """The JSON lines of ``metrics.jsonl``; a line being written (incomplete) or garbled is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [e for line in text.splitlines() if (e := _parse_event(line)) is not None]
+
+
+def read_status(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "status.json") or {}
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's :class:`TrainConfig` as a dict; empty before the trainer has written it."""
+    return read_json(Path(run_dir) / "config.json") or {}
+
+
+def read_split(run_dir: Path) -> pd.DataFrame:
+    """image_id, lesion_id, dx and split of every image the run used."""
+    import pandas as pd  # lazily: pandas is heavy, and the job worker reads runs without it
+
+    return pd.read_csv(Path(run_dir) / "split.csv")
+
+
+def read_dataset_report(run_dir: Path) -> dict:
+    """What the run set aside (see :func:`write_dataset_report`); empty before the trainer has written it."""
+    return read_json(Path(run_dir) / "dataset_report.json") or {}
+
+
+def read_evaluation(run_dir: Path) -> dict:
+    """The test evaluation of the run's best model; empty before the run has one."""
+    return read_json(Path(run_dir) / "evaluation.json") or {}
+
+
+def read_evaluate_report(run_dir: Path) -> dict | None:
+    """The saved ``lesionlab evaluate`` report of the run's model on its test split; None without one.
+    Shared between callers (do not change it): Diagnose looks its operating point up on every rerun, and the
+    report's per-image predictions make it a few hundred kilobytes of JSON, parsed once per version of the file."""
+    path = Path(run_dir) / EVALUATE_FILE
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _evaluate_report(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _evaluate_report(path: str, _mtime_ns: int, _size: int) -> dict | None:
+    report = read_json(Path(path))
+    return report if report and report.get("split") == "test" and "metrics" in report else None
+
+
+def read_robustness(run_dir: Path) -> dict | None:
+    """The robustness report saved for the run's model; None when there is none."""
+    return read_json(Path(run_dir) / ROBUSTNESS_FILE)
+
+
+def matching_runs(checkpoint_path: str | Path, config: dict, run_folders: Sequence[Path]) -> list[Path]:
+    """The run folders that recorded the training of the checkpoint whose stored config is ``config``: its own
+    folder, then ``config["name"]`` under each of ``run_folders``, where ``config.json`` equals ``config``."""
+    config = json.loads(json.dumps(config))  # as config.json holds it: tuples become lists
+    candidates = [Path(checkpoint_path).parent]
+    if config.get("name"):
+        candidates += [Path(folder) / str(config["name"]) for folder in run_folders]
+    return [run_dir for run_dir in candidates if config and read_config(run_dir) == config]
+
+
+def has_evaluation(run_dir: Path) -> bool:
+    return all((Path(run_dir) / name).is_file() for name in ("evaluation.json", "test_predictions.csv"))
+
+
+def read_predictions(run_dir: Path):
+    """A run's test predictions: (table, labels, calibrated probs, raw logits or None, evaluation dict).
+
+    Columns follow ``CLASSES`` (``prob_<code>``, ``logit_<code>``); raises ``ValueError`` with a readable
+    message when the files are missing or do not fit.
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    try:
+        table = pd.read_csv(run_dir / "test_predictions.csv", dtype={"image_id": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"{run_dir.name} has no readable test_predictions.csv ({exc})") from None
+    # Records written before image ids also held each image's path on the computer that trained the run;
+    # nothing may rely on it (see locate_images).
+    table = table.drop(columns="path", errors="ignore")
+    prob_cols = [f"prob_{c}" for c in CLASSES]
+    missing = [c for c in ["label", *prob_cols] if c not in table.columns]
+    if missing or table.empty:
+        raise ValueError(f"{run_dir.name}/test_predictions.csv lacks {', '.join(missing) or 'rows'}")
+    logit_cols = [f"logit_{c}" for c in CLASSES]
+    logits = table[logit_cols].to_numpy(dtype=float) if all(c in table for c in logit_cols) else None
+    return (
+        table,
+        table["label"].to_numpy(dtype=int),
+        table[prob_cols].to_numpy(dtype=float),
+        logits,
+        read_evaluation(run_dir),
+    )
+
+
+def locate_images(image_ids: pd.Series, frame: pd.DataFrame) -> pd.Series:
+    """The file of each of a record's ``image_ids`` in a dataset index's ``frame`` (image_id, path): the
+    configured copy of the dataset, wherever it lives; NaN for an id that dataset does not hold."""
+    import pandas as pd
+
+    files = pd.Series(frame["path"].to_numpy(), index=frame["image_id"].astype(str))
+    return image_ids.astype(str).map(files[~files.index.duplicated()])
+
+
+def log_tail(run_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    return read_tail(Path(run_dir) / "train.log", lines)
+
+
+def error_from_log(run_dir: Path) -> str:
+    """What a run that died without saying why printed last."""
+    tail = log_tail(run_dir, 12).strip()
+    return tail or "the training process ended without writing a status (killed or crashed before starting)"
+
+
+class LiveJob(Protocol):
+    """The job running now, as far as reading its runs needs it (``core.app.jobs.Job`` is one)."""
+
+    runs_dir: Path
+    runs: list[str]
+
+    @property
+    def alive(self) -> bool: ...
+
+    def config_path(self, run: str) -> Path: ...
+
+
+@dataclass
+class RunState:
+    name: str
+    path: Path
+    state: str  # queued, starting, running, finished, stopped, failed, interrupted
+    config: dict = field(default_factory=dict)
+    start: dict | None = None
+    epochs: list[dict] = field(default_factory=list)
+    progress: dict | None = None
+    steps: list[dict] = field(default_factory=list)  # training progress events, for the live curve
+    end: dict | None = None
+    error: str | None = None
+    modified: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def has_model(self) -> bool:
+        return (self.path / "best.pt").is_file()
+
+    @property
+    def has_evaluation(self) -> bool:
+        return has_evaluation(self.path)
+
+    @property
+    def total_epochs(self) -> int | None:
+        for src in (self.start or {}, self.config):
+            if src.get("epochs"):
+                return int(src["epochs"])
+        return None
+
+    @property
+    def wall_time_s(self) -> float | None:
+        """Seconds from the first start to the last end, resumptions and the pauses between them included;
+        None until the run has ended."""
+        if self.start is None or self.end is None:
+            return None
+        started, ended = (datetime.fromisoformat(e["time"]) for e in (self.start, self.end))
+        return (ended - started).total_seconds()
+
+    @property
+    def dataset(self) -> str:
+        """Which dataset the run used, "name, N images": as its start event records it; for a run from before
+        that record, its config's folder and the images its splits held (the whole dataset unless it took a
+        subsample); "unknown" where neither says."""
+        recorded = (self.start or {}).get("dataset")
+        if recorded:
+            used = recorded.get("used", recorded["images"])
+            text = f"{recorded['name']}, {recorded['images']:,} images"
+            return text + (f" ({used:,} used)" if used < recorded["images"] else "")
+        folder = self.config.get("data")
+        if not folder:
+            return "unknown"
+        sizes = (self.start or {}).get("split_sizes")
+        if sizes and not self.config.get("max_images"):
+            return f"{Path(folder).name}, {sum(sizes.values()):,} images"
+        return f"{Path(folder).name}, image count unknown"
+
+    @property
+    def phase(self) -> str | None:
+        """The long step outside the epochs the live run is in (see :meth:`RunLog.phase`), if any."""
+        p = self.progress or {}
+        return None if self.done or "phase" not in p else str(p["phase"])
+
+    def fraction_done(self) -> float:
+        """Progress through the whole run, 0..1, from epochs finished and the current step; in a phase
+        outside the epochs, through that phase. A run that has ended counts its finished epochs only."""
+        if self.state == "finished":
+            return 1.0
+        p = self.progress
+        if self.phase is not None:
+            return progress_fraction(p.get("done", 0), p.get("total"))
+        total = self.total_epochs
+        if not total:
+            return 0.0
+        done = len(self.epochs)
+        if not self.done and p and p.get("steps") and int(p.get("epoch", 0)) > done:
+            done_in_epoch = min(1.0, float(p.get("step", 0)) / float(p["steps"]))
+            return min(1.0, (done + done_in_epoch) / total)
+        return min(1.0, done / total)
+
+    def eta_s(self) -> float | None:
+        """Seconds left for the whole run: the current epoch's remainder plus the remaining epochs at the
+        average epoch time so far (validation time included when two epochs are known)."""
+        total, p = self.total_epochs, self.progress
+        if self.done or not total or not p or self.phase is not None:
+            return None
+        epoch = int(p.get("epoch", 0))
+        if epoch <= len(self.epochs):  # between epochs: validating / checkpointing
+            epoch = len(self.epochs) + 1
+            in_epoch = None
+        else:
+            in_epoch = float(p.get("eta_s") or 0.0)
+        per_epoch = [float(e["seconds"]) for e in self.epochs if e.get("seconds")]
+        if per_epoch:
+            avg = sum(per_epoch) / len(per_epoch)
+        elif p.get("step") and p.get("steps") and p.get("eta_s") is not None:
+            elapsed_per_step = (
+                float(p["eta_s"]) / max(1, int(p["steps"]) - int(p["step"]))
+                if int(p["steps"]) > int(p["step"])
+                else 0.0
+            )
+            avg = elapsed_per_step * int(p["steps"])
+        else:
+            return None
+        remaining_epochs = max(0, total - epoch)
+        return (in_epoch if in_epoch is not None else avg) + remaining_epochs * avg
+
+    def progress_text(self) -> str:
+        """One line for the progress bar: phase, epoch and step, images/s and ETA."""
+        p = self.progress or {}
+        if self.state == "queued":
+            return "queued"
+        if self.state == "starting" and not p:
+            return "starting: loading the dataset and the model…"
+        if self.phase is not None:
+            label = PHASE_LABELS.get(self.phase, self.phase.replace("_", " "))
+            return progress_text(label, p.get("done", 0), p.get("total"), started=p.get("started") or time.time())
+        if self.done:
+            return f"{self.state}: {len(self.epochs)}/{self.total_epochs or '?'} epochs"
+        parts = [f"epoch {p.get('epoch', len(self.epochs) + 1)}/{self.total_epochs or '?'}"]
+        if p.get("steps"):
+            parts.append(f"step {p.get('step', 0)}/{p['steps']}")
+        if p.get("images_per_s"):
+            parts.append(f"{float(p['images_per_s']):.0f} images/s")
+        eta = self.eta_s()
+        if eta is not None:
+            parts.append(f"ETA {format_duration(eta)}")
+        return " · ".join(parts)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.path, lines)
+
+
+def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
+    """Everything the pages show about one run. A starting or running run is believed while the trainer
+    its status names lives, wherever it was started; before the trainer has said so, ``job`` (the active
+    job, if any) tells a run that is being worked on from one whose process died without reporting."""
+    run_dir = Path(run_dir)
+    events = read_events(run_dir / "metrics.jsonl")
+    config = read_config(run_dir)
+    status = read_status(run_dir)
+    in_job = job is not None and run_dir.name in job.runs and Path(job.runs_dir) == run_dir.parent
+    start = next((e for e in events if e.get("event") == "start"), None)
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
+    steps = [e for e in events if e.get("event") == "progress" and "phase" not in e and e.get("steps")]
+    end = next((e for e in reversed(events) if e.get("event") == "end"), None)
+    if not config and in_job:
+        config = read_json(job.config_path(run_dir.name)) or {}
+
+    state = status.get("state")
+    error = status.get("error")
+    if state is None and end is not None:
+        state, error = end.get("status", "finished"), end.get("error")
+    if state in (None, *LIVE_STATES):
+        alive = record_alive(status) if "pid" in status else in_job and job.alive
+        if alive:
+            state = state or ("starting" if run_dir.exists() else "queued")
+        elif state is not None or run_dir.exists():
+            state = "interrupted"
+            error = error or error_from_log(run_dir)
+    if state == "failed" and not error:
+        error = error_from_log(run_dir)
+    try:
+        modified = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
+    except OSError:
+        modified = 0.0
+    return RunState(
+        name=run_dir.name,
+        path=run_dir,
+        state=state,
+        config=config,
+        start=start,
+        epochs=epochs,
+        progress=progress,
+        steps=steps,
+        end=end,
+        error=error,
+        modified=modified,
+    )
+
+
+def list_runs(runs_dir: Path, job: LiveJob | None = None) -> list[RunState]:
+    """All run folders below ``runs_dir``, newest first; ``job`` as for :func:`read_run`."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    marker = ("config.json", "status.json", "metrics.jsonl", "train.log", "best.pt")
+    runs = [
+        read_run(d, job)
+        for d in runs_dir.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and any((d / m).exists() for m in marker)
+    ]
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+def epochs_table(run: RunState) -> pd.DataFrame:
+    """The per-epoch metrics as a pandas DataFrame (imported lazily; pandas is heavy)."""
+    import pandas as pd
+
+    cols = [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "val_balanced_acc",
+        "lr",
+        "images_per_s",
+        "seconds",
+    ]
+    frame = pd.DataFrame(run.epochs)
+    for c in cols:
+        if c not in frame.columns:
+            frame[c] = pd.NA
+    return frame[cols + [c for c in frame.columns if c not in cols and c != "event"]]
+
+
+def running_loss_table(run: RunState) -> pd.DataFrame:
+    """The running training loss reported within epochs, at fractional epochs (epoch 2, half done: 1.5)."""
+    import pandas as pd
+
+    rows = [
+        (int(e["epoch"]) - 1 + float(e["step"]) / float(e["steps"]), float(e["loss"]))
+        for e in run.steps
+        if e.get("loss") is not None
+    ]
+    return pd.DataFrame(rows, columns=["epoch", "loss"])
+
+
+def default_run_name(config: dict, runs_dir: Path) -> str:
+    """A name for a new run that no folder in ``runs_dir`` has yet: date, time, architecture and imbalance
+    strategy. Call it with the final config: a name taken from a preset misnames the run once a field changes."""
+    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}-{config.get('imbalance', 'none')}"
+    name, i = base, 2
+    while (Path(runs_dir) / name).exists():
+        name, i = f"{base}-{i}", i + 1
+    return name

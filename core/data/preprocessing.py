@@ -1,0 +1,158 @@
+"""How an image becomes a model input: the :class:`Preprocessing` a checkpoint records, and the
+training and evaluation transforms built from it (as torchvision's classification ``presets.py``).
+
+The trainer, the feature cache and the predictor all build their inputs here, so
+an uploaded image reaches the model exactly as the training images did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from core.data.images import ImageSource, fit_to_source, open_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Each training-image augmentation recipe and what it does, in words for the CLI and the Train page.
+AUGMENTATION_HELP = {
+    "none": "none: the image as evaluated",
+    "seed": "seed: the course project's flips, rotation up to 20°, mild brightness/contrast jitter",
+    "strong": "strong: flips, any rotation, scale 0.9–1.2, colour jitter",
+    "wide": "wide: strong's flips, rotation and colour jitter over a wider scale and aspect: a random crop of "
+    "25–100 % of the area, up to 4:3 narrower or wider, then scale 0.5–1 (the lesion from 2× to ½ its size and "
+    "stretched, as other cameras and crops frame it)",
+}
+AUGMENTATIONS = tuple(AUGMENTATION_HELP)
+# "wide": the crop's share of the image area, and how far its aspect may stray from the input's (a factor).
+WIDE_CROP_AREA = (0.25, 1.0)
+WIDE_ASPECT = 4 / 3
+WIDE_SCALE = (0.5, 1.0)
+# Bounds on each side of a checkpoint's ``input_size`` and ``source_size``, in pixels (uploads have their
+# own, in core.data.images). Below 16 px the backbones' 32× downsampling leaves nothing to classify. Memory grows
+# with the square of the side: about 260 MB per image at 1024×1024 through ResNet-50, while a checkpoint
+# asking for 12000×12000 made prediction take 16 GB and evaluation die at 21 GB. HAM10000 is 600×450.
+MIN_INPUT_SIDE = 16
+MAX_INPUT_SIDE = 1024
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or float (not a bool, a string or a tensor) that is neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def check_size(name: str, size: object) -> None:
+    """Refuse anything but two whole numbers of pixels, each from ``MIN_INPUT_SIDE`` to ``MAX_INPUT_SIDE``;
+    the ValueError's message starts with ``name``."""
+    sides = size if isinstance(size, list | tuple) else ()
+    if len(sides) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in sides
+    ):
+        raise ValueError(
+            f"{name} must be two whole numbers of pixels, each from {MIN_INPUT_SIDE} to {MAX_INPUT_SIDE}; got {size!r}"
+        )
+
+
+def _check_triple(name: str, values: object, *, positive: bool = False) -> None:
+    items = values if isinstance(values, list | tuple) else ()
+    if len(items) != 3 or not all(is_finite_number(v) and (v > 0 or not positive) for v in items):
+        what = "finite numbers above 0" if positive else "finite numbers"
+        raise ValueError(f"{name} must be three {what}, one per RGB channel; got {values!r}")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input. Saved in every checkpoint so that the
+    predictor reproduces training exactly.
+
+    ``input_size`` is (height, width). ``source_size`` is the (width, height) the
+    training images had on disk, when they were downscaled copies (200×150 here):
+    uploads are brought to that size first.
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    source_size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # Every Preprocessing is checked, whether the trainer, a checkpoint or a benchmark made it.
+        check_size("input_size", self.input_size)
+        if self.source_size is not None:
+            check_size("source_size", self.source_size)
+        _check_triple("mean", self.mean)
+        _check_triple("std", self.std, positive=True)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """The inverse of :meth:`to_dict`; a ValueError naming the field for anything out of bounds."""
+        if "input_size" not in d:
+            raise ValueError("input_size is missing")
+
+        def field(key: str, default: object = None) -> object:
+            value = d.get(key, default)
+            return tuple(value) if isinstance(value, list | tuple) else value  # other types fail the checks
+
+        return cls(
+            input_size=field("input_size"),
+            source_size=field("source_size"),
+            mean=field("mean", IMAGENET_MEAN),
+            std=field("std", IMAGENET_STD),
+        )
+
+
+def _to_tensor(prep: Preprocessing) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
+
+
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    return v2.Compose([v2.Resize(prep.input_size, antialias=True), *_to_tensor(prep)])
+
+
+def wide_crop_ratio(prep: Preprocessing) -> tuple[float, float]:
+    """The width/height range of the "wide" recipe's crops: the input's own aspect, up to ``WIDE_ASPECT`` times
+    narrower or wider (a crop at the input's aspect is resized without distortion)."""
+    aspect = prep.input_size[1] / prep.input_size[0]
+    return aspect / WIDE_ASPECT, aspect * WIDE_ASPECT
+
+
+def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compose:
+    """Training transform, one of ``AUGMENTATIONS`` (see ``AUGMENTATION_HELP``)."""
+    if augmentation == "none":
+        return eval_transform(prep)
+    ops: list = [v2.Resize(prep.input_size, antialias=True)]
+    if augmentation == "wide":
+        # After the resize, so the crop's aspect range is relative to the input's, as on the batched path.
+        ops.append(v2.RandomResizedCrop(prep.input_size, scale=WIDE_CROP_AREA, ratio=wide_crop_ratio(prep)))
+    ops += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if augmentation == "seed":
+        ops += [v2.RandomRotation(20), v2.ColorJitter(brightness=0.1, contrast=0.1)]
+    elif augmentation in ("strong", "wide"):
+        # Dermoscopy has no canonical orientation, so any rotation is a valid view.
+        ops += [
+            v2.RandomAffine(degrees=180, scale=(0.9, 1.2) if augmentation == "strong" else WIDE_SCALE),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.03),
+        ]
+    else:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
+    return v2.Compose([*ops, *_to_tensor(prep)])
+
+
+def load_for_model(source: ImageSource, prep: Preprocessing, *, upload: bool = False) -> Image.Image:
+    """Decode an image and bring it to the training images' source size (when recorded). ``upload`` holds it
+    to the limits for an image someone asks about (see :func:`core.data.images.open_image`)."""
+    draft = prep.source_size if prep.source_size else (prep.input_size[1], prep.input_size[0])
+    img = open_image(source, draft_size=draft, upload=upload)
+    return fit_to_source(img, prep.source_size) if prep.source_size else img

@@ -1,0 +1,387 @@
+"""Evaluate a checkpoint on a dataset split: ``lesionlab evaluate --checkpoint CKPT --data DIR``.
+
+The split is recomputed exactly as the trainer made it (lesion-grouped, with the
+seed and fractions stored in the checkpoint's config), so "test" means the
+images this model never trained or selected on, provided the folder is the one it
+trained on: :func:`split_warning` says when it is not, or when the run's own
+``split.csv`` disagrees.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.common.runs import read_split
+from core.data.augment import eval_batches
+from core.data.dataset import DatasetError, DatasetIndex, LesionDataset
+from core.data.decoded import CacheUnavailable, open_decoded
+from core.data.images import ImageError
+from core.data.layouts import index_any
+from core.data.splits import SplitError, resolve_split, select_split
+from core.inference.forward import (
+    PredictionError,
+    bounded_batch_size,
+    check_probabilities,
+    predict_probs,
+    tta_description,
+)
+from core.inference.opening import open_predictor
+from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
+from core.metrics.bootstrap import confidence_intervals
+from core.metrics.classification import compute_metrics
+from core.models.checkpoints import CheckpointError
+
+# Below this share of the recomputed split's images in the run's own split.csv, the "test" split
+# evaluated is not the one the run held out, and the result says so.
+SPLIT_OVERLAP_MIN = 0.9
+
+
+class EvaluationError(ValueError):
+    """The requested evaluation cannot be done as asked; the message says what to change."""
+
+
+def index_data(root: str | Path) -> DatasetIndex:
+    """The usable images below ``root`` and what was set aside: HAM10000 as the trainer indexes it, or an
+    external set (isic-cli export, ISIC 2018 ground truth, class folders)."""
+    return index_any(root)
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
+def _share_in_run_split(run_dir: Path, split: str, frame: pd.DataFrame) -> float | None:
+    """The share of ``frame``'s images that the run in ``run_dir`` put in ``split``; None without a readable
+    ``split.csv``."""
+    try:
+        own = read_split(run_dir)
+        own_ids = set(own.loc[own["split"] == split, "image_id"].astype(str))
+    except (OSError, ValueError, KeyError):  # no split.csv, or one that proves nothing either way
+        return None
+    return float(frame["image_id"].astype(str).isin(own_ids).mean()) if len(frame) else None
+
+
+def split_warning(
+    checkpoint: str | Path, data: str | Path, config: dict, split: str, frame: pd.DataFrame
+) -> str | None:
+    """Why the ``split`` recomputed on ``data`` (its rows are ``frame``) may not be the images the
+    checkpoint's run held out as ``split``, or None. Compares with the run's ``split.csv`` when the
+    checkpoint sits in its run folder, and ``data`` with the folder the run trained on."""
+    if split == "all":
+        return None
+    reasons = []
+    trained_on = config.get("data")
+    same_folder = bool(trained_on) and _same_folder(trained_on, data)
+    if trained_on and Path(trained_on).expanduser().is_dir() and not same_folder:
+        reasons.append(f"{data} is not the folder this model was trained on ({trained_on})")
+    run_dir = Path(checkpoint).parent
+    share = _share_in_run_split(run_dir, split, frame)
+    if share is not None and share < SPLIT_OVERLAP_MIN:
+        reasons.append(
+            f"only {share:.0%} of these {len(frame)} {split} images are in the {split} split of run {run_dir.name}"
+        )
+    if not reasons:
+        return None
+    # "all" is the honest choice on other images; on the training images it would include training images.
+    if same_folder:
+        advice = "some of these images may have been training images"
+    elif share is not None and share >= SPLIT_OVERLAP_MIN:  # the run's image names: a copy, or other images
+        advice = f"unless {data} is a copy of the training images, pass --split all to evaluate on every image"
+    else:
+        advice = f"pass --split all to evaluate on every image of {data}"
+    return (
+        f"{'; '.join(reasons)}. The {split} split recomputed here may not be the one the run held out, so "
+        f"these numbers may not be its {split} results; {advice}"
+    )
+
+
+def _terminal_progress(done: int, total: int) -> None:
+    print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+def _progress(batches: Iterable, total: int, batch_size: int, report: Callable[[int, int], None] | None) -> Iterator:
+    """``batches``, calling ``report(done, total)`` once each batch has been used."""
+    for i, batch in enumerate(batches):
+        yield batch
+        if report is not None:
+            report(min((i + 1) * batch_size, total), total)
+
+
+def _batches(
+    predictor: Predictor,
+    data: str | Path,
+    index: DatasetIndex,
+    frame: pd.DataFrame,
+    batch_size: int,
+    num_workers: int,
+    decoded_dir: str | Path | None,
+) -> tuple[Iterable, str | None]:
+    """Model-ready batches of ``frame``'s images and labels, and why they are not from the decoded-image cache
+    when one was asked for (``decoded_dir``). The cache is reused, never built here: building it decodes the
+    whole dataset, more than one split. Its batches equal the files' within resampling error
+    (tests/test_decoded_reuse.py); a split holding an image the cache found damaged is read from the files,
+    which say what is wrong with it."""
+    note, prep = None, predictor.prep
+    if decoded_dir is not None:
+        try:
+            cache = open_decoded(index.frame["path"].tolist(), prep, root=data, cache_dir=decoded_dir, build=False)
+            damaged = set(cache.damaged).intersection(frame["path"])
+            if not damaged:
+                paths, labels = frame["path"].tolist(), frame["label"].tolist()
+                return eval_batches(cache, paths, labels, prep, batch_size, predictor.device, channels_last=False), None
+            note = f"the decoded-image cache found {len(damaged)} of these images damaged; reading the JPEG files"
+        except CacheUnavailable as exc:
+            note = f"{exc}; reading the JPEG files instead"
+    dataset = LesionDataset.from_frame(frame, predictor.transform, prep)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers), note
+
+
+def split_images(
+    checkpoint_path: str | Path,
+    checkpoint: dict,
+    data: str | Path,
+    split: str = "test",
+    split_seed: int | None = None,
+    fractions: Sequence[float] | None = None,
+) -> tuple[DatasetIndex, pd.DataFrame, dict]:
+    """The dataset in ``data``, the rows of its ``split`` for the checkpoint (its dict and path), and a JSON-ready
+    record of them: data, split, seed, fractions and where they came from, notes, image count, validation."""
+    config = checkpoint.get("config") or {}
+    seed, fracs, source = resolve_split(checkpoint, split_seed, fractions)
+    if split != "all" and config.get("max_images") and source == "checkpoint":
+        raise EvaluationError(
+            f"{checkpoint_path} was trained on a subsample (max_images={config['max_images']}), so its split cannot "
+            "be recomputed from the full dataset; pass --split all, or --split-seed/--fractions to choose a split."
+        )
+    index = index_data(data)
+    frame = select_split(index.frame, split, seed, fracs)
+    return (
+        index,
+        frame,
+        {
+            "data": str(data),
+            "split": split,
+            "split_seed": seed if split != "all" else None,
+            "split_fractions": list(fracs) if split != "all" else None,
+            "split_source": source if split != "all" else None,
+            "split_note": (
+                "this is not the split the checkpoint was trained with; its test images may have been training images"
+                if split != "all" and source == "command line" and "split_seed" in config
+                else None
+            ),
+            "split_warning": split_warning(checkpoint_path, data, config, split, frame),
+            "n_images": len(frame),
+            "validation": {
+                "ok": index.report.ok,
+                "summary": index.report.summary(),
+                "problems": index.report.problems().values.tolist(),
+            },
+        },
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    split_seed: int | None = None,
+    fractions: Sequence[float] | None = None,
+    mel_threshold: float | None = None,
+    tta: bool = USE_TTA_BY_DEFAULT,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    bootstrap: int = 1000,
+    decoded_dir: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything. With a
+    ``decoded_dir``, the images come from the decoded-image cache there when it holds them (see :func:`_batches`).
+    ``progress(done, total)`` follows the images (by default a count on the terminal, when there is one:
+    a log file full of carriage returns helps nobody)."""
+    if progress is None and sys.stderr.isatty():
+        progress = _terminal_progress
+    predictor = open_predictor(checkpoint, device=device)
+    mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
+    index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
+    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
+    # Imported here: core.inference.ensemble builds on this module.
+    from core.inference.ensemble import EnsemblePredictor, combine
+
+    ensemble = isinstance(predictor, EnsemblePredictor)
+    # An ensemble's members read the files, each with its own preprocessing (frame_probabilities).
+    loader, pipeline_note = (
+        (None, None) if ensemble else _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
+    )
+    encoding = None if ensemble else predictor.metadata_encoding
+    encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
+
+    def run(metadata: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        if ensemble:  # each member reads the images with its own preprocessing
+            member_probs, labels = predictor.frame_probabilities(
+                frame, batch_size=batch_size, num_workers=num_workers, tta=tta
+            )
+            probs = combine(member_probs, predictor.temperature)
+        else:
+            probs, labels = predict_probs(
+                predictor.model,
+                _progress(loader, len(frame), batch_size, progress),
+                predictor.device,
+                temperature=predictor.temperature,
+                tta=tta,
+                metadata=metadata,
+            )
+        check_probabilities(probs)
+        return probs, labels
+
+    probs, labels = run(encoded)
+    metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
+    metadata, withheld = None, None
+    if encoding is not None:
+        # The same images again with every field unknown (metadata None): what the model does without them.
+        withheld, _ = run(None)
+        metadata = {
+            "known": encoding.known(encoded),
+            "withheld": {
+                "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
+                "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
+            },
+        }
+    rounded = lambda p: {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)}  # noqa: E731
+    predictions = [
+        {
+            "image_id": image_id,
+            "path": path,
+            "true": CLASSES[label],
+            "predicted": CLASSES[int(p.argmax())],
+            "probabilities": rounded(p),
+        }
+        for image_id, path, label, p in zip(frame["image_id"], frame["path"], labels, probs, strict=True)
+    ]
+    if withheld is not None:  # per image, so that the two can be compared on the same images (paired)
+        for row, p in zip(predictions, withheld, strict=True):
+            row["probabilities_withheld"] = rounded(p)
+    return {
+        "checkpoint": str(checkpoint),
+        "arch": predictor.arch,
+        **described,
+        "temperature": predictor.temperature,
+        "tta": tta,
+        "tta_views": tta_description(tta),
+        "input_pipeline": "jpeg" if ensemble or pipeline_note or decoded_dir is None else "decoded",
+        "input_pipeline_note": pipeline_note,
+        "metrics": metrics,
+        "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
+        # A model that takes metadata: how many images knew each field (the metrics above use them) and the
+        # metrics with every field withheld. None for a model of the image alone.
+        "metadata": metadata,
+        "predictions": predictions,
+    }
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(result: dict, key: str) -> str:
+    intervals = result.get("confidence_intervals") or {}
+    if key not in intervals:
+        return ""
+    low, high = intervals[key]
+    return f"  (95% CI {low:.3f}–{high:.3f})"
+
+
+def format_report(result: dict) -> str:
+    """The per-class table, headline numbers and confusion matrix as aligned plain text."""
+    m = result["metrics"]
+    name_w = max(len(n) for n in DISPLAY_NAMES.values())
+    where = (
+        result["split"]
+        if result["split"] == "all"
+        else (
+            f"{result['split']} split, seed {result['split_seed']}, fractions "
+            f"{'/'.join(f'{f:g}' for f in result['split_fractions'])} from {result['split_source']}"
+        )
+    )
+    lines = [
+        f"{result['arch']} checkpoint {result['checkpoint']}",
+        f"{result['n_images']} images from {result['data']} ({where}); temperature {result['temperature']:.3f}"
+        f"{', TTA: ' + result['tta_views'] if result['tta'] else ', no TTA'}",
+        "",
+    ]
+    if not result["validation"]["ok"]:  # what indexing set aside, so nobody mistakes the image count
+        lines += result["validation"]["summary"].splitlines()[1:] + [""]
+
+    header = f"{'code':<6} {'diagnosis':<{name_w}} {'precision':>9} {'recall':>7} {'f1':>6} {'AUC':>6} {'support':>7}"
+    lines += [header, "-" * len(header)]
+    for row in m["per_class"]:
+        lines.append(
+            f"{row['code']:<6} {row['name']:<{name_w}} {row['precision']:>9.3f} {row['recall']:>7.3f} "
+            f"{row['f1']:>6.3f} {_num(row['auc']):>6} {row['support']:>7}"
+        )
+    lines.append("-" * len(header))
+    for avg in ("macro", "weighted"):
+        a = m[avg]
+        auc = _num(m["roc_auc"]["macro"]) if avg == "macro" else ""
+        lines.append(
+            f"{avg + ' avg':<{6 + 1 + name_w}} {a['precision']:>9.3f} {a['recall']:>7.3f} "
+            f"{a['f1']:>6.3f} {auc:>6} {m['n']:>7}"
+        )
+
+    mel = m["melanoma"]
+    sens = f"{_num(mel['sensitivity'])} ({mel['tp']}/{mel['tp'] + mel['fn']})"
+    spec = f"{_num(mel['specificity'])} ({mel['tn']}/{mel['tn'] + mel['fp']})"
+    lines += [
+        "",
+        f"accuracy             {m['accuracy']:.3f}{_ci(result, 'accuracy')}",
+        f"balanced accuracy    {m['balanced_accuracy']:.3f}{_ci(result, 'balanced_accuracy')}",
+        f"macro F1             {m['macro']['f1']:.3f}{_ci(result, 'macro_f1')}",
+        f"macro AUC            {_num(m['roc_auc']['macro'])}",
+        f"ECE (15 bins)        {m['ece']:.3f}",
+        f"melanoma, P(mel) >= {mel['threshold']:g}: sensitivity {sens}, specificity {spec}",
+        "",
+        "Confusion matrix (rows: true diagnosis, columns: predicted)",
+    ]
+    cell = max(5, len(str(max(max(r) for r in m["confusion_matrix"]))) + 1)
+    lines.append(f"{'true/pred':<10}" + "".join(f"{code:>{cell}}" for code in CLASSES))
+    for code, row in zip(CLASSES, m["confusion_matrix"], strict=True):
+        lines.append(f"{code:<10}" + "".join(f"{v:>{cell}}" for v in row))
+    if result.get("metadata"):
+        lines += ["", *metadata_lines(result)]
+    return "\n".join(lines)
+
+
+def metadata_lines(result: dict) -> list[str]:
+    """A metadata model's report with metadata and with all of it withheld, side by side."""
+    known, withheld = result["metadata"]["known"], result["metadata"]["withheld"]
+    counts = ", ".join(f"{field} {n}" for field, n in known.items())
+    lines = [
+        f"Metadata (age, sex, body site) known for {counts} of {result['n_images']} images; the numbers above "
+        "use them.",
+        f"{'':<20} {'with metadata':>14} {'withheld':>10}",
+    ]
+    rows = {
+        "accuracy": lambda r: r["metrics"]["accuracy"],
+        "balanced accuracy": lambda r: r["metrics"]["balanced_accuracy"],
+        "melanoma AUC": lambda r: r["metrics"]["roc_auc"]["per_class"].get("mel"),
+        "macro AUC": lambda r: r["metrics"]["roc_auc"]["macro"],
+        "ECE (15 bins)": lambda r: r["metrics"]["ece"],
+    }
+    for name, value in rows.items():
+        lines.append(f"{name:<20} {_num(value(result)):>14} {_num(value(withheld)):>10}")
+    return lines
+
+
+USER_ERRORS = (CheckpointError, DatasetError, ImageError, EvaluationError, SplitError, PredictionError, OSError)

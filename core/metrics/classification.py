@@ -1,0 +1,217 @@
+"""Metrics and calibration: the numbers the trainer, the evaluator and the app report.
+
+Everything here works on numpy arrays indexed by ``CLASSES``: ``labels`` are
+integer class indices, ``probs`` an (n, 7) array of probabilities, ``logits`` the
+raw (n, 7) scores; as in scikit-learn, ``labels`` always come first. Metric
+outputs are plain dicts of floats, ints, lists and ``None`` so they go straight
+into JSON. :mod:`core.inference.forward` runs a model to get these arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from core.common.labels import CLASSES, DISPLAY_NAMES, MELANOMA, NUM_CLASSES
+from core.metrics.calibration import expected_calibration_error
+from core.metrics.inputs import _check
+
+ALL_LABELS = list(range(NUM_CLASSES))
+
+
+MEL = CLASSES.index(MELANOMA)
+
+
+def _auc(is_class: np.ndarray, score: np.ndarray) -> float | None:
+    # AUC needs both positives and negatives; a class absent from the labels has none.
+    if is_class.all() or not is_class.any():
+        return None
+    return float(roc_auc_score(is_class, score))
+
+
+def roc_curves(labels: np.ndarray, probs: np.ndarray) -> dict[str, dict | None]:
+    """One-vs-rest ROC curve per class code: ``{"fpr": [...], "tpr": [...], "auc": float}``,
+    or ``None`` for a class that is absent from (or the only class in) ``labels``."""
+    labels, probs = _check(labels, probs)
+    curves: dict[str, dict | None] = {}
+    for k, code in enumerate(CLASSES):
+        is_class = labels == k
+        auc = _auc(is_class, probs[:, k])
+        if auc is None:
+            curves[code] = None
+            continue
+        fpr, tpr, _ = roc_curve(is_class, probs[:, k])
+        curves[code] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc}
+    return curves
+
+
+def melanoma_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Melanoma-vs-rest ROC AUC of P(mel); ``None`` without both melanomas and other lesions."""
+    labels, probs = _check(labels, probs)
+    return _auc(labels == MEL, probs[:, MEL])
+
+
+def melanoma_operating_point(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict:
+    """Melanoma-vs-rest sensitivity and specificity when ``P(mel) >= threshold`` counts as positive.
+
+    This is the number a clinician cares about, independent of whether melanoma
+    also wins the argmax. Rates are ``None`` when their denominator is empty.
+    """
+    labels, probs = _check(labels, probs)
+    truth = labels == MEL
+    flagged = probs[:, MEL] >= threshold
+    tp, fn = int((truth & flagged).sum()), int((truth & ~flagged).sum())
+    tn, fp = int((~truth & ~flagged).sum()), int((~truth & flagged).sum())
+    return {
+        "threshold": float(threshold),
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "ppv": tp / (tp + fp) if tp + fp else None,
+        "npv": tn / (tn + fn) if tn + fn else None,
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+    }
+
+
+# The melanoma sensitivity a model's own operating point is chosen for on the validation split (by the trainer,
+# core.inference.ensemble and core.evaluation.operating_point): missing a melanoma costs more than a second look at a
+# benign lesion, and
+# at P(mel) >= 0.5 the first reference model found only 56 % of the test split's melanomas.
+MEL_SENSITIVITY = 0.80
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probs: np.ndarray, sensitivity: float) -> float | None:
+    """The highest P(mel) threshold at which at least ``sensitivity`` of the melanomas in ``labels`` count as
+    positive (``P(mel) >= threshold``); ``None`` without melanomas. Chosen on the validation split, it is the
+    operating point a model records for Diagnose and evaluation."""
+    labels, probs = _check(labels, probs)
+    scores = np.sort(probs[labels == MEL, MEL])[::-1]
+    if not len(scores):
+        return None
+    needed = max(1, math.ceil(sensitivity * len(scores) - 1e-9))
+    return float(scores[needed - 1])
+
+
+def operating_point_fields(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """``{"mel_threshold": t}`` for a finished model's record and file, ``t`` chosen on the validation split's
+    ``labels`` and calibrated ``probs`` for :data:`MEL_SENSITIVITY`; empty without validation melanomas (the
+    model then keeps the default threshold). Spread into ``compute_metrics`` it scores that operating point."""
+    if not len(labels):
+        return {}
+    threshold = threshold_for_sensitivity(labels, probs, MEL_SENSITIVITY)
+    return {} if threshold is None else {"mel_threshold": threshold}
+
+
+def _confusion(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    preds = np.asarray(probs).argmax(axis=1)
+    return np.bincount(np.asarray(labels) * NUM_CLASSES + preds, minlength=NUM_CLASSES**2).reshape(
+        NUM_CLASSES, NUM_CLASSES
+    )
+
+
+def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    cm = _confusion(labels, probs)
+    return float(np.trace(cm) / cm.sum())
+
+
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels`` (as scikit-learn computes it)."""
+    cm = _confusion(labels, probs)
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float((np.diag(cm)[present] / support[present]).mean())
+
+
+def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean F1 over the classes occurring in labels or predictions (scikit-learn's default)."""
+    cm = _confusion(labels, probs)
+    tp = np.diag(cm)
+    denom = 2 * tp + (cm.sum(axis=0) - tp) + (cm.sum(axis=1) - tp)
+    present = denom > 0
+    return float((2 * tp[present] / denom[present]).mean())
+
+
+def weighted_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    """F1 averaged over the classes occurring in labels or predictions, weighted by support (scikit-learn's)."""
+    cm = _confusion(labels, probs)
+    tp, support = np.diag(cm), cm.sum(axis=1)
+    denom = 2 * tp + (cm.sum(axis=0) - tp) + (support - tp)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(len(tp)), where=denom > 0)
+    return float((f1 * support).sum() / support.sum())
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """One-vs-rest ROC AUC averaged over the classes that have positives and negatives; None if none has."""
+    labels, probs = _check(labels, probs)
+    defined = [a for k in range(probs.shape[1]) if (a := _auc(labels == k, probs[:, k])) is not None]
+    return float(np.mean(defined)) if defined else None
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, *, mel_threshold: float = 0.5) -> dict:
+    """Every number the report, the model card and the dashboard show, as a JSON-ready dict.
+
+    Per-class rows and confusion-matrix rows/columns follow ``CLASSES``; they are
+    computed with ``labels=range(7)`` so a class missing from this split keeps its
+    row (support 0) instead of shifting the others. Macro and weighted averages
+    follow scikit-learn: over the classes that occur in labels or predictions.
+    """
+    labels, probs = _check(labels, probs)
+    preds = probs.argmax(axis=1)
+    with warnings.catch_warnings():
+        # Absent classes are expected in small splits; their rows read 0 and their AUC None.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        precision, recall, f1, support = precision_recall_fscore_support(
+            labels, preds, labels=ALL_LABELS, zero_division=0
+        )
+        averages = {
+            avg: precision_recall_fscore_support(labels, preds, average=avg, zero_division=0)[:3]
+            for avg in ("macro", "weighted")
+        }
+        balanced = balanced_accuracy_score(labels, preds)
+    cm = confusion_matrix(labels, preds, labels=ALL_LABELS)
+    rows = cm.sum(axis=1, keepdims=True)
+    cm_norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    aucs = {code: _auc(labels == k, probs[:, k]) for k, code in enumerate(CLASSES)}
+    defined = [a for a in aucs.values() if a is not None]
+    per_class = [
+        {
+            "code": code,
+            "name": DISPLAY_NAMES[code],
+            "precision": float(precision[k]),
+            "recall": float(recall[k]),
+            "f1": float(f1[k]),
+            "support": int(support[k]),
+            "auc": aucs[code],
+        }
+        for k, code in enumerate(CLASSES)
+    ]
+    p_true = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return {
+        "n": len(labels),
+        "classes": list(CLASSES),
+        "accuracy": float(accuracy_score(labels, preds)),
+        "balanced_accuracy": float(balanced),
+        "macro": dict(zip(("precision", "recall", "f1"), map(float, averages["macro"]), strict=True)),
+        "weighted": dict(zip(("precision", "recall", "f1"), map(float, averages["weighted"]), strict=True)),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": cm_norm.tolist(),
+        "roc_auc": {"per_class": aucs, "macro": float(np.mean(defined)) if defined else None},
+        "melanoma": melanoma_operating_point(labels, probs, mel_threshold),
+        "ece": expected_calibration_error(labels, probs),
+        "nll": float(-np.log(p_true).mean()),
+    }

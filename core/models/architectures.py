@@ -1,0 +1,270 @@
+"""Transfer-learning models built through torchvision's weights API.
+
+Every model is a :class:`LesionNet`: a torchvision ``backbone`` whose classifier
+is replaced by ``nn.Identity`` (so it returns pooled features) and a ``head``
+that maps those features to the 7 classes. Keeping the two apart is what lets
+head-only training cache the backbone's features.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+
+from core.common.labels import NUM_CLASSES
+from core.models.metadata import MetadataEncoding, MetadataHead, read_spec
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be found or downloaded; the message says where to put the file."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    builder: Callable[..., nn.Module]
+    weights: WeightsEnum
+    classifier: str  # attribute replaced by the head
+    last_block: Callable[[nn.Module], nn.Module]  # unfrozen by the "last" fine-tuning policy
+    cam_layer: Callable[[nn.Module], nn.Module]  # the last convolutional block, for Grad-CAM
+    # Stages whose feature maps are worth showing, shallow to deep, as names within the backbone.
+    feature_layers: Callable[[nn.Module], list[str]]
+
+
+def _resnet_stages(m: nn.Module) -> list[str]:
+    return [f"layer{i}" for i in range(1, 5)]
+
+
+def _features_stages(m: nn.Module) -> list[str]:
+    # MobileNet and EfficientNet: every block of the ``features`` sequence, from the stem on.
+    return [f"features.{i}" for i in range(len(m.features))]
+
+
+def _dense_blocks(m: nn.Module) -> list[str]:
+    return [f"features.denseblock{i}" for i in range(1, 5)]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet18": Architecture(
+        models.resnet18,
+        models.ResNet18_Weights.IMAGENET1K_V1,
+        "fc",
+        lambda m: m.layer4,
+        lambda m: m.layer4[-1],
+        _resnet_stages,
+    ),
+    "resnet50": Architecture(
+        models.resnet50,
+        models.ResNet50_Weights.IMAGENET1K_V2,
+        "fc",
+        lambda m: m.layer4,
+        lambda m: m.layer4[-1],
+        _resnet_stages,
+    ),
+    "mobilenet_v2": Architecture(
+        models.mobilenet_v2,
+        models.MobileNet_V2_Weights.IMAGENET1K_V1,
+        "classifier",
+        lambda m: m.features[-4:],
+        lambda m: m.features[-1],
+        _features_stages,
+    ),
+    "efficientnet_b0": Architecture(
+        models.efficientnet_b0,
+        models.EfficientNet_B0_Weights.IMAGENET1K_V1,
+        "classifier",
+        lambda m: m.features[-3:],
+        lambda m: m.features[-1],
+        _features_stages,
+    ),
+    "densenet121": Architecture(
+        models.densenet121,
+        models.DenseNet121_Weights.IMAGENET1K_V1,
+        "classifier",
+        lambda m: m.features.denseblock4,
+        lambda m: m.features.norm5,
+        _dense_blocks,
+    ),
+}
+FINETUNE_POLICIES = ("head", "last", "full")
+HEADS = ("mlp", "linear")
+# How long a weights download may stall before we give up instead of hanging the app.
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class LesionNet(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, arch: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for images ``x``; ``metadata`` (encoded rows, :mod:`core.models.metadata`) reaches only a model
+        that takes it, for which None means every field unknown."""
+        features = self.backbone(x)
+        if isinstance(self.head, MetadataHead):
+            features = self.head.join(features, metadata)
+        return self.head(features)
+
+    @property
+    def metadata_encoding(self) -> MetadataEncoding | None:
+        """How the model reads age, sex and site; None for a model of the image alone."""
+        return self.head.encoding if isinstance(self.head, MetadataHead) else None
+
+    def cam_layer(self) -> nn.Module:
+        return ARCHITECTURES[self.arch].cam_layer(self.backbone)
+
+    def feature_layers(self) -> list[str]:
+        """Intermediate layers worth looking at, shallow to deep, as ``named_modules`` names."""
+        return [f"backbone.{name}" for name in ARCHITECTURES[self.arch].feature_layers(self.backbone)]
+
+
+def make_head(
+    in_features: int, kind: str = "mlp", num_classes: int = NUM_CLASSES, dropout: float | None = None
+) -> nn.Module:
+    """ "mlp" is the seed's head, 512→256→ReLU→Dropout(0.5)→7 for ResNet-18; "linear" is dropout (0.2) + one
+    layer. ``dropout`` replaces the head's own probability."""
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_features, 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5 if dropout is None else dropout),
+            nn.Linear(256, num_classes),
+        )
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(0.2 if dropout is None else dropout), nn.Linear(in_features, num_classes))
+    raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
+
+
+def weights_file(arch: str) -> Path:
+    """Where torchvision caches ``arch``'s ImageNet file (``$TORCH_HOME/hub/checkpoints``)."""
+    url = ARCHITECTURES[arch].weights.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool, str]:
+    """Whether :func:`build_model` will find ``weights`` for ``arch`` on this computer, and a message saying
+    so. Closed hospital and classroom networks cannot download, so jobs check this before they start."""
+    if arch not in ARCHITECTURES:
+        return False, f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}"
+    if weights in ("none", "", None):
+        return True, "no pretrained weights needed (random initialisation)"
+    if weights == "imagenet":
+        target = weights_file(arch)
+        if target.is_file():
+            return True, f"ImageNet weights for {arch} found at {target}"
+        cached = [a for a in ARCHITECTURES if weights_file(a).is_file()]
+        return False, (
+            f"The ImageNet weights for {arch} are not on this computer. Download "
+            f"{ARCHITECTURES[arch].weights.url} where there is internet access and copy it to {target} "
+            "(or set TORCH_HOME), give a local weights file, train from scratch (weights none), or choose "
+            + (
+                f"an architecture whose ImageNet file is here: {', '.join(cached)}."
+                if cached
+                else "another architecture once its ImageNet file is here (none is yet)."
+            )
+        )
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return True, f"weights file {path}"
+    return False, f"The weights file {path} does not exist."
+
+
+def default_arch(preferred: str) -> str:
+    """``preferred`` when its ImageNet weights are cached (or none are), else the first architecture whose are."""
+    if weights_file(preferred).is_file():
+        return preferred
+    return next((a for a in ARCHITECTURES if weights_file(a).is_file()), preferred)
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    weights = ARCHITECTURES[arch].weights
+    target = weights_file(arch)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        # torchvision verifies the file's hash prefix and reuses the cached copy when present.
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, timeouts, hash mismatch, partial files: all mean "no usable file"
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {arch} are not available ({type(exc).__name__}: {exc}). "
+            f"Download {weights.url} on a machine with internet access and copy it to {target} "
+            "(or set TORCH_HOME), pass a local file with --weights PATH, or train from scratch with --weights none."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def build_model(
+    arch: str = "resnet18",
+    weights: str = "imagenet",
+    finetune: str = "head",
+    head: str = "mlp",
+    num_classes: int = NUM_CLASSES,
+    dropout: float | None = None,
+    metadata: dict | None = None,
+) -> LesionNet:
+    """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a torchvision state dict.
+
+    ``finetune`` is "head" (backbone frozen, the seed's policy), "last" (last block + head) or "full".
+    ``metadata`` (a :meth:`core.models.metadata.MetadataHead.spec`) makes the head also take age, sex and site.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    if finetune not in FINETUNE_POLICIES:
+        raise ValueError(f"unknown fine-tuning policy {finetune!r}; choose from {', '.join(FINETUNE_POLICIES)}")
+    spec = ARCHITECTURES[arch]
+    backbone = spec.builder(weights=None)
+    if weights == "imagenet":
+        backbone.load_state_dict(_imagenet_state_dict(arch))
+    elif weights not in ("none", "", None):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights file {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+
+    old = getattr(backbone, spec.classifier)
+    last_linear = [m for m in old.modules() if isinstance(m, nn.Linear)][-1] if not isinstance(old, nn.Linear) else old
+    setattr(backbone, spec.classifier, nn.Identity())
+    features = last_linear.in_features
+    if metadata is None:
+        classifier = make_head(features, head, num_classes, dropout)
+    else:
+        encoding, width, withhold = read_spec(metadata)
+        classifier = MetadataHead(
+            features, make_head(features + width, head, num_classes, dropout), encoding, width, withhold
+        )
+    model = LesionNet(backbone, classifier, arch)
+    set_finetune(model, finetune)
+    return model
+
+
+def set_finetune(model: LesionNet, policy: str) -> None:
+    """Freeze the backbone entirely ("head"), all but its last block ("last"), or nothing ("full")."""
+    model.backbone.requires_grad_(policy == "full")
+    if policy == "last":
+        ARCHITECTURES[model.arch].last_block(model.backbone).requires_grad_(True)
+    model.head.requires_grad_(True)
+    model.finetune = policy
+
+
+def train_mode(model: LesionNet) -> None:
+    """``model.train()``, except that frozen BatchNorm layers keep their ImageNet statistics.
+
+    In train mode BatchNorm would update running statistics even with frozen
+    parameters, silently changing the "frozen" backbone (and invalidating cached features).
+    """
+    model.train()
+    for module in model.backbone.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()

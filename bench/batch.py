@@ -31,6 +31,7 @@ from core.inference.predictor import USE_TTA_BY_DEFAULT
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 TARGET_S = 60.0
 TARGET_IMAGES = 500

@@ -39,6 +39,7 @@ from core.training.loop import make_optimizer, make_scheduler, train_one_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
 
@@ -89,7 +90,13 @@ def child_extract(data: Path, arch: str, size: int, n: int, tuned: bool, channel
 
 
 def run_child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.benchmarks", "--child", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -31,6 +31,7 @@ from core.inference.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 TARGET_MS = 300
 

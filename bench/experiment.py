@@ -35,6 +35,7 @@ from core.training.config import config_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 OWNER = "bench/experiment.py"
 TARGET_S = 180  # the budget, for the experiment and again for the first extraction
 

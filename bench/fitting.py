@@ -5,8 +5,8 @@ that change an image's shape (a square crop of the field, a 90° rotation), with
     python -m bench.fitting --data sample_data/ham10000-sample --bootstrap 100   # a quick proof
 
 The 2× and ½ scale shifts keep the 4:3 field, which every rule fits with the same single factor and no crop or
-pad, so they cannot tell the rules apart (``tests/test_shifts.py`` checks it); the robustness report measures
-them under the predictor's rule. Writes its section of docs/BENCHMARKS.md and its key of docs/BENCHMARKS.json,
+pad, so they cannot tell the rules apart (``tests/core/evaluation/test_robustness.py`` checks it); the robustness report
+measures them under the predictor's rule. Writes its section of docs/BENCHMARKS.md and its key of docs/BENCHMARKS.json,
 which the model card reads.
 """
 
@@ -25,6 +25,7 @@ from core.inference.forward import tta_description
 from core.inference.predictor import USE_TTA_BY_DEFAULT
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 OWNER = "fitting"
 SHAPE_SHIFTS = ("square_crop", "rotate_90")

@@ -26,8 +26,6 @@ from core.inference.features import FeatureBatches
 from core.models.architectures import build_model
 from core.training.config import PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
-
 PREP = PRESETS["reference"].preprocessing
 IMAGES = 4096
 

@@ -44,6 +44,7 @@ from core.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 RESULTS = ROOT / "docs" / "metadata-results.json"
 WITHHOLD = (0.1, 0.3, 0.5)
 

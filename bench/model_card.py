@@ -9,6 +9,7 @@ scaling fitted on the validation split), so the card can be regenerated at any t
 With ``--train``, the seed pipeline and one run per imbalance strategy are trained
 first (head-only on cached features; skipped when their run folder is complete).
 ``docs/runs/`` keeps the text files of the runs behind the published card (no checkpoints).
+The card's wording is ``bench/templates/model_card.md.j2``; this script computes what it shows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from bench.fitting import RULES, shown_images
 from bench.fitting import table as fitting_table
@@ -35,6 +37,7 @@ from core.common.runs import (
 )
 from core.data.images import FIT_RULE
 from core.data.shifts import JPEG_QUALITY
+from core.evaluation import robustness
 from core.inference.similar import NEIGHBOURS
 from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
 from core.metrics.calibration import expected_calibration_error, softmax
@@ -45,7 +48,6 @@ from core.metrics.classification import (
     macro_auc,
     melanoma_auc,
     melanoma_operating_point,
-    robustness,
     weighted_f1,
 )
 from core.training.config import config_with
@@ -53,6 +55,7 @@ from core.training.imbalance import STRATEGIES
 from core.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 REFERENCE_COMMAND = (
     "lesionlab train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
@@ -148,6 +151,35 @@ def interval(labels: np.ndarray, probs: np.ndarray, fn: Callable[[np.ndarray, np
     return f"{fmt(fn(labels, probs))} ({fmt(low)}–{fmt(high)})"
 
 
+# The card's prose lives in the template; card() computes and formats every value it shows. Markdown, not HTML: no
+# autoescaping (it would turn the card's `>`, `&` and quotes into entities). Undefined names fail loudly.
+CARD_TEMPLATES = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=False,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+# The results table's metrics: each one's value in a compute_metrics() result (None: not read from one), by the key
+# of its interval in all_intervals().
+RESULT_VALUES: dict[str, Callable[[dict], float] | None] = {
+    "accuracy": lambda r: r["accuracy"],
+    "balanced_accuracy": lambda r: r["balanced_accuracy"],
+    "macro_f1": lambda r: r["macro"]["f1"],
+    "weighted_f1": lambda r: r["weighted"]["f1"],
+    "mel_auc": lambda r: r["roc_auc"]["per_class"]["mel"],
+    "op_sensitivity": lambda r: r["op"]["sensitivity"],
+    "op_specificity": lambda r: r["op"]["specificity"],
+    "sensitivity": lambda r: r["melanoma"]["sensitivity"],
+    "specificity": lambda r: r["melanoma"]["specificity"],
+    "macro_auc": lambda r: r["roc_auc"]["macro"],
+    "ece_raw": None,  # before temperature scaling: from the uncalibrated probabilities, one view only
+    "ece": lambda r: r["ece"],
+}
+
+
 def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path) -> str:
     labels, probs, raw, temperature = load_predictions(reference)
     m = compute_metrics(labels, probs)
@@ -169,105 +201,74 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
     one = {**m, "op": op}  # the one-view metrics with the operating point's melanoma figures beside them
     read = tta or one
     sizes = read_split(reference)["split"].value_counts()
-    wall_minutes = read_run(reference).wall_time_s / 60
-    lines = [
-        "# Model card: Lesion Lab reference model",
-        "",
-        "> **Research and education only — not a medical device.** Not for diagnosis, treatment or triage.",
-        "",
-        "## Model",
-        f"- File: `checkpoints/reference.pt` ({cfg['arch']}, ImageNet-pretrained, fine-tuning policy "
-        f"`{cfg['finetune']}`, `{cfg['head']}` head), 7 outputs in the order {', '.join(CLASSES)}.",
-        f"- Input: the whole 200×150 image at its native size (`input_size` {cfg['input_size']} as H×W), ImageNet "
-        "normalisation. The checkpoint records `source_size` 200×150: the predictor first brings any upload to "
-        f"200×150: {RULES[FIT_RULE]} (Lanczos; rule `{FIT_RULE}`, see Robustness below).",
-        f"- Calibration: temperature scaling fitted on the validation split, T = {temperature:.3f}, stored in the "
-        "checkpoint and applied by the predictor.",
-        "",
-        "## Data and split",
-        "- HAM10000 (Tschandl et al. 2018, CC BY-NC-SA 4.0): 10015 dermatoscopic images of 7470 lesions, "
-        "**downscaled from 600×450 to 200×150** — the model sees less detail than models trained on the "
-        "full-resolution release.",
-        f"- Lesion-grouped split stratified by diagnosis (`split_by_lesion`, seed {cfg['split_seed']}, fractions "
-        f"{cfg['split_fractions']}): {sizes.get('train', 0)} training, {sizes.get('val', 0)} validation and "
-        f"{sizes.get('test', 0)} test images; no lesion appears in two splits.",
-        "- The 140 images in `sample_data/` are from the validation and test splits, never trained on.",
-        "",
-        "## Training",
-        f"- Command: `{command}`",
-        f"- Wall time: {wall_minutes:.0f} min on the project's 2-core CPU machine (no GPU), shared with other work."
-        + gpu_wall_line(),
-        f"- Recipe: {cfg['epochs']} epochs, batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']} "
-        f"(weight decay {cfg['weight_decay']}), {cfg['scheduler']} schedule with {cfg['warmup_epochs']} warm-up "
-        f"epoch(s), label smoothing {cfg['label_smoothing']}, imbalance `{cfg['imbalance']}` "
-        f"(class-weight power {cfg.get('class_weight_power', 1.0)}), augmentation `{cfg['augmentation']}` "
-        "(flips, any rotation, scale 0.9–1.2, colour jitter); best epoch chosen by validation balanced accuracy.",
-        "",
-        "## Results on the held-out test split",
-        f"All numbers on the {m['n']} test images, calibrated probabilities, arg-max decision. *One view*: the "
-        "trainer's record (`test_predictions.csv`), each image seen once. *Flip TTA*: as `lesionlab evaluate` "
-        "reads the model at its defaults and as Diagnose answers, each image averaged over its four flips "
-        f"(`{EVALUATE_FILE}` in the run's records); the targets are read there. 95% intervals: bootstrap over "
-        "test images (2000 resamples; images of one lesion are resampled independently, so the intervals are "
-        "somewhat optimistic).",
-        "",
-        "| metric | one view | 95% interval | flip TTA | 95% interval | target |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    rows = [
-        ("accuracy", lambda r: r["accuracy"], "accuracy", "≥ 0.85"),
-        ("balanced accuracy (ISIC 2018 metric)", lambda r: r["balanced_accuracy"], "balanced_accuracy", "≥ 0.80"),
-        ("macro F1", lambda r: r["macro"]["f1"], "macro_f1", ""),
-        ("weighted F1", lambda r: r["weighted"]["f1"], "weighted_f1", ""),
-        ("melanoma ROC AUC (one-vs-rest)", lambda r: r["roc_auc"]["per_class"]["mel"], "mel_auc", "≥ 0.93"),
-        (
-            f"melanoma sensitivity at Diagnose's operating point, P(mel) ≥ {op['threshold']:.3f} (chosen on "
-            f"validation for sensitivity {MEL_SENSITIVITY:.2f})",
-            lambda r: r["op"]["sensitivity"],
-            "op_sensitivity",
-            "≥ 0.80",
-        ),
-        ("melanoma specificity at that operating point", lambda r: r["op"]["specificity"], "op_specificity", ""),
-        ("melanoma sensitivity at P(mel) ≥ 0.5", lambda r: r["melanoma"]["sensitivity"], "sensitivity", ""),
-        ("melanoma specificity at P(mel) ≥ 0.5", lambda r: r["melanoma"]["specificity"], "specificity", ""),
-        ("macro ROC AUC", lambda r: r["roc_auc"]["macro"], "macro_auc", ""),
-        ("expected calibration error (15 bins), before temperature scaling", None, "ece_raw", ""),
-        ("expected calibration error (15 bins), after temperature scaling", lambda r: r["ece"], "ece", "≤ 0.03"),
-    ]
-    for title, value, key, goal in rows:
-        first = fmt(m_raw["ece"]) if value is None else fmt(value(one))
-        if tta is None:
-            second, second_ci = "–", "–"
-        else:
-            second = "–" if value is None else fmt(value(tta))
-            second_ci = tta_ci.get(key, "–")
-        lines.append(f"| {title} | {first} | {ci[key]} | {second} | {second_ci} | {goal} |")
-    lines += [
-        "",
-        "### Per class",
-        "",
-        "One view, with 95% bootstrap intervals (1000 resamples).",
-        "",
-        "| class | name | precision | 95% interval | recall | 95% interval | F1 | ROC AUC | support |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    results = {}
+    for key, value in RESULT_VALUES.items():
+        results[key] = {
+            "one": fmt(m_raw["ece"]) if value is None else fmt(value(one)),
+            "one_ci": ci[key],
+            "tta": "–" if tta is None or value is None else fmt(value(tta)),
+            "tta_ci": "–" if tta is None else tta_ci.get(key, "–"),
+        }
     class_ci = per_class_intervals(labels, probs)
-    lines += [
-        f"| {r['code']} | {r['name']} | {fmt(r['precision'])} | {class_ci[r['code']]['precision']} | "
-        f"{fmt(r['recall'])} | {class_ci[r['code']]['recall']} | {fmt(r['f1'])} | {fmt(r['auc'])} | {r['support']} |"
+    per_class = [
+        {
+            "code": r["code"],
+            "name": r["name"],
+            "precision": fmt(r["precision"]),
+            "precision_ci": class_ci[r["code"]]["precision"],
+            "recall": fmt(r["recall"]),
+            "recall_ci": class_ci[r["code"]]["recall"],
+            "f1": fmt(r["f1"]),
+            "auc": fmt(r["auc"]),
+            "support": str(r["support"]),
+        }
         for r in m["per_class"]
     ]
-    lines += [
-        "",
-        "### Confusion matrix (rows: true class, columns: predicted)",
-        "",
-        "| true \\ predicted | " + " | ".join(CLASSES) + " |",
-        "| --- |" + " --- |" * len(CLASSES),
-    ]
-    lines += [
-        f"| {c} | " + " | ".join(str(v) for v in row) + " |"
-        for c, row in zip(CLASSES, m["confusion_matrix"], strict=True)
-    ]
+    met, missed = target_verdicts(read)
+    latency = diagnose_latency()
+    if latency is not None:
+        met.append(f"a Diagnose answer ≤ 300 ms p50 on the 2-core CPU with flip TTA ({latency:.0f} ms)")
+    comparison = [{"strategy": s, **comparison_row(d)} for s, d in comparisons.items() if has_evaluation(d)]
+    comparison.append({"strategy": None, **comparison_row(reference)})
+    context = {
+        "cfg": {k: f"{v}" for k, v in cfg.items()},
+        "class_weight_power": f"{cfg.get('class_weight_power', 1.0)}",
+        "classes": list(CLASSES),
+        "fit_rule": FIT_RULE,
+        "fit_rule_text": RULES[FIT_RULE],
+        "temperature": f"{temperature:.3f}",
+        "sizes": {split: str(sizes.get(split, 0)) for split in ("train", "val", "test")},
+        "command": command,
+        "wall_minutes": f"{read_run(reference).wall_time_s / 60:.0f}",
+        "gpu_wall": gpu_wall(),
+        "n_test": str(m["n"]),
+        "evaluate_file": EVALUATE_FILE,
+        "results": results,
+        "op_threshold": f"{op['threshold']:.3f}",
+        "mel_sensitivity_goal": f"{MEL_SENSITIVITY:.2f}",
+        "per_class": per_class,
+        "confusion": [(code, [str(v) for v in row]) for code, row in zip(CLASSES, m["confusion_matrix"], strict=True)],
+        "tta": tta is not None,
+        "met": met,
+        "missed": missed,
+        "read_op": {"sensitivity": fmt(read["op"]["sensitivity"]), "specificity": fmt(read["op"]["specificity"])},
+        "one_view_op_sensitivity": fmt(op["sensitivity"]),
+        "comparison_arch": COMPARISON_ARCH,
+        "comparison": comparison,
+        "sections": {
+            "similar": similar_lines(),
+            "robustness": robustness_lines(reference),
+            "metadata": metadata_lines(),
+            "ensembles": ensemble_lines(runs, reference),
+            "recipes": recipe_lines(runs),
+            "did_not_help": did_not_help_lines(runs, reference),
+        },
+    }
+    return CARD_TEMPLATES.get_template("model_card.md.j2").render(context)
+
+
+def target_verdicts(read: dict) -> tuple[list[str], list[str]]:
+    """The targets met (each with its measured value) and missed (with by how much), from ``read``'s metrics."""
     # (target, measured, goal, True when higher is better)
     targets = [
         ("accuracy ≥ 0.85", read["accuracy"], 0.85, True),
@@ -276,99 +277,29 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         ("ECE ≤ 0.03", read["ece"], 0.03, False),
         ("melanoma sensitivity ≥ 0.80 at the operating point", read["op"]["sensitivity"] or 0.0, 0.80, True),
     ]
-    met = [name for name, value, goal, up in targets if (value >= goal if up else value <= goal)]
-    missed = [
-        f"{name} ({fmt(value)}, {abs(value - goal):.3f} {'short' if up else 'over'})"
-        for name, value, goal, up in targets
-        if name not in met
-    ]
-    met = [f"{name} ({fmt(value)})" for name, value, goal, up in targets if name in met]
-    latency = diagnose_latency()
-    if latency is not None:
-        met.append(f"a Diagnose answer ≤ 300 ms p50 on the 2-core CPU with flip TTA ({latency:.0f} ms)")
-    lines += [
-        "",
-        "### Targets",
-        "",
-        ("Read as `lesionlab evaluate` reads the model (flip TTA). " if tta else "Read from one view. ")
-        + "Met: "
-        + (", ".join(met) or "none")
-        + ". Not met: "
-        + ("; ".join(missed) or "none")
-        + f". At the operating point its melanoma specificity is {fmt(read['op']['specificity'])}: it clears that "
-        "share of the other lesions.",
-        "",
-        "Why the shortfall, as far as we can tell: the model sees HAM10000 downscaled to 200×150 (a ninth of the "
-        "published pixels) and it is a small network (MobileNetV2, 2.2 M parameters) trained for 14 epochs. "
-        "Retraining the same recipe on a GPU (seed 0 again, and once with the `wide` augmentation), a shorter "
-        "one-cycle recipe, averaging up to three networks, and giving the network age, sex and body site as well "
-        "did not change this by more than the intervals (Ensembles, Metadata and Training recipes, below). The "
-        f"operating point was chosen on the validation split for sensitivity {MEL_SENSITIVITY:.2f}; on the test "
-        f"split it reaches {fmt(read['op']['sensitivity'])}"
-        + (f" with flip TTA and {fmt(op['sensitivity'])} from one view. " if tta else ". ")
-        + "Class weighting trades the two targets against each other: weighting rare classes more raises balanced "
-        "accuracy and lowers accuracy (the imbalance comparison below shows the same trade-off); the square-root "
-        "weighting used here is a compromise. Longer training of a larger backbone (e.g. EfficientNet-B0) on a GPU "
-        "is the obvious next step.",
-    ]
-    lines += [
-        "",
-        "## Comparison on the same test split",
-        "",
-        f"The seed pipeline (frozen ImageNet backbone + 512→256→7 MLP head, batch 16, Adam 1e-3, StepLR(7, 0.1), "
-        f"10 epochs, 224×224) with each imbalance strategy. ResNet-18's ImageNet weights cannot be downloaded "
-        f"on the project's machines, so these runs use {COMPARISON_ARCH} as the frozen backbone; they train on "
-        "cached features (no augmentation, see README). The course project reported accuracy 0.661, weighted "
-        "F1 0.692 and melanoma precision 0.149 on an image-level split that leaks lesions.",
-        "",
-        "| run | accuracy | balanced acc. | macro F1 | weighted F1 | mel precision | mel recall | mel AUC |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    rows = [
-        (f"seed pipeline, imbalance `{s}`" + (" (the seed's own)" if s == "oversample" else ""), d)
-        for s, d in comparisons.items()
-        if has_evaluation(d)
-    ]
-    rows.append(("**reference model**", reference))
-    for title, run_dir in rows:
-        r_labels, r_probs, _, _ = load_predictions(run_dir)
-        r = compute_metrics(r_labels, r_probs)
-        mel_row = r["per_class"][CLASSES.index("mel")]
-        lines.append(
-            f"| {title} | {fmt(r['accuracy'])} | {fmt(r['balanced_accuracy'])} | {fmt(r['macro']['f1'])} | "
-            f"{fmt(r['weighted']['f1'])} | {fmt(mel_row['precision'])} | {fmt(mel_row['recall'])} | "
-            f"{fmt(r['roc_auc']['per_class']['mel'])} |"
-        )
-    lines += similar_lines()
-    lines += robustness_lines(reference)
-    lines += metadata_lines()
-    lines += ensemble_lines(runs, reference)
-    lines += recipe_lines(runs)
-    lines += did_not_help_lines(runs, reference)
-    lines += [
-        "",
-        "## Intended use",
-        "- Teaching and research: showing how transfer learning, class imbalance, calibration and explanations "
-        "behave on a public dermoscopy dataset; a baseline for experiments.",
-        "- Not intended for clinical decisions, for screening, for self-examination by patients, or for images "
-        "that are not dermoscopic (phone snapshots, histology, clinical overview photos).",
-        "",
-        "## Limitations",
-        "- Trained and tested on one dataset, HAM10000, downscaled to 200×150; **no external validation yet** "
-        "(the ISIC 2018 test set can be evaluated with `lesionlab evaluate --data ... --split all`).",
-        "- HAM10000 comes from two sites (Vienna, Queensland) and mostly fair-skinned patients; performance on "
-        "darker skin types, other devices and other populations is unknown.",
-        "- Seven classes only: lesions outside them (e.g. invasive SCC, acral or mucosal lesions) are forced into "
-        "one of the seven.",
-        "- Labels: over half are confirmed by histopathology, the rest by follow-up, expert consensus or confocal "
-        "microscopy; nv is heavily over-represented (67%).",
-        "- Test-split metrics have the uncertainty shown above; rare classes (df, vasc) have only ~20 test images.",
-        "",
-        "Regenerate from the published run records: "
-        "`python -m bench.model_card --reference docs/runs/reference-mnv2 --runs docs/runs`.",
-        "",
-    ]
-    return "\n".join(lines)
+    met, missed = [], []
+    for name, value, goal, up in targets:
+        if value >= goal if up else value <= goal:
+            met.append(f"{name} ({fmt(value)})")
+        else:
+            missed.append(f"{name} ({fmt(value)}, {abs(value - goal):.3f} {'short' if up else 'over'})")
+    return met, missed
+
+
+def comparison_row(run_dir: Path) -> dict[str, str]:
+    """A run's line in the comparison table: its test metrics from its own record, formatted."""
+    r_labels, r_probs, _, _ = load_predictions(run_dir)
+    r = compute_metrics(r_labels, r_probs)
+    mel_row = r["per_class"][CLASSES.index("mel")]
+    return {
+        "accuracy": fmt(r["accuracy"]),
+        "balanced_accuracy": fmt(r["balanced_accuracy"]),
+        "macro_f1": fmt(r["macro"]["f1"]),
+        "weighted_f1": fmt(r["weighted"]["f1"]),
+        "mel_precision": fmt(mel_row["precision"]),
+        "mel_recall": fmt(mel_row["recall"]),
+        "mel_auc": fmt(r["roc_auc"]["per_class"]["mel"]),
+    }
 
 
 def diagnose_latency() -> float | None:
@@ -380,15 +311,12 @@ def diagnose_latency() -> float | None:
     return None
 
 
-def gpu_wall_line() -> str:
+def gpu_wall() -> dict[str, str] | None:
     """The reference preset's wall time on a GPU, where bench/pipeline.py --gpu-only measured it."""
     g = read_json(BENCHMARKS_JSON).get("pipeline_gpu") if BENCHMARKS_JSON.is_file() else None
     if not g:
-        return ""
-    return (
-        f" The same preset on an {g['device']} (`--device cuda`) took {g['reference_wall_s']:.0f} s from start to "
-        f"exit ({g['date'][:10]}, docs/BENCHMARKS.md); that run is the member `gpu-strong-s0` under Ensembles below."
-    )
+        return None
+    return {"device": g["device"], "seconds": f"{g['reference_wall_s']:.0f}", "date": g["date"][:10]}
 
 
 def pct(x: float | None) -> str:

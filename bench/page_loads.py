@@ -32,8 +32,6 @@ from bench.report import write_section
 from core.common.settings import DATA_ENV, DEFAULT_DATASET
 from tests.app_support import CHROMIUM, CHROMIUM_ARGS, TITLES, clean_env, streamlit_server
 
-ROOT = Path(__file__).resolve().parents[1]
-
 TARGET_S = 2.0
 VIEWPORT = {"width": 1600, "height": 1000}
 FINISHED = (

@@ -36,6 +36,7 @@ from core.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ham10000-200x150"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
 OWNER = "bench/pipeline.py"

@@ -33,11 +33,11 @@ from sklearn.metrics import roc_auc_score
 from bench.benchmarks import DEFAULT_DATA, machine
 from bench.model_card import KS, REFERENCE_COMMAND, card, comparison_runs, retrieval_table, unfamiliar_lines
 from bench.report import update_json, write_section
-from core.app import quiz
 from core.common import settings
 from core.common.labels import CLASSES
 from core.data.dataset import index_dataset
 from core.data.preprocessing import Preprocessing, load_for_model
+from core.data.splits import model_split, split_column
 from core.inference.opening import open_predictor
 from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote
 from core.inference.unfamiliar import dermoscopy_check, detector_path, file_digest, fit_detector
@@ -46,6 +46,7 @@ from core.metrics.classification import compute_metrics
 from core.models.checkpoints import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 OWNER = "similar"
 UNFAMILIAR = ROOT / "tests" / "data" / "unfamiliar"
@@ -83,8 +84,8 @@ def measure(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     index = index_dataset(args.data)
     predictor = open_predictor(args.checkpoint)
-    record = quiz.model_split(args.checkpoint, predictor.checkpoint, index.frame, settings.run_folders())
-    frame = index.frame.assign(split=quiz.split_column(index.frame, record.split_of).to_numpy())
+    record = model_split(args.checkpoint, predictor.checkpoint, index.frame, settings.run_folders())
+    frame = index.frame.assign(split=split_column(index.frame, record.split_of).to_numpy())
     if args.max_per_split:
         shuffled = frame.sample(frac=1.0, random_state=0)
         frame = shuffled.groupby("split", group_keys=False).head(args.max_per_split).reset_index(drop=True)

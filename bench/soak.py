@@ -39,6 +39,7 @@ from core.inference.unfamiliar import dermoscopy_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 WARM_UP = 50
 IMAGES = 50

@@ -34,6 +34,7 @@ from core.training.config import config_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 OWNER = "bench/stop.py"
 TARGET_S = 5.0
 

@@ -38,6 +38,7 @@ from core.metrics.classification import balanced_accuracy, compute_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 CHECKPOINT = ROOT / "checkpoints" / "reference.pt"
 CACHE = ROOT / ".cache" / "tta"
 CANDIDATE_SCALES = (1.0, 1.15)

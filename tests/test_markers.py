@@ -10,10 +10,10 @@ from tests.app_support import ROOT
 
 # One test per file that uses ham_root, none of them decorated by hand.
 ON_THE_FULL_DATASET = {
-    "tests/test_app_core.py::test_dermoscopy_check_on_real_images",
-    "tests/test_browser.py::test_sidebar_dataset_folder_on_the_full_dataset",
-    "tests/test_data.py::test_real_ham10000_indexes_completely",
-    "tests/test_training.py::test_pretrained_head_only_learns_real_lesions",
+    "tests/pages/test_app_core.py::test_dermoscopy_check_on_real_images",
+    "tests/pages/test_browser.py::test_sidebar_dataset_folder_on_the_full_dataset",
+    "tests/core/data/test_dataset.py::test_real_ham10000_indexes_completely",
+    "tests/core/training/test_training.py::test_pretrained_head_only_learns_real_lesions",
 }
 
 

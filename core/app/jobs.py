@@ -219,11 +219,10 @@ def _acquire(runs_dir: Path, job: Job, lock_name: str = LOCK_NAME) -> None:
 
 
 def _validate(config: dict) -> dict:
-    """Normalise a config through the trainer's own TrainConfig when it is available."""
-    try:
-        from core.training.config import TrainConfig
-    except ImportError:
-        return dict(config)
+    """The config normalised and checked by the trainer's own TrainConfig, the one place settings are
+    validated: a job never starts with settings its trainer would refuse."""
+    from core.training.config import TrainConfig  # here: the trainer's imports (torch) cost the pages seconds
+
     try:
         cfg = TrainConfig.from_dict(dict(config))
     except (TypeError, ValueError, KeyError) as exc:

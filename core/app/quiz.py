@@ -1,20 +1,9 @@
 """The quiz that puts students beside the model: which images a model may be quizzed on, a reproducible draw
 of them, and the side-by-side scoring of the students' answers and the model's.
 
-**Which images are held out for a model.** Only images the model neither trained on nor was selected on
-count as "test" (val is allowed too, when an instructor wants more images); training images are never
-offered. :func:`model_split` finds the split the model was trained with by one rule:
-
-1. the ``split.csv`` of the run that wrote the checkpoint: the checkpoint's own folder (``runs/NAME/best.pt``),
-   then a run folder named after the checkpoint's ``config["name"]`` among ``run_folders`` (the app passes the
-   local runs, then the runs published in ``docs/runs``; that is how ``checkpoints/reference.pt`` finds
-   ``docs/runs/reference-mnv2``). A folder counts only when its ``config.json`` equals the checkpoint's stored
-   config, so a different run that happens to share the name is never taken for it;
-2. otherwise the split is recomputed over the dataset in use with :func:`core.data.splits.split_by_lesion` and the
-   seed and fractions stored in the checkpoint (:func:`core.data.splits.resolve_split`), as ``python -m
-   core.evaluation.evaluate`` does.
-
-Images of the dataset that a split record does not list have an unknown split and are never drawn.
+**Which images are held out for a model** is :func:`core.data.splits.model_split`'s answer: only images the
+model neither trained on nor was selected on count as "test" (val is allowed too, when an instructor wants more
+images); training images are never offered.
 
 **The draw** (:func:`draw_quiz`) is a function of the settings, the dataset and the split alone: the same seed,
 settings, dataset and model give the same images in the same order on every machine. Class counts are
@@ -27,18 +16,14 @@ as a one-hot probability) and the model, on the same images. Nothing here touche
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from core.common.labels import CLASSES, DISPLAY_NAMES, MELANOMA, NUM_CLASSES, class_index
-from core.common.runs import matching_runs, read_split
-from core.common.settings import PROJECT_ROOT
-from core.data.splits import resolve_split, split_by_lesion
+from core.data.splits import split_column
 from core.metrics.classification import compute_metrics
 
 QUIZ_SPLITS = ("test", "val")  # never "train"
@@ -72,64 +57,6 @@ class QuizSettings:
 
     def describe(self) -> str:
         return f"{self.n} {self.split} images, {MIXES[self.mix]}, seed {self.seed}"
-
-
-@dataclass(frozen=True)
-class SplitRecord:
-    """Which split each image went to for one model: ``split_of`` maps image_id to train/val/test."""
-
-    split_of: pd.Series
-    source: str  # for the page: where the split came from
-    recorded: bool  # True: the run's own split.csv; False: recomputed over this dataset
-
-
-def _stored_config(checkpoint: dict) -> dict:
-    # Through JSON, as config.json holds it: tuples become lists.
-    return json.loads(json.dumps(checkpoint.get("config") or {}))
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the project when it lies inside it (docs/runs/…), else in full."""
-    path = path.resolve()
-    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
-
-
-def model_split(
-    checkpoint_path: str | Path, checkpoint: dict, frame: pd.DataFrame, run_folders: Sequence[Path]
-) -> SplitRecord:
-    """The split the checkpoint's model was trained with, by the rule in the module docstring.
-
-    ``frame`` is the dataset in use (image_id, lesion_id, dx), needed only when the split is recomputed.
-    Raises :class:`QuizError` when neither a record nor a recomputation can be trusted.
-    """
-    config = _stored_config(checkpoint)
-    for run_dir in matching_runs(checkpoint_path, config, run_folders):
-        if (run_dir / "split.csv").is_file():
-            table = read_split(run_dir)
-            return SplitRecord(
-                pd.Series(table["split"].to_numpy(), index=table["image_id"].astype(str)),
-                f"recorded in {_shown(run_dir / 'split.csv')}",
-                recorded=True,
-            )
-    if config.get("max_images"):
-        raise QuizError(
-            f"{checkpoint_path} was trained on a subsample (max_images={config['max_images']}) and "
-            "its split record was not found, so which images it trained on cannot be known."
-        )
-    seed, fractions, source = resolve_split(checkpoint)
-    assigned = split_by_lesion(frame, fractions, seed)
-    return SplitRecord(
-        pd.Series(assigned.to_numpy(), index=frame["image_id"].astype(str)),
-        f"recomputed over this dataset from split seed {seed} and fractions "
-        f"{'/'.join(f'{f:g}' for f in fractions)} ({source}); held out only if this is the "
-        "dataset the model was trained on",
-        recorded=False,
-    )
-
-
-def split_column(frame: pd.DataFrame, split_of: pd.Series) -> pd.Series:
-    """Each row's split (NaN where the record does not list its image), aligned with ``frame``."""
-    return frame["image_id"].astype(str).map(split_of).rename("split")
 
 
 def quiz_pool(frame: pd.DataFrame, split_of: pd.Series, split: str) -> pd.DataFrame:
@@ -256,7 +183,8 @@ def _pair(side: dict) -> str:
 
 def summary_sentences(result: dict, mix: str) -> list[str]:
     """What the numbers of :func:`score` say, in sentences: what the class mix did to accuracy, who did better,
-    the largest per-class difference, the melanomas and the students' confidence."""
+    the largest per-class difference, the melanomas and the students' confidence. Over 60 lines because it is
+    prose: one short block per sentence, read top to bottom as the page shows them."""
     student, model, n = result["student"], result["model"], result["n"]
     present = {c: k for c, k in result["support"].items() if k}
     common = max(present, key=present.get)

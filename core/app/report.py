@@ -3,7 +3,7 @@
 It holds what the page showed for one upload: the image and its heatmap, all seven calibrated probabilities in
 ``CLASSES`` order (for an ensemble, how many of its models agree and each one's answer), the similar confirmed
 cases, the warnings, the model (name, version, measured test performance), the date and the disclaimer. It is
-built in memory and handed to the browser as a download.
+built in memory and handed to the browser as a download. Its HTML is ``templates/report.html.j2``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from html import escape
 from pathlib import Path
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from PIL import Image
 
 from core.common.formatting import percents_against
@@ -61,9 +61,22 @@ def inline_image(image: Image.Image, size: tuple[int, int] | None = None) -> str
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _performance(test: dict | None) -> str:
+# The report's HTML lives in templates/report.html.j2, autoescaped: every value handed to it is plain text (numbers
+# formatted here) and is escaped there. The images are data: URIs of base64 JPEGs built by inline_image, which
+# escaping leaves as they are, so nothing is marked safe.
+TEMPLATES = Environment(
+    loader=PackageLoader("core.app", "templates"),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _performance(test: dict | None) -> dict | None:
+    """The measured test performance to quote: the split's size (None if unknown) and each figure in words."""
     if not test:
-        return "<p>No test-split evaluation of this model was found in its run records.</p>"
+        return None
     mel = test.get("melanoma") or {}
     auc = (test.get("roc_auc") or {}).get("per_class", {}).get("mel")
     items = [
@@ -77,32 +90,43 @@ def _performance(test: dict | None) -> str:
             f"melanoma sensitivity {mel['sensitivity']:.1%} and specificity {mel['specificity']:.1%} at "
             f"P(mel) ≥ {mel['threshold']:.1%}"
         )
-    n = test.get("n")
-    return f"<p>Measured on its test split{f' ({n} images)' if n else ''}: {escape('; '.join(items))}.</p>"
+    return {"n": test.get("n"), "figures": items}
 
 
-def _case_cell(case: Case, title: str = "") -> str:
+def _case(case: Case, title: str = "") -> dict:
+    """One similar case as the report shows it; ``src`` is None when its image cannot be read."""
     try:
         src = inline_image(open_image(case.path), THUMB)
-        img = f'<img src="{src}" alt="{escape(case.image_id)}">'
     except (OSError, ValueError):
-        img = "<p>(image not readable)</p>"
-    return (
-        f"<figure>{img}<figcaption>{f'<b>{escape(title)}</b><br>' if title else ''}"
-        f"{escape(case.diagnosis)} ({escape(case.dx)}), confirmed by {escape(case.confirmed_by)}<br>"
-        f"{escape(case.patient())}<br>similarity {case.similarity:.2f} · {escape(case.image_id)}</figcaption></figure>"
-    )
+        src = None
+    return {
+        "src": src,
+        "title": title,
+        "diagnosis": case.diagnosis,
+        "dx": case.dx,
+        "confirmed_by": case.confirmed_by,
+        "patient": case.patient(),
+        "similarity": f"{case.similarity:.2f}",
+        "image_id": case.image_id,
+    }
 
 
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }
-.notice { background: #fff4e5; border: 1px solid #f0a020; padding: .6rem 1rem; }
-.warning { background: #fdecea; border: 1px solid #d33; padding: .6rem 1rem; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; }
-td.p { text-align: right; font-variant-numeric: tabular-nums; }
-.grid { display: flex; flex-wrap: wrap; gap: .8rem; } figure { margin: 0; width: 200px; font-size: .8rem; }
-figure img { width: 200px; } .pair img { max-width: 28rem; }
-"""
+def _agreement(prediction: Prediction) -> dict | None:
+    """An ensemble's agreement, as Diagnose shows it beside the result, and each model's own answer."""
+    votes = prediction.members
+    if votes is None:
+        return None
+    members = [
+        {
+            "name": name,
+            "class_name": DISPLAY_NAMES[code],
+            "code": code,
+            "p_top": f"{row.max():.1%}",
+            "p_mel": f"{p:.1%}",
+        }
+        for name, code, row, p in zip(votes.names, votes.own_top_classes, votes.probs, votes.p_melanoma, strict=True)
+    ]
+    return {"agreement": votes.agreement_text(), "spread": votes.spread_text(), "members": members}
 
 
 def report_html(
@@ -119,73 +143,44 @@ def report_html(
     source_name: str = "the uploaded image",
 ) -> str:
     """The whole report as one HTML document (UTF-8, no external resources)."""
-    rows = "".join(
-        f"<tr><td>{code}</td><td>{escape(DISPLAY_NAMES[code])}</td>"
-        f"<td>{'malignant' if code in MALIGNANT else 'benign'}</td>"
-        f'<td class="p">{prediction.probabilities[code]:.1%}</td></tr>'
-        for code in CLASSES
-    )
-    images = f'<figure class="pair"><img src="{inline_image(prediction.image)}" alt="upload"><figcaption>'
-    images += f"{escape(source_name)}</figcaption></figure>"
+    images = [{"src": inline_image(prediction.image), "alt": "upload", "caption": source_name}]
     if heatmap is not None:
-        images += f'<figure class="pair"><img src="{inline_image(heatmap)}" alt="heatmap"><figcaption>'
-        images += f"{escape(heatmap_label)}</figcaption></figure>"
-    warning_html = "".join(f'<p class="warning">{escape(w)}</p>' for w in warnings)
-    mel = prediction.probabilities["mel"]
-    averaged = f" (averaged over {tta_description(True)})" if prediction.tta else ""
-    mel_line = ""
+        images.append({"src": inline_image(heatmap), "alt": "heatmap", "caption": heatmap_label})
+    melanoma = None
     if mel_threshold is not None:
-        side = "at or above" if mel >= mel_threshold else "below"
+        mel = prediction.probabilities["mel"]
         shown_p, shown_t = percents_against(mel, mel_threshold)
-        mel_line = f"<p>P(melanoma) {shown_p}: {side} the model's operating threshold of {shown_t}.</p>"
-    agreement = ""
-    if prediction.members is not None:  # an ensemble: how much its models agree, as Diagnose shows beside the result
-        votes = prediction.members
-        agreement = (
-            f"<p><b>{escape(votes.agreement_text())}</b>. {escape(votes.spread_text())}. Each model's own calibrated "
-            "answer: where they disagree or their P(melanoma) spreads widely, the combined number is less certain "
-            "than it looks.</p>"
-        )
-        rows_by_model = "".join(
-            f"<tr><td>{escape(name)}</td><td>{escape(DISPLAY_NAMES[code])} ({code}), {row.max():.1%}</td>"
-            f'<td class="p">{p_mel:.1%}</td></tr>'
-            for name, code, row, p_mel in zip(
-                votes.names, votes.own_top_classes, votes.probs, votes.p_melanoma, strict=True
-            )
-        )
-        agreement += (
-            "<table><thead><tr><th>model</th><th>its most likely class</th><th>its P(melanoma)</th></tr></thead>"
-            f"<tbody>{rows_by_model}</tbody></table>"
-        )
-    similar = ""
-    if cases:
-        similar += "<h2>Similar confirmed cases</h2><div class='grid'>"
-        similar += "".join(_case_cell(c) for c in cases) + "</div>"
-    if cases_by_class:
-        similar += "<h3>The nearest case of each class</h3><div class='grid'>"
-        similar += "".join(_case_cell(c, DISPLAY_NAMES[code]) for code, c in cases_by_class.items() if c)
-        similar += "</div>"
-    epochs = f", trained for {model.epochs} epochs" if model.epochs else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Lesion Lab report {created:%Y-%m-%d %H:%M}</title>
-<style>{STYLE}</style></head><body>
-<h1>Lesion Lab report</h1>
-<p class="notice"><b>{escape(DISCLAIMER)}</b> Lesion Lab is not a medical device; see a dermatologist about any
-skin lesion that worries you.</p>
-<p>Created {created:%Y-%m-%d %H:%M %Z}. Model: {escape(model.name)}, {escape(model.arch)}, version
-{model.version}{epochs}.</p>
-{_performance(model.test)}
-{warning_html}
-<h2>Result</h2>
-<p>Most likely: <b>{escape(prediction.top_name)} ({prediction.top_class})</b>, calibrated probability
-{prediction.confidence:.1%}{averaged}. Malignant classes together: {prediction.malignant_probability:.1%}.</p>
-{mel_line}
-{agreement}
-<table><thead><tr><th>class</th><th>diagnosis</th><th></th><th>probability</th></tr></thead>
-<tbody>{rows}</tbody></table>
-<div class="grid">{images}</div>
-{similar}
-<p><small>Probabilities are calibrated by temperature scaling on the validation split: an average over many
-images, not a promise about this one.</small></p>
-</body></html>
-"""
+        melanoma = {"p": shown_p, "side": "at or above" if mel >= mel_threshold else "below", "threshold": shown_t}
+    context = {
+        "created_minute": f"{created:%Y-%m-%d %H:%M}",
+        "created": f"{created:%Y-%m-%d %H:%M %Z}",
+        "disclaimer": DISCLAIMER,
+        "model": {"name": model.name, "arch": model.arch, "version": model.version, "epochs": model.epochs},
+        "performance": _performance(model.test),
+        "warnings": list(warnings),
+        "result": {
+            "top_name": prediction.top_name,
+            "top_class": prediction.top_class,
+            "confidence": f"{prediction.confidence:.1%}",
+            "averaged_over": tta_description(True) if prediction.tta else None,
+            "malignant": f"{prediction.malignant_probability:.1%}",
+        },
+        "melanoma": melanoma,
+        "agreement": _agreement(prediction),
+        "classes": [
+            {
+                "code": code,
+                "name": DISPLAY_NAMES[code],
+                "kind": "malignant" if code in MALIGNANT else "benign",
+                "p": f"{prediction.probabilities[code]:.1%}",
+            }
+            for code in CLASSES
+        ],
+        "images": images,
+        "cases": [_case(c) for c in cases],
+        # None: no per-class search was made (no heading); a class with no case among the images searched is left out.
+        "cases_by_class": None
+        if not cases_by_class
+        else [_case(c, DISPLAY_NAMES[code]) for code, c in cases_by_class.items() if c],
+    }
+    return TEMPLATES.get_template("report.html.j2").render(context)

@@ -17,6 +17,8 @@ from core.inference.predictor import TTA_HELP, USE_TTA_BY_DEFAULT
 
 
 def _parser() -> argparse.ArgumentParser:
+    """Every flag of ``lesionlab evaluate`` (a declaration per flag, in the order ``--help`` lists them: long,
+    and clearer in one place than split)."""
     parser = argparse.ArgumentParser(
         prog="lesionlab evaluate",
         description="Evaluate a Lesion Lab checkpoint on a HAM10000-layout dataset: per-class precision, "

@@ -631,9 +631,11 @@ def running_loss_table(run: RunState) -> pd.DataFrame:
 
 
 def default_run_name(config: dict, runs_dir: Path) -> str:
-    """A name for a new run that no folder in ``runs_dir`` has yet: date, time, architecture and imbalance
-    strategy. Call it with the final config: a name taken from a preset misnames the run once a field changes."""
-    base = time.strftime("%Y%m%d-%H%M") + f"-{config.get('arch', 'model')}-{config.get('imbalance', 'none')}"
+    """The name of a run that was given none, the one rule for the trainer and the app: date and time,
+    architecture, fine-tuning policy and imbalance strategy, with ``-2``, ``-3``… when ``runs_dir`` has a folder of
+    that name. Call it with the final config: a name taken from a preset misnames the run once a field changes."""
+    fields = (config.get("arch", "model"), config.get("finetune", "head"), config.get("imbalance", "none"))
+    base = time.strftime("%Y%m%d-%H%M%S") + "".join(f"-{f}" for f in fields)
     name, i = base, 2
     while (Path(runs_dir) / name).exists():
         name, i = f"{base}-{i}", i + 1

@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATASET = PROJECT_ROOT / "sample_data" / "ham10000-sample"
 SETTINGS_FILE = PROJECT_ROOT / ".streamlit" / "lesionlab.toml"
 DATA_ENV = "LESIONLAB_DATA"

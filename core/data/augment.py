@@ -2,7 +2,7 @@
 
 :func:`batch_transform` is :func:`core.data.preprocessing.train_transform` (and ``eval_transform``) as
 ``kornia.augmentation`` on whole batches: the same operations with the same ranges, each drawn per image
-(tests/test_augment.py compares the two paths' distributions). :class:`DeviceBatches` gathers a batch's
+(tests/core/data/test_augment.py compares the two paths' distributions). :class:`DeviceBatches` gathers a batch's
 uint8 rows from the memory-mapped cache in a background thread (pinned, on CUDA), moves them while the
 device works (non-blocking) and resizes, converts, augments and normalises them there.
 """

@@ -170,6 +170,9 @@ def download_dataset(
     go to ``external_dest`` (default: ``<dest>-isic2018-test`` next to ``dest``).
     Raises :class:`DownloadError` for network, server, checksum and disk problems
     and :class:`core.data.dataset.DatasetError` when the result cannot be indexed.
+
+    One function of about 60 lines because it is the download's whole order of steps (list, check space,
+    fetch each file, verify, install, index), each step a call; split, the order would be harder to see.
     """
     dest = Path(dest).expanduser()
     external_root = Path(external_dest).expanduser() if external_dest else default_external_dest(dest)

@@ -1,7 +1,6 @@
 """Acquisition shifts a real upload has, each a function of the decoded image (before the model's fitting,
 :func:`core.data.images.fit_to_source`): the robustness report (:mod:`core.evaluation.robustness`) evaluates a model
-under
-each one.
+under each one.
 
 They stand for what differs between our 200×150 HAM10000 copies and an image someone uploads: public
 dermoscopy sets ship square crops of the field of view, images come at other resolutions, through heavier

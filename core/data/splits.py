@@ -1,34 +1,63 @@
 """Which images a model trained, validated and was tested on: the lesion-grouped split, its defaults, and
-the one rule every page and command uses to find a model's held-out images.
+the one rule Evaluate, the robustness report, Quiz and the similar cases use to find a model's held-out images.
+
+:func:`model_split` finds the split the model was trained with by one rule:
+
+1. the ``split.csv`` of the run that wrote the checkpoint: the checkpoint's own folder (``runs/NAME/best.pt``),
+   then a run folder named after the checkpoint's ``config["name"]`` among ``run_folders`` (the app passes the
+   local runs, then the runs published in ``docs/runs``; that is how ``checkpoints/reference.pt`` finds
+   ``docs/runs/reference-mnv2``). A folder counts only when its ``config.json`` equals the checkpoint's stored
+   config, so a different run that happens to share the name is never taken for it;
+2. otherwise the split is recomputed over the dataset in use with :func:`core.data.splits.split_by_lesion` and the
+   seed and fractions stored in the checkpoint (:func:`core.data.splits.resolve_split`), as ``python -m
+   core.evaluation.evaluate`` does.
+
+Images of the dataset that a split record does not list have an unknown split and are never drawn.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from core.common.labels import CLASSES
+from core.common.runs import matching_runs, read_split
+from core.common.settings import PROJECT_ROOT
 
 SPLITS = ("train", "val", "test")
+# The split every run, evaluation and quiz uses unless told otherwise (the trainer's TrainConfig defaults too).
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+DEFAULT_SEED = 0
 
 
 class SplitError(ValueError):
     """A split that cannot be made as asked (fractions, an unknown or empty split); the message says why."""
 
 
-def split_by_lesion(frame: pd.DataFrame, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> pd.Series:
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """``fractions`` as three floats, or a :class:`SplitError`: the one check of split fractions, for a
+    training config, a checkpoint's stored split and the command lines alike."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        raise SplitError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    return tuple(float(f) for f in fractions)
+
+
+def split_by_lesion(
+    frame: pd.DataFrame, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = DEFAULT_SEED
+) -> pd.Series:
     """Assign each image to train/val/test so that all images of one lesion share a split.
 
     HAM10000 has 10015 images of 7470 lesions; splitting images directly leaks
     near-duplicate views of a lesion into the test set. Lesions are stratified
     by diagnosis so every split keeps the class proportions.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
-    train_f, val_f, test_f = fractions
+    train_f, val_f, test_f = check_fractions(fractions)
     # A lesion's diagnosis is that of its images (HAM10000 never mixes them).
     lesions = frame.groupby("lesion_id", sort=True)["dx"].first()
     ids, dx = lesions.index.to_numpy(), lesions.to_numpy()
@@ -56,12 +85,6 @@ def split_counts(frame: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
     return table.rename_axis(index="dx", columns="split")
 
 
-DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
-
-
-DEFAULT_SEED = 0
-
-
 def resolve_split(
     checkpoint: dict, split_seed: int | None = None, fractions: Sequence[float] | None = None
 ) -> tuple[int, tuple[float, float, float], str]:
@@ -80,9 +103,7 @@ def resolve_split(
     else:
         source = "defaults"
     seed = DEFAULT_SEED if seed is None else int(seed)
-    fracs = DEFAULT_FRACTIONS if fracs is None else fracs
-    if len(fracs) != 3 or min(fracs) < 0 or abs(sum(fracs) - 1.0) > 1e-6:
-        raise SplitError(f"split fractions must be three non-negative numbers summing to 1, got {list(fracs)}")
+    fracs = DEFAULT_FRACTIONS if fracs is None else check_fractions(fracs)
     return seed, fracs, source
 
 
@@ -97,3 +118,61 @@ def select_split(frame: pd.DataFrame, split: str, seed: int, fractions: Sequence
     if rows.empty:
         raise SplitError(f"the {split} split is empty with fractions {list(fractions)}; use --split all")
     return rows
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """Which split each image went to for one model: ``split_of`` maps image_id to train/val/test."""
+
+    split_of: pd.Series
+    source: str  # for the page: where the split came from
+    recorded: bool  # True: the run's own split.csv; False: recomputed over this dataset
+
+
+def _stored_config(checkpoint: dict) -> dict:
+    # Through JSON, as config.json holds it: tuples become lists.
+    return json.loads(json.dumps(checkpoint.get("config") or {}))
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the project when it lies inside it (docs/runs/…), else in full."""
+    path = path.resolve()
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def model_split(
+    checkpoint_path: str | Path, checkpoint: dict, frame: pd.DataFrame, run_folders: Sequence[Path]
+) -> SplitRecord:
+    """The split the checkpoint's model was trained with, by the rule in this module's docstring.
+
+    ``frame`` is the dataset in use (image_id, lesion_id, dx), needed only when the split is recomputed.
+    Raises :class:`SplitError` when neither a record nor a recomputation can be trusted.
+    """
+    config = _stored_config(checkpoint)
+    for run_dir in matching_runs(checkpoint_path, config, run_folders):
+        if (run_dir / "split.csv").is_file():
+            table = read_split(run_dir)
+            return SplitRecord(
+                pd.Series(table["split"].to_numpy(), index=table["image_id"].astype(str)),
+                f"recorded in {_shown(run_dir / 'split.csv')}",
+                recorded=True,
+            )
+    if config.get("max_images"):
+        raise SplitError(
+            f"{checkpoint_path} was trained on a subsample (max_images={config['max_images']}) and "
+            "its split record was not found, so which images it trained on cannot be known."
+        )
+    seed, fractions, source = resolve_split(checkpoint)
+    assigned = split_by_lesion(frame, fractions, seed)
+    return SplitRecord(
+        pd.Series(assigned.to_numpy(), index=frame["image_id"].astype(str)),
+        f"recomputed over this dataset from split seed {seed} and fractions "
+        f"{'/'.join(f'{f:g}' for f in fractions)} ({source}); held out only if this is the "
+        "dataset the model was trained on",
+        recorded=False,
+    )
+
+
+def split_column(frame: pd.DataFrame, split_of: pd.Series) -> pd.Series:
+    """Each row's split (NaN where the record does not list its image), aligned with ``frame``."""
+    return frame["image_id"].astype(str).map(split_of).rename("split")

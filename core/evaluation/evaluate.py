@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,10 @@ from core.data.splits import SplitError, resolve_split, select_split
 from core.inference.forward import (
     PredictionError,
     bounded_batch_size,
-    check_probabilities,
-    predict_probs,
     tta_description,
 )
 from core.inference.opening import open_predictor
-from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
+from core.inference.predictor import USE_TTA_BY_DEFAULT, ModelView
 from core.metrics.bootstrap import confidence_intervals
 from core.metrics.classification import compute_metrics
 from core.models.checkpoints import CheckpointError
@@ -110,16 +108,9 @@ def _terminal_progress(done: int, total: int) -> None:
     print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
-def _progress(batches: Iterable, total: int, batch_size: int, report: Callable[[int, int], None] | None) -> Iterator:
-    """``batches``, calling ``report(done, total)`` once each batch has been used."""
-    for i, batch in enumerate(batches):
-        yield batch
-        if report is not None:
-            report(min((i + 1) * batch_size, total), total)
-
-
 def _batches(
-    predictor: Predictor,
+    model: ModelView,
+    device: torch.device,
     data: str | Path,
     index: DatasetIndex,
     frame: pd.DataFrame,
@@ -127,23 +118,23 @@ def _batches(
     num_workers: int,
     decoded_dir: str | Path | None,
 ) -> tuple[Iterable, str | None]:
-    """Model-ready batches of ``frame``'s images and labels, and why they are not from the decoded-image cache
-    when one was asked for (``decoded_dir``). The cache is reused, never built here: building it decodes the
-    whole dataset, more than one split. Its batches equal the files' within resampling error
-    (tests/test_decoded_reuse.py); a split holding an image the cache found damaged is read from the files,
-    which say what is wrong with it."""
-    note, prep = None, predictor.prep
+    """Model-ready batches of ``frame``'s images and labels for ``model`` (a checkpoint or one member of an
+    ensemble: its preprocessing), and why they are not from the decoded-image cache when one was asked for
+    (``decoded_dir``). The cache is reused, never built here: building it decodes the whole dataset, more than
+    one split. Its batches equal the files' within resampling error (tests/core/data/test_decoded_reuse.py); a split
+    holding an image the cache found damaged is read from the files, which say what is wrong with it."""
+    note, prep = None, model.prep
     if decoded_dir is not None:
         try:
             cache = open_decoded(index.frame["path"].tolist(), prep, root=data, cache_dir=decoded_dir, build=False)
             damaged = set(cache.damaged).intersection(frame["path"])
             if not damaged:
                 paths, labels = frame["path"].tolist(), frame["label"].tolist()
-                return eval_batches(cache, paths, labels, prep, batch_size, predictor.device, channels_last=False), None
+                return eval_batches(cache, paths, labels, prep, batch_size, device, channels_last=False), None
             note = f"the decoded-image cache found {len(damaged)} of these images damaged; reading the JPEG files"
         except CacheUnavailable as exc:
             note = f"{exc}; reading the JPEG files instead"
-    dataset = LesionDataset.from_frame(frame, predictor.transform, prep)
+    dataset = LesionDataset.from_frame(frame, model.transform, prep)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers), note
 
 
@@ -191,6 +182,46 @@ def split_images(
     )
 
 
+def _rounded(p: np.ndarray) -> dict[str, float]:
+    return {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)}
+
+
+def prediction_rows(
+    frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, withheld: np.ndarray | None = None
+) -> list[dict]:
+    """One JSON-ready row per image: its id, path, true and predicted class and probabilities; with the
+    probabilities the model gave with its metadata withheld (``withheld``) beside them, so that the two can be
+    compared on the same images (paired)."""
+    rows = [
+        {
+            "image_id": image_id,
+            "path": path,
+            "true": CLASSES[label],
+            "predicted": CLASSES[int(p.argmax())],
+            "probabilities": _rounded(p),
+        }
+        for image_id, path, label, p in zip(frame["image_id"], frame["path"], labels, probs, strict=True)
+    ]
+    if withheld is not None:
+        for row, p in zip(rows, withheld, strict=True):
+            row["probabilities_withheld"] = _rounded(p)
+    return rows
+
+
+def withheld_report(
+    known: dict, labels: np.ndarray, withheld: np.ndarray, *, mel_threshold: float, bootstrap: int
+) -> dict:
+    """What a model that takes age, sex and site scored with every field withheld, beside how many images knew
+    each field (``known``)."""
+    return {
+        "known": known,
+        "withheld": {
+            "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
+            "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
+        },
+    }
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -216,63 +247,27 @@ def evaluate_checkpoint(
     predictor = open_predictor(checkpoint, device=device)
     mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
-    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
-    # Imported here: core.inference.ensemble builds on this module.
-    from core.inference.ensemble import EnsemblePredictor, combine
+    notes: list[str] = []
 
-    ensemble = isinstance(predictor, EnsemblePredictor)
-    # An ensemble's members read the files, each with its own preprocessing (frame_probabilities).
-    loader, pipeline_note = (
-        (None, None) if ensemble else _batches(predictor, data, index, frame, batch_size, num_workers, decoded_dir)
-    )
-    encoding = None if ensemble else predictor.metadata_encoding
+    def batches_for(model: ModelView) -> Iterable:
+        size = bounded_batch_size(batch_size, model.prep.input_size, tta)
+        batches, note = _batches(model, predictor.device, data, index, frame, size, num_workers, decoded_dir)
+        if note is not None:
+            notes.append(note)
+        return batches
+
+    total = len(frame) * predictor.passes
+    hear = (lambda done: progress(done, total)) if progress is not None else None
+    encoding = predictor.metadata_encoding
     encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
 
     def run(metadata: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-        if ensemble:  # each member reads the images with its own preprocessing
-            member_probs, labels = predictor.frame_probabilities(
-                frame, batch_size=batch_size, num_workers=num_workers, tta=tta
-            )
-            probs = combine(member_probs, predictor.temperature)
-        else:
-            probs, labels = predict_probs(
-                predictor.model,
-                _progress(loader, len(frame), batch_size, progress),
-                predictor.device,
-                temperature=predictor.temperature,
-                tta=tta,
-                metadata=metadata,
-            )
-        check_probabilities(probs)
-        return probs, labels
+        return predictor.split_probabilities(batches_for, tta=tta, metadata=metadata, progress=hear)
 
+    scoring = {"mel_threshold": mel_threshold, "bootstrap": bootstrap}
     probs, labels = run(encoded)
-    metrics = compute_metrics(labels, probs, mel_threshold=mel_threshold)
-    metadata, withheld = None, None
-    if encoding is not None:
-        # The same images again with every field unknown (metadata None): what the model does without them.
-        withheld, _ = run(None)
-        metadata = {
-            "known": encoding.known(encoded),
-            "withheld": {
-                "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
-                "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
-            },
-        }
-    rounded = lambda p: {code: round(float(q), 6) for code, q in zip(CLASSES, p, strict=True)}  # noqa: E731
-    predictions = [
-        {
-            "image_id": image_id,
-            "path": path,
-            "true": CLASSES[label],
-            "predicted": CLASSES[int(p.argmax())],
-            "probabilities": rounded(p),
-        }
-        for image_id, path, label, p in zip(frame["image_id"], frame["path"], labels, probs, strict=True)
-    ]
-    if withheld is not None:  # per image, so that the two can be compared on the same images (paired)
-        for row, p in zip(predictions, withheld, strict=True):
-            row["probabilities_withheld"] = rounded(p)
+    # A model that takes metadata: the same images again with every field unknown, what it does without them.
+    withheld = None if encoding is None else run(None)[0]
     return {
         "checkpoint": str(checkpoint),
         "arch": predictor.arch,
@@ -280,14 +275,14 @@ def evaluate_checkpoint(
         "temperature": predictor.temperature,
         "tta": tta,
         "tta_views": tta_description(tta),
-        "input_pipeline": "jpeg" if ensemble or pipeline_note or decoded_dir is None else "decoded",
-        "input_pipeline_note": pipeline_note,
-        "metrics": metrics,
+        "input_pipeline": "jpeg" if notes or decoded_dir is None else "decoded",
+        "input_pipeline_note": notes[0] if notes else None,
+        "metrics": compute_metrics(labels, probs, mel_threshold=mel_threshold),
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
         # A model that takes metadata: how many images knew each field (the metrics above use them) and the
         # metrics with every field withheld. None for a model of the image alone.
-        "metadata": metadata,
-        "predictions": predictions,
+        "metadata": None if withheld is None else withheld_report(encoding.known(encoded), labels, withheld, **scoring),
+        "predictions": prediction_rows(frame, labels, probs, withheld),
     }
 
 

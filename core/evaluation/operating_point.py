@@ -3,11 +3,9 @@
     lesionlab operating-point --checkpoint checkpoints/reference.pt --data ../shared/data/ham10000-200x150
 
 The trainer and ``core.training.ensembles`` choose it when they finish (on one view of each image); this command is for
-model
-files made before they did, or for another sensitivity, and by default looks at the validation images as Diagnose
+model files made before they did, or for another sensitivity, and by default looks at the validation images as Diagnose
 does, with test-time augmentation. Diagnose's "refer" cue, Batch, the report and ``core.evaluation.evaluate`` then use
-the
-recorded threshold. The test split is never looked at.
+the recorded threshold. The test split is never looked at.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """The robustness report: a checkpoint or an ensemble evaluated on one split as it is ("clean") and under each
 acquisition shift of :mod:`core.data.shifts`, with balanced accuracy, melanoma AUC and ECE, and each one's drop from
-clean
-with a paired bootstrap interval (the same resampled images under both conditions).
+clean with a paired bootstrap interval (the same resampled images under both conditions).
 
 Each shift is applied to the decoded image file, before the fitting every upload gets
 (:func:`core.data.images.fit_to_source`), so the report measures what the predictor does with such an upload: its
 own probabilities (an ensemble's members each with their own preprocessing and temperature), with the predictor's
-default test-time augmentation unless told otherwise. ``lesionlab evaluate --checkpoint CKPT --data DIR
---shifts`` prints it and saves it in the model's run folder (``robustness.json``,
-:func:`core.common.runs.write_robustness`),
+default test-time augmentation unless told otherwise. ``lesionlab evaluate --checkpoint CKPT --data DIR --shifts``
+prints it and saves it in the model's run folder (``robustness.json``, :func:`core.common.runs.write_robustness`),
 where the Evaluate page and the model card read it.
 """
 
@@ -28,10 +26,9 @@ from core.data.images import FIT_RULE, fit_to_source, open_image
 from core.data.preprocessing import Preprocessing
 from core.data.shifts import DESCRIPTIONS, SHIFTS, Shift
 from core.evaluation.evaluate import EvaluationError, split_images
-from core.inference.ensemble import EnsemblePredictor, combine
-from core.inference.forward import bounded_batch_size, check_probabilities, predict_probs, tta_description
+from core.inference.forward import bounded_batch_size, tta_description
 from core.inference.opening import open_predictor
-from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
+from core.inference.predictor import USE_TTA_BY_DEFAULT, BatchesFor, ModelView
 from core.metrics.bootstrap import paired_bootstrap_ci
 from core.metrics.calibration import expected_calibration_error
 from core.metrics.classification import balanced_accuracy, compute_metrics, melanoma_auc
@@ -92,58 +89,48 @@ def _drops(labels: np.ndarray, clean: np.ndarray, shifted: np.ndarray, bootstrap
     return drops
 
 
-def _condition_probs(
-    predictor: Predictor,
+def shifted_batches(
     paths: Sequence[str],
     labels: Sequence[int],
     shift: Shift | None,
     fit_rule: str,
     *,
-    tta: bool,
     batch_size: int,
     num_workers: int,
-    progress: Callable[[int], None] | None,
-    metadata: torch.Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The predictor's calibrated probabilities (n, classes) and the labels (n,) of the images after ``shift``, as
-    :func:`core.evaluation.evaluate.evaluate_checkpoint` computes them on clean images: one checkpoint's network with
-    its
-    temperature, or an ensemble's members each with its own preprocessing and temperature, combined with the
-    ensemble's (:func:`core.inference.ensemble.combine`). ``progress`` hears the images done by every pass (one per
-    member)."""
-    if isinstance(predictor, EnsemblePredictor):
-        done = 0
+    tta: bool,
+) -> BatchesFor:
+    """The batches of the images after ``shift``, for any model (a checkpoint or one member of an ensemble),
+    each read with that model's own preprocessing as :meth:`Predictor.split_probabilities` asks."""
 
-        def counted(_name: str, loader: torch.utils.data.DataLoader):
-            nonlocal done
-            for inputs, batch_labels in loader:
-                yield inputs, batch_labels
-                done += len(batch_labels)
-                if progress is not None:
-                    progress(done)
+    def batches_for(model: ModelView) -> torch.utils.data.DataLoader:
+        dataset = ShiftedImages(paths, labels, shift, model.prep, model.transform, fit_rule)
+        size = bounded_batch_size(batch_size, model.prep.input_size, tta)
+        return torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=num_workers)
 
-        member_probs, labels_out = predictor.dataset_probabilities(
-            lambda m: ShiftedImages(paths, labels, shift, m.prep, m.transform, fit_rule),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            tta=tta,
-            progress=counted,
-        )
-        probs = combine(member_probs, predictor.temperature)
-    else:
-        dataset = ShiftedImages(paths, labels, shift, predictor.prep, predictor.transform, fit_rule)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-        probs, labels_out = predict_probs(
-            predictor.model,
-            loader,
-            predictor.device,
-            temperature=predictor.temperature,
-            tta=tta,
-            progress=progress,
-            metadata=metadata,
-        )
-    check_probabilities(probs)
-    return probs, labels_out
+    return batches_for
+
+
+def known_shifts(shifts: Sequence[str] | None) -> list[str]:
+    """``shifts`` (default: all of them), or an :class:`EvaluationError` naming the unknown ones."""
+    names = list(SHIFTS if shifts is None else shifts)
+    unknown = [n for n in names if n not in SHIFTS]
+    if unknown:
+        raise EvaluationError(f"unknown shift {', '.join(unknown)}; choose from {', '.join(SHIFTS)}")
+    return names
+
+
+def condition_rows(labels: np.ndarray, probs: dict[str, np.ndarray], *, mel_threshold: float, bootstrap: int) -> list:
+    """The report's rows, clean first: each condition's headline metrics, its drop from clean with a paired
+    bootstrap interval, and every metric at the model's operating point."""
+    rows = []
+    for name, shifted in probs.items():
+        row = {"name": name, "description": DESCRIPTIONS[name]}
+        row.update({metric: fn(labels, shifted) for metric, fn in METRICS.items()})
+        if name != CLEAN:
+            row["drop"] = _drops(labels, probs[CLEAN], shifted, bootstrap)
+        row["metrics"] = compute_metrics(labels, shifted, mel_threshold=mel_threshold)
+        rows.append(row)
+    return rows
 
 
 def evaluate_shifts(
@@ -167,13 +154,9 @@ def evaluate_shifts(
     """The robustness report of ``checkpoint`` (a checkpoint or an ensemble file) on ``split`` of ``data`` under
     ``shifts`` (names in :data:`core.data.shifts.SHIFTS`; default all), as a JSON-ready dict; ``progress`` hears the
     images done. The probabilities are the predictor's own, as :func:`core.evaluation.evaluate.evaluate_checkpoint`
-    computes
-    them, with test-time augmentation by default as the predictor uses it (``tta``). ``max_images``: a random
+    computes them, with test-time augmentation by default as the predictor uses it (``tta``). ``max_images``: a random
     sample (seed 0) of at most that many of the split's images, for a quicker look."""
-    names = list(SHIFTS if shifts is None else shifts)
-    unknown = [n for n in names if n not in SHIFTS]
-    if unknown:
-        raise EvaluationError(f"unknown shift {', '.join(unknown)}; choose from {', '.join(SHIFTS)}")
+    names = known_shifts(shifts)
     predictor = open_predictor(checkpoint, device=device)
     mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
     _, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
@@ -182,39 +165,27 @@ def evaluate_shifts(
         described["sampled_from"] = len(frame)
         frame = frame.sample(n=max_images, random_state=0).reset_index(drop=True)
         described["n_images"] = len(frame)
-    batch_size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
     conditions = [CLEAN, *names]
-    passes = len(predictor.members) if isinstance(predictor, EnsemblePredictor) else 1  # a pass per member
-    total, started = len(frame) * len(conditions) * passes, time.time()
+    total, started = len(frame) * len(conditions) * predictor.passes, time.time()
     probs: dict[str, np.ndarray] = {}
     # A model that takes age, sex and body site gets them, as core.evaluation.evaluate gives them: shifts change the
     # image only.
-    encoding = None if isinstance(predictor, EnsemblePredictor) else predictor.metadata_encoding
+    encoding = predictor.metadata_encoding
     encoded = None if encoding is None else torch.from_numpy(encoding.encode_frame(frame))
     for k, name in enumerate(conditions):
-        base = k * len(frame) * passes
+        base = k * len(frame) * predictor.passes
         hear = (lambda done, base=base: progress(base + done, total)) if progress else None
-        probs[name], labels = _condition_probs(
-            predictor,
+        batches = shifted_batches(
             frame["path"].tolist(),
             frame["label"].tolist(),
             SHIFTS.get(name),
             fit_rule,
-            tta=tta,
             batch_size=batch_size,
             num_workers=num_workers,
-            progress=hear,
-            metadata=encoded,
+            tta=tta,
         )
+        probs[name], labels = predictor.split_probabilities(batches, tta=tta, metadata=encoded, progress=hear)
     seconds = time.time() - started
-    rows = []
-    for name in conditions:
-        row = {"name": name, "description": DESCRIPTIONS[name]}
-        row.update({metric: fn(labels, probs[name]) for metric, fn in METRICS.items()})
-        if name != CLEAN:
-            row["drop"] = _drops(labels, probs[CLEAN], probs[name], bootstrap)
-        row["metrics"] = compute_metrics(labels, probs[name], mel_threshold=mel_threshold)
-        rows.append(row)
     return {
         "checkpoint": str(checkpoint),
         "arch": predictor.arch,
@@ -226,7 +197,7 @@ def evaluate_shifts(
         "bootstrap": bootstrap,
         "seconds": seconds,
         "images_per_s": len(frame) * len(conditions) / seconds if seconds > 0 else None,
-        "conditions": rows,
+        "conditions": condition_rows(labels, probs, mel_threshold=mel_threshold, bootstrap=bootstrap),
     }
 
 

@@ -1,6 +1,5 @@
-"""Batch prediction: many files, a folder or .zip archives through one :class:`~core.inference.predictor.Predictor`,
-one row
-per file. The Batch page and ``lesionlab predict CKPT DIR_OR_ZIP --csv OUT`` both run :func:`predict_files`.
+"""Batch prediction: many files, a folder or .zip archives through one :class:`~core.inference.predictor.Predictor`, one
+row per file. The Batch page and ``lesionlab predict CKPT DIR_OR_ZIP --csv OUT`` both run :func:`predict_files`.
 
 A file that cannot be used (not an image, damaged, too large, an unsafe name in an archive) gets a row with its
 error and the batch goes on. What a folder or an archive may hold is bounded before anything is decoded:

@@ -43,12 +43,11 @@ from PIL import Image
 
 from core.common.labels import NUM_CLASSES, class_index
 from core.common.runtime import tune_allocator
-from core.data.dataset import LesionDataset
 from core.data.preprocessing import Preprocessing, eval_transform
 from core.inference.explain import gradcam
-from core.inference.forward import bounded_batch_size, check_probabilities, class_probabilities, predict_probs
+from core.inference.forward import check_probabilities, class_probabilities, predict_probs
 from core.inference.prediction import MemberVotes, Prediction
-from core.inference.predictor import Predictor, melanoma_threshold
+from core.inference.predictor import BatchesFor, Predictor, frame_batches, melanoma_threshold
 from core.inference.unfamiliar import load_detector
 from core.metrics.calibration import fit_temperature, softmax
 from core.models.architectures import LesionNet
@@ -194,6 +193,26 @@ class EnsemblePredictor(Predictor):
         """The mean of the members' maps (:meth:`explain_members`), at the size of ``prediction.image``."""
         return np.mean(self.explain_members(prediction, method, target), axis=0).clip(0.0, 1.0).astype(np.float32)
 
+    @property
+    def passes(self) -> int:
+        return len(self.members)
+
+    def split_probabilities(
+        self,
+        batches_for: BatchesFor,
+        *,
+        tta: bool = False,
+        metadata: torch.Tensor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`Predictor.split_probabilities`: each member reads the split with its own preprocessing
+        (``batches_for(member)``) and temperature, and :func:`combine` makes one distribution with the ensemble's
+        temperature. ``metadata`` is not used (members take the image alone); ``progress`` counts every pass."""
+        member_probs, labels = self.member_probabilities(batches_for, tta=tta, progress=progress)
+        probs = combine(member_probs, self.temperature)
+        check_probabilities(probs)
+        return probs, labels
+
     def frame_probabilities(
         self,
         frame: pd.DataFrame,
@@ -201,43 +220,25 @@ class EnsemblePredictor(Predictor):
         batch_size: int = 64,
         num_workers: int = 0,
         tta: bool = False,
-        progress: Callable[[str, torch.utils.data.DataLoader], object] | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Every member's calibrated probabilities (K, n, classes) over the images of ``frame`` (a dataset index's
-        rows) with its own preprocessing, and their labels (n,). ``progress(member name, loader)`` may wrap each
-        member's loader to report it."""
-        return self.dataset_probabilities(
-            lambda m: LesionDataset.from_frame(frame, m.transform, m.prep),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            tta=tta,
-            progress=progress,
-        )
+        rows) with its own preprocessing, and their labels (n,): what the ensemble's temperature is fitted on."""
+        batches = frame_batches(frame, batch_size, num_workers, tta)
+        return self.member_probabilities(batches, tta=tta, progress=progress)
 
-    def dataset_probabilities(
-        self,
-        dataset_for: Callable[[Member], torch.utils.data.Dataset],
-        *,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        tta: bool = False,
-        progress: Callable[[str, torch.utils.data.DataLoader], object] | None = None,
+    def member_probabilities(
+        self, batches_for: BatchesFor, *, tta: bool = False, progress: Callable[[int], None] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`frame_probabilities`, over the (image, label) dataset ``dataset_for(member)`` makes with that
-        member's preprocessing (``member.prep``, ``member.transform``): the same images, in the same order, for
-        every member."""
-        outputs, labels = [], None
+        """Each member's calibrated probabilities (K, n, classes) of the batches ``batches_for(member)`` builds
+        with that member's preprocessing: the same images, in the same order, for every member. ``progress(done)``
+        counts the images of every member's pass, one after another."""
+        outputs, labels, before = [], None, 0
         for m in self.members:
-            dataset = dataset_for(m)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=bounded_batch_size(batch_size, m.prep.input_size, tta), num_workers=num_workers
-            )
+            hear = (lambda done, before=before: progress(before + done)) if progress else None
             probs, labels = predict_probs(
-                m.model,
-                progress(m.name, loader) if progress else loader,
-                self.device,
-                temperature=m.temperature,
-                tta=tta,
+                m.model, batches_for(m), self.device, temperature=m.temperature, tta=tta, progress=hear
             )
             outputs.append(probs.astype(np.float64))
+            before += len(labels)
         return np.stack(outputs), labels

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -75,34 +76,16 @@ def compute_features(
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
     if decoded is not None:
-        unusable = set(decoded.damaged).intersection(paths)
-        usable = [p for p in paths if p not in unusable]
-        loader = eval_batches(decoded, usable, [0] * len(usable), prep, batch_size, device, channels_last=False)
-        # How many of ``paths`` each batch completes: its images and the damaged ones before the next batch's.
-        position = {p: i for i, p in enumerate(paths)}
-        ends = [position[usable[end - 1]] + 1 for end in range(batch_size, len(usable), batch_size)]
-        ends.append(len(paths))
-
-        def damaged_paths() -> list[str]:
-            return [p for p in paths[:done] if p in unusable]
+        images = _decoded_pass(decoded, paths, prep, batch_size, device)
     else:
-        dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep, skip_damaged=True)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            collate_fn=dataset.collate,
-        )
-        ends = [min(end, len(paths)) for end in range(batch_size, len(paths) + batch_size, batch_size)]
-        damaged_paths = dataset.damaged_paths
+        images = _file_pass(paths, prep, batch_size, num_workers, device)
     out, done = [], 0
-    for (images, _), done in zip(loader, ends, strict=False):
-        images = images.to(device, non_blocking=True)
+    for (batch, _), done in zip(images.batches, images.ends, strict=False):
+        batch = batch.to(device, non_blocking=True)
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = backbone(images)
+            feats = backbone(batch)
         out.append(feats.float().cpu())
         if progress:
             progress(done, len(paths))
@@ -110,7 +93,48 @@ def compute_features(
             break
     else:
         done = len(paths)  # also when every image was damaged: no batch at all
-    return (torch.cat(out) if out else torch.empty(0)), damaged_paths()
+    return (torch.cat(out) if out else torch.empty(0)), images.damaged(done)
+
+
+class _Pass(NamedTuple):
+    """One pass of :func:`compute_features` over ``paths``, from the decoded-image cache or from the files. The
+    two meet damaged images differently, so each says how far a batch goes and which images it set aside."""
+
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]  # (images, placeholder labels)
+    ends: list[int]  # after batch k, the first ends[k] of the paths are done, damaged ones included
+    damaged: Callable[[int], list[str]]  # the damaged images among the first ``done`` paths
+
+
+def _decoded_pass(
+    decoded: DecodedImages, paths: Sequence[str], prep: Preprocessing, batch_size: int, device: torch.device
+) -> _Pass:
+    """The cache knows its damaged images before the pass: they are left out of the batches, so a batch ends
+    further along ``paths`` than its size."""
+    unusable = set(decoded.damaged).intersection(paths)
+    usable = [p for p in paths if p not in unusable]
+    batches = eval_batches(decoded, usable, [0] * len(usable), prep, batch_size, device, channels_last=False)
+    # How many of ``paths`` each batch completes: its images and the damaged ones before the next batch's.
+    position = {p: i for i, p in enumerate(paths)}
+    ends = [position[usable[end - 1]] + 1 for end in range(batch_size, len(usable), batch_size)]
+    ends.append(len(paths))
+    return _Pass(batches, ends, lambda done: [p for p in paths[:done] if p in unusable])
+
+
+def _file_pass(
+    paths: Sequence[str], prep: Preprocessing, batch_size: int, num_workers: int, device: torch.device
+) -> _Pass:
+    """Decoding the files meets damaged images only as it reads them: each batch covers its ``batch_size`` paths
+    (the collate function leaves the damaged ones out), and the dataset remembers those it met."""
+    dataset = LesionDataset(paths, [0] * len(paths), eval_transform(prep), prep, skip_damaged=True)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=dataset.collate,
+    )
+    ends = [min(end, len(paths)) for end in range(batch_size, len(paths) + batch_size, batch_size)]
+    return _Pass(loader, ends, lambda done: dataset.damaged_paths())
 
 
 class FeatureCache:

@@ -8,23 +8,27 @@ transform) and applies the checkpoint's fitted temperature.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
 from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.common.runtime import tune_allocator
+from core.data.dataset import LesionDataset
 from core.data.images import ImageSource
 from core.data.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.inference.explain import feature_maps, gradcam
 from core.inference.forward import (
+    bounded_batch_size,
     check_probabilities,
     class_probabilities,
+    predict_probs,
     tta_description,
     view_count,
 )
@@ -41,19 +45,14 @@ DISCLAIMER = "For research and education only; not a medical diagnosis."
 
 # The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
 # records its own ``mel_threshold`` (chosen on its validation split for core.metrics.classification.MEL_SENSITIVITY).
-# It is the
-# threshold core.evaluation.evaluate reports sensitivity and specificity at.
+# It is the threshold core.evaluation.evaluate reports sensitivity and specificity at.
 DEFAULT_MEL_THRESHOLD = 0.5
 
 
-# Test-time augmentation (core.inference.forward: the four flips at each zoom of TTA_SCALES), measured with
-# core.evaluation.evaluate
-# on the reference model (checkpoints/reference.pt) and the validation split of HAM10000 (1519 images): flips
-# raised balanced accuracy 0.745 -> 0.749 and melanoma sensitivity at P(mel) >= 0.5 0.591 -> 0.632 at specificity
-# 0.944 -> 0.947, and lowered ECE 0.053 -> 0.046. Better on every count, so it is on by default on Diagnose, on
-# Batch, in core.evaluation.evaluate and in core.inference.predictor. Zooms (bench/tta.py) are not in TTA_SCALES until
-# a full validation
-# run shows they help: see docs/BENCHMARKS.md.
+# Test-time augmentation (core.inference.forward: the four flips at each zoom of TTA_SCALES) is on by default on
+# Diagnose, on Batch, in `lesionlab evaluate` and in Predictor: on the reference model's validation split the flips
+# helped on every count measured (balanced accuracy, melanoma sensitivity and specificity, ECE; bench/tta.py, figures
+# in docs/BENCHMARKS.md). Zooms are not in TTA_SCALES until a full validation run shows they help.
 USE_TTA_BY_DEFAULT = True
 
 
@@ -70,6 +69,29 @@ def melanoma_threshold(checkpoint: dict) -> float:
     """The melanoma operating point of a loaded checkpoint dict."""
     value = checkpoint.get("mel_threshold")
     return DEFAULT_MEL_THRESHOLD if value is None else float(value)
+
+
+class ModelView(Protocol):
+    """What a batch builder needs of a model: its preprocessing (a Predictor, or one member of an ensemble)."""
+
+    prep: Preprocessing
+    transform: Callable
+
+
+# Builds the batches of a split for one model, with that model's preprocessing.
+BatchesFor = Callable[[ModelView], Iterable]
+
+
+def frame_batches(frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0, tta: bool = False) -> BatchesFor:
+    """The batches of ``frame``'s image files (a dataset index's rows) for any model: each model reads them with
+    its own preprocessing, as many images a batch as its input size allows (:func:`bounded_batch_size`)."""
+
+    def batches_for(model: ModelView) -> torch.utils.data.DataLoader:
+        dataset = LesionDataset.from_frame(frame, model.transform, model.prep)
+        size = bounded_batch_size(batch_size, model.prep.input_size, tta)
+        return torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=num_workers)
+
+    return batches_for
 
 
 class Predictor:
@@ -98,6 +120,35 @@ class Predictor:
     @property
     def arch(self) -> str:
         return self.model.arch
+
+    # How many times split_probabilities reads each image: once here, once per member in an ensemble (for
+    # progress totals).
+    passes = 1
+
+    def split_probabilities(
+        self,
+        batches_for: BatchesFor,
+        *,
+        tta: bool = False,
+        metadata: torch.Tensor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (n, classes) and labels (n,) of a whole split: the (images, labels) batches
+        that ``batches_for(self)`` builds with this model's preprocessing (``.prep``, ``.transform``).
+        ``metadata``: one encoded row per image, for a model that takes age, sex and site. ``progress(done)``
+        hears the images done. An ensemble overrides this one method, so evaluation and the robustness report
+        treat both alike."""
+        probs, labels = predict_probs(
+            self.model,
+            batches_for(self),
+            self.device,
+            temperature=self.temperature,
+            tta=tta,
+            progress=progress,
+            metadata=metadata,
+        )
+        check_probabilities(probs)
+        return probs, labels
 
     @property
     def metadata_encoding(self) -> MetadataEncoding | None:

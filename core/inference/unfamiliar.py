@@ -9,8 +9,7 @@ images (``tests/data/unfamiliar``) and saves it beside the checkpoint (``NAME.un
 
 With a detector the score alone decides: on the reference model the colour heuristic of
 :func:`core.inference.unfamiliar.dermoscopy_check` flags 1.6 % of test dermoscopy by itself and adds few detections, so
-"either
-one" would double the false alarms past the 2 % target (docs/BENCHMARKS.md). Its findings (grey, white, not
+"either one" would double the false alarms past the 2 % target (docs/BENCHMARKS.md). Its findings (grey, white, not
 reddish) still describe a flagged image in words. Without a detector the colour heuristic is all there is.
 """
 

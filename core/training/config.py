@@ -13,6 +13,7 @@ from core.data.preprocessing import (
     Preprocessing,
     check_size,
 )
+from core.data.splits import DEFAULT_FRACTIONS, DEFAULT_SEED, check_fractions
 from core.models.architectures import ARCHITECTURES, FINETUNE_POLICIES, HEADS
 from core.training import imbalance
 
@@ -23,6 +24,14 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 INPUT_PIPELINES = ("decoded", "jpeg")
+
+
+# Why a network that trains on images cannot take metadata from the JPEG pipeline: its batches carry none.
+METADATA_NEEDS_DECODED = (
+    "metadata fusion reaches a network that trains on images only through the decoded-image cache "
+    "(--input-pipeline decoded, which needs room on the disk for it), or trains the head on cached features "
+    "(--finetune head)"
+)
 
 
 def setting(default: Any, help: str, **cli: Any) -> Any:
@@ -78,11 +87,11 @@ class TrainConfig:
         choices=AUGMENTATIONS,
     )
     split_fractions: tuple[float, float, float] = setting(
-        (0.7, 0.15, 0.15),
+        DEFAULT_FRACTIONS,
         "fractions of the lesions in the train, validation and test splits",
         metavar=("TRAIN", "VAL", "TEST"),
     )
-    split_seed: int = setting(0, "seed of the lesion-grouped split")
+    split_seed: int = setting(DEFAULT_SEED, "seed of the lesion-grouped split")
     seed: int = setting(0, "seed of initialisation, batch order and resampling")
     feature_cache: bool = setting(
         True,
@@ -115,8 +124,8 @@ class TrainConfig:
     )
     metadata: bool = setting(
         False,
-        "the head also takes age, sex and body site (core/metadata.py): on cached features (--finetune head) or, "
-        "for fine-tuning, through the decoded-image cache",
+        "the head also takes age, sex and body site (core/models/metadata.py): on cached features "
+        "(--finetune head) or, for fine-tuning, through the decoded-image cache",
     )
     metadata_dropout: float = setting(
         0.3, "with --metadata: the probability that each field of a training row is withheld (set to unknown)"
@@ -124,7 +133,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.input_size = tuple(self.input_size)
-        self.split_fractions = tuple(self.split_fractions)
+        # Every check of a config is here, so the CLI, a job started from the app and a config file are refused
+        # alike, before anything runs (checks against this machine, such as a compiler, are the trainer's).
+        self.split_fractions = check_fractions(self.split_fractions)
         if self.source_size is not None:
             self.source_size = tuple(self.source_size)
         for f in fields(self):
@@ -141,6 +152,8 @@ class TrainConfig:
         check_size("input_size", self.input_size)
         if self.source_size is not None:
             check_size("source_size", self.source_size)
+        if self.metadata and not self.uses_feature_cache and self.input_pipeline != "decoded":
+            raise ValueError(METADATA_NEEDS_DECODED)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -202,20 +215,7 @@ PRESETS["onecycle"] = replace(
 )
 
 
-METADATA_NEEDS_DECODED = (
-    "metadata fusion reaches a network that trains on images only through the decoded-image cache "
-    "(--input-pipeline decoded, which needs room on the disk for it), or trains the head on cached features "
-    "(--finetune head)"
-)
-
-
-def check_metadata(cfg: TrainConfig) -> None:
-    """Refuse, before a run folder exists, metadata with the JPEG input pipeline: its batches carry no metadata."""
-    if cfg.metadata and not cfg.uses_feature_cache and cfg.input_pipeline != "decoded":
-        raise ValueError(METADATA_NEEDS_DECODED)
-
-
-def config_with(base: str | TrainConfig = "seed", **overrides) -> TrainConfig:
+def config_with(base: str | TrainConfig = "seed", **overrides: Any) -> TrainConfig:
     """A preset (by name) or config with some fields replaced, validated."""
     cfg = PRESETS[base] if isinstance(base, str) else base
     return TrainConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from core.common.runs import (
@@ -93,19 +94,10 @@ def build_ensemble(
     """Combine the finished runs ``member_runs`` into the ensemble run ``run_dir`` and return it: its ``best.pt``
     (the ensemble file, with the temperature fitted on the validation split), ``config.json``, ``split.csv`` and
     the test evaluation (with each member's own numbers on the same images). ``data`` overrides the members'
-    dataset folder (see :func:`ensemble_config`)."""
-    member_runs = [Path(r) for r in member_runs]
-    run_dir = Path(run_dir)
-    check_run_name(run_dir.name)
-    if not 2 <= len(member_runs) <= MAX_MEMBERS:
-        raise ValueError(f"an ensemble has 2 to {MAX_MEMBERS} members; got {len(member_runs)}")
-    if (run_dir / "best.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a model; choose another name")
-    members = []
-    for run in member_runs:
-        if not (run / "best.pt").is_file():
-            raise CheckpointError(f"run {run} has no best.pt: only a finished run can be a member")
-        members.append(read_checkpoint(run / "best.pt"))
+    dataset folder (see :func:`ensemble_config`). Everything that can be refused is refused before the run
+    folder exists; a failure after that is recorded in the folder, as a training run records its own."""
+    member_runs, run_dir = [Path(r) for r in member_runs], Path(run_dir)
+    members = read_members(member_runs, run_dir)
     config = ensemble_config(run_dir.name, member_runs, members, data)
     index = index_dataset(config["data"])
     split = ensemble_split(member_runs)
@@ -127,42 +119,14 @@ def build_ensemble(
         )
         log.status("running")
         names = [r.name for r in member_runs]
+        # Written uncalibrated first: the members are read back through it, each with its own preprocessing.
         atomic_save(ensemble_dict(members, names, config=config), run_dir / "best.pt")
-        predictor = EnsemblePredictor(run_dir / "best.pt", device=device)
-        total, started, done = sum(len(f) for f in frames.values()) * len(members), time.time(), [0]
-
-        def progress(name: str, loader):
-            for inputs, labels in loader:
-                yield inputs, labels
-                done[0] += len(labels)
-                log.phase("evaluate", done[0], total, started)
-
-        member_probs = {
-            s: predictor.frame_probabilities(f, batch_size=batch_size, num_workers=num_workers, progress=progress)
-            for s, f in frames.items()
-        }
-        (val_probs, val_labels), (test_probs, test_labels) = member_probs["val"], member_probs["test"]
-        temperature = fit_ensemble_temperature(val_labels, val_probs)
-        probs, calibrated_val = combine(test_probs, temperature), combine(val_probs, temperature)
-        operating = operating_point_fields(val_labels, calibrated_val)
-        evaluation = {
-            "temperature": temperature,
-            **operating,
-            "test": compute_metrics(test_labels, probs, **operating),
-            "test_uncalibrated": compute_metrics(test_labels, combine(test_probs, 1.0), **operating),
-            "val": compute_metrics(val_labels, calibrated_val, **operating),
-            "members": [
-                {
-                    "run": name,
-                    "val": compute_metrics(val_labels, val_probs[k]),
-                    "test": compute_metrics(test_labels, test_probs[k]),
-                }
-                for k, name in enumerate(names)
-            ],
-        }
-        payload = ensemble_dict(members, names, temperature=temperature, config=config, **operating)
-        atomic_save(payload, run_dir / "best.pt")
-        write_evaluation(run_dir, evaluation, frames["test"], probs, mean_log_probs(test_probs))
+        probs = member_probabilities(run_dir / "best.pt", frames, log, device, batch_size, num_workers)
+        evaluation, calibration = ensemble_evaluation(names, probs)
+        atomic_save(ensemble_dict(members, names, config=config, **calibration), run_dir / "best.pt")
+        test_probs = probs["test"][0]
+        calibrated = combine(test_probs, calibration["temperature"])
+        write_evaluation(run_dir, evaluation, frames["test"], calibrated, mean_log_probs(test_probs))
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
         log.event("end", status="failed", error=message)
@@ -171,6 +135,74 @@ def build_ensemble(
     log.event("end", status="finished")
     log.status("finished")
     return run_dir
+
+
+def read_members(member_runs: Sequence[Path], run_dir: Path) -> list[dict]:
+    """The members' ``best.pt`` checkpoints, once the ensemble's name, its number of members and their runs are
+    checked: only a finished run has a ``best.pt``, and an existing ensemble is never overwritten."""
+    check_run_name(run_dir.name)
+    if not 2 <= len(member_runs) <= MAX_MEMBERS:
+        raise ValueError(f"an ensemble has 2 to {MAX_MEMBERS} members; got {len(member_runs)}")
+    if (run_dir / "best.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a model; choose another name")
+    members = []
+    for run in member_runs:
+        if not (run / "best.pt").is_file():
+            raise CheckpointError(f"run {run} has no best.pt: only a finished run can be a member")
+        members.append(read_checkpoint(run / "best.pt"))
+    return members
+
+
+def member_probabilities(
+    ensemble_file: Path,
+    frames: dict[str, pd.DataFrame],
+    log: RunLog,
+    device: str,
+    batch_size: int,
+    num_workers: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each split of ``frames``: every member's calibrated probabilities (K, n, classes) and the labels,
+    through the ensemble file, so that each member reads the images with its own preprocessing. The passes over
+    both splits are one "evaluate" phase in ``log``."""
+    predictor = EnsemblePredictor(ensemble_file, device=device)
+    total, started, done = sum(len(f) for f in frames.values()) * predictor.passes, time.time(), 0
+    probs = {}
+    for split, frame in frames.items():
+
+        def progress(images: int, before: int = done) -> None:
+            log.phase("evaluate", before + images, total, started)
+
+        probs[split] = predictor.frame_probabilities(
+            frame, batch_size=batch_size, num_workers=num_workers, progress=progress
+        )
+        done += len(frame) * predictor.passes
+    return probs
+
+
+def ensemble_evaluation(names: Sequence[str], probs: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict, dict]:
+    """The evaluation (``evaluation.json``) of the ensemble and of each member on the same images, from
+    :func:`member_probabilities`; and the ensemble's calibration, which its file keeps: the temperature fitted on
+    the validation split and the operating point chosen there."""
+    (val_probs, val_labels), (test_probs, test_labels) = probs["val"], probs["test"]
+    temperature = fit_ensemble_temperature(val_labels, val_probs)
+    calibrated_test, calibrated_val = combine(test_probs, temperature), combine(val_probs, temperature)
+    operating = operating_point_fields(val_labels, calibrated_val)
+    evaluation = {
+        "temperature": temperature,
+        **operating,
+        "test": compute_metrics(test_labels, calibrated_test, **operating),
+        "test_uncalibrated": compute_metrics(test_labels, combine(test_probs, 1.0), **operating),
+        "val": compute_metrics(val_labels, calibrated_val, **operating),
+        "members": [
+            {
+                "run": name,
+                "val": compute_metrics(val_labels, val_probs[k]),
+                "test": compute_metrics(test_labels, test_probs[k]),
+            }
+            for k, name in enumerate(names)
+        ],
+    }
+    return evaluation, {"temperature": temperature, **operating}
 
 
 def summary(run_dir: Path) -> str:

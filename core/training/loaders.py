@@ -1,30 +1,33 @@
-"""The data a run trains on: the lesion-grouped split checked, and the batches of each input pipeline."""
+"""The data a run trains on: the lesion-grouped split, checked, and the batches of each input pipeline.
+
+:func:`build_loaders` picks one builder per input pipeline: :func:`head_on_cached_features` (a frozen backbone's
+features, computed once), :func:`network_on_decoded_images` (the decoded-image cache, augmented on the device) and
+:func:`network_on_jpeg_files` (PIL in DataLoader workers). All three draw the training batches in one order
+(:func:`training_draw`) and leave the images they cannot decode out of their batches.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 
 from core.common.labels import CLASSES
-from core.common.runs import (
-    RunLog,
-)
+from core.common.runs import RunLog
 from core.common.runtime import default_workers
 from core.data.augment import DeviceBatches, batch_transform
 from core.data.dataset import DatasetError, DatasetIndex, LesionDataset, index_dataset
 from core.data.decoded import CacheUnavailable, DecodedImages, open_decoded
-from core.data.preprocessing import (
-    eval_transform,
-    train_transform,
-)
+from core.data.preprocessing import eval_transform, train_transform
 from core.data.splits import SPLITS, split_by_lesion
 from core.inference.features import FeatureBatches, FeatureCache, backbone_key
 from core.models.architectures import LesionNet
@@ -32,7 +35,9 @@ from core.training import distributed, imbalance
 from core.training.config import METADATA_NEEDS_DECODED, TrainConfig
 
 
-def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generator) -> torch.utils.data.Sampler | None:
+def make_sampler(cfg: TrainConfig, labels: np.ndarray, generator: torch.Generator) -> Sampler | None:
+    """The imbalance strategy's training sampler (None: a plain shuffle), drawing from ``generator`` so that the
+    per-epoch seed fixes the order."""
     return imbalance.get(cfg.imbalance).sampler(labels, generator)
 
 
@@ -171,7 +176,62 @@ class SharedInputs:
         return cache
 
 
-def _loaders(
+EVAL_SPLITS = ("val", "test")
+
+# What each input pipeline yields: (inputs, labels) or (inputs, labels, encoded metadata) batches, with a length.
+Batches = FeatureBatches | DeviceBatches | torch.utils.data.DataLoader
+
+
+class RunLoaders(NamedTuple):
+    """What :func:`build_loaders` hands the training loop. A named tuple, so it also unpacks in this order."""
+
+    module: nn.Module  # what trains: the whole network, or its head alone on cached features
+    train: Batches
+    evaluation: dict[str, Batches]  # by split, "val" and "test"
+    damaged: list[str]  # images found undecodable while building the batches: they are in no split's batches
+
+
+@dataclass(frozen=True)
+class TrainingDraw:
+    """How the training batches are drawn: the sampler (or a shuffle) and the batch size of this process."""
+
+    batch_size: int
+    sampler: Sampler | None
+    generator: torch.Generator
+    drop_last: bool
+
+    def order(self) -> dict[str, Any]:
+        """The keyword arguments that make a DataLoader, or :class:`FeatureBatches` (which draws as one does),
+        draw this order."""
+        return {
+            "shuffle": self.sampler is None,
+            "sampler": self.sampler,
+            "generator": self.generator,
+            "drop_last": self.drop_last,
+        }
+
+
+def training_draw(cfg: TrainConfig, train_rows: pd.DataFrame, generator: torch.Generator) -> TrainingDraw:
+    """One draw for every pipeline, so that a seed picks the same images whichever pipeline reads them. Under
+    torchrun each process draws its own share of every batch (:func:`core.training.distributed.shard`)."""
+    sampler = make_sampler(cfg, train_rows["label"].to_numpy(), generator)
+    # A training split smaller than one batch still gets its one (short) batch.
+    drop_last = len(train_rows) > cfg.batch_size
+    sampler, batch_size = distributed.shard(sampler, len(train_rows), cfg.batch_size, generator, drop_last)
+    return TrainingDraw(batch_size, sampler, generator, drop_last)
+
+
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """At least 64: evaluation keeps no activations for a backward pass, so larger batches fit, and go faster."""
+    return max(cfg.batch_size, 64)
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """``cfg.num_workers``, or the number that suits ``device`` (:func:`core.common.runtime.default_workers`)."""
+    return cfg.num_workers if cfg.num_workers is not None else default_workers(device)
+
+
+def build_loaders(
     cfg: TrainConfig,
     model: LesionNet,
     frame: pd.DataFrame,
@@ -181,98 +241,145 @@ def _loaders(
     generator: torch.Generator,
     shared: SharedInputs,
     should_stop: Callable[[], bool],
-):
-    """Training and evaluation loaders, the module they feed (the head on cached features in head-only
-    mode, as batches sliced from the features in memory, on the device; the whole network otherwise), and
-    the images that computing the features found damaged: they have no features, so they are left out of
-    every split. With the decoded-image cache (``input_pipeline="decoded"``) batches come from it, augmented
-    on the device, and the images it could not decode are left out the same way. On the JPEG path the loaders'
-    datasets set damaged images aside as they meet them (see :class:`LesionDataset` and :func:`damaged_images`)."""
-    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
-    prep = cfg.preprocessing
-    eval_bs = max(cfg.batch_size, 64)
-    sampler = make_sampler(cfg, train_rows["label"].to_numpy(), generator)
-    drop_last = len(train_rows) > cfg.batch_size
-    sampler, batch_size = distributed.shard(sampler, len(train_rows), cfg.batch_size, generator, drop_last)
+) -> RunLoaders:
+    """The batches a run trains and is evaluated on, from the input pipeline its config asks for: cached
+    backbone features for a frozen backbone, else the decoded-image cache, else (not asked for, or no room on
+    the disk for it) the JPEG files. ``frame`` is the split dataset, ``train_rows`` its training rows after
+    resampling (:func:`prepare_data`); ``should_stop`` is asked while features are computed or images decoded,
+    which may end here with :class:`core.common.runs.StopRequested`."""
+    draw = training_draw(cfg, train_rows, generator)
     if cfg.uses_feature_cache:
-        paths = frame["path"].tolist()
-
-        started = time.time()
-        # Rank 0 computes (or loads) the features and hands them to the others: one writer of the cache. Its
-        # images come from the decoded-image cache with that pipeline (opened, or built, by rank 0 alone too).
-        feats, damaged = distributed.from_main(
-            lambda: shared.features(
-                cfg,
-                model.backbone,
-                paths,
-                device=device,
-                batch_size=eval_bs,
-                num_workers=workers,
-                progress=lambda done, total: log.phase("features", done, total, started),
-                should_stop=should_stop,
-                decoded=partial(shared.decoded, cfg, log, should_stop) if cfg.input_pipeline == "decoded" else None,
-            )
-        )
-        decoded = frame[~frame["path"].isin(damaged)]
-        if damaged:
-            check_splits(decoded)
-        row_of = {p: i for i, p in enumerate(decoded["path"])}
-        encoding = model.metadata_encoding
-        # A head that takes metadata trains on [features | encoded metadata] (core.models.metadata.MetadataHead).
-        inputs = feats if encoding is None else model.head.join(feats, encoding.encode_frame(decoded))
-
-        def batches(rows: pd.DataFrame, batch_size: int, **order) -> FeatureBatches:
-            rows = rows[~rows["path"].isin(damaged)]
-            idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
-            labels = torch.tensor(rows["label"].to_numpy())
-            return FeatureBatches(inputs[idx].to(device), labels.to(device), batch_size, **order)
-
-        train_loader = batches(
-            train_rows,
-            batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=generator,
-            drop_last=drop_last,
-        )
-        eval_loaders = {s: batches(frame[frame["split"] == s], eval_bs) for s in ("val", "test")}
-        return model.head, train_loader, eval_loaders, damaged
-    cache = None
-    if cfg.input_pipeline == "decoded":
-        # Rank 0 builds the cache (asking for a stop as it goes; from_main hands the stop to every rank) and the
-        # others open it once it is there: two processes writing one folder would spoil each other's files.
-        if distributed.from_main(lambda: shared.decoded(cfg, log, should_stop) is not None):
-            cache = shared.decoded(cfg, log)
+        return head_on_cached_features(cfg, model, frame, train_rows, draw, device, log, shared, should_stop)
+    cache = open_decoded_cache(cfg, log, shared, should_stop) if cfg.input_pipeline == "decoded" else None
     if cache is not None:
-        damaged = sorted(set(cache.damaged).intersection(frame["path"]))
-        if damaged:
-            check_splits(frame[~frame["path"].isin(damaged)])
+        return network_on_decoded_images(cfg, model, frame, train_rows, draw, device, cache)
+    return network_on_jpeg_files(cfg, model, frame, train_rows, draw, device)
 
-        encoding = model.metadata_encoding
 
-        def device_batches(rows: pd.DataFrame, batch_size: int, augmentation: str, **order) -> DeviceBatches:
-            usable = rows[~rows["path"].isin(damaged)]
-            cache_rows = torch.from_numpy(cache.rows(usable["path"].tolist()))
-            if encoding is not None:
-                order["metadata"] = torch.as_tensor(encoding.encode_frame(usable), dtype=torch.float32)
-            # The cache rows are drawn in batches as a DataLoader with the run's sampler would draw images.
-            batches = FeatureBatches(cache_rows, torch.tensor(usable["label"].to_numpy()), batch_size, **order)
-            transform = batch_transform(prep, augmentation, cache.size)
-            return DeviceBatches(cache, batches, transform, device, channels_last=cfg.channels_last)
+def head_on_cached_features(
+    cfg: TrainConfig,
+    model: LesionNet,
+    frame: pd.DataFrame,
+    train_rows: pd.DataFrame,
+    draw: TrainingDraw,
+    device: torch.device,
+    log: RunLog,
+    shared: SharedInputs,
+    should_stop: Callable[[], bool],
+) -> RunLoaders:
+    """Head-only training. A frozen backbone gives an image the same features every epoch, so they are computed
+    once (and kept on disk for later runs) and the head trains on batches sliced from them on the device: an
+    epoch then costs a few milliseconds, at the price of no augmentation. The images the backbone could not read
+    have no features, so they are left out of every split, which must still hold two classes."""
+    feats, damaged = backbone_features(cfg, model, frame, device, log, shared, should_stop)
+    usable = frame[~frame["path"].isin(damaged)]
+    if damaged:
+        check_splits(usable)
+    row_of = {p: i for i, p in enumerate(usable["path"])}
+    encoding = model.metadata_encoding
+    # A head that takes metadata trains on [features | encoded metadata] (core.models.metadata.MetadataHead).
+    inputs = feats if encoding is None else model.head.join(feats, encoding.encode_frame(usable))
 
-        train_loader = device_batches(
-            train_rows,
-            batch_size,
-            cfg.augmentation,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=generator,
-            drop_last=drop_last,
+    def batches(rows: pd.DataFrame, batch_size: int, **order: Any) -> FeatureBatches:
+        rows = rows[~rows["path"].isin(damaged)]
+        idx = torch.as_tensor([row_of[p] for p in rows["path"]], dtype=torch.long)
+        labels = torch.tensor(rows["label"].to_numpy())
+        return FeatureBatches(inputs[idx].to(device), labels.to(device), batch_size, **order)
+
+    train = batches(train_rows, draw.batch_size, **draw.order())
+    evaluation = {s: batches(frame[frame["split"] == s], eval_batch_size(cfg)) for s in EVAL_SPLITS}
+    return RunLoaders(model.head, train, evaluation, damaged)
+
+
+def backbone_features(
+    cfg: TrainConfig,
+    model: LesionNet,
+    frame: pd.DataFrame,
+    device: torch.device,
+    log: RunLog,
+    shared: SharedInputs,
+    should_stop: Callable[[], bool],
+) -> tuple[torch.Tensor, list[str]]:
+    """The features of ``frame``'s images, in order, and the images that could not be read. Rank 0 alone computes
+    (or loads) them and hands them to the others, so the feature cache has one writer; with the decoded pipeline
+    its images come from the decoded-image cache, which rank 0 alone opens (or builds) too."""
+    paths = frame["path"].tolist()
+    started = time.time()
+    return distributed.from_main(
+        lambda: shared.features(
+            cfg,
+            model.backbone,
+            paths,
+            device=device,
+            batch_size=eval_batch_size(cfg),
+            num_workers=loader_workers(cfg, device),
+            progress=lambda done, total: log.phase("features", done, total, started),
+            should_stop=should_stop,
+            decoded=partial(shared.decoded, cfg, log, should_stop) if cfg.input_pipeline == "decoded" else None,
         )
-        eval_loaders = {s: device_batches(frame[frame["split"] == s], eval_bs, "none") for s in ("val", "test")}
-        return model, train_loader, eval_loaders, damaged
+    )
+
+
+def open_decoded_cache(
+    cfg: TrainConfig, log: RunLog, shared: SharedInputs, should_stop: Callable[[], bool]
+) -> DecodedImages | None:
+    """The decoded-image cache of the run's dataset, or None when the disk has no room for it. Rank 0 builds it
+    (asking for a stop as it goes; ``from_main`` hands the stop to every rank) and the others open it once it is
+    there: two processes writing one folder would spoil each other's files."""
+    if distributed.from_main(lambda: shared.decoded(cfg, log, should_stop) is not None):
+        return shared.decoded(cfg, log)
+    return None
+
+
+def network_on_decoded_images(
+    cfg: TrainConfig,
+    model: LesionNet,
+    frame: pd.DataFrame,
+    train_rows: pd.DataFrame,
+    draw: TrainingDraw,
+    device: torch.device,
+    cache: DecodedImages,
+) -> RunLoaders:
+    """Fine-tuning (or a head trained without the feature cache) from the decoded-image cache. The images were
+    decoded and resized once, so a batch is a gather from a memory map, augmented on the device a whole batch at a
+    time rather than image by image in worker processes: the CPU stops being what a step waits for. The images
+    the cache could not decode are left out of every split, which must still hold two classes."""
+    damaged = sorted(set(cache.damaged).intersection(frame["path"]))
+    if damaged:
+        check_splits(frame[~frame["path"].isin(damaged)])
+    encoding = model.metadata_encoding
+
+    def batches(rows: pd.DataFrame, batch_size: int, augmentation: str, **order: Any) -> DeviceBatches:
+        usable = rows[~rows["path"].isin(damaged)]
+        cache_rows = torch.from_numpy(cache.rows(usable["path"].tolist()))
+        if encoding is not None:
+            order["metadata"] = torch.as_tensor(encoding.encode_frame(usable), dtype=torch.float32)
+        # The cache rows are drawn in batches as a DataLoader with the run's sampler would draw images.
+        drawn = FeatureBatches(cache_rows, torch.tensor(usable["label"].to_numpy()), batch_size, **order)
+        transform = batch_transform(cfg.preprocessing, augmentation, cache.size)
+        return DeviceBatches(cache, drawn, transform, device, channels_last=cfg.channels_last)
+
+    train = batches(train_rows, draw.batch_size, cfg.augmentation, **draw.order())
+    evaluation = {s: batches(frame[frame["split"] == s], eval_batch_size(cfg), "none") for s in EVAL_SPLITS}
+    return RunLoaders(model, train, evaluation, damaged)
+
+
+def network_on_jpeg_files(
+    cfg: TrainConfig,
+    model: LesionNet,
+    frame: pd.DataFrame,
+    train_rows: pd.DataFrame,
+    draw: TrainingDraw,
+    device: torch.device,
+) -> RunLoaders:
+    """Fine-tuning (or a head trained without the feature cache) from the JPEG files, each decoded and augmented
+    by PIL in DataLoader workers: it needs no room on the disk, which is why the decoded pipeline falls back to
+    it. Damaged images are met only as the loaders read them, so none is known yet: the datasets set them aside
+    (:class:`LesionDataset`) and :func:`damaged_images` collects them."""
     if model.metadata_encoding is not None:
-        raise ValueError(METADATA_NEEDS_DECODED)
+        raise ValueError(METADATA_NEEDS_DECODED)  # these batches carry no metadata
+    prep = cfg.preprocessing
+    workers = loader_workers(cfg, device)
     train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True)
     # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
     # as it only needs the input size they share.
@@ -282,24 +389,16 @@ def _loaders(
         "persistent_workers": workers > 0,
         "collate_fn": train_ds.collate,
     }
-    train_loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=generator,
-        drop_last=drop_last,
-        **options,
-    )
-    eval_loaders = {
+    train = torch.utils.data.DataLoader(train_ds, batch_size=draw.batch_size, **draw.order(), **options)
+    evaluation = {
         s: torch.utils.data.DataLoader(
             LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep, skip_damaged=True),
-            batch_size=eval_bs,
+            batch_size=eval_batch_size(cfg),
             **options,
         )
-        for s in ("val", "test")
+        for s in EVAL_SPLITS
     }
-    return model, train_loader, eval_loaders, []
+    return RunLoaders(model, train, evaluation, [])
 
 
 def damaged_images(loaders: Iterable, found: Iterable[str] = ()) -> list[str]:

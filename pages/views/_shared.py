@@ -223,12 +223,12 @@ def _case_index(checkpoint: str, stamp: float, folder: str, data_stamp: float, _
     """One case index per (checkpoint version, dataset version), shared by all sessions, built with a progress
     bar (made in here, so the cache can replay it); its features are also cached on disk, so a restart only
     reads them back."""
-    from core.app import quiz
+    from core.data.splits import SplitError, model_split, split_column
     from core.inference.similar import build_index
 
     try:
-        record = quiz.model_split(checkpoint, _checkpoint, _frame, settings.run_folders())
-    except quiz.QuizError as exc:
+        record = model_split(checkpoint, _checkpoint, _frame, settings.run_folders())
+    except SplitError as exc:
         return None, str(exc)
     bar = st.empty()
 
@@ -239,7 +239,7 @@ def _case_index(checkpoint: str, stamp: float, folder: str, data_stamp: float, _
             "(once per model and dataset)",
         )
 
-    cases = build_index(checkpoint, _frame, quiz.split_column(_frame, record.split_of), progress=progress)
+    cases = build_index(checkpoint, _frame, split_column(_frame, record.split_of), progress=progress)
     bar.empty()
     return cases, None
 

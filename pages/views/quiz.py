@@ -17,7 +17,7 @@ from core.app import plots, quiz
 from core.common import settings
 from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from core.data.images import ImageError
-from core.data.splits import split_counts
+from core.data.splits import SplitError, model_split, split_column, split_counts
 from core.inference.forward import PredictionError
 from pages.views._shared import cam_overlay, get_predictor, load_dataset, research_notice
 
@@ -78,11 +78,11 @@ def setup() -> None:
         st.stop()
     frame = index.frame
     try:
-        record = quiz.model_split(model_path, predictor.checkpoint, frame, settings.run_folders())
-    except quiz.QuizError as exc:
+        record = model_split(model_path, predictor.checkpoint, frame, settings.run_folders())
+    except SplitError as exc:
         st.error(str(exc), icon=":material/block:")
         st.stop()
-    splits = quiz.split_column(frame, record.split_of)
+    splits = split_column(frame, record.split_of)
     counts = split_counts(frame, splits)
     held_out = ", ".join(f"{int(counts[s].sum())} {s}" for s in quiz.QUIZ_SPLITS)
     st.caption(

@@ -1,0 +1,209 @@
+"""Batch prediction (core.inference.batch and ``lesionlab predict … --csv``) with the bundled reference model on the
+bundled sample's real images: one row per file, the same answers as one image at a time, bad files as rows with
+their error, and archives that cannot hurt the computer they are opened on."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.cli import predict as predict_cli
+from core.common.labels import CLASSES
+from core.inference import batch
+from core.inference.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
+from core.inference.opening import open_predictor
+from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
+from tests.conftest import ROOT, write_truncated_jpeg, zip_bytes
+
+REFERENCE = ROOT / "checkpoints" / "reference.pt"
+SAMPLE = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jpg"))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return open_predictor(REFERENCE)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Six sample images (two in a subfolder), a JPEG cut short and a text file."""
+    root = tmp_path / "batch"
+    (root / "more").mkdir(parents=True)
+    for i, src in enumerate(SAMPLE[::24][:6]):
+        shutil.copy(src, root / ("more" if i >= 4 else "") / src.name)
+    write_truncated_jpeg(root / "cut.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_folder_gives_one_row_per_file_with_single_image_answers(predictor, folder):
+    files = folder_files(folder)
+    seen = []
+    rows = list(predict_files(predictor, files, batch_size=4, progress=lambda done, total: seen.append((done, total))))
+    by_name = {row.file: row for row in rows}
+    assert [row.file for row in rows] == [f.name for f in files]
+    assert set(by_name) == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert seen == [(4, 8), (8, 8)]
+    good = [row for row in rows if row.error is None]
+    assert len(good) == 6
+    for row in good:
+        single = predictor.predict(folder / row.file)
+        assert row.top_class == single.top_class
+        assert row.p_melanoma == pytest.approx(single.probabilities["mel"], abs=1e-4)
+        assert row.confidence == pytest.approx(single.confidence, abs=1e-4)
+        assert row.p_malignant == pytest.approx(single.malignant_probability, abs=1e-4)
+        assert sum(row.probabilities.values()) == pytest.approx(1, abs=1e-4)
+        assert row.thumbnail.startswith("data:image/jpeg;base64,")
+        thumb = Image.open(io.BytesIO(base64.b64decode(row.thumbnail.split(",", 1)[1])))
+        assert thumb.width <= batch.THUMBNAIL_SIZE[0] and thumb.height <= batch.THUMBNAIL_SIZE[1]
+    assert "damaged or truncated" in by_name["cut.jpg"].error and by_name["cut.jpg"].top_class is None
+    assert "not a JPEG or PNG" in by_name["notes.txt"].error
+
+
+def test_warnings_are_the_diagnose_pages(predictor):
+    document = Image.new("RGB", (200, 150), "white")
+    document.paste((30, 30, 30), (20, 60, 180, 70))  # a line of "text"
+    buffer = io.BytesIO()
+    document.save(buffer, "PNG")
+    real = SAMPLE[0].read_bytes()
+    rows = list(predict_files(predictor, [image_bytes("doc.png", buffer.getvalue()), image_bytes("a.jpg", real)]))
+    assert any(w.startswith("unlike the dermoscopy the model learnt from") for w in rows[0].warnings)
+    # the measured reason and the colour findings, as Diagnose words them
+    assert "farther from the model's training images" in " ".join(rows[0].warnings)
+    assert "plain white" in " ".join(rows[0].warnings)
+    assert not any("unlike the dermoscopy" in w for w in rows[1].warnings)
+    low = [w for w in rows[1].warnings if w.startswith("low confidence")]
+    assert bool(low) == (rows[1].confidence < 0.5)
+
+
+def test_an_archive_with_bad_members_predicts_the_rest(predictor):
+    good = {f"lesions/{p.name}": p.read_bytes() for p in SAMPLE[:3]}
+    data = zip_bytes(
+        {
+            **good,
+            "lesions/fake.jpg": b"this is text, not a JPEG",
+            "readme.txt": b"hello",
+            "../escape.jpg": SAMPLE[3].read_bytes(),
+            "/etc/absolute.jpg": SAMPLE[3].read_bytes(),
+            "__MACOSX/lesions/._x.jpg": b"resource fork",
+            "lesions/.hidden.jpg": SAMPLE[4].read_bytes(),
+        }
+    )
+    rows = {row.file: row for row in predict_files(predictor, archive_files(data, "upload.zip"))}
+    assert set(rows) == {
+        *(f"upload.zip/{name}" for name in good),
+        "upload.zip/lesions/fake.jpg",
+        "upload.zip/readme.txt",
+        "upload.zip/../escape.jpg",
+        "upload.zip//etc/absolute.jpg",
+    }
+    for name in good:
+        single = predictor.predict(good[name])
+        assert rows[f"upload.zip/{name}"].top_class == single.top_class
+        assert rows[f"upload.zip/{name}"].error is None
+    assert "not an image PIL can read" in rows["upload.zip/lesions/fake.jpg"].error
+    assert "not a JPEG or PNG" in rows["upload.zip/readme.txt"].error
+    for unsafe in ("upload.zip/../escape.jpg", "upload.zip//etc/absolute.jpg"):
+        assert "unsafe path" in rows[unsafe].error and rows[unsafe].top_class is None
+
+
+def test_archive_bombs_and_junk_are_refused_before_inflating(predictor, monkeypatch):
+    # 11 MiB of zeros deflate to about 11 KB: refused from the declared size, never inflated.
+    bomb = zip_bytes({"bomb.png": bytes(11 * 2**20), "ok.jpg": SAMPLE[0].read_bytes()})
+    assert len(bomb) < 100_000
+    rows = list(predict_files(predictor, archive_files(bomb, "bomb.zip")))
+    assert "at most 10.0 MiB" in rows[0].error and "11.0 MiB" in rows[0].error
+    assert rows[1].error is None
+    with pytest.raises(BatchError, match="unpacks to .*at most"):
+        monkeypatch.setattr(batch, "MAX_ARCHIVE_BYTES", 10 * 2**20)
+        archive_files(bomb, "bomb.zip")
+    monkeypatch.setattr(batch, "MAX_FILES", 2)
+    with pytest.raises(BatchError, match="holds 3 files; a batch takes at most 2"):
+        archive_files(zip_bytes({f"{i}.jpg": b"x" for i in range(3)}), "many.zip")
+    with pytest.raises(BatchError, match="cannot be opened as a .zip archive"):
+        archive_files(b"PK not really a zip", "junk.zip")
+
+
+def test_gather_names_what_it_cannot_open(tmp_path):
+    with pytest.raises(BatchError, match="does not exist"):
+        gather([tmp_path / "missing.zip"])
+    (tmp_path / "x.jpg").write_bytes(SAMPLE[0].read_bytes())
+    assert [f.name for f in gather([tmp_path / "x.jpg", tmp_path / "gone.jpg"])] == [
+        str(tmp_path / "x.jpg"),
+        str(tmp_path / "gone.jpg"),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+def run_predict(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli.predict", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_writes_a_row_per_file_as_the_predictor_answers(predictor, folder, tmp_path):
+    out = tmp_path / "out.csv"
+    result = run_predict(REFERENCE, folder, "--csv", out, "--batch-size", "3")
+    assert result.returncode == 1, result.stderr  # two files could not be predicted
+    rows = read_csv(out)
+    assert list(rows[0]) == list(batch.CSV_COLUMNS)
+    assert len(rows) == 8
+    assert "8/8 files" in result.stderr and "6 predicted, 2 could not be" in result.stderr
+    for row in rows:
+        if row["file"] in ("cut.jpg", "notes.txt"):
+            assert row["error"] and not row["top_class"]
+            continue
+        single = predictor.predict(folder / row["file"], tta=USE_TTA_BY_DEFAULT)  # the command line's default
+        assert row["top_class"] == single.top_class and not row["error"]
+        probs = np.array([float(row[f"p_{code}"]) for code in CLASSES])
+        np.testing.assert_allclose(probs, single.probs, atol=1e-4)
+        assert float(row["p_melanoma"]) == pytest.approx(single.probabilities["mel"], abs=1e-4)
+
+
+def test_cli_reads_a_zip_and_says_what_it_cannot_use(tmp_path, capsys):
+    archive = tmp_path / "lesions.zip"
+    archive.write_bytes(zip_bytes({p.name: p.read_bytes() for p in SAMPLE[:2]}))
+    out = tmp_path / "out.csv"
+    ok = run_predict(REFERENCE, archive, "--csv", out)  # a real process, end to end
+    assert ok.returncode == 0, ok.stderr
+    assert [r["file"] for r in read_csv(out)] == [f"lesions.zip/{p.name}" for p in SAMPLE[:2]]
+
+    # What it cannot use, through the same main in this process: one line each, exit status 2.
+    (tmp_path / "junk.zip").write_bytes(b"not a zip")
+    capsys.readouterr()
+    assert predict_cli.main([str(REFERENCE), str(tmp_path / "junk.zip"), "--csv", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: junk.zip cannot be opened as a .zip archive (File is not a zip file)."
+    ]
+    with pytest.raises(SystemExit) as refused:  # argparse's own refusal, as for any wrong use of the flags
+        predict_cli.main([str(REFERENCE), str(archive)])
+    assert refused.value.code == 2 and "add --csv OUT.csv" in capsys.readouterr().err
+    broken_ckpt = tmp_path / "broken.pt"
+    broken_ckpt.write_bytes(b"nope")
+    assert predict_cli.main([str(broken_ckpt), str(archive), "--csv", str(out)]) == 2

@@ -1,0 +1,175 @@
+"""Similar cases, the unfamiliar-image warning and the report, with the bundled model on real images."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.app.report import model_info, report_html
+from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.data.dataset import index_dataset
+from core.data.splits import model_split, split_column
+from core.inference.opening import open_predictor
+from core.inference.predictor import Predictor
+from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote, vote
+from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
+from tests.app_support import ROOT
+
+SAMPLE = ROOT / "sample_data" / "ham10000-sample"
+REFERENCE = ROOT / "checkpoints" / "reference.pt"
+UNFAMILIAR = ROOT / "tests" / "data" / "unfamiliar"
+PUBLISHED = [ROOT / "docs" / "runs"]
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return open_predictor(REFERENCE)
+
+
+@pytest.fixture(scope="module")
+def sample_cases(predictor, tmp_path_factory):
+    index = index_dataset(SAMPLE)
+    record = model_split(REFERENCE, predictor.checkpoint, index.frame, PUBLISHED)
+    split = split_column(index.frame, record.split_of)
+    return build_index(REFERENCE, index.frame, split, cache_dir=tmp_path_factory.mktemp("features"))
+
+
+def test_index_is_built_once_and_rebuilt_for_a_changed_image(predictor, tmp_path):
+    data = shutil.copytree(SAMPLE, tmp_path / "sample")
+    index = index_dataset(data)
+    split = split_column(index.frame, model_split(REFERENCE, predictor.checkpoint, index.frame, PUBLISHED).split_of)
+    calls: list[list[tuple[int, int]]] = []
+    for _ in range(2):
+        calls.append([])
+        cases = build_index(
+            REFERENCE, index.frame, split, cache_dir=tmp_path / "cache", progress=lambda d, n: calls[-1].append((d, n))
+        )
+    assert calls[0][-1] == (140, 140) and len(calls[0]) > 1
+    assert calls[1] == [(140, 140)]  # everything from the cache
+    assert cases.features.shape == (140, 1280)
+    # The reference model's split record holds the whole sample out: 126 test and 14 val images.
+    assert cases.frame["split"].value_counts().to_dict() == {"test": 126, "val": 14}
+    changed = Path(index.frame["path"].iloc[0])
+    changed.write_bytes(changed.read_bytes())  # a new modification time: computed again, alone
+    calls.append([])
+    build_index(
+        REFERENCE, index.frame, split, cache_dir=tmp_path / "cache", progress=lambda d, n: calls[-1].append((d, n))
+    )
+    assert calls[-1] == [(1, 1)]
+
+
+def test_nearest_cases_leave_test_images_out(predictor, sample_cases):
+    test_row = sample_cases.frame.index[sample_cases.frame["split"] == "test"][0]
+    image = sample_cases.frame.loc[test_row]
+    embedding = predictor.embed(predictor.predict(image["path"], upload=False))
+    everything = sample_cases.nearest(embedding, 8, splits=None)
+    # Searching all images, a dataset image finds itself first.
+    assert everything[0].image_id == image["image_id"] and everything[0].similarity > 0.99
+    offered = sample_cases.nearest(embedding, 8)
+    assert len(offered) == 8 and all(c.split in REFERENCE_SPLITS for c in offered)
+    assert [c.similarity for c in offered] == sorted((c.similarity for c in offered), reverse=True)
+    assert all(
+        c.confirmed_by in ("histopathology", "expert consensus", "in-vivo confocal microscopy")
+        or c.confirmed_by.startswith("follow-up")
+        for c in offered
+    )
+    by_class = sample_cases.nearest_by_class(embedding, splits=None)
+    assert list(by_class) == list(CLASSES) and all(case.dx == code for code, case in by_class.items())
+    assert abs(vote(offered).sum() - 1) < 1e-9
+
+
+def test_knn_vote_with_itself_as_reference_is_its_own_label(sample_cases):
+    labels = sample_cases.frame["dx"].map(CLASSES.index).to_numpy()
+    shares = knn_vote(sample_cases.features, labels, sample_cases.features, k=1)
+    assert np.allclose(shares.sum(axis=1), 1)
+    assert (shares.argmax(axis=1) == labels).all()
+
+
+def test_detector_threshold_is_the_validation_quantile_and_is_saved_per_checkpoint(sample_cases, tmp_path):
+    feats = sample_cases.features
+    detector = fit_detector(feats[:100], feats[100:], k=5, false_alarm=0.1, checkpoint_sha1="abc")
+    assert np.mean(detector.scores(feats[100:]) > detector.threshold) <= 0.1
+    copy = shutil.copy(REFERENCE, tmp_path / "model.pt")
+    detector.save(detector_path(copy))
+    assert load_detector(copy) is None  # fitted for another file
+    detector.checkpoint_sha1 = file_digest(copy)
+    detector.save(detector_path(copy))
+    loaded = load_detector(copy)
+    assert loaded is not None and loaded.k == 5
+    assert np.allclose(loaded.scores(feats[:3]), detector.scores(feats[:3]), atol=1e-3)
+
+
+def test_saved_detector_warns_on_unfamiliar_images_and_rarely_on_dermoscopy(predictor, sample_cases):
+    if predictor.detector is None:
+        pytest.skip("no detector saved beside checkpoints/reference.pt (python -m bench.similar fits it)")
+    flagged = {}
+    for path in sorted(UNFAMILIAR.glob("*.jpg")):
+        check = predictor.unfamiliar(predictor.predict(path))
+        flagged[path.name] = check.unfamiliar
+        assert check.measured and check.score is not None
+    # Documents, graphics and histology are nothing like dermoscopy: every one is flagged.
+    plainly_other = {n: f for n, f in flagged.items() if n.startswith(("document", "graphic", "histology"))}
+    assert len(plainly_other) == 14 and all(plainly_other.values()), plainly_other
+    false_alarms = [
+        p for p in sample_cases.frame["path"] if predictor.unfamiliar(predictor.predict(p, upload=False)).unfamiliar
+    ]
+    assert len(false_alarms) <= 0.05 * len(sample_cases.frame), false_alarms
+    document = predictor.unfamiliar(predictor.predict(UNFAMILIAR / "document-1.jpg"))
+    assert "farther from the model's training images" in document.reasons[0]
+
+
+def test_report_holds_the_prediction_cases_and_model(predictor, sample_cases):
+    path = sample_cases.frame["path"].iloc[0]
+    prediction = predictor.predict(path, upload=False)
+    cases = sample_cases.nearest(predictor.embed(prediction), 8, splits=None)
+    html = report_html(
+        prediction,
+        model=model_info(REFERENCE, predictor.checkpoint, predictor.arch),
+        created=datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+        warnings=["Low confidence: a test warning"],
+        cases=cases,
+        cases_by_class=sample_cases.nearest_by_class(predictor.embed(prediction), splits=None),
+        mel_threshold=predictor.mel_threshold,
+    )
+    assert report_probabilities(html) == [(code, f"{prediction.probabilities[code]:.1%}") for code in CLASSES]
+    assert "For research and education only" in html and "2026-01-02 03:04" in html
+    assert "Low confidence: a test warning" in html
+    assert "Measured on its test split" in html and "balanced accuracy" in html
+    assert html.count("data:image/jpeg;base64,") == 1 + 8 + 7  # the upload, the cases, one per class
+    assert 'src="http' not in html and "href=" not in html  # self-contained
+
+
+def test_report_escapes_what_it_quotes(predictor, sample_cases):
+    # A file name, a warning, a heatmap label or a case id is text in the report, never markup.
+    evil = "<script>alert(1)</script>"
+    path = sample_cases.frame["path"].iloc[0]
+    prediction = predictor.predict(path, upload=False)
+    case = dataclasses.replace(sample_cases.nearest(predictor.embed(prediction), 1, splits=None)[0], image_id=evil)
+    html = report_html(
+        prediction,
+        model=model_info(REFERENCE, predictor.checkpoint, predictor.arch),
+        created=datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+        heatmap=prediction.image,
+        heatmap_label=f"heatmap {evil}",
+        warnings=[f"warning {evil}"],
+        cases=[case],
+        source_name=f"{evil}.jpg",
+    )
+    assert "<script" not in html and evil not in html
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    for shown in (f"{escaped}.jpg", f"heatmap {escaped}", f"warning {escaped}", f'alt="{escaped}"'):
+        assert shown in html, shown
+    assert html.count(escaped) == 5  # file name, heatmap label, warning, the case's alt text and caption
+
+
+def report_probabilities(html: str) -> list[tuple[str, str]]:
+    """(code, probability) of the report's class table rows, in their order."""
+    rows = re.findall(r"<tr><td>(\w+)</td><td>([^<]+)</td><td>\w+</td><td class=\"p\">([\d.]+%)</td></tr>", html)
+    assert [name for _, name, _ in rows] == [DISPLAY_NAMES[c] for c in CLASSES]
+    return [(code, p) for code, _, p in rows]

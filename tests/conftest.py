@@ -4,6 +4,7 @@ and torchvision's real MobileNetV2 ImageNet file for tests that need pretrained 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import struct
 import zipfile
@@ -18,6 +19,12 @@ from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from core.common.labels import CLASSES
+
+# Two test processes share the machine's two cores (pytest-xdist): one torch thread in each, and in the processes
+# they start, so that they do not oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAM_DIR = ROOT.parent / "shared" / "data" / "ham10000-200x150"
@@ -116,6 +123,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "ham_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    # The real-browser files take minutes each: first in the order, the two test processes start on them and the
+    # short files fill in around them (last, they ran on alone after everything else). A stable sort.
+    items.sort(key=lambda item: item.get_closest_marker("browser") is None)
 
 
 @pytest.fixture

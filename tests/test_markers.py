@@ -11,7 +11,7 @@ from tests.app_support import ROOT
 # One test per file that uses ham_root, none of them decorated by hand.
 ON_THE_FULL_DATASET = {
     "tests/pages/test_app_core.py::test_dermoscopy_check_on_real_images",
-    "tests/pages/test_browser.py::test_sidebar_dataset_folder_on_the_full_dataset",
+    "tests/pages/test_browser_pages.py::test_sidebar_dataset_folder_on_the_full_dataset",
     "tests/core/data/test_dataset.py::test_real_ham10000_indexes_completely",
     "tests/core/training/test_training.py::test_pretrained_head_only_learns_real_lesions",
 }
@@ -29,8 +29,10 @@ def collected(marker_expression: str) -> set[str]:
     return {line for line in done.stdout.splitlines() if "::" in line}
 
 
-def test_integration_marker_selects_the_tests_on_the_full_dataset():
-    integration, fast = collected("integration"), collected("not integration")
-    assert ON_THE_FULL_DATASET <= integration
-    assert not integration & fast
-    assert "tests/test_markers.py::test_integration_marker_selects_the_tests_on_the_full_dataset" in fast
+def test_integration_marker_selects_the_tests_on_the_full_dataset(request):
+    # `-m integration` selects them, in a real collection...
+    assert ON_THE_FULL_DATASET <= collected("integration")
+    # ...because every test of this run that asks for ham_root carries the marker, and no other does.
+    for item in request.session.items:
+        assert ("ham_root" in item.fixturenames) == (item.get_closest_marker("integration") is not None), item.nodeid
+    assert request.node.get_closest_marker("integration") is None  # the fast loop keeps this test

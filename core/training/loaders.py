@@ -231,6 +231,18 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     return cfg.num_workers if cfg.num_workers is not None else default_workers(device)
 
 
+@dataclass(frozen=True)
+class RunData:
+    """What every input pipeline builds a run's batches from."""
+
+    cfg: TrainConfig
+    model: LesionNet
+    frame: pd.DataFrame  # the split dataset
+    train_rows: pd.DataFrame  # its training rows after resampling (prepare_data)
+    draw: TrainingDraw
+    device: torch.device
+
+
 def build_loaders(
     cfg: TrainConfig,
     model: LesionNet,
@@ -247,30 +259,23 @@ def build_loaders(
     the disk for it) the JPEG files. ``frame`` is the split dataset, ``train_rows`` its training rows after
     resampling (:func:`prepare_data`); ``should_stop`` is asked while features are computed or images decoded,
     which may end here with :class:`core.common.runs.StopRequested`."""
-    draw = training_draw(cfg, train_rows, generator)
+    run = RunData(cfg, model, frame, train_rows, training_draw(cfg, train_rows, generator), device)
     if cfg.uses_feature_cache:
-        return head_on_cached_features(cfg, model, frame, train_rows, draw, device, log, shared, should_stop)
+        return head_on_cached_features(run, log, shared, should_stop)
     cache = open_decoded_cache(cfg, log, shared, should_stop) if cfg.input_pipeline == "decoded" else None
     if cache is not None:
-        return network_on_decoded_images(cfg, model, frame, train_rows, draw, device, cache)
-    return network_on_jpeg_files(cfg, model, frame, train_rows, draw, device)
+        return network_on_decoded_images(run, cache)
+    return network_on_jpeg_files(run)
 
 
 def head_on_cached_features(
-    cfg: TrainConfig,
-    model: LesionNet,
-    frame: pd.DataFrame,
-    train_rows: pd.DataFrame,
-    draw: TrainingDraw,
-    device: torch.device,
-    log: RunLog,
-    shared: SharedInputs,
-    should_stop: Callable[[], bool],
+    run: RunData, log: RunLog, shared: SharedInputs, should_stop: Callable[[], bool]
 ) -> RunLoaders:
     """Head-only training. A frozen backbone gives an image the same features every epoch, so they are computed
     once (and kept on disk for later runs) and the head trains on batches sliced from them on the device: an
     epoch then costs a few milliseconds, at the price of no augmentation. The images the backbone could not read
     have no features, so they are left out of every split, which must still hold two classes."""
+    cfg, model, frame, device = run.cfg, run.model, run.frame, run.device
     feats, damaged = backbone_features(cfg, model, frame, device, log, shared, should_stop)
     usable = frame[~frame["path"].isin(damaged)]
     if damaged:
@@ -286,7 +291,7 @@ def head_on_cached_features(
         labels = torch.tensor(rows["label"].to_numpy())
         return FeatureBatches(inputs[idx].to(device), labels.to(device), batch_size, **order)
 
-    train = batches(train_rows, draw.batch_size, **draw.order())
+    train = batches(run.train_rows, run.draw.batch_size, **run.draw.order())
     evaluation = {s: batches(frame[frame["split"] == s], eval_batch_size(cfg)) for s in EVAL_SPLITS}
     return RunLoaders(model.head, train, evaluation, damaged)
 
@@ -331,19 +336,12 @@ def open_decoded_cache(
     return None
 
 
-def network_on_decoded_images(
-    cfg: TrainConfig,
-    model: LesionNet,
-    frame: pd.DataFrame,
-    train_rows: pd.DataFrame,
-    draw: TrainingDraw,
-    device: torch.device,
-    cache: DecodedImages,
-) -> RunLoaders:
+def network_on_decoded_images(run: RunData, cache: DecodedImages) -> RunLoaders:
     """Fine-tuning (or a head trained without the feature cache) from the decoded-image cache. The images were
     decoded and resized once, so a batch is a gather from a memory map, augmented on the device a whole batch at a
     time rather than image by image in worker processes: the CPU stops being what a step waits for. The images
     the cache could not decode are left out of every split, which must still hold two classes."""
+    cfg, model, frame = run.cfg, run.model, run.frame
     damaged = sorted(set(cache.damaged).intersection(frame["path"]))
     if damaged:
         check_splits(frame[~frame["path"].isin(damaged)])
@@ -357,30 +355,26 @@ def network_on_decoded_images(
         # The cache rows are drawn in batches as a DataLoader with the run's sampler would draw images.
         drawn = FeatureBatches(cache_rows, torch.tensor(usable["label"].to_numpy()), batch_size, **order)
         transform = batch_transform(cfg.preprocessing, augmentation, cache.size)
-        return DeviceBatches(cache, drawn, transform, device, channels_last=cfg.channels_last)
+        return DeviceBatches(cache, drawn, transform, run.device, channels_last=cfg.channels_last)
 
-    train = batches(train_rows, draw.batch_size, cfg.augmentation, **draw.order())
+    train = batches(run.train_rows, run.draw.batch_size, cfg.augmentation, **run.draw.order())
     evaluation = {s: batches(frame[frame["split"] == s], eval_batch_size(cfg), "none") for s in EVAL_SPLITS}
     return RunLoaders(model, train, evaluation, damaged)
 
 
-def network_on_jpeg_files(
-    cfg: TrainConfig,
-    model: LesionNet,
-    frame: pd.DataFrame,
-    train_rows: pd.DataFrame,
-    draw: TrainingDraw,
-    device: torch.device,
-) -> RunLoaders:
+def network_on_jpeg_files(run: RunData) -> RunLoaders:
     """Fine-tuning (or a head trained without the feature cache) from the JPEG files, each decoded and augmented
     by PIL in DataLoader workers: it needs no room on the disk, which is why the decoded pipeline falls back to
     it. Damaged images are met only as the loaders read them, so none is known yet: the datasets set them aside
     (:class:`LesionDataset`) and :func:`damaged_images` collects them."""
-    if model.metadata_encoding is not None:
+    cfg, frame, device = run.cfg, run.frame, run.device
+    if run.model.metadata_encoding is not None:
         raise ValueError(METADATA_NEEDS_DECODED)  # these batches carry no metadata
     prep = cfg.preprocessing
     workers = loader_workers(cfg, device)
-    train_ds = LesionDataset.from_frame(train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True)
+    train_ds = LesionDataset.from_frame(
+        run.train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True
+    )
     # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
     # as it only needs the input size they share.
     options = {
@@ -389,7 +383,7 @@ def network_on_jpeg_files(
         "persistent_workers": workers > 0,
         "collate_fn": train_ds.collate,
     }
-    train = torch.utils.data.DataLoader(train_ds, batch_size=draw.batch_size, **draw.order(), **options)
+    train = torch.utils.data.DataLoader(train_ds, batch_size=run.draw.batch_size, **run.draw.order(), **options)
     evaluation = {
         s: torch.utils.data.DataLoader(
             LesionDataset.from_frame(frame[frame["split"] == s], eval_transform(prep), prep, skip_damaged=True),
@@ -398,7 +392,7 @@ def network_on_jpeg_files(
         )
         for s in EVAL_SPLITS
     }
-    return RunLoaders(model, train, evaluation, [])
+    return RunLoaders(run.model, train, evaluation, [])
 
 
 def damaged_images(loaders: Iterable, found: Iterable[str] = ()) -> list[str]:

@@ -371,7 +371,8 @@ def test_metadata_with_the_jpeg_pipeline_is_refused_before_a_run_folder(tmp_path
 
 
 def test_metadata_fine_tuning_without_room_for_the_cache_stops_with_the_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(decoded, "KEEP_FREE_BYTES", shutil.disk_usage(tmp_path).free)
+    # More than the disk holds: no room, whatever other tests free meanwhile.
+    monkeypatch.setattr(decoded, "KEEP_FREE_BYTES", shutil.disk_usage(tmp_path).total)
     cfg = sample_config(
         tmp_path,
         "reference",

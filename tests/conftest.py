@@ -7,6 +7,8 @@ import io
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -175,3 +177,11 @@ def downloads(monkeypatch) -> list[tuple[bytes, str]]:
 
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
     return seen
+
+
+def run_cli(module: str, *args: str | Path) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS…`` as a real process in the project folder (one torch thread), its output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )

@@ -1,9 +1,9 @@
 """Background training jobs for the app: start, watch, stop. Pure Python, no Streamlit.
 
-A job is one detached worker process (``lesionlab jobs worker JOB.json``, its
+A job is one detached worker process (``python -m core.cli.jobs worker JOB.json``, its
 own session so it outlives browser reloads, reruns and even the Streamlit server)
 that runs one or more training configs one after another in one trainer process,
-``lesionlab train --config A.json --config B.json …`` (the runs share its
+``python -m core.cli.train --config A.json --config B.json …`` (the runs share its
 start-up, the dataset index and split and the cached features), with the
 trainer's output in the ``train.log`` of the run it is on. A single training run
 is a job of one config; the imbalance experiment is a job of one run per strategy.
@@ -279,7 +279,7 @@ def _new_id() -> str:
 
 
 def _spawn(job: Job, lock_name: str, extra: dict, files: dict[str, Any]) -> Job:
-    """Take the lock, write the job's files and start its detached worker (``lesionlab jobs worker``)."""
+    """Take the lock, write the job's files and start its detached worker (``python -m core.cli.jobs worker``)."""
     runs_dir = job.runs_dir
     _acquire(runs_dir, job, lock_name)
     lock = _lock_path(runs_dir, lock_name)

@@ -28,7 +28,7 @@ from core.models.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_sav
 from core.models.ensemble_file import ensemble_dict, lead_model, read_ensemble
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 MEMBER_FLAGS = [
@@ -170,6 +170,22 @@ def test_core_evaluate_treats_an_ensemble_like_a_checkpoint(built, tmp_path, cap
     assert result["split_warning"] is None and result["n_images"] == recorded["n"]
     assert result["metrics"]["accuracy"] == pytest.approx(recorded["accuracy"])
     assert result["metrics"]["ece"] == pytest.approx(recorded["ece"], abs=1e-6)
+
+
+def test_the_predict_command_takes_an_ensemble_in_a_real_process(built, tmp_path):
+    """``python -m core.cli.predict`` on an ensemble file, as a real process: one image (``--json``) answered as
+    the ensemble answers it, and a folder (``--csv``), with no traceback (it once crashed choosing the class)."""
+    ensemble, image = built / "ens" / "best.pt", sample_images(1)[0]
+    one = run_cli("core.cli.predict", ensemble, image, "--json", "--no-tta")
+    assert one.returncode == 0 and "Traceback" not in one.stderr, one.stderr
+    [answer] = json.loads(one.stdout)
+    expected = open_predictor(ensemble).predict(image, tta=False)
+    assert answer["top_class"] == expected.top_class
+    assert answer["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
+    table = tmp_path / "ensemble.csv"
+    many = run_cli("core.cli.predict", ensemble, SAMPLE / "images", "--csv", table)
+    assert many.returncode == 0 and "Traceback" not in many.stderr, many.stderr
+    assert len(table.read_text().splitlines()) == 1 + 140
 
 
 def test_the_batch_cli_and_similar_cases_take_an_ensemble(built, tmp_path):

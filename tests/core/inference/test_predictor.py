@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
 from core.metrics.calibration import softmax
 from core.models.architectures import build_model
 from core.models.checkpoints import CheckpointError, atomic_save, checkpoint_dict
-from tests.conftest import ROOT, make_image, write_png
+from tests.conftest import ROOT, make_image, run_cli, write_png
 
 PREP = Preprocessing(input_size=(48, 48))
 
@@ -61,13 +58,6 @@ def predictor(ckpt) -> Predictor:
 def lesion(path: Path, label: int = 4, size=(48, 36), seed: int = 0) -> Path:
     make_image(label, np.random.default_rng(seed), size=size).save(path)
     return path
-
-
-def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
 
 
 # ---------------------------------------------------------------------------

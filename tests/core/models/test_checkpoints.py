@@ -8,8 +8,6 @@ import functools
 import io
 import math
 import os
-import subprocess
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +35,7 @@ from core.models.checkpoints import (
     read_checkpoint,
 )
 from core.training.config import TrainConfig
-from tests.conftest import ROOT, make_image
+from tests.conftest import make_image, run_cli
 
 PREP = Preprocessing(input_size=(48, 48))
 
@@ -234,13 +232,6 @@ def test_both_command_lines_answer_a_malformed_checkpoint_with_one_line(corpus, 
     assert out == ""
     lines = err.splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") and CORPUS[case][1] in line for line in lines), err
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
-    )
 
 
 @pytest.mark.parametrize("case", IN_SUBPROCESS)

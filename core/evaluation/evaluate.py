@@ -21,7 +21,7 @@ import torch
 from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.common.runs import read_split
 from core.data.augment import eval_batches
-from core.data.dataset import DatasetError, DatasetIndex, LesionDataset
+from core.data.dataset import DatasetError, DatasetIndex
 from core.data.decoded import CacheUnavailable, open_decoded
 from core.data.images import ImageError
 from core.data.layouts import index_any
@@ -32,7 +32,7 @@ from core.inference.forward import (
     tta_description,
 )
 from core.inference.opening import open_predictor
-from core.inference.predictor import USE_TTA_BY_DEFAULT, ModelView
+from core.inference.predictor import USE_TTA_BY_DEFAULT, ModelView, frame_batches
 from core.metrics.bootstrap import confidence_intervals
 from core.metrics.classification import compute_metrics
 from core.models.checkpoints import CheckpointError
@@ -108,34 +108,29 @@ def _terminal_progress(done: int, total: int) -> None:
     print(f"\r  {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
-def _batches(
+def _cached_batches(
     model: ModelView,
     device: torch.device,
     data: str | Path,
     index: DatasetIndex,
     frame: pd.DataFrame,
     batch_size: int,
-    num_workers: int,
-    decoded_dir: str | Path | None,
-) -> tuple[Iterable, str | None]:
+    decoded_dir: str | Path,
+) -> tuple[Iterable | None, str | None]:
     """Model-ready batches of ``frame``'s images and labels for ``model`` (a checkpoint or one member of an
-    ensemble: its preprocessing), and why they are not from the decoded-image cache when one was asked for
-    (``decoded_dir``). The cache is reused, never built here: building it decodes the whole dataset, more than
-    one split. Its batches equal the files' within resampling error (tests/core/data/test_decoded_reuse.py); a split
-    holding an image the cache found damaged is read from the files, which say what is wrong with it."""
-    note, prep = None, model.prep
-    if decoded_dir is not None:
-        try:
-            cache = open_decoded(index.frame["path"].tolist(), prep, root=data, cache_dir=decoded_dir, build=False)
-            damaged = set(cache.damaged).intersection(frame["path"])
-            if not damaged:
-                paths, labels = frame["path"].tolist(), frame["label"].tolist()
-                return eval_batches(cache, paths, labels, prep, batch_size, device, channels_last=False), None
-            note = f"the decoded-image cache found {len(damaged)} of these images damaged; reading the JPEG files"
-        except CacheUnavailable as exc:
-            note = f"{exc}; reading the JPEG files instead"
-    dataset = LesionDataset.from_frame(frame, model.transform, prep)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers), note
+    ensemble: its preprocessing) from the decoded-image cache in ``decoded_dir``; or None, and why the images
+    must come from the files. The cache is reused, never built here: building it decodes the whole dataset, more
+    than one split. Its batches equal the files' within resampling error (tests/core/data/test_decoded_reuse.py);
+    a split holding an image the cache found damaged is read from the files, which say what is wrong with it."""
+    try:
+        cache = open_decoded(index.frame["path"].tolist(), model.prep, root=data, cache_dir=decoded_dir, build=False)
+    except CacheUnavailable as exc:
+        return None, f"{exc}; reading the JPEG files instead"
+    damaged = set(cache.damaged).intersection(frame["path"])
+    if damaged:
+        return None, f"the decoded-image cache found {len(damaged)} of these images damaged; reading the JPEG files"
+    paths, labels = frame["path"].tolist(), frame["label"].tolist()
+    return eval_batches(cache, paths, labels, model.prep, batch_size, device, channels_last=False), None
 
 
 def split_images(
@@ -239,22 +234,24 @@ def evaluate_checkpoint(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything. With a
-    ``decoded_dir``, the images come from the decoded-image cache there when it holds them (see :func:`_batches`).
-    ``progress(done, total)`` follows the images (by default a count on the terminal, when there is one:
-    a log file full of carriage returns helps nobody)."""
+    ``decoded_dir``, the images come from the decoded-image cache there when it holds them (see
+    :func:`_cached_batches`). ``progress(done, total)`` follows the images (by default a count on the terminal, when
+    there is one: a log file full of carriage returns helps nobody)."""
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = open_predictor(checkpoint, device=device)
     mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
-    notes: list[str] = []
+    files, notes = frame_batches(frame, batch_size, num_workers, tta), []
 
     def batches_for(model: ModelView) -> Iterable:
-        size = bounded_batch_size(batch_size, model.prep.input_size, tta)
-        batches, note = _batches(model, predictor.device, data, index, frame, size, num_workers, decoded_dir)
-        if note is not None:
-            notes.append(note)
-        return batches
+        if decoded_dir is not None:
+            size = bounded_batch_size(batch_size, model.prep.input_size, tta)
+            cached, why_not = _cached_batches(model, predictor.device, data, index, frame, size, decoded_dir)
+            if cached is not None:
+                return cached
+            notes.append(why_not)
+        return files(model)
 
     total = len(frame) * predictor.passes
     hear = (lambda done: progress(done, total)) if progress is not None else None
@@ -264,10 +261,14 @@ def evaluate_checkpoint(
     def run(metadata: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         return predictor.split_probabilities(batches_for, tta=tta, metadata=metadata, progress=hear)
 
-    scoring = {"mel_threshold": mel_threshold, "bootstrap": bootstrap}
     probs, labels = run(encoded)
     # A model that takes metadata: the same images again with every field unknown, what it does without them.
-    withheld = None if encoding is None else run(None)[0]
+    withheld, metadata = None, None
+    if encoding is not None:
+        withheld = run(None)[0]
+        metadata = withheld_report(
+            encoding.known(encoded), labels, withheld, mel_threshold=mel_threshold, bootstrap=bootstrap
+        )
     return {
         "checkpoint": str(checkpoint),
         "arch": predictor.arch,
@@ -281,7 +282,7 @@ def evaluate_checkpoint(
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
         # A model that takes metadata: how many images knew each field (the metrics above use them) and the
         # metrics with every field withheld. None for a model of the image alone.
-        "metadata": None if withheld is None else withheld_report(encoding.known(encoded), labels, withheld, **scoring),
+        "metadata": metadata,
         "predictions": prediction_rows(frame, labels, probs, withheld),
     }
 

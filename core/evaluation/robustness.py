@@ -26,9 +26,9 @@ from core.data.images import FIT_RULE, fit_to_source, open_image
 from core.data.preprocessing import Preprocessing
 from core.data.shifts import DESCRIPTIONS, SHIFTS, Shift
 from core.evaluation.evaluate import EvaluationError, split_images
-from core.inference.forward import bounded_batch_size, tta_description
+from core.inference.forward import tta_description
 from core.inference.opening import open_predictor
-from core.inference.predictor import USE_TTA_BY_DEFAULT, BatchesFor, ModelView
+from core.inference.predictor import USE_TTA_BY_DEFAULT, BatchesFor, dataset_batches
 from core.metrics.bootstrap import paired_bootstrap_ci
 from core.metrics.calibration import expected_calibration_error
 from core.metrics.classification import balanced_accuracy, compute_metrics, melanoma_auc
@@ -101,13 +101,12 @@ def shifted_batches(
 ) -> BatchesFor:
     """The batches of the images after ``shift``, for any model (a checkpoint or one member of an ensemble),
     each read with that model's own preprocessing as :meth:`Predictor.split_probabilities` asks."""
-
-    def batches_for(model: ModelView) -> torch.utils.data.DataLoader:
-        dataset = ShiftedImages(paths, labels, shift, model.prep, model.transform, fit_rule)
-        size = bounded_batch_size(batch_size, model.prep.input_size, tta)
-        return torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=num_workers)
-
-    return batches_for
+    return dataset_batches(
+        lambda model: ShiftedImages(paths, labels, shift, model.prep, model.transform, fit_rule),
+        batch_size,
+        num_workers,
+        tta,
+    )
 
 
 def known_shifts(shifts: Sequence[str] | None) -> list[str]:

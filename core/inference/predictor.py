@@ -82,16 +82,27 @@ class ModelView(Protocol):
 BatchesFor = Callable[[ModelView], Iterable]
 
 
-def frame_batches(frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0, tta: bool = False) -> BatchesFor:
-    """The batches of ``frame``'s image files (a dataset index's rows) for any model: each model reads them with
-    its own preprocessing, as many images a batch as its input size allows (:func:`bounded_batch_size`)."""
+def dataset_batches(
+    dataset_for: Callable[[ModelView], torch.utils.data.Dataset],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    tta: bool = False,
+) -> BatchesFor:
+    """The batches of the (image, label) dataset ``dataset_for(model)`` makes with a model's own preprocessing,
+    for any model, as many images a batch as its input size allows (:func:`bounded_batch_size`)."""
 
     def batches_for(model: ModelView) -> torch.utils.data.DataLoader:
-        dataset = LesionDataset.from_frame(frame, model.transform, model.prep)
         size = bounded_batch_size(batch_size, model.prep.input_size, tta)
-        return torch.utils.data.DataLoader(dataset, batch_size=size, num_workers=num_workers)
+        return torch.utils.data.DataLoader(dataset_for(model), batch_size=size, num_workers=num_workers)
 
     return batches_for
+
+
+def frame_batches(frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 0, tta: bool = False) -> BatchesFor:
+    """The batches of ``frame``'s image files (a dataset index's rows) for any model (:func:`dataset_batches`)."""
+    return dataset_batches(
+        lambda model: LesionDataset.from_frame(frame, model.transform, model.prep), batch_size, num_workers, tta
+    )
 
 
 class Predictor:

@@ -437,6 +437,7 @@ def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypat
     assert not [b for b in at.button if b.label == "Run the imbalance experiment"][0].disabled
 
 
+@pytest.mark.integration
 def test_the_newest_experiment_trained_here_is_the_lesson(tiny_root, tmp_path, monkeypatch):
     """An experiment run as the app runs it (one background job) becomes the lesson, before the published one."""
     from core.app import jobs as app_jobs

@@ -96,6 +96,7 @@ def known_diagnoses(tmp_path_factory):
     return root, path, cases
 
 
+@pytest.mark.integration
 def test_a_known_diagnosis_appears_under_its_own_name_everywhere(known_diagnoses, tmp_path):
     root, path, cases = known_diagnoses
     bkl, mel, nv = (CLASSES.index(c) for c in ("bkl", "mel", "nv"))
@@ -361,6 +362,7 @@ def test_source_size_is_applied_to_uploads(tmp_path):
 # core.inference.predictor command line
 
 
+@pytest.mark.integration
 def test_predict_cli_help():
     done = run_cli("core.cli.predict", "--help")
     assert done.returncode == 0 and "--tta" in done.stdout and "--gradcam" in done.stdout
@@ -373,6 +375,7 @@ def test_predict_cli_defaults_to_the_measured_tta(ckpt, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)[0]["tta"] is tta
 
 
+@pytest.mark.integration
 def test_predict_cli_json_with_gradcam(ckpt, tmp_path):
     images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=1, size=(36, 36))]
     done = run_cli("core.cli.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
@@ -391,6 +394,7 @@ def test_predict_cli_text_lists_all_seven_names(ckpt, tmp_path, capsys):
     assert "malignant" in out
 
 
+@pytest.mark.integration
 def test_predict_cli_bad_file_is_one_line_exit_2(ckpt, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     done = run_cli("core.cli.predict", ckpt, tmp_path / "notes.txt")

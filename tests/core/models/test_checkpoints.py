@@ -224,6 +224,7 @@ def test_each_malformed_checkpoint_is_refused_naming_what_is_wrong(corpus, case)
     assert "weights_only" not in message and "will likely succeed" not in message
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", CORPUS)
 def test_both_command_lines_answer_a_malformed_checkpoint_with_one_line(corpus, image, tiny_root, case, capsys):
     assert predict_cli.main([str(corpus[case]), str(image)]) == 2
@@ -234,6 +235,7 @@ def test_both_command_lines_answer_a_malformed_checkpoint_with_one_line(corpus, 
     assert len(lines) == 2 and all(line.startswith("error: ") and CORPUS[case][1] in line for line in lines), err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", IN_SUBPROCESS)
 def test_command_lines_exit_2_without_a_traceback(corpus, image, tiny_root, case):
     for done in (

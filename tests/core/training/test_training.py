@@ -107,6 +107,7 @@ def test_seed_preset_is_the_course_pipeline():
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
+@pytest.mark.integration
 def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     run_dir = train(tiny_config(tiny_root, tmp_path, name="r1"))
     epochs = epoch_lines(run_dir)
@@ -188,6 +189,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.integration
 def test_resume_after_a_kill_logs_each_epoch_once_and_leaves_no_temporaries(tiny_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     killed = subprocess.run(
@@ -363,6 +365,7 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
     assert damaged == [] and torch.allclose(repaired, first, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_cli_help_and_clear_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     helped = subprocess.run(
@@ -389,6 +392,7 @@ def test_cli_help_and_clear_errors(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -475,6 +479,7 @@ def test_cli_help_mentions_every_field_and_rejects_unknown_choices(capsys):
             assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err, f.name
 
 
+@pytest.mark.integration
 def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
     done = train_cli(str(tiny_root), str(tmp_path), "--preset", "seed", cache=str(tmp_path / "c"))
     assert done.returncode == 0, done.stderr
@@ -551,6 +556,7 @@ def test_damaged_images_are_set_aside_and_the_run_finishes(tiny_root, tmp_path, 
     assert support == preds["dx"].value_counts().reindex(CLASSES, fill_value=0).to_dict()
 
 
+@pytest.mark.integration
 def test_cli_prints_what_it_set_aside(tiny_root, tmp_path):
     root = copy_of(tiny_root, tmp_path)
     unlisted = root / "HAM10000_images_part_1" / "ISIC_7777777.jpg"
@@ -572,6 +578,7 @@ def keep_rows(root, keep) -> None:
     meta[meta.apply(keep, axis=1)].to_csv(root / "HAM10000_metadata.csv", index=False)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("case", "message"),
     [

@@ -44,6 +44,7 @@ def test_an_exception_inside_lets_the_next_caller_in():
             raise ValueError("a pass that failed")
     except ValueError:
         pass
+
     def next_caller() -> None:
         with line:
             pass

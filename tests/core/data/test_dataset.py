@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from core.common import labels
-from core.data.dataset import MAX_WALK_DEPTH, DatasetError, LesionDataset, index_dataset, read_metadata, walk_files
+from core.data.dataset import (
+    MAX_WALK_DEPTH,
+    SOURCES_NAME,
+    UNKNOWN_SOURCE,
+    DatasetError,
+    LesionDataset,
+    index_dataset,
+    read_metadata,
+    walk_files,
+)
 from core.data.images import ImageError
 from core.data.preprocessing import Preprocessing, eval_transform, train_transform
 from core.data.splits import split_by_lesion, split_counts
@@ -211,6 +220,34 @@ def test_real_ham10000_indexes_completely(ham_root):
         "nv": 6705,
         "vasc": 142,
     }
+    # HAM10000_sources.csv beside the metadata: the four sources, every image's known.
+    counts = index.source_counts()
+    assert sorted(counts.index) == ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
+    assert counts.to_numpy().sum() == 10015 and (counts.sum(axis=0) == index.class_counts()).all()
+
+
+def test_image_sources_come_from_the_sources_file_or_a_dataset_column(tiny_root, tmp_path):
+    """Each image's source: "unknown" without any record, the sources file beside the metadata, or the metadata's own
+    ``dataset`` column; counted per source and class."""
+    assert not index_dataset(tiny_root).has_sources
+    assert set(index_dataset(tiny_root).frame["source"]) == {UNKNOWN_SOURCE}
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    meta = read_metadata(root / "HAM10000_metadata.csv")
+    given = {image_id: ("rosendahl" if i % 3 else "vidir_modern") for i, image_id in enumerate(meta["image_id"][:-1])}
+    (root / SOURCES_NAME).write_text("image_id,dataset\n" + "".join(f"{i},{s}\n" for i, s in given.items()))
+    index = index_dataset(root)
+    assert index.has_sources
+    got = dict(zip(index.frame["image_id"], index.frame["source"], strict=True))
+    assert got == {**given, meta["image_id"].iloc[-1]: UNKNOWN_SOURCE}  # the file does not list the last image
+    counts = index.source_counts()
+    assert list(counts.columns) == list(labels.CLASSES) and counts.to_numpy().sum() == len(meta)
+    assert counts.loc["rosendahl"].sum() == sum(s == "rosendahl" for s in given.values())
+
+    # A metadata file with its own dataset column needs no sources file (and wins over one).
+    with_column = meta.assign(dataset=[f"clinic{i % 2}" for i in range(len(meta))])
+    with_column[["lesion_id", "image_id", "dx", "dataset"]].to_csv(root / "HAM10000_metadata.csv", index=False)
+    assert set(index_dataset(root).frame["source"]) == {"clinic0", "clinic1"}
 
 
 def _lesion_frame(seed=0):

@@ -92,6 +92,11 @@ class TrainConfig:
         metavar=("TRAIN", "VAL", "TEST"),
     )
     split_seed: int = setting(DEFAULT_SEED, "seed of the lesion-grouped split")
+    holdout_source: str = setting(
+        "",
+        "validation away from home: train and validate on the other image sources (HAM10000_sources.csv) and test "
+        "on this one (e.g. rosendahl); the other sources' images of its lesions are left out",
+    )
     seed: int = setting(0, "seed of initialisation, batch order and resampling")
     feature_cache: bool = setting(
         True,

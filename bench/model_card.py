@@ -35,9 +35,12 @@ from core.common.runs import (
     read_run,
     read_split,
 )
+from core.data.dataset import UNKNOWN_SOURCE, DatasetError, index_dataset
 from core.data.images import FIT_RULE
 from core.data.shifts import JPEG_QUALITY
+from core.data.splits import holdout_sources
 from core.evaluation import robustness
+from core.evaluation.sources import holdout_report, markdown_groups, metrics_by_source
 from core.inference.similar import NEIGHBOURS
 from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
 from core.metrics.calibration import expected_calibration_error, softmax
@@ -180,7 +183,7 @@ RESULT_VALUES: dict[str, Callable[[dict], float] | None] = {
 }
 
 
-def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path) -> str:
+def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path, data: str | None = None) -> str:
     labels, probs, raw, temperature = load_predictions(reference)
     m = compute_metrics(labels, probs)
     m_raw = compute_metrics(labels, raw)
@@ -258,6 +261,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "sections": {
             "similar": similar_lines(),
             "robustness": robustness_lines(reference),
+            "sources": source_lines(reference, runs, data),
             "metadata": metadata_lines(),
             "ensembles": ensemble_lines(runs, reference),
             "recipes": recipe_lines(runs),
@@ -380,6 +384,75 @@ def similar_lines() -> list[str]:
         "",
         *unfamiliar_lines(r["unfamiliar"]),
     ]
+
+
+def source_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
+    """Results by image source, from the reference's recorded test predictions (its ``lesionlab evaluate`` report
+    when saved, else the trainer's) and the sources of the dataset in ``data``, and the leave-one-source-out runs found
+    in ``runs``; a line saying what is missing when the dataset or its sources are not there."""
+    try:
+        frame = index_dataset(data).frame if data else None
+    except DatasetError:
+        frame = None
+    if frame is None or not (frame["source"] != UNKNOWN_SOURCE).any():
+        return ["", "## Results by image source", "", f"Not computed: no dataset with image sources at {data}."]
+    evaluated = load_evaluate_report(reference)
+    if evaluated is not None:
+        labels, probs, report = evaluated
+        image_ids = [r["image_id"] for r in report["predictions"]]
+        how = f"as `lesionlab evaluate` read them ({EVALUATE_FILE}, flip TTA)"
+    else:
+        table, labels, probs, _, _ = read_predictions(reference)
+        image_ids = table["image_id"].astype(str).tolist()
+        how = "as the trainer recorded them (one view)"
+    known = frame.drop_duplicates("image_id").set_index("image_id")
+    present = np.isin(image_ids, known.index)  # a record from another copy of the dataset may name images not here
+    rows = known.loc[np.asarray(image_ids)[present]].reset_index()
+    labels, probs = labels[present], probs[present]
+    if not present.all():
+        how += f"; {present.sum()} of its {len(present)} images are in {data}"
+    threshold = read_json(reference / "evaluation.json").get("mel_threshold") or 0.5
+    by_source = metrics_by_source(rows, labels, probs, mel_threshold=threshold, bootstrap=1000)
+    lines = [
+        "",
+        "## Results by image source",
+        "",
+        f"The test split's predictions {how}, by the source of each image (`HAM10000_sources.csv`); melanoma "
+        f"sensitivity and specificity at the operating point P(mel) ≥ {threshold:.3f}; 95% intervals from 1000 "
+        "bootstrap resamples of the lesions.",
+        "",
+        *markdown_groups(by_source),
+    ]
+    return lines + leave_one_source_out_lines(runs, frame)
+
+
+def leave_one_source_out_lines(runs: Path, frame) -> list[str]:
+    """The runs in ``runs`` trained without one source (``lesionlab train --leave-one-source-out``), tested on it."""
+    eligible, left_out = holdout_sources(frame)
+    holdouts = sorted(
+        d for d in runs.glob("*") if (d / "config.json").is_file() and read_config(d).get("holdout_source")
+    )
+    holdouts = [d for d in holdouts if has_evaluation(d)]
+    reasons = "; ".join(f"{s}: {why}" for s, why in left_out.items())
+    lines = [
+        "",
+        "### Leave one source out",
+        "",
+        f"A model trained and validated on the other sources and tested on one: {', '.join(eligible) or 'no source'} "
+        "can be held out"
+        + (f"; the others hold too few classes to be tested on alone ({reasons})." if reasons else "."),
+        "",
+    ]
+    if not holdouts:
+        return [*lines, "Not run yet: `lesionlab train --preset reference --data DIR --leave-one-source-out`."]
+    report = holdout_report(holdouts, left_out)
+    lines += [*markdown_groups(report["rows"]), ""]
+    lines += [
+        f"- `{r['run']}`: balanced accuracy {fmt(r['val_balanced_accuracy'])} on the validation split of the other "
+        f"sources, {fmt(r['metrics']['balanced_accuracy'])} on {r['source']}."
+        for r in report["rows"]
+    ]
+    return lines
 
 
 def robustness_lines(reference: Path) -> list[str]:
@@ -922,7 +995,13 @@ def main() -> None:
     if args.train:
         train_comparisons(args.data, args.runs)
     args.out.write_text(
-        card(args.reference.resolve(), comparison_runs(args.data, args.runs), args.command, args.runs.resolve())
+        card(
+            args.reference.resolve(),
+            comparison_runs(args.data, args.runs),
+            args.command,
+            args.runs.resolve(),
+            args.data,
+        )
     )
     print(f"wrote {args.out}")
 

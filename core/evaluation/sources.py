@@ -115,16 +115,27 @@ def _cell(row: dict, metric: str) -> str:
     return f"{value:.3f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
 
 
-def format_groups(rows: Sequence[dict], name: str = "source") -> str:
-    """Aligned plain text: one line per group (``row[name]``), its images and lesions, and every metric with its
-    95% interval over lesions."""
+def _table(rows: Sequence[dict], name: str) -> list[list[str]]:
+    """The header and a line of cells per group: its name, images, lesions and each metric with its interval."""
     header = [name, "images", "lesions", *(heading for heading, _ in TABLE_COLUMNS)]
-    table = [header] + [
+    return [header] + [
         [str(r[name]), str(r["n_images"]), str(r["n_lesions"]), *(_cell(r, metric) for _, metric in TABLE_COLUMNS)]
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+
+
+def format_groups(rows: Sequence[dict], name: str = "source") -> str:
+    """Aligned plain text: one line per group (``row[name]``), its images and lesions, and every metric with its
+    95% interval over lesions."""
+    table = _table(rows, name)
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table)
+
+
+def markdown_groups(rows: Sequence[dict], name: str = "source") -> list[str]:
+    """The same table as :func:`format_groups`, as Markdown lines (the model card's)."""
+    header, *body = _table(rows, name)
+    return [f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}", *(f"| {' | '.join(line)} |" for line in body)]
 
 
 def holdout_row(run_dir: Path, *, bootstrap: int = 1000) -> dict:

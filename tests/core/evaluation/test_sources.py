@@ -138,9 +138,35 @@ def test_leave_one_source_out_trains_a_run_per_eligible_source_and_reports_them(
     assert bad.returncode == 2 and bad.stderr.startswith("error: --leave-one-source-out chooses")
 
 
-def test_a_run_that_held_out_no_source_has_no_holdout_row(tiny_root, tmp_path):
+@pytest.fixture(scope="module")
+def runs(sourced_root, tmp_path_factory) -> Path:
+    """Two real tiny runs on the sourced dataset: "plain" (the usual split) and "far" (holding out the far source)."""
     from tests.app_support import train_tiny_run
 
-    run = train_tiny_run(tiny_root, tmp_path / "runs", "plain", tmp_path / "features")
+    base = tmp_path_factory.mktemp("source_runs")
+    for name, holdout in (("plain", ""), ("far", "far")):
+        train_tiny_run(sourced_root, base / "runs", name, base / "features", holdout_source=holdout)
+    return base / "runs"
+
+
+def test_a_run_that_held_out_no_source_has_no_holdout_row(runs):
     with pytest.raises(ValueError, match="did not hold out an image source"):
-        holdout_row(run)
+        holdout_row(runs / "plain")
+
+
+def test_the_model_card_shows_results_by_source_and_the_held_out_runs(runs, sourced_root):
+    from bench.model_card import source_lines
+
+    lines = source_lines(runs / "plain", runs, str(sourced_root))
+    text = "\n".join(lines)
+    assert "## Results by image source" in text and "### Leave one source out" in text
+    table = [line for line in lines if line.startswith("| ") and "---" not in line]
+    sources = pd.read_csv(sourced_root / "HAM10000_sources.csv").set_index("image_id")["dataset"]
+    tested = pd.read_csv(runs / "plain" / "test_predictions.csv")["image_id"].map(sources).value_counts()
+    by_source = {cells[1].strip(): int(cells[2]) for cells in (line.split("|") for line in table[1:3])}
+    assert by_source == tested.to_dict()
+    # The held-out run's row: its test split is the far source's images.
+    far = read_evaluation(runs / "far")["test"]
+    assert any(line.startswith(f"| far | {far['n']} |") for line in table[3:])
+    assert f"{far['balanced_accuracy']:.3f} on far" in text
+    assert source_lines(runs / "plain", runs, None)[-1].startswith("Not computed")

@@ -28,6 +28,7 @@ from core.common.labels import CLASSES
 from core.common.runs import (
     EVALUATE_FILE,
     has_evaluation,
+    lesions_of,
     read_config,
     read_evaluate_report,
     read_predictions,
@@ -91,6 +92,11 @@ def load_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return labels, softmax(logits, temperature), softmax(logits), temperature
 
 
+def test_lesions(run_dir: Path) -> list[str]:
+    """The lesion of each of the run's test predictions, in their order: the card's intervals resample lesions."""
+    return lesions_of(run_dir, read_predictions(run_dir)[0]["image_id"].astype(str).tolist())
+
+
 def load_evaluate_report(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """Test labels and calibrated probabilities as ``lesionlab evaluate`` read them at its defaults (flip
     TTA), from the report saved in the run folder, with the report; None without one."""
@@ -107,11 +113,13 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def all_intervals(labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, threshold: float) -> dict[str, str]:
-    """The 95% bootstrap interval (2000 resamples of the test images) of every metric in the card's table,
-    formatted "low–high"."""
+def all_intervals(
+    labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, threshold: float, lesions: list[str]
+) -> dict[str, str]:
+    """The 95% bootstrap interval (2000 resamples of the test images' ``lesions``) of every metric in the card's
+    table, formatted "low–high"."""
     rate = lambda name, t: lambda y, p: melanoma_operating_point(y, p, t)[name]  # noqa: E731
-    ci = confidence_intervals(labels, probs, n=2000)
+    ci = confidence_intervals(labels, probs, n=2000, groups=lesions)
     on_calibrated = {
         "weighted_f1": weighted_f1,
         "mel_auc": melanoma_auc,
@@ -122,14 +130,16 @@ def all_intervals(labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None,
         "specificity": rate("specificity", 0.5),
         "ece": expected_calibration_error,
     }
-    ci |= {name: bootstrap_ci(labels, probs, fn, n=2000) for name, fn in on_calibrated.items()}
+    ci |= {name: bootstrap_ci(labels, probs, fn, n=2000, groups=lesions) for name, fn in on_calibrated.items()}
     if raw is not None:
-        ci["ece_raw"] = bootstrap_ci(labels, raw, expected_calibration_error, n=2000)
+        ci["ece_raw"] = bootstrap_ci(labels, raw, expected_calibration_error, n=2000, groups=lesions)
     return {name: f"{fmt(low)}–{fmt(high)}" for name, (low, high) in ci.items()}
 
 
-def per_class_intervals(labels: np.ndarray, probs: np.ndarray, n: int = 1000) -> dict[str, dict[str, str]]:
-    """Each class's precision and recall with its 95% bootstrap interval, formatted "low–high"."""
+def per_class_intervals(
+    labels: np.ndarray, probs: np.ndarray, lesions: list[str], n: int = 1000
+) -> dict[str, dict[str, str]]:
+    """Each class's precision and recall with its 95% bootstrap interval over ``lesions``, formatted "low–high"."""
 
     def share(c: int, of_predicted: bool) -> Callable[[np.ndarray, np.ndarray], float]:
         def fn(y: np.ndarray, p: np.ndarray) -> float:
@@ -142,7 +152,7 @@ def per_class_intervals(labels: np.ndarray, probs: np.ndarray, n: int = 1000) ->
     out = {}
     for c, code in enumerate(CLASSES):
         out[code] = {
-            name: "–".join(fmt(v) for v in bootstrap_ci(labels, probs, share(c, of_predicted), n=n))
+            name: "–".join(fmt(v) for v in bootstrap_ci(labels, probs, share(c, of_predicted), n=n, groups=lesions))
             for name, of_predicted in (("precision", True), ("recall", False))
         }
     return out
@@ -193,14 +203,16 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
     # 0.5.
     threshold = read_json(reference / "evaluation.json").get("mel_threshold")
     op = compute_metrics(labels, probs, mel_threshold=threshold)["melanoma"] if threshold is not None else mel
-    ci = all_intervals(labels, probs, raw, op["threshold"])
+    lesions = test_lesions(reference)
+    ci = all_intervals(labels, probs, raw, op["threshold"], lesions)
     # The targets are read as lesionlab evaluate reads the model: its saved report, when there is one.
     tta, tta_ci, evaluated = None, {}, load_evaluate_report(reference)
     if evaluated is not None:
         t_labels, t_probs, _ = evaluated
         tta = compute_metrics(t_labels, t_probs)
         tta["op"] = compute_metrics(t_labels, t_probs, mel_threshold=op["threshold"])["melanoma"]
-        tta_ci = all_intervals(t_labels, t_probs, None, op["threshold"])
+        t_lesions = lesions_of(reference, [r["image_id"] for r in evaluated[2]["predictions"]])
+        tta_ci = all_intervals(t_labels, t_probs, None, op["threshold"], t_lesions)
     one = {**m, "op": op}  # the one-view metrics with the operating point's melanoma figures beside them
     read = tta or one
     sizes = read_split(reference)["split"].value_counts()
@@ -212,7 +224,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
             "tta": "–" if tta is None or value is None else fmt(value(tta)),
             "tta_ci": "–" if tta is None else tta_ci.get(key, "–"),
         }
-    class_ci = per_class_intervals(labels, probs)
+    class_ci = per_class_intervals(labels, probs, lesions)
     per_class = [
         {
             "code": r["code"],

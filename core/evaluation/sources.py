@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from core.common.labels import CLASSES
-from core.common.runs import read_config, read_evaluation, read_predictions, read_split
+from core.common.runs import lesions_of, read_config, read_evaluation, read_predictions
 from core.metrics.bootstrap import bootstrap_ci
 from core.metrics.calibration import expected_calibration_error
 from core.metrics.classification import (
@@ -146,8 +146,7 @@ def holdout_row(run_dir: Path, *, bootstrap: int = 1000) -> dict:
     if not source:
         raise ValueError(f"{run_dir} did not hold out an image source (no holdout_source in its config.json)")
     table, labels, probs, _, evaluation = read_predictions(run_dir)
-    lesion_of = read_split(run_dir).set_index("image_id")["lesion_id"].astype(str)
-    lesions = table["image_id"].astype(str).map(lesion_of).fillna(table["image_id"].astype(str)).tolist()
+    lesions = lesions_of(run_dir, table["image_id"].astype(str).tolist())
     threshold = evaluation.get("mel_threshold")
     scored = scored_group(
         labels, probs, lesions, mel_threshold=0.5 if threshold is None else threshold, bootstrap=bootstrap

@@ -405,7 +405,7 @@ def test_cli_reaches_every_config_field():
         "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
         "--split-fractions 0.6 0.2 0.2 --split-seed 4 --holdout-source rosendahl --seed 5 --no-feature-cache "
-        "--cache-dir c "
+        "--cache-dir c --colour-constancy shades_of_gray "
         "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc "
         "--decoded-dir dc --compile --metadata --metadata-dropout 0.5"
     )
@@ -434,6 +434,7 @@ def test_cli_reaches_every_config_field():
         input_size=(150, 200),
         source_size=(200, 150),
         augmentation="strong",
+        colour_constancy="shades_of_gray",
         split_fractions=(0.6, 0.2, 0.2),
         split_seed=4,
         holdout_source="rosendahl",
@@ -511,6 +512,20 @@ def test_max_images_subsamples_every_class_and_keeps_lesions_whole(tiny_root, tm
     assert set(frame["dx"]) == set(CLASSES)  # rare classes survive the subsample
     assert frame.groupby("lesion_id")["split"].nunique().max() == 1
     assert train_rows["label"].value_counts().nunique() == 1  # seed preset: oversampled to balance
+
+
+def test_a_run_with_colour_constancy_trains_on_corrected_images_and_records_it(tiny_root, tmp_path):
+    """The config's colour constancy reaches the features the head trains on (their cache key is the
+    preprocessing's) and the checkpoint, which the predictor reads."""
+    cfg = tiny_config(tiny_root, tmp_path, name="sog", colour_constancy="shades_of_gray", epochs=1)
+    run_dir = train(cfg)
+    prep = Preprocessing.from_dict(read_checkpoint(run_dir / "best.pt")["preprocessing"])
+    assert prep.colour_constancy == "shades_of_gray" and prep == cfg.preprocessing
+    assert open_predictor(run_dir / "best.pt").prep == prep
+    plain = tiny_config(tiny_root, tmp_path).preprocessing
+    assert backbone_key(cfg.arch, cfg.weights, prep) != backbone_key(cfg.arch, cfg.weights, plain)
+    keys = {p.name for p in Path(cfg.cache_dir).rglob("*")}
+    assert any(backbone_key(cfg.arch, cfg.weights, prep) in name for name in keys), keys
 
 
 def test_a_run_holding_out_a_source_tests_on_that_source_alone(sourced_root, tmp_path):

@@ -119,6 +119,23 @@ def tiny_root(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ham"))
 
 
+@pytest.fixture(scope="session")
+def sourced_root(tiny_root, tmp_path_factory) -> Path:
+    """The tiny dataset with HAM10000_sources.csv: each class's first two lesions from "far", the rest from "home",
+    and one lesion of the first class seen by both (its first image "far", its second "home")."""
+    root = tmp_path_factory.mktemp("sourced") / "ham"
+    shutil.copytree(tiny_root, root)
+    lines = (root / "HAM10000_metadata.csv").read_text().splitlines()[1:]
+    rows = [line.split(",")[:2] for line in lines if line]
+    shared = rows[4][0]  # the third lesion of the first class
+    sources = []
+    for lesion_id, image_id in rows:
+        far = int(lesion_id[-5:]) < 2 or (lesion_id == shared and image_id == rows[4][1])
+        sources.append(f"{image_id},{'far' if far else 'home'}")
+    (root / "HAM10000_sources.csv").write_text("\n".join(["image_id,dataset", *sources]) + "\n")
+    return root
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Marked here rather than by hand, so that no test on the full dataset or in a real browser slips into the
     # fast `-m "not integration"` loop for want of a decorator (a test that starts a process is caught below).

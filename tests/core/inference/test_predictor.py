@@ -349,6 +349,30 @@ def test_one_predictor_serves_concurrent_sessions(predictor, tmp_path):
             np.testing.assert_array_equal(got, want)
 
 
+def test_a_model_trained_with_colour_constancy_gets_it_at_prediction_and_an_old_one_does_not(tmp_path):
+    """Every prediction path starts at Predictor.preprocess (Diagnose, Batch) or its transform (Evaluate, Quiz, the
+    robustness report): a checkpoint recording Shades of Gray sees an image and its colour-cast copy alike."""
+    image = make_image(2, np.random.default_rng(1), size=(64, 48))
+    cast = Image.fromarray((np.asarray(image, dtype=float) * [1.0, 0.85, 0.7]).round().astype(np.uint8))
+    mean, std = torch.tensor(PREP.mean)[:, None, None], torch.tensor(PREP.std)[:, None, None]
+
+    def colours(predictor: Predictor, source: Image.Image) -> torch.Tensor:
+        png = io.BytesIO()
+        source.save(png, "PNG")
+        pixels = predictor.preprocess(png.getvalue(), upload=False)[1][0] * std + mean
+        return pixels / pixels.sum(dim=0, keepdim=True)
+
+    gaps = {}
+    for cc in ("none", "shades_of_gray"):
+        prep = Preprocessing(input_size=(48, 48), colour_constancy=cc)
+        predictor = open_predictor(save_checkpoint(tmp_path / f"{cc}.pt", prep=prep))
+        assert predictor.prep.colour_constancy == cc
+        gaps[cc] = float((colours(predictor, image) - colours(predictor, cast)).abs().mean())
+        transformed = predictor.transform(image)
+        assert torch.equal(transformed, eval_transform(prep)(image))  # what the dataset-wide paths use
+    assert gaps["shades_of_gray"] < 0.01 < gaps["none"]
+
+
 def test_source_size_is_applied_to_uploads(tmp_path):
     # Trained on 200×150 downscales: a large upload is brought to that size before the model sees it.
     small = open_predictor(

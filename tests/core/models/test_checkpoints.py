@@ -161,6 +161,10 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "NaN mean": (changed(preprocessing__mean=[0.5, math.nan, 0.5]), "preprocessing.mean must be three finite"),
     "zero std": (changed(preprocessing__std=[0.2, 0.0, 0.2]), "preprocessing.std must be three finite numbers above 0"),
     "preprocessing as text": (changed(preprocessing="224x224"), "preprocessing must be a dict"),
+    "unknown colour constancy": (
+        changed(preprocessing__colour_constancy="retinex"),
+        "preprocessing.colour_constancy must be one of none, shades_of_gray",
+    ),
     "unknown arch": (
         changed(arch="vgg16"),
         "arch must be one of resnet18, resnet50, mobilenet_v2, efficientnet_b0, densenet121; got 'vgg16'",

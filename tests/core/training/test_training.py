@@ -23,6 +23,7 @@ from core.common.labels import CLASSES
 from core.common.runs import read_config, read_evaluation, read_run
 from core.data.dataset import DatasetError
 from core.data.preprocessing import Preprocessing
+from core.data.splits import SPLITS
 from core.inference.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference.opening import open_predictor
 from core.metrics.classification import MEL_SENSITIVITY
@@ -407,7 +408,8 @@ def test_cli_reaches_every_config_field():
         "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
         "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
-        "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
+        "--split-fractions 0.6 0.2 0.2 --split-seed 4 --holdout-source rosendahl --seed 5 --no-feature-cache "
+        "--cache-dir c --colour-constancy shades_of_gray "
         "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc "
         "--decoded-dir dc --compile --metadata --metadata-dropout 0.5"
     )
@@ -436,8 +438,10 @@ def test_cli_reaches_every_config_field():
         input_size=(150, 200),
         source_size=(200, 150),
         augmentation="strong",
+        colour_constancy="shades_of_gray",
         split_fractions=(0.6, 0.2, 0.2),
         split_seed=4,
+        holdout_source="rosendahl",
         seed=5,
         feature_cache=False,
         cache_dir="c",
@@ -513,6 +517,42 @@ def test_max_images_subsamples_every_class_and_keeps_lesions_whole(tiny_root, tm
     assert set(frame["dx"]) == set(CLASSES)  # rare classes survive the subsample
     assert frame.groupby("lesion_id")["split"].nunique().max() == 1
     assert train_rows["label"].value_counts().nunique() == 1  # seed preset: oversampled to balance
+
+
+def test_a_run_with_colour_constancy_trains_on_corrected_images_and_records_it(tiny_root, tmp_path):
+    """The config's colour constancy reaches the features the head trains on (their cache key is the
+    preprocessing's) and the checkpoint, which the predictor reads."""
+    cfg = tiny_config(tiny_root, tmp_path, name="sog", colour_constancy="shades_of_gray", epochs=1)
+    run_dir = train(cfg)
+    prep = Preprocessing.from_dict(read_checkpoint(run_dir / "best.pt")["preprocessing"])
+    assert prep.colour_constancy == "shades_of_gray" and prep == cfg.preprocessing
+    assert open_predictor(run_dir / "best.pt").prep == prep
+    plain = tiny_config(tiny_root, tmp_path).preprocessing
+    assert backbone_key(cfg.arch, cfg.weights, prep) != backbone_key(cfg.arch, cfg.weights, plain)
+    keys = {p.name for p in Path(cfg.cache_dir).rglob("*")}
+    assert any(backbone_key(cfg.arch, cfg.weights, prep) in name for name in keys), keys
+
+
+def test_a_run_holding_out_a_source_tests_on_that_source_alone(sourced_root, tmp_path):
+    """--holdout-source: trained and validated on the other sources, tested on the held-out one; the other views
+    of its lesions in no split; recorded in the config and the checkpoint, so evaluate recomputes the same split."""
+    from core.evaluation.evaluate import evaluate_checkpoint
+
+    run_dir = train(tiny_config(sourced_root, tmp_path, name="far", holdout_source="far"))
+    sources = pd.read_csv(sourced_root / "HAM10000_sources.csv").set_index("image_id")["dataset"]
+    split = pd.read_csv(run_dir / "split.csv")
+    split["source"] = split["image_id"].map(sources)
+    assert set(split.loc[split["split"] == "test", "source"]) == {"far"}
+    assert set(split.loc[split["split"] != "test", "source"]) == {"home"} and set(split["split"]) == set(SPLITS)
+    far_lesions = set(split.loc[split["source"] == "far", "lesion_id"])
+    assert len(split) == len(sources) - 1 and not split.query("source == 'home'")["lesion_id"].isin(far_lesions).any()
+    assert read_evaluation(run_dir)["test"]["n"] == (sources == "far").sum()
+    assert read_checkpoint(run_dir / "best.pt")["config"]["holdout_source"] == "far"
+    result = evaluate_checkpoint(run_dir / "best.pt", sourced_root, bootstrap=0)
+    assert result["holdout_source"] == "far" and result["split_warning"] is None
+    assert {p["image_id"] for p in result["predictions"]} == set(split.loc[split["split"] == "test", "image_id"])
+    with pytest.raises(ValueError, match="its sources are far, home"):
+        train(tiny_config(sourced_root, tmp_path, name="nowhere", holdout_source="rosendahl"))
 
 
 # ---------------------------------------------------------------------------

@@ -153,8 +153,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 _started: list[str] = []
 
 
-# Libraries' own probes, started by whichever test first imports them: ctypes.util.find_library asks ldconfig.
-_PROBES = {"ldconfig"}
+# Libraries' own probes, started by whichever test first needs them: ctypes.util.find_library asks ldconfig,
+# joblib (scikit-learn's parallelism) counts the physical cores with lscpu.
+_PROBES = {"ldconfig", "lscpu"}
 
 
 def _audit(event: str, args: tuple) -> None:

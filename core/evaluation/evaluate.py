@@ -250,7 +250,10 @@ def evaluate_checkpoint(
     :func:`_cached_batches`). ``progress(done, total)`` follows the images (by default a count on the terminal, when
     there is one: a log file full of carriage returns helps nobody). ``by_source`` adds each metric per image source
     (:func:`core.evaluation.sources.metrics_by_source`); an :class:`EvaluationError`, before the model runs, when no
-    image's source is known."""
+    image's source is known.
+
+    Longer than most functions here on purpose: it reads top to bottom as the command runs (open, choose the
+    images, one pass, the pass without metadata, the record), and each step is a call of its own."""
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = open_predictor(checkpoint, device=device)

@@ -163,7 +163,10 @@ def evaluate_shifts(
     ``shifts`` (names in :data:`core.data.shifts.SHIFTS`; default all), as a JSON-ready dict; ``progress`` hears the
     images done. The probabilities are the predictor's own, as :func:`core.evaluation.evaluate.evaluate_checkpoint`
     computes them, with test-time augmentation by default as the predictor uses it (``tta``). ``max_images``: a random
-    sample (seed 0) of at most that many of the split's images, for a quicker look."""
+    sample (seed 0) of at most that many of the split's images, for a quicker look.
+
+    Longer than most functions here on purpose: the report reads top to bottom as it is computed (the images,
+    the pass as they are, one pass per shift, the record), each step a call of its own."""
     names = known_shifts(shifts)
     predictor = open_predictor(checkpoint, device=device)
     mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold

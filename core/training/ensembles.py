@@ -122,11 +122,9 @@ def build_ensemble(
         # Written uncalibrated first: the members are read back through it, each with its own preprocessing.
         atomic_save(ensemble_dict(members, names, config=config), run_dir / "best.pt")
         probs = member_probabilities(run_dir / "best.pt", frames, log, device, batch_size, num_workers)
-        evaluation, calibration = ensemble_evaluation(names, probs)
+        evaluation, calibration, calibrated_test = ensemble_evaluation(names, probs)
         atomic_save(ensemble_dict(members, names, config=config, **calibration), run_dir / "best.pt")
-        test_probs = probs["test"][0]
-        calibrated = combine(test_probs, calibration["temperature"])
-        write_evaluation(run_dir, evaluation, frames["test"], calibrated, mean_log_probs(test_probs))
+        write_evaluation(run_dir, evaluation, frames["test"], calibrated_test, mean_log_probs(probs["test"][0]))
     except BaseException as exc:
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
         log.event("end", status="failed", error=message)
@@ -179,10 +177,12 @@ def member_probabilities(
     return probs
 
 
-def ensemble_evaluation(names: Sequence[str], probs: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict, dict]:
+def ensemble_evaluation(
+    names: Sequence[str], probs: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> tuple[dict, dict, np.ndarray]:
     """The evaluation (``evaluation.json``) of the ensemble and of each member on the same images, from
-    :func:`member_probabilities`; and the ensemble's calibration, which its file keeps: the temperature fitted on
-    the validation split and the operating point chosen there."""
+    :func:`member_probabilities`; the ensemble's calibration, which its file keeps: the temperature fitted on
+    the validation split and the operating point chosen there; and the calibrated test probabilities."""
     (val_probs, val_labels), (test_probs, test_labels) = probs["val"], probs["test"]
     temperature = fit_ensemble_temperature(val_labels, val_probs)
     calibrated_test, calibrated_val = combine(test_probs, temperature), combine(val_probs, temperature)
@@ -202,7 +202,7 @@ def ensemble_evaluation(names: Sequence[str], probs: dict[str, tuple[np.ndarray,
             for k, name in enumerate(names)
         ],
     }
-    return evaluation, {"temperature": temperature, **operating}
+    return evaluation, {"temperature": temperature, **operating}, calibrated_test
 
 
 def summary(run_dir: Path) -> str:

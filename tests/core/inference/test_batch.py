@@ -132,7 +132,7 @@ def test_archive_bombs_and_junk_are_refused_before_inflating(predictor, monkeypa
     monkeypatch.setattr(batch, "MAX_FILES", 2)
     with pytest.raises(BatchError, match="holds 3 files; a batch takes at most 2"):
         archive_files(zip_bytes({f"{i}.jpg": b"x" for i in range(3)}), "many.zip")
-    with pytest.raises(BatchError, match="cannot be opened as a .zip archive"):
+    with pytest.raises(BatchError, match="junk.zip is not a readable zip archive"):
         archive_files(b"PK not really a zip", "junk.zip")
 
 
@@ -199,7 +199,7 @@ def test_cli_reads_a_zip_and_says_what_it_cannot_use(tmp_path, capsys):
     capsys.readouterr()
     assert predict_cli.main([str(REFERENCE), str(tmp_path / "junk.zip"), "--csv", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: junk.zip cannot be opened as a .zip archive (File is not a zip file)."
+        "error: junk.zip is not a readable zip archive (no end-of-central-directory record)."
     ]
     with pytest.raises(SystemExit) as refused:  # argparse's own refusal, as for any wrong use of the flags
         predict_cli.main([str(REFERENCE), str(archive)])

@@ -107,8 +107,14 @@ def open_zip(source: str | Path | BinaryIO, name: str, *, max_members: int = MAX
                 f"{count:,} files)."
             )
         fh.seek(cd_at)
-        if _count_entries(fh.read(cd_size), max_members) > max_members:
+        found = _count_entries(fh.read(cd_size), max_members)
+        if found > max_members:
             raise ArchiveError(f"{name} holds more than {max_members:,} files; at most {max_members:,} are read.")
+        if found != count:
+            raise ArchiveError(
+                f"{name} is not a readable zip archive (it declares {count:,} files, its central directory "
+                f"lists {found:,})."
+            )
         fh.seek(0)
         return zipfile.ZipFile(fh)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, struct.error) as exc:

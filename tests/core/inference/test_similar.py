@@ -168,6 +168,22 @@ def test_report_escapes_what_it_quotes(predictor, sample_cases):
     assert html.count(escaped) == 5  # file name, heatmap label, warning, the case's alt text and caption
 
 
+def test_report_quotes_only_a_run_records_valid_figures(predictor, sample_cases):
+    # The run record is a file: a size that is not a count and figures that are not rates are left out, not quoted
+    # (a text accuracy stopped the report with a ValueError) and never markup.
+    prediction = predictor.predict(sample_cases.frame["path"].iloc[0], upload=False)
+    recorded = model_info(REFERENCE, predictor.checkpoint, predictor.arch)
+    hostile = {**recorded.test, "n": "<b>9999</b>", "accuracy": "high", "balanced_accuracy": 7.5}
+    html = report_html(
+        prediction, model=dataclasses.replace(recorded, test=hostile), created=datetime(2026, 1, 2, tzinfo=UTC)
+    )
+    assert "9999" not in html  # neither as markup nor as text
+    assert "Measured on its test split:" in html and "melanoma ROC AUC" in html
+    assert "accuracy high" not in html and "balanced accuracy" not in html and "750" not in html
+    valid = report_html(prediction, model=recorded, created=datetime(2026, 1, 2, tzinfo=UTC))
+    assert f"({recorded.test['n']} images)" in valid and f"accuracy {recorded.test['accuracy']:.1%}" in valid
+
+
 def report_probabilities(html: str) -> list[tuple[str, str]]:
     """(code, probability) of the report's class table rows, in their order."""
     rows = re.findall(r"<tr><td>(\w+)</td><td>([^<]+)</td><td>\w+</td><td class=\"p\">([\d.]+%)</td></tr>", html)

@@ -28,6 +28,7 @@ from core.common.labels import CLASSES
 from core.common.runs import (
     EVALUATE_FILE,
     has_evaluation,
+    lesions_of,
     read_config,
     read_evaluate_report,
     read_predictions,
@@ -35,9 +36,12 @@ from core.common.runs import (
     read_run,
     read_split,
 )
+from core.data.dataset import UNKNOWN_SOURCE, DatasetError, index_dataset
 from core.data.images import FIT_RULE
 from core.data.shifts import JPEG_QUALITY
+from core.data.splits import holdout_sources
 from core.evaluation import robustness
+from core.evaluation.sources import holdout_report, markdown_groups, metrics_by_source
 from core.inference.similar import NEIGHBOURS
 from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
 from core.metrics.calibration import expected_calibration_error, softmax
@@ -88,6 +92,11 @@ def load_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return labels, softmax(logits, temperature), softmax(logits), temperature
 
 
+def test_lesions(run_dir: Path) -> list[str]:
+    """The lesion of each of the run's test predictions, in their order: the card's intervals resample lesions."""
+    return lesions_of(run_dir, read_predictions(run_dir)[0]["image_id"].astype(str).tolist())
+
+
 def load_evaluate_report(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """Test labels and calibrated probabilities as ``lesionlab evaluate`` read them at its defaults (flip
     TTA), from the report saved in the run folder, with the report; None without one."""
@@ -104,11 +113,13 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def all_intervals(labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, threshold: float) -> dict[str, str]:
-    """The 95% bootstrap interval (2000 resamples of the test images) of every metric in the card's table,
-    formatted "low–high"."""
+def all_intervals(
+    labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, threshold: float, lesions: list[str]
+) -> dict[str, str]:
+    """The 95% bootstrap interval (2000 resamples of the test images' ``lesions``) of every metric in the card's
+    table, formatted "low–high"."""
     rate = lambda name, t: lambda y, p: melanoma_operating_point(y, p, t)[name]  # noqa: E731
-    ci = confidence_intervals(labels, probs, n=2000)
+    ci = confidence_intervals(labels, probs, n=2000, groups=lesions)
     on_calibrated = {
         "weighted_f1": weighted_f1,
         "mel_auc": melanoma_auc,
@@ -119,14 +130,16 @@ def all_intervals(labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None,
         "specificity": rate("specificity", 0.5),
         "ece": expected_calibration_error,
     }
-    ci |= {name: bootstrap_ci(labels, probs, fn, n=2000) for name, fn in on_calibrated.items()}
+    ci |= {name: bootstrap_ci(labels, probs, fn, n=2000, groups=lesions) for name, fn in on_calibrated.items()}
     if raw is not None:
-        ci["ece_raw"] = bootstrap_ci(labels, raw, expected_calibration_error, n=2000)
+        ci["ece_raw"] = bootstrap_ci(labels, raw, expected_calibration_error, n=2000, groups=lesions)
     return {name: f"{fmt(low)}–{fmt(high)}" for name, (low, high) in ci.items()}
 
 
-def per_class_intervals(labels: np.ndarray, probs: np.ndarray, n: int = 1000) -> dict[str, dict[str, str]]:
-    """Each class's precision and recall with its 95% bootstrap interval, formatted "low–high"."""
+def per_class_intervals(
+    labels: np.ndarray, probs: np.ndarray, lesions: list[str], n: int = 1000
+) -> dict[str, dict[str, str]]:
+    """Each class's precision and recall with its 95% bootstrap interval over ``lesions``, formatted "low–high"."""
 
     def share(c: int, of_predicted: bool) -> Callable[[np.ndarray, np.ndarray], float]:
         def fn(y: np.ndarray, p: np.ndarray) -> float:
@@ -139,7 +152,7 @@ def per_class_intervals(labels: np.ndarray, probs: np.ndarray, n: int = 1000) ->
     out = {}
     for c, code in enumerate(CLASSES):
         out[code] = {
-            name: "–".join(fmt(v) for v in bootstrap_ci(labels, probs, share(c, of_predicted), n=n))
+            name: "–".join(fmt(v) for v in bootstrap_ci(labels, probs, share(c, of_predicted), n=n, groups=lesions))
             for name, of_predicted in (("precision", True), ("recall", False))
         }
     return out
@@ -180,7 +193,7 @@ RESULT_VALUES: dict[str, Callable[[dict], float] | None] = {
 }
 
 
-def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path) -> str:
+def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path, data: str | None = None) -> str:
     labels, probs, raw, temperature = load_predictions(reference)
     m = compute_metrics(labels, probs)
     m_raw = compute_metrics(labels, raw)
@@ -190,14 +203,16 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
     # 0.5.
     threshold = read_json(reference / "evaluation.json").get("mel_threshold")
     op = compute_metrics(labels, probs, mel_threshold=threshold)["melanoma"] if threshold is not None else mel
-    ci = all_intervals(labels, probs, raw, op["threshold"])
+    lesions = test_lesions(reference)
+    ci = all_intervals(labels, probs, raw, op["threshold"], lesions)
     # The targets are read as lesionlab evaluate reads the model: its saved report, when there is one.
     tta, tta_ci, evaluated = None, {}, load_evaluate_report(reference)
     if evaluated is not None:
         t_labels, t_probs, _ = evaluated
         tta = compute_metrics(t_labels, t_probs)
         tta["op"] = compute_metrics(t_labels, t_probs, mel_threshold=op["threshold"])["melanoma"]
-        tta_ci = all_intervals(t_labels, t_probs, None, op["threshold"])
+        t_lesions = lesions_of(reference, [r["image_id"] for r in evaluated[2]["predictions"]])
+        tta_ci = all_intervals(t_labels, t_probs, None, op["threshold"], t_lesions)
     one = {**m, "op": op}  # the one-view metrics with the operating point's melanoma figures beside them
     read = tta or one
     sizes = read_split(reference)["split"].value_counts()
@@ -209,7 +224,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
             "tta": "–" if tta is None or value is None else fmt(value(tta)),
             "tta_ci": "–" if tta is None else tta_ci.get(key, "–"),
         }
-    class_ci = per_class_intervals(labels, probs)
+    class_ci = per_class_intervals(labels, probs, lesions)
     per_class = [
         {
             "code": r["code"],
@@ -258,6 +273,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "sections": {
             "similar": similar_lines(),
             "robustness": robustness_lines(reference),
+            "sources": source_lines(reference, runs, data),
             "metadata": metadata_lines(),
             "ensembles": ensemble_lines(runs, reference),
             "recipes": recipe_lines(runs),
@@ -380,6 +396,75 @@ def similar_lines() -> list[str]:
         "",
         *unfamiliar_lines(r["unfamiliar"]),
     ]
+
+
+def source_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
+    """Results by image source, from the reference's recorded test predictions (its ``lesionlab evaluate`` report
+    when saved, else the trainer's) and the sources of the dataset in ``data``, and the leave-one-source-out runs found
+    in ``runs``; a line saying what is missing when the dataset or its sources are not there."""
+    try:
+        frame = index_dataset(data).frame if data else None
+    except DatasetError:
+        frame = None
+    if frame is None or not (frame["source"] != UNKNOWN_SOURCE).any():
+        return ["", "## Results by image source", "", f"Not computed: no dataset with image sources at {data}."]
+    evaluated = load_evaluate_report(reference)
+    if evaluated is not None:
+        labels, probs, report = evaluated
+        image_ids = [r["image_id"] for r in report["predictions"]]
+        how = f"as `lesionlab evaluate` read them ({EVALUATE_FILE}, flip TTA)"
+    else:
+        table, labels, probs, _, _ = read_predictions(reference)
+        image_ids = table["image_id"].astype(str).tolist()
+        how = "as the trainer recorded them (one view)"
+    known = frame.drop_duplicates("image_id").set_index("image_id")
+    present = np.isin(image_ids, known.index)  # a record from another copy of the dataset may name images not here
+    rows = known.loc[np.asarray(image_ids)[present]].reset_index()
+    labels, probs = labels[present], probs[present]
+    if not present.all():
+        how += f"; {present.sum()} of its {len(present)} images are in {data}"
+    threshold = read_json(reference / "evaluation.json").get("mel_threshold") or 0.5
+    by_source = metrics_by_source(rows, labels, probs, mel_threshold=threshold, bootstrap=1000)
+    lines = [
+        "",
+        "## Results by image source",
+        "",
+        f"The test split's predictions {how}, by the source of each image (`HAM10000_sources.csv`); melanoma "
+        f"sensitivity and specificity at the operating point P(mel) ≥ {threshold:.3f}; 95% intervals from 1000 "
+        "bootstrap resamples of the lesions.",
+        "",
+        *markdown_groups(by_source),
+    ]
+    return lines + leave_one_source_out_lines(runs, frame)
+
+
+def leave_one_source_out_lines(runs: Path, frame) -> list[str]:
+    """The runs in ``runs`` trained without one source (``lesionlab train --leave-one-source-out``), tested on it."""
+    eligible, left_out = holdout_sources(frame)
+    holdouts = sorted(
+        d for d in runs.glob("*") if (d / "config.json").is_file() and read_config(d).get("holdout_source")
+    )
+    holdouts = [d for d in holdouts if has_evaluation(d)]
+    reasons = "; ".join(f"{s}: {why}" for s, why in left_out.items())
+    lines = [
+        "",
+        "### Leave one source out",
+        "",
+        f"A model trained and validated on the other sources and tested on one: {', '.join(eligible) or 'no source'} "
+        "can be held out"
+        + (f"; the others hold too few classes to be tested on alone ({reasons})." if reasons else "."),
+        "",
+    ]
+    if not holdouts:
+        return [*lines, "Not run yet: `lesionlab train --preset reference --data DIR --leave-one-source-out`."]
+    report = holdout_report(holdouts, left_out)
+    lines += [*markdown_groups(report["rows"]), ""]
+    lines += [
+        f"- `{r['run']}`: balanced accuracy {fmt(r['val_balanced_accuracy'])} on the validation split of the other "
+        f"sources, {fmt(r['metrics']['balanced_accuracy'])} on {r['source']}."
+        for r in report["rows"]
+    ]
+    return lines
 
 
 def robustness_lines(reference: Path) -> list[str]:
@@ -922,7 +1007,13 @@ def main() -> None:
     if args.train:
         train_comparisons(args.data, args.runs)
     args.out.write_text(
-        card(args.reference.resolve(), comparison_runs(args.data, args.runs), args.command, args.runs.resolve())
+        card(
+            args.reference.resolve(),
+            comparison_runs(args.data, args.runs),
+            args.command,
+            args.runs.resolve(),
+            args.data,
+        )
     )
     print(f"wrote {args.out}")
 

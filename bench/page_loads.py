@@ -62,7 +62,8 @@ def measure(data: Path, loads: int) -> dict:
     env = {**clean_env(), DATA_ENV: str(data)}
     results = {}
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp, streamlit_server(env, Path(tmp) / "server.log") as url:
+    with tempfile.TemporaryDirectory() as tmp, streamlit_server(env, Path(tmp) / "server.log") as server:
+        url = server.url
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:

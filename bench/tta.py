@@ -51,7 +51,8 @@ def view_probabilities(predictor: Predictor, data: Path, split: str, max_images:
     """(probabilities of every candidate view: zooms × 4 flips × images × classes, labels) for one split. Kept in
     ``CACHE`` for the checkpoint file, split and views, so that a rerun (to time the cost again) skips this."""
     seed, fractions, _ = resolve_split(predictor.checkpoint)
-    frame = select_split(index_data(data).frame, split, seed, fractions)
+    holdout = (predictor.checkpoint.get("config") or {}).get("holdout_source") or ""
+    frame = select_split(index_data(data).frame, split, seed, fractions, holdout)
     frame = frame.sample(n=max_images, random_state=0) if max_images and max_images < len(frame) else frame
     stat = predictor.path.stat()
     key = f"{predictor.path.name}-{stat.st_size}-{stat.st_mtime_ns}-{split}-{len(frame)}-{CANDIDATE_SCALES}"

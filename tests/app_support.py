@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -209,9 +210,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server(NamedTuple):
+    url: str
+    pid: int  # the benchmarks read its CPU time and memory
+
+
 @contextmanager
-def streamlit_server(env: dict[str, str], log: Path) -> Iterator[str]:
-    """``streamlit run streamlit_app.py`` on a free loopback port with ``env``; yields its URL once healthy.
+def streamlit_server(env: dict[str, str], log: Path) -> Iterator[Server]:
+    """``streamlit run streamlit_app.py`` on a free loopback port with ``env``; yields it once healthy.
     The server's output goes to ``log``."""
     port = free_port()
     with open(log, "wb") as out:
@@ -251,7 +257,7 @@ def streamlit_server(env: dict[str, str], log: Path) -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("streamlit did not start:\n" + log.read_text()[-3000:])
                 time.sleep(0.3)
-            yield url
+            yield Server(url, proc.pid)
         finally:
             proc.terminate()
             try:

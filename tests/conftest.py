@@ -136,15 +136,68 @@ def tiny_root(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ham"))
 
 
+@pytest.fixture(scope="session")
+def sourced_root(tiny_root, tmp_path_factory) -> Path:
+    """The tiny dataset with HAM10000_sources.csv: each class's first two lesions from "far", the rest from "home",
+    and one lesion of the first class seen by both (its first image "far", its second "home")."""
+    root = tmp_path_factory.mktemp("sourced") / "ham"
+    shutil.copytree(tiny_root, root)
+    lines = (root / "HAM10000_metadata.csv").read_text().splitlines()[1:]
+    rows = [line.split(",")[:2] for line in lines if line]
+    shared = rows[4][0]  # the third lesion of the first class
+    sources = []
+    for lesion_id, image_id in rows:
+        far = int(lesion_id[-5:]) < 2 or (lesion_id == shared and image_id == rows[4][1])
+        sources.append(f"{image_id},{'far' if far else 'home'}")
+    (root / "HAM10000_sources.csv").write_text("\n".join(["image_id,dataset", *sources]) + "\n")
+    return root
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Marked here rather than by hand, so that no test on the full dataset slips into the fast
-    # `-m "not integration"` loop for want of a decorator.
+    # Marked here rather than by hand, so that no test on the full dataset or in a real browser slips into the
+    # fast `-m "not integration"` loop for want of a decorator (a test that starts a process is caught below).
     for item in items:
-        if "ham_root" in getattr(item, "fixturenames", ()):
+        if "ham_root" in getattr(item, "fixturenames", ()) or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.integration)
     # The real-browser files take minutes each: first in the order, the two test processes start on them and the
     # short files fill in around them (last, they ran on alone after everything else). A stable sort.
     items.sort(key=lambda item: item.get_closest_marker("browser") is None)
+
+
+# The programs each test started (Python's "subprocess.Popen" audit event: CLIs, job workers, torchrun, the
+# Streamlit server, Chromium). A test that starts one crosses a process boundary, and such a test belongs to
+# the `integration` set: it fails otherwise, so the fast loop provably runs in-process only.
+_started: list[str] = []
+
+
+# Libraries' own probes, started by whichever test first imports them: ctypes.util.find_library asks ldconfig.
+_PROBES = {"ldconfig"}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "subprocess.Popen" and Path(str(args[0] or args[1][0])).name not in _PROBES:
+        _started.append(" ".join(map(str, args[1]))[:200] if args[1] else str(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    _started.clear()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "call" and report.passed and _started and item.get_closest_marker("integration") is None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} started a process ({_started[0]}) but is not marked integration: "
+            "mark it @pytest.mark.integration (the fast loop runs in-process only)"
+        )
 
 
 @pytest.fixture

@@ -1,12 +1,17 @@
-"""The `integration` marker splits the suite as promised: `-m "not integration"` is the fast loop without the
-full HAM10000, and tests/conftest.py marks every test that asks for it (the ham_root fixture)."""
+"""The `integration` marker splits the suite as promised: `-m "not integration"` is the fast loop, in one
+process and without the full HAM10000. tests/conftest.py marks the tests on the full dataset (the ham_root
+fixture) and in a real browser, and fails any other test that starts a process without the marker."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
+
 from tests.app_support import ROOT
+
+pytest_plugins = ["pytester"]
 
 # One test per file that uses ham_root, none of them decorated by hand.
 ON_THE_FULL_DATASET = {
@@ -17,22 +22,50 @@ ON_THE_FULL_DATASET = {
 }
 
 
-def collected(marker_expression: str) -> set[str]:
+@pytest.mark.integration
+def test_integration_marker_selects_the_tests_on_the_full_dataset_in_a_real_collection():
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marker_expression],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "integration"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {line for line in done.stdout.splitlines() if "::" in line}
+    assert ON_THE_FULL_DATASET <= {line for line in done.stdout.splitlines() if "::" in line}
 
 
-def test_integration_marker_selects_the_tests_on_the_full_dataset(request):
-    # `-m integration` selects them, in a real collection...
-    assert ON_THE_FULL_DATASET <= collected("integration")
-    # ...because every test of this run that asks for ham_root carries the marker, and no other does.
+def test_tests_on_the_full_dataset_or_in_a_browser_are_marked(request):
     for item in request.session.items:
-        assert ("ham_root" in item.fixturenames) == (item.get_closest_marker("integration") is not None), item.nodeid
+        expected = "ham_root" in item.fixturenames or item.get_closest_marker("browser") is not None
+        if expected:
+            assert item.get_closest_marker("integration") is not None, item.nodeid
     assert request.node.get_closest_marker("integration") is None  # the fast loop keeps this test
+
+
+def test_an_unmarked_test_that_starts_a_process_fails(pytester):
+    # Python's audit event is what subprocess.Popen raises: the same signal, without a process to start.
+    pytester.makepyfile(
+        """
+        import sys
+        import pytest
+
+        def start():
+            sys.audit("subprocess.Popen", "/bin/true", ["/bin/true"], None, None)
+
+        def test_a_starts_unmarked():
+            start()
+
+        @pytest.mark.integration
+        def test_b_starts_marked():
+            start()
+
+        def test_c_starts_nothing():  # last, so that this outer test's own record ends empty
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "tests.conftest", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*test_a_starts_unmarked started a process (/bin/true)*mark it @pytest.mark.integration*"]
+    )

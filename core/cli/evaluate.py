@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "robustness.json in the checkpoint's (or ensemble's) run folder, or at --out",
     )
     parser.add_argument(
+        "--by-source",
+        action="store_true",
+        help="also each metric per image source (HAM10000_sources.csv beside the metadata, or its dataset column), "
+        "with 95%% intervals resampling lesions",
+    )
+    parser.add_argument(
         "--max-images", type=int, help="with --shifts: a random sample (seed 0) of this many of the split's images"
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint,
             args.data,
             decoded_dir=".cache/decoded" if args.decoded_dir is None else args.decoded_dir or None,
+            by_source=args.by_source,
             **_options(args),
         )
         if result["split_note"]:

@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         "into the ensemble run NAME: one model file, one temperature fitted on the validation split "
         "(core.training.ensembles)",
     )
+    p.add_argument(
+        "--leave-one-source-out",
+        action="store_true",
+        help="validation away from home: train the config once per image source that holds enough classes "
+        "(core.data.splits.holdout_sources; the others are named with the reason), each run holding that source out "
+        "(run folders NAME-holdout-SOURCE), then print the leave-one-source-out report and save it as NAME-loso.json "
+        "in --out",
+    )
     add_config_flags(p)
     return p
 
@@ -132,6 +140,34 @@ def ensemble_configs(cfg: TrainConfig, k: int) -> tuple[Path, list[TrainConfig]]
     return run_dir, [config_with(cfg, seed=cfg.seed + i, name=f"{name}-seed{cfg.seed + i}") for i in range(k)]
 
 
+def loso_configs(cfg: TrainConfig) -> tuple[Path, list[TrainConfig], dict[str, str]]:
+    """Where the leave-one-source-out report goes, a config per source that can be held out (``cfg`` holding it
+    out, named NAME-holdout-SOURCE) and the sources left out with why. DatasetError when no source can be."""
+    from core.data.dataset import index_dataset
+    from core.data.splits import holdout_sources
+
+    eligible, left_out = holdout_sources(index_dataset(cfg.data).frame)
+    if not eligible:
+        why = "; ".join(f"{source}: {reason}" for source, reason in left_out.items()) or "no image source is known"
+        raise DatasetError(f"no image source of {cfg.data} can be held out ({why})")
+    name = check_run_name(cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.arch}-loso")
+    configs = [config_with(cfg, holdout_source=s, name=f"{name}-holdout-{s}") for s in eligible]
+    return Path(cfg.out) / f"{name}-loso.json", configs, left_out
+
+
+def leave_one_source_out_report(run_dirs: list[Path], left_out: dict[str, str], out: Path) -> int:
+    """Print and save the report over the runs that finished; 1 when some did not."""
+    from core.common.files import write_json
+    from core.evaluation.sources import format_holdout_report, holdout_report
+
+    finished = [d for d in run_dirs if read_status(d).get("state") == "finished"]
+    report = holdout_report(finished, left_out)
+    print(format_holdout_report(report), flush=True)
+    write_json(out, report)
+    print(f"leave-one-source-out report written to {out}", flush=True)
+    return 0 if len(finished) == len(run_dirs) else 1
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -154,47 +190,65 @@ def build_ensemble_run(run_dirs: list[Path], k: int, ensemble_dir: Path, *, devi
     return 0
 
 
+def resume_run(args: argparse.Namespace, main_process: bool) -> int:
+    """``--resume RUN_DIR``: continue one run from its last.pt."""
+    if args.ensemble is not None or args.leave_one_source_out:
+        print("error: --resume continues one run; resume each run, then combine or report them", file=sys.stderr)
+        return 2
+    if args.config and len(args.config) > 1:
+        print("error: --resume continues one run; pass at most one --config", file=sys.stderr)
+        return 2
+    cfg = config_from_args(args, args.config[0] if args.config else args.resume / "config.json")
+    run_dir = train(cfg, run_dir=args.resume, resume=True)
+    if main_process:
+        report(run_dir)
+    return 0
+
+
+def train_new(args: argparse.Namespace, main_process: bool) -> int:
+    """New runs: each ``--config`` (else the preset) with the flags applied, K times for ``--ensemble`` and once per
+    source that can be held out for ``--leave-one-source-out``, then the ensemble or the report built from them."""
+    configs = [config_from_args(args, path) for path in args.config or [None]]
+    if not all(cfg.data for cfg in configs):
+        print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
+        return 2
+    several = args.ensemble is not None or args.leave_one_source_out
+    if several and (len(configs) > 1 or (args.ensemble is not None and args.leave_one_source_out)):
+        print(
+            "error: --ensemble and --leave-one-source-out each train one config several times; pass at most one "
+            "--config, and one of them",
+            file=sys.stderr,
+        )
+        return 2
+    if args.ensemble is not None:
+        ensemble_dir, configs = ensemble_configs(configs[0], args.ensemble)
+    if args.leave_one_source_out:
+        if configs[0].holdout_source:
+            print("error: --leave-one-source-out chooses the held-out sources; drop --holdout-source", file=sys.stderr)
+            return 2
+        loso_out, configs, left_out = loso_configs(configs[0])
+        if main_process and left_out:
+            print("not held out: " + "; ".join(f"{s} ({why})" for s, why in left_out.items()), flush=True)
+    run_dirs = train_many(
+        configs,
+        on_run_start=(lambda run_dir: print(run_header(run_dir.name), flush=True)) if main_process else None,
+        on_run_end=report if main_process else None,
+    )
+    if args.ensemble is not None and main_process:
+        return build_ensemble_run(run_dirs, len(configs), ensemble_dir, device=configs[0].device)
+    if args.leave_one_source_out and main_process:
+        return leave_one_source_out_report(run_dirs, left_out, loso_out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (a killed job) ends like Ctrl-C: the run is marked interrupted and its files stay intact.
     signal.signal(signal.SIGTERM, _interrupt)
     # Under torchrun every process trains its share; rank 0 alone writes the run and prints its results.
     distributed.init()
-    main_process = distributed.is_main()
     try:
-        if args.resume:
-            if args.ensemble is not None:
-                print(
-                    "error: --resume continues one run; resume each member, then run lesionlab ensemble",
-                    file=sys.stderr,
-                )
-                return 2
-            if args.config and len(args.config) > 1:
-                print("error: --resume continues one run; pass at most one --config", file=sys.stderr)
-                return 2
-            cfg = config_from_args(args, args.config[0] if args.config else args.resume / "config.json")
-            run_dir = train(cfg, run_dir=args.resume, resume=True)
-            if main_process:
-                report(run_dir)
-        else:
-            configs = [config_from_args(args, path) for path in args.config or [None]]
-            if not all(cfg.data for cfg in configs):
-                print("error: no dataset: pass --data DIR (the folder holding HAM10000_metadata.csv)", file=sys.stderr)
-                return 2
-            if args.ensemble is not None:
-                if len(configs) > 1:
-                    print(
-                        "error: --ensemble trains one config several times; pass at most one --config", file=sys.stderr
-                    )
-                    return 2
-                ensemble_dir, configs = ensemble_configs(configs[0], args.ensemble)
-            run_dirs = train_many(
-                configs,
-                on_run_start=(lambda run_dir: print(run_header(run_dir.name), flush=True)) if main_process else None,
-                on_run_end=report if main_process else None,
-            )
-            if args.ensemble is not None and main_process:
-                return build_ensemble_run(run_dirs, len(configs), ensemble_dir, device=configs[0].device)
+        return (resume_run if args.resume else train_new)(args, distributed.is_main())
     except (
         DatasetError,
         WeightsUnavailableError,
@@ -210,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -288,6 +288,13 @@ def read_split(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(Path(run_dir) / "split.csv")
 
 
+def lesions_of(run_dir: Path, image_ids: Sequence[str]) -> list[str]:
+    """The lesion of each of ``image_ids`` by the run's ``split.csv`` (an image it does not list is its own lesion):
+    what a bootstrap over a run's test predictions resamples."""
+    lesion_of = dict(zip(*(read_split(run_dir)[c].astype(str) for c in ("image_id", "lesion_id")), strict=True))
+    return [lesion_of.get(str(i), f"image:{i}") for i in image_ids]
+
+
 def read_dataset_report(run_dir: Path) -> dict:
     """What the run set aside (see :func:`write_dataset_report`); empty before the trainer has written it."""
     return read_json(Path(run_dir) / "dataset_report.json") or {}

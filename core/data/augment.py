@@ -19,7 +19,14 @@ from torch import nn
 from torchvision.transforms import v2
 
 from core.data.decoded import DecodedImages
-from core.data.preprocessing import AUGMENTATIONS, WIDE_CROP_AREA, WIDE_SCALE, Preprocessing, wide_crop_ratio
+from core.data.preprocessing import (
+    AUGMENTATIONS,
+    WIDE_CROP_AREA,
+    WIDE_SCALE,
+    Preprocessing,
+    colour_constancy,
+    wide_crop_ratio,
+)
 
 
 def _augmentations(augmentation: str) -> list[nn.Module]:
@@ -43,7 +50,8 @@ def _augmentations(augmentation: str) -> list[nn.Module]:
 
 def batch_transform(prep: Preprocessing, augmentation: str, source: tuple[int, int]) -> nn.Module:
     """Batches of ``source`` (width, height) images, uint8 (or float in [0, 1]), to normalised model inputs:
-    resized to ``prep.input_size``, converted to float, augmented as ``augmentation``, normalised."""
+    resized to ``prep.input_size``, converted to float, colour-corrected as ``prep`` says, augmented as
+    ``augmentation``, normalised."""
     ops: list[nn.Module] = []
     if (source[1], source[0]) != tuple(prep.input_size):
         # On the 8-bit pixels with torchvision's antialiased resize, as the PIL path resizes them: the two agree
@@ -51,6 +59,7 @@ def batch_transform(prep: Preprocessing, augmentation: str, source: tuple[int, i
         # and resizing floats skips PIL's rounding, which moved the reference model's probabilities by up to 0.12.
         ops.append(v2.Resize(tuple(prep.input_size), antialias=True))
     ops.append(v2.ToDtype(torch.float32, scale=True))
+    ops += colour_constancy(prep)  # as train_transform and eval_transform: before any augmentation
     if augmentation == "wide":
         # After the resize, as in train_transform; bilinear on the half-pixel grid, as torchvision crops.
         size, ratio = tuple(prep.input_size), wide_crop_ratio(prep)

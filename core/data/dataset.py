@@ -31,6 +31,14 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 METADATA_NAMES = ("HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata")
 
 
+# Which camera or clinic took each image (vidir_modern, vidir_molemax, rosendahl, vienna_dias): a ``dataset``
+# column of the metadata itself, else this file beside it (image_id, dataset). The index calls it ``source``.
+SOURCES_NAME = "HAM10000_sources.csv"
+
+
+UNKNOWN_SOURCE = "unknown"
+
+
 HAM10000_IMAGES = 10_015  # the published dataset's images: a folder with as many usable ones holds all of it
 
 
@@ -159,11 +167,23 @@ def tidy_metadata(frame: pd.DataFrame) -> pd.DataFrame:
     # A lesion id is what keeps splits honest; an image without one is its own lesion.
     no_lesion = frame["lesion_id"] == ""
     frame.loc[no_lesion, "lesion_id"] = "image:" + frame.loc[no_lesion, "image_id"]
-    return frame[["row", *METADATA_COLUMNS, *(["path"] if "path" in frame.columns else [])]]
+    source = frame["dataset"] if "dataset" in frame.columns else pd.Series("", index=frame.index)
+    frame["source"] = source.fillna("").astype(str).str.strip().str.lower().replace({"": UNKNOWN_SOURCE})
+    return frame[["row", *METADATA_COLUMNS, "source", *(["path"] if "path" in frame.columns else [])]]
+
+
+def read_sources(path: str | Path, *, images: int | None = None) -> pd.Series:
+    """Each image's source (the ``dataset`` column of a table with ``image_id``), by image id."""
+    header = read_header(path)
+    if "image_id" not in header or "dataset" not in header:
+        raise DatasetError(f"{path} has no image_id or dataset column; expected image_id,dataset per image.")
+    table = read_table(path, images=images).drop_duplicates("image_id")
+    return pd.Series(table["dataset"].to_numpy(), index=table["image_id"].to_numpy())
 
 
 def read_metadata(path: str | Path, *, images: int | None = None) -> pd.DataFrame:
-    """Read HAM10000 metadata as published: the CSV (CRLF) or Dataverse's tab-separated export.
+    """Read HAM10000 metadata as published: the CSV (CRLF) or Dataverse's tab-separated export, with each
+    image's ``source`` from its ``dataset`` column or from :data:`SOURCES_NAME` beside it ("unknown" without).
 
     Ages may be written 80 or 80.0 or be missing; they become a float column with NaN.
     ``sex`` keeps "unknown" as its own value and fills missing ones with it. The header is checked
@@ -176,7 +196,11 @@ def read_metadata(path: str | Path, *, images: int | None = None) -> pd.DataFram
             f"{path} has no {' or '.join(missing)} column. Expected the HAM10000 metadata with columns "
             f"{', '.join(METADATA_COLUMNS)}."
         )
-    return tidy_metadata(read_table(path, images=images))
+    table = read_table(path, images=images)
+    sources = Path(path).parent / SOURCES_NAME
+    if "dataset" not in table.columns and sources.is_file():
+        table["dataset"] = table["image_id"].map(read_sources(sources, images=images))
+    return tidy_metadata(table)
 
 
 def _is_metadata_candidate(name: str) -> bool:
@@ -259,6 +283,16 @@ class DatasetIndex:
 
     def class_counts(self) -> pd.Series:
         return self.frame["dx"].value_counts().reindex(CLASSES, fill_value=0)
+
+    @property
+    def has_sources(self) -> bool:
+        """Whether any image's source is known (:data:`SOURCES_NAME`, or a ``dataset`` column)."""
+        return bool((self.frame["source"] != UNKNOWN_SOURCE).any())
+
+    def source_counts(self) -> pd.DataFrame:
+        """Images per source (rows, largest first) and class (columns, in ``CLASSES`` order)."""
+        table = pd.crosstab(self.frame["source"], self.frame["dx"]).reindex(columns=list(CLASSES), fill_value=0)
+        return table.loc[table.sum(axis=1).sort_values(ascending=False).index].rename_axis(index="source", columns="dx")
 
 
 def _listing(folder: Path) -> Iterator[os.DirEntry]:

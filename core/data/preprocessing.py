@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2
 
 from core.data.images import ImageSource, fit_to_source, open_image
@@ -32,6 +33,17 @@ AUGMENTATIONS = tuple(AUGMENTATION_HELP)
 WIDE_CROP_AREA = (0.25, 1.0)
 WIDE_ASPECT = 4 / 3
 WIDE_SCALE = (0.5, 1.0)
+# Colour constancy: each image's colours divided by an estimate of its illuminant, so that another camera's white
+# balance or light reaches the model as the training images' did. "shades_of_gray" estimates the illuminant as each
+# channel's Minkowski p-norm mean (Finlayson & Trezzi 2004), with p = 6, the choice of the ISIC 2018 entries that used
+# it (Barata et al.); p = 1 is grey world, p = ∞ max-RGB.
+COLOUR_CONSTANCY = ("none", "shades_of_gray")
+SHADES_OF_GRAY_P = 6
+COLOUR_CONSTANCY_HELP = (
+    "colour constancy applied to every image before the model, in training and at every prediction: none, or "
+    f"shades_of_gray (Shades of Gray, p = {SHADES_OF_GRAY_P}: each channel divided by its p-norm mean, so a colour "
+    "cast from another camera or light is removed); recorded in the checkpoint"
+)
 # Bounds on each side of a checkpoint's ``input_size`` and ``source_size``, in pixels (uploads have their
 # own, in core.data.images). Below 16 px the backbones' 32× downsampling leaves nothing to classify. Memory grows
 # with the square of the side: about 260 MB per image at 1024×1024 through ResNet-50, while a checkpoint
@@ -89,6 +101,7 @@ class Preprocessing:
     source_size: tuple[int, int] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    colour_constancy: str = "none"
 
     def __post_init__(self) -> None:
         # Every Preprocessing is checked, whether the trainer, a checkpoint or a benchmark made it.
@@ -97,9 +110,18 @@ class Preprocessing:
             check_size("source_size", self.source_size)
         _check_triple("mean", self.mean, MEAN_RANGE)
         _check_triple("std", self.std, STD_RANGE)
+        if self.colour_constancy not in COLOUR_CONSTANCY:
+            raise ValueError(
+                f"colour_constancy must be one of {', '.join(COLOUR_CONSTANCY)}; got {self.colour_constancy!r}"
+            )
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if v is not None else None) for k, v in asdict(self).items()}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        if self.colour_constancy == "none":
+            # Left out, so a model without it records what every earlier checkpoint recorded, and the feature
+            # caches keyed by this dict (core.inference.features.backbone_key) stay valid.
+            del d["colour_constancy"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
@@ -116,15 +138,44 @@ class Preprocessing:
             source_size=field("source_size"),
             mean=field("mean", IMAGENET_MEAN),
             std=field("std", IMAGENET_STD),
+            colour_constancy=field("colour_constancy", "none"),
         )
+
+
+class ShadesOfGray(nn.Module):
+    """Shades of Gray colour constancy on float images in [0, 1], (..., 3, H, W): each image's channels scaled so
+    that their ``p``-norm means are equal, keeping the image's overall brightness (the gains' norm is √3, so a grey
+    illuminant is left as it is); the result clipped to [0, 1]."""
+
+    def __init__(self, p: int = SHADES_OF_GRAY_P):
+        super().__init__()
+        self.p = p
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.as_tensor(images)  # a plain tensor: the gains below are not an image's geometry
+        illuminant = images.clamp(min=0).pow(self.p).mean(dim=(-2, -1), keepdim=True).pow(1 / self.p)
+        unit = illuminant / illuminant.norm(dim=-3, keepdim=True).clamp(min=1e-6)
+        return (images / (unit * math.sqrt(3)).clamp(min=1e-6)).clamp(0.0, 1.0)
+
+
+def colour_constancy(prep: Preprocessing) -> list[nn.Module]:
+    """The colour-constancy step of ``prep`` for a transform on float images in [0, 1]: none, or one module."""
+    return [ShadesOfGray()] if prep.colour_constancy == "shades_of_gray" else []
 
 
 def _to_tensor(prep: Preprocessing) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
 
 
+def _to_float(prep: Preprocessing) -> list:
+    """With colour constancy, the image as floats with its illuminant removed, before any augmentation (a colour
+    jitter then varies the corrected colours, and rotated corners do not count towards the illuminant)."""
+    steps = colour_constancy(prep)
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), *steps] if steps else []
+
+
 def eval_transform(prep: Preprocessing) -> v2.Compose:
-    return v2.Compose([v2.Resize(prep.input_size, antialias=True), *_to_tensor(prep)])
+    return v2.Compose([v2.Resize(prep.input_size, antialias=True), *_to_float(prep), *_to_tensor(prep)])
 
 
 def wide_crop_ratio(prep: Preprocessing) -> tuple[float, float]:
@@ -138,7 +189,7 @@ def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compo
     """Training transform, one of ``AUGMENTATIONS`` (see ``AUGMENTATION_HELP``)."""
     if augmentation == "none":
         return eval_transform(prep)
-    ops: list = [v2.Resize(prep.input_size, antialias=True)]
+    ops: list = [v2.Resize(prep.input_size, antialias=True), *_to_float(prep)]
     if augmentation == "wide":
         # After the resize, so the crop's aspect range is relative to the input's, as on the batched path.
         ops.append(v2.RandomResizedCrop(prep.input_size, scale=WIDE_CROP_AREA, ratio=wide_crop_ratio(prep)))

@@ -13,6 +13,9 @@ the one rule Evaluate, the robustness report, Quiz and the similar cases use to 
    core.evaluation.evaluate`` does.
 
 Images of the dataset that a split record does not list have an unknown split and are never drawn.
+
+A model validated away from home holds out one image source (``holdout_source``, :func:`split_by_lesion`): its
+images are the test split, the other sources' lesions are split into train and validation.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ from sklearn.model_selection import train_test_split
 from core.common.labels import CLASSES
 from core.common.runs import matching_runs, read_split
 from core.common.settings import PROJECT_ROOT
+from core.data.dataset import UNKNOWN_SOURCE
 
 SPLITS = ("train", "val", "test")
 # The split every run, evaluation and quiz uses unless told otherwise (the trainer's TrainConfig defaults too).
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 DEFAULT_SEED = 0
+# A source can be held out when it holds at least this many images of at least this many classes: fewer, and its
+# balanced accuracy averages the recall of a handful of images (HAM10000's vienna_dias holds melanomas and nevi,
+# vidir_molemax is 94 % nevi with 24 melanomas).
+MIN_HOLDOUT_CLASSES = 5
+MIN_HOLDOUT_CLASS_IMAGES = 30
 
 
 class SplitError(ValueError):
@@ -49,15 +58,25 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
 
 
 def split_by_lesion(
-    frame: pd.DataFrame, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = DEFAULT_SEED
+    frame: pd.DataFrame,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int = DEFAULT_SEED,
+    holdout_source: str = "",
 ) -> pd.Series:
     """Assign each image to train/val/test so that all images of one lesion share a split.
 
     HAM10000 has 10015 images of 7470 lesions; splitting images directly leaks
     near-duplicate views of a lesion into the test set. Lesions are stratified
     by diagnosis so every split keeps the class proportions.
+
+    With ``holdout_source`` (a value of ``frame["source"]``) the test split is that source's images and the other
+    sources' lesions are split into train and validation in the proportions of ``fractions``' first two. The
+    other sources' images of a lesion the held-out source also shows are in no split (NaN): training on them would
+    train on a test lesion.
     """
     train_f, val_f, test_f = check_fractions(fractions)
+    if holdout_source:
+        return _holding_out(frame, (train_f, val_f), seed, holdout_source)
     # A lesion's diagnosis is that of its images (HAM10000 never mixes them).
     lesions = frame.groupby("lesion_id", sort=True)["dx"].first()
     ids, dx = lesions.index.to_numpy(), lesions.to_numpy()
@@ -77,6 +96,51 @@ def split_by_lesion(
     train, val = cut(rest, rest_dx, val_f / (train_f + val_f) if train_f + val_f > 0 else 0.0, 1)
     split_of = {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}
     return frame["lesion_id"].map(split_of).rename("split")
+
+
+def _holding_out(frame: pd.DataFrame, fractions: tuple[float, float], seed: int, source: str) -> pd.Series:
+    sources = frame["source"] if "source" in frame.columns else pd.Series(dtype=str)
+    held = (sources == source).reindex(frame.index, fill_value=False)
+    if not held.any():
+        known = sorted(set(sources) - {UNKNOWN_SOURCE})
+        raise SplitError(
+            f"no image of the dataset comes from source {source!r}; "
+            + (
+                f"its sources are {', '.join(known)}"
+                if known
+                else "its image sources are not known (HAM10000_sources.csv)"
+            )
+        )
+    if sum(fractions) <= 0:
+        raise SplitError("holding out a source needs a share of the other lesions for training (--split-fractions)")
+    other_views = frame["lesion_id"].isin(frame.loc[held, "lesion_id"]) & ~held
+    rest = frame[~held & ~other_views]
+    inner = split_by_lesion(rest, (fractions[0] / sum(fractions), fractions[1] / sum(fractions), 0.0), seed)
+    split = pd.Series(None, index=frame.index, dtype=object, name="split")
+    split[held] = "test"
+    split[inner.index] = inner
+    return split
+
+
+def holdout_sources(frame: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
+    """The sources a model can be tested on when trained without them (at least :data:`MIN_HOLDOUT_CLASSES` classes
+    of :data:`MIN_HOLDOUT_CLASS_IMAGES` images each), largest first, and why each other source cannot, in words."""
+    table = pd.crosstab(frame["source"], frame["dx"]).reindex(columns=list(CLASSES), fill_value=0)
+    table = table.drop(index=UNKNOWN_SOURCE, errors="ignore")
+    eligible, left_out = [], {}
+    for source in table.sum(axis=1).sort_values(ascending=False).index:
+        counts = table.loc[source]
+        enough = counts[counts >= MIN_HOLDOUT_CLASS_IMAGES]
+        if len(enough) >= MIN_HOLDOUT_CLASSES:
+            eligible.append(source)
+            continue
+        top = counts.idxmax()
+        left_out[source] = (
+            f"{len(enough)} class{'es' if len(enough) != 1 else ''} with at least {MIN_HOLDOUT_CLASS_IMAGES} images "
+            f"({', '.join(f'{c} {n}' for c, n in enough.items()) or 'none'}; {MIN_HOLDOUT_CLASSES} needed); "
+            f"{counts[top] / counts.sum():.0%} of its {counts.sum():,} images are {top}"
+        )
+    return eligible, left_out
 
 
 def split_counts(frame: pd.DataFrame, split: pd.Series) -> pd.DataFrame:
@@ -107,13 +171,16 @@ def resolve_split(
     return seed, fracs, source
 
 
-def select_split(frame: pd.DataFrame, split: str, seed: int, fractions: Sequence[float]) -> pd.DataFrame:
-    """The rows of ``frame`` in ``split`` ("train", "val", "test" or "all") under the lesion-grouped split."""
+def select_split(
+    frame: pd.DataFrame, split: str, seed: int, fractions: Sequence[float], holdout_source: str = ""
+) -> pd.DataFrame:
+    """The rows of ``frame`` in ``split`` ("train", "val", "test" or "all") under the lesion-grouped split (holding
+    out ``holdout_source``, when given: :func:`split_by_lesion`)."""
     if split == "all":
         return frame.reset_index(drop=True)
     if split not in SPLITS:
         raise SplitError(f"unknown split {split!r}; choose from {', '.join((*SPLITS, 'all'))}")
-    assigned = split_by_lesion(frame, fractions, seed)
+    assigned = split_by_lesion(frame, fractions, seed, holdout_source)
     rows = frame[assigned.to_numpy() == split].reset_index(drop=True)
     if rows.empty:
         raise SplitError(f"the {split} split is empty with fractions {list(fractions)}; use --split all")
@@ -163,7 +230,7 @@ def model_split(
             "its split record was not found, so which images it trained on cannot be known."
         )
     seed, fractions, source = resolve_split(checkpoint)
-    assigned = split_by_lesion(frame, fractions, seed)
+    assigned = split_by_lesion(frame, fractions, seed, config.get("holdout_source") or "")
     return SplitRecord(
         pd.Series(assigned.to_numpy(), index=frame["image_id"].astype(str)),
         f"recomputed over this dataset from split seed {seed} and fractions "

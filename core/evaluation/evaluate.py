@@ -21,11 +21,12 @@ import torch
 from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.common.runs import read_split
 from core.data.augment import eval_batches
-from core.data.dataset import DatasetError, DatasetIndex
+from core.data.dataset import SOURCES_NAME, UNKNOWN_SOURCE, DatasetError, DatasetIndex
 from core.data.decoded import CacheUnavailable, open_decoded
 from core.data.images import ImageError
 from core.data.layouts import index_any
 from core.data.splits import SplitError, resolve_split, select_split
+from core.evaluation.sources import format_groups, metrics_by_source
 from core.inference.forward import (
     PredictionError,
     bounded_batch_size,
@@ -151,7 +152,8 @@ def split_images(
             "be recomputed from the full dataset; pass --split all, or --split-seed/--fractions to choose a split."
         )
     index = index_data(data)
-    frame = select_split(index.frame, split, seed, fracs)
+    holdout = config.get("holdout_source") or ""  # a model trained without one image source is tested on it
+    frame = select_split(index.frame, split, seed, fracs, holdout)
     return (
         index,
         frame,
@@ -161,6 +163,7 @@ def split_images(
             "split_seed": seed if split != "all" else None,
             "split_fractions": list(fracs) if split != "all" else None,
             "split_source": source if split != "all" else None,
+            "holdout_source": holdout or None,
             "split_note": (
                 "this is not the split the checkpoint was trained with; its test images may have been training images"
                 if split != "all" and source == "command line" and "split_seed" in config
@@ -204,15 +207,23 @@ def prediction_rows(
 
 
 def withheld_report(
-    known: dict, labels: np.ndarray, withheld: np.ndarray, *, mel_threshold: float, bootstrap: int
+    known: dict,
+    labels: np.ndarray,
+    withheld: np.ndarray,
+    *,
+    mel_threshold: float,
+    bootstrap: int,
+    lesions: Sequence[str] | None = None,
 ) -> dict:
     """What a model that takes age, sex and site scored with every field withheld, beside how many images knew
-    each field (``known``)."""
+    each field (``known``); intervals resample ``lesions`` (each image's lesion id) when given."""
     return {
         "known": known,
         "withheld": {
             "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
-            "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
+            "confidence_intervals": (
+                confidence_intervals(labels, withheld, n=bootstrap, groups=lesions) if bootstrap else None
+            ),
         },
     }
 
@@ -232,16 +243,24 @@ def evaluate_checkpoint(
     bootstrap: int = 1000,
     decoded_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    by_source: bool = False,
 ) -> dict:
     """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything. With a
     ``decoded_dir``, the images come from the decoded-image cache there when it holds them (see
     :func:`_cached_batches`). ``progress(done, total)`` follows the images (by default a count on the terminal, when
-    there is one: a log file full of carriage returns helps nobody)."""
+    there is one: a log file full of carriage returns helps nobody). ``by_source`` adds each metric per image source
+    (:func:`core.evaluation.sources.metrics_by_source`); an :class:`EvaluationError`, before the model runs, when no
+    image's source is known."""
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = open_predictor(checkpoint, device=device)
     mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
+    if by_source and not (frame["source"] != UNKNOWN_SOURCE).any():
+        raise EvaluationError(
+            f"no image source is known for these images: put {SOURCES_NAME} (image_id,dataset) beside the metadata "
+            f"of {data}, or give the metadata a dataset column"
+        )
     files, notes = frame_batches(frame, batch_size, num_workers, tta), []
 
     def batches_for(model: ModelView) -> Iterable:
@@ -262,12 +281,13 @@ def evaluate_checkpoint(
         return predictor.split_probabilities(batches_for, tta=tta, metadata=metadata, progress=hear)
 
     probs, labels = run(encoded)
+    lesions = frame["lesion_id"].tolist()  # the intervals resample lesions: a lesion's images are not independent
     # A model that takes metadata: the same images again with every field unknown, what it does without them.
     withheld, metadata = None, None
     if encoding is not None:
         withheld = run(None)[0]
         metadata = withheld_report(
-            encoding.known(encoded), labels, withheld, mel_threshold=mel_threshold, bootstrap=bootstrap
+            encoding.known(encoded), labels, withheld, mel_threshold=mel_threshold, bootstrap=bootstrap, lesions=lesions
         )
     return {
         "checkpoint": str(checkpoint),
@@ -279,7 +299,13 @@ def evaluate_checkpoint(
         "input_pipeline": "jpeg" if notes or decoded_dir is None else "decoded",
         "input_pipeline_note": notes[0] if notes else None,
         "metrics": compute_metrics(labels, probs, mel_threshold=mel_threshold),
-        "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
+        "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap, groups=lesions) if bootstrap else None,
+        "bootstrap_unit": "lesion",
+        "by_source": (
+            metrics_by_source(frame, labels, probs, mel_threshold=mel_threshold, bootstrap=bootstrap)
+            if by_source
+            else None
+        ),
         # A model that takes metadata: how many images knew each field (the metrics above use them) and the
         # metrics with every field withheld. None for a model of the image alone.
         "metadata": metadata,
@@ -361,6 +387,8 @@ def format_report(result: dict) -> str:
         lines.append(f"{code:<10}" + "".join(f"{v:>{cell}}" for v in row))
     if result.get("metadata"):
         lines += ["", *metadata_lines(result)]
+    if result.get("by_source"):
+        lines += ["", "By image source (95% intervals over lesions)", format_groups(result["by_source"])]
     return "\n".join(lines)
 
 

@@ -73,8 +73,9 @@ class ShiftedImages(torch.utils.data.Dataset):
         return self.transform(image), self.labels[i]
 
 
-def _drops(labels: np.ndarray, clean: np.ndarray, shifted: np.ndarray, bootstrap: int) -> dict:
-    """Per metric: clean minus shifted (positive: lower under the shift) and its paired 95% interval."""
+def _drops(labels: np.ndarray, clean: np.ndarray, shifted: np.ndarray, bootstrap: int, groups: Sequence | None) -> dict:
+    """Per metric: clean minus shifted (positive: lower under the shift) and its paired 95% interval, resampling
+    the lesions ``groups`` names (images without it)."""
     drops = {}
     for name, fn in METRICS.items():
         before, after = fn(labels, clean), fn(labels, shifted)
@@ -82,7 +83,7 @@ def _drops(labels: np.ndarray, clean: np.ndarray, shifted: np.ndarray, bootstrap
         ci = None
         if value is not None and bootstrap:
             try:
-                ci = list(paired_bootstrap_ci(labels, clean, shifted, fn, n=bootstrap))
+                ci = list(paired_bootstrap_ci(labels, clean, shifted, fn, n=bootstrap, groups=groups))
             except ValueError:  # undefined on every resample of a tiny split
                 ci = None
         drops[name] = {"value": value, "ci": ci}
@@ -118,15 +119,23 @@ def known_shifts(shifts: Sequence[str] | None) -> list[str]:
     return names
 
 
-def condition_rows(labels: np.ndarray, probs: dict[str, np.ndarray], *, mel_threshold: float, bootstrap: int) -> list:
+def condition_rows(
+    labels: np.ndarray,
+    probs: dict[str, np.ndarray],
+    *,
+    mel_threshold: float,
+    bootstrap: int,
+    groups: Sequence | None = None,
+) -> list:
     """The report's rows, clean first: each condition's headline metrics, its drop from clean with a paired
-    bootstrap interval, and every metric at the model's operating point."""
+    bootstrap interval (over the lesions ``groups`` names, else the images), and every metric at the model's
+    operating point."""
     rows = []
     for name, shifted in probs.items():
         row = {"name": name, "description": DESCRIPTIONS[name]}
         row.update({metric: fn(labels, shifted) for metric, fn in METRICS.items()})
         if name != CLEAN:
-            row["drop"] = _drops(labels, probs[CLEAN], shifted, bootstrap)
+            row["drop"] = _drops(labels, probs[CLEAN], shifted, bootstrap, groups)
         row["metrics"] = compute_metrics(labels, shifted, mel_threshold=mel_threshold)
         rows.append(row)
     return rows
@@ -196,7 +205,10 @@ def evaluate_shifts(
         "bootstrap": bootstrap,
         "seconds": seconds,
         "images_per_s": len(frame) * len(conditions) / seconds if seconds > 0 else None,
-        "conditions": condition_rows(labels, probs, mel_threshold=mel_threshold, bootstrap=bootstrap),
+        "bootstrap_unit": "lesion",
+        "conditions": condition_rows(
+            labels, probs, mel_threshold=mel_threshold, bootstrap=bootstrap, groups=frame["lesion_id"].tolist()
+        ),
     }
 
 

@@ -29,7 +29,6 @@ test results, so Diagnose, Batch, Quiz, Evaluate and Compare list it with the ru
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from PIL import Image
 
 from core.common.labels import NUM_CLASSES, class_index
 from core.common.runtime import tune_allocator
+from core.common.waiting_line import WaitingLine
 from core.data.preprocessing import Preprocessing, eval_transform
 from core.inference.explain import gradcam
 from core.inference.forward import check_probabilities, class_probabilities, predict_probs
@@ -122,7 +122,7 @@ class EnsemblePredictor(Predictor):
         self.temperature = float(self.checkpoint["temperature"])
         self.mel_threshold = melanoma_threshold(self.checkpoint)
         self.detector = load_detector(self.path)
-        self._lock = threading.Lock()
+        self.line = WaitingLine()  # every model pass joins it: one at a time, in arrival order
 
     @property
     def arch(self) -> str:
@@ -160,7 +160,7 @@ class EnsemblePredictor(Predictor):
         metadata = list(metadata) if metadata is not None else [None] * len(inputs)
         images = [image for image, _ in inputs]
         x = torch.cat([tensor for _, tensor in inputs])
-        with self._lock, torch.inference_mode():
+        with self.line, torch.inference_mode():
             member_probs = np.stack(
                 [
                     class_probabilities(m.model, self._member_inputs(m, images, x), m.temperature, tta)
@@ -187,7 +187,7 @@ class EnsemblePredictor(Predictor):
         index = prediction.top_index if target is None else class_index(target) if isinstance(target, str) else target
         width, height = prediction.image.size
         maps = []
-        with self._lock:
+        with self.line:
             for m in self.members:
                 x = self._member_inputs(m, [prediction.image], prediction.input_tensor)
                 heat = gradcam(m.model, x, int(index), method)

@@ -7,7 +7,6 @@ transform) and applies the checkpoint's fitted temperature.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 
 from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT, class_index
 from core.common.runtime import tune_allocator
+from core.common.waiting_line import WaitingLine
 from core.data.dataset import LesionDataset
 from core.data.images import ImageSource
 from core.data.preprocessing import Preprocessing, eval_transform, load_for_model
@@ -108,8 +108,9 @@ def frame_batches(frame: pd.DataFrame, batch_size: int = 64, num_workers: int = 
 class Predictor:
     """A checkpoint loaded once, ready to classify and explain images.
 
-    Thread-safe: Streamlit sessions share one instance, so the model is only touched under
-    ``_lock`` and callers reach it only through these methods. Model passes are serialised
+    Thread-safe: Streamlit sessions share one instance, so the model is only touched in
+    ``line`` (a :class:`core.common.waiting_line.WaitingLine`, whose length a page shows while a session waits)
+    and callers reach it only through these methods. Model passes are serialised
     (they use every core anyway, and CAM and feature-map hooks must not see other threads' passes).
     """
 
@@ -126,7 +127,7 @@ class Predictor:
         self.mel_threshold = melanoma_threshold(ckpt)
         # The measured "unfamiliar image" detector saved beside the checkpoint (bench/similar.py), if any.
         self.detector = load_detector(self.path)
-        self._lock = threading.Lock()
+        self.line = WaitingLine()  # every model pass joins it: one at a time, in arrival order
 
     @property
     def arch(self) -> str:
@@ -237,7 +238,7 @@ class Predictor:
         rows = torch.from_numpy(np.stack([(encoding or MetadataEncoding()).encode_mapping(m) for m in metadata]))
         if encoding is not None:
             model = partial(self.model, metadata=rows)
-        with self._lock, torch.inference_mode():
+        with self.line, torch.inference_mode():
             all_probs = class_probabilities(model, x, self.temperature, tta).double().cpu().numpy()
         check_probabilities(all_probs)
         return self._predictions(inputs, x, all_probs, tta, metadata)
@@ -282,14 +283,14 @@ class Predictor:
             index = class_index(target)
         else:
             index = int(target)
-        with self._lock:
+        with self.line:
             return gradcam(self.model, prediction.input_tensor, index, method)
 
     def embed(self, prediction: Prediction) -> np.ndarray:
         """The pooled backbone features of the predicted image (what similar cases and the unfamiliar-image
         score compare), computed once per prediction."""
         if prediction.embedding is None:
-            with self._lock, torch.inference_mode():
+            with self.line, torch.inference_mode():
                 features = self.model.backbone(prediction.input_tensor)[0]
             prediction.embedding = features.float().cpu().numpy()
         return prediction.embedding
@@ -302,11 +303,11 @@ class Predictor:
 
     def layer_names(self) -> list[str]:
         """The layers :meth:`feature_maps` shows, shallow to deep."""
-        with self._lock:
+        with self.line:
             return self.model.feature_layers()
 
     def feature_maps(self, prediction: Prediction, layer: str) -> np.ndarray:
         """The activations (C, h, w) of ``layer`` (one of :meth:`layer_names`) for the predicted image;
         raises ValueError for a layer the model does not have."""
-        with self._lock:
+        with self.line:
             return feature_maps(self.model, prediction.input_tensor, layer)

@@ -38,7 +38,7 @@ MAX_SPLIT_SEED = 2**32 - 2
 # A config is the trainer's flat settings (an ensemble's adds a list of its members): a few dozen values.
 MAX_CONFIG_DEPTH = 3
 MAX_CONFIG_VALUES = 2_000
-PREPROCESSING_FIELDS = ("input_size", "source_size", "mean", "std")
+PREPROCESSING_FIELDS = ("input_size", "source_size", "mean", "std", "colour_constancy")
 
 Check = Callable[[object], None]
 

@@ -10,6 +10,8 @@ from typing import Any
 from core.data.preprocessing import (
     AUGMENTATION_HELP,
     AUGMENTATIONS,
+    COLOUR_CONSTANCY,
+    COLOUR_CONSTANCY_HELP,
     Preprocessing,
     check_size,
 )
@@ -86,12 +88,18 @@ class TrainConfig:
         "training-image augmentation (cached features are never augmented); " + "; ".join(AUGMENTATION_HELP.values()),
         choices=AUGMENTATIONS,
     )
+    colour_constancy: str = setting("none", COLOUR_CONSTANCY_HELP, choices=COLOUR_CONSTANCY)
     split_fractions: tuple[float, float, float] = setting(
         DEFAULT_FRACTIONS,
         "fractions of the lesions in the train, validation and test splits",
         metavar=("TRAIN", "VAL", "TEST"),
     )
     split_seed: int = setting(DEFAULT_SEED, "seed of the lesion-grouped split")
+    holdout_source: str = setting(
+        "",
+        "validation away from home: train and validate on the other image sources (HAM10000_sources.csv) and test "
+        "on this one (e.g. rosendahl); the other sources' images of its lesions are left out",
+    )
     seed: int = setting(0, "seed of initialisation, batch order and resampling")
     feature_cache: bool = setting(
         True,
@@ -168,7 +176,9 @@ class TrainConfig:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(input_size=self.input_size, source_size=self.source_size)
+        return Preprocessing(
+            input_size=self.input_size, source_size=self.source_size, colour_constancy=self.colour_constancy
+        )
 
     @property
     def uses_feature_cache(self) -> bool:

@@ -55,7 +55,9 @@ def split_dataset(cfg: TrainConfig, index: DatasetIndex | None = None) -> pd.Dat
         ]
         frame = pd.concat(parts).reset_index(drop=True)
     check_classes(frame)
-    frame = frame.assign(split=split_by_lesion(frame, cfg.split_fractions, cfg.split_seed).to_numpy())
+    split = split_by_lesion(frame, cfg.split_fractions, cfg.split_seed, cfg.holdout_source).to_numpy()
+    # Holding out a source leaves the other views of its lesions in no split: they are not the run's images.
+    frame = frame.assign(split=split)[pd.notna(split)].reset_index(drop=True)
     check_splits(frame)
     return frame
 
@@ -124,7 +126,7 @@ class SharedInputs:
         return self._indexes[cfg.data]
 
     def frame(self, cfg: TrainConfig) -> pd.DataFrame:
-        key = (cfg.data, cfg.max_images, cfg.seed, cfg.split_fractions, cfg.split_seed)
+        key = (cfg.data, cfg.max_images, cfg.seed, cfg.split_fractions, cfg.split_seed, cfg.holdout_source)
         if key not in self._frames:
             self._frames[key] = split_dataset(cfg, self.index(cfg))
         return self._frames[key]

@@ -167,11 +167,18 @@ def job_signature(job: app_jobs.Job | None, run: runs.RunState | None) -> tuple 
     return job.id, job.stop_requested, job.current_run, run.state if run else None
 
 
-@st.fragment(run_every=1)
-def job_sidebar(drawn: tuple | None) -> None:
-    """The sidebar's line about the training job, and the watch every page relies on: ``drawn`` is the
-    job's signature when the page was drawn; once the job files say otherwise (a job started, its next
-    run, a stop, its end) the whole page is drawn again, within a second and without a reload."""
+def while_a_job_runs(body: Callable[..., None], *args: object) -> None:
+    """Draw ``body`` as a fragment that redraws itself every second while a job exists, and once otherwise.
+
+    Every watching tab costs the server a rerun a second (docs/BENCHMARKS.md, "Idle tabs": a quarter of a core
+    per tab when the sidebar watched always), so a tab left open with no job costs nothing. A job started from
+    a page redraws that page; one started elsewhere shows at the tab's next interaction; its end is seen by
+    the sidebar's watch, which redraws the whole page and so this fragment without its timer."""
+    live = app_jobs.active_job(runs_dir()) is not None
+    st.fragment(body, run_every=1 if live else None)(*args)
+
+
+def _job_line(drawn: tuple | None) -> None:
     job, run = current_job()
     if job_signature(job, run) != drawn:
         st.rerun()
@@ -183,6 +190,13 @@ def job_sidebar(drawn: tuple | None) -> None:
         return
     state = "stopping" if job.stop_requested and not run.done else run.state
     st.info(f"{what} running: **{run.name}** ({state})", icon=":material/hourglass_top:")
+
+
+def job_sidebar(drawn: tuple | None) -> None:
+    """The sidebar's line about the training job, and the watch every page relies on: ``drawn`` is the
+    job's signature when the page was drawn; once the job files say otherwise (its next run, a stop, its
+    end) the whole page is drawn again, within a second and without a reload."""
+    while_a_job_runs(_job_line, drawn)
 
 
 def fmt_seconds(s: float | None) -> str:

@@ -25,6 +25,7 @@ from pages.views._shared import (
     predictions,
     run_label,
     runs_dir,
+    while_a_job_runs,
 )
 
 st.title("Compare")
@@ -238,7 +239,6 @@ def experiment_form(index) -> None:
             st.rerun()
 
 
-@st.fragment(run_every=1)
 def experiment_status(manifest: dict) -> None:
     job, current = current_job()
     rows = []
@@ -331,7 +331,7 @@ def lesson_tab(manifests: list[dict]) -> None:
         if manifest is not None:
             job = app_jobs.active_job(RUNS)
             with st.expander("Its runs", expanded=job is not None and job.experiment == manifest["name"]):
-                experiment_status(manifest)
+                while_a_job_runs(experiment_status, manifest)
         lesson_view(chosen)
     else:
         st.info(

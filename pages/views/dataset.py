@@ -67,6 +67,11 @@ def metadata() -> None:
     left, right = st.columns(2)
     left.plotly_chart(bars("localization", "Localization", top=12), width="stretch")
     right.plotly_chart(bars("dx_type", "How the diagnosis was confirmed (dx_type)"), width="stretch")
+    if index.has_sources:
+        # Where an image was taken changes what a model learns from it (MODEL_CARD.md: results by source).
+        left, right = st.columns(2)
+        left.plotly_chart(bars("source", "Image source (camera or clinic)"), width="stretch")
+        right.dataframe(index.source_counts(), width="stretch")
 
 
 def gallery() -> None:

@@ -1,5 +1,6 @@
 """Diagnose: one uploaded image through one model. Uploads stay in memory; nothing is written to disk."""
 
+import time
 from datetime import UTC, datetime
 
 import streamlit as st
@@ -77,6 +78,15 @@ if upload.size > MAX_UPLOAD_BYTES:
 key = (upload.file_id, str(model_path), tta, tuple((metadata or {}).items()))
 cached = st.session_state.get("diag_result")
 if cached is None or cached[0] != key:
+    # One model serves every open session, one pass at a time: in a full room say so rather than freeze.
+    ahead, waited_from = len(predictor.line), time.perf_counter()
+    waiting = st.empty()
+    if ahead:
+        waiting.info(
+            f"{ahead} {'analysis' if ahead == 1 else 'analyses'} ahead of yours: one model serves every open "
+            "session, one image at a time.",
+            icon=":material/hourglass_top:",
+        )
     try:
         prediction = predictor.predict(upload.getvalue(), tta=tta, metadata=metadata)
     except ImageError as exc:
@@ -91,6 +101,11 @@ if cached is None or cached[0] != key:
             icon=":material/block:",
         )
         st.stop()
+    if ahead:
+        waiting.caption(
+            f"Your image waited behind {ahead} other {'analysis' if ahead == 1 else 'analyses'} "
+            f"({time.perf_counter() - waited_from:.1f} s in all with its own)."
+        )
     st.session_state["diag_result"] = cached = (key, prediction)
     st.session_state.pop("diag_cam", None)
 prediction = cached[1]

@@ -8,7 +8,15 @@ from core.common.runs import RunState, default_run_name, epochs_table, list_runs
 from core.common.runtime import gpu_count
 from core.data.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from core.models.architectures import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
-from pages.views._shared import current_job, dataset_choice, fmt_seconds, load_dataset, run_progress, runs_dir
+from pages.views._shared import (
+    current_job,
+    dataset_choice,
+    fmt_seconds,
+    load_dataset,
+    run_progress,
+    runs_dir,
+    while_a_job_runs,
+)
 
 st.title("Train")
 
@@ -248,8 +256,7 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
             st.code(run.log_tail() or "(empty)", language=None)
 
 
-@st.fragment(run_every=1)
-def monitor() -> None:
+def _progress() -> None:
     current, run = current_job()
     if current is not None and current.id != "?":
         if run is None:
@@ -292,4 +299,4 @@ if index is None and job is None:
 st.markdown("#### New run")
 config_form()
 st.markdown("#### Progress")
-monitor()
+while_a_job_runs(_progress)

@@ -69,8 +69,8 @@ def server(browser_env):
         }
     )
     try:
-        with streamlit_server(env, browser_env["runs"].parent / "server.log") as url:
-            yield url
+        with streamlit_server(env, browser_env["runs"].parent / "server.log") as started:
+            yield started.url
     finally:
         if app_jobs.active_job(browser_env["runs"]) is not None:
             app_jobs.kill_job(browser_env["runs"])

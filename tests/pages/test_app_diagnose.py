@@ -377,3 +377,32 @@ def test_an_upload_of_another_shape_says_what_fitting_did_to_it(reference_diagno
     assert len(fitted) == 1 and fitted[0].endswith("; its sides filled by mirroring the image's edges")
     at = upload(at, "field.jpg", jpeg_bytes(lesion_image(size=(400, 300))))  # the training images' shape
     assert "the upload brought to 200×150, the size of this model's training images" in shown_images(at)
+
+
+def test_an_upload_behind_others_says_how_many_it_waited_for(diagnose):
+    """One model serves every session one pass at a time: an upload that finds the line busy says so."""
+    import threading
+
+    from pages.views._shared import get_predictor
+
+    at = upload(diagnose, "first.jpg", jpeg_bytes(lesion_image()))
+    assert "waited behind" not in texts(at)  # an empty line: no word of it
+    predictor, _ = get_predictor(Path(at.session_state["diag_model"]))
+    taken, release = threading.Event(), threading.Event()
+
+    def another_session() -> None:
+        with predictor.line:
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=another_session)
+    holder.start()
+    taken.wait(10)
+    threading.Timer(1.0, release.set).start()  # the other session's pass ends while this upload waits
+    try:
+        at = upload(at, "second.jpg", jpeg_bytes(lesion_image(seed=3)))
+    finally:
+        release.set()
+        holder.join()
+    assert "Your image waited behind 1 other analysis" in texts(at)
+    assert [m.value for m in at.main.markdown if m.value.startswith("### ")]  # and it was answered

@@ -43,55 +43,7 @@ def runs(tmp_path):
         app_jobs.wait_idle(d, timeout=20)
 
 
-def test_training_job_runs_in_the_background_and_finishes(tiny_root, runs, tmp_path):
-    cfg = tiny_config(tiny_root, "bg", cache_dir=str(tmp_path / "cache"))
-    job = app_jobs.start_training(cfg, runs)
-    assert job.pid and job.pid != os.getpid()
-    assert os.getpgid(job.pid) == job.pid  # its own session: survives the app's reruns and reloads
-    assert app_jobs.active_job(runs).id == job.id
-    assert app_jobs.wait_idle(runs, timeout=120), "the job did not finish"
-    run = read_run(runs / "bg")
-    assert run.state == "finished", (run.error, run.log_tail())
-    assert len(run.epochs) == 2 and run.fraction_done() == 1.0
-    assert run.has_model and run.has_evaluation
-    assert (runs / "bg" / "train.log").is_file()
-    assert not (runs / app_jobs.LOCK_NAME).exists()
-    table, labels, probs, logits, evaluation = read_predictions(runs / "bg")
-    assert probs.shape == (len(labels), 7) and logits is not None and "temperature" in evaluation
-    assert [r.name for r in list_runs(runs)] == ["bg"]
-
-
-def test_one_job_at_a_time_and_stop(tiny_root, runs, tmp_path):
-    cfg = tiny_config(tiny_root, "long", epochs=200, cache_dir=str(tmp_path / "cache"))
-    app_jobs.start_training(cfg, runs)
-    with pytest.raises(app_jobs.JobBusyError, match="Only one training job runs at a time"):
-        app_jobs.start_training(tiny_config(tiny_root, "second"), runs)
-    assert not (runs / "second").exists()
-    # Live progress: epochs appear while it runs.
-    wait_for(lambda: len(read_run(runs / "long", app_jobs.active_job(runs)).epochs) >= 1, timeout=90)
-    running = read_run(runs / "long", app_jobs.active_job(runs))
-    assert running.state == "running" and 0 < running.fraction_done() < 1
-    assert "epoch" in running.progress_text()
-    assert app_jobs.stop_job(runs)
-    assert app_jobs.wait_idle(runs, timeout=60)
-    run = read_run(runs / "long")
-    assert run.state == "stopped"
-    assert 1 <= len(run.epochs) < 200
-    assert run.has_evaluation  # the best epoch so far is still evaluated
-
-
-def test_kill_terminates_worker_and_trainer(tiny_root, runs, tmp_path):
-    cfg = tiny_config(tiny_root, "killed", epochs=200, cache_dir=str(tmp_path / "cache"))
-    job = app_jobs.start_training(cfg, runs)
-    wait_for(lambda: (runs / "killed" / "status.json").is_file(), timeout=60)
-    assert app_jobs.kill_job(runs)
-    assert app_jobs.wait_idle(runs, timeout=30)
-    # The worker releases the lock on its way out, so it may still be exiting when the lock is free.
-    wait_for(lambda: not pid_alive(job.pid), timeout=30)
-    run = read_run(runs / "killed")
-    assert run.state in ("stopped", "failed", "interrupted") and run.done
-
-
+@pytest.mark.integration
 def test_failed_job_shows_its_error(runs, tmp_path):
     cfg = tiny_config(tmp_path, "broken")
     cfg["data"] = str(tmp_path / "no-such-folder")
@@ -110,6 +62,7 @@ def test_invalid_settings_are_refused_before_starting(tiny_root, runs):
     assert app_jobs.active_job(runs) is None
 
 
+@pytest.mark.integration
 def test_stale_lock_is_released(tiny_root, runs):
     runs.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -147,8 +100,9 @@ def run_worker(job_file: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
-def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny_root, runs, tmp_path):
+def test_the_trainer_dies_with_a_killed_worker_holds_the_lock_till_then_and_kill_ends_a_job(tiny_root, runs, tmp_path):
     job = app_jobs.start_training(tiny_config(tiny_root, "orphan", epochs=200, cache_dir=str(tmp_path / "cache")), runs)
     wait_for(lambda: read_run(runs / "orphan", app_jobs.active_job(runs)).epochs, timeout=90)
     [trainer] = child_pids(job.pid)
@@ -169,37 +123,31 @@ def test_the_trainer_dies_with_a_killed_worker_and_holds_the_lock_till_then(tiny
         def start_next() -> app_jobs.Job | None:
             try:
                 return app_jobs.start_training(
-                    tiny_config(tiny_root, "next", epochs=1, cache_dir=str(tmp_path / "cache")), runs
+                    tiny_config(tiny_root, "next", epochs=200, cache_dir=str(tmp_path / "cache")), runs
                 )
             except app_jobs.JobBusyError:
                 return None
 
-        wait_for(start_next, timeout=60)
+        following = wait_for(start_next, timeout=60)
         # The lock came free only once the trainer had died: never two trainers at once.
         assert not pid_alive(trainer, trainer_start)
     finally:
         if pid_alive(trainer, trainer_start):
             os.kill(trainer, signal.SIGKILL)
-    assert app_jobs.wait_idle(runs, timeout=120)
-    assert read_run(runs / "next").state == "finished"
     orphan = read_run(runs / "orphan")
     assert orphan.state in ("failed", "interrupted") and orphan.epochs
 
-
-def test_a_job_runs_in_one_worker_only(tiny_root, runs, tmp_path):
-    job = app_jobs.start_training(tiny_config(tiny_root, "once", cache_dir=str(tmp_path / "cache")), runs)
-    second = run_worker(job.file)
-    assert second.returncode == 2 and second.stderr.startswith("error:"), second.stderr
-    assert "another worker" in second.stderr and "Traceback" not in second.stderr
-    assert app_jobs.wait_idle(runs, timeout=120)
-    run = read_run(runs / "once")
-    assert run.state == "finished" and [e["epoch"] for e in run.epochs] == [1, 2]
-    # Once the job is over its file starts nothing: it no longer holds the lock.
-    late = run_worker(job.file)
-    assert late.returncode == 2 and "does not hold" in late.stderr
-    assert [e["epoch"] for e in read_run(runs / "once").epochs] == [1, 2]
+    # The next job, killed outright once it trains: worker and trainer go, and the run reads as over.
+    wait_for(lambda: (runs / "next" / "status.json").is_file(), timeout=60)
+    assert app_jobs.kill_job(runs)
+    assert app_jobs.wait_idle(runs, timeout=30)
+    # The worker releases the lock on its way out, so it may still be exiting when the lock is free.
+    wait_for(lambda: not pid_alive(following.pid), timeout=30)
+    killed = read_run(runs / "next")
+    assert killed.state in ("stopped", "failed", "interrupted") and killed.done
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("moment", ["starting", "training"])
 def test_a_killed_terminal_run_reads_as_interrupted_at_once(tiny_root, tmp_path, moment):
     trainer = subprocess.Popen(
@@ -245,6 +193,7 @@ def test_a_killed_terminal_run_reads_as_interrupted_at_once(tiny_root, tmp_path,
     assert [(r.name, r.state) for r in list_runs(tmp_path)] == [("term", "interrupted")]
 
 
+@pytest.mark.integration
 def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):
     runs.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -260,15 +209,34 @@ def test_lock_of_a_live_foreign_process_blocks(tiny_root, runs):
     assert app_jobs.active_job(runs) is None
 
 
-def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, tmp_path):
+@pytest.mark.integration
+def test_a_job_trains_its_queue_in_the_background_alone_and_once(tiny_root, runs, tmp_path):
+    """The one job trained to the end here: the imbalance experiment's two runs, one after the other in one
+    detached trainer, while a second job and a second worker for the same job are refused."""
     base = tiny_config(tiny_root, "", epochs=1, cache_dir=str(tmp_path / "cache"))
     job = app_jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
     assert job.kind == "experiment" and job.runs == ["exp-none", "exp-focal"]
-    with pytest.raises(app_jobs.JobBusyError):
+    assert job.pid and job.pid != os.getpid()
+    assert os.getpgid(job.pid) == job.pid  # its own session: survives the app's reruns and reloads
+    assert app_jobs.active_job(runs).id == job.id
+    with pytest.raises(app_jobs.JobBusyError, match="Only one training job runs at a time"):
         app_jobs.start_training(tiny_config(tiny_root, "meanwhile"), runs)
-    assert app_jobs.wait_idle(runs, timeout=180)
+    assert not (runs / "meanwhile").exists()
+    second = run_worker(job.file)
+    assert second.returncode == 2 and second.stderr.startswith("error:"), second.stderr
+    assert "another worker" in second.stderr and "Traceback" not in second.stderr
+
+    assert app_jobs.wait_idle(runs, timeout=180), "the job did not finish"
+    assert not (runs / app_jobs.LOCK_NAME).exists()
     states = {r.name: r.state for r in list_runs(runs)}
     assert states == {"exp-none": "finished", "exp-focal": "finished"}
+    for name in states:
+        run = read_run(runs / name)
+        assert run.state == "finished", (run.error, run.log_tail())
+        assert [e["epoch"] for e in run.epochs] == [1] and run.fraction_done() == 1.0
+        assert run.has_model and run.has_evaluation
+        table, labels, probs, logits, evaluation = read_predictions(runs / name)
+        assert probs.shape == (len(labels), 7) and logits is not None and "temperature" in evaluation
     cfgs = {n: read_run(runs / n).config for n in states}
     assert cfgs["exp-focal"]["imbalance"] == "focal" and cfgs["exp-none"]["imbalance"] == "none"
     assert all(c["finetune"] == "head" and c["feature_cache"] for c in cfgs.values())
@@ -278,16 +246,26 @@ def test_imbalance_experiment_runs_its_queue_one_after_another(tiny_root, runs, 
     logs = {n: (runs / n / "train.log").read_text() for n in states}
     for name, other in (("exp-none", "exp-focal"), ("exp-focal", "exp-none")):
         assert f"run: {runs.resolve() / name}\n" in logs[name] and other not in logs[name]
+    # Once the job is over its file starts nothing: it no longer holds the lock.
+    late = run_worker(job.file)
+    assert late.returncode == 2 and "does not hold" in late.stderr
+    assert [e["epoch"] for e in read_run(runs / "exp-none").epochs] == [1]
 
 
-def test_stopping_an_experiment_ends_its_run_and_starts_no_other(tiny_root, runs, tmp_path):
+@pytest.mark.integration
+def test_stopping_a_job_ends_its_run_and_starts_no_other(tiny_root, runs, tmp_path):
     base = tiny_config(tiny_root, "", epochs=200, cache_dir=str(tmp_path / "cache"))
     app_jobs.start_experiment(base, runs, name="exp", strategies=("none", "focal"))
+    # Live progress: epochs appear while it runs.
     wait_for(lambda: len(read_run(runs / "exp-none", app_jobs.active_job(runs)).epochs) >= 1, timeout=90)
+    running = read_run(runs / "exp-none", app_jobs.active_job(runs))
+    assert running.state == "running" and 0 < running.fraction_done() < 1
+    assert "epoch" in running.progress_text()
     assert app_jobs.stop_job(runs)
     assert app_jobs.wait_idle(runs, timeout=60)
     run = read_run(runs / "exp-none")
-    assert run.state == "stopped" and 1 <= len(run.epochs) < 200 and run.has_evaluation
+    assert run.state == "stopped" and 1 <= len(run.epochs) < 200
+    assert run.has_evaluation  # the best epoch so far is still evaluated
     assert not (runs / "exp-focal").exists()  # the queued run never started
 
 
@@ -320,6 +298,7 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
     assert "epoch 2/3" in text and "step 5/10" in text and "42 images/s" in text and "ETA 15 s" in text
 
 
+@pytest.mark.integration
 def test_dataset_download_runs_in_the_background(tmp_path, runs, server):  # noqa: F811
     """``server`` is test_download's fake Dataverse on loopback (a real HTTP server)."""
     dest = tmp_path / "ham"
@@ -339,6 +318,7 @@ def test_dataset_download_runs_in_the_background(tmp_path, runs, server):  # noq
     assert len(index_dataset(dest).frame) == 14
 
 
+@pytest.mark.integration
 def test_failed_download_reports_why(tmp_path, runs):
     app_jobs.start_download(tmp_path / "ham", runs, server="http://127.0.0.1:9")  # nothing listens on port 9
     wait_for(lambda: app_jobs.active_download(runs) is None, timeout=90)

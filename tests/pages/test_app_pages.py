@@ -153,6 +153,26 @@ def test_metadata_bars_can_show_each_category_as_shares(full_env, monkeypatch):
     assert len(stacked()) == 3 and all(layout.get("barnorm") == "percent" for layout in stacked())
 
 
+def test_metadata_shows_images_per_source_and_class_when_the_sources_are_known(
+    tiny_root, empty_env, monkeypatch, tmp_path
+):
+    """With HAM10000_sources.csv beside the metadata, the Metadata tab adds the source chart and its table."""
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    ids = pd.read_csv(root / "HAM10000_metadata.csv")["image_id"]
+    pd.DataFrame({"image_id": ids, "dataset": ["rosendahl", "vidir_modern"] * (len(ids) // 2)}).to_csv(
+        root / "HAM10000_sources.csv", index=False
+    )
+    AppEnv(data=root, runs=empty_env.runs, checkpoints=empty_env.checkpoints).apply(monkeypatch)
+    at = app_test("dataset")
+    open_view(at, "Metadata", "dataset_view")
+    assert charts(at) == 5
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert "Image source (camera or clinic)" in titles
+    table = at.dataframe[0].value
+    assert sorted(table.index) == ["rosendahl", "vidir_modern"] and int(table.to_numpy().sum()) == len(ids)
+
+
 def test_split_preview_says_which_split_the_trainer_uses(full_env, monkeypatch):
     """The preview opens on the trainer's own split and says so; moved sliders are a preview, with the command
     line that would train on it (the Train page has no such settings)."""
@@ -437,6 +457,7 @@ def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypat
     assert not [b for b in at.button if b.label == "Run the imbalance experiment"][0].disabled
 
 
+@pytest.mark.integration
 def test_the_newest_experiment_trained_here_is_the_lesson(tiny_root, tmp_path, monkeypatch):
     """An experiment run as the app runs it (one background job) becomes the lesson, before the published one."""
     from core.app import jobs as app_jobs

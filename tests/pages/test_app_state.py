@@ -51,6 +51,7 @@ def holders():
 # 1. The job's true state
 
 
+@pytest.mark.integration
 def test_after_stop_the_text_the_bar_and_the_buttons_agree(state_env, holders):
     """The run has stopped (0 of 3 epochs) while its job's process is still ending: no bar 28 % full beside
     "stopped", and no "Stopping…"/"Force stop now" for a run that has already stopped."""
@@ -88,6 +89,7 @@ def test_a_phase_reports_its_rate_and_eta():
     assert progress_text("indexing", 0, None, started=100.0, now=100.0) == "indexing: 0 images"
 
 
+@pytest.mark.integration
 def test_the_feature_phase_shows_a_bar_with_rate_and_eta(state_env, holders):
     holders.append(fake_job(state_env.runs, "r1"))
     started = time.time() - 20

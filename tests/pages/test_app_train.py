@@ -40,6 +40,7 @@ def start_button(at):
     return next(b for b in at.button if b.label == "Start training")
 
 
+@pytest.mark.integration
 def test_start_watch_and_stop_a_run_from_the_page(train_env):
     at = app_test("train")
     no_exceptions(at)
@@ -76,6 +77,7 @@ def test_start_watch_and_stop_a_run_from_the_page(train_env):
     assert read_run(train_env.runs / "ui-run").state == "stopped"
 
 
+@pytest.mark.integration
 def test_a_failed_run_shows_its_error(train_env, tmp_path):
     at = app_test("train")
     # Point the run at a copy of the dataset that vanishes before the trainer (still importing) reads it.
@@ -97,6 +99,7 @@ def test_a_failed_run_shows_its_error(train_env, tmp_path):
     assert "Training failed" in errors and "does not exist" in errors
 
 
+@pytest.mark.integration
 def test_compare_starts_the_imbalance_experiment(train_env):
     at = app_test("compare")
     no_exceptions(at)
@@ -124,6 +127,7 @@ def test_compare_starts_the_imbalance_experiment(train_env):
     assert states[0] in ("finished", "stopped") and states[1:] == ["not run"] * (len(STRATEGIES) - 1)
 
 
+@pytest.mark.integration
 def test_dataset_page_downloads_ham10000_and_uses_it(tmp_path, monkeypatch, server):  # noqa: F811
     """'Get HAM10000' against test_download's fake Dataverse on loopback, then 'Use this folder'."""
     env = AppEnv(data=None, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
@@ -146,6 +150,7 @@ def test_dataset_page_downloads_ham10000_and_uses_it(tmp_path, monkeypatch, serv
     assert {m.label: m.value for m in at.metric}["Images"] == "14"
 
 
+@pytest.mark.integration
 def test_a_failed_download_is_explained(tmp_path, monkeypatch):
     env = AppEnv(data=None, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
     env.apply(monkeypatch)
@@ -161,23 +166,10 @@ def test_a_failed_download_is_explained(tmp_path, monkeypatch):
     assert any("The download did not finish" in e.value for e in at.error)
 
 
-def test_an_automatic_run_name_follows_the_chosen_architecture(train_env):
+@pytest.mark.integration
+def test_a_run_that_learns_from_metadata_starts_from_the_form_under_a_name_of_its_architecture(train_env):
     at = app_test("train")
     fill_tiny(at, "", epochs=1)
-    at.selectbox(key="arch_seed").set_value("mobilenet_v2")
-    start_button(at).click().run()
-    no_exceptions(at)
-    assert not at.error
-    job = app_jobs.active_job(train_env.runs)
-    # The preset is ResNet-18; the name used to come from it before the architecture was chosen.
-    assert job is not None and "mobilenet_v2" in job.runs[0] and "resnet18" not in job.runs[0]
-    assert app_jobs.wait_idle(train_env.runs, timeout=90)
-    assert (train_env.runs / job.runs[0] / "config.json").is_file()
-
-
-def test_a_run_that_learns_from_metadata_starts_from_the_form(train_env):
-    at = app_test("train")
-    fill_tiny(at, "with-metadata", epochs=1)
     at.selectbox(key="arch_seed").set_value("mobilenet_v2")
     at.selectbox(key="finetune_seed").set_value("full")
     assert at.checkbox(key="metadata_seed").value is False
@@ -185,10 +177,13 @@ def test_a_run_that_learns_from_metadata_starts_from_the_form(train_env):
     start_button(at).click().run()
     no_exceptions(at)
     assert not at.error
+    job = app_jobs.active_job(train_env.runs)
+    # The preset is ResNet-18; the automatic name used to come from it before the architecture was chosen.
+    assert job is not None and "mobilenet_v2" in job.runs[0] and "resnet18" not in job.runs[0]
     assert app_jobs.wait_idle(train_env.runs, timeout=120)
-    run = read_run(train_env.runs / "with-metadata")
+    run = read_run(train_env.runs / job.runs[0])
     assert run.state == "finished" and run.config["metadata"] is True and run.config["finetune"] == "full"
-    predictor = open_predictor(train_env.runs / "with-metadata" / "best.pt")
+    predictor = open_predictor(train_env.runs / job.runs[0] / "best.pt")
     assert predictor.uses_metadata
 
 

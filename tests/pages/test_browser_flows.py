@@ -1,6 +1,6 @@
 """End to end in a real headless Chromium, what a user does: an upload diagnosed on Diagnose, images and a
 .zip predicted on Batch, a quiz taken to its summary, a training run started on Train whose curve grows, and
-pages that follow a job without a reload."""
+pages that follow a job without a reload while an idle tab costs nothing."""
 
 from __future__ import annotations
 
@@ -166,13 +166,27 @@ def test_train_a_run_and_watch_the_curve_grow(page, server, browser_env, tmp_pat
     assert read_run(browser_env["runs"] / "browser-run").state == "stopped"
 
 
-def test_pages_follow_the_job_without_a_reload(browser, server, browser_env):
-    """A job that ends, or one that starts, while a page is open shows on the page and in the sidebar within
-    moments (the app polls every second; the waits allow for a machine busy with other tests), with no reload;
-    the job is held by a stand-in process."""
+def frames_sent(pg, sent: list, seconds: float) -> int:
+    """How many messages the page sends the server in ``seconds`` (each rerun, a fragment's included, is one);
+    ``sent`` is the list its websocket's frames are appended to."""
+    before = len(sent)
+    pg.wait_for_timeout(seconds * 1000)
+    return len(sent) - before
+
+
+def test_pages_follow_a_job_and_an_idle_tab_costs_nothing(browser, server, browser_env):
+    """A page open while a job runs watches it once a second and shows its end in the sidebar and on the page
+    within moments, with no reload; with no job an idle tab sends the server nothing at all (each watch was a
+    rerun a second per tab); a job started elsewhere shows at the next interaction. The job is held by a
+    stand-in process (the waits allow for a machine busy with other tests)."""
     runs = browser_env["runs"]
     assert app_jobs.wait_idle(runs, timeout=60)
     pg = new_page(browser)
+    sent: list = []
+    pg.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(frame)))
+    visit(pg, server, "", "Lesion Lab")
+    assert frames_sent(pg, sent, 3) == 0  # no job: no watch
+
     holder = fake_job(runs, "live-one")
     (runs / "live-one").mkdir()
     (runs / "live-one" / "status.json").write_text(json.dumps({"state": "running", **process_record(holder.pid)}))
@@ -181,6 +195,7 @@ def test_pages_follow_the_job_without_a_reload(browser, server, browser_env):
         assert "Training running: live-one" in pg.inner_text("[data-testid=stSidebar]")
         job_metric = pg.locator("[data-testid=stMetric]").filter(has_text="Training job")
         assert "running" in job_metric.inner_text()
+        assert frames_sent(pg, sent, 3) >= 2  # a job: watched every second
 
         holder.kill()
         holder.wait()
@@ -192,8 +207,11 @@ def test_pages_follow_the_job_without_a_reload(browser, server, browser_env):
             ".some(m => m.innerText.includes('Training job') && m.innerText.includes('idle'))",
             timeout=15000,
         )
+        idle(pg)
+        assert frames_sent(pg, sent, 3) == 0  # the job ended: the watch with it
 
         holder = fake_job(runs, "live-two", kind="experiment")
+        pg.locator("[data-testid=stSidebarNav]").get_by_role("link", name="Dataset").click()
         pg.locator("[data-testid=stSidebar]").get_by_text("Imbalance experiment starting").wait_for(timeout=15000)
     finally:
         holder.kill()

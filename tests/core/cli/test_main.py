@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
+
 from core.cli.main import COMMANDS, main
 from tests.conftest import run_cli
 
@@ -22,6 +24,7 @@ def test_help_lists_the_commands_and_an_unknown_one_is_refused(capsys):
     assert "unknown command 'trian'" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_python_dash_m_core_runs_a_command_with_its_own_arguments():
     done = run_cli("core", "predict", "--help")  # a real process, as `lesionlab predict --help`
     assert done.returncode == 0, done.stderr

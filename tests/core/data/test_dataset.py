@@ -16,6 +16,8 @@ from core.data.dataset import (
     MAX_COLUMNS,
     MAX_HEADER_BYTES,
     MAX_WALK_DEPTH,
+    SOURCES_NAME,
+    UNKNOWN_SOURCE,
     DatasetError,
     LesionDataset,
     index_dataset,
@@ -25,7 +27,7 @@ from core.data.dataset import (
 )
 from core.data.images import ImageError
 from core.data.preprocessing import Preprocessing, eval_transform, train_transform
-from core.data.splits import split_by_lesion, split_counts
+from core.data.splits import SplitError, holdout_sources, split_by_lesion, split_counts
 from tests.conftest import write_truncated_jpeg
 
 
@@ -241,6 +243,36 @@ def test_real_ham10000_indexes_completely(ham_root):
         "nv": 6705,
         "vasc": 142,
     }
+    # HAM10000_sources.csv beside the metadata: the four sources, every image's known.
+    counts = index.source_counts()
+    assert sorted(counts.index) == ["rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias"]
+    assert counts.to_numpy().sum() == 10015 and (counts.sum(axis=0) == index.class_counts()).all()
+    eligible, left_out = holdout_sources(index.frame)
+    assert eligible == ["vidir_modern", "rosendahl"] and set(left_out) == {"vidir_molemax", "vienna_dias"}
+
+
+def test_image_sources_come_from_the_sources_file_or_a_dataset_column(tiny_root, tmp_path):
+    """Each image's source: "unknown" without any record, the sources file beside the metadata, or the metadata's own
+    ``dataset`` column; counted per source and class."""
+    assert not index_dataset(tiny_root).has_sources
+    assert set(index_dataset(tiny_root).frame["source"]) == {UNKNOWN_SOURCE}
+    root = tmp_path / "ds"
+    shutil.copytree(tiny_root, root)
+    meta = read_metadata(root / "HAM10000_metadata.csv")
+    given = {image_id: ("rosendahl" if i % 3 else "vidir_modern") for i, image_id in enumerate(meta["image_id"][:-1])}
+    (root / SOURCES_NAME).write_text("image_id,dataset\n" + "".join(f"{i},{s}\n" for i, s in given.items()))
+    index = index_dataset(root)
+    assert index.has_sources
+    got = dict(zip(index.frame["image_id"], index.frame["source"], strict=True))
+    assert got == {**given, meta["image_id"].iloc[-1]: UNKNOWN_SOURCE}  # the file does not list the last image
+    counts = index.source_counts()
+    assert list(counts.columns) == list(labels.CLASSES) and counts.to_numpy().sum() == len(meta)
+    assert counts.loc["rosendahl"].sum() == sum(s == "rosendahl" for s in given.values())
+
+    # A metadata file with its own dataset column needs no sources file (and wins over one).
+    with_column = meta.assign(dataset=[f"clinic{i % 2}" for i in range(len(meta))])
+    with_column[["lesion_id", "image_id", "dx", "dataset"]].to_csv(root / "HAM10000_metadata.csv", index=False)
+    assert set(index_dataset(root).frame["source"]) == {"clinic0", "clinic1"}
 
 
 def _lesion_frame(seed=0):
@@ -266,6 +298,41 @@ def test_split_groups_lesions_stratifies_and_is_deterministic():
     assert (counts > 0).all().all()  # every class present in every split
     with pytest.raises(ValueError):
         split_by_lesion(frame, (0.8, 0.3, 0.1))
+
+
+def test_holding_out_a_source_tests_on_it_and_trains_on_no_view_of_its_lesions():
+    frame = _lesion_frame()
+    frame["source"] = np.where(frame.index % 3 == 0, "far", "home")
+    split = split_by_lesion(frame, (0.7, 0.15, 0.15), seed=3, holdout_source="far")
+    far = frame["source"] == "far"
+    assert (split[far] == "test").all()
+    shared = frame["lesion_id"].isin(frame.loc[far, "lesion_id"]) & ~far
+    assert shared.any() and split[shared].isna().all()  # the other views of a held-out lesion are in no split
+    rest = split[~far & ~shared]
+    assert set(rest) == {"train", "val"}
+    kept = frame[~far & ~shared].assign(split=rest)
+    lesion_share = kept.drop_duplicates("lesion_id")["split"].value_counts(normalize=True)
+    assert lesion_share["val"] == pytest.approx(0.15 / 0.85, abs=0.03)
+    assert split.equals(split_by_lesion(frame, (0.7, 0.15, 0.15), seed=3, holdout_source="far"))
+    with pytest.raises(SplitError, match="its sources are far, home"):
+        split_by_lesion(frame, holdout_source="rosendahl")
+    with pytest.raises(SplitError, match="not known"):
+        split_by_lesion(frame.drop(columns="source"), holdout_source="far")
+
+
+def test_a_source_is_held_out_only_with_enough_images_of_enough_classes():
+    counts = {
+        "broad": dict.fromkeys(labels.CLASSES, 40),
+        "nevi": {"bkl": 124, "df": 30, "mel": 24, "nv": 3720, "vasc": 54},
+        "two": {"mel": 67, "nv": 350},
+    }
+    rows = [(source, dx) for source, per in counts.items() for dx, n in per.items() for _ in range(n)]
+    frame = pd.DataFrame(rows, columns=["source", "dx"])
+    eligible, left_out = holdout_sources(pd.concat([frame, pd.DataFrame({"source": ["unknown"], "dx": ["nv"]})]))
+    assert eligible == ["broad"] and set(left_out) == {"nevi", "two"}
+    assert "4 classes with at least 30 images" in left_out["nevi"]
+    assert "94% of its 3,952 images are nv" in left_out["nevi"]
+    assert left_out["two"].startswith("2 classes") and "mel 67, nv 350" in left_out["two"]
 
 
 def test_real_split_has_no_lesion_in_two_splits(ham_root):

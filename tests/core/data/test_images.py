@@ -61,6 +61,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_huge_images_are_refused_before_decoding(tmp_path, case):
     (width, height, depth, colour), expected = REFUSED[case]
@@ -82,6 +83,7 @@ ACCEPTED = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(ACCEPTED))
 def test_images_at_the_limit_decode_within_the_memory_budget(tmp_path, case):
     width, height, depth, colour = ACCEPTED[case]
@@ -93,6 +95,7 @@ def test_images_at_the_limit_decode_within_the_memory_budget(tmp_path, case):
     assert result["peak_mb"] < MEMORY_BUDGET_MB, result
 
 
+@pytest.mark.integration
 def test_a_palette_image_with_transparency_at_the_limit_stays_within_the_budget(tmp_path):
     palette = Image.new("P", (7300, 5470), 1)
     palette.putpalette([0, 0, 0, 200, 150, 120] * 128)
@@ -102,6 +105,7 @@ def test_a_palette_image_with_transparency_at_the_limit_stays_within_the_budget(
     assert "error" not in result and result["peak_mb"] < MEMORY_BUDGET_MB, result
 
 
+@pytest.mark.integration
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
     path = tmp_path / "photo.jpg"
     # Written by another process: the full-size image needs 160 MB, which this one need not hold.

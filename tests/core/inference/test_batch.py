@@ -182,6 +182,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.integration
 def test_cli_writes_a_row_per_file_as_the_predictor_answers(predictor, folder, tmp_path):
     out = tmp_path / "out.csv"
     result = run_predict(REFERENCE, folder, "--csv", out, "--batch-size", "3")
@@ -201,6 +202,7 @@ def test_cli_writes_a_row_per_file_as_the_predictor_answers(predictor, folder, t
         assert float(row["p_melanoma"]) == pytest.approx(single.probabilities["mel"], abs=1e-4)
 
 
+@pytest.mark.integration
 def test_cli_reads_a_zip_and_says_what_it_cannot_use(tmp_path, capsys):
     archive = tmp_path / "lesions.zip"
     archive.write_bytes(zip_bytes({p.name: p.read_bytes() for p in SAMPLE[:2]}))

@@ -175,6 +175,7 @@ def test_core_evaluate_treats_an_ensemble_like_a_checkpoint(built, tmp_path, cap
     assert result["metrics"]["ece"] == pytest.approx(recorded["ece"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_the_predict_command_takes_an_ensemble_in_a_real_process(built, tmp_path):
     """``python -m core.cli.predict`` on an ensemble file, as a real process: one image (``--json``) answered as
     the ensemble answers it, and a folder (``--csv``), with no traceback (it once crashed choosing the class)."""

@@ -96,6 +96,7 @@ def known_diagnoses(tmp_path_factory):
     return root, path, cases
 
 
+@pytest.mark.integration
 def test_a_known_diagnosis_appears_under_its_own_name_everywhere(known_diagnoses, tmp_path):
     root, path, cases = known_diagnoses
     bkl, mel, nv = (CLASSES.index(c) for c in ("bkl", "mel", "nv"))
@@ -348,6 +349,30 @@ def test_one_predictor_serves_concurrent_sessions(predictor, tmp_path):
             np.testing.assert_array_equal(got, want)
 
 
+def test_a_model_trained_with_colour_constancy_gets_it_at_prediction_and_an_old_one_does_not(tmp_path):
+    """Every prediction path starts at Predictor.preprocess (Diagnose, Batch) or its transform (Evaluate, Quiz, the
+    robustness report): a checkpoint recording Shades of Gray sees an image and its colour-cast copy alike."""
+    image = make_image(2, np.random.default_rng(1), size=(64, 48))
+    cast = Image.fromarray((np.asarray(image, dtype=float) * [1.0, 0.85, 0.7]).round().astype(np.uint8))
+    mean, std = torch.tensor(PREP.mean)[:, None, None], torch.tensor(PREP.std)[:, None, None]
+
+    def colours(predictor: Predictor, source: Image.Image) -> torch.Tensor:
+        png = io.BytesIO()
+        source.save(png, "PNG")
+        pixels = predictor.preprocess(png.getvalue(), upload=False)[1][0] * std + mean
+        return pixels / pixels.sum(dim=0, keepdim=True)
+
+    gaps = {}
+    for cc in ("none", "shades_of_gray"):
+        prep = Preprocessing(input_size=(48, 48), colour_constancy=cc)
+        predictor = open_predictor(save_checkpoint(tmp_path / f"{cc}.pt", prep=prep))
+        assert predictor.prep.colour_constancy == cc
+        gaps[cc] = float((colours(predictor, image) - colours(predictor, cast)).abs().mean())
+        transformed = predictor.transform(image)
+        assert torch.equal(transformed, eval_transform(prep)(image))  # what the dataset-wide paths use
+    assert gaps["shades_of_gray"] < 0.01 < gaps["none"]
+
+
 def test_source_size_is_applied_to_uploads(tmp_path):
     # Trained on 200×150 downscales: a large upload is brought to that size before the model sees it.
     small = open_predictor(
@@ -361,6 +386,7 @@ def test_source_size_is_applied_to_uploads(tmp_path):
 # core.inference.predictor command line
 
 
+@pytest.mark.integration
 def test_predict_cli_help():
     done = run_cli("core.cli.predict", "--help")
     assert done.returncode == 0 and "--tta" in done.stdout and "--gradcam" in done.stdout
@@ -373,6 +399,7 @@ def test_predict_cli_defaults_to_the_measured_tta(ckpt, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)[0]["tta"] is tta
 
 
+@pytest.mark.integration
 def test_predict_cli_json_with_gradcam(ckpt, tmp_path):
     images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=1, size=(36, 36))]
     done = run_cli("core.cli.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
@@ -391,6 +418,7 @@ def test_predict_cli_text_lists_all_seven_names(ckpt, tmp_path, capsys):
     assert "malignant" in out
 
 
+@pytest.mark.integration
 def test_predict_cli_bad_file_is_one_line_exit_2(ckpt, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     done = run_cli("core.cli.predict", ckpt, tmp_path / "notes.txt")

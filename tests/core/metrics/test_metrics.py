@@ -125,6 +125,42 @@ def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible():
     json.dumps(intervals)
 
 
+def test_lesion_bootstrap_draws_whole_lesions_so_copies_of_an_image_do_not_narrow_the_interval():
+    """Five images of each of 150 lesions (here identical, the extreme of near-duplicate views): resampling images
+    counts them as 750 independent cases, resampling lesions as the 150 they are."""
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, NUM_CLASSES, 150)
+    probs = metrics_calibration.softmax(rng.normal(size=(150, NUM_CLASSES)) + 1.2 * np.eye(NUM_CLASSES)[labels])
+    copies = np.repeat(np.arange(150), 5)
+    lesions = [f"HAM_{i}" for i in copies]
+
+    def width(interval: tuple[float, float]) -> float:
+        return interval[1] - interval[0]
+
+    acc = classification.accuracy
+    once = width(bootstrap.bootstrap_ci(labels, probs, acc, n=400))
+    by_image = width(bootstrap.bootstrap_ci(labels[copies], probs[copies], acc, n=400))
+    by_lesion = width(bootstrap.bootstrap_ci(labels[copies], probs[copies], acc, n=400, groups=lesions))
+    assert by_lesion > 1.7 * by_image
+    assert by_lesion == pytest.approx(once, rel=0.25)
+
+    sizes = []
+
+    def size_of_resample(y: np.ndarray, p: np.ndarray) -> float:
+        sizes.append(len(y))
+        return acc(y, p)
+
+    bootstrap.bootstrap_ci(labels[copies], probs[copies], size_of_resample, n=50, groups=lesions)
+    assert set(sizes) == {750}  # 150 lesions drawn, each with its five images
+    assert set(bootstrap.confidence_intervals(labels[copies], probs[copies], n=50, groups=lesions)) == set(
+        bootstrap.BOOTSTRAP_METRICS
+    )
+    paired = bootstrap.paired_bootstrap_ci(labels[copies], probs[copies], probs[copies], acc, n=50, groups=lesions)
+    assert paired == (0.0, 0.0)
+    with pytest.raises(ValueError, match="group ids"):
+        bootstrap.bootstrap_ci(labels, probs, acc, n=5, groups=lesions)
+
+
 def test_temperature_is_one_for_calibrated_and_above_one_for_overconfident_logits():
     rng = np.random.default_rng(4)
     logits = rng.normal(scale=2.0, size=(3000, NUM_CLASSES))

@@ -201,6 +201,10 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "NaN mean": (changed(preprocessing__mean=[0.5, math.nan, 0.5]), "preprocessing.mean must be three finite"),
     "zero std": (changed(preprocessing__std=[0.2, 0.0, 0.2]), "preprocessing.std must be three finite numbers from"),
     "preprocessing as text": (changed(preprocessing="224x224"), "preprocessing must be a dict"),
+    "unknown colour constancy": (
+        changed(preprocessing__colour_constancy="retinex"),
+        "preprocessing.colour_constancy must be one of none, shades_of_gray",
+    ),
     "unknown arch": (
         changed(arch="vgg16"),
         "arch must be one of resnet18, resnet50, mobilenet_v2, efficientnet_b0, densenet121; got 'vgg16'",
@@ -290,6 +294,7 @@ def test_each_malformed_checkpoint_is_refused_naming_what_is_wrong(corpus, case)
     assert "weights_only" not in message and "will likely succeed" not in message
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", CORPUS)
 def test_both_command_lines_answer_a_malformed_checkpoint_with_one_line(corpus, image, tiny_root, case, capsys):
     assert predict_cli.main([str(corpus[case]), str(image)]) == 2

@@ -4,10 +4,8 @@ inputs."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from core.cli import predict as predict_cli
+from core.cli import train as train_cli
 from core.cli.evaluate import main as evaluate_main
 from core.common.labels import CLASSES
 from core.common.runs import read_evaluation, read_split
@@ -138,45 +137,24 @@ def test_withholding_sets_each_field_unknown_independently():
 
 @pytest.fixture(scope="module")
 def metadata_run(tmp_path_factory, torch_home) -> Path:
-    """A real run with metadata through ``lesionlab train`` on the bundled sample (ImageNet MobileNetV2,
-    head-only on cached features)."""
+    """A real run with metadata through the train command's own ``main`` on the bundled sample (ImageNet
+    MobileNetV2, head-only on cached features), in this process: the command as a real process is
+    tests/core/training/test_training.py's."""
     out = tmp_path_factory.mktemp("metadata_runs")
-    command = [
-        sys.executable,
-        "-m",
-        "core.cli.train",
-        "--data",
-        str(SAMPLE),
-        "--arch",
-        "mobilenet_v2",
-        "--input-size",
-        "64",
-        "64",
-        "--epochs",
-        "3",
-        "--metadata",
-        "--metadata-dropout",
-        "0.3",
-        "--split-fractions",
-        "0.6",
-        "0.2",
-        "0.2",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--name",
-        "meta",
-        "--cache-dir",
-        str(out / "cache"),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_HOME": str(torch_home)}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stderr
-    assert "test accuracy" in done.stdout
+    args = ["--data", str(SAMPLE), "--arch", "mobilenet_v2", "--input-size", "64", "64", "--epochs", "3"]
+    args += ["--metadata", "--metadata-dropout", "0.3", "--split-fractions", "0.6", "0.2", "0.2", "--device", "cpu"]
+    args += ["--out", str(out), "--name", "meta", "--cache-dir", str(out / "cache")]
+    sigterm = signal.getsignal(signal.SIGTERM)  # the command sets its own, for a killed job
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(torch_home))
+        try:
+            assert train_cli.main(args) == 0
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
     return out / "meta"
 
 
+@pytest.mark.integration
 def test_the_checkpoint_records_the_metadata_and_its_predictions_follow_it(metadata_run):
     best = read_checkpoint(metadata_run / "best.pt")
     assert best["config"]["metadata"] is True

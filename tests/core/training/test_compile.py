@@ -30,6 +30,7 @@ def compiled_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
 
 
+@pytest.mark.integration
 def test_a_compiled_run_finishes_and_reports_its_first_epochs_cost(tmp_path):
     problem = compile_problem(torch.device("cpu"))
     if problem:
@@ -55,6 +56,7 @@ def test_a_compiled_run_finishes_and_reports_its_first_epochs_cost(tmp_path):
     assert not [k for k in state if "_orig_mod" in k]
 
 
+@pytest.mark.integration
 def test_without_a_compiler_the_run_is_refused_in_one_line(tmp_path):
     result = compiled_run(tmp_path, CXX=str(tmp_path / "no-such-c++"))
     assert result.returncode == 2, result.stdout + result.stderr

@@ -153,6 +153,7 @@ def ddp_runs(tmp_path_factory):
     return {"dir": run_dir, "outputs": (first, resumed), "single": tmp / "single" / "single", "cache": tmp / "cache"}
 
 
+@pytest.mark.integration
 def test_rank_zero_alone_writes_the_run(ddp_runs):
     run_dir = ddp_runs["dir"]
     assert sorted(p.name for p in run_dir.iterdir()) == [
@@ -180,6 +181,7 @@ def test_rank_zero_alone_writes_the_run(ddp_runs):
     assert {e["steps_per_epoch"] for e in log if e["event"] == "start"} == {6}
 
 
+@pytest.mark.integration
 def test_two_processes_train_the_model_one_process_trains(ddp_runs):
     ddp = torch.load(ddp_runs["dir"] / "last.pt", weights_only=True)
     one = torch.load(ddp_runs["single"] / "last.pt", weights_only=True)
@@ -200,18 +202,7 @@ def test_two_processes_train_the_model_one_process_trains(ddp_runs):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
 
 
-def test_the_network_trains_on_images_under_ddp(tmp_path):
-    """The path without cached features: DataLoader workers' shares, DDP over the trainable layers only."""
-    trainer(
-        *("--data", str(SAMPLE), "--weights", "none", "--input-size", "32", "32", "--out", str(tmp_path)),
-        *("--name", "last", "--finetune", "last", "--imbalance", "oversample", "--epochs", "1", "--device", "cpu"),
-        processes=2,
-    )
-    run = read_run(tmp_path / "last")
-    assert run.state == "finished" and len(run.epochs) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last"]
-
-
+@pytest.mark.integration
 def test_a_batch_the_processes_cannot_share_is_refused_before_any_writing(tmp_path):
     result = trainer(
         *("--data", str(SAMPLE), "--weights", "none", "--out", str(tmp_path / "runs"), "--batch-size", "15"),
@@ -223,9 +214,12 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_any_writing(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_job_on_two_processes_runs_torchrun(tiny_root, tmp_path):
+@pytest.mark.integration
+def test_a_job_on_two_processes_trains_the_network_on_images_under_torchrun(tiny_root, tmp_path):
+    """The path without cached features, started as the app starts it: DataLoader workers' shares, DDP over
+    the trainable layers only."""
     runs = tmp_path / "runs"
-    cfg = tiny_config(tiny_root, "two", cache_dir=str(tmp_path / "cache"), epochs=1)
+    cfg = tiny_config(tiny_root, "two", finetune="last", imbalance="oversample", epochs=1)
     with pytest.raises(app_jobs.JobError, match="multiple of 3"):
         app_jobs.start_training(cfg, runs, gpus=3)
     app_jobs.start_training(cfg, runs, gpus=2)
@@ -235,10 +229,12 @@ def test_a_job_on_two_processes_runs_torchrun(tiny_root, tmp_path):
         if app_jobs.active_job(runs) is not None:
             app_jobs.kill_job(runs)
     run = read_run(runs / "two")
-    assert run.state == "finished", (run.error, run.log_tail())
+    assert run.state == "finished" and len(run.epochs) == 1, (run.error, run.log_tail())
     assert run.log_tail().count("test accuracy") == 1
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["two"]
 
 
+@pytest.mark.integration
 def test_a_stop_during_rank_zeros_feature_extraction_ends_every_process(tmp_path):
     """Rank 0 alone computes the features while rank 1 waits for them: a stop between two of rank 0's batches
     must reach rank 1 too, and end the run on both, keeping the features computed so far."""

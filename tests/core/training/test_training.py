@@ -23,6 +23,7 @@ from core.common.labels import CLASSES
 from core.common.runs import read_config, read_evaluation, read_run
 from core.data.dataset import DatasetError
 from core.data.preprocessing import Preprocessing
+from core.data.splits import SPLITS
 from core.inference.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference.opening import open_predictor
 from core.metrics.classification import MEL_SENSITIVITY
@@ -107,6 +108,7 @@ def test_seed_preset_is_the_course_pipeline():
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
+@pytest.mark.integration
 def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     run_dir = train(tiny_config(tiny_root, tmp_path, name="r1"))
     epochs = epoch_lines(run_dir)
@@ -188,6 +190,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.integration
 def test_resume_after_a_kill_logs_each_epoch_once_and_leaves_no_temporaries(tiny_root, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     killed = subprocess.run(
@@ -363,6 +366,7 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
     assert damaged == [] and torch.allclose(repaired, first, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_cli_help_and_clear_errors(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     helped = subprocess.run(
@@ -389,6 +393,7 @@ def test_cli_help_and_clear_errors(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_run_name_outside_out(tiny_root, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
@@ -403,7 +408,8 @@ def test_cli_reaches_every_config_field():
         "--imbalance focal --focal-gamma 1.5 --class-weight-power 0.5 --epochs 3 --batch-size 32 --optimizer sgd "
         "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
-        "--split-fractions 0.6 0.2 0.2 --split-seed 4 --seed 5 --no-feature-cache --cache-dir c "
+        "--split-fractions 0.6 0.2 0.2 --split-seed 4 --holdout-source rosendahl --seed 5 --no-feature-cache "
+        "--cache-dir c --colour-constancy shades_of_gray "
         "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc "
         "--decoded-dir dc --compile --metadata --metadata-dropout 0.5"
     )
@@ -432,8 +438,10 @@ def test_cli_reaches_every_config_field():
         input_size=(150, 200),
         source_size=(200, 150),
         augmentation="strong",
+        colour_constancy="shades_of_gray",
         split_fractions=(0.6, 0.2, 0.2),
         split_seed=4,
+        holdout_source="rosendahl",
         seed=5,
         feature_cache=False,
         cache_dir="c",
@@ -475,6 +483,7 @@ def test_cli_help_mentions_every_field_and_rejects_unknown_choices(capsys):
             assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err, f.name
 
 
+@pytest.mark.integration
 def test_cli_runs_the_seed_preset(tiny_root, tmp_path):
     done = train_cli(str(tiny_root), str(tmp_path), "--preset", "seed", cache=str(tmp_path / "c"))
     assert done.returncode == 0, done.stderr
@@ -508,6 +517,42 @@ def test_max_images_subsamples_every_class_and_keeps_lesions_whole(tiny_root, tm
     assert set(frame["dx"]) == set(CLASSES)  # rare classes survive the subsample
     assert frame.groupby("lesion_id")["split"].nunique().max() == 1
     assert train_rows["label"].value_counts().nunique() == 1  # seed preset: oversampled to balance
+
+
+def test_a_run_with_colour_constancy_trains_on_corrected_images_and_records_it(tiny_root, tmp_path):
+    """The config's colour constancy reaches the features the head trains on (their cache key is the
+    preprocessing's) and the checkpoint, which the predictor reads."""
+    cfg = tiny_config(tiny_root, tmp_path, name="sog", colour_constancy="shades_of_gray", epochs=1)
+    run_dir = train(cfg)
+    prep = Preprocessing.from_dict(read_checkpoint(run_dir / "best.pt")["preprocessing"])
+    assert prep.colour_constancy == "shades_of_gray" and prep == cfg.preprocessing
+    assert open_predictor(run_dir / "best.pt").prep == prep
+    plain = tiny_config(tiny_root, tmp_path).preprocessing
+    assert backbone_key(cfg.arch, cfg.weights, prep) != backbone_key(cfg.arch, cfg.weights, plain)
+    keys = {p.name for p in Path(cfg.cache_dir).rglob("*")}
+    assert any(backbone_key(cfg.arch, cfg.weights, prep) in name for name in keys), keys
+
+
+def test_a_run_holding_out_a_source_tests_on_that_source_alone(sourced_root, tmp_path):
+    """--holdout-source: trained and validated on the other sources, tested on the held-out one; the other views
+    of its lesions in no split; recorded in the config and the checkpoint, so evaluate recomputes the same split."""
+    from core.evaluation.evaluate import evaluate_checkpoint
+
+    run_dir = train(tiny_config(sourced_root, tmp_path, name="far", holdout_source="far"))
+    sources = pd.read_csv(sourced_root / "HAM10000_sources.csv").set_index("image_id")["dataset"]
+    split = pd.read_csv(run_dir / "split.csv")
+    split["source"] = split["image_id"].map(sources)
+    assert set(split.loc[split["split"] == "test", "source"]) == {"far"}
+    assert set(split.loc[split["split"] != "test", "source"]) == {"home"} and set(split["split"]) == set(SPLITS)
+    far_lesions = set(split.loc[split["source"] == "far", "lesion_id"])
+    assert len(split) == len(sources) - 1 and not split.query("source == 'home'")["lesion_id"].isin(far_lesions).any()
+    assert read_evaluation(run_dir)["test"]["n"] == (sources == "far").sum()
+    assert read_checkpoint(run_dir / "best.pt")["config"]["holdout_source"] == "far"
+    result = evaluate_checkpoint(run_dir / "best.pt", sourced_root, bootstrap=0)
+    assert result["holdout_source"] == "far" and result["split_warning"] is None
+    assert {p["image_id"] for p in result["predictions"]} == set(split.loc[split["split"] == "test", "image_id"])
+    with pytest.raises(ValueError, match="its sources are far, home"):
+        train(tiny_config(sourced_root, tmp_path, name="nowhere", holdout_source="rosendahl"))
 
 
 # ---------------------------------------------------------------------------
@@ -551,6 +596,7 @@ def test_damaged_images_are_set_aside_and_the_run_finishes(tiny_root, tmp_path, 
     assert support == preds["dx"].value_counts().reindex(CLASSES, fill_value=0).to_dict()
 
 
+@pytest.mark.integration
 def test_cli_prints_what_it_set_aside(tiny_root, tmp_path):
     root = copy_of(tiny_root, tmp_path)
     unlisted = root / "HAM10000_images_part_1" / "ISIC_7777777.jpg"
@@ -572,6 +618,7 @@ def keep_rows(root, keep) -> None:
     meta[meta.apply(keep, axis=1)].to_csv(root / "HAM10000_metadata.csv", index=False)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("case", "message"),
     [

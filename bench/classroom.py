@@ -1,0 +1,204 @@
+"""A classroom on one server: N students at once, each diagnosing an upload and answering a Quiz question.
+
+    python -m bench.classroom [--students 1 10 30] [--data FOLDER]
+
+Starts ``streamlit run streamlit_app.py`` on loopback (``--data``, default the bundled sample; the shipped
+reference model) and, after one warm-up visit (the instructor's: the model and the case index load once per
+server), lets N headless Chromium sessions (Playwright, /usr/bin/chromium, one browser, a context per student)
+start together. Each opens Diagnose, uploads a different image of the dataset and waits for the answer's
+heading, then opens Quiz, starts the 10-image quiz and answers its first question. Reports per N the p50/p95
+time from the upload to the answer and for the quiz question, the errors (a timeout or an exception on the
+page), and the server's resident memory (peak, sampled every 0.2 s), then writes its section of
+docs/BENCHMARKS.md. Bounded: at most 40 students, 300 s per student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from bench.benchmarks import DEFAULT_OUT, machine
+from bench.idle_tabs import cpu_seconds
+from bench.report import write_section
+from core.common.settings import CHECKPOINTS_ENV, DATA_ENV, DEFAULT_DATASET, RUNS_ENV
+from tests.app_support import CHROMIUM, CHROMIUM_ARGS, ROOT, clean_env, streamlit_server
+
+MAX_STUDENTS = 40
+STUDENT_TIMEOUT_S = 300
+TARGETS = {"errors": 0, "diagnose_p95_s": 15.0, "rss_gb": 3.0}
+IDLE = (
+    "() => { const a = document.querySelector('[data-testid=stApp]');"
+    " return a && a.getAttribute('data-test-script-state') === 'notRunning'; }"
+)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def student(browser, url: str, image: Path, *, whole_page: bool = False) -> dict:
+    """One student's visit: Diagnose an upload, then one Quiz question. Seconds to each answer, or the error."""
+    context = await browser.new_context(viewport={"width": 1400, "height": 950})
+    page = await context.new_page()
+    page.set_default_timeout(STUDENT_TIMEOUT_S * 1000)
+    try:
+        await page.goto(f"{url}/diagnose", wait_until="commit")
+        await page.get_by_role("heading", name="Diagnose", exact=True).first.wait_for()
+        await page.wait_for_function(IDLE, polling=100)
+        start = time.perf_counter()
+        await page.locator("[data-testid=stFileUploaderDropzoneInput]").set_input_files(str(image))
+        await page.locator("h3").filter(has_text=")").first.wait_for()
+        diagnose = time.perf_counter() - start
+        if whole_page:  # the instructor's visit waits for the similar cases: the case index is built once
+            await page.get_by_role("heading", name="Similar confirmed cases").wait_for()
+        await page.goto(f"{url}/quiz", wait_until="commit")
+        await page.get_by_role("button", name="Start the quiz").wait_for()
+        slider = page.get_by_role("slider", name="Images")
+        await slider.focus()
+        await slider.press("Home")
+        start = time.perf_counter()
+        await page.get_by_role("button", name="Start the quiz").click()
+        await page.get_by_text("Image 1 of 10").wait_for()
+        await page.wait_for_function(IDLE, polling=100)
+        await page.get_by_test_id("stRadioGroup").get_by_text("nv · Melanocytic nevus", exact=True).click()
+        await page.get_by_role("button", name="Reveal").click()
+        await page.get_by_text("Confirmed by").wait_for()
+        question = time.perf_counter() - start
+        if await page.locator("[data-testid=stException]").count():
+            return {"error": "an exception on the page"}
+        return {"diagnose": diagnose, "quiz": question}
+    except Exception as exc:  # noqa: BLE001 — a student's failure is a result to count, not the benchmark's end
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    finally:
+        await context.close()
+
+
+async def room(url: str, pid: int, images: list[Path], n: int, *, whole_page: bool = False) -> dict:
+    from playwright.async_api import async_playwright
+
+    peak = [rss_bytes(pid)]
+
+    async def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], rss_bytes(pid))
+            await asyncio.sleep(0.2)
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            sampler = asyncio.create_task(sample())
+            cpu, start = cpu_seconds(pid), time.perf_counter()
+            results = await asyncio.gather(
+                *(student(browser, url, images[i % len(images)], whole_page=whole_page) for i in range(n))
+            )
+            wall, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
+            sampler.cancel()
+        finally:
+            await browser.close()
+    return {"students": results, "wall": wall, "server_cpu": cpu, "peak_rss": peak[0], "rss_after": rss_bytes(pid)}
+
+
+def measure(data: Path, counts: list[int]) -> dict:
+    from core.data.dataset import index_dataset
+
+    frame = index_dataset(data).frame
+    images = [Path(p) for p in frame.sort_values("image_id")["path"]]
+    out: dict = {"rooms": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**clean_env(), DATA_ENV: str(data), RUNS_ENV: str(Path(tmp) / "runs")}
+        env[CHECKPOINTS_ENV] = str(ROOT / "checkpoints")
+        with streamlit_server(env, Path(tmp) / "server.log") as server:
+            out["rss_start"] = rss_bytes(server.pid)
+            warm = asyncio.run(room(server.url, server.pid, images, 1, whole_page=True))
+            out["warm"] = warm["students"][0]
+            out["rss_warm"] = warm["rss_after"]
+            print(f"warm-up (the first visit loads the model and the case index): {out['warm']}", flush=True)
+            for n in counts:
+                result = asyncio.run(room(server.url, server.pid, images[1:], n))
+                out["rooms"][n] = result
+                print(f"{n} students: {summary(result)}", flush=True)
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def summary(result: dict) -> dict:
+    done = [s for s in result["students"] if "error" not in s]
+
+    def pct(key: str, q: float) -> float:
+        return float(np.percentile([s[key] for s in done], q)) if done else float("nan")
+
+    return {
+        "n": len(result["students"]),
+        "errors": [s["error"] for s in result["students"] if "error" in s],
+        "diagnose_p50": pct("diagnose", 50),
+        "diagnose_p95": pct("diagnose", 95),
+        "quiz_p50": pct("quiz", 50),
+        "quiz_p95": pct("quiz", 95),
+        "peak_rss_gb": result["peak_rss"] / 2**30,
+        "server_cpu_per_student": result["server_cpu"] / len(result["students"]),
+        "wall": result["wall"],
+    }
+
+
+def report(out: dict, data: Path, command: str) -> list[str]:
+    lines = [
+        "## A classroom: N students at once on one server",
+        "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M UTC} with `{command}` on: {machine()}; load average (1 min) "
+        f"{out['load_after']:.1f} at the end (the students' Chromium shares the two cores with the server). "
+        f"`streamlit run` on loopback with the dataset `{data.name}` and the shipped reference model; every "
+        "student a fresh browser session, all starting together: Diagnose an upload (each a different image), "
+        "then the 10-image Quiz's first question answered and revealed. Times from the upload (or the quiz's "
+        "start) to the answer on screen. Before the rooms, one warm-up visit (the instructor's) loaded what the "
+        f"server shares: server RSS {out['rss_start'] / 2**30:.2f} GB at start, {out['rss_warm'] / 2**30:.2f} GB "
+        f"after it (Diagnose answer in {out['warm'].get('diagnose', float('nan')):.1f} s).",
+        "",
+        "| students | errors | Diagnose answer p50 | p95 | Quiz question p50 | p95 | server peak RSS "
+        "| server CPU per student | wall | targets |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, result in out["rooms"].items():
+        s = summary(result)
+        errors = str(len(s["errors"])) + (f" ({s['errors'][0]})" if s["errors"] else "")
+        lines.append(
+            f"| {n} | {errors} | {s['diagnose_p50']:.1f} s | {s['diagnose_p95']:.1f} s | {s['quiz_p50']:.1f} s "
+            f"| {s['quiz_p95']:.1f} s | {s['peak_rss_gb']:.2f} GB | {s['server_cpu_per_student']:.1f} s "
+            f"| {s['wall']:.0f} s | 0 errors, Diagnose p95 "
+            f"≤ {TARGETS['diagnose_p95_s']:g} s, RSS ≤ {TARGETS['rss_gb']:g} GB |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--students", type=int, nargs="+", default=[1, 10, 30])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATASET)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args()
+    if not CHROMIUM.exists():
+        sys.exit(f"error: no Chromium at {CHROMIUM} (Debian's chromium package)")
+    if min(args.students) < 1 or max(args.students) > MAX_STUDENTS:
+        sys.exit(f"error: --students between 1 and {MAX_STUDENTS}")
+    out = measure(args.data.resolve(), args.students)
+    command = "python -m bench.classroom" + (
+        "" if args.students == [1, 10, 30] else " --students " + " ".join(map(str, args.students))
+    )
+    if args.data.resolve() != DEFAULT_DATASET.resolve():
+        command += f" --data {args.data}"
+    write_section(args.out, "bench/classroom.py", report(out, args.data, command))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

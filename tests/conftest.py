@@ -114,6 +114,23 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def patched(data: bytes, member: str, *, flags: int = 0, method: int | None = None) -> bytes:
+    """``data`` (a zip) with ``member``'s local and central headers given more ``flags`` bits and another
+    compression ``method``: what an encrypting or deflate64 archiver writes, which zipfile cannot write itself."""
+    out = bytearray(data)
+    # (signature, offset of the flag bits, offset of the name length, offset of the name)
+    for signature, flag_at, length_at, name_at in ((b"PK\x03\x04", 6, 26, 30), (b"PK\x01\x02", 8, 28, 46)):
+        at = out.find(signature)
+        while at >= 0:
+            (length,) = struct.unpack_from("<H", out, at + length_at)
+            if out[at + name_at : at + name_at + length] == member.encode():
+                struct.pack_into("<H", out, at + flag_at, struct.unpack_from("<H", out, at + flag_at)[0] | flags)
+                if method is not None:
+                    struct.pack_into("<H", out, at + flag_at + 2, method)
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ham"))

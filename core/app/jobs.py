@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,10 +466,61 @@ def _started(job: Job) -> list[Path]:
     return [job.runs_dir / name for name in job.runs if (job.runs_dir / name).exists()]
 
 
+class JobFileError(ValueError):
+    """A file that is not a job the app wrote; the message says why."""
+
+
+# What a job file holds (Job.to_dict, plus the worker's instructions), each with its check: anything else, a
+# missing id or a value of another kind is not a job the app wrote, and the worker refuses it.
+JOB_FILE_SCHEMA: dict[str, Callable[[object], bool]] = {
+    "id": lambda v: isinstance(v, str) and v != "" and "/" not in v,
+    "kind": lambda v: v in ("train", "experiment", "download"),
+    "runs": lambda v: isinstance(v, list) and all(isinstance(r, str) for r in v),
+    "pid": lambda v: v is None or isinstance(v, int) and not isinstance(v, bool),
+    "pid_start": lambda v: v is None or isinstance(v, str),
+    "started": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "experiment": lambda v: v is None or isinstance(v, str),
+    "lock": lambda v: isinstance(v, str) and v.startswith(".") and "/" not in v,
+    "configs": lambda v: isinstance(v, list) and all(isinstance(c, str) and "/" not in c for c in v),
+    "gpus": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "dest": lambda v: isinstance(v, str),
+    "server": lambda v: v is None or isinstance(v, str),
+    "include_external": lambda v: isinstance(v, bool),
+}
+# A job file names a few runs and configs: a few hundred bytes.
+MAX_JOB_FILE_BYTES = 2**20
+
+
+def read_job_file(path: Path) -> dict:
+    """The job file at ``path``, its fields checked against what the app writes (``id`` and ``kind`` at least);
+    :class:`JobFileError` saying why not. Fields the worker reads besides these (the job's lock, configs and
+    download settings) are checked where they are used."""
+    try:
+        if path.stat().st_size > MAX_JOB_FILE_BYTES:
+            raise JobFileError(f"{path} is larger than any job file ({MAX_JOB_FILE_BYTES // 1024} KiB at most)")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise JobFileError(f"job file {path} does not exist") from None
+    except OSError as exc:
+        raise JobFileError(f"job file {path} cannot be read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise JobFileError(f"{path} is not a job file (not JSON)") from None
+    if not isinstance(data, dict) or "id" not in data or "kind" not in data:
+        raise JobFileError(f"{path} is not a job file (it names no job id and kind)")
+    for key, valid in JOB_FILE_SCHEMA.items():
+        if key in data and not valid(data[key]):
+            raise JobFileError(f"{path} is not a job file ({key} is {data[key]!r})")
+    return data
+
+
 def worker(job_file: Path) -> int:
     """Run a job file's configs (or its download); exit code 2 when the job is not this worker's to run."""
     job_file = Path(job_file)
-    data = json.loads(job_file.read_text())
+    try:
+        data = read_job_file(job_file)
+    except JobFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     job = Job.from_dict(data, job_file.parent.parent.parent)
     lock = _lock_path(job.runs_dir, data.get("lock", LOCK_NAME))
     refusal = _claim(job, lock)

@@ -22,6 +22,7 @@ from PIL import Image
 from core.common.formatting import percents_against
 from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.data.images import open_image
+from core.data.preprocessing import is_finite_number
 from core.evaluation.records import recorded_test_results
 from core.inference.forward import tta_description
 from core.inference.prediction import Prediction
@@ -73,24 +74,36 @@ TEMPLATES = Environment(
 )
 
 
+def _share(value: object) -> float | None:
+    """A recorded rate (accuracy, AUC, sensitivity…) when it is one: a finite number from 0 to 1."""
+    return float(value) if is_finite_number(value) and 0 <= value <= 1 else None
+
+
 def _performance(test: dict | None) -> dict | None:
-    """The measured test performance to quote: the split's size (None if unknown) and each figure in words."""
-    if not test:
+    """The measured test performance to quote: the split's size (None if unknown) and each figure in words. A run
+    record is a file anyone can edit: a size that is not a whole number, or a figure that is not a rate from 0 to 1,
+    is left out rather than quoted."""
+    if not isinstance(test, dict):
         return None
-    mel = test.get("melanoma") or {}
-    auc = (test.get("roc_auc") or {}).get("per_class", {}).get("mel")
-    items = [
-        f"accuracy {test['accuracy']:.1%}",
-        f"balanced accuracy {test['balanced_accuracy']:.1%}",
-    ]
+    mel = test.get("melanoma") if isinstance(test.get("melanoma"), dict) else {}
+    roc = test.get("roc_auc") if isinstance(test.get("roc_auc"), dict) else {}
+    per_class = roc.get("per_class") if isinstance(roc.get("per_class"), dict) else {}
+    accuracy, balanced, auc = (
+        _share(v) for v in (test.get("accuracy"), test.get("balanced_accuracy"), per_class.get("mel"))
+    )
+    sensitivity, specificity, threshold = (_share(mel.get(k)) for k in ("sensitivity", "specificity", "threshold"))
+    items = [f"accuracy {accuracy:.1%}"] if accuracy is not None else []
+    if balanced is not None:
+        items.append(f"balanced accuracy {balanced:.1%}")
     if auc is not None:
         items.append(f"melanoma ROC AUC {auc:.3f}")
-    if "sensitivity" in mel:
+    if None not in (sensitivity, specificity, threshold):
         items.append(
-            f"melanoma sensitivity {mel['sensitivity']:.1%} and specificity {mel['specificity']:.1%} at "
-            f"P(mel) ≥ {mel['threshold']:.1%}"
+            f"melanoma sensitivity {sensitivity:.1%} and specificity {specificity:.1%} at P(mel) ≥ {threshold:.1%}"
         )
-    return {"n": test.get("n"), "figures": items}
+    n = test.get("n")
+    size = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+    return {"n": size, "figures": items} if items else None
 
 
 def _case(case: Case, title: str = "") -> dict:

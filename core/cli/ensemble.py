@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.common.runs import check_run_name
 from core.data.dataset import DatasetError
 from core.models.checkpoints import CheckpointError
 from core.training.ensembles import build_ensemble, summary
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = args.out or args.runs[0].parent
     try:
+        check_run_name(args.name)  # before it is joined to a path: ../escape would leave the runs folder
         run_dir = build_ensemble(
             args.runs, out / args.name, device=args.device, batch_size=args.batch_size, data=args.data
         )

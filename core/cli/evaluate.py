@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from core.data.splits import SPLITS
+from core.common.runtime import device_problem
+from core.data.splits import SPLITS, SplitError, check_fractions
 from core.evaluation.evaluate import USER_ERRORS, evaluate_checkpoint, format_report
 from core.inference.predictor import TTA_HELP, USE_TTA_BY_DEFAULT
+from core.models.checkpoints import MAX_SPLIT_SEED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,10 +93,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags' values, in one line (before any file is read); None when nothing is."""
+    if args.mel_threshold is not None and not 0.0 <= args.mel_threshold <= 1.0:  # NaN fails too
+        return f"--mel-threshold must be within [0, 1], got {args.mel_threshold}"
+    if args.split_seed is not None and not 0 <= args.split_seed <= MAX_SPLIT_SEED:
+        return f"--split-seed must be a whole number from 0 to {MAX_SPLIT_SEED}, got {args.split_seed}"
+    if args.fractions is not None:
+        try:
+            check_fractions(args.fractions)
+        except SplitError as exc:
+            return f"--fractions: {exc}"
+    for flag, value, least in (
+        ("--bootstrap", args.bootstrap, 0),
+        ("--workers", args.workers, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-images", args.max_images, 1),
+    ):
+        if value is not None and value < least:
+            return f"{flag} must be a whole number from {least}, got {value}"
+    problem = device_problem(args.device)
+    return None if problem is None else f"--device: {problem}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.mel_threshold is not None and not 0.0 <= args.mel_threshold <= 1.0:
-        print(f"error: --mel-threshold must be within [0, 1], got {args.mel_threshold}", file=sys.stderr)
+    problem = argument_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.shifts:
         return _robustness(args)

@@ -18,7 +18,7 @@ from core.inference.forward import (
 )
 from core.inference.opening import open_predictor
 from core.models.checkpoints import CheckpointError
-from core.models.metadata import MetadataError, describe
+from core.models.metadata import MAX_AGE, MetadataError, describe
 
 if TYPE_CHECKING:
     pass
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("folders and .zip archives are predicted as a batch: add --csv OUT.csv")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.age is not None and not 0 <= args.age <= MAX_AGE:  # NaN too: the metadata would call it unknown
+        print(f"error: --age must be a number of years from 0 to {MAX_AGE}; got {args.age}", file=sys.stderr)
+        return 2
     metadata = {"age": args.age, "sex": args.sex, "site": args.site}
     if args.csv is not None and describe(metadata):
         parser.error("--age, --sex and --site describe one patient's image; they do not combine with --csv")

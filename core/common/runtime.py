@@ -67,6 +67,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def device_problem(name: str) -> str | None:
+    """Why ``name`` ("auto", "cpu", "cuda:1", …) is not a device to run on here, in a sentence; None when it is."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps"
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        return f"there is no CUDA device {name!r} on this computer; use cpu"
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "there is no Apple MPS device on this computer; use cpu"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"{name!r} is not a device Lesion Lab runs on; use auto, cpu, cuda, cuda:N or mps"
+    return None
+
+
 @cache
 def compile_problem(device: torch.device) -> str | None:
     """Why ``torch.compile`` cannot compile for ``device`` here (on the CPU, inductor needs a working C++

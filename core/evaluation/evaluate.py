@@ -35,7 +35,7 @@ from core.inference.forward import (
 from core.inference.opening import open_predictor
 from core.inference.predictor import USE_TTA_BY_DEFAULT, ModelView, frame_batches
 from core.metrics.bootstrap import confidence_intervals
-from core.metrics.classification import compute_metrics
+from core.metrics.classification import BALANCED_ACCURACY_UNDEFINED, balanced_accuracy_defined, compute_metrics
 from core.models.checkpoints import CheckpointError
 
 # Below this share of the recomputed split's images in the run's own split.csv, the "test" split
@@ -371,7 +371,12 @@ def format_report(result: dict) -> str:
     lines += [
         "",
         f"accuracy             {m['accuracy']:.3f}{_ci(result, 'accuracy')}",
-        f"balanced accuracy    {m['balanced_accuracy']:.3f}{_ci(result, 'balanced_accuracy')}",
+        "balanced accuracy    "
+        + (
+            f"{m['balanced_accuracy']:.3f}{_ci(result, 'balanced_accuracy')}"
+            if balanced_accuracy_defined(m)
+            else BALANCED_ACCURACY_UNDEFINED
+        ),
         f"macro F1             {m['macro']['f1']:.3f}{_ci(result, 'macro_f1')}",
         f"macro AUC            {_num(m['roc_auc']['macro'])}",
         f"ECE (15 bins)        {m['ece']:.3f}",

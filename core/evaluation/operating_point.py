@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from core.common.labels import CLASSES
 from core.evaluation.evaluate import EvaluationError, evaluate_checkpoint
@@ -21,6 +20,7 @@ from core.inference.predictor import USE_TTA_BY_DEFAULT
 from core.inference.unfamiliar import detector_path, file_digest, load_detector
 from core.metrics.classification import MEL_SENSITIVITY, melanoma_operating_point, threshold_for_sensitivity
 from core.models.checkpoints import ENSEMBLE_FORMAT, atomic_save, file_format
+from core.models.ensemble_file import read_model_file
 
 
 def choose_operating_point(
@@ -50,8 +50,8 @@ def choose_operating_point(
     threshold = max(0.0, threshold - 1e-6)
     path = Path(checkpoint)
     detector = load_detector(path)  # fitted on this file's weights, which do not change here
-    # Read as the predictor reads it (weights only); an ensemble file keeps its format marker and members.
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    # Read and checked as the predictor reads it; an ensemble file keeps its format marker and members.
+    payload = read_model_file(path)
     payload["mel_threshold"] = threshold
     atomic_save(payload, path)
     if detector is not None:  # it names the file's digest, which the new field changed

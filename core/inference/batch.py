@@ -21,7 +21,7 @@ from typing import BinaryIO, TextIO
 
 from core.common.formatting import format_bytes
 from core.common.labels import CLASSES
-from core.data.archives import ArchiveError, file_members, member_path
+from core.data.archives import ArchiveError, file_members, member_path, open_zip, read_member
 from core.data.dataset import IMAGE_SUFFIXES, DatasetError, walk_files
 from core.data.images import ImageError, ImageSource
 from core.inference.forward import bounded_batch_size
@@ -205,13 +205,7 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> Calla
             raise _not_an_image(name)
         if info.file_size > MAX_FILE_BYTES:
             raise _too_large(name, info.file_size)
-        try:
-            with archive.open(info) as member:
-                # Read one byte past the limit: a member whose header understates its size stops there.
-                data = member.read(MAX_FILE_BYTES + 1)
-        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError) as exc:
-            # RuntimeError: encrypted; NotImplementedError: a compression method Python lacks.
-            raise BatchError(f"{name} cannot be extracted from its archive ({exc}).") from None
+        data = read_member(archive, info, name, MAX_FILE_BYTES)
         if len(data) > MAX_FILE_BYTES:
             raise _too_large(name, len(data))
         return data
@@ -225,9 +219,10 @@ def archive_files(source: str | Path | bytes | BinaryIO, name: str) -> list[Batc
     more than :data:`MAX_FILES` files or :data:`MAX_ARCHIVE_BYTES` in all. Members are read one at a time
     when predicted, never extracted to disk."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise BatchError(f"{name} cannot be opened as a .zip archive ({exc}).") from None
+        # Entries, not files: folders and a macOS archive's __MACOSX twin of every file count too.
+        archive = open_zip(io.BytesIO(source) if isinstance(source, bytes) else source, name, max_members=3 * MAX_FILES)
+    except ArchiveError as exc:
+        raise BatchError(str(exc)) from None
     # Hidden files (.DS_Store and the like) are not the user's images.
     members = [info for info in file_members(archive) if not os.path.basename(info.filename).startswith(".")]
     if len(members) > MAX_FILES:
@@ -296,7 +291,7 @@ def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail
 def _decode(predictor: Predictor, file: BatchFile):
     try:
         return predictor.preprocess(file.load(), upload=True)
-    except (ImageError, BatchError) as exc:
+    except (ImageError, BatchError, ArchiveError) as exc:
         return BatchRow(file.name, error=str(exc))
     except FileNotFoundError:
         return BatchRow(file.name, error=f"{file.name} does not exist.")
@@ -319,7 +314,7 @@ def predict_files(
     after each batch. The images of a batch go through the model in one forward pass. Raises
     :class:`~core.inference.forward.PredictionError` when the model's output is not a probability distribution (broken
     weights), which no other file would escape either."""
-    size = bounded_batch_size(batch_size, predictor.prep.input_size, tta)
+    size = bounded_batch_size(batch_size, predictor.largest_input_size, tta)
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
         decoded = [_decode(predictor, file) for file in chunk]

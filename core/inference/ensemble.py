@@ -128,6 +128,11 @@ class EnsemblePredictor(Predictor):
     def arch(self) -> str:
         return _arch_summary([m.model.arch for m in self.members])
 
+    @property
+    def largest_input_size(self) -> tuple[int, int]:
+        """The largest member's: every member takes the whole batch, so it bounds the batch for all."""
+        return max((m.prep.input_size for m in self.members), key=lambda size: size[0] * size[1])
+
     def _member_inputs(self, member: Member, images: Sequence[Image.Image], lead: torch.Tensor) -> torch.Tensor:
         """The member's own input batch: the first member's when they preprocess alike, else its own transform
         of the decoded images."""

@@ -1,4 +1,4 @@
-"""Backbone features computed once and cached on disk, for head-only training.
+"""Backbone features computed once and cached on disk, for head-only training and similar cases.
 
 With a frozen backbone the features of an image never change, so recomputing
 them every epoch wastes almost all of the training time. The cache is keyed by
@@ -31,6 +31,7 @@ from core.data.dataset import LesionDataset
 from core.data.decoded import DecodedImages
 from core.data.preprocessing import Preprocessing, eval_transform
 from core.models.checkpoints import atomic_save
+from core.models.torchfile import outline
 
 ProgressFn = Callable[[int, int], None]
 
@@ -137,6 +138,38 @@ def _file_pass(
     return _Pass(loader, ends, lambda done: dataset.damaged_paths())
 
 
+@torch.inference_mode()
+def feature_width(backbone: nn.Module, prep: Preprocessing, device: torch.device) -> int:
+    """How many features ``backbone`` gives an image: one pass over one blank input."""
+    backbone.eval().to(device)
+    return int(backbone(torch.zeros(1, 3, *prep.input_size, device=device)).shape[1])
+
+
+def read_features(file: Path, key: str, width: int) -> dict[str, torch.Tensor]:
+    """The features cached in ``file`` by image key, when it is what :class:`FeatureCache` writes for backbone
+    ``key``: outlined before it is loaded (:func:`core.models.torchfile.outline`), its own key, unique image keys,
+    and one finite float32 row of ``width`` per image. Anything else reads as empty, so every image is computed
+    again (with progress) and the file rewritten: a cache is read, not trusted."""
+    try:
+        outline(file)
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 — a damaged or foreign cache only costs a recomputation
+        return {}
+    if not isinstance(blob, dict) or set(blob) != {"key", "keys", "features"} or blob["key"] != key:
+        return {}
+    keys, features = blob["keys"], blob["features"]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+        return {}
+    if not (
+        isinstance(features, torch.Tensor)
+        and features.dtype == torch.float32
+        and tuple(features.shape) == (len(keys), width)
+        and bool(torch.isfinite(features).all())
+    ):
+        return {}
+    return dict(zip(keys, features, strict=True))
+
+
 class FeatureCache:
     """One file per backbone key holding the features of every image seen so far."""
 
@@ -168,13 +201,7 @@ class FeatureCache:
         When ``should_stop`` says so between two batches, the features computed so far are cached and
         :class:`StopRequested` is raised: the next run starts where this one stopped."""
         file = self.path(key)
-        stored: dict[str, torch.Tensor] = {}
-        if file.is_file():
-            try:
-                blob = torch.load(file, map_location="cpu", weights_only=True)
-                stored = dict(zip(blob["keys"], blob["features"], strict=True))
-            except Exception:
-                stored = {}  # a damaged cache only costs a recomputation
+        stored = read_features(file, key, feature_width(backbone, prep, device)) if file.is_file() else {}
         keys = [image_key(p) for p in paths]
         missing = [i for i, k in enumerate(keys) if k not in stored]
         damaged: list[str] = []
@@ -196,7 +223,8 @@ class FeatureCache:
             stored.update({keys[i]: f for i, f in zip(decoded, fresh, strict=True)})
             all_keys = list(stored)
             if all_keys:
-                atomic_save({"keys": all_keys, "features": torch.stack([stored[k] for k in all_keys])}, file)
+                features = torch.stack([stored[k] for k in all_keys])
+                atomic_save({"key": key, "keys": all_keys, "features": features}, file)
             if finished < len(missing):
                 raise StopRequested(f"stopped after computing the features of {finished} of {len(missing)} images")
         elif progress:

@@ -133,6 +133,11 @@ class Predictor:
     def arch(self) -> str:
         return self.model.arch
 
+    @property
+    def largest_input_size(self) -> tuple[int, int]:
+        """The (height, width) that bounds how many images go through together (:func:`bounded_batch_size`)."""
+        return self.prep.input_size
+
     # How many times split_probabilities reads each image: once here, once per member in an ensemble (for
     # progress totals).
     passes = 1

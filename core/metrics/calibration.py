@@ -11,8 +11,10 @@ from scipy.special import softmax as _softmax
 
 from core.metrics.inputs import _check
 
-# Temperatures outside [0.05, 20] mean the validation set is broken, not that the model needs them.
-_LOG_T_BOUNDS = (np.log(0.05), np.log(20.0))
+# Temperatures outside [0.05, 20] mean the validation set is broken, not that the model needs them; a model file
+# holding one is refused (core.models.checkpoints): 1e-30 turns any logit gap into "100 %".
+TEMPERATURE_RANGE = (0.05, 20.0)
+_LOG_T_BOUNDS = (np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1]))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -167,6 +167,16 @@ def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
+def balanced_accuracy_defined(metrics: dict) -> bool:
+    """Whether ``metrics`` (:func:`compute_metrics`) come from images of two classes or more: over one class, the
+    mean recall is that class's recall, which is the accuracy again and says nothing about balance."""
+    return sum(row["support"] > 0 for row in metrics["per_class"]) >= 2
+
+
+# What the reports say instead of a balanced accuracy over one class.
+BALANCED_ACCURACY_UNDEFINED = "undefined: the images are of one class"
+
+
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, *, mel_threshold: float = 0.5) -> dict:
     """Every number the report, the model card and the dashboard show, as a JSON-ready dict.
 

@@ -6,14 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.common.labels import CLASSES, check_class_order
-from core.data.preprocessing import is_finite_number
+from core.common.labels import CLASSES
 from core.models.architectures import LesionNet
 from core.models.checkpoints import (
+    CHECKPOINT_SCHEMA,
     ENSEMBLE_FORMAT,
     CheckpointError,
-    _check_config,
+    Field,
     check_checkpoint,
+    check_classes,
+    check_config,
+    check_mel_threshold,
+    check_schema,
+    check_temperature,
     model_from_checkpoint,
     read_file,
 )
@@ -37,33 +42,39 @@ def ensemble_dict(
     }
 
 
+def _check_members(members: object) -> None:
+    if not isinstance(members, list | tuple) or not 1 <= len(members) <= MAX_MEMBERS:
+        raise ValueError(f"members must be a list of 1 to {MAX_MEMBERS} checkpoints")
+
+
+def _check_names(names: object) -> None:
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError("member_names must name each member")
+
+
+# The ensemble file's schema, as CHECKPOINT_SCHEMA is a checkpoint's: a field not listed is refused. Each member is
+# then checked as a checkpoint.
+ENSEMBLE_SCHEMA: dict[str, Field] = {
+    "format": CHECKPOINT_SCHEMA["format"],
+    "classes": Field(True, check_classes),
+    "temperature": Field(True, check_temperature),
+    "members": Field(True, _check_members),
+    "member_names": Field(True, _check_names),
+    "config": Field(True, check_config),
+    "mel_threshold": Field(False, check_mel_threshold),
+}
+
+
 def check_ensemble(payload: object, where: str) -> dict:
     """``payload`` when it is a complete ensemble; :class:`CheckpointError` naming the field (and the member)
     otherwise. Every member is checked as :func:`core.models.checkpoints.read_checkpoint` checks a file."""
     if not isinstance(payload, dict) or payload.get("format") != ENSEMBLE_FORMAT:
         raise CheckpointError(f"{where} is not a Lesion Lab ensemble (no {ENSEMBLE_FORMAT!r} marker)")
-    for key in ("classes", "temperature", "members", "member_names", "config"):
-        if key not in payload:
-            raise CheckpointError(f"{where}: {key} is missing")
     try:
-        if not isinstance(payload["classes"], list | tuple):
-            raise ValueError(f"classes must be the list {list(CLASSES)}; got {payload['classes']!r}")
-        check_class_order(payload["classes"])
-        temperature = payload["temperature"]
-        if not is_finite_number(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number above 0; got {temperature!r}")
+        check_schema(payload, ENSEMBLE_SCHEMA, "a Lesion Lab ensemble")
         members, names = payload["members"], payload["member_names"]
-        if not isinstance(members, list | tuple) or not 1 <= len(members) <= MAX_MEMBERS:
-            raise ValueError(f"members must be a list of 1 to {MAX_MEMBERS} checkpoints")
-        if (
-            not isinstance(names, list | tuple)
-            or len(names) != len(members)
-            or not all(isinstance(n, str) for n in names)
-        ):
+        if len(names) != len(members):
             raise ValueError(f"member_names must name each of the {len(members)} members")
-        if not isinstance(payload["config"], dict):
-            raise ValueError(f"config must be a dict; got {type(payload['config']).__name__}")
-        _check_config(payload["config"])
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     for i, (member, name) in enumerate(zip(members, names, strict=True)):

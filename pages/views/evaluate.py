@@ -21,7 +21,13 @@ from core.data.dataset import DatasetError
 from core.data.images import ImageError
 from core.data.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
 from core.metrics.calibration import reliability_curve, softmax, uncalibrated
-from core.metrics.classification import MEL_SENSITIVITY, melanoma_operating_point, roc_curves
+from core.metrics.classification import (
+    BALANCED_ACCURACY_UNDEFINED,
+    MEL_SENSITIVITY,
+    balanced_accuracy_defined,
+    melanoma_operating_point,
+    roc_curves,
+)
 from core.models.checkpoints import CheckpointError
 from pages.views._shared import (
     cam_overlay,
@@ -76,7 +82,9 @@ def headline_metrics(
             "Balanced accuracy",
             _num(metrics["balanced_accuracy"]),
             ci("balanced_accuracy", "Mean recall over the classes."),
-        ),
+        )
+        if balanced_accuracy_defined(metrics)
+        else ("Balanced accuracy", "—", BALANCED_ACCURACY_UNDEFINED.capitalize() + "."),
         ("Macro F1", _num(metrics["macro"]["f1"]), ci("macro_f1", "Mean F1 over the classes.")),
         (
             "Macro ROC AUC",

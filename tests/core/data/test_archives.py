@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 
 import pytest
 
 from core.data import archives
-from core.data.archives import ArchiveError, unpack_upload
+from core.data.archives import ArchiveError, open_zip, read_member, unpack_upload
+from tests.conftest import patched
 
 
 def zip_of(files: dict[str, bytes]) -> io.BytesIO:
@@ -57,3 +59,49 @@ def test_bounds_on_members_and_unpacked_bytes(tmp_path, monkeypatch):
 def test_not_a_zip(tmp_path):
     with pytest.raises(ArchiveError, match="not a readable zip archive"):
         unpack_upload(io.BytesIO(b"PK but not really"), "fake.zip", tmp_path)
+
+
+def declaring(data: bytes, count: int) -> bytes:
+    """``data`` (a zip) with its end-of-central-directory record declaring ``count`` members."""
+    out = bytearray(data)
+    at = out.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", out, at + 8, count, count)
+    return bytes(out)
+
+
+GOOD = zip_of({"set/mel/a.jpg": b"\xff\xd8\xff a", "set/nv/b.jpg": b"\xff\xd8\xff b"}).getvalue()
+# name: (a malformed archive, what the one error type says); every one is refused by Evaluate's unpacking and
+# read member by member (Batch) with the same message.
+ARCHIVE_CORPUS = {
+    "encrypted member": (patched(GOOD, "set/nv/b.jpg", flags=0x1), "set/nv/b.jpg is encrypted"),
+    "deflate64 member": (patched(GOOD, "set/nv/b.jpg", method=9), "set/nv/b.jpg is compressed with deflate64"),
+    "unknown method": (patched(GOOD, "set/nv/b.jpg", method=77), "compressed with method 77"),
+    "count past the bound": (declaring(GOOD, 60_000), "holds 60,000 files; at most 50,000 are read"),
+    "count that understates": (declaring(GOOD, 1), "it declares 1 files, its central directory lists 2"),
+    "not a zip": (b"PK but not really", "not a readable zip archive (no end-of-central-directory record)"),
+    "cut short": (GOOD[: len(GOOD) // 2], "not a readable zip archive"),
+}
+
+
+@pytest.mark.parametrize("case", ARCHIVE_CORPUS)
+def test_a_malformed_archive_is_one_error_type_for_every_reader(tmp_path, case):
+    data, message = ARCHIVE_CORPUS[case]
+    with pytest.raises(ArchiveError, match="^set.zip") as refused:
+        unpack_upload(io.BytesIO(data), "set.zip", tmp_path / "cache")
+    assert message in str(refused.value)
+    assert not list(tmp_path.rglob("*.jpg"))  # refused before anything was written
+    try:  # Batch's way: open the archive, then read each member when its turn comes
+        with open_zip(io.BytesIO(data), "set.zip") as archive:
+            for info in archive.infolist():
+                read_member(archive, info, f"set.zip: {info.filename}", 2**20)
+    except ArchiveError as exc:
+        assert message in str(exc)
+    else:
+        pytest.fail(f"{case} was read")
+
+
+def test_a_central_directory_longer_than_its_count_is_refused_before_it_is_parsed(monkeypatch, tmp_path):
+    monkeypatch.setattr(archives, "MAX_MEMBERS", 3)
+    five = zip_of({f"{i}.jpg": b"x" for i in range(5)}).getvalue()
+    with pytest.raises(ArchiveError, match="holds more than 3 files"):
+        unpack_upload(io.BytesIO(declaring(five, 3)), "five.zip", tmp_path)

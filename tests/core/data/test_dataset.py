@@ -13,6 +13,8 @@ import torch
 
 from core.common import labels
 from core.data.dataset import (
+    MAX_COLUMNS,
+    MAX_HEADER_BYTES,
     MAX_WALK_DEPTH,
     SOURCES_NAME,
     UNKNOWN_SOURCE,
@@ -20,6 +22,7 @@ from core.data.dataset import (
     LesionDataset,
     index_dataset,
     read_metadata,
+    read_table,
     walk_files,
 )
 from core.data.images import ImageError
@@ -191,6 +194,26 @@ def test_a_million_row_table_beside_three_images_is_refused_early(tiny_root, tmp
     _junk_metadata(tmp_path / "HAM10000_metadata.csv", 1_000_000, header="a,b,c,d,e,f,g")
     with pytest.raises(DatasetError, match="has no image_id or dx column"):
         index_dataset(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_a_wide_header_is_refused_before_the_table_is_parsed(tiny_root, tmp_path):
+    # pandas took 93-138 s on a 140 KB header of 20,000 columns; the header line is bounded in bytes and columns.
+    for image in sorted((tiny_root / "HAM10000_images_part_1").iterdir())[:3]:
+        shutil.copy(image, tmp_path / image.name)
+    table = tmp_path / "HAM10000_metadata.csv"
+    wide = ",".join(["image_id", "dx", *(f"c{i}" for i in range(20_000))])
+    table.write_text(wide + "\n" + "ISIC_0,nv" + "," * 20_000 + "\n")
+    assert len(wide) > MAX_HEADER_BYTES
+    with pytest.raises(DatasetError, match=f"header line longer than {MAX_HEADER_BYTES // 1024} KiB"):
+        index_dataset(tmp_path)
+    many = ",".join(["image_id", "dx", *(f"c{i}" for i in range(MAX_COLUMNS))])
+    table.write_text(many + "\n" + "ISIC_0,nv" + "," * MAX_COLUMNS + "\n")
+    assert len(many) < MAX_HEADER_BYTES
+    with pytest.raises(DatasetError, match=f"{MAX_COLUMNS + 2:,} columns in its header; a metadata table has at most"):
+        index_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="columns in its header"):
+        read_table(table)
 
 
 def test_a_table_within_the_row_limit_is_read_whole(tiny_root, tmp_path):

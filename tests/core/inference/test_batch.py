@@ -23,7 +23,7 @@ from core.inference import batch
 from core.inference.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
 from core.inference.opening import open_predictor
 from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
-from tests.conftest import ROOT, write_truncated_jpeg, zip_bytes
+from tests.conftest import ROOT, patched, write_truncated_jpeg, zip_bytes
 
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
 SAMPLE = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jpg"))
@@ -132,8 +132,23 @@ def test_archive_bombs_and_junk_are_refused_before_inflating(predictor, monkeypa
     monkeypatch.setattr(batch, "MAX_FILES", 2)
     with pytest.raises(BatchError, match="holds 3 files; a batch takes at most 2"):
         archive_files(zip_bytes({f"{i}.jpg": b"x" for i in range(3)}), "many.zip")
-    with pytest.raises(BatchError, match="cannot be opened as a .zip archive"):
+    with pytest.raises(BatchError, match="junk.zip is not a readable zip archive"):
         archive_files(b"PK not really a zip", "junk.zip")
+
+
+def test_members_that_cannot_be_unpacked_get_the_unpackers_error_and_the_rest_go_on(predictor):
+    good = {p.name: p.read_bytes() for p in SAMPLE[:3]}
+    names = list(good)
+    data = patched(patched(zip_bytes(good), names[1], flags=0x1), names[2], method=9)  # encrypted, deflate64
+    rows = list(predict_files(predictor, archive_files(data, "upload.zip")))
+    assert rows[0].error is None and rows[0].top_class in CLASSES
+    assert (
+        rows[1].error
+        == f"upload.zip/{names[1]} is encrypted; unpack it with its password and archive it again without one."
+    )
+    assert rows[2].error.startswith(
+        f"upload.zip/{names[2]} is compressed with deflate64, which cannot be unpacked here"
+    )
 
 
 def test_gather_names_what_it_cannot_open(tmp_path):
@@ -201,7 +216,7 @@ def test_cli_reads_a_zip_and_says_what_it_cannot_use(tmp_path, capsys):
     capsys.readouterr()
     assert predict_cli.main([str(REFERENCE), str(tmp_path / "junk.zip"), "--csv", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: junk.zip cannot be opened as a .zip archive (File is not a zip file)."
+        "error: junk.zip is not a readable zip archive (no end-of-central-directory record)."
     ]
     with pytest.raises(SystemExit) as refused:  # argparse's own refusal, as for any wrong use of the flags
         predict_cli.main([str(REFERENCE), str(archive)])

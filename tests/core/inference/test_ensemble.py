@@ -5,6 +5,7 @@ checkpoint goes through (Predictor, core.evaluation.evaluate, the batch CLI, sim
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from core.common import runs
 from core.common.labels import CLASSES
 from core.common.settings import RUNS_ENV, model_files
 from core.evaluation.evaluate import evaluate_checkpoint
+from core.inference.batch import BATCH_SIZE, image_bytes, predict_files
 from core.inference.ensemble import EnsemblePredictor
+from core.inference.forward import bounded_batch_size
 from core.inference.opening import open_predictor
 from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
 from core.metrics.calibration import fit_temperature, softmax
@@ -212,7 +215,13 @@ def tampered(built: Path, tmp_path: Path, change) -> Path:
     [
         (lambda p: p["members"][1].update(classes=list(reversed(CLASSES))), "member 2 of 2 (ens-seed4): class order"),
         (lambda p: p.update(classes=CLASSES[:6]), "differs from the project's"),
-        (lambda p: p.update(temperature=0.0), "temperature must be a finite number above 0"),
+        (lambda p: p.update(temperature=0.0), "temperature must be a finite number from 0.05 to 20"),
+        (lambda p: p.update(notes="hi"), "'notes' is not a field of a Lesion Lab ensemble"),
+        (lambda p: p.update(mel_threshold=math.nan), "mel_threshold must be a probability from 0 to 1; got nan"),
+        (lambda p: p["config"].update(name=5), "config.name must be a run folder's name; got 5"),
+        (lambda p: p["config"].update(split_fractions=[1, 1, 0]), "config.split_fractions must be three numbers"),
+        (lambda p: p["members"][1].update(mel_threshold=-1.0), "member 2 of 2 (ens-seed4): mel_threshold must be"),
+        (lambda p: p["members"][0]["config"].update(deep=[[[1]]]), "member 1 of 2 (ens-seed3): config nests deeper"),
         (lambda p: p.pop("members"), "members is missing"),
         (lambda p: p.update(members=[]), "members must be a list of 1 to 16 checkpoints"),
         (lambda p: p["member_names"].pop(), "member_names must name each of the 2 members"),
@@ -229,6 +238,34 @@ def test_a_broken_ensemble_file_is_refused_with_a_clear_message(built, tmp_path,
     assert predict_cli.main([str(path), str(sample_images(1)[0])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_a_batch_is_sized_by_the_largest_member(built, tmp_path):
+    # The first member takes 64×64 images; the second asks for 1024×1024, so at most 3 images go through at a
+    # time (core.inference.forward.MAX_BATCH_PIXELS), not the 32 the first member's size would allow.
+    path = tampered(built, tmp_path, lambda p: p["members"][1]["preprocessing"].update(input_size=[1024, 1024]))
+    predictor = open_predictor(path)
+    assert predictor.largest_input_size == (1024, 1024) and predictor.prep.input_size == (64, 64)
+    files = [image_bytes(p.name, p.read_bytes()) for p in sample_images(4)]
+    batches: list[int] = []
+    rows = list(predict_files(predictor, files, thumbnails=False, progress=lambda done, total: batches.append(done)))
+    assert [row.error for row in rows] == [None] * 4
+    assert batches == [bounded_batch_size(BATCH_SIZE, (1024, 1024)), 4] == [3, 4]
+
+
+def test_the_ensemble_cli_refuses_a_name_outside_the_runs_folder(built, tmp_path, capsys):
+    members = [str(built / "ens-seed3"), str(built / "ens-seed4")]
+    assert ensemble_cli.main([*members, "--name", "../escape", "--out", str(tmp_path / "runs")]) == 2
+    assert "'../escape' is not a usable run name" in capsys.readouterr().err
+    assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.integration
+def test_the_ensemble_cli_refuses_a_name_outside_the_runs_folder_in_a_real_process(built, tmp_path):
+    done = run_cli("core.cli.ensemble", built / "ens-seed3", built / "ens-seed4", "--name", "../escape", "--out",
+                   tmp_path / "runs")  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert "'../escape' is not a usable run name" in done.stderr and not (tmp_path / "escape").exists()
 
 
 def test_an_ensemble_file_that_would_run_code_is_refused(built, tmp_path):

@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from core.app.report import model_info, report_html
 from core.common.labels import CLASSES, DISPLAY_NAMES
@@ -166,6 +168,70 @@ def test_report_escapes_what_it_quotes(predictor, sample_cases):
     for shown in (f"{escaped}.jpg", f"heatmap {escaped}", f"warning {escaped}", f'alt="{escaped}"'):
         assert shown in html, shown
     assert html.count(escaped) == 5  # file name, heatmap label, warning, the case's alt text and caption
+
+
+def test_report_quotes_only_a_run_records_valid_figures(predictor, sample_cases):
+    # The run record is a file: a size that is not a count and figures that are not rates are left out, not quoted
+    # (a text accuracy stopped the report with a ValueError) and never markup.
+    prediction = predictor.predict(sample_cases.frame["path"].iloc[0], upload=False)
+    recorded = model_info(REFERENCE, predictor.checkpoint, predictor.arch)
+    hostile = {**recorded.test, "n": "<b>9999</b>", "accuracy": "high", "balanced_accuracy": 7.5}
+    html = report_html(
+        prediction, model=dataclasses.replace(recorded, test=hostile), created=datetime(2026, 1, 2, tzinfo=UTC)
+    )
+    assert "9999" not in html  # neither as markup nor as text
+    assert "Measured on its test split:" in html and "melanoma ROC AUC" in html
+    assert "accuracy high" not in html and "balanced accuracy" not in html and "750" not in html
+    valid = report_html(prediction, model=recorded, created=datetime(2026, 1, 2, tzinfo=UTC))
+    assert f"({recorded.test['n']} images)" in valid and f"accuracy {recorded.test['accuracy']:.1%}" in valid
+
+
+def wrong_width(blob: dict) -> dict:
+    return {**blob, "features": blob["features"][:, :100]}
+
+
+def with_nan(blob: dict) -> dict:
+    features = blob["features"].clone()
+    features[0, 0] = float("nan")
+    return {**blob, "features": features}
+
+
+def as_half(blob: dict) -> dict:
+    return {**blob, "features": blob["features"].half()}
+
+
+def missing_rows(blob: dict) -> dict:
+    return {**blob, "features": blob["features"][:-1]}
+
+
+def other_model(blob: dict) -> dict:
+    return {**blob, "key": "0123456789abcdef"}
+
+
+def with_a_bomb(blob: dict) -> dict:
+    return {**blob, "blob": bytearray(16)}
+
+
+@pytest.mark.parametrize("damage", [wrong_width, with_nan, as_half, missing_rows, other_model, with_a_bomb])
+def test_a_feature_cache_that_does_not_match_is_rebuilt_with_progress(predictor, tmp_path, damage):
+    # A features file of another width made every Diagnose upload raise, NaN features gave "similarity nan".
+    index = index_dataset(SAMPLE)
+    frame = index.frame.iloc[:6]
+    split = pd.Series(["train"] * len(frame), index=frame.index)
+    built = build_index(REFERENCE, frame, split, cache_dir=tmp_path)
+    (file,) = tmp_path.glob("*.pt")
+    torch.save(damage(torch.load(file, weights_only=True)), file)
+    heard: list[tuple[int, int]] = []
+    rebuilt = build_index(REFERENCE, frame, split, cache_dir=tmp_path, progress=lambda *p: heard.append(p))
+    assert heard and heard[-1] == (len(frame), len(frame))
+    assert np.allclose(rebuilt.features, built.features, atol=1e-5)
+    rewritten = torch.load(file, weights_only=True)  # computed again and written whole
+    assert set(rewritten) == {"key", "keys", "features"} and rewritten["features"].shape == built.features.shape
+    embedded = predictor.embed(predictor.predict(frame["path"].iloc[0], upload=False))
+    assert all(np.isfinite(case.similarity) for case in rebuilt.nearest(embedded, 3, splits=None))
+    heard.clear()
+    build_index(REFERENCE, frame, split, cache_dir=tmp_path, progress=lambda *p: heard.append(p))
+    assert heard == [(len(frame), len(frame))]  # the rewritten cache is read whole: nothing computed
 
 
 def report_probabilities(html: str) -> list[tuple[str, str]]:

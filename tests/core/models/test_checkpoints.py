@@ -116,6 +116,46 @@ def mismatched_weights(path: Path) -> None:
     torch.save({**valid_fields(), "model_state": {"backbone.conv1.weight": torch.zeros(8, 3, 3, 3)}}, path)
 
 
+def torch_archive(path: Path, pickle_bytes: bytes) -> None:
+    """A file laid out as torch.save lays one out (data.pkl and a version record), holding ``pickle_bytes``."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle_bytes)
+        archive.writestr("archive/version", "3\n")
+
+
+def bytearray_bomb(path: Path) -> None:
+    # A pickle of bytearray(2**30): torch's weights-only allow-list takes it and allocates a GiB from 150 bytes.
+    torch_archive(path, b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00@\x85R.")
+
+
+def rezipped(change: Callable[[str, bytes], bytes], **zip_options) -> Callable[[Path], None]:
+    """A valid checkpoint written by torch.save, then its records written again through ``change(name, data)``."""
+
+    def write(path: Path) -> None:
+        torch.save(valid_fields(), path)
+        with zipfile.ZipFile(path) as archive:
+            records = {name: archive.read(name) for name in archive.namelist()}
+        with zipfile.ZipFile(path, "w", **zip_options) as archive:
+            for name, data in records.items():
+                archive.writestr(name, change(name, data))
+
+    return write
+
+
+def extra_record(path: Path) -> None:
+    torch.save(valid_fields(), path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("archive/notes.txt", "not from torch.save")
+
+
+def nested(depth: int, width: int) -> list:
+    """Lists that share one another: a few bytes pickled, ``width ** depth`` values printed."""
+    value: list = []
+    for _ in range(depth):
+        value = [value] * width
+    return value
+
+
 def hostile(path: Path) -> None:
     torch.save({"format": FORMAT, "payload": RunsACommand(f"touch {path.parent / 'PWNED'}")}, path)
 
@@ -126,22 +166,22 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "no temperature or weights": (changed(temperature=DROP, model_state=DROP), "temperature, model_state are missing"),
     "string temperature": (
         changed(weights=True, temperature="warm"),
-        "temperature must be a finite number above 0; got 'warm'",
+        "temperature must be a finite number from 0.05 to 20; got 'warm'",
     ),
-    "numeric string temperature": (changed(temperature="1.0"), "temperature must be a finite number above 0"),
-    "bool temperature": (changed(temperature=True), "temperature must be a finite number above 0; got True"),
+    "numeric string temperature": (changed(temperature="1.0"), "temperature must be a finite number from 0.05 to 20"),
+    "bool temperature": (changed(temperature=True), "temperature must be a finite number from 0.05 to 20; got True"),
     "NaN temperature": (
         changed(weights=True, temperature=math.nan),
-        "temperature must be a finite number above 0; got nan",
+        "temperature must be a finite number from 0.05 to 20; got nan",
     ),
-    "infinite temperature": (changed(temperature=math.inf), "temperature must be a finite number above 0; got inf"),
+    "infinite temperature": (changed(temperature=math.inf), "temperature must be a finite number from 0.05 to 20"),
     "zero temperature": (
         changed(weights=True, temperature=0.0),
-        "temperature must be a finite number above 0; got 0.0",
+        "temperature must be a finite number from 0.05 to 20; got 0.0",
     ),
     "negative temperature": (
         changed(weights=True, temperature=-1.0),
-        "temperature must be a finite number above 0; got -1.0",
+        "temperature must be a finite number from 0.05 to 20; got -1.0",
     ),
     "huge input size": (
         changed(weights=True, preprocessing__input_size=[12000, 12000]),
@@ -159,7 +199,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "two means": (changed(preprocessing__mean=[0.5, 0.5]), "preprocessing.mean must be three finite numbers"),
     "NaN mean": (changed(preprocessing__mean=[0.5, math.nan, 0.5]), "preprocessing.mean must be three finite"),
-    "zero std": (changed(preprocessing__std=[0.2, 0.0, 0.2]), "preprocessing.std must be three finite numbers above 0"),
+    "zero std": (changed(preprocessing__std=[0.2, 0.0, 0.2]), "preprocessing.std must be three finite numbers from"),
     "preprocessing as text": (changed(preprocessing="224x224"), "preprocessing must be a dict"),
     "unknown colour constancy": (
         changed(preprocessing__colour_constancy="retinex"),
@@ -186,11 +226,37 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty file": (lambda path: path.write_bytes(b""), "is not a readable checkpoint"),
     "weights of another shape": (mismatched_weights, "does not rebuild into a mobilenet_v2 model"),
     "pickle that runs a command": (hostile, "may be malicious"),
+    # Allocations the file asks for, refused before torch.load makes them (the 1 GiB file bound means what it says).
+    "bytearray bomb": (bytearray_bomb, "would import and call __builtin__.bytearray"),
+    "extra bytearray field": (changed(weights=True, blob=bytearray(64)), "bytearray, which a Lesion Lab"),
+    "deflated records": (rezipped(lambda name, data: data, compression=zipfile.ZIP_DEFLATED), "is compressed"),
+    "tensor longer than its record": (
+        rezipped(lambda name, data: data[:8] if name.endswith("/data/0") else data),
+        "but its record holds 8",
+    ),
+    "record torch never writes": (extra_record, "holds 'archive/notes.txt', which torch.save never writes"),
+    "unknown field": (changed(weights=True, notes="hello"), "'notes' is not a field of a Lesion Lab checkpoint"),
+    "unknown preprocessing field": (changed(preprocessing__crop=0.9), "preprocessing holds crop; it may hold only"),
+    "config nested 40 levels": (changed(config__deep=nested(40, 2)), "nests deeper than 8 levels"),
+    "config wide and shared": (changed(config__wide=nested(3, 1000)), "more than 200,000 values"),
+    "config nested past its depth": (changed(config__deep=[[["x"]]]), "config nests deeper than 3 levels"),
+    "negative mel_threshold": (changed(weights=True, mel_threshold=-1.0), "mel_threshold must be a probability"),
+    "NaN mel_threshold": (changed(mel_threshold=math.nan), "mel_threshold must be a probability from 0 to 1; got nan"),
+    "mel_threshold above 1": (changed(mel_threshold=2.0), "mel_threshold must be a probability from 0 to 1; got 2.0"),
+    "mel_threshold as text": (changed(weights=True, mel_threshold="0.3"), "mel_threshold must be a probability"),
+    "mel_threshold as a list": (changed(mel_threshold=[0.3]), "mel_threshold must be a probability"),
+    "vanishing temperature": (changed(weights=True, temperature=1e-30), "temperature must be a finite number from"),
+    "vanishing std": (changed(weights=True, preprocessing__std=[1e-30] * 3), "preprocessing.std must be three"),
+    "mean outside the pixels": (changed(preprocessing__mean=[5.0, 0.5, 0.5]), "preprocessing.mean must be three"),
+    "config name a number": (changed(weights=True, config__name=5), "config.name must be a run folder's name; got 5"),
+    "config name a path": (changed(config__name="../escape"), "config.name must be a run folder's name"),
+    "fractions over 1": (changed(weights=True, config__split_fractions=[1, 1, 0]), "summing to 1"),
+    "NaN fractions": (changed(config__split_fractions=[math.nan, 0.5, 0.5]), "config.split_fractions must be three"),
 }
 # The classes of malformed file the command lines are also run on for real, one process each: every class goes
 # through both mains in-process above; these prove the wiring of `python -m` end to end on the failures that
 # happen deepest (torch's unpickler, a truncated archive, an allocation the bounds must prevent).
-IN_SUBPROCESS = ("pickle that runs a command", "truncated file", "huge input size")
+IN_SUBPROCESS = ("pickle that runs a command", "truncated file", "huge input size", "bytearray bomb")
 
 
 @pytest.fixture(scope="module")

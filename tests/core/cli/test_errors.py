@@ -1,0 +1,77 @@
+"""Every command line answers a wrong value or file with one ``error:`` line and exit status 2, in a real process:
+no traceback, no silent default, no number that does not mean anything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from core.metrics.classification import BALANCED_ACCURACY_UNDEFINED
+from core.models.checkpoints import MAX_SPLIT_SEED
+from core.models.metadata import MAX_AGE
+from tests.conftest import ROOT, run_cli
+
+REFERENCE = ROOT / "checkpoints" / "reference.pt"
+SAMPLE = ROOT / "sample_data" / "ham10000-sample"
+
+pytestmark = pytest.mark.integration
+
+
+def one_error_line(done, says: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    assert says in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--split-seed", "-1"], f"--split-seed must be a whole number from 0 to {MAX_SPLIT_SEED}, got -1"),
+        (["--split-seed", str(2**40)], f"--split-seed must be a whole number from 0 to {MAX_SPLIT_SEED}"),
+        (["--fractions", "nan", "0.5", "0.5"], "--fractions: split fractions must be three non-negative numbers"),
+        (["--workers", "-1"], "--workers must be a whole number from 0, got -1"),
+        (["--device", "foo"], "--device: 'foo' is not a device name"),
+        (["--bootstrap", "-1"], "--bootstrap must be a whole number from 0, got -1"),
+        (["--batch-size", "0"], "--batch-size must be a whole number from 1, got 0"),
+        (["--mel-threshold", "nan"], "--mel-threshold must be within [0, 1], got nan"),
+    ],
+)
+def test_evaluate_refuses_a_flag_out_of_bounds(flags, says):
+    one_error_line(run_cli("core.cli.evaluate", "--checkpoint", REFERENCE, "--data", SAMPLE, *flags), says)
+
+
+def test_evaluate_says_balanced_accuracy_is_undefined_on_one_class(tmp_path):
+    # One folder per class, with one class: mean recall over one class is the accuracy again.
+    (tmp_path / "nv").mkdir()
+    for image in sorted((SAMPLE / "images").glob("*.jpg"))[:6]:
+        shutil.copy(image, tmp_path / "nv" / image.name)
+    done = run_cli(
+        "core.cli.evaluate", "--checkpoint", REFERENCE, "--data", tmp_path, "--split", "all", "--no-tta",
+        "--bootstrap", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("balanced accuracy"))
+    assert line.split(None, 2)[2] == BALANCED_ACCURACY_UNDEFINED
+    assert any(line.startswith("accuracy ") for line in done.stdout.splitlines())
+
+
+def test_the_job_worker_refuses_what_is_not_a_job(tmp_path):
+    one_error_line(run_cli("core.cli.jobs", "worker", tmp_path / "missing.json"), "does not exist")
+    for name, content, says in (
+        ("notes.txt", "not json at all", "is not a job file (not JSON)"),
+        ("list.json", "[1, 2]", "is not a job file (it names no job id and kind)"),
+        ("kind.json", json.dumps({"id": "x", "kind": "mine bitcoin"}), "is not a job file (kind is 'mine bitcoin')"),
+        ("runs.json", json.dumps({"id": "x", "kind": "train", "runs": "all"}), "(runs is 'all')"),
+    ):
+        (tmp_path / name).write_text(content)
+        one_error_line(run_cli("core.cli.jobs", "worker", tmp_path / name), says)
+
+
+@pytest.mark.parametrize("age", ["nan", "-3", "400"])
+def test_predict_refuses_an_age_that_is_no_age(age):
+    image = sorted((SAMPLE / "images").glob("*.jpg"))[0]
+    done = run_cli("core.cli.predict", REFERENCE, image, "--age", age)
+    one_error_line(done, f"--age must be a number of years from 0 to {MAX_AGE}; got {float(age)}")

@@ -34,7 +34,7 @@ from core.inference.forward import (
 from core.inference.opening import open_predictor
 from core.inference.predictor import USE_TTA_BY_DEFAULT, ModelView, frame_batches
 from core.metrics.bootstrap import confidence_intervals
-from core.metrics.classification import compute_metrics
+from core.metrics.classification import REFERRAL_RULES, compute_metrics
 from core.models.checkpoints import CheckpointError
 
 # Below this share of the recomputed split's images in the run's own split.csv, the "test" split
@@ -204,14 +204,14 @@ def prediction_rows(
 
 
 def withheld_report(
-    known: dict, labels: np.ndarray, withheld: np.ndarray, *, mel_threshold: float, bootstrap: int
+    known: dict, labels: np.ndarray, withheld: np.ndarray, *, thresholds: dict[str, float], bootstrap: int
 ) -> dict:
     """What a model that takes age, sex and site scored with every field withheld, beside how many images knew
     each field (``known``)."""
     return {
         "known": known,
         "withheld": {
-            "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
+            "metrics": compute_metrics(labels, withheld, **thresholds),
             "confidence_intervals": confidence_intervals(labels, withheld, n=bootstrap) if bootstrap else None,
         },
     }
@@ -240,7 +240,7 @@ def evaluate_checkpoint(
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = open_predictor(checkpoint, device=device)
-    mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
+    thresholds = predictor.thresholds | ({} if mel_threshold is None else {"mel_threshold": mel_threshold})
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     files, notes = frame_batches(frame, batch_size, num_workers, tta), []
 
@@ -267,7 +267,7 @@ def evaluate_checkpoint(
     if encoding is not None:
         withheld = run(None)[0]
         metadata = withheld_report(
-            encoding.known(encoded), labels, withheld, mel_threshold=mel_threshold, bootstrap=bootstrap
+            encoding.known(encoded), labels, withheld, thresholds=thresholds, bootstrap=bootstrap
         )
     return {
         "checkpoint": str(checkpoint),
@@ -278,7 +278,7 @@ def evaluate_checkpoint(
         "tta_views": tta_description(tta),
         "input_pipeline": "jpeg" if notes or decoded_dir is None else "decoded",
         "input_pipeline_note": notes[0] if notes else None,
-        "metrics": compute_metrics(labels, probs, mel_threshold=mel_threshold),
+        "metrics": compute_metrics(labels, probs, **thresholds),
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap) if bootstrap else None,
         # A model that takes metadata: how many images knew each field (the metrics above use them) and the
         # metrics with every field withheld. None for a model of the image alone.
@@ -336,9 +336,12 @@ def format_report(result: dict) -> str:
             f"{a['f1']:>6.3f} {auc:>6} {m['n']:>7}"
         )
 
-    mel = m["melanoma"]
-    sens = f"{_num(mel['sensitivity'])} ({mel['tp']}/{mel['tp'] + mel['fn']})"
-    spec = f"{_num(mel['specificity'])} ({mel['tn']}/{mel['tn'] + mel['fp']})"
+    rules = []
+    for rule in REFERRAL_RULES:
+        if (op := m.get(rule.key)) is not None:  # reports written before the malignant rule lack it
+            sens = f"{_num(op['sensitivity'])} ({op['tp']}/{op['tp'] + op['fn']})"
+            spec = f"{_num(op['specificity'])} ({op['tn']}/{op['tn'] + op['fp']})"
+            rules.append(f"{rule.key}, {rule.label} >= {op['threshold']:g}: sensitivity {sens}, specificity {spec}")
     lines += [
         "",
         f"accuracy             {m['accuracy']:.3f}{_ci(result, 'accuracy')}",
@@ -346,7 +349,7 @@ def format_report(result: dict) -> str:
         f"macro F1             {m['macro']['f1']:.3f}{_ci(result, 'macro_f1')}",
         f"macro AUC            {_num(m['roc_auc']['macro'])}",
         f"ECE (15 bins)        {m['ece']:.3f}",
-        f"melanoma, P(mel) >= {mel['threshold']:g}: sensitivity {sens}, specificity {spec}",
+        *rules,
         "",
         "Confusion matrix (rows: true diagnosis, columns: predicted)",
     ]

@@ -46,6 +46,7 @@ CSV_COLUMNS = (
     "p_melanoma",
     "confidence",
     "p_malignant",
+    "refer",
     "warnings",
     "error",
     *(f"p_{code}" for code in CLASSES),
@@ -75,6 +76,7 @@ class BatchRow:
     p_melanoma: float | None = None
     confidence: float | None = None
     p_malignant: float | None = None
+    refer: tuple[str, ...] = ()  # the referral rules at or above their threshold ("malignant", "melanoma")
     warnings: tuple[str, ...] = ()
     error: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -89,6 +91,7 @@ class BatchRow:
             "p_melanoma": self.p_melanoma,
             "confidence": self.confidence,
             "p_malignant": self.p_malignant,
+            "refer": " | ".join(self.refer),
             "warnings": " | ".join(self.warnings),
             "error": self.error,
             **{f"p_{code}": self.probabilities.get(code) for code in CLASSES},
@@ -287,6 +290,7 @@ def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail
         p_melanoma=prediction.probabilities["mel"],
         confidence=prediction.confidence,
         p_malignant=prediction.malignant_probability,
+        refer=tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
         warnings=image_warnings(predictor, prediction),
         probabilities=prediction.probabilities,
         thumbnail=thumbnail(prediction) if with_thumbnail else None,

@@ -78,9 +78,9 @@ def test_evaluate_shows_the_ensemble_runs_recorded_numbers(app_env, ensemble_run
     assert "best epoch" not in text  # an ensemble has no epoch of its own: no "best epoch ?"
 
     # Its melanoma operating point (chosen on validation when it was combined) is where the threshold view starts.
-    open_view(at, "Melanoma threshold")
-    assert at.slider(key="eval_mel_t").value == pytest.approx(round(evaluation["mel_threshold"], 2))
-    assert f"P(mel) ≥ {evaluation['mel_threshold']:.3f}" in texts(at)
+    open_view(at, "Referral thresholds")
+    assert at.select_slider(key="eval_melanoma_t").value == evaluation["mel_threshold"]
+    assert f"P(melanoma) ≥ {evaluation['mel_threshold']:.3f}" in texts(at)
 
     # The misclassified gallery draws the ensemble's averaged Grad-CAM over the sample's images.
     open_view(at, "Misclassified images")

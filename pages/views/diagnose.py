@@ -14,7 +14,7 @@ from core.data.images import ImageError, fit_margins, upright_size
 from core.inference.explain import feature_map_grid
 from core.inference.forward import PredictionError
 from core.inference.prediction import LOW_CONFIDENCE
-from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, vote
+from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, disagreement_text, vote
 from pages.views._shared import case_index, load_dataset, model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
@@ -203,6 +203,8 @@ right, left = st.columns([6, 5], gap="large")  # prediction first, explanation b
 with right:
     if not check.unfamiliar:
         st.markdown(f"### {prediction.top_name} ({prediction.top_class})")
+        # Filled once the similar cases are found (below, so that they never hold up the answer).
+        caveats = st.container()
         referrals()
         probabilities()
     else:
@@ -336,8 +338,27 @@ def similar_cases() -> tuple[list, dict]:
     return nearest, by_class
 
 
+def disagreements(nearest: list) -> list[str]:
+    """What to say beside the answer when its nearest confirmed cases or, for an ensemble, its models disagree with
+    it (how often that marks a wrong answer: docs/BENCHMARKS.md, bench/disagreement.py)."""
+    found = []
+    if (text := disagreement_text(prediction.top_class, nearest)) is not None:
+        found.append(text)
+    votes = prediction.members
+    if votes is not None and votes.agreeing < votes.count:
+        found.append(
+            f"The models disagree: {votes.agreement_text()}. The combined answer is less certain than its "
+            "probability says."
+        )
+    return found
+
+
 # A flagged image was not assessed: its nearest cases would read as a verdict on it (their diagnoses, "8 nv").
 nearest, by_class = ([], {}) if check.unfamiliar else similar_cases()
+if not check.unfamiliar:
+    for text in disagreements(nearest):
+        caveats.warning(text, icon=":material/call_split:")
+        warnings.append(text)
 report = report_html(
     prediction,
     model=model_info(model_path, ckpt, predictor.arch, tta=prediction.tta),

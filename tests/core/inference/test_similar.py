@@ -18,7 +18,14 @@ from core.data.dataset import index_dataset
 from core.data.splits import model_split, split_column
 from core.inference.opening import open_predictor
 from core.inference.predictor import Predictor
-from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote, vote
+from core.inference.similar import (
+    REFERENCE_SPLITS,
+    build_index,
+    disagreement_text,
+    knn_vote,
+    neighbours_disagree,
+    vote,
+)
 from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
 from tests.app_support import ROOT
 
@@ -83,6 +90,27 @@ def test_nearest_cases_leave_test_images_out(predictor, sample_cases):
     by_class = sample_cases.nearest_by_class(embedding, splits=None)
     assert list(by_class) == list(CLASSES) and all(case.dx == code for code, case in by_class.items())
     assert abs(vote(offered).sum() - 1) < 1e-9
+
+
+def test_neighbours_disagree_when_their_most_common_diagnosis_is_another(sample_cases):
+    cases = [
+        dataclasses.replace(c, dx=dx)
+        for c, dx in zip(
+            sample_cases.nearest(sample_cases.features[0], 8, splits=None), ["mel"] * 5 + ["nv"] * 3, strict=True
+        )
+    ]
+    mel, nv = CLASSES.index("mel"), CLASSES.index("nv")
+    assert neighbours_disagree(vote(cases), nv)[0] and not neighbours_disagree(vote(cases), mel)[0]
+    text = disagreement_text("nv", cases)
+    assert text.startswith(
+        "Its 8 nearest confirmed cases disagree with it: 5 Melanoma (mel), 3 Melanocytic nevus (nv)."
+    )
+    assert disagreement_text("mel", cases) is None and disagreement_text("nv", []) is None
+    # A tie that includes the answer agrees; one row per query for a batch of votes.
+    tied = np.zeros((2, len(CLASSES)))
+    tied[:, [mel, nv]] = 0.5
+    assert not neighbours_disagree(tied, np.array([mel, nv])).any()
+    assert neighbours_disagree(tied, CLASSES.index("bcc")).all()
 
 
 def test_knn_vote_with_itself_as_reference_is_its_own_label(sample_cases):

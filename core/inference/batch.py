@@ -27,6 +27,7 @@ from core.data.images import ImageError, ImageSource
 from core.inference.forward import bounded_batch_size
 from core.inference.prediction import LOW_CONFIDENCE, Prediction
 from core.inference.predictor import Predictor
+from core.inference.unfamiliar import UnfamiliarCheck
 
 # One image file may be as large as one upload on the Diagnose page: a 24-megapixel dermatoscope JPEG is
 # about 8 MiB. An archive is bounded by what it declares before a byte is inflated: its member count, and
@@ -111,10 +112,9 @@ def write_csv(rows: Iterable[BatchRow], out: TextIO) -> int:
     return errors
 
 
-def image_warnings(predictor: Predictor, prediction: Prediction) -> tuple[str, ...]:
-    """What the Diagnose page warns about for this image, in a line each: unfamiliar (the predictor's measured
-    check, the same one Diagnose shows), low confidence."""
-    check = predictor.unfamiliar(prediction)
+def image_warnings(check: UnfamiliarCheck, prediction: Prediction) -> tuple[str, ...]:
+    """What the Diagnose page warns about for this image, in a line each: unfamiliar (``check``, the predictor's
+    measured check, the same one Diagnose shows), low confidence."""
     found = []
     if check.unfamiliar:
         found.append("unlike the dermoscopy the model learnt from: " + "; ".join(check.reasons))
@@ -283,6 +283,7 @@ def upload_files(uploads: Iterable[tuple[str, bytes]]) -> list[BatchFile]:
 
 
 def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail: bool) -> BatchRow:
+    check = predictor.unfamiliar(prediction)
     return BatchRow(
         file=name,
         top_class=prediction.top_class,
@@ -290,8 +291,9 @@ def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail
         p_melanoma=prediction.probabilities["mel"],
         confidence=prediction.confidence,
         p_malignant=prediction.malignant_probability,
-        refer=tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
-        warnings=image_warnings(predictor, prediction),
+        # As on Diagnose, an image unlike dermoscopy is not assessed: no referral from it (its warning says why).
+        refer=() if check.unfamiliar else tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
+        warnings=image_warnings(check, prediction),
         probabilities=prediction.probabilities,
         thumbnail=thumbnail(prediction) if with_thumbnail else None,
     )

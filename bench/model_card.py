@@ -47,14 +47,17 @@ from core.inference.similar import NEIGHBOURS
 from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
 from core.metrics.calibration import expected_calibration_error, softmax
 from core.metrics.classification import (
-    MEL_SENSITIVITY,
+    MALIGNANT_RULE,
+    MELANOMA_RULE,
+    REFERRAL_RULES,
     balanced_accuracy,
     compute_metrics,
     macro_auc,
     melanoma_auc,
-    melanoma_operating_point,
+    operating_point,
     weighted_f1,
 )
+from core.models.ensemble_file import read_model_file
 from core.training.config import config_with
 from core.training.imbalance import STRATEGIES
 from core.training.loop import train
@@ -115,18 +118,26 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 
 def all_intervals(
-    labels: np.ndarray, probs: np.ndarray, raw: np.ndarray | None, threshold: float, lesions: list[str]
+    labels: np.ndarray,
+    probs: np.ndarray,
+    raw: np.ndarray | None,
+    thresholds: dict[str, float],
+    lesions: list[str],
 ) -> dict[str, str]:
     """The 95% bootstrap interval (2000 resamples of the test images' ``lesions``) of every metric in the card's
-    table, formatted "low–high"."""
-    rate = lambda name, t: lambda y, p: melanoma_operating_point(y, p, t)[name]  # noqa: E731
+    table, formatted "low–high". ``thresholds``: each referral rule's, by its field (``mel_threshold``, …)."""
+    rate = lambda name, t, rule=MELANOMA_RULE: lambda y, p: operating_point(y, p, t, rule)[name]  # noqa: E731
     ci = confidence_intervals(labels, probs, n=2000, groups=lesions)
     on_calibrated = {
         "weighted_f1": weighted_f1,
         "mel_auc": melanoma_auc,
         "macro_auc": macro_auc,
-        "op_sensitivity": rate("sensitivity", threshold),
-        "op_specificity": rate("specificity", threshold),
+        **{
+            f"{rule.key}_op_{name}": rate(name, thresholds[rule.field], rule)
+            for rule in REFERRAL_RULES
+            if rule.field in thresholds
+            for name in ("sensitivity", "specificity")
+        },
         "sensitivity": rate("sensitivity", 0.5),
         "specificity": rate("specificity", 0.5),
         "ece": expected_calibration_error,
@@ -184,14 +195,38 @@ RESULT_VALUES: dict[str, Callable[[dict], float] | None] = {
     "macro_f1": lambda r: r["macro"]["f1"],
     "weighted_f1": lambda r: r["weighted"]["f1"],
     "mel_auc": lambda r: r["roc_auc"]["per_class"]["mel"],
-    "op_sensitivity": lambda r: r["op"]["sensitivity"],
-    "op_specificity": lambda r: r["op"]["specificity"],
-    "sensitivity": lambda r: r["melanoma"]["sensitivity"],
-    "specificity": lambda r: r["melanoma"]["specificity"],
+    "melanoma_op_sensitivity": lambda r: r["melanoma"]["sensitivity"],
+    "melanoma_op_specificity": lambda r: r["melanoma"]["specificity"],
+    "malignant_op_sensitivity": lambda r: r["malignant"]["sensitivity"],
+    "malignant_op_specificity": lambda r: r["malignant"]["specificity"],
+    "sensitivity": lambda r: r["at_half"]["sensitivity"],
+    "specificity": lambda r: r["at_half"]["specificity"],
     "macro_auc": lambda r: r["roc_auc"]["macro"],
     "ece_raw": None,  # before temperature scaling: from the uncalibrated probabilities, one view only
     "ece": lambda r: r["ece"],
 }
+
+
+def operating_thresholds(reference: Path) -> dict[str, float]:
+    """The referral thresholds Diagnose uses for the reference run's model, by field: the run's record
+    (``evaluation.json``), completed by the published model file trained by that run (``checkpoints/NAME.pt``, whose
+    stored config names it), which ``lesionlab operating-point`` may have given a rule the run never recorded."""
+    recorded = read_json(reference / "evaluation.json")
+    found = {rule.field: recorded[rule.field] for rule in REFERRAL_RULES if recorded.get(rule.field) is not None}
+    for path in sorted((ROOT / "checkpoints").glob("*.pt")):
+        payload = read_model_file(path)
+        if (payload.get("config") or {}).get("name") == reference.name:
+            found |= {r.field: payload[r.field] for r in REFERRAL_RULES if r.field not in found and r.field in payload}
+    return found
+
+
+def scored(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float]) -> dict:
+    """``compute_metrics`` at the model's operating points (each rule's sensitivity and specificity under its key;
+    a rule without a threshold scored at 0.5), with the melanoma rule at P(mel) ≥ 0.5 beside them as ``at_half``."""
+    return {
+        **compute_metrics(labels, probs, **thresholds),
+        "at_half": compute_metrics(labels, probs)["melanoma"],
+    }
 
 
 def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path, data: str | None = None) -> str:
@@ -199,29 +234,26 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
     m = compute_metrics(labels, probs)
     m_raw = compute_metrics(labels, raw)
     cfg = read_config(reference)
-    mel = m["melanoma"]
-    # The operating point Diagnose uses: the model's own, chosen on validation (core.evaluation.operating_point), else
-    # 0.5.
-    threshold = read_json(reference / "evaluation.json").get("mel_threshold")
-    op = compute_metrics(labels, probs, mel_threshold=threshold)["melanoma"] if threshold is not None else mel
+    # The operating points Diagnose uses: the model's own, chosen on validation (core.evaluation.operating_point),
+    # else 0.5.
+    thresholds = operating_thresholds(reference)
+    one = scored(labels, probs, thresholds)
     lesions = test_lesions(reference)
-    ci = all_intervals(labels, probs, raw, op["threshold"], lesions)
+    ci = all_intervals(labels, probs, raw, thresholds, lesions)
     # The targets are read as lesionlab evaluate reads the model: its saved report, when there is one.
     tta, tta_ci, evaluated = None, {}, load_evaluate_report(reference)
     if evaluated is not None:
         t_labels, t_probs, _ = evaluated
-        tta = compute_metrics(t_labels, t_probs)
-        tta["op"] = compute_metrics(t_labels, t_probs, mel_threshold=op["threshold"])["melanoma"]
+        tta = scored(t_labels, t_probs, thresholds)
         t_lesions = lesions_of(reference, [r["image_id"] for r in evaluated[2]["predictions"]])
-        tta_ci = all_intervals(t_labels, t_probs, None, op["threshold"], t_lesions)
-    one = {**m, "op": op}  # the one-view metrics with the operating point's melanoma figures beside them
+        tta_ci = all_intervals(t_labels, t_probs, None, thresholds, t_lesions)
     read = tta or one
     sizes = read_split(reference)["split"].value_counts()
     results = {}
     for key, value in RESULT_VALUES.items():
         results[key] = {
             "one": fmt(m_raw["ece"]) if value is None else fmt(value(one)),
-            "one_ci": ci[key],
+            "one_ci": ci.get(key, "–"),
             "tta": "–" if tta is None or value is None else fmt(value(tta)),
             "tta_ci": "–" if tta is None else tta_ci.get(key, "–"),
         }
@@ -260,15 +292,24 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
         "n_test": str(m["n"]),
         "evaluate_file": EVALUATE_FILE,
         "results": results,
-        "op_threshold": f"{op['threshold']:.3f}",
-        "mel_sensitivity_goal": f"{MEL_SENSITIVITY:.2f}",
+        "rules": {
+            rule.key: {
+                "threshold": f"{one[rule.key]['threshold']:.3f}",
+                "goal": f"{rule.sensitivity:.2f}",
+                "recorded": rule.field in thresholds,
+            }
+            for rule in REFERRAL_RULES
+        },
         "per_class": per_class,
         "confusion": [(code, [str(v) for v in row]) for code, row in zip(CLASSES, m["confusion_matrix"], strict=True)],
         "tta": tta is not None,
         "met": met,
         "missed": missed,
-        "read_op": {"sensitivity": fmt(read["op"]["sensitivity"]), "specificity": fmt(read["op"]["specificity"])},
-        "one_view_op_sensitivity": fmt(op["sensitivity"]),
+        "read_op": {
+            key: {"sensitivity": fmt(read[key]["sensitivity"]), "specificity": fmt(read[key]["specificity"])}
+            for key in (MELANOMA_RULE.key, MALIGNANT_RULE.key)
+        },
+        "one_view_op_sensitivity": fmt(one["melanoma"]["sensitivity"]),
         "comparison_arch": COMPARISON_ARCH,
         "comparison": comparison,
         "sections": {
@@ -293,7 +334,7 @@ def target_verdicts(read: dict) -> tuple[list[str], list[str]]:
         ("balanced accuracy ≥ 0.80", read["balanced_accuracy"], 0.80, True),
         ("melanoma AUC ≥ 0.93", read["roc_auc"]["per_class"]["mel"] or 0.0, 0.93, True),
         ("ECE ≤ 0.03", read["ece"], 0.03, False),
-        ("melanoma sensitivity ≥ 0.80 at the operating point", read["op"]["sensitivity"] or 0.0, 0.80, True),
+        ("melanoma sensitivity ≥ 0.80 at the operating point", read["melanoma"]["sensitivity"] or 0.0, 0.80, True),
     ]
     met, missed = [], []
     for name, value, goal, up in targets:

@@ -39,7 +39,8 @@ from core.data.dataset import index_dataset
 from core.data.preprocessing import Preprocessing, load_for_model
 from core.data.splits import model_split, split_column
 from core.inference.opening import open_predictor
-from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote
+from core.inference.predictor import Predictor
+from core.inference.similar import REFERENCE_SPLITS, CaseIndex, build_index, knn_vote
 from core.inference.unfamiliar import dermoscopy_check, detector_path, file_digest, fit_detector
 from core.metrics.calibration import softmax
 from core.metrics.classification import compute_metrics
@@ -80,22 +81,29 @@ def rates(flags: np.ndarray) -> float:
     return float(np.mean(flags)) if len(flags) else float("nan")
 
 
-def measure(args: argparse.Namespace) -> dict:
+def model_cases(data: Path, checkpoint: Path, max_per_split: int = 0) -> tuple[Predictor, CaseIndex]:
+    """The model and the case index of the dataset under it, each image with its split for that model (at most
+    ``max_per_split`` images of each split for a quick proof), built or reused with progress on the terminal."""
     t0 = time.perf_counter()
-    index = index_dataset(args.data)
-    predictor = open_predictor(args.checkpoint)
-    record = model_split(args.checkpoint, predictor.checkpoint, index.frame, settings.run_folders())
+    index = index_dataset(data)
+    predictor = open_predictor(checkpoint)
+    record = model_split(checkpoint, predictor.checkpoint, index.frame, settings.run_folders())
     frame = index.frame.assign(split=split_column(index.frame, record.split_of).to_numpy())
-    if args.max_per_split:
+    if max_per_split:
         shuffled = frame.sample(frac=1.0, random_state=0)
-        frame = shuffled.groupby("split", group_keys=False).head(args.max_per_split).reset_index(drop=True)
+        frame = shuffled.groupby("split", group_keys=False).head(max_per_split).reset_index(drop=True)
     print(f"{len(frame)} images, split {record.source}", flush=True)
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 640 < 64:
             print(f"  features {done}/{total} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    cases = build_index(args.checkpoint, frame, frame["split"], progress=progress)
+    return predictor, build_index(checkpoint, frame, frame["split"], progress=progress)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    predictor, cases = model_cases(args.data, args.checkpoint, args.max_per_split)
     index_s = time.perf_counter() - t0
     table, feats = cases.frame, cases.features
     by = {s: np.flatnonzero(table["split"].to_numpy() == s) for s in ("train", "val", "test")}
@@ -183,17 +191,27 @@ def section(r: dict, command: str) -> list[str]:
         *unfamiliar_lines(u),
     ]
     if not r["full_dataset"]:
-        lines += ["", "A proof run on a few images per split: the numbers show that the script works, nothing more."]
+        lines += ["", PROOF_NOTE]
     return lines
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROOF_NOTE = "A proof run on a few images per split: the numbers show that the script works, nothing more."
+
+
+def case_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over a model's case index: the dataset, the model, a quick proof's size and the
+    Markdown file its section goes to."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "reference.pt")
     p.add_argument("--max-per-split", type=int, default=0, help="a quick proof: at most this many images per split")
-    p.add_argument("--no-save", action="store_true", help="do not save the fitted detector beside the checkpoint")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    return p
+
+
+def main() -> None:
+    p = case_arguments(__doc__)
+    p.add_argument("--no-save", action="store_true", help="do not save the fitted detector beside the checkpoint")
     args = p.parse_args()
     command = "python -m bench.similar " + " ".join(sys.argv[1:])
     results = measure(args)

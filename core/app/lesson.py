@@ -19,7 +19,7 @@ import pandas as pd
 
 from core.common.labels import CLASSES, DISPLAY_NAMES, MELANOMA
 from core.common.runs import RunState, has_evaluation
-from core.metrics.classification import melanoma_operating_point
+from core.metrics.classification import operating_point
 from core.training import imbalance
 
 NEVUS = "nv"
@@ -134,7 +134,7 @@ def shown_table(table: pd.DataFrame) -> pd.DataFrame:
 def melanoma_curve(labels: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     """Recall and precision of "melanoma when P(mel) ≥ t" for each of :data:`THRESHOLDS`; precision is
     missing where no image is flagged."""
-    points = [melanoma_operating_point(labels, probs, t) for t in THRESHOLDS]
+    points = [operating_point(labels, probs, t) for t in THRESHOLDS]
     return pd.DataFrame(
         {
             "threshold": THRESHOLDS,

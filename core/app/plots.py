@@ -300,8 +300,10 @@ def reliability_figure(before: Sequence[Mapping], after: Sequence[Mapping], temp
     return _finish(fig, "Reliability diagram (test split)", height=460)
 
 
-def threshold_curve(scores: np.ndarray, positive: np.ndarray, threshold: float) -> go.Figure:
-    """Sensitivity and specificity of "melanoma if P(mel) ≥ t" over t, with the chosen t marked."""
+def threshold_curve(
+    scores: np.ndarray, positive: np.ndarray, threshold: float, score: str = "P(mel)", name: str = "Melanoma"
+) -> go.Figure:
+    """Sensitivity and specificity of "positive if ``score`` ≥ t" over t, with the chosen t marked."""
     scores = np.asarray(scores, dtype=float)
     positive = np.asarray(positive, dtype=bool)
     ts = np.linspace(0, 1, 101)
@@ -327,10 +329,10 @@ def threshold_curve(scores: np.ndarray, positive: np.ndarray, threshold: float) 
         )
     )
     fig.add_vline(x=threshold, line=dict(color="#333", dash="dot"), annotation_text=f"t = {threshold:.2f}")
-    fig.update_xaxes(title="melanoma threshold on P(mel)", range=[0, 1])
+    fig.update_xaxes(title=f"threshold on {score}", range=[0, 1])
     fig.update_yaxes(range=[0, 1.02])
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
-    return _finish(fig, "Melanoma: sensitivity vs specificity", height=360)
+    return _finish(fig, f"{name}: sensitivity vs specificity", height=360)
 
 
 # ---------------------------------------------------------------------------

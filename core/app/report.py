@@ -1,9 +1,11 @@
 """The Diagnose page's report to keep: one self-contained HTML page, images inlined, nothing written to disk.
 
 It holds what the page showed for one upload: the image and its heatmap, all seven calibrated probabilities in
-``CLASSES`` order (for an ensemble, how many of its models agree and each one's answer), the similar confirmed
-cases, the warnings, the model (name, version, measured test performance), the date and the disclaimer. It is
-built in memory and handed to the browser as a download. Its HTML is ``templates/report.html.j2``.
+``CLASSES`` order, each referral rule's verdict in the page's words with its measured sensitivity and specificity
+(for an ensemble, how many of its models agree and each one's answer), the similar confirmed cases, the warnings, the
+model (name, version, measured test performance), the date and the disclaimer. An image the unfamiliar-image check
+flagged was not assessed: the report says so and why, and shows nothing about any class. It is built in memory and
+handed to the browser as a download. Its HTML is ``templates/report.html.j2``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from PIL import Image
 
-from core.common.formatting import percents_against
+from core.app.referral import ReferralView
 from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.data.images import open_image
 from core.data.preprocessing import is_finite_number
@@ -41,14 +43,18 @@ class ModelInfo:
     version: str
     epochs: int | None
     test: dict | None  # the recorded test-split evaluation (core.metrics.classification.compute_metrics), if any
+    test_tta: bool = False  # whether ``test`` averaged the flips
 
 
-def model_info(path: str | Path, checkpoint: dict, arch: str) -> ModelInfo:
+def model_info(path: str | Path, checkpoint: dict, arch: str, *, tta: bool = False) -> ModelInfo:
+    """The model as the report names it, with its recorded test results for the ``tta`` setting (else the other's)."""
     path = Path(path)
-    tests = recorded_test_results(path, checkpoint)
     name = (checkpoint.get("config") or {}).get("name") or path.stem
     digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
-    return ModelInfo(f"{name} ({path.name})", arch, digest, checkpoint.get("epoch"), tests[0] if tests else None)
+    for views in (tta, not tta):
+        if tests := recorded_test_results(path, checkpoint, tta=views):
+            return ModelInfo(f"{name} ({path.name})", arch, digest, checkpoint.get("epoch"), tests[0], views)
+    return ModelInfo(f"{name} ({path.name})", arch, digest, checkpoint.get("epoch"), None)
 
 
 def inline_image(image: Image.Image, size: tuple[int, int] | None = None) -> str:
@@ -79,31 +85,28 @@ def _share(value: object) -> float | None:
     return float(value) if is_finite_number(value) and 0 <= value <= 1 else None
 
 
-def _performance(test: dict | None) -> dict | None:
-    """The measured test performance to quote: the split's size (None if unknown) and each figure in words. A run
-    record is a file anyone can edit: a size that is not a whole number, or a figure that is not a rate from 0 to 1,
-    is left out rather than quoted."""
+def _performance(model: ModelInfo) -> dict | None:
+    """The measured test performance to quote: the split's size (None if unknown), its views and each figure in
+    words. A run record is a file anyone can edit: a size that is not a whole number, or a figure that is not a rate
+    from 0 to 1, is left out rather than quoted. The referral rules' sensitivity and specificity are beside their
+    verdicts (core.app.referral)."""
+    test = model.test
     if not isinstance(test, dict):
         return None
-    mel = test.get("melanoma") if isinstance(test.get("melanoma"), dict) else {}
     roc = test.get("roc_auc") if isinstance(test.get("roc_auc"), dict) else {}
     per_class = roc.get("per_class") if isinstance(roc.get("per_class"), dict) else {}
     accuracy, balanced, auc = (
         _share(v) for v in (test.get("accuracy"), test.get("balanced_accuracy"), per_class.get("mel"))
     )
-    sensitivity, specificity, threshold = (_share(mel.get(k)) for k in ("sensitivity", "specificity", "threshold"))
     items = [f"accuracy {accuracy:.1%}"] if accuracy is not None else []
     if balanced is not None:
         items.append(f"balanced accuracy {balanced:.1%}")
     if auc is not None:
         items.append(f"melanoma ROC AUC {auc:.3f}")
-    if None not in (sensitivity, specificity, threshold):
-        items.append(
-            f"melanoma sensitivity {sensitivity:.1%} and specificity {specificity:.1%} at P(mel) ≥ {threshold:.1%}"
-        )
     n = test.get("n")
     size = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
-    return {"n": size, "figures": items} if items else None
+    views = "averaging the flips" if model.test_tta else "from one view of each image"
+    return {"n": size, "views": views, "figures": items} if items else None
 
 
 def _case(case: Case, title: str = "") -> dict:
@@ -152,25 +155,23 @@ def report_html(
     warnings: Sequence[str] = (),
     cases: Sequence[Case] = (),
     cases_by_class: dict[str, Case | None] | None = None,
-    mel_threshold: float | None = None,
+    referrals: Sequence[ReferralView] = (),
+    not_assessed: str | None = None,
     source_name: str = "the uploaded image",
 ) -> str:
-    """The whole report as one HTML document (UTF-8, no external resources)."""
+    """The whole report as one HTML document (UTF-8, no external resources). ``not_assessed``: why the image was
+    not assessed (the unfamiliar-image check flagged it); the report then holds no class, verdict or case."""
     images = [{"src": inline_image(prediction.image), "alt": "upload", "caption": source_name}]
-    if heatmap is not None:
+    if heatmap is not None and not not_assessed:
         images.append({"src": inline_image(heatmap), "alt": "heatmap", "caption": heatmap_label})
-    melanoma = None
-    if mel_threshold is not None:
-        mel = prediction.probabilities["mel"]
-        shown_p, shown_t = percents_against(mel, mel_threshold)
-        melanoma = {"p": shown_p, "side": "at or above" if mel >= mel_threshold else "below", "threshold": shown_t}
     context = {
         "created_minute": f"{created:%Y-%m-%d %H:%M}",
         "created": f"{created:%Y-%m-%d %H:%M %Z}",
         "disclaimer": DISCLAIMER,
         "model": {"name": model.name, "arch": model.arch, "version": model.version, "epochs": model.epochs},
-        "performance": _performance(model.test),
+        "performance": _performance(model),
         "warnings": list(warnings),
+        "not_assessed": not_assessed,
         "result": {
             "top_name": prediction.top_name,
             "top_class": prediction.top_class,
@@ -178,7 +179,7 @@ def report_html(
             "averaged_over": tta_description(True) if prediction.tta else None,
             "malignant": f"{prediction.malignant_probability:.1%}",
         },
-        "melanoma": melanoma,
+        "referrals": [{"verdict": r.verdict, "refers": r.refers, "note": r.note} for r in referrals],
         "agreement": _agreement(prediction),
         "classes": [
             {

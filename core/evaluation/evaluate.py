@@ -35,7 +35,12 @@ from core.inference.forward import (
 from core.inference.opening import open_predictor
 from core.inference.predictor import USE_TTA_BY_DEFAULT, ModelView, frame_batches
 from core.metrics.bootstrap import confidence_intervals
-from core.metrics.classification import BALANCED_ACCURACY_UNDEFINED, balanced_accuracy_defined, compute_metrics
+from core.metrics.classification import (
+    BALANCED_ACCURACY_UNDEFINED,
+    REFERRAL_RULES,
+    balanced_accuracy_defined,
+    compute_metrics,
+)
 from core.models.checkpoints import CheckpointError
 
 # Below this share of the recomputed split's images in the run's own split.csv, the "test" split
@@ -211,7 +216,7 @@ def withheld_report(
     labels: np.ndarray,
     withheld: np.ndarray,
     *,
-    mel_threshold: float,
+    thresholds: dict[str, float],
     bootstrap: int,
     lesions: Sequence[str] | None = None,
 ) -> dict:
@@ -220,7 +225,7 @@ def withheld_report(
     return {
         "known": known,
         "withheld": {
-            "metrics": compute_metrics(labels, withheld, mel_threshold=mel_threshold),
+            "metrics": compute_metrics(labels, withheld, **thresholds),
             "confidence_intervals": (
                 confidence_intervals(labels, withheld, n=bootstrap, groups=lesions) if bootstrap else None
             ),
@@ -257,7 +262,7 @@ def evaluate_checkpoint(
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
     predictor = open_predictor(checkpoint, device=device)
-    mel_threshold = predictor.mel_threshold if mel_threshold is None else mel_threshold
+    thresholds = predictor.thresholds | ({} if mel_threshold is None else {"mel_threshold": mel_threshold})
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     if by_source and not (frame["source"] != UNKNOWN_SOURCE).any():
         raise EvaluationError(
@@ -290,7 +295,7 @@ def evaluate_checkpoint(
     if encoding is not None:
         withheld = run(None)[0]
         metadata = withheld_report(
-            encoding.known(encoded), labels, withheld, mel_threshold=mel_threshold, bootstrap=bootstrap, lesions=lesions
+            encoding.known(encoded), labels, withheld, thresholds=thresholds, bootstrap=bootstrap, lesions=lesions
         )
     return {
         "checkpoint": str(checkpoint),
@@ -301,11 +306,11 @@ def evaluate_checkpoint(
         "tta_views": tta_description(tta),
         "input_pipeline": "jpeg" if notes or decoded_dir is None else "decoded",
         "input_pipeline_note": notes[0] if notes else None,
-        "metrics": compute_metrics(labels, probs, mel_threshold=mel_threshold),
+        "metrics": compute_metrics(labels, probs, **thresholds),
         "confidence_intervals": confidence_intervals(labels, probs, n=bootstrap, groups=lesions) if bootstrap else None,
         "bootstrap_unit": "lesion",
         "by_source": (
-            metrics_by_source(frame, labels, probs, mel_threshold=mel_threshold, bootstrap=bootstrap)
+            metrics_by_source(frame, labels, probs, mel_threshold=thresholds["mel_threshold"], bootstrap=bootstrap)
             if by_source
             else None
         ),
@@ -365,9 +370,12 @@ def format_report(result: dict) -> str:
             f"{a['f1']:>6.3f} {auc:>6} {m['n']:>7}"
         )
 
-    mel = m["melanoma"]
-    sens = f"{_num(mel['sensitivity'])} ({mel['tp']}/{mel['tp'] + mel['fn']})"
-    spec = f"{_num(mel['specificity'])} ({mel['tn']}/{mel['tn'] + mel['fp']})"
+    rules = []
+    for rule in REFERRAL_RULES:
+        if (op := m.get(rule.key)) is not None:  # reports written before the malignant rule lack it
+            sens = f"{_num(op['sensitivity'])} ({op['tp']}/{op['tp'] + op['fn']})"
+            spec = f"{_num(op['specificity'])} ({op['tn']}/{op['tn'] + op['fp']})"
+            rules.append(f"{rule.key}, {rule.label} >= {op['threshold']:g}: sensitivity {sens}, specificity {spec}")
     lines += [
         "",
         f"accuracy             {m['accuracy']:.3f}{_ci(result, 'accuracy')}",
@@ -380,7 +388,7 @@ def format_report(result: dict) -> str:
         f"macro F1             {m['macro']['f1']:.3f}{_ci(result, 'macro_f1')}",
         f"macro AUC            {_num(m['roc_auc']['macro'])}",
         f"ECE (15 bins)        {m['ece']:.3f}",
-        f"melanoma, P(mel) >= {mel['threshold']:g}: sensitivity {sens}, specificity {spec}",
+        *rules,
         "",
         "Confusion matrix (rows: true diagnosis, columns: predicted)",
     ]

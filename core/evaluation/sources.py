@@ -25,7 +25,7 @@ from core.metrics.classification import (
     balanced_accuracy,
     macro_f1,
     melanoma_auc,
-    melanoma_operating_point,
+    operating_point,
 )
 
 Metric = Callable[[np.ndarray, np.ndarray], float | None]
@@ -36,7 +36,7 @@ def source_metrics(mel_threshold: float) -> dict[str, Metric]:
     the model's operating point ``mel_threshold``."""
 
     def rate(name: str) -> Metric:
-        return lambda y, p: melanoma_operating_point(y, p, mel_threshold)[name]
+        return lambda y, p: operating_point(y, p, mel_threshold)[name]
 
     return {
         "accuracy": accuracy,

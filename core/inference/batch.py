@@ -27,6 +27,7 @@ from core.data.images import ImageError, ImageSource
 from core.inference.forward import bounded_batch_size
 from core.inference.prediction import LOW_CONFIDENCE, Prediction
 from core.inference.predictor import Predictor
+from core.inference.unfamiliar import UnfamiliarCheck
 
 # One image file may be as large as one upload on the Diagnose page: a 24-megapixel dermatoscope JPEG is
 # about 8 MiB. An archive is bounded by what it declares before a byte is inflated: its member count, and
@@ -46,6 +47,7 @@ CSV_COLUMNS = (
     "p_melanoma",
     "confidence",
     "p_malignant",
+    "refer",
     "warnings",
     "error",
     *(f"p_{code}" for code in CLASSES),
@@ -75,6 +77,7 @@ class BatchRow:
     p_melanoma: float | None = None
     confidence: float | None = None
     p_malignant: float | None = None
+    refer: tuple[str, ...] = ()  # the referral rules at or above their threshold ("malignant", "melanoma")
     warnings: tuple[str, ...] = ()
     error: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -89,6 +92,7 @@ class BatchRow:
             "p_melanoma": self.p_melanoma,
             "confidence": self.confidence,
             "p_malignant": self.p_malignant,
+            "refer": " | ".join(self.refer),
             "warnings": " | ".join(self.warnings),
             "error": self.error,
             **{f"p_{code}": self.probabilities.get(code) for code in CLASSES},
@@ -108,10 +112,9 @@ def write_csv(rows: Iterable[BatchRow], out: TextIO) -> int:
     return errors
 
 
-def image_warnings(predictor: Predictor, prediction: Prediction) -> tuple[str, ...]:
-    """What the Diagnose page warns about for this image, in a line each: unfamiliar (the predictor's measured
-    check, the same one Diagnose shows), low confidence."""
-    check = predictor.unfamiliar(prediction)
+def image_warnings(check: UnfamiliarCheck, prediction: Prediction) -> tuple[str, ...]:
+    """What the Diagnose page warns about for this image, in a line each: unfamiliar (``check``, the predictor's
+    measured check, the same one Diagnose shows), low confidence."""
     found = []
     if check.unfamiliar:
         found.append("unlike the dermoscopy the model learnt from: " + "; ".join(check.reasons))
@@ -275,6 +278,7 @@ def upload_files(uploads: Iterable[tuple[str, bytes]]) -> list[BatchFile]:
 
 
 def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail: bool) -> BatchRow:
+    check = predictor.unfamiliar(prediction)
     return BatchRow(
         file=name,
         top_class=prediction.top_class,
@@ -282,7 +286,9 @@ def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail
         p_melanoma=prediction.probabilities["mel"],
         confidence=prediction.confidence,
         p_malignant=prediction.malignant_probability,
-        warnings=image_warnings(predictor, prediction),
+        # As on Diagnose, an image unlike dermoscopy is not assessed: no referral from it (its warning says why).
+        refer=() if check.unfamiliar else tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
+        warnings=image_warnings(check, prediction),
         probabilities=prediction.probabilities,
         thumbnail=thumbnail(prediction) if with_thumbnail else None,
     )

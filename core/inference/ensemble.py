@@ -47,7 +47,7 @@ from core.data.preprocessing import Preprocessing, eval_transform
 from core.inference.explain import gradcam
 from core.inference.forward import check_probabilities, class_probabilities, predict_probs
 from core.inference.prediction import MemberVotes, Prediction
-from core.inference.predictor import BatchesFor, Predictor, frame_batches, melanoma_threshold
+from core.inference.predictor import BatchesFor, Predictor, frame_batches, referrals
 from core.inference.unfamiliar import load_detector
 from core.metrics.calibration import fit_temperature, softmax
 from core.models.architectures import LesionNet
@@ -120,7 +120,7 @@ class EnsemblePredictor(Predictor):
         lead = self.members[0]
         self.model, self.prep, self.transform = lead.model, lead.prep, lead.transform
         self.temperature = float(self.checkpoint["temperature"])
-        self.mel_threshold = melanoma_threshold(self.checkpoint)
+        self.referrals = referrals(self.checkpoint)
         self.detector = load_detector(self.path)
         self.line = WaitingLine()  # every model pass joins it: one at a time, in arrival order
 

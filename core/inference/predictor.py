@@ -8,6 +8,7 @@ transform) and applies the checkpoint's fitted temperature.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +34,7 @@ from core.inference.forward import (
     view_count,
 )
 from core.inference.unfamiliar import UnfamiliarCheck, check_unfamiliar, load_detector
+from core.metrics.classification import MELANOMA_RULE, REFERRAL_RULES, ReferralRule
 from core.models.checkpoints import load_model
 from core.models.metadata import MetadataEncoding, describe
 
@@ -43,10 +45,35 @@ from core.inference.prediction import Prediction
 DISCLAIMER = "For research and education only; not a medical diagnosis."
 
 
-# The operating point: P(melanoma) at or above this counts as melanoma-positive, unless the checkpoint
-# records its own ``mel_threshold`` (chosen on its validation split for core.metrics.classification.MEL_SENSITIVITY).
-# It is the threshold core.evaluation.evaluate reports sensitivity and specificity at.
-DEFAULT_MEL_THRESHOLD = 0.5
+# A referral rule's threshold when the model file records none of its own (chosen on its validation split for the
+# rule's sensitivity, core.metrics.classification.REFERRAL_RULES): P at or above it counts as positive. Files made
+# before a rule existed fall back to it, and every view that shows the rule says that it is this default.
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Referral:
+    """One referral rule as a model applies it: the ``threshold`` its file records, else the default (``recorded``
+    False)."""
+
+    rule: ReferralRule
+    threshold: float
+    recorded: bool
+
+    def score(self, prediction: Prediction) -> float:
+        return float(self.rule.score(prediction.probs))
+
+    def refers(self, prediction: Prediction) -> bool:
+        return self.score(prediction) >= self.threshold
+
+
+def referrals(checkpoint: dict) -> tuple[Referral, ...]:
+    """The referral rules of a loaded checkpoint dict, in :data:`REFERRAL_RULES` order."""
+    found = []
+    for rule in REFERRAL_RULES:
+        value = checkpoint.get(rule.field)
+        found.append(Referral(rule, DEFAULT_THRESHOLD if value is None else float(value), value is not None))
+    return tuple(found)
 
 
 # Test-time augmentation (core.inference.forward: the four flips at each zoom of TTA_SCALES) is on by default on
@@ -63,12 +90,6 @@ TTA_HELP = (
     "and lowered the calibration error (ECE) from 0.053 to 0.046; it costs a few times one pass's time per "
     "image on the CPU (docs/BENCHMARKS.md)."
 )
-
-
-def melanoma_threshold(checkpoint: dict) -> float:
-    """The melanoma operating point of a loaded checkpoint dict."""
-    value = checkpoint.get("mel_threshold")
-    return DEFAULT_MEL_THRESHOLD if value is None else float(value)
 
 
 class ModelView(Protocol):
@@ -124,7 +145,7 @@ class Predictor:
         self.prep = Preprocessing.from_dict(ckpt["preprocessing"])
         self.temperature = float(ckpt["temperature"])
         self.transform = eval_transform(self.prep)
-        self.mel_threshold = melanoma_threshold(ckpt)
+        self.referrals = referrals(ckpt)
         # The measured "unfamiliar image" detector saved beside the checkpoint (bench/similar.py), if any.
         self.detector = load_detector(self.path)
         self.line = WaitingLine()  # every model pass joins it: one at a time, in arrival order
@@ -137,6 +158,18 @@ class Predictor:
     def largest_input_size(self) -> tuple[int, int]:
         """The (height, width) that bounds how many images go through together (:func:`bounded_batch_size`)."""
         return self.prep.input_size
+
+    def referral(self, rule: ReferralRule) -> Referral:
+        return next(r for r in self.referrals if r.rule == rule)
+
+    @property
+    def mel_threshold(self) -> float:
+        return self.referral(MELANOMA_RULE).threshold
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Each rule's threshold by its field, as ``compute_metrics`` takes them."""
+        return {r.rule.field: r.threshold for r in self.referrals}
 
     # How many times split_probabilities reads each image: once here, once per member in an ensemble (for
     # progress totals).

@@ -144,6 +144,29 @@ def vote(cases: Sequence[Case]) -> np.ndarray:
     return counts / max(len(cases), 1)
 
 
+def neighbours_disagree(shares: np.ndarray, answer: np.ndarray | int) -> np.ndarray:
+    """Whether the nearest confirmed cases' most common diagnosis is another class than the model's ``answer`` (a
+    class index, or one per row): ``shares`` is their vote (:func:`vote`, or rows of :func:`knn_vote`). A tie that
+    includes the answer agrees. One bool per row."""
+    shares = np.atleast_2d(shares)
+    answer = np.broadcast_to(np.asarray(answer), len(shares))
+    return shares[np.arange(len(shares)), answer] < shares.max(axis=1)
+
+
+def disagreement_text(top_class: str, cases: Sequence[Case]) -> str | None:
+    """What Diagnose says beside the answer when the nearest confirmed ``cases`` mostly hold another diagnosis
+    (:func:`neighbours_disagree`); None when they agree or there are none."""
+    shares = vote(cases)
+    if not cases or not neighbours_disagree(shares, CLASSES.index(top_class))[0]:
+        return None
+    ranked = sorted(zip(shares, CLASSES, strict=True), reverse=True)
+    counts = ", ".join(f"{round(p * len(cases))} {DISPLAY_NAMES[c]} ({c})" for p, c in ranked if p)
+    return (
+        f"Its {len(cases)} nearest confirmed cases disagree with it: {counts}. The model's answer and the cases most "
+        "like this image point different ways; look at the cases below and treat the answer as uncertain."
+    )
+
+
 def knn_vote(
     reference: np.ndarray, reference_labels: np.ndarray, queries: np.ndarray, k: int = NEIGHBOURS
 ) -> np.ndarray:

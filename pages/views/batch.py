@@ -7,6 +7,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from core.app.referral import REFER, threshold_origin
 from core.common.formatting import format_bytes
 from core.inference.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
 from core.inference.forward import PredictionError, tta_description
@@ -65,16 +66,17 @@ _, rows, csv_text, seconds = cached
 
 failed = [r for r in rows if r.error]
 predicted = [r for r in rows if not r.error]
-flagged = [r for r in predicted if r.p_melanoma >= predictor.mel_threshold]
-m1, m2, m3, m4 = st.columns(4)
-m1.metric("Predicted", len(predicted))
-m2.metric("Could not be used", len(failed))
-m3.metric(
-    f"P(melanoma) ≥ {predictor.mel_threshold:.1%}",
-    len(flagged),
-    help="At or above the model's operating threshold: refer / discuss with a dermatologist.",
-)
-m4.metric("With warnings", sum(bool(r.warnings) for r in predicted))
+metrics = st.columns(3 + len(predictor.referrals))
+metrics[0].metric("Predicted", len(predicted))
+metrics[1].metric("Could not be used", len(failed))
+for col, referral in zip(metrics[2:], predictor.referrals, strict=False):
+    rule = referral.rule
+    col.metric(
+        f"{rule.label} ≥ {referral.threshold:.1%}",
+        sum(rule.key in r.refer for r in predicted),
+        help=f"At or above the model's operating threshold ({threshold_origin(referral)}): {REFER}.",
+    )
+metrics[-1].metric("With warnings", sum(bool(r.warnings) for r in predicted))
 st.caption(
     f"{len(rows)} files in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} images/s) with "
     f"{predictor.arch}{', TTA: ' + tta_description(True) if tta else ''}. Click a column's header to sort by it."
@@ -87,6 +89,8 @@ table = pd.DataFrame(
         "thumbnail": [r.thumbnail or "" for r in rows],
         "file": [r.file for r in rows],
         "top_class": [r.top_class or "" for r in rows],
+        "refer": [", ".join(r.refer) for r in rows],
+        "p_malignant": pd.Series([r.p_malignant for r in rows], dtype=float),
         "p_melanoma": pd.Series([r.p_melanoma for r in rows], dtype=float),
         "confidence": pd.Series([r.confidence for r in rows], dtype=float),
         "error": [r.error or "" for r in rows],
@@ -103,13 +107,19 @@ st.dataframe(
         "file": st.column_config.TextColumn("File"),
         "top_class": st.column_config.TextColumn("Class"),
         "diagnosis": st.column_config.TextColumn("Most likely"),
-        "p_melanoma": st.column_config.ProgressColumn(
-            "P(melanoma)",
-            min_value=0.0,
-            max_value=1.0,
-            format="percent",
-            help=f"Calibrated; the model's operating threshold is {predictor.mel_threshold:.1%}.",
+        "refer": st.column_config.TextColumn(
+            "Refer", help=f"The referral rules at or above the model's operating threshold: {REFER}."
         ),
+        **{
+            f"p_{referral.rule.key}": st.column_config.ProgressColumn(
+                referral.rule.label,
+                min_value=0.0,
+                max_value=1.0,
+                format="percent",
+                help=f"Calibrated; the model's operating threshold is {referral.threshold:.1%}.",
+            )
+            for referral in predictor.referrals
+        },
         "confidence": st.column_config.NumberColumn("Confidence", format="percent"),
         "warnings": st.column_config.TextColumn("Warnings"),
         "error": st.column_config.TextColumn("Error"),

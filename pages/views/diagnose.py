@@ -4,17 +4,18 @@ import time
 from datetime import UTC, datetime
 
 import streamlit as st
+from PIL import Image
 
 from core.app import plots
+from core.app.referral import referral_views
 from core.app.report import model_info, report_html
-from core.common.formatting import format_bytes, percents_against
+from core.common.formatting import format_bytes
 from core.common.labels import CLASSES, MALIGNANT
 from core.data.images import ImageError, fit_margins, upright_size
-from core.evaluation.records import recorded_operating_point
 from core.inference.explain import feature_map_grid
 from core.inference.forward import PredictionError
 from core.inference.prediction import LOW_CONFIDENCE
-from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, vote
+from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, disagreement_text, vote
 from pages.views._shared import case_index, load_dataset, model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
@@ -114,10 +115,11 @@ if encoding is not None:
 
 check = predictor.unfamiliar(prediction)
 warnings = []
+unfamiliar_reason = "This does not look like a dermoscopic image: " + "; ".join(check.reasons) + "."
 if check.unfamiliar:
     warnings.append(
-        "This does not look like a dermoscopic image: " + "; ".join(check.reasons) + ". The model "
-        "only knows dermoscopy of pigmented lesions, so its output here means little."
+        unfamiliar_reason + " The model only knows dermoscopy of pigmented lesions, so it did not assess this image: "
+        "no diagnosis, heatmap or similar cases are shown."
     )
     st.warning(warnings[-1], icon=":material/image_search:")
 if prediction.confidence < LOW_CONFIDENCE:
@@ -149,34 +151,26 @@ def probabilities() -> None:
     st.plotly_chart(plots.probability_bars(prediction.probs, highlight=prediction.top_class), width="stretch")
 
 
-def melanoma() -> None:
-    threshold = predictor.mel_threshold
-    p_mel = prediction.probabilities["mel"]
-    record = recorded_operating_point(model_path, ckpt, threshold, tta=tta)
-    known = (
-        f" On its test split this model at {threshold:.1%} found {record['sensitivity']:.1%} of melanomas "
-        f"(sensitivity) and cleared {record['specificity']:.1%} of the rest (specificity), "
-        f"{'averaging the flips' if record['tta'] else 'from one view of each image'}"
-        f"{' as here' if record['tta'] == tta else ''}."
-        if record
-        else " Its sensitivity and specificity there are not in its run records."
-    )
-    shown_p, shown_t = percents_against(p_mel, threshold)
-    st.metric("P(melanoma)", shown_p, help=f"The model's operating threshold is P(mel) ≥ {shown_t}." + known)
+def referrals(assessed: bool = True) -> None:
+    """Each referral rule (any malignant class, melanoma): its probability against the model's threshold, with
+    the refer cue at or above it when the image was ``assessed``; the help says how the threshold was set and what it
+    measured."""
+    views = referral_views(predictor.referrals, prediction, model_path, ckpt)
+    for col, view in zip(st.columns(len(views)), views, strict=True):
+        col.metric(view.label, view.p, help=view.note)
     if prediction.members is not None:  # an ensemble: how much its models agree, beside the number
         st.markdown(f"**{prediction.members.agreement_text()}**. {prediction.members.spread_text()}.")
         st.caption(
             "Each model's own calibrated answer. The number above combines them; where they disagree or their "
             "P(melanoma) spreads widely, it is less certain than it looks."
         )
-    if p_mel >= threshold:
-        st.error(
-            f"P(melanoma) {shown_p} is at or above the operating threshold of {shown_t}: refer / "
-            "discuss with a dermatologist.",
-            icon=":material/medical_services:",
-        )
-    else:
-        st.caption(f"{shown_p} is below the operating threshold of {shown_t}.")
+    if not assessed:  # a verdict on a picture the model cannot read would be a finding about a class
+        return
+    for view in views:
+        if view.refers:
+            st.error(view.verdict, icon=":material/medical_services:")
+        else:
+            st.caption(view.verdict)
 
 
 def member_heatmaps(votes, method: str, target: str, cam_key: tuple, alpha: float) -> None:
@@ -224,15 +218,35 @@ right, left = st.columns([6, 5], gap="large")  # prediction first, explanation b
 with right:
     if not check.unfamiliar:
         st.markdown(f"### {prediction.top_name} ({prediction.top_class})")
-        melanoma()
+        # Filled once the similar cases are found (below, so that they never hold up the answer).
+        caveats = st.container()
+        referrals()
         probabilities()
     else:
         # No diagnosis heading for a photo the model cannot read: the warning above is the result.
         with st.expander("The model's output anyway (not meaningful for this image)", expanded=False):
-            melanoma()
+            referrals(assessed=False)
             probabilities()
 
-with left:
+
+def upload_caption() -> str:
+    """What the shown upload is: brought to the training images' size, and what fitting its shape did."""
+    size, (in_h, in_w) = predictor.prep.source_size, predictor.prep.input_size
+    caption = (
+        f"the upload brought to {size[0]}×{size[1]}, the size of this model's training images"
+        if size
+        else "the upload as decoded"
+    ) + ("" if size and tuple(size) == (in_w, in_h) else f", before the resize to its {in_w}×{in_h} input")
+    # An upload of another shape keeps its scale: say what was cut or mirrored, so the margins surprise nobody.
+    shape = upright_size(upload.getvalue()) if size else None
+    if shape and (fitted := fit_margins(shape, size)):
+        caption += f"; {fitted}"
+    return caption
+
+
+def explanation() -> tuple[Image.Image | None, str]:
+    """The upload beside its activation map for a chosen class (each ensemble member's on request); returns the
+    overlay shown and its caption, for the report."""
     from core.inference.explain import CAM_METHOD_NAMES, overlay
 
     c1, c2 = st.columns(2)
@@ -260,27 +274,26 @@ with left:
             st.error(f"The activation map could not be computed ({type(exc).__name__}: {exc}).")
             heat = None
         st.session_state["diag_cam"] = cam = (cam_key, heat)
-    images = [prediction.image]
-    size, (in_h, in_w) = predictor.prep.source_size, predictor.prep.input_size
-    captions = [
-        (
-            f"the upload brought to {size[0]}×{size[1]}, the size of this model's training images"
-            if size
-            else "the upload as decoded"
-        )
-        + ("" if size and tuple(size) == (in_w, in_h) else f", before the resize to its {in_w}×{in_h} input")
-    ]
-    # An upload of another shape keeps its scale: say what was cut or mirrored, so the margins surprise nobody.
-    shape = upright_size(upload.getvalue()) if size else None
-    if shape and (fitted := fit_margins(shape, size)):
-        captions[0] += f"; {fitted}"
-    if cam[1] is not None:
-        images.append(overlay(prediction.image, cam[1], alpha))
-        captions.append(f"{CAM_METHOD_NAMES[method]} for {target}")
+    images, captions = [prediction.image], [upload_caption()]
+    shown = None if cam[1] is None else overlay(prediction.image, cam[1], alpha)
+    label = f"{CAM_METHOD_NAMES[method]} for {target}"
+    if shown is not None:
+        images.append(shown)
+        captions.append(label)
     for col, img, cap in zip(st.columns(len(images)), images, captions, strict=False):
         col.image(img, caption=cap, width="stretch")
     if prediction.members is not None:  # an ensemble: the map above is its models' mean; each one's on request
         member_heatmaps(prediction.members, method, target, cam_key, alpha)
+    return shown, label
+
+
+with left:
+    if check.unfamiliar:
+        # Not assessed: a map "for" any class would read as the model's finding about this picture.
+        st.image(prediction.image, caption=upload_caption(), width="stretch")
+        heatmap, heatmap_label = None, ""
+    else:
+        heatmap, heatmap_label = explanation()
 
 
 def case_grid(cases: list, titles: list[str] | None = None, cols: int = 4) -> None:
@@ -340,18 +353,38 @@ def similar_cases() -> tuple[list, dict]:
     return nearest, by_class
 
 
-nearest, by_class = similar_cases()
-heat = cam[1]
+def disagreements(nearest: list) -> list[str]:
+    """What to say beside the answer when its nearest confirmed cases or, for an ensemble, its models disagree with
+    it (how often that marks a wrong answer: docs/BENCHMARKS.md, bench/disagreement.py)."""
+    found = []
+    if (text := disagreement_text(prediction.top_class, nearest)) is not None:
+        found.append(text)
+    votes = prediction.members
+    if votes is not None and votes.agreeing < votes.count:
+        found.append(
+            f"The models disagree: {votes.agreement_text()}. The combined answer is less certain than its "
+            "probability says."
+        )
+    return found
+
+
+# A flagged image was not assessed: its nearest cases would read as a verdict on it (their diagnoses, "8 nv").
+nearest, by_class = ([], {}) if check.unfamiliar else similar_cases()
+if not check.unfamiliar:
+    for text in disagreements(nearest):
+        caveats.warning(text, icon=":material/call_split:")
+        warnings.append(text)
 report = report_html(
     prediction,
-    model=model_info(model_path, ckpt, predictor.arch),
+    model=model_info(model_path, ckpt, predictor.arch, tta=prediction.tta),
     created=datetime.now(UTC),
-    heatmap=None if heat is None else overlay(prediction.image, heat, alpha),
-    heatmap_label=f"{CAM_METHOD_NAMES[method]} for {target}",
+    heatmap=heatmap,
+    heatmap_label=heatmap_label,
     warnings=warnings,
     cases=nearest,
     cases_by_class=by_class,
-    mel_threshold=predictor.mel_threshold,
+    referrals=referral_views(predictor.referrals, prediction, model_path, ckpt),
+    not_assessed=unfamiliar_reason if check.unfamiliar else None,
     source_name=upload.name,
 )
 st.download_button(

@@ -1,5 +1,5 @@
 """Evaluate: one run's test-split results — confusion matrix, per-class report, ROC, calibration,
-the melanoma threshold and the misclassified images with Grad-CAM — and any model on an external test set."""
+the referral thresholds and the misclassified images with Grad-CAM — and any model on an external test set."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from core.data.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, 
 from core.data.dataset import DatasetError
 from core.data.images import ImageError
 from core.data.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
+from core.evaluation.records import folder_operating_point
 from core.metrics.calibration import reliability_curve, softmax, uncalibrated
 from core.metrics.classification import (
     BALANCED_ACCURACY_UNDEFINED,
-    MEL_SENSITIVITY,
+    MELANOMA_RULE,
+    REFERRAL_RULES,
     balanced_accuracy_defined,
-    melanoma_operating_point,
+    operating_point,
     roc_curves,
 )
 from core.models.checkpoints import CheckpointError
@@ -189,7 +191,7 @@ def internal_section() -> None:
             "Calibration": lambda: calibration_view(
                 labels, probs, None if logits is None else softmax(logits), temperature
             ),
-            "Melanoma threshold": lambda: melanoma_threshold(labels, probs, evaluation.get("mel_threshold")),
+            "Referral thresholds": lambda: referral_thresholds(run, labels, probs, evaluation),
             "Misclassified images": lambda: misclassified_gallery(run, table, labels, probs),
             "Robustness": lambda: robustness_view(run),
         },
@@ -215,28 +217,50 @@ def calibration_view(labels: np.ndarray, probs: np.ndarray, before: np.ndarray |
     )
 
 
-def melanoma_threshold(labels: np.ndarray, probs: np.ndarray, recorded: float | None) -> None:
-    # Starts at the model's own operating point (chosen on validation; what Diagnose uses), else 0.5.
-    start = 0.5 if recorded is None else round(min(max(recorded, 0.01), 0.99), 2)
-    t = st.slider("Flag melanoma when P(mel) ≥", 0.01, 0.99, start, 0.01, key="eval_mel_t")
+def referral_thresholds(run: RunState, labels: np.ndarray, probs: np.ndarray, evaluation: dict) -> None:
+    """One referral rule's sensitivity, specificity, PPV and NPV on the run's test predictions at any threshold,
+    starting at the run's own (chosen on validation; what Diagnose, Batch and the report use), else 0.5."""
+    keys = {rule.key: rule for rule in REFERRAL_RULES}
+    rule = keys[st.segmented_control("Rule", list(keys), default=MELANOMA_RULE.key, key="eval_rule", required=True)]
+    recorded = evaluation.get(rule.field)
+    # The grid's hundredths plus the exact recorded threshold, so that the view opens on the operating point
+    # itself: rounded to 0.16, the reference model's 0.1567 cleared 3 fewer test lesions than Diagnose quotes.
+    grid = {round(t, 2) for t in np.arange(0.01, 1.0, 0.01)} | ({recorded} if recorded is not None else set())
+    t = st.select_slider(
+        f"Refer when {rule.label} ≥",
+        sorted(grid),
+        value=0.5 if recorded is None else recorded,
+        format_func=lambda v: f"{v:.2%}" if v == recorded else f"{v:.0%}",
+        key=f"eval_{rule.key}_t",
+    )
     if recorded is not None:
-        st.caption(
-            f"The model's operating point, chosen on the validation split for {MEL_SENSITIVITY:.0%} sensitivity, is "
-            f"P(mel) ≥ {recorded:.3f}; Diagnose's refer cue and Batch use it."
+        point = folder_operating_point([run.path], recorded, tta=True, rule=rule)
+        flips = (
+            f" Averaging the flips, as Diagnose does by default (`lesionlab evaluate`'s saved report), it found "
+            f"{point['sensitivity']:.1%} and cleared {point['specificity']:.1%} there."
+            if point is not None and point["tta"]
+            else ""
         )
-    op = melanoma_operating_point(labels, probs, t)
+        st.caption(
+            f"The model's operating point, chosen on the validation split to flag {rule.sensitivity:.0%} of "
+            f"{rule.name}, is {rule.label} ≥ {recorded:.3f}; Diagnose's refer cue, Batch and the report use it. "
+            f"The figures below are this page's: one view of each test image.{flips}"
+        )
+    else:
+        st.caption(f"This run records no {rule.key} operating point; the view opens at 50 %.")
+    op = operating_point(labels, probs, t, rule)
     fmt = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
     c = st.columns(4)
-    c[0].metric("Sensitivity", fmt(op["sensitivity"]), help="Share of melanomas flagged.")
-    c[1].metric("Specificity", fmt(op["specificity"]), help="Share of non-melanomas not flagged.")
-    c[2].metric("PPV", fmt(op["ppv"]), help="Share of flagged images that are melanoma.")
-    c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not melanoma.")
+    c[0].metric("Sensitivity", fmt(op["sensitivity"]), help=f"Share of {rule.name} flagged.")
+    c[1].metric("Specificity", fmt(op["specificity"]), help="Share of the other lesions not flagged.")
+    c[2].metric("PPV", fmt(op["ppv"]), help=f"Share of flagged images that are {rule.name}.")
+    c[3].metric("NPV", fmt(op["npv"]), help="Share of unflagged images that are not.")
     st.caption(
-        f"{op['tp']} melanomas flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
+        f"{op['tp']} {rule.name} flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
         "correctly not flagged. Lowering the threshold trades specificity for sensitivity."
     )
-    mel = CLASSES.index(MELANOMA)
-    st.plotly_chart(plots.threshold_curve(probs[:, mel], labels == mel, t), width="stretch")
+    curve = plots.threshold_curve(rule.score(probs), rule.positives(labels), t, rule.label, rule.name.capitalize())
+    st.plotly_chart(curve, width="stretch")
 
 
 def misclassified_gallery(run: RunState, table: pd.DataFrame, labels: np.ndarray, probs: np.ndarray) -> None:

@@ -16,6 +16,8 @@ from tests.conftest import zip_bytes
 
 SAMPLE = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jpg"))
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
+# A basal cell carcinoma the reference model is sure of, with almost no melanoma probability.
+CARCINOMA = ROOT / "sample_data" / "ham10000-sample" / "images" / "ISIC_0024632.jpg"
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def batch_page(tmp_path, monkeypatch):
 def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
     at = batch_page
     assert "Upload several dermoscopic images" in texts(at)
-    images = {p.name: p.read_bytes() for p in SAMPLE[::40][:3]}
+    images = {p.name: p.read_bytes() for p in [*SAMPLE[::40][:2], CARCINOMA]}
     inside = {f"set/{p.name}": p.read_bytes() for p in SAMPLE[1:3]}
     archive = zip_bytes({**inside, "set/broken.jpg": b"not a jpeg", "../../up.jpg": SAMPLE[5].read_bytes()})
     uploads = [(name, data, "image/jpeg") for name, data in images.items()]
@@ -59,6 +61,15 @@ def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
     assert "unsafe path" in errors["cases.zip/../../up.jpg"]
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Predicted"] == "5" and metrics["Could not be used"] == "2"
+    # Each referral rule: a count of the files at or above the model's threshold and a column naming the rules met.
+    predicted = table[table["error"] == ""]
+    for referral in predictor.referrals:
+        rule = referral.rule
+        above = predicted[f"p_{rule.key}"] >= referral.threshold
+        assert metrics[f"{rule.label} ≥ {referral.threshold:.1%}"] == str(int(above.sum()))
+        assert list(predicted["refer"].str.contains(rule.key)) == list(above)
+    carcinoma = table.set_index("file").loc[CARCINOMA.name]
+    assert carcinoma["top_class"] == "bcc" and carcinoma["refer"] == "malignant"  # P(melanoma) is near 0
 
     assert at.get("download_button")[0].proto.label == "Download the table (CSV)"
     rows = list(csv.DictReader(io.StringIO(at.session_state["batch_result"][2])))

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.common.labels import DISPLAY_NAMES
 from core.common.settings import PUBLISHED_RUNS_ENV
+from core.evaluation.records import recorded_operating_point
 from core.inference.opening import open_predictor
+from core.metrics.classification import MALIGNANT_RULE
 from tests.app_support import *  # noqa: F403
 from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, png_bytes, texts
 from tests.conftest import ROOT
@@ -49,6 +52,11 @@ def test_prediction_for_a_good_upload(diagnose):
     assert len(at.get("image")) >= 3  # upload, overlay, feature maps
     assert "not a medical device" in text
     assert not at.error
+    # A model file made before the referral rules were recorded: each rule falls back to 50 % and says so.
+    helps = {m.label: m.proto.help for m in at.metric}
+    for rule in ("malignant", "melanoma"):
+        assert "≥ 50" in helps[f"P({rule})"]
+        assert f"the default: this model file records no {rule} operating point" in helps[f"P({rule})"]
 
 
 def shown_images(at) -> dict[str, str]:
@@ -274,14 +282,23 @@ def test_diagnose_works_without_a_dataset(full_env, empty_env, monkeypatch):
     assert not at.error
 
 
-def test_a_non_dermoscopic_image_gets_no_diagnosis_heading(diagnose):
+def test_a_non_dermoscopic_image_gets_nothing_class_specific(diagnose, downloads):
     grey = Image.fromarray(np.tile(np.linspace(0, 255, 200, dtype=np.uint8), (150, 1)), "L")
     at = upload(diagnose, "scan.png", png_bytes(grey), "image/png")
-    assert "does not look like a dermoscopic image" in texts(at)
+    text = texts(at)
+    assert "does not look like a dermoscopic image" in text and "did not assess this image" in text
     assert not [m.value for m in at.main.markdown if m.value.startswith("### ")]
     # The probabilities are there for the curious, folded away.
     folded = [e for e in at.expander if not e.proto.expanded and e.get("plotly_chart")]
     assert len(folded) == 1 and "not meaningful" in folded[0].label
+    # No map "for" a class, no similar cases (whose diagnoses would read as a verdict): the upload alone.
+    assert list(shown_images(at))[0].startswith("the upload") and not [c for c in shown_images(at) if " for " in c]
+    assert "Similar confirmed cases" not in [s.value for s in at.subheader] and "nearest cases" not in text
+    # The report says the image was not assessed and why, and names no class.
+    html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+    assert "This image was not assessed." in html and "does not look like a dermoscopic image" in html
+    assert "Most likely" not in html and "dermatologist:" not in html and "refer /" not in html
+    assert not [name for name in DISPLAY_NAMES.values() if name in html]
 
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -289,9 +306,9 @@ REFERENCE = ROOT / "checkpoints" / "reference.pt"
 
 
 # Two sample images the reference model reads far apart: a melanoma well above its operating point and a nevus
-# far below it (the tests below check that they still are, so a new reference model that reads them otherwise
-# fails here rather than testing nothing).
-MELANOMA_IMAGE, NEVUS_IMAGE = "ISIC_0024929.jpg", "ISIC_0024914.jpg"
+# far below it; and a basal cell carcinoma it is sure of, with almost no melanoma probability (the tests below check
+# that they still are, so a new reference model that reads them otherwise fails here rather than testing nothing).
+MELANOMA_IMAGE, NEVUS_IMAGE, CARCINOMA_IMAGE = "ISIC_0024929.jpg", "ISIC_0024914.jpg", "ISIC_0024632.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +319,7 @@ def sample_predictions() -> dict[str, object]:
     predictor = open_predictor(REFERENCE)
     return {
         name: predictor.predict((SAMPLE / "images" / name).read_bytes(), tta=USE_TTA_BY_DEFAULT)
-        for name in (MELANOMA_IMAGE, NEVUS_IMAGE)
+        for name in (MELANOMA_IMAGE, NEVUS_IMAGE, CARCINOMA_IMAGE)
     }
 
 
@@ -332,8 +349,7 @@ def test_the_heatmap_follows_each_new_prediction(reference_diagnose, sample_pred
     assert f"Grad-CAM for {sample_predictions[second].top_class}" in shown_images(at)
 
 
-def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_predictions):
-
+def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_predictions, downloads):
     threshold = open_predictor(REFERENCE).mel_threshold  # the model's own, chosen on its validation split
     high, low = MELANOMA_IMAGE, NEVUS_IMAGE
     assert sample_predictions[high].probabilities["mel"] >= threshold > 2 * sample_predictions[low].probabilities["mel"]
@@ -343,12 +359,41 @@ def test_melanoma_at_the_operating_point_says_refer(reference_diagnose, sample_p
     assert metric.value == f"{sample_predictions[high].probabilities['mel']:.1%}"
     # The reference model's published operating point, measured with the flips Diagnose averages by default.
     report = json.loads((REFERENCE.parents[1] / "docs/runs/reference-mnv2/evaluate-test.json").read_text())
-    assert f"found {report['metrics']['melanoma']['sensitivity']:.1%} of melanomas" in metric.proto.help
+    mel = report["metrics"]["melanoma"]
+    assert f"found {mel['sensitivity']:.1%} of melanomas" in metric.proto.help
+    assert f"cleared {mel['specificity']:.1%} of the rest" in metric.proto.help
     assert "averaging the flips as here" in metric.proto.help
+    # The downloadable report carries the same cue in the same words and the same measured figures (one function
+    # supplies them): before, it quoted the one-view record (76.1 % / 86.2 %) beside the page's flip-averaged one.
+    html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+    cue = next(e.value for e in at.error if "P(melanoma)" in e.value)
+    assert f"<b>{cue}</b>" in html.replace("&#39;", "'")
+    assert f"found {mel['sensitivity']:.1%} of melanomas (sensitivity) and cleared {mel['specificity']:.1%}" in html
     at = upload_sample(at, low)
     assert not any("dermatologist" in e.value for e in at.error)
     # The threshold is written to the probability's decimals, so the two never read as a contradiction.
     assert f"is below the operating threshold of {threshold:.1%}" in texts(at)
+
+
+def test_a_carcinoma_is_referred_by_the_malignant_rule(reference_diagnose, sample_predictions, downloads):
+    # A basal cell carcinoma the reference model is sure of: P(melanoma) is nowhere near its threshold, P(malignant)
+    # is far above the malignant rule's. Before the malignant rule it got "below the operating threshold" and no cue.
+    predictor = open_predictor(REFERENCE)
+    malignant = predictor.referral(MALIGNANT_RULE)
+    pred = sample_predictions[CARCINOMA_IMAGE]
+    assert pred.top_class == "bcc" and malignant.recorded
+    assert pred.probabilities["mel"] < predictor.mel_threshold < malignant.threshold < pred.malignant_probability
+    at = upload_sample(reference_diagnose, CARCINOMA_IMAGE)
+    cues = [e.value for e in at.error if "dermatologist" in e.value]
+    assert len(cues) == 1 and cues[0].startswith(f"P(malignant) {pred.malignant_probability:.1%} is at or above")
+    metric = next(m for m in at.metric if m.label == "P(malignant)")
+    points = recorded_operating_point(
+        REFERENCE, predictor.checkpoint, malignant.threshold, tta=True, rule=MALIGNANT_RULE
+    )
+    assert f"found {points['sensitivity']:.1%} of malignant lesions (akiec, bcc, mel)" in metric.proto.help
+    assert f"to flag {MALIGNANT_RULE.sensitivity:.0%} of malignant lesions" in metric.proto.help
+    html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+    assert f"<b>{cues[0]}</b>" in html.replace("&#39;", "'")
 
 
 def test_tta_is_on_by_default_with_the_measured_views(diagnose):

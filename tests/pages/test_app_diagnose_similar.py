@@ -4,18 +4,22 @@ unless asked), the unfamiliar-image warning with its reason, and the downloadabl
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.common.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
 from core.data.dataset import index_dataset
+from core.inference.opening import open_predictor
+from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, build_index, neighbours_disagree, vote
 from core.inference.unfamiliar import detector_path
 from tests.app_support import *  # noqa: F403
 from tests.app_support import ROOT, app_test, no_exceptions, texts
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 SPLIT = ROOT / "docs" / "runs" / "reference-mnv2" / "split.csv"
+REFERENCE = ROOT / "checkpoints" / "reference.pt"
 
 
 @pytest.fixture
@@ -80,3 +84,35 @@ def test_unfamiliar_upload_says_why(diagnose):
     else:
         assert "no measured unfamiliar-image detector" in texts(at)
     assert not [m.value for m in at.main.markdown if m.value.startswith("### ")]
+
+
+def test_nearest_cases_that_disagree_are_said_beside_the_answer(diagnose, downloads, tmp_path):
+    """When the most common diagnosis among the 8 nearest confirmed cases is not the model's answer, a warning says so
+    beside it (and in the report); when it is, nothing is said. The sample's val images are the cases offered."""
+    predictor = open_predictor(REFERENCE)
+    frame = index_dataset(SAMPLE).frame
+    _, splits = sample_image("test")
+    # Into the page's own feature cache (the fixture's), so that its case index reuses these features.
+    cases = build_index(REFERENCE, frame, frame["image_id"].map(splits), cache_dir=tmp_path / "cache" / "features")
+    chosen = {}
+    for path in frame.loc[frame["image_id"].map(splits) == "test", "path"]:
+        prediction = predictor.predict(Path(path).read_bytes(), tta=True)
+        nearest = cases.nearest(predictor.embed(prediction), NEIGHBOURS, REFERENCE_SPLITS)
+        disagree = bool(neighbours_disagree(vote(nearest), prediction.top_index)[0])
+        chosen.setdefault(disagree, (path, nearest))
+        if len(chosen) == 2:
+            break
+    for disagree, (path, nearest) in chosen.items():
+        upload = ("lesion.jpg", Path(path).read_bytes(), "image/jpeg")
+        at = diagnose.file_uploader(key="diag_upload").set_value(upload).run()
+        no_exceptions(at)
+        said = [w.value for w in at.warning if "nearest confirmed cases disagree" in w.value]
+        assert len(said) == int(disagree), (path, said)
+        html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+        assert ("nearest confirmed cases disagree" in html) == disagree
+        if disagree:  # the counts said are those of the cases shown
+            shown = [c.rsplit(" · ", 1)[1] for c in case_captions(at)[:NEIGHBOURS]]
+            assert shown == [c.image_id for c in nearest]
+            top = max(set(c.dx for c in nearest), key=[c.dx for c in nearest].count)
+            assert f"{[c.dx for c in nearest].count(top)} {DISPLAY_NAMES[top]} ({top})" in said[0]
+    assert set(chosen) == {True, False}

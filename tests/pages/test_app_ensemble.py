@@ -78,9 +78,9 @@ def test_evaluate_shows_the_ensemble_runs_recorded_numbers(app_env, ensemble_run
     assert "best epoch" not in text  # an ensemble has no epoch of its own: no "best epoch ?"
 
     # Its melanoma operating point (chosen on validation when it was combined) is where the threshold view starts.
-    open_view(at, "Melanoma threshold")
-    assert at.slider(key="eval_mel_t").value == pytest.approx(round(evaluation["mel_threshold"], 2))
-    assert f"P(mel) ≥ {evaluation['mel_threshold']:.3f}" in texts(at)
+    open_view(at, "Referral thresholds")
+    assert at.select_slider(key="eval_melanoma_t").value == evaluation["mel_threshold"]
+    assert f"P(melanoma) ≥ {evaluation['mel_threshold']:.3f}" in texts(at)
 
     # The misclassified gallery draws the ensemble's averaged Grad-CAM over the sample's images.
     open_view(at, "Misclassified images")
@@ -182,6 +182,9 @@ def test_diagnose_shows_each_models_heatmap_and_the_report_says_how_many_agree(a
     html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
     assert escape(votes.agreement_text()) in html and escape(votes.spread_text()) in html
     assert f"{votes.agreeing} of 2 models agree on" in html
+    # When they do not all agree, a warning beside the answer (and in the report) says so.
+    split = [w.value for w in at.warning if w.value.startswith("The models disagree")]
+    assert len(split) == int(votes.agreeing < votes.count) and all(escape(w) in html for w in split)
     for name, probs in zip(MEMBERS, votes.probs, strict=True):
         assert f"<tr><td>{name}</td>" in html and f'<td class="p">{probs[CLASSES.index("mel")]:.1%}</td>' in html
 
@@ -192,4 +195,4 @@ def test_a_single_model_gets_no_per_model_heatmaps_nor_agreement(app_env, downlo
     assert "diag_each_cam" not in [t.key for t in at.toggle]
     assert not member_captions(at)
     html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
-    assert "Lesion Lab report" in html and "models agree on" not in html
+    assert "Lesion Lab report" in html and "models agree on" not in html and "models disagree" not in html

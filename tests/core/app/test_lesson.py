@@ -12,7 +12,7 @@ import pytest
 from core.app import estimate, lesson
 from core.common.labels import CLASSES
 from core.common.runs import list_runs, read_evaluation
-from core.metrics.classification import melanoma_operating_point
+from core.metrics.classification import operating_point
 from core.training.config import config_with
 from core.training.imbalance import STRATEGIES
 from core.training.loaders import split_dataset
@@ -109,7 +109,7 @@ def test_melanoma_curve_is_the_operating_point_at_each_threshold():
     curve = lesson.melanoma_curve(labels, probs)
     assert list(curve["threshold"]) == list(lesson.THRESHOLDS)
     for _, point in curve.iloc[::12].iterrows():
-        expected = melanoma_operating_point(labels, probs, point["threshold"])
+        expected = operating_point(labels, probs, point["threshold"])
         assert point["recall"] == pytest.approx(expected["sensitivity"])
         ppv = np.nan if expected["ppv"] is None else expected["ppv"]  # nothing flagged: no precision
         assert point["precision"] == pytest.approx(ppv, nan_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import os
 import shutil
@@ -64,6 +65,8 @@ def test_a_folder_gives_one_row_per_file_with_single_image_answers(predictor, fo
         assert row.p_melanoma == pytest.approx(single.probabilities["mel"], abs=1e-4)
         assert row.confidence == pytest.approx(single.confidence, abs=1e-4)
         assert row.p_malignant == pytest.approx(single.malignant_probability, abs=1e-4)
+        # The referral rules met, as Diagnose shows them for this answer.
+        assert row.refer == tuple(r.rule.key for r in predictor.referrals if r.refers(single))
         assert sum(row.probabilities.values()) == pytest.approx(1, abs=1e-4)
         assert row.thumbnail.startswith("data:image/jpeg;base64,")
         thumb = Image.open(io.BytesIO(base64.b64decode(row.thumbnail.split(",", 1)[1])))
@@ -72,7 +75,11 @@ def test_a_folder_gives_one_row_per_file_with_single_image_answers(predictor, fo
     assert "not a JPEG or PNG" in by_name["notes.txt"].error
 
 
-def test_warnings_are_the_diagnose_pages(predictor):
+def test_warnings_are_the_diagnose_pages(predictor, monkeypatch):
+    # Every rule at 0: any image it assesses is referred, so a row without a referral is one it did not assess.
+    monkeypatch.setattr(
+        predictor, "referrals", tuple(dataclasses.replace(r, threshold=0.0) for r in predictor.referrals)
+    )
     document = Image.new("RGB", (200, 150), "white")
     document.paste((30, 30, 30), (20, 60, 180, 70))  # a line of "text"
     buffer = io.BytesIO()
@@ -86,6 +93,8 @@ def test_warnings_are_the_diagnose_pages(predictor):
     assert not any("unlike the dermoscopy" in w for w in rows[1].warnings)
     low = [w for w in rows[1].warnings if w.startswith("low confidence")]
     assert bool(low) == (rows[1].confidence < 0.5)
+    # As on Diagnose, an image that is not assessed refers nothing; a lesion is referred by every rule at 0.
+    assert rows[0].refer == () and rows[1].refer == ("malignant", "melanoma")
 
 
 def test_an_archive_with_bad_members_predicts_the_rest(predictor):

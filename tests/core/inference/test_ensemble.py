@@ -26,7 +26,7 @@ from core.inference.forward import bounded_batch_size
 from core.inference.opening import open_predictor
 from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
 from core.metrics.calibration import fit_temperature, softmax
-from core.metrics.classification import MEL_SENSITIVITY
+from core.metrics.classification import MALIGNANT_RULE, MEL_SENSITIVITY
 from core.models.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_save, file_format, read_checkpoint
 from core.models.ensemble_file import ensemble_dict, lead_model, read_ensemble
 from tests.app_support import *  # noqa: F403
@@ -372,7 +372,7 @@ def test_the_operating_point_cli_records_a_threshold_chosen_on_validation(built,
     assert operating_point_cli.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "1.0"]) == 0
     out = capsys.readouterr().out
     predictor = open_predictor(path)
-    assert file_format(path) == before and f"P(mel) >= {predictor.mel_threshold:.4f}, recorded" in out
+    assert file_format(path) == before and f"P(melanoma) >= {predictor.mel_threshold:.4f}, recorded" in out
     assert load_detector(path) is not None
     # Every validation melanoma is at or above it, as core.evaluation.evaluate (which now defaults to it) reports.
     val = evaluate_checkpoint(path, SAMPLE, split="val", bootstrap=0)
@@ -380,5 +380,17 @@ def test_the_operating_point_cli_records_a_threshold_chosen_on_validation(built,
     assert val["metrics"]["melanoma"]["sensitivity"] == 1.0
     mel = [r["probabilities"]["mel"] for r in val["predictions"] if r["true"] == "mel"]
     assert min(mel) == pytest.approx(predictor.mel_threshold, abs=2e-6)
+    # The malignant rule too: every validation akiec, bcc and mel at or above its threshold on P(malignant).
+    malignant = predictor.referral(MALIGNANT_RULE)
+    assert malignant.recorded and f"P(malignant) >= {malignant.threshold:.4f}, recorded" in out
+    assert val["metrics"]["malignant"]["sensitivity"] == 1.0
+    scores = [sum(r["probabilities"][c] for c in MALIGNANT_RULE.classes) for r in val["predictions"]]
+    positives = [s for s, r in zip(scores, val["predictions"], strict=True) if r["true"] in MALIGNANT_RULE.classes]
+    assert min(positives) == pytest.approx(malignant.threshold, abs=5e-6)
+    # One rule alone leaves the other's threshold as it was.
+    assert operating_point_cli.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--rule", "malignant"]) == 0
+    again = open_predictor(path)
+    assert again.mel_threshold == predictor.mel_threshold and "P(melanoma)" not in capsys.readouterr().out
+    assert again.referral(MALIGNANT_RULE).threshold >= malignant.threshold  # 0.90 of them, not all
     assert operating_point_cli.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "0"]) == 2
     assert "within (0, 1]" in capsys.readouterr().err

@@ -598,10 +598,12 @@ PUBLISHED_REFERENCE = ROOT / "docs" / "runs" / "reference-mnv2"
 
 
 def test_the_operating_point_quoted_is_that_of_the_views_used():
-    # The published reference run holds the trainer's one-view record and core.evaluation.evaluate's flip-TTA report:
-    # Diagnose quotes the one of the setting it runs.
+    # The published reference run holds the trainer's one-view predictions and core.evaluation.evaluate's flip-TTA
+    # report: Diagnose, its report and Evaluate quote the figures of the setting they show, computed on the
+    # predictions, so they are the ones each record printed.
     from core.common.runs import read_evaluate_report, read_evaluation
     from core.evaluation.records import recorded_operating_point
+    from core.metrics.classification import MALIGNANT_RULE
 
     path = ROOT / "checkpoints" / "reference.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -610,20 +612,29 @@ def test_the_operating_point_quoted_is_that_of_the_views_used():
     one_view = recorded_operating_point(path, checkpoint, threshold, tta=False)
     report = read_evaluate_report(PUBLISHED_REFERENCE)
     assert report["tta"] and report["checkpoint"].endswith("reference.pt")
-    assert with_flips == {**report["metrics"]["melanoma"], "tta": True}
-    assert one_view == {**read_evaluation(PUBLISHED_REFERENCE)["test"]["melanoma"], "tta": False}
+    n = report["metrics"]["n"]
+    assert with_flips == {**report["metrics"]["melanoma"], "tta": True, "n": n}
+    assert one_view == {**read_evaluation(PUBLISHED_REFERENCE)["test"]["melanoma"], "tta": False, "n": n}
     assert with_flips["sensitivity"] != one_view["sensitivity"]
-    assert recorded_operating_point(path, checkpoint, threshold + 0.01, tta=True) is None  # another threshold
+    # Any threshold and rule: the records' predictions answer for those the records never printed.
+    higher = recorded_operating_point(path, checkpoint, threshold + 0.1, tta=True)
+    assert higher["threshold"] == threshold + 0.1 and higher["tp"] < with_flips["tp"]
+    malignant = recorded_operating_point(path, checkpoint, 0.5, tta=True, rule=MALIGNANT_RULE)
+    positives = sum(r["true"] in MALIGNANT_RULE.classes for r in report["predictions"])
+    assert malignant["tp"] + malignant["fn"] == positives > with_flips["tp"] + with_flips["fn"]
 
 
 def test_without_a_report_of_its_views_the_other_record_is_quoted(tmp_path):
     from core.evaluation.records import recorded_operating_point
 
-    shutil.copy(PUBLISHED_REFERENCE / "evaluation.json", tmp_path / "evaluation.json")
+    for name in ("evaluation.json", "test_predictions.csv"):
+        shutil.copy(PUBLISHED_REFERENCE / name, tmp_path / name)
     checkpoint = {"config": {"name": "not-published"}}
     threshold = json.loads((tmp_path / "evaluation.json").read_text())["test"]["melanoma"]["threshold"]
     record = recorded_operating_point(tmp_path / "best.pt", checkpoint, threshold, tta=True)
     assert record is not None and record["tta"] is False
+    (tmp_path / "test_predictions.csv").unlink()
+    assert recorded_operating_point(tmp_path / "best.pt", checkpoint, threshold, tta=True) is None
 
 
 def test_the_model_card_reads_the_report_as_core_evaluate_computed_it():

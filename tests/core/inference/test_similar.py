@@ -13,13 +13,21 @@ import pandas as pd
 import pytest
 import torch
 
+from core.app.referral import referral_views
 from core.app.report import model_info, report_html
 from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.data.dataset import index_dataset
 from core.data.splits import model_split, split_column
 from core.inference.opening import open_predictor
 from core.inference.predictor import Predictor
-from core.inference.similar import REFERENCE_SPLITS, build_index, knn_vote, vote
+from core.inference.similar import (
+    REFERENCE_SPLITS,
+    build_index,
+    disagreement_text,
+    knn_vote,
+    neighbours_disagree,
+    vote,
+)
 from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
 from tests.app_support import ROOT
 
@@ -86,6 +94,27 @@ def test_nearest_cases_leave_test_images_out(predictor, sample_cases):
     assert abs(vote(offered).sum() - 1) < 1e-9
 
 
+def test_neighbours_disagree_when_their_most_common_diagnosis_is_another(sample_cases):
+    cases = [
+        dataclasses.replace(c, dx=dx)
+        for c, dx in zip(
+            sample_cases.nearest(sample_cases.features[0], 8, splits=None), ["mel"] * 5 + ["nv"] * 3, strict=True
+        )
+    ]
+    mel, nv = CLASSES.index("mel"), CLASSES.index("nv")
+    assert neighbours_disagree(vote(cases), nv)[0] and not neighbours_disagree(vote(cases), mel)[0]
+    text = disagreement_text("nv", cases)
+    assert text.startswith(
+        "Its 8 nearest confirmed cases disagree with it: 5 Melanoma (mel), 3 Melanocytic nevus (nv)."
+    )
+    assert disagreement_text("mel", cases) is None and disagreement_text("nv", []) is None
+    # A tie that includes the answer agrees; one row per query for a batch of votes.
+    tied = np.zeros((2, len(CLASSES)))
+    tied[:, [mel, nv]] = 0.5
+    assert not neighbours_disagree(tied, np.array([mel, nv])).any()
+    assert neighbours_disagree(tied, CLASSES.index("bcc")).all()
+
+
 def test_knn_vote_with_itself_as_reference_is_its_own_label(sample_cases):
     labels = sample_cases.frame["dx"].map(CLASSES.index).to_numpy()
     shares = knn_vote(sample_cases.features, labels, sample_cases.features, k=1)
@@ -126,37 +155,63 @@ def test_saved_detector_warns_on_unfamiliar_images_and_rarely_on_dermoscopy(pred
     assert "farther from the model's training images" in document.reasons[0]
 
 
+def sample_report(predictor, sample_cases, **parts) -> tuple[object, str]:
+    """The first sample image's prediction and its report by the reference model (dated 2026-01-02 03:04), with
+    ``parts`` (its cases, warnings, …)."""
+    prediction = predictor.predict(sample_cases.frame["path"].iloc[0], upload=False)
+    model = model_info(REFERENCE, predictor.checkpoint, predictor.arch)
+    return prediction, report_html(prediction, model=model, created=datetime(2026, 1, 2, 3, 4, tzinfo=UTC), **parts)
+
+
 def test_report_holds_the_prediction_cases_and_model(predictor, sample_cases):
-    path = sample_cases.frame["path"].iloc[0]
-    prediction = predictor.predict(path, upload=False)
-    cases = sample_cases.nearest(predictor.embed(prediction), 8, splits=None)
-    html = report_html(
-        prediction,
-        model=model_info(REFERENCE, predictor.checkpoint, predictor.arch),
-        created=datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+    prediction, _ = sample_report(predictor, sample_cases)
+    embedding = predictor.embed(prediction)
+    views = referral_views(predictor.referrals, prediction, REFERENCE, predictor.checkpoint)
+    _, html = sample_report(
+        predictor,
+        sample_cases,
         warnings=["Low confidence: a test warning"],
-        cases=cases,
-        cases_by_class=sample_cases.nearest_by_class(predictor.embed(prediction), splits=None),
-        mel_threshold=predictor.mel_threshold,
+        cases=sample_cases.nearest(embedding, 8, splits=None),
+        cases_by_class=sample_cases.nearest_by_class(embedding, splits=None),
+        referrals=views,
     )
     assert report_probabilities(html) == [(code, f"{prediction.probabilities[code]:.1%}") for code in CLASSES]
     assert "For research and education only" in html and "2026-01-02 03:04" in html
     assert "Low confidence: a test warning" in html
     assert "Measured on its test split" in html and "balanced accuracy" in html
+    # Each referral rule's verdict, in the page's words.
+    assert [v.label for v in views] == ["P(malignant)", "P(melanoma)"] and all(v.verdict in html for v in views)
     assert html.count("data:image/jpeg;base64,") == 1 + 8 + 7  # the upload, the cases, one per class
     assert 'src="http' not in html and "href=" not in html  # self-contained
+
+
+def test_a_report_of_an_image_not_assessed_says_why_and_names_no_class(predictor, sample_cases):
+    prediction, _ = sample_report(predictor, sample_cases)
+    why = "This does not look like a dermoscopic image: it is almost colourless (100% grey pixels)."
+    _, html = sample_report(
+        predictor,
+        sample_cases,
+        heatmap=prediction.image,
+        heatmap_label=f"Grad-CAM for {prediction.top_class}",
+        cases=sample_cases.nearest(predictor.embed(prediction), 8, splits=None),
+        referrals=referral_views(predictor.referrals, prediction, REFERENCE, predictor.checkpoint),
+        not_assessed=why,
+    )
+    assert "<h2>Not assessed</h2>" in html and f"This image was not assessed.</b> {why}" in html
+    assert "Most likely" not in html and "P(melanoma)" not in html and "Similar confirmed cases" not in html
+    assert "Grad-CAM for" not in html and html.count("data:image/jpeg;base64,") == 1  # the upload alone
+    assert not [name for name in DISPLAY_NAMES.values() if name in html]
+    assert "For research and education only" in html and "Measured on its test split" in html
 
 
 def test_report_escapes_what_it_quotes(predictor, sample_cases):
     # A file name, a warning, a heatmap label or a case id is text in the report, never markup.
     evil = "<script>alert(1)</script>"
-    path = sample_cases.frame["path"].iloc[0]
-    prediction = predictor.predict(path, upload=False)
+    prediction, _ = sample_report(predictor, sample_cases)
     case = dataclasses.replace(sample_cases.nearest(predictor.embed(prediction), 1, splits=None)[0], image_id=evil)
-    html = report_html(
-        prediction,
-        model=model_info(REFERENCE, predictor.checkpoint, predictor.arch),
-        created=datetime(2026, 1, 2, 3, 4, tzinfo=UTC),
+    _, html = sample_report(
+        predictor,
+        sample_cases,
         heatmap=prediction.image,
         heatmap_label=f"heatmap {evil}",
         warnings=[f"warning {evil}"],
@@ -180,7 +235,7 @@ def test_report_quotes_only_a_run_records_valid_figures(predictor, sample_cases)
         prediction, model=dataclasses.replace(recorded, test=hostile), created=datetime(2026, 1, 2, tzinfo=UTC)
     )
     assert "9999" not in html  # neither as markup nor as text
-    assert "Measured on its test split:" in html and "melanoma ROC AUC" in html
+    assert "Measured on its test split, " in html and "melanoma ROC AUC" in html
     assert "accuracy high" not in html and "balanced accuracy" not in html and "750" not in html
     valid = report_html(prediction, model=recorded, created=datetime(2026, 1, 2, tzinfo=UTC))
     assert f"({recorded.test['n']} images)" in valid and f"accuracy {recorded.test['accuracy']:.1%}" in valid

@@ -206,15 +206,15 @@ def test_ece_is_zero_for_perfect_calibration():
     assert metrics_calibration.expected_calibration_error(drawn, sampled) < 0.02
 
 
-def test_melanoma_operating_point_counts_threshold_as_positive():
+def test_operating_point_counts_threshold_as_positive():
     labels = np.array([MEL, MEL, CLASSES.index("nv"), CLASSES.index("nv")])
     probs = np.full((4, NUM_CLASSES), 0.0)
     probs[:, MEL] = [0.6, 0.4, 0.5, 0.1]
     probs[:, CLASSES.index("nv")] = 1.0 - probs[:, MEL]
-    op = classification.melanoma_operating_point(labels, probs, threshold=0.5)
+    op = classification.operating_point(labels, probs, threshold=0.5)
     assert (op["tp"], op["fn"], op["fp"], op["tn"]) == (1, 1, 1, 1)
     assert op["sensitivity"] == 0.5 and op["specificity"] == 0.5
-    strict = classification.melanoma_operating_point(labels, probs, threshold=0.3)
+    strict = classification.operating_point(labels, probs, threshold=0.3)
     assert strict["sensitivity"] == 1.0 and strict["specificity"] == 0.5
     assert classification.compute_metrics(labels, probs, mel_threshold=0.3)["melanoma"] == strict
 
@@ -225,12 +225,36 @@ def test_the_operating_point_is_the_highest_threshold_reaching_the_sensitivity(t
     labels = rng.choice([MEL, CLASSES.index("nv"), CLASSES.index("bkl")], 300)
     probs = metrics_calibration.softmax(rng.normal(size=(300, NUM_CLASSES)) + 2.0 * np.eye(NUM_CLASSES)[labels])
     threshold = classification.threshold_for_sensitivity(labels, probs, target)
-    assert classification.melanoma_operating_point(labels, probs, threshold)["sensitivity"] >= target
+    assert classification.operating_point(labels, probs, threshold)["sensitivity"] >= target
     higher = probs[labels == MEL, MEL][probs[labels == MEL, MEL] > threshold]
     if len(higher):  # the next melanoma score up already misses the target
-        assert classification.melanoma_operating_point(labels, probs, higher.min())["sensitivity"] < target
+        assert classification.operating_point(labels, probs, higher.min())["sensitivity"] < target
     no_melanoma = labels != MEL
     assert classification.threshold_for_sensitivity(labels[no_melanoma], probs[no_melanoma], target) is None
+
+
+def test_the_malignant_rule_scores_the_summed_malignant_probability():
+    # A basal cell carcinoma the model is sure of, with no melanoma probability at all: the melanoma rule cannot
+    # flag it, the malignant rule (akiec + bcc + mel) does; a lesion split between bcc and akiec is flagged too.
+    bcc, akiec, nv = CLASSES.index("bcc"), CLASSES.index("akiec"), CLASSES.index("nv")
+    labels = np.array([bcc, akiec, nv, nv])
+    probs = np.zeros((4, NUM_CLASSES))
+    probs[0, bcc] = 1.0
+    probs[1, [bcc, akiec, nv]] = [0.35, 0.35, 0.30]
+    probs[2, [MEL, nv]] = [0.2, 0.8]
+    probs[3, nv] = 1.0
+    rule = classification.MALIGNANT_RULE
+    assert set(rule.classes) == {"akiec", "bcc", "mel"}
+    np.testing.assert_allclose(rule.score(probs), [1.0, 0.7, 0.2, 0.0])
+    op = classification.operating_point(labels, probs, 0.5, rule)
+    assert (op["tp"], op["fn"], op["fp"], op["tn"]) == (2, 0, 0, 2)
+    assert classification.operating_point(labels, probs, 0.5)["tp"] == 0  # the melanoma rule: no melanoma here
+    assert classification.compute_metrics(labels, probs, malignant_threshold=0.5)["malignant"] == op
+    # Chosen for a sensitivity, the threshold is the lowest malignant score it must keep.
+    assert classification.threshold_for_sensitivity(labels, probs, 1.0, rule) == pytest.approx(0.7)
+    assert classification.threshold_for_sensitivity(labels, probs, 0.5, rule) == pytest.approx(1.0)
+    fields = classification.operating_point_fields(labels, probs)
+    assert fields == {"malignant_threshold": pytest.approx(0.7)}  # no melanoma: no melanoma threshold
 
 
 def test_roc_curves_per_class():
@@ -325,7 +349,7 @@ def test_every_public_function_taking_labels_takes_them_first():
         "reliability_curve",
         "expected_calibration_error",
         "compute_metrics",
-        "melanoma_operating_point",
+        "operating_point",
         "bootstrap_ci",
         "accuracy",
     } <= set(first_parameter)

@@ -26,7 +26,7 @@ from core.data.preprocessing import Preprocessing
 from core.data.splits import SPLITS
 from core.inference.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference.opening import open_predictor
-from core.metrics.classification import MEL_SENSITIVITY
+from core.metrics.classification import MALIGNANT_RULE, MALIGNANT_SENSITIVITY, MEL_SENSITIVITY
 from core.models.architectures import ARCHITECTURES, build_model
 from core.models.checkpoints import read_checkpoint
 from core.training.config import PRESETS, TrainConfig, config_with
@@ -135,6 +135,11 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     assert evaluation["mel_threshold"] == best["mel_threshold"] == open_predictor(run_dir / "best.pt").mel_threshold
     assert evaluation["val"]["melanoma"]["sensitivity"] >= MEL_SENSITIVITY
     assert evaluation["test"]["melanoma"]["threshold"] == best["mel_threshold"]
+    # So is the malignant rule's (P(akiec) + P(bcc) + P(mel)), for MALIGNANT_SENSITIVITY.
+    malignant = open_predictor(run_dir / "best.pt").referral(MALIGNANT_RULE)
+    assert evaluation["malignant_threshold"] == best["malignant_threshold"] == malignant.threshold
+    assert malignant.recorded and evaluation["val"]["malignant"]["sensitivity"] >= MALIGNANT_SENSITIVITY
+    assert evaluation["test"]["malignant"]["threshold"] == best["malignant_threshold"]
 
 
 def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_path):

@@ -4,11 +4,19 @@ measured.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    pass
+from core.common.schema import SchemaError
+
+
+def _unless_damaged(read: Callable[[Path], dict | None], folder: Path) -> dict | None:
+    """What ``read`` finds in ``folder``; None for a damaged record, which measured nothing that may be quoted (its run
+    is listed as damaged with the reason)."""
+    try:
+        return read(folder)
+    except SchemaError:
+        return None
 
 
 def recorded_test_results(path: Path, checkpoint: dict, *, tta: bool = False) -> list[dict]:
@@ -25,10 +33,11 @@ def recorded_test_results(path: Path, checkpoint: dict, *, tta: bool = False) ->
         folders.append(published / name)
     found = []
     for folder in folders:
-        report = read_evaluate_report(folder)
+        report = _unless_damaged(read_evaluate_report, folder)
+        evaluation = (_unless_damaged(read_evaluation, folder) or {}) if not tta else {}
         if report is not None and bool(report.get("tta")) == tta:
             found.append(report["metrics"])
-        if not tta and (test := read_evaluation(folder).get("test")):
+        if test := evaluation.get("test"):
             found.append(test)
     return found
 

@@ -41,6 +41,7 @@ from core.data.images import FIT_RULE
 from core.data.shifts import JPEG_QUALITY
 from core.data.splits import holdout_sources
 from core.evaluation import robustness
+from core.evaluation.choice import RULE, candidate_runs, choose, judge, read_record
 from core.evaluation.sources import holdout_report, markdown_groups, metrics_by_source
 from core.inference.similar import NEIGHBOURS
 from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
@@ -274,6 +275,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
             "similar": similar_lines(),
             "robustness": robustness_lines(reference),
             "sources": source_lines(reference, runs, data),
+            "choice": choice_lines(reference, runs, data),
             "metadata": metadata_lines(),
             "ensembles": ensemble_lines(runs, reference),
             "recipes": recipe_lines(runs),
@@ -398,15 +400,21 @@ def similar_lines() -> list[str]:
     ]
 
 
+def sourced_frame(data: str | None):
+    """The index of the dataset in ``data`` when it knows its images' sources, else None."""
+    try:
+        frame = index_dataset(data).frame if data else None
+    except DatasetError:
+        return None
+    return frame if frame is not None and (frame["source"] != UNKNOWN_SOURCE).any() else None
+
+
 def source_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
     """Results by image source, from the reference's recorded test predictions (its ``lesionlab evaluate`` report
     when saved, else the trainer's) and the sources of the dataset in ``data``, and the leave-one-source-out runs found
     in ``runs``; a line saying what is missing when the dataset or its sources are not there."""
-    try:
-        frame = index_dataset(data).frame if data else None
-    except DatasetError:
-        frame = None
-    if frame is None or not (frame["source"] != UNKNOWN_SOURCE).any():
+    frame = sourced_frame(data)
+    if frame is None:
         return ["", "## Results by image source", "", f"Not computed: no dataset with image sources at {data}."]
     evaluated = load_evaluate_report(reference)
     if evaluated is not None:
@@ -463,6 +471,51 @@ def leave_one_source_out_lines(runs: Path, frame) -> list[str]:
         f"- `{r['run']}`: balanced accuracy {fmt(r['val_balanced_accuracy'])} on the validation split of the other "
         f"sources, {fmt(r['metrics']['balanced_accuracy'])} on {r['source']}."
         for r in report["rows"]
+    ]
+    return lines
+
+
+def choice_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
+    """The rule that chooses the bundled model (:mod:`core.evaluation.choice`) and every candidate in ``runs``, with
+    the bundled model's own run ``reference``, judged by it, kept or not. Which sources must have been held out comes
+    from the dataset in ``data`` (without it, the held-out runs found are read as they are)."""
+    frame = sourced_frame(data)
+    sources = holdout_sources(frame)[0] if frame is not None else None
+    found = {d.resolve(): d for d in [reference, *candidate_runs(runs)]}
+    verdicts = [judge(read_record(d, runs), sources=sources) for d in found.values()]
+    kept = choose(verdicts)
+    lines = [
+        "",
+        "## Choosing the bundled model",
+        "",
+        "A candidate becomes the bundled model only if it passes every gate of a rule fixed before issue 22's "
+        "candidates were trained (`core/evaluation/choice.py`), each read from its recorded results and none from "
+        "the test split:",
+        "",
+        *(f"- {line}" for line in RULE.describe()),
+        "",
+        "Of those that pass, the one with the highest mean balanced accuracy on the held-out sources is kept "
+        "(then the higher validation balanced accuracy); when none passes, the bundled model stays. Candidates are "
+        "the finished runs that train their backbone (or ensembles of them) and hold out no source"
+        + (f"; the sources that can be held out are {', '.join(sources)}." if sources else "."),
+        "",
+        "| run | val balanced acc. | held-out sources, mean balanced acc. | largest shift drop (val) | verdict | why |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for v in verdicts:
+        r = v.record
+        drops = r.shift_drops
+        worst = f"{max(drops.values()):.3f} ({max(drops, key=drops.get)})" if drops else "–"
+        title = f"`{r.run}`" + (" (bundled now)" if r.run == reference.name else "")
+        verdict = ("**kept**" if v is kept else "passes") if v.passed else "fails"
+        lines.append(
+            f"| {title} | {fmt(r.val_balanced_accuracy)} | {fmt(r.holdout_mean)} | {worst} | {verdict} | "
+            + "; ".join(v.reasons)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Kept: `{kept.record.run}`." if kept else "No candidate passes every gate: the bundled model stays as it is.",
     ]
     return lines
 
@@ -595,8 +648,8 @@ def augmentation_lines(runs: Path, ensembles: list[Path]) -> list[str]:
     lines = [
         "Augmentation recipes, otherwise the same run (validation balanced accuracy): " + "; ".join(said) + ". "
         "`wide` (random resized crops of 25–100 % of the area, any rotation, scale 0.5–1) is meant to survive the "
-        "robustness report's scale and crop shifts. The bundled model is chosen on clean validation balanced "
-        "accuracy, so it keeps `strong`, and no preset uses `wide` yet."
+        "robustness report's scale and crop shifts. The bundled model keeps `strong` and no preset uses `wide` yet; "
+        "Choosing the bundled model, below, judges each run by the rule that reads the drops as well."
     ]
     for pair in pairs:
         lines += shift_comparison(runs, sorted(pair.items(), key=lambda kv: -kv[1][1]))
@@ -683,10 +736,9 @@ def recipe_lines(runs: Path) -> list[str]:
         f"Highest clean validation score: `{best[0].name}` ({best[3]:.3f}); smallest mean drop: "
         f"`{steadiest[0].name}` ({np.mean(steadiest[4]):+.3f}, its largest {max(steadiest[4]):+.3f}). A run whose "
         "epoch was chosen on validation has an optimistic validation score there; one that keeps its last epoch "
-        "does not, so part of a gap in that column is the choosing. The bundled model is chosen on clean "
-        "validation balanced accuracy, by the rule fixed at the start; a recipe with smaller drops is the candidate "
-        "for uploads from other cameras, and should be confirmed with more seeds (one each here) before it "
-        "replaces the bundled model.",
+        "does not, so part of a gap in that column is the choosing. Choosing the bundled model, below, judges each "
+        "run by the rule fixed before issue 22's candidates, which reads these drops and the leave-one-source-out "
+        "results besides the validation score.",
     ]
     return lines
 
@@ -873,8 +925,9 @@ def calibration_line(ensembles: list[Path], reference: Path) -> str:
         f"Balanced accuracy is not all an ensemble changes: on validation `{best.name}` lowers the calibration error "
         f"from {ref['ece']:.3f} to {val['ece']:.3f}, and moves accuracy from {ref['accuracy']:.3f} to "
         f"{val['accuracy']:.3f} and melanoma AUC from {mel(ref):.3f} to {mel(val):.3f}, at "
-        f"{len(evaluations[best]['members'])} times the cost of an answer. The choice rule, set "
-        "before the runs, reads validation balanced accuracy; a deployment that needs calibrated probabilities more "
+        f"{len(evaluations[best]['members'])} times the cost of an answer. The choice rule "
+        "(Choosing the bundled model) reads validation balanced accuracy, the held-out sources and the shifts, not "
+        "calibration; a deployment that needs calibrated probabilities more "
         "than the last point of balanced accuracy would choose the ensemble (`lesionlab ensemble` writes its "
         "file; Diagnose, Evaluate and Compare take it like any run)."
     )

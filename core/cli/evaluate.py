@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from core.common.runs import MAX_SPLIT_SEED
 from core.common.runtime import device_problem
 from core.data.splits import SPLITS, SplitError, check_fractions
 from core.evaluation.evaluate import USER_ERRORS, evaluate_checkpoint, format_report
 from core.inference.predictor import TTA_HELP, USE_TTA_BY_DEFAULT
-from core.models.checkpoints import MAX_SPLIT_SEED
 
 
 def _parser() -> argparse.ArgumentParser:

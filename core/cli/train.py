@@ -18,7 +18,7 @@ from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
-from core.common.runs import check_run_name, read_dataset_report, read_evaluation, read_status, run_header
+from core.common.runs import check_run_name, has_finished, read_dataset_report, read_evaluation, run_header
 from core.common.runtime import pick_device
 from core.data.dataset import DatasetError
 from core.models.architectures import WeightsUnavailableError
@@ -160,7 +160,7 @@ def leave_one_source_out_report(run_dirs: list[Path], left_out: dict[str, str], 
     from core.common.files import write_json
     from core.evaluation.sources import format_holdout_report, holdout_report
 
-    finished = [d for d in run_dirs if read_status(d).get("state") == "finished"]
+    finished = [d for d in run_dirs if has_finished(d)]
     report = holdout_report(finished, left_out)
     print(format_holdout_report(report), flush=True)
     write_json(out, report)
@@ -176,7 +176,7 @@ def build_ensemble_run(run_dirs: list[Path], k: int, ensemble_dir: Path, *, devi
     """Combine the members once all ``k`` finished (a stop or a failure leaves them as plain runs)."""
     from core.training.ensembles import build_ensemble, summary
 
-    finished = [d for d in run_dirs if read_status(d).get("state") == "finished"]
+    finished = [d for d in run_dirs if has_finished(d)]
     if len(finished) < k:
         print(
             f"error: only {len(finished)} of {k} members finished, so the ensemble was not built; combine finished "

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,27 @@ from core.common.files import atomic_write, read_json, read_tail, write_json
 from core.common.formatting import format_duration, progress_fraction, progress_text
 from core.common.labels import CLASSES
 from core.common.procs import process_record, record_alive
+from core.common.schema import (
+    TEMPERATURE_RANGE,
+    Field,
+    JsonFormat,
+    SchemaError,
+    a_dict,
+    are_fractions,
+    check_schema,
+    check_structure,
+    class_list,
+    closed_schema,
+    flag,
+    list_of,
+    number,
+    one_of,
+    probability,
+    read_json_file,
+    record,
+    text,
+    whole,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,6 +72,8 @@ if TYPE_CHECKING:
 PROGRESS_INTERVAL_S = 1.0
 FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
 LIVE_STATES = ("starting", "running")  # written only by the trainer, with its pid
+# A run whose config.json, status.json or evaluation.json its schema refuses: listed with the reason, never drawn.
+DAMAGED = "damaged"
 LOG_TAIL_LINES = 30
 STOP_FILE = "STOP"
 ROBUSTNESS_FILE = "robustness.json"
@@ -79,6 +103,196 @@ def check_run_name(name: str) -> str:
             f"{name!r} is not a usable run name: use letters, digits, '-', '_' and '.', and do not start it with '.'"
         )
     return name
+
+
+# ---------------------------------------------------------------------------
+# What the run folder's JSON files may hold: one declared schema each (core.common.schema), checked as they are read.
+
+# The split draws with random_state seed and seed + 1, which scikit-learn takes below 2**32.
+MAX_SPLIT_SEED = 2**32 - 2
+# A config is the trainer's flat settings (an ensemble's adds a list of its members): a few dozen values.
+MAX_CONFIG_DEPTH = 3
+MAX_CONFIG_VALUES = 2_000
+
+
+def _check_config_name(name: object) -> None:
+    if name == "":  # the trainer chose the folder's name
+        return
+    try:
+        check_run_name(name if isinstance(name, str) else "")
+    except ValueError:
+        raise SchemaError(f"config.name must be a run folder's name; got {name!r}") from None
+
+
+def _check_fractions(value: object) -> None:
+    if not are_fractions(value):
+        raise SchemaError(
+            f"config.split_fractions must be three numbers from 0 summing to 1 (train, val, test); got {value!r}"
+        )
+
+
+# The entries of a training config that something reads back (a path is made of the name, the split is recomputed from
+# the seed and fractions, the pages count epochs): an open schema, since TrainConfig gains fields and older records
+# lack them; what it does not list is bounded by MAX_CONFIG_DEPTH and MAX_CONFIG_VALUES.
+CONFIG_SCHEMA: dict[str, Field] = {
+    "name": Field(False, _check_config_name),
+    "data": Field(False, text("config.data")),
+    "split_seed": Field(False, whole("config.split_seed", 0, MAX_SPLIT_SEED)),
+    "split_fractions": Field(False, _check_fractions),
+    "max_images": Field(False, whole("config.max_images", 0, empty=True)),  # 0, like None, means every image
+    "epochs": Field(False, whole("config.epochs", 1)),
+    "holdout_source": Field(False, text("config.holdout_source", empty=True)),
+    "arch": Field(False, text("config.arch")),
+    "finetune": Field(False, text("config.finetune")),
+    "imbalance": Field(False, text("config.imbalance")),
+    "members": Field(False, list_of("config.members", a_dict("config.members[]"))),  # an ensemble's: run, arch, seed
+}
+
+
+def check_config(config: object) -> None:
+    """The trainer's config as a run's ``config.json`` or a model file records it: a dict of plain values at most
+    ``MAX_CONFIG_DEPTH`` deep with at most ``MAX_CONFIG_VALUES`` values (the pages print it whole), the entries
+    read back from it within ``CONFIG_SCHEMA``; a ValueError naming the entry otherwise."""
+    if not isinstance(config, dict):
+        raise SchemaError(f"config must be a dict; got {type(config).__name__}")
+    check_structure(config, "config", max_depth=MAX_CONFIG_DEPTH, max_values=MAX_CONFIG_VALUES)
+    check_schema(config, CONFIG_SCHEMA, "a training config", closed=False)
+
+
+STATUS_SCHEMA: dict[str, Field] = {
+    "state": Field(True, one_of("state", (*LIVE_STATES, *FINAL_STATES))),
+    "error": Field(False, text("error", empty=True)),
+    "updated": Field(False, text("updated")),
+    # The trainer's process, while the state is live (core.common.procs.process_record).
+    "pid": Field(False, whole("pid", 1, empty=True)),
+    "pid_start": Field(False, text("pid_start", empty=True)),
+}
+
+
+def _matrix(key: str, cell: Callable[[object], None]) -> Callable[[object], None]:
+    """One row per class of one cell per class."""
+    return list_of(key, list_of(f"{key} row", cell, length=len(CLASSES)), length=len(CLASSES))
+
+
+_AUC_PER_CLASS = {code: Field(True, probability(code, empty=True)) for code in CLASSES}
+_AVERAGES = {name: Field(True, probability(name)) for name in ("precision", "recall", "f1")}
+_PER_CLASS = {
+    "code": Field(True, one_of("code", CLASSES)),
+    "name": Field(True, text("name")),
+    **_AVERAGES,
+    "support": Field(True, whole("support", 0)),
+    "auc": Field(True, probability("auc", empty=True)),  # None: the class is absent from the split
+}
+_MELANOMA = {
+    "threshold": Field(True, probability("threshold")),
+    **{rate: Field(True, probability(rate, empty=True)) for rate in ("sensitivity", "specificity", "ppv", "npv")},
+    **{count: Field(True, whole(count, 0)) for count in ("tp", "fn", "tn", "fp")},
+}
+# core.metrics.classification.compute_metrics' dict, every number a page, the report or the model card shows.
+METRICS_SCHEMA: dict[str, Field] = {
+    "n": Field(True, whole("n", 0)),
+    "classes": Field(True, class_list("classes")),
+    "accuracy": Field(True, probability("accuracy")),
+    "balanced_accuracy": Field(True, probability("balanced_accuracy")),
+    "macro": Field(True, record("macro", _AVERAGES)),
+    "weighted": Field(True, record("weighted", _AVERAGES)),
+    "per_class": Field(True, list_of("per_class", record("per_class[]", _PER_CLASS), length=len(CLASSES))),
+    "confusion_matrix": Field(True, _matrix("confusion_matrix", whole("confusion_matrix cell", 0))),
+    "confusion_matrix_normalized": Field(
+        True, _matrix("confusion_matrix_normalized", probability("confusion_matrix_normalized cell"))
+    ),
+    "roc_auc": Field(
+        True,
+        record(
+            "roc_auc",
+            {
+                "per_class": Field(True, record("per_class", _AUC_PER_CLASS)),
+                "macro": Field(True, probability("macro", empty=True)),
+            },
+        ),
+    ),
+    "melanoma": Field(True, record("melanoma", _MELANOMA)),
+    "ece": Field(True, probability("ece")),
+    "nll": Field(True, number("nll", 0, math.inf)),
+}
+
+
+def check_metrics(key: str) -> Callable[[object], None]:
+    """``METRICS_SCHEMA``, and the counts agreeing with one another: the confusion matrix holds ``n`` images, each
+    class's row its support (a record whose numbers disagree would show one of them wrongly)."""
+    within = record(key, METRICS_SCHEMA)
+
+    def check(value: object) -> None:
+        within(value)
+        rows = [sum(row) for row in value["confusion_matrix"]]
+        supports = [row["support"] for row in value["per_class"]]
+        if sum(rows) != value["n"] or rows != supports:
+            raise SchemaError(
+                f"{key}'s confusion matrix holds {sum(rows)} images in rows of {rows}, but n is {value['n']} and the "
+                f"supports are {supports}"
+            )
+        if [row["code"] for row in value["per_class"]] != list(CLASSES):
+            raise SchemaError(f"{key}.per_class must follow the classes {list(CLASSES)}")
+
+    return check
+
+
+_MEMBER = {
+    "run": Field(True, text("run")),
+    "val": Field(True, check_metrics("val")),
+    "test": Field(True, check_metrics("test")),
+}
+# evaluation.json: the trainer's (core.training.loop) or an ensemble's (core.training.ensembles) test evaluation.
+EVALUATION_SCHEMA: dict[str, Field] = {
+    "temperature": Field(True, number("temperature", *TEMPERATURE_RANGE)),
+    "mel_threshold": Field(False, probability("mel_threshold")),
+    "epoch": Field(False, whole("epoch", 0)),
+    "test": Field(True, check_metrics("test")),
+    "test_uncalibrated": Field(False, check_metrics("test_uncalibrated")),
+    "val": Field(False, check_metrics("val")),
+    "members": Field(False, list_of("members", record("members[]", _MEMBER))),
+}
+# A lesionlab evaluate report (core.evaluation.evaluate.evaluate_checkpoint) saved as EVALUATE_FILE.
+EVALUATE_REPORT_SCHEMA: dict[str, Field] = {
+    "checkpoint": Field(False, text("checkpoint")),
+    "arch": Field(False, text("arch")),
+    "data": Field(False, text("data")),
+    "split": Field(True, one_of("split", ("train", "val", "test", "all"))),
+    "split_seed": Field(False, whole("split_seed", 0, MAX_SPLIT_SEED, empty=True)),
+    "split_fractions": Field(
+        False, list_of("split_fractions", number("split_fractions[]", 0, 1), length=3, empty=True)
+    ),
+    "split_source": Field(False, text("split_source", empty=True)),
+    "holdout_source": Field(False, text("holdout_source", empty=True)),
+    "split_note": Field(False, text("split_note", empty=True)),
+    "split_warning": Field(False, text("split_warning", empty=True)),
+    "n_images": Field(False, whole("n_images", 0)),
+    "validation": Field(False, a_dict("validation")),
+    "temperature": Field(False, number("temperature", *TEMPERATURE_RANGE)),
+    "tta": Field(False, flag("tta")),
+    "tta_views": Field(False, text("tta_views")),
+    "input_pipeline": Field(False, text("input_pipeline")),
+    "input_pipeline_note": Field(False, text("input_pipeline_note", empty=True)),
+    "metrics": Field(True, check_metrics("metrics")),
+    "confidence_intervals": Field(False, a_dict("confidence_intervals", empty=True)),
+    "bootstrap_unit": Field(False, text("bootstrap_unit")),
+    "by_source": Field(False, a_dict("by_source", empty=True)),
+    "metadata": Field(False, a_dict("metadata", empty=True)),
+    "predictions": Field(False, list_of("predictions", a_dict("predictions[]"))),
+}
+
+# The bounds of each file, before it is parsed (bytes) and before its fields are looked at (depth, values).
+# A config is about 2 KB; a status a state, a time, a process and an error of a log's last lines (20 KB at most);
+# an evaluation 15 KB, an ensemble of 16 members' about 500 KB; an evaluate report about 250 bytes per image with its
+# per-image predictions (370 KB for HAM10000's test split of 1,498).
+CONFIG_FILE = JsonFormat("a run's config", 64 * 1024, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES, check_config)
+STATUS_FILE = JsonFormat("a run's status", 256 * 1024, 2, 100, closed_schema(STATUS_SCHEMA, "a run's status"))
+EVALUATION_FILE = JsonFormat(
+    "a run's evaluation", 4 * 2**20, 8, 200_000, closed_schema(EVALUATION_SCHEMA, "a run's evaluation")
+)
+EVALUATE_REPORT_FILE = JsonFormat(
+    "a lesionlab evaluate report", 16 * 2**20, 8, 1_000_000, closed_schema(EVALUATE_REPORT_SCHEMA, "an evaluate report")
+)
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +412,11 @@ def write_status(run_dir: Path, state: str, error: str | None = None) -> None:
 def mark_unfinished(run_dir: Path, state: str, error: str) -> None:
     """Record how a run ended when its trainer could not say so (killed, crashed); a final state the
     trainer wrote itself is kept."""
-    if read_status(run_dir).get("state") in (None, *LIVE_STATES):
+    try:
+        recorded = read_status(run_dir).get("state")
+    except SchemaError:  # a damaged status records nothing worth keeping
+        recorded = None
+    if recorded in (None, *LIVE_STATES):
         write_status(run_dir, state, error)
 
 
@@ -272,13 +490,38 @@ def read_events(path: Path) -> list[dict]:
     return [e for line in text.splitlines() if (e := _parse_event(line)) is not None]
 
 
+def _read(path: Path, fmt: JsonFormat) -> dict:
+    """The file at ``path`` checked against ``fmt``; empty when there is none (yet). :class:`SchemaError` naming the
+    file and what is wrong when its schema refuses it."""
+    try:
+        return read_json_file(path, fmt)
+    except FileNotFoundError:
+        return {}
+
+
 def read_status(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "status.json") or {}
+    """``status.json`` (see ``STATUS_SCHEMA``); empty before the trainer has written it, :class:`SchemaError` when
+    damaged."""
+    return _read(Path(run_dir) / "status.json", STATUS_FILE)
+
+
+def has_finished(run_dir: Path) -> bool:
+    """Whether the run's trainer recorded that it finished (a damaged status says nothing)."""
+    try:
+        return read_status(run_dir).get("state") == "finished"
+    except SchemaError:
+        return False
+
+
+def run_started(run_dir: Path) -> bool:
+    """Whether a trainer has started the run (it has written its status)."""
+    return (Path(run_dir) / "status.json").is_file()
 
 
 def read_config(run_dir: Path) -> dict:
-    """The run's :class:`TrainConfig` as a dict; empty before the trainer has written it."""
-    return read_json(Path(run_dir) / "config.json") or {}
+    """The run's :class:`TrainConfig` as a dict (see ``CONFIG_SCHEMA``); empty before the trainer has written it,
+    :class:`SchemaError` when damaged."""
+    return _read(Path(run_dir) / "config.json", CONFIG_FILE)
 
 
 def read_split(run_dir: Path) -> pd.DataFrame:
@@ -301,14 +544,16 @@ def read_dataset_report(run_dir: Path) -> dict:
 
 
 def read_evaluation(run_dir: Path) -> dict:
-    """The test evaluation of the run's best model; empty before the run has one."""
-    return read_json(Path(run_dir) / "evaluation.json") or {}
+    """The test evaluation of the run's best model (see ``EVALUATION_SCHEMA``); empty before the run has one,
+    :class:`SchemaError` when damaged."""
+    return _read(Path(run_dir) / "evaluation.json", EVALUATION_FILE)
 
 
 def read_evaluate_report(run_dir: Path) -> dict | None:
-    """The saved ``lesionlab evaluate`` report of the run's model on its test split; None without one.
-    Shared between callers (do not change it): Diagnose looks its operating point up on every rerun, and the
-    report's per-image predictions make it a few hundred kilobytes of JSON, parsed once per version of the file."""
+    """The saved ``lesionlab evaluate`` report of the run's model on its test split (see ``EVALUATE_REPORT_SCHEMA``);
+    None without one, :class:`SchemaError` when damaged. Shared between callers (do not change it): Diagnose looks its
+    operating point up on every rerun, and the report's per-image predictions make it a few hundred kilobytes of JSON,
+    parsed once per version of the file."""
     path = Path(run_dir) / EVALUATE_FILE
     try:
         stat = path.stat()
@@ -319,8 +564,8 @@ def read_evaluate_report(run_dir: Path) -> dict | None:
 
 @functools.lru_cache(maxsize=16)
 def _evaluate_report(path: str, _mtime_ns: int, _size: int) -> dict | None:
-    report = read_json(Path(path))
-    return report if report and report.get("split") == "test" and "metrics" in report else None
+    report = _read(Path(path), EVALUATE_REPORT_FILE)
+    return report if report.get("split") == "test" else None
 
 
 def read_robustness(run_dir: Path) -> dict | None:
@@ -335,7 +580,14 @@ def matching_runs(checkpoint_path: str | Path, config: dict, run_folders: Sequen
     candidates = [Path(checkpoint_path).parent]
     if config.get("name"):
         candidates += [Path(folder) / str(config["name"]) for folder in run_folders]
-    return [run_dir for run_dir in candidates if config and read_config(run_dir) == config]
+    return [run_dir for run_dir in candidates if config and _config_or_none(run_dir) == config]
+
+
+def _config_or_none(run_dir: Path) -> dict | None:
+    try:
+        return read_config(run_dir)
+    except SchemaError:  # a damaged record is no record of this model's training
+        return None
 
 
 def has_evaluation(run_dir: Path) -> bool:
@@ -408,7 +660,7 @@ class LiveJob(Protocol):
 class RunState:
     name: str
     path: Path
-    state: str  # queued, starting, running, finished, stopped, failed, interrupted
+    state: str  # queued, starting, running, finished, stopped, failed, interrupted, damaged (error says why)
     config: dict = field(default_factory=dict)
     start: dict | None = None
     epochs: list[dict] = field(default_factory=list)
@@ -420,7 +672,7 @@ class RunState:
 
     @property
     def done(self) -> bool:
-        return self.state in FINAL_STATES
+        return self.state in (*FINAL_STATES, DAMAGED)
 
     @property
     def has_model(self) -> bool:
@@ -546,16 +798,13 @@ def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
     job, if any) tells a run that is being worked on from one whose process died without reporting."""
     run_dir = Path(run_dir)
     events = read_events(run_dir / "metrics.jsonl")
-    config = read_config(run_dir)
-    status = read_status(run_dir)
     in_job = job is not None and run_dir.name in job.runs and Path(job.runs_dir) == run_dir.parent
+    config, status, damage = _checked_records(run_dir, job if in_job else None)
     start = next((e for e in events if e.get("event") == "start"), None)
     epochs = [e for e in events if e.get("event") == "epoch"]
     progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)
     steps = [e for e in events if e.get("event") == "progress" and "phase" not in e and e.get("steps")]
     end = next((e for e in reversed(events) if e.get("event") == "end"), None)
-    if not config and in_job:
-        config = read_json(job.config_path(run_dir.name)) or {}
 
     state = status.get("state")
     error = status.get("error")
@@ -570,6 +819,8 @@ def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
             error = error or error_from_log(run_dir)
     if state == "failed" and not error:
         error = error_from_log(run_dir)
+    if damage is not None:
+        state, error = DAMAGED, damage
     try:
         modified = max((p.stat().st_mtime for p in run_dir.iterdir()), default=run_dir.stat().st_mtime)
     except OSError:
@@ -587,6 +838,27 @@ def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
         error=error,
         modified=modified,
     )
+
+
+def _checked_records(run_dir: Path, job: LiveJob | None) -> tuple[dict, dict, str | None]:
+    """The run's config (the job's, before the trainer has written the run's) and status, and why the run is damaged:
+    the first of its config.json, status.json and evaluation.json that its schema refuses; None when none is."""
+    records, damage = [], None
+    config_path = run_dir / "config.json"
+    if job is not None and not config_path.exists():
+        config_path = job.config_path(run_dir.name)
+    for path, fmt in ((config_path, CONFIG_FILE), (run_dir / "status.json", STATUS_FILE)):
+        try:
+            records.append(_read(path, fmt))
+        except SchemaError as exc:
+            records.append({})
+            damage = damage or str(exc)
+    if damage is None:
+        try:
+            read_evaluation(run_dir)
+        except SchemaError as exc:
+            damage = str(exc)
+    return records[0], records[1], damage
 
 
 def list_runs(runs_dir: Path, job: LiveJob | None = None) -> list[RunState]:

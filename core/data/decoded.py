@@ -22,9 +22,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.common.files import read_json, write_json
+from core.common.files import write_json
 from core.common.formatting import format_bytes
 from core.common.runs import StopRequested
+from core.common.schema import (
+    Field,
+    JsonFormat,
+    SchemaError,
+    closed_schema,
+    list_of,
+    one_of,
+    read_json_file,
+    text,
+    whole,
+)
 from core.data.images import ImageError, open_image
 from core.data.preprocessing import Preprocessing, load_for_model
 
@@ -107,9 +118,36 @@ def _decode(path: str, size: tuple[int, int], fit: bool) -> np.ndarray | None:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _index_format(current: list[list]) -> JsonFormat:
+    """``index.json`` of the cache of the files ``current`` (their stamps): at most as long as that index with every
+    file damaged, three levels deep, and holding its four fields (``INDEX_SCHEMA``)."""
+    largest = {"format": FORMAT, "shape": [2**31] * 3, "damaged": [p for p, *_ in current], "files": current}
+    return JsonFormat(
+        "a decoded-image cache's index",
+        len(json.dumps(largest, indent=2).encode()) + 1024,
+        3,
+        8 * len(current) + 100,
+        closed_schema(INDEX_SCHEMA, "a decoded-image cache's index"),
+    )
+
+
+# What index.json holds: the array's shape beside the files' stamps it was decoded from, and the damaged files.
+INDEX_SCHEMA: dict[str, Field] = {
+    "format": Field(True, one_of("format", (FORMAT,))),
+    "shape": Field(True, list_of("shape", whole("shape[]", 1), length=3)),
+    "damaged": Field(True, list_of("damaged", text("damaged[]"))),
+    "files": Field(True, list_of("files", list_of("files[]", lambda _: None, length=3))),
+}
+
+
 def _load(folder: Path, paths: list[str], current: list[list]) -> DecodedImages | None:
-    index = read_json(folder / "index.json")
-    if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("files") != current:
+    """The cache in ``folder`` when its index is sound and names exactly the files ``current``; None (build it again)
+    otherwise."""
+    try:
+        index = read_json_file(folder / "index.json", _index_format(current))
+    except (FileNotFoundError, SchemaError):
+        return None
+    if index["files"] != current or not set(index["damaged"]) <= set(paths):
         return None
     try:
         images = np.load(folder / "images.npy", mmap_mode="r")

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
+from core.common.schema import is_finite_number
 from core.data.images import ImageSource, fit_to_source, open_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,16 +55,6 @@ MAX_INPUT_SIDE = 1024
 # A checkpoint whose std was 1e-30 multiplied every pixel by 1e30 and called a nevus "vasc 50.5 %".
 MEAN_RANGE = (0.0, 1.0)
 STD_RANGE = (0.01, 1.0)
-
-
-def is_finite_number(value: object) -> bool:
-    """An int or float (not a bool, a string or a tensor) that is neither NaN nor infinite."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float
-        return False
 
 
 def check_size(name: str, size: object) -> None:

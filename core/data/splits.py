@@ -31,6 +31,7 @@ from sklearn.model_selection import train_test_split
 
 from core.common.labels import CLASSES
 from core.common.runs import matching_runs, read_split
+from core.common.schema import are_fractions
 from core.common.settings import PROJECT_ROOT
 from core.data.dataset import UNKNOWN_SOURCE
 
@@ -52,7 +53,7 @@ class SplitError(ValueError):
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     """``fractions`` as three floats, or a :class:`SplitError`: the one check of split fractions, for a
     training config, a checkpoint's stored split and the command lines alike."""
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+    if not are_fractions(list(fractions)):
         raise SplitError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
     return tuple(float(f) for f in fractions)
 

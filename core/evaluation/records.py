@@ -4,13 +4,23 @@ their predictions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from core.common.labels import CLASSES
+from core.common.schema import SchemaError
 from core.metrics.classification import MELANOMA_RULE, ReferralRule, operating_point
+
+
+def _unless_damaged(read: Callable[[Path], dict | None], folder: Path) -> dict | None:
+    """What ``read`` finds in ``folder``; None for a damaged record, which measured nothing that may be quoted (its run
+    is listed as damaged with the reason)."""
+    try:
+        return read(folder)
+    except SchemaError:
+        return None
 
 
 def record_folders(path: Path, checkpoint: dict) -> list[Path]:
@@ -33,10 +43,11 @@ def recorded_test_results(path: Path, checkpoint: dict, *, tta: bool = False) ->
 
     found = []
     for folder in record_folders(path, checkpoint):
-        report = read_evaluate_report(folder)
+        report = _unless_damaged(read_evaluate_report, folder)
+        evaluation = (_unless_damaged(read_evaluation, folder) or {}) if not tta else {}
         if report is not None and bool(report.get("tta")) == tta:
             found.append(report["metrics"])
-        if not tta and (test := read_evaluation(folder).get("test")):
+        if test := evaluation.get("test"):
             found.append(test)
     return found
 
@@ -56,7 +67,7 @@ def recorded_test_predictions(folders: Sequence[Path], *, tta: bool) -> tuple[np
     from core.common.runs import read_evaluate_report, read_predictions
 
     for folder in folders:
-        report = read_evaluate_report(folder)
+        report = _unless_damaged(read_evaluate_report, folder)
         if report is not None and bool(report.get("tta")) == tta and report.get("predictions"):
             return report_predictions(report)
         if not tta:

@@ -9,11 +9,9 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as _softmax
 
+from core.common.schema import TEMPERATURE_RANGE
 from core.metrics.inputs import _check
 
-# Temperatures outside [0.05, 20] mean the validation set is broken, not that the model needs them; a model file
-# holding one is refused (core.models.checkpoints): 1e-30 turns any logit gap into "100 %".
-TEMPERATURE_RANGE = (0.05, 20.0)
 _LOG_T_BOUNDS = (np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1]))
 
 

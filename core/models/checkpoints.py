@@ -10,22 +10,31 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from core.common.files import atomic_write
 from core.common.formatting import format_bytes
-from core.common.labels import CLASSES, check_class_order
-from core.common.runs import check_run_name
-from core.data.preprocessing import Preprocessing, is_finite_number
-from core.data.splits import SplitError, check_fractions
-from core.metrics.calibration import TEMPERATURE_RANGE
+from core.common.labels import CLASSES
+from core.common.runs import check_config
+from core.common.schema import (
+    TEMPERATURE_RANGE,
+    Field,
+    a_dict,
+    check_schema,
+    class_list,
+    is_finite_number,
+    number,
+    one_of,
+    probability,
+    whole,
+)
+from core.data.preprocessing import Preprocessing
 from core.models.architectures import ARCHITECTURES, FINETUNE_POLICIES, HEADS, LesionNet, build_model
 from core.models.metadata import MetadataHead, read_spec
-from core.models.torchfile import ForeignName, UnsafeFile, check_structure, outline
+from core.models.torchfile import ForeignName, UnsafeFile, outline
 
 FORMAT = "lesionlab-checkpoint/1"
 # Several checkpoints in one file with one temperature for their average (core.inference.ensemble).
@@ -33,21 +42,7 @@ ENSEMBLE_FORMAT = "lesionlab-ensemble/1"
 # The largest real checkpoint is a full ResNet-50 run's last.pt with Adam's two moments: about 300 MB.
 # torch.load reads a file whole before anything can be checked, so a bigger one is refused unread.
 MAX_CHECKPOINT_BYTES = 2**30
-# The split draws with random_state seed and seed + 1, which scikit-learn takes below 2**32.
-MAX_SPLIT_SEED = 2**32 - 2
-# A config is the trainer's flat settings (an ensemble's adds a list of its members): a few dozen values.
-MAX_CONFIG_DEPTH = 3
-MAX_CONFIG_VALUES = 2_000
 PREPROCESSING_FIELDS = ("input_size", "source_size", "mean", "std", "colour_constancy")
-
-Check = Callable[[object], None]
-
-
-class Field(NamedTuple):
-    """One field of a model file's schema: whether every file has it, and its check."""
-
-    required: bool
-    check: Check
 
 
 class CheckpointError(ValueError):
@@ -97,22 +92,7 @@ def _load_failure(path: Path, exc: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {detail})")
 
 
-def _is_whole(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _one_of(key: str, allowed: Sequence[str]) -> Check:
-    def check(value: object) -> None:
-        if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-    return check
-
-
-def check_classes(value: object) -> None:
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"classes must be the list {list(CLASSES)}; got {value!r}")
-    check_class_order(value)
+check_classes = class_list("classes")
 
 
 def _check_preprocessing(value: object) -> None:
@@ -128,26 +108,13 @@ def _check_preprocessing(value: object) -> None:
         raise ValueError(f"preprocessing.{exc}") from None
 
 
-def check_temperature(value: object) -> None:
-    # 0 or NaN gives NaN probabilities, a negative one turns the prediction upside down, and 1e-30 makes any
-    # logit gap "100 %": the range the fit itself searches.
-    low, high = TEMPERATURE_RANGE
-    if not is_finite_number(value) or not low <= value <= high:
-        raise ValueError(f"temperature must be a finite number from {low} to {high:g}; got {value!r}")
-
-
-def _a_threshold(name: str) -> Callable[[object], None]:
-    def check(value: object) -> None:
-        # Below 0 every image is "refer", NaN or above 1 none ever is: a probability threshold is within [0, 1].
-        if not is_finite_number(value) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a probability from 0 to 1; got {value!r}")
-
-    return check
-
-
-# The referral rules' thresholds (core.metrics.classification.REFERRAL_RULES), each chosen on the validation split.
+# 0 or NaN gives NaN probabilities, a negative one turns the prediction upside down, and 1e-30 makes any logit gap
+# "100 %": the range the fit itself searches.
+check_temperature = number("temperature", *TEMPERATURE_RANGE)
+# The referral rules' thresholds (core.metrics.classification.REFERRAL_RULES), each chosen on the validation split:
+# below 0 every image is "refer", NaN or above 1 none ever is, so each is a probability from 0 to 1.
 THRESHOLD_FIELDS: dict[str, Field] = {
-    name: Field(False, _a_threshold(name)) for name in ("mel_threshold", "malignant_threshold")
+    name: Field(False, probability(name)) for name in ("mel_threshold", "malignant_threshold")
 }
 
 
@@ -155,19 +122,6 @@ def _check_weights(value: object) -> None:
     pairs = value.items() if isinstance(value, dict) else [(None, None)]
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in pairs):
         raise ValueError("model_state must map parameter names to tensors")
-
-
-def _a_dict(key: str) -> Check:
-    def check(value: object) -> None:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must be a dict; got {type(value).__name__}")
-
-    return check
-
-
-def _check_epoch(value: object) -> None:
-    if not _is_whole(value, 0):
-        raise ValueError(f"epoch must be a whole number from 0; got {value!r}")
 
 
 def _check_best_score(value: object) -> None:
@@ -185,42 +139,6 @@ def _check_metadata(value: object) -> None:
         raise ValueError(f"metadata.{exc}") from None
 
 
-def check_config(config: object) -> None:
-    """The trainer's config as a model file records it: a dict of plain values at most ``MAX_CONFIG_DEPTH`` deep
-    with at most ``MAX_CONFIG_VALUES`` values (the pages print it whole), and the entries read back from it
-    checked: the run's name (a path is made of it), the split seed and fractions, ``max_images`` and ``data``."""
-    if not isinstance(config, dict):
-        raise ValueError(f"config must be a dict; got {type(config).__name__}")
-    try:
-        check_structure(config, "config", max_depth=MAX_CONFIG_DEPTH, max_values=MAX_CONFIG_VALUES)
-    except UnsafeFile as exc:
-        raise ValueError(str(exc)) from None
-    name = config.get("name")
-    if name not in (None, ""):  # empty: the trainer chose the folder's name
-        try:
-            check_run_name(name if isinstance(name, str) else "")
-        except ValueError:
-            raise ValueError(f"config.name must be a run folder's name; got {name!r}") from None
-    seed = config.get("split_seed")
-    if seed is not None and not (_is_whole(seed, 0) and seed <= MAX_SPLIT_SEED):
-        raise ValueError(f"config.split_seed must be a whole number from 0 to {MAX_SPLIT_SEED}; got {seed!r}")
-    fractions = config.get("split_fractions")
-    if fractions is not None:
-        numbers = isinstance(fractions, list | tuple) and all(is_finite_number(f) for f in fractions)
-        try:
-            check_fractions(fractions if numbers else ())
-        except SplitError:
-            raise ValueError(
-                "config.split_fractions must be three numbers from 0 summing to 1 (train, val, test); "
-                f"got {fractions!r}"
-            ) from None
-    limit = config.get("max_images")
-    if limit is not None and not _is_whole(limit, 0):  # 0, like None, means every image
-        raise ValueError(f"config.max_images must be empty or a whole number from 0; got {limit!r}")
-    if not isinstance(config.get("data", ""), str):
-        raise ValueError(f"config.data must be a folder name; got {config['data']!r}")
-
-
 def _nothing(value: object) -> None:
     """The format marker: checked first, since it says which schema applies."""
 
@@ -229,37 +147,24 @@ def _nothing(value: object) -> None:
 # A field not listed is refused, so nothing reaches the app beside what is checked here.
 CHECKPOINT_SCHEMA: dict[str, Field] = {
     "format": Field(True, _nothing),
-    "arch": Field(True, _one_of("arch", tuple(ARCHITECTURES))),
-    "head": Field(True, _one_of("head", HEADS)),
-    "finetune": Field(True, _one_of("finetune", FINETUNE_POLICIES)),
+    "arch": Field(True, one_of("arch", tuple(ARCHITECTURES))),
+    "head": Field(True, one_of("head", HEADS)),
+    "finetune": Field(True, one_of("finetune", FINETUNE_POLICIES)),
     "classes": Field(True, check_classes),
     "preprocessing": Field(True, _check_preprocessing),
     "temperature": Field(True, check_temperature),
     "model_state": Field(True, _check_weights),
     # Written by the trainer: its config and progress, and what a resumed run needs (last.pt).
     "config": Field(False, check_config),
-    "epoch": Field(False, _check_epoch),
-    "metrics": Field(False, _a_dict("metrics")),
+    "epoch": Field(False, whole("epoch", 0)),
+    "metrics": Field(False, a_dict("metrics")),
     "best_score": Field(False, _check_best_score),
-    "optimizer_state": Field(False, _a_dict("optimizer_state")),
-    "scheduler_state": Field(False, _a_dict("scheduler_state")),
+    "optimizer_state": Field(False, a_dict("optimizer_state")),
+    "scheduler_state": Field(False, a_dict("scheduler_state")),
     # A model that takes age, sex and site; the operating points chosen on the validation split.
     "metadata": Field(False, _check_metadata),
     **THRESHOLD_FIELDS,
 }
-
-
-def check_schema(payload: dict, schema: dict[str, Field], kind: str) -> None:
-    """ValueError naming the first field of ``payload`` that is missing, not in ``schema`` or out of its bounds."""
-    missing = [key for key, field in schema.items() if field.required and key not in payload]
-    if missing:
-        raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
-    unknown = sorted(map(repr, set(payload) - set(schema)))
-    if unknown:
-        raise ValueError(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a field of {kind}")
-    for key, field in schema.items():
-        if key in payload:
-            field.check(payload[key])
 
 
 def read_file(path: str | Path) -> Any:

@@ -7,17 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.common.labels import CLASSES
+from core.common.runs import check_config
+from core.common.schema import Field, check_schema
 from core.models.architectures import LesionNet
 from core.models.checkpoints import (
     CHECKPOINT_SCHEMA,
     ENSEMBLE_FORMAT,
     THRESHOLD_FIELDS,
     CheckpointError,
-    Field,
     check_checkpoint,
     check_classes,
-    check_config,
-    check_schema,
     check_temperature,
     model_from_checkpoint,
     read_file,

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.common import schema
 from core.data.archives import ArchiveError, open_zip, read_member
 
 # A full DenseNet-121 last.pt (weights, batch-norm statistics, Adam's two moments and step per parameter) holds
@@ -130,22 +131,13 @@ class _Outliner(pickle.Unpickler):
 
 def check_structure(value: object, what: str, *, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> None:
     """UnsafeFile unless ``value`` is plain values (str, numbers, bool, None, :class:`TensorRecord`) in dicts,
-    lists and tuples at most ``max_depth`` deep, with at most ``max_values`` values counted along every path."""
-    pending, seen = [(value, 0)], 0
-    while pending:
-        item, depth = pending.pop()
-        seen += 1
-        if seen > max_values:
-            raise UnsafeFile(f"{what} holds more than {max_values:,} values")
-        if isinstance(item, dict | list | tuple):
-            if depth >= max_depth:
-                raise UnsafeFile(f"{what} nests deeper than {max_depth} levels")
-            children = [*item.keys(), *item.values()] if isinstance(item, dict) else list(item)
-            # BUILD may give a dict attributes (a state dict's _metadata): they are loaded too.
-            children += list(getattr(item, "__dict__", {}).values())
-            pending += [(child, depth + 1) for child in children]
-        elif not isinstance(item, str | int | float | bool | TensorRecord) and item is not None:
-            raise UnsafeFile(f"{what} holds a {type(item).__name__}, which a Lesion Lab file never does")
+    lists and tuples within the bounds (:func:`core.common.schema.check_structure`)."""
+    try:
+        schema.check_structure(
+            value, what, max_depth=max_depth, max_values=max_values, leaves=(*schema.PLAIN_VALUES, TensorRecord)
+        )
+    except schema.SchemaError as exc:
+        raise UnsafeFile(str(exc)) from None
 
 
 def outline(path: str | Path) -> object:

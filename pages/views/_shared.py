@@ -105,13 +105,24 @@ def list_runs() -> list[runs.RunState]:
 
 def evaluated_runs() -> list[runs.RunState]:
     """Finished runs with a test evaluation: this machine's, then the published ones of the same name not
-    trained here (a local run of the same name wins)."""
+    trained here (a local run of the same name wins). Runs whose records are damaged are left out, and the page
+    says which and why (:func:`damaged_notice`)."""
     local = list_runs()
     published_dir = settings.published_runs_dir()
     published = runs.list_runs(published_dir) if published_dir else []
     names = {r.name for r in local}
-    found = local + [r for r in published if r.name not in names]
-    return [r for r in found if r.has_evaluation]
+    found = [r for r in local + [r for r in published if r.name not in names] if r.has_evaluation]
+    damaged_notice({r.name: r.error or "" for r in found if r.state == runs.DAMAGED})
+    return [r for r in found if r.state != runs.DAMAGED]
+
+
+def damaged_notice(reasons: dict[str, str]) -> None:
+    """Say which runs (name -> why) are left out because a record of theirs is damaged."""
+    if reasons:
+        st.warning(
+            "Left out, their records damaged:\n\n" + "\n".join(f"- **{name}**: {why}" for name, why in reasons.items()),
+            icon=":material/report:",
+        )
 
 
 def is_published(run: runs.RunState) -> bool:

@@ -18,6 +18,7 @@ from core.training import imbalance
 from core.training.config import TrainConfig, config_with
 from pages.views._shared import (
     current_job,
+    damaged_notice,
     dataset_choice,
     evaluated_runs,
     list_runs,
@@ -292,7 +293,15 @@ def lesson_view(experiment: lesson.Experiment) -> None:
             "The lesson appears here once two runs of this experiment have finished.", icon=":material/hourglass_top:"
         )
         return
-    records = {s: predictions(path) for s, path in evaluated.items()}
+    records, damaged = {}, {}
+    for strategy, path in evaluated.items():
+        try:
+            records[strategy] = predictions(path)
+        except ValueError as exc:  # a damaged record: the lesson is told from the others
+            damaged[path.name] = str(exc)
+    damaged_notice(damaged)
+    if len(records) < 2:
+        return
     table = lesson.strategy_table({s: r[4] for s, r in records.items()})
     st.markdown("\n".join(f"- {sentence}" for sentence in lesson.sentences(table)))
     charts = st.columns([4, 3, 3])

@@ -36,7 +36,11 @@ c4.metric(
     help="The finished runs behind MODEL_CARD.md (docs/runs), shown on Evaluate and Compare.",
 )
 c5.metric("Training job", "running" if job else "idle")
-others = {"failed": states["failed"] + states["interrupted"], "stopped": states["stopped"]}
+others = {
+    "failed": states["failed"] + states["interrupted"],
+    "stopped": states["stopped"],
+    runs.DAMAGED: states[runs.DAMAGED],
+}
 if any(others.values()):
     st.caption(
         "Not counted as training runs: "
@@ -48,7 +52,16 @@ if listed:
     with st.expander(f"Runs ({len(listed)})", icon=":material/list:"):
         st.dataframe(
             pd.DataFrame(
-                [{"run": r.name, "state": r.state, "dataset": r.dataset, "where": where} for r, where in listed]
+                [
+                    {
+                        "run": r.name,
+                        "state": r.state,
+                        "dataset": r.dataset,
+                        "where": where,
+                        "why": r.error if r.state == runs.DAMAGED else "",
+                    }
+                    for r, where in listed
+                ]
             ),
             hide_index=True,
             width="stretch",

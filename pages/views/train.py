@@ -4,7 +4,7 @@ import streamlit as st
 
 from core.app import jobs as app_jobs
 from core.app import plots
-from core.common.runs import RunState, default_run_name, epochs_table, list_runs, running_loss_table
+from core.common.runs import DAMAGED, RunState, default_run_name, epochs_table, list_runs, running_loss_table
 from core.common.runtime import gpu_count
 from core.data.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
 from core.models.architectures import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
@@ -212,6 +212,7 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
         "stopped": ":material/stop_circle:",
         "failed": ":material/error:",
         "interrupted": ":material/error:",
+        DAMAGED: ":material/report:",
     }.get(run.state, ":material/hourglass_top:")
     st.subheader(f"{icon} {run.name}")
     cfg = run.config
@@ -251,6 +252,11 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
         st.info("Stopped on request." + (" The best epoch so far was saved and evaluated." if run.has_model else ""))
     elif run.state in ("failed", "interrupted"):
         st.error(f"Training failed: {run.error or 'no error message'}", icon=":material/error:")
+    elif run.state == DAMAGED:
+        st.error(
+            f"This run's records are damaged, so Evaluate and Compare leave it out: {run.error}",
+            icon=":material/report:",
+        )
     if run.state in ("failed", "interrupted") or active:
         with st.expander("Training log (last lines)"):
             st.code(run.log_tail() or "(empty)", language=None)

@@ -505,3 +505,44 @@ def test_the_newest_experiment_trained_here_is_the_lesson(tiny_root, tmp_path, m
     mel = next(c for c in evaluation["per_class"] if c["code"] == MELANOMA)
     assert shown.loc["recall · mel", "weighted loss"] == f"{mel['recall']:.2f}"
     assert "Compared with none (plain cross-entropy), weighted loss" in texts(at)
+
+
+def test_damaged_runs_are_listed_with_the_reason_and_never_drawn(full_env, tmp_path, monkeypatch):
+    """A run whose evaluation.json claims an accuracy of 5 and one whose config.json nests past the JSON parser: before
+    the run files' schemas the first was drawn with "5.000" on Evaluate and Compare and the second raised
+    RecursionError on every page that lists runs."""
+    runs = tmp_path / "runs"
+    for name in ("tiny-none", "tiny-weighted"):
+        shutil.copytree(full_env.runs / name, runs / name)
+    shutil.copytree(full_env.runs / "tiny-none", runs / "tiny-inflated")
+    evaluation = json.loads((runs / "tiny-inflated" / "evaluation.json").read_text())
+    evaluation["test"]["accuracy"] = 5.0
+    (runs / "tiny-inflated" / "evaluation.json").write_text(json.dumps(evaluation))
+    shutil.copytree(full_env.runs / "tiny-none", runs / "tiny-nested")
+    (runs / "tiny-nested" / "config.json").write_text("[" * 30_000 + "]" * 30_000)
+    inflated = "evaluation.json is not a run's evaluation: test.accuracy must be a probability from 0 to 1; got 5.0"
+    nested = "config.json is not a run's config: it nests deeper than 3 levels"
+    AppEnv(data=full_env.data, runs=runs, checkpoints=full_env.checkpoints).apply(monkeypatch)
+
+    home = app_test("home")
+    no_exceptions(home)
+    assert {m.label: m.value for m in home.metric}["Training runs"] == "2"
+    assert "2 damaged" in texts(home)
+    listed = home.dataframe[0].value.set_index("run")
+    assert (listed.loc["tiny-inflated", "state"], listed.loc["tiny-inflated", "why"]) == ("damaged", inflated)
+    assert listed.loc["tiny-nested", "why"] == nested
+
+    for page in ("evaluate", "compare"):
+        at = app_test(page)
+        no_exceptions(at)
+        shown = at.selectbox(key="eval_run").options if page == "evaluate" else at.multiselect(key="cmp_runs").options
+        assert sorted(option.split(" ")[0] for option in shown) == ["tiny-none", "tiny-weighted"], page
+        warning = "\n".join(str(w.value) for w in at.warning)
+        assert f"**tiny-inflated**: {inflated}" in warning and f"**tiny-nested**: {nested}" in warning, page
+        assert "5.000" not in texts(at)
+
+    train = app_test("train")
+    no_exceptions(train)
+    train.selectbox(key="train_show_run").set_value("tiny-inflated").run()
+    no_exceptions(train)
+    assert f"This run's records are damaged, so Evaluate and Compare leave it out: {inflated}" in texts(train)

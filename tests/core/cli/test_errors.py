@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from core.common.runs import MAX_SPLIT_SEED
 from core.metrics.classification import BALANCED_ACCURACY_UNDEFINED
-from core.models.checkpoints import MAX_SPLIT_SEED
 from core.models.metadata import MAX_AGE
 from tests.conftest import ROOT, run_cli
 
@@ -62,9 +62,10 @@ def test_the_job_worker_refuses_what_is_not_a_job(tmp_path):
     one_error_line(run_cli("core.cli.jobs", "worker", tmp_path / "missing.json"), "does not exist")
     for name, content, says in (
         ("notes.txt", "not json at all", "is not a job file (not JSON)"),
-        ("list.json", "[1, 2]", "is not a job file (it names no job id and kind)"),
-        ("kind.json", json.dumps({"id": "x", "kind": "mine bitcoin"}), "is not a job file (kind is 'mine bitcoin')"),
-        ("runs.json", json.dumps({"id": "x", "kind": "train", "runs": "all"}), "(runs is 'all')"),
+        ("list.json", "[1, 2]", "is not a job file: it holds a list, not an object of fields"),
+        ("kind.json", json.dumps({"id": "x", "kind": "mine bitcoin"}), "kind must be one of train, experiment"),
+        ("runs.json", json.dumps({"id": "x", "kind": "train", "runs": "all"}), "runs must be a list; got str 'all'"),
+        ("deep.json", "[" * 30_000 + "]" * 30_000, "is not a job file: it nests deeper than 3 levels"),
     ):
         (tmp_path / name).write_text(content)
         one_error_line(run_cli("core.cli.jobs", "worker", tmp_path / name), says)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,12 +13,17 @@ import pytest
 from core.app.jobs import Job
 from core.common.labels import CLASSES
 from core.common.runs import (
+    DAMAGED,
+    EVALUATE_FILE,
     RunLog,
     check_run_name,
     has_evaluation,
+    list_runs,
     locate_images,
     mark_unfinished,
     read_config,
+    read_evaluate_report,
+    read_evaluation,
     read_events,
     read_predictions,
     read_run,
@@ -26,8 +32,11 @@ from core.common.runs import (
     write_config,
     write_evaluation,
     write_split,
+    write_status,
 )
+from core.common.schema import SchemaError
 from core.metrics.calibration import softmax
+from core.metrics.classification import compute_metrics
 
 
 def test_finalize_round_trip(tmp_path):
@@ -47,7 +56,7 @@ def test_finalize_round_trip(tmp_path):
     )  # a slice of a larger frame keeps its index
     logits = rng.normal(size=(n, len(CLASSES)))
     probs = softmax(logits, 1.7)
-    evaluation = {"temperature": 1.7, "epoch": 3, "test": {"accuracy": 0.5}}
+    evaluation = {"temperature": 1.7, "epoch": 3, "test": compute_metrics(labels, probs)}
     assert not has_evaluation(tmp_path)
 
     write_evaluation(tmp_path, evaluation, images, probs, logits)
@@ -204,10 +213,17 @@ def test_begin_claims_the_folder_and_clears_what_a_killed_trainer_left(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "status.json"]
 
 
-@pytest.mark.parametrize("pid", [None, "1", -1, 0])
-def test_a_live_state_without_a_usable_pid_reads_as_interrupted(tmp_path, pid):
-    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": pid}))
+def test_a_live_state_without_a_pid_reads_as_interrupted(tmp_path):
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": None}))
     assert read_run(tmp_path).state == "interrupted"
+
+
+@pytest.mark.parametrize("pid", ["1", -1, 0, 2.5, True])
+def test_a_live_state_naming_no_process_reads_as_damaged_never_as_live(tmp_path, pid):
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running", "pid": pid}))
+    run = read_run(tmp_path)
+    assert (run.state, run.done) == (DAMAGED, True)
+    assert run.error.startswith("status.json is not a run's status: pid must be empty or a whole number from 1")
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "x/..", "/abs", "a\\b", ".hidden"])
@@ -215,3 +231,183 @@ def test_run_names_stay_inside_the_runs_folder(name):
     with pytest.raises(ValueError, match="not a usable run name"):
         check_run_name(name)
     assert check_run_name("seed-2025.01_b") == "seed-2025.01_b"
+
+
+# ---------------------------------------------------------------------------
+# The malformed-input corpus of the run folder's JSON files: each is refused by its declared schema with one message
+# naming the file and the field, and the run is listed as damaged with that reason. Before the schemas, each of these
+# either raised out of read_run or read_evaluation (a traceback on Home, Train, Evaluate or Compare) or was shown as it
+# was (an accuracy of 5.0, a run "running" for a process of pid "1").
+
+
+def _metrics(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(40) % len(CLASSES)
+    return compute_metrics(labels, softmax(rng.normal(size=(40, len(CLASSES)))), mel_threshold=0.3)
+
+
+def _sound_run(run_dir) -> dict:
+    """A run folder as a finished trainer leaves its JSON records; the valid records, to be damaged one at a time."""
+    records = {
+        "config.json": {"name": run_dir.name, "data": "/data/ham", "arch": "resnet18", "epochs": 3, "split_seed": 0},
+        "evaluation.json": {
+            "temperature": 1.3,
+            "mel_threshold": 0.3,
+            "epoch": 2,
+            "test": _metrics(0),
+            "val": _metrics(1),
+            "members": [{"run": "a", "val": _metrics(2), "test": _metrics(3)}],
+        },
+        EVALUATE_FILE: {"split": "test", "tta": True, "metrics": _metrics(4), "predictions": [{"image_id": "x"}]},
+    }
+    for name, content in records.items():
+        (run_dir / name).write_text(json.dumps(content))
+    write_status(run_dir, "finished")
+    records["status.json"] = json.loads((run_dir / "status.json").read_text())
+    return records
+
+
+def _with(path: str, value):
+    """A record with ``value`` at the dotted ``path`` (list indices as numbers)."""
+
+    def damage(record):
+        record = json.loads(json.dumps(record))
+        *parents, last = path.split(".")
+        target = record
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[int(last) if isinstance(target, list) else last] = value
+        return record
+
+    return damage
+
+
+def _text(content: str | bytes):
+    return lambda record: content
+
+
+DEEP = "[" * 30_000 + "]" * 30_000  # 60 KB that json.loads cannot parse (RecursionError, which read_json let through)
+RUN_FILE_CORPUS = {
+    # config.json
+    "config not JSON": ("config.json", _text("{"), "config.json is not a run's config (not JSON)"),
+    "config not UTF-8": ("config.json", _text(b"\xff\xfe{}"), "(not JSON)"),
+    "config a list": ("config.json", _text("[1, 2]"), "config must be a dict; got list"),
+    "config nested past the parser": ("config.json", _text(DEEP), "nests deeper than 3 levels"),
+    "config nested 4 deep": ("config.json", _with("extra", {"a": {"b": [1]}}), "it nests deeper than 3 levels"),
+    "config of 5,000 values": ("config.json", _with("extra", list(range(5000))), "holds more than 2,000 values"),
+    "config over 64 KiB": ("config.json", _with("extra", "a" * 70_000), "larger than a run's config can be (64.0 KiB"),
+    "epochs as text": (
+        "config.json",
+        _with("epochs", "many"),
+        "config.epochs must be a whole number from 1; got 'many'",
+    ),
+    "no epochs": ("config.json", _with("epochs", 0), "config.epochs must be a whole number from 1; got 0"),
+    "name a number": ("config.json", _with("name", 5), "config.name must be a run folder's name; got 5"),
+    "name a path": ("config.json", _with("name", "../escape"), "config.name must be a run folder's name"),
+    "data a number": ("config.json", _with("data", 5), "config.data must be text; got int"),
+    "split seed past scikit-learn": ("config.json", _with("split_seed", 2**40), "config.split_seed must be a whole"),
+    "fractions not summing to 1": ("config.json", _with("split_fractions", [1, 1, 0]), "config.split_fractions must"),
+    "NaN fractions": ("config.json", _text('{"split_fractions": [NaN, 0.5, 0.5]}'), "config.split_fractions must"),
+    "negative max_images": ("config.json", _with("max_images", -5), "config.max_images must be empty or a whole"),
+    # status.json
+    "state a list": ("status.json", _with("state", ["finished"]), "state must be one of starting, running, finished"),
+    "state unknown": ("status.json", _with("state", "exploded"), "state must be one of"),
+    "no state": ("status.json", _text("{}"), "status.json is not a run's status: state is missing"),
+    "error a number": ("status.json", _with("error", 5), "error must be empty or text; got int"),
+    "status field unknown": ("status.json", _with("extra", 1), "'extra' is not a field of a run's status"),
+    "status nested": ("status.json", _with("error", [["deep"]]), "it nests deeper than 2 levels"),
+    "status over 256 KiB": ("status.json", _with("error", "x" * 300_000), "(256.0 KiB at most)"),
+    # evaluation.json
+    "accuracy as text": ("evaluation.json", _with("test.accuracy", "high"), "test.accuracy must be a probability"),
+    "accuracy of 5": (
+        "evaluation.json",
+        _with("test.accuracy", 5.0),
+        "test.accuracy must be a probability from 0 to 1",
+    ),
+    "NaN balanced accuracy": ("evaluation.json", _with("test.balanced_accuracy", float("nan")), "got nan"),
+    "ECE below 0": ("evaluation.json", _with("val.ece", -0.1), "val.ece must be a probability"),
+    "recall of 2": ("evaluation.json", _with("test.per_class.4.recall", 2), "test.per_class[].recall must be"),
+    "classes reordered": (
+        "evaluation.json",
+        _with("test.classes", ["mel", "nv"]),
+        "test.classes are in the order",
+    ),
+    "rows reordered": ("evaluation.json", _with("test.per_class.0.code", "nv"), "test.per_class must follow"),
+    "one-cell matrix": (
+        "evaluation.json",
+        _with("test.confusion_matrix", [[1]]),
+        "confusion_matrix must be a list of 7",
+    ),
+    "matrix and n disagree": ("evaluation.json", _with("test.n", 400), "confusion matrix holds 40 images"),
+    "negative count": ("evaluation.json", _with("test.melanoma.tp", -3), "test.melanoma.tp must be a whole number"),
+    "no test": ("evaluation.json", _with("test", None), "test must be a dict; got NoneType"),
+    "test a list": ("evaluation.json", _with("test", [1]), "test must be a dict; got list"),
+    "evaluation a list": ("evaluation.json", _text("[1]"), "it holds a list, not an object of fields"),
+    "temperature 1e-30": ("evaluation.json", _with("temperature", 1e-30), "temperature must be a finite number from"),
+    "NaN temperature": ("evaluation.json", _with("temperature", float("nan")), "temperature must be a finite number"),
+    "threshold below 0": ("evaluation.json", _with("mel_threshold", -1), "mel_threshold must be a probability"),
+    "bad member": ("evaluation.json", _with("members.0.test.accuracy", 9), "members[].test.accuracy must be"),
+    "evaluation field unknown": ("evaluation.json", _with("blob", 1), "'blob' is not a field of a run's evaluation"),
+    "evaluation nested past the parser": ("evaluation.json", _text(DEEP), "nests deeper than 8 levels"),
+    "evaluation over 4 MiB": ("evaluation.json", _with("blob", "x" * (4 * 2**20)), "(4.0 MiB at most)"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_FILE_CORPUS)
+def test_a_damaged_run_file_is_refused_and_the_run_listed_as_damaged_with_the_reason(tmp_path, case):
+    name, damage, says = RUN_FILE_CORPUS[case]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = _sound_run(run_dir)
+    assert read_run(run_dir).state == "finished"
+    content = damage(records[name])
+    if isinstance(content, dict):
+        content = json.dumps(content)
+    (run_dir / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    reader = {"config.json": read_config, "status.json": read_status, "evaluation.json": read_evaluation}[name]
+    with pytest.raises(SchemaError) as refused:
+        reader(run_dir)
+    assert str(refused.value).startswith(f"{name} ") and says in str(refused.value)
+    run = read_run(run_dir)
+    assert (run.state, run.error, run.done) == (DAMAGED, str(refused.value), True)
+    assert list_runs(tmp_path) == [run]
+
+
+EVALUATE_REPORT_CORPUS = {
+    "accuracy of 2": (_with("metrics.accuracy", 2), "metrics.accuracy must be a probability from 0 to 1; got 2"),
+    "threshold as text": (_with("metrics.melanoma.threshold", "0.3"), "metrics.melanoma.threshold must be a"),
+    "tta as text": (_with("tta", "yes"), "tta must be true or false; got 'yes'"),
+    "split unknown": (_with("split", "holdout"), "split must be one of train, val, test, all"),
+    "predictions not a list": (_with("predictions", {"a": 1}), "predictions must be a list; got dict"),
+    "field unknown": (_with("blob", [1]), "'blob' is not a field of an evaluate report"),
+    "no metrics": (_text('{"split": "test"}'), "metrics is missing"),
+    "nested past the parser": (_text(DEEP), "nests deeper than 8 levels"),
+}
+
+
+@pytest.mark.parametrize("case", EVALUATE_REPORT_CORPUS)
+def test_a_damaged_evaluate_report_is_refused(tmp_path, case):
+    damage, says = EVALUATE_REPORT_CORPUS[case]
+    records = _sound_run(tmp_path)
+    assert read_evaluate_report(tmp_path)["metrics"] == records[EVALUATE_FILE]["metrics"]
+    content = damage(records[EVALUATE_FILE])
+    (tmp_path / EVALUATE_FILE).write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(SchemaError, match=f"^{EVALUATE_FILE} is not a lesionlab evaluate report") as refused:
+        read_evaluate_report(tmp_path)
+    assert says in str(refused.value)
+
+
+def test_the_published_records_pass_their_schemas():
+    published = sorted(p for p in (Path(__file__).parents[3] / "docs" / "runs").iterdir() if p.is_dir())
+    assert len(published) >= 10
+    for run_dir in published:
+        run = read_run(run_dir)
+        assert (run.state, run.error) == ("finished", None), run_dir.name
+        assert read_evaluation(run_dir)["test"]["n"] > 0
+    assert read_evaluate_report(published[0].parent / "reference-mnv2")["split"] == "test"
+
+
+def test_a_killed_trainers_damaged_status_is_replaced_by_how_the_run_ended(tmp_path):
+    (tmp_path / "status.json").write_text('{"state": ["running"]}')
+    mark_unfinished(tmp_path, "failed", "the trainer exited with code -9")
+    assert (read_status(tmp_path)["state"], read_run(tmp_path).state) == ("failed", "failed")

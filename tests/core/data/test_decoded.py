@@ -161,3 +161,41 @@ def test_a_run_stopped_while_decoding_ends_stopped_before_its_first_epoch(tmp_pa
     assert events[-1] == {**events[-1], "event": "end", "status": "stopped"}
     assert not [e for e in events if e["event"] == "epoch"]
     assert not list((tmp_path / "decoded").rglob("images.npy*"))
+
+
+# The malformed-input corpus of index.json: each is refused by INDEX_SCHEMA (or its bounds) and the cache is decoded
+# again with progress, ending as the sound cache. Before the schema, a shape or damaged list of another type raised
+# TypeError on every run, brackets nested past the parser RecursionError, and a damaged list naming a file the cache
+# does not hold (or a file of any length) was taken as it was.
+INDEX_CORPUS = {
+    "not JSON": lambda index: "{",
+    "a list": lambda index: "[1, 2]",
+    "nested past the parser": lambda index: "[" * 30_000 + "]" * 30_000,
+    "shape a number": lambda index: {**index, "shape": 5},
+    "shape of text": lambda index: {**index, "shape": ["150", "200", "3"]},
+    "shape of two sides": lambda index: {**index, "shape": [150, 200]},
+    "damaged not a list": lambda index: {**index, "damaged": None},
+    "damaged a file it does not hold": lambda index: {**index, "damaged": ["/etc/passwd"]},
+    "field unknown": lambda index: {**index, "blob": [1]},
+    "longer than any index of these files": lambda index: json.dumps(index) + " " * 5_000_000,
+    "format unknown": lambda index: {**index, "format": 99},
+}
+
+
+@pytest.mark.parametrize("case", INDEX_CORPUS)
+def test_a_damaged_index_is_refused_and_the_cache_decoded_again(sample_copy, tmp_path, case):
+    paths = images_of(sample_copy)
+    sound, _ = open_with_progress(paths, sample_copy, tmp_path / "cache")
+    index_file = sound.folder / "index.json"
+    index = json.loads(index_file.read_text())
+    damaged = INDEX_CORPUS[case](index)
+    index_file.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    built_before = (sound.folder / "images.npy").stat().st_ino
+
+    cache, calls = open_with_progress(paths, sample_copy, tmp_path / "cache")
+
+    assert (sound.folder / "images.npy").stat().st_ino != built_before  # decoded again, not read
+    assert calls[-1] == (len(paths), len(paths))
+    assert json.loads(index_file.read_text()) == index
+    np.testing.assert_array_equal(cache.images, sound.images)
+    assert cache.damaged == sound.damaged == []

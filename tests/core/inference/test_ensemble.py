@@ -213,8 +213,11 @@ def tampered(built: Path, tmp_path: Path, change) -> Path:
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda p: p["members"][1].update(classes=list(reversed(CLASSES))), "member 2 of 2 (ens-seed4): class order"),
-        (lambda p: p.update(classes=CLASSES[:6]), "differs from the project's"),
+        (
+            lambda p: p["members"][1].update(classes=list(reversed(CLASSES))),
+            "(ens-seed4): classes are in the order",
+        ),
+        (lambda p: p.update(classes=CLASSES[:6]), "not the project's"),
         (lambda p: p.update(temperature=0.0), "temperature must be a finite number from 0.05 to 20"),
         (lambda p: p.update(notes="hi"), "'notes' is not a field of a Lesion Lab ensemble"),
         (lambda p: p.update(mel_threshold=math.nan), "mel_threshold must be a probability from 0 to 1; got nan"),

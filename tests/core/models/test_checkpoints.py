@@ -212,7 +212,7 @@ CORPUS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "unknown head": (changed(head="conv"), "head must be one of mlp, linear; got 'conv'"),
     "unknown finetune": (changed(finetune="most"), "finetune must be one of head, last, full; got 'most'"),
-    "classes reordered": (changed(classes=list(reversed(CLASSES))), "class order"),
+    "classes reordered": (changed(classes=list(reversed(CLASSES))), "classes are in the order"),
     "classes as a number": (changed(classes=7), "classes must be the list"),
     "weights as a list": (changed(model_state=[torch.zeros(3)]), "model_state must map parameter names to tensors"),
     "weights as text": (changed(model_state={"head.1.bias": "zeros"}), "model_state must map parameter names"),

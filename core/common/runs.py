@@ -183,7 +183,7 @@ _PER_CLASS = {
     "support": Field(True, whole("support", 0)),
     "auc": Field(True, probability("auc", empty=True)),  # None: the class is absent from the split
 }
-_MELANOMA = {
+_OPERATING_POINT = {  # a referral rule's (core.metrics.classification.operating_point)
     "threshold": Field(True, probability("threshold")),
     **{rate: Field(True, probability(rate, empty=True)) for rate in ("sensitivity", "specificity", "ppv", "npv")},
     **{count: Field(True, whole(count, 0)) for count in ("tp", "fn", "tn", "fp")},
@@ -211,7 +211,8 @@ METRICS_SCHEMA: dict[str, Field] = {
             },
         ),
     ),
-    "melanoma": Field(True, record("melanoma", _MELANOMA)),
+    "melanoma": Field(True, record("melanoma", _OPERATING_POINT)),
+    "malignant": Field(False, record("malignant", _OPERATING_POINT)),  # recorded since the malignant rule
     "ece": Field(True, probability("ece")),
     "nll": Field(True, number("nll", 0, math.inf)),
 }
@@ -246,6 +247,7 @@ _MEMBER = {
 EVALUATION_SCHEMA: dict[str, Field] = {
     "temperature": Field(True, number("temperature", *TEMPERATURE_RANGE)),
     "mel_threshold": Field(False, probability("mel_threshold")),
+    "malignant_threshold": Field(False, probability("malignant_threshold")),
     "epoch": Field(False, whole("epoch", 0)),
     "test": Field(True, check_metrics("test")),
     "test_uncalibrated": Field(False, check_metrics("test_uncalibrated")),

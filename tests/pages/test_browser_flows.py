@@ -56,6 +56,7 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     report = Path(download.value.path()).read_text()
     positions = [report.index(f"<td>{DISPLAY_NAMES[c]}</td>") for c in CLASSES]
     assert positions == sorted(positions) and "data:image/jpeg;base64," in report
+    settle(page, "Diagnose")  # the download's click reruns the page: its elements are drawn anew
     page.get_by_role("heading", name="Similar confirmed cases").scroll_into_view_if_needed()
     page.wait_for_timeout(800)
     page.screenshot(path=str(tmp_path / "diagnose-similar.png"))

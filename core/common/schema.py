@@ -163,14 +163,17 @@ def class_list(key: str) -> Check:
     return check
 
 
-def text(key: str, *, empty: bool = False) -> Check:
-    """A string; None too when ``empty``."""
-
+def _of_type(key: str, kind: type, what: str, empty: bool) -> Check:
     def check(value: object) -> None:
-        if not (empty and value is None) and not isinstance(value, str):
-            raise SchemaError(f"{key} must be {'empty or ' if empty else ''}text; got {type(value).__name__}")
+        if not (empty and value is None) and not isinstance(value, kind):
+            raise SchemaError(f"{key} must be {'empty or ' if empty else ''}{what}; got {type(value).__name__}")
 
     return check
+
+
+def text(key: str, *, empty: bool = False) -> Check:
+    """A string; None too when ``empty``."""
+    return _of_type(key, str, "text", empty)
 
 
 def flag(key: str) -> Check:
@@ -183,12 +186,7 @@ def flag(key: str) -> Check:
 
 def a_dict(key: str, *, empty: bool = False) -> Check:
     """A dict of any plain values (bounded by the file's structure); None too when ``empty``."""
-
-    def check(value: object) -> None:
-        if not (empty and value is None) and not isinstance(value, dict):
-            raise SchemaError(f"{key} must be a dict; got {type(value).__name__}")
-
-    return check
+    return _of_type(key, dict, "a dict", empty)
 
 
 def list_of(key: str, item: Check, *, length: int | None = None, empty: bool = False) -> Check:

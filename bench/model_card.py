@@ -42,6 +42,7 @@ from core.data.shifts import JPEG_QUALITY
 from core.data.splits import holdout_sources
 from core.evaluation import robustness
 from core.evaluation.choice import RULE, candidate_runs, choose, judge, read_record
+from core.evaluation.records import report_predictions
 from core.evaluation.sources import holdout_report, markdown_groups, metrics_by_source
 from core.inference.similar import NEIGHBOURS
 from core.metrics.bootstrap import bootstrap_ci, confidence_intervals, paired_bootstrap_ci
@@ -107,9 +108,7 @@ def load_evaluate_report(run_dir: Path) -> tuple[np.ndarray, np.ndarray, dict] |
     report = read_evaluate_report(run_dir)
     if report is None:
         return None
-    rows = report["predictions"]
-    labels = np.array([CLASSES.index(r["true"]) for r in rows])
-    probs = np.array([[r["probabilities"][c] for c in CLASSES] for r in rows])
+    labels, probs = report_predictions(report)
     return labels, probs / probs.sum(axis=1, keepdims=True), report
 
 

@@ -20,7 +20,7 @@ from core.data.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, 
 from core.data.dataset import DatasetError
 from core.data.images import ImageError
 from core.data.layouts import CLASS_FOLDERS, HAM10000, ISIC2018, ISIC_CLI
-from core.evaluation.records import folder_operating_point
+from core.evaluation.records import folder_operating_point, report_predictions
 from core.metrics.calibration import reliability_curve, softmax, uncalibrated
 from core.metrics.classification import (
     BALANCED_ACCURACY_UNDEFINED,
@@ -432,14 +432,6 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     return out
 
 
-def external_predictions(result: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and calibrated probabilities (``CLASSES`` order) from an external evaluation's per-image records."""
-    rows = result["predictions"]
-    labels = np.array([CLASSES.index(r["true"]) for r in rows], dtype=int)
-    probs = np.array([[r["probabilities"][c] for c in CLASSES] for r in rows], dtype=float)
-    return labels, probs
-
-
 def external_section() -> None:
     st.caption(
         "Evaluate a model on images from elsewhere — all of them, no split — with the same metrics as "
@@ -553,7 +545,7 @@ def external_section() -> None:
     )
     if result["n_images"] < 100:
         st.info(f"Only {result['n_images']} images: these numbers are very noisy.", icon=":material/info:")
-    labels, probs = external_predictions(result)
+    labels, probs = report_predictions(result)
     temperature = float(result["temperature"])
     lazy_tabs(
         {

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.report import update_json, write_section
+from core.common.procs import stat_fields
 from core.common.runs import RunLog
 from core.common.runtime import torch_threads, tune_allocator
 from core.data.dataset import LesionDataset, index_dataset
@@ -51,6 +52,22 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - start)
     return out
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident set size of process ``pid`` (VmRSS, which /proc gives in kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status (the benchmarks read memory on Linux)")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user + system CPU time process ``pid`` has spent (Linux /proc)."""
+    fields = stat_fields(pid)
+    if fields is None:
+        raise RuntimeError(f"no /proc/{pid}/stat (the benchmarks read CPU time on Linux)")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.benchmarks import DEFAULT_OUT, machine
-from bench.idle_tabs import cpu_seconds
+from bench.benchmarks import DEFAULT_OUT, cpu_seconds, machine, rss_bytes
 from bench.report import write_section
 from core.common.settings import CHECKPOINTS_ENV, DATA_ENV, DEFAULT_DATASET, RUNS_ENV
 from tests.app_support import CHROMIUM, CHROMIUM_ARGS, ROOT, clean_env, streamlit_server
@@ -40,13 +39,6 @@ IDLE = (
     "() => { const a = document.querySelector('[data-testid=stApp]');"
     " return a && a.getAttribute('data-test-script-state') === 'notRunning'; }"
 )
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 async def student(browser, url: str, image: Path, *, whole_page: bool = False) -> dict:

@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.benchmarks import DEFAULT_OUT, machine
+from bench.benchmarks import DEFAULT_OUT, cpu_seconds, machine
 from bench.page_loads import FINISHED
 from bench.report import write_section
 from core.common.settings import DATA_ENV, DEFAULT_DATASET, RUNS_ENV
@@ -28,12 +28,6 @@ from tests.app_support import CHROMIUM, CHROMIUM_ARGS, TITLES, clean_env, fake_j
 
 TARGET_PERCENT = 1.0
 SETTLE_S = 3.0  # after the last page finished drawing: the sessions' first fragment runs and caches settle
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's user + system CPU time (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_percent(browser, server, tabs: int, seconds: float) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine
+from bench.benchmarks import DEFAULT_DATA, DEFAULT_OUT, machine, rss_bytes
 from bench.report import write_section
 from core.app import plots
 from core.data.dataset import index_dataset
@@ -49,11 +49,8 @@ RSS_TARGET_MB = 50
 
 
 def rss_mb() -> float:
-    """This process's resident set size in MB (VmRSS, which /proc gives in kB)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (the soak needs Linux)")
+    """This process's resident set size in MB."""
+    return rss_bytes(os.getpid()) / 2**20
 
 
 def uploads(data: Path) -> list[bytes]:

@@ -16,7 +16,7 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name, which may itself hold spaces and parentheses."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -26,7 +26,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def proc_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (Linux), which tells a reused pid from the original process."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return fields[19] if fields else None
 
 
@@ -51,7 +51,7 @@ def pid_alive(pid: int | None, start_time: str | None = None) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by someone else
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields and fields[0] in ("Z", "X"):
         return False
     return start_time is None or fields is None or fields[19] == start_time

@@ -178,15 +178,15 @@ def job_signature(job: app_jobs.Job | None, run: runs.RunState | None) -> tuple 
     return job.id, job.stop_requested, job.current_run, run.state if run else None
 
 
-def while_a_job_runs(body: Callable[..., None], *args: object) -> None:
-    """Draw ``body`` as a fragment that redraws itself every second while a job exists, and once otherwise.
+def while_a_job_runs(job_exists: bool, body: Callable[..., None], *args: object) -> None:
+    """Draw ``body`` as a fragment that redraws itself every second while a job exists (``job_exists``, as the
+    page has just read it), and once otherwise.
 
     Every watching tab costs the server a rerun a second (docs/BENCHMARKS.md, "Idle tabs": a quarter of a core
     per tab when the sidebar watched always), so a tab left open with no job costs nothing. A job started from
     a page redraws that page; one started elsewhere shows at the tab's next interaction; its end is seen by
     the sidebar's watch, which redraws the whole page and so this fragment without its timer."""
-    live = app_jobs.active_job(runs_dir()) is not None
-    st.fragment(body, run_every=1 if live else None)(*args)
+    st.fragment(body, run_every=1 if job_exists else None)(*args)
 
 
 def _job_line(drawn: tuple | None) -> None:
@@ -207,7 +207,7 @@ def job_sidebar(drawn: tuple | None) -> None:
     """The sidebar's line about the training job, and the watch every page relies on: ``drawn`` is the
     job's signature when the page was drawn; once the job files say otherwise (its next run, a stop, its
     end) the whole page is drawn again, within a second and without a reload."""
-    while_a_job_runs(_job_line, drawn)
+    while_a_job_runs(drawn is not None, _job_line, drawn)
 
 
 def fmt_seconds(s: float | None) -> str:

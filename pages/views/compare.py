@@ -340,7 +340,7 @@ def lesson_tab(manifests: list[dict]) -> None:
         if manifest is not None:
             job = app_jobs.active_job(RUNS)
             with st.expander("Its runs", expanded=job is not None and job.experiment == manifest["name"]):
-                while_a_job_runs(experiment_status, manifest)
+                while_a_job_runs(job is not None, experiment_status, manifest)
         lesson_view(chosen)
     else:
         st.info(

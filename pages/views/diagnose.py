@@ -81,11 +81,11 @@ cached = st.session_state.get("diag_result")
 if cached is None or cached[0] != key:
     # One model serves every open session, one pass at a time: in a full room say so rather than freeze.
     ahead, waited_from = len(predictor.line), time.perf_counter()
+    analyses = "analysis" if ahead == 1 else "analyses"
     waiting = st.empty()
     if ahead:
         waiting.info(
-            f"{ahead} {'analysis' if ahead == 1 else 'analyses'} ahead of yours: one model serves every open "
-            "session, one image at a time.",
+            f"{ahead} {analyses} ahead of yours: one model serves every open session, one image at a time.",
             icon=":material/hourglass_top:",
         )
     try:
@@ -104,7 +104,7 @@ if cached is None or cached[0] != key:
         st.stop()
     if ahead:
         waiting.caption(
-            f"Your image waited behind {ahead} other {'analysis' if ahead == 1 else 'analyses'} "
+            f"Your image waited behind {ahead} other {analyses} "
             f"({time.perf_counter() - waited_from:.1f} s in all with its own)."
         )
     st.session_state["diag_result"] = cached = (key, prediction)

@@ -305,4 +305,4 @@ if index is None and job is None:
 st.markdown("#### New run")
 config_form()
 st.markdown("#### Progress")
-while_a_job_runs(_progress)
+while_a_job_runs(job is not None, _progress)

@@ -32,7 +32,6 @@ from core.common.runs import (
     read_config,
     read_evaluate_report,
     read_predictions,
-    read_robustness,
     read_run,
     read_split,
 )
@@ -563,7 +562,7 @@ def choice_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
 def robustness_lines(reference: Path) -> list[str]:
     """The robustness report saved in the reference run's folder (``lesionlab evaluate --shifts``) and the
     fitting-rule comparison of ``bench/fitting.py`` (docs/BENCHMARKS.json); nothing for what has not run."""
-    report = read_robustness(reference)
+    report = robustness.read_robustness(reference)
     fitting = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("fitting")
     lines = []
     if report:
@@ -698,7 +697,7 @@ def augmentation_lines(runs: Path, ensembles: list[Path]) -> list[str]:
 
 def shift_comparison(runs: Path, recipes: list[tuple[str, tuple[str, float]]]) -> list[str]:
     """The validation robustness reports (``--shifts --split val``) of runs that differ in their recipe."""
-    reports = {aug: read_robustness(runs / run) for aug, (run, _) in recipes}
+    reports = {aug: robustness.read_robustness(runs / run) for aug, (run, _) in recipes}
     if any(r is None or r.get("split") != "val" for r in reports.values()):
         return []
     first = next(iter(reports.values()))
@@ -740,7 +739,7 @@ def recipe_lines(runs: Path) -> list[str]:
     its clean scores and its drops under the shifts."""
     measured = []
     for run in sorted(runs.iterdir()):
-        report = read_robustness(run) if has_evaluation(run) else None
+        report = robustness.read_robustness(run) if has_evaluation(run) else None
         if report is None or report.get("split") != "val" or report.get("tta"):
             continue
         drops = [c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")]
@@ -815,7 +814,7 @@ def did_not_help_lines(runs: Path, reference: Path) -> list[str]:
             "(Metadata)."
         )
     for run in sorted(runs.iterdir()):
-        report = read_robustness(run) if has_evaluation(run) else None
+        report = robustness.read_robustness(run) if has_evaluation(run) else None
         cfg = read_config(run) if report else {}
         if report and report.get("split") == "val" and cfg.get("augmentation") == "wide":
             clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]

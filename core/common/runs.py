@@ -39,8 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from core.common.files import atomic_write, read_json, read_tail, write_json
-from core.common.formatting import format_duration, progress_fraction, progress_text
+from core.common.files import atomic_write, read_tail, write_json
+from core.common.formatting import format_bytes, format_duration, progress_fraction, progress_text
 from core.common.labels import CLASSES
 from core.common.procs import process_record, record_alive
 from core.common.schema import (
@@ -295,6 +295,73 @@ EVALUATION_FILE = JsonFormat(
 EVALUATE_REPORT_FILE = JsonFormat(
     "a lesionlab evaluate report", 16 * 2**20, 8, 1_000_000, closed_schema(EVALUATE_REPORT_SCHEMA, "an evaluate report")
 )
+# dataset_report.json: the dataset's validation report (core.data.validation, read as plain values) and the images the
+# run could not decode. Both name images, at most the dataset's 10,015 twice over: about 1 MB.
+DATASET_REPORT_SCHEMA: dict[str, Field] = {
+    "validation": Field(True, a_dict("validation")),
+    "damaged_images": Field(True, list_of("damaged_images", text("damaged_images[]"))),
+}
+DATASET_REPORT_FILE = JsonFormat(
+    "a run's dataset report", 8 * 2**20, 4, 100_000, closed_schema(DATASET_REPORT_SCHEMA, "a run's dataset report")
+)
+
+
+def _timestamp(value: object) -> None:
+    try:
+        datetime.fromisoformat(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SchemaError(f"time must be an ISO 8601 time; got {value!r}") from None
+
+
+def _loss(key: str) -> Callable[[object], None]:
+    """A loss as the trainer logged it: any number, NaN and infinity included, because a diverging run logs them and
+    its curve should show where; never text, a bool or a container."""
+
+    def check(value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SchemaError(f"{key} must be a number; got {value!r}")
+
+    return check
+
+
+def _at_least_zero(key: str) -> Callable[[object], None]:
+    return number(key, 0, math.inf)
+
+
+# metrics.jsonl, line by line: every event has its name and time; the events the pages read have their fields checked.
+# Open schemas: a field a reader does not use passes, bounded by EVENT_DEPTH and EVENT_VALUES. A line its schema refuses
+# is skipped like a half-written one, so one bad line costs its own event, never the run's record.
+EVENT_COMMON: dict[str, Field] = {"event": Field(True, text("event")), "time": Field(True, _timestamp)}
+EVENT_SCHEMAS: dict[str, dict[str, Field]] = {
+    "start": {
+        **{key: Field(False, whole(key, 0)) for key in ("epochs", "first_epoch", "steps_per_epoch", "train_images")},
+        "cached_features": Field(False, flag("cached_features")),
+        "device": Field(False, text("device")),
+        "split_sizes": Field(
+            False, record("split_sizes", {s: Field(False, whole(s, 0)) for s in ("train", "val", "test")})
+        ),
+        "members": Field(False, list_of("members", text("members[]"))),
+    },
+    "epoch": {
+        "epoch": Field(True, whole("epoch", 1)),
+        **{key: Field(False, _at_least_zero(key)) for key in ("lr", "seconds", "images_per_s")},
+        **{key: Field(False, _loss(key)) for key in ("train_loss", "val_loss")},
+        **{key: Field(False, probability(key)) for key in ("train_acc", "val_acc", "val_balanced_acc")},
+    },
+    "progress": {
+        **{key: Field(False, whole(key, 0)) for key in ("epoch", "step", "steps", "done", "total")},
+        **{key: Field(False, _at_least_zero(key)) for key in ("images_per_s", "eta_s", "started")},
+        "loss": Field(False, _loss("loss")),
+        "phase": Field(False, text("phase")),
+    },
+    "end": {"status": Field(True, one_of("status", FINAL_STATES)), "error": Field(False, text("error", empty=True))},
+}
+# A line is an event of a few fields (a start event with an ensemble's 16 member names is about 1 KB); the log of a run
+# grows by a progress line a second, about 200 bytes: 64 MiB holds some 90 hours of one.
+MAX_EVENT_BYTES = 64 * 1024
+EVENT_DEPTH = 3
+EVENT_VALUES = 1_000
+MAX_EVENTS_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------
@@ -466,27 +533,37 @@ def write_evaluation(
     atomic_write(Path(run_dir) / "test_predictions.csv", lambda fh: table.to_csv(fh, index=False))
 
 
-def write_robustness(run_dir: Path, report: dict) -> None:
-    write_json(Path(run_dir) / ROBUSTNESS_FILE, report)
-
-
 # ---------------------------------------------------------------------------
 # Reading
 
 
 def _parse_event(line: str) -> dict | None:
-    """One line of ``metrics.jsonl``; None for a blank, garbled or half-written one."""
+    """One line of ``metrics.jsonl`` checked against its event's schema (:data:`EVENT_SCHEMAS`); None for a blank,
+    garbled, half-written or refused one."""
+    if len(line) > MAX_EVENT_BYTES:
+        return None
     try:
         obj = json.loads(line)
-    except ValueError:
+        check_structure(obj, "an event", max_depth=EVENT_DEPTH, max_values=EVENT_VALUES)
+        if not isinstance(obj, dict):
+            return None
+        check_schema(obj, EVENT_COMMON, "an event", closed=False)
+        check_schema(obj, EVENT_SCHEMAS.get(obj["event"], {}), f"a {obj['event']} event", closed=False)
+    except (ValueError, RecursionError):
         return None
-    return obj if isinstance(obj, dict) else None
+    return obj
 
 
 def read_events(path: Path) -> list[dict]:
-    """The JSON lines of ``metrics.jsonl``; a line being written (incomplete) or garbled is skipped."""
+    """The events of ``metrics.jsonl`` that their schema accepts; a line being written (incomplete), garbled or
+    refused is skipped. :class:`SchemaError` when the file is larger than :data:`MAX_EVENTS_BYTES`, unread."""
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if path.stat().st_size > MAX_EVENTS_BYTES:
+            raise SchemaError(
+                f"{path.name} is larger than a run's log can be ({format_bytes(MAX_EVENTS_BYTES)} at most)"
+            )
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
     return [e for line in text.splitlines() if (e := _parse_event(line)) is not None]
@@ -541,8 +618,9 @@ def lesions_of(run_dir: Path, image_ids: Sequence[str]) -> list[str]:
 
 
 def read_dataset_report(run_dir: Path) -> dict:
-    """What the run set aside (see :func:`write_dataset_report`); empty before the trainer has written it."""
-    return read_json(Path(run_dir) / "dataset_report.json") or {}
+    """What the run set aside (see :func:`write_dataset_report` and ``DATASET_REPORT_SCHEMA``); empty before the trainer
+    has written it, :class:`SchemaError` when damaged."""
+    return _read(Path(run_dir) / "dataset_report.json", DATASET_REPORT_FILE)
 
 
 def read_evaluation(run_dir: Path) -> dict:
@@ -568,11 +646,6 @@ def read_evaluate_report(run_dir: Path) -> dict | None:
 def _evaluate_report(path: str, _mtime_ns: int, _size: int) -> dict | None:
     report = _read(Path(path), EVALUATE_REPORT_FILE)
     return report if report.get("split") == "test" else None
-
-
-def read_robustness(run_dir: Path) -> dict | None:
-    """The robustness report saved for the run's model; None when there is none."""
-    return read_json(Path(run_dir) / ROBUSTNESS_FILE)
 
 
 def matching_runs(checkpoint_path: str | Path, config: dict, run_folders: Sequence[Path]) -> list[Path]:
@@ -799,9 +872,12 @@ def read_run(run_dir: Path, job: LiveJob | None = None) -> RunState:
     its status names lives, wherever it was started; before the trainer has said so, ``job`` (the active
     job, if any) tells a run that is being worked on from one whose process died without reporting."""
     run_dir = Path(run_dir)
-    events = read_events(run_dir / "metrics.jsonl")
     in_job = job is not None and run_dir.name in job.runs and Path(job.runs_dir) == run_dir.parent
     config, status, damage = _checked_records(run_dir, job if in_job else None)
+    try:
+        events = read_events(run_dir / "metrics.jsonl")
+    except SchemaError as exc:
+        events, damage = [], damage or str(exc)
     start = next((e for e in events if e.get("event") == "start"), None)
     epochs = [e for e in events if e.get("event") == "epoch"]
     progress = next((e for e in reversed(events) if e.get("event") == "progress"), None)

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.common.runs import has_evaluation, read_config, read_evaluation, read_robustness
+from core.common.runs import has_evaluation, read_config, read_evaluation
+from core.common.schema import SchemaError
+from core.evaluation.robustness import read_robustness
 
 # Config fields that say where a run kept its files or how the machine ran it, not what it learnt; the seed, so that
 # one leave-one-source-out run per source speaks for every seed of a recipe; and the held-out source itself.
@@ -129,7 +131,10 @@ def holdout_runs_of(run_dir: Path, runs: Path) -> list[Path]:
 def validation_drops(run_dir: Path) -> dict[str, float] | None:
     """Each shift's balanced-accuracy drop in the run's robustness report, when that report is on the validation
     split (a report on the test split must not choose a model); None otherwise."""
-    report = read_robustness(run_dir)
+    try:
+        report = read_robustness(run_dir)
+    except SchemaError:  # a damaged report says nothing about the model
+        return None
     if not report or report.get("split") != "val":
         return None
     return {c["name"]: c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")}

@@ -6,12 +6,14 @@ Each shift is applied to the decoded image file, before the fitting every upload
 (:func:`core.data.images.fit_to_source`), so the report measures what the predictor does with such an upload: its
 own probabilities (an ensemble's members each with their own preprocessing and temperature), with the predictor's
 default test-time augmentation unless told otherwise. ``lesionlab evaluate --checkpoint CKPT --data DIR --shifts``
-prints it and saves it in the model's run folder (``robustness.json``, :func:`core.common.runs.write_robustness`),
+prints it and saves it in the model's run folder (``robustness.json``, :func:`write_robustness`, checked against
+:data:`ROBUSTNESS_SCHEMA` when read),
 where the Evaluate page and the model card read it.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +22,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.common.files import write_json
 from core.common.formatting import progress_text
-from core.common.runs import ROBUSTNESS_FILE, matching_runs
+from core.common.runs import EVALUATE_REPORT_SCHEMA, ROBUSTNESS_FILE, check_metrics, matching_runs
+from core.common.schema import (
+    Field,
+    JsonFormat,
+    SchemaError,
+    closed_schema,
+    list_of,
+    number,
+    one_of,
+    probability,
+    read_json_file,
+    record,
+    text,
+    whole,
+)
 from core.data.images import FIT_RULE, fit_to_source, open_image
 from core.data.preprocessing import Preprocessing
 from core.data.shifts import DESCRIPTIONS, SHIFTS, Shift
@@ -216,7 +233,73 @@ def evaluate_shifts(
 
 
 # ---------------------------------------------------------------------------
-# Where the report lives
+# Where the report lives, and its schema
+
+_DROP = {
+    "value": Field(True, number("value", -1, 1, empty=True)),  # None: the metric is undefined under a condition
+    "ci": Field(True, list_of("ci", number("ci[]", -1, 1), length=2, empty=True)),  # None: no bootstrap
+}
+_CONDITION = {
+    "name": Field(True, one_of("name", (CLEAN, *SHIFTS))),
+    "description": Field(True, text("description")),
+    "balanced_accuracy": Field(True, probability("balanced_accuracy")),
+    "mel_auc": Field(True, probability("mel_auc", empty=True)),  # None: no melanoma in the images
+    "ece": Field(True, probability("ece")),
+    "drop": Field(False, record("drop", {metric: Field(True, record(metric, _DROP)) for metric in METRICS})),
+    "metrics": Field(True, check_metrics("metrics")),
+}
+# What evaluate_shifts records: the split described as an evaluate report describes it, then the conditions.
+ROBUSTNESS_SCHEMA: dict[str, Field] = {
+    **{
+        key: EVALUATE_REPORT_SCHEMA[key]
+        for key in (
+            "checkpoint",
+            "arch",
+            "data",
+            "split",
+            "split_seed",
+            "split_fractions",
+            "split_source",
+            "holdout_source",
+            "split_note",
+            "split_warning",
+            "n_images",
+            "validation",
+            "temperature",
+            "tta",
+            "tta_views",
+            "bootstrap_unit",
+        )
+    },
+    "sampled_from": Field(False, whole("sampled_from", 0, empty=True)),
+    "fit_rule": Field(False, text("fit_rule", empty=True)),
+    "bootstrap": Field(True, whole("bootstrap", 0)),
+    "seconds": Field(False, number("seconds", 0, math.inf)),
+    "images_per_s": Field(False, number("images_per_s", 0, math.inf, empty=True)),
+    "conditions": Field(True, list_of("conditions", record("conditions[]", _CONDITION))),
+}
+for _required in ("checkpoint", "arch", "data", "n_images", "tta"):  # what describe() reads of every report
+    ROBUSTNESS_SCHEMA[_required] = ROBUSTNESS_SCHEMA[_required]._replace(required=True)
+# A report is about 3 KB per condition (its metrics), 25 KB for the clean images and six shifts.
+ROBUSTNESS_FILE_FORMAT = JsonFormat(
+    "a robustness report", 2**20, 8, 50_000, closed_schema(ROBUSTNESS_SCHEMA, "a robustness report")
+)
+
+
+def read_robustness(run_dir: Path) -> dict | None:
+    """The robustness report saved for the run's model; None when there is none, :class:`SchemaError` naming what is
+    wrong when its schema refuses it."""
+    try:
+        report = read_json_file(Path(run_dir) / ROBUSTNESS_FILE, ROBUSTNESS_FILE_FORMAT)
+    except FileNotFoundError:
+        return None
+    if not report["conditions"] or report["conditions"][0]["name"] != CLEAN:
+        raise SchemaError(f"{ROBUSTNESS_FILE} is not {ROBUSTNESS_FILE_FORMAT.kind}: its first condition is not {CLEAN}")
+    return report
+
+
+def write_robustness(run_dir: Path, report: dict) -> None:
+    write_json(Path(run_dir) / ROBUSTNESS_FILE, report)
 
 
 def record_folder(checkpoint_path: str | Path, run_folders: Sequence[Path]) -> Path | None:

@@ -15,7 +15,8 @@ import streamlit as st
 from core.app import plots
 from core.common import settings
 from core.common.labels import CLASSES, DISPLAY_NAMES, MELANOMA
-from core.common.runs import RunState, locate_images, read_robustness, write_robustness
+from core.common.runs import RunState, locate_images
+from core.common.schema import SchemaError
 from core.data.archives import MAX_UNPACKED_BYTES, MAX_UPLOAD_MB, ArchiveError, unpack_upload
 from core.data.dataset import DatasetError
 from core.data.images import ImageError
@@ -330,7 +331,12 @@ def robustness_view(run: RunState) -> None:
     configured dataset's test split, with progress, and saves it in the run folder."""
     from core.evaluation import robustness
 
-    report = read_robustness(run.path) or _compute_robustness(run)
+    try:
+        report = robustness.read_robustness(run.path)
+    except SchemaError as exc:
+        st.warning(f"The saved robustness report cannot be shown: {exc}. Computing it again replaces it.")
+        report = None
+    report = report or _compute_robustness(run)
     if report is None:
         return
     st.caption(f"{robustness.describe(report)}. Each shift is applied to the image file before the model's fitting.")
@@ -350,7 +356,7 @@ def _compute_robustness(run: RunState) -> dict | None:
     the predictor does by default (``USE_TTA_BY_DEFAULT``), as ``lesionlab evaluate --shifts`` does."""
     from core.common.runtime import pick_device
     from core.data.shifts import SHIFTS
-    from core.evaluation.robustness import checkpoint_for_run, evaluate_shifts
+    from core.evaluation.robustness import checkpoint_for_run, evaluate_shifts, write_robustness
     from core.inference.forward import tta_description
     from core.inference.predictor import USE_TTA_BY_DEFAULT
 

@@ -280,11 +280,23 @@ def test_read_run_tolerates_a_half_written_line(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "metrics.jsonl").write_text(
-        json.dumps({"event": "start", "epochs": 3, "steps_per_epoch": 10})
+        json.dumps({"event": "start", "epochs": 3, "steps_per_epoch": 10, "time": "2026-01-01T00:00:00+00:00"})
         + "\n"
-        + json.dumps({"event": "epoch", "epoch": 1, "train_loss": 1.0, "seconds": 10.0})
+        + json.dumps(
+            {"event": "epoch", "epoch": 1, "train_loss": 1.0, "seconds": 10.0, "time": "2026-01-01T00:00:00+00:00"}
+        )
         + "\n"
-        + json.dumps({"event": "progress", "epoch": 2, "step": 5, "steps": 10, "eta_s": 5.0, "images_per_s": 42.0})
+        + json.dumps(
+            {
+                "event": "progress",
+                "epoch": 2,
+                "step": 5,
+                "steps": 10,
+                "eta_s": 5.0,
+                "images_per_s": 42.0,
+                "time": "2026-01-01T00:00:00+00:00",
+            }
+        )
         + "\n"
         + '{"event": "epo'
     )

@@ -87,3 +87,11 @@ def test_saved_report_is_shown_without_recomputing(env):
     assert table.to_dict("records") == robustness.table_rows(report)
     assert robustness.describe(report) in texts(at)
     assert len(at.get("plotly_chart")) == 1
+
+
+def test_a_damaged_report_is_named_and_can_be_computed_again(env):
+    (env.runs / RUN / "robustness.json").write_text('{"split": "val", "conditions": [{"name": "fisheye"}]}')
+    at = _robustness_tab()
+    shown = texts(at)
+    assert "The saved robustness report cannot be shown: robustness.json is not a robustness report" in shown
+    assert "Compute the robustness report" in [b.label for b in at.button]

@@ -62,7 +62,7 @@ def test_after_stop_the_text_the_bar_and_the_buttons_agree(state_env, holders):
         "r1",
         {"state": "stopped"},
         {"event": "start", "epochs": 3, "time": "2026-01-01T00:00:00+00:00"},
-        {"event": "progress", "epoch": 1, "step": 5, "steps": 18, "eta_s": 10.0},
+        {"event": "progress", "epoch": 1, "step": 5, "steps": 18, "eta_s": 10.0, "time": "2026-01-01T00:00:00+00:00"},
         {"event": "end", "status": "stopped", "time": "2026-01-01T00:00:10+00:00"},
     )
     at = app_test("train")
@@ -97,7 +97,15 @@ def test_the_feature_phase_shows_a_bar_with_rate_and_eta(state_env, holders):
         state_env.runs,
         "r1",
         {"state": "starting", **process_record(holders[0].pid)},
-        {"event": "progress", "phase": "features", "epoch": 0, "done": 768, "total": 10015, "started": started},
+        {
+            "event": "progress",
+            "phase": "features",
+            "epoch": 0,
+            "done": 768,
+            "total": 10015,
+            "started": started,
+            "time": "2026-01-01T00:00:00+00:00",
+        },
     )
     at = app_test("train")
     no_exceptions(at)

@@ -15,6 +15,7 @@ from core.common.labels import CLASSES
 from core.common.runs import (
     DAMAGED,
     EVALUATE_FILE,
+    MAX_EVENTS_BYTES,
     RunLog,
     check_run_name,
     has_evaluation,
@@ -22,6 +23,7 @@ from core.common.runs import (
     locate_images,
     mark_unfinished,
     read_config,
+    read_dataset_report,
     read_evaluate_report,
     read_evaluation,
     read_events,
@@ -30,6 +32,7 @@ from core.common.runs import (
     read_split,
     read_status,
     write_config,
+    write_dataset_report,
     write_evaluation,
     write_split,
     write_status,
@@ -190,6 +193,7 @@ def test_truncate_to_epoch_keeps_what_the_checkpoint_holds(tmp_path):
         {"event": "progress", "epoch": 3, "step": 2},
         {"event": "end", "status": "failed"},
     ]
+    events = [{**e, "time": "2026-01-01T00:00:00+00:00"} for e in events]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "prog')
     log = RunLog(tmp_path)
     log.truncate_to_epoch(2)
@@ -397,6 +401,74 @@ def test_a_damaged_evaluate_report_is_refused(tmp_path, case):
     assert says in str(refused.value)
 
 
+DATASET_REPORT_CORPUS = {
+    "damaged images a string": (_with("damaged_images", "a.jpg"), "damaged_images must be a list; got str"),
+    "damaged image a number": (_with("damaged_images", [5]), "damaged_images[] must be text; got int"),
+    "no validation": (_text('{"damaged_images": []}'), "validation is missing"),
+    "field unknown": (_with("blob", 1), "'blob' is not a field of a run's dataset report"),
+    "nested past the parser": (_text(DEEP), "nests deeper than 4 levels"),
+    "over 8 MiB": (_with("damaged_images", ["x" * 2**20] * 9), "(8.0 MiB at most)"),
+}
+
+
+@pytest.mark.parametrize("case", DATASET_REPORT_CORPUS)
+def test_a_damaged_dataset_report_is_refused(tmp_path, case):
+    damage, says = DATASET_REPORT_CORPUS[case]
+    write_dataset_report(tmp_path, {"ok": True, "summary": "No problems found."}, ["ISIC_1.jpg"])
+    sound = read_dataset_report(tmp_path)
+    assert sound["damaged_images"] == ["ISIC_1.jpg"]
+    content = damage(sound)
+    (tmp_path / "dataset_report.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(
+        SchemaError, match="^dataset_report.json is (not|larger than) a run.s dataset report"
+    ) as refused:
+        read_dataset_report(tmp_path)
+    assert says in str(refused.value)
+
+
+# metrics.jsonl, line by line: each of these lines reached the pages before its event had a schema (an epoch as text
+# broke the ETA's int(), a loss as a list the curve, a time that is not a time the wall-clock duration).
+EVENT_CORPUS = {
+    "epoch as text": '{"event": "epoch", "time": "2026-01-01T00:00:00+00:00", "epoch": "two", "train_loss": 1.0}',
+    "epoch 0": '{"event": "epoch", "time": "2026-01-01T00:00:00+00:00", "epoch": 0}',
+    "loss a list": '{"event": "epoch", "time": "2026-01-01T00:00:00+00:00", "epoch": 2, "train_loss": [1]}',
+    "accuracy of 3": '{"event": "epoch", "time": "2026-01-01T00:00:00+00:00", "epoch": 2, "val_acc": 3}',
+    "no time": '{"event": "epoch", "epoch": 2}',
+    "time not a time": '{"event": "end", "time": "yesterday", "status": "finished"}',
+    "end state unknown": '{"event": "end", "time": "2026-01-01T00:00:00+00:00", "status": "exploded"}',
+    "steps negative": '{"event": "progress", "time": "2026-01-01T00:00:00+00:00", "step": 1, "steps": -4}',
+    "speed NaN": '{"event": "progress", "time": "2026-01-01T00:00:00+00:00", "images_per_s": NaN}',
+    "nested": '{"event": "start", "time": "2026-01-01T00:00:00+00:00", "dataset": {"a": {"b": [1]}}}',
+    "a list": "[1, 2]",
+    "over 64 KiB": '{"event": "progress", "time": "2026-01-01T00:00:00+00:00", "phase": "' + "x" * 70_000 + '"}',
+}
+
+
+@pytest.mark.parametrize("case", EVENT_CORPUS)
+def test_an_event_its_schema_refuses_is_skipped_and_the_others_read(tmp_path, case):
+    log = RunLog(tmp_path)
+    log.event("epoch", epoch=1, lr=1e-3, train_loss=1.5, val_loss=float("nan"), val_acc=0.5, seconds=3.0)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write(EVENT_CORPUS[case] + "\n")
+    log.event("end", status="finished")
+    events = read_events(tmp_path / "metrics.jsonl")
+    # The diverged validation loss (NaN) is a loss as logged, kept for the curve.
+    assert [e["event"] for e in events] == ["epoch", "end"]
+    run = read_run(tmp_path)
+    assert (run.state, [e["epoch"] for e in run.epochs]) == ("finished", [1])
+
+
+def test_a_log_past_its_bound_is_refused_unread_and_the_run_listed_as_damaged(tmp_path):
+    _sound_run(tmp_path)
+    RunLog(tmp_path).event("end", status="finished")
+    with open(tmp_path / "metrics.jsonl", "r+b") as fh:  # sparse: the bound is read from the size alone
+        fh.truncate(MAX_EVENTS_BYTES + 1)
+    with pytest.raises(SchemaError, match="^metrics.jsonl is larger than a run's log can be"):
+        read_events(tmp_path / "metrics.jsonl")
+    run = read_run(tmp_path)
+    assert run.state == DAMAGED and "metrics.jsonl is larger" in run.error
+
+
 def test_the_published_records_pass_their_schemas():
     published = sorted(p for p in (Path(__file__).parents[3] / "docs" / "runs").iterdir() if p.is_dir())
     assert len(published) >= 10
@@ -404,6 +476,11 @@ def test_the_published_records_pass_their_schemas():
         run = read_run(run_dir)
         assert (run.state, run.error) == ("finished", None), run_dir.name
         assert read_evaluation(run_dir)["test"]["n"] > 0
+        read_dataset_report(run_dir)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        # Every event the trainer wrote passes its schema, except an ensemble's start of an earlier format that
+        # named no training split (still accepted) — so all of them.
+        assert len(read_events(run_dir / "metrics.jsonl")) == len(lines), run_dir.name
     assert read_evaluate_report(published[0].parent / "reference-mnv2")["split"] == "test"
 
 

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from core.common.labels import CLASSES, NUM_CLASSES
-from core.common.runs import write_config, write_evaluation, write_robustness
+from core.common.runs import write_config, write_evaluation
+from core.data.shifts import DESCRIPTIONS
 from core.evaluation.choice import RULE, candidate_runs, choose, judge, read_record
+from core.evaluation.robustness import CLEAN, METRICS, write_robustness
 from core.metrics.classification import compute_metrics
 from core.training.config import PRESETS
 
@@ -47,11 +49,18 @@ def write_run(
         run_dir, evaluation, images, np.full((1, NUM_CLASSES), 1 / NUM_CLASSES), np.zeros((1, NUM_CLASSES))
     )
     if drops is not None:
-        conditions = [{"name": "clean"}] + [
-            {"name": shift, "drop": {"balanced_accuracy": {"value": d, "ci": [d - 0.01, d + 0.01]}}}
-            for shift, d in drops.items()
-        ]
-        write_robustness(run_dir, {"split": split, "conditions": conditions})
+
+        def condition(name: str, drop: float | None) -> dict:
+            row = {"name": name, "description": DESCRIPTIONS[name], "balanced_accuracy": val - (drop or 0)}
+            row.update({"mel_auc": None, "ece": 0.0, "metrics": metrics(row["balanced_accuracy"])})
+            if drop is not None:
+                row["drop"] = {m: {"value": drop if m == "balanced_accuracy" else 0.0, "ci": None} for m in METRICS}
+            return row
+
+        conditions = [condition(CLEAN, None)] + [condition(shift, d) for shift, d in drops.items()]
+        report = {"checkpoint": "best.pt", "arch": "mobilenet_v2", "data": "ham", "split": split, "split_seed": 0}
+        report.update({"n_images": 14, "tta": True, "bootstrap": 0, "conditions": conditions})
+        write_robustness(run_dir, report)
     return run_dir
 
 

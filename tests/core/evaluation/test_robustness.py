@@ -237,3 +237,45 @@ def test_shifts_on_an_ensemble_without_out_saves_in_its_run_folder(ensembles, tm
     assert report["tta"] is False and "one view (no TTA)" in robustness.describe(report)
     # A run folder without best.pt finds its checkpoint among model files that include an ensemble.
     assert robustness.checkpoint_for_run(PUBLISHED / "reference-mnv2", [twins, REFERENCE]) == REFERENCE
+
+
+# The malformed-input corpus of robustness.json: each damage, on the published reference report, is refused by the
+# schema with one message naming the field. Before it, each of these reached the Evaluate page's table or the model
+# choice as it was (a drop of "a lot", a shift the app never made, a report with no clean row to drop from).
+ROBUSTNESS_CORPUS = {
+    "not JSON": (lambda r: "{", "(not JSON)"),
+    "conditions missing": (lambda r: {k: v for k, v in r.items() if k != "conditions"}, "conditions is missing"),
+    "no clean row first": (lambda r: {**r, "conditions": r["conditions"][1:]}, "its first condition is not clean"),
+    "unknown shift": (
+        lambda r: {**r, "conditions": [*r["conditions"][:1], {**r["conditions"][1], "name": "fisheye"}]},
+        "conditions[].name must be one of clean, square_crop",
+    ),
+    "drop as text": (
+        lambda r: {**r, "conditions": [*r["conditions"][:1], {**r["conditions"][1], "drop": "a lot"}]},
+        "conditions[].drop must be a dict; got str",
+    ),
+    "balanced accuracy of 2": (
+        lambda r: {**r, "conditions": [{**r["conditions"][0], "balanced_accuracy": 2}]},
+        "conditions[].balanced_accuracy must be a probability from 0 to 1; got 2",
+    ),
+    "metrics disagreeing": (
+        lambda r: {**r, "conditions": [{**r["conditions"][0], "metrics": {**r["conditions"][0]["metrics"], "n": 3}}]},
+        "metrics's confusion matrix holds",
+    ),
+    "tta as text": (lambda r: {**r, "tta": "yes"}, "tta must be true or false; got 'yes'"),
+    "field unknown": (lambda r: {**r, "blob": [1]}, "'blob' is not a field of a robustness report"),
+    "over 1 MiB": (lambda r: {**r, "checkpoint": "x" * 2**20}, "(1.0 MiB at most)"),
+}
+
+
+@pytest.mark.parametrize("case", ROBUSTNESS_CORPUS)
+def test_a_damaged_robustness_report_is_refused(tmp_path, case):
+    damage, says = ROBUSTNESS_CORPUS[case]
+    sound = robustness.read_robustness(PUBLISHED / "reference-mnv2")
+    assert [c["name"] for c in sound["conditions"]] == [CLEAN, *shifts.SHIFTS]
+    content = damage(sound)
+    (tmp_path / "robustness.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(robustness.SchemaError, match="^robustness.json is") as refused:
+        robustness.read_robustness(tmp_path)
+    assert says in str(refused.value)
+    assert robustness.read_robustness(tmp_path / "elsewhere") is None

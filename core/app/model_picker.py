@@ -69,8 +69,8 @@ def _test_balanced_accuracy(path: Path, checkpoint: dict) -> tuple[float | None,
     """The balanced accuracy of the model's recorded test evaluation, flip-averaged when recorded (the views Diagnose
     and Batch use by default, and what the report quotes for them), else one view."""
     for tta in (True, False):
-        for test in recorded_test_results(path, checkpoint, tta=tta):
-            return float(test["balanced_accuracy"]), tta
+        if tests := recorded_test_results(path, checkpoint, tta=tta):
+            return float(tests[0]["balanced_accuracy"]), tta
     return None, False
 
 

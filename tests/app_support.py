@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +83,11 @@ def save_tiny_checkpoint(path: Path, arch: str = "resnet18", input_size=(64, 64)
     return path
 
 
-def train_tiny_run(data: Path, runs: Path, name: str, cache: Path, **overrides) -> Path:
-    """A real (in-process) training run on the tiny dataset: seconds, every file the app reads."""
+def train_tiny_run(
+    data: Path, runs: Path, name: str, cache: Path, should_stop: Callable[[], bool] | None = None, **overrides
+) -> Path:
+    """A real (in-process) training run on the tiny dataset: seconds, every file the app reads. ``should_stop`` ends
+    it as the app's Stop button does."""
     from core.training.config import TrainConfig
     from core.training.loop import train
 
@@ -105,7 +108,7 @@ def train_tiny_run(data: Path, runs: Path, name: str, cache: Path, **overrides) 
             **overrides,
         }
     )
-    return train(cfg)
+    return train(cfg, should_stop=should_stop)
 
 
 def tiny_config(data: Path, name: str, **overrides) -> dict:
@@ -169,6 +172,44 @@ def full_env(tmp_path_factory, tiny_root) -> AppEnv:
     train_tiny_run(tiny_root, env.runs, "tiny-none", cache)
     train_tiny_run(tiny_root, env.runs, "tiny-weighted", cache, imbalance="weighted_loss")
     return env
+
+
+# A dataset whose training split holds more images than core.app.model_picker.MIN_TRAIN_IMAGES (about 70 % of it).
+PICKER_IMAGES_PER_CLASS = 250
+
+
+@pytest.fixture(scope="session")
+def picker_env(tmp_path_factory) -> AppEnv:
+    """The models a picker sorts out, each a real run on a tiny dataset large enough to pass the training-size rule:
+    ``clinical`` (finished, learnt the task), ``small`` (a 700-image subsample), ``weak`` (one epoch at a learning rate
+    too small to learn: chance), ``stopped`` (stopped after its first epoch, evaluated); the tiny reference checkpoint,
+    which records no run, and ``copied.pt``, clinical's model copied into the checkpoints folder without its records."""
+    import shutil
+
+    from tests.conftest import write_tiny_dataset
+
+    base = tmp_path_factory.mktemp("picker")
+    data = write_tiny_dataset(base / "ham", per_class=PICKER_IMAGES_PER_CLASS)
+    env = AppEnv(data=data, runs=base / "runs", checkpoints=base / "checkpoints")
+    cache = base / "features"
+    for name, overrides in (
+        ("weak", {"epochs": 1, "lr": 1e-6}),
+        ("small", {"max_images": 700}),
+        ("clinical", {"lr": 3e-3}),
+    ):
+        train_tiny_run(data, env.runs, name, cache, **overrides)
+    stopped = env.runs / "stopped"
+    train_tiny_run(data, env.runs, "stopped", cache, should_stop=lambda: (stopped / "best.pt").is_file(), epochs=5)
+    save_tiny_checkpoint(env.checkpoints / "reference.pt")
+    shutil.copy(env.runs / "clinical" / "best.pt", env.checkpoints / "copied.pt")
+    return env
+
+
+def pick_model(at, prefix: str, name: str) -> None:
+    """Turn on the page's "Show experimental models" switch and choose the model labelled ``name`` (e.g. "run: ens")."""
+    at.toggle(key=f"{prefix}_experimental").set_value(True).run()
+    picker = at.selectbox(key=f"{prefix}_model")
+    picker.select_index(next(i for i, o in enumerate(picker.options) if o.startswith(f"{name} — "))).run()
 
 
 def app_test(page: str | None = None, timeout: float = 60):

@@ -578,6 +578,16 @@ def _read(path: Path, fmt: JsonFormat) -> dict:
         return {}
 
 
+def read_start(run_dir: Path) -> dict | None:
+    """The run's "start" event (its split sizes and dataset), read from the top of ``metrics.jsonl`` without parsing
+    the epochs and progress lines after it; None before the trainer has written it."""
+    try:
+        with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8", errors="replace") as lines:
+            return next((e for line in lines if (e := _parse_event(line)) and e.get("event") == "start"), None)
+    except OSError:
+        return None
+
+
 def read_status(run_dir: Path) -> dict:
     """``status.json`` (see ``STATUS_SCHEMA``); empty before the trainer has written it, :class:`SchemaError` when
     damaged."""

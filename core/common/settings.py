@@ -29,6 +29,7 @@ PUBLISHED_RUNS_ENV = "LESIONLAB_PUBLISHED_RUNS"
 CACHE_ENV = "LESIONLAB_CACHE"  # what the app can recompute: unpacked uploads, the case indexes' features
 DATAVERSE_ENV = "LESIONLAB_DATAVERSE"  # another Dataverse server (a mirror; the tests' fake one)
 DEFAULT_DOWNLOAD = PROJECT_ROOT / "data" / "ham10000"
+REFERENCE_CHECKPOINT = "reference.pt"  # the bundled reference model, in the checkpoints folder (MODEL_CARD.md)
 
 HOW_TO_GET_DATA = (
     "**No dataset is configured.** To get one:\n"
@@ -130,8 +131,9 @@ def checkpoints_dir(env: dict | None = None) -> Path:
 
 
 def model_files(env: dict | None = None) -> list[Path]:
-    """The model picker's choices: reference checkpoints first, then each run's best.pt (newest first)."""
-    refs = sorted(checkpoints_dir(env).glob("*.pt"))
+    """The model pickers' choices: the bundled reference model (``checkpoints/reference.pt``), the other checkpoints,
+    then each run's best.pt (newest first)."""
+    refs = sorted(checkpoints_dir(env).glob("*.pt"), key=lambda p: (p.name != REFERENCE_CHECKPOINT, p.name))
     runs = [p for p in runs_dir(env).glob("*/best.pt") if p.is_file()]
     runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [p for p in refs if p.is_file()] + runs

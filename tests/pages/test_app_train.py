@@ -201,6 +201,8 @@ def test_weights_that_are_not_on_this_computer_are_refused(train_env, tmp_path, 
     at = app_test("train")
     fill_tiny(at, "no-weights", epochs=1)
     if weights == "imagenet":
+        # The form starts with a backbone whose weights ship with the app; the preset's ResNet-18 has no file here.
+        at.selectbox(key="arch_seed").set_value("resnet18")
         at.selectbox(key="weights_seed").set_value("imagenet")
         why = ["ImageNet weights for resnet18 are not on this computer", str(weights_file("resnet18"))]
     else:
@@ -211,3 +213,53 @@ def test_weights_that_are_not_on_this_computer_are_refused(train_env, tmp_path, 
     errors = " ".join(e.value for e in at.error)
     assert all(w in errors for w in why), errors
     assert app_jobs.active_job(train_env.runs) is None and not (train_env.runs / "no-weights").exists()
+
+
+@pytest.mark.integration
+def test_the_default_settings_train_from_imagenet_with_nothing_in_torchvisions_cache(train_env, tmp_path, monkeypatch):
+    # A fresh clone with no internet access: torchvision's cache is empty (the job the page starts inherits it).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    at = app_test("train")
+    no_exceptions(at)
+    arch = at.selectbox(key="arch_seed").value
+    assert arch != "resnet18" and at.selectbox(key="weights_seed").value == "imagenet"
+    assert f"starts with **{arch}** instead of the preset's resnet18" in texts(at)
+    assert "shipped in the package" in texts(at)  # which backbone, and why: its weights come with the app
+    fill_tiny(at, "offline", epochs=1)
+    at.selectbox(key="weights_seed").set_value("imagenet")
+    start_button(at).click().run()
+    no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    assert app_jobs.wait_idle(train_env.runs, timeout=180)
+    run = read_run(train_env.runs / "offline")
+    assert run.state == "finished", run.error
+    assert (run.config["arch"], run.config["weights"]) == (arch, "imagenet")
+
+
+@pytest.mark.integration
+def test_the_imbalance_experiment_starts_from_imagenet_with_nothing_in_torchvisions_cache(
+    train_env, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    at = app_test("compare")
+    no_exceptions(at)
+    arch = at.selectbox(key="exp_arch").value
+    assert arch != "resnet18" and at.selectbox(key="exp_weights").value == "imagenet"
+    assert f"starts with **{arch}** instead of the seed pipeline's resnet18" in texts(at)
+    at.number_input(key="exp_epochs").set_value(1)
+    at.number_input(key="exp_size").set_value(32)
+    next(b for b in at.button if b.label == "Run the imbalance experiment").click().run()
+    no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    job = app_jobs.active_job(train_env.runs)
+    assert job is not None and job.kind == "experiment"
+    # The first strategy's run is enough to show the weights were found; the others would only repeat it.
+    first = train_env.runs / job.runs[0]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and read_run(first).state not in ("finished", "failed", "stopped"):
+        time.sleep(1)
+    app_jobs.stop_job(train_env.runs)
+    assert app_jobs.wait_idle(train_env.runs, timeout=60)
+    run = read_run(first)
+    assert run.state == "finished", run.error
+    assert (run.config["arch"], run.config["weights"]) == (arch, "imagenet")

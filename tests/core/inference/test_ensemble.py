@@ -30,7 +30,7 @@ from core.metrics.classification import MALIGNANT_RULE, MEL_SENSITIVITY
 from core.models.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_save, file_format, read_checkpoint
 from core.models.ensemble_file import ensemble_dict, lead_model, read_ensemble
 from tests.app_support import *  # noqa: F403
-from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, texts
+from tests.app_support import AppEnv, app_test, jpeg_bytes, lesion_image, no_exceptions, pick_model, texts
 from tests.conftest import ROOT, run_cli
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -326,8 +326,7 @@ def test_diagnose_says_how_many_models_agree_and_the_melanoma_spread(built, tmp_
     AppEnv(data=SAMPLE, runs=built, checkpoints=tmp_path / "none").apply(monkeypatch)
     at = app_test("diagnose")
     no_exceptions(at)
-    picker = at.selectbox(key="diag_model")
-    picker.select_index(picker.options.index("run: ens")).run()
+    pick_model(at, "diag", "run: ens")  # trained on the 140-image sample: an experimental model
     at.file_uploader(key="diag_upload").set_value(("lesion.jpg", jpeg_bytes(lesion_image()), "image/jpeg")).run()
     no_exceptions(at)
     text = texts(at)

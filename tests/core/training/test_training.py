@@ -27,12 +27,13 @@ from core.data.splits import SPLITS
 from core.inference.features import FeatureBatches, FeatureCache, backbone_key
 from core.inference.opening import open_predictor
 from core.metrics.classification import MALIGNANT_RULE, MALIGNANT_SENSITIVITY, MEL_SENSITIVITY
-from core.models.architectures import ARCHITECTURES, build_model
+from core.models.architectures import ARCHITECTURES, build_model, default_arch
 from core.models.checkpoints import read_checkpoint
 from core.training.config import PRESETS, TrainConfig, config_with
 from core.training.imbalance import STRATEGIES
 from core.training.loaders import prepare_data
 from core.training.loop import train, train_many
+from tests.app_support import train_tiny_run
 from tests.conftest import ROOT as REPO
 from tests.conftest import write_tiny_dataset, write_truncated_jpeg
 
@@ -140,6 +141,21 @@ def test_cached_head_only_run_writes_a_complete_run_folder(tiny_root, tmp_path):
     assert evaluation["malignant_threshold"] == best["malignant_threshold"] == malignant.threshold
     assert malignant.recorded and evaluation["val"]["malignant"]["sensitivity"] >= MALIGNANT_SENSITIVITY
     assert evaluation["test"]["malignant"]["threshold"] == best["malignant_threshold"]
+
+
+def test_the_default_backbone_trains_from_imagenet_with_nothing_in_torchvisions_cache(tiny_root, tmp_path, monkeypatch):
+    # A fresh clone on a machine without internet access: torchvision's cache is empty, and the Train page's and the
+    # imbalance experiment's default architecture (default_arch of the seed preset's) must still train from ImageNet.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    arch = default_arch(PRESETS["seed"].arch)
+    run_dir = train_tiny_run(
+        tiny_root, tmp_path / "runs", "offline", tmp_path / "cache", arch=arch, weights="imagenet", epochs=1
+    )
+    assert read_run(run_dir).state == "finished" and read_config(run_dir)["weights"] == "imagenet"
+    # Head-only: the frozen backbone in the model file is the ImageNet one, not a random initialisation.
+    trained = read_checkpoint(run_dir / "best.pt")["model_state"]
+    imagenet = build_model(arch, "imagenet").backbone.state_dict()
+    assert all(torch.equal(trained[f"backbone.{k}"], v) for k, v in imagenet.items())
 
 
 def test_same_seed_same_numbers_and_resume_matches_uninterrupted(tiny_root, tmp_path):

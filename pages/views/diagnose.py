@@ -129,8 +129,9 @@ if prediction.confidence < LOW_CONFIDENCE:
     st.warning(warnings[-1], icon=":material/help:")
 if not check.measured:
     st.caption(
-        "This model has no measured unfamiliar-image detector (`bench/similar.py` fits one beside the "
-        "checkpoint), so only the colour check looked at whether this is dermoscopy."
+        "This model has no measured unfamiliar-image detector that fits it (none saved beside it, one fitted for "
+        "another version of the file, or a damaged one; `bench/similar.py` fits one), so only the colour check looked "
+        "at whether this is dermoscopy."
     )
 
 

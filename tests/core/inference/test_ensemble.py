@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from core.cli import ensemble as ensemble_cli
 from core.cli import operating_point as operating_point_cli
@@ -24,7 +25,7 @@ from core.inference.batch import BATCH_SIZE, image_bytes, predict_files
 from core.inference.ensemble import EnsemblePredictor
 from core.inference.forward import bounded_batch_size
 from core.inference.opening import open_predictor
-from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
+from core.inference.unfamiliar import dermoscopy_check, detector_path, file_digest, fit_detector, load_detector
 from core.metrics.calibration import fit_temperature, softmax
 from core.metrics.classification import MALIGNANT_RULE, MEL_SENSITIVITY
 from core.models.checkpoints import ENSEMBLE_FORMAT, CheckpointError, atomic_save, file_format, read_checkpoint
@@ -370,7 +371,12 @@ def test_the_operating_point_cli_records_a_threshold_chosen_on_validation(built,
     before = file_format(path)
     # An unfamiliar-image detector fitted for this file stays linked to it: the weights do not change.
     features = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
-    fit_detector(features, features, k=3, checkpoint_sha1=file_digest(path)).save(detector_path(path))
+    images = [dermoscopy_check(Image.open(p)) for p in sorted(SAMPLE.rglob("*.jpg"))[:20]]
+    others = [dermoscopy_check(Image.open(p)) for p in sorted((ROOT / "tests/data/unfamiliar/fit").glob("*.jpg"))[:10]]
+    detector = fit_detector(
+        features, features, images, features[:10] + 3, others, k=3, checkpoint_sha1=file_digest(path)
+    )
+    detector.save(detector_path(path))
     assert operating_point_cli.main(["--checkpoint", str(path), "--data", str(SAMPLE), "--sensitivity", "1.0"]) == 0
     out = capsys.readouterr().out
     predictor = open_predictor(path)

@@ -16,7 +16,9 @@ import torch
 from core.app.referral import referral_views
 from core.app.report import model_info, report_html
 from core.common.labels import CLASSES, DISPLAY_NAMES
+from core.common.schema import SchemaError
 from core.data.dataset import index_dataset
+from core.data.preprocessing import load_for_model
 from core.data.splits import model_split, split_column
 from core.inference.opening import open_predictor
 from core.inference.predictor import Predictor
@@ -28,7 +30,15 @@ from core.inference.similar import (
     neighbours_disagree,
     vote,
 )
-from core.inference.unfamiliar import detector_path, file_digest, fit_detector, load_detector
+from core.inference.unfamiliar import (
+    SIGNALS,
+    UnfamiliarDetector,
+    dermoscopy_check,
+    detector_path,
+    file_digest,
+    fit_detector,
+    load_detector,
+)
 from tests.app_support import ROOT
 
 SAMPLE = ROOT / "sample_data" / "ham10000-sample"
@@ -122,37 +132,108 @@ def test_knn_vote_with_itself_as_reference_is_its_own_label(sample_cases):
     assert (shares.argmax(axis=1) == labels).all()
 
 
-def test_detector_threshold_is_the_validation_quantile_and_is_saved_per_checkpoint(sample_cases, tmp_path):
+@pytest.fixture(scope="module")
+def fitted(predictor, sample_cases):
+    """A detector fitted as bench/similar.py fits one, on the sample: 70 of its images as the training reference,
+    the other 70 as validation dermoscopy, against every third picture of tests/data/unfamiliar/fit."""
     feats = sample_cases.features
-    detector = fit_detector(feats[:100], feats[100:], k=5, false_alarm=0.1, checkpoint_sha1="abc")
-    assert np.mean(detector.scores(feats[100:]) > detector.threshold) <= 0.1
+    images = [dermoscopy_check(load_for_model(p, predictor.prep)) for p in sample_cases.frame["path"]]
+    pictures = sorted((UNFAMILIAR / "fit").glob("*.jpg"))[::3]
+    uploads = [predictor.predict(p) for p in pictures]
+    other = np.stack([predictor.embed(u) for u in uploads])
+    detector = fit_detector(
+        feats[:70], feats[70:], images[70:], other, [dermoscopy_check(u.image) for u in uploads], k=5, false_alarm=0.1
+    )
+    return detector, feats[70:], images[70:]
+
+
+def test_detector_threshold_is_the_validation_quantile_and_is_saved_per_checkpoint(fitted, tmp_path):
+    detector, val, val_images = fitted
+    # The threshold is the out-of-fold quantile: the fitted regression scores its own validation images a little
+    # lower, so at most about the target share of them is above it.
+    assert np.mean(detector.image_scores(val, val_images) > detector.threshold) <= 0.1 + 1 / len(val)
+    assert 0 < detector.threshold < 1
     copy = shutil.copy(REFERENCE, tmp_path / "model.pt")
     detector.save(detector_path(copy))
     assert load_detector(copy) is None  # fitted for another file
     detector.checkpoint_sha1 = file_digest(copy)
     detector.save(detector_path(copy))
     loaded = load_detector(copy)
-    assert loaded is not None and loaded.k == 5
-    assert np.allclose(loaded.scores(feats[:3]), detector.scores(feats[:3]), atol=1e-3)
+    assert loaded is not None and loaded.k == 5 and loaded.threshold == detector.threshold
+    # The reference features are stored as float16.
+    assert np.allclose(
+        loaded.image_scores(val[:3], val_images[:3]), detector.image_scores(val[:3], val_images[:3]), atol=1e-3
+    )
 
 
-def test_saved_detector_warns_on_unfamiliar_images_and_rarely_on_dermoscopy(predictor, sample_cases):
-    if predictor.detector is None:
-        pytest.skip("no detector saved beside checkpoints/reference.pt (python -m bench.similar fits it)")
-    flagged = {}
-    for path in sorted(UNFAMILIAR.glob("*.jpg")):
-        check = predictor.unfamiliar(predictor.predict(path))
-        flagged[path.name] = check.unfamiliar
-        assert check.measured and check.score is not None
-    # Documents, graphics and histology are nothing like dermoscopy: every one is flagged.
-    plainly_other = {n: f for n, f in flagged.items() if n.startswith(("document", "graphic", "histology"))}
-    assert len(plainly_other) == 14 and all(plainly_other.values()), plainly_other
+def damaged(fields: dict) -> dict[str, dict]:
+    """A saved detector's fields, and ways of damaging them (each a field set to a wrong value, or None to drop it)."""
+    n = len(SIGNALS)
+    return {
+        "weights is missing": {"weights": None},
+        "'extra' is not a field of": {"extra": np.zeros(3)},
+        "centre holds a value that is not a finite number": {"centre": np.r_[np.nan, fields["centre"][1:]]},
+        "weights must hold": {"weights": np.zeros(n)},
+        "fitted on other signals": {"signals": np.array(SIGNALS[:-1] + ("sharpness",))},
+        "scale must be positive": {"scale": np.r_[0.0, fields["scale"][1:]]},
+        "threshold must be a probability": {"threshold": 1.5},
+        "k is 100 but reference holds": {"k": 100},
+        "reference must be a 2-dimensional array": {"reference": fields["reference"][0]},
+        "not a NumPy archive": {"checkpoint_sha1": np.array([{"a": 1}], dtype=object)},
+    }
+
+
+def test_a_damaged_detector_file_is_refused_by_name_and_the_colour_check_takes_over(fitted, tmp_path):
+    detector = fitted[0]
+    model = Path(shutil.copy(REFERENCE, tmp_path / "model.pt"))
+    detector.checkpoint_sha1 = file_digest(model)
+    path = detector_path(model)
+    detector.save(path)
+    assert load_detector(model) is not None
+    with np.load(path) as blob:
+        fields = {key: blob[key] for key in blob.files}
+    for message, change in damaged(fields).items():
+        changed = {key: value for key, value in {**fields, **change}.items() if value is not None}
+        with open(path, "wb") as fh:  # np.savez with an object array: only a pickle-allowing reader would take it
+            np.savez(fh, **changed)
+        with pytest.raises(SchemaError, match=re.escape(message)):
+            UnfamiliarDetector.load(path)
+        assert load_detector(model) is None
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(SchemaError, match="not a NumPy archive"):
+        UnfamiliarDetector.load(path)
+    # The app then says the check is the colour heuristic alone.
+    predictor = open_predictor(model)
+    check = predictor.unfamiliar(predictor.predict(UNFAMILIAR / "held-out" / "document-skimage_text-0.jpg"))
+    assert predictor.detector is None and not check.measured and check.unfamiliar
+
+
+# Held-out pictures of the kinds issue 24 found missed (never fitted on): a camera-man and a clock in grey, text,
+# cells, the moon, a fundus photograph, a colour wheel, and the temple by a lake that was called a nevus.
+MISSED_BEFORE = [
+    "grey-camera-0",
+    "grey-clock-0",
+    "document-skimage_text-0",
+    "cells-skimage_cell-0",
+    "astronomy-skimage_moon-0",
+    "fundus-skimage_retina-0",
+    "colour-skimage_color-0",
+    "landscape-china-0",
+]
+
+
+def test_bundled_detector_flags_the_kinds_it_missed_and_rarely_real_dermoscopy(predictor, sample_cases):
+    assert predictor.detector is not None, "checkpoints/reference.unfamiliar.npz is refused or fitted for another file"
+    for name in MISSED_BEFORE:
+        check = predictor.unfamiliar(predictor.predict(UNFAMILIAR / "held-out" / f"{name}.jpg"))
+        assert check.unfamiliar and check.measured, (name, check.score, check.threshold)
+        assert check.reasons[0].startswith(f"its unfamiliar-image score is {check.score:.2f}")
+        assert len(check.reasons) >= 2  # the signals that weighed most are named
+    # Real dermoscopy: the bundled sample (HAM10000 images the model never trained on) uploaded as a user would.
     false_alarms = [
-        p for p in sample_cases.frame["path"] if predictor.unfamiliar(predictor.predict(p, upload=False)).unfamiliar
+        Path(p).name for p in sample_cases.frame["path"] if predictor.unfamiliar(predictor.predict(p)).unfamiliar
     ]
-    assert len(false_alarms) <= 0.05 * len(sample_cases.frame), false_alarms
-    document = predictor.unfamiliar(predictor.predict(UNFAMILIAR / "document-1.jpg"))
-    assert "farther from the model's training images" in document.reasons[0]
+    assert len(false_alarms) <= 0.015 * len(sample_cases.frame), false_alarms
 
 
 def sample_report(predictor, sample_cases, **parts) -> tuple[object, str]:

@@ -233,8 +233,8 @@ def test_efficientnet_lite_sees_a_photo_as_an_imagenet_network_does(lite_weights
     lite.load_state_dict(from_ported_state_dict(torch.load(lite_weights, weights_only=True)))
     mobilenet = mobilenet_v2()
     mobilenet.load_state_dict(torch.load(torch_home / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"))
-    photos = [Image.open(ROOT / "tests" / "data" / "unfamiliar" / f"photo-{k}.jpg").convert("RGB")
-              for k in ("china", "flower")]  # fmt: skip
+    photos = [Image.open(ROOT / "tests" / "data" / "unfamiliar" / k).convert("RGB")
+              for k in ("held-out/landscape-china-0.jpg", "fit/photo-flower-0.jpg")]  # fmt: skip
     spec = ARCHITECTURES["efficientnet_lite0"]
     lite_in = eval_transform(Preprocessing(input_size=(224, 224), mean=spec.mean, std=spec.std))
     x = torch.stack([lite_in(photos[0]), lite_in(ImageOps.mirror(photos[0])), lite_in(photos[1])])

@@ -245,32 +245,17 @@ def get_predictor(path: Path):
 
 @st.cache_resource(max_entries=2, show_spinner=False)
 def _case_index(checkpoint: str, stamp: float, folder: str, data_stamp: float, _checkpoint: dict, _frame):
-    """One case index per (checkpoint version, dataset version), shared by all sessions, built with a progress
-    bar (made in here, so the cache can replay it); its features are also cached on disk, so a restart only
-    reads them back."""
-    from core.data.splits import SplitError, model_split, split_column
-    from core.inference.similar import build_index
+    """One case index per (checkpoint version, dataset version), shared by all sessions and built in a background
+    thread (:func:`core.inference.similar.index_in_background`); its features are also cached on disk, so a restart
+    only reads them back."""
+    from core.inference.similar import index_in_background
 
-    try:
-        record = model_split(checkpoint, _checkpoint, _frame, settings.run_folders())
-    except SplitError as exc:
-        return None, str(exc)
-    bar = st.empty()
-
-    def progress(done: int, total: int) -> None:
-        bar.progress(
-            done / max(total, 1),
-            text=f"Indexing {Path(folder).name} under this model for similar cases: {done} of {total} images "
-            "(once per model and dataset)",
-        )
-
-    cases = build_index(checkpoint, _frame, split_column(_frame, record.split_of), progress=progress)
-    bar.empty()
-    return cases, None
+    return index_in_background(checkpoint, _checkpoint, _frame, settings.run_folders())
 
 
 def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
-    """(CaseIndex, None) or (None, message): the dataset's images under the model."""
+    """The :class:`core.common.background.BackgroundTask` that builds (or has built) the dataset's case index under
+    the model: its ``result`` a CaseIndex once ``finished``, or its ``error``."""
     stamp = Path(path).stat().st_mtime
     return _case_index(str(path), stamp, str(index.root), _metadata_stamp(index.root), checkpoint, index.frame)
 

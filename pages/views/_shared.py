@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,6 +152,33 @@ def progress_bar(label: str, done: float, total: float | None, started: float, *
     """A long step's bar with its count, rate and ETA (``text``: :func:`core.common.formatting.progress_text`'s
     ``unit`` and ``amount``)."""
     st.progress(progress_fraction(done, total), text=progress_text(label, done, total, started=started, **text))
+
+
+class WorkBar:
+    """A long step's bar that says from its first second what is being done (:meth:`stage`: "loading the model",
+    "reading x.jpg (3 of 40)") beside the count, rate and ETA of what is done (:meth:`progress`)."""
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "images") -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.done, self.doing, self.started = 0, "starting", time.time()
+        self._slot = st.empty()
+        self._draw()
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        self._draw()
+
+    def stage(self, doing: str) -> None:
+        self.doing = doing
+        self._draw()
+
+    def _draw(self) -> None:
+        # Streamlit sends only the last of an element's updates that are waiting to go: a stage per file is cheap.
+        text = progress_text(self.label, self.done, self.total, started=self.started, unit=self.unit)
+        self._slot.progress(progress_fraction(self.done, self.total), text=f"{text} · now {self.doing}")
+
+    def empty(self) -> None:
+        self._slot.empty()
 
 
 def run_progress(run: runs.RunState) -> None:

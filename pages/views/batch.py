@@ -11,7 +11,7 @@ from core.app.referral import REFER, threshold_origin
 from core.common.formatting import format_bytes
 from core.inference.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
 from core.inference.forward import PredictionError, tta_description
-from pages.views._shared import model_choice, research_notice
+from pages.views._shared import WorkBar, model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
 MAX_UPLOAD_MIB = 200
@@ -46,15 +46,9 @@ if cached is None or cached[0] != key:
     except BatchError as exc:
         st.error(str(exc), icon=":material/block:")
         st.stop()
-    bar = st.progress(0.0, text=f"Predicting {len(files)} files…")
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        bar.progress(done / total, text=f"{done} of {total} files · {rate:.1f} images/s")
-
+    bar, start = WorkBar("Predicted", len(files), unit="files"), time.perf_counter()
     try:
-        rows = list(predict_files(predictor, files, tta=tta, progress=progress))
+        rows = list(predict_files(predictor, files, tta=tta, progress=bar.progress, stage=bar.stage))
     except PredictionError as exc:
         st.error(f"No predictions from this model: {exc}. Choose another model.", icon=":material/block:")
         st.stop()

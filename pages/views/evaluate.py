@@ -32,6 +32,7 @@ from core.metrics.classification import (
 )
 from core.models.checkpoints import CheckpointError
 from pages.views._shared import (
+    WorkBar,
     cam_overlay,
     dataset_choice,
     evaluated_runs,
@@ -407,18 +408,22 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     kept = st.session_state.get(EXTERNAL_RESULT)
     if kept is not None and kept[0] == key:
         return kept[1]
+    # Drawing is also where a rerun (another click, leaving the page) ends the work between two steps.
+    bar = WorkBar(f"Evaluating on {Path(folder).name}")
+    bar.stage("recognising the folder's layout")
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
-    bar, started = st.empty(), time.time()
-
-    def draw(done: int, total: int) -> None:
-        # Drawing is also where a rerun (another click, leaving the page) ends the work between two batches.
-        with bar:
-            progress_bar(f"Evaluating on {Path(folder).name}", done, total, started)
-
-    result = evaluate_checkpoint(
-        checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP, device=str(pick_device()), progress=draw
-    )
-    bar.empty()
+    try:
+        result = evaluate_checkpoint(
+            checkpoint,
+            folder,
+            split="all",
+            bootstrap=EXTERNAL_BOOTSTRAP,
+            device=str(pick_device()),
+            progress=bar.progress,
+            stage=bar.stage,
+        )
+    finally:
+        bar.empty()
     validation = result["validation"]
     out = {
         "layout": layout.kind,

@@ -266,13 +266,15 @@ def streamlit_server(env: dict[str, str], log: Path) -> Iterator[Server]:
                 proc.kill()
 
 
-def fake_job(runs: Path, run: str, *, kind: str = "train", stop: bool = False) -> subprocess.Popen:
+def fake_job(
+    runs: Path, run: str, *, kind: str = "train", stop: bool = False, experiment: str | None = None
+) -> subprocess.Popen:
     """A job held by a live process (a sleeper standing in for the worker and its trainer), as the app sees it:
     the lock, the job file and, where asked, its STOP."""
     runs.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     job = app_jobs.Job(
-        id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=None
+        id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=experiment
     )
     (runs / app_jobs.LOCK_NAME).write_text(json.dumps(job.to_dict()))
     job.file.parent.mkdir(parents=True, exist_ok=True)

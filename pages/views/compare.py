@@ -177,7 +177,10 @@ def time_estimate(cfg: TrainConfig, dataset_images: int) -> None:
             f"{format_duration(guess.cached_s)} for {runs} (what later experiments with this backbone and "
             "image size take)."
         )
-    st.caption(f"Estimated from the images each strategy's epochs hold and these rates: {guess.basis()}")
+    st.caption(
+        f"Estimated from the images each strategy's epochs hold and these rates: {guess.basis()} "
+        + estimate.load_note()
+    )
 
 
 def experiment_form(index) -> None:
@@ -240,12 +243,37 @@ def experiment_form(index) -> None:
             st.rerun()
 
 
+def experiment_progress(manifest: dict, runs: list[tuple[str, RunState | None]], current: RunState | None) -> None:
+    """Where the running experiment is and how long it has left, estimated from the speed its own runs measure on
+    this machine (core.app.estimate.time_left) and updated each time the fragment redraws; above the table, whose
+    detail column a narrow window cuts."""
+    strategies = [s for s, _ in runs]
+    if current is None or current.name not in manifest["runs"]:
+        st.markdown(f"**Starting the experiment** ({len(runs)} runs): loading the dataset and the model…")
+        return
+    k = manifest["runs"].index(current.name)
+    st.markdown(f"**Run {k + 1} of {len(runs)}: {imbalance.label(strategies[k])}** — {current.progress_text()}")
+    try:
+        cfg = TrainConfig.from_dict(manifest["base"])
+    except (KeyError, TypeError, ValueError):  # a manifest from before it recorded its settings: no estimate
+        return
+    total, images = _experiment_images(cfg.to_dict(), 0)  # the experiment's dataset as it started: counted once
+    fallback = {**estimate.benchmark_rates(), **estimate.recorded_rates(list_runs(), cfg)}
+    left = estimate.time_left(runs, images, total, cfg, fallback)
+    if left is None:
+        st.caption("Time left: measuring this machine's speed…")
+        return
+    st.markdown(f"About **{format_duration(left.seconds)}** left for the whole experiment.")
+    st.caption(f"From the speed measured on this machine as it runs, updated every second: {left.basis()}.")
+
+
 def experiment_status(manifest: dict) -> None:
     job, current = current_job()
-    rows = []
+    rows, runs = [], []
     for name, strategy in zip(manifest["runs"], manifest.get("strategies", []), strict=False):
         path = RUNS / name
         run = read_run(path, job) if path.exists() else None
+        runs.append((strategy, run))
         queued = job is not None and name in job.runs and not job.stop_requested  # a stop starts no more runs
         state = run.state if run else ("queued" if queued else "not run")
         rows.append(
@@ -257,15 +285,21 @@ def experiment_status(manifest: dict) -> None:
                 "detail": run.progress_text() if run and not run.done else (run.error or "" if run else ""),
             }
         )
+    # A run that stopped or failed ends the queue: no Stop for a job whose processes are only exiting.
+    ending = current is not None and current.state in ("stopped", "failed", "interrupted")
+    running = job is not None and job.experiment == manifest["name"] and not ending
+    if running and not job.stop_requested:
+        experiment_progress(manifest, runs, current)
     st.dataframe(
         pd.DataFrame(rows),
         hide_index=True,
         width="stretch",
-        column_config={"progress": st.column_config.ProgressColumn(min_value=0, max_value=1)},
+        column_config={
+            "progress": st.column_config.ProgressColumn(min_value=0, max_value=1, width="small"),
+            "detail": st.column_config.TextColumn(width="large"),
+        },
     )
-    # A run that stopped or failed ends the queue: no Stop for a job whose processes are only exiting.
-    ending = current is not None and current.state in ("stopped", "failed", "interrupted")
-    if job is not None and job.experiment == manifest["name"] and not ending:
+    if running:
         if job.stop_requested:
             st.warning(
                 "Stopping: the current run ends after its step; the queued ones will not start.",

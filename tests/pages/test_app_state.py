@@ -90,6 +90,30 @@ def test_a_phase_reports_its_rate_and_eta():
 
 
 @pytest.mark.integration
+def test_a_running_experiment_says_where_it_is_and_the_time_left_measured_here(state_env, holders):
+    """Compare's estimate before the click came from an idle benchmark (3 min 39 s said, 27 min taken under load):
+    while the experiment runs, the run it is on and the time left, from the speed measured here, stand above its
+    table (whose detail column a narrow window cuts)."""
+    holders.append(fake_job(state_env.runs, "exp-none", kind="experiment", experiment="exp"))
+    base = {k: v for k, v in tiny_config(state_env.data, "", epochs=2).items() if k != "name"}
+    manifest = {"name": "exp", "runs": ["exp-none", "exp-oversample"], "strategies": ["none", "oversample"]}
+    (state_env.runs / ".experiments").mkdir()
+    (state_env.runs / ".experiments" / "exp.json").write_text(json.dumps({**manifest, "created": 1, "base": base}))
+    write_run(
+        state_env.runs,
+        "exp-none",
+        {"state": "running", **process_record(holders[0].pid)},
+        {"event": "progress", "phase": "features", "epoch": 0, "done": 40, "total": 84, "started": time.time() - 20},
+    )
+    at = app_test("compare")
+    no_exceptions(at)
+    text = texts(at)
+    assert "Run 1 of 2: none** — computing backbone features once: 40/84 images" in text
+    assert "left for the whole experiment" in text
+    assert "feature extraction 2 images/s (this experiment's features so far)" in text
+
+
+@pytest.mark.integration
 def test_the_feature_phase_shows_a_bar_with_rate_and_eta(state_env, holders):
     holders.append(fake_job(state_env.runs, "r1"))
     started = time.time() - 20

@@ -47,7 +47,9 @@ with st.sidebar:
     else:
         st.query_params.pop(DATASET_PARAM, None)
     choice = dataset_choice()
-    if choice.configured:
+    if choice.configured and not choice.folder.is_dir():  # "Using nowhere" read as if the folder were in use
+        st.warning(f"**{choice.folder}** does not exist (set by the {choice.source}).", icon=":material/folder_off:")
+    elif choice.configured:
         st.caption(f"Using **{choice.folder.name}** (set by the {choice.source})")
     else:
         st.caption("No dataset configured — Diagnose still works.")

@@ -227,7 +227,15 @@ def _job_line(drawn: tuple | None) -> None:
     if run is None:
         st.info(f"{what} starting…", icon=":material/hourglass_top:")
         return
-    state = "stopping" if job.stop_requested and not run.done else run.state
+    if run.done:  # its trainer has said how it ended while the job's processes exit: not "running" beside "stopped"
+        later = job.runs[job.runs.index(run.name) + 1 :] if run.name in job.runs else []
+        goes_on = later and run.state == "finished" and not job.stop_requested
+        st.info(
+            f"{what}: **{run.name}** {run.state}; {'the next run is starting' if goes_on else 'the job is ending'}…",
+            icon=":material/hourglass_bottom:",
+        )
+        return
+    state = "stopping" if job.stop_requested else run.state
     st.info(f"{what} running: **{run.name}** ({state})", icon=":material/hourglass_top:")
 
 

@@ -202,6 +202,11 @@ def test_dataset_with_a_bad_folder(monkeypatch, tmp_path, empty_env):
     at = app_test("dataset")
     no_exceptions(at)
     assert "cannot be used" in texts(at) and "does not exist" in texts(at)
+    # The sidebar says so too, instead of "Using nowhere".
+    at.sidebar.text_input(key="dataset_folder_input").set_value("nonexistent-folder").run()
+    sidebar = [w.value for w in at.sidebar.warning] + [c.value for c in at.sidebar.caption]
+    assert any(s.endswith("nonexistent-folder** does not exist (set by the sidebar).") for s in sidebar), sidebar
+    assert not any("Using" in s for s in sidebar)
 
 
 def test_sidebar_folder_overrides_the_environment(full_env, empty_env, monkeypatch):

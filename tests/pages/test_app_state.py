@@ -72,6 +72,9 @@ def test_after_stop_the_text_the_bar_and_the_buttons_agree(state_env, holders):
     labels = [b.label for b in at.button]
     assert "Force stop now" not in labels and "Stop training" not in labels
     assert "Stopping" not in texts(at)
+    # The sidebar agrees: not "Training running" beside "Stopped on request" while the job's processes exit.
+    [line] = [i.value for i in at.sidebar.info]
+    assert line == "Training: **r1** stopped; the job is ending…"
 
     holder.kill()
     holder.wait()

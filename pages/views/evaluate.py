@@ -364,16 +364,20 @@ def _compute_robustness(run: RunState) -> dict | None:
         missing = "no checkpoint of this run is available here" if checkpoint is None else "no dataset is configured"
         st.info(f"No robustness report has been saved for this run, and {missing}.", icon=":material/info:")
         return None
-    st.info(
-        f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` on "
-        f"the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
-        f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images, each with the views Diagnose and "
-        f"`lesionlab evaluate` predict from by default (test-time augmentation: "
-        f"{tta_description(USE_TTA_BY_DEFAULT)}).",
-        icon=":material/info:",
-    )
-    if not st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go"):
+    offer = st.empty()  # the banner and its button go once clicked: the report they offered takes their place
+    with offer.container():
+        st.info(
+            f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` "
+            f"on the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
+            f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images, each with the views Diagnose and "
+            f"`lesionlab evaluate` predict from by default (test-time augmentation: "
+            f"{tta_description(USE_TTA_BY_DEFAULT)}).",
+            icon=":material/info:",
+        )
+        go = st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go")
+    if not go:
         return None
+    offer.empty()
     bar, started = st.empty(), time.time()
 
     def progress(done: int, total: int) -> None:

@@ -55,6 +55,9 @@ def test_missing_report_is_computed_with_a_button_and_saved(env):
     assert not at.get("plotly_chart")
     next(b for b in at.button if b.label == "Compute the robustness report").click().run()
     no_exceptions(at)
+    # The offer and its button have gone: the report they offered stands in their place.
+    assert "No robustness report has been saved" not in texts(at)
+    assert not [b for b in at.button if b.label == "Compute the robustness report"]
     saved = json.loads((env.runs / RUN / "robustness.json").read_text())
     assert [c["name"] for c in saved["conditions"]] == [CLEAN, *SHIFTS]
     assert Path(saved["checkpoint"]).name == "reference.pt" and Path(saved["data"]) == SAMPLE

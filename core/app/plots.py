@@ -366,20 +366,28 @@ def probability_bars(probs: Sequence[float], highlight: str | None = None) -> go
 
 
 def per_class_comparison(table: pd.DataFrame, metric: str) -> go.Figure:
-    """Grouped bars: ``table`` has columns run, class, and ``metric`` (recall, precision, f1)."""
+    """Grouped bars: ``table`` has columns run, class, and ``metric`` (recall, precision, f1; None or NaN where a
+    class has no value). A bar of 0 and no bar look alike, so each bar carries its value ("0.00" is seen) and a class
+    without any value says "no images" under its name."""
     fig = go.Figure()
     for run, part in table.groupby("run", sort=False):
-        part = part.set_index("class").reindex(CLASSES)
+        values = pd.to_numeric(part.set_index("class").reindex(CLASSES)[metric], errors="coerce")
         fig.add_trace(
             go.Bar(
                 x=list(CLASSES),
-                y=part[metric],
+                y=values,
                 name=str(run),
+                text=["" if np.isnan(v) else f"{v:.2f}" for v in values],
+                textposition="outside",
+                cliponaxis=False,
                 hovertemplate=f"{run}<br>%{{x}}: %{{y:.3f}}<extra></extra>",
             )
         )
-    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.22))
-    fig.update_yaxes(title=metric, range=[0, 1.05])
+    valued = set(table.loc[pd.to_numeric(table[metric], errors="coerce").notna(), "class"])
+    fig.update_xaxes(tickvals=list(CLASSES), ticktext=[c if c in valued else f"{c}<br>(no images)" for c in CLASSES])
+    # Many runs make the bars too narrow for their numbers: then the numbers are left out, all alike.
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.22), uniformtext=dict(minsize=9, mode="hide"))
+    fig.update_yaxes(title=metric, range=[0, 1.12])
     return _finish(fig, f"Per-class {metric}", height=400)
 
 

@@ -295,10 +295,14 @@ def results(q: dict) -> None:
     cols = st.columns(4)
     cols[0].metric("Your accuracy", f"{you['accuracy']:.3f}", help="Share of images diagnosed correctly.")
     cols[1].metric(
-        "Your balanced accuracy", f"{you['balanced_accuracy']:.3f}", help="Mean recall over the classes in the quiz."
+        "Your balanced accuracy",
+        f"{you['balanced_accuracy']:.3f}",
+        help="Mean recall over the classes in the quiz. " + quiz.interval_text(you, result["n"]),
     )
     cols[2].metric("Model accuracy", f"{model['accuracy']:.3f}")
-    cols[3].metric("Model balanced accuracy", f"{model['balanced_accuracy']:.3f}")
+    cols[3].metric(
+        "Model balanced accuracy", f"{model['balanced_accuracy']:.3f}", help=quiz.interval_text(model, result["n"])
+    )
     st.markdown("\n".join(f"- {s}" for s in quiz.summary_sentences(result, q["settings"].mix)))
 
     left, right = st.columns(2)
@@ -321,8 +325,8 @@ def results(q: dict) -> None:
     )
     st.plotly_chart(plots.per_class_comparison(recall, "recall"), width="stretch", key="quiz_recall")
     st.caption(
-        "Recall: the share of a class's images diagnosed as that class (sensitivity). Classes without "
-        "images in this quiz have no bar."
+        "Recall: the share of a class's images diagnosed as that class (sensitivity), written on each bar: a class "
+        'nobody recognised reads 0.00, and a class without images in this quiz says "no images" under its name.'
     )
 
     table = quiz.results_table(rows, answers, confidences, probs)

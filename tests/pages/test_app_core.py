@@ -151,6 +151,19 @@ def test_per_class_comparison():
     table = pd.DataFrame([{"run": r, "class": c, "recall": 0.5} for r in ("a", "b") for c in CLASSES])
     fig = plots.per_class_comparison(table, "recall")
     assert [t.name for t in fig.data] == ["a", "b"]
+    # A class recalled by no one (0) is seen as a 0; a class with no images says so under its name.
+    quiz = pd.DataFrame(
+        [
+            {"run": who, "class": c, "recall": None if c == "vasc" else 0.0 if c == "df" else 0.5}
+            for who in ("you", "model")
+            for c in CLASSES
+        ]
+    )
+    fig = plots.per_class_comparison(quiz, "recall")
+    df, vasc = CLASSES.index("df"), CLASSES.index("vasc")
+    assert [t.text[df] for t in fig.data] == ["0.00", "0.00"] and [t.text[vasc] for t in fig.data] == ["", ""]
+    ticks = dict(zip(fig.layout.xaxis.tickvals, fig.layout.xaxis.ticktext, strict=True))
+    assert ticks["vasc"] == "vasc<br>(no images)" and ticks["df"] == "df"
 
 
 # ---------------------------------------------------------------------------

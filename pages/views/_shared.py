@@ -28,6 +28,8 @@ NOTICE = (
     "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
     "Never use it to decide on care; see a dermatologist about any skin lesion that worries you."
 )
+# Pixels: Streamlit's tables wrap a cell's text only in rows taller than 4rem (64 px); 72 holds three lines.
+WRAPPING_ROW_HEIGHT = 72
 DATASET_KEY = "dataset_folder"
 DATASET_PARAM = "data"  # the URL's query parameter that keeps the sidebar's dataset folder across reloads
 
@@ -50,6 +52,12 @@ def warm_imports() -> threading.Thread:
     thread = threading.Thread(target=lambda: [importlib.import_module(m) for m in WARM_MODULES], daemon=True)
     thread.start()
     return thread
+
+
+def dark_theme() -> bool:
+    """Whether the browser shows the dark theme (the app follows its preference): charts draw their lines and marks
+    in :data:`core.app.plots.INK` for it."""
+    return st.context.theme.type == "dark"
 
 
 def research_notice() -> None:

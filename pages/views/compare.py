@@ -17,6 +17,7 @@ from core.models.architectures import ARCHITECTURES, default_arch
 from core.training import imbalance
 from core.training.config import TrainConfig, config_with
 from pages.views._shared import (
+    WRAPPING_ROW_HEIGHT,
     current_job,
     damaged_notice,
     dataset_choice,
@@ -31,6 +32,7 @@ from pages.views._shared import (
 
 st.title("Compare")
 RUNS = runs_dir()
+RUN_WIDTH = 190  # pixels for a run's name, wrapping: "imbalance-20261127-101500-class_balanced" on two lines
 
 
 def headline(run: RunState) -> dict:
@@ -39,9 +41,8 @@ def headline(run: RunState) -> dict:
     mel = t.get("melanoma", {})
     return {
         "run": run.name,
-        "arch": run.config.get("arch"),
-        "fine-tuning": run.config.get("finetune"),
-        "imbalance": run.config.get("imbalance"),
+        # Backbone, fine-tuning and imbalance strategy in one cell that wraps: as three columns they pushed ECE off.
+        "model": " · ".join(str(run.config[k]) for k in ("arch", "finetune", "imbalance") if run.config.get(k)),
         "dataset": run.dataset,
         "accuracy": t.get("accuracy"),
         "balanced accuracy": t.get("balanced_accuracy"),
@@ -93,14 +94,20 @@ def comparison(chosen: list[RunState]) -> None:
         f"as flagged when P(mel) ≥ this. Chosen on the run's validation split for {MEL_SENSITIVITY:.0%} sensitivity; "
         "0.5 where the run recorded none."
     }
+    # Widths in pixels: every column on screen in a 1600-pixel window with the sidebar open, long run names and
+    # datasets wrapping in their cells (the names and the ECE column were cut).
+    wide = {"model": 150, "dataset": 150, "macro AUC": 80, "test images": 85}
     st.dataframe(
         shown,
         width="stretch",
         key="cmp_headline",
+        row_height=WRAPPING_ROW_HEIGHT,
         column_config={
-            c: st.column_config.TextColumn(short.get(c, c), help=helps.get(c, c), width="small")
-            for c in shown.columns
-            if c != "run"
+            "_index": st.column_config.TextColumn("run", width=RUN_WIDTH),
+            **{
+                c: st.column_config.TextColumn(short.get(c, c), help=helps.get(c, c), width=wide.get(c, 68))
+                for c in shown.columns
+            },
         },
     )
     rows = []
@@ -124,9 +131,17 @@ def comparison(chosen: list[RunState]) -> None:
     )
     st.plotly_chart(plots.per_class_comparison(per_class, metric), width="stretch")
     with st.expander("Per-class table"):
+        # A row per run, as above: a column per run cut their names, and any number of runs fits this way.
         st.dataframe(
-            per_class.pivot(index="class", columns="run", values=metric).reindex([c for c in plots.CLASSES]),
+            per_class.pivot(index="run", columns="class", values=metric)
+            .reindex(columns=list(plots.CLASSES))
+            .reindex([r.name for r in chosen]),
             width="stretch",
+            row_height=WRAPPING_ROW_HEIGHT,
+            column_config={
+                "_index": st.column_config.TextColumn("run", width=RUN_WIDTH),
+                **{c: st.column_config.NumberColumn(c, format="%.3f", width=80) for c in plots.CLASSES},
+            },
         )
     normalize = st.toggle("Row-normalised confusion matrices", value=True, key="cmp_norm")
     cols = st.columns(min(3, len(chosen)))

@@ -17,7 +17,7 @@ from core.inference.explain import feature_map_grid
 from core.inference.forward import PredictionError
 from core.inference.prediction import LOW_CONFIDENCE
 from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, disagreement_text, vote
-from pages.views._shared import case_index, load_dataset, model_choice, progress_bar, research_notice
+from pages.views._shared import case_index, dark_theme, load_dataset, model_choice, progress_bar, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
 MAX_UPLOAD_MIB = 10
@@ -149,7 +149,8 @@ def probabilities() -> None:
     m1, m2 = st.columns(2)
     m1.metric("Malignant (akiec + bcc + mel)", f"{prediction.malignant_probability:.1%}")
     m2.metric("Benign (bkl + df + nv + vasc)", f"{1 - prediction.malignant_probability:.1%}")
-    st.plotly_chart(plots.probability_bars(prediction.probs, highlight=prediction.top_class), width="stretch")
+    bars = plots.probability_bars(prediction.probs, highlight=prediction.top_class, dark=dark_theme())
+    st.plotly_chart(bars, width="stretch")
 
 
 def referrals(assessed: bool = True) -> None:

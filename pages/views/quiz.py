@@ -19,7 +19,7 @@ from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from core.data.images import ImageError
 from core.data.splits import SplitError, model_split, split_column, split_counts
 from core.inference.forward import PredictionError
-from pages.views._shared import cam_overlay, get_predictor, load_dataset, research_notice
+from pages.views._shared import cam_overlay, dark_theme, get_predictor, load_dataset, research_notice
 
 STATE = "quiz"  # the running quiz: settings, model, drawn images, answers and position
 MISSING = "quiz_missing"  # set when Reveal was pressed without a diagnosis
@@ -263,7 +263,8 @@ def question() -> None:
             f"You said **{answer['answer']}**{sure}: {mark[answer['answer'] == truth]}. "
             f"The model said **{top}** ({probs.max():.0%}): {mark[top == truth]}."
         )
-        st.plotly_chart(plots.probability_bars(probs, highlight=truth), width="stretch", key=f"quiz_probs_{pos}")
+        bars = plots.probability_bars(probs, highlight=truth, dark=dark_theme())
+        st.plotly_chart(bars, width="stretch", key=f"quiz_probs_{pos}")
         st.caption(f"The model's calibrated probabilities; the true class ({truth}) is outlined.")
         last = pos + 1 == total
         st.button(

@@ -19,7 +19,7 @@ from core.inference.features import FeatureCache, backbone_key
 from core.training.config import TrainConfig
 from core.training.loop import train
 from tests.app_support import *  # noqa: F403
-from tests.app_support import AppEnv, app_test, fake_job, no_exceptions, texts, tiny_config
+from tests.app_support import AppEnv, app_test, fake_job, no_exceptions, texts, tiny_config, use_folder
 
 
 def write_run(runs: Path, name: str, status: dict, *events: dict) -> Path:
@@ -177,7 +177,7 @@ def test_the_final_evaluation_reports_its_progress_and_the_run_its_dataset(tiny_
 
 def test_the_dataset_folder_survives_a_reload_through_the_url(state_env, tmp_path, tiny_root):
     at = app_test()
-    at.sidebar.text_input(key="dataset_folder_input").set_value(str(tiny_root)).run()
+    use_folder(at, str(tiny_root))
     no_exceptions(at)
     assert at.query_params["data"] == [str(tiny_root)] or at.query_params["data"] == str(tiny_root)
 

@@ -318,7 +318,7 @@ def index_progress(task, dataset_name: str) -> None:
         task.started,
     )
     st.caption(
-        "Once per model and dataset, in the background: the answer, the heatmap and the report above do not wait. "
+        "Once per model and dataset, in the background: the answer, the heatmap and the report do not wait for it. "
         "The similar cases appear here when the index is ready (download the report again then to include them)."
     )
 

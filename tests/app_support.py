@@ -224,6 +224,30 @@ def app_test(page: str | None = None, timeout: float = 60):
     return at
 
 
+# The main column's width in pixels in a 1600-pixel Chromium window with the sidebar open (measured there): a table
+# whose columns add up to more runs off to the right.
+MAIN_WIDTH_AT_1600 = 1140
+
+
+def table_fits_1600(table) -> dict:
+    """An AppTest dataframe's column settings, after checking that every shown column has a width in pixels, that
+    they add up to no more than :data:`MAIN_WIDTH_AT_1600`, and that its rows are tall enough for a long cell to
+    wrap (Streamlit wraps only in rows taller than 4rem, 64 px)."""
+    columns = json.loads(table.proto.columns)
+    order = list(table.proto.column_order) or list(columns)
+    widths = {c: columns.get(c, {}).get("width") for c in order if not columns.get(c, {}).get("hidden")}
+    assert all(isinstance(w, int) for w in widths.values()), widths
+    assert sum(widths.values()) <= MAIN_WIDTH_AT_1600, widths
+    assert table.proto.row_height > 64, table.proto.row_height
+    return columns
+
+
+def use_folder(at, folder: str):
+    """Type ``folder`` into the sidebar's Dataset folder and press its button, as Enter would; returns the run app."""
+    at.sidebar.text_input(key="dataset_folder_input").set_value(folder)
+    return at.button(key="FormSubmitter:dataset_form-Use this folder").click().run()
+
+
 def texts(at) -> str:
     """Everything a user reads on the page, as one string (markdown, alerts, captions, metrics, titles)."""
     parts = []
@@ -307,13 +331,15 @@ def streamlit_server(env: dict[str, str], log: Path) -> Iterator[Server]:
                 proc.kill()
 
 
-def fake_job(runs: Path, run: str, *, kind: str = "train", stop: bool = False) -> subprocess.Popen:
+def fake_job(
+    runs: Path, run: str, *, kind: str = "train", stop: bool = False, experiment: str | None = None
+) -> subprocess.Popen:
     """A job held by a live process (a sleeper standing in for the worker and its trainer), as the app sees it:
     the lock, the job file and, where asked, its STOP."""
     runs.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     job = app_jobs.Job(
-        id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=None
+        id=f"job-{run}", kind=kind, runs=[run], runs_dir=runs, **process_record(holder.pid), experiment=experiment
     )
     (runs / app_jobs.LOCK_NAME).write_text(json.dumps(job.to_dict()))
     job.file.parent.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,17 @@ the head's training rate plus the validation and checkpoints; the first time, co
 comes first. The rates are those that earlier cached head-only runs here recorded (their epochs' images/s
 and seconds, their start and end, the progress of their feature phase), else those ``bench/experiment.py``
 measured (``docs/BENCHMARKS.json``); an estimate says which.
+
+Those rates were measured on another day, often on an idle machine: on a busy one the experiment ran 7 times
+longer than said (3 min 39 s said, 27 min taken). Once it runs, :func:`time_left` re-estimates it from the speed its
+own runs measure on this machine, from its first seconds on, and the page updates it as it goes.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -132,3 +138,98 @@ def estimate(images: Mapping[str, int], total_images: int, epochs: int, rates: M
         features_s=total_images / r["features_images_per_s"].value,
         rates=r,
     )
+
+
+def load_note() -> str:
+    """What the estimate before the click cannot know, in a sentence: the rates are from other days, and how busy
+    the cores are now (the 1-minute load average against the core count) when others are using them."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = (
+        f"This computer is busy now (load {load:.1f} on {cores} cores), so expect it to take longer. "
+        if load > cores / 2
+        else ""
+    )
+    return busy + "Once it runs, the time left is estimated again from the speed measured here, as it goes."
+
+
+@dataclass(frozen=True)
+class TimeLeft:
+    seconds: float  # until the experiment's last run has ended
+    rates: dict[str, Rate]  # those it was computed with, each with where it was measured
+
+    def basis(self) -> str:
+        return "; ".join(
+            f"{RATE_WORDS[k]} {_rate_value(k, rate.value)} ({rate.basis})" for k, rate in self.rates.items()
+        )
+
+
+RATE_WORDS = {
+    "features_images_per_s": "feature extraction",
+    "head_images_per_s": "head training",
+    "epoch_overhead_s": "validation and checkpoints",
+}
+
+
+def _rate_value(key: str, value: float) -> str:
+    return f"{value:.1f} s per epoch" if key == "epoch_overhead_s" else f"{value:,.0f} images/s"
+
+
+def measured_rates(runs: Sequence[RunState], cfg: TrainConfig, now: float | None = None) -> dict[str, Rate]:
+    """The rates an experiment under way has measured on this machine: from its finished runs (as
+    :func:`recorded_rates` reads them), else from its current run's first seconds (images done since its feature
+    extraction started, the running epoch's images/s)."""
+    now = time.time() if now is None else now
+    found = {k: Rate(r.value, "measured by this experiment here") for k, r in recorded_rates(runs, cfg).items()}
+    current = next((r for r in runs if not r.done and r.progress), None)
+    if current is None:
+        return found
+    p = current.progress
+    if current.phase == "features" and p.get("done") and p.get("started") and now > p["started"]:
+        found.setdefault(
+            "features_images_per_s", Rate(p["done"] / (now - p["started"]), "this experiment's features so far")
+        )
+    elif current.phase is None and p.get("images_per_s"):
+        found.setdefault("head_images_per_s", Rate(float(p["images_per_s"]), f"{current.name}'s epoch so far"))
+    return found
+
+
+def time_left(
+    runs: Sequence[tuple[str, RunState | None]],
+    images: Mapping[str, int],
+    total_images: int,
+    cfg: TrainConfig,
+    fallback: Mapping[str, Rate],
+    now: float | None = None,
+) -> TimeLeft | None:
+    """How long the experiment under way has left: ``runs`` are its (strategy, run) in the order they run, None
+    for one not started; ``images`` each strategy's epoch size, ``total_images`` the images whose features it
+    computes once. From the rates it has measured here (:func:`measured_rates`), ``fallback``'s (the rates the
+    estimate before it started used) where it has measured none yet; None when a rate it needs is unknown."""
+    measured = measured_rates([r for _, r in runs if r is not None], cfg, now)
+    rates = {**fallback, **measured}
+    if not all(k in rates for k in ("head_images_per_s", "epoch_overhead_s")):
+        return None
+    head, overhead = rates["head_images_per_s"].value, rates["epoch_overhead_s"].value
+    used = {k: rates[k] for k in ("head_images_per_s", "epoch_overhead_s")}
+
+    def epochs_s(strategy: str, epochs: int) -> float:
+        return epochs * (images[strategy] / head + overhead)
+
+    left = 0.0
+    for strategy, run in runs:
+        if run is None or run.state == "queued":
+            left += epochs_s(strategy, cfg.epochs)
+        elif run.done:
+            continue
+        elif run.phase == "features":
+            if "features_images_per_s" not in rates:
+                return None
+            used["features_images_per_s"] = rates["features_images_per_s"]
+            p = run.progress
+            left += (p.get("total", total_images) - p.get("done", 0)) / rates["features_images_per_s"].value
+            left += epochs_s(strategy, cfg.epochs)
+        elif run.phase is None and (eta := run.eta_s()) is not None:
+            left += eta  # its own epochs so far: RunState's ETA
+        else:  # starting, decoding, or its final evaluation: the epochs not yet done, at the rates above
+            left += epochs_s(strategy, max(0, cfg.epochs - len(run.epochs))) or overhead
+    return TimeLeft(left, used)

@@ -24,6 +24,11 @@ SPLIT_COLOURS = {"train": "#4C78A8", "val": "#F58518", "test": "#54A24B"}
 _LAYOUT = dict(margin=dict(l=10, r=10, t=50, b=10), template="plotly_white", font=dict(size=13))
 
 
+# Lines and marks drawn over the chart's background (error bars, target and threshold lines, the chosen bar's outline)
+# in the page's text colour, light or dark theme: a fixed dark grey all but vanished on the dark background.
+INK = {False: "#31333F", True: "#E8E8EC"}
+
+
 def class_label(code: str) -> str:
     return f"{code} · {DISPLAY_NAMES[code]}"
 
@@ -301,9 +306,15 @@ def reliability_figure(before: Sequence[Mapping], after: Sequence[Mapping], temp
 
 
 def threshold_curve(
-    scores: np.ndarray, positive: np.ndarray, threshold: float, score: str = "P(mel)", name: str = "Melanoma"
+    scores: np.ndarray,
+    positive: np.ndarray,
+    threshold: float,
+    score: str = "P(mel)",
+    name: str = "Melanoma",
+    dark: bool = False,
 ) -> go.Figure:
-    """Sensitivity and specificity of "positive if ``score`` ≥ t" over t, with the chosen t marked."""
+    """Sensitivity and specificity of "positive if ``score`` ≥ t" over t, with the chosen t marked (in :data:`INK`
+    for the ``dark`` theme or the light one)."""
     scores = np.asarray(scores, dtype=float)
     positive = np.asarray(positive, dtype=bool)
     ts = np.linspace(0, 1, 101)
@@ -328,7 +339,7 @@ def threshold_curve(
             hovertemplate="t = %{x:.2f}<br>specificity %{y:.3f}<extra></extra>",
         )
     )
-    fig.add_vline(x=threshold, line=dict(color="#333", dash="dot"), annotation_text=f"t = {threshold:.2f}")
+    fig.add_vline(x=threshold, line=dict(color=INK[dark], dash="dot"), annotation_text=f"t = {threshold:.2f}")
     fig.update_xaxes(title=f"threshold on {score}", range=[0, 1])
     fig.update_yaxes(range=[0, 1.02])
     fig.update_layout(legend=dict(orientation="h", y=-0.25))
@@ -339,8 +350,12 @@ def threshold_curve(
 # Diagnose
 
 
-def probability_bars(probs: Sequence[float], highlight: str | None = None) -> go.Figure:
-    """Horizontal bars of the 7 class probabilities (largest on top), malignant classes marked."""
+INSIDE_LABEL = 0.5  # probabilities from which the bar's label sits inside it (a bar over half the chart holds it)
+
+
+def probability_bars(probs: Sequence[float], highlight: str | None = None, dark: bool = False) -> go.Figure:
+    """Horizontal bars of the 7 class probabilities (largest on top), malignant classes marked, ``highlight``'s bar
+    outlined in :data:`INK`."""
     probs = np.asarray(probs, dtype=float)
     order = np.argsort(probs)  # ascending: plotly draws the last bar on top
     codes = [CLASSES[i] for i in order]
@@ -350,9 +365,11 @@ def probability_bars(probs: Sequence[float], highlight: str | None = None) -> go
             y=[class_label(c) + (" ⚠" if c in MALIGNANT else "") for c in codes],
             orientation="h",
             marker_color=[CLASS_COLOURS[c] for c in codes],
-            marker_line=dict(color=["#000" if c == highlight else "rgba(0,0,0,0)" for c in codes], width=2),
+            marker_line=dict(color=[INK[dark] if c == highlight else "rgba(0,0,0,0)" for c in codes], width=2),
             text=[f"{p * 100:.1f}%" for p in probs[order]],
-            textposition="outside",
+            # A long bar's label inside its end: outside, at 400 px wide, "99.9%" ran off the chart as "99.".
+            textposition=["inside" if p >= INSIDE_LABEL else "outside" for p in probs[order]],
+            insidetextanchor="end",
             cliponaxis=False,
             hovertemplate="%{y}<br>%{x:.2f}%<extra></extra>",
         )
@@ -366,20 +383,28 @@ def probability_bars(probs: Sequence[float], highlight: str | None = None) -> go
 
 
 def per_class_comparison(table: pd.DataFrame, metric: str) -> go.Figure:
-    """Grouped bars: ``table`` has columns run, class, and ``metric`` (recall, precision, f1)."""
+    """Grouped bars: ``table`` has columns run, class, and ``metric`` (recall, precision, f1; None or NaN where a
+    class has no value). A bar of 0 and no bar look alike, so each bar carries its value ("0.00" is seen) and a class
+    without any value says "no images" under its name."""
     fig = go.Figure()
     for run, part in table.groupby("run", sort=False):
-        part = part.set_index("class").reindex(CLASSES)
+        values = pd.to_numeric(part.set_index("class").reindex(CLASSES)[metric], errors="coerce")
         fig.add_trace(
             go.Bar(
                 x=list(CLASSES),
-                y=part[metric],
+                y=values,
                 name=str(run),
+                text=["" if np.isnan(v) else f"{v:.2f}" for v in values],
+                textposition="outside",
+                cliponaxis=False,
                 hovertemplate=f"{run}<br>%{{x}}: %{{y:.3f}}<extra></extra>",
             )
         )
-    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.22))
-    fig.update_yaxes(title=metric, range=[0, 1.05])
+    valued = set(table.loc[pd.to_numeric(table[metric], errors="coerce").notna(), "class"])
+    fig.update_xaxes(tickvals=list(CLASSES), ticktext=[c if c in valued else f"{c}<br>(no images)" for c in CLASSES])
+    # Many runs make the bars too narrow for their numbers: then the numbers are left out, all alike.
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=-0.22), uniformtext=dict(minsize=9, mode="hide"))
+    fig.update_yaxes(title=metric, range=[0, 1.12])
     return _finish(fig, f"Per-class {metric}", height=400)
 
 
@@ -516,9 +541,10 @@ def accuracy_pairs(table: pd.DataFrame) -> go.Figure:
 # Robustness
 
 
-def robustness_figure(report: Mapping) -> go.Figure:
+def robustness_figure(report: Mapping, dark: bool = False) -> go.Figure:
     """Balanced accuracy's drop from clean under each shift of a robustness report (:mod:`core.evaluation.robustness`),
-    with its paired 95% bootstrap interval as error bars; the dotted line is the 0.03 the issue allows."""
+    with its paired 95% bootstrap interval as error bars; the dotted line is the 0.03 the issue allows. Both in
+    :data:`INK` for the ``dark`` theme or the light one."""
     shifted = [c for c in report["conditions"] if c.get("drop")]
     drops = [c["drop"]["balanced_accuracy"] for c in shifted]
     values = [d["value"] for d in drops]
@@ -533,12 +559,16 @@ def robustness_figure(report: Mapping) -> go.Figure:
                 symmetric=False,
                 array=[hi - v for v, (_, hi) in zip(values, cis, strict=True)],
                 arrayminus=[v - lo for v, (lo, _) in zip(values, cis, strict=True)],
+                color=INK[dark],
+                thickness=2,
             ),
             customdata=[[c["description"], lo, hi] for c, (lo, hi) in zip(shifted, cis, strict=True)],
             hovertemplate="%{customdata[0]}<br>drop %{y:+.3f} (95% CI %{customdata[1]:+.3f} to "
             "%{customdata[2]:+.3f})<extra></extra>",
         )
     )
-    fig.add_hline(y=0.03, line=dict(color="#333", dash="dot"), annotation_text="0.03")
+    fig.add_hline(
+        y=0.03, line=dict(color=INK[dark], dash="dot", width=2), annotation=dict(text="0.03", font_color=INK[dark])
+    )
     fig.update_yaxes(title="drop in balanced accuracy (clean − shifted)", zeroline=True)
     return _finish(fig, "Balanced accuracy lost under each shift", height=360)

@@ -24,7 +24,8 @@ import pandas as pd
 
 from core.common.labels import CLASSES, DISPLAY_NAMES, MELANOMA, NUM_CLASSES, class_index
 from core.data.splits import split_column
-from core.metrics.classification import compute_metrics
+from core.metrics.bootstrap import bootstrap_ci, paired_bootstrap_ci
+from core.metrics.classification import balanced_accuracy, compute_metrics
 
 QUIZ_SPLITS = ("test", "val")  # never "train"
 MIXES = {"natural": "natural prevalence", "balanced": "balanced"}
@@ -32,6 +33,9 @@ MIN_IMAGES, MAX_IMAGES = 10, 50
 CONFIDENCE_LEVELS = (1, 5)  # "how sure are you": 1 = guessing, 5 = certain
 # Accuracy and balanced accuracy closer than this read as "agree" in the summary.
 AGREEMENT = 0.05
+# Resamples of the quiz's images for the intervals: 10 images give wide ones, and the summary names no winner while
+# the difference's interval holds 0 ("the model beat you: 0.46 vs 0.25" on 10 images was chance as often as not).
+BOOTSTRAP = 2000
 
 
 class QuizError(ValueError):
@@ -153,8 +157,11 @@ def score(
     """
     labels = np.array([class_index(c) for c in truths], dtype=int)
     chosen = np.array([class_index(c) for c in answers], dtype=int)
-    student = _side(compute_metrics(labels, np.eye(NUM_CLASSES)[chosen]))
-    model = _side(compute_metrics(labels, np.asarray(model_probs, dtype=float)))
+    picked, model_probs = np.eye(NUM_CLASSES)[chosen], np.asarray(model_probs, dtype=float)
+    student = _side(compute_metrics(labels, picked))
+    model = _side(compute_metrics(labels, model_probs))
+    for side, probs in ((student, picked), (model, model_probs)):
+        side["balanced_accuracy_ci"] = list(bootstrap_ci(labels, probs, balanced_accuracy, n=BOOTSTRAP))
     rated = [(c, bool(a == t)) for c, a, t in zip(confidences or [], chosen, labels, strict=False) if c is not None]
     for key, right in (("confidence_right", True), ("confidence_wrong", False)):
         values = [c for c, ok in rated if ok is right]
@@ -165,6 +172,11 @@ def score(
         "support": dict(zip(CLASSES, map(int, support), strict=True)),
         "student": student,
         "model": model,
+        # Yours minus the model's, with the paired bootstrap's 95% interval: the same images drawn for both.
+        "difference": {
+            "balanced_accuracy": student["balanced_accuracy"] - model["balanced_accuracy"],
+            "ci": list(paired_bootstrap_ci(labels, picked, model_probs, balanced_accuracy, n=BOOTSTRAP)),
+        },
     }
 
 
@@ -179,6 +191,39 @@ def _verdict(side: dict) -> str:
 
 def _pair(side: dict) -> str:
     return f"{side['accuracy']:.2f} vs balanced accuracy {side['balanced_accuracy']:.2f}"
+
+
+def interval_text(side: dict, n: int) -> str:
+    """A side's balanced accuracy interval (:func:`score`), in a sentence for its number's help."""
+    low, high = side["balanced_accuracy_ci"]
+    return f"95% bootstrap interval {low:.2f}–{high:.2f} over these {_images(n)}: a short quiz measures roughly."
+
+
+def _interval(low: float, high: float) -> str:
+    return f"95% interval {low:+.2f} to {high:+.2f}"
+
+
+def _who_did_better(result: dict) -> str:
+    """Who did better on balanced accuracy, said only where the paired interval of the difference leaves out 0."""
+    ours, theirs = result["student"]["balanced_accuracy"], result["model"]["balanced_accuracy"]
+    diff, (low, high) = result["difference"]["balanced_accuracy"], result["difference"]["ci"]
+    if abs(diff) < 1e-9:
+        return f"On balanced accuracy you tied with the model ({ours:.2f})."
+    if low > 0:
+        return (
+            f"On balanced accuracy you beat the model: {ours:.2f} vs its {theirs:.2f} (yours minus the model's "
+            f"{diff:+.2f}, {_interval(low, high)} over these {_images(result['n'])})."
+        )
+    if high < 0:
+        return (
+            f"On balanced accuracy the model beat you: {theirs:.2f} vs your {ours:.2f} (the model's minus yours "
+            f"{-diff:+.2f}, {_interval(-high, -low)} over these {_images(result['n'])})."
+        )
+    return (
+        f"On balanced accuracy neither of you clearly did better: yours {ours:.2f}, the model's {theirs:.2f}; on "
+        f"{_images(result['n'])} the difference ({diff:+.2f}, {_interval(low, high)}) may be chance. A longer "
+        "quiz tells them apart."
+    )
 
 
 def summary_sentences(result: dict, mix: str) -> list[str]:
@@ -221,15 +266,7 @@ def summary_sentences(result: dict, mix: str) -> list[str]:
             f"for {1 / len(present):.0%}, like every other class."
         )
 
-    ours, theirs = student["balanced_accuracy"], model["balanced_accuracy"]
-    if abs(ours - theirs) < 1e-9:
-        sentences.append(f"On balanced accuracy you tied with the model ({ours:.2f}).")
-    else:
-        sentences.append(
-            f"On balanced accuracy you beat the model: {ours:.2f} vs its {theirs:.2f}."
-            if ours > theirs
-            else f"On balanced accuracy the model beat you: {theirs:.2f} vs your {ours:.2f}."
-        )
+    sentences.append(_who_did_better(result))
 
     gaps = {c: student["recall"][c] - model["recall"][c] for c in present}
     widest = max(gaps, key=lambda c: (abs(gaps[c]), present[c]))

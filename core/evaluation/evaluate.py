@@ -249,20 +249,25 @@ def evaluate_checkpoint(
     decoded_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     by_source: bool = False,
+    stage: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the checkpoint over one split of the dataset in ``data``; a JSON-ready dict of everything. With a
     ``decoded_dir``, the images come from the decoded-image cache there when it holds them (see
     :func:`_cached_batches`). ``progress(done, total)`` follows the images (by default a count on the terminal, when
     there is one: a log file full of carriage returns helps nobody). ``by_source`` adds each metric per image source
     (:func:`core.evaluation.sources.metrics_by_source`); an :class:`EvaluationError`, before the model runs, when no
-    image's source is known.
+    image's source is known. ``stage(text)`` hears each step as it starts (loading the model, finding the images,
+    predicting, the bootstrap), so that a page says what is being done before the first images are.
 
     Longer than most functions here on purpose: it reads top to bottom as the command runs (open, choose the
     images, one pass, the pass without metadata, the record), and each step is a call of its own."""
     if progress is None and sys.stderr.isatty():
         progress = _terminal_progress
+    say = stage or (lambda text: None)
+    say(f"loading the model {Path(checkpoint).name}")
     predictor = open_predictor(checkpoint, device=device)
     thresholds = predictor.thresholds | ({} if mel_threshold is None else {"mel_threshold": mel_threshold})
+    say(f"finding the images in {Path(data).name} and checking its metadata")
     index, frame, described = split_images(checkpoint, predictor.checkpoint, data, split, split_seed, fractions)
     if by_source and not (frame["source"] != UNKNOWN_SOURCE).any():
         raise EvaluationError(
@@ -288,12 +293,17 @@ def evaluate_checkpoint(
     def run(metadata: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         return predictor.split_probabilities(batches_for, tta=tta, metadata=metadata, progress=hear)
 
+    say(f"reading, decoding and predicting {len(frame):,} images" + (f" ({tta_description(tta)})" if tta else ""))
     probs, labels = run(encoded)
     lesions = frame["lesion_id"].tolist()  # the intervals resample lesions: a lesion's images are not independent
     # A model that takes metadata: the same images again with every field unknown, what it does without them.
     withheld, metadata = None, None
     if encoding is not None:
+        say("predicting the images again with age, sex and site withheld")
         withheld = run(None)[0]
+    if bootstrap:
+        say(f"95% intervals: {bootstrap:,} bootstrap resamples of the lesions")
+    if withheld is not None:
         metadata = withheld_report(
             encoding.known(encoded), labels, withheld, thresholds=thresholds, bootstrap=bootstrap, lesions=lesions
         )

@@ -24,7 +24,7 @@ from core.common.labels import CLASSES
 from core.data.archives import ArchiveError, file_members, member_path, open_zip, read_member
 from core.data.dataset import IMAGE_SUFFIXES, DatasetError, walk_files
 from core.data.images import ImageError, ImageSource
-from core.inference.forward import bounded_batch_size
+from core.inference.forward import bounded_batch_size, view_count
 from core.inference.prediction import LOW_CONFIDENCE, Prediction
 from core.inference.predictor import Predictor
 from core.inference.unfamiliar import UnfamiliarCheck
@@ -315,16 +315,29 @@ def predict_files(
     thumbnails: bool = True,
     batch_size: int = BATCH_SIZE,
     progress: Callable[[int, int], None] | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> Iterator[BatchRow]:
     """One :class:`BatchRow` per file, in order, as each batch of images finishes; ``progress(done, total)``
-    after each batch. The images of a batch go through the model in one forward pass. Raises
+    after each batch. The images of a batch go through the model in one forward pass. ``stage(text)`` hears what is
+    being done before each step ("decoding NAME (3 of 40)", "running the model on files 1–16 of 40"), so that a
+    page says so from the first second, before a batch is done. Raises
     :class:`~core.inference.forward.PredictionError` when the model's output is not a probability distribution (broken
     weights), which no other file would escape either."""
     size = bounded_batch_size(batch_size, predictor.largest_input_size, tta)
+    say = stage or (lambda text: None)
     for start in range(0, len(files), size):
         chunk = files[start : start + size]
-        decoded = [_decode(predictor, file) for file in chunk]
+        decoded = []
+        for i, file in enumerate(chunk):
+            say(f"reading and decoding {file.name} ({start + i + 1} of {len(files)})")
+            decoded.append(_decode(predictor, file))
         ready = [(i, item) for i, item in enumerate(decoded) if not isinstance(item, BatchRow)]
+        ahead = len(predictor.line)  # one model serves every session: another's pass may come first
+        say(
+            f"running the model on files {start + 1}–{start + len(chunk)} of {len(files)}"
+            + (f" ({view_count(tta)} views each)" if tta else "")
+            + (f", after {ahead} other {'analysis' if ahead == 1 else 'analyses'} ahead" if ahead else "")
+        )
         predictions = predictor.predict_batch([item for _, item in ready], tta)
         for (i, _), prediction in zip(ready, predictions, strict=True):
             decoded[i] = _row(predictor, chunk[i].name, prediction, thumbnails)

@@ -23,9 +23,11 @@ import pandas as pd
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from core.common.background import BackgroundTask
 from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES, NUM_CLASSES
 from core.common.settings import cache_dir as default_cache_dir
 from core.data.preprocessing import Preprocessing
+from core.data.splits import model_split, split_column
 from core.inference.features import FeatureCache, ProgressFn, backbone_key
 from core.models.ensemble_file import lead_model
 
@@ -218,3 +220,31 @@ def build_index(
     columns = [c for c in ("image_id", "dx", "dx_type", "age", "sex", "localization", "path") if c in frame]
     table = frame.loc[keep, columns].assign(split=np.asarray(split)[keep]).reset_index(drop=True)
     return CaseIndex(table, features.numpy())
+
+
+def index_in_background(
+    checkpoint: str | Path,
+    checkpoint_dict: dict,
+    frame: pd.DataFrame,
+    run_folders: Sequence[Path],
+    *,
+    cache_dir: str | Path | None = None,
+) -> BackgroundTask[CaseIndex]:
+    """:func:`build_index` of ``frame`` under ``checkpoint`` (``checkpoint_dict``, its loaded dict), each image with
+    its split for the model (:func:`core.data.splits.model_split` over ``run_folders``), started in a background
+    thread: the Diagnose page shows its answer and report while it runs, and its bar reads the task's stage, count,
+    rate and ETA. A :class:`core.data.splits.SplitError` (no split of the model can be trusted) ends it as the
+    task's error."""
+
+    def work(task: BackgroundTask[CaseIndex]) -> CaseIndex:
+        record = model_split(checkpoint, checkpoint_dict, frame, run_folders)
+        task.stage = "loading the model and the features cached earlier"
+        split = split_column(frame, record.split_of)
+
+        def progress(done: int, total: int) -> None:
+            task.stage = "computing the features of each image"
+            task.progress(done, total)
+
+        return build_index(checkpoint, frame, split, cache_dir=cache_dir, progress=progress)
+
+    return BackgroundTask(work, stage="finding the images this model trained on")

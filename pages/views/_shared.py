@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,8 @@ NOTICE = (
     "**Research and education only — not a medical device.** Lesion Lab does not diagnose. "
     "Never use it to decide on care; see a dermatologist about any skin lesion that worries you."
 )
+# Pixels: Streamlit's tables wrap a cell's text only in rows taller than 4rem (64 px); 72 holds three lines.
+WRAPPING_ROW_HEIGHT = 72
 DATASET_KEY = "dataset_folder"
 DATASET_PARAM = "data"  # the URL's query parameter that keeps the sidebar's dataset folder across reloads
 
@@ -49,6 +52,12 @@ def warm_imports() -> threading.Thread:
     thread = threading.Thread(target=lambda: [importlib.import_module(m) for m in WARM_MODULES], daemon=True)
     thread.start()
     return thread
+
+
+def dark_theme() -> bool:
+    """Whether the browser shows the dark theme (the app follows its preference): charts draw their lines and marks
+    in :data:`core.app.plots.INK` for it."""
+    return st.context.theme.type == "dark"
 
 
 def research_notice() -> None:
@@ -153,6 +162,33 @@ def progress_bar(label: str, done: float, total: float | None, started: float, *
     st.progress(progress_fraction(done, total), text=progress_text(label, done, total, started=started, **text))
 
 
+class WorkBar:
+    """A long step's bar that says from its first second what is being done (:meth:`stage`: "loading the model",
+    "reading x.jpg (3 of 40)") beside the count, rate and ETA of what is done (:meth:`progress`)."""
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "images") -> None:
+        self.label, self.total, self.unit = label, total, unit
+        self.done, self.doing, self.started = 0, "starting", time.time()
+        self._slot = st.empty()
+        self._draw()
+
+    def progress(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        self._draw()
+
+    def stage(self, doing: str) -> None:
+        self.doing = doing
+        self._draw()
+
+    def _draw(self) -> None:
+        # Streamlit sends only the last of an element's updates that are waiting to go: a stage per file is cheap.
+        text = progress_text(self.label, self.done, self.total, started=self.started, unit=self.unit)
+        self._slot.progress(progress_fraction(self.done, self.total), text=f"{text} · now {self.doing}")
+
+    def empty(self) -> None:
+        self._slot.empty()
+
+
 def run_progress(run: runs.RunState) -> None:
     """A run's bar: through the current phase (features, …) or the epochs, with images/s and ETA."""
     st.progress(run.fraction_done(), text=run.progress_text())
@@ -199,7 +235,15 @@ def _job_line(drawn: tuple | None) -> None:
     if run is None:
         st.info(f"{what} starting…", icon=":material/hourglass_top:")
         return
-    state = "stopping" if job.stop_requested and not run.done else run.state
+    if run.done:  # its trainer has said how it ended while the job's processes exit: not "running" beside "stopped"
+        later = job.runs[job.runs.index(run.name) + 1 :] if run.name in job.runs else []
+        goes_on = later and run.state == "finished" and not job.stop_requested
+        st.info(
+            f"{what}: **{run.name}** {run.state}; {'the next run is starting' if goes_on else 'the job is ending'}…",
+            icon=":material/hourglass_bottom:",
+        )
+        return
+    state = "stopping" if job.stop_requested else run.state
     st.info(f"{what} running: **{run.name}** ({state})", icon=":material/hourglass_top:")
 
 
@@ -245,32 +289,17 @@ def get_predictor(path: Path):
 
 @st.cache_resource(max_entries=2, show_spinner=False)
 def _case_index(checkpoint: str, stamp: float, folder: str, data_stamp: float, _checkpoint: dict, _frame):
-    """One case index per (checkpoint version, dataset version), shared by all sessions, built with a progress
-    bar (made in here, so the cache can replay it); its features are also cached on disk, so a restart only
-    reads them back."""
-    from core.data.splits import SplitError, model_split, split_column
-    from core.inference.similar import build_index
+    """One case index per (checkpoint version, dataset version), shared by all sessions and built in a background
+    thread (:func:`core.inference.similar.index_in_background`); its features are also cached on disk, so a restart
+    only reads them back."""
+    from core.inference.similar import index_in_background
 
-    try:
-        record = model_split(checkpoint, _checkpoint, _frame, settings.run_folders())
-    except SplitError as exc:
-        return None, str(exc)
-    bar = st.empty()
-
-    def progress(done: int, total: int) -> None:
-        bar.progress(
-            done / max(total, 1),
-            text=f"Indexing {Path(folder).name} under this model for similar cases: {done} of {total} images "
-            "(once per model and dataset)",
-        )
-
-    cases = build_index(checkpoint, _frame, split_column(_frame, record.split_of), progress=progress)
-    bar.empty()
-    return cases, None
+    return index_in_background(checkpoint, _checkpoint, _frame, settings.run_folders())
 
 
 def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
-    """(CaseIndex, None) or (None, message): the dataset's images under the model."""
+    """The :class:`core.common.background.BackgroundTask` that builds (or has built) the dataset's case index under
+    the model: its ``result`` a CaseIndex once ``finished``, or its ``error``."""
     stamp = Path(path).stat().st_mtime
     return _case_index(str(path), stamp, str(index.root), _metadata_stamp(index.root), checkpoint, index.frame)
 

@@ -7,11 +7,12 @@ import time
 import pandas as pd
 import streamlit as st
 
+from core.app.plots import class_label
 from core.app.referral import REFER, threshold_origin
 from core.common.formatting import format_bytes
 from core.inference.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
 from core.inference.forward import PredictionError, tta_description
-from pages.views._shared import model_choice, research_notice
+from pages.views._shared import WRAPPING_ROW_HEIGHT, WorkBar, model_choice, research_notice
 
 # Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
 MAX_UPLOAD_MIB = 200
@@ -46,15 +47,9 @@ if cached is None or cached[0] != key:
     except BatchError as exc:
         st.error(str(exc), icon=":material/block:")
         st.stop()
-    bar = st.progress(0.0, text=f"Predicting {len(files)} files…")
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        bar.progress(done / total, text=f"{done} of {total} files · {rate:.1f} images/s")
-
+    bar, start = WorkBar("Predicted", len(files), unit="files"), time.perf_counter()
     try:
-        rows = list(predict_files(predictor, files, tta=tta, progress=progress))
+        rows = list(predict_files(predictor, files, tta=tta, progress=bar.progress, stage=bar.stage))
     except PredictionError as exc:
         st.error(f"No predictions from this model: {exc}. Choose another model.", icon=":material/block:")
         st.stop()
@@ -89,30 +84,35 @@ table = pd.DataFrame(
         "thumbnail": [r.thumbnail or "" for r in rows],
         "file": [r.file for r in rows],
         "top_class": [r.top_class or "" for r in rows],
+        "diagnosis": [class_label(r.top_class) if r.top_class else "" for r in rows],
         "refer": [", ".join(r.refer) for r in rows],
         "p_malignant": pd.Series([r.p_malignant for r in rows], dtype=float),
         "p_melanoma": pd.Series([r.p_melanoma for r in rows], dtype=float),
         "confidence": pd.Series([r.confidence for r in rows], dtype=float),
         "error": [r.error or "" for r in rows],
         "warnings": [" | ".join(r.warnings) for r in rows],
-        "diagnosis": [r.diagnosis or "" for r in rows],
     }
 )
+# Every column within a 1600-pixel window (widths in pixels, the sidebar open): at their natural widths the error and
+# warning columns ran off to the right. Rows high enough that a long error or warning wraps in its cell.
 st.dataframe(
     table,
     hide_index=True,
     width="stretch",
+    row_height=WRAPPING_ROW_HEIGHT,
+    placeholder="",
+    column_order=[c for c in table.columns if c != "top_class"],  # its code is in "Most likely" beside its name
     column_config={
-        "thumbnail": st.column_config.ImageColumn("Image", width="small"),
-        "file": st.column_config.TextColumn("File"),
-        "top_class": st.column_config.TextColumn("Class"),
-        "diagnosis": st.column_config.TextColumn("Most likely"),
+        "thumbnail": st.column_config.ImageColumn("Image", width=64),
+        "file": st.column_config.TextColumn("File", width=170),
+        "diagnosis": st.column_config.TextColumn("Most likely", width=180),
         "refer": st.column_config.TextColumn(
-            "Refer", help=f"The referral rules at or above the model's operating threshold: {REFER}."
+            "Refer", width=90, help=f"The referral rules at or above the model's operating threshold: {REFER}."
         ),
         **{
             f"p_{referral.rule.key}": st.column_config.ProgressColumn(
                 referral.rule.label,
+                width=115,
                 min_value=0.0,
                 max_value=1.0,
                 format="percent",
@@ -120,9 +120,9 @@ st.dataframe(
             )
             for referral in predictor.referrals
         },
-        "confidence": st.column_config.NumberColumn("Confidence", format="percent"),
-        "warnings": st.column_config.TextColumn("Warnings"),
-        "error": st.column_config.TextColumn("Error"),
+        "confidence": st.column_config.NumberColumn("Confidence", width=85, format="percent"),
+        "error": st.column_config.TextColumn("Error", width=160),
+        "warnings": st.column_config.TextColumn("Warnings", width=160),
     },
 )
 st.download_button(

@@ -17,6 +17,7 @@ from core.models.architectures import ARCHITECTURES, default_arch, default_arch_
 from core.training import imbalance
 from core.training.config import PRESETS, TrainConfig, config_with
 from pages.views._shared import (
+    WRAPPING_ROW_HEIGHT,
     current_job,
     damaged_notice,
     dataset_choice,
@@ -31,6 +32,7 @@ from pages.views._shared import (
 
 st.title("Compare")
 RUNS = runs_dir()
+RUN_WIDTH = 190  # pixels for a run's name, wrapping: "imbalance-20261127-101500-class_balanced" on two lines
 
 
 def headline(run: RunState) -> dict:
@@ -39,9 +41,8 @@ def headline(run: RunState) -> dict:
     mel = t.get("melanoma", {})
     return {
         "run": run.name,
-        "arch": run.config.get("arch"),
-        "fine-tuning": run.config.get("finetune"),
-        "imbalance": run.config.get("imbalance"),
+        # Backbone, fine-tuning and imbalance strategy in one cell that wraps: as three columns they pushed ECE off.
+        "model": " · ".join(str(run.config[k]) for k in ("arch", "finetune", "imbalance") if run.config.get(k)),
         "dataset": run.dataset,
         "accuracy": t.get("accuracy"),
         "balanced accuracy": t.get("balanced_accuracy"),
@@ -93,14 +94,20 @@ def comparison(chosen: list[RunState]) -> None:
         f"as flagged when P(mel) ≥ this. Chosen on the run's validation split for {MEL_SENSITIVITY:.0%} sensitivity; "
         "0.5 where the run recorded none."
     }
+    # Widths in pixels: every column on screen in a 1600-pixel window with the sidebar open, long run names and
+    # datasets wrapping in their cells (the names and the ECE column were cut).
+    wide = {"model": 150, "dataset": 150, "macro AUC": 80, "test images": 85}
     st.dataframe(
         shown,
         width="stretch",
         key="cmp_headline",
+        row_height=WRAPPING_ROW_HEIGHT,
         column_config={
-            c: st.column_config.TextColumn(short.get(c, c), help=helps.get(c, c), width="small")
-            for c in shown.columns
-            if c != "run"
+            "_index": st.column_config.TextColumn("run", width=RUN_WIDTH),
+            **{
+                c: st.column_config.TextColumn(short.get(c, c), help=helps.get(c, c), width=wide.get(c, 68))
+                for c in shown.columns
+            },
         },
     )
     rows = []
@@ -124,9 +131,17 @@ def comparison(chosen: list[RunState]) -> None:
     )
     st.plotly_chart(plots.per_class_comparison(per_class, metric), width="stretch")
     with st.expander("Per-class table"):
+        # A row per run, as above: a column per run cut their names, and any number of runs fits this way.
         st.dataframe(
-            per_class.pivot(index="class", columns="run", values=metric).reindex([c for c in plots.CLASSES]),
+            per_class.pivot(index="run", columns="class", values=metric)
+            .reindex(columns=list(plots.CLASSES))
+            .reindex([r.name for r in chosen]),
             width="stretch",
+            row_height=WRAPPING_ROW_HEIGHT,
+            column_config={
+                "_index": st.column_config.TextColumn("run", width=RUN_WIDTH),
+                **{c: st.column_config.NumberColumn(c, format="%.3f", width=80) for c in plots.CLASSES},
+            },
         )
     normalize = st.toggle("Row-normalised confusion matrices", value=True, key="cmp_norm")
     cols = st.columns(min(3, len(chosen)))
@@ -177,7 +192,10 @@ def time_estimate(cfg: TrainConfig, dataset_images: int) -> None:
             f"{format_duration(guess.cached_s)} for {runs} (what later experiments with this backbone and "
             "image size take)."
         )
-    st.caption(f"Estimated from the images each strategy's epochs hold and these rates: {guess.basis()}")
+    st.caption(
+        f"Estimated from the images each strategy's epochs hold and these rates: {guess.basis()} "
+        + estimate.load_note()
+    )
 
 
 def experiment_form(index) -> None:
@@ -248,12 +266,37 @@ def experiment_form(index) -> None:
             st.rerun()
 
 
+def experiment_progress(manifest: dict, runs: list[tuple[str, RunState | None]], current: RunState | None) -> None:
+    """Where the running experiment is and how long it has left, estimated from the speed its own runs measure on
+    this machine (core.app.estimate.time_left) and updated each time the fragment redraws; above the table, whose
+    detail column a narrow window cuts."""
+    strategies = [s for s, _ in runs]
+    if current is None or current.name not in manifest["runs"]:
+        st.markdown(f"**Starting the experiment** ({len(runs)} runs): loading the dataset and the model…")
+        return
+    k = manifest["runs"].index(current.name)
+    st.markdown(f"**Run {k + 1} of {len(runs)}: {imbalance.label(strategies[k])}** — {current.progress_text()}")
+    try:
+        cfg = TrainConfig.from_dict(manifest["base"])
+    except (KeyError, TypeError, ValueError):  # a manifest from before it recorded its settings: no estimate
+        return
+    total, images = _experiment_images(cfg.to_dict(), 0)  # the experiment's dataset as it started: counted once
+    fallback = {**estimate.benchmark_rates(), **estimate.recorded_rates(list_runs(), cfg)}
+    left = estimate.time_left(runs, images, total, cfg, fallback)
+    if left is None:
+        st.caption("Time left: measuring this machine's speed…")
+        return
+    st.markdown(f"About **{format_duration(left.seconds)}** left for the whole experiment.")
+    st.caption(f"From the speed measured on this machine as it runs, updated every second: {left.basis()}.")
+
+
 def experiment_status(manifest: dict) -> None:
     job, current = current_job()
-    rows = []
+    rows, runs = [], []
     for name, strategy in zip(manifest["runs"], manifest.get("strategies", []), strict=False):
         path = RUNS / name
         run = read_run(path, job) if path.exists() else None
+        runs.append((strategy, run))
         queued = job is not None and name in job.runs and not job.stop_requested  # a stop starts no more runs
         state = run.state if run else ("queued" if queued else "not run")
         rows.append(
@@ -265,15 +308,21 @@ def experiment_status(manifest: dict) -> None:
                 "detail": run.progress_text() if run and not run.done else (run.error or "" if run else ""),
             }
         )
+    # A run that stopped or failed ends the queue: no Stop for a job whose processes are only exiting.
+    ending = current is not None and current.state in ("stopped", "failed", "interrupted")
+    running = job is not None and job.experiment == manifest["name"] and not ending
+    if running and not job.stop_requested:
+        experiment_progress(manifest, runs, current)
     st.dataframe(
         pd.DataFrame(rows),
         hide_index=True,
         width="stretch",
-        column_config={"progress": st.column_config.ProgressColumn(min_value=0, max_value=1)},
+        column_config={
+            "progress": st.column_config.ProgressColumn(min_value=0, max_value=1, width="small"),
+            "detail": st.column_config.TextColumn(width="large"),
+        },
     )
-    # A run that stopped or failed ends the queue: no Stop for a job whose processes are only exiting.
-    ending = current is not None and current.state in ("stopped", "failed", "interrupted")
-    if job is not None and job.experiment == manifest["name"] and not ending:
+    if running:
         if job.stop_requested:
             st.warning(
                 "Stopping: the current run ends after its step; the queued ones will not start.",

@@ -12,11 +12,12 @@ from core.app.report import model_info, report_html
 from core.common.formatting import format_bytes
 from core.common.labels import CLASSES, MALIGNANT
 from core.data.images import ImageError, fit_margins, upright_size
+from core.data.splits import SplitError
 from core.inference.explain import feature_map_grid
 from core.inference.forward import PredictionError
 from core.inference.prediction import LOW_CONFIDENCE
 from core.inference.similar import NEIGHBOURS, REFERENCE_SPLITS, disagreement_text, vote
-from pages.views._shared import case_index, load_dataset, model_choice, research_notice
+from pages.views._shared import case_index, dark_theme, load_dataset, model_choice, progress_bar, research_notice
 
 # Streamlit's max_upload_size counts MiB (× 1024² bytes), though its documentation says megabytes.
 MAX_UPLOAD_MIB = 10
@@ -149,7 +150,8 @@ def probabilities() -> None:
     m1, m2 = st.columns(2)
     m1.metric("Malignant (akiec + bcc + mel)", f"{prediction.malignant_probability:.1%}")
     m2.metric("Benign (bkl + df + nv + vasc)", f"{1 - prediction.malignant_probability:.1%}")
-    st.plotly_chart(plots.probability_bars(prediction.probs, highlight=prediction.top_class), width="stretch")
+    bars = plots.probability_bars(prediction.probs, highlight=prediction.top_class, dark=dark_theme())
+    st.plotly_chart(bars, width="stretch")
 
 
 def referrals(assessed: bool = True) -> None:
@@ -305,6 +307,23 @@ def case_grid(cases: list, titles: list[str] | None = None, cols: int = 4) -> No
         row[i % cols].image(case.path, caption=title + case.caption(), width="stretch")
 
 
+def index_progress(task, dataset_name: str) -> None:
+    """The case index's bar, redrawn every second while it is built (the fragment is only drawn then, so an idle tab
+    costs nothing); the whole page again once it is ready: the cases, what they say beside the answer, the report."""
+    if task.finished:
+        st.rerun()
+    progress_bar(
+        f"Indexing {dataset_name} under this model for similar cases ({task.stage})",
+        task.done,
+        task.total,
+        task.started,
+    )
+    st.caption(
+        "Once per model and dataset, in the background: the answer, the heatmap and the report do not wait for it. "
+        "The similar cases appear here when the index is ready (download the report again then to include them)."
+    )
+
+
 def similar_cases() -> tuple[list, dict]:
     """The similar-cases section; returns what it showed (nearest cases, nearest by class) for the report."""
     st.subheader("Similar confirmed cases")
@@ -316,10 +335,15 @@ def similar_cases() -> tuple[list, dict]:
             icon=":material/photo_library:",
         )
         return [], {}
-    cases, error = case_index(model_path, ckpt, dataset)
-    if cases is None:
-        st.info(f"No similar cases: {error}", icon=":material/photo_library:")
+    task = case_index(model_path, ckpt, dataset)
+    if not task.finished:  # the answer, heatmap and report do not wait: the cases follow when the index is ready
+        st.fragment(index_progress, run_every=1)(task, dataset.root.name)
         return [], {}
+    if task.error is not None:
+        why = str(task.error) if isinstance(task.error, SplitError) else f"{type(task.error).__name__}: {task.error}"
+        st.info(f"No similar cases: {why}", icon=":material/photo_library:")
+        return [], {}
+    cases = task.result
     with_test = st.toggle(
         "Include the model's test images",
         key="diag_similar_test",

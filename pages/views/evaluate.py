@@ -33,7 +33,10 @@ from core.metrics.classification import (
 )
 from core.models.checkpoints import CheckpointError
 from pages.views._shared import (
+    WRAPPING_ROW_HEIGHT,
+    WorkBar,
     cam_overlay,
+    dark_theme,
     dataset_choice,
     evaluated_runs,
     is_published,
@@ -45,6 +48,8 @@ from pages.views._shared import (
     run_label,
 )
 
+# Pixels for the longest diagnosis name in full, "Actinic keratosis / intraepithelial carcinoma" (cut at "medium").
+DIAGNOSIS_WIDTH = 330
 EXTERNAL_BOOTSTRAP = 200  # resamples for the external set's intervals: enough for a 95% CI, quick to draw
 EXTERNAL_RESULT = "ext_result"  # (key, result) of the latest external evaluation, so reruns do not redo it
 EXTERNAL_REQUEST = "ext_request"  # (checkpoint, folder, name shown) of the last evaluation asked for; survives reruns
@@ -133,7 +138,7 @@ def confusion_and_report(metrics: dict, key: str) -> None:
         width="content",
         key=f"{key}_report",
         column_config={
-            "diagnosis": st.column_config.TextColumn(width="medium"),
+            "diagnosis": st.column_config.TextColumn(width=DIAGNOSIS_WIDTH),
             **dict.fromkeys(("precision", "recall", "f1", "auc"), number),
             "support": st.column_config.NumberColumn(width="small"),
         },
@@ -260,7 +265,9 @@ def referral_thresholds(run: RunState, labels: np.ndarray, probs: np.ndarray, ev
         f"{op['tp']} {rule.name} flagged, {op['fn']} missed; {op['fp']} false alarms, {op['tn']} "
         "correctly not flagged. Lowering the threshold trades specificity for sensitivity."
     )
-    curve = plots.threshold_curve(rule.score(probs), rule.positives(labels), t, rule.label, rule.name.capitalize())
+    curve = plots.threshold_curve(
+        rule.score(probs), rule.positives(labels), t, rule.label, rule.name.capitalize(), dark=dark_theme()
+    )
     st.plotly_chart(curve, width="stretch")
 
 
@@ -342,8 +349,23 @@ def robustness_view(run: RunState) -> None:
     st.caption(f"{robustness.describe(report)}. Each shift is applied to the image file before the model's fitting.")
     if report.get("split_warning"):
         st.warning(report["split_warning"], icon=":material/warning:")
-    st.dataframe(pd.DataFrame(robustness.table_rows(report)), hide_index=True, key="eval_robust_table")
-    st.plotly_chart(plots.robustness_figure(report), width="stretch", key="eval_robust_chart")
+    # Widths in pixels so that every column is on screen in a 1600-pixel window (its last one ran off), rows high
+    # enough that a long description wraps in its cell.
+    interval, number = st.column_config.TextColumn(width=170), st.column_config.TextColumn(width=115)
+    st.dataframe(
+        pd.DataFrame(robustness.table_rows(report)),
+        hide_index=True,
+        key="eval_robust_table",
+        row_height=WRAPPING_ROW_HEIGHT,
+        column_config={
+            "condition": st.column_config.TextColumn(width=110),
+            "what": st.column_config.TextColumn(width=210),
+            **dict.fromkeys(("balanced accuracy", "melanoma AUC"), number),
+            "ECE": st.column_config.TextColumn(width=70),
+            **dict.fromkeys(("drop (95% CI)", "AUC drop (95% CI)", "ECE change (95% CI)"), interval),
+        },
+    )
+    st.plotly_chart(plots.robustness_figure(report, dark=dark_theme()), width="stretch", key="eval_robust_chart")
     st.caption(
         "Drop = clean minus shifted, with a paired bootstrap 95% interval (the same resampled images under both "
         "conditions); a positive ECE change means worse calibration. Same as `lesionlab evaluate "
@@ -369,16 +391,20 @@ def _compute_robustness(run: RunState) -> dict | None:
         missing = "no checkpoint of this run is available here" if checkpoint is None else "no dataset is configured"
         st.info(f"No robustness report has been saved for this run, and {missing}.", icon=":material/info:")
         return None
-    st.info(
-        f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` on "
-        f"the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
-        f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images, each with the views Diagnose and "
-        f"`lesionlab evaluate` predict from by default (test-time augmentation: "
-        f"{tta_description(USE_TTA_BY_DEFAULT)}).",
-        icon=":material/info:",
-    )
-    if not st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go"):
+    offer = st.empty()  # the banner and its button go once clicked: the report they offered takes their place
+    with offer.container():
+        st.info(
+            f"No robustness report has been saved for this run. It evaluates `{settings.model_label(checkpoint)}` "
+            f"on the test split of {dataset_choice().describe()} as it is and under {len(SHIFTS)} shifts "
+            f"({', '.join(SHIFTS)}): {len(SHIFTS) + 1} passes over the images, each with the views Diagnose and "
+            f"`lesionlab evaluate` predict from by default (test-time augmentation: "
+            f"{tta_description(USE_TTA_BY_DEFAULT)}).",
+            icon=":material/info:",
+        )
+        go = st.button("Compute the robustness report", icon=":material/play_arrow:", key="eval_robust_go")
+    if not go:
         return None
+    offer.empty()
     bar, started = st.empty(), time.time()
 
     def progress(done: int, total: int) -> None:
@@ -413,18 +439,22 @@ def _external_evaluation(checkpoint: str, stamp: float, folder: str, folder_stam
     kept = st.session_state.get(EXTERNAL_RESULT)
     if kept is not None and kept[0] == key:
         return kept[1]
+    # Drawing is also where a rerun (another click, leaving the page) ends the work between two steps.
+    bar = WorkBar(f"Evaluating on {Path(folder).name}")
+    bar.stage("recognising the folder's layout")
     layout = detect_layout(folder)  # fails fast, before the model loads, on a folder it cannot read
-    bar, started = st.empty(), time.time()
-
-    def draw(done: int, total: int) -> None:
-        # Drawing is also where a rerun (another click, leaving the page) ends the work between two batches.
-        with bar:
-            progress_bar(f"Evaluating on {Path(folder).name}", done, total, started)
-
-    result = evaluate_checkpoint(
-        checkpoint, folder, split="all", bootstrap=EXTERNAL_BOOTSTRAP, device=str(pick_device()), progress=draw
-    )
-    bar.empty()
+    try:
+        result = evaluate_checkpoint(
+            checkpoint,
+            folder,
+            split="all",
+            bootstrap=EXTERNAL_BOOTSTRAP,
+            device=str(pick_device()),
+            progress=bar.progress,
+            stage=bar.stage,
+        )
+    finally:
+        bar.empty()
     validation = result["validation"]
     out = {
         "layout": layout.kind,

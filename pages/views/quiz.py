@@ -19,7 +19,7 @@ from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from core.data.images import ImageError
 from core.data.splits import SplitError, model_split, split_column, split_counts
 from core.inference.forward import PredictionError
-from pages.views._shared import cam_overlay, get_predictor, load_dataset, research_notice
+from pages.views._shared import cam_overlay, dark_theme, get_predictor, load_dataset, research_notice
 
 STATE = "quiz"  # the running quiz: settings, model, drawn images, answers and position
 MISSING = "quiz_missing"  # set when Reveal was pressed without a diagnosis
@@ -263,7 +263,8 @@ def question() -> None:
             f"You said **{answer['answer']}**{sure}: {mark[answer['answer'] == truth]}. "
             f"The model said **{top}** ({probs.max():.0%}): {mark[top == truth]}."
         )
-        st.plotly_chart(plots.probability_bars(probs, highlight=truth), width="stretch", key=f"quiz_probs_{pos}")
+        bars = plots.probability_bars(probs, highlight=truth, dark=dark_theme())
+        st.plotly_chart(bars, width="stretch", key=f"quiz_probs_{pos}")
         st.caption(f"The model's calibrated probabilities; the true class ({truth}) is outlined.")
         last = pos + 1 == total
         st.button(
@@ -295,10 +296,14 @@ def results(q: dict) -> None:
     cols = st.columns(4)
     cols[0].metric("Your accuracy", f"{you['accuracy']:.3f}", help="Share of images diagnosed correctly.")
     cols[1].metric(
-        "Your balanced accuracy", f"{you['balanced_accuracy']:.3f}", help="Mean recall over the classes in the quiz."
+        "Your balanced accuracy",
+        f"{you['balanced_accuracy']:.3f}",
+        help="Mean recall over the classes in the quiz. " + quiz.interval_text(you, result["n"]),
     )
     cols[2].metric("Model accuracy", f"{model['accuracy']:.3f}")
-    cols[3].metric("Model balanced accuracy", f"{model['balanced_accuracy']:.3f}")
+    cols[3].metric(
+        "Model balanced accuracy", f"{model['balanced_accuracy']:.3f}", help=quiz.interval_text(model, result["n"])
+    )
     st.markdown("\n".join(f"- {s}" for s in quiz.summary_sentences(result, q["settings"].mix)))
 
     left, right = st.columns(2)
@@ -321,8 +326,8 @@ def results(q: dict) -> None:
     )
     st.plotly_chart(plots.per_class_comparison(recall, "recall"), width="stretch", key="quiz_recall")
     st.caption(
-        "Recall: the share of a class's images diagnosed as that class (sensitivity). Classes without "
-        "images in this quiz have no bar."
+        "Recall: the share of a class's images diagnosed as that class (sensitivity), written on each bar: a class "
+        'nobody recognised reads 0.00, and a class without images in this quiz says "no images" under its name.'
     )
 
     table = quiz.results_table(rows, answers, confidences, probs)

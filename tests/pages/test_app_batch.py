@@ -11,7 +11,7 @@ import pytest
 from core.inference.batch import CSV_COLUMNS
 from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
-from tests.app_support import ROOT, AppEnv, app_test, no_exceptions, texts
+from tests.app_support import ROOT, AppEnv, app_test, no_exceptions, table_fits_1600, texts
 from tests.conftest import zip_bytes
 
 SAMPLE = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jpg"))
@@ -40,6 +40,7 @@ def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
     no_exceptions(at)
 
     table = at.dataframe[0].value
+    table_fits_1600(at.dataframe[0])  # the error and warning columns ran off a 1600-px window
     assert list(table["file"]) == [
         *images,
         *(f"cases.zip/{n}" for n in inside),

@@ -145,12 +145,49 @@ def test_probability_bars_put_the_top_class_on_top():
     fig = plots.probability_bars(probs, highlight="mel")
     assert fig.data[0].y[-1].startswith("mel")
     assert fig.data[0].text[-1] == "60.0%"
+    # The long bar's label sits inside it, the short ones' beside them (outside, "99.9%" ran off a phone's screen).
+    assert fig.data[0].textposition[-1] == "inside" and set(fig.data[0].textposition[:-1]) == {"outside"}
+
+
+def luminance(colour: str) -> float:
+    """Relative luminance (0 black – 1 white) of a #rrggbb colour."""
+    return sum(w * int(colour[i : i + 2], 16) / 255 for w, i in zip((0.2126, 0.7152, 0.0722), (1, 3, 5), strict=True))
+
+
+def test_lines_over_a_chart_follow_the_theme():
+    """Dark mode's error bars and 0.03 line were a dark grey on a dark background: they take the theme's ink."""
+    import json
+
+    report = json.loads((Path(__file__).parents[2] / "docs/runs/reference-mnv2/robustness.json").read_text())
+    for dark, readable in ((True, lambda lum: lum > 0.8), (False, lambda lum: lum < 0.3)):
+        fig = plots.robustness_figure(report, dark=dark)
+        assert readable(luminance(fig.data[0].error_y.color)), dark
+        [line] = fig.layout.shapes
+        assert readable(luminance(line.line.color)), dark
+        curve = plots.threshold_curve(np.array([0.2, 0.8]), np.array([False, True]), 0.5, dark=dark)
+        assert readable(luminance(curve.layout.shapes[0].line.color)), dark
+        bars = plots.probability_bars(np.full(len(CLASSES), 1 / len(CLASSES)), highlight="mel", dark=dark).data[0]
+        [mel] = [i for i, label in enumerate(bars.y) if label.startswith("mel")]
+        assert readable(luminance(bars.marker.line.color[mel])), dark
 
 
 def test_per_class_comparison():
     table = pd.DataFrame([{"run": r, "class": c, "recall": 0.5} for r in ("a", "b") for c in CLASSES])
     fig = plots.per_class_comparison(table, "recall")
     assert [t.name for t in fig.data] == ["a", "b"]
+    # A class recalled by no one (0) is seen as a 0; a class with no images says so under its name.
+    quiz = pd.DataFrame(
+        [
+            {"run": who, "class": c, "recall": None if c == "vasc" else 0.0 if c == "df" else 0.5}
+            for who in ("you", "model")
+            for c in CLASSES
+        ]
+    )
+    fig = plots.per_class_comparison(quiz, "recall")
+    df, vasc = CLASSES.index("df"), CLASSES.index("vasc")
+    assert [t.text[df] for t in fig.data] == ["0.00", "0.00"] and [t.text[vasc] for t in fig.data] == ["", ""]
+    ticks = dict(zip(fig.layout.xaxis.tickvals, fig.layout.xaxis.ticktext, strict=True))
+    assert ticks["vasc"] == "vasc<br>(no images)" and ticks["df"] == "df"
 
 
 # ---------------------------------------------------------------------------

@@ -4,9 +4,11 @@ unless asked), the unfamiliar-image warning with its reason, and the downloadabl
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
+import streamlit as st
 
 from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.common.settings import CACHE_ENV, CHECKPOINTS_ENV, DATA_ENV, PUBLISHED_RUNS_ENV, RUNS_ENV
@@ -45,10 +47,52 @@ def case_captions(at) -> list[str]:
     return [c for img in at.get("image") for c in img.captions if " · similarity " in c]
 
 
+def index_bars(at) -> list[str]:
+    return [bar.proto.text for bar in at.get("progress") if "for similar cases" in bar.proto.text]
+
+
+def indexed(at, timeout: float = 300):
+    """Run the page again until the case index, built in the background, is ready (the page's fragment would)."""
+    deadline = time.monotonic() + timeout
+    while index_bars(at):
+        assert time.monotonic() < deadline, index_bars(at)
+        time.sleep(0.5)
+        at.run()
+        no_exceptions(at)
+    return at
+
+
+def test_the_answer_and_report_come_first_and_the_cases_when_indexed(diagnose, downloads):
+    """The first Diagnose on a dataset indexes it in the background: the answer and the report come at once, beside
+    a bar saying what is being done (with the rate and ETA once images are done); the cases follow, in the page and
+    in the report."""
+    st.cache_resource.clear()  # no index built by an earlier test of this process: this one is the first
+    row, _ = sample_image("test")
+    upload = ("lesion.jpg", open(row["path"], "rb").read(), "image/jpeg")
+    at = diagnose.file_uploader(key="diag_upload").set_value(upload).run()
+    no_exceptions(at)
+    [bar] = index_bars(at)
+    assert bar.startswith(f"Indexing {SAMPLE.name} under this model for similar cases (")
+    assert [m.value for m in at.main.markdown if m.value.startswith("### ")]  # the answer
+    assert at.get("download_button")[0].proto.label == "Download report" and not case_captions(at)
+    html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+    assert "Similar confirmed cases" not in html
+    seen = []
+    while index_bars(at):
+        seen += index_bars(at)
+        time.sleep(0.2)
+        at.run()
+        no_exceptions(at)
+    assert any(f"/{len(index_dataset(SAMPLE).frame)} images · " in t and " · ETA " in t for t in seen), seen
+    assert len(case_captions(at)) >= NEIGHBOURS
+    html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
+    assert "Similar confirmed cases" in html
+
+
 def test_similar_cases_report_and_no_test_neighbours(diagnose, downloads):
     row, splits = sample_image("test")
     upload = ("lesion.jpg", open(row["path"], "rb").read(), "image/jpeg")
-    at = diagnose.file_uploader(key="diag_upload").set_value(upload).run()
+    at = indexed(diagnose.file_uploader(key="diag_upload").set_value(upload).run())
     no_exceptions(at)
     assert "Similar confirmed cases" in [s.value for s in at.subheader]
     captions = case_captions(at)
@@ -104,7 +148,7 @@ def test_nearest_cases_that_disagree_are_said_beside_the_answer(diagnose, downlo
             break
     for disagree, (path, nearest) in chosen.items():
         upload = ("lesion.jpg", Path(path).read_bytes(), "image/jpeg")
-        at = diagnose.file_uploader(key="diag_upload").set_value(upload).run()
+        at = indexed(diagnose.file_uploader(key="diag_upload").set_value(upload).run())
         no_exceptions(at)
         said = [w.value for w in at.warning if "nearest confirmed cases disagree" in w.value]
         assert len(said) == int(disagree), (path, said)

@@ -15,7 +15,7 @@ from core.models.architectures import default_arch
 from core.training.imbalance import STRATEGIES
 from pages.views import _pages
 from tests.app_support import *  # noqa: F403
-from tests.app_support import PAGES, ROOT, AppEnv, app_test, no_exceptions, texts
+from tests.app_support import PAGES, ROOT, AppEnv, app_test, no_exceptions, table_fits_1600, texts, use_folder
 
 EMPTY_MESSAGES = {
     "home": "No dataset is configured",
@@ -203,13 +203,18 @@ def test_dataset_with_a_bad_folder(monkeypatch, tmp_path, empty_env):
     at = app_test("dataset")
     no_exceptions(at)
     assert "cannot be used" in texts(at) and "does not exist" in texts(at)
+    # The sidebar says so too, instead of "Using nowhere".
+    use_folder(at, "nonexistent-folder")
+    sidebar = [w.value for w in at.sidebar.warning] + [c.value for c in at.sidebar.caption]
+    assert any(s.endswith("nonexistent-folder** does not exist (set by the sidebar).") for s in sidebar), sidebar
+    assert not any("Using" in s for s in sidebar)
 
 
 def test_sidebar_folder_overrides_the_environment(full_env, empty_env, monkeypatch):
     empty_env.apply(monkeypatch)
     at = app_test("home")
     assert "No dataset is configured" in texts(at)
-    at.sidebar.text_input(key="dataset_folder_input").set_value(str(full_env.data)).run()
+    use_folder(at, str(full_env.data))
     no_exceptions(at)
     assert {m.label: m.value for m in at.metric}["Dataset images"] == "84"
     at.switch_page("pages/views/dataset.py").run()  # the setting holds on every page
@@ -241,6 +246,10 @@ def test_evaluate_with_a_run(full_env, monkeypatch):
     # Only the open view is computed: the confusion matrix and the per-class report, nothing of the others.
     assert charts(at) == 1
     assert len(at.dataframe) == 1  # per-class report
+    # Room for the longest diagnosis name in full ("Actinic keratosis / intraepithelial carcinoma" draws 290 px in
+    # Chromium, Streamlit's "medium" column is 200).
+    report = json.loads(at.dataframe[0].proto.columns)
+    assert report["diagnosis"]["width"] >= 300
     assert "Sensitivity" not in {m.label for m in at.metric} and not at.get("image")
     at.segmented_control(key="eval_cm_mode").set_value("row-normalised").run()
     no_exceptions(at)
@@ -332,13 +341,17 @@ def test_compare_with_two_runs(full_env, monkeypatch):
     no_exceptions(at)
     assert sorted(at.multiselect(key="cmp_runs").value) == ["tiny-none", "tiny-weighted"]
     assert sorted(at.dataframe[0].value.index) == ["tiny-none", "tiny-weighted"]  # headline: a row per run
+    # Every column within a 1600-px window, the run names wrapping in theirs (the names and ECE were cut).
+    headline = table_fits_1600(at.dataframe[0])
+    assert headline["_index"]["width"] >= 180 and "ECE" in headline
     assert charts(at) == 3  # per-class bars + two confusion matrices
     at.segmented_control(key="cmp_metric").set_value("f1").run()
     no_exceptions(at)
-    per_class = at.dataframe[1].value  # the per-class table shows the chosen metric, from each run's evaluation
+    per_class = at.dataframe[1].value  # the per-class table shows the chosen metric, a row per run
+    table_fits_1600(at.dataframe[1])
     for run in ("tiny-none", "tiny-weighted"):
         evaluation = json.loads((full_env.runs / run / "evaluation.json").read_text())
-        assert list(per_class[run]) == pytest.approx([row["f1"] for row in evaluation["test"]["per_class"]])
+        assert list(per_class.loc[run]) == pytest.approx([row["f1"] for row in evaluation["test"]["per_class"]])
     # The experiment tab's form is there (its button is enabled: data present, no job).
     button = [b for b in at.button if b.label == "Run the imbalance experiment"]
     assert button and not button[0].disabled
@@ -403,7 +416,7 @@ def test_published_gallery_finds_its_images_by_id_in_the_configured_dataset(
     assert f"{(~here).sum()} of the {len(wrong)} misclassified images are not in the configured dataset" in text
     assert len(at.get("image")) == min(8, here.sum()) and not at.warning
 
-    at.sidebar.text_input(key="dataset_folder_input").set_value(str(tiny_root)).run()
+    use_folder(at, str(tiny_root))
     no_exceptions(at)
     assert "The images are not available here" in texts(at) and "ham10000-200x150" in texts(at)
     assert not at.get("image") and not at.warning

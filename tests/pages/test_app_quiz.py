@@ -3,6 +3,8 @@ the summary's numbers are core.app.quiz.score's on the same answers and the mode
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -91,7 +93,20 @@ def test_a_ten_image_quiz_to_its_summary(quiz_page):
     assert metrics["Your accuracy"] == f"{right / 10:.3f}"
     summary = "\n".join(f"- {s}" for s in quiz.summary_sentences(result, "natural"))
     assert summary in [m.value for m in at.markdown]
+    # Ten images measure roughly: each balanced accuracy has its interval, and a winner is named only beyond it.
+    helps = {m.label: m.proto.help for m in at.metric}
+    low, high = result["model"]["balanced_accuracy_ci"]
+    assert f"95% bootstrap interval {low:.2f}–{high:.2f} over these 10 images" in helps["Model balanced accuracy"]
+    low, high = result["difference"]["ci"]
+    assert ("beat" in summary) == (low > 0 or high < 0) and "95% interval" in summary
     assert len(at.get("plotly_chart")) == 3  # two confusion matrices and the per-class recall
+    # The recall chart tells a class nobody recognised (0.00 on its bar) from one without images ("no images").
+    recall_chart = json.loads(at.get("plotly_chart")[2].proto.spec)
+    absent = [c for c, k in result["support"].items() if not k]
+    assert recall_chart["layout"]["xaxis"]["ticktext"] == [f"{c}<br>(no images)" if c in absent else c for c in CLASSES]
+    texts_on_bars = {t["name"]: dict(zip(CLASSES, t["text"], strict=True)) for t in recall_chart["data"]}
+    for code, value in result["student"]["recall"].items():
+        assert texts_on_bars["you"][code] == ("" if value is None else f"{value:.2f}")
 
     table = at.dataframe[0].value  # the "Every image" table, the same as the CSV
     assert table["image_id"].tolist() == rows["image_id"].tolist()

@@ -16,6 +16,7 @@ from core.app import jobs as app_jobs
 from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.common.procs import process_record
 from core.common.runs import read_run
+from core.inference.similar import NEIGHBOURS
 from tests.app_support import (
     CHROMIUM,
     fake_job,
@@ -46,8 +47,9 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     assert page.locator("[data-testid=stImage] img").count() >= 2  # upload + overlay
     shot(page, "diagnose", tmp_path)
 
-    # Similar confirmed cases, and the report to keep: the seven classes in order, the images inlined.
-    page.get_by_role("heading", name="Similar confirmed cases").wait_for()
+    # Similar confirmed cases (indexed in the background, then the page redraws), and the report to keep: the seven
+    # classes in order, the images inlined.
+    page.get_by_text(f"The {NEIGHBOURS} nearest cases:").wait_for()
     settle(page, "Diagnose")
     with page.expect_download() as download:
         # Playwright finds this button "inert" and will not click it (cause not yet found); a script click

@@ -266,3 +266,52 @@ def test_recorded_rates_come_from_matching_runs_and_fall_back_on_the_benchmark(t
     merged = {**fallback, **rates}  # as the Compare page merges them: this machine's own records win
     assert merged["head_images_per_s"].value == 2000 and merged["startup_s"].value == 9.0
     assert estimate.benchmark_rates(tmp_path / "missing.json") == {}
+
+
+def test_time_left_follows_the_speed_measured_here_not_the_benchmark(tmp_path):
+    """Compare said 3 min 39 s from an idle benchmark and the experiment took 27 min on a busy machine: once it runs,
+    the time left comes from the speed its own runs measure here, from the first seconds on."""
+    from core.common.runs import RunState
+
+    cfg = config_with("seed", arch="mobilenet_v2", epochs=2)
+    fast = {
+        k: estimate.Rate(v, "bench/experiment.py")
+        for k, v in {"features_images_per_s": 100, "head_images_per_s": 1000, "epoch_overhead_s": 1.0}.items()
+    }
+    images = {"none": 800, "oversample": 2400}
+    now = 1_000_000.0
+    # The first run's features, 10 s in: 50 of 1000 images (5 images/s here, where the benchmark said 100).
+    extracting = RunState(
+        "exp-none",
+        tmp_path / "exp-none",
+        "running",
+        config=cfg.to_dict(),
+        progress={"phase": "features", "done": 50, "total": 1000, "started": now - 10},
+    )
+    runs = [("none", extracting), ("oversample", None)]
+    left = estimate.time_left(runs, images, 1000, cfg, fast, now=now)
+    head = 2 * (800 / 1000 + 1.0) + 2 * (2400 / 1000 + 1.0)  # the head's epochs, at the benchmark's rates so far
+    assert left.seconds == pytest.approx(950 / 5 + head)
+    assert "feature extraction 5 images/s (this experiment's features so far)" in left.basis()
+    # Then its first epoch, running at 100 images/s where the benchmark said 1000: the queued run follows it.
+    training = RunState(
+        "exp-none",
+        tmp_path / "exp-none",
+        "running",
+        config=cfg.to_dict(),
+        progress={"epoch": 1, "step": 10, "steps": 50, "images_per_s": 100.0, "eta_s": 6.4},
+    )
+    left = estimate.time_left([("none", training), ("oversample", None)], images, 1000, cfg, fast, now=now)
+    own = training.eta_s()
+    assert left.seconds == pytest.approx(own + 2 * (2400 / 100 + 1.0))
+    assert "head training 100 images/s (exp-none's epoch so far)" in left.basis()
+    finished = RunState("exp-none", tmp_path / "exp-none", "finished", config=cfg.to_dict())
+    assert estimate.time_left([("none", finished)], images, 1000, cfg, fast, now=now).seconds == 0
+
+
+def test_the_estimate_before_the_click_says_when_the_machine_is_busy(monkeypatch):
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (6.5, 6.0, 5.0))
+    monkeypatch.setattr(estimate.os, "cpu_count", lambda: 2)
+    assert estimate.load_note().startswith("This computer is busy now (load 6.5 on 2 cores)")
+    monkeypatch.setattr(estimate.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert "busy" not in estimate.load_note() and "estimated again from the speed measured here" in estimate.load_note()

@@ -233,7 +233,10 @@ def test_summary_sentences_say_what_the_numbers_say():
         "balanced accuracy 0.71."
     )
     assert "nv makes up 70% of it" in sentences[1] and "so nv counts for 25%" in sentences[1]
-    assert "On balanced accuracy you beat the model: 0.71 vs its 0.25." in sentences
+    # 0.71 against 0.25 on 10 images: the paired interval of the difference holds 0, so no winner is named.
+    [said] = [x for x in sentences if x.startswith("On balanced accuracy")]
+    assert said.startswith("On balanced accuracy neither of you clearly did better: yours 0.71, the model's 0.25; on ")
+    assert "beat" not in said and "95% interval -0.12 to +0.67" in said
     assert "Melanoma: you recognised 1 of 1, the model 0 of 1." in sentences
     assert "You were 3.9/5 sure on average when right and 2.0/5 when wrong." in sentences
     # Equal counts per class: the two measures coincide, and the sentences say so.
@@ -244,6 +247,26 @@ def test_summary_sentences_say_what_the_numbers_say():
     )
     assert "coincide" in sentences[1]
     assert "On balanced accuracy you tied with the model (0.50)." in sentences
+
+
+def test_a_winner_is_named_only_when_the_interval_of_the_difference_leaves_out_zero():
+    """A student right on every image of a balanced 42-image quiz against a model that says nv to all: the
+    difference's interval is above 0, and the sentence names the winner with it; each side has its own interval."""
+    truths = [c for c in CLASSES for _ in range(6)]
+    always_nv = np.eye(len(CLASSES))[[CLASSES.index("nv")] * len(truths)]
+    result = score(truths, truths, always_nv)
+    low, high = result["difference"]["ci"]
+    assert 0 < low <= result["difference"]["balanced_accuracy"] <= high
+    assert result["student"]["balanced_accuracy_ci"] == [1.0, 1.0]
+    lo, hi = result["model"]["balanced_accuracy_ci"]
+    assert lo <= result["model"]["balanced_accuracy"] <= hi
+    [said] = [x for x in summary_sentences(result, "balanced") if x.startswith("On balanced accuracy")]
+    assert said.startswith("On balanced accuracy you beat the model: 1.00 vs its 0.14 (yours minus the model's +0.86")
+    assert f"95% interval +{low:.2f} to +{high:.2f} over these 42 images" in said
+    # The other way round, the model's win is said from its side.
+    flipped = score(truths, ["nv"] * len(truths), np.eye(len(CLASSES))[[CLASSES.index(c) for c in truths]])
+    [said] = [x for x in summary_sentences(flipped, "balanced") if x.startswith("On balanced accuracy")]
+    assert said.startswith("On balanced accuracy the model beat you: 1.00 vs your 0.14 (the model's minus yours +0.86")
 
 
 def test_results_table_has_a_row_per_image_in_quiz_order():

@@ -75,6 +75,30 @@ def test_a_folder_gives_one_row_per_file_with_single_image_answers(predictor, fo
     assert "not a JPEG or PNG" in by_name["notes.txt"].error
 
 
+def test_what_is_being_done_is_said_before_each_step(predictor, folder):
+    """A page's bar says what is being done from the first second: each file as it is read, each model pass as it
+    starts, with counts, before the batch that holds them is done (the Batch page showed an empty bar for 47 s)."""
+    files = folder_files(folder)
+    heard: list[tuple[str, object]] = []
+    rows = predict_files(
+        predictor,
+        files,
+        tta=True,
+        batch_size=4,
+        progress=lambda done, total: heard.append(("progress", done)),
+        stage=lambda text: heard.append(("stage", text)),
+    )
+    first = next(rows)
+    size = batch.bounded_batch_size(4, predictor.largest_input_size, True)
+    said = [text for kind, text in heard if kind == "stage"]
+    n = len(files)
+    assert said[:size] == [f"reading and decoding {f.name} ({i + 1} of {n})" for i, f in enumerate(files[:size])]
+    assert said[size] == f"running the model on files 1–{size} of {len(files)} ({batch.view_count(True)} views each)"
+    assert first.file == files[0].name and ("progress", size) not in heard  # all said before the batch was done
+    list(rows)
+    assert heard[-1] == ("progress", len(files))
+
+
 def test_warnings_are_the_diagnose_pages(predictor, monkeypatch):
     # Every rule at 0: any image it assesses is referred, so a row without a referral is one it did not assess.
     monkeypatch.setattr(

@@ -490,6 +490,33 @@ def test_evaluate_recomputes_the_checkpoints_split(tiny_root, tmp_path):
     assert reported == [(min(i, len(frame)), len(frame)) for i in range(4, len(frame) + 4, 4)]
 
 
+def test_evaluate_says_each_step_before_it_starts(tiny_root, tmp_path):
+    """External evaluation on Evaluate showed nothing for 8–60 s: the model's loading, the folder's indexing and the
+    bootstrap are said as they start, the images' count before the first batch is done."""
+    path = save_checkpoint(tmp_path / "m.pt")
+    heard = []
+    evaluation_evaluate.evaluate_checkpoint(
+        path,
+        tiny_root,
+        split="all",
+        bootstrap=20,
+        batch_size=4,
+        tta=True,
+        progress=lambda done, total: heard.append(("progress", done)),
+        stage=lambda text: heard.append(("stage", text)),
+    )
+    n = len(index_dataset(tiny_root).frame)
+    said = [text for kind, text in heard if kind == "stage"]
+    assert said == [
+        "loading the model m.pt",
+        f"finding the images in {tiny_root.name} and checking its metadata",
+        f"reading, decoding and predicting {n:,} images (4 flips)",
+        "95% intervals: 20 bootstrap resamples of the lesions",
+    ]
+    first_progress = heard.index(next(h for h in heard if h[0] == "progress"))
+    assert heard.index(("stage", said[2])) < first_progress  # said before any image was done
+
+
 def test_evaluate_honours_tta_and_records_its_views(ckpt, predictor, tiny_root, tmp_path, capsys):
     runs = {}
     for flag in ("--tta", "--no-tta", None):

@@ -78,6 +78,7 @@ class BatchRow:
     confidence: float | None = None
     p_malignant: float | None = None
     refer: tuple[str, ...] = ()  # the referral rules at or above their threshold ("malignant", "melanoma")
+    assessed: bool = True  # False: unlike dermoscopy, so its class is no finding (the page names none)
     warnings: tuple[str, ...] = ()
     error: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -114,11 +115,11 @@ def write_csv(rows: Iterable[BatchRow], out: TextIO) -> int:
 
 def image_warnings(check: UnfamiliarCheck, prediction: Prediction) -> tuple[str, ...]:
     """What the Diagnose page warns about for this image, in a line each: unfamiliar (``check``, the predictor's
-    measured check, the same one Diagnose shows), low confidence."""
+    measured check, the same one Diagnose shows) or, for an image it assessed, low confidence."""
     found = []
-    if check.unfamiliar:
+    if check.unfamiliar:  # not assessed: no result to call undecided
         found.append("unlike the dermoscopy the model learnt from: " + "; ".join(check.reasons))
-    if prediction.confidence < LOW_CONFIDENCE:
+    elif prediction.confidence < LOW_CONFIDENCE:
         found.append(f"low confidence: the most likely class has only {prediction.confidence:.0%}")
     return tuple(found)
 
@@ -287,6 +288,7 @@ def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail
         confidence=prediction.confidence,
         p_malignant=prediction.malignant_probability,
         # As on Diagnose, an image unlike dermoscopy is not assessed: no referral from it (its warning says why).
+        assessed=not check.unfamiliar,
         refer=() if check.unfamiliar else tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
         warnings=image_warnings(check, prediction),
         probabilities=prediction.probabilities,

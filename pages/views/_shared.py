@@ -321,7 +321,8 @@ def model_choice(prefix: str):
             icon=":material/neurology:",
         )
         st.stop()
-    c_model, c_tta, c_experimental = st.columns([4, 1, 1])
+    # Wide enough for each switch's whole label at 1600 px: in a sixth of the row "Show experimental models" was cut.
+    c_model, c_tta, c_experimental = st.columns([3, 1.1, 1.4])
     rule = (
         f"stopped or unfinished, trained on fewer than {MIN_TRAIN_IMAGES:,} images, or below a test balanced "
         f"accuracy of {MIN_BALANCED_ACCURACY:.0%}"

@@ -14,6 +14,7 @@ from core.inference.batch import MAX_FILE_BYTES, BatchError, predict_files, uplo
 from core.inference.forward import PredictionError, tta_description
 from pages.views._shared import WRAPPING_ROW_HEIGHT, WorkBar, model_choice, research_notice
 
+NOT_ASSESSED = "not assessed: unlike dermoscopy (see its warning)"
 # Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
 MAX_UPLOAD_MIB = 200
 
@@ -84,7 +85,8 @@ table = pd.DataFrame(
         "thumbnail": [r.thumbnail or "" for r in rows],
         "file": [r.file for r in rows],
         "top_class": [r.top_class or "" for r in rows],
-        "diagnosis": [class_label(r.top_class) if r.top_class else "" for r in rows],
+        # As on Diagnose, a picture unlike dermoscopy was not assessed: its top class is no finding, so none is named.
+        "diagnosis": [(class_label(r.top_class) if r.assessed else NOT_ASSESSED) if r.top_class else "" for r in rows],
         "refer": [", ".join(r.refer) for r in rows],
         "p_malignant": pd.Series([r.p_malignant for r in rows], dtype=float),
         "p_melanoma": pd.Series([r.p_melanoma for r in rows], dtype=float),

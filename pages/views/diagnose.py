@@ -123,7 +123,7 @@ if check.unfamiliar:
         "no diagnosis, heatmap or similar cases are shown."
     )
     st.warning(warnings[-1], icon=":material/image_search:")
-if prediction.confidence < LOW_CONFIDENCE:
+elif prediction.confidence < LOW_CONFIDENCE:  # a picture not assessed has no result to call undecided
     warnings.append(
         f"Low confidence: the most likely class has only {prediction.confidence:.0%}. Treat this result as undecided."
     )

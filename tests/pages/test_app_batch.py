@@ -8,6 +8,8 @@ import io
 
 import pytest
 
+from core.app.plots import class_label
+from core.common.labels import DISPLAY_NAMES
 from core.inference.batch import CSV_COLUMNS
 from core.inference.opening import open_predictor
 from tests.app_support import *  # noqa: F403
@@ -18,6 +20,8 @@ SAMPLE = sorted((ROOT / "sample_data" / "ham10000-sample" / "images").glob("*.jp
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
 # A basal cell carcinoma the reference model is sure of, with almost no melanoma probability.
 CARCINOMA = ROOT / "sample_data" / "ham10000-sample" / "images" / "ISIC_0024632.jpg"
+# A greyscale photograph the unfamiliar check flags.
+CAMERAMAN = ROOT / "tests" / "data" / "unfamiliar" / "held-out" / "grey-camera-0.jpg"
 
 
 @pytest.fixture
@@ -82,6 +86,20 @@ def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
     first = at.session_state["batch_result"]
     at.run()
     assert at.session_state["batch_result"] is first
+
+
+def test_a_picture_not_assessed_names_no_class(batch_page):
+    """As on Diagnose, a photograph unlike dermoscopy gets no diagnosis in the table (it read "nv · Melanocytic
+    nevus" beside the warning that it was not assessed); a lesion beside it keeps its own."""
+    uploads = [(p.name, p.read_bytes(), "image/jpeg") for p in (CAMERAMAN, CARCINOMA)]
+    at = batch_page.file_uploader(key="batch_upload").set_value(uploads).run(timeout=180)
+    no_exceptions(at)
+    table = at.dataframe[0].value.set_index("file")
+    photo = table.loc[CAMERAMAN.name]
+    assert photo["diagnosis"].startswith("not assessed") and photo["refer"] == ""
+    assert not [name for name in DISPLAY_NAMES.values() if name in photo["diagnosis"]]
+    assert photo["warnings"].startswith("unlike the dermoscopy") and "low confidence" not in photo["warnings"]
+    assert table.loc[CARCINOMA.name, "diagnosis"] == class_label("bcc")
 
 
 def test_flip_averaging_off_repredicts_and_a_model_that_cannot_load_says_so(batch_page, tmp_path):

@@ -288,6 +288,8 @@ def test_a_non_dermoscopic_image_gets_nothing_class_specific(diagnose, downloads
     text = texts(at)
     assert "does not look like a dermoscopic image" in text and "did not assess this image" in text
     assert not [m.value for m in at.main.markdown if m.value.startswith("### ")]
+    # This model is never confident, yet no result is called undecided: none was given.
+    assert at.session_state["diag_result"][1].confidence < 0.5 and "Low confidence" not in text
     # The probabilities are there for the curious, folded away.
     folded = [e for e in at.expander if not e.proto.expanded and e.get("plotly_chart")]
     assert len(folded) == 1 and "not meaningful" in folded[0].label
@@ -298,6 +300,7 @@ def test_a_non_dermoscopic_image_gets_nothing_class_specific(diagnose, downloads
     html = [data.decode() for data, mime in downloads if mime.startswith("text/html")][-1]
     assert "This image was not assessed." in html and "does not look like a dermoscopic image" in html
     assert "Most likely" not in html and "dermatologist:" not in html and "refer /" not in html
+    assert "undecided" not in html and "Probabilities are calibrated" not in html  # none is reported
     assert not [name for name in DISPLAY_NAMES.values() if name in html]
 
 

@@ -142,6 +142,24 @@ def test_tables_fit_at_1600_px_and_stay_on_screen_at_400(browser, server, browse
         pg.context.close()
 
 
+# The switches' labels on the page that are cut short (an ellipsis in place of their end).
+CUT_LABELS = """() => [...document.querySelectorAll('[data-testid=stMain] [data-testid=stCheckbox]')]
+  .map(c => c.querySelector('[data-testid=stMarkdownContainer]'))
+  .filter(m => m && m.scrollWidth > m.clientWidth + 1).map(m => m.innerText)"""
+
+
+def test_the_model_pickers_switches_read_whole_at_1600_px(browser, server):
+    """Diagnose's and Batch's "Show experimental models" switch read "Show experiment…" in a sixth of the row."""
+    pg = new_page(browser, width=1600)
+    try:
+        for name, title in (("diagnose", "Diagnose"), ("batch", "Batch")):
+            visit(pg, server, name, title)
+            pg.get_by_text("Show experimental models").first.wait_for()
+            assert pg.evaluate(CUT_LABELS) == [], name
+    finally:
+        pg.context.close()
+
+
 # Each bar label of the first bar chart: its text, its right end and the right end of the chart it is drawn in.
 BAR_LABELS = """() => { const plot = document.querySelector('.js-plotly-plot');
   const edge = plot.querySelector('svg.main-svg').getBoundingClientRect().right;

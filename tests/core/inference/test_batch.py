@@ -23,6 +23,7 @@ from core.common.labels import CLASSES
 from core.inference import batch
 from core.inference.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
 from core.inference.opening import open_predictor
+from core.inference.prediction import LOW_CONFIDENCE
 from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
 from tests.conftest import ROOT, patched, write_truncated_jpeg, zip_bytes
 
@@ -119,6 +120,21 @@ def test_warnings_are_the_diagnose_pages(predictor, monkeypatch):
     assert bool(low) == (rows[1].confidence < 0.5)
     # As on Diagnose, an image that is not assessed refers nothing; a lesion is referred by every rule at 0.
     assert rows[0].refer == () and rows[1].refer == ("malignant", "melanoma")
+
+
+# A greyscale photograph the reference model is unsure of (under 50 %) and that the unfamiliar check flags.
+CAMERAMAN = ROOT / "tests" / "data" / "unfamiliar" / "held-out" / "grey-camera-0.jpg"
+
+
+def test_a_picture_not_assessed_is_not_called_undecided(predictor):
+    """Its row is marked not assessed and carries the unfamiliar warning alone: "low confidence … the most likely
+    class" would speak of a result that Diagnose does not give for it."""
+    [row] = predict_files(predictor, [image_bytes(CAMERAMAN.name, CAMERAMAN.read_bytes())])
+    assert row.confidence < LOW_CONFIDENCE  # else this test would test nothing
+    assert not row.assessed and row.refer == ()
+    assert len(row.warnings) == 1 and row.warnings[0].startswith("unlike the dermoscopy the model learnt from")
+    [lesion] = predict_files(predictor, [image_bytes("a.jpg", SAMPLE[0].read_bytes())])
+    assert lesion.assessed
 
 
 def test_an_archive_with_bad_members_predicts_the_rest(predictor):

@@ -106,7 +106,15 @@ def test_a_running_experiment_says_where_it_is_and_the_time_left_measured_here(s
         state_env.runs,
         "exp-none",
         {"state": "running", **process_record(holders[0].pid)},
-        {"event": "progress", "phase": "features", "epoch": 0, "done": 40, "total": 84, "started": time.time() - 20},
+        {
+            "event": "progress",
+            "phase": "features",
+            "epoch": 0,
+            "done": 40,
+            "total": 84,
+            "started": time.time() - 20,
+            "time": "2026-01-01T00:00:00+00:00",
+        },
     )
     at = app_test("compare")
     no_exceptions(at)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from core.common.files import read_json
 from core.common.formatting import format_duration
-from core.common.runs import RunState, read_events
+from core.common.runs import DAMAGED, RunState, read_events
 from core.common.settings import PROJECT_ROOT
 from core.training.config import TrainConfig, config_with
 from core.training.loaders import prepare_data, split_dataset
@@ -108,6 +108,8 @@ def recorded_rates(runs: Iterable[RunState], cfg: TrainConfig) -> dict[str, Rate
         )
     for run in runs:
         c = run.config
+        if run.state == DAMAGED:  # its records are not to be read (a log past its bound raises in read_events)
+            continue
         if c.get("arch") == cfg.arch and list(c.get("input_size", ())) == list(cfg.input_size):
             rate = _feature_rate(run)
             if rate:

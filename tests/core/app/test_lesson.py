@@ -11,7 +11,7 @@ import pytest
 
 from core.app import estimate, lesson
 from core.common.labels import CLASSES
-from core.common.runs import list_runs, read_evaluation
+from core.common.runs import DAMAGED, MAX_EVENTS_BYTES, list_runs, read_evaluation
 from core.metrics.classification import operating_point
 from core.training.config import config_with
 from core.training.imbalance import STRATEGIES
@@ -231,6 +231,17 @@ def write_run(folder: Path, arch: str, epochs: list[tuple[float, float]], wall_s
     ]
     lines.append({"event": "end", "time": at(100 + wall_s), "status": "finished"})
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def test_a_run_whose_log_is_past_its_bound_is_skipped_not_read(tmp_path):
+    write_run(tmp_path / "a", "mobilenet_v2", [(1000.0, 2.0)], wall_s=10, feature_steps=[(0, 0), (20, 1000)])
+    write_run(tmp_path / "b", "mobilenet_v2", [(1000.0, 2.0)], wall_s=10, feature_steps=[(0, 0), (20, 500)])
+    with open(tmp_path / "b" / "metrics.jsonl", "r+b") as fh:  # sparse: read_events refuses it from its size
+        fh.truncate(MAX_EVENTS_BYTES + 1)
+    runs = list_runs(tmp_path)
+    assert {r.name: r.state for r in runs}["b"] == DAMAGED
+    rates = estimate.recorded_rates(runs, config_with("seed", arch="mobilenet_v2"))
+    assert rates["features_images_per_s"].value == pytest.approx(1000 / 20)
 
 
 def test_recorded_rates_come_from_matching_runs_and_fall_back_on_the_benchmark(tmp_path):

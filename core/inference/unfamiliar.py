@@ -25,7 +25,7 @@ import hashlib
 import logging
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +73,7 @@ SIGNALS = ("distance", *IMAGE_STATISTICS)
 class ImageCheck:
     looks_dermoscopic: bool
     reasons: tuple[str, ...]
-    warm_fraction: float
-    grey_fraction: float
-    white_fraction: float
-    statistics: dict[str, float] = field(default_factory=dict)  # image_statistics(image)
+    statistics: dict[str, float]  # image_statistics(image), the grey, white and warm shares among them
 
 
 def image_statistics(image: Image.Image) -> dict[str, float]:
@@ -128,7 +125,7 @@ def dermoscopy_check(image: Image.Image) -> ImageCheck:
         reasons.append(f"{white:.0%} of it is plain white, like a document or a screenshot")
     if warm < MIN_WARM_FRACTION and grey <= MAX_GREY_FRACTION:
         reasons.append(f"only {warm:.0%} of its pixels have skin-like (reddish) hues")
-    return ImageCheck(not reasons, tuple(reasons), warm, grey, white, stats)
+    return ImageCheck(not reasons, tuple(reasons), stats)
 
 
 K = 10

@@ -18,7 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 from core.common.labels import NUM_CLASSES
 
 # The zooms whose four flips test-time augmentation averages (1.0: the image as it is), chosen on the reference
-# model's validation split by bench/tta.py (docs/BENCHMARKS.md).
+# model's validation split by bench/tta.py (docs/BENCHMARKS.md). The first stays 1.0: the first of an image's views is
+# then the image itself, whose features a prediction keeps as its embedding (Predictor.predict_batch).
 TTA_SCALES: tuple[float, ...] = (1.0,)
 
 
@@ -91,10 +92,20 @@ def class_probabilities(
 ) -> torch.Tensor:
     """Softmax(logits / T) for a batch; with ``tta`` the mean over its views (:func:`tta_views`, one forward
     pass)."""
-    if not tta:
-        return torch.softmax(model(x).float() / temperature, dim=1)
-    probs = torch.softmax(model(tta_views(x, TTA_SCALES)).float() / temperature, dim=1)
-    return probs.view(-1, len(x), probs.shape[1]).mean(dim=0)
+    return view_probabilities(model(prediction_views(x, tta)), len(x), temperature)
+
+
+def prediction_views(x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """What one prediction pass feeds the model: the batch itself, or with ``tta`` its views (:func:`tta_views` at
+    ``TTA_SCALES``), each image's first view being the image as it is."""
+    return tta_views(x, TTA_SCALES) if tta else x
+
+
+def view_probabilities(logits: torch.Tensor, n: int, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax(logits / T) for the views of ``n`` images stacked along the batch axis (as :func:`tta_views` stacks
+    them; one view each without TTA), averaged per image."""
+    probs = torch.softmax(logits.float() / temperature, dim=1)
+    return probs.view(-1, n, probs.shape[1]).mean(dim=0)
 
 
 def _eval_pass(

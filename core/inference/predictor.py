@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,10 +27,11 @@ from core.inference.explain import feature_maps, gradcam
 from core.inference.forward import (
     bounded_batch_size,
     check_probabilities,
-    class_probabilities,
     predict_probs,
+    prediction_views,
     tta_description,
     view_count,
+    view_probabilities,
 )
 from core.inference.unfamiliar import UnfamiliarCheck, check_unfamiliar, load_detector
 from core.metrics.classification import MELANOMA_RULE, REFERRAL_RULES, ReferralRule
@@ -266,15 +266,21 @@ class Predictor:
         if len(metadata) != len(inputs):
             raise ValueError(f"{len(metadata)} metadata for {len(inputs)} images")
         x = torch.cat([tensor for _, tensor in inputs])
-        model, encoding = self.model, self.model.metadata_encoding
+        encoding = self.model.metadata_encoding
         # Checked for every model: a typo is an error, whether or not this model would have used the field.
         rows = torch.from_numpy(np.stack([(encoding or MetadataEncoding()).encode_mapping(m) for m in metadata]))
-        if encoding is not None:
-            model = partial(self.model, metadata=rows)
         with self.line, torch.inference_mode():
-            all_probs = class_probabilities(model, x, self.temperature, tta).double().cpu().numpy()
+            features = self.model.backbone(prediction_views(x, tta))
+            logits = self.model.classify(features, rows if encoding is not None else None)
+        all_probs = view_probabilities(logits, len(x), self.temperature).double().cpu().numpy()
         check_probabilities(all_probs)
-        return self._predictions(inputs, x, all_probs, tta, metadata)
+        predictions = self._predictions(inputs, x, all_probs, tta, metadata)
+        # The first view of every image is the image itself: its pooled features are the embedding that similar
+        # cases and the unfamiliar-image score compare, kept so that they cost no second backbone pass.
+        embeddings = features[: len(x)].float().cpu().numpy()
+        for prediction, embedding in zip(predictions, embeddings, strict=True):
+            prediction.embedding = embedding
+        return predictions
 
     def _predictions(
         self,

@@ -186,7 +186,11 @@ class LesionNet(nn.Module):
     def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for images ``x``; ``metadata`` (encoded rows, :mod:`core.models.metadata`) reaches only a model
         that takes it, for which None means every field unknown."""
-        features = self.backbone(x)
+        return self.classify(self.backbone(x), metadata)
+
+    def classify(self, features: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for the backbone's pooled ``features``: the forward pass's second half, for a caller that also
+        keeps the features (a prediction's embedding)."""
         if isinstance(self.head, MetadataHead):
             features = self.head.join(features, metadata)
         return self.head(features)

@@ -68,7 +68,7 @@ def dataset_choice() -> settings.DatasetChoice:
     return settings.dataset_choice(st.session_state.get(DATASET_KEY))
 
 
-def _metadata_stamp(folder: Path) -> float:
+def metadata_stamp(folder: Path) -> float:
     """Changes when the folder or its metadata file changes, so the cached index refreshes."""
     stamps = [folder.stat().st_mtime] if folder.is_dir() else [0.0]
     for name in ("HAM10000_metadata.csv", "HAM10000_metadata.tab", "HAM10000_metadata"):
@@ -95,7 +95,7 @@ def load_dataset(show_help: bool = True) -> DatasetIndex | None:
     from core.data.dataset import DatasetError
 
     try:
-        return _index(str(choice.folder), _metadata_stamp(choice.folder))
+        return _index(str(choice.folder), metadata_stamp(choice.folder))
     except DatasetError as exc:
         if show_help:
             st.error(f"The dataset folder {choice.describe()} cannot be used:\n\n{exc}", icon=":material/block:")
@@ -301,7 +301,7 @@ def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
     """The :class:`core.common.background.BackgroundTask` that builds (or has built) the dataset's case index under
     the model: its ``result`` a CaseIndex once ``finished``, or its ``error``."""
     stamp = Path(path).stat().st_mtime
-    return _case_index(str(path), stamp, str(index.root), _metadata_stamp(index.root), checkpoint, index.frame)
+    return _case_index(str(path), stamp, str(index.root), metadata_stamp(index.root), checkpoint, index.frame)
 
 
 def model_choice(prefix: str):

@@ -424,16 +424,26 @@ st.download_button(
 )
 
 with st.expander("Feature maps: what the network's layers respond to"):
-    layers = predictor.layer_names()
-    layer = st.select_slider("Layer (shallow → deep)", layers, value=layers[len(layers) // 2], key="diag_layer")
-    try:
-        maps = predictor.feature_maps(prediction, layer)
-        st.image(
-            feature_map_grid(maps, n=16),
-            caption=f"the 16 most active of {len(maps)} channels of {layer} ({maps.shape[1]}×{maps.shape[2]})",
-        )
-    except ValueError as exc:
-        st.error(str(exc))
+    # An expander's body runs even when it is closed: the maps are a model pass of their own, so they are computed
+    # only once asked for (a full room's Diagnoses must not each pay for a view few open), then kept per layer.
+    if st.toggle("Show the feature maps", key="diag_show_layers"):
+        layers = predictor.layer_names()
+        layer = st.select_slider("Layer (shallow → deep)", layers, value=layers[len(layers) // 2], key="diag_layer")
+        grid = st.session_state.get("diag_layer_maps")
+        if grid is None or grid[0] != (key, layer):
+            try:
+                maps = predictor.feature_maps(prediction, layer)
+                shown = (
+                    feature_map_grid(maps, n=16),
+                    f"the 16 most active of {len(maps)} channels of {layer} ({maps.shape[1]}×{maps.shape[2]})",
+                )
+            except ValueError as exc:
+                shown = exc
+            st.session_state["diag_layer_maps"] = grid = ((key, layer), shown)
+        if isinstance(grid[1], ValueError):
+            st.error(str(grid[1]))
+        else:
+            st.image(grid[1][0], caption=grid[1][1])
 
 st.caption(
     "Probabilities are calibrated by temperature scaling on the validation split. The model saw only "

@@ -17,9 +17,16 @@ from core.app import plots, quiz
 from core.common import settings
 from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from core.data.images import ImageError
-from core.data.splits import SplitError, model_split, split_column, split_counts
+from core.data.splits import SplitError, SplitRecord, model_split, split_column, split_counts
 from core.inference.forward import PredictionError
-from pages.views._shared import cam_overlay, dark_theme, get_predictor, load_dataset, research_notice
+from pages.views._shared import (
+    cam_overlay,
+    dark_theme,
+    get_predictor,
+    load_dataset,
+    metadata_stamp,
+    research_notice,
+)
 
 STATE = "quiz"  # the running quiz: settings, model, drawn images, answers and position
 MISSING = "quiz_missing"  # set when Reveal was pressed without a diagnosis
@@ -33,6 +40,23 @@ def _model_probs(checkpoint: str, stamp: float, image_path: str) -> np.ndarray:
     if predictor is None:
         raise quiz.QuizError(error)
     return predictor.predict(image_path).probs
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def held_out_pool(
+    checkpoint: str,
+    stamp: float,
+    dataset: str,
+    dataset_stamp: float,
+    runs: tuple[str, ...],
+    _checkpoint: dict,
+    _frame: pd.DataFrame,
+) -> tuple[SplitRecord, pd.Series, pd.DataFrame]:
+    """The model's split record, each dataset row's split and the images per class and split: read (or recomputed)
+    once per model version, dataset and run folders, not on every rerun of every student's Quiz."""
+    record = model_split(checkpoint, _checkpoint, _frame, [Path(r) for r in runs])
+    splits = split_column(_frame, record.split_of)
+    return record, splits, split_counts(_frame, splits)
 
 
 def model_probs(q: dict, image_path: str) -> np.ndarray:
@@ -78,12 +102,18 @@ def setup() -> None:
         st.stop()
     frame = index.frame
     try:
-        record = model_split(model_path, predictor.checkpoint, frame, settings.run_folders())
+        record, splits, counts = held_out_pool(
+            str(model_path),
+            Path(model_path).stat().st_mtime,
+            str(index.root),
+            metadata_stamp(index.root),
+            tuple(str(r) for r in settings.run_folders()),
+            predictor.checkpoint,
+            frame,
+        )
     except SplitError as exc:
         st.error(str(exc), icon=":material/block:")
         st.stop()
-    splits = split_column(frame, record.split_of)
-    counts = split_counts(frame, splits)
     held_out = ", ".join(f"{int(counts[s].sum())} {s}" for s in quiz.QUIZ_SPLITS)
     st.caption(
         f"Held out from this model's training: {held_out} images of {index.root.name}. Training images "

@@ -49,7 +49,7 @@ def test_prediction_for_a_good_upload(diagnose):
     benign = float(metrics["Benign (bkl + df + nv + vasc)"].rstrip("%"))
     assert abs(malignant + benign - 100) < 0.2
     assert len(at.get("plotly_chart")) == 1
-    assert len(at.get("image")) >= 3  # upload, overlay, feature maps
+    assert len(at.get("image")) >= 2  # upload, overlay (the feature maps only once asked for)
     assert "not a medical device" in text
     assert not at.error
     # A model file made before the referral rules were recorded: each rule falls back to 50 % and says so.
@@ -82,9 +82,13 @@ def test_opacity_and_method_changes_reuse_the_prediction(diagnose):
     no_exceptions(at)
     assert at.session_state["diag_result"][1] is first
     assert not at.error
+    # The feature maps are a model pass of their own: none until asked for, then the chosen layer's.
+    assert not at.select_slider and not any("channels of" in c for img in at.get("image") for c in img.captions)
+    at.toggle(key="diag_show_layers").set_value(True).run()
     at.select_slider(key="diag_layer").set_value("backbone.layer4").run()
     no_exceptions(at)
     assert not at.error
+    assert any("channels of backbone.layer4" in c for img in at.get("image") for c in img.captions)
 
 
 def test_low_confidence_warning(diagnose):

@@ -148,6 +148,20 @@ def test_prediction_fields(predictor, tmp_path):
     assert json.loads(json.dumps(pred.to_dict()))["probabilities"] == pred.probabilities
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_prediction_carries_its_images_embedding_from_the_same_pass(predictor, tmp_path, tta):
+    # Similar cases and the unfamiliar-image score read the embedding; it must be the image's own pooled features
+    # (not a flipped view's), and taking it must not cost a second backbone pass.
+    pred = predictor.predict(lesion(tmp_path / "a.png", size=(64, 48)), tta=tta)
+    assert pred.embedding is not None
+    with torch.no_grad():
+        expected = predictor.model.backbone(pred.input_tensor)[0].numpy()
+        flipped = predictor.model.backbone(pred.input_tensor.flip(-1))[0].numpy()
+    np.testing.assert_allclose(pred.embedding, expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(pred.embedding, flipped, rtol=1e-4, atol=1e-5)
+    assert predictor.embed(pred) is pred.embedding
+
+
 def test_path_bytes_and_file_objects_agree(predictor, tmp_path):
     path = lesion(tmp_path / "a.png")
     data = path.read_bytes()

@@ -19,7 +19,7 @@ from core.common.labels import CLASSES, CONFIRMATION, DISPLAY_NAMES
 from core.data.images import ImageError
 from core.data.splits import SplitError, model_split, split_column, split_counts
 from core.inference.forward import PredictionError
-from pages.views._shared import cam_overlay, dark_theme, get_predictor, load_dataset, research_notice
+from pages.views._shared import cam_overlay, dark_theme, get_predictor, load_dataset, pick_model, research_notice
 
 STATE = "quiz"  # the running quiz: settings, model, drawn images, answers and position
 MISSING = "quiz_missing"  # set when Reveal was pressed without a diagnosis
@@ -58,20 +58,15 @@ def setup() -> None:
     index = load_dataset()
     if index is None:
         st.stop()
-    models = settings.model_files()
-    if not models:
-        st.info(
-            "No model is available. The quiz uses `checkpoints/*.pt` (the repository ships "
-            "`checkpoints/reference.pt`) and the `best.pt` of every finished training run.",
-            icon=":material/neurology:",
-        )
-        st.stop()
     st.markdown(
         "Students diagnose each image — with how sure they are — before they see the truth, how it was "
         "confirmed, the model's calibrated probabilities and where it looked. At the end their per-class "
         "results stand beside the model's on the same images."
     )
-    model_path = st.selectbox("Model", models, format_func=settings.model_label, key="quiz_model")
+    picked = pick_model("quiz")
+    if picked is None:
+        st.stop()
+    model_path, _ = picked  # no flip-averaging toggle: the quiz scores one view of each image (_model_probs)
     predictor, error = get_predictor(model_path)
     if predictor is None:
         st.error(f"This model cannot be used: {error}", icon=":material/block:")

@@ -22,8 +22,19 @@ from core.models.metadata import MAX_AGE, MetadataError, describe
 
 if TYPE_CHECKING:
     pass
+from core.inference.batch import (
+    ASSESSED,
+    FAILED,
+    NOT_ASSESSED,
+    UNLIKE_DERMOSCOPY,
+    BatchError,
+    gather,
+    predict_files,
+    write_csv,
+)
 from core.inference.prediction import Prediction
 from core.inference.predictor import DISCLAIMER, TTA_HELP, USE_TTA_BY_DEFAULT, Predictor
+from core.inference.unfamiliar import UnfamiliarCheck
 
 
 def _bar(p: float, width: int = 20) -> str:
@@ -44,6 +55,12 @@ def format_prediction(name: str, pred: Prediction) -> str:
     return "\n".join(lines)
 
 
+def format_not_assessed(name: str, check: UnfamiliarCheck) -> str:
+    """What is printed instead of a class for an image the unfamiliar-image check flags: as on Diagnose, the model's
+    output for it is no finding about any class, so only why it was not assessed."""
+    return "\n".join([f"{name}: {NOT_ASSESSED}: {UNLIKE_DERMOSCOPY}", *(f"  {reason}" for reason in check.reasons)])
+
+
 def _cam_path(out: Path, image: str, i: int, count: int) -> Path:
     return out if count == 1 else out.with_name(f"{out.stem}-{i + 1}-{Path(image).stem}{out.suffix}")
 
@@ -54,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Classify dermoscopy images with a Lesion Lab checkpoint: all seven class "
         "probabilities per image, optionally with a Grad-CAM overlay; with --csv, a batch of files, "
         "folders and .zip archives to one CSV row per file.",
-        epilog="Exit status 2 when a checkpoint or an image cannot be used; with --csv, 1 when some files could "
-        f"not be predicted (their rows say why) and 2 when nothing could. {DISCLAIMER}",
+        epilog="An image unlike dermoscopy is not assessed, as on the Diagnose page: no class, only why. Exit status "
+        "2 when a checkpoint or an image cannot be used; with --csv, 1 when some files could not be predicted (their "
+        f"rows say why) and 2 when nothing could. {DISCLAIMER}",
     )
     parser.add_argument("checkpoint", help="a .pt file written by the trainer")
     parser.add_argument(
@@ -83,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
         "--csv",
         metavar="OUT.csv",
         help="predict in batches and write one row per file: file, top class, P(melanoma), confidence, the "
-        "Diagnose page's warnings, the error for a file that cannot be used, all seven probabilities "
+        "Diagnose page's warnings, the error for a file that cannot be used, all seven probabilities; an image unlike "
+        "dermoscopy is not assessed (no class or probabilities; its not_assessed column says why) "
         "(- for standard output); progress goes to standard error",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass with --csv")
@@ -94,8 +113,6 @@ def _parser() -> argparse.ArgumentParser:
 def _batch_main(predictor: Predictor, args: argparse.Namespace) -> int:
     """``--csv``: every file of the inputs to one CSV row, written as each batch finishes."""
     import time
-
-    from core.inference.batch import BatchError, gather, predict_files, write_csv
 
     try:
         files = gather(args.images)
@@ -124,7 +141,7 @@ def _batch_main(predictor: Predictor, args: argparse.Namespace) -> int:
         rows = predict_files(
             predictor, files, tta=args.tta, thumbnails=False, batch_size=args.batch_size, progress=progress
         )
-        errors = write_csv(rows, out)
+        outcomes = write_csv(rows, out)
     except PredictionError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
@@ -133,11 +150,14 @@ def _batch_main(predictor: Predictor, args: argparse.Namespace) -> int:
             out.close()
     seconds = time.perf_counter() - start
     where = "" if args.csv == "-" else f"; wrote {args.csv}"
+    errors = outcomes[FAILED]
     print(
-        f"{len(files)} files: {len(files) - errors} predicted, {errors} could not be (see their error column) in "
-        f"{seconds:.1f} s{where}",
+        f"{len(files)} files: {outcomes[ASSESSED]} assessed, {outcomes[NOT_ASSESSED]} {NOT_ASSESSED} "
+        f"({UNLIKE_DERMOSCOPY}; see their not_assessed column), {errors} could not be used (see their error column) "
+        f"in {seconds:.1f} s{where}",
         file=sys.stderr,
     )
+    # A file the model did not assess was still read and judged: the tool worked, so it is no failure.
     if errors == len(files):
         return 2
     return 1 if errors else 0
@@ -169,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     for i, image in enumerate(args.images):
         try:
             pred = predictor.predict(image, tta=args.tta, metadata=metadata)
-            entry = {"image": image, **pred.to_dict()}
-            if args.gradcam:
+            check = predictor.unfamiliar(pred)
+            if check.unfamiliar:  # as on Diagnose: no class, probabilities or heatmap, only why
+                entry = {"image": image, "assessed": False, "not_assessed": list(check.reasons)}
+            else:
+                entry = {"image": image, "assessed": True, **pred.to_dict()}
+            if args.gradcam and not check.unfamiliar:
                 out = _cam_path(args.gradcam, image, i, len(args.images))
                 out.parent.mkdir(parents=True, exist_ok=True)
                 overlay(pred.image, predictor.explain(pred, args.method), args.alpha).save(out)
@@ -182,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results.append(entry)
         if not args.json:
-            print(format_prediction(image, pred))
+            print(format_not_assessed(image, check) if check.unfamiliar else format_prediction(image, pred))
             if "gradcam" in entry:
                 print(f"  {args.method} overlay: {entry['gradcam']}")
+            elif args.gradcam:
+                print(f"  no {args.method} overlay: the image was not assessed")
     if args.json:
         print(json.dumps(results, indent=2))
     return 2 if failed else 0

@@ -14,6 +14,7 @@ import csv
 import io
 import os
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ CSV_COLUMNS = (
     "file",
     "top_class",
     "diagnosis",
+    "not_assessed",
     "p_melanoma",
     "confidence",
     "p_malignant",
@@ -67,9 +69,20 @@ class BatchFile:
     load: Callable[[], ImageSource]
 
 
+# What became of a file (BatchRow.outcome): the summaries count each apart, so that an image that was not assessed
+# never adds to a count of results.
+ASSESSED = "assessed"
+NOT_ASSESSED = "not assessed"
+FAILED = "could not be used"
+# Why an image the unfamiliar check flags was not assessed, in a row's warning and on the command line.
+UNLIKE_DERMOSCOPY = "unlike the dermoscopy the model learnt from"
+
+
 @dataclass(frozen=True)
 class BatchRow:
-    """One file's result: a prediction, or the error that stopped it (``error`` set, the rest empty)."""
+    """One file's result: a prediction; for an image unlike dermoscopy, why it was not assessed (``not_assessed``)
+    and, as on Diagnose, no class, probability or referral; or the error that stopped it (``error`` set, the rest
+    empty)."""
 
     file: str
     top_class: str | None = None
@@ -78,18 +91,32 @@ class BatchRow:
     confidence: float | None = None
     p_malignant: float | None = None
     refer: tuple[str, ...] = ()  # the referral rules at or above their threshold ("malignant", "melanoma")
-    assessed: bool = True  # False: unlike dermoscopy, so its class is no finding (the page names none)
+    not_assessed: tuple[str, ...] = ()  # the unfamiliar-image check's reasons for an image it flags
     warnings: tuple[str, ...] = ()
     error: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     thumbnail: str | None = None  # a JPEG data URL
 
+    @property
+    def outcome(self) -> str:
+        """:data:`ASSESSED`, :data:`NOT_ASSESSED` or :data:`FAILED`."""
+        if self.error is not None:
+            return FAILED
+        return NOT_ASSESSED if self.not_assessed else ASSESSED
+
+    @property
+    def assessed(self) -> bool:
+        return self.outcome == ASSESSED
+
     def record(self) -> dict[str, object]:
-        """The row as :data:`CSV_COLUMNS` name them (no thumbnail): empty cells for what a failed file lacks."""
+        """The row as :data:`CSV_COLUMNS` name them (no thumbnail): empty cells for what a failed file lacks, and
+        for an image that was not assessed its diagnosis reads "not assessed" beside the reasons, its class and
+        probabilities left empty."""
         return {
             "file": self.file,
             "top_class": self.top_class,
-            "diagnosis": self.diagnosis,
+            "diagnosis": NOT_ASSESSED if self.not_assessed else self.diagnosis,
+            "not_assessed": " | ".join(self.not_assessed),
             "p_melanoma": self.p_melanoma,
             "confidence": self.confidence,
             "p_malignant": self.p_malignant,
@@ -100,17 +127,17 @@ class BatchRow:
         }
 
 
-def write_csv(rows: Iterable[BatchRow], out: TextIO) -> int:
+def write_csv(rows: Iterable[BatchRow], out: TextIO) -> Counter[str]:
     """Write a header and each row as it comes (flushed, so a long batch cut short keeps what was done);
-    returns how many rows had an error."""
+    returns how many rows had each :attr:`BatchRow.outcome`."""
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    errors = 0
+    outcomes: Counter[str] = Counter()
     for row in rows:
-        errors += row.error is not None
+        outcomes[row.outcome] += 1
         writer.writerow(row.record())
         out.flush()
-    return errors
+    return outcomes
 
 
 def image_warnings(check: UnfamiliarCheck, prediction: Prediction) -> tuple[str, ...]:
@@ -118,7 +145,7 @@ def image_warnings(check: UnfamiliarCheck, prediction: Prediction) -> tuple[str,
     measured check, the same one Diagnose shows) or, for an image it assessed, low confidence."""
     found = []
     if check.unfamiliar:  # not assessed: no result to call undecided
-        found.append("unlike the dermoscopy the model learnt from: " + "; ".join(check.reasons))
+        found.append(f"{UNLIKE_DERMOSCOPY}: " + "; ".join(check.reasons))
     elif prediction.confidence < LOW_CONFIDENCE:
         found.append(f"low confidence: the most likely class has only {prediction.confidence:.0%}")
     return tuple(found)
@@ -280,6 +307,13 @@ def upload_files(uploads: Iterable[tuple[str, bytes]]) -> list[BatchFile]:
 
 def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail: bool) -> BatchRow:
     check = predictor.unfamiliar(prediction)
+    shown = thumbnail(prediction) if with_thumbnail else None
+    if check.unfamiliar:
+        # As on Diagnose, an image unlike dermoscopy is not assessed: its class, probabilities and referrals would
+        # read as findings about a lesion (sorted by P(melanoma), a table would rank a photograph among the lesions).
+        return BatchRow(
+            file=name, not_assessed=check.reasons, warnings=image_warnings(check, prediction), thumbnail=shown
+        )
     return BatchRow(
         file=name,
         top_class=prediction.top_class,
@@ -287,12 +321,10 @@ def _row(predictor: Predictor, name: str, prediction: Prediction, with_thumbnail
         p_melanoma=prediction.probabilities["mel"],
         confidence=prediction.confidence,
         p_malignant=prediction.malignant_probability,
-        # As on Diagnose, an image unlike dermoscopy is not assessed: no referral from it (its warning says why).
-        assessed=not check.unfamiliar,
-        refer=() if check.unfamiliar else tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
+        refer=tuple(r.rule.key for r in predictor.referrals if r.refers(prediction)),
         warnings=image_warnings(check, prediction),
         probabilities=prediction.probabilities,
-        thumbnail=thumbnail(prediction) if with_thumbnail else None,
+        thumbnail=shown,
     )
 
 

@@ -304,11 +304,13 @@ def case_index(path: Path, checkpoint: dict, index: DatasetIndex):
     return _case_index(str(path), stamp, str(index.root), metadata_stamp(index.root), checkpoint, index.frame)
 
 
-def model_choice(prefix: str):
-    """Diagnose's and Batch's model picker, flip-averaging toggle and "Show experimental models" switch, keyed
-    ``{prefix}_model``, ``{prefix}_tta`` and ``{prefix}_experimental``: (Predictor, checkpoint path, tta). Each model
-    is labelled with its measured test balanced accuracy; experimental ones are listed only with the switch on
-    (:mod:`core.app.model_picker`). Stops the page with what to do when no model can be used."""
+def pick_model(prefix: str, *, tta: bool = False) -> tuple[Path, bool] | None:
+    """The model picker of every page that takes any model (Diagnose, Batch, Quiz, Evaluate's external test set), so
+    that a model reads the same everywhere: each labelled with its measured test balanced accuracy, the reference model
+    first, experimental ones listed only with the "Show experimental models" switch on (:mod:`core.app.model_picker`).
+    Keyed ``{prefix}_model`` and ``{prefix}_experimental``, and with ``tta`` a flip-averaging toggle ``{prefix}_tta``.
+    Returns (checkpoint path, flip averaging: False without the toggle), or None after saying what to do when no
+    model can be offered."""
     from core.app.model_picker import MIN_BALANCED_ACCURACY, MIN_TRAIN_IMAGES, model_choices
     from core.inference.predictor import TTA_HELP, USE_TTA_BY_DEFAULT
 
@@ -320,9 +322,12 @@ def model_choice(prefix: str):
             "**Train** page, or copy a Lesion Lab checkpoint into `checkpoints/`.",
             icon=":material/neurology:",
         )
-        st.stop()
+        return None
     # Wide enough for each switch's whole label at 1600 px: in a sixth of the row "Show experimental models" was cut.
-    c_model, c_tta, c_experimental = st.columns([3, 1.1, 1.4])
+    if tta:
+        c_model, c_tta, c_experimental = st.columns([3, 1.1, 1.4])
+    else:
+        c_model, c_experimental = st.columns([4.1, 1.4])
     rule = (
         f"stopped or unfinished, trained on fewer than {MIN_TRAIN_IMAGES:,} images, or below a test balanced "
         f"accuracy of {MIN_BALANCED_ACCURACY:.0%}"
@@ -340,9 +345,13 @@ def model_choice(prefix: str):
             "model on the full dataset on the **Train** page.",
             icon=":material/science:",
         )
-        st.stop()
+        return None
     path = c_model.selectbox("Model", list(offered), format_func=lambda p: offered[p].label, key=f"{prefix}_model")
-    tta = c_tta.toggle("Flip averaging (TTA)", value=USE_TTA_BY_DEFAULT, key=f"{prefix}_tta", help=TTA_HELP)
+    averaged = (
+        c_tta.toggle("Flip averaging (TTA)", value=USE_TTA_BY_DEFAULT, key=f"{prefix}_tta", help=TTA_HELP)
+        if tta
+        else False
+    )
     if hidden:
         st.caption(
             f"{hidden} experimental model{'s' if hidden > 1 else ''} not listed ({rule}): **Show experimental "
@@ -353,6 +362,16 @@ def model_choice(prefix: str):
             f"Experimental model: {'; '.join(offered[path].why_experimental)}. Not for decisions about patients.",
             icon=":material/science:",
         )
+    return path, averaged
+
+
+def model_choice(prefix: str):
+    """Diagnose's and Batch's :func:`pick_model` with its flip-averaging toggle, the model loaded: (Predictor,
+    checkpoint path, tta). Stops the page with what to do when no model can be used."""
+    picked = pick_model(prefix, tta=True)
+    if picked is None:
+        st.stop()
+    path, tta = picked
     predictor, error = get_predictor(path)
     if predictor is None:
         st.error(f"This model cannot be used: {error}", icon=":material/block:")

@@ -3,6 +3,7 @@ Uploads stay in memory; nothing is written to disk."""
 
 import io
 import time
+from collections import Counter
 
 import pandas as pd
 import streamlit as st
@@ -10,11 +11,20 @@ import streamlit as st
 from core.app.plots import class_label
 from core.app.referral import REFER, threshold_origin
 from core.common.formatting import format_bytes
-from core.inference.batch import MAX_FILE_BYTES, BatchError, predict_files, upload_files, write_csv
+from core.inference.batch import (
+    ASSESSED,
+    FAILED,
+    MAX_FILE_BYTES,
+    NOT_ASSESSED,
+    BatchError,
+    predict_files,
+    upload_files,
+    write_csv,
+)
 from core.inference.forward import PredictionError, tta_description
 from pages.views._shared import WRAPPING_ROW_HEIGHT, WorkBar, model_choice, research_notice
 
-NOT_ASSESSED = "not assessed: unlike dermoscopy (see its warning)"
+NOT_ASSESSED_CELL = f"{NOT_ASSESSED}: unlike dermoscopy (see its warning)"
 # Streamlit's max_upload_size counts MiB per file: an archive of a few hundred full-size dermoscopy JPEGs.
 MAX_UPLOAD_MIB = 200
 
@@ -33,8 +43,9 @@ uploads = st.file_uploader(
 if not uploads:
     st.info(
         "Upload several dermoscopic images, or .zip archives of them, to get one row per image: the most likely "
-        "class, P(melanoma), the confidence and the warnings the Diagnose page would show. Files that cannot be "
-        "used get a row saying why. Same as `lesionlab predict CHECKPOINT FOLDER_OR_ZIP --csv out.csv`.",
+        "class, P(melanoma), the confidence and the warnings the Diagnose page would show. As on Diagnose, an image "
+        "unlike dermoscopy is not assessed, and files that cannot be used get a row saying why. Same as "
+        "`lesionlab predict CHECKPOINT FOLDER_OR_ZIP --csv out.csv`.",
         icon=":material/upload:",
     )
     st.stop()
@@ -60,19 +71,28 @@ if cached is None or cached[0] != key:
     st.session_state["batch_result"] = cached = (key, rows, csv_text.getvalue(), time.perf_counter() - start)
 _, rows, csv_text, seconds = cached
 
-failed = [r for r in rows if r.error]
-predicted = [r for r in rows if not r.error]
-metrics = st.columns(3 + len(predictor.referrals))
-metrics[0].metric("Predicted", len(predicted))
-metrics[1].metric("Could not be used", len(failed))
-for col, referral in zip(metrics[2:], predictor.referrals, strict=False):
+# Counts of results are over the images assessed: one unlike dermoscopy has no result to count (as on Diagnose).
+outcomes = Counter(r.outcome for r in rows)
+assessed = [r for r in rows if r.assessed]
+metrics = st.columns(4 + len(predictor.referrals))
+metrics[0].metric("Assessed", outcomes[ASSESSED])
+metrics[1].metric(
+    "Not assessed",
+    outcomes[NOT_ASSESSED],
+    help="Images unlike the dermoscopy the model learnt from (the unfamiliar-image check, as on Diagnose): no class, "
+    "probability or referral; their warning says why.",
+)
+metrics[2].metric("Could not be used", outcomes[FAILED])
+for col, referral in zip(metrics[3:], predictor.referrals, strict=False):
     rule = referral.rule
     col.metric(
         f"{rule.label} ≥ {referral.threshold:.1%}",
-        sum(rule.key in r.refer for r in predicted),
+        sum(rule.key in r.refer for r in assessed),
         help=f"At or above the model's operating threshold ({threshold_origin(referral)}): {REFER}.",
     )
-metrics[-1].metric("With warnings", sum(bool(r.warnings) for r in predicted))
+metrics[-1].metric(
+    "With warnings", sum(bool(r.warnings) for r in assessed), help="Images assessed with low confidence."
+)
 st.caption(
     f"{len(rows)} files in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f} images/s) with "
     f"{predictor.arch}{', TTA: ' + tta_description(True) if tta else ''}. Click a column's header to sort by it."
@@ -85,8 +105,9 @@ table = pd.DataFrame(
         "thumbnail": [r.thumbnail or "" for r in rows],
         "file": [r.file for r in rows],
         "top_class": [r.top_class or "" for r in rows],
-        # As on Diagnose, a picture unlike dermoscopy was not assessed: its top class is no finding, so none is named.
-        "diagnosis": [(class_label(r.top_class) if r.assessed else NOT_ASSESSED) if r.top_class else "" for r in rows],
+        "diagnosis": [
+            NOT_ASSESSED_CELL if r.not_assessed else class_label(r.top_class) if r.top_class else "" for r in rows
+        ],
         "refer": [", ".join(r.refer) for r in rows],
         "p_malignant": pd.Series([r.p_malignant for r in rows], dtype=float),
         "p_melanoma": pd.Series([r.p_melanoma for r in rows], dtype=float),
@@ -133,6 +154,7 @@ st.download_button(
     file_name="lesionlab-batch.csv",
     mime="text/csv",
     icon=":material/download:",
-    help="Every row with all seven calibrated probabilities; no thumbnails.",
+    help="Every row with all seven calibrated probabilities (none for an image not assessed: its not_assessed "
+    "column says why); no thumbnails.",
     key="batch_csv",
 )

@@ -43,6 +43,7 @@ from pages.views._shared import (
     lazy_tabs,
     load_dataset,
     no_runs_message,
+    pick_model,
     predictions,
     progress_bar,
     run_label,
@@ -476,22 +477,17 @@ def external_section() -> None:
         f"({', '.join(CLASSES)}), the ISIC 2018 Task 3 ground truth with its images, or HAM10000-style "
         "metadata. Same as `lesionlab evaluate --checkpoint CKPT --data FOLDER --split all`."
     )
-    models = settings.model_files()
-    if not models:
-        st.info(
-            "No model is available: train one on the **Train** page, or copy a Lesion Lab checkpoint "
-            "into `checkpoints/`.",
-            icon=":material/neurology:",
-        )
+    # Outside the form: its "Show experimental models" switch changes the list at once.
+    picked = pick_model("ext")
+    if picked is None:
         return
+    model, _ = picked  # no toggle: evaluated as `lesionlab evaluate` does by default (_external_evaluation)
     source = st.segmented_control(
         "Test set", [FOLDER_SOURCE, UPLOAD_SOURCE], default=FOLDER_SOURCE, key="ext_source", required=True
     )
     with st.form("ext_form", border=False):
-        c_model, c_source = st.columns([2, 3])
-        model = c_model.selectbox("Model", models, format_func=settings.model_label, key="ext_model")
         if source == UPLOAD_SOURCE:
-            upload = c_source.file_uploader(
+            upload = st.file_uploader(
                 f"A .zip of the test set, at most {MAX_UPLOAD_MB} MB",
                 type="zip",
                 key="ext_zip",
@@ -502,7 +498,7 @@ def external_section() -> None:
                 "folder.",
             )
         else:
-            folder = c_source.text_input(
+            folder = st.text_input(
                 "External test set folder",
                 key="ext_folder",
                 placeholder="data/ham10000-isic2018-test",

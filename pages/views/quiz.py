@@ -25,6 +25,7 @@ from pages.views._shared import (
     get_predictor,
     load_dataset,
     metadata_stamp,
+    pick_model,
     research_notice,
 )
 
@@ -82,20 +83,15 @@ def setup() -> None:
     index = load_dataset()
     if index is None:
         st.stop()
-    models = settings.model_files()
-    if not models:
-        st.info(
-            "No model is available. The quiz uses `checkpoints/*.pt` (the repository ships "
-            "`checkpoints/reference.pt`) and the `best.pt` of every finished training run.",
-            icon=":material/neurology:",
-        )
-        st.stop()
     st.markdown(
         "Students diagnose each image — with how sure they are — before they see the truth, how it was "
         "confirmed, the model's calibrated probabilities and where it looked. At the end their per-class "
         "results stand beside the model's on the same images."
     )
-    model_path = st.selectbox("Model", models, format_func=settings.model_label, key="quiz_model")
+    picked = pick_model("quiz")
+    if picked is None:
+        st.stop()
+    model_path, _ = picked  # no flip-averaging toggle: the quiz scores one view of each image (_model_probs)
     predictor, error = get_predictor(model_path)
     if predictor is None:
         st.error(f"This model cannot be used: {error}", icon=":material/block:")

@@ -65,7 +65,7 @@ def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
     assert "not an image PIL can read" in errors["cases.zip/set/broken.jpg"]
     assert "unsafe path" in errors["cases.zip/../../up.jpg"]
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Predicted"] == "5" and metrics["Could not be used"] == "2"
+    assert metrics["Assessed"] == "5" and metrics["Not assessed"] == "0" and metrics["Could not be used"] == "2"
     # Each referral rule: a count of the files at or above the model's threshold and a column naming the rules met.
     predicted = table[table["error"] == ""]
     for referral in predictor.referrals:
@@ -90,16 +90,31 @@ def test_uploads_and_a_zip_give_a_table_and_its_csv(batch_page):
 
 def test_a_picture_not_assessed_names_no_class(batch_page):
     """As on Diagnose, a photograph unlike dermoscopy gets no diagnosis in the table (it read "nv · Melanocytic
-    nevus" beside the warning that it was not assessed); a lesion beside it keeps its own."""
+    nevus" beside the warning that it was not assessed), no probability, and no place in the counts of results: the
+    page counts it as not assessed; its CSV row says why. A lesion beside it keeps its own."""
     uploads = [(p.name, p.read_bytes(), "image/jpeg") for p in (CAMERAMAN, CARCINOMA)]
     at = batch_page.file_uploader(key="batch_upload").set_value(uploads).run(timeout=180)
     no_exceptions(at)
     table = at.dataframe[0].value.set_index("file")
     photo = table.loc[CAMERAMAN.name]
-    assert photo["diagnosis"].startswith("not assessed") and photo["refer"] == ""
+    assert photo["diagnosis"].startswith("not assessed") and photo["refer"] == "" and photo["top_class"] == ""
     assert not [name for name in DISPLAY_NAMES.values() if name in photo["diagnosis"]]
+    assert photo[["p_malignant", "p_melanoma", "confidence"]].isna().all()  # its bars empty, not "nv 40 %"
     assert photo["warnings"].startswith("unlike the dermoscopy") and "low confidence" not in photo["warnings"]
     assert table.loc[CARCINOMA.name, "diagnosis"] == class_label("bcc")
+
+    predictor = open_predictor(REFERENCE)
+    metrics = {m.label: m.value for m in at.metric}
+    assert (metrics["Assessed"], metrics["Not assessed"], metrics["Could not be used"]) == ("1", "1", "0")
+    for referral in predictor.referrals:  # the carcinoma's alone, whatever the photograph's output was
+        carcinoma_refers = table.loc[CARCINOMA.name, f"p_{referral.rule.key}"] >= referral.threshold
+        assert metrics[f"{referral.rule.label} ≥ {referral.threshold:.1%}"] == str(int(carcinoma_refers))
+
+    rows = {r["file"]: r for r in csv.DictReader(io.StringIO(at.session_state["batch_result"][2]))}
+    check = predictor.unfamiliar(predictor.predict(CAMERAMAN, tta=at.toggle(key="batch_tta").value))
+    assert rows[CAMERAMAN.name]["not_assessed"] == " | ".join(check.reasons)
+    assert rows[CAMERAMAN.name]["diagnosis"] == "not assessed" and rows[CAMERAMAN.name]["p_melanoma"] == ""
+    assert rows[CARCINOMA.name]["not_assessed"] == "" and rows[CARCINOMA.name]["top_class"] == "bcc"
 
 
 def test_flip_averaging_off_repredicts_and_a_model_that_cannot_load_says_so(batch_page, tmp_path):

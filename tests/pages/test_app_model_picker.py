@@ -1,6 +1,7 @@
-"""Diagnose's and Batch's model picker: each model with its measured test balanced accuracy or "not evaluated", the
-bundled reference model first, experimental runs only behind "Show experimental models" (AppTest, real runs from
-tests.app_support.picker_env)."""
+"""The model picker of Diagnose, Batch, Quiz and Evaluate's external test set: each model with its measured test
+balanced accuracy or "not evaluated", the bundled reference model first, experimental runs only behind "Show
+experimental models" (AppTest, real runs from tests.app_support.picker_env). Quiz and Evaluate listed bare file names,
+every run alike, before they shared it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from core.common.runs import read_evaluation, read_run
 from tests.app_support import *  # noqa: F403
 from tests.app_support import app_test, no_exceptions, pick_model, texts
 
-PAGES = {"diagnose": "diag", "batch": "batch"}
+PAGES = {"diagnose": "diag", "batch": "batch", "quiz": "quiz", "evaluate": "ext"}
 
 
 @pytest.fixture
 def page(picker_env, monkeypatch, request):
     picker_env.apply(monkeypatch)
     at = app_test(request.param)
+    if request.param == "evaluate":
+        at.session_state["eval_section"] = "External test set"  # what a click on its tab does
+        at.run()
     no_exceptions(at)
     return at, PAGES[request.param]
 

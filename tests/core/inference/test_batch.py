@@ -8,6 +8,7 @@ import base64
 import csv
 import dataclasses
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -19,12 +20,14 @@ import pytest
 from PIL import Image
 
 from core.cli import predict as predict_cli
-from core.common.labels import CLASSES
+from core.common.labels import CLASSES, DISPLAY_NAMES
 from core.inference import batch
 from core.inference.batch import BatchError, archive_files, folder_files, gather, image_bytes, predict_files
 from core.inference.opening import open_predictor
 from core.inference.prediction import LOW_CONFIDENCE
 from core.inference.predictor import USE_TTA_BY_DEFAULT, Predictor
+from core.models.checkpoints import atomic_save, read_checkpoint
+from core.models.ensemble_file import ensemble_dict
 from tests.conftest import ROOT, patched, write_truncated_jpeg, zip_bytes
 
 REFERENCE = ROOT / "checkpoints" / "reference.pt"
@@ -129,12 +132,37 @@ CAMERAMAN = ROOT / "tests" / "data" / "unfamiliar" / "held-out" / "grey-camera-0
 def test_a_picture_not_assessed_is_not_called_undecided(predictor):
     """Its row is marked not assessed and carries the unfamiliar warning alone: "low confidence … the most likely
     class" would speak of a result that Diagnose does not give for it."""
+    assert predictor.predict(CAMERAMAN).confidence < LOW_CONFIDENCE  # else this test would test nothing
     [row] = predict_files(predictor, [image_bytes(CAMERAMAN.name, CAMERAMAN.read_bytes())])
-    assert row.confidence < LOW_CONFIDENCE  # else this test would test nothing
     assert not row.assessed and row.refer == ()
     assert len(row.warnings) == 1 and row.warnings[0].startswith("unlike the dermoscopy the model learnt from")
     [lesion] = predict_files(predictor, [image_bytes("a.jpg", SAMPLE[0].read_bytes())])
     assert lesion.assessed
+
+
+def test_a_picture_not_assessed_has_no_class_and_its_csv_row_says_why(predictor):
+    """As on Diagnose, a flagged image's class and probabilities are no finding: its row and CSV row hold none (they
+    named a class and P(melanoma) like any lesion's) and say why, in the check's own words; the counts keep it apart
+    from the images assessed and from the files that could not be used."""
+    files = [image_bytes(CAMERAMAN.name, CAMERAMAN.read_bytes()), image_bytes("a.jpg", SAMPLE[0].read_bytes())]
+    photo, lesion = predict_files(predictor, files)
+    check = predictor.unfamiliar(predictor.predict(CAMERAMAN))
+    assert check.unfamiliar  # the shipped model's check flags it, else this test would test nothing
+    assert photo.not_assessed == check.reasons and photo.outcome == batch.NOT_ASSESSED
+    assert (photo.top_class, photo.diagnosis, photo.p_melanoma, photo.p_malignant, photo.confidence) == (None,) * 5
+    assert photo.probabilities == {} and photo.thumbnail.startswith("data:image/jpeg;base64,")
+    assert lesion.outcome == batch.ASSESSED and lesion.top_class in CLASSES and lesion.not_assessed == ()
+
+    out = io.StringIO()
+    outcomes = batch.write_csv(predict_files(predictor, [*files, image_bytes("x.jpg", b"not a jpeg")]), out)
+    assert outcomes == {batch.ASSESSED: 1, batch.NOT_ASSESSED: 1, batch.FAILED: 1}
+    rows = {row["file"]: row for row in csv.DictReader(io.StringIO(out.getvalue()))}
+    flagged = rows[CAMERAMAN.name]
+    assert flagged["diagnosis"] == "not assessed" and flagged["not_assessed"] == " | ".join(check.reasons)
+    assert flagged["warnings"].startswith("unlike the dermoscopy the model learnt from")
+    assert [flagged[c] for c in ("top_class", "p_melanoma", "confidence", "p_malignant", "refer", "error")] == [""] * 6
+    assert all(flagged[f"p_{code}"] == "" for code in CLASSES)
+    assert rows["a.jpg"]["top_class"] == lesion.top_class and rows["a.jpg"]["not_assessed"] == ""
 
 
 def test_an_archive_with_bad_members_predicts_the_rest(predictor):
@@ -239,7 +267,8 @@ def test_cli_writes_a_row_per_file_as_the_predictor_answers(predictor, folder, t
     rows = read_csv(out)
     assert list(rows[0]) == list(batch.CSV_COLUMNS)
     assert len(rows) == 8
-    assert "8/8 files" in result.stderr and "6 predicted, 2 could not be" in result.stderr
+    assert "8/8 files" in result.stderr and "6 assessed, 0 not assessed" in result.stderr
+    assert "2 could not be used" in result.stderr
     for row in rows:
         if row["file"] in ("cut.jpg", "notes.txt"):
             assert row["error"] and not row["top_class"]
@@ -273,3 +302,63 @@ def test_cli_reads_a_zip_and_says_what_it_cannot_use(tmp_path, capsys):
     broken_ckpt = tmp_path / "broken.pt"
     broken_ckpt.write_bytes(b"nope")
     assert predict_cli.main([str(broken_ckpt), str(archive), "--csv", str(out)]) == 2
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> Path:
+    """An ensemble file of two copies of the reference model (no detector fitted beside it: its colour check decides
+    whether a picture is dermoscopy)."""
+    ref = read_checkpoint(REFERENCE)
+    path = tmp_path_factory.mktemp("twins") / "twins.pt"
+    atomic_save(ensemble_dict([ref, ref], ["a", "b"], temperature=1.0, config={**ref["config"]}), path)
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model", ["checkpoint", "ensemble"])
+def test_cli_says_a_picture_unlike_dermoscopy_was_not_assessed(model, twins, tmp_path):
+    """One image and --csv, a single checkpoint and an ensemble file: the photograph gets "not assessed" and the
+    check's reasons where a lesion gets its class (it got a class and seven probabilities like a lesion), and the
+    command still succeeds."""
+    path = REFERENCE if model == "checkpoint" else twins
+    predictor = open_predictor(path)
+    check = predictor.unfamiliar(predictor.predict(CAMERAMAN, tta=USE_TTA_BY_DEFAULT))
+    lesion = predictor.predict(SAMPLE[0], tta=USE_TTA_BY_DEFAULT)
+    assert check.unfamiliar and not predictor.unfamiliar(lesion).unfamiliar  # else this test would test nothing
+
+    one = run_predict(path, CAMERAMAN, SAMPLE[0])
+    assert one.returncode == 0, one.stderr
+    photo_lines, lesion_text = one.stdout.split(f"\n{SAMPLE[0]}: ")
+    assert photo_lines.splitlines() == [
+        f"{CAMERAMAN}: not assessed: unlike the dermoscopy the model learnt from",
+        *(f"  {reason}" for reason in check.reasons),
+    ]
+    assert not [name for name in DISPLAY_NAMES.values() if name in photo_lines]
+    assert lesion_text.startswith(f"{lesion.top_name} ({lesion.top_class})")
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(CAMERAMAN, folder)
+    shutil.copy(SAMPLE[0], folder)
+    out = tmp_path / "out.csv"
+    table = run_predict(path, folder, "--csv", out)
+    assert table.returncode == 0, table.stderr
+    assert "1 assessed, 1 not assessed" in table.stderr and "0 could not be used" in table.stderr
+    rows = {row["file"]: row for row in read_csv(out)}
+    flagged = rows[CAMERAMAN.name]
+    assert flagged["diagnosis"] == "not assessed" and flagged["not_assessed"] == " | ".join(check.reasons)
+    assert flagged["top_class"] == flagged["p_melanoma"] == flagged["confidence"] == flagged["refer"] == ""
+    assert all(flagged[f"p_{code}"] == "" for code in CLASSES)
+    assert rows[SAMPLE[0].name]["top_class"] == lesion.top_class and rows[SAMPLE[0].name]["not_assessed"] == ""
+
+
+def test_cli_json_marks_a_picture_not_assessed_and_draws_it_no_heatmap(tmp_path, capsys):
+    """--json: no class or probabilities for the photograph, only why; --gradcam writes no map for it (Diagnose
+    shows none), and the lesion beside it keeps both."""
+    cam = tmp_path / "cam.png"
+    assert predict_cli.main([str(REFERENCE), str(CAMERAMAN), str(SAMPLE[0]), "--json", "--gradcam", str(cam)]) == 0
+    photo, lesion = json.loads(capsys.readouterr().out)
+    assert set(photo) == {"image", "assessed", "not_assessed"} and photo["assessed"] is False
+    assert photo["not_assessed"][0].startswith("its unfamiliar-image score is")
+    assert lesion["assessed"] is True and lesion["top_class"] in CLASSES and Path(lesion["gradcam"]).is_file()
+    assert [p.name for p in tmp_path.glob("cam*.png")] == [Path(lesion["gradcam"]).name]

@@ -415,7 +415,7 @@ def test_predict_cli_defaults_to_the_measured_tta(ckpt, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_predict_cli_json_with_gradcam(ckpt, tmp_path):
-    images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=1, size=(36, 36))]
+    images = [lesion(tmp_path / "one.jpg"), lesion(tmp_path / "two.png", label=3, size=(36, 36))]
     done = run_cli("core.cli.predict", ckpt, *images, "--tta", "--gradcam", tmp_path / "cam.png", "--json")
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)

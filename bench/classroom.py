@@ -7,7 +7,7 @@ reference model) and, after one warm-up visit (the instructor's: the model and t
 server), lets N headless Chromium sessions (Playwright, /usr/bin/chromium, one browser, a context per student)
 start together. Each opens Diagnose, uploads a different image of the dataset and waits for the answer's
 heading (or, for an image the unfamiliar-image check flags, the warning that it was not assessed), then opens
-Quiz from the sidebar, starts the 10-image quiz and answers its first question. Reports per N the p50/p95
+Quiz, starts the 10-image quiz and answers its first question. Reports per N the p50/p95
 time from the upload to the answer and for the quiz question, the errors (a timeout or an exception on the
 page), and the server's resident memory (peak, sampled every 0.2 s), then writes its section of
 docs/BENCHMARKS.md. Bounded: at most 40 students, 300 s per student.
@@ -72,8 +72,7 @@ async def student(
         if whole_page:  # the instructor's visit waits for the similar cases: the case index is built once
             await page.get_by_role("heading", name="Similar confirmed cases").wait_for()
         step = "opening Quiz"
-        # As a student does: the sidebar's link, which switches page within the open app (no reload).
-        await page.locator("[data-testid=stSidebarNav]").get_by_role("link", name="Quiz").click()
+        await page.goto(f"{url}/quiz", wait_until="commit")
         await page.get_by_role("button", name="Start the quiz").wait_for()
         slider = page.get_by_role("slider", name="Images")
         await slider.focus()
@@ -194,8 +193,7 @@ def report(out: dict, data: Path, command: str) -> list[str]:
         f"{out['load_after']:.1f} at the end (the students' Chromium shares the two cores with the server). "
         f"`streamlit run` on loopback with the dataset `{data.name}` and the shipped reference model; every "
         "student a fresh browser session: Diagnose an upload (each a different image), then the 10-image Quiz's "
-        "first question answered and revealed (Quiz opened from the sidebar, as a student would). Each room "
-        "twice: *arriving together* (every student opens Diagnose "
+        "first question answered and revealed. Each room twice: *arriving together* (every student opens Diagnose "
         "at once and uploads when the page is ready, so uploads meet the other students' page loads) and *pages "
         "open, uploading together* (every page open first, then all uploads at one moment). Times from the upload "
         "(or the quiz's start) to the answer on screen. Before the rooms, one warm-up visit (the instructor's) loaded "

@@ -502,6 +502,7 @@ def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tm
         "seed",
         data=str(ham_root),
         arch="mobilenet_v2",
+        input_size=(150, 200),  # the images' own size, as the reference model takes them (the preset's 224² upscales)
         max_images=700,
         epochs=4,
         name="real",

@@ -9,9 +9,11 @@ import shutil
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +269,25 @@ def run_cli(module: str, *args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
     )
+
+
+# What Python's default warning filters keep off a process's stderr (pytest's report of an object that a garbage
+# collection finalised with an error, such as an unclosed file, is a ResourceWarning there).
+_SILENT_IN_A_PROCESS = (
+    DeprecationWarning,
+    PendingDeprecationWarning,
+    ImportWarning,
+    ResourceWarning,
+    pytest.PytestUnraisableExceptionWarning,
+)
+
+
+@contextmanager
+def no_printed_warnings() -> Iterator[None]:
+    """Fails when the block warns as a real process would print on stderr: a command's ``main`` run in the test's
+    process stands for ``python -m`` only if nothing more than its own output would have reached the terminal."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    printed = [f"{w.category.__name__}: {w.message}" for w in seen if not issubclass(w.category, _SILENT_IN_A_PROCESS)]
+    assert printed == [], printed

@@ -4,9 +4,6 @@ fixture) and in a real browser, and fails any other test that starts a process w
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from tests.app_support import ROOT
@@ -22,17 +19,16 @@ ON_THE_FULL_DATASET = {
 }
 
 
-@pytest.mark.integration
-def test_integration_marker_selects_the_tests_on_the_full_dataset_in_a_real_collection():
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "integration"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+@pytest.mark.integration  # importing the test modules starts libraries' probes (git, fc-list) where not done yet
+def test_integration_marker_selects_the_tests_on_the_full_dataset_in_a_real_collection(pytester):
+    # The project's own collection, as `pytest --collect-only -m integration` makes it, in this process (where the
+    # modules are imported already), one session without the addopts' two test processes.
+    done = pytester.runpytest_inprocess(
+        *("--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts="),
+        *("--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), "-m", "integration", str(ROOT / "tests")),
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert ON_THE_FULL_DATASET <= {line for line in done.stdout.splitlines() if "::" in line}
+    assert done.ret == 0, "\n".join(done.outlines[-30:])
+    assert ON_THE_FULL_DATASET <= {line for line in done.outlines if "::" in line}
 
 
 def test_tests_on_the_full_dataset_or_in_a_browser_are_marked(request):

@@ -45,19 +45,28 @@ def batch_path(img: Image.Image, augmentation: str) -> torch.Tensor:
     return batched(img, batch_transform(PREP, augmentation, img.size))
 
 
+# Pixel coordinates of the 200×150 inputs, for the disc's moments.
+XS, YS = torch.arange(200.0), torch.arange(150.0)
+
+
 def statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
     """One number per image and statistic."""
-    rgb = (batch * STD + MEAN).clamp(0, 1)
-    red = (rgb[:, 0] > 0.8) & (rgb[:, 1] < 0.25) & (rgb[:, 2] < 0.25)
-    ys, xs = torch.meshgrid(torch.arange(150.0), torch.arange(200.0), indexing="ij")
-    area = red.sum((1, 2)).clamp(min=1)
-    dx = (red * xs).sum((1, 2)) / area - 99.5
-    dy = (red * ys).sum((1, 2)) / area - 74.5
+    rgb = batch.mul(STD).add_(MEAN).clamp_(0, 1)
+    red = ((rgb[:, 0] > 0.8) & (rgb[:, 1] < 0.25) & (rgb[:, 2] < 0.25)).float()
+    # The disc's moments from its pixel counts per column and per row, and their products with the coordinates:
+    # whole numbers, exact in float32; a few numbers per image from there, in float64. (Products of the whole mask
+    # with coordinate grids took most of this module's time.)
+    columns, rows, xs, ys = red.sum(1).double(), red.sum(2).double(), XS.double(), YS.double()
+    pixels = columns.sum(1)
+    area = pixels.clamp(min=1)
+    sx, sy, sxy = columns @ xs, rows @ ys, (red @ XS).double() @ ys
+    mx, my = sx / area, sy / area
+    dx, dy = mx - 99.5, my - 74.5
     # The disc's elongation, from the second moments of its pixels: rotation leaves a disc round, and only a
     # change of aspect makes it an ellipse (sqrt of the principal axes' ratio; 1 for a disc, or no disc).
-    cxx = (red * (xs - dx.view(-1, 1, 1) - 99.5) ** 2).sum((1, 2)) / area
-    cyy = (red * (ys - dy.view(-1, 1, 1) - 74.5) ** 2).sum((1, 2)) / area
-    cxy = (red * (xs - dx.view(-1, 1, 1) - 99.5) * (ys - dy.view(-1, 1, 1) - 74.5)).sum((1, 2)) / area
+    cxx = (columns @ xs**2 - 2 * mx * sx + mx**2 * pixels) / area
+    cyy = (rows @ ys**2 - 2 * my * sy + my**2 * pixels) / area
+    cxy = (sxy - my * sx - mx * sy + mx * my * pixels) / area
     spread = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy**2)
     major, minor = (cxx + cyy) / 2 + spread, ((cxx + cyy) / 2 - spread).clamp(min=1e-6)
     centre = rgb[:, :, 45:105, 70:130]
@@ -67,7 +76,7 @@ def statistics(batch: torch.Tensor) -> dict[str, np.ndarray]:
         "disc angle off the diagonal": torch.atan2(dy.abs(), dx.abs()),
         "disc distance from centre (scale)": torch.hypot(dx, dy),
         "disc area (scale)": area.float(),
-        "disc elongation (aspect)": torch.where(red.sum((1, 2)) > 4, torch.sqrt(major / minor), 1.0).clamp(max=4),
+        "disc elongation (aspect)": torch.where(pixels > 4, torch.sqrt(major / minor), 1.0).clamp(max=4),
         "black corners": (rgb.sum(1) < 0.01).float().mean((1, 2)),
         **{f"central mean {c}": centre[:, i].mean((1, 2)) for i, c in enumerate("RGB")},
         "central contrast": centre.mean(1).std((1, 2)),

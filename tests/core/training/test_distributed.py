@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from core.app import jobs as app_jobs
+from core.cli.train import main as train_main
 from core.common.labels import CLASSES
 from core.common.runs import read_run, request_stop
 from core.models.architectures import build_model
@@ -126,16 +127,19 @@ def trainer(*args: str, processes: int = 1, check: bool = True) -> subprocess.Co
     return result
 
 
-def head_run(out: Path, cache: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+def head_args(out: Path, cache: Path, *extra: str) -> list[str]:
     """A head-only run on cached features, weighted loss (each rank's share has its own class weights), no
     dropout: nothing random but the batch order, so one process and two must train the same model."""
-    return trainer(
+    return [
         *("--data", str(SAMPLE), "--weights", "none", "--input-size", "32", "32", "--out", str(out)),
         *("--cache-dir", str(cache), "--decoded-dir", str(cache.parent / "decoded")),
         *("--head", "linear", "--dropout", "0", "--imbalance", "weighted_loss"),
         *("--lr", "0.01", "--batch-size", "16", "--device", "cpu", *extra),
-        processes=processes,
-    )
+    ]
+
+
+def head_run(out: Path, cache: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    return trainer(*head_args(out, cache, *extra), processes=processes)
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -143,13 +147,14 @@ def events(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """A two-process run of two epochs, resumed for a third, and a one-process run of three epochs."""
+def ddp_runs(tmp_path_factory, one_thread):
+    """A two-process run of two epochs, resumed for a third, and a one-process run of three epochs (the trainer's
+    main in this process, on one thread as each torchrun process is)."""
     tmp = tmp_path_factory.mktemp("ddp")
     first = head_run(tmp / "runs", tmp / "cache", "--epochs", "2", processes=2)
     (run_dir,) = (tmp / "runs").iterdir()  # no --name: the ranks agree on rank 0's
     resumed = head_run(tmp / "runs", tmp / "cache", "--resume", str(run_dir), "--epochs", "3", processes=2)
-    head_run(tmp / "single", tmp / "cache", "--epochs", "3", "--name", "single")
+    assert train_main(head_args(tmp / "single", tmp / "cache", "--epochs", "3", "--name", "single")) == 0
     return {"dir": run_dir, "outputs": (first, resumed), "single": tmp / "single" / "single", "cache": tmp / "cache"}
 
 

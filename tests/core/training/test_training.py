@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from core.cli.train import build_parser, config_from_args
+from core.cli.train import main as train_main
 from core.common.labels import CLASSES
 from core.common.runs import read_config, read_evaluation, read_run
 from core.data.dataset import DatasetError
@@ -35,18 +36,15 @@ from core.training.loaders import prepare_data
 from core.training.loop import train, train_many
 from tests.app_support import train_tiny_run
 from tests.conftest import ROOT as REPO
-from tests.conftest import write_tiny_dataset, write_truncated_jpeg
+from tests.conftest import no_printed_warnings, write_tiny_dataset, write_truncated_jpeg
 
 ROOT = str(REPO)  # the project folder, as subprocesses take it (cwd, PYTHONPATH)
 
 
-def train_cli(data, out, *extra: str, name: str = "cli", cache=None) -> subprocess.CompletedProcess:
-    """``lesionlab train`` on ``data`` as a user would run it: random weights, one epoch at 32×32;
+def train_argv(data, out, *extra: str, name: str = "cli", cache=None) -> list[str]:
+    """``lesionlab train``'s arguments on ``data`` as a user would give them: random weights, one epoch at 32×32;
     ``extra`` flags come last, so they override these."""
-    command = [
-        sys.executable,
-        "-m",
-        "core.cli.train",
+    return [
         "--data",
         str(data),
         "--weights",
@@ -66,6 +64,11 @@ def train_cli(data, out, *extra: str, name: str = "cli", cache=None) -> subproce
         str(Path(out) / "decoded"),
         *extra,
     ]
+
+
+def train_cli(data, out, *extra: str, name: str = "cli", cache=None) -> subprocess.CompletedProcess:
+    """``lesionlab train`` with :func:`train_argv`'s arguments, as a real process."""
+    command = [sys.executable, "-m", "core.cli.train", *train_argv(data, out, *extra, name=name, cache=cache)]
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
 
 
@@ -387,31 +390,12 @@ def test_feature_cache_computes_each_image_once_and_notices_changed_files(tiny_r
     assert damaged == [] and torch.allclose(repaired, first, atol=1e-5)
 
 
-@pytest.mark.integration
-def test_cli_help_and_clear_errors(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    helped = subprocess.run(
-        [sys.executable, "-m", "core.cli.train", "--help"], capture_output=True, text=True, cwd=ROOT, env=env
-    )
-    assert helped.returncode == 0 and "--preset" in helped.stdout and "--imbalance" in helped.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "core.cli.train",
-            "--data",
-            str(tmp_path / "nowhere"),
-            "--weights",
-            "none",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+def test_cli_refuses_a_data_folder_that_does_not_exist(tmp_path, capsys):
+    # Through main in this process: a real process's status and stderr are test_cli_refuses_a_run_name_outside_out's
+    # to see, and --help is test_cli_help_mentions_every_field_and_rejects_unknown_choices's (the same parser).
+    assert train_main(["--data", str(tmp_path / "nowhere"), "--weights", "none", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
 
 
 @pytest.mark.integration
@@ -518,6 +502,7 @@ def test_pretrained_head_only_learns_real_lesions(ham_root, imagenet_weights, tm
         "seed",
         data=str(ham_root),
         arch="mobilenet_v2",
+        input_size=(150, 200),  # the images' own size, as the reference model takes them (the preset's 224² upscales)
         max_images=700,
         epochs=4,
         name="real",
@@ -654,7 +639,6 @@ def keep_rows(root, keep) -> None:
     meta[meta.apply(keep, axis=1)].to_csv(root / "HAM10000_metadata.csv", index=False)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -663,7 +647,7 @@ def keep_rows(root, keep) -> None:
         ("no test share", "The test split has no images"),
     ],
 )
-def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, message):
+def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, message, capsys):
     root = copy_of(tiny_root, tmp_path)
     fractions = ["0.7", "0.15", "0.15"]
     if case == "one class":
@@ -673,11 +657,11 @@ def test_cli_refuses_data_a_run_cannot_learn_from(tiny_root, tmp_path, case, mes
         keep_rows(root, lambda row: row["lesion_id"] in lesions)
     else:
         fractions = ["0.8", "0.2", "0"]
-    done = train_cli(
-        str(root), str(tmp_path / "runs"), "--split-fractions", *fractions, name="refused", cache=str(tmp_path / "c")
-    )
-    assert done.returncode == 2
-    assert done.stderr.startswith(f"error: {message}") and done.stderr.count("\n") == 1, done.stderr
+    argv = train_argv(root, tmp_path / "runs", "--split-fractions", *fractions, name="refused", cache=tmp_path / "c")
+    with no_printed_warnings():  # through main in this process, as test_cli_refuses_a_run_name_outside_out's process
+        assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     run = read_run(tmp_path / "runs" / "refused")
     assert run.state == "failed" and run.start is None  # refused before training began
 

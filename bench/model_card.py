@@ -40,7 +40,7 @@ from core.data.images import FIT_RULE
 from core.data.shifts import JPEG_QUALITY
 from core.data.splits import holdout_sources
 from core.evaluation import robustness
-from core.evaluation.choice import RULE, candidate_runs, choose, judge, read_record
+from core.evaluation.choice import RULE, candidate_runs, choose, holdout_runs_of, judge, read_record
 from core.evaluation.records import report_predictions
 from core.evaluation.sources import holdout_report, markdown_groups, metrics_by_source
 from core.inference.similar import NEIGHBOURS
@@ -516,11 +516,12 @@ def source_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
         "",
         *markdown_groups(by_source),
     ]
-    return lines + leave_one_source_out_lines(runs, frame)
+    return lines + leave_one_source_out_lines(reference, runs, frame)
 
 
-def leave_one_source_out_lines(runs: Path, frame) -> list[str]:
-    """The runs in ``runs`` trained without one source (``lesionlab train --leave-one-source-out``), tested on it."""
+def leave_one_source_out_lines(reference: Path, runs: Path, frame) -> list[str]:
+    """The runs in ``runs`` trained without one source (``lesionlab train --leave-one-source-out``), tested on it,
+    saying whether they are of the bundled model's recipe (``reference``'s run) or a candidate's."""
     eligible, left_out = holdout_sources(frame)
     holdouts = sorted(
         d for d in runs.glob("*") if (d / "config.json").is_file() and read_config(d).get("holdout_source")
@@ -536,8 +537,18 @@ def leave_one_source_out_lines(runs: Path, frame) -> list[str]:
         + (f"; the others hold too few classes to be tested on alone ({reasons})." if reasons else "."),
         "",
     ]
+    how = "`lesionlab train --preset reference --data DIR --leave-one-source-out`"
     if not holdouts:
-        return [*lines, "Not run yet: `lesionlab train --preset reference --data DIR --leave-one-source-out`."]
+        return [*lines, f"Not run yet: {how}."]
+    own = set(holdout_runs_of(reference, runs))
+    lines += [
+        "These runs are of the bundled model's recipe."
+        if own == set(holdouts)
+        else "These runs are of candidates' recipes (each run's recipe is judged in the choice table below), "
+        + ("some of" if own else "none of")
+        + f" them of the bundled model's own; its recipe in full: {how}.",
+        "",
+    ]
     report = holdout_report(holdouts, left_out)
     lines += [*markdown_groups(report["rows"]), ""]
     lines += [

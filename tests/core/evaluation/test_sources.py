@@ -173,4 +173,6 @@ def test_the_model_card_shows_results_by_source_and_the_held_out_runs(runs, sour
     far = read_evaluation(runs / "far")["test"]
     assert any(line.startswith(f"| far | {far['n']} |") for line in table[3:])
     assert f"{far['balanced_accuracy']:.3f} on far" in text
+    # "far" is "plain"'s recipe with a source held out, so the card may say these runs speak for the bundled model.
+    assert "These runs are of the bundled model's recipe." in text
     assert source_lines(runs / "plain", runs, None)[-1].startswith("Not computed")

@@ -12,6 +12,7 @@ import sys
 import warnings
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,9 +162,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "ham_root" in getattr(item, "fixturenames", ()) or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.integration)
-    # The real-browser files take minutes each: first in the order, the two test processes start on them and the
-    # short files fill in around them (last, they ran on alone after everything else). A stable sort.
-    items.sort(key=lambda item: item.get_closest_marker("browser") is None)
+    # The two test processes take whole files in this order, each the next one as it finishes: the long files first,
+    # and the short ones fill in around them at the end (a long file last ran on alone after everything else). The
+    # real-browser files take minutes each; after them, the files with the most tests that start processes (each
+    # start costs seconds of imports). A stable sort: each file's own order stays.
+    starting = Counter(item.path for item in items if item.get_closest_marker("integration"))
+    items.sort(key=lambda item: (item.get_closest_marker("browser") is None, -starting[item.path]))
 
 
 # The programs each test started (Python's "subprocess.Popen" audit event: CLIs, job workers, torchrun, the

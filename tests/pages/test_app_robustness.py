@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from core.data.shifts import SHIFTS
@@ -23,10 +24,24 @@ SAMPLE = ROOT / "sample_data" / "ham10000-sample"
 RUN = "reference-mnv2"
 
 
+@pytest.fixture(scope="module")
+def half_sample(tmp_path_factory) -> Path:
+    """Every other image of the bundled sample (10 of each class) with their metadata rows: the button's report, every
+    shift through the four flips, on half the images."""
+    root = tmp_path_factory.mktemp("half_sample")
+    meta = pd.read_csv(SAMPLE / "HAM10000_metadata.csv", dtype=str, keep_default_na=False)
+    half = meta.groupby("dx", sort=False).nth(slice(None, None, 2))
+    (root / "images").mkdir()
+    for image_id in half["image_id"]:
+        shutil.copy(SAMPLE / "images" / f"{image_id}.jpg", root / "images")
+    half.to_csv(root / "HAM10000_metadata.csv", index=False)
+    return root
+
+
 @pytest.fixture
-def env(tmp_path, monkeypatch) -> AppEnv:
-    """The published reference run as a local run without a robustness report, its checkpoint, the sample."""
-    env = AppEnv(data=SAMPLE, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+def env(tmp_path, monkeypatch, half_sample) -> AppEnv:
+    """The published reference run as a local run without a robustness report, its checkpoint, half the sample."""
+    env = AppEnv(data=half_sample, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
     shutil.copytree(ROOT / "docs" / "runs" / RUN, env.runs / RUN, ignore=shutil.ignore_patterns("robustness.json"))
     env.checkpoints.mkdir()
     shutil.copy(ROOT / "checkpoints" / "reference.pt", env.checkpoints / "reference.pt")
@@ -60,7 +75,7 @@ def test_missing_report_is_computed_with_a_button_and_saved(env):
     assert not [b for b in at.button if b.label == "Compute the robustness report"]
     saved = json.loads((env.runs / RUN / "robustness.json").read_text())
     assert [c["name"] for c in saved["conditions"]] == [CLEAN, *SHIFTS]
-    assert Path(saved["checkpoint"]).name == "reference.pt" and Path(saved["data"]) == SAMPLE
+    assert Path(saved["checkpoint"]).name == "reference.pt" and Path(saved["data"]) == env.data
     table = _shown_table(at)
     assert list(table["condition"]) == [CLEAN, *SHIFTS]
     assert len(at.get("plotly_chart")) == 1
@@ -68,7 +83,7 @@ def test_missing_report_is_computed_with_a_button_and_saved(env):
     # result.
     assert saved["tta"] is USE_TTA_BY_DEFAULT and saved["tta_views"] == tta_description(USE_TTA_BY_DEFAULT)
     assert robustness.views(saved) in texts(at)
-    evaluated = evaluate_checkpoint(env.checkpoints / "reference.pt", SAMPLE, bootstrap=0)
+    evaluated = evaluate_checkpoint(env.checkpoints / "reference.pt", env.data, bootstrap=0)
     assert evaluated["tta"] is USE_TTA_BY_DEFAULT
     clean = saved["conditions"][0]
     assert clean["metrics"]["confusion_matrix"] == evaluated["metrics"]["confusion_matrix"]

@@ -8,20 +8,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.common.labels import CLASSES, DISPLAY_NAMES, MALIGNANT
 from core.data.images import ImageError
-from core.inference.explain import CAM_METHODS, overlay
-from core.inference.forward import (
-    PredictionError,
-)
-from core.inference.opening import open_predictor
-from core.models.checkpoints import CheckpointError
-from core.models.metadata import MAX_AGE, MetadataError, describe
-
-if TYPE_CHECKING:
-    pass
 from core.inference.batch import (
     ASSESSED,
     FAILED,
@@ -32,9 +21,14 @@ from core.inference.batch import (
     predict_files,
     write_csv,
 )
+from core.inference.explain import CAM_METHODS, overlay
+from core.inference.forward import PredictionError
+from core.inference.opening import open_predictor
 from core.inference.prediction import Prediction
 from core.inference.predictor import DISCLAIMER, TTA_HELP, USE_TTA_BY_DEFAULT, Predictor
 from core.inference.unfamiliar import UnfamiliarCheck
+from core.models.checkpoints import CheckpointError
+from core.models.metadata import MAX_AGE, MetadataError, describe
 
 
 def _bar(p: float, width: int = 20) -> str:

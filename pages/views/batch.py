@@ -3,7 +3,6 @@ Uploads stay in memory; nothing is written to disk."""
 
 import io
 import time
-from collections import Counter
 
 import pandas as pd
 import streamlit as st
@@ -67,12 +66,12 @@ if cached is None or cached[0] != key:
         st.stop()
     bar.empty()
     csv_text = io.StringIO()
-    write_csv(rows, csv_text)
-    st.session_state["batch_result"] = cached = (key, rows, csv_text.getvalue(), time.perf_counter() - start)
-_, rows, csv_text, seconds = cached
+    outcomes = write_csv(rows, csv_text)
+    seconds = time.perf_counter() - start
+    st.session_state["batch_result"] = cached = (key, rows, csv_text.getvalue(), seconds, outcomes)
+_, rows, csv_text, seconds, outcomes = cached
 
 # Counts of results are over the images assessed: one unlike dermoscopy has no result to count (as on Diagnose).
-outcomes = Counter(r.outcome for r in rows)
 assessed = [r for r in rows if r.assessed]
 metrics = st.columns(4 + len(predictor.referrals))
 metrics[0].metric("Assessed", outcomes[ASSESSED])

@@ -5,7 +5,8 @@ every epoch. Here a dataset's images, brought to one source size as :func:`core.
 brings them, lie in ``images.npy`` (N×H×W×3, memory-mapped, ~0.9 GB for HAM10000 at 200×150) beside
 ``index.json``: the files' paths, sizes and modification times, the damaged images, and the array's shape.
 One folder per (dataset folder, source size); a change to the dataset's files rebuilds it. The index is
-written last, so a build killed half-way leaves no cache that looks complete.
+written last, so a build killed half-way leaves no cache that looks complete. Processes that need the same cache at
+once (two runs started together) build it one at a time: the second waits on a file lock, then reads the first's.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from core.common.files import write_json
@@ -172,7 +175,6 @@ def _build(
     shape = (len(paths), size[1], size[0], 3)
     needed = int(np.prod(shape))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / "index.json").unlink(missing_ok=True)  # the old cache is no longer valid from here on
         (folder / "images.npy").unlink(missing_ok=True)
         free = shutil.disk_usage(folder).free
@@ -216,6 +218,30 @@ def _build(
     return DecodedImages(folder, paths, np.load(folder / "images.npy", mmap_mode="r"), damaged)
 
 
+@contextmanager
+def _building(folder: Path, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Held while ``folder``'s cache is built: without it, two builders unlink and replace each other's files (one
+    of them failing half-way). Waiting is checked against ``should_stop`` every second."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheUnavailable(f"cannot write the decoded-image cache in {folder} ({exc.strerror or exc})") from None
+    lock = FileLock(folder / "build.lock")
+    while True:
+        try:
+            lock.acquire(timeout=1)
+            break
+        except Timeout:
+            if should_stop is not None and should_stop():
+                raise StopRequested("stopped while another process built the decoded-image cache") from None
+        except OSError as exc:
+            raise CacheUnavailable(f"cannot lock the decoded-image cache in {folder} ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def open_decoded(
     paths: Sequence[str],
     prep: Preprocessing,
@@ -244,8 +270,12 @@ def open_decoded(
             "(training with the decoded input pipeline builds it)"
         )
     if cache is None:
-        room = KEEP_FREE_BYTES if keep_free is None else keep_free
-        cache = _build(folder, paths, current, size, fit, progress, room, workers or os.cpu_count() or 1, should_stop)
-    elif progress:
+        with _building(folder, should_stop):
+            cache = _load(folder, paths, current)  # built by another process while this one waited
+            if cache is None:
+                room = KEEP_FREE_BYTES if keep_free is None else keep_free
+                workers = workers or os.cpu_count() or 1
+                return _build(folder, paths, current, size, fit, progress, room, workers, should_stop)
+    if progress:
         progress(len(paths), len(paths))
     return cache

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from playwright.sync_api import expect
 
 from core.app import jobs as app_jobs
 from core.common.labels import CLASSES, DISPLAY_NAMES
@@ -42,8 +43,10 @@ def test_diagnose_an_upload(page, server, browser_env, tmp_path):
     settle(page, "Diagnose")
     text = heading.inner_text()
     assert any(f"{DISPLAY_NAMES[c]} ({c})" in text for c in CLASSES), text
-    body = page.inner_text("body")
-    assert "Malignant (akiec + bcc + mel)" in body and "Grad-CAM" in body
+    # Waited for, not read once: the page redraws when the similar-case index is ready, and an element between two
+    # runs is briefly absent. Visible, not only present: a picture the model did not assess keeps them folded away.
+    expect(page.get_by_text("Malignant (akiec + bcc + mel)", exact=True)).to_be_visible()
+    expect(page.get_by_text("Grad-CAM for ", exact=False).first).to_be_visible()
     assert page.locator("[data-testid=stImage] img").count() >= 2  # upload + overlay
     shot(page, "diagnose", tmp_path)
 

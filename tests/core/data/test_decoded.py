@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,11 @@ def sample_copy(tmp_path) -> Path:
     for image in sorted((SAMPLE / "images").glob("*.jpg"))[:24]:
         shutil.copy(image, root / "images")
     return root
+
+
+def cache_files(cache_dir: Path) -> list[Path]:
+    """What a cache folder holds besides its builders' lock file (empty, kept: removing it could race a waiter)."""
+    return [p for p in cache_dir.rglob("*") if p.is_file() and p.name != "build.lock"]
 
 
 def images_of(root: Path) -> list[str]:
@@ -63,6 +71,27 @@ def test_cache_holds_what_the_pil_path_decodes_and_is_reused(sample_copy, tmp_pa
     assert index.stat().st_mtime_ns == stamp  # reused: nothing was written
     assert calls == [(len(paths), len(paths))]
     assert np.array_equal(again.images, cache.images)
+
+
+def test_two_builders_at_once_build_it_one_after_the_other(sample_copy, tmp_path):
+    """Two runs started together: the second waits for the first's cache and reads it, rather than unlinking and
+    replacing its files half-way (which made one of them fail and fall back to the JPEG files)."""
+    paths = images_of(sample_copy)
+    first_decoded = threading.Event()
+
+    def first_progress(done: int, total: int) -> None:
+        first_decoded.set()
+        time.sleep(1.5)  # the second starts while the first still holds its decoded array, not yet stored
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(
+            open_decoded, paths, PREP, root=sample_copy, cache_dir=tmp_path / "cache", progress=first_progress
+        )
+        assert first_decoded.wait(60)
+        second = pool.submit(open_with_progress, paths, sample_copy, tmp_path / "cache")
+        a, (b, calls) = first.result(), second.result()
+    assert calls == [(len(paths), len(paths))]  # read what the first built; decoded nothing itself
+    assert a.folder == b.folder and np.array_equal(a.images, b.images) and b.images[-1].any()
 
 
 def test_a_changed_file_rebuilds_the_cache(sample_copy, tmp_path):
@@ -105,7 +134,7 @@ def test_no_room_says_so_and_leaves_nothing_behind(sample_copy, tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(CacheUnavailable, match=r"needs 2\.\d MiB .* but the disk has"):
         open_decoded(paths, PREP, root=sample_copy, cache_dir=tmp_path / "cache", keep_free=free)
-    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    assert cache_files(tmp_path / "cache") == []
 
 
 def sample_run(tmp_path: Path, preset: str, **overrides) -> TrainConfig:
@@ -149,7 +178,7 @@ def test_a_stop_while_decoding_ends_it_and_keeps_nothing(tmp_path):
 
     with pytest.raises(StopRequested, match=f"stopped after decoding 128 of {len(paths)} images"):
         open_decoded(paths, PREP, root=SAMPLE, cache_dir=tmp_path / "cache", should_stop=stop_on_second_ask)
-    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    assert cache_files(tmp_path / "cache") == []
     cache, _ = open_with_progress(paths, SAMPLE, tmp_path / "cache")  # the next run decodes them all
     assert cache.images.shape[0] == len(paths) and cache.images[-1].any()
 

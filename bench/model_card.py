@@ -742,8 +742,8 @@ def augmentation_lines(runs: Path, ensembles: list[Path]) -> list[str]:
 
 def shift_comparison(runs: Path, recipes: list[tuple[str, tuple[str, float]]]) -> list[str]:
     """The validation robustness reports (``--shifts --split val``) of runs that differ in their recipe."""
-    reports = {aug: robustness.read_robustness(runs / run) for aug, (run, _) in recipes}
-    if any(r is None or r.get("split") != "val" for r in reports.values()):
+    reports = {aug: robustness.read_robustness(runs / run, "val") for aug, (run, _) in recipes}
+    if any(r is None for r in reports.values()):
         return []
     first = next(iter(reports.values()))
     names = [c["name"] for c in first["conditions"] if c["name"] != "clean"]
@@ -784,8 +784,8 @@ def recipe_lines(runs: Path) -> list[str]:
     its clean scores and its drops under the shifts."""
     measured = []
     for run in sorted(runs.iterdir()):
-        report = robustness.read_robustness(run) if has_evaluation(run) else None
-        if report is None or report.get("split") != "val" or report.get("tta"):
+        report = robustness.read_robustness(run, "val") if has_evaluation(run) else None
+        if report is None or report.get("tta"):
             continue
         drops = [c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")]
         clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]
@@ -859,9 +859,9 @@ def did_not_help_lines(runs: Path, reference: Path) -> list[str]:
             "(Metadata)."
         )
     for run in sorted(runs.iterdir()):
-        report = robustness.read_robustness(run) if has_evaluation(run) else None
+        report = robustness.read_robustness(run, "val") if has_evaluation(run) else None
         cfg = read_config(run) if report else {}
-        if report and report.get("split") == "val" and cfg.get("augmentation") == "wide":
+        if report and cfg.get("augmentation") == "wide":
             clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]
             said.append(
                 f"**The `wide` augmentation** (`{run.name}`): clean validation balanced accuracy {clean:.3f}; it "

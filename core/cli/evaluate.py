@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the robustness report instead: the split as it is and under each acquisition shift (square crop, "
         "2× and ½ scale, JPEG quality 50, a colour cast, 90° rotation) with the drops from clean; saved as "
-        "robustness.json in the checkpoint's (or ensemble's) run folder, or at --out",
+        "robustness.json (robustness-val.json with --split val) in the checkpoint's (or ensemble's) run folder, or at "
+        "--out",
     )
     parser.add_argument(
         "--by-source",
@@ -179,7 +180,7 @@ def _robustness(args: argparse.Namespace) -> int:
     from core.evaluation import robustness
 
     try:
-        out = args.out or robustness.report_path(args.checkpoint, run_folders())
+        out = args.out or robustness.report_path(args.checkpoint, run_folders(), args.split)
         report = robustness.evaluate_shifts(
             args.checkpoint,
             args.data,

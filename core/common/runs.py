@@ -16,7 +16,8 @@ Layout of a run folder (``<out>/<name>/``):
                          passed indexing but could not be decoded during the run
 - ``test_predictions.csv`` and ``evaluation.json``: the best model on the test split,
                          after temperature scaling fitted on the validation split
-- ``robustness.json``    the robustness report of the run's model (:mod:`core.evaluation.robustness`), when one was made
+- ``robustness.json``    the robustness report of the run's model on the test split (:mod:`core.evaluation.robustness`),
+                          when one was made; ``robustness-val.json`` the same on the validation split
 - ``train.log``          the trainer's output, when a job started it
 - ``STOP``               created by anyone who wants the run to end cleanly
 
@@ -76,7 +77,15 @@ LIVE_STATES = ("starting", "running")  # written only by the trainer, with its p
 DAMAGED = "damaged"
 LOG_TAIL_LINES = 30
 STOP_FILE = "STOP"
-ROBUSTNESS_FILE = "robustness.json"
+ROBUSTNESS_FILE = "robustness.json"  # the test split's report: what Evaluate shows and the model card quotes
+
+
+def robustness_file(split: str) -> str:
+    """The robustness report of ``split``'s file name: one per split, so that the validation report the choice rule
+    reads and the test report Evaluate shows do not replace each other."""
+    return ROBUSTNESS_FILE if split == "test" else f"robustness-{split}.json"
+
+
 # The test split as `lesionlab evaluate` reports it at its defaults (flip TTA, the model's operating point),
 # saved beside the run's records with --out: what Diagnose and the model card quote for the views Diagnose uses.
 EVALUATE_FILE = "evaluate-test.json"

@@ -132,10 +132,10 @@ def validation_drops(run_dir: Path) -> dict[str, float] | None:
     """Each shift's balanced-accuracy drop in the run's robustness report, when that report is on the validation
     split (a report on the test split must not choose a model); None otherwise."""
     try:
-        report = read_robustness(run_dir)
+        report = read_robustness(run_dir, "val")
     except SchemaError:  # a damaged report says nothing about the model
         return None
-    if not report or report.get("split") != "val":
+    if not report:
         return None
     return {c["name"]: c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")}
 

@@ -6,7 +6,8 @@ Each shift is applied to the decoded image file, before the fitting every upload
 (:func:`core.data.images.fit_to_source`), so the report measures what the predictor does with such an upload: its
 own probabilities (an ensemble's members each with their own preprocessing and temperature), with the predictor's
 default test-time augmentation unless told otherwise. ``lesionlab evaluate --checkpoint CKPT --data DIR --shifts``
-prints it and saves it in the model's run folder (``robustness.json``, :func:`write_robustness`, checked against
+prints it and saves it in the model's run folder (``robustness.json`` for the test split, ``robustness-val.json`` for
+validation: :func:`core.common.runs.robustness_file`, :func:`write_robustness`, checked against
 :data:`ROBUSTNESS_SCHEMA` when read),
 where the Evaluate page and the model card read it.
 """
@@ -24,7 +25,7 @@ import torch
 
 from core.common.files import write_json
 from core.common.formatting import progress_text
-from core.common.runs import EVALUATE_REPORT_SCHEMA, ROBUSTNESS_FILE, check_metrics, matching_runs
+from core.common.runs import EVALUATE_REPORT_SCHEMA, check_metrics, matching_runs, robustness_file
 from core.common.schema import (
     Field,
     JsonFormat,
@@ -286,20 +287,24 @@ ROBUSTNESS_FILE_FORMAT = JsonFormat(
 )
 
 
-def read_robustness(run_dir: Path) -> dict | None:
-    """The robustness report saved for the run's model; None when there is none, :class:`SchemaError` naming what is
-    wrong when its schema refuses it."""
+def read_robustness(run_dir: Path, split: str = "test") -> dict | None:
+    """The robustness report saved for the run's model on ``split``; None when there is none, :class:`SchemaError`
+    naming what is wrong when its schema refuses it (or it is another split's)."""
+    name = robustness_file(split)
     try:
-        report = read_json_file(Path(run_dir) / ROBUSTNESS_FILE, ROBUSTNESS_FILE_FORMAT)
+        report = read_json_file(Path(run_dir) / name, ROBUSTNESS_FILE_FORMAT)
     except FileNotFoundError:
         return None
     if not report["conditions"] or report["conditions"][0]["name"] != CLEAN:
-        raise SchemaError(f"{ROBUSTNESS_FILE} is not {ROBUSTNESS_FILE_FORMAT.kind}: its first condition is not {CLEAN}")
+        raise SchemaError(f"{name} is not {ROBUSTNESS_FILE_FORMAT.kind}: its first condition is not {CLEAN}")
+    if report.get("split", "test") != split:  # a copied or renamed file must not speak for another split
+        raise SchemaError(f"{name} holds the {report['split']} split's report, not the {split} split's")
     return report
 
 
 def write_robustness(run_dir: Path, report: dict) -> None:
-    write_json(Path(run_dir) / ROBUSTNESS_FILE, report)
+    """Saved as its split's file in ``run_dir`` (:func:`core.common.runs.robustness_file`)."""
+    write_json(Path(run_dir) / robustness_file(report.get("split", "test")), report)
 
 
 def record_folder(checkpoint_path: str | Path, run_folders: Sequence[Path]) -> Path | None:
@@ -321,16 +326,17 @@ def checkpoint_for_run(run_dir: Path, model_files: Sequence[Path]) -> Path | Non
     return None
 
 
-def report_path(checkpoint_path: str | Path, run_folders: Sequence[Path]) -> Path:
-    """Where ``lesionlab evaluate --shifts`` saves the report without ``--out``: the run folder's
-    ``robustness.json``; an EvaluationError when no run folder records the checkpoint."""
+def report_path(checkpoint_path: str | Path, run_folders: Sequence[Path], split: str = "test") -> Path:
+    """Where ``lesionlab evaluate --shifts`` saves the report on ``split`` without ``--out``: the run folder's
+    ``robustness.json`` (``robustness-val.json`` for validation); an EvaluationError when no run folder records the
+    checkpoint."""
     folder = record_folder(checkpoint_path, run_folders)
     if folder is None:
         raise EvaluationError(
             f"no run folder records how {checkpoint_path} was trained, so the robustness report has no place "
             "beside it; pass --out FILE"
         )
-    return folder / ROBUSTNESS_FILE
+    return folder / robustness_file(split)
 
 
 # ---------------------------------------------------------------------------

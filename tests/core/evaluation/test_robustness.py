@@ -153,6 +153,8 @@ def test_each_drop_lies_within_its_paired_interval(cli_report):
 
 def test_the_report_lives_in_the_checkpoints_run_record(tmp_path, capsys):
     assert robustness.report_path(REFERENCE, [PUBLISHED]) == PUBLISHED / "reference-mnv2" / "robustness.json"
+    val = robustness.report_path(REFERENCE, [PUBLISHED], "val")
+    assert val == PUBLISHED / "reference-mnv2" / "robustness-val.json"
     assert robustness.checkpoint_for_run(PUBLISHED / "reference-mnv2", [REFERENCE]) == REFERENCE
     assert robustness.checkpoint_for_run(PUBLISHED / "compare-mobilenet_v2-none", [REFERENCE]) is None
     # A checkpoint no run folder records: one clear error before any image is read, nothing written.
@@ -283,3 +285,18 @@ def test_a_damaged_robustness_report_is_refused(tmp_path, case):
         robustness.read_robustness(tmp_path)
     assert says in str(refused.value)
     assert robustness.read_robustness(tmp_path / "elsewhere") is None
+
+
+def test_each_split_keeps_its_own_report(tmp_path):
+    """The validation report the model choice reads and the test report Evaluate shows, side by side: writing one
+    leaves the other as it was, and a file holding another split's report speaks for neither."""
+    tested = robustness.read_robustness(PUBLISHED / "reference-mnv2")
+    validated = {**tested, "split": "val", "n_images": tested["n_images"] + 1}
+    robustness.write_robustness(tmp_path, tested)
+    robustness.write_robustness(tmp_path, validated)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["robustness-val.json", "robustness.json"]
+    assert robustness.read_robustness(tmp_path) == tested
+    assert robustness.read_robustness(tmp_path, "val") == validated
+    (tmp_path / "robustness.json").replace(tmp_path / "robustness-val.json")
+    with pytest.raises(robustness.SchemaError, match="robustness-val.json holds the test split's report"):
+        robustness.read_robustness(tmp_path, "val")

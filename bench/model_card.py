@@ -58,7 +58,7 @@ from core.metrics.classification import (
     weighted_f1,
 )
 from core.models.ensemble_file import read_model_file
-from core.training.config import config_with
+from core.training.config import TrainConfig, config_with
 from core.training.imbalance import STRATEGIES
 from core.training.loop import train
 
@@ -540,7 +540,7 @@ def leave_one_source_out_lines(reference: Path, runs: Path, frame) -> list[str]:
     how = "`lesionlab train --preset reference --data DIR --leave-one-source-out`"
     if not holdouts:
         return [*lines, f"Not run yet: {how}."]
-    own = set(holdout_runs_of(reference, runs))
+    own = set(holdout_runs_of(reference, runs, TrainConfig().to_dict()))
     lines += [
         "These runs are of the bundled model's recipe."
         if own == set(holdouts)
@@ -566,7 +566,9 @@ def choice_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
     frame = sourced_frame(data)
     sources = holdout_sources(frame)[0] if frame is not None else None
     found = {d.resolve(): d for d in [reference, *candidate_runs(runs)]}
-    verdicts = [judge(read_record(d, runs), sources=sources) for d in found.values()]
+    # A field an older run's config lacks is the trainer's default: it was trained before the field existed.
+    defaults = TrainConfig().to_dict()
+    verdicts = [judge(read_record(d, runs, defaults), sources=sources) for d in found.values()]
     kept = choose(verdicts)
     lines = [
         "",

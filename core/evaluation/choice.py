@@ -21,7 +21,7 @@ out no source; head-only runs on cached features are screens, not candidates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,25 +105,28 @@ class Verdict:
     reasons: list[str]
 
 
-def recipe(run_dir: Path, runs: Path | None = None) -> dict | None:
+def recipe(run_dir: Path, runs: Path | None = None, defaults: Mapping[str, object] | None = None) -> dict | None:
     """What ``run_dir`` learnt from: its config less :data:`NOT_THE_RECIPE`; for an ensemble, the recipe its members
-    (run folders under ``runs``) share, or None when they differ or are not there."""
-    config = read_config(run_dir)
+    (run folders under ``runs``) share, or None when they differ or are not there. ``defaults``: the trainer's
+    config defaults (``TrainConfig().to_dict()``), taken for a field an older run's config lacks: it was trained
+    before the field existed, as the default trains now (a run from before colour constancy used none)."""
+    config = {**(defaults or {}), **read_config(run_dir)}
     if config.get("arch") != "ensemble":
         return {k: v for k, v in config.items() if k not in NOT_THE_RECIPE}
-    members = [recipe(Path(runs) / m["run"]) if runs else None for m in config.get("members", [])]
+    members = [recipe(Path(runs) / m["run"], defaults=defaults) if runs else None for m in config.get("members", [])]
     return members[0] if members and members[0] and all(m == members[0] for m in members) else None
 
 
-def holdout_runs_of(run_dir: Path, runs: Path) -> list[Path]:
-    """The finished runs in ``runs`` that held out a source and share ``run_dir``'s recipe, by source."""
-    own = recipe(run_dir, runs)
+def holdout_runs_of(run_dir: Path, runs: Path, defaults: Mapping[str, object] | None = None) -> list[Path]:
+    """The finished runs in ``runs`` that held out a source and share ``run_dir``'s recipe (:func:`recipe`), by
+    source."""
+    own = recipe(run_dir, runs, defaults)
     if own is None or not Path(runs).is_dir():
         return []
     found = [
         d
         for d in sorted(Path(runs).iterdir())
-        if read_config(d).get("holdout_source") and has_evaluation(d) and recipe(d) == own
+        if read_config(d).get("holdout_source") and has_evaluation(d) and recipe(d, defaults=defaults) == own
     ]
     return sorted(found, key=lambda d: read_config(d)["holdout_source"])
 
@@ -140,9 +143,10 @@ def validation_drops(run_dir: Path) -> dict[str, float] | None:
     return {c["name"]: c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")}
 
 
-def read_record(run_dir: Path, runs: Path) -> Record:
-    """The candidate's recorded results the rule reads (its leave-one-source-out runs found in ``runs``)."""
-    holdouts = holdout_runs_of(run_dir, runs)
+def read_record(run_dir: Path, runs: Path, defaults: Mapping[str, object] | None = None) -> Record:
+    """The candidate's recorded results the rule reads (its leave-one-source-out runs found in ``runs``, recipes
+    compared as :func:`recipe` does)."""
+    holdouts = holdout_runs_of(run_dir, runs, defaults)
     holdout = {}
     for d in holdouts:  # one result per source: the first run found, by name
         holdout.setdefault(read_config(d)["holdout_source"], read_evaluation(d)["test"]["balanced_accuracy"])

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 
 from core.common.labels import CLASSES, NUM_CLASSES
-from core.common.runs import write_config, write_evaluation
+from core.common.runs import read_config, write_config, write_evaluation
 from core.data.shifts import DESCRIPTIONS
 from core.evaluation.choice import RULE, candidate_runs, choose, judge, read_record
 from core.evaluation.robustness import CLEAN, METRICS, write_robustness
 from core.metrics.classification import compute_metrics
-from core.training.config import PRESETS
+from core.training.config import PRESETS, TrainConfig
 
 SOURCES = ["home", "away"]
 HOME, AWAY, DROP = RULE.min_val_balanced_accuracy, RULE.min_holdout_balanced_accuracy, RULE.max_shift_drop
@@ -141,6 +141,24 @@ def test_one_seed_of_a_recipe_held_out_speaks_for_its_other_seeds_and_for_their_
     assert judged["mixed"].reasons[1] == "no leave-one-source-out run of its recipe"
     # Equal away from home: the higher validation score decides.
     assert choose(list(judged.values())).record.run == "pair"
+
+
+def test_a_field_an_older_runs_config_lacks_is_the_trainers_default(tmp_path):
+    """The published reference run was trained before colour constancy and metadata existed: its config lacks those
+    fields, and its recipe's leave-one-source-out runs, trained now, record them at their defaults (and a run that
+    changed one of them is another recipe)."""
+    runs = tmp_path / "runs"
+    old = write_run(runs, "old", val=HOME + 0.01, drops={"warm_cast": 0.0})
+    config = read_config(old)
+    for added in ("colour_constancy", "metadata", "metadata_dropout", "dropout"):
+        del config[added]
+    write_config(old, config)
+    write_holdouts(runs, "now", {"home": AWAY + 0.05, "away": AWAY + 0.05})
+    write_holdouts(runs, "cc", {"home": AWAY + 0.2, "away": AWAY + 0.2}, colour_constancy="shades_of_gray")
+
+    defaults = TrainConfig().to_dict()
+    assert read_record(old, runs, defaults).holdout_runs == ["now-holdout-away", "now-holdout-home"]
+    assert read_record(old, runs).holdout_runs == []  # read without the defaults, the missing fields differ
 
 
 @pytest.mark.parametrize("gate", ["min_val_balanced_accuracy", "min_holdout_balanced_accuracy", "max_shift_drop"])

@@ -92,6 +92,18 @@ def _count_entries(directory: bytes, limit: int) -> int:
     return count
 
 
+class _ZipOfOwnFile(zipfile.ZipFile):
+    """A ZipFile that closes the file :func:`open_zip` opened for it: given a file object, zipfile leaves it open."""
+
+    def close(self) -> None:
+        fh = self.fp
+        try:
+            super().close()
+        finally:
+            if fh is not None:
+                fh.close()
+
+
 def open_zip(source: str | Path | BinaryIO, name: str, *, max_members: int = MAX_MEMBERS) -> zipfile.ZipFile:
     """The zip archive ``source`` (a path or a seekable binary file), once its end-of-central-directory record
     declares at most ``max_members`` entries in at most ``MAX_ENTRY_BYTES`` each and its central directory holds
@@ -116,7 +128,7 @@ def open_zip(source: str | Path | BinaryIO, name: str, *, max_members: int = MAX
                 f"lists {found:,})."
             )
         fh.seek(0)
-        return zipfile.ZipFile(fh)
+        return zipfile.ZipFile(fh) if fh is source else _ZipOfOwnFile(fh)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, struct.error) as exc:
         if fh is not source:
             fh.close()

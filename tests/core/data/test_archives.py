@@ -105,3 +105,19 @@ def test_a_central_directory_longer_than_its_count_is_refused_before_it_is_parse
     five = zip_of({f"{i}.jpg": b"x" for i in range(5)}).getvalue()
     with pytest.raises(ArchiveError, match="holds more than 3 files"):
         unpack_upload(io.BytesIO(declaring(five, 3)), "five.zip", tmp_path)
+
+
+def test_an_archive_opened_by_path_closes_its_file(tmp_path):
+    """Given a file object, zipfile leaves it open: open_zip opens the file of a path itself (a checkpoint's every
+    load), so closing the archive must close it too, not leave it to the garbage collector."""
+    path = tmp_path / "set.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a.txt", "a")
+    with open_zip(path, "set.zip") as archive:
+        fh = archive.fp
+        assert archive.read("a.txt") == b"a" and not fh.closed
+    assert fh.closed
+    given = io.BytesIO(path.read_bytes())
+    with open_zip(given, "set.zip"):
+        pass
+    assert not given.closed  # a caller's own file stays the caller's to close

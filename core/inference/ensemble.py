@@ -122,7 +122,7 @@ class EnsemblePredictor(Predictor):
         self.temperature = float(self.checkpoint["temperature"])
         self.referrals = referrals(self.checkpoint)
         self.detector = load_detector(self.path)
-        self.line = WaitingLine()  # every model pass joins it: one at a time, in arrival order
+        self.line = WaitingLine()  # every model pass joins it: one at a time, answers first, in arrival order
 
     @property
     def arch(self) -> str:
@@ -187,7 +187,7 @@ class EnsemblePredictor(Predictor):
         index = prediction.top_index if target is None else class_index(target) if isinstance(target, str) else target
         width, height = prediction.image.size
         maps = []
-        with self.line:
+        with self.line.later:  # heatmaps wait behind every answer in line
             for m in self.members:
                 x = self._member_inputs(m, [prediction.image], prediction.input_tensor)
                 heat = gradcam(m.model, x, int(index), method)

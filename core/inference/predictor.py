@@ -148,7 +148,7 @@ class Predictor:
         self.referrals = referrals(ckpt)
         # The measured "unfamiliar image" detector saved beside the checkpoint (bench/similar.py), if any.
         self.detector = load_detector(self.path)
-        self.line = WaitingLine()  # every model pass joins it: one at a time, in arrival order
+        self.line = WaitingLine()  # every model pass joins it: one at a time, answers first, in arrival order
 
     @property
     def arch(self) -> str:
@@ -322,7 +322,7 @@ class Predictor:
             index = class_index(target)
         else:
             index = int(target)
-        with self.line:
+        with self.line.later:  # a heatmap waits behind every answer in line
             return gradcam(self.model, prediction.input_tensor, index, method)
 
     def embed(self, prediction: Prediction) -> np.ndarray:
@@ -342,11 +342,11 @@ class Predictor:
 
     def layer_names(self) -> list[str]:
         """The layers :meth:`feature_maps` shows, shallow to deep."""
-        with self.line:
+        with self.line.later:
             return self.model.feature_layers()
 
     def feature_maps(self, prediction: Prediction, layer: str) -> np.ndarray:
         """The activations (C, h, w) of ``layer`` (one of :meth:`layer_names`) for the predicted image;
         raises ValueError for a layer the model does not have."""
-        with self.line:
+        with self.line.later:
             return feature_maps(self.model, prediction.input_tensor, layer)

@@ -53,3 +53,28 @@ def test_an_exception_inside_lets_the_next_caller_in():
     after.start()
     after.join(5)
     assert not after.is_alive() and len(line) == 0
+
+
+def test_answers_go_before_the_work_that_can_wait_and_only_answers_are_counted_ahead():
+    """Two heatmaps asked for, then two answers, while a pass holds the line: the answers are served first, each
+    kind in arrival order, and a newcomer's answer is behind the holder and the answers only."""
+    line = WaitingLine()
+    served: list[str] = []
+
+    def caller(name: str, later: bool) -> None:
+        with line.later if later else line:
+            served.append(name)
+
+    with line:
+        threads = []
+        for name, later in (("heatmap 1", True), ("answer 1", False), ("heatmap 2", True), ("answer 2", False)):
+            threads.append(threading.Thread(target=caller, args=(name, later)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(line._waiting) < len(threads) and time.monotonic() < deadline:  # in line before the next
+                time.sleep(0.001)
+        assert len(line) == 3  # the holder and the two answers
+    for t in threads:
+        t.join(10)
+    assert served == ["answer 1", "answer 2", "heatmap 1", "heatmap 2"]
+    assert len(line) == 0

@@ -318,6 +318,7 @@ def card(reference: Path, comparisons: dict[str, Path], command: str, runs: Path
             "metadata": metadata_lines(),
             "ensembles": ensemble_lines(runs, reference),
             "recipes": recipe_lines(runs),
+            "backbones": backbone_lines(),
             "did_not_help": did_not_help_lines(runs, reference),
         },
     }
@@ -826,6 +827,33 @@ def recipe_lines(runs: Path) -> list[str]:
         "run by the rule fixed before issue 22's candidates, which reads these drops and the leave-one-source-out "
         "results besides the validation score.",
     ]
+    return lines
+
+
+def backbone_lines() -> list[str]:
+    """The frozen-feature screen of the offline backbones (``bench/backbones.py``, docs/BENCHMARKS.json): what
+    each one's features carry at home and away from home, before any is fine-tuned; nothing when it has not run."""
+    screen = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("backbones")
+    if not screen:
+        return []
+    sources = screen["sources"]
+    lines = [
+        "",
+        "## Backbones screened with frozen features",
+        "",
+        "Before a backbone is fine-tuned (hours per run and per held-out source on the CPU), its frozen ImageNet "
+        "features are screened: an MLP head trained on them by the trainer (`--finetune head`), at home and with "
+        "each source that can be held out left out and tested on (`python -m bench.backbones`, docs/BENCHMARKS.md). "
+        "Balanced accuracy; these rank what the features carry, far below what fine-tuning reaches.",
+        "",
+        "| backbone | home: validation | home: test | "
+        + " | ".join(f"without {s}: on {s}" for s in sources)
+        + " | held-out mean |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in sources) + " | --- |",
+    ]
+    for r in screen["rows"]:
+        held = " | ".join(fmt(r["holdout"].get(s)) for s in sources)
+        lines.append(f"| `{r['arch']}` | {fmt(r['val'])} | {fmt(r['test'])} | {held} | {fmt(r['holdout_mean'])} |")
     return lines
 
 

@@ -542,16 +542,19 @@ def leave_one_source_out_lines(reference: Path, runs: Path, frame) -> list[str]:
     if not holdouts:
         return [*lines, f"Not run yet: {how}."]
     own = set(holdout_runs_of(reference, runs, TrainConfig().to_dict()))
+    others = [d.name for d in holdouts if d not in own]
     lines += [
         "These runs are of the bundled model's recipe."
-        if own == set(holdouts)
-        else "These runs are of candidates' recipes (each run's recipe is judged in the choice table below), "
-        + ("some of" if own else "none of")
-        + f" them of the bundled model's own; its recipe in full: {how}.",
+        if not others
+        else (f"Of the bundled model's recipe: {', '.join(f'`{d.name}`' for d in sorted(own))}; " if own else "")
+        + f"of candidates' recipes (each judged in the choice table below): {', '.join(f'`{n}`' for n in others)}"
+        + ("." if own else f"; none of the bundled model's own (its recipe in full: {how})."),
         "",
     ]
     report = holdout_report(holdouts, left_out)
-    lines += [*markdown_groups(report["rows"]), ""]
+    # Named by run, not by source, once one source was held out by runs of more than one recipe.
+    by_run = len({r["source"] for r in report["rows"]}) < len(report["rows"])
+    lines += [*markdown_groups(report["rows"], "run" if by_run else "source"), ""]
     lines += [
         f"- `{r['run']}`: balanced accuracy {fmt(r['val_balanced_accuracy'])} on the validation split of the other "
         f"sources, {fmt(r['metrics']['balanced_accuracy'])} on {r['source']}."

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from core.cli import evaluate as evaluate_cli
 from core.cli import train as train_cli
 from core.common.labels import CLASSES
-from core.common.runs import read_evaluation
+from core.common.runs import read_config, read_evaluation, write_config
 from core.data.preprocessing import Preprocessing
 from core.evaluation.evaluate import EvaluationError, evaluate_checkpoint, format_report
 from core.evaluation.sources import holdout_report, holdout_row, metrics_by_source
@@ -176,3 +177,19 @@ def test_the_model_card_shows_results_by_source_and_the_held_out_runs(runs, sour
     # "far" is "plain"'s recipe with a source held out, so the card may say these runs speak for the bundled model.
     assert "These runs are of the bundled model's recipe." in text
     assert source_lines(runs / "plain", runs, None)[-1].startswith("Not computed")
+
+
+def test_held_out_runs_of_two_recipes_are_named_by_run(runs, sourced_root, tmp_path):
+    """A candidate's recipe held the same source out too: each row says which run it is, and the card which runs are
+    the bundled model's recipe."""
+    from bench.model_card import source_lines
+
+    both = tmp_path / "runs"
+    shutil.copytree(runs, both)
+    shutil.copytree(both / "far", both / "other-far")
+    config = read_config(both / "other-far")
+    write_config(both / "other-far", {**config, "name": "other-far", "label_smoothing": 0.05})
+    text = "\n".join(source_lines(both / "plain", both, str(sourced_root)))
+    said = "Of the bundled model's recipe: `far`; of candidates' recipes (each judged in the choice table below): "
+    assert said + "`other-far`." in text
+    assert "| run | images |" in text and "| other-far |" in text and "| far |" in text

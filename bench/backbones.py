@@ -51,8 +51,11 @@ def screen(arch: str, data: Path, out: Path, sources: list[str]) -> dict:
     row: dict = {"arch": arch, "holdout": {}}
     for source in ["", *sources]:
         name = f"{arch}-{source or 'home'}"
-        cfg = config_with("reference", arch=arch, data=str(data), out=str(out), name=name, **HEAD_RECIPE)
-        run_dir = train(config_with(cfg, holdout_source=source) if source else cfg)
+        run_dir = train(
+            config_with(
+                "reference", arch=arch, data=str(data), out=str(out), name=name, holdout_source=source, **HEAD_RECIPE
+            )
+        )
         evaluation = read_evaluation(run_dir)
         if source:
             row["holdout"][source] = evaluation["test"]["balanced_accuracy"]

@@ -69,6 +69,9 @@ REFERENCE_COMMAND = (
     "lesionlab train --preset reference --data ../shared/data/ham10000-200x150 --out runs --name reference-mnv2"
 )
 BENCHMARKS_JSON = ROOT / "docs" / "BENCHMARKS.json"
+# What the model choice compares recipes with: a field an older run's config lacks is the trainer's default, since
+# the run was trained before the field existed.
+RECIPE_DEFAULTS = TrainConfig().to_dict()
 METADATA_RESULTS = ROOT / "docs" / "metadata-results.json"  # written by bench/metadata.py
 KS = (1, NEIGHBOURS, 32)  # the kNN votes compared with the classifier; NEIGHBOURS is what Diagnose shows
 # ImageNet ResNet-18 weights cannot be downloaded on the project's machines; MobileNetV2's ship in a package.
@@ -541,7 +544,7 @@ def leave_one_source_out_lines(reference: Path, runs: Path, frame) -> list[str]:
     how = "`lesionlab train --preset reference --data DIR --leave-one-source-out`"
     if not holdouts:
         return [*lines, f"Not run yet: {how}."]
-    own = set(holdout_runs_of(reference, runs, TrainConfig().to_dict()))
+    own = set(holdout_runs_of(reference, runs, RECIPE_DEFAULTS))
     others = [d.name for d in holdouts if d not in own]
     lines += [
         "These runs are of the bundled model's recipe."
@@ -570,9 +573,7 @@ def choice_lines(reference: Path, runs: Path, data: str | None) -> list[str]:
     frame = sourced_frame(data)
     sources = holdout_sources(frame)[0] if frame is not None else None
     found = {d.resolve(): d for d in [reference, *candidate_runs(runs)]}
-    # A field an older run's config lacks is the trainer's default: it was trained before the field existed.
-    defaults = TrainConfig().to_dict()
-    verdicts = [judge(read_record(d, runs, defaults), sources=sources) for d in found.values()]
+    verdicts = [judge(read_record(d, runs, RECIPE_DEFAULTS), sources=sources) for d in found.values()]
     kept = choose(verdicts)
     lines = [
         "",

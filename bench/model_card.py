@@ -780,9 +780,14 @@ def shift_comparison(runs: Path, recipes: list[tuple[str, tuple[str, float]]]) -
 def recipe(cfg: dict) -> str:
     """A run's training recipe in a few words."""
     chosen = "last epoch kept" if cfg.get("select_metric") == "last" else "best epoch on validation"
+    extras = []
+    if cfg.get("colour_constancy", "none") != "none":
+        extras.append(f"`{cfg['colour_constancy']}`")
+    if cfg.get("jpeg_quality"):
+        extras.append(f"JPEG re-save at quality {cfg['jpeg_quality']}–100")
     return (
         f"{cfg['epochs']} epochs, {cfg['scheduler']} to lr {cfg['lr']:g}, label smoothing {cfg['label_smoothing']:g}, "
-        f"`{cfg['augmentation']}`, {chosen}"
+        + ", ".join([f"`{cfg['augmentation']}`", *extras, chosen])
     )
 
 

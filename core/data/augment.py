@@ -25,6 +25,7 @@ from core.data.preprocessing import (
     WIDE_SCALE,
     Preprocessing,
     colour_constancy,
+    jpeg_resave,
     wide_crop_ratio,
 )
 
@@ -48,16 +49,36 @@ def _augmentations(augmentation: str) -> list[nn.Module]:
     raise ValueError(f"unknown augmentation {augmentation!r}; choose from {', '.join(AUGMENTATIONS)}")
 
 
-def batch_transform(prep: Preprocessing, augmentation: str, source: tuple[int, int]) -> nn.Module:
+class JpegResave(nn.Module):
+    """The JPEG re-save of :func:`core.data.preprocessing.jpeg_resave` on each uint8 image of a batch, through PIL
+    on the host as on the other path: the quality is drawn per image, and torchvision's own tensor codec is
+    deprecated (0.29)."""
+
+    def __init__(self, jpeg_quality: int):
+        super().__init__()
+        self.transform = v2.Compose([v2.ToPILImage(), *jpeg_resave(jpeg_quality), v2.PILToTensor()])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        changed = [self.transform(image) for image in images.cpu()]
+        return torch.stack(changed).to(images.device, non_blocking=True) if changed else images
+
+
+def batch_transform(
+    prep: Preprocessing, augmentation: str, source: tuple[int, int], jpeg_quality: int = 0
+) -> nn.Module:
     """Batches of ``source`` (width, height) images, uint8 (or float in [0, 1]), to normalised model inputs:
-    resized to ``prep.input_size``, converted to float, colour-corrected as ``prep`` says, augmented as
-    ``augmentation``, normalised."""
+    resized to ``prep.input_size``, saved again as JPEG when ``jpeg_quality`` is not 0 (uint8 batches only),
+    converted to float, colour-corrected as ``prep`` says, augmented as ``augmentation``, normalised."""
     ops: list[nn.Module] = []
     if (source[1], source[0]) != tuple(prep.input_size):
         # On the 8-bit pixels with torchvision's antialiased resize, as the PIL path resizes them: the two agree
         # to 1/255 on one value in 4,000. Kornia's resize antialiases with a Gaussian blur (up to 40/255 apart),
         # and resizing floats skips PIL's rounding, which moved the reference model's probabilities by up to 0.12.
         ops.append(v2.Resize(tuple(prep.input_size), antialias=True))
+    if jpeg_quality:
+        # libjpeg, as on the other path (kornia's differentiable JPEG is another codec: its change to an image
+        # differs from libjpeg's by as much as libjpeg's own change at quality 50).
+        ops.append(JpegResave(jpeg_quality))
     ops.append(v2.ToDtype(torch.float32, scale=True))
     ops += colour_constancy(prep)  # as train_transform and eval_transform: before any augmentation
     if augmentation == "wide":

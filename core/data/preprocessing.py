@@ -55,6 +55,20 @@ MAX_INPUT_SIDE = 1024
 # A checkpoint whose std was 1e-30 multiplied every pixel by 1e30 and called a nevus "vasc 50.5 %".
 MEAN_RANGE = (0.0, 1.0)
 STD_RANGE = (0.01, 1.0)
+# Training images saved again as JPEG: clinics' software and uploads compress images, and a model that only saw our
+# copies lost 0.11-0.13 balanced accuracy at quality 50 (MODEL_CARD.md, robustness). Off unless a run asks for it.
+JPEG_QUALITY_HELP = (
+    "save every training image again as JPEG at a quality drawn per image from this value to 100 (libjpeg, before "
+    "colour constancy and any other augmentation; not on cached features), as other clinics' software and uploads "
+    "compress images; 0 = off"
+)
+
+
+def check_jpeg_quality(lowest: int) -> int:
+    """The lowest quality of the JPEG re-save augmentation: 0 (off) or 1-100."""
+    if isinstance(lowest, bool) or not isinstance(lowest, int) or not 0 <= lowest <= 100:
+        raise ValueError(f"jpeg_quality must be 0 (off) or a JPEG quality from 1 to 100; got {lowest!r}")
+    return lowest
 
 
 def check_size(name: str, size: object) -> None:
@@ -176,11 +190,21 @@ def wide_crop_ratio(prep: Preprocessing) -> tuple[float, float]:
     return aspect / WIDE_ASPECT, aspect * WIDE_ASPECT
 
 
-def train_transform(prep: Preprocessing, augmentation: str = "seed") -> v2.Compose:
-    """Training transform, one of ``AUGMENTATIONS`` (see ``AUGMENTATION_HELP``)."""
-    if augmentation == "none":
+def jpeg_resave(jpeg_quality: int) -> list:
+    """The JPEG re-save of ``JPEG_QUALITY_HELP`` (nothing at 0): torchvision's transform, which draws the quality
+    each time it is called, on a PIL image or on one uint8 image tensor."""
+    return [v2.JPEG((jpeg_quality, 100))] if check_jpeg_quality(jpeg_quality) else []
+
+
+def train_transform(prep: Preprocessing, augmentation: str = "seed", jpeg_quality: int = 0) -> v2.Compose:
+    """Training transform, one of ``AUGMENTATIONS`` (see ``AUGMENTATION_HELP``), after the JPEG re-save of
+    ``JPEG_QUALITY_HELP`` when ``jpeg_quality`` is not 0."""
+    if augmentation == "none" and not jpeg_quality:
         return eval_transform(prep)
-    ops: list = [v2.Resize(prep.input_size, antialias=True), *_to_float(prep)]
+    # Compression first, on the 8-bit pixels at the model's size: it happens to an image before anything we do.
+    ops: list = [v2.Resize(prep.input_size, antialias=True), *jpeg_resave(jpeg_quality), *_to_float(prep)]
+    if augmentation == "none":
+        return v2.Compose([*ops, *_to_tensor(prep)])
     if augmentation == "wide":
         # After the resize, so the crop's aspect range is relative to the input's, as on the batched path.
         ops.append(v2.RandomResizedCrop(prep.input_size, scale=WIDE_CROP_AREA, ratio=wide_crop_ratio(prep)))

@@ -12,7 +12,9 @@ from core.data.preprocessing import (
     AUGMENTATIONS,
     COLOUR_CONSTANCY,
     COLOUR_CONSTANCY_HELP,
+    JPEG_QUALITY_HELP,
     Preprocessing,
+    check_jpeg_quality,
     check_size,
 )
 from core.data.splits import DEFAULT_FRACTIONS, DEFAULT_SEED, check_fractions
@@ -89,6 +91,7 @@ class TrainConfig:
         choices=AUGMENTATIONS,
     )
     colour_constancy: str = setting("none", COLOUR_CONSTANCY_HELP, choices=COLOUR_CONSTANCY)
+    jpeg_quality: int = setting(0, JPEG_QUALITY_HELP)
     split_fractions: tuple[float, float, float] = setting(
         DEFAULT_FRACTIONS,
         "fractions of the lesions in the train, validation and test splits",
@@ -158,6 +161,7 @@ class TrainConfig:
             raise ValueError(f"metadata_dropout must be a probability from 0 to 1; got {self.metadata_dropout}")
         # The bounds every checkpoint is held to: a run must not write one that cannot be loaded.
         check_size("input_size", self.input_size)
+        check_jpeg_quality(self.jpeg_quality)
         if self.source_size is not None:
             check_size("source_size", self.source_size)
         if self.metadata and not self.uses_feature_cache and self.input_pipeline != "decoded":

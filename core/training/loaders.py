@@ -349,18 +349,20 @@ def network_on_decoded_images(run: RunData, cache: DecodedImages) -> RunLoaders:
         check_splits(frame[~frame["path"].isin(damaged)])
     encoding = model.metadata_encoding
 
-    def batches(rows: pd.DataFrame, batch_size: int, augmentation: str, **order: Any) -> DeviceBatches:
+    def batches(
+        rows: pd.DataFrame, batch_size: int, augmentation: str, jpeg_quality: int, **order: Any
+    ) -> DeviceBatches:
         usable = rows[~rows["path"].isin(damaged)]
         cache_rows = torch.from_numpy(cache.rows(usable["path"].tolist()))
         if encoding is not None:
             order["metadata"] = torch.as_tensor(encoding.encode_frame(usable), dtype=torch.float32)
         # The cache rows are drawn in batches as a DataLoader with the run's sampler would draw images.
         drawn = FeatureBatches(cache_rows, torch.tensor(usable["label"].to_numpy()), batch_size, **order)
-        transform = batch_transform(cfg.preprocessing, augmentation, cache.size)
+        transform = batch_transform(cfg.preprocessing, augmentation, cache.size, jpeg_quality)
         return DeviceBatches(cache, drawn, transform, run.device, channels_last=cfg.channels_last)
 
-    train = batches(run.train_rows, run.draw.batch_size, cfg.augmentation, **run.draw.order())
-    evaluation = {s: batches(frame[frame["split"] == s], eval_batch_size(cfg), "none") for s in EVAL_SPLITS}
+    train = batches(run.train_rows, run.draw.batch_size, cfg.augmentation, cfg.jpeg_quality, **run.draw.order())
+    evaluation = {s: batches(frame[frame["split"] == s], eval_batch_size(cfg), "none", 0) for s in EVAL_SPLITS}
     return RunLoaders(model, train, evaluation, damaged)
 
 
@@ -375,7 +377,7 @@ def network_on_jpeg_files(run: RunData) -> RunLoaders:
     prep = cfg.preprocessing
     workers = loader_workers(cfg, device)
     train_ds = LesionDataset.from_frame(
-        run.train_rows, train_transform(prep, cfg.augmentation), prep, skip_damaged=True
+        run.train_rows, train_transform(prep, cfg.augmentation, cfg.jpeg_quality), prep, skip_damaged=True
     )
     # The collate function leaves damaged images out of their batch; any of the run's datasets' will do,
     # as it only needs the input size they share.

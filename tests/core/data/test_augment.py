@@ -3,6 +3,8 @@ scale, aspect and colour agree within their sampling error; and a real run on th
 
 from __future__ import annotations
 
+import json
+
 import kornia.augmentation as K
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from core.data.augment import batch_transform
 from core.data.preprocessing import Preprocessing, eval_transform, load_for_model, train_transform
+from core.training.config import config_with
 from core.training.loop import train
 from tests.conftest import ROOT
 from tests.core.data.test_decoded import run_events, sample_run
@@ -159,6 +162,49 @@ def test_resizing_on_the_device_matches_the_pil_resize():
     assert got.shape == expected.shape == (3, 224, 224)
     # The 8-bit resizes of torchvision and PIL differ by one step on a few values.
     assert difference.max() < 1.01 / 255 and (difference > 0.5 / 255).float().mean() < 0.01
+
+
+def compression_changes(img: Image.Image, pil: bool, lowest: int, draws: int = 300) -> np.ndarray:
+    """Each draw's mean absolute change from the uncompressed input (in 8-bit steps) under the JPEG re-save alone."""
+    clean = eval_transform(PREP)(img)
+    if pil:
+        transform = train_transform(PREP, "none", lowest)
+        out = torch.stack([transform(img) for _ in range(draws)])
+    else:
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0).expand(draws, -1, -1, -1)
+        out = batch_transform(PREP, "none", img.size, lowest)(pixels.contiguous())
+    return ((out - clean) * STD).abs().mean((1, 2, 3)).mul(255).numpy()
+
+
+def test_the_jpeg_resave_has_one_distribution_on_both_paths_with_a_quality_per_image():
+    torch.manual_seed(0)
+    img = probe()
+    pil, batch = compression_changes(img, True, 20), compression_changes(img, False, 20)
+    assert disagreements({"change": torch.from_numpy(pil)}, {"change": torch.from_numpy(batch)}) == []
+    # One batch of one image repeated: a quality drawn per batch would change every copy alike.
+    assert len(np.unique(batch.round(4))) > 20
+    # Lower qualities change the image more; at 95-100 it is all but the input.
+    assert batch.mean() > 2 * compression_changes(img, False, 95, draws=50).mean()
+    assert compression_changes(img, False, 95, draws=50).max() < 1.5
+
+
+def test_the_jpeg_quality_is_checked():
+    for bad in (-1, 101, 50.5, True, "50"):
+        with pytest.raises(ValueError, match="jpeg_quality"):
+            config_with("reference", jpeg_quality=bad)
+    assert config_with("reference", jpeg_quality=40).jpeg_quality == 40
+    assert "JPEG" not in repr(train_transform(PREP, "strong")) and "JPEG" not in repr(
+        batch_transform(PREP, "strong", (200, 150))
+    )
+
+
+@pytest.mark.parametrize("pipeline", ["decoded", "jpeg"])
+def test_a_run_with_the_jpeg_resave_trains_on_either_pipeline(tmp_path, pipeline):
+    cfg = sample_run(tmp_path, "reference", name=pipeline, input_size=(75, 100), epochs=1, jpeg_quality=30)
+    cfg.input_pipeline = pipeline
+    run_dir = train(cfg)
+    assert json.loads((run_dir / "config.json").read_text())["jpeg_quality"] == 30
+    assert (run_dir / "best.pt").is_file() and (run_dir / "evaluation.json").is_file()
 
 
 def test_a_full_fine_tuning_run_on_the_sample_trains_through_the_cache(tmp_path):

@@ -414,7 +414,7 @@ def test_cli_reaches_every_config_field():
         "--lr 0.01 --weight-decay 0.0001 --label-smoothing 0.1 --scheduler cosine --step-size 5 --gamma 0.5 "
         "--warmup-epochs 1 --input-size 150 200 --source-size 200 150 --augmentation strong "
         "--split-fractions 0.6 0.2 0.2 --split-seed 4 --holdout-source rosendahl --seed 5 --no-feature-cache "
-        "--cache-dir c --colour-constancy shades_of_gray "
+        "--cache-dir c --colour-constancy shades_of_gray --jpeg-quality 40 "
         "--max-images 500 --device cpu --num-workers 3 --no-amp --no-channels-last --select-metric val_acc "
         "--decoded-dir dc --compile --metadata --metadata-dropout 0.5"
     )
@@ -444,6 +444,7 @@ def test_cli_reaches_every_config_field():
         source_size=(200, 150),
         augmentation="strong",
         colour_constancy="shades_of_gray",
+        jpeg_quality=40,
         split_fractions=(0.6, 0.2, 0.2),
         split_seed=4,
         holdout_source="rosendahl",

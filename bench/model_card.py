@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from core.data.shifts import JPEG_QUALITY
 from core.data.splits import holdout_sources
 from core.evaluation import robustness
 from core.evaluation.choice import RULE, candidate_runs, choose, holdout_runs_of, judge, read_record
+from core.evaluation.choice import recipe as choice_recipe
 from core.evaluation.records import report_predictions
 from core.evaluation.sources import holdout_report, markdown_groups, metrics_by_source
 from core.inference.similar import NEIGHBOURS
@@ -658,12 +660,13 @@ SHIFT_REASONS = {
     "structure, not only the scale. The `wide` recipe, trained on scales down to ½, all but removes this drop on "
     "validation (Training recipes, below), at a lower clean score",
     f"jpeg_q{JPEG_QUALITY}": "strong JPEG compression of a 200×150 image blurs and blocks the fine pigment "
-    "network the model reads. No recipe here trains on compressed images; `wide` does not help, but the shorter "
-    "`onecycle` recipe (6 epochs, last epoch kept) keeps the validation drop under the target (Training recipes), "
-    "which suggests that the reference recipe's longer training fits fine texture that compression removes",
+    "network the model reads. Training on images saved again as JPEG (`--jpeg-quality`) targets it, and the "
+    "shorter `onecycle` recipe (6 epochs, last epoch kept) drifts less under it than the reference recipe: what each "
+    "did on validation is under Training recipes (one change at a time)",
     "warm_cast": "the colour jitter in training varies brightness, contrast, saturation and a little hue, not the "
-    "gain of each channel that a different white balance applies; colour-constancy preprocessing (e.g. Shades of "
-    "Gray) or per-channel gain augmentation would target it, and neither has been tried",
+    "gain of each channel that a different white balance applies. Shades of Gray colour constancy "
+    "(`--colour-constancy shades_of_gray`) targets it: what it did on validation is under Training recipes (one "
+    "change at a time)",
     "square_crop": "a square crop removes the sides of the field of view, and with them lesion borders",
     "rotate_90": "a portrait image keeps its scale but loses its top and bottom to the landscape input, and its "
     "sides are reflect-padded",
@@ -799,7 +802,7 @@ def recipe_lines(runs: Path) -> list[str]:
         report = robustness.read_robustness(run, "val") if has_evaluation(run) else None
         if report is None or report.get("tta"):
             continue
-        drops = [c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")]
+        drops = {c["name"]: c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")}
         clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]
         measured.append((run, read_config(run), read_json(run / "evaluation.json"), clean, drops))
     if len(measured) < 2:
@@ -823,20 +826,55 @@ def recipe_lines(runs: Path) -> list[str]:
         lines.append(
             f"| `{run.name}` | {recipe(cfg)} | {fmt(clean)} | {fmt(test['balanced_accuracy'])} | "
             f"{fmt(test['accuracy'])} | {fmt(test['roc_auc']['per_class']['mel'])} | {fmt(test['ece'])} | "
-            f"{np.mean(drops):+.3f} | {max(drops):+.3f} |"
+            f"{np.mean(list(drops.values())):+.3f} | {max(drops.values()):+.3f} |"
         )
-    steadiest = min(measured, key=lambda m: np.mean(m[4]))
+    steadiest = min(measured, key=lambda m: np.mean(list(m[4].values())))
     best = max(measured, key=lambda m: m[3])
     lines += [
         "",
         f"Highest clean validation score: `{best[0].name}` ({best[3]:.3f}); smallest mean drop: "
-        f"`{steadiest[0].name}` ({np.mean(steadiest[4]):+.3f}, its largest {max(steadiest[4]):+.3f}). A run whose "
+        f"`{steadiest[0].name}` ({np.mean(list(steadiest[4].values())):+.3f}, its largest "
+        f"{max(steadiest[4].values()):+.3f}). A run whose "
         "epoch was chosen on validation has an optimistic validation score there; one that keeps its last epoch "
         "does not, so part of a gap in that column is the choosing. Choosing the bundled model, below, judges each "
         "run by the rule fixed before issue 22's candidates, which reads these drops and the leave-one-source-out "
         "results besides the validation score.",
+        *one_change_lines([(run, clean, drops) for run, _, _, clean, drops in measured]),
     ]
     return lines
+
+
+def one_change_lines(measured: list[tuple[Path, float, dict[str, float]]]) -> list[str]:
+    """Pairs of runs (run, clean validation balanced accuracy, drop per shift) whose recipes differ in one field:
+    what that one change did on validation. One seed of each, so a change of a few hundredths may be the seed's."""
+    recipes = {run: choice_recipe(run, defaults=RECIPE_DEFAULTS) for run, _, _ in measured}
+    found, starts = [], {}
+    for (a, clean_a, drops_a), (b, clean_b, drops_b) in combinations(measured, 2):
+        changed = [k for k in sorted(recipes[a].keys() | recipes[b].keys()) if recipes[a].get(k) != recipes[b].get(k)]
+        if len(changed) != 1:
+            continue
+        field = changed[0]
+        values = (recipes[a].get(field), recipes[b].get(field))
+        # One direction per setting: from the trainer's default when a run has it, else from the first value seen.
+        start = starts.setdefault(
+            field, RECIPE_DEFAULTS.get(field) if RECIPE_DEFAULTS.get(field) in values else values[0]
+        )
+        if values[1] == start:
+            (a, clean_a, drops_a), (b, clean_b, drops_b) = (b, clean_b, drops_b), (a, clean_a, drops_a)
+        shifts = ", ".join(f"{n} {drops_a[n]:+.3f} → {drops_b[n]:+.3f}" for n in drops_a if n in drops_b)
+        found.append(
+            f"- `{field}` {recipes[a].get(field)} → {recipes[b].get(field)} (`{a.name}` → `{b.name}`): clean "
+            f"{clean_a:.3f} → {clean_b:.3f}; drops: {shifts}."
+        )
+    if not found:
+        return []
+    return [
+        "",
+        "One change at a time: runs whose recipes differ in one setting, on the same validation images (one seed "
+        "each, so a change of a few hundredths may be the seed's):",
+        "",
+        *found,
+    ]
 
 
 def backbone_lines() -> list[str]:

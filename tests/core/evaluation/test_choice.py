@@ -189,3 +189,27 @@ def test_the_model_card_states_the_rule_and_judges_every_candidate_it_finds(tmp_
     assert "| fails |" in rows["`bundled` (bundled now)"] and "| **kept** |" in rows["`new`"]
     assert f"{AWAY + 0.02:.3f}" in rows["`new`"] and f"{DROP - 0.01:.3f} (warm_cast)" in rows["`new`"]
     assert lines[-1] == "Kept: `new`."
+
+
+def test_the_model_card_pairs_runs_that_differ_in_one_setting_from_the_default(tmp_path):
+    from bench.model_card import one_change_lines
+
+    runs = tmp_path / "runs"
+    plain = write_run(runs, "z-plain", val=0.7)
+    resaved = write_run(runs, "a-resaved", val=0.7, jpeg_quality=40)
+    faster = write_run(runs, "m-faster", val=0.7, jpeg_quality=40, lr=1e-3, seed=3)  # the seed is not the recipe
+    measured = [
+        (plain, 0.70, {"jpeg_q50": 0.08, "warm_cast": 0.02}),
+        (resaved, 0.72, {"jpeg_q50": 0.03, "warm_cast": 0.02}),
+        (faster, 0.71, {"jpeg_q50": 0.04, "warm_cast": 0.05}),
+    ]
+    pairs = [line for line in one_change_lines(measured) if line.startswith("- ")]
+    # z-plain and m-faster differ in two settings; the other two pairs in one each, from the trainer's default value
+    # (lr 0.001, the seed preset's: the reference recipe's 0.0003 is the change there).
+    assert pairs == [
+        "- `jpeg_quality` 0 → 40 (`z-plain` → `a-resaved`): clean 0.700 → 0.720; drops: jpeg_q50 +0.080 → +0.030, "
+        "warm_cast +0.020 → +0.020.",
+        "- `lr` 0.001 → 0.0003 (`m-faster` → `a-resaved`): clean 0.710 → 0.720; drops: jpeg_q50 +0.040 → +0.030, "
+        "warm_cast +0.050 → +0.020.",
+    ]
+    assert one_change_lines(measured[1:2]) == []

@@ -800,7 +800,8 @@ def recipe_lines(runs: Path) -> list[str]:
     measured = []
     for run in sorted(runs.iterdir()):
         report = robustness.read_robustness(run, "val") if has_evaluation(run) else None
-        if report is None or report.get("tta"):
+        # An ensemble has no recipe of its own to show here: the Ensembles section and the choice table hold it.
+        if report is None or report.get("tta") or read_config(run).get("arch") == "ensemble":
             continue
         drops = {c["name"]: c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")}
         clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]
@@ -913,10 +914,9 @@ def did_not_help_lines(runs: Path, reference: Path) -> list[str]:
     if ensembles:
         vals = {d.name: read_json(d / "evaluation.json")["val"]["balanced_accuracy"] for d in ensembles}
         said.append(
-            "**Ensembles** of two and three networks: validation balanced accuracy "
+            "**Ensembles**: validation balanced accuracy "
             + ", ".join(f"{v:.3f} (`{name}`)" for name, v in vals.items())
-            + f" against the single network's {ref_val:.3f}; they did lower the validation calibration error "
-            "(Ensembles)."
+            + f" against the bundled single network's {ref_val:.3f} (each beside its own members under Ensembles)."
         )
     tta = (read_json(BENCHMARKS_JSON) if BENCHMARKS_JSON.is_file() else {}).get("tta", {}).get("accuracy", {})
     zooms = {k: v for k, v in tta.get("val", {}).items() if "zoom" in k}
@@ -1059,19 +1059,23 @@ def ensemble_lines(runs: Path, reference: Path) -> list[str]:
 
 
 def members_line(runs: Path, ensembles: list[Path]) -> str:
-    """What the published ensembles' members differ in, from their run configs."""
-    names = sorted({m["run"] for d in ensembles for m in read_json(d / "evaluation.json")["members"]})
-    configs = [read_config(runs / n) for n in names]
-    seeds = sorted({c.get("seed") for c in configs})
-    archs = sorted({c.get("arch") for c in configs})
-    augmentations = sorted({c.get("augmentation") for c in configs})
+    """What each published ensemble's members differ in: recipe (:func:`core.evaluation.choice.recipe`), seed and
+    the device that trained them (from their run configs and metrics.jsonl)."""
+    described = []
+    for ensemble in ensembles:
+        names = [m["run"] for m in read_config(ensemble)["members"]]
+        recipes = [choice_recipe(runs / n, defaults=RECIPE_DEFAULTS) for n in names]
+        seeds = sorted({read_config(runs / n).get("seed") for n in names})
+        devices = sorted({(read_run(runs / n).start or {}).get("device", "?") for n in names})
+        differ = sorted({k for r in recipes for k in r if any(other.get(k) != r.get(k) for other in recipes)})
+        what = [f"recipes that differ in {', '.join(f'`{k}`' for k in differ)}" if differ else "one recipe"]
+        what.append(f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(str(x) for x in seeds)}")
+        what.append("trained on " + " and ".join({"cuda": "a GPU", "cpu": "the 2-core CPU"}.get(d, d) for d in devices))
+        described.append(f"`{ensemble.name}`: " + ", ".join(what))
     return (
-        f"Their members ({', '.join(f'`{n}`' for n in names)}) use backbone {', '.join(archs)} and seed "
-        f"{', '.join(str(s) for s in seeds)}, and augmentation {', '.join(f'`{a}`' for a in augmentations)}: they "
-        "differ in recipe and in the machine that trained them"
-        + (", not in seed" if len(seeds) == 1 else "")
-        + ". `lesionlab train --ensemble K` trains K seeds of one recipe; on the full data that takes K times "
-        "a member's training time, which these runs did not spend."
+        "Their members: "
+        + "; ".join(described)
+        + ". `lesionlab train --ensemble K` trains K seeds of one recipe, in K times a member's training time."
     )
 
 

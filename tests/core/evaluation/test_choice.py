@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.common.files import read_json, write_json
 from core.common.labels import CLASSES, NUM_CLASSES
 from core.common.runs import read_config, write_config, write_evaluation
 from core.data.shifts import DESCRIPTIONS
@@ -213,3 +215,34 @@ def test_the_model_card_pairs_runs_that_differ_in_one_setting_from_the_default(t
         "warm_cast +0.050 → +0.020.",
     ]
     assert one_change_lines(measured[1:2]) == []
+
+
+def test_the_training_recipes_table_lists_single_runs_and_leaves_an_ensemble_to_its_own_section(tmp_path):
+    from bench.model_card import recipe_lines
+
+    runs = tmp_path / "runs"
+    for name, arch in (("a", "mobilenet_v2"), ("b", "mobilenet_v2"), ("ens", "ensemble")):
+        run = write_run(runs, name, val=0.7, drops={"jpeg_q50": 0.02}, arch=arch, seed=len(name))
+        report = read_json(run / "robustness-val.json")
+        write_json(run / "robustness-val.json", {**report, "tta": False})  # one view, as the table takes them
+    config = read_config(runs / "ens")
+    write_config(runs / "ens", {k: v for k, v in config.items() if k not in ("scheduler", "lr")})  # as written
+
+    rows = [line.split("|")[1].strip() for line in recipe_lines(runs) if line.startswith("| `")]
+    assert rows == ["`a`", "`b`"]
+
+
+def test_the_model_card_says_what_each_ensembles_members_differ_in(tmp_path):
+    from bench.model_card import members_line
+
+    runs = tmp_path / "runs"
+    for name, config in (("s0", {"seed": 0}), ("s1", {"seed": 1}), ("wide", {"seed": 0, "augmentation": "wide"})):
+        run = write_run(runs, name, val=0.7, **config)
+        (run / "metrics.jsonl").write_text(json.dumps({"event": "start", "time": "2026-01-01T00:00:00+00:00"}) + "\n")
+    for name, members in (("seeds", ["s0", "s1"]), ("mixed", ["s0", "wide"])):
+        (runs / name).mkdir()
+        write_config(runs / name, {"name": name, "arch": "ensemble", "members": [{"run": m} for m in members]})
+
+    line = members_line(runs, [runs / "seeds", runs / "mixed"])
+    assert "`seeds`: one recipe, seeds 0, 1" in line
+    assert "`mixed`: recipes that differ in `augmentation`, seed 0" in line

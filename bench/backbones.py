@@ -101,10 +101,10 @@ def main() -> None:
     sources = holdout_sources(index_dataset(args.data).frame)[0]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [screen(arch, args.data, Path(tmp), sources) for arch in args.arch]
-    command = "python -m bench.backbones " + " ".join(sys.argv[1:])
-    write_section(args.out, "bench/backbones.py", report(rows, sources, command.strip()))
+    lines = report(rows, sources, ("python -m bench.backbones " + " ".join(sys.argv[1:])).strip())
+    write_section(args.out, "bench/backbones.py", lines)
     update_json(args.out.with_suffix(".json"), {"backbones": {"rows": rows, "sources": sources}})
-    print("\n".join(report(rows, sources, command.strip())))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

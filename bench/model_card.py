@@ -28,6 +28,7 @@ from core.common.files import read_json
 from core.common.labels import CLASSES
 from core.common.runs import (
     EVALUATE_FILE,
+    RunState,
     has_evaluation,
     lesions_of,
     read_config,
@@ -800,12 +801,13 @@ def recipe_lines(runs: Path) -> list[str]:
     measured = []
     for run in sorted(runs.iterdir()):
         report = robustness.read_robustness(run, "val") if has_evaluation(run) else None
+        cfg = read_config(run) if report is not None else None
         # An ensemble has no recipe of its own to show here: the Ensembles section and the choice table hold it.
-        if report is None or report.get("tta") or read_config(run).get("arch") == "ensemble":
+        if report is None or report.get("tta") or cfg.get("arch") == "ensemble":
             continue
         drops = {c["name"]: c["drop"]["balanced_accuracy"]["value"] for c in report["conditions"] if c.get("drop")}
         clean = next(c for c in report["conditions"] if c["name"] == robustness.CLEAN)["balanced_accuracy"]
-        measured.append((run, read_config(run), read_json(run / "evaluation.json"), clean, drops))
+        measured.append((run, cfg, read_json(run / "evaluation.json"), clean, drops))
     if len(measured) < 2:
         return []
     lines = [
@@ -845,13 +847,18 @@ def recipe_lines(runs: Path) -> list[str]:
     return lines
 
 
+def differing_fields(recipes: list[dict]) -> list[str]:
+    """The fields on which any of ``recipes`` (:func:`core.evaluation.choice.recipe`) disagree, sorted."""
+    return sorted({k for r in recipes for k in r if any(other.get(k) != r.get(k) for other in recipes)})
+
+
 def one_change_lines(measured: list[tuple[Path, float, dict[str, float]]]) -> list[str]:
     """Pairs of runs (run, clean validation balanced accuracy, drop per shift) whose recipes differ in one field:
     what that one change did on validation. One seed of each, so a change of a few hundredths may be the seed's."""
     recipes = {run: choice_recipe(run, defaults=RECIPE_DEFAULTS) for run, _, _ in measured}
     found, starts = [], {}
     for (a, clean_a, drops_a), (b, clean_b, drops_b) in combinations(measured, 2):
-        changed = [k for k in sorted(recipes[a].keys() | recipes[b].keys()) if recipes[a].get(k) != recipes[b].get(k)]
+        changed = differing_fields([recipes[a], recipes[b]])
         if len(changed) != 1:
             continue
         field = changed[0]
@@ -949,6 +956,15 @@ def did_not_help_lines(runs: Path, reference: Path) -> list[str]:
     return ["", "## What did not help", "", *(f"- {line}" for line in said)]
 
 
+# The device a run's start event names, in words.
+TRAINED_ON = {"cuda": "a GPU", "cpu": "the 2-core CPU"}
+
+
+def trained_device(run: RunState) -> str:
+    """The device a run trained on, from its start event ("?" when it has none)."""
+    return (run.start or {}).get("device", "?")
+
+
 def ensemble_cost_lines(runs: Path, ensembles: list[Path]) -> list[str]:
     """Where and how long each member trained, and what an answer costs (bench/diagnose_cost.py)."""
     names = sorted({m["run"] for e in ensembles for m in read_config(e)["members"]})
@@ -956,9 +972,8 @@ def ensemble_cost_lines(runs: Path, ensembles: list[Path]) -> list[str]:
     for name in names:
         if (runs / name / "metrics.jsonl").is_file():
             run = read_run(runs / name)
-            device = (run.start or {}).get("device", "?")
-            where = {"cuda": "a GPU", "cpu": "the 2-core CPU"}.get(device, device)
-            trained.append(f"`{name}` {run.wall_time_s / 60:.1f} min on {where}")
+            device = trained_device(run)
+            trained.append(f"`{name}` {run.wall_time_s / 60:.1f} min on {TRAINED_ON.get(device, device)}")
     line = "Training: " + "; ".join(trained) + " (each run's start to its end, from its metrics.jsonl)."
     costs = read_json(BENCHMARKS_JSON).get("diagnose_cost") if BENCHMARKS_JSON.is_file() else None
     if costs:
@@ -1066,11 +1081,11 @@ def members_line(runs: Path, ensembles: list[Path]) -> str:
         names = [m["run"] for m in read_config(ensemble)["members"]]
         recipes = [choice_recipe(runs / n, defaults=RECIPE_DEFAULTS) for n in names]
         seeds = sorted({read_config(runs / n).get("seed") for n in names})
-        devices = sorted({(read_run(runs / n).start or {}).get("device", "?") for n in names})
-        differ = sorted({k for r in recipes for k in r if any(other.get(k) != r.get(k) for other in recipes)})
+        devices = sorted({trained_device(read_run(runs / n)) for n in names})
+        differ = differing_fields(recipes)
         what = [f"recipes that differ in {', '.join(f'`{k}`' for k in differ)}" if differ else "one recipe"]
         what.append(f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(str(x) for x in seeds)}")
-        what.append("trained on " + " and ".join({"cuda": "a GPU", "cpu": "the 2-core CPU"}.get(d, d) for d in devices))
+        what.append("trained on " + " and ".join(TRAINED_ON.get(d, d) for d in devices))
         described.append(f"`{ensemble.name}`: " + ", ".join(what))
     return (
         "Their members: "

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
 from core.common.labels import CLASSES
@@ -254,16 +255,23 @@ def one_thread():
 
 @pytest.fixture
 def downloads(monkeypatch) -> list[tuple[bytes, str]]:
-    """What the app hands to Streamlit's media storage (download buttons' data), recorded on the way in."""
+    """What the app hands to Streamlit's media storage (download buttons' data), recorded on the way in. A button whose
+    data is a callable (built on the click) is called when it is drawn, as a click on it would."""
     seen: list[tuple[bytes, str]] = []
-    real = MemoryMediaFileStorage.load_and_get_id
+    real, real_deferred = MemoryMediaFileStorage.load_and_get_id, MediaFileManager.add_deferred
 
     def recording(self, path_or_data, mimetype, kind, filename=None):
         if isinstance(path_or_data, bytes):
             seen.append((path_or_data, mimetype))
         return real(self, path_or_data, mimetype, kind, filename)
 
+    def clicking(self, data_callable, mimetype, *args, **kwargs):
+        data = data_callable()
+        seen.append((data.encode() if isinstance(data, str) else data, mimetype or ""))
+        return real_deferred(self, data_callable, mimetype, *args, **kwargs)
+
     monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", recording)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", clicking)
     return seen
 
 

@@ -399,19 +399,26 @@ if not check.unfamiliar:
     for text in disagreements(nearest):
         caveats.warning(text, icon=":material/call_split:")
         warnings.append(text)
-report = report_html(
-    prediction,
-    model=model_info(model_path, ckpt, predictor.arch, tta=prediction.tta),
-    created=datetime.now(UTC),
-    heatmap=heatmap,
-    heatmap_label=heatmap_label,
-    warnings=warnings,
-    cases=nearest,
-    cases_by_class=by_class,
-    referrals=referral_views(predictor.referrals, prediction, model_path, ckpt),
-    not_assessed=unfamiliar_reason if check.unfamiliar else None,
-    source_name=upload.name,
-)
+
+
+def report() -> str:
+    """The HTML report, built when the button is clicked: every rerun of a full room's Diagnose skips it, and it
+    carries the moment of the download."""
+    return report_html(
+        prediction,
+        model=model_info(model_path, ckpt, predictor.arch, tta=prediction.tta),
+        created=datetime.now(UTC),
+        heatmap=heatmap,
+        heatmap_label=heatmap_label,
+        warnings=warnings,
+        cases=nearest,
+        cases_by_class=by_class,
+        referrals=referral_views(predictor.referrals, prediction, model_path, ckpt),
+        not_assessed=unfamiliar_reason if check.unfamiliar else None,
+        source_name=upload.name,
+    )
+
+
 st.download_button(
     "Download report",
     report,
@@ -420,7 +427,7 @@ st.download_button(
     icon=":material/download:",
     key="diag_report",
     help="One HTML page with the image, the heatmap, all seven probabilities, the similar cases, the warnings "
-    "and the model's measured performance. It is built in your browser session; nothing is kept on the server.",
+    "and the model's measured performance. It is built when you click, from this page; nothing is kept on the server.",
 )
 
 with st.expander("Feature maps: what the network's layers respond to"):

@@ -28,7 +28,16 @@ from pages.views._shared import (
 st.title("Train")
 
 try:
-    from core.data.preprocessing import AUGMENTATION_HELP, AUGMENTATIONS
+    from core.data.dataset import UNKNOWN_SOURCE
+    from core.data.preprocessing import (
+        AUGMENTATION_HELP,
+        AUGMENTATIONS,
+        COLOUR_CONSTANCY,
+        COLOUR_CONSTANCY_HELP,
+        JPEG_QUALITY_HELP,
+        SHADES_OF_GRAY_P,
+    )
+    from core.data.splits import holdout_sources
     from core.training import imbalance
     from core.training.config import PRESETS, SCHEDULERS, config_with
 except ImportError as exc:  # a broken install must not take the page down
@@ -140,6 +149,7 @@ def config_form() -> None:
             key="max" + k,
             help="A stratified subsample, for quick experiments.",
         )
+        colour_constancy, jpeg_quality, holdout_source = away_from_home(base, k)
         use_metadata = st.checkbox(
             "Also learn from age, sex and body site",
             value=base.metadata,
@@ -159,10 +169,10 @@ def config_form() -> None:
                 help="More than one trains with torchrun, a process per GPU, each on its share of every batch "
                 "(the batch size is the total, so it must divide evenly); the result is that of one GPU.",
             )
-        if finetune == "head" and augmentation != "none":
+        if finetune == "head" and (augmentation != "none" or jpeg_quality):
             st.caption(
-                "Head-only runs train on cached backbone features computed without augmentation "
-                "(much faster); augmentation applies to the other fine-tuning policies."
+                "Head-only runs train on cached backbone features computed without augmentation or the JPEG "
+                "re-save (much faster); both apply to the other fine-tuning policies."
             )
         busy = job is not None
         submitted = st.form_submit_button(
@@ -192,6 +202,9 @@ def config_form() -> None:
             lr=float(lr),
             scheduler=scheduler,
             input_size=(int(height), int(width)),
+            colour_constancy=colour_constancy,
+            jpeg_quality=int(jpeg_quality),
+            holdout_source=holdout_source,
             seed=int(seed),
             max_images=int(max_images) or None,
             metadata=use_metadata,
@@ -211,6 +224,56 @@ def config_form() -> None:
         st.rerun()
 
 
+def away_from_home(base, k: str) -> tuple[str, int, str]:
+    """The form's settings for images from other clinics: colour constancy, the JPEG re-save, and an image source held
+    out as the test split (the leave-one-source-out protocol: MODEL_CARD.md, Results by image source)."""
+    c1, c2, c3 = st.columns(3)
+    colour_constancy = c1.selectbox(
+        "Colour constancy",
+        COLOUR_CONSTANCY,
+        index=COLOUR_CONSTANCY.index(base.colour_constancy),
+        format_func={"none": "none", "shades_of_gray": f"Shades of Gray (p = {SHADES_OF_GRAY_P})"}.get,
+        key="colour" + k,
+        help=COLOUR_CONSTANCY_HELP[0].upper() + COLOUR_CONSTANCY_HELP[1:] + ".",
+    )
+    jpeg_quality = c2.number_input(
+        "JPEG re-save from quality (0 = off)",
+        0,
+        100,
+        int(base.jpeg_quality),
+        step=10,
+        key="jpeg" + k,
+        help=JPEG_QUALITY_HELP[0].upper() + JPEG_QUALITY_HELP[1:] + ".",
+    )
+    # Images per known source, largest first.
+    sizes = {} if index is None else index.source_counts().sum(axis=1).drop(UNKNOWN_SOURCE, errors="ignore").to_dict()
+    known = list(sizes)
+    reportable = holdout_sources(index.frame)[0] if known else []
+
+    def source_label(source: str) -> str:
+        if not source:
+            return "none (the usual split)"
+        note = "" if source in reportable else "; too few classes for the leave-one-source-out report"
+        return f"{source} ({sizes[source]:,} images{note})"
+
+    holdout_source = c3.selectbox(
+        "Hold out an image source",
+        ["", *known],
+        format_func=source_label,
+        key="holdout" + k,
+        disabled=not known,
+        help="Validation away from home: train and validate on the other image sources and test on this one, so "
+        "the test split measures a clinic the model never saw; the other sources' images of its lesions are left "
+        "out. "
+        + (
+            "This dataset's image sources are not known (HAM10000_sources.csv beside the metadata)."
+            if not known
+            else "The model card reports each run beside the recipe's other held-out sources."
+        ),
+    )
+    return colour_constancy, jpeg_quality, holdout_source
+
+
 def show_run(run: RunState, active: bool, controls=None) -> None:
     """Progress, curves and outcome of one run; ``controls`` draws buttons under the progress bar."""
     icon = {
@@ -228,6 +291,16 @@ def show_run(run: RunState, active: bool, controls=None) -> None:
                 f"{k} {cfg[k]}"
                 for k in ("arch", "weights", "finetune", "imbalance", "epochs", "batch_size", "lr")
                 if k in cfg
+            )
+            # The settings for other clinics, only where a run used them (most runs do not).
+            + "".join(
+                f" · {label} {cfg[k]}"
+                for k, label in (
+                    ("colour_constancy", "colour constancy"),
+                    ("jpeg_quality", "JPEG re-save from"),
+                    ("holdout_source", "held out"),
+                )
+                if cfg.get(k) not in (None, "", "none", 0)
             )
             + (f" · device {run.start['device']}" if run.start and run.start.get("device") else "")
             + f" · data {run.dataset}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 import time
 
+import pandas as pd
 import pytest
 
 from core.app import jobs as app_jobs
-from core.common.runs import read_run
+from core.common.runs import read_evaluation, read_run
 from core.inference.opening import open_predictor
 from core.models.architectures import weights_file
 from core.training.imbalance import STRATEGIES
@@ -190,6 +191,49 @@ def test_a_run_that_learns_from_metadata_starts_from_the_form_under_a_name_of_it
     assert run.state == "finished" and run.config["metadata"] is True and run.config["finetune"] == "full"
     predictor = open_predictor(train_env.runs / job.runs[0] / "best.pt")
     assert predictor.uses_metadata
+
+
+@pytest.mark.integration
+def test_a_run_for_other_clinics_starts_from_the_form(tmp_path, sourced_root, monkeypatch):
+    """Colour constancy, the JPEG re-save and a held-out image source reach the trainer from the form, and the held-out
+    source's images are the run's test split."""
+    env = AppEnv(data=sourced_root, runs=tmp_path / "runs", checkpoints=tmp_path / "checkpoints")
+    env.apply(monkeypatch)
+    at = app_test("train")
+    no_exceptions(at)
+    holdout = at.selectbox(key="holdout_seed")
+    assert not holdout.disabled and holdout.options[0] == "none (the usual split)"
+    assert sorted(label.split(" (")[0] for label in holdout.options[1:]) == ["far", "home"]
+    fill_tiny(at, "away", epochs=1)
+    at.selectbox(key="finetune_seed").set_value("full")  # the re-save applies to images, not to cached features
+    at.selectbox(key="colour_seed").set_value("shades_of_gray")
+    at.number_input(key="jpeg_seed").set_value(40)
+    holdout.set_value("far")
+    start_button(at).click().run()
+    no_exceptions(at)
+    assert not at.error
+    assert app_jobs.wait_idle(env.runs, timeout=120)
+    run = read_run(env.runs / "away")
+    assert run.state == "finished", run.error
+    assert (run.config["colour_constancy"], run.config["jpeg_quality"], run.config["holdout_source"]) == (
+        "shades_of_gray",
+        40,
+        "far",
+    )
+    sources = pd.read_csv(sourced_root / "HAM10000_sources.csv")["dataset"]
+    assert read_evaluation(env.runs / "away")["test"]["n"] == (sources == "far").sum()
+    assert open_predictor(env.runs / "away" / "best.pt").prep.colour_constancy == "shades_of_gray"
+    at.run()
+    no_exceptions(at)
+    assert "colour constancy shades_of_gray · JPEG re-save from 40 · held out far" in texts(at)
+
+
+def test_a_dataset_without_image_sources_offers_no_source_to_hold_out(train_env):
+    at = app_test("train")
+    no_exceptions(at)
+    holdout = at.selectbox(key="holdout_seed")
+    assert holdout.disabled and holdout.value == ""
+    assert "image sources are not known" in holdout.help
 
 
 def test_the_form_starts_with_an_architecture_whose_imagenet_file_is_here(train_env, imagenet_weights):

@@ -39,7 +39,7 @@ try:
     )
     from core.data.splits import holdout_sources
     from core.training import imbalance
-    from core.training.config import PRESETS, SCHEDULERS, config_with
+    from core.training.config import PRESETS, SCHEDULERS, TrainConfig, config_with
 except ImportError as exc:  # a broken install must not take the page down
     st.error(f"The trainer cannot be loaded ({exc}). Check the installation (`pip install -r requirements.txt`).")
     st.stop()
@@ -224,7 +224,7 @@ def config_form() -> None:
         st.rerun()
 
 
-def away_from_home(base, k: str) -> tuple[str, int, str]:
+def away_from_home(base: TrainConfig, k: str) -> tuple[str, int, str]:
     """The form's settings for images from other clinics: colour constancy, the JPEG re-save, and an image source held
     out as the test split (the leave-one-source-out protocol: MODEL_CARD.md, Results by image source)."""
     c1, c2, c3 = st.columns(3)
@@ -268,7 +268,7 @@ def away_from_home(base, k: str) -> tuple[str, int, str]:
         + (
             "This dataset's image sources are not known (HAM10000_sources.csv beside the metadata)."
             if not known
-            else "The model card reports each run beside the recipe's other held-out sources."
+            else "The run's test results are then that source's."
         ),
     )
     return colour_constancy, jpeg_quality, holdout_source
